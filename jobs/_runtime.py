@@ -1,0 +1,84 @@
+"""Ray session handling: a local single-node cluster, or the cluster named by runtime.address / RAY_ADDRESS."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import ray
+
+from retrieval_core.config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+def cluster_address(rt: RuntimeConfig) -> str:
+    """``runtime.address`` when set, else ``RAY_ADDRESS`` (set by ``ray job submit``), else '' (local)."""
+    return rt.address or os.environ.get("RAY_ADDRESS", "")
+
+
+@contextlib.contextmanager
+def ray_session(rt: RuntimeConfig):
+    """Connect to (or start) Ray for the duration of a job; a session already open is reused and left open."""
+    if ray.is_initialized():
+        yield
+        return
+    address = cluster_address(rt)
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=rt.num_cpus or None, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class LazyRaySession(contextlib.ExitStack):
+    """Opens the Ray session on first need only, so a job with nothing left to do never starts Ray."""
+
+    def __init__(self, rt: RuntimeConfig):
+        super().__init__()
+        self.rt = rt
+        self.opened = False
+
+    def ensure(self) -> None:
+        if not self.opened:
+            self.enter_context(ray_session(self.rt))
+            self.opened = True
+
+    def worker_count(self, work_items: int) -> int:
+        self.ensure()
+        return worker_count(self.rt, work_items)
+
+
+def worker_count(rt: RuntimeConfig, work_items: int) -> int:
+    """``runtime.num_workers``, or as many workers as the cluster's CPUs (and GPUs) hold; never more than items."""
+    if rt.num_workers:
+        wanted = rt.num_workers
+    else:
+        resources = ray.cluster_resources()
+        wanted = int(resources.get("CPU", 1) // rt.cpus_per_worker)
+        if rt.gpus_per_worker:
+            wanted = min(wanted, int(resources.get("GPU", 0) // rt.gpus_per_worker))
+    return max(1, min(wanted, work_items))
+
+
+def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done) -> None:
+    """Call ``actor.<method>(item, *args)`` for every item, one call in flight per actor, the next item going to
+    whichever actor finishes first (load balance); ``on_done(item, result)`` runs in the driver as results come.
+    """
+    queue = list(items)
+    in_flight = {}
+    for actor in actors:
+        if queue:
+            item = queue.pop(0)
+            in_flight[getattr(actor, method).remote(item, *args)] = (actor, item)
+    while in_flight:
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        actor, item = in_flight.pop(done[0])
+        on_done(item, ray.get(done[0]))
+        if queue:
+            next_item = queue.pop(0)
+            in_flight[getattr(actor, method).remote(next_item, *args)] = (actor, next_item)

@@ -1,0 +1,235 @@
+"""Job configuration: frozen dataclasses loaded from YAML plus dotted ``--set`` overrides.
+
+Every key a user can set is a field below; ``configs/demo.yaml`` lists them all with their defaults.
+Unknown keys are errors that suggest the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CORPUS_FORMATS = ("", "parquet", "jsonl")
+EMBEDDING_DTYPES = ("float32", "float16")
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and what was expected."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    path: Union[str, list] = "examples/demo/corpus.parquet"
+    format: str = ""
+    id_column: str = "id"
+    text_column: str = "text"
+    title_column: Union[str, None] = None
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    precision: str = "fp32"
+    batch_size: int = 32
+    max_seq_length: Union[int, None] = None
+    normalize: bool = True
+    document_prompt: str = ""
+    query_prompt: str = ""
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    root: str = "out/demo"
+    overwrite: bool = False
+    embedding_dtype: str = "float32"
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    address: str = ""
+    num_cpus: int = 0
+    num_workers: int = 0
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0
+    rows_per_shard: int = 0
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """All dotted keys a user may set, e.g. ``model.batch_size``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.extend(valid_keys(hint, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"'{key}' = {value!r}: expected {_type_name(hint)}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' = {value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' = {value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{key}' = {value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' = {value!r}: expected a string")
+    if hint in (list, dict):
+        if isinstance(value, hint):
+            return value
+        raise ConfigError(f"'{key}' = {value!r}: expected a {hint.__name__}")
+    raise ConfigError(f"'{key}': unsupported type {hint}")  # pragma: no cover - a programming error
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+    return names + (" or null" if type(None) in typing.get_args(hint) else "")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key_error(f"{prefix}{key}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'model.batch_size=64'`` -> ``('model.batch_size', 64)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_override(data: dict, key: str, value: Any) -> None:
+    """Set a dotted key inside a nested dict, refusing unknown keys."""
+    if key not in valid_keys():
+        raise _unknown_key_error(key)
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{part}' in '{key}' is not a section")
+    node[leaf] = value
+
+
+def read_yaml(path: str) -> dict:
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    return data or {}
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    data = read_yaml(path) if path else {}
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Check values that types alone cannot; each message names the key, the value and what is allowed."""
+    c, m, o, r = config.corpus, config.model, config.output, config.runtime
+    _check(bool(c.path), "'corpus.path' is empty: give a file, directory, glob or list of them")
+    _check(c.format in CORPUS_FORMATS, f"'corpus.format' = {c.format!r}: expected parquet, jsonl or empty (infer)")
+    _check(bool(c.id_column), "'corpus.id_column' is empty")
+    _check(bool(c.text_column), "'corpus.text_column' is empty")
+    _check(m.precision in PRECISIONS, f"'model.precision' = {m.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    _check(m.batch_size > 0, f"'model.batch_size' = {m.batch_size}: expected a positive integer")
+    _check(m.max_seq_length is None or m.max_seq_length > 0,
+           f"'model.max_seq_length' = {m.max_seq_length}: expected a positive integer or null (the model's own)")
+    _check(bool(o.root), "'output.root' is empty: give a directory or fsspec URL")
+    _check(o.embedding_dtype in EMBEDDING_DTYPES,
+           f"'output.embedding_dtype' = {o.embedding_dtype!r}: expected one of {', '.join(EMBEDDING_DTYPES)}")
+    _check(r.num_cpus >= 0, f"'runtime.num_cpus' = {r.num_cpus}: expected >= 0 (0 = all cores)")
+    _check(r.num_workers >= 0, f"'runtime.num_workers' = {r.num_workers}: expected >= 0 (0 = one per free slot)")
+    _check(r.cpus_per_worker >= 1, f"'runtime.cpus_per_worker' = {r.cpus_per_worker}: expected >= 1")
+    _check(r.gpus_per_worker >= 0, f"'runtime.gpus_per_worker' = {r.gpus_per_worker}: expected >= 0")
+    _check(r.rows_per_shard >= 0, f"'runtime.rows_per_shard' = {r.rows_per_shard}: expected >= 0 (0 = automatic)")
+    _check(r.max_restarts >= 0, f"'runtime.max_restarts' = {r.max_restarts}: expected >= 0")
+    _check(r.max_task_retries >= 0, f"'runtime.max_task_retries' = {r.max_task_retries}: expected >= 0")

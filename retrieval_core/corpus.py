@@ -1,0 +1,273 @@
+"""Reading a corpus: file metadata for planning, one shard's rows for encoding, text assembly and rejects.
+
+Formats: Parquet (blocks = row groups) and JSONL (blocks of ``JSONL_BLOCK_ROWS`` non-blank lines, with byte
+offsets, found by one streaming pass over the file). Memory is bounded by one Parquet row group or one batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .config import CorpusConfig
+from .sharding import FileMeta, Piece, Shard, blocks_for_range
+
+log = logging.getLogger(__name__)
+
+JSONL_BLOCK_ROWS = 1000
+SUFFIXES = {"parquet": (".parquet", ".parq", ".pq"), "jsonl": (".jsonl", ".json", ".ndjson", ".jsonl.gz")}
+READ_BATCH_ROWS = 1024
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be read as configured; the message names the file, column or value."""
+
+
+@dataclass
+class ShardRows:
+    """One shard's accepted rows (texts assembled) and its rejects."""
+
+    row_ids: list[int] = field(default_factory=list)
+    doc_ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+
+
+def corpus_format(url: str, configured: str) -> str:
+    if configured:
+        return configured
+    name = url.lower()
+    for fmt, suffixes in SUFFIXES.items():
+        if name.endswith(suffixes):
+            return fmt
+    raise CorpusError(f"cannot infer the format of '{url}' from its extension; set corpus.format to parquet or jsonl")
+
+
+def corpus_files(cfg: CorpusConfig) -> list[str]:
+    suffixes = SUFFIXES[cfg.format] if cfg.format else tuple(s for group in SUFFIXES.values() for s in group)
+    return storage.expand_paths(cfg.path, suffixes, cfg.storage_options)
+
+
+def required_columns(cfg: CorpusConfig) -> list[str]:
+    return [c for c in (cfg.id_column, cfg.text_column, cfg.title_column) if c]
+
+
+def inspect_corpus(cfg: CorpusConfig) -> list[FileMeta]:
+    """File metadata for planning, after checking that every file has the configured columns."""
+    metas = []
+    for url in corpus_files(cfg):
+        fmt = corpus_format(url, cfg.format)
+        meta, columns = _inspect_parquet(url, cfg) if fmt == "parquet" else _inspect_jsonl(url, cfg)
+        missing = [c for c in required_columns(cfg) if c not in columns]
+        if missing and meta.num_rows:
+            raise CorpusError(f"'{url}' has no column {', '.join(map(repr, missing))}; "
+                              f"columns present: {', '.join(columns)}")
+        metas.append(meta)
+    return metas
+
+
+def _inspect_parquet(url: str, cfg: CorpusConfig) -> tuple[FileMeta, list[str]]:
+    fs, path = storage.filesystem(url, cfg.storage_options)
+    try:
+        with fs.open(path, "rb") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+            columns = metadata.schema.to_arrow_schema().names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorpusError(f"'{url}' is not a readable Parquet file: {exc}") from None
+    rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    return FileMeta(url, "parquet", rows), columns
+
+
+def _inspect_jsonl(url: str, cfg: CorpusConfig) -> tuple[FileMeta, list[str]]:
+    fs, path = storage.filesystem(url, cfg.storage_options)
+    block_rows, block_offsets, columns = [], [], None
+    offset, rows_in_block = 0, 0
+    with fs.open(path, "rb", compression="infer") as handle:
+        for line in handle:
+            if line.strip():
+                if rows_in_block == 0:
+                    block_offsets.append(offset)
+                if columns is None:
+                    columns = _first_record_keys(url, line)
+                rows_in_block += 1
+                if rows_in_block == JSONL_BLOCK_ROWS:
+                    block_rows.append(rows_in_block)
+                    rows_in_block = 0
+            offset += len(line)
+    if rows_in_block:
+        block_rows.append(rows_in_block)
+    return FileMeta(url, "jsonl", tuple(block_rows), tuple(block_offsets)), columns or []
+
+
+def _first_record_keys(url: str, line: bytes) -> list[str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"'{url}': the first line is not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise CorpusError(f"'{url}': the first line is not a JSON object")
+    return list(record)
+
+
+def iter_piece_batches(piece: Piece, columns: list[str], storage_options: dict,
+                       batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[int, dict]]:
+    """Yield ``(first file row, {column: values})`` batches covering exactly the piece's rows."""
+    reader = _iter_parquet if piece.file.format == "parquet" else _iter_jsonl
+    position = None
+    for first_row, batch in reader(piece, columns, storage_options, batch_rows):
+        n = len(batch[columns[0]])
+        lo, hi = max(first_row, piece.row_start), min(first_row + n, piece.row_stop)
+        if lo < hi:
+            yield lo, {c: values[lo - first_row:hi - first_row] for c, values in batch.items()}
+        position = first_row + n
+        if position >= piece.row_stop:
+            return
+
+
+def _iter_parquet(piece: Piece, columns: list[str], storage_options: dict, batch_rows: int):
+    groups, first_row = blocks_for_range(piece.file.block_rows, piece.row_start, piece.row_stop)
+    fs, path = storage.filesystem(piece.file.url, storage_options)
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
+                yield first_row, {c: batch.column(c).to_pylist() for c in columns}
+                first_row += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorpusError(f"'{piece.file.url}' could not be read as Parquet: {exc}") from None
+
+
+def _iter_jsonl(piece: Piece, columns: list[str], storage_options: dict, batch_rows: int):
+    blocks, first_row = blocks_for_range(piece.file.block_rows, piece.row_start, piece.row_stop)
+    if not blocks:
+        return
+    fs, path = storage.filesystem(piece.file.url, storage_options)
+    with fs.open(path, "rb", compression="infer") as handle:
+        handle.seek(piece.file.block_offsets[blocks[0]])
+        batch = {c: [] for c in columns}
+        row = first_row
+        for line in handle:
+            if not line.strip():
+                continue
+            for column, value in zip(columns, _jsonl_values(line, columns)):
+                batch[column].append(value)
+            if len(batch[columns[0]]) == batch_rows or row + 1 >= piece.row_stop:
+                yield row + 1 - len(batch[columns[0]]), batch
+                batch = {c: [] for c in columns}
+            row += 1
+            if row >= piece.row_stop:
+                return
+        if batch[columns[0]]:
+            yield row - len(batch[columns[0]]), batch
+
+
+def _jsonl_values(line: bytes, columns: list[str]) -> list:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return [_BadLine(str(exc))] * len(columns)
+    if not isinstance(record, dict):
+        return [_BadLine("not a JSON object")] * len(columns)
+    return [record.get(c) for c in columns]
+
+
+class _BadLine:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def assemble_text(title, text) -> str:
+    """``title + " " + text`` as BEIR/MTEB do when a title is present, else the text."""
+    return f"{title} {text}".strip() if title else text
+
+
+def text_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def read_shard(shard: Shard, cfg: CorpusConfig) -> ShardRows:
+    """The shard's rows: accepted texts with global row ids and doc ids, and every reject with its reason."""
+    columns = required_columns(cfg)
+    out = ShardRows()
+    global_row = shard.row_start
+    for piece in shard.pieces:
+        for _, batch in iter_piece_batches(piece, columns, cfg.storage_options):
+            titles = batch[cfg.title_column] if cfg.title_column else [None] * len(batch[cfg.id_column])
+            for doc_id, title, text in zip(batch[cfg.id_column], titles, batch[cfg.text_column]):
+                _accept_or_reject(out, global_row, piece.file.url, doc_id, title, text)
+                global_row += 1
+    if global_row != shard.row_stop:
+        raise CorpusError(f"{shard.name}: read {global_row - shard.row_start} rows, planned {shard.num_rows}; "
+                          "did a corpus file change since planning?")
+    return out
+
+
+def _accept_or_reject(out: ShardRows, row_id: int, source: str, doc_id, title, text) -> None:
+    reason = _reject_reason(doc_id, text)
+    if reason:
+        doc = None if doc_id is None or isinstance(doc_id, _BadLine) else str(doc_id)
+        out.rejects.append({"row_id": row_id, "doc_id": doc, "source": source, "reason": reason})
+        return
+    out.row_ids.append(row_id)
+    out.doc_ids.append(str(doc_id))
+    out.texts.append(assemble_text(None if isinstance(title, _BadLine) else title, str(text)))
+
+
+def _reject_reason(doc_id, text) -> str | None:
+    if isinstance(doc_id, _BadLine):
+        return f"invalid JSON line: {doc_id.reason}"
+    if doc_id is None or str(doc_id) == "":
+        return "null or empty id"
+    if text is None:
+        return "null text"
+    if not str(text).strip():
+        return "empty text"
+    return None
+
+
+def iter_doc_ids(metas: list[FileMeta], cfg: CorpusConfig) -> Iterator[list]:
+    """Batches of the id column over the whole corpus, reading that column alone."""
+    for meta in metas:
+        piece = Piece(meta, 0, meta.num_rows)
+        for _, batch in iter_piece_batches(piece, [cfg.id_column], cfg.storage_options, batch_rows=65536):
+            yield batch[cfg.id_column]
+
+
+def find_duplicate_ids(metas: list[FileMeta], cfg: CorpusConfig, examples: int = 5) -> list[str]:
+    """Up to ``examples`` doc ids that occur more than once. Memory: 8 bytes per row (64-bit id hashes)."""
+    hashes = []
+    for ids in iter_doc_ids(metas, cfg):
+        hashes.append(np.fromiter((_id_hash(i) for i in ids if _valid_id(i)), dtype=np.uint64))
+    if not hashes:
+        return []
+    all_hashes = np.concatenate(hashes)
+    values, counts = np.unique(all_hashes, return_counts=True)
+    suspects = set(values[counts > 1].tolist())
+    if not suspects:
+        return []
+    seen, duplicates = set(), []
+    for ids in iter_doc_ids(metas, cfg):
+        for i in ids:
+            if _valid_id(i) and _id_hash(i) in suspects:
+                key = str(i)
+                if key in seen and key not in duplicates:
+                    duplicates.append(key)
+                seen.add(key)
+        if len(duplicates) >= examples:
+            break
+    return duplicates[:examples]
+
+
+def _valid_id(doc_id) -> bool:
+    return doc_id is not None and not isinstance(doc_id, _BadLine) and str(doc_id) != ""
+
+
+def _id_hash(doc_id) -> int:
+    return int.from_bytes(hashlib.blake2b(str(doc_id).encode("utf-8"), digest_size=8).digest(), "little")

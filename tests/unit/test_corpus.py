@@ -1,0 +1,131 @@
+import json
+
+import fsspec
+import pyarrow as pa
+import pytest
+
+from helpers import make_docs, write_jsonl, write_parquet
+from retrieval_core import corpus
+from retrieval_core.config import CorpusConfig
+from retrieval_core.sharding import plan_shards
+
+
+def read_all(cfg, rows_per_shard):
+    metas = corpus.inspect_corpus(cfg)
+    out = corpus.ShardRows()
+    for shard in plan_shards(metas, rows_per_shard):
+        part = corpus.read_shard(shard, cfg)
+        out.row_ids += part.row_ids
+        out.doc_ids += part.doc_ids
+        out.texts += part.texts
+        out.rejects += part.rejects
+    return out
+
+
+@pytest.mark.parametrize("rows_per_shard", [1, 7, 16, 33, 1000])
+def test_parquet_shards_reassemble_the_corpus(tmp_path, rows_per_shard):
+    docs_a, docs_b = make_docs(45, seed=1, prefix="a"), make_docs(30, seed=2, prefix="b")
+    write_parquet(tmp_path / "c" / "part-0.parquet", docs_a, row_group_size=10)
+    write_parquet(tmp_path / "c" / "part-1.parquet", docs_b, row_group_size=7)
+    cfg = CorpusConfig(path=str(tmp_path / "c"), title_column="title")
+    got = read_all(cfg, rows_per_shard)
+    docs = docs_a + docs_b
+    assert got.row_ids == list(range(len(docs)))
+    assert got.doc_ids == [d["id"] for d in docs]
+    assert got.texts == [f"{d['title']} {d['text']}" for d in docs]
+
+
+@pytest.mark.parametrize("rows_per_shard", [1, 5, 13, 200])
+def test_jsonl_blocks_and_blank_lines(tmp_path, monkeypatch, rows_per_shard):
+    monkeypatch.setattr(corpus, "JSONL_BLOCK_ROWS", 4)
+    docs = make_docs(50, seed=3)
+    write_jsonl(tmp_path / "c.jsonl", docs, blank_every=6)
+    cfg = CorpusConfig(path=str(tmp_path / "c.jsonl"))
+    metas = corpus.inspect_corpus(cfg)
+    assert metas[0].num_rows == 50 and metas[0].block_rows[0] == 4
+    got = read_all(cfg, rows_per_shard)
+    assert got.doc_ids == [d["id"] for d in docs]
+    assert got.texts == [d["text"] for d in docs]
+
+
+def test_rejects_carry_reasons_and_rows_add_up(tmp_path):
+    docs = make_docs(10)
+    docs[2]["text"] = None
+    docs[4]["text"] = "   "
+    docs[6]["id"] = None
+    write_parquet(tmp_path / "c.parquet", docs, row_group_size=3)
+    got = read_all(CorpusConfig(path=str(tmp_path / "c.parquet")), 4)
+    assert [(r["row_id"], r["reason"]) for r in got.rejects] == [
+        (2, "null text"), (4, "empty text"), (6, "null or empty id")]
+    assert got.rejects[0]["doc_id"] == "doc00002" and got.rejects[0]["source"].endswith("c.parquet")
+    assert len(got.row_ids) + len(got.rejects) == 10
+    assert 2 not in got.row_ids and got.row_ids[:3] == [0, 1, 3]
+
+
+def test_invalid_jsonl_line_is_a_reject(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a", "text": "fine"}\n{not json\n{"id": "c", "text": "also fine"}\n')
+    got = read_all(CorpusConfig(path=str(path)), 10)
+    assert got.doc_ids == ["a", "c"]
+    assert got.rejects[0]["row_id"] == 1 and got.rejects[0]["reason"].startswith("invalid JSON line")
+
+
+def test_missing_column_lists_columns_present(tmp_path):
+    write_parquet(tmp_path / "c.parquet", make_docs(3))
+    with pytest.raises(corpus.CorpusError, match=r"no column 'body'; columns present: id, title, text"):
+        corpus.inspect_corpus(CorpusConfig(path=str(tmp_path / "c.parquet"), text_column="body"))
+
+
+def test_path_matching_nothing_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        corpus.inspect_corpus(CorpusConfig(path=str(tmp_path / "nothing-here" / "*.parquet")))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        corpus.inspect_corpus(CorpusConfig(path=str(tmp_path / "missing.parquet")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        corpus.inspect_corpus(CorpusConfig(path=str(tmp_path / "empty")))
+
+
+def test_corrupt_parquet_names_the_file(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(corpus.CorpusError, match="bad.parquet' is not a readable Parquet file"):
+        corpus.inspect_corpus(CorpusConfig(path=str(bad)))
+
+
+def test_duplicate_ids_are_found_with_examples(tmp_path):
+    docs = make_docs(20)
+    docs[5]["id"] = docs[1]["id"]
+    docs[17]["id"] = docs[3]["id"]
+    write_parquet(tmp_path / "a.parquet", docs[:10], row_group_size=4)
+    write_parquet(tmp_path / "b.parquet", docs[10:], row_group_size=4)
+    cfg = CorpusConfig(path=[str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")])
+    assert corpus.find_duplicate_ids(corpus.inspect_corpus(cfg), cfg) == ["doc00001", "doc00003"]
+    unique = CorpusConfig(path=str(tmp_path / "a.parquet"))
+    write_parquet(tmp_path / "a.parquet", make_docs(10), row_group_size=4)
+    assert corpus.find_duplicate_ids(corpus.inspect_corpus(unique), unique) == []
+
+
+def test_glob_list_and_memory_urls():
+    fs = fsspec.filesystem("memory")
+    docs = make_docs(12)
+    for i in range(3):
+        with fs.open(f"/corpus-t/p{i}.jsonl", "w") as handle:
+            handle.write("\n".join(json.dumps(d) for d in docs[i * 4:(i + 1) * 4]) + "\n")
+    cfg = CorpusConfig(path="memory://corpus-t/p*.jsonl")
+    got = read_all(cfg, 5)
+    assert got.doc_ids == [d["id"] for d in docs]
+    fs.rm("/corpus-t", recursive=True)
+
+
+def test_integer_ids_become_strings(tmp_path):
+    table = pa.table({"id": [10, 11], "text": ["a b", "c d"]})
+    import pyarrow.parquet as pq
+    pq.write_table(table, str(tmp_path / "c.parquet"))
+    assert read_all(CorpusConfig(path=str(tmp_path / "c.parquet")), 5).doc_ids == ["10", "11"]
+
+
+def test_assemble_text_as_beir():
+    assert corpus.assemble_text("A title", "the body") == "A title the body"
+    assert corpus.assemble_text(None, "the body") == "the body"
+    assert corpus.assemble_text("", "the body") == "the body"

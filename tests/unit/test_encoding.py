@@ -1,0 +1,72 @@
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+
+from retrieval_core.config import ModelConfig
+from retrieval_core.encoding import SentenceTransformerEncoder, encode_by_length, encoder_identity, resolve_model_path
+
+
+def test_packaged_default_resolves_to_a_local_directory():
+    path = resolve_model_path("all-MiniLM-L6-v2")
+    assert path.endswith("model") and (__import__("pathlib").Path(path) / "modules.json").is_file()
+
+
+def test_unknown_model_name_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="model.name = 'no-such-model-xyz'"):
+        resolve_model_path("no-such-model-xyz")
+
+
+def test_fingerprint_covers_what_changes_a_vector(tiny_model, tmp_path):
+    base = ModelConfig(name=tiny_model)
+    fingerprint = encoder_identity(base)["fingerprint"]
+    assert encoder_identity(base)["fingerprint"] == fingerprint  # deterministic
+    for change in [dict(precision="bf16"), dict(document_prompt="passage: "), dict(max_seq_length=16),
+                   dict(normalize=False)]:
+        assert encoder_identity(dataclasses.replace(base, **change))["fingerprint"] != fingerprint, change
+    # batch size and the query prompt do not change document vectors
+    assert encoder_identity(dataclasses.replace(base, batch_size=7, query_prompt="q: "))["fingerprint"] == fingerprint
+    # other weights under the same name: another fingerprint
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    weights = next(copy.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert encoder_identity(ModelConfig(name=str(copy)))["weights_sha256"] != encoder_identity(base)["weights_sha256"]
+
+
+def test_encode_by_length_keeps_input_order(tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["short", "a much longer text with many words in it " * 3, "mid length text", "x", "another one"] * 7
+    encoder = SentenceTransformerEncoder(ModelConfig(name=tiny_model, batch_size=4))
+    calls = []
+    vectors = encode_by_length(encoder, texts, batch_size=4, on_progress=calls.append)
+    reference = SentenceTransformer(tiny_model, device="cpu").encode(texts, normalize_embeddings=True)
+    cosine = np.sum(vectors * reference, axis=1)
+    assert cosine.min() > 0.99999
+    assert sum(calls) == len(texts) and len(calls) == 2  # chunks of 8 batches of 4
+
+
+def test_document_prompt_is_prepended(tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    encoder = SentenceTransformerEncoder(ModelConfig(name=tiny_model, document_prompt="passage: ",
+                                                     query_prompt="query: "))
+    reference = SentenceTransformer(tiny_model, device="cpu")
+    docs = encoder.encode_documents(["the body"])
+    queries = encoder.encode_queries(["the body"])
+    assert np.allclose(docs, reference.encode(["passage: the body"], normalize_embeddings=True), atol=1e-5)
+    assert np.allclose(queries, reference.encode(["query: the body"], normalize_embeddings=True), atol=1e-5)
+
+
+def test_bf16_is_close_to_fp32(tiny_model):
+    texts = [f"text number {i} about rivers and planets" for i in range(20)]
+    fp32 = SentenceTransformerEncoder(ModelConfig(name=tiny_model)).encode_documents(texts)
+    bf16 = SentenceTransformerEncoder(ModelConfig(name=tiny_model, precision="bf16")).encode_documents(texts)
+    assert bf16.dtype == np.float32
+    assert np.sum(fp32 * bf16, axis=1).min() > 0.99
+    assert not np.array_equal(fp32, bf16)
