@@ -1,0 +1,25 @@
+# make demo  - install everything (first time) and run the main job on the bundled demo corpus
+# make test  - install everything (first time) and run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup bench clean
+
+demo: $(STAMP)
+	$(PY) -m jobs.encode --config configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(PY) bench/encode_vs_st.py
+
+clean:
+	rm -rf out

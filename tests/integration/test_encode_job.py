@@ -1,0 +1,160 @@
+"""The encode job on one local Ray cluster (started once per test session)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import DEMO_CORPUS, REPO, config, make_docs, write_parquet
+from jobs import encode
+from retrieval_core import embeddings
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def demo_texts():
+    table = pq.read_table(DEMO_CORPUS).to_pylist()
+    return [r["id"] for r in table], [f"{r['title']} {r['text']}" for r in table]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "out"
+    cfg = config(DEMO_CORPUS, root, corpus__title_column="title", runtime__rows_per_shard=32)
+    return cfg, encode.run(cfg)
+
+
+def test_vectors_equal_plain_sentence_transformers(demo_run):
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval_core.encoding import resolve_model_path
+
+    cfg, summary = demo_run
+    assert summary["rows_encoded"] == 120 and summary["shards"] == 4 and summary["shards_run"] == 4
+    ids, texts = demo_texts()
+    reference = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu").encode(
+        texts, batch_size=32, normalize_embeddings=True)
+    row_ids, vectors, doc_ids = embeddings.load_embeddings(cfg.output.root)
+    assert row_ids.tolist() == list(range(120)) and doc_ids == ids
+    cosine = np.sum(vectors * reference, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() >= 0.9999
+    manifest = embeddings.read_embeddings_manifest(cfg.output.root)
+    assert manifest["config"]["corpus"]["title_column"] == "title"
+    assert manifest["encoder"]["max_seq_length"] == 256 and manifest["dim"] == 384
+
+
+def test_rerun_skips_committed_shards(demo_run):
+    cfg, _ = demo_run
+    shard_files = sorted(Path(cfg.output.root, "embeddings").glob("shard-*.parquet"))
+    before = {p: p.stat().st_mtime_ns for p in shard_files}
+    manifest_before = Path(cfg.output.root, "embeddings", "_manifest.json").read_text()
+    summary = encode.run(cfg)
+    assert summary["shards_run"] == 0 and summary["shards_skipped"] == 4
+    assert {p: p.stat().st_mtime_ns for p in shard_files} == before
+    assert Path(cfg.output.root, "embeddings", "_manifest.json").read_text() == manifest_before
+
+
+def test_bf16_is_recorded_and_close_to_fp32(demo_run, tmp_path):
+    cfg, _ = demo_run
+    bf16 = config(DEMO_CORPUS, tmp_path / "bf16", corpus__title_column="title", model__precision="bf16")
+    summary = encode.run(bf16)
+    fp32_manifest = embeddings.read_embeddings_manifest(cfg.output.root)
+    assert summary["fingerprint"] != fp32_manifest["fingerprint"]
+    assert embeddings.read_embeddings_manifest(bf16.output.root)["encoder"]["precision"] == "bf16"
+    _, a, _ = embeddings.load_embeddings(cfg.output.root)
+    _, b, _ = embeddings.load_embeddings(bf16.output.root)
+    assert np.sum(a * b, axis=1).min() >= 0.995
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    docs = make_docs(60, seed=5)
+    docs[7]["text"] = None
+    return write_parquet(tmp_path_factory.mktemp("tiny") / "c.parquet", docs, row_group_size=9)
+
+
+def outputs(root):
+    row_ids, vectors, doc_ids = embeddings.load_embeddings(str(root))
+    return row_ids.tolist(), doc_ids, vectors
+
+
+def assert_same_output(a, b):
+    assert a[0] == b[0] and a[1] == b[1]
+    assert np.abs(a[2] - b[2]).max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_clean(tiny_corpus, tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean") / "out"
+    encode.run(config(tiny_corpus, root, tiny_model, runtime__rows_per_shard=5))
+    return outputs(root)
+
+
+def test_killed_worker_is_restarted_and_its_shard_redone(tiny_corpus, tiny_model, tiny_clean, tmp_path):
+    killed = []
+
+    def kill_first_worker(record):
+        if not killed:
+            os.kill(record["pid"], signal.SIGKILL)
+            killed.append(record["pid"])
+
+    cfg = config(tiny_corpus, tmp_path / "out", tiny_model, runtime__rows_per_shard=5)
+    summary = encode.run(cfg, on_shard_done=kill_first_worker)
+    assert killed and summary["shards_run"] == 12 and summary["rows_rejected"] == 1
+    records = embeddings.committed_records(embeddings.layout_of(cfg))
+    assert len({r["pid"] for r in records.values()}) >= 3  # two workers, one of them restarted
+    assert_same_output(outputs(cfg.output.root), tiny_clean)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp_path):
+    root = tmp_path / "out"
+    cfg = config(DEMO_CORPUS, root, runtime__rows_per_shard=8, runtime__num_workers=1)
+    clean_root = tmp_path / "clean"
+    command = [sys.executable, "-m", "jobs.encode", "--set", f"corpus.path={DEMO_CORPUS}", "--set",
+               f"output.root={root}", "--set", "runtime.rows_per_shard=8", "--set", "runtime.num_workers=1",
+               "--set", f"runtime.address={ray_cluster}", "--set", "runtime.progress=false"]
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    records_dir = root / "embeddings" / "_shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(records_dir.glob("*.json")):
+        assert driver.poll() is None, driver.stdout.read().decode()
+        time.sleep(0.05)
+    driver.send_signal(sig)
+    driver.wait(timeout=60)
+    before = {p.name: p.read_text() for p in records_dir.glob("*.json")}
+    assert 1 <= len(before) < 15, "the driver was to be stopped midway"
+    assert not (root / "embeddings" / "_manifest.json").exists()
+    summary = encode.run(cfg)
+    assert summary["shards_run"] == 15 - len(before)
+    assert {name: (records_dir / name).read_text() for name in before} == before
+    encode.run(config(DEMO_CORPUS, clean_root, runtime__rows_per_shard=8))
+    assert_same_output(outputs(root), outputs(clean_root))
+
+
+def test_two_node_cluster_uses_both_nodes_and_equals_local(tiny_corpus, tiny_model, tiny_clean, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        root = tmp_path / "out"
+        command = [sys.executable, "-m", "jobs.encode", "--set", f"corpus.path={tiny_corpus}",
+                   "--set", f"output.root={root}", "--set", f"model.name={tiny_model}",
+                   "--set", "runtime.rows_per_shard=5", "--set", f"runtime.address={cluster.address}",
+                   "--set", "runtime.progress=false"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "60 rows in, 59 encoded, 1 rejected" in result.stdout
+    finally:
+        cluster.shutdown()
+    records = [json.loads(p.read_text()) for p in (root / "embeddings" / "_shards").glob("*.json")]
+    assert len({r["node_id"] for r in records}) == 2
+    assert_same_output(outputs(root), tiny_clean)
