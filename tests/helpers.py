@@ -60,6 +60,16 @@ def write_jsonl(path: Path, rows: list[dict], blank_every: int = 0) -> Path:
     return path
 
 
+def encode_command(*overrides: str) -> list[str]:
+    """``python -m jobs.encode --set a=b ...`` for a subprocess run from the repository root."""
+    import sys
+
+    command = [sys.executable, "-m", "jobs.encode"]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
 def config(corpus_path, root, model=None, **overrides):
     """A Config for tests: ``overrides`` use double underscores for dots (runtime__rows_per_shard=8)."""
     items = [f"corpus.path={corpus_path}", f"output.root={root}", "runtime.progress=false"]

@@ -1,15 +1,11 @@
 """Errors the encode command reports before any work starts (no Ray needed)."""
 import subprocess
-import sys
 
-from helpers import REPO, make_docs, write_parquet
+from helpers import REPO, encode_command, make_docs, write_parquet
 
 
 def run_cli(*overrides):
-    command = [sys.executable, "-m", "jobs.encode"]
-    for item in overrides:
-        command += ["--set", item]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(encode_command(*overrides), cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_duplicate_ids_are_an_error_naming_examples(tmp_path):

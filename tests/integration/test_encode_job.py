@@ -3,7 +3,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import DEMO_CORPUS, REPO, config, make_docs, write_parquet
+from helpers import DEMO_CORPUS, REPO, config, encode_command, make_docs, write_parquet
 from jobs import encode
 from retrieval_core import embeddings
 
@@ -117,9 +116,8 @@ def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp
     root = tmp_path / "out"
     cfg = config(DEMO_CORPUS, root, runtime__rows_per_shard=8, runtime__num_workers=1)
     clean_root = tmp_path / "clean"
-    command = [sys.executable, "-m", "jobs.encode", "--set", f"corpus.path={DEMO_CORPUS}", "--set",
-               f"output.root={root}", "--set", "runtime.rows_per_shard=8", "--set", "runtime.num_workers=1",
-               "--set", f"runtime.address={ray_cluster}", "--set", "runtime.progress=false"]
+    command = encode_command(f"corpus.path={DEMO_CORPUS}", f"output.root={root}", "runtime.rows_per_shard=8",
+                             "runtime.num_workers=1", f"runtime.address={ray_cluster}", "runtime.progress=false")
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     records_dir = root / "embeddings" / "_shards"
     deadline = time.time() + 120
@@ -146,10 +144,9 @@ def test_two_node_cluster_uses_both_nodes_and_equals_local(tiny_corpus, tiny_mod
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         root = tmp_path / "out"
-        command = [sys.executable, "-m", "jobs.encode", "--set", f"corpus.path={tiny_corpus}",
-                   "--set", f"output.root={root}", "--set", f"model.name={tiny_model}",
-                   "--set", "runtime.rows_per_shard=5", "--set", f"runtime.address={cluster.address}",
-                   "--set", "runtime.progress=false"]
+        command = encode_command(f"corpus.path={tiny_corpus}", f"output.root={root}", f"model.name={tiny_model}",
+                                 "runtime.rows_per_shard=5", f"runtime.address={cluster.address}",
+                                 "runtime.progress=false")
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "60 rows in, 59 encoded, 1 rejected" in result.stdout
