@@ -4,6 +4,8 @@ What it measures
   * baseline: what a user would otherwise run -- ``SentenceTransformer(all-MiniLM-L6-v2, device="cpu")`` with
     ``torch.set_num_threads(os.cpu_count())`` and ``model.encode(texts, normalize_embeddings=True)`` in fp32.
     Only the encode call is timed (model loaded, after a short warm-up encode).
+  * when bf16 is asked for, the same plain call under ``torch.autocast("cpu", dtype=torch.bfloat16)``: the
+    speed bf16 itself gives on this CPU, the ceiling a bf16 job can approach.
   * the job: ``jobs.encode.run(cfg)`` for each precision, timed end to end (wall clock, including the start of
     Ray's local cluster, the model loads in the workers and the writing of the shards), since that is what a
     user pays. Its vectors are read back and compared row by row (matched by doc id) with the fp32 baseline.
@@ -24,6 +26,7 @@ Run (from the repository root, with the venv active)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -125,10 +128,16 @@ def load_baseline_model():
     return SentenceTransformer(resolve_model_path(MODEL), device="cpu")
 
 
-def encode_baseline(model, texts: list[str], batch_size: int) -> tuple[float, np.ndarray]:
-    """(seconds, vectors) of one plain ``model.encode`` call over all texts."""
+def encode_baseline(model, texts: list[str], batch_size: int, precision: str = "fp32") -> tuple[float, np.ndarray]:
+    """(seconds, vectors) of one plain ``model.encode`` call over all texts (bf16: under CPU autocast)."""
+    import torch
+
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
     started = time.perf_counter()
-    vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    with autocast:
+        vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True)
+    vectors = vectors.float().numpy()
     return time.perf_counter() - started, np.asarray(vectors, dtype=np.float32)
 
 
@@ -192,6 +201,15 @@ def time_job_runs(args, corpus: Path, id_column: str, precision: str, base_ids: 
     return {"seconds_runs": seconds, "rows": rows, "min_cosine": min(mins), "mean_cosine": statistics.mean(means)}
 
 
+def plain_bf16_row(args, texts: list[str], base: np.ndarray, base_rate: float) -> dict:
+    model = load_baseline_model()
+    runs = [encode_baseline(model, texts, args.batch_size, "bf16") for _ in range(args.repeat)]
+    cos = np.einsum("ij,ij->i", base, runs[0][1]) / (np.linalg.norm(base, axis=1)
+                                                       * np.linalg.norm(runs[0][1], axis=1))
+    return result_row("sentence-transformers bf16", [s for s, _ in runs], len(texts), base_rate,
+                      min_cosine=float(cos.min()), mean_cosine=float(cos.mean()))
+
+
 def result_row(name: str, seconds_runs: list[float], rows: int, base_rate: float | None, **extra) -> dict:
     seconds = statistics.median(seconds_runs)
     rate = rows / seconds if seconds > 0 else float("inf")
@@ -200,10 +218,10 @@ def result_row(name: str, seconds_runs: list[float], rows: int, base_rate: float
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'variant':<22}{'rows':>7}{'seconds':>10}{'docs/s':>10}{'x base':>9}{'min cos':>11}{'mean cos':>11}"
+    head = f"{'variant':<27}{'rows':>7}{'seconds':>10}{'docs/s':>10}{'x base':>9}{'min cos':>11}{'mean cos':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['variant']:<22}{r['rows']:>7}{r['seconds']:>10.2f}{r['docs_per_s']:>10.1f}"
+        lines.append(f"{r['variant']:<27}{r['rows']:>7}{r['seconds']:>10.2f}{r['docs_per_s']:>10.1f}"
                      f"{r['ratio_vs_baseline']:>8.2f}x{r['min_cosine']:>11.6f}{r['mean_cosine']:>11.6f}")
     return "\n".join(lines)
 
@@ -244,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(texts)} documents, batch size {args.batch_size}, repeat {args.repeat}")
         base_runs, base = time_baseline_runs(load_baseline_model(), texts, args.batch_size, args.repeat)
         rows = [result_row("sentence-transformers", base_runs, len(texts), None, min_cosine=1.0, mean_cosine=1.0)]
+        if "bf16" in precisions:  # the ceiling bf16 sets on this CPU, measured the way a user would run it
+            rows.append(plain_bf16_row(args, texts, base, rows[0]["docs_per_s"]))
         for precision in precisions:
             job = time_job_runs(args, corpus, id_column, precision, base_ids, base)
             rows.append(result_row(f"job {precision}", job.pop("seconds_runs"), job.pop("rows"),

@@ -13,10 +13,10 @@ class EncodeWorker:
     """Loads the encoder once, then encodes and commits shards."""
 
     def __init__(self, model_cfg: ModelConfig, cpus: int, gpus: float):
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from retrieval_core import encoding
 
+        encoding.quiet_model_loading()
         encoding.set_torch_threads(cpus)
         self.encoder = encoding.SentenceTransformerEncoder(model_cfg, encoding.pick_device(gpus))
 

@@ -108,6 +108,19 @@ def encoder_identity(cfg: ModelConfig) -> dict:
     return identity
 
 
+def quiet_model_loading() -> None:
+    """Turn off the download and "Loading weights" progress bars of huggingface_hub and transformers.
+
+    For worker processes, whose bars would interleave with the job's own progress bar.
+    """
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def set_torch_threads(num_threads: int) -> None:
     """Pin torch's intra-op threads (a worker uses as many as it has CPUs: no oversubscription)."""
     import torch
