@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 
 demo: $(STAMP)
 	$(PY) -m jobs.encode --config configs/demo.yaml
+	$(PY) -m jobs.index --config configs/demo.yaml
+	$(PY) -m jobs.evaluate --config configs/demo.yaml
+	$(PY) -m jobs.search --config configs/demo.yaml --query "Which company beat revenue estimates?" --k 3
 
 test: $(STAMP)
 	$(PY) -m pytest -q

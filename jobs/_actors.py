@@ -26,6 +26,9 @@ class EncodeWorker:
         worker = {"node_id": ray.get_runtime_context().get_node_id()}
         return encode_shard(shard, cfg, self.encoder, encoder_identity, worker)
 
+    def encode_queries(self, texts: list[str]):
+        return self.encoder.encode_queries(texts)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -36,3 +39,46 @@ def start_encode_workers(cfg: Config, count: int) -> list:
         num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
         max_restarts=rt.max_restarts, max_task_retries=rt.max_task_retries)
     return [remote.remote(cfg.model, rt.cpus_per_worker, rt.gpus_per_worker) for _ in range(count)]
+
+
+def _faiss_threads(cpus: int) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(cpus)))
+
+
+def _node() -> dict:
+    return {"node_id": ray.get_runtime_context().get_node_id()}
+
+
+def _train_index(cfg: Config, plan, cpus: int):
+    from retrieval_core import indexing
+
+    _faiss_threads(cpus)
+    data, info = indexing.trained_index(cfg, plan)
+    return data, {**info, "peak_memory_mb": indexing.peak_memory_mb()}
+
+
+def _add_index_shard(cfg: Config, plan, shard: dict, trained, cpus: int) -> dict:
+    from retrieval_core import indexing
+
+    _faiss_threads(cpus)
+    return indexing.add_shard(cfg, plan, shard, trained, _node())
+
+
+def _finish_index(cfg: Config, plan, trained, cpus: int) -> dict:
+    from retrieval_core import indexing
+
+    _faiss_threads(cpus)
+    return indexing.finish(cfg, plan, trained)
+
+
+def index_tasks(cfg: Config, node_cpus: int) -> dict:
+    """Remote functions of the index stage: training and the merge take a whole node's CPUs, adds one worker's."""
+    rt = cfg.runtime
+    whole_node = dict(num_cpus=node_cpus, max_retries=rt.max_task_retries)
+    return {
+        "train": ray.remote(_train_index).options(**whole_node),
+        "add": ray.remote(_add_index_shard).options(num_cpus=rt.cpus_per_worker, max_retries=rt.max_task_retries),
+        "finish": ray.remote(_finish_index).options(**whole_node),
+    }

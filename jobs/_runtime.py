@@ -65,20 +65,37 @@ def worker_count(rt: RuntimeConfig, work_items: int) -> int:
     return max(1, min(wanted, work_items))
 
 
-def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done) -> None:
-    """Call ``actor.<method>(item, *args)`` for every item, one call in flight per actor, the next item going to
-    whichever actor finishes first (load balance); ``on_done(item, result)`` runs in the driver as results come.
+def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, item_arg=None) -> None:
+    """Call ``actor.<method>(item_arg(item), *args)`` for every item (``item_arg`` defaults to the item itself),
+    one call in flight per actor, the next item going to whichever actor finishes first (load balance);
+    ``on_done(item, result)`` runs in the driver as results come.
     """
     queue = list(items)
     in_flight = {}
+    item_arg = item_arg or (lambda item: item)
     for actor in actors:
         if queue:
             item = queue.pop(0)
-            in_flight[getattr(actor, method).remote(item, *args)] = (actor, item)
+            in_flight[getattr(actor, method).remote(item_arg(item), *args)] = (actor, item)
     while in_flight:
         done, _ = ray.wait(list(in_flight), num_returns=1)
         actor, item = in_flight.pop(done[0])
         on_done(item, ray.get(done[0]))
         if queue:
             next_item = queue.pop(0)
-            in_flight[getattr(actor, method).remote(next_item, *args)] = (actor, next_item)
+            in_flight[getattr(actor, method).remote(item_arg(next_item), *args)] = (actor, next_item)
+
+
+def largest_node_cpus() -> int:
+    """CPUs of the biggest alive node: a task that needs a whole node asks for this many."""
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1, int(max(cpus, default=1)))
+
+
+def run_tasks(futures: dict, on_done) -> None:
+    """Wait for ``{object_ref: item}``; ``on_done(item, result)`` runs in the driver as each finishes."""
+    pending = dict(futures)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        item = pending.pop(done[0])
+        on_done(item, ray.get(done[0]))

@@ -17,6 +17,7 @@ import yaml
 PRECISIONS = ("fp32", "bf16", "fp16")
 CORPUS_FORMATS = ("", "parquet", "jsonl")
 EMBEDDING_DTYPES = ("float32", "float16")
+METRICS = ("ip", "l2")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -68,11 +69,42 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    type: str = "auto"
+    metric: str = "ip"
+    max_memory: str = "8GB"
+    train_size: int = 0
+    seed: int = 0
+    on_disk: bool = False
+    target_recall: float = 0.95
+    recall_queries: int = 1000
+    nprobe: int = 0
+    ef_search: int = 0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    k: int = 10
+    batch_size: int = 1024
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    queries_path: str = "examples/demo/queries.jsonl"
+    qrels_path: str = "examples/demo/qrels.tsv"
+    storage_options: dict = field(default_factory=dict)
+    depth: int = 100
+
+
+@dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -233,3 +265,38 @@ def validate(config: Config) -> None:
     _check(r.rows_per_shard >= 0, f"'runtime.rows_per_shard' = {r.rows_per_shard}: expected >= 0 (0 = automatic)")
     _check(r.max_restarts >= 0, f"'runtime.max_restarts' = {r.max_restarts}: expected >= 0")
     _check(r.max_task_retries >= 0, f"'runtime.max_task_retries' = {r.max_task_retries}: expected >= 0")
+    _validate_index(config.index)
+    _validate_search(config.search, config.eval)
+
+
+def parse_memory(text: str) -> int:
+    """``'8GB'``, ``'512MB'``, ``'1.5GiB'`` or a plain number of bytes -> bytes (decimal and binary units alike)."""
+    units = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    cleaned = str(text).strip().upper().replace("IB", "").rstrip("B")
+    number = cleaned.rstrip("KMGT")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"'index.max_memory' = {text!r}: expected a size such as 8GB, 512MB or a number of bytes")
+    if value <= 0:
+        raise ConfigError(f"'index.max_memory' = {text!r}: expected a positive size")
+    return int(value)
+
+
+def _validate_index(ix: IndexConfig) -> None:
+    _check(bool(ix.type.strip()), "'index.type' is empty: give a FAISS factory string such as Flat or IVF1024,Flat, "
+           "or auto")
+    _check(ix.metric in METRICS, f"'index.metric' = {ix.metric!r}: expected one of {', '.join(METRICS)}")
+    parse_memory(ix.max_memory)
+    _check(ix.train_size >= 0, f"'index.train_size' = {ix.train_size}: expected >= 0 (0 = automatic)")
+    _check(0 < ix.target_recall <= 1, f"'index.target_recall' = {ix.target_recall}: expected a number in (0, 1]")
+    _check(ix.recall_queries >= 0, f"'index.recall_queries' = {ix.recall_queries}: expected >= 0 (0 = skip)")
+    _check(ix.nprobe >= 0, f"'index.nprobe' = {ix.nprobe}: expected >= 0 (0 = tuned to index.target_recall)")
+    _check(ix.ef_search >= 0, f"'index.ef_search' = {ix.ef_search}: expected >= 0 (0 = tuned)")
+
+
+def _validate_search(se: SearchConfig, ev: EvalConfig) -> None:
+    _check(se.k > 0, f"'search.k' = {se.k}: expected a positive integer")
+    _check(se.batch_size > 0, f"'search.batch_size' = {se.batch_size}: expected a positive integer")
+    _check(ev.depth >= 100, f"'eval.depth' = {ev.depth}: expected >= 100 (recall@100 needs the top 100)")

@@ -221,12 +221,30 @@ def read_embeddings_manifest(root: str, storage_options: dict | None = None) -> 
     return read_manifest(storage.join(root, "embeddings", "_manifest.json"), storage_options, "encode")
 
 
+def read_shard_vectors(root: str, shard: dict, dim: int,
+                       storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(row_ids int64 (n,), vectors float32 (n x dim)) of one shard entry of the embeddings manifest."""
+    table = storage.read_parquet(storage.join(root, "embeddings", shard["path"]), storage_options,
+                                 columns=["row_id", "embedding"])
+    return table.column("row_id").to_numpy(), _vectors(table, dim)
+
+
+def _vectors(table: pa.Table, dim: int) -> np.ndarray:
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float32).reshape(table.num_rows, dim)
+
+
+def read_doc_ids(root: str, shard: dict, storage_options: dict | None = None) -> tuple[np.ndarray, list[str]]:
+    """(row_ids, doc_ids) of one shard entry of the embeddings manifest."""
+    table = storage.read_parquet(storage.join(root, "embeddings", shard["path"]), storage_options,
+                                 columns=["row_id", "doc_id"])
+    return table.column("row_id").to_numpy(), table.column("doc_id").to_pylist()
+
+
 def load_embeddings(root: str, storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All vectors with their row ids and doc ids, in row id order (for tests and small corpora)."""
     manifest = read_embeddings_manifest(root, storage_options)
     tables = [storage.read_parquet(storage.join(root, "embeddings", s["path"]), storage_options)
               for s in manifest["shards"]]
     table = pa.concat_tables(tables)
-    vectors = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                         dtype=np.float32).reshape(table.num_rows, manifest["dim"])
-    return table.column("row_id").to_numpy(), vectors, table.column("doc_id").to_pylist()
+    return table.column("row_id").to_numpy(), _vectors(table, manifest["dim"]), table.column("doc_id").to_pylist()

@@ -47,6 +47,18 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     fs.mv(tmp, path)
 
 
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def local_path(url: str, storage_options: dict | None = None) -> str | None:
+    """The path on the local disk when ``url`` is local (plain path or ``file://``), else None."""
+    fs, path = filesystem(url, storage_options)
+    return path if isinstance(fs, LocalFileSystem) else None
+
+
 def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -> None:
     write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True).encode(), storage_options)
 

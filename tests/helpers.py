@@ -77,3 +77,38 @@ def config(corpus_path, root, model=None, **overrides):
         items.append(f"model.name={model}")
     items += [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     return load_config(None, items)
+
+
+def clustered_vectors(n: int, dim: int = 16, clusters: int = 8, seed: int = 0, normalize: bool = True) -> np.ndarray:
+    """Gaussian blobs (float32), unit length when ``normalize``: data on which IVF lists mean something."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim))
+    x = centers[rng.integers(0, clusters, size=n)] + 0.3 * rng.normal(size=(n, dim))
+    if normalize:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def write_synthetic_embeddings(root: Path, vectors: np.ndarray, shard_rows: int, normalized: bool = True,
+                               fingerprint: str = "f" * 32, row_offset: int = 0) -> dict:
+    """An embeddings stage output (shards + manifest) holding ``vectors``, as the encode job writes it."""
+    from retrieval_core import storage
+    from retrieval_core.embeddings import embeddings_table
+    from retrieval_core.manifest import stamp
+
+    shards = []
+    for start in range(0, len(vectors), shard_rows):
+        stop = min(start + shard_rows, len(vectors))
+        name = f"shard-{len(shards):05d}"
+        ids = list(range(row_offset + start, row_offset + stop))
+        table = embeddings_table(ids, [f"doc{i}" for i in ids], vectors[start:stop], ["0" * 16] * len(ids),
+                                 "float32", {"fingerprint": fingerprint})
+        storage.write_parquet_atomic(str(root / "embeddings" / f"{name}.parquet"), table)
+        shards.append({"name": name, "path": f"{name}.parquet", "row_start": row_offset + start,
+                       "row_stop": row_offset + stop, "rows": stop - start, "rejected": 0, "rejects_path": None})
+    manifest = {**stamp(), "stage": "embeddings", "fingerprint": fingerprint,
+                "encoder": {"fingerprint": fingerprint}, "dim": int(vectors.shape[1]), "normalized": normalized,
+                "totals": {"rows_in": len(vectors), "rows_encoded": len(vectors), "rows_rejected": 0,
+                           "shards": len(shards)}, "shards": shards, "config": {}}
+    storage.write_json_atomic(str(root / "embeddings" / "_manifest.json"), manifest)
+    return manifest

@@ -1,0 +1,94 @@
+"""Build the FAISS index from the embeddings: ``python -m jobs.index --config F [--set key=value ...]``.
+
+Train once (in a task), add each embedding shard to a copy of the trained index (one task per shard), merge,
+measure recall against exact search and tune nprobe / efSearch, write ``<output.root>/index/manifest.json``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import ray
+from tqdm import tqdm
+
+from jobs import _actors, _cli, _runtime
+from retrieval_core import faiss_index, indexing, storage
+from retrieval_core.config import Config
+from retrieval_core.manifest import IncompatibleOutputError
+
+log = logging.getLogger("jobs.index")
+
+
+def run(cfg: Config) -> dict:
+    """Run the index stage; returns a summary dict (the manifest's main figures)."""
+    started = time.perf_counter()
+    plan = indexing.prepare(cfg)
+    layout = indexing.layout_of(cfg)
+    if storage.exists(layout.file("manifest.json"), layout.storage_options):
+        return _summary(indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options), reused=True)
+    log.info("index %s (%s) over %d vectors of dim %d in %d shard(s)", plan.factory, plan.metric, plan.ntotal,
+             plan.dim, len(plan.shards))
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        session.ensure()
+        node_cpus = _runtime.largest_node_cpus()
+        tasks = _actors.index_tasks(cfg, node_cpus)
+        trained, train_info = ray.get(tasks["train"].remote(cfg, plan, node_cpus))
+        trained_ref = ray.put(trained)
+        add_s = _add_pending(cfg, plan, tasks["add"], trained_ref) if plan.mergeable else 0.0
+        result = ray.get(tasks["finish"].remote(cfg, plan, trained_ref, node_cpus))
+    records = indexing.shard_records(cfg, plan) if plan.mergeable else []
+    timings = {"train": train_info["seconds"], "add": round(add_s, 3), "merge": result["merge_s"],
+               "recall": result["recall_s"], "total": round(time.perf_counter() - started, 3)}
+    memory = {"driver": indexing.peak_memory_mb(), "train_task": train_info["peak_memory_mb"],
+              "add_tasks_max": max((r["peak_memory_mb"] for r in records), default=None),
+              "merge_task": result["peak_memory_mb"]}
+    manifest = indexing.write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records, memory)
+    return _summary(manifest, reused=False)
+
+
+def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
+    started = time.perf_counter()
+    pending = indexing.pending_shards(cfg, plan)
+    bar = tqdm(total=len(plan.shards), initial=len(plan.shards) - len(pending), unit="shard", desc="index",
+               disable=not cfg.runtime.progress, dynamic_ncols=True)
+    futures = {add_task.remote(cfg, plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard
+               for shard in pending}
+    try:
+        _runtime.run_tasks(futures, lambda shard, record: bar.update(1))
+    finally:
+        bar.close()
+    return time.perf_counter() - started
+
+
+def _summary(manifest: dict, reused: bool) -> dict:
+    recall = manifest["recall"]
+    return {"type": manifest["type"], "metric": manifest["metric"], "ntotal": manifest["ntotal"],
+            "shards": len(manifest["shards"]), "recall_at_10": recall["recall_at_10"],
+            "search_parameters": manifest["search_parameters"], "seconds": manifest["timings_s"]["total"],
+            "reused": reused, "output": manifest.get("output", "")}
+
+
+def format_summary(s: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in s["search_parameters"].items())
+    recall = "not measured" if s["recall_at_10"] is None else f"{s['recall_at_10']:.4f}"
+    state = "already built" if s["reused"] else f"built in {s['seconds']} s"
+    return (f"index: {s['type']} ({s['metric']}), {s['ntotal']} vectors from {s['shards']} shard(s), "
+            f"recall@10 vs exact {recall}{' with ' + params if params else ''}; {state}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _cli.parser(__doc__).parse_args(argv)
+    cfg = _cli.config_from_args(args)
+    try:
+        summary = run(cfg)
+    except (FileNotFoundError, IncompatibleOutputError, faiss_index.IndexTypeError, ValueError,
+            RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Search the index: ``python -m jobs.search --config F --query "text" [--query ...] [--k 10]``.
+
+Encodes each query with the index's encoder (``model.query_prompt`` included) and prints rank, score, doc id and
+the start of the document's text.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from jobs import _cli, _queries, _runtime
+from retrieval_core import faiss_index, indexing, lookup
+from retrieval_core.config import Config
+from retrieval_core.manifest import IncompatibleOutputError
+
+log = logging.getLogger("jobs.search")
+PREVIEW_CHARS = 80
+
+
+def run(cfg: Config, queries: list[str], k: int | None = None) -> list[list[dict]]:
+    """For each query, its top k hits as dicts (rank, score, row_id, doc_id, text), best first."""
+    k = k or cfg.search.k
+    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options)
+    _queries.check_encoder(cfg, manifest)
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        vectors = _queries.encode_queries(cfg, queries, session)
+    scores, ids = faiss_index.search(index, vectors, k, cfg.search.batch_size)
+    doc_ids = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
+    texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
+    return [[{"rank": rank + 1, "score": float(score), "row_id": int(row), "doc_id": doc_ids.get(int(row)),
+              "text": texts.get(int(row), "")}
+             for rank, (score, row) in enumerate(zip(score_row, id_row)) if row >= 0]
+            for score_row, id_row in zip(scores, ids)]
+
+
+def format_hits(query: str, hits: list[dict]) -> str:
+    lines = [f"query: {query}", f"{'rank':>4}  {'score':>8}  {'doc id':<16} text"]
+    for hit in hits:
+        text = " ".join(hit["text"].split())
+        preview = text[:PREVIEW_CHARS] + ("..." if len(text) > PREVIEW_CHARS else "")
+        lines.append(f"{hit['rank']:>4}  {hit['score']:>8.4f}  {str(hit['doc_id']):<16} {preview}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _cli.parser(__doc__)
+    p.add_argument("--query", action="append", required=True, help="query text (repeatable)")
+    p.add_argument("--k", type=int, default=None, help="hits per query (default: search.k)")
+    args = p.parse_args(argv)
+    cfg = _cli.config_from_args(args)
+    if args.k is not None and args.k <= 0:
+        p.error(f"--k = {args.k}: expected a positive integer")
+    try:
+        results = run(cfg, args.query, args.k)
+    except (FileNotFoundError, IncompatibleOutputError, ValueError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    print("\n\n".join(format_hits(q, hits) for q, hits in zip(args.query, results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""FAISS indexes: choose a type, train, add with global ids, merge, serialize, tune search parameters.
+
+Which types merge shard by shard (``merge_from``): every IVF type (``IVFn,Flat``, ``IVFn,SQ8``, ``IVFn,PQm`` ...)
+and the flat-code types (``Flat``, ``SQ8``, ``PQm``), which are wrapped in ``IDMap2`` to carry global row ids.
+Graph types (``HNSW``, ``NSG``) cannot merge: they are built in one process that streams every shard into one
+index (memory: the whole graph, about ``N * (4 * dim + 8 * M)`` bytes for ``HNSWM``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FLAT_THRESHOLD = 50_000        # below this many vectors, ``auto`` picks exact search
+ID_BYTES = 8                    # an int64 id stored per vector by IVF lists and IDMap
+PQ_CHOICES = (96, 64, 48, 32, 24, 16, 8, 4)
+
+
+class IndexTypeError(ValueError):
+    """An index type that FAISS cannot build, or that does not fit the data."""
+
+
+def faiss_metric(metric: str) -> int:
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
+def is_mergeable(factory: str) -> bool:
+    """True when shard indexes of this type merge into one (IVF and flat-code types); False for graphs."""
+    return not any(graph in factory.upper() for graph in ("HNSW", "NSG"))
+
+
+def is_ivf(factory: str) -> bool:
+    return factory.upper().startswith("IVF") or ",IVF" in factory.upper()
+
+
+def storage_factory(factory: str) -> str:
+    """The factory string actually built: non-IVF types get ``IDMap2`` so that they keep global row ids."""
+    if is_ivf(factory) or factory.upper().startswith("IDMAP"):
+        return factory
+    return f"IDMap2,{factory}"
+
+
+def nlist_for(ntotal: int) -> int:
+    """IVF lists for ``ntotal`` vectors: the power of two nearest 4 * sqrt(N) (FAISS's guideline: 4..16 sqrt(N)),
+    capped at 65,536 and at N / 39 so that training has at least 39 points per list."""
+    target = 4 * math.sqrt(max(ntotal, 1))
+    nlist = 2 ** round(math.log2(target))
+    return int(max(1, min(nlist, 65_536, ntotal // 39 or 1)))
+
+
+def bytes_per_vector(factory: str, dim: int) -> float:
+    """Approximate memory per stored vector for the encodings ``choose_index_type`` picks."""
+    encoding = factory.split(",")[-1].upper()
+    if encoding == "FLAT":
+        code = 4 * dim
+    elif encoding.startswith("SQ"):
+        code = dim * int(encoding[2:] or 8) / 8
+    elif encoding.startswith("PQ"):
+        code = int(encoding[2:].split("X")[0])
+    else:
+        code = 4 * dim
+    return code + ID_BYTES
+
+
+def choose_index_type(ntotal: int, dim: int, max_memory: int) -> str:
+    """``index.type: auto``. Flat (exact) below ``FLAT_THRESHOLD`` vectors when it fits ``max_memory``; above,
+    IVF with ``nlist_for(N)`` lists (an HNSW coarse quantizer from 16,384 lists) and the least lossy code that
+    fits: Flat (4 * dim bytes), SQ8 (dim bytes), then PQ with the largest sub-quantizer count that divides dim.
+    """
+    if ntotal <= FLAT_THRESHOLD and ntotal * bytes_per_vector("Flat", dim) <= max_memory:
+        return "Flat"
+    nlist = nlist_for(ntotal)
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 16_384 else f"IVF{nlist}"
+    for code in ["Flat", "SQ8"] + [f"PQ{m}" for m in PQ_CHOICES if dim % m == 0 and m < dim]:
+        if ntotal * bytes_per_vector(code, dim) <= max_memory:
+            return f"{coarse},{code}"
+    raise IndexTypeError(f"{ntotal} vectors of dim {dim} do not fit index.max_memory = {max_memory} bytes even "
+                         f"with PQ{min(m for m in PQ_CHOICES if dim % m == 0)}: raise index.max_memory")
+
+
+def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, storage_factory(factory), faiss_metric(metric))
+    except RuntimeError as exc:
+        raise IndexTypeError(f"index.type = {factory!r} is not a FAISS factory string FAISS can build for "
+                             f"dim {dim}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def default_train_size(factory: str, dim: int, ntotal: int) -> int:
+    """Training points: 64 per IVF list (FAISS asks for 39..256), at least 10,000 for SQ/PQ codes; at most N.
+    0 for types that need no training (Flat, HNSW with flat storage)."""
+    if not needs_training(factory, dim):
+        return 0
+    wanted = 10_000
+    ivf = _ivf_or_none(new_index(factory, dim, "ip"))
+    if ivf is not None:
+        wanted = max(wanted, 64 * ivf.nlist)
+    return min(wanted, ntotal)
+
+
+def needs_training(factory: str, dim: int) -> bool:
+    return not new_index(factory, dim, "ip").is_trained
+
+
+def train(factory: str, dim: int, metric: str, sample: np.ndarray, seed: int = 0) -> faiss.Index:
+    """An empty index of ``factory``, trained on ``sample`` (n x dim float32) when the type needs training."""
+    index = new_index(factory, dim, metric)
+    if not index.is_trained:
+        if len(sample) == 0:
+            raise IndexTypeError(f"index.type = {factory!r} needs training vectors and none were given")
+        _seed_clustering(index, seed)
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def _seed_clustering(index: faiss.Index, seed: int) -> None:
+    ivf = _ivf_or_none(index)
+    if ivf is not None:
+        ivf.cp.seed = 1234 + seed
+
+
+def _ivf_or_none(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Add vectors (n x dim float32) under their global ids (n int64)."""
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def merge(indexes) -> faiss.Index:
+    """Merge shard indexes (an iterable, consumed one at a time, in shard order) into the first one."""
+    merged = None
+    for index in indexes:
+        if merged is None:
+            merged = index
+        else:
+            merged.merge_from(index, 0)
+    if merged is None:
+        raise ValueError("no shard indexes to merge")
+    return merged
+
+
+def merge_on_disk(trained: faiss.Index, shard_paths: list[str], ivfdata_path: str) -> faiss.Index:
+    """Merge IVF shard index files (local paths) into ``trained``, whose lists then live in ``ivfdata_path``
+    (memory-mapped when searched: the merged lists need not fit in RAM)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    merge_ondisk(trained, shard_paths, ivfdata_path)
+    return trained
+
+
+def serialize(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def set_search_parameters(index: faiss.Index, nprobe: int = 0, ef_search: int = 0) -> None:
+    """Apply nprobe (IVF) and efSearch (HNSW) where the index has them; 0 leaves a parameter as it is."""
+    ivf = _ivf_or_none(index)
+    if ivf is not None and nprobe:
+        ivf.nprobe = int(nprobe)
+    hnsw = _hnsw_or_none(index)
+    if hnsw is not None and ef_search:
+        hnsw.hnsw.efSearch = int(ef_search)
+
+
+def _hnsw_or_none(index: faiss.Index):
+    inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+    return inner if hasattr(inner, "hnsw") else None
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (n x k), best first; ids are global row ids, -1 where fewer than k results exist.
+    Scores are inner products for ``ip`` and squared L2 distances for ``l2``."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    parts = [index.search(queries[i:i + batch_size], k) for i in range(0, len(queries), batch_size)]
+    if not parts:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
+
+
+def tunable_parameter(index: faiss.Index) -> str | None:
+    """'nprobe' for IVF, 'ef_search' for HNSW, None for exact or flat-code indexes."""
+    if _ivf_or_none(index) is not None:
+        return "nprobe"
+    if _hnsw_or_none(index) is not None:
+        return "ef_search"
+    return None
+
+
+def candidate_values(index: faiss.Index, parameter: str) -> list[int]:
+    """Increasing values to try: powers of two up to nlist (nprobe), or 16..4096 (efSearch)."""
+    if parameter == "nprobe":
+        nlist = faiss.extract_index_ivf(index).nlist
+        return sorted({min(2 ** i, nlist) for i in range(0, int(math.log2(nlist)) + 2)})
+    return [2 ** i for i in range(4, 13)]

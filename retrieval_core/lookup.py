@@ -1,0 +1,68 @@
+"""From global row ids back to documents: doc ids from the embedding shards, texts from the corpus itself."""
+from __future__ import annotations
+
+import bisect
+from typing import Iterable
+
+import numpy as np
+
+from .config import CorpusConfig
+from .corpus import inspect_corpus, read_shard
+from .embeddings import read_doc_ids, read_embeddings_manifest
+from .sharding import plan_shards
+
+
+def _shards_holding(shards: list[dict], row_ids: Iterable[int]) -> dict[int, list[int]]:
+    """Manifest shard index -> the wanted row ids inside its [row_start, row_stop) range."""
+    starts = [s["row_start"] for s in shards]
+    wanted: dict[int, list[int]] = {}
+    for row_id in sorted(set(int(r) for r in row_ids if r >= 0)):
+        i = bisect.bisect_right(starts, row_id) - 1
+        if i >= 0 and row_id < shards[i]["row_stop"]:
+            wanted.setdefault(i, []).append(row_id)
+    return wanted
+
+
+def doc_ids_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None,
+                     manifest: dict | None = None) -> dict[int, str]:
+    """Row id -> doc id, reading only the doc_id column of the shards that hold the rows."""
+    manifest = manifest or read_embeddings_manifest(root, storage_options)
+    out = {}
+    for i, rows in _shards_holding(manifest["shards"], row_ids).items():
+        ids, doc_ids = read_doc_ids(root, manifest["shards"][i], storage_options)
+        where = dict(zip(ids.tolist(), doc_ids))
+        out.update({r: where[r] for r in rows if r in where})
+    return out
+
+
+def all_doc_ids(root: str, storage_options: dict | None = None, manifest: dict | None = None) -> dict[str, int]:
+    """Doc id -> row id for the whole corpus (memory: one entry per document)."""
+    manifest = manifest or read_embeddings_manifest(root, storage_options)
+    out = {}
+    for shard in manifest["shards"]:
+        ids, doc_ids = read_doc_ids(root, shard, storage_options)
+        out.update(zip(doc_ids, ids.tolist()))
+    return out
+
+
+def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None) -> dict[int, str]:
+    """Row id -> the text that was encoded (title + " " + text), read back from the corpus through the encode
+    stage's shard plan (only the shards holding the rows are read)."""
+    from . import storage
+
+    manifest = read_embeddings_manifest(root, storage_options)
+    plan = storage.read_json(storage.join(root, "embeddings", "_plan.json"), storage_options)
+    corpus_cfg = CorpusConfig(**manifest["config"]["corpus"])
+    shards = plan_shards(inspect_corpus(corpus_cfg), plan["identity"]["rows_per_shard"])
+    wanted = _shards_holding([{"row_start": s.row_start, "row_stop": s.row_stop} for s in shards], row_ids)
+    out = {}
+    for i, rows in wanted.items():
+        read = read_shard(shards[i], corpus_cfg)
+        where = dict(zip(read.row_ids, read.texts))
+        out.update({r: where[r] for r in rows if r in where})
+    return out
+
+
+def as_doc_ids(ids: np.ndarray, mapping: dict[int, str]) -> list[list[str]]:
+    """Rows of global row ids (-1 = no result) -> rows of doc ids, dropping missing results."""
+    return [[mapping[int(r)] for r in row if r >= 0 and int(r) in mapping] for row in ids]

@@ -1,0 +1,136 @@
+"""The index, search and evaluate jobs on the session's local Ray cluster."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import DEMO_CORPUS, REPO, clustered_vectors, config, write_synthetic_embeddings
+from jobs import _queries, _runtime, encode, evaluate, index, search
+from retrieval_core import faiss_index, indexing, metrics
+from retrieval_core.config import load_config
+from retrieval_core.manifest import IncompatibleOutputError
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+DEMO = REPO / "examples" / "demo"
+
+
+@pytest.fixture(scope="module")
+def demo_index(tmp_path_factory):
+    """The demo corpus encoded with the packaged model (title + text) and indexed (auto = Flat)."""
+    root = tmp_path_factory.mktemp("demo-index") / "out"
+    cfg = config(DEMO_CORPUS, root, corpus__title_column="title", runtime__rows_per_shard=32)
+    encode.run(cfg)
+    return cfg, index.run(cfg)
+
+
+def test_demo_index_is_flat_and_exact(demo_index):
+    cfg, summary = demo_index
+    manifest = indexing.read_index_manifest(cfg.output.root)
+    assert summary["type"] == "Flat" and summary["ntotal"] == 120 and summary["recall_at_10"] == 1.0
+    assert [s["ntotal"] for s in manifest["shards"]] == [32, 32, 32, 24]
+    assert set(manifest["timings_s"]) == {"train", "add", "merge", "recall", "total"}
+    assert manifest["peak_memory_mb"]["merge_task"] > 0
+
+
+def test_search_ranks_the_revenue_beat_document_first(demo_index):
+    cfg, _ = demo_index
+    hits = search.run(cfg, ["Which company beat revenue estimates?"], k=5)[0]
+    assert hits[0]["doc_id"] == "d007" and "Northwind" in hits[0]["text"]
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+
+
+def test_search_cli_prints_the_hit(demo_index):
+    cfg, _ = demo_index
+    out = subprocess.run([sys.executable, "-m", "jobs.search", "--set", f"output.root={cfg.output.root}",
+                          "--set", "corpus.title_column=title", "--query", "Which company beat revenue estimates?",
+                          "--k", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "query: Which company beat revenue estimates?"
+    assert lines[2].split()[:1] == ["1"] and lines[2].split()[2] == "d007"
+
+
+def test_queries_from_another_encoder_are_refused(demo_index):
+    cfg, _ = demo_index
+    other = config(DEMO_CORPUS, cfg.output.root, corpus__title_column="title", model__max_seq_length=128)
+    with pytest.raises(IncompatibleOutputError, match="max_seq_length") as error:
+        search.run(other, ["anything"])
+    manifest = indexing.read_index_manifest(cfg.output.root)
+    assert manifest["fingerprint"] in str(error.value)
+
+
+def test_evaluate_equals_sentence_transformers_evaluator(demo_index):
+    """Our metrics over the Flat index equal sentence-transformers' InformationRetrievalEvaluator (exact cosine
+    search with the same model) on the demo queries and qrels."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    import pyarrow.parquet as pq
+    from retrieval_core.encoding import resolve_model_path
+
+    cfg, _ = demo_index
+    result = evaluate.run(cfg)
+    queries = metrics.read_queries(str(DEMO / "queries.jsonl"))
+    qrels = metrics.read_qrels(str(DEMO / "qrels.tsv"))
+    corpus = {r["id"]: f"{r['title']} {r['text']}" for r in pq.read_table(DEMO_CORPUS).to_pylist()}
+    reference = InformationRetrievalEvaluator(
+        queries=queries, corpus=corpus, relevant_docs={q: {d for d, s in j.items() if s > 0} for q, j in qrels.items()},
+        ndcg_at_k=[10], mrr_at_k=[10], precision_recall_at_k=[10, 100], accuracy_at_k=[1], map_at_k=[10],
+        show_progress_bar=False, batch_size=32, write_csv=False)
+    figures = reference(SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu"))
+    ours = result["metrics"]
+    assert ours["queries"] == len({q for q, j in qrels.items() if any(s > 0 for s in j.values())})
+    for name in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
+        key = next(k for k in figures if k.endswith(name))
+        assert ours[name] == pytest.approx(figures[key], abs=1e-6), name
+    assert Path(cfg.output.root, "eval", "metrics.json").exists()
+
+
+def test_actor_query_encoding_equals_local(demo_index, monkeypatch):
+    cfg, _ = demo_index
+    texts = [f"question number {i} about revenue" for i in range(10)]
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        local = _queries.encode_queries(cfg, texts, session)
+        monkeypatch.setattr(_queries, "LOCAL_LIMIT", 3)
+        monkeypatch.setattr(_queries, "CHUNK", 4)
+        remote = _queries.encode_queries(cfg, texts, session)
+    assert remote.shape == local.shape == (10, 384)
+    assert np.min(np.sum(remote * local, axis=1)) >= 0.9999
+
+
+def ivf_config(root, *extra):
+    return load_config(None, [f"output.root={root}", "runtime.progress=false", "index.type=IVF16,Flat",
+                              "index.recall_queries=100", *extra])
+
+
+def test_ray_build_equals_in_process_build(tmp_path):
+    vectors = clustered_vectors(2000, 16, seed=3)
+    write_synthetic_embeddings(tmp_path / "ray", vectors, 300)
+    write_synthetic_embeddings(tmp_path / "local", vectors, 300)
+    summary = index.run(ivf_config(tmp_path / "ray"))
+    local = indexing.build_in_process(ivf_config(tmp_path / "local"))
+    assert summary["search_parameters"] == local["search_parameters"]
+    a, _ = indexing.load_index(str(tmp_path / "ray"))
+    b, _ = indexing.load_index(str(tmp_path / "local"))
+    queries = clustered_vectors(40, 16, seed=4)
+    np.testing.assert_array_equal(faiss_index.search(a, queries, 10)[1], faiss_index.search(b, queries, 10)[1])
+
+
+def test_rerun_redoes_only_uncommitted_shards(tmp_path):
+    vectors = clustered_vectors(1500, 16, seed=5)
+    write_synthetic_embeddings(tmp_path, vectors, 300)
+    cfg = ivf_config(tmp_path)
+    index.run(cfg)
+    idx = tmp_path / "index"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in idx.glob("shard-*.faiss")}
+    for name in ("manifest.json", "merged.faiss", "shard-00003.faiss", "_shards/shard-00003.json"):
+        (idx / name).unlink()
+    summary = index.run(cfg)
+    assert not summary["reused"] and summary["ntotal"] == 1500
+    after = {p.name: p.stat().st_mtime_ns for p in idx.glob("shard-*.faiss")}
+    changed = sorted(name for name in after if after[name] != mtimes.get(name))
+    assert changed == ["shard-00003.faiss"]
+    assert index.run(cfg)["reused"] is True

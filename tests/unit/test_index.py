@@ -1,0 +1,184 @@
+"""The index stage without Ray: merged shard indexes against one index filled in one process, exact search,
+recall tuning, auto type choice, resume and identity checks."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval_core import faiss_index, indexing, search
+from retrieval_core.config import ConfigError, load_config, parse_memory
+from retrieval_core.manifest import IncompatibleOutputError
+from helpers import clustered_vectors, write_synthetic_embeddings
+
+DIM = 16
+
+
+def index_config(root, *extra, **overrides):
+    items = [f"output.root={root}", "runtime.progress=false", "index.recall_queries=200", *extra]
+    items += [f"index.{k}={v}" for k, v in overrides.items()]
+    return load_config(None, items)
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    return clustered_vectors(3000, DIM, clusters=12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return clustered_vectors(50, DIM, clusters=12, seed=2)
+
+
+def build(tmp_path, vectors, shard_rows=437, **index_settings):
+    write_synthetic_embeddings(tmp_path, vectors, shard_rows)
+    cfg = index_config(tmp_path, **index_settings)
+    return cfg, indexing.build_in_process(cfg)
+
+
+def monolithic(cfg, vectors):
+    """One index from the same trained state, filled with every vector in one call."""
+    plan = indexing.prepare(cfg)
+    trained, _ = indexing.trained_index(cfg, plan)
+    index = faiss_index.deserialize(trained)
+    faiss_index.add(index, vectors, np.arange(len(vectors)))
+    return index
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,SQ8", "IVF8,PQ4x4", "SQ8"])
+def test_merged_index_answers_exactly_as_a_monolithic_one(tmp_path, vectors, queries, factory):
+    cfg, manifest = build(tmp_path, vectors, type=factory, nprobe=3)
+    merged, _ = indexing.load_index(str(tmp_path))
+    reference = monolithic(cfg, vectors)
+    faiss_index.set_search_parameters(reference, nprobe=3)
+    got_scores, got_ids = faiss_index.search(merged, queries, 20)
+    want_scores, want_ids = faiss_index.search(reference, queries, 20)
+    assert manifest["ntotal"] == len(vectors) == merged.ntotal
+    assert [s["ntotal"] for s in manifest["shards"]] == [437] * 6 + [3000 - 6 * 437]
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got_scores, want_scores)
+
+
+def test_flat_index_equals_exact_numpy_search(tmp_path, vectors, queries):
+    build(tmp_path, vectors, type="Flat")
+    merged, manifest = indexing.load_index(str(tmp_path))
+    _, ids = faiss_index.search(merged, queries, 10)
+    brute = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(ids, brute)
+    assert manifest["recall"]["recall_at_10"] == 1.0
+
+
+def test_on_disk_merge_answers_as_the_in_memory_merge(tmp_path, vectors, queries):
+    build(tmp_path / "mem", vectors, type="IVF16,Flat", nprobe=4)
+    build(tmp_path / "disk", vectors, type="IVF16,Flat", nprobe=4, on_disk="true")
+    in_memory, _ = indexing.load_index(str(tmp_path / "mem"))
+    on_disk, manifest = indexing.load_index(str(tmp_path / "disk"))
+    assert manifest["on_disk"] and (tmp_path / "disk" / "index" / "merged.ivfdata").stat().st_size > 0
+    a = faiss_index.search(in_memory, queries, 10)
+    b = faiss_index.search(on_disk, queries, 10)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_hnsw_is_built_whole_and_reaches_the_target_recall(tmp_path, vectors):
+    _, manifest = build(tmp_path, vectors, type="HNSW16", target_recall=0.97)
+    assert not manifest["mergeable"] and manifest["shards"] == []
+    assert manifest["recall"]["parameter"] == "ef_search"
+    assert manifest["recall"]["recall_at_10"] >= 0.97
+    assert manifest["ntotal"] == len(vectors)
+
+
+def test_nprobe_is_the_smallest_reaching_the_target(tmp_path, vectors):
+    _, manifest = build(tmp_path, vectors, type="IVF64,Flat", target_recall=0.9)
+    recall = manifest["recall"]
+    assert recall["parameter"] == "nprobe" and manifest["search_parameters"] == {"nprobe": recall["value"]}
+    assert recall["recall_at_10"] >= 0.9
+    below = [t for t in recall["tried"] if t["value"] < recall["value"]]
+    assert all(t["recall_at_10"] < 0.9 for t in below)
+    merged, _ = indexing.load_index(str(tmp_path))
+    assert faiss.extract_index_ivf(merged).nprobe == recall["value"]
+
+
+def test_recall_is_measured_against_exact_search(tmp_path, vectors):
+    """The recorded recall equals recall recomputed here with brute force on the same sampled queries."""
+    cfg, manifest = build(tmp_path, vectors, type="IVF64,Flat", nprobe=1)
+    plan = indexing.prepare(cfg)
+    positions = indexing.sample_positions(plan.ntotal, 200, cfg.index.seed + 1)
+    q = vectors[positions]
+    exact = np.argsort(-(q @ vectors.T), axis=1, kind="stable")[:, :10]
+    merged, _ = indexing.load_index(str(tmp_path))
+    _, found = faiss_index.search(merged, q, 10)
+    hits = sum(len(set(f) & set(e)) for f, e in zip(found.tolist(), exact.tolist()))
+    assert manifest["recall"]["recall_at_10"] == pytest.approx(hits / (200 * 10), abs=1e-5)
+
+
+def test_exact_search_over_shards_equals_brute_force(vectors, queries):
+    shards = [(np.arange(s, min(s + 500, 3000)) + 7, vectors[s:s + 500]) for s in range(0, 3000, 500)]
+    scores, ids = search.exact_search(iter(shards), queries, 15, "ip")
+    sims = queries @ vectors.T
+    want = np.argsort(-sims, axis=1, kind="stable")[:, :15] + 7
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, want - 7, axis=1), rtol=1e-5)
+    l2_scores, l2_ids = search.exact_search(iter(shards), queries, 5, "l2")
+    d = ((queries[:, None, :] - vectors[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(l2_ids, np.argsort(d, axis=1, kind="stable")[:, :5] + 7)
+
+
+def test_merge_topk_breaks_ties_by_id_and_pads_missing():
+    a = (np.array([[0.9, 0.5]], np.float32), np.array([[7, 3]]))
+    b = (np.array([[0.9, 0.1]], np.float32), np.array([[2, -1]]))
+    scores, ids = search.merge_topk([a, b], 5, "ip")
+    assert ids.tolist() == [[2, 7, 3, -1, -1]]
+    assert scores[0, :3].tolist() == pytest.approx([0.9, 0.9, 0.5])
+    assert np.isneginf(scores[0, 3:]).all()
+    _, again = search.merge_topk([b, a], 5, "ip")
+    assert again.tolist() == ids.tolist()
+
+
+def test_auto_type_follows_size_and_memory():
+    assert faiss_index.choose_index_type(10_000, 384, parse_memory("8GB")) == "Flat"
+    assert faiss_index.choose_index_type(100_000, 384, parse_memory("8GB")) == "IVF1024,Flat"
+    assert faiss_index.choose_index_type(1_000_000, 384, parse_memory("1GB")) == "IVF4096,SQ8"
+    assert faiss_index.choose_index_type(1_000_000, 384, parse_memory("80MB")) == "IVF4096,PQ64"  # 1M x (64 + 8 id) bytes = 72 MB
+    assert faiss_index.choose_index_type(10_000_000, 384, parse_memory("100GB")).startswith("IVF16384_HNSW32,")
+    with pytest.raises(faiss_index.IndexTypeError, match="index.max_memory"):
+        faiss_index.choose_index_type(10_000_000, 384, parse_memory("10MB"))
+
+
+def test_bad_type_and_metric_are_named(tmp_path, vectors):
+    write_synthetic_embeddings(tmp_path, vectors[:100], 50, normalized=False)
+    with pytest.raises(faiss_index.IndexTypeError, match="IVFx"):
+        indexing.prepare(index_config(tmp_path, type="IVFx,Flat", metric="l2"))
+    with pytest.raises(ValueError, match="model.normalize"):
+        indexing.prepare(index_config(tmp_path, type="Flat"))
+    with pytest.raises(ConfigError, match="index.metric"):
+        index_config(tmp_path, metric="cosine")
+    with pytest.raises(ConfigError, match="index.max_memory"):
+        index_config(tmp_path, max_memory="lots")
+
+
+def test_committed_shards_are_skipped_and_other_settings_refused(tmp_path, vectors):
+    write_synthetic_embeddings(tmp_path, vectors, 1000)
+    cfg = index_config(tmp_path, type="IVF16,Flat")
+    plan = indexing.prepare(cfg)
+    trained, _ = indexing.trained_index(cfg, plan)
+    indexing.add_shard(cfg, plan, plan.shards[0], trained)
+    assert [s["name"] for s in indexing.pending_shards(cfg, plan)] == ["shard-00001", "shard-00002"]
+    again, info = indexing.trained_index(cfg, indexing.prepare(cfg))
+    assert info["reused"] and again == trained
+    with pytest.raises(IncompatibleOutputError, match="type"):
+        indexing.prepare(index_config(tmp_path, type="IVF32,Flat"))
+    replaced = indexing.prepare(index_config(tmp_path, "output.overwrite=true", type="IVF32,Flat"))
+    assert replaced.factory == "IVF32,Flat"
+    assert len(indexing.pending_shards(cfg, replaced)) == 3
+
+
+def test_training_is_deterministic(tmp_path, vectors):
+    write_synthetic_embeddings(tmp_path, vectors, 1000)
+    cfg = index_config(tmp_path, type="IVF16,PQ4x4", train_size=2000)
+    plan = indexing.prepare(cfg)
+    faiss.omp_set_num_threads(1)
+    _, sample = indexing.read_sample(cfg, plan, indexing.sample_positions(plan.ntotal, 2000, 0))
+    a = faiss_index.serialize(faiss_index.train(plan.factory, DIM, "ip", sample, 0))
+    b = faiss_index.serialize(faiss_index.train(plan.factory, DIM, "ip", sample, 0))
+    assert a == b and len(sample) == 2000
