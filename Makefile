@@ -11,6 +11,7 @@ demo: $(STAMP)
 	$(PY) -m jobs.index --config configs/demo.yaml
 	$(PY) -m jobs.evaluate --config configs/demo.yaml
 	$(PY) -m jobs.search --config configs/demo.yaml --query "Which company beat revenue estimates?" --k 3
+	$(PY) -m jobs.mine --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -23,6 +24,9 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 bench: $(STAMP)
 	$(PY) bench/encode_vs_st.py
+	$(PY) bench/eval_vs_st.py
+	$(PY) bench/index_scale.py
+	$(PY) bench/mine_vs_st.py
 
 clean:
 	rm -rf out

@@ -74,11 +74,41 @@ def _finish_index(cfg: Config, plan, trained, cpus: int) -> dict:
 
 
 def index_tasks(cfg: Config, node_cpus: int) -> dict:
-    """Remote functions of the index stage: training and the merge take a whole node's CPUs, adds one worker's."""
+    """Remote functions of the index stage: training and the merge take a whole node's CPUs, adds one worker's
+    (add tasks reuse worker processes, so their peak memory is that of the worker process so far)."""
     rt = cfg.runtime
+    # max_calls=1: a fresh worker process each, so the peak memory it reports is that task's own
     whole_node = dict(num_cpus=node_cpus, max_retries=rt.max_task_retries)
     return {
-        "train": ray.remote(_train_index).options(**whole_node),
+        "train": ray.remote(max_calls=1)(_train_index).options(**whole_node),
         "add": ray.remote(_add_index_shard).options(num_cpus=rt.cpus_per_worker, max_retries=rt.max_task_retries),
-        "finish": ray.remote(_finish_index).options(**whole_node),
+        "finish": ray.remote(max_calls=1)(_finish_index).options(**whole_node),
     }
+
+
+class IndexSearcher:
+    """Holds the merged index (memory-mapped when local), or a group of shard indexes, and searches query
+    batches; a group's per-shard top-k are merged here, so each searcher returns one top-k."""
+
+    def __init__(self, root: str, storage_options: dict, shard_names: list | None, cpus: int):
+        from retrieval_core import indexing
+
+        _faiss_threads(cpus)
+        if shard_names is None:
+            self.indexes = [indexing.load_index(root, storage_options, mmap=True)[0]]
+        else:
+            self.indexes = [indexing.load_shard_index(root, name, storage_options) for name in shard_names]
+
+    def search(self, vectors, k: int):
+        from retrieval_core import faiss_index, search
+
+        return search.merge_topk([faiss_index.search(index, vectors, k) for index in self.indexes], k, "ip")
+
+
+def start_searchers(cfg: Config, groups: list) -> list:
+    """One searcher per group of shard names (None = the merged index), each with ``runtime.cpus_per_worker``."""
+    rt = cfg.runtime
+    remote = ray.remote(IndexSearcher).options(num_cpus=rt.cpus_per_worker, max_restarts=rt.max_restarts,
+                                               max_task_retries=rt.max_task_retries)
+    return [remote.remote(cfg.output.root, cfg.output.storage_options, group, rt.cpus_per_worker)
+            for group in groups]

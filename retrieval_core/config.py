@@ -18,6 +18,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CORPUS_FORMATS = ("", "parquet", "jsonl")
 EMBEDDING_DTYPES = ("float32", "float16")
 METRICS = ("ip", "l2")
+SAMPLINGS = ("top", "random")
+MINE_MODES = ("replicated", "sharded")
+MINE_FORMATS = ("triplet", "n-tuple", "flag-jsonl")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -97,6 +100,32 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class MineConfig:
+    pairs_path: str = "examples/demo/pairs.jsonl"
+    queries_path: str = ""
+    qrels_path: str = ""
+    format: str = ""
+    query_column: str = "query"
+    positive_column: str = "positive"
+    query_id_column: str = ""
+    storage_options: dict = field(default_factory=dict)
+    range_min: int = 0
+    range_max: int = 0
+    max_score: Union[float, None] = None
+    min_score: Union[float, None] = None
+    absolute_margin: Union[float, None] = None
+    relative_margin: Union[float, None] = None
+    sampling: str = "top"
+    num_negatives: int = 3
+    seed: int = 0
+    keep_incomplete: bool = True
+    mode: str = "replicated"
+    formats: list = field(default_factory=lambda: ["triplet", "n-tuple", "flag-jsonl"])
+    output_scores: bool = False
+    queries_per_part: int = 10000
+
+
+@dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -105,6 +134,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -267,6 +297,7 @@ def validate(config: Config) -> None:
     _check(r.max_task_retries >= 0, f"'runtime.max_task_retries' = {r.max_task_retries}: expected >= 0")
     _validate_index(config.index)
     _validate_search(config.search, config.eval)
+    _validate_mine(config.mine)
 
 
 def parse_memory(text: str) -> int:
@@ -300,3 +331,25 @@ def _validate_search(se: SearchConfig, ev: EvalConfig) -> None:
     _check(se.k > 0, f"'search.k' = {se.k}: expected a positive integer")
     _check(se.batch_size > 0, f"'search.batch_size' = {se.batch_size}: expected a positive integer")
     _check(ev.depth >= 100, f"'eval.depth' = {ev.depth}: expected >= 100 (recall@100 needs the top 100)")
+
+
+def _validate_mine(mi: MineConfig) -> None:
+    _check(bool(mi.pairs_path) or bool(mi.queries_path and mi.qrels_path),
+           "'mine.pairs_path' is empty: give query/positive pairs, or both mine.queries_path and mine.qrels_path")
+    _check(bool(mi.queries_path) == bool(mi.qrels_path),
+           "'mine.queries_path' and 'mine.qrels_path' go together: set both (BEIR input) or neither (pairs input)")
+    _check(mi.format in CORPUS_FORMATS, f"'mine.format' = {mi.format!r}: expected parquet, jsonl or empty (infer)")
+    _check(mi.range_min >= 0, f"'mine.range_min' = {mi.range_min}: expected >= 0")
+    _check(mi.range_max >= 0, f"'mine.range_max' = {mi.range_max}: expected >= 0 (0 = automatic)")
+    _check(mi.num_negatives >= 1, f"'mine.num_negatives' = {mi.num_negatives}: expected >= 1")
+    if mi.range_max:
+        _check(mi.range_min < mi.range_max,
+               f"'mine.range_min' = {mi.range_min} must be below 'mine.range_max' = {mi.range_max}")
+        _check(mi.num_negatives <= mi.range_max - mi.range_min,
+               f"'mine.num_negatives' = {mi.num_negatives} does not fit the {mi.range_max - mi.range_min} candidates "
+               f"between mine.range_min = {mi.range_min} and mine.range_max = {mi.range_max}")
+    _check(mi.sampling in SAMPLINGS, f"'mine.sampling' = {mi.sampling!r}: expected one of {', '.join(SAMPLINGS)}")
+    _check(mi.mode in MINE_MODES, f"'mine.mode' = {mi.mode!r}: expected one of {', '.join(MINE_MODES)}")
+    unknown = [f for f in mi.formats if f not in MINE_FORMATS]
+    _check(not unknown, f"'mine.formats' = {mi.formats!r}: unknown {unknown}; expected any of {', '.join(MINE_FORMATS)}")
+    _check(mi.queries_per_part >= 1, f"'mine.queries_per_part' = {mi.queries_per_part}: expected >= 1")

@@ -15,7 +15,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import resource
+import sys
 import time
 
 import numpy as np
@@ -65,8 +67,9 @@ def layout_of(cfg: Config) -> IndexLayout:
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def embeddings_id(manifest: dict) -> str:
@@ -173,7 +176,7 @@ def add_shard(cfg: Config, plan: IndexPlan, shard: dict, trained: bytes, worker:
     storage.write_bytes_atomic(layout.file(f"{shard['name']}.faiss"), faiss_index.serialize(index),
                                layout.storage_options)
     record = {"name": shard["name"], "ntotal": int(index.ntotal), "seconds": round(time.perf_counter() - started, 3),
-              "peak_memory_mb": peak_memory_mb(), **(worker or {})}
+              "peak_memory_mb": peak_memory_mb(), "pid": os.getpid(), **(worker or {})}
     storage.write_json_atomic(layout.record_file(shard["name"]), record, layout.storage_options)
     return record
 
@@ -224,7 +227,7 @@ def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
 
 def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
     """Recall@10 of ``index`` against exact search, on ``index.recall_queries`` corpus vectors drawn with
-    ``index.seed + 1``; for IVF (nprobe) and HNSW (efSearch) the smallest setting reaching
+    ``index.seed + 1``, each query's own vector left out of both result lists (it would be a free hit); for IVF (nprobe) and HNSW (efSearch) the smallest setting reaching
     ``index.target_recall`` is chosen, unless the config fixes it. Memory: the queries plus one shard."""
     ix = cfg.index
     parameter = faiss_index.tunable_parameter(index)
@@ -233,15 +236,17 @@ def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
         if parameter and fixed:
             faiss_index.set_search_parameters(index, **{parameter: fixed})
         return {"recall_at_10": None, "parameter": parameter, "value": fixed or None, "tried": []}
-    _, queries = read_sample(cfg, plan, sample_positions(plan.ntotal, ix.recall_queries, ix.seed + 1))
+    query_ids, queries = read_sample(cfg, plan, sample_positions(plan.ntotal, ix.recall_queries, ix.seed + 1))
     shards = (read_shard_vectors(cfg.output.root, s, plan.dim, cfg.output.storage_options) for s in plan.shards)
-    _, exact = search.exact_search(shards, queries, RECALL_K, plan.metric)
+    _, exact = search.exact_search(shards, queries, RECALL_K + 1, plan.metric)
+    exact = search.drop_ids(exact, query_ids, RECALL_K)
     values = [fixed] if (fixed or not parameter) else faiss_index.candidate_values(index, parameter)
     tried = []
     for value in values:
         if parameter:
             faiss_index.set_search_parameters(index, **{parameter: value})
-        _, found = faiss_index.search(index, queries, RECALL_K)
+        _, found = faiss_index.search(index, queries, RECALL_K + 1)
+        found = search.drop_ids(found, query_ids, RECALL_K)
         tried.append({"value": value if parameter else None,
                       "recall_at_10": round(search.recall_at_k(found, exact, RECALL_K), 5)})
         if tried[-1]["recall_at_10"] >= ix.target_recall:
@@ -338,3 +343,15 @@ def build_in_process(cfg: Config) -> dict:
                "recall": result["recall_s"], "total": round(time.perf_counter() - started, 3)}
     return write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records,
                           {"driver": peak_memory_mb()})
+
+
+def load_shard_index(root: str, shard_name: str, storage_options: dict | None = None):
+    """One committed shard index, with the merged index's tuned search parameters applied."""
+    manifest = read_index_manifest(root, storage_options)
+    if not manifest["mergeable"]:
+        raise ValueError(f"index type {manifest['type']} has no shard indexes (it cannot be merged, so it is built "
+                         f"whole): use mine.mode = replicated")
+    index = faiss_index.deserialize(storage.read_bytes(storage.join(root, "index", f"{shard_name}.faiss"),
+                                                       storage_options))
+    faiss_index.set_search_parameters(index, **manifest["search_parameters"])
+    return index

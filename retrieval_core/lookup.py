@@ -23,16 +23,30 @@ def _shards_holding(shards: list[dict], row_ids: Iterable[int]) -> dict[int, lis
     return wanted
 
 
-def doc_ids_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None,
-                     manifest: dict | None = None) -> dict[int, str]:
-    """Row id -> doc id, reading only the doc_id column of the shards that hold the rows."""
+def row_values(root: str, row_ids: Iterable[int], columns: list[str], storage_options: dict | None = None,
+               manifest: dict | None = None) -> dict[int, tuple]:
+    """Row id -> values of ``columns`` of the embedding shards (``doc_id``, ``text_hash``, ``embedding`` ...),
+    reading only those columns of only the shards that hold the rows. Missing rows (rejects, -1) are absent."""
+    from . import storage
+
     manifest = manifest or read_embeddings_manifest(root, storage_options)
     out = {}
     for i, rows in _shards_holding(manifest["shards"], row_ids).items():
-        ids, doc_ids = read_doc_ids(root, manifest["shards"][i], storage_options)
-        where = dict(zip(ids.tolist(), doc_ids))
-        out.update({r: where[r] for r in rows if r in where})
+        url = storage.join(root, "embeddings", manifest["shards"][i]["path"])
+        table = storage.read_parquet(url, storage_options, columns=["row_id", *columns])
+        where = {r: n for n, r in enumerate(table.column("row_id").to_pylist())}
+        picked = [where[r] for r in rows if r in where]
+        taken = table.take(picked)
+        values = [taken.column(c).to_pylist() for c in columns]
+        out.update(zip(taken.column("row_id").to_pylist(), zip(*values)))
     return out
+
+
+def doc_ids_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None,
+                     manifest: dict | None = None) -> dict[int, str]:
+    """Row id -> doc id, reading only the doc_id column of the shards that hold the rows."""
+    return {row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options,
+                                                           manifest).items()}
 
 
 def all_doc_ids(root: str, storage_options: dict | None = None, manifest: dict | None = None) -> dict[str, int]:

@@ -45,8 +45,8 @@ def read_queries(url: str, storage_options: dict | None = None, id_field: str = 
     :class:`EvaluationDataError` naming the file and line (or row) for invalid JSON, a missing field (listing the
     fields present), a bad id or text, and a duplicate query id.
     """
-    records = _parquet_records(url, storage_options, (id_field, text_field)) if _is_parquet(url) \
-        else _jsonl_records(url, storage_options)
+    records = parquet_records(url, storage_options, (id_field, text_field)) if _is_parquet(url) \
+        else jsonl_records(url, storage_options)
     queries: dict[str, str] = {}
     for where, record in records:
         query_id, text = _query_from_record(url, where, record, id_field, text_field)
@@ -99,7 +99,7 @@ def _open_text_lines(url: str, storage_options: dict | None) -> Iterator[tuple[i
                 raise EvaluationDataError(f"'{url}' line {line_no}: not UTF-8 text: {exc}") from None
 
 
-def _jsonl_records(url: str, storage_options: dict | None) -> Iterator[tuple[str, object]]:
+def jsonl_records(url: str, storage_options: dict | None) -> Iterator[tuple[str, object]]:
     for line_no, line in _open_text_lines(url, storage_options):
         if not line.strip():
             continue
@@ -109,8 +109,8 @@ def _jsonl_records(url: str, storage_options: dict | None) -> Iterator[tuple[str
             raise EvaluationDataError(f"'{url}' line {line_no}: invalid JSON: {exc}") from None
 
 
-def _parquet_records(url: str, storage_options: dict | None,
-                     fields: tuple[str, str]) -> Iterator[tuple[str, dict]]:
+def parquet_records(url: str, storage_options: dict | None,
+                     fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
     fs, path = storage.filesystem(url, storage_options)
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)

@@ -61,3 +61,12 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray, k: int) -> float:
         hits += len(wanted & set(got.tolist()))
         total += len(wanted)
     return hits / total if total else 1.0
+
+
+def drop_ids(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row of ``ids`` without the id ``own[row]``, cut to k columns (padded with -1 if short)."""
+    out = np.full((len(ids), k), MISSING, dtype=np.int64)
+    for row, (found, skip) in enumerate(zip(ids, own)):
+        kept = found[found != skip][:k]
+        out[row, :len(kept)] = kept
+    return out

@@ -1,0 +1,166 @@
+"""Mine hard negatives: ``python -m jobs.mine --config F [--set mine.pairs_path=...] [--set key=value ...]``.
+
+Encodes the queries with the index's encoder, searches the index (``mine.mode``: replicated = searchers each
+holding the merged index; sharded = searchers each holding shard indexes, their top-k merged), selects negatives
+per query with the false-negative filters, and writes ``<output.root>/negatives/`` (parts, manifest, exports,
+report).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from jobs import _actors, _cli, _queries, _runtime
+from retrieval_core import exports, indexing, lookup, mining, negatives, search, storage
+from retrieval_core.config import Config
+from retrieval_core.embeddings import read_embeddings_manifest
+from retrieval_core.manifest import IncompatibleOutputError
+
+log = logging.getLogger("jobs.mine")
+
+
+def run(cfg: Config) -> dict:
+    """Run the mining stage; returns a summary dict."""
+    started = time.perf_counter()
+    index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
+    if index_manifest["metric"] != "ip":
+        raise ValueError(f"mining scores by similarity and needs an inner-product index; the index under "
+                         f"'{cfg.output.root}' uses metric {index_manifest['metric']}: rebuild with index.metric=ip")
+    _queries.check_encoder(cfg, index_manifest)
+    emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
+    queries = mining.load_queries(cfg.mine)
+    kept, rejects = mining.resolve_positives(queries, lookup.all_doc_ids(cfg.output.root,
+                                                                        cfg.output.storage_options, emb))
+    if not kept:
+        raise ValueError(f"none of the {len(queries)} queries has a positive in the corpus "
+                         f"(e.g. {[r['doc_id'] for r in rejects[:3]]}): check mine.positive_column and the corpus ids")
+    range_max, depth = _search_window(cfg, kept, index_manifest["ntotal"])
+    identity = mining.mining_identity(cfg, index_manifest, kept, range_max)
+    parts = [kept[i:i + cfg.mine.queries_per_part] for i in range(0, len(kept), cfg.mine.queries_per_part)]
+    mining.prepare(cfg, identity, len(parts))
+    layout = mining.layout_of(cfg)
+    if storage.exists(layout.file("_manifest.json"), layout.storage_options):
+        return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
+    pending = mining.pending_parts(cfg, len(parts))
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        if pending:
+            _mine_pending(cfg, session, emb, index_manifest, parts, pending, range_max, depth)
+    records = mining.part_records(cfg, len(parts))
+    mining.write_rejects(cfg, rejects)
+    extra = _exports_and_report(cfg, records, len(queries), len(rejects))
+    manifest = mining.write_manifest(cfg, identity, records, len(queries), rejects,
+                                     {**extra, "range_max": range_max, "search_depth": depth,
+                                      "seconds": round(time.perf_counter() - started, 3)})
+    return _summary(manifest, False)
+
+
+def _search_window(cfg: Config, queries: list, ntotal: int) -> tuple[int, int]:
+    """(range_max, search depth) with sentence-transformers' defaults; no cap from the distribution itself."""
+    max_positives = max(len(q.positive_rows) for q in queries)
+    rules = mining.rules_of(cfg.mine)
+    range_max = negatives.effective_range_max(rules, max_positives)
+    if rules.num_negatives > range_max - rules.range_min:
+        raise ValueError(f"mine.num_negatives = {rules.num_negatives} does not fit the {range_max - rules.range_min} "
+                         f"candidates between mine.range_min and mine.range_max = {range_max}")
+    return range_max, min(negatives.search_depth(range_max, max_positives), ntotal)
+
+
+def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, parts: list, pending: list,
+                  range_max: int, depth: int) -> None:
+    vectors = {i: _queries.encode_queries(cfg, [q.text for q in parts[i]], session) for i in pending}
+    searchers = _actors.start_searchers(cfg, _searcher_groups(cfg, session, index_manifest))
+    bar = tqdm(total=sum(len(parts[i]) for i in pending), unit="query", desc="mine",
+               disable=not cfg.runtime.progress, dynamic_ncols=True)
+    try:
+        for i in pending:
+            query_vectors = vectors.pop(i)
+            scores, ids = _search(cfg, searchers, query_vectors, depth)
+            table, counts = mining.mine_part(cfg, emb, parts[i], query_vectors, scores, ids, range_max)
+            mining.commit_part(cfg, i, table, counts)
+            bar.update(len(parts[i]))
+    finally:
+        bar.close()
+
+
+def _searcher_groups(cfg: Config, session, index_manifest: dict) -> list:
+    if cfg.mine.mode == "replicated":
+        return [None] * session.worker_count(10 ** 9)
+    names = [s["name"] for s in index_manifest["shards"]]
+    if not names:
+        raise ValueError(f"index type {index_manifest['type']} has no shard indexes: use mine.mode = replicated")
+    count = min(len(names), session.worker_count(len(names)))
+    return [names[g::count] for g in range(count)]
+
+
+def _search(cfg: Config, searchers: list, vectors: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``depth`` (scores, row ids) per query. Replicated: query chunks spread over the searchers; sharded:
+    every searcher searches every query and the per-searcher top-k are merged. Ties go to the smaller row id."""
+    import ray
+
+    if cfg.mine.mode == "sharded":
+        results = ray.get([s.search.remote(vectors, depth) for s in searchers])
+        return search.merge_topk(results, depth, "ip")
+    chunk = max(1, math.ceil(len(vectors) / len(searchers)))
+    pieces = ray.get([s.search.remote(vectors[i:i + chunk], depth)
+                      for s, i in zip(searchers, range(0, len(vectors), chunk))])
+    return search.merge_topk([(np.vstack([p[0] for p in pieces]), np.vstack([p[1] for p in pieces]))], depth, "ip")
+
+
+def _exports_and_report(cfg: Config, records: list, input_queries: int, rejected: int) -> dict:
+    layout = mining.layout_of(cfg)
+    tables = [storage.read_parquet(layout.file(r["path"]), layout.storage_options) for r in records]
+    parts = pa.concat_tables(tables) if tables else mining.PART_SCHEMA.empty_table()
+    doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in parts.column(column).to_pylist()
+               for d in ids}
+    rows = lookup.all_doc_ids(cfg.output.root, cfg.output.storage_options)
+    texts_by_row = lookup.texts_for_rows(cfg.output.root, [rows[d] for d in doc_ids], cfg.output.storage_options)
+    texts = {d: texts_by_row[rows[d]] for d in doc_ids}
+    written = exports.write_exports(layout.file("exports"), parts, texts, list(cfg.mine.formats),
+                                    cfg.mine.num_negatives, cfg.mine.output_scores, layout.storage_options)
+    counts = {"queries": {key: sum(r[key] for r in records)
+                          for key in ("queries", "complete", "incomplete", "without_negatives", "written")},
+              "filtered": {rule: sum(r["filtered"][rule] for r in records) for rule in negatives.FILTERS},
+              "input_queries": input_queries, "rejected_positives": rejected}
+    summary = exports.report(parts, counts)
+    storage.write_json_atomic(layout.file("report.json"), summary, layout.storage_options)
+    storage.write_bytes_atomic(layout.file("report.png"), exports.report_figure(parts, summary),
+                               layout.storage_options)
+    return {"exports": written, "report": {"json": "report.json", "png": "report.png"}}
+
+
+def _summary(manifest: dict, reused: bool) -> dict:
+    t = manifest["totals"]
+    return {"input_queries": manifest["input_queries"], "written": t["written"], "complete": t["complete"],
+            "incomplete": t["incomplete"], "without_negatives": t["without_negatives"],
+            "rejected_positives": manifest["rejected_positives"], "filtered": manifest["filtered"],
+            "exports": manifest["exports"], "seconds": manifest["seconds"], "reused": reused}
+
+
+def format_summary(s: dict) -> str:
+    filtered = ", ".join(f"{k} {v}" for k, v in s["filtered"].items() if v and k != "missing")
+    state = "already mined" if s["reused"] else f"in {s['seconds']} s"
+    return (f"mine: {s['input_queries']} queries, {s['written']} written ({s['complete']} complete, "
+            f"{s['incomplete']} incomplete), {s['without_negatives']} without negatives, "
+            f"{s['rejected_positives']} positives not in the corpus; removed: {filtered or 'none'}; {state}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _cli.parser(__doc__).parse_args(argv)
+    cfg = _cli.config_from_args(args)
+    try:
+        summary = run(cfg)
+    except (FileNotFoundError, IncompatibleOutputError, ValueError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

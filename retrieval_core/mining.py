@@ -1,0 +1,275 @@
+"""The mining stage without Ray: input pairs, parts, per-part selection and commit, manifest.
+
+Layout under ``<root>/negatives/``::
+
+    _plan.json            identity (index, mining settings, input) and the part plan
+    part-00000.parquet    query_id, query, positive_ids, positive_scores, negative_ids, negative_scores,
+                          negative_ranks, complete
+    _parts/part-00000.json  the part's commit record (counts per filter, incomplete queries)
+    rejects.parquet       positives whose doc id is not in the corpus (query_id, doc_id, reason)
+    _manifest.json        written last: settings, counts, encoder fingerprint
+    exports/              triplet.parquet, n-tuple.parquet, flag.jsonl (``mine.formats``)
+    report.json, report.png
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from . import lookup, negatives, storage
+from .config import Config, MineConfig
+from .manifest import check_same_identity, read_manifest, stamp
+from .metrics import EvaluationDataError, jsonl_records, parquet_records, read_qrels, read_queries
+
+log = logging.getLogger(__name__)
+
+PART_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("query", pa.string()),
+    ("positive_ids", pa.list_(pa.string())), ("positive_scores", pa.list_(pa.float32())),
+    ("negative_ids", pa.list_(pa.string())), ("negative_scores", pa.list_(pa.float32())),
+    ("negative_ranks", pa.list_(pa.int32())), ("complete", pa.bool_()),
+])
+REJECTS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reason", pa.string())])
+
+
+class PairsError(ValueError):
+    """The query/positive input cannot be read; the message names the file, the row and the column."""
+
+
+@dataclasses.dataclass
+class MiningQuery:
+    query_id: str
+    text: str
+    positive_doc_ids: list[str]
+    positive_rows: list[int] = dataclasses.field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------ input
+
+def text_query_id(text: str) -> str:
+    """A query id derived from the query text (when the input has no id column): 16 hex digits of BLAKE2b."""
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def load_queries(mi: MineConfig) -> list[MiningQuery]:
+    """Queries with their positive doc ids, from pairs or from BEIR queries + qrels; one entry per query (rows of
+    the same query are merged, positives in first-seen order)."""
+    if mi.queries_path:
+        return _beir_queries(mi)
+    return _pair_queries(mi)
+
+
+def _beir_queries(mi: MineConfig) -> list[MiningQuery]:
+    queries = read_queries(mi.queries_path, mi.storage_options)
+    qrels = read_qrels(mi.qrels_path, mi.storage_options)
+    out = []
+    for query_id, judged in qrels.items():
+        positives = [doc for doc, score in judged.items() if score > 0]
+        if not positives:
+            continue
+        if query_id not in queries:
+            raise EvaluationDataError(f"'{mi.qrels_path}': query '{query_id}' has no text in '{mi.queries_path}'")
+        out.append(MiningQuery(query_id, queries[query_id], positives))
+    return out
+
+
+def _pair_queries(mi: MineConfig) -> list[MiningQuery]:
+    url = mi.pairs_path
+    columns = tuple(c for c in (mi.query_id_column, mi.query_column, mi.positive_column) if c)
+    parquet = mi.format == "parquet" or (not mi.format and url.lower().endswith((".parquet", ".pq")))
+    try:
+        records = parquet_records(url, mi.storage_options, columns) if parquet else jsonl_records(url,
+                                                                                                  mi.storage_options)
+        by_id: dict[str, MiningQuery] = {}
+        for where, record in records:
+            query_id, text, positives = _pair_fields(url, where, record, mi)
+            entry = by_id.setdefault(query_id, MiningQuery(query_id, text, []))
+            if entry.text != text:
+                raise PairsError(f"'{url}' {where}: query id '{query_id}' has two different query texts")
+            entry.positive_doc_ids.extend(p for p in positives if p not in entry.positive_doc_ids)
+    except EvaluationDataError as exc:
+        raise PairsError(str(exc)) from None
+    except FileNotFoundError:
+        raise PairsError(f"mine.pairs_path '{url}' does not exist") from None
+    if not by_id:
+        raise PairsError(f"'{url}': no query/positive pairs")
+    return list(by_id.values())
+
+
+def _pair_fields(url: str, where: str, record, mi: MineConfig) -> tuple[str, str, list[str]]:
+    if not isinstance(record, dict):
+        raise PairsError(f"'{url}' {where}: expected a JSON object, got {type(record).__name__}")
+    for column in (mi.query_column, mi.positive_column, mi.query_id_column):
+        if column and column not in record:
+            raise PairsError(f"'{url}' {where}: missing column '{column}'; columns present: {sorted(record)}")
+    text = record[mi.query_column]
+    if not isinstance(text, str) or not text.strip():
+        raise PairsError(f"'{url}' {where}: '{mi.query_column}' must be a non-empty string, got {text!r}")
+    positives = record[mi.positive_column]
+    positives = positives if isinstance(positives, list) else [positives]
+    if not positives or any(p is None or str(p) == "" for p in positives):
+        raise PairsError(f"'{url}' {where}: '{mi.positive_column}' must hold a doc id or a non-empty list of "
+                         f"doc ids, got {record[mi.positive_column]!r}")
+    query_id = str(record[mi.query_id_column]) if mi.query_id_column else text_query_id(text)
+    return query_id, text, [str(p) for p in positives]
+
+
+def resolve_positives(queries: list[MiningQuery], doc_rows: dict[str, int]) -> tuple[list[MiningQuery], list[dict]]:
+    """Attach corpus row ids to positives. A positive absent from the corpus is a reject; a query left without
+    positives is dropped (its positives are all in the rejects)."""
+    kept, rejects = [], []
+    for query in queries:
+        present = [d for d in query.positive_doc_ids if d in doc_rows]
+        rejects += [{"query_id": query.query_id, "doc_id": d, "reason": "positive not in corpus"}
+                    for d in query.positive_doc_ids if d not in doc_rows]
+        if present:
+            kept.append(MiningQuery(query.query_id, query.text, present, [doc_rows[d] for d in present]))
+    return kept, rejects
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+
+@dataclasses.dataclass(frozen=True)
+class MineLayout:
+    root: str
+    storage_options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dir(self) -> str:
+        return storage.join(self.root, "negatives")
+
+    def file(self, *parts: str) -> str:
+        return storage.join(self.dir, *parts)
+
+    def part_file(self, index: int) -> str:
+        return self.file(f"part-{index:05d}.parquet")
+
+    def record_file(self, index: int) -> str:
+        return self.file("_parts", f"part-{index:05d}.json")
+
+
+def layout_of(cfg: Config) -> MineLayout:
+    return MineLayout(cfg.output.root, cfg.output.storage_options)
+
+
+def rules_of(mi: MineConfig) -> negatives.Rules:
+    return negatives.Rules(num_negatives=mi.num_negatives, range_min=mi.range_min, range_max=mi.range_max,
+                           max_score=mi.max_score, min_score=mi.min_score, absolute_margin=mi.absolute_margin,
+                           relative_margin=mi.relative_margin, sampling=mi.sampling, seed=mi.seed)
+
+
+def mining_identity(cfg: Config, index_manifest: dict, queries: list[MiningQuery], range_max: int) -> dict:
+    mi = cfg.mine
+    digest = hashlib.sha256(json.dumps([[q.query_id, q.text, q.positive_doc_ids] for q in queries]).encode())
+    return {"index": index_manifest["identity"], "fingerprint": index_manifest["fingerprint"],
+            "rules": dataclasses.asdict(rules_of(mi)), "range_max": range_max, "mode": mi.mode,
+            "queries_per_part": mi.queries_per_part, "queries_digest": digest.hexdigest()[:32]}
+
+
+def prepare(cfg: Config, identity: dict, parts: int) -> None:
+    """Check (or, with ``output.overwrite``, clear) an earlier run, and write the plan."""
+    layout = layout_of(cfg)
+    plan = layout.file("_plan.json")
+    previous = storage.read_json(plan, layout.storage_options) if storage.exists(plan, layout.storage_options) \
+        else None
+    if previous and cfg.output.overwrite:
+        storage.remove(layout.dir, layout.storage_options)
+        previous = None
+    if previous:
+        check_same_identity(previous["identity"], identity, layout.dir)
+    else:
+        storage.write_json_atomic(plan, {**stamp(), "identity": identity, "parts": parts, "config": cfg.to_dict()},
+                                  layout.storage_options)
+    storage.remove_temporaries(layout.dir, layout.storage_options)
+
+
+def pending_parts(cfg: Config, parts: int) -> list[int]:
+    layout = layout_of(cfg)
+    return [i for i in range(parts) if not storage.exists(layout.record_file(i), layout.storage_options)]
+
+
+# ------------------------------------------------------------------------------------------------------ one part
+
+def positive_vectors(cfg: Config, queries: list[MiningQuery], emb: dict) -> dict[int, tuple[np.ndarray, str]]:
+    """Row id -> (vector, text hash) of every positive of ``queries``."""
+    rows = {r for q in queries for r in q.positive_rows}
+    values = lookup.row_values(cfg.output.root, rows, ["embedding", "text_hash"], cfg.output.storage_options, emb)
+    return {row: (np.asarray(vector, dtype=np.float32), text_hash) for row, (vector, text_hash) in values.items()}
+
+
+def mine_part(cfg: Config, emb: dict, queries: list[MiningQuery], query_vectors: np.ndarray, scores: np.ndarray,
+              ids: np.ndarray, range_max: int) -> tuple[pa.Table, dict]:
+    """Select the negatives of one part from its search results (scores / ids: n x depth, best first).
+    Returns the part's table (kept queries) and its counts."""
+    rules = rules_of(cfg.mine)
+    positives = positive_vectors(cfg, queries, emb)
+    candidates = lookup.row_values(cfg.output.root, ids.ravel(), ["doc_id", "text_hash"],
+                                   cfg.output.storage_options, emb)
+    hash_of = np.vectorize(lambda r: candidates.get(int(r), (None, ""))[1], otypes=[object])
+    rows, counts = [], {"queries": len(queries), "complete": 0, "incomplete": 0, "without_negatives": 0,
+                        "written": 0, "filtered": dict.fromkeys(negatives.FILTERS, 0)}
+    for query, vector, score_row, id_row in zip(queries, query_vectors, scores, ids):
+        pos_scores = [float(vector @ positives[r][0]) for r in query.positive_rows]
+        chosen = negatives.select(score_row, id_row, hash_of(id_row), set(query.positive_rows), pos_scores,
+                                  {positives[r][1] for r in query.positive_rows}, rules, range_max, query.query_id)
+        for rule, n in chosen.filtered.items():
+            counts["filtered"][rule] += n
+        complete = len(chosen.ids) == rules.num_negatives
+        counts["complete" if complete else ("incomplete" if chosen.ids else "without_negatives")] += 1
+        if complete or (cfg.mine.keep_incomplete and chosen.ids):
+            rows.append({"query_id": query.query_id, "query": query.text, "positive_ids": query.positive_doc_ids,
+                         "positive_scores": pos_scores, "negative_ids": [candidates[r][0] for r in chosen.ids],
+                         "negative_scores": chosen.scores, "negative_ranks": chosen.ranks, "complete": complete})
+    counts["written"] = len(rows)
+    return pa.Table.from_pylist(rows, schema=PART_SCHEMA), counts
+
+
+def commit_part(cfg: Config, index: int, table: pa.Table, counts: dict) -> dict:
+    layout = layout_of(cfg)
+    storage.write_parquet_atomic(layout.part_file(index), table, layout.storage_options)
+    record = {"part": index, "path": f"part-{index:05d}.parquet", **counts}
+    storage.write_json_atomic(layout.record_file(index), record, layout.storage_options)
+    return record
+
+
+def part_records(cfg: Config, parts: int) -> list[dict]:
+    layout = layout_of(cfg)
+    return [storage.read_json(layout.record_file(i), layout.storage_options) for i in range(parts)]
+
+
+def read_parts(root: str, storage_options: dict | None = None) -> pa.Table:
+    """Every committed part of a completed mining run, in query order."""
+    manifest = read_manifest(storage.join(root, "negatives", "_manifest.json"), storage_options, "mine")
+    tables = [storage.read_parquet(storage.join(root, "negatives", p["path"]), storage_options)
+              for p in manifest["parts"]]
+    return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
+
+
+def write_rejects(cfg: Config, rejects: list[dict]) -> None:
+    layout = layout_of(cfg)
+    storage.write_parquet_atomic(layout.file("rejects.parquet"), pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
+                                 layout.storage_options)
+
+
+def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queries: int, rejects: list[dict],
+                   extra: dict) -> dict:
+    totals = {key: sum(r[key] for r in records)
+              for key in ("queries", "complete", "incomplete", "without_negatives", "written")}
+    filtered = {rule: sum(r["filtered"][rule] for r in records) for rule in negatives.FILTERS}
+    manifest = {**stamp(), "stage": "negatives", "fingerprint": identity["fingerprint"], "identity": identity,
+                "input_queries": input_queries, "rejected_positives": len(rejects),
+                "queries_without_positives": input_queries - totals["queries"], "totals": totals,
+                "filtered": filtered, "parts": [{"part": r["part"], "path": r["path"], "written": r["written"]}
+                                                for r in records],
+                "settings": dataclasses.asdict(cfg.mine), **extra, "config": cfg.to_dict()}
+    storage.write_json_atomic(layout_of(cfg).file("_manifest.json"), manifest, cfg.output.storage_options)
+    return manifest
+
+
+def read_mine_manifest(root: str, storage_options: dict | None = None) -> dict:
+    return read_manifest(storage.join(root, "negatives", "_manifest.json"), storage_options, "mine")

@@ -1,0 +1,125 @@
+"""The mining job on the session's local Ray cluster, against sentence-transformers' mine_hard_negatives."""
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import DEMO_CORPUS, REPO, config, write_jsonl
+from jobs import encode, index, mine
+from retrieval_core import mining
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """The demo corpus encoded (title + text) and indexed exactly (Flat), shared by the mining runs."""
+    root = tmp_path_factory.mktemp("mine") / "base"
+    cfg = config(DEMO_CORPUS, root, corpus__title_column="title", runtime__rows_per_shard=32, index__type="Flat")
+    encode.run(cfg)
+    index.run(cfg)
+    return root
+
+
+def mine_config(root, tmp_path, name, **settings):
+    """A config whose output.root is a copy of the indexed demo root (mining writes under it)."""
+    import shutil
+
+    target = tmp_path / name
+    shutil.copytree(root, target)
+    overrides = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
+                 "mine__pairs_path": str(PAIRS), "mine__query_id_column": "query_id",
+                 **{f"mine__{k}": v for k, v in settings.items()}}
+    return config(DEMO_CORPUS, target, **overrides)
+
+
+def demo_texts():
+    return {r["id"]: f"{r['title']} {r['text']}" for r in pq.read_table(DEMO_CORPUS).to_pylist()}
+
+
+def reference_negatives(**settings) -> dict[str, list[str]]:
+    """sentence-transformers' mine_hard_negatives on the same pairs and corpus: query -> negative texts."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from retrieval_core.encoding import resolve_model_path
+
+    texts = demo_texts()
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    rows = [{"query": p["query"], "positive": texts[d]} for p in pairs for d in p["positive"]]
+    model = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
+    result = mine_hard_negatives(Dataset.from_list(rows), model, corpus=list(texts.values()), output_format="triplet",
+                                 verbose=False, **settings)
+    out: dict[str, list[str]] = {}
+    for row in result:
+        negatives = out.setdefault(row["query"], [])
+        if row["negative"] not in negatives:
+            negatives.append(row["negative"])
+    return out
+
+
+def job_negatives(cfg) -> dict[str, list[str]]:
+    texts = demo_texts()
+    table = mining.read_parts(str(cfg.output.root))
+    return {r["query"]: [texts[d] for d in r["negative_ids"]] for r in table.to_pylist()}
+
+
+@pytest.mark.parametrize("settings", [{}, {"relative_margin": 0.05}, {"range_min": 2, "num_negatives": 4}])
+def test_negatives_equal_sentence_transformers(demo_root, tmp_path, settings):
+    cfg = mine_config(demo_root, tmp_path, "job", **settings)
+    summary = mine.run(cfg)
+    ours = job_negatives(cfg)
+    reference = reference_negatives(sampling_strategy="top", **settings)
+    assert summary["written"] == len(ours) > 0
+    assert ours == reference
+
+
+def test_sharded_and_replicated_modes_agree(demo_root, tmp_path):
+    replicated = mine_config(demo_root, tmp_path, "replicated", mode="replicated", sampling="random", range_max=20,
+                             num_negatives=4, seed=3)
+    sharded = mine_config(demo_root, tmp_path, "sharded", mode="sharded", sampling="random", range_max=20,
+                          num_negatives=4, seed=3, queries_per_part=7)
+    mine.run(replicated)
+    mine.run(sharded)
+    a, b = mining.read_parts(str(replicated.output.root)), mining.read_parts(str(sharded.output.root))
+    exact = ("query_id", "positive_ids", "negative_ids", "negative_ranks", "complete")
+    assert [[r[c] for c in exact] for r in a.to_pylist()] == [[r[c] for c in exact] for r in b.to_pylist()]
+    # scores agree up to float noise: parts of 7 queries are encoded in other batches than all 40 at once
+    for column in ("positive_scores", "negative_scores"):
+        for x, y in zip(a.column(column).to_pylist(), b.column(column).to_pylist()):
+            assert x == pytest.approx(y, abs=1e-5)
+    assert {len(r["negative_ids"]) for r in a.to_pylist()} == {4}
+
+
+def test_exports_report_rejects_and_rerun(demo_root, tmp_path):
+    from datasets import load_dataset
+
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    pairs[0]["positive"] = pairs[0]["positive"] + ["no-such-doc"]
+    pairs.append({"query_id": "qx", "query": "a query whose positive is missing", "positive": "missing-doc"})
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = mine_config(demo_root, tmp_path, "exports", pairs_path=str(path), output_scores="true",
+                      formats="[triplet, n-tuple, flag-jsonl]", max_score=0.3)
+    summary = mine.run(cfg)
+    out = Path(cfg.output.root) / "negatives"
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert sorted(r["doc_id"] for r in rejects) == ["missing-doc", "no-such-doc"]
+    assert summary["rejected_positives"] == 2 and summary["input_queries"] == len(pairs)
+    parts = mining.read_parts(str(cfg.output.root)).to_pylist()
+    triplets = load_dataset("parquet", data_files=str(out / "exports" / "triplet.parquet"), split="train")
+    assert triplets.column_names == ["anchor", "positive", "negative", "scores"]
+    assert len(triplets) == sum(len(r["positive_ids"]) * len(r["negative_ids"]) for r in parts)
+    assert all(s[1] <= 0.3 for s in triplets["scores"])
+    tuples = load_dataset("parquet", data_files=str(out / "exports" / "n-tuple.parquet"), split="train")
+    assert tuples.column_names == ["anchor", "positive", "negative_1", "negative_2", "negative_3", "scores"]
+    assert len(tuples) == sum(len(r["positive_ids"]) for r in parts if r["complete"])
+    flag = [json.loads(line) for line in (out / "exports" / "flag.jsonl").read_text().splitlines()]
+    assert len(flag) == len(parts) and all(set(f) == {"query", "pos", "neg", "pos_scores", "neg_scores"} for f in flag)
+    report = json.loads((out / "report.json").read_text())
+    assert report["negative_scores"]["count"] == sum(len(r["negative_ids"]) for r in parts)
+    assert report["filtered"]["max_score"] > 0 and (out / "report.png").stat().st_size > 1000
+    again = mine.run(cfg)
+    assert again["reused"] is True and again["written"] == summary["written"]
