@@ -7,11 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test setup bench clean
 
 demo: $(STAMP)
-	$(PY) -m jobs.encode --config configs/demo.yaml
-	$(PY) -m jobs.index --config configs/demo.yaml
-	$(PY) -m jobs.evaluate --config configs/demo.yaml
+	$(PY) -m jobs.pipeline --config configs/demo.yaml
 	$(PY) -m jobs.search --config configs/demo.yaml --query "Which company beat revenue estimates?" --k 3
-	$(PY) -m jobs.mine --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

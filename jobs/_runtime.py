@@ -28,7 +28,9 @@ def ray_session(rt: RuntimeConfig):
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=rt.num_cpus or None, include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": always a new local cluster, never one a `ray start` on this machine left behind
+        ray.init(address="local", num_cpus=rt.num_cpus or None, include_dashboard=False,
+                 logging_level=logging.WARNING)
     try:
         yield
     finally:

@@ -21,6 +21,7 @@ METRICS = ("ip", "l2")
 SAMPLINGS = ("top", "random")
 MINE_MODES = ("replicated", "sharded")
 MINE_FORMATS = ("triplet", "n-tuple", "flag-jsonl")
+PIPELINE_STAGES = ("encode", "index", "evaluate", "mine", "train", "reencode", "reindex", "reevaluate")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -126,6 +127,28 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    max_steps: int = 0
+    num_negatives: int = 3
+    temperature: float = 0.05
+    cached: bool = False
+    mini_batch_size: int = 32
+    seed: int = 0
+    eval_fraction: float = 0.1
+    eval_corpus_size: int = 2000
+    output: str = ""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: list = field(default_factory=lambda: list(PIPELINE_STAGES))
+
+
+@dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +158,8 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mine: MineConfig = field(default_factory=MineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -298,6 +323,10 @@ def validate(config: Config) -> None:
     _validate_index(config.index)
     _validate_search(config.search, config.eval)
     _validate_mine(config.mine)
+    _validate_train(config.train, config.runtime)
+    unknown = [st for st in config.pipeline.stages if st not in PIPELINE_STAGES]
+    _check(not unknown, f"'pipeline.stages' = {config.pipeline.stages!r}: unknown {unknown}; expected any of "
+           f"{', '.join(PIPELINE_STAGES)}")
 
 
 def parse_memory(text: str) -> int:
@@ -353,3 +382,18 @@ def _validate_mine(mi: MineConfig) -> None:
     unknown = [f for f in mi.formats if f not in MINE_FORMATS]
     _check(not unknown, f"'mine.formats' = {mi.formats!r}: unknown {unknown}; expected any of {', '.join(MINE_FORMATS)}")
     _check(mi.queries_per_part >= 1, f"'mine.queries_per_part' = {mi.queries_per_part}: expected >= 1")
+
+
+def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
+    _check(tr.epochs >= 1, f"'train.epochs' = {tr.epochs}: expected >= 1")
+    _check(tr.batch_size >= 2, f"'train.batch_size' = {tr.batch_size}: expected >= 2 (in-batch negatives)")
+    _check(tr.learning_rate > 0, f"'train.learning_rate' = {tr.learning_rate}: expected > 0")
+    _check(0 <= tr.warmup_ratio < 1, f"'train.warmup_ratio' = {tr.warmup_ratio}: expected a number in [0, 1)")
+    _check(tr.max_steps >= 0, f"'train.max_steps' = {tr.max_steps}: expected >= 0 (0 = train.epochs decide)")
+    _check(tr.num_negatives >= 0, f"'train.num_negatives' = {tr.num_negatives}: expected >= 0 (0 = in-batch only)")
+    _check(tr.temperature > 0, f"'train.temperature' = {tr.temperature}: expected > 0")
+    _check(tr.mini_batch_size >= 1, f"'train.mini_batch_size' = {tr.mini_batch_size}: expected >= 1")
+    _check(0 <= tr.eval_fraction < 1, f"'train.eval_fraction' = {tr.eval_fraction}: expected a number in [0, 1)")
+    _check(tr.eval_corpus_size >= 1, f"'train.eval_corpus_size' = {tr.eval_corpus_size}: expected >= 1")
+    _check(rt.num_workers <= 1 or tr.batch_size >= rt.num_workers,
+           f"'train.batch_size' = {tr.batch_size} must be at least runtime.num_workers = {rt.num_workers}")

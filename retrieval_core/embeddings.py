@@ -24,7 +24,7 @@ from . import storage
 from .config import Config
 from .corpus import read_shard, text_hash
 from .encoding import Encoder, encode_by_length
-from .manifest import check_same_identity, read_manifest, stamp
+from .manifest import IncompatibleOutputError, check_same_identity, read_manifest, stamp
 from .schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
 from .sharding import FileMeta, Shard, plan_shards
 
@@ -221,11 +221,17 @@ def read_embeddings_manifest(root: str, storage_options: dict | None = None) -> 
     return read_manifest(storage.join(root, "embeddings", "_manifest.json"), storage_options, "encode")
 
 
-def read_shard_vectors(root: str, shard: dict, dim: int,
-                       storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(row_ids int64 (n,), vectors float32 (n x dim)) of one shard entry of the embeddings manifest."""
-    table = storage.read_parquet(storage.join(root, "embeddings", shard["path"]), storage_options,
-                                 columns=["row_id", "embedding"])
+def read_shard_vectors(root: str, shard: dict, dim: int, storage_options: dict | None = None,
+                       fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(row_ids int64 (n,), vectors float32 (n x dim)) of one shard entry of the embeddings manifest.
+    With ``fingerprint``, a shard whose schema metadata names another encoder is an error naming both."""
+    url = storage.join(root, "embeddings", shard["path"])
+    table = storage.read_parquet(url, storage_options, columns=["row_id", "embedding"])
+    found = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
+    if fingerprint and found != fingerprint:
+        raise IncompatibleOutputError(f"'{url}' holds vectors of encoder {found or '(none recorded)'}, the "
+                                      f"embeddings manifest says {fingerprint}: the embeddings mix encoders; "
+                                      f"re-encode with output.overwrite=true")
     return table.column("row_id").to_numpy(), _vectors(table, dim)
 
 

@@ -161,6 +161,11 @@ def serialize(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
+def serialize_array(index: faiss.Index) -> np.ndarray:
+    """The serialized index as a uint8 array (no bytes copy; pass ``memoryview`` of it to writers)."""
+    return faiss.serialize_index(index)
+
+
 def deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 

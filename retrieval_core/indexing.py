@@ -170,11 +170,11 @@ def add_shard(cfg: Config, plan: IndexPlan, shard: dict, trained: bytes, worker:
     commit record. Memory: the shard's vectors plus its index."""
     started = time.perf_counter()
     layout = layout_of(cfg)
-    row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options)
+    row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options,
+                                          plan.identity["fingerprint"])
     index = faiss_index.deserialize(trained)
     faiss_index.add(index, vectors, row_ids)
-    storage.write_bytes_atomic(layout.file(f"{shard['name']}.faiss"), faiss_index.serialize(index),
-                               layout.storage_options)
+    _write_index(index, layout.file(f"{shard['name']}.faiss"), layout.storage_options, False)
     record = {"name": shard["name"], "ntotal": int(index.ntotal), "seconds": round(time.perf_counter() - started, 3),
               "peak_memory_mb": peak_memory_mb(), "pid": os.getpid(), **(worker or {})}
     storage.write_json_atomic(layout.record_file(shard["name"]), record, layout.storage_options)
@@ -195,8 +195,7 @@ def merge_shards(cfg: Config, plan: IndexPlan, trained: bytes):
         ivfdata = storage.local_path(layout.file("merged.ivfdata"))
         index = faiss_index.merge_on_disk(faiss_index.deserialize(trained), paths, ivfdata)
     else:
-        index = faiss_index.merge(faiss_index.deserialize(storage.read_bytes(layout.file(f"{s['name']}.faiss"),
-                                                                            layout.storage_options))
+        index = faiss_index.merge(_read_index(layout.file(f"{s['name']}.faiss"), layout.storage_options)
                                   for s in plan.shards)
     _write_index(index, layout.file("merged.faiss"), layout.storage_options, plan.on_disk)
     return index
@@ -208,21 +207,35 @@ def build_whole(cfg: Config, plan: IndexPlan, trained: bytes):
     layout = layout_of(cfg)
     index = faiss_index.deserialize(trained)
     for shard in plan.shards:
-        row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options)
+        row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options,
+                                              plan.identity["fingerprint"])
         faiss_index.add(index, vectors, row_ids)
     _write_index(index, layout.file("merged.faiss"), layout.storage_options, False)
     return index
 
 
-def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
-    if on_disk:  # an on-disk index is written by FAISS itself: its lists stay in merged.ivfdata
+def _read_index(url: str, storage_options: dict | None = None):
+    local = storage.local_path(url, storage_options)
+    if local:
         import faiss
 
-        tmp = storage.local_path(url) + f"{storage.TMP_MARK}merged"
+        return faiss.read_index(local)
+    return faiss_index.deserialize(storage.read_bytes(url, storage_options))
+
+
+def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
+    """Write an index without extra copies: FAISS writes local files itself (an on-disk index keeps its lists in
+    merged.ivfdata); other URLs get one serialized buffer."""
+    local = storage.local_path(url, storage_options)
+    if local:
+        import faiss
+
+        tmp = f"{local}{storage.TMP_MARK}{os.getpid()}"
+        storage.filesystem(url, storage_options)[0].makedirs(os.path.dirname(local), exist_ok=True)
         faiss.write_index(index, tmp)
-        storage.filesystem(url)[0].mv(tmp, storage.local_path(url))
+        os.replace(tmp, local)
     else:
-        storage.write_bytes_atomic(url, faiss_index.serialize(index), storage_options)
+        storage.write_bytes_atomic(url, memoryview(faiss_index.serialize_array(index)), storage_options)
 
 
 def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
@@ -309,7 +322,7 @@ def load_index(root: str, storage_options: dict | None = None, mmap: bool = Fals
     elif mmap and local:
         index = faiss.read_index(local, faiss.IO_FLAG_MMAP)
     else:
-        index = faiss_index.deserialize(storage.read_bytes(url, storage_options))
+        index = _read_index(url, storage_options)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
     return index, manifest
 
@@ -351,7 +364,6 @@ def load_shard_index(root: str, shard_name: str, storage_options: dict | None = 
     if not manifest["mergeable"]:
         raise ValueError(f"index type {manifest['type']} has no shard indexes (it cannot be merged, so it is built "
                          f"whole): use mine.mode = replicated")
-    index = faiss_index.deserialize(storage.read_bytes(storage.join(root, "index", f"{shard_name}.faiss"),
-                                                       storage_options))
+    index = _read_index(storage.join(root, "index", f"{shard_name}.faiss"), storage_options)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
     return index

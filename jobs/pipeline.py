@@ -1,0 +1,92 @@
+"""The whole pipeline from one config in one Ray session: ``python -m jobs.pipeline --config F``.
+
+encode -> index -> evaluate -> mine -> train -> reencode -> reindex -> reevaluate (``pipeline.stages`` selects).
+The re-* stages use the trained model (``train.output``) and write under ``<output.root>/trained/``. Every stage
+resumes from its own manifest, so a pipeline stopped anywhere and run again finishes with a clean run's result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+
+from jobs import _cli, _runtime, encode, evaluate, index, mine, train
+from retrieval_core import storage
+from retrieval_core.config import Config, PIPELINE_STAGES
+from retrieval_core.manifest import IncompatibleOutputError
+
+log = logging.getLogger("jobs.pipeline")
+
+
+def trained_config(cfg: Config) -> Config:
+    """The config of the re-* stages: the trained model, outputs under ``<output.root>/trained``."""
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, name=train.output_of(cfg)),
+        output=dataclasses.replace(cfg.output, root=storage.join(cfg.output.root, "trained")))
+
+
+def _stage_runs(cfg: Config) -> dict:
+    trained = trained_config(cfg)
+    return {
+        "encode": lambda: encode.run(cfg), "index": lambda: index.run(cfg), "evaluate": lambda: evaluate.run(cfg),
+        "mine": lambda: mine.run(cfg), "train": lambda: train.run(cfg), "reencode": lambda: encode.run(trained),
+        "reindex": lambda: index.run(trained), "reevaluate": lambda: evaluate.run(trained),
+    }
+
+
+def run(cfg: Config) -> dict:
+    """Run the selected stages in order; returns {stage: (result, seconds)}."""
+    runs = _stage_runs(cfg)
+    results = {}
+    with _runtime.ray_session(cfg.runtime):
+        for stage in (s for s in PIPELINE_STAGES if s in cfg.pipeline.stages):
+            started = time.perf_counter()
+            log.info("stage %s", stage)
+            results[stage] = (runs[stage](), round(time.perf_counter() - started, 1))
+    return results
+
+
+def summary_rows(results: dict) -> list[tuple[str, str, float]]:
+    """(stage, what it did, seconds) for the summary table."""
+    describe = {
+        "encode": lambda r: f"{r['rows_encoded']} rows, {r['rows_rejected']} rejected, {r['shards']} shards",
+        "index": lambda r: f"{r['type']}, {r['ntotal']} vectors, recall@10 {r['recall_at_10']}",
+        "mine": lambda r: f"{r['written']} queries with negatives ({r['complete']} complete)",
+        "train": lambda r: (f"{r['history']['steps']} steps, held-out nDCG@10 {r['history']['evaluations'][0]['ndcg@10']}"
+                            f" -> {r['history']['evaluations'][-1]['ndcg@10']}"),
+    }
+    describe["reencode"], describe["reindex"] = describe["encode"], describe["index"]
+    rows = []
+    for stage, (result, seconds) in results.items():
+        if stage in ("evaluate", "reevaluate"):
+            m = result["metrics"]
+            text = f"nDCG@10 {m['ndcg@10']:.4f}, recall@100 {m['recall@100']:.4f}, MRR@10 {m['mrr@10']:.4f}"
+        else:
+            text = describe[stage](result)
+        rows.append((stage, text, seconds))
+    return rows
+
+
+def format_table(rows: list[tuple[str, str, float]]) -> str:
+    width = max(len(text) for _, text, _ in rows)
+    lines = [f"{'stage':<11} {'result':<{width}} {'seconds':>8}", "-" * (21 + width)]
+    lines += [f"{stage:<11} {text:<{width}} {seconds:>8.1f}" for stage, text, seconds in rows]
+    lines.append(f"{'total':<11} {'':<{width}} {sum(s for _, _, s in rows):>8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _cli.parser(__doc__).parse_args(argv)
+    cfg = _cli.config_from_args(args)
+    try:
+        results = run(cfg)
+    except (FileNotFoundError, IncompatibleOutputError, ValueError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(format_table(summary_rows(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

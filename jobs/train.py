@@ -1,0 +1,148 @@
+"""Fine-tune the bi-encoder on the mined negatives: ``python -m jobs.train --config F [--set train.epochs=2 ...]``.
+
+InfoNCE (sentence-transformers' MultipleNegativesRankingLoss, scale = 1 / train.temperature) over in-batch
+negatives plus ``train.num_negatives`` mined negatives per query. One worker trains in this process; with
+``runtime.num_workers`` > 1, Ray Train runs data-parallel workers (gradients averaged every step). The model is
+saved to ``train.output`` (default ``<output.root>/model``) and loads with ``SentenceTransformer(path)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+from jobs import _cli
+from retrieval_core import encoding, mining, storage, training
+from retrieval_core.config import Config
+from retrieval_core.manifest import IncompatibleOutputError, stamp
+
+log = logging.getLogger("jobs.train")
+
+
+def output_of(cfg: Config) -> str:
+    return cfg.train.output or storage.join(cfg.output.root, "model")
+
+
+def identity_of(cfg: Config) -> dict:
+    mined = mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options)
+    return {"base": encoding.encoder_identity(cfg.model)["fingerprint"], "train": dict(vars(cfg.train)),
+            "negatives": hashlib.sha256(json.dumps(mined["identity"], sort_keys=True).encode()).hexdigest()[:32],
+            "workers": max(1, cfg.runtime.num_workers)}
+
+
+def run(cfg: Config) -> dict:
+    """Train (or reuse a finished training with the same identity); returns the training record."""
+    output = output_of(cfg)
+    record_url = storage.join(output, "training.json")
+    identity = identity_of(cfg)
+    if storage.exists(record_url, cfg.output.storage_options):
+        record = storage.read_json(record_url, cfg.output.storage_options)
+        if record["identity"] == identity:
+            return {**record, "reused": True}
+        if not cfg.output.overwrite:
+            raise IncompatibleOutputError(f"'{output}' holds a model trained with other settings; set "
+                                          f"output.overwrite=true or another train.output")
+    started = time.perf_counter()
+    examples = training.load_examples(cfg)
+    train_set, held_out = training.split_examples(examples, cfg.train.eval_fraction, cfg.train.seed)
+    if len(train_set) < cfg.train.batch_size:
+        raise ValueError(f"{len(train_set)} training examples are fewer than train.batch_size = "
+                         f"{cfg.train.batch_size}: lower train.batch_size or mine more queries")
+    corpus = training.eval_corpus_for(cfg, held_out, examples)
+    log.info("training on %d examples (%d held out, eval corpus %d documents)", len(train_set), len(held_out),
+             len(corpus))
+    history = (_train_distributed(cfg, train_set, held_out, corpus, output) if cfg.runtime.num_workers > 1
+               else _train_here(cfg, train_set, held_out, corpus, output))
+    record = {**stamp(), "stage": "train", "identity": identity, "output": output, "examples": len(train_set),
+              "held_out_examples": len(held_out), "history": history,
+              "seconds": round(time.perf_counter() - started, 3), "config": cfg.to_dict()}
+    storage.write_json_atomic(record_url, record, cfg.output.storage_options)
+    return {**record, "reused": False}
+
+
+def _train_here(cfg: Config, train_set, held_out, corpus, output: str) -> dict:
+    encoding.set_torch_threads(encoding.cpu_count())
+    model, history = training.fit(cfg, train_set, held_out, corpus, on_epoch=_log_epoch)
+    save_model(model, output, cfg.output.storage_options)
+    return history
+
+
+def _log_epoch(evaluation: dict) -> None:
+    log.info("step %d: held-out nDCG@10 %s", evaluation["step"], evaluation["ndcg@10"])
+
+
+def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str) -> dict:
+    """Ray Train: ``runtime.num_workers`` workers, each ``runtime.cpus_per_worker`` CPUs (and GPUs)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs import _runtime
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        encoding.set_torch_threads(cfg.runtime.cpus_per_worker)
+        model, history = training.fit(cfg, train_set, held_out if rank == 0 else [], corpus, rank, world,
+                                      training.average_gradients)
+        if rank == 0:
+            save_model(model, output, cfg.output.storage_options)
+            storage.write_json_atomic(storage.join(output, "_history.json"), history, cfg.output.storage_options)
+        ray.train.report({"steps": history["steps"]})
+
+    with _runtime.ray_session(cfg.runtime):
+        trainer = TorchTrainer(loop, scaling_config=ScalingConfig(
+            num_workers=cfg.runtime.num_workers, use_gpu=cfg.runtime.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.runtime.cpus_per_worker,
+                                  **({"GPU": cfg.runtime.gpus_per_worker} if cfg.runtime.gpus_per_worker else {})}),
+            run_config=RunConfig(storage_path=_train_storage(cfg), name="train"))
+        trainer.fit()
+    return storage.read_json(storage.join(output, "_history.json"), cfg.output.storage_options)
+
+
+def _train_storage(cfg: Config) -> str:
+    """Ray Train's run directory: under output.root (absolute when local), shared by every node."""
+    url = storage.join(cfg.output.root, "_ray_train")
+    local = storage.local_path(url, cfg.output.storage_options)
+    return os.path.abspath(local) if local else url
+
+
+def save_model(model, output: str, storage_options: dict | None = None) -> None:
+    """Save a SentenceTransformer to a local path directly, or through a temp dir to any fsspec URL."""
+    local = storage.local_path(output, storage_options)
+    if local:
+        model.save(local)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(tmp)
+        fs, path = storage.filesystem(output, storage_options)
+        fs.put(tmp + "/", path, recursive=True)
+
+
+def format_summary(record: dict) -> str:
+    evaluations = record["history"]["evaluations"]
+    first, last = evaluations[0]["ndcg@10"], evaluations[-1]["ndcg@10"]
+    state = "already trained" if record["reused"] else f"in {record['seconds']} s"
+    return (f"train: {record['examples']} examples, {record['history']['steps']} steps, held-out nDCG@10 "
+            f"{first} -> {last}; model at {record['output']} ({state})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _cli.parser(__doc__).parse_args(argv)
+    cfg = _cli.config_from_args(args)
+    try:
+        record = run(cfg)
+    except (FileNotFoundError, IncompatibleOutputError, ValueError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(format_summary(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

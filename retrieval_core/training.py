@@ -1,0 +1,218 @@
+"""Contrastive (InfoNCE) fine-tuning of a sentence-transformers bi-encoder on mined tuples, without Ray.
+
+The loss is sentence-transformers' MultipleNegativesRankingLoss: for each query, cross-entropy of its positive
+against every candidate of the batch (all positives and all mined negatives of the batch), over cosine
+similarities times ``scale = 1 / train.temperature``. ``train.cached`` uses its cached variant (gradient caching:
+large batches in bounded memory). On several workers the embeddings are gathered across workers, so in-batch
+negatives span the global batch, and gradients are averaged after each step.
+
+torch and sentence-transformers are imported inside the functions only (like ``encoding``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Callable
+
+import numpy as np
+
+from . import lookup, metrics, mining
+from .config import Config
+from .encoding import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    query_id: str
+    query: str
+    positive: str
+    negatives: tuple
+
+
+def load_examples(cfg: Config) -> list[Example]:
+    """One example per (query, positive) of the mined parts, with the first ``train.num_negatives`` negatives;
+    queries with fewer mined negatives than that are left out (counted in the log)."""
+    parts = mining.read_parts(cfg.output.root, cfg.output.storage_options).to_pylist()
+    doc_ids = {d for p in parts for d in p["positive_ids"] + p["negative_ids"]}
+    rows = lookup.all_doc_ids(cfg.output.root, cfg.output.storage_options)
+    by_row = lookup.texts_for_rows(cfg.output.root, [rows[d] for d in doc_ids], cfg.output.storage_options)
+    text = {d: by_row[rows[d]] for d in doc_ids}
+    n = cfg.train.num_negatives
+    examples, short = [], 0
+    for p in parts:
+        if len(p["negative_ids"]) < n:
+            short += 1
+            continue
+        negatives = tuple(text[d] for d in p["negative_ids"][:n])
+        examples += [Example(p["query_id"], p["query"], text[d], negatives) for d in p["positive_ids"]]
+    if short:
+        log.warning("%d queries have fewer than train.num_negatives = %d mined negatives and are left out", short, n)
+    return examples
+
+
+def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out), split by query id with ``seed``: all examples of a query fall on the same side."""
+    queries = sorted({e.query_id for e in examples})
+    random.Random(seed).shuffle(queries)
+    held = set(queries[:int(round(len(queries) * eval_fraction))])
+    return [e for e in examples if e.query_id not in held], [e for e in examples if e.query_id in held]
+
+
+def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
+    """Shuffled (seed, epoch) batches in which no query appears twice (its other positives would otherwise be
+    in-batch false negatives); the last incomplete batch is dropped."""
+    order = list(examples)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    batches, current, seen, deferred = [], [], set(), []
+    for example in order:
+        if example.query_id in seen:
+            deferred.append(example)
+            continue
+        current.append(example)
+        seen.add(example.query_id)
+        if len(current) == batch_size:
+            batches.append(current)
+            current, seen = [], set()
+            pending, deferred = deferred, []
+            for again in pending:
+                (deferred if again.query_id in seen else current).append(again)
+                seen.add(again.query_id)
+    return batches
+
+
+def steps_plan(cfg: Config, train_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): ``train.max_steps`` when set, else epochs x batches per epoch."""
+    per_epoch = max(1, train_examples // cfg.train.batch_size)
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    return per_epoch, total
+
+
+def build_loss(model, cfg: Config, distributed: bool):
+    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                              MultipleNegativesRankingLoss)
+
+    scale = 1.0 / cfg.train.temperature
+    if cfg.train.cached:
+        return CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=cfg.train.mini_batch_size,
+                                                  gather_across_devices=distributed)
+    return MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=distributed)
+
+
+def batch_features(model, batch: list[Example], cfg: Config) -> list[dict]:
+    """Tokenized columns: queries (with the query prompt), positives, then each negative column."""
+    device = model.device
+    columns = [([e.query for e in batch], cfg.model.query_prompt), ([e.positive for e in batch],
+                                                                     cfg.model.document_prompt)]
+    columns += [([e.negatives[i] for e in batch], cfg.model.document_prompt) for i in range(cfg.train.num_negatives)]
+    features = []
+    for texts, prompt in columns:
+        tokens = model.preprocess(texts, prompt=prompt or None)
+        features.append({k: v.to(device) if hasattr(v, "to") else v for k, v in tokens.items()})
+    return features
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    import torch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus: dict[str, str],
+        rank: int = 0, world: int = 1, reduce_gradients: Callable | None = None,
+        on_epoch: Callable[[dict], None] | None = None):
+    """Train ``cfg.model.name`` on ``train``; this worker takes every ``world``-th example of each global batch.
+    Returns (model, history). Memory: the model, the optimizer state (2x the weights) and one batch of
+    activations (one mini-batch with ``train.cached``)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(cfg.train.seed)
+    model = SentenceTransformer(resolve_model_path(cfg.model.name), device="cpu",
+                                trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.max_seq_length:
+        model.max_seq_length = cfg.model.max_seq_length
+    loss = build_loss(model, cfg, world > 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
+    per_epoch, total = steps_plan(cfg, len(train))
+    scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * total), total)
+    history = {"steps": total, "steps_per_epoch": per_epoch, "losses": [], "evaluations": []}
+    history["evaluations"].append(evaluate(model, cfg, held_out, eval_corpus, step=0))
+    step, epoch, started = 0, 0, time.perf_counter()
+    while step < total:
+        for batch in epoch_batches(train, cfg.train.batch_size, cfg.train.seed, epoch):
+            if step >= total:
+                break
+            model.train()
+            local = batch[rank::world]
+            value = loss(batch_features(model, local, cfg), torch.arange(len(local)))
+            optimizer.zero_grad()
+            value.backward()
+            if reduce_gradients:
+                reduce_gradients(model)
+            optimizer.step()
+            scheduler.step()
+            history["losses"].append(round(float(value.detach()), 5))
+            step += 1
+        epoch += 1
+        history["evaluations"].append(evaluate(model, cfg, held_out, eval_corpus, step=step))
+        if on_epoch:
+            on_epoch(history["evaluations"][-1])
+    history["seconds"] = round(time.perf_counter() - started, 3)
+    model.eval()
+    return model, history
+
+
+def eval_corpus_for(cfg: Config, held_out: list[Example], examples: list[Example]) -> dict[str, str]:
+    """Documents the held-out queries are ranked against: their positives, then (drawn with ``train.seed``) the
+    positives and mined negatives of all examples, up to ``train.eval_corpus_size`` documents."""
+    must = sorted({e.positive for e in held_out})
+    pool = sorted({t for e in examples for t in (e.positive, *e.negatives)} - set(must))
+    random.Random(cfg.train.seed).shuffle(pool)
+    texts = must + pool[:max(0, cfg.train.eval_corpus_size - len(must))]
+    return {f"e{i}": t for i, t in enumerate(texts)}
+
+
+def evaluate(model, cfg: Config, held_out: list[Example], corpus: dict[str, str], step: int) -> dict:
+    """nDCG@10 of the held-out queries (their positives relevant) over ``corpus``, exact cosine search."""
+    import torch
+
+    if not held_out:
+        return {"step": step, "ndcg@10": None, "queries": 0}
+    model.eval()
+    ids, texts = list(corpus), list(corpus.values())
+    where = {t: i for i, t in zip(ids, texts)}
+    queries = {e.query_id: e.query for e in held_out}
+    qrels: dict[str, dict[str, int]] = {}
+    for e in held_out:
+        qrels.setdefault(e.query_id, {})[where[e.positive]] = 1
+    with torch.inference_mode():
+        docs = model.encode(texts, batch_size=cfg.model.batch_size, prompt=cfg.model.document_prompt or None,
+                            normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        qv = model.encode(list(queries.values()), batch_size=cfg.model.batch_size,
+                          prompt=cfg.model.query_prompt or None, normalize_embeddings=True, convert_to_numpy=True,
+                          show_progress_bar=False)
+    top = np.argsort(-(qv @ docs.T), axis=1, kind="stable")[:, :10]
+    run = {qid: [ids[j] for j in row] for qid, row in zip(queries, top)}
+    figures = metrics.evaluate_run(run, qrels, ndcg_ks=(10,), recall_ks=(10,), mrr_ks=(10,))
+    return {"step": step, "ndcg@10": round(figures["ndcg@10"], 5), "queries": figures["queries"],
+            "corpus": len(corpus)}
+
+
+def average_gradients(model) -> None:
+    """All-reduce (mean) every gradient over the default process group (set up by Ray Train)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= world

@@ -1,0 +1,118 @@
+"""Training (one worker and Ray Train) and the pipeline, on the demo corpus with the tiny model."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import DEMO_CORPUS, REPO, config
+from jobs import encode, index, mine, pipeline, train
+from retrieval_core.config import load_config
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
+SETTINGS = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
+            "mine__pairs_path": str(PAIRS), "mine__query_id_column": "query_id", "train__batch_size": 8,
+            "train__max_steps": 3, "train__learning_rate": 1e-3, "train__eval_fraction": 0.2}
+
+
+def state(path) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device="cpu")
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory, tiny_model_without_dropout):
+    cfg = config(DEMO_CORPUS, tmp_path_factory.mktemp("train") / "out", model=tiny_model_without_dropout, **SETTINGS)
+    encode.run(cfg)
+    index.run(cfg)
+    mine.run(cfg)
+    return cfg
+
+
+def with_train_output(cfg, path, **runtime):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=str(path)),
+                               runtime=dataclasses.replace(cfg.runtime, **runtime))
+
+
+def test_ray_train_workers_compute_the_single_worker_updates(mined, tmp_path, tiny_model_without_dropout):
+    one = train.run(with_train_output(mined, tmp_path / "one"))
+    two = train.run(with_train_output(mined, tmp_path / "two", num_workers=2))
+    assert one["history"]["steps"] == two["history"]["steps"] == 3
+    a, b, base = state(tmp_path / "one"), state(tmp_path / "two"), state(tiny_model_without_dropout)
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=2e-5, err_msg=name)
+    assert any(not np.allclose(a[name], base[name], atol=1e-4) for name in a)
+    record = json.loads((tmp_path / "one" / "training.json").read_text())
+    assert len(record["history"]["losses"]) == 3 and record["history"]["evaluations"][0]["queries"] > 0
+
+
+def test_finished_training_is_reused_and_other_settings_refused(mined, tmp_path):
+    cfg = with_train_output(mined, tmp_path / "m")
+    first = train.run(cfg)
+    again = train.run(cfg)
+    assert again["reused"] and again["history"] == first["history"]
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=5e-4))
+    with pytest.raises(Exception, match="other settings"):
+        train.run(other)
+
+
+def pipeline_command(root, model, *extra):
+    items = [f"output.root={root}", f"model.name={model}", "runtime.progress=false"]
+    items += [f"{k.replace('__', '.')}={v}" for k, v in SETTINGS.items()] + list(extra)
+    command = [sys.executable, "-m", "jobs.pipeline"]
+    for item in items:
+        command += ["--set", item]
+    return command
+
+
+def outputs(root: Path) -> dict:
+    """What a pipeline run leaves that must not depend on interruptions: metrics, negatives, trained weights."""
+    from retrieval_core import mining
+
+    return {"eval": json.loads((root / "eval" / "metrics.json").read_text())["metrics"],
+            "reeval": json.loads((root / "trained" / "eval" / "metrics.json").read_text())["metrics"],
+            "negatives": mining.read_parts(str(root)).column("negative_ids").to_pylist(),
+            "weights": state(root / "model")}
+
+
+def test_pipeline_killed_during_training_resumes_to_the_clean_result(tmp_path, tiny_model_without_dropout):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    clean = subprocess.run(pipeline_command(tmp_path / "clean", tiny_model_without_dropout), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert "reevaluate" in clean.stdout and "total" in clean.stdout
+    root = tmp_path / "killed"
+    proc = subprocess.Popen(pipeline_command(root, tiny_model_without_dropout), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (root / "negatives" / "_manifest.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "trained" / "eval" / "metrics.json").exists()
+    rerun = subprocess.run(pipeline_command(root, tiny_model_without_dropout), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    a, b = outputs(tmp_path / "clean"), outputs(root)
+    assert a["eval"] == b["eval"] and a["negatives"] == b["negatives"]
+    assert a["reeval"] == pytest.approx(b["reeval"], abs=1e-6)
+    for name in a["weights"]:
+        np.testing.assert_allclose(a["weights"][name], b["weights"][name], atol=1e-6, err_msg=name)
+
+
+def test_pipeline_stages_select_what_runs(tmp_path, tiny_model_without_dropout):
+    cfg = load_config(None, [f"output.root={tmp_path}", f"model.name={tiny_model_without_dropout}",
+                             "runtime.progress=false", "pipeline.stages=[encode, index]", "index.type=Flat"])
+    results = pipeline.run(cfg)
+    assert list(results) == ["encode", "index"]
+    assert (tmp_path / "index" / "manifest.json").exists() and not (tmp_path / "negatives").exists()

@@ -1,0 +1,66 @@
+"""Training pieces without Ray: batching, the held-out split, the schedule, and a short fit on the tiny model."""
+import numpy as np
+import pytest
+
+from helpers import config
+from retrieval_core import training
+from retrieval_core.training import Example
+
+
+def examples(queries=20, positives=1):
+    return [Example(f"q{q}", f"question {q} about topic {q}", f"answer {q} p{p} about topic {q}",
+                    (f"other text {q + 1}", f"unrelated {q + 2}"))
+            for q in range(queries) for p in range(positives)]
+
+
+def test_batches_never_repeat_a_query_and_cover_each_example_at_most_once():
+    data = examples(queries=30, positives=3)
+    batches = training.epoch_batches(data, 8, seed=1, epoch=0)
+    assert all(len(b) == 8 and len({e.query_id for e in b}) == 8 for b in batches)
+    flat = [e for b in batches for e in b]
+    assert len(flat) == len(set(flat)) and len(flat) >= len(data) - 8 * 2
+    assert training.epoch_batches(data, 8, 1, 0) == batches
+    assert training.epoch_batches(data, 8, 1, 1) != batches
+
+
+def test_split_keeps_each_query_on_one_side():
+    data = examples(queries=50, positives=2)
+    train, held = training.split_examples(data, 0.2, seed=3)
+    assert {e.query_id for e in train}.isdisjoint({e.query_id for e in held})
+    assert len({e.query_id for e in held}) == 10 and len(train) + len(held) == len(data)
+    assert training.split_examples(data, 0.2, seed=3) == (train, held)
+
+
+def test_steps_and_linear_schedule(tmp_path):
+    import torch
+
+    cfg = config("unused", tmp_path, train__batch_size=4, train__epochs=3)
+    assert training.steps_plan(cfg, 18) == (4, 12)
+    cfg = config("unused", tmp_path, train__batch_size=4, train__max_steps=5)
+    assert training.steps_plan(cfg, 18) == (4, 5)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = training.linear_schedule(optimizer, warmup=2, total=6)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_fit_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = config("unused", tmp_path, model=tiny_model, train__batch_size=8, train__num_negatives=2,
+                 train__max_steps=12, train__learning_rate=5e-3, train__warmup_ratio=0)
+    data = examples(queries=16)
+    model, history = training.fit(cfg, data, data[:4], training.eval_corpus_for(cfg, data[:4], data))
+    assert history["steps"] == 12 and len(history["losses"]) == 12
+    assert np.mean(history["losses"][-3:]) < np.mean(history["losses"][:3])
+    assert history["evaluations"][0]["step"] == 0 and history["evaluations"][-1]["step"] == 12
+    model.save(str(tmp_path / "model"))
+    reloaded = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    text = ["question 3 about topic 3"]
+    np.testing.assert_allclose(reloaded.encode(text), model.encode(text), atol=1e-6)
+    base = SentenceTransformer(tiny_model, device="cpu")
+    assert not np.allclose(base.encode(text), model.encode(text), atol=1e-4)
