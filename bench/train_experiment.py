@@ -79,7 +79,7 @@ def config(args, root: Path, paths: dict, num_negatives: int):
         f"mine.relative_margin={args.relative_margin}", f"mine.num_negatives={max(args.negatives, 1)}",
         f"train.num_negatives={num_negatives}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
         f"train.learning_rate={args.learning_rate}", f"train.max_steps={args.max_steps}", f"train.seed={args.seed}",
-        "train.eval_fraction=0.1", "mine.formats=[triplet]"])
+        "train.eval_fraction=0.1", "train.eval_corpus_size=500", "mine.formats=[triplet]"])
 
 
 def run_variant(cfg) -> dict:

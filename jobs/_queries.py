@@ -41,3 +41,15 @@ def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySessi
         for worker in workers:
             ray.kill(worker)
     return np.vstack([results[i] for i in range(len(chunks))])
+
+
+def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row ids), each (n x k) best first, of query texts searched in the index under ``output.root``,
+    after checking that the run's model settings give the index's encoder."""
+    from retrieval_core import faiss_index
+
+    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options)
+    check_encoder(cfg, manifest)
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        vectors = encode_queries(cfg, texts, session)
+    return faiss_index.search(index, vectors, k, cfg.search.batch_size)

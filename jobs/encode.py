@@ -83,15 +83,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _cli.parser(__doc__).parse_args(argv)
-    cfg = _cli.config_from_args(args)
-    try:
-        summary = run(cfg)
-    except (corpus.CorpusError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(format_summary(summary))
-    return 0
+    return _cli.run_job(__doc__, run, format_summary, argv)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ import logging
 import sys
 import time
 
-from jobs import _cli, _queries, _runtime
-from retrieval_core import faiss_index, indexing, lookup, metrics, storage
+from jobs import _cli, _queries
+from retrieval_core import indexing, lookup, metrics, storage
 from retrieval_core.config import Config
-from retrieval_core.manifest import IncompatibleOutputError, stamp
+from retrieval_core.manifest import stamp
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -30,11 +30,7 @@ def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) ->
 
 def retrieve(cfg: Config, texts: list[str], depth: int) -> tuple[list[list[str]], list[list[float]]]:
     """Doc ids and scores of the top ``depth`` hits of each query text, best first."""
-    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options)
-    _queries.check_encoder(cfg, manifest)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
-        vectors = _queries.encode_queries(cfg, texts, session)
-    scores, ids = faiss_index.search(index, vectors, depth, cfg.search.batch_size)
+    scores, ids = _queries.search_texts(cfg, texts, depth)
     mapping = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
     return lookup.as_doc_ids(ids, mapping), [row[row_ids >= 0].tolist() for row, row_ids in zip(scores, ids)]
 
@@ -68,15 +64,7 @@ def format_summary(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _cli.parser(__doc__).parse_args(argv)
-    cfg = _cli.config_from_args(args)
-    try:
-        result = run(cfg)
-    except (FileNotFoundError, IncompatibleOutputError, ValueError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(format_summary(result))
-    return 0
+    return _cli.run_job(__doc__, run, format_summary, argv)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _runtime
-from retrieval_core import faiss_index, indexing, storage
+from retrieval_core import indexing, storage
 from retrieval_core.config import Config
-from retrieval_core.manifest import IncompatibleOutputError
 
 log = logging.getLogger("jobs.index")
 
@@ -78,16 +77,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _cli.parser(__doc__).parse_args(argv)
-    cfg = _cli.config_from_args(args)
-    try:
-        summary = run(cfg)
-    except (FileNotFoundError, IncompatibleOutputError, faiss_index.IndexTypeError, ValueError,
-            RuntimeError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(format_summary(summary))
-    return 0
+    return _cli.run_job(__doc__, run, format_summary, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import time
 from jobs import _cli, _runtime, encode, evaluate, index, mine, train
 from retrieval_core import storage
 from retrieval_core.config import Config, PIPELINE_STAGES
-from retrieval_core.manifest import IncompatibleOutputError
 
 log = logging.getLogger("jobs.pipeline")
 
@@ -77,15 +76,7 @@ def format_table(rows: list[tuple[str, str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _cli.parser(__doc__).parse_args(argv)
-    cfg = _cli.config_from_args(args)
-    try:
-        results = run(cfg)
-    except (FileNotFoundError, IncompatibleOutputError, ValueError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(format_table(summary_rows(results)))
-    return 0
+    return _cli.run_job(__doc__, run, lambda results: format_table(summary_rows(results)), argv)
 
 
 if __name__ == "__main__":

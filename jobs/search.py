@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from jobs import _cli, _queries, _runtime
-from retrieval_core import faiss_index, indexing, lookup
+from jobs import _cli, _queries
+from retrieval_core import lookup
 from retrieval_core.config import Config
 from retrieval_core.manifest import IncompatibleOutputError
 
@@ -19,12 +19,7 @@ PREVIEW_CHARS = 80
 
 def run(cfg: Config, queries: list[str], k: int | None = None) -> list[list[dict]]:
     """For each query, its top k hits as dicts (rank, score, row_id, doc_id, text), best first."""
-    k = k or cfg.search.k
-    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options)
-    _queries.check_encoder(cfg, manifest)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
-        vectors = _queries.encode_queries(cfg, queries, session)
-    scores, ids = faiss_index.search(index, vectors, k, cfg.search.batch_size)
+    scores, ids = _queries.search_texts(cfg, queries, k or cfg.search.k)
     doc_ids = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
     texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
     return [[{"rank": rank + 1, "score": float(score), "row_id": int(row), "doc_id": doc_ids.get(int(row)),

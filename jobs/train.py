@@ -133,15 +133,7 @@ def format_summary(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _cli.parser(__doc__).parse_args(argv)
-    cfg = _cli.config_from_args(args)
-    try:
-        record = run(cfg)
-    except (FileNotFoundError, IncompatibleOutputError, ValueError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(format_summary(record))
-    return 0
+    return _cli.run_job(__doc__, run, format_summary, argv)
 
 
 if __name__ == "__main__":

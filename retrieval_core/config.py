@@ -208,6 +208,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"'{key}' = {value!r}: expected a number")
     if hint is str:
         if isinstance(value, str):

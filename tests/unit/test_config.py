@@ -82,3 +82,11 @@ def _flatten(d, prefix=""):
             yield from _flatten(v, f"{prefix}{k}.")
         elif not (isinstance(v, dict) and not v):
             yield f"{prefix}{k}", yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    from retrieval_core.config import ConfigError, load_config
+
+    assert load_config(None, ["train.learning_rate=2e-5"]).train.learning_rate == 2e-5
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        load_config(None, ["train.learning_rate=fast"])
