@@ -65,8 +65,20 @@ def run(cfg: Config) -> dict:
 
 
 def _train_here(cfg: Config, train_set, held_out, corpus, output: str) -> dict:
+    from tqdm import tqdm
+
     encoding.set_torch_threads(encoding.cpu_count())
-    model, history = training.fit(cfg, train_set, held_out, corpus, on_epoch=_log_epoch)
+    bar = tqdm(total=training.steps_plan(cfg, len(train_set))[1], unit="step", desc="train",
+               disable=not cfg.runtime.progress, dynamic_ncols=True)
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    try:
+        model, history = training.fit(cfg, train_set, held_out, corpus, on_epoch=_log_epoch, on_step=on_step)
+    finally:
+        bar.close()
     save_model(model, output, cfg.output.storage_options)
     return history
 
@@ -89,7 +101,7 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str) ->
         rank, world = context.get_world_rank(), context.get_world_size()
         encoding.set_torch_threads(cfg.runtime.cpus_per_worker)
         model, history = training.fit(cfg, train_set, held_out if rank == 0 else [], corpus, rank, world,
-                                      training.average_gradients)
+                                      training.average_gradients, on_epoch=_log_epoch if rank == 0 else None)
         if rank == 0:
             save_model(model, output, cfg.output.storage_options)
             storage.write_json_atomic(storage.join(output, "_history.json"), history, cfg.output.storage_options)

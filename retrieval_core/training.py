@@ -128,9 +128,9 @@ def linear_schedule(optimizer, warmup: int, total: int):
 
 def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus: dict[str, str],
         rank: int = 0, world: int = 1, reduce_gradients: Callable | None = None,
-        on_epoch: Callable[[dict], None] | None = None):
+        on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int, float], None] | None = None):
     """Train ``cfg.model.name`` on ``train``; this worker takes every ``world``-th example of each global batch.
-    Returns (model, history). Memory: the model, the optimizer state (2x the weights) and one batch of
+    ``on_step(step, total, loss)`` and ``on_epoch(evaluation)`` report progress. Returns (model, history). Memory: the model, the optimizer state (2x the weights) and one batch of
     activations (one mini-batch with ``train.cached``)."""
     import torch
     from sentence_transformers import SentenceTransformer
@@ -162,6 +162,8 @@ def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus:
             scheduler.step()
             history["losses"].append(round(float(value.detach()), 5))
             step += 1
+            if on_step:
+                on_step(step, total, history["losses"][-1])
         epoch += 1
         history["evaluations"].append(evaluate(model, cfg, held_out, eval_corpus, step=step))
         if on_epoch:
