@@ -67,7 +67,16 @@ def layout_of(cfg: Config) -> IndexLayout:
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far, in MiB. Linux: VmHWM of /proc/self/status (ru_maxrss would
+    carry over the memory of the parent a process was forked from, e.g. a benchmark that launched the job);
+    elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
