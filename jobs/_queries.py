@@ -43,13 +43,13 @@ def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySessi
     return np.vstack([results[i] for i in range(len(chunks))])
 
 
-def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, row ids), each (n x k) best first, of query texts searched in the index under ``output.root``,
-    after checking that the run's model settings give the index's encoder."""
+def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(scores, row ids, index manifest): scores and ids (n x k, best first) of query texts searched in the index
+    under ``output.root``, after checking that the run's model settings give the index's encoder."""
     from retrieval_core import faiss_index
 
     index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options)
     check_encoder(cfg, manifest)
     with _runtime.LazyRaySession(cfg.runtime) as session:
         vectors = encode_queries(cfg, texts, session)
-    return faiss_index.search(index, vectors, k, cfg.search.batch_size)
+    return (*faiss_index.search(index, vectors, k, cfg.search.batch_size), manifest)

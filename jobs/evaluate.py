@@ -11,7 +11,7 @@ import sys
 import time
 
 from jobs import _cli, _queries
-from retrieval_core import indexing, lookup, metrics, storage
+from retrieval_core import lookup, metrics, storage
 from retrieval_core.config import Config
 from retrieval_core.manifest import stamp
 
@@ -28,11 +28,11 @@ def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) ->
     return ids
 
 
-def retrieve(cfg: Config, texts: list[str], depth: int) -> tuple[list[list[str]], list[list[float]]]:
-    """Doc ids and scores of the top ``depth`` hits of each query text, best first."""
-    scores, ids = _queries.search_texts(cfg, texts, depth)
+def retrieve(cfg: Config, texts: list[str], depth: int) -> tuple[list[list[str]], dict]:
+    """Doc ids of the top ``depth`` hits of each query text (best first), and the index manifest."""
+    _, ids, index_manifest = _queries.search_texts(cfg, texts, depth)
     mapping = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
-    return lookup.as_doc_ids(ids, mapping), [row[row_ids >= 0].tolist() for row, row_ids in zip(scores, ids)]
+    return lookup.as_doc_ids(ids, mapping), index_manifest
 
 
 def run(cfg: Config) -> dict:
@@ -42,11 +42,10 @@ def run(cfg: Config) -> dict:
     queries = metrics.read_queries(ev.queries_path, ev.storage_options)
     qrels = metrics.read_qrels(ev.qrels_path, ev.storage_options)
     qids = judged_queries(queries, qrels)
-    ranked, _ = retrieve(cfg, [queries[q] for q in qids], ev.depth)
+    ranked, index_manifest = retrieve(cfg, [queries[q] for q in qids], ev.depth)
     run_ = dict(zip(qids, ranked))
     figures = metrics.evaluate_run(run_, qrels)
     per_query = metrics.per_query_metrics(run_, qrels)
-    index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
     result = {**stamp(), "stage": "eval", "metrics": figures, "queries_path": ev.queries_path,
               "qrels_path": ev.qrels_path, "depth": ev.depth, "index_type": index_manifest["type"],
               "search_parameters": index_manifest["search_parameters"],

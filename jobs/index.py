@@ -36,14 +36,7 @@ def run(cfg: Config) -> dict:
         trained_ref = ray.put(trained)
         add_s = _add_pending(cfg, plan, tasks["add"], trained_ref) if plan.mergeable else 0.0
         result = ray.get(tasks["finish"].remote(cfg, plan, trained_ref, node_cpus))
-    records = indexing.shard_records(cfg, plan) if plan.mergeable else []
-    timings = {"train": train_info["seconds"], "add": round(add_s, 3), "merge": result["merge_s"],
-               "recall": result["recall_s"], "total": round(time.perf_counter() - started, 3)}
-    memory = {"driver": indexing.peak_memory_mb(), "train_task": train_info["peak_memory_mb"],
-              "add_tasks_max": max((r["peak_memory_mb"] for r in records), default=None),
-              "merge_task": result["peak_memory_mb"]}
-    manifest = indexing.write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records, memory)
-    return _summary(manifest, reused=False)
+    return _summary(indexing.complete(cfg, plan, train_info, add_s, result, started, in_tasks=True), reused=False)
 
 
 def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
@@ -65,7 +58,7 @@ def _summary(manifest: dict, reused: bool) -> dict:
     return {"type": manifest["type"], "metric": manifest["metric"], "ntotal": manifest["ntotal"],
             "shards": len(manifest["shards"]), "recall_at_10": recall["recall_at_10"],
             "search_parameters": manifest["search_parameters"], "seconds": manifest["timings_s"]["total"],
-            "reused": reused, "output": manifest.get("output", "")}
+            "reused": reused}
 
 
 def format_summary(s: dict) -> str:

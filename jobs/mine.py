@@ -13,7 +13,6 @@ import sys
 import time
 
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
@@ -34,8 +33,8 @@ def run(cfg: Config) -> dict:
     _queries.check_encoder(cfg, index_manifest)
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     queries = mining.load_queries(cfg.mine)
-    kept, rejects = mining.resolve_positives(queries, lookup.all_doc_ids(cfg.output.root,
-                                                                        cfg.output.storage_options, emb))
+    doc_rows = lookup.all_doc_ids(cfg.output.root, cfg.output.storage_options, emb)
+    kept, rejects = mining.resolve_positives(queries, doc_rows)
     if not kept:
         raise ValueError(f"none of the {len(queries)} queries has a positive in the corpus "
                          f"(e.g. {[r['doc_id'] for r in rejects[:3]]}): check mine.positive_column and the corpus ids")
@@ -52,7 +51,7 @@ def run(cfg: Config) -> dict:
             _mine_pending(cfg, session, emb, index_manifest, parts, pending, range_max, depth)
     records = mining.part_records(cfg, len(parts))
     mining.write_rejects(cfg, rejects)
-    extra = _exports_and_report(cfg, records, len(queries), len(rejects))
+    extra = _exports_and_report(cfg, records, doc_rows, len(queries), len(rejects))
     manifest = mining.write_manifest(cfg, identity, records, len(queries), rejects,
                                      {**extra, "range_max": range_max, "search_depth": depth,
                                       "seconds": round(time.perf_counter() - started, 3)})
@@ -111,21 +110,16 @@ def _search(cfg: Config, searchers: list, vectors: np.ndarray, depth: int) -> tu
     return search.merge_topk([(np.vstack([p[0] for p in pieces]), np.vstack([p[1] for p in pieces]))], depth, "ip")
 
 
-def _exports_and_report(cfg: Config, records: list, input_queries: int, rejected: int) -> dict:
+def _exports_and_report(cfg: Config, records: list, doc_rows: dict, input_queries: int, rejected: int) -> dict:
     layout = mining.layout_of(cfg)
-    tables = [storage.read_parquet(layout.file(r["path"]), layout.storage_options) for r in records]
-    parts = pa.concat_tables(tables) if tables else mining.PART_SCHEMA.empty_table()
+    parts = mining.concat_parts(cfg.output.root, records, cfg.output.storage_options)
     doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in parts.column(column).to_pylist()
                for d in ids}
-    rows = lookup.all_doc_ids(cfg.output.root, cfg.output.storage_options)
-    texts_by_row = lookup.texts_for_rows(cfg.output.root, [rows[d] for d in doc_ids], cfg.output.storage_options)
-    texts = {d: texts_by_row[rows[d]] for d in doc_ids}
+    texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options, doc_rows)
     written = exports.write_exports(layout.file("exports"), parts, texts, list(cfg.mine.formats),
                                     cfg.mine.num_negatives, cfg.mine.output_scores, layout.storage_options)
-    counts = {"queries": {key: sum(r[key] for r in records)
-                          for key in ("queries", "complete", "incomplete", "without_negatives", "written")},
-              "filtered": {rule: sum(r["filtered"][rule] for r in records) for rule in negatives.FILTERS},
-              "input_queries": input_queries, "rejected_positives": rejected}
+    totals, filtered = mining.count_totals(records)
+    counts = {"queries": totals, "filtered": filtered, "input_queries": input_queries, "rejected_positives": rejected}
     summary = exports.report(parts, counts)
     storage.write_json_atomic(layout.file("report.json"), summary, layout.storage_options)
     storage.write_bytes_atomic(layout.file("report.png"), exports.report_figure(parts, summary),

@@ -19,7 +19,7 @@ PREVIEW_CHARS = 80
 
 def run(cfg: Config, queries: list[str], k: int | None = None) -> list[list[dict]]:
     """For each query, its top k hits as dicts (rank, score, row_id, doc_id, text), best first."""
-    scores, ids = _queries.search_texts(cfg, queries, k or cfg.search.k)
+    scores, ids, _ = _queries.search_texts(cfg, queries, k or cfg.search.k)
     doc_ids = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
     texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
     return [[{"rank": rank + 1, "score": float(score), "row_id": int(row), "doc_id": doc_ids.get(int(row)),

@@ -25,7 +25,7 @@ import numpy as np
 from . import faiss_index, search, storage
 from .config import Config, parse_memory
 from .embeddings import read_embeddings_manifest, read_shard_vectors
-from .manifest import IncompatibleOutputError, check_same_identity, read_manifest, stamp
+from .manifest import IncompatibleOutputError, claim_stage_dir, read_manifest, stamp
 
 log = logging.getLogger(__name__)
 RECALL_K = 10
@@ -118,18 +118,8 @@ def prepare(cfg: Config) -> IndexPlan:
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     plan = plan_index(cfg, emb)
     layout = layout_of(cfg)
-    plan_url = layout.file("_plan.json")
-    previous = storage.read_json(plan_url, layout.storage_options) if storage.exists(plan_url,
-                                                                                      layout.storage_options) else None
-    if previous and cfg.output.overwrite:
-        storage.remove(layout.dir, layout.storage_options)
-        previous = None
-    if previous:
-        check_same_identity(previous["identity"], plan.identity, layout.dir)
-    else:
-        storage.write_json_atomic(plan_url, {**stamp(), "identity": plan.identity, "config": cfg.to_dict(),
-                                             "shards": [s["name"] for s in plan.shards]}, layout.storage_options)
-    storage.remove_temporaries(layout.dir, layout.storage_options)
+    claim_stage_dir(layout.dir, plan.identity, {"config": cfg.to_dict(), "shards": [s["name"] for s in plan.shards]},
+                    cfg.output.overwrite, layout.storage_options)
     return plan
 
 
@@ -348,6 +338,21 @@ def check_query_encoder(manifest: dict, identity: dict) -> None:
             + "\nuse the model settings the index was built with, or re-encode and re-index")
 
 
+def complete(cfg: Config, plan: IndexPlan, train_info: dict, add_s: float, result: dict, started: float,
+             in_tasks: bool) -> dict:
+    """Write the manifest of a finished build from the reports of its steps (``finish`` gives ``result``); with
+    ``in_tasks`` the peak memory of the train, add and merge tasks is recorded next to the driver's."""
+    records = shard_records(cfg, plan) if plan.mergeable else []
+    timings = {"train": train_info["seconds"], "add": round(add_s, 3), "merge": result["merge_s"],
+               "recall": result["recall_s"], "total": round(time.perf_counter() - started, 3)}
+    memory = {"driver": peak_memory_mb()}
+    if in_tasks:
+        memory |= {"train_task": train_info["peak_memory_mb"],
+                   "add_tasks_max": max((r["peak_memory_mb"] for r in records), default=None),
+                   "merge_task": result["peak_memory_mb"]}
+    return write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records, memory)
+
+
 def build_in_process(cfg: Config) -> dict:
     """The whole stage in this process, shard after shard (tests, small corpora); returns the manifest.
     ``jobs.index`` runs the same steps with the shard adds spread over Ray workers."""
@@ -359,12 +364,7 @@ def build_in_process(cfg: Config) -> dict:
         for shard in pending_shards(cfg, plan):
             add_shard(cfg, plan, shard, trained)
     add_s = time.perf_counter() - add_started
-    result = finish(cfg, plan, trained)
-    records = shard_records(cfg, plan) if plan.mergeable else []
-    timings = {"train": train_info["seconds"], "add": round(add_s, 3), "merge": result["merge_s"],
-               "recall": result["recall_s"], "total": round(time.perf_counter() - started, 3)}
-    return write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records,
-                          {"driver": peak_memory_mb()})
+    return complete(cfg, plan, train_info, add_s, finish(cfg, plan, trained), started, in_tasks=False)
 
 
 def load_shard_index(root: str, shard_name: str, storage_options: dict | None = None):

@@ -77,6 +77,16 @@ def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | No
     return out
 
 
+def texts_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,
+                      doc_rows: dict[str, int] | None = None) -> dict[str, str]:
+    """Doc id -> encoded text, through the doc id -> row id map (``doc_rows``, read from the shards when not
+    given) and :func:`texts_for_rows`."""
+    doc_rows = doc_rows if doc_rows is not None else all_doc_ids(root, storage_options)
+    wanted = set(doc_ids)
+    by_row = texts_for_rows(root, [doc_rows[d] for d in wanted], storage_options)
+    return {d: by_row[doc_rows[d]] for d in wanted}
+
+
 def as_doc_ids(ids: np.ndarray, mapping: dict[int, str]) -> list[list[str]]:
     """Rows of global row ids (-1 = no result) -> rows of doc ids, dropping missing results."""
     return [[mapping[int(r)] for r in row if r >= 0 and int(r) in mapping] for row in ids]

@@ -51,3 +51,20 @@ def read_manifest(url: str, storage_options: dict | None = None, stage: str = ""
     if version != SCHEMA_VERSION:
         raise IncompatibleOutputError(f"'{url}' has schema version {version}; this code reads {SCHEMA_VERSION}")
     return manifest
+
+
+def claim_stage_dir(stage_dir: str, identity: dict, plan: dict, overwrite: bool,
+                    storage_options: dict | None = None) -> None:
+    """Before a stage writes into ``stage_dir``: an earlier ``_plan.json`` with another identity is refused (each
+    difference listed), or with ``overwrite`` the directory is cleared; a new plan (``identity`` plus ``plan``)
+    is written; temporaries a killed run left are removed."""
+    plan_url = storage.join(stage_dir, "_plan.json")
+    previous = storage.read_json(plan_url, storage_options) if storage.exists(plan_url, storage_options) else None
+    if previous and overwrite:
+        storage.remove(stage_dir, storage_options)
+        previous = None
+    if previous:
+        check_same_identity(previous["identity"], identity, stage_dir)
+    else:
+        storage.write_json_atomic(plan_url, {**stamp(), "identity": identity, **plan}, storage_options)
+    storage.remove_temporaries(stage_dir, storage_options)

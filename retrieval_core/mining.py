@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from . import lookup, negatives, storage
 from .config import Config, MineConfig
-from .manifest import check_same_identity, read_manifest, stamp
+from .manifest import claim_stage_dir, read_manifest, stamp
 from .metrics import EvaluationDataError, jsonl_records, parquet_records, read_qrels, read_queries
 
 log = logging.getLogger(__name__)
@@ -174,18 +174,8 @@ def mining_identity(cfg: Config, index_manifest: dict, queries: list[MiningQuery
 def prepare(cfg: Config, identity: dict, parts: int) -> None:
     """Check (or, with ``output.overwrite``, clear) an earlier run, and write the plan."""
     layout = layout_of(cfg)
-    plan = layout.file("_plan.json")
-    previous = storage.read_json(plan, layout.storage_options) if storage.exists(plan, layout.storage_options) \
-        else None
-    if previous and cfg.output.overwrite:
-        storage.remove(layout.dir, layout.storage_options)
-        previous = None
-    if previous:
-        check_same_identity(previous["identity"], identity, layout.dir)
-    else:
-        storage.write_json_atomic(plan, {**stamp(), "identity": identity, "parts": parts, "config": cfg.to_dict()},
-                                  layout.storage_options)
-    storage.remove_temporaries(layout.dir, layout.storage_options)
+    claim_stage_dir(layout.dir, identity, {"parts": parts, "config": cfg.to_dict()}, cfg.output.overwrite,
+                    layout.storage_options)
 
 
 def pending_parts(cfg: Config, parts: int) -> list[int]:
@@ -242,12 +232,22 @@ def part_records(cfg: Config, parts: int) -> list[dict]:
     return [storage.read_json(layout.record_file(i), layout.storage_options) for i in range(parts)]
 
 
+def concat_parts(root: str, parts: list[dict], storage_options: dict | None = None) -> pa.Table:
+    """The part files named by ``parts`` (commit records or manifest entries, each with a ``path``), in order."""
+    tables = [storage.read_parquet(storage.join(root, "negatives", p["path"]), storage_options) for p in parts]
+    return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
+
+
 def read_parts(root: str, storage_options: dict | None = None) -> pa.Table:
     """Every committed part of a completed mining run, in query order."""
-    manifest = read_manifest(storage.join(root, "negatives", "_manifest.json"), storage_options, "mine")
-    tables = [storage.read_parquet(storage.join(root, "negatives", p["path"]), storage_options)
-              for p in manifest["parts"]]
-    return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
+    return concat_parts(root, read_mine_manifest(root, storage_options)["parts"], storage_options)
+
+
+def count_totals(records: list[dict]) -> tuple[dict, dict]:
+    """(query counts, candidates removed per filter) summed over the parts' commit records."""
+    totals = {key: sum(r[key] for r in records)
+              for key in ("queries", "complete", "incomplete", "without_negatives", "written")}
+    return totals, {rule: sum(r["filtered"][rule] for r in records) for rule in negatives.FILTERS}
 
 
 def write_rejects(cfg: Config, rejects: list[dict]) -> None:
@@ -258,9 +258,7 @@ def write_rejects(cfg: Config, rejects: list[dict]) -> None:
 
 def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queries: int, rejects: list[dict],
                    extra: dict) -> dict:
-    totals = {key: sum(r[key] for r in records)
-              for key in ("queries", "complete", "incomplete", "without_negatives", "written")}
-    filtered = {rule: sum(r["filtered"][rule] for r in records) for rule in negatives.FILTERS}
+    totals, filtered = count_totals(records)
     manifest = {**stamp(), "stage": "negatives", "fingerprint": identity["fingerprint"], "identity": identity,
                 "input_queries": input_queries, "rejected_positives": len(rejects),
                 "queries_without_positives": input_queries - totals["queries"], "totals": totals,

@@ -37,10 +37,8 @@ def load_examples(cfg: Config) -> list[Example]:
     """One example per (query, positive) of the mined parts, with the first ``train.num_negatives`` negatives;
     queries with fewer mined negatives than that are left out (counted in the log)."""
     parts = mining.read_parts(cfg.output.root, cfg.output.storage_options).to_pylist()
-    doc_ids = {d for p in parts for d in p["positive_ids"] + p["negative_ids"]}
-    rows = lookup.all_doc_ids(cfg.output.root, cfg.output.storage_options)
-    by_row = lookup.texts_for_rows(cfg.output.root, [rows[d] for d in doc_ids], cfg.output.storage_options)
-    text = {d: by_row[rows[d]] for d in doc_ids}
+    text = lookup.texts_for_doc_ids(cfg.output.root, {d for p in parts for d in p["positive_ids"] + p["negative_ids"]},
+                                    cfg.output.storage_options)
     n = cfg.train.num_negatives
     examples, short = [], 0
     for p in parts:
