@@ -1,10 +1,11 @@
 # make demo  - install everything (first time) and run the main job on the bundled demo corpus
-# make test  - install everything (first time) and run the tests
+# make test  - install everything (first time) and run the tests (about 10 minutes on 2 cores)
+# make test-fast - the unit tests only (no Ray, about a minute): the edit-test loop
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test test-fast setup bench clean
 
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/demo.yaml
@@ -12,6 +13,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 setup: $(STAMP)
 

@@ -1,6 +1,6 @@
 """Benchmark: retrieval metrics of this project's jobs against sentence-transformers' own evaluator, in one run.
 
-What it measures, on SciFact (``../shared/data/scifact``: corpus, train queries and qrels) by default:
+What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact``: corpus, train queries and qrels) by default:
   * reference: what a user would otherwise run -- ``InformationRetrievalEvaluator`` of sentence-transformers with
     the same model (all-MiniLM-L6-v2), documents as ``title + " " + text``, exact cosine search over the whole
     corpus, nDCG@10, recall@10, recall@100 and MRR@10.
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+SCIFACT = Path(os.environ.get("SCIFACT_DIR") or REPO.parent / "shared" / "data" / "scifact")  # BEIR SciFact
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
 TOLERANCE = 1e-4
 

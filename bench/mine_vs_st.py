@@ -1,6 +1,6 @@
 """Benchmark: hard-negative mining with this project's jobs against sentence-transformers' mine_hard_negatives.
 
-What it measures, on SciFact (``../shared/data/scifact``: corpus, train queries and qrels), in one run:
+What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact``: corpus, train queries and qrels), in one run:
   * ``mine_hard_negatives`` (sentence-transformers), what a user would otherwise run: the (query, positive text)
     pairs of the train qrels, the whole corpus as candidates (``title + " " + text``), all-MiniLM-L6-v2, once with
     ``use_faiss=False`` and once with ``use_faiss=True``. Each call encodes the corpus and the queries itself.
@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+SCIFACT = Path(os.environ.get("SCIFACT_DIR") or REPO.parent / "shared" / "data" / "scifact")  # BEIR SciFact
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,6 +26,11 @@ class EncodeWorker:
         worker = {"node_id": ray.get_runtime_context().get_node_id()}
         return encode_shard(shard, cfg, self.encoder, encoder_identity, worker)
 
+    def encode_segment(self, segment, plan, cfg: Config, encoder_identity: dict) -> dict:
+        from retrieval_core.refreshing import encode_segment
+
+        return encode_segment(plan, segment, cfg, self.encoder, encoder_identity, _node())
+
     def encode_queries(self, texts: list[str]):
         return self.encoder.encode_queries(texts)
 

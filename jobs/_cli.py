@@ -1,29 +1,53 @@
-"""Command-line parsing shared by every stage: ``--config F`` and repeatable ``--set key=value``."""
+"""Command-line handling shared by every stage: ``--config F``, repeatable ``--set key=value``, help that lists
+the stage's main keys with their defaults, one-line errors, and a clean stop on Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from retrieval_core.config import Config, ConfigError, load_config
+from jobs import _runtime
+from retrieval_core import manifest
+from retrieval_core.config import Config, ConfigError, default_value, load_config
+
+REFERENCE = ("Every key with its default: configs/demo.yaml. Full reference: README.md, section "
+             "'Configuration reference'.")
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", help="YAML config file or fsspec URL (default: built-in defaults = configs/demo.yaml)")
+def parser(description: str, prog: str, keys: Iterable[str] = ()) -> argparse.ArgumentParser:
+    """The stage's parser; its help shows ``prog`` (e.g. ``python -m jobs.encode``), ``description`` as written,
+    and ``keys`` with their built-in defaults."""
+    p = argparse.ArgumentParser(prog=prog, description=description.strip(), epilog=_keys_help(keys),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file or fsspec URL (default: the built-in defaults, which equal "
+                                    "configs/demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set model.batch_size=64 (repeatable; value parsed as YAML)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
 
 
+def _keys_help(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    if not keys:
+        return REFERENCE
+    width = max(len(k) for k in keys)
+    lines = [f"  {key:<{width}}  {json.dumps(default_value(key))}" for key in keys]
+    return "main keys (--set KEY=VALUE) and their defaults:\n" + "\n".join(lines) + "\n\n" + REFERENCE
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
+    """Logging set up, the config loaded and checked for this run's place (local or cluster); exits with one
+    line on a configuration error."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
+        _runtime.check_cluster_paths(cfg)
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
+    return cfg
 
 
 # Errors a job reports as one line (exit status 1): bad input or settings, incompatible or missing outputs.
@@ -31,14 +55,42 @@ JOB_ERRORS = (FileNotFoundError, FileExistsError, ValueError, RuntimeError)
 
 
 def run_job(description: str, run: Callable[[Config], Any], describe: Callable[[Any], str],
-            argv: list[str] | None = None) -> int:
-    """The ``main`` of a stage: parse ``--config`` / ``--set``, run, print ``describe(result)``; 1 on errors."""
-    args = parser(description).parse_args(argv)
+            argv: list[str] | None = None, keys: Iterable[str] = ()) -> int:
+    """The ``main`` of a stage: parse ``--config`` / ``--set``, run, print ``describe(result)``. Exit status 1 on
+    errors; on Ctrl-C or SIGTERM one line saying what is committed, then 128 + the signal number."""
+    args = parser(description, f"python -m {_module_name(run)}", keys).parse_args(argv)
     cfg = config_from_args(args)
+    return run_guarded(cfg, lambda: run(cfg), lambda result: print(describe(result)))
+
+
+def _module_name(run: Callable) -> str:
+    """``jobs.encode`` for ``jobs.encode.run``, also when that module runs as ``python -m jobs.encode``."""
+    if run.__module__ != "__main__":
+        return run.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec else "jobs"
+
+
+def run_guarded(cfg: Config, work: Callable[[], Any], report: Callable[[Any], None]) -> int:
+    """Run ``work()`` with the job's error and signal handling; ``report(result)`` on success."""
     try:
-        result = run(cfg)
+        with _runtime.stop_on_signals():
+            result = work()
+    except _runtime.Stopped as stop:
+        print(stopped_message(cfg, stop.signal_name), file=sys.stderr)
+        return stop.exit_code
     except JOB_ERRORS as exc:
         logging.getLogger("jobs").error("%s", exc)
         return 1
-    print(describe(result))
+    report(result)
     return 0
+
+
+def stopped_message(cfg: Config, signal_name: str) -> str:
+    """One line: the signal, the work committed under ``output.root``, and that a rerun resumes."""
+    try:
+        done = manifest.committed_work(cfg.output.root, cfg.output.storage_options)
+    except Exception as exc:  # noqa: BLE001 - a stop report never fails on its own
+        done = f"could not list the committed work ({type(exc).__name__})"
+    return (f"stopped by {signal_name}: workers stopped; committed under {cfg.output.root}: {done or 'nothing yet'}. "
+            f"Run the same command again to resume from there.")

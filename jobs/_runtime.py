@@ -1,13 +1,17 @@
 """Ray session handling: a local single-node cluster, or the cluster named by runtime.address / RAY_ADDRESS."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
 import logging
 import os
+import signal
 
 import ray
 
-from retrieval_core.config import RuntimeConfig
+from retrieval_core import versions
+from retrieval_core.config import Config, ConfigError, RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +32,33 @@ def ray_session(rt: RuntimeConfig):
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        # address="local": always a new local cluster, never one a `ray start` on this machine left behind
-        ray.init(address="local", num_cpus=rt.num_cpus or None, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        # address="local": always a new local cluster, never one a `ray start` on this machine left behind.
+        # Token auth stays on (Ray's default); only Ray's notice that it chose it is left out for this cluster,
+        # which the job starts for itself and stops at the end.
+        with _without_local_auth_notice():
+            ray.init(address="local", num_cpus=rt.num_cpus or None, include_dashboard=False,
+                     logging_level=logging.WARNING)
+    _handle_sigterm()  # ray.init replaces the SIGTERM handler with its own sys.exit
     try:
         yield
     finally:
         ray.shutdown()
+
+
+AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+@contextlib.contextmanager
+def _without_local_auth_notice():
+    """Drop Ray's warning that it turned token auth on by default (printed by every local ``ray.init``)."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = logging.Filter()
+    notice.filter = lambda record: not record.getMessage().startswith(AUTH_NOTICE)
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 class LazyRaySession(contextlib.ExitStack):
@@ -101,3 +125,81 @@ def run_tasks(futures: dict, on_done) -> None:
         done, _ = ray.wait(list(pending), num_returns=1)
         item = pending.pop(done[0])
         on_done(item, ray.get(done[0]))
+
+
+class Stopped(BaseException):
+    """The job received SIGINT (Ctrl-C) or SIGTERM (what a scheduler or ``ray job stop`` sends). A BaseException,
+    like KeyboardInterrupt, so that no ``except Exception`` swallows it; context managers still clean up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def _handle_sigterm() -> None:
+    if _stop_handlers_on:
+        signal.signal(signal.SIGTERM, _raise_stopped)
+
+
+_stop_handlers_on = False
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within: SIGINT and SIGTERM raise :class:`Stopped` in the main thread (the Ray session's own cleanup then
+    shuts down the workers); the previous handlers come back after."""
+    global _stop_handlers_on
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, _raise_stopped)
+    _stop_handlers_on = True
+    try:
+        yield
+    finally:
+        _stop_handlers_on = False
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def check_cluster_paths(cfg: Config) -> None:
+    """On a cluster (``runtime.address`` or RAY_ADDRESS), a relative local ``output.root`` would land in each
+    node's own working directory (under ``ray job submit --working-dir``, a temporary copy that is deleted when the
+    cluster stops), so it is refused, as is a relative corpus path that does not exist where the driver runs."""
+    address = cluster_address(cfg.runtime)
+    if not address:
+        return
+    shared = "an absolute path on storage every node shares (e.g. /mnt/shared/run1) or an object store URL " \
+             "(e.g. s3://bucket/run1)"
+    if _is_relative(cfg.output.root):
+        raise ConfigError(f"output.root = {cfg.output.root!r} is a relative path and this job runs on the Ray cluster "
+                          f"at {address}: it would resolve to {os.path.abspath(cfg.output.root)!r} on each node "
+                          f"that writes, which other nodes cannot read and which is lost when a submitted job's "
+                          f"working directory is removed; use {shared}")
+    paths = [cfg.corpus.path] if isinstance(cfg.corpus.path, str) else list(cfg.corpus.path)
+    for path in paths:
+        if _is_relative(path) and not os.path.exists(path) and not any(c in path for c in "*?["):
+            raise ConfigError(f"corpus.path {path!r} is a relative path that does not exist here "
+                              f"({os.path.abspath(path)!r}), and this job runs on the Ray cluster at {address}; "
+                              f"use {shared}")
+
+
+def _is_relative(path: str) -> bool:
+    return "://" not in path and not os.path.isabs(os.path.expanduser(path))
+
+
+def read_version(cfg: Config) -> Config:
+    """The config a reading stage (search, evaluate, mine, train) runs with: on a root that a refresh publishes
+    versions under, ``output.root`` becomes the version CURRENT names (or ``output.version``); a root written by
+    the plain jobs is read as it is."""
+    so = cfg.output.storage_options
+    root, version = versions.resolve_root(cfg.output.root, so, cfg.output.version)
+    if version:
+        log.info("reading version %s of %s", version, cfg.output.root)
+        # a lease the refresh's retention respects (until this process ends, or publish.lock_timeout passes)
+        atexit.register(versions.release_reader, versions.register_reader(cfg.output.root, version, so), so)
+    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, root=root, version=""))

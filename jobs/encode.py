@@ -1,4 +1,10 @@
-"""Encode a corpus into embedding shards: ``python -m jobs.encode --config F [--set key=value ...]``."""
+"""Encode a corpus into embedding shards, in parallel Ray actors.
+
+Reads:  the corpus (corpus.path: Parquet or JSONL files, a directory, a glob or a list; any fsspec URL).
+Writes: <output.root>/embeddings/ (shard-*.parquet: row_id, doc_id, embedding, text_hash; _manifest.json last)
+        and <output.root>/rejects/encode/ (every row not encoded, with the reason).
+A rerun skips committed shards; other settings on the same output.root are refused unless output.overwrite=true.
+"""
 from __future__ import annotations
 
 import logging
@@ -12,6 +18,9 @@ from retrieval_core import corpus, embeddings, encoding, sharding, storage
 from retrieval_core.config import Config
 
 log = logging.getLogger("jobs.encode")
+KEYS = ("corpus.path", "corpus.id_column", "corpus.text_column", "corpus.title_column", "model.name",
+        "model.precision", "model.batch_size", "model.document_prompt", "output.root", "output.overwrite",
+        "runtime.address", "runtime.num_workers", "runtime.rows_per_shard")  # shown with their defaults by --help
 
 
 def run(cfg: Config, on_shard_done=None) -> dict:
@@ -26,29 +35,31 @@ def run(cfg: Config, on_shard_done=None) -> dict:
     identity = encoding.encoder_identity(cfg.model)
     with _runtime.LazyRaySession(cfg.runtime) as session:
         shards = embeddings.prepare_plan(cfg, files, identity, lambda: sharding.auto_rows_per_shard(
-            total_rows, session.worker_count(total_rows)))
+            total_rows, session.worker_count(total_rows), encoding.estimated_docs_per_s(
+                cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)))
         pending = embeddings.pending_shards(shards, layout)
-        dim = _encode_pending(cfg, session, pending, identity, on_shard_done) if pending else None
+        records = _encode_pending(cfg, session, pending, identity, on_shard_done) if pending else []
     if not pending and storage.exists(layout.manifest, layout.storage_options):
         manifest = embeddings.read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     else:
-        dim = dim or _committed_dim(layout)
+        dim = records[0]["dim"] if records else _committed_dim(layout)
         manifest = embeddings.write_manifest(cfg, shards, identity, dim, time.perf_counter() - started)
-    return _summary(manifest, len(pending), time.perf_counter() - started, layout.dir)
+    return _summary(manifest, records, time.perf_counter() - started, layout.dir)
 
 
-def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shard_done) -> int:
+def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shard_done) -> list[dict]:
+    """Encode the pending shards on actors; returns their commit records."""
     count = session.worker_count(len(pending))
     log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
     workers = _actors.start_encode_workers(cfg, count)
     bar = tqdm(total=sum(s.num_rows for s in pending), unit="doc", desc="encode", disable=not cfg.runtime.progress,
                dynamic_ncols=True)
-    dims = []
+    records = []
 
     def done(shard, record):
-        dims.append(record["dim"])
+        records.append(record)
         bar.update(shard.num_rows)
-        bar.set_postfix(shards=f"{len(dims)}/{len(pending)}", rejected=record["rejected"], refresh=False)
+        bar.set_postfix(shards=f"{len(records)}/{len(pending)}", rejected=record["rejected"], refresh=False)
         if on_shard_done:
             on_shard_done(record)
 
@@ -56,7 +67,7 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
         _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done)
     finally:
         bar.close()
-    return dims[0]
+    return records
 
 
 def _committed_dim(layout) -> int:
@@ -64,26 +75,28 @@ def _committed_dim(layout) -> int:
     return next(iter(records.values()))["dim"] if records else 0
 
 
-def _summary(manifest: dict, shards_run: int, seconds: float, where: str) -> dict:
+def _summary(manifest: dict, records: list[dict], seconds: float, where: str) -> dict:
+    """The stage's figures; the rate counts the rows this run encoded (not those committed before)."""
     totals = manifest["totals"]
+    encoded_now = sum(r["rows"] for r in records)
     return {
         "rows_in": totals["rows_in"], "rows_encoded": totals["rows_encoded"],
-        "rows_rejected": totals["rows_rejected"], "shards": totals["shards"], "shards_run": shards_run,
-        "shards_skipped": totals["shards"] - shards_run, "seconds": round(seconds, 2),
-        "docs_per_s": round(totals["rows_encoded"] / seconds, 1) if shards_run else None,
-        "output": where, "fingerprint": manifest["fingerprint"],
+        "rows_rejected": totals["rows_rejected"], "shards": totals["shards"], "shards_run": len(records),
+        "shards_skipped": totals["shards"] - len(records), "rows_encoded_now": encoded_now,
+        "seconds": round(seconds, 2), "docs_per_s": round(encoded_now / seconds, 1) if records else None,
+        "reused": not records, "output": where, "fingerprint": manifest["fingerprint"],
     }
 
 
 def format_summary(s: dict) -> str:
-    rate = f", {s['docs_per_s']} docs/s" if s["docs_per_s"] else ""
+    rate = f", {s['docs_per_s']} docs/s over the {s['rows_encoded_now']} rows encoded now" if s["docs_per_s"] else ""
     return (f"encode: {s['rows_in']} rows in, {s['rows_encoded']} encoded, {s['rows_rejected']} rejected; "
             f"{s['shards']} shards ({s['shards_run']} run, {s['shards_skipped']} already committed) "
             f"in {s['seconds']} s{rate} -> {s['output']}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run_job(__doc__, run, format_summary, argv)
+    return _cli.run_job(__doc__, run, format_summary, argv, KEYS)
 
 
 if __name__ == "__main__":

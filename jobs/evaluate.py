@@ -1,21 +1,26 @@
-"""Evaluate retrieval: ``python -m jobs.evaluate --config F [--set eval.queries_path=...] [--set eval.qrels_path=...]``.
+"""Evaluate retrieval with BEIR-style queries and qrels.
 
-Reads BEIR queries (JSONL ``_id``, ``text``) and qrels (TSV ``query-id corpus-id score``), retrieves the top
-``eval.depth`` documents per query from the index, and writes nDCG@10, recall@10, recall@100 and MRR@10 to
-``<output.root>/eval/metrics.json`` (per-query figures in ``eval/per_query.json``).
+Reads:  <output.root>/index/, eval.queries_path (JSONL _id, text) and eval.qrels_path (TSV query-id, corpus-id,
+        score with a header).
+Writes: <output.root>/eval/metrics.json (nDCG@10, recall@10, recall@100, MRR@10) and eval/per_query.json.
+A rerun with the same index, queries, qrels and settings reuses metrics.json.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 import time
 
-from jobs import _cli, _queries
-from retrieval_core import lookup, metrics, storage
+from jobs import _cli, _queries, _runtime
+from retrieval_core import indexing, lookup, metrics, storage
 from retrieval_core.config import Config
 from retrieval_core.manifest import stamp
 
 log = logging.getLogger("jobs.evaluate")
+KEYS = ("output.root", "eval.queries_path", "eval.qrels_path", "eval.depth", "model.query_prompt",
+        "search.batch_size")  # shown with their defaults by --help
 
 
 def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> list[str]:
@@ -36,34 +41,55 @@ def retrieve(cfg: Config, texts: list[str], depth: int) -> tuple[list[list[str]]
 
 
 def run(cfg: Config) -> dict:
-    """Evaluate and write ``eval/metrics.json``; returns the metrics dict."""
+    """Evaluate and write ``eval/metrics.json``, or reuse it when it was made with the same index, queries, qrels
+    and settings (``output.overwrite`` evaluates again); returns the metrics record with ``reused``."""
+    cfg = _runtime.read_version(cfg)
     started = time.perf_counter()
     ev = cfg.eval
     queries = metrics.read_queries(ev.queries_path, ev.storage_options)
     qrels = metrics.read_qrels(ev.qrels_path, ev.storage_options)
     qids = judged_queries(queries, qrels)
+    out = storage.join(cfg.output.root, "eval")
+    identity = evaluation_identity(cfg, queries, qrels, qids)
+    earlier = _earlier_result(storage.join(out, "metrics.json"), cfg)
+    if earlier and earlier.get("identity") == identity and not cfg.output.overwrite:
+        return {**earlier, "reused": True}
     ranked, index_manifest = retrieve(cfg, [queries[q] for q in qids], ev.depth)
     run_ = dict(zip(qids, ranked))
     figures = metrics.evaluate_run(run_, qrels)
     per_query = metrics.per_query_metrics(run_, qrels)
     result = {**stamp(), "stage": "eval", "metrics": figures, "queries_path": ev.queries_path,
               "qrels_path": ev.qrels_path, "depth": ev.depth, "index_type": index_manifest["type"],
-              "search_parameters": index_manifest["search_parameters"],
+              "search_parameters": index_manifest["search_parameters"], "identity": identity,
               "fingerprint": index_manifest["fingerprint"], "seconds": round(time.perf_counter() - started, 3)}
-    out = storage.join(cfg.output.root, "eval")
     storage.write_json_atomic(storage.join(out, "per_query.json"), per_query, cfg.output.storage_options)
     storage.write_json_atomic(storage.join(out, "metrics.json"), result, cfg.output.storage_options)
-    return result
+    return {**result, "reused": False}
+
+
+def evaluation_identity(cfg: Config, queries: dict[str, str], qrels: dict, qids: list[str]) -> dict:
+    """What fixes the figures: the index build, the query prompt, the depth, and the judged queries' texts and
+    judgements (by content, so a moved file with the same content is the same evaluation)."""
+    index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
+    content = json.dumps([[q, queries[q], sorted(qrels[q].items())] for q in qids])
+    return {"index": index_manifest["identity"], "query_prompt": cfg.model.query_prompt, "depth": cfg.eval.depth,
+            "judged": hashlib.sha256(content.encode()).hexdigest()[:32]}
+
+
+def _earlier_result(url: str, cfg: Config) -> dict | None:
+    return storage.read_json(url, cfg.output.storage_options) if storage.exists(url, cfg.output.storage_options) \
+        else None
 
 
 def format_summary(result: dict) -> str:
     m = result["metrics"]
     return (f"eval: {m['queries']} queries, nDCG@10 {m['ndcg@10']:.4f}, recall@10 {m['recall@10']:.4f}, "
-            f"recall@100 {m['recall@100']:.4f}, MRR@10 {m['mrr@10']:.4f} ({result['index_type']})")
+            f"recall@100 {m['recall@100']:.4f}, MRR@10 {m['mrr@10']:.4f} ({result['index_type']})"
+            f"{'; already evaluated' if result['reused'] else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run_job(__doc__, run, format_summary, argv)
+    return _cli.run_job(__doc__, run, format_summary, argv, KEYS)
 
 
 if __name__ == "__main__":

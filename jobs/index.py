@@ -1,7 +1,9 @@
-"""Build the FAISS index from the embeddings: ``python -m jobs.index --config F [--set key=value ...]``.
+"""Build the FAISS index from the embeddings.
 
-Train once (in a task), add each embedding shard to a copy of the trained index (one task per shard), merge,
-measure recall against exact search and tune nprobe / efSearch, write ``<output.root>/index/manifest.json``.
+Reads:  <output.root>/embeddings/ (its manifest).
+Writes: <output.root>/index/: trained.faiss, shard-*.faiss (one per embedding shard, global row ids), merged.faiss,
+        manifest.json last (type, metric, recall@10 against exact search, the tuned nprobe / efSearch, timings).
+Trains once (in a task), adds each embedding shard to a copy of the trained index (one task per shard), merges.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from retrieval_core import indexing, storage
 from retrieval_core.config import Config
 
 log = logging.getLogger("jobs.index")
+KEYS = ("output.root", "index.type", "index.metric", "index.max_memory", "index.train_size", "index.on_disk",
+        "index.target_recall", "index.recall_queries", "index.nprobe", "index.ef_search", "runtime.address")  # shown with their defaults by --help
 
 
 def run(cfg: Config) -> dict:
@@ -70,7 +74,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run_job(__doc__, run, format_summary, argv)
+    return _cli.run_job(__doc__, run, format_summary, argv, KEYS)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Mine hard negatives: ``python -m jobs.mine --config F [--set mine.pairs_path=...] [--set key=value ...]``.
+"""Mine hard negatives for query/positive pairs.
 
-Encodes the queries with the index's encoder, searches the index (``mine.mode``: replicated = searchers each
-holding the merged index; sharded = searchers each holding shard indexes, their top-k merged), selects negatives
-per query with the false-negative filters, and writes ``<output.root>/negatives/`` (parts, manifest, exports,
-report).
+Reads:  <output.root>/index/ and embeddings/, and mine.pairs_path (query/positive pairs) or mine.queries_path +
+        mine.qrels_path (BEIR).
+Writes: <output.root>/negatives/: part-*.parquet, rejects.parquet, exports/ (triplet, n-tuple, flag-jsonl),
+        report.json and report.png, _manifest.json last.
+Encodes the queries with the index's encoder, searches (mine.mode: replicated or sharded), and selects negatives
+per query with the false-negative filters. A rerun skips committed parts.
 """
 from __future__ import annotations
 
@@ -21,10 +23,14 @@ from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
 
 log = logging.getLogger("jobs.mine")
+KEYS = ("output.root", "mine.pairs_path", "mine.queries_path", "mine.qrels_path", "mine.num_negatives",
+        "mine.relative_margin", "mine.absolute_margin", "mine.range_min", "mine.range_max", "mine.sampling",
+        "mine.mode", "mine.formats", "mine.queries_per_part")  # shown with their defaults by --help
 
 
 def run(cfg: Config) -> dict:
     """Run the mining stage; returns a summary dict."""
+    cfg = _runtime.read_version(cfg)
     started = time.perf_counter()
     index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
     if index_manifest["metric"] != "ip":
@@ -115,7 +121,8 @@ def _exports_and_report(cfg: Config, records: list, doc_rows: dict, input_querie
     parts = mining.concat_parts(cfg.output.root, records, cfg.output.storage_options)
     doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in parts.column(column).to_pylist()
                for d in ids}
-    texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options, doc_rows)
+    texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options, doc_rows,
+                                     cfg.corpus.storage_options)
     written = exports.write_exports(layout.file("exports"), parts, texts, list(cfg.mine.formats),
                                     cfg.mine.num_negatives, cfg.mine.output_scores, layout.storage_options)
     totals, filtered = mining.count_totals(records)
@@ -144,7 +151,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run_job(__doc__, run, format_summary, argv)
+    return _cli.run_job(__doc__, run, format_summary, argv, KEYS)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The whole pipeline from one config in one Ray session: ``python -m jobs.pipeline --config F``.
+"""Run the whole pipeline from one config in one Ray session.
 
-encode -> index -> evaluate -> mine -> train -> reencode -> reindex -> reevaluate (``pipeline.stages`` selects).
-The re-* stages use the trained model (``train.output``) and write under ``<output.root>/trained/``. Every stage
-resumes from its own manifest, so a pipeline stopped anywhere and run again finishes with a clean run's result.
+Stages, in this order (pipeline.stages selects): encode -> index -> evaluate -> mine -> train -> reencode ->
+reindex -> reevaluate. Each reads and writes what its own job does (python -m jobs.<stage> --help), under
+output.root; the re* stages use the trained model (train.output) and write under <output.root>/trained/.
+Every stage resumes from its own manifest, so a pipeline stopped anywhere and run again finishes with a clean run's
+result; stages with nothing left to do are reused and marked so in the summary table.
 """
 from __future__ import annotations
 
@@ -16,12 +18,16 @@ from retrieval_core import storage
 from retrieval_core.config import Config, PIPELINE_STAGES
 
 log = logging.getLogger("jobs.pipeline")
+KEYS = ("pipeline.stages", "corpus.path", "model.name", "output.root", "index.type", "eval.queries_path",
+        "mine.pairs_path", "mine.relative_margin", "train.epochs", "runtime.num_workers")  # for --help
 
 
 def trained_config(cfg: Config) -> Config:
-    """The config of the re-* stages: the trained model, outputs under ``<output.root>/trained``."""
+    """The config of the re-* stages: the trained model (read with output.storage_options, which saved it), outputs
+    under ``<output.root>/trained``."""
     return dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, name=train.output_of(cfg)),
+        cfg, model=dataclasses.replace(cfg.model, name=train.output_of(cfg),
+                                       storage_options=cfg.output.storage_options),
         output=dataclasses.replace(cfg.output, root=storage.join(cfg.output.root, "trained")))
 
 
@@ -46,37 +52,35 @@ def run(cfg: Config) -> dict:
     return results
 
 
-def summary_rows(results: dict) -> list[tuple[str, str, float]]:
-    """(stage, what it did, seconds) for the summary table."""
+def summary_rows(results: dict) -> list[tuple[str, str, float, bool]]:
+    """(stage, what it did, seconds, reused) for the summary table."""
     describe = {
         "encode": lambda r: f"{r['rows_encoded']} rows, {r['rows_rejected']} rejected, {r['shards']} shards",
         "index": lambda r: f"{r['type']}, {r['ntotal']} vectors, recall@10 {r['recall_at_10']}",
+        "evaluate": lambda r: (f"nDCG@10 {r['metrics']['ndcg@10']:.4f}, recall@100 {r['metrics']['recall@100']:.4f}, "
+                               f"MRR@10 {r['metrics']['mrr@10']:.4f}"),
         "mine": lambda r: f"{r['written']} queries with negatives ({r['complete']} complete)",
         "train": lambda r: (f"{r['history']['steps']} steps, held-out nDCG@10 {r['history']['evaluations'][0]['ndcg@10']}"
                             f" -> {r['history']['evaluations'][-1]['ndcg@10']}"),
     }
-    describe["reencode"], describe["reindex"] = describe["encode"], describe["index"]
-    rows = []
-    for stage, (result, seconds) in results.items():
-        if stage in ("evaluate", "reevaluate"):
-            m = result["metrics"]
-            text = f"nDCG@10 {m['ndcg@10']:.4f}, recall@100 {m['recall@100']:.4f}, MRR@10 {m['mrr@10']:.4f}"
-        else:
-            text = describe[stage](result)
-        rows.append((stage, text, seconds))
-    return rows
+    describe["reencode"], describe["reindex"], describe["reevaluate"] = (describe["encode"], describe["index"],
+                                                                        describe["evaluate"])
+    return [(stage, describe[stage](result), seconds, bool(result.get("reused")))
+            for stage, (result, seconds) in results.items()]
 
 
-def format_table(rows: list[tuple[str, str, float]]) -> str:
-    width = max(len(text) for _, text, _ in rows)
-    lines = [f"{'stage':<11} {'result':<{width}} {'seconds':>8}", "-" * (21 + width)]
-    lines += [f"{stage:<11} {text:<{width}} {seconds:>8.1f}" for stage, text, seconds in rows]
-    lines.append(f"{'total':<11} {'':<{width}} {sum(s for _, _, s in rows):>8.1f}")
+def format_table(rows: list[tuple[str, str, float, bool]]) -> str:
+    """The summary table; a stage that found its output complete says ``reused`` beside its time."""
+    width = max(len(text) for _, text, _, _ in rows)
+    lines = [f"{'stage':<11} {'result':<{width}} {'seconds':>8}", "-" * (28 + width)]
+    lines += [f"{stage:<11} {text:<{width}} {seconds:>8.1f}{' reused' if reused else ''}"
+              for stage, text, seconds, reused in rows]
+    lines.append(f"{'total':<11} {'':<{width}} {sum(row[2] for row in rows):>8.1f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run_job(__doc__, run, lambda results: format_table(summary_rows(results)), argv)
+    return _cli.run_job(__doc__, run, lambda results: format_table(summary_rows(results)), argv, KEYS)
 
 
 if __name__ == "__main__":

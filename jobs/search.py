@@ -1,27 +1,30 @@
-"""Search the index: ``python -m jobs.search --config F --query "text" [--query ...] [--k 10]``.
+"""Search the index with query texts (--query, repeatable).
 
-Encodes each query with the index's encoder (``model.query_prompt`` included) and prints rank, score, doc id and
-the start of the document's text.
+Reads:  <output.root>/index/ and embeddings/, and the corpus (for the text previews).
+Writes: nothing; prints rank, score, doc id and the start of each hit's text.
+Each query is encoded with the index's encoder (model.query_prompt included); --k overrides search.k.
 """
 from __future__ import annotations
 
 import logging
 import sys
 
-from jobs import _cli, _queries
+from jobs import _cli, _queries, _runtime
 from retrieval_core import lookup
 from retrieval_core.config import Config
-from retrieval_core.manifest import IncompatibleOutputError
 
 log = logging.getLogger("jobs.search")
 PREVIEW_CHARS = 80
+KEYS = ("output.root", "search.k", "model.query_prompt")  # for --help
 
 
 def run(cfg: Config, queries: list[str], k: int | None = None) -> list[list[dict]]:
     """For each query, its top k hits as dicts (rank, score, row_id, doc_id, text), best first."""
+    cfg = _runtime.read_version(cfg)
     scores, ids, _ = _queries.search_texts(cfg, queries, k or cfg.search.k)
     doc_ids = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
-    texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
+    texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options,
+                                   cfg.corpus.storage_options)
     return [[{"rank": rank + 1, "score": float(score), "row_id": int(row), "doc_id": doc_ids.get(int(row)),
               "text": texts.get(int(row), "")}
              for rank, (score, row) in enumerate(zip(score_row, id_row)) if row >= 0]
@@ -38,20 +41,15 @@ def format_hits(query: str, hits: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _cli.parser(__doc__)
+    p = _cli.parser(__doc__, "python -m jobs.search", KEYS)
     p.add_argument("--query", action="append", required=True, help="query text (repeatable)")
     p.add_argument("--k", type=int, default=None, help="hits per query (default: search.k)")
     args = p.parse_args(argv)
     cfg = _cli.config_from_args(args)
     if args.k is not None and args.k <= 0:
         p.error(f"--k = {args.k}: expected a positive integer")
-    try:
-        results = run(cfg, args.query, args.k)
-    except (FileNotFoundError, IncompatibleOutputError, ValueError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 1
-    print("\n\n".join(format_hits(q, hits) for q, hits in zip(args.query, results)))
-    return 0
+    return _cli.run_guarded(cfg, lambda: run(cfg, args.query, args.k), lambda results: print(
+        "\n\n".join(format_hits(q, hits) for q, hits in zip(args.query, results))))
 
 
 if __name__ == "__main__":

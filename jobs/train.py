@@ -1,9 +1,11 @@
-"""Fine-tune the bi-encoder on the mined negatives: ``python -m jobs.train --config F [--set train.epochs=2 ...]``.
+"""Fine-tune the bi-encoder on the mined negatives (InfoNCE).
 
-InfoNCE (sentence-transformers' MultipleNegativesRankingLoss, scale = 1 / train.temperature) over in-batch
-negatives plus ``train.num_negatives`` mined negatives per query. One worker trains in this process; with
-``runtime.num_workers`` > 1, Ray Train runs data-parallel workers (gradients averaged every step). The model is
-saved to ``train.output`` (default ``<output.root>/model``) and loads with ``SentenceTransformer(path)``.
+Reads:  <output.root>/negatives/ (the mined tuples) and the corpus texts they name; model.name is the base model.
+Writes: the fine-tuned model to train.output (default <output.root>/model), loadable with
+        SentenceTransformer(path), with training.json (settings, losses, held-out nDCG@10 per epoch).
+The loss is sentence-transformers' MultipleNegativesRankingLoss (scale = 1 / train.temperature) over in-batch
+negatives plus train.num_negatives mined negatives per query. One worker trains in this process; with
+runtime.num_workers > 1, Ray Train runs data-parallel workers (gradients averaged every step).
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ import sys
 import tempfile
 import time
 
-from jobs import _cli
+from jobs import _cli, _runtime
 from retrieval_core import encoding, mining, storage, training
 from retrieval_core.config import Config
 from retrieval_core.manifest import IncompatibleOutputError, stamp
 
 log = logging.getLogger("jobs.train")
+KEYS = ("output.root", "model.name", "train.epochs", "train.batch_size", "train.learning_rate", "train.num_negatives",
+        "train.temperature", "train.cached", "train.max_steps", "train.output", "runtime.num_workers")  # for --help
 
 
 def output_of(cfg: Config) -> str:
@@ -36,6 +40,7 @@ def identity_of(cfg: Config) -> dict:
 
 def run(cfg: Config) -> dict:
     """Train (or reuse a finished training with the same identity); returns the training record."""
+    cfg = _runtime.read_version(cfg)
     output = output_of(cfg)
     record_url = storage.join(output, "training.json")
     identity = identity_of(cfg)
@@ -92,8 +97,6 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str) ->
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs import _runtime
-
     def loop(config: dict) -> None:
         import ray.train
 
@@ -112,28 +115,35 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str) ->
             num_workers=cfg.runtime.num_workers, use_gpu=cfg.runtime.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.runtime.cpus_per_worker,
                                   **({"GPU": cfg.runtime.gpus_per_worker} if cfg.runtime.gpus_per_worker else {})}),
-            run_config=RunConfig(storage_path=_train_storage(cfg), name="train"))
+            run_config=RunConfig(name="train", **_train_storage(cfg)))
         trainer.fit()
     return storage.read_json(storage.join(output, "_history.json"), cfg.output.storage_options)
 
 
-def _train_storage(cfg: Config) -> str:
-    """Ray Train's run directory: under output.root (absolute when local), shared by every node."""
+def _train_storage(cfg: Config) -> dict:
+    """RunConfig's storage arguments: Ray Train's run directory under output.root (absolute when local), shared by
+    every node; on other storage, with a pyarrow file system wrapping the fsspec one, so that it is reached with
+    output.storage_options (pyarrow's own S3 client would know neither those credentials nor the endpoint)."""
     url = storage.join(cfg.output.root, "_ray_train")
     local = storage.local_path(url, cfg.output.storage_options)
-    return os.path.abspath(local) if local else url
+    if local:
+        return {"storage_path": os.path.abspath(local)}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(url, cfg.output.storage_options)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
 
 
 def save_model(model, output: str, storage_options: dict | None = None) -> None:
-    """Save a SentenceTransformer to a local path directly, or through a temp dir to any fsspec URL."""
+    """Save a SentenceTransformer to a local path directly, or through a temp dir to any fsspec URL (file by
+    file; ``training.json``, written after, is the training's commit record)."""
     local = storage.local_path(output, storage_options)
     if local:
         model.save(local)
         return
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
-        fs, path = storage.filesystem(output, storage_options)
-        fs.put(tmp + "/", path, recursive=True)
+        storage.upload_dir(tmp, output, storage_options)
 
 
 def format_summary(record: dict) -> str:
@@ -145,7 +155,7 @@ def format_summary(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run_job(__doc__, run, format_summary, argv)
+    return _cli.run_job(__doc__, run, format_summary, argv, KEYS)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +24,9 @@ SAMPLINGS = ("top", "random")
 MINE_MODES = ("replicated", "sharded")
 MINE_FORMATS = ("triplet", "n-tuple", "flag-jsonl")
 PIPELINE_STAGES = ("encode", "index", "evaluate", "mine", "train", "reencode", "reindex", "reevaluate")
+RETRAIN_MODES = ("auto", "always", "never")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+REDACTED = "<redacted>"
 
 
 class ConfigError(ValueError):
@@ -49,11 +53,14 @@ class ModelConfig:
     document_prompt: str = ""
     query_prompt: str = ""
     trust_remote_code: bool = False
+    # fsspec options when name is a URL; left out of the hash (a dict has none), so the config stays a cache key
+    storage_options: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     root: str = "out/demo"
+    version: str = ""
     overwrite: bool = False
     embedding_dtype: str = "float32"
     storage_options: dict = field(default_factory=dict)
@@ -115,7 +122,7 @@ class MineConfig:
     max_score: Union[float, None] = None
     min_score: Union[float, None] = None
     absolute_margin: Union[float, None] = None
-    relative_margin: Union[float, None] = None
+    relative_margin: Union[float, None] = 0.05
     sampling: str = "top"
     num_negatives: int = 3
     seed: int = 0
@@ -149,6 +156,24 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class RefreshConfig:
+    retrain: str = "auto"
+    retrain_drift: float = 0.1
+    diff_buckets: int = 0
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    min_recall: float = 0.9
+    max_reject_fraction: float = 0.01
+    max_deleted_fraction: float = 0.1
+    max_added_fraction: float = 0.5
+    max_ndcg_drop: float = 0.02
+    keep_versions: int = 3
+    lock_timeout: int = 21600
+
+
+@dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,9 +185,24 @@ class Config:
     mine: MineConfig = field(default_factory=MineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as written into plans, manifests and records: every ``storage_options`` keeps its keys but
+        its values read ``<redacted>``, so credentials never reach a file the jobs write."""
+        return redact_storage_options(dataclasses.asdict(self))
+
+
+def redact_storage_options(data: Any) -> Any:
+    """A copy of ``data`` (a dict or list, nested) whose ``storage_options`` mappings keep their keys with every
+    value replaced by ``<redacted>``."""
+    if isinstance(data, dict):
+        return {k: ({name: REDACTED for name in v} if k == "storage_options" and isinstance(v, dict)
+                    else redact_storage_options(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact_storage_options(v) for v in data]
+    return data
 
 
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -175,6 +215,16 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
+
+def default_value(key: str) -> Any:
+    """The built-in default of a dotted key, e.g. ``default_value('model.batch_size') == 32``."""
+    if key not in valid_keys():
+        raise _unknown_key_error(key)
+    node: Any = Config()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _unknown_key_error(key: str) -> ConfigError:
@@ -277,6 +327,7 @@ def apply_override(data: dict, key: str, value: Any) -> None:
 
 
 def read_yaml(path: str) -> dict:
+    """A config file as a dict, with environment variables expanded in its strings (see :func:`expand_env`)."""
     import fsspec
 
     try:
@@ -286,7 +337,33 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-    return data or {}
+    return expand_env(data or {}, path)
+
+
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
+
+
+def expand_env(value: Any, source: str) -> Any:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` in every string of a loaded config, as a
+    shell would: an unset or empty VAR is an error naming it (with the message, for ``:?``), or the default."""
+    if isinstance(value, dict):
+        return {key: expand_env(item, source) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_env(item, source) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, operator, word = match.groups()
+        found = os.environ.get(name, "")
+        if found:
+            return found
+        if operator == ":-":
+            return word
+        hint = f": {word.strip()}" if operator == ":?" and word.strip() else ""
+        raise ConfigError(f"config file '{source}' uses ${{{name}}}, which is not set{hint}")
+
+    return ENV_REFERENCE.sub(substitute, value)
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
@@ -329,6 +406,7 @@ def validate(config: Config) -> None:
     _validate_search(config.search, config.eval)
     _validate_mine(config.mine)
     _validate_train(config.train, config.runtime)
+    _validate_refresh(config.refresh, config.publish)
     unknown = [st for st in config.pipeline.stages if st not in PIPELINE_STAGES]
     _check(not unknown, f"'pipeline.stages' = {config.pipeline.stages!r}: unknown {unknown}; expected any of "
            f"{', '.join(PIPELINE_STAGES)}")
@@ -387,6 +465,18 @@ def _validate_mine(mi: MineConfig) -> None:
     unknown = [f for f in mi.formats if f not in MINE_FORMATS]
     _check(not unknown, f"'mine.formats' = {mi.formats!r}: unknown {unknown}; expected any of {', '.join(MINE_FORMATS)}")
     _check(mi.queries_per_part >= 1, f"'mine.queries_per_part' = {mi.queries_per_part}: expected >= 1")
+
+
+def _validate_refresh(rf: RefreshConfig, pu: PublishConfig) -> None:
+    _check(rf.retrain in RETRAIN_MODES,
+           f"'refresh.retrain' = {rf.retrain!r}: expected one of {', '.join(RETRAIN_MODES)}")
+    _check(rf.retrain_drift > 0, f"'refresh.retrain_drift' = {rf.retrain_drift}: expected > 0 (e.g. 0.1 = 10% growth)")
+    _check(rf.diff_buckets >= 0, f"'refresh.diff_buckets' = {rf.diff_buckets}: expected >= 0 (0 = automatic)")
+    for key in ("min_recall", "max_reject_fraction", "max_deleted_fraction", "max_added_fraction", "max_ndcg_drop"):
+        value = getattr(pu, key)
+        _check(0 <= value <= 1, f"'publish.{key}' = {value}: expected a number in [0, 1]")
+    _check(pu.keep_versions >= 1, f"'publish.keep_versions' = {pu.keep_versions}: expected >= 1")
+    _check(pu.lock_timeout > 0, f"'publish.lock_timeout' = {pu.lock_timeout}: expected seconds > 0")
 
 
 def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:

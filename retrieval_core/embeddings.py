@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import storage
 from .config import Config
@@ -221,17 +222,35 @@ def read_embeddings_manifest(root: str, storage_options: dict | None = None) -> 
     return read_manifest(storage.join(root, "embeddings", "_manifest.json"), storage_options, "encode")
 
 
+def shard_url(root: str, shard: dict, key: str = "path") -> str:
+    """The URL of a file named by a shard entry of the embeddings manifest. Paths are relative to
+    ``<root>/embeddings``; in a refresh version a shard shared with an earlier version points there (``../..``)."""
+    from .versions import resolve_relative
+
+    return resolve_relative(storage.join(root, "embeddings"), shard[key])
+
+
+def read_shard_table(root: str, shard: dict, columns: list[str], storage_options: dict | None = None) -> pa.Table:
+    """The live rows of one shard entry (``columns`` plus ``row_id``): rows listed in the entry's tombstone file
+    (``deleted_path``, written by a refresh for rows changed or deleted since) are left out."""
+    wanted = list(dict.fromkeys(["row_id", *columns]))
+    table = storage.read_parquet(shard_url(root, shard), storage_options, columns=wanted)
+    if shard.get("deleted_path"):
+        gone = storage.read_parquet(shard_url(root, shard, "deleted_path"), storage_options, columns=["row_id"])
+        table = table.filter(pc.invert(pc.is_in(table.column("row_id"), gone.column("row_id"))))
+    return table
+
+
 def read_shard_vectors(root: str, shard: dict, dim: int, storage_options: dict | None = None,
                        fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(row_ids int64 (n,), vectors float32 (n x dim)) of one shard entry of the embeddings manifest.
     With ``fingerprint``, a shard whose schema metadata names another encoder is an error naming both."""
-    url = storage.join(root, "embeddings", shard["path"])
-    table = storage.read_parquet(url, storage_options, columns=["row_id", "embedding"])
+    table = read_shard_table(root, shard, ["embedding"], storage_options)
     found = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
     if fingerprint and found != fingerprint:
-        raise IncompatibleOutputError(f"'{url}' holds vectors of encoder {found or '(none recorded)'}, the "
-                                      f"embeddings manifest says {fingerprint}: the embeddings mix encoders; "
-                                      f"re-encode with output.overwrite=true")
+        raise IncompatibleOutputError(f"'{shard_url(root, shard)}' holds vectors of encoder "
+                                      f"{found or '(none recorded)'}, the embeddings manifest says {fingerprint}: "
+                                      f"the embeddings mix encoders; re-encode with output.overwrite=true")
     return table.column("row_id").to_numpy(), _vectors(table, dim)
 
 
@@ -242,15 +261,13 @@ def _vectors(table: pa.Table, dim: int) -> np.ndarray:
 
 def read_doc_ids(root: str, shard: dict, storage_options: dict | None = None) -> tuple[np.ndarray, list[str]]:
     """(row_ids, doc_ids) of one shard entry of the embeddings manifest."""
-    table = storage.read_parquet(storage.join(root, "embeddings", shard["path"]), storage_options,
-                                 columns=["row_id", "doc_id"])
+    table = read_shard_table(root, shard, ["doc_id"], storage_options)
     return table.column("row_id").to_numpy(), table.column("doc_id").to_pylist()
 
 
 def load_embeddings(root: str, storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All vectors with their row ids and doc ids, in row id order (for tests and small corpora)."""
     manifest = read_embeddings_manifest(root, storage_options)
-    tables = [storage.read_parquet(storage.join(root, "embeddings", s["path"]), storage_options)
-              for s in manifest["shards"]]
+    tables = [read_shard_table(root, s, ["doc_id", "embedding"], storage_options) for s in manifest["shards"]]
     table = pa.concat_tables(tables)
     return table.column("row_id").to_numpy(), _vectors(table, manifest["dim"]), table.column("doc_id").to_pylist()

@@ -9,6 +9,9 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -23,6 +26,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx")
 CONFIG_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "config.json",
                 "1_Pooling/config.json", "tokenizer.json", "vocab.txt")
 CHUNK_BATCHES = 8
+MODEL_CACHE_ENV = "RETRIEVAL_MODEL_CACHE"  # where models read from URLs are downloaded (model_cache_dir)
 
 
 class Encoder(Protocol):
@@ -36,11 +40,13 @@ class Encoder(Protocol):
     def encode_queries(self, texts: list[str]) -> np.ndarray: ...
 
 
-def resolve_model_path(name: str) -> str:
-    """A local directory holding the model: a path as given, the packaged default, or the Hugging Face cache.
-
-    Only when none of these has it is the Hub asked (which needs a network).
+def resolve_model_path(name: str, storage_options: dict | None = None) -> str:
+    """A local directory holding the model: a path as given, an fsspec URL (``s3://...``, read with
+    ``storage_options``; downloaded once, see :func:`model_from_url`), the packaged default, or the Hugging Face
+    cache. Only when none of these has it is the Hub asked (which needs a network).
     """
+    if "://" in name:
+        return model_from_url(name, storage_options)
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser().resolve())
     if name in PACKAGED_MODELS:
@@ -61,6 +67,61 @@ def resolve_model_path(name: str) -> str:
                          f"({DEFAULT_MODEL}), not in the Hugging Face cache, and could not be downloaded: {exc}") from None
 
 
+def model_cache_dir() -> Path:
+    """Where models read from URLs are kept: ``$RETRIEVAL_MODEL_CACHE``, else ``~/.cache/ray-retrieval-jobs/models``."""
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "ray-retrieval-jobs" / "models")
+
+
+def model_from_url(url: str, storage_options: dict | None = None) -> str:
+    """The local directory of the model directory at ``url``: a local URL as it is; on other storage the model is
+    downloaded once into :func:`model_cache_dir`, under a key of the URL and of its files' names, sizes and ETags
+    (or modification times), so changed files are downloaded again and unchanged ones never."""
+    from . import storage
+
+    local = storage.local_path(url, storage_options)
+    if local is not None:
+        if not Path(local).is_dir():
+            raise ValueError(f"model.name = {url!r} is not a directory")
+        return str(Path(local).resolve())
+    fs, root = storage.filesystem(url, storage_options)
+    try:
+        listing = fs.find(root, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    files = {posixpath.relpath(name, root): info for name, info in listing.items() if not name.endswith("/")}
+    if not files or "." in files:
+        raise ValueError(f"model.name = {url!r} is not a model directory (no files under it): check the URL and "
+                         f"model.storage_options")
+    target = model_cache_dir() / _listing_key(url, files)
+    if not target.is_dir():
+        _download_model(fs, root, sorted(files), target)
+    return str(target)
+
+
+def _listing_key(url: str, files: dict[str, dict]) -> str:
+    entries = [(rel, info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("mtime"))
+               for rel, info in sorted(files.items())]
+    return hashlib.sha256(json.dumps([url, entries], default=str).encode()).hexdigest()[:32]
+
+
+def _download_model(fs, root: str, relative_paths: list[str], target: Path) -> None:
+    """Download into a temporary directory, then rename it to ``target`` (a concurrent download of the same
+    model by another worker on this machine wins or loses whole)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        for rel in relative_paths:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(posixpath.join(root, rel), str(tmp / rel))
+        os.rename(tmp, target)
+        log.info("downloaded model %s files to %s", len(relative_paths), target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _hash_files(root: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(files):
@@ -79,6 +140,24 @@ def model_files_hash(model_dir: str) -> tuple[str, str]:
     return _hash_files(root, weights), _hash_files(root, configs)
 
 
+# The default model (all-MiniLM-L6-v2: 90.9 MB of float32 weights) encodes about 12 SciFact documents (title +
+# abstract, up to 256 tokens) per second per CPU on this project's 2-core reference machines; a GPU is taken as
+# about 100 times that. Larger models are taken as proportionally slower (cost ~ weight bytes). Used only to size
+# automatic shards, never to promise a speed.
+REFERENCE_WEIGHT_BYTES = 90_868_376
+REFERENCE_DOCS_PER_S_PER_CPU = 12.0
+GPU_SPEEDUP = 100.0
+
+
+def estimated_docs_per_s(cfg: ModelConfig, cpus: int, gpus: float) -> float:
+    """A rough encoding rate of one worker with ``cpus`` CPUs (or ``gpus`` GPUs), scaled by the model's weight
+    bytes against the default model's."""
+    weights = sum(p.stat().st_size for p in Path(resolve_model_path(cfg.name, cfg.storage_options)).rglob("*")
+                  if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) or REFERENCE_WEIGHT_BYTES
+    per_cpu = REFERENCE_DOCS_PER_S_PER_CPU * REFERENCE_WEIGHT_BYTES / weights
+    return per_cpu * (GPU_SPEEDUP * gpus if gpus else max(1, cpus))
+
+
 def effective_max_seq_length(model_dir: str, configured: int | None) -> int | None:
     if configured:
         return configured
@@ -93,7 +172,7 @@ def encoder_identity(cfg: ModelConfig) -> dict:
 
     Computed from the model's files alone (no model load), so a driver can check it cheaply.
     """
-    model_dir = resolve_model_path(cfg.name)
+    model_dir = resolve_model_path(cfg.name, cfg.storage_options)
     weights, configs = model_files_hash(model_dir)
     identity = {
         "model": cfg.name,
@@ -146,7 +225,7 @@ class SentenceTransformerEncoder:
 
         self.cfg = cfg
         self.device = device
-        self.model = SentenceTransformer(resolve_model_path(cfg.name), device=device,
+        self.model = SentenceTransformer(resolve_model_path(cfg.name, cfg.storage_options), device=device,
                                          trust_remote_code=cfg.trust_remote_code)
         if cfg.max_seq_length:
             self.model.max_seq_length = cfg.max_seq_length
@@ -176,10 +255,25 @@ class SentenceTransformerEncoder:
         return vectors.cpu().numpy().astype(np.float32, copy=False)
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
+        _log_for_tests(texts)
         return self._encode(texts, self.cfg.document_prompt)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         return self._encode(texts, self.cfg.query_prompt)
+
+
+TEST_ENCODE_LOG = "RETRIEVAL_TEST_ENCODE_LOG"
+
+
+def _log_for_tests(texts: list[str]) -> None:
+    """A hook only tests arm (``RETRIEVAL_TEST_ENCODE_LOG`` = a directory): each document encoded appends its text
+    hash to ``<directory>/<pid>.log``, so a test can count what was encoded in any worker process."""
+    directory = os.environ.get(TEST_ENCODE_LOG)
+    if directory:
+        from .corpus import text_hash
+
+        with open(os.path.join(directory, f"{os.getpid()}.log"), "a") as log_file:
+            log_file.write("".join(f"{text_hash(t)}\n" for t in texts))
 
 
 def encode_by_length(encoder: Encoder, texts: list[str], batch_size: int,

@@ -157,6 +157,17 @@ def merge_on_disk(trained: faiss.Index, shard_paths: list[str], ivfdata_path: st
     return trained
 
 
+def coarse_distance(index: faiss.Index, vectors: np.ndarray) -> float | None:
+    """Mean distance (squared L2, the k-means objective) of ``vectors`` to their nearest IVF centroid; None for
+    types without a coarse quantizer. Compared between training time and later data, it measures drift."""
+    ivf = _ivf_or_none(index)
+    if ivf is None or len(vectors) == 0:
+        return None
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    distances, _ = faiss.knn(np.ascontiguousarray(vectors, dtype=np.float32), centroids, 1)
+    return float(distances.mean())
+
+
 def serialize(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 

@@ -146,17 +146,27 @@ def read_sample(cfg: Config, plan: IndexPlan, positions: np.ndarray) -> tuple[np
 
 
 def trained_index(cfg: Config, plan: IndexPlan) -> tuple[bytes, dict]:
-    """The serialized trained (empty) index: read from ``trained.faiss`` when an earlier run made it."""
+    """The serialized trained (empty) index: read from ``trained.faiss`` when an earlier run (or a refresh that
+    reuses an earlier version's quantizer) put it there. ``trained.json`` beside it records the training points and
+    their mean distance to the nearest centroid (the baseline of the refresh's drift check)."""
     layout = layout_of(cfg)
     url = layout.file("trained.faiss")
     if storage.exists(url, layout.storage_options):
-        return storage.read_bytes(url, layout.storage_options), {"seconds": 0.0, "reused": True}
+        return storage.read_bytes(url, layout.storage_options), {"seconds": 0.0, "reused": True,
+                                                                 **read_training_record(layout)}
     started = time.perf_counter()
     _, sample = read_sample(cfg, plan, sample_positions(plan.ntotal, plan.train_size, plan.seed))
     index = faiss_index.train(plan.factory, plan.dim, plan.metric, sample, plan.seed)
     data = faiss_index.serialize(index)
+    record = {"points": len(sample), "mean_coarse_distance": faiss_index.coarse_distance(index, sample)}
+    storage.write_json_atomic(layout.file("trained.json"), record, layout.storage_options)
     storage.write_bytes_atomic(url, data, layout.storage_options)
-    return data, {"seconds": round(time.perf_counter() - started, 3), "reused": False, "points": len(sample)}
+    return data, {"seconds": round(time.perf_counter() - started, 3), "reused": False, **record}
+
+
+def read_training_record(layout: IndexLayout) -> dict:
+    url = layout.file("trained.json")
+    return storage.read_json(url, layout.storage_options) if storage.exists(url, layout.storage_options) else {}
 
 
 def pending_shards(cfg: Config, plan: IndexPlan) -> list[dict]:
@@ -185,17 +195,25 @@ def shard_records(cfg: Config, plan: IndexPlan) -> list[dict]:
     return [storage.read_json(layout.record_file(s["name"]), layout.storage_options) for s in plan.shards]
 
 
+def shard_index_url(index_dir: str, record: dict) -> str:
+    """A shard index file: ``<name>.faiss`` in this index directory, or, for a shard a refresh shares with an
+    earlier version, the record's ``path`` (relative to this index directory)."""
+    from .versions import resolve_relative
+
+    return resolve_relative(index_dir, record.get("path") or f"{record['name']}.faiss")
+
+
 def merge_shards(cfg: Config, plan: IndexPlan, trained: bytes):
     """Merge the committed shard indexes in shard order into ``merged.faiss``; returns the merged index.
     In memory: the merged index. On disk (IVF, local output): one shard at a time plus the coarse quantizer."""
     layout = layout_of(cfg)
+    urls = [shard_index_url(layout.dir, record) for record in shard_records(cfg, plan)]
     if plan.on_disk:
-        paths = [storage.local_path(layout.file(f"{s['name']}.faiss")) for s in plan.shards]
         ivfdata = storage.local_path(layout.file("merged.ivfdata"))
-        index = faiss_index.merge_on_disk(faiss_index.deserialize(trained), paths, ivfdata)
+        index = faiss_index.merge_on_disk(faiss_index.deserialize(trained), [storage.local_path(u) for u in urls],
+                                          ivfdata)
     else:
-        index = faiss_index.merge(_read_index(layout.file(f"{s['name']}.faiss"), layout.storage_options)
-                                  for s in plan.shards)
+        index = faiss_index.merge(_read_index(url, layout.storage_options) for url in urls)
     _write_index(index, layout.file("merged.faiss"), layout.storage_options, plan.on_disk)
     return index
 
@@ -283,7 +301,7 @@ def finish(cfg: Config, plan: IndexPlan, trained: bytes) -> dict:
 
 
 def write_manifest(cfg: Config, plan: IndexPlan, ntotal: int, timings: dict, recall: dict, records: list[dict],
-                   memory: dict) -> dict:
+                   memory: dict, training: dict | None = None) -> dict:
     layout = layout_of(cfg)
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     if ntotal != plan.ntotal:
@@ -293,9 +311,10 @@ def write_manifest(cfg: Config, plan: IndexPlan, ntotal: int, timings: dict, rec
         "ntotal": ntotal, "mergeable": plan.mergeable, "on_disk": plan.on_disk,
         "fingerprint": plan.identity["fingerprint"], "encoder": emb["encoder"], "identity": plan.identity,
         "search_parameters": {recall["parameter"]: recall["value"]} if recall["parameter"] else {},
-        "recall": recall, "timings_s": timings, "peak_memory_mb": memory,
+        "recall": recall, "timings_s": timings, "peak_memory_mb": memory, "training": training or {},
         "shards": [{"name": r["name"], "ntotal": r["ntotal"], "seconds": r["seconds"],
-                    "peak_memory_mb": r["peak_memory_mb"]} for r in records],
+                    "peak_memory_mb": r["peak_memory_mb"], **({"path": r["path"]} if r.get("path") else {})}
+                   for r in records],
         "files": {"merged": "merged.faiss", "trained": "trained.faiss",
                   **({"ivfdata": "merged.ivfdata"} if plan.on_disk else {})},
         "config": cfg.to_dict(),
@@ -350,7 +369,8 @@ def complete(cfg: Config, plan: IndexPlan, train_info: dict, add_s: float, resul
         memory |= {"train_task": train_info["peak_memory_mb"],
                    "add_tasks_max": max((r["peak_memory_mb"] for r in records), default=None),
                    "merge_task": result["peak_memory_mb"]}
-    return write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records, memory)
+    training = {key: train_info.get(key) for key in ("reused", "points", "mean_coarse_distance")}
+    return write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records, memory, training)
 
 
 def build_in_process(cfg: Config) -> dict:
@@ -373,6 +393,7 @@ def load_shard_index(root: str, shard_name: str, storage_options: dict | None = 
     if not manifest["mergeable"]:
         raise ValueError(f"index type {manifest['type']} has no shard indexes (it cannot be merged, so it is built "
                          f"whole): use mine.mode = replicated")
-    index = _read_index(storage.join(root, "index", f"{shard_name}.faiss"), storage_options)
+    entry = next((s for s in manifest["shards"] if s["name"] == shard_name), {"name": shard_name})
+    index = _read_index(shard_index_url(storage.join(root, "index"), entry), storage_options)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
     return index

@@ -6,6 +6,7 @@ from typing import Iterable
 
 import numpy as np
 
+from . import storage
 from .config import CorpusConfig
 from .corpus import inspect_corpus, read_shard
 from .embeddings import read_doc_ids, read_embeddings_manifest
@@ -27,8 +28,6 @@ def row_values(root: str, row_ids: Iterable[int], columns: list[str], storage_op
                manifest: dict | None = None) -> dict[int, tuple]:
     """Row id -> values of ``columns`` of the embedding shards (``doc_id``, ``text_hash``, ``embedding`` ...),
     reading only those columns of only the shards that hold the rows. Missing rows (rejects, -1) are absent."""
-    from . import storage
-
     manifest = manifest or read_embeddings_manifest(root, storage_options)
     out = {}
     for i, rows in _shards_holding(manifest["shards"], row_ids).items():
@@ -59,14 +58,14 @@ def all_doc_ids(root: str, storage_options: dict | None = None, manifest: dict |
     return out
 
 
-def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None) -> dict[int, str]:
+def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None,
+                   corpus_storage_options: dict | None = None) -> dict[int, str]:
     """Row id -> the text that was encoded (title + " " + text), read back from the corpus through the encode
-    stage's shard plan (only the shards holding the rows are read)."""
-    from . import storage
-
+    stage's shard plan (only the shards holding the rows are read). The corpus settings come from the embeddings
+    manifest, its storage options from the running job (``corpus_storage_options``): manifests hold none."""
     manifest = read_embeddings_manifest(root, storage_options)
     plan = storage.read_json(storage.join(root, "embeddings", "_plan.json"), storage_options)
-    corpus_cfg = CorpusConfig(**manifest["config"]["corpus"])
+    corpus_cfg = encoded_corpus(manifest, corpus_storage_options)
     shards = plan_shards(inspect_corpus(corpus_cfg), plan["identity"]["rows_per_shard"])
     wanted = _shards_holding([{"row_start": s.row_start, "row_stop": s.row_stop} for s in shards], row_ids)
     out = {}
@@ -77,13 +76,20 @@ def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | No
     return out
 
 
+def encoded_corpus(manifest: dict, corpus_storage_options: dict | None = None) -> CorpusConfig:
+    """The corpus settings an embeddings manifest was made with, with the running job's storage options (the
+    manifest's are redacted)."""
+    return CorpusConfig(**{**manifest["config"]["corpus"], "storage_options": dict(corpus_storage_options or {})})
+
+
 def texts_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,
-                      doc_rows: dict[str, int] | None = None) -> dict[str, str]:
+                      doc_rows: dict[str, int] | None = None,
+                      corpus_storage_options: dict | None = None) -> dict[str, str]:
     """Doc id -> encoded text, through the doc id -> row id map (``doc_rows``, read from the shards when not
-    given) and :func:`texts_for_rows`."""
+    given) and :func:`texts_for_rows` (``corpus_storage_options``: the running job's ``corpus.storage_options``)."""
     doc_rows = doc_rows if doc_rows is not None else all_doc_ids(root, storage_options)
     wanted = set(doc_ids)
-    by_row = texts_for_rows(root, [doc_rows[d] for d in wanted], storage_options)
+    by_row = texts_for_rows(root, [doc_rows[d] for d in wanted], storage_options, corpus_storage_options)
     return {d: by_row[doc_rows[d]] for d in wanted}
 
 

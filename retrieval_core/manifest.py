@@ -68,3 +68,32 @@ def claim_stage_dir(stage_dir: str, identity: dict, plan: dict, overwrite: bool,
     else:
         storage.write_json_atomic(plan_url, {**stamp(), "identity": identity, **plan}, storage_options)
     storage.remove_temporaries(stage_dir, storage_options)
+
+
+# stage directory -> (its completion manifest, its commit records directory, plan key holding the work list, unit)
+STAGE_DIRS = {
+    "embeddings": ("_manifest.json", "_shards", "shards", "shards"),
+    "index": ("manifest.json", "_shards", "shards", "shards"),
+    "negatives": ("_manifest.json", "_parts", "parts", "parts"),
+}
+
+
+def committed_work(root: str, storage_options: dict | None = None) -> str:
+    """What a stopped run left committed under ``root`` (and ``root/trained``), e.g. ``'embeddings complete,
+    index 3 of 8 shards'``; '' when nothing was planned yet. Reads plans and lists commit records only."""
+    found = []
+    for base, label in ((root, ""), (storage.join(root, "trained"), "trained ")):
+        for stage, (final, records, key, unit) in STAGE_DIRS.items():
+            stage_dir = storage.join(base, stage)
+            plan_url = storage.join(stage_dir, "_plan.json")
+            if not storage.exists(plan_url, storage_options):
+                continue
+            if storage.exists(storage.join(stage_dir, final), storage_options):
+                found.append(f"{label}{stage} complete")
+                continue
+            planned = storage.read_json(plan_url, storage_options).get(key)
+            total = planned if isinstance(planned, int) else len(planned or [])
+            done = [n for n in storage.list_names(storage.join(stage_dir, records), storage_options)
+                    if n.endswith(".json") and storage.TMP_MARK not in n]
+            found.append(f"{label}{stage} {len(done)} of {total} {unit}")
+    return ", ".join(found)

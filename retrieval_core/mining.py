@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import lookup, negatives, storage
-from .config import Config, MineConfig
+from .config import Config, MineConfig, redact_storage_options
 from .manifest import claim_stage_dir, read_manifest, stamp
 from .metrics import EvaluationDataError, jsonl_records, parquet_records, read_qrels, read_queries
 
@@ -264,7 +264,8 @@ def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queri
                 "queries_without_positives": input_queries - totals["queries"], "totals": totals,
                 "filtered": filtered, "parts": [{"part": r["part"], "path": r["path"], "written": r["written"]}
                                                 for r in records],
-                "settings": dataclasses.asdict(cfg.mine), **extra, "config": cfg.to_dict()}
+                "settings": redact_storage_options(dataclasses.asdict(cfg.mine)), **extra,
+                "config": cfg.to_dict()}
     storage.write_json_atomic(layout_of(cfg).file("_manifest.json"), manifest, cfg.output.storage_options)
     return manifest
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 MIN_AUTO_ROWS_PER_SHARD = 64
 MAX_AUTO_ROWS_PER_SHARD = 50_000
 AUTO_SHARDS_PER_WORKER = 4
+AUTO_SHARD_SECONDS = 30   # work per automatic shard for one worker: a stop or a kill loses about this much per worker
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,13 @@ class Shard:
         return f"shard-{self.index:05d}"
 
 
-def auto_rows_per_shard(total_rows: int, num_workers: int) -> int:
-    """About four shards per worker (load balance, small loss on a kill), within [64, 50,000] rows."""
+def auto_rows_per_shard(total_rows: int, num_workers: int, docs_per_s_per_worker: float = math.inf) -> int:
+    """At least four shards per worker (load balance), and no more rows than one worker encodes in about
+    ``AUTO_SHARD_SECONDS`` at ``docs_per_s_per_worker`` (so a stop or a kill loses little), within [64, 50,000]."""
     per_shard = math.ceil(total_rows / max(1, num_workers * AUTO_SHARDS_PER_WORKER))
-    return max(MIN_AUTO_ROWS_PER_SHARD, min(MAX_AUTO_ROWS_PER_SHARD, per_shard))
+    by_time = docs_per_s_per_worker * AUTO_SHARD_SECONDS
+    rows = min(per_shard, int(by_time) if by_time < MAX_AUTO_ROWS_PER_SHARD else MAX_AUTO_ROWS_PER_SHARD)
+    return max(MIN_AUTO_ROWS_PER_SHARD, min(MAX_AUTO_ROWS_PER_SHARD, rows))
 
 
 def plan_shards(files: list[FileMeta], rows_per_shard: int) -> list[Shard]:

@@ -1,12 +1,20 @@
 """Storage through fsspec: any URL (local path, ``file://``, ``memory://``, ``s3://`` ...).
 
-Writes are atomic for readers: a file is written under a temporary name and renamed into place, so a reader sees
-the whole file or none. (On object stores the rename is a copy; the final object still appears whole.)
+Writes are atomic for readers. On file systems a file is written under a temporary name and renamed into place.
+On object stores (``s3://``, ``gs://``, ``abfs://`` ..., and ``memory://``), where a rename is a copy plus a delete,
+the final object is written with one PUT (a multipart upload for very large ones), which appears whole or not at
+all. Either way a stage writes its data first and its commit record or manifest last.
+
+Object-store file systems cache directory listings (s3fs) and fsspec reuses file system instances, so a listing
+made earlier in this process can miss (or show the old size of) what other processes wrote since.
+:func:`filesystem` forgets the cached listings of the path it is given, its parents and everything under it, so
+every helper here checks and reads what is there now.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import uuid
 from typing import Any, Iterable
@@ -17,11 +25,32 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
+# Protocols whose objects are written whole by one request: no temporary name, no rename (a copy there).
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "memory"})
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of ``url`` and the path inside it."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """The filesystem of ``url`` and the path inside it, with no stale cached listing of that path."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    forget_listings(fs, path)
+    return fs, path
+
+
+def forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop the cached directory listings of ``path``, of its parents and of everything under it (s3fs keeps them
+    per file system instance, and fsspec shares instances within a process)."""
+    fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    if cache:
+        prefix = path.rstrip("/") + "/"
+        for key in [k for k in list(cache) if k.startswith(prefix)]:
+            cache.pop(key, None)
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for object stores (and ``memory://``), where an object is written whole and a rename is a copy."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
 
 
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -38,8 +67,17 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
     return fs.exists(path)
 
 
-def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict | None = None) -> None:
+    """Write ``data`` so that readers see the whole of it or nothing: one PUT on object stores (never creating a
+    bucket), a temporary name renamed into place on file systems."""
     fs, path = filesystem(url, storage_options)
+    if is_object_store(fs):
+        try:
+            with fs.open(path, "wb") as handle:  # one PUT when closed (a multipart upload above the block size)
+                handle.write(data)
+        except FileNotFoundError as exc:  # e.g. no such bucket: name what was written
+            raise FileNotFoundError(f"cannot write '{url}': {exc}") from None
+        return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
     with fs.open(tmp, "wb") as handle:
@@ -97,6 +135,19 @@ def remove_temporaries(url: str, storage_options: dict | None = None) -> int:
     for p in stale:
         fs.rm(p)
     return len(stale)
+
+
+def upload_dir(local_dir: str, url: str, storage_options: dict | None = None) -> list[str]:
+    """Copy the files under a local directory to ``url`` (same relative paths), one upload per file; on object
+    stores no bucket or directory marker is created. Returns the relative paths, sorted."""
+    fs, path = filesystem(url, storage_options)
+    names = sorted(os.path.relpath(os.path.join(d, f), local_dir) for d, _, files in os.walk(local_dir) for f in files)
+    for name in names:
+        target = posixpath.join(path, name.replace(os.sep, "/"))
+        if not is_object_store(fs):
+            fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        fs.put_file(os.path.join(local_dir, name), target)
+    return names
 
 
 def list_names(url: str, storage_options: dict | None = None) -> list[str]:

@@ -38,7 +38,7 @@ def load_examples(cfg: Config) -> list[Example]:
     queries with fewer mined negatives than that are left out (counted in the log)."""
     parts = mining.read_parts(cfg.output.root, cfg.output.storage_options).to_pylist()
     text = lookup.texts_for_doc_ids(cfg.output.root, {d for p in parts for d in p["positive_ids"] + p["negative_ids"]},
-                                    cfg.output.storage_options)
+                                    cfg.output.storage_options, corpus_storage_options=cfg.corpus.storage_options)
     n = cfg.train.num_negatives
     examples, short = [], 0
     for p in parts:
@@ -134,7 +134,7 @@ def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus:
     from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(cfg.train.seed)
-    model = SentenceTransformer(resolve_model_path(cfg.model.name), device="cpu",
+    model = SentenceTransformer(resolve_model_path(cfg.model.name, cfg.model.storage_options), device="cpu",
                                 trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.max_seq_length:
         model.max_seq_length = cfg.model.max_seq_length

@@ -23,10 +23,49 @@ def tiny_model_without_dropout(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(encode_log):
     """One local Ray cluster for the whole test session (2 CPUs)."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def encode_log(tmp_path_factory):
+    """Arms the encoder's test hook for the session (before any Ray worker starts, so workers inherit it): every
+    document encoded anywhere appends its text hash to a file in this directory. ``encoded_hashes`` reads it."""
+    directory = tmp_path_factory.mktemp("encode-log")
+    os.environ["RETRIEVAL_TEST_ENCODE_LOG"] = str(directory)
+    yield directory
+
+
+S3_SECRET = "s3cr3t-DO-NOT-LOG-7f3a"  # a fake secret the object-storage tests look for in everything written
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 protocol server for the test session: moto's server mode on 127.0.0.1, on a free port."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_options(s3_endpoint) -> dict:
+    """fsspec storage options for the server: a fake key id and the recognisable fake secret ``S3_SECRET``."""
+    return {"key": "test-key-id", "secret": S3_SECRET,
+            "client_kwargs": {"endpoint_url": s3_endpoint}}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from retrieval_core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO / "examples" / "demo" / "corpus.parquet"
-SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+SCIFACT = Path(os.environ.get("SCIFACT_DIR") or REPO.parent / "shared" / "data" / "scifact")  # BEIR SciFact
 
 
 def build_tiny_model(directory: Path, dropout: float = 0.1) -> Path:
@@ -113,3 +114,14 @@ def write_synthetic_embeddings(root: Path, vectors: np.ndarray, shard_rows: int,
                            "shards": len(shards)}, "shards": shards, "config": {}}
     storage.write_json_atomic(str(root / "embeddings" / "_manifest.json"), manifest)
     return manifest
+
+
+def encoded_hashes(log_dir: Path) -> list[str]:
+    """Text hashes of every document encoded since the log directory was last cleared (the encoder's test hook,
+    armed for the session by conftest's ``encode_log``), in any process."""
+    return [line for path in sorted(Path(log_dir).glob("*.log")) for line in path.read_text().split()]
+
+
+def clear_encoded(log_dir: Path) -> None:
+    for path in Path(log_dir).glob("*.log"):
+        path.unlink()

@@ -15,6 +15,11 @@ from jobs import encode
 from retrieval_core import embeddings
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
+DEMO_ROWS = pq.read_metadata(DEMO_CORPUS).num_rows
+
+
+def demo_shards(rows_per_shard: int) -> int:
+    return -(-DEMO_ROWS // rows_per_shard)
 
 
 def demo_texts():
@@ -35,12 +40,12 @@ def test_vectors_equal_plain_sentence_transformers(demo_run):
     from retrieval_core.encoding import resolve_model_path
 
     cfg, summary = demo_run
-    assert summary["rows_encoded"] == 120 and summary["shards"] == 4 and summary["shards_run"] == 4
+    assert summary["rows_encoded"] == DEMO_ROWS and summary["shards"] == summary["shards_run"] == demo_shards(32)
     ids, texts = demo_texts()
     reference = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu").encode(
         texts, batch_size=32, normalize_embeddings=True)
     row_ids, vectors, doc_ids = embeddings.load_embeddings(cfg.output.root)
-    assert row_ids.tolist() == list(range(120)) and doc_ids == ids
+    assert row_ids.tolist() == list(range(DEMO_ROWS)) and doc_ids == ids
     cosine = np.sum(vectors * reference, axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() >= 0.9999
     manifest = embeddings.read_embeddings_manifest(cfg.output.root)
@@ -54,7 +59,7 @@ def test_rerun_skips_committed_shards(demo_run):
     before = {p: p.stat().st_mtime_ns for p in shard_files}
     manifest_before = Path(cfg.output.root, "embeddings", "_manifest.json").read_text()
     summary = encode.run(cfg)
-    assert summary["shards_run"] == 0 and summary["shards_skipped"] == 4
+    assert summary["shards_run"] == 0 and summary["shards_skipped"] == demo_shards(32)
     assert {p: p.stat().st_mtime_ns for p in shard_files} == before
     assert Path(cfg.output.root, "embeddings", "_manifest.json").read_text() == manifest_before
 
@@ -111,7 +116,7 @@ def test_killed_worker_is_restarted_and_its_shard_redone(tiny_corpus, tiny_model
     assert_same_output(outputs(cfg.output.root), tiny_clean)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp_path):
     root = tmp_path / "out"
     cfg = config(DEMO_CORPUS, root, runtime__rows_per_shard=8, runtime__num_workers=1)
@@ -126,11 +131,16 @@ def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp
         time.sleep(0.05)
     driver.send_signal(sig)
     driver.wait(timeout=60)
+    output = driver.stdout.read().decode()
     before = {p.name: p.read_text() for p in records_dir.glob("*.json")}
-    assert 1 <= len(before) < 15, "the driver was to be stopped midway"
+    if sig != signal.SIGKILL:  # a stop, not a crash: one line saying what is committed, status 128 + signal
+        assert driver.returncode == 128 + sig, output
+        assert "Traceback" not in output
+        assert f"stopped by {sig.name}: workers stopped; committed under {root}: embeddings {len(before)} of" in output
+    assert 1 <= len(before) < demo_shards(8), "the driver was to be stopped midway"
     assert not (root / "embeddings" / "_manifest.json").exists()
     summary = encode.run(cfg)
-    assert summary["shards_run"] == 15 - len(before)
+    assert summary["shards_run"] == demo_shards(8) - len(before)
     assert {name: (records_dir / name).read_text() for name in before} == before
     encode.run(config(DEMO_CORPUS, clean_root, runtime__rows_per_shard=8))
     assert_same_output(outputs(root), outputs(clean_root))

@@ -67,9 +67,19 @@ def job_negatives(cfg) -> dict[str, list[str]]:
     return {r["query"]: [texts[d] for d in r["negative_ids"]] for r in table.to_pylist()}
 
 
+def max_positives() -> int:
+    return max(len(p["positive"]) for p in (json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()))
+
+
+# sentence-transformers' defaults: no margin, and a window of 10 * num_negatives (+ positives) with one; the job's
+# default margin is 0.05 with a wider window, so both are set explicitly on the job's side.
 @pytest.mark.parametrize("settings", [{}, {"relative_margin": 0.05}, {"range_min": 2, "num_negatives": 4}])
 def test_negatives_equal_sentence_transformers(demo_root, tmp_path, settings):
-    cfg = mine_config(demo_root, tmp_path, "job", **settings)
+    job_settings = {"relative_margin": "null", **settings}
+    if "relative_margin" in settings:
+        job_settings["range_max"] = settings.get("range_min", 0) + 10 * settings.get("num_negatives", 3) \
+            + max_positives()
+    cfg = mine_config(demo_root, tmp_path, "job", **job_settings)
     summary = mine.run(cfg)
     ours = job_negatives(cfg)
     reference = reference_negatives(sampling_strategy="top", **settings)
@@ -79,15 +89,15 @@ def test_negatives_equal_sentence_transformers(demo_root, tmp_path, settings):
 
 def test_sharded_and_replicated_modes_agree(demo_root, tmp_path):
     replicated = mine_config(demo_root, tmp_path, "replicated", mode="replicated", sampling="random", range_max=20,
-                             num_negatives=4, seed=3)
+                             num_negatives=4, seed=3, relative_margin="null")
     sharded = mine_config(demo_root, tmp_path, "sharded", mode="sharded", sampling="random", range_max=20,
-                          num_negatives=4, seed=3, queries_per_part=7)
+                          num_negatives=4, seed=3, queries_per_part=7, relative_margin="null")
     mine.run(replicated)
     mine.run(sharded)
     a, b = mining.read_parts(str(replicated.output.root)), mining.read_parts(str(sharded.output.root))
     exact = ("query_id", "positive_ids", "negative_ids", "negative_ranks", "complete")
     assert [[r[c] for c in exact] for r in a.to_pylist()] == [[r[c] for c in exact] for r in b.to_pylist()]
-    # scores agree up to float noise: parts of 7 queries are encoded in other batches than all 40 at once
+    # scores agree up to float noise: parts of 7 queries are encoded in other batches than all queries at once
     for column in ("positive_scores", "negative_scores"):
         for x, y in zip(a.column(column).to_pylist(), b.column(column).to_pylist()):
             assert x == pytest.approx(y, abs=1e-5)

@@ -90,3 +90,28 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     assert load_config(None, ["train.learning_rate=2e-5"]).train.learning_rate == 2e-5
     with pytest.raises(ConfigError, match="train.learning_rate"):
         load_config(None, ["train.learning_rate=fast"])
+
+
+def test_environment_variables_expand_in_config_files(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("corpus:\n  path: ${DATA_DIR}/corpus.jsonl\noutput:\n  root: ${OUT_DIR:-out/x}\n"
+                    "eval:\n  qrels_path: ${DATA_DIR:?get the data first}/qrels.tsv\n")
+    monkeypatch.setenv("DATA_DIR", "/data/sf")
+    monkeypatch.delenv("OUT_DIR", raising=False)
+    cfg = load_config(str(path))
+    assert (cfg.corpus.path, cfg.output.root, cfg.eval.qrels_path) == ("/data/sf/corpus.jsonl", "out/x",
+                                                                        "/data/sf/qrels.tsv")
+    monkeypatch.delenv("DATA_DIR")
+    with pytest.raises(ConfigError, match=r"uses \$\{DATA_DIR\}, which is not set"):
+        load_config(str(path))
+    path.write_text("eval:\n  qrels_path: ${DATA_DIR:?get the data first}/qrels.tsv\n")
+    with pytest.raises(ConfigError, match="which is not set: get the data first"):
+        load_config(str(path))
+
+
+def test_default_value_of_a_key():
+    from retrieval_core.config import default_value
+
+    assert default_value("model.batch_size") == 32 and default_value("corpus.title_column") is None
+    with pytest.raises(ConfigError, match="did you mean 'model.batch_size'"):
+        default_value("model.batch_sise")

@@ -70,3 +70,13 @@ def test_bf16_is_close_to_fp32(tiny_model):
     assert bf16.dtype == np.float32
     assert np.sum(fp32 * bf16, axis=1).min() > 0.99
     assert not np.array_equal(fp32, bf16)
+
+
+def test_estimated_rate_scales_with_workers_resources_and_model_size(tiny_model):
+    from retrieval_core.encoding import REFERENCE_DOCS_PER_S_PER_CPU, estimated_docs_per_s
+
+    default = ModelConfig()
+    assert estimated_docs_per_s(default, 1, 0) == pytest.approx(REFERENCE_DOCS_PER_S_PER_CPU)
+    assert estimated_docs_per_s(default, 4, 0) == pytest.approx(4 * REFERENCE_DOCS_PER_S_PER_CPU)
+    assert estimated_docs_per_s(default, 1, 1) > 50 * estimated_docs_per_s(default, 1, 0)
+    assert estimated_docs_per_s(ModelConfig(name=tiny_model), 1, 0) > estimated_docs_per_s(default, 1, 0)

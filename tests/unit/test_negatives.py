@@ -64,8 +64,9 @@ def test_too_few_survivors_give_an_incomplete_query():
     assert got.ids == [16] and got.scores == [pytest.approx(0.5)]
 
 
-def test_default_range_max_follows_sentence_transformers():
+def test_default_range_max_follows_sentence_transformers_and_widens_with_score_filters():
     assert effective_range_max(Rules(num_negatives=3), max_positives=2) == 5
-    assert effective_range_max(Rules(num_negatives=3, range_min=4, relative_margin=0.05), 2) == 4 + 30 + 2
+    assert effective_range_max(Rules(num_negatives=3, range_min=4, relative_margin=0.05), 2) == 4 + 100 + 2
+    assert effective_range_max(Rules(num_negatives=20, relative_margin=0.05), 1) == 200 + 1
     assert effective_range_max(Rules(num_negatives=3, range_max=50), 2) == 50
     assert search_depth(36, 2) == 38

@@ -84,3 +84,7 @@ def test_auto_rows_per_shard():
     assert auto_rows_per_shard(5183, 2) == 648  # four shards per worker
     assert auto_rows_per_shard(100, 2) == 64  # lower bound
     assert auto_rows_per_shard(10**9, 4) == 50_000  # upper bound
+    # no more than about 30 s of one worker's work: 12 docs/s -> 360 rows, even with few workers
+    assert auto_rows_per_shard(5183, 2, docs_per_s_per_worker=12.0) == 360
+    assert auto_rows_per_shard(10**9, 4, docs_per_s_per_worker=1200.0) == 36_000
+    assert auto_rows_per_shard(10**6, 4, docs_per_s_per_worker=0.5) == 64  # a slow model: the lower bound

@@ -1,0 +1,221 @@
+"""Nightly re-indexing: build a new version from tonight's corpus snapshot and publish it behind gates.
+
+Reads:  the snapshot (corpus.path) and the version <output.root>/CURRENT names (the previous one).
+Writes: <output.root>/versions/<version>/ (embeddings/, index/, eval/ when eval queries are set, changes/
+        upserts.parquet and deletes.parquet, refresh.json last), then <output.root>/CURRENT when every gate passes.
+Only changed and added documents are encoded; unchanged ones keep their vectors, shared with the earlier version.
+A failing gate leaves CURRENT as it was and exits 1. --rollback NAME points CURRENT back at an earlier version.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import ray
+from tqdm import tqdm
+
+from jobs import _actors, _cli, _runtime, evaluate, index
+from retrieval_core import corpus, encoding, indexing, refreshing, sharding, storage, versions
+from retrieval_core.config import Config
+
+log = logging.getLogger("jobs.refresh")
+KEYS = ("corpus.path", "output.root", "refresh.retrain", "refresh.retrain_drift", "publish.min_recall",
+        "publish.max_reject_fraction", "publish.max_deleted_fraction", "publish.max_added_fraction",
+        "publish.max_ndcg_drop", "publish.keep_versions", "publish.lock_timeout", "eval.queries_path")
+
+
+def run(cfg: Config) -> dict:
+    """Refresh under the root's lock; returns the version's record (``refresh.json``), or a record saying that
+    nothing changed. Raises :class:`refreshing.GateError` (after writing the record) when a gate fails."""
+    so = cfg.output.storage_options
+    with versions.locked(cfg.output.root, so, cfg.publish.lock_timeout):
+        return _refresh(cfg)
+
+
+def _refresh(cfg: Config) -> dict:
+    started, timings = time.perf_counter(), {}
+    so = cfg.output.storage_options
+    files = corpus.inspect_corpus(cfg.corpus)
+    identity = encoding.encoder_identity(cfg.model)
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, sum(f.num_rows for f in files)))
+        log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments)", p.version,
+                 p.previous or "nothing (first version)", p.snapshot_rows, len(p.segments))
+        _timed(timings, "diff", lambda: _diff(cfg, p))
+        diff = refreshing.diff_counts(p, so)
+        counts = diff["counts"]
+        if p.previous and p.reuse and not (counts["changed"] or counts["added"] or counts["deleted"]):
+            return _unchanged(cfg, p, counts, timings, started)
+        segments = refreshing.plan_segments(p, diff["encode_rows"])
+        records = _timed(timings, "encode", lambda: _encode(cfg, session, p, segments, identity))
+        shared = _timed(timings, "tombstones", lambda: _tombstones(cfg, p, diff["tombstones"]))
+        dim = records[0]["dim"] if records else refreshing.read_embeddings_manifest(p.previous_root, so)["dim"]
+        refreshing.write_version_manifest(cfg, p, identity, dim, counts, shared, records, time.perf_counter() - started)
+        vcfg = refreshing.version_config(cfg, p.version_root)
+        retrain = _timed(timings, "index", lambda: _index(cfg, vcfg, p, set(diff["tombstones"])))
+        evaluation = _timed(timings, "evaluate", lambda: evaluate.run(vcfg) if cfg.eval.queries_path else None)
+        changes = _timed(timings, "changes", lambda: ray.get(ray.remote(refreshing.write_changes).options(
+            num_cpus=1).remote(p, records, so)))
+    return _gate_and_publish(cfg, p, counts, retrain, evaluation, changes, timings, started)
+
+
+def _rows_per_shard(cfg: Config, session, total_rows: int) -> int:
+    if cfg.runtime.rows_per_shard:
+        return cfg.runtime.rows_per_shard
+    rate = encoding.estimated_docs_per_s(cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)
+    return sharding.auto_rows_per_shard(total_rows, session.worker_count(max(1, total_rows)), rate)
+
+
+def _timed(timings: dict, step: str, work):
+    started = time.perf_counter()
+    result = work()
+    timings[step] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _run_tasks(function, items: list, args: tuple, desc: str, cfg: Config) -> list:
+    """``function(item, *args)`` as one Ray task per item (one CPU each); results in completion order."""
+    if not items:
+        return []
+    remote = ray.remote(function).options(num_cpus=1, max_retries=cfg.runtime.max_task_retries)
+    bar = tqdm(total=len(items), desc=desc, disable=not cfg.runtime.progress, dynamic_ncols=True)
+    results = []
+
+    def done(item, result):
+        results.append(result)
+        bar.update(1)
+
+    try:
+        _runtime.run_tasks({remote.remote(item, *args): item for item in items}, done)
+    finally:
+        bar.close()
+    return results
+
+
+def _diff(cfg: Config, p: refreshing.RefreshPlan) -> None:
+    """Map the snapshot's shards and the previous version's segments into buckets, then join bucket by bucket."""
+    so = cfg.output.storage_options
+    _run_tasks(_map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot", cfg)
+    _run_tasks(_map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous", cfg)
+    _run_tasks(_reduce, refreshing.pending_buckets(p, so), (p, so), "diff: join", cfg)
+
+
+def _map_snapshot_shard(shard, p: refreshing.RefreshPlan, cfg: Config) -> dict:
+    return refreshing.map_snapshot_shard(p, shard, cfg)
+
+
+def _map_segment(segment: dict, p: refreshing.RefreshPlan, so: dict) -> dict:
+    return refreshing.map_segment(p, segment, so)
+
+
+def _reduce(bucket: int, p: refreshing.RefreshPlan, so: dict) -> dict:
+    return refreshing.reduce_bucket(p, bucket, so)
+
+
+def _encode(cfg: Config, session, p: refreshing.RefreshPlan, segments: list, identity: dict) -> list[dict]:
+    """Encode the new segments on encoder actors (committed ones are skipped); returns every new segment's
+    commit record, in segment order."""
+    so = cfg.output.storage_options
+    pending = refreshing.pending_segments(p, segments, so)
+    if pending:
+        workers = _actors.start_encode_workers(cfg, session.worker_count(len(pending)))
+        bar = tqdm(total=sum(s.rows for s in pending), unit="doc", desc="encode", disable=not cfg.runtime.progress,
+                   dynamic_ncols=True)
+        try:
+            _runtime.run_on_actors(workers, "encode_segment", pending, (p, cfg, identity),
+                                   lambda segment, record: bar.update(record["rows"]))
+        finally:
+            bar.close()
+            for worker in workers:
+                ray.kill(worker)
+    layout = refreshing.Layout(p.version_root, so)
+    return [storage.read_json(layout.record_file(s.name), so) for s in segments]
+
+
+def _tombstones(cfg: Config, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:
+    """Tombstone files of the shared segments that lost rows; returns the shared segments' manifest entries."""
+    so = cfg.output.storage_options
+    touched = [s for s in p.segments if s["name"] in tombstones]
+    _run_tasks(_segment_tombstones, touched, (p, tombstones, so), "tombstones", cfg)
+    return refreshing.shared_entries(p, tombstones, so)
+
+
+def _segment_tombstones(segment: dict, p: refreshing.RefreshPlan, tombstones: dict, so: dict) -> int:
+    return refreshing.write_segment_tombstones(p, segment, tombstones[segment["name"]], so)
+
+
+def _index(cfg: Config, vcfg: Config, p: refreshing.RefreshPlan, touched: set[str]) -> dict:
+    """Build the version's index: the previous version's trained quantizer and untouched shard indexes are reused
+    unless the retrain decision says otherwise; returns the decision with its numbers."""
+    plan = indexing.prepare(vcfg)
+    decision = refreshing.retrain_decision(cfg, vcfg, p, plan)
+    if not decision["retrain"] and decision.get("reusable"):
+        refreshing.seed_index(vcfg, p, plan, touched)
+    index.run(vcfg)
+    return decision
+
+
+def _unchanged(cfg: Config, p: refreshing.RefreshPlan, counts: dict, timings: dict, started: float) -> dict:
+    """The same snapshot as the published version: nothing is encoded and nothing new is published."""
+    storage.remove(p.version_root, cfg.output.storage_options)
+    refreshing.finish_build(cfg)
+    log.info("refresh: the snapshot equals %s; nothing to publish", p.previous)
+    return {"version": None, "previous": p.previous, "published": False, "unchanged": True,
+            "counts": {**counts, "encoded": 0, "reused": counts["unchanged"]}, "timings_s": timings,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _gate_and_publish(cfg: Config, p: refreshing.RefreshPlan, counts: dict, retrain: dict, evaluation: dict | None,
+                      changes: dict, timings: dict, started: float) -> dict:
+    so = cfg.output.storage_options
+    index_manifest = indexing.read_index_manifest(p.version_root, so)
+    previous_ndcg = refreshing.previous_ndcg(p, so) if evaluation else None
+    gates = refreshing.gates(cfg, counts, index_manifest["recall"]["recall_at_10"],
+                             evaluation["metrics"]["ndcg@10"] if evaluation else None, previous_ndcg,
+                             first=p.previous is None)
+    passed = all(g["passed"] for g in gates)
+    record = {"complete": True, "published": passed, "counts": {**counts, "encoded": counts["encode_rows"],
+                                                                "reused": counts["unchanged"]},
+              "retrain": retrain, "gates": gates, "changes": changes, "timings_s": timings,
+              "evaluation": evaluation["metrics"] if evaluation else None}
+    refreshing.cleanup_diff(p, so)
+    record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+    refreshing.write_refresh_record(p, record, so)
+    refreshing.finish_build(cfg)
+    if not passed:
+        failed = "; ".join(f"{g['gate']}: value {g['value']}, threshold {g['threshold']}" for g in gates
+                           if not g["passed"])
+        raise refreshing.GateError(f"version {p.version} failed its gates ({failed}); CURRENT still names "
+                                   f"{p.previous or 'nothing'}; the version stays on disk for inspection")
+    versions.publish(cfg.output.root, p.version, so, previous=p.previous)
+    record["deleted_versions"] = refreshing.apply_retention(cfg)
+    return {**record, "version": p.version, "previous": p.previous}
+
+
+def format_summary(r: dict) -> str:
+    c = r["counts"]
+    if r.get("unchanged"):
+        return (f"refresh: the snapshot equals the published version {r['previous']} ({c['documents']} documents); "
+                f"nothing encoded, nothing published")
+    return (f"refresh: published {r['version']} (previous {r['previous'] or 'none'}): {c['documents']} documents, "
+            f"{c['unchanged']} unchanged, {c['changed']} changed, {c['added']} added, {c['deleted']} deleted, "
+            f"{c['rejected']} rejected; encoded {c['encoded']}, reused {c['reused']}; "
+            f"index {'retrained' if r['retrain']['retrain'] else 'quantizer reused'} ({r['retrain']['reason']}); "
+            f"in {r['timings_s']['total']} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _cli.parser(__doc__, "python -m jobs.refresh", KEYS)
+    p.add_argument("--rollback", metavar="VERSION", help="point CURRENT at this earlier complete version and exit")
+    args = p.parse_args(argv)
+    cfg = _cli.config_from_args(args)
+    if args.rollback:
+        return _cli.run_guarded(cfg, lambda: versions.rollback(cfg.output.root, args.rollback,
+                                                               cfg.output.storage_options),
+                                lambda current: print(f"refresh: CURRENT now names {current['version']}"))
+    return _cli.run_guarded(cfg, lambda: run(cfg), lambda record: print(format_summary(record)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

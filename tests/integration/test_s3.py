@@ -1,0 +1,336 @@
+"""The jobs on object storage: a real S3 protocol server (moto's server mode on 127.0.0.1, ``s3_endpoint``), the
+corpus, queries, qrels and pairs in one bucket, the output in another, credentials in ``*.storage_options``.
+
+Every stage runs on S3 (the pipeline: encode, index, evaluate, mine, train, reencode, reindex, reevaluate) and is
+compared by content with the same pipeline on local paths; a killed encode driver resumes on S3; and the fake
+secret of the credentials appears in nothing the jobs write or print.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from helpers import DEMO_CORPUS, REPO, config, make_docs, write_parquet
+from jobs import encode, pipeline, search, train
+from retrieval_core import embeddings, encoding, faiss_index, indexing, mining, storage
+from retrieval_core.config import PIPELINE_STAGES, REDACTED, ModelConfig
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+DEMO = REPO / "examples" / "demo"
+INPUTS = {"corpus": "corpus.parquet", "queries": "queries.jsonl", "qrels": "qrels.tsv", "pairs": "pairs.jsonl"}
+IN, OUT, SCRATCH = "rj-input", "rj-output", "rj-scratch"
+S3_ROOT = f"s3://{OUT}/run"
+SETTINGS = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
+            "mine__query_id_column": "query_id", "mine__relative_margin": "null", "train__batch_size": 8, "train__max_steps": 3,
+            "train__learning_rate": 1e-3, "train__eval_fraction": 0.2}
+SECTIONS_WITH_OPTIONS = ("corpus", "output", "eval", "mine")
+DEMO_ROWS = pq.read_metadata(DEMO_CORPUS).num_rows
+
+
+def s3fs_of(options: dict):
+    """An s3fs file system of its own (not fsspec's shared instance): what another process would see."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **options)
+
+
+@pytest.fixture(scope="module")
+def buckets(s3_options):
+    """The input bucket holding the demo corpus, queries, qrels and pairs; an empty output bucket; a scratch one."""
+    fs = s3fs_of(s3_options)
+    for bucket in (IN, OUT, SCRATCH):
+        fs.mkdir(bucket)
+    for name in INPUTS.values():
+        fs.put_file(str(DEMO / name), f"{IN}/demo/{name}")
+    return fs
+
+
+def pipeline_config(inputs: dict, root, model: str, options: dict | None = None):
+    paths = {"eval__queries_path": inputs["queries"], "eval__qrels_path": inputs["qrels"],
+             "mine__pairs_path": inputs["pairs"]}
+    secrets = {f"{s}__storage_options": json.dumps(options) for s in SECTIONS_WITH_OPTIONS} if options else {}
+    return config(inputs["corpus"], root, model=model, **SETTINGS, **paths, **secrets)
+
+
+@pytest.fixture(scope="module")
+def runs(buckets, tmp_path_factory, tiny_model_without_dropout, s3_options):
+    """The whole pipeline on local paths and on S3, with the same settings: {"local"|"s3": (config, results)}."""
+    local_inputs = {key: str(DEMO / name) for key, name in INPUTS.items()}
+    s3_inputs = {key: f"s3://{IN}/demo/{name}" for key, name in INPUTS.items()}
+    local = pipeline_config(local_inputs, tmp_path_factory.mktemp("local") / "run", tiny_model_without_dropout)
+    remote = pipeline_config(s3_inputs, S3_ROOT, tiny_model_without_dropout, s3_options)
+    return {"local": (local, pipeline.run(local)), "s3": (remote, pipeline.run(remote))}
+
+
+def roots(runs, sub: str = "") -> tuple[tuple[str, dict], tuple[str, dict]]:
+    """((local root, {}), (S3 root, storage options)) of the base run (sub "") or the re* stages ("trained")."""
+    return tuple((storage.join(str(cfg.output.root), sub) if sub else str(cfg.output.root),
+                  cfg.output.storage_options) for cfg, _ in (runs["local"], runs["s3"]))
+
+
+def read_json(root: str, options: dict, *parts: str):
+    return storage.read_json(storage.join(root, *parts), options)
+
+
+def test_every_stage_runs_on_s3(runs):
+    assert list(runs["s3"][1]) == list(runs["local"][1]) == list(PIPELINE_STAGES)
+    encoded = runs["s3"][1]["encode"][0]
+    assert encoded["rows_encoded"] == DEMO_ROWS
+    assert encoded["shards"] == encoded["shards_run"] == -(-DEMO_ROWS // 32)
+
+
+@pytest.mark.parametrize("sub", ["", "trained"])
+def test_embeddings_on_s3_equal_local(runs, sub):
+    (local, _), (remote, options) = roots(runs, sub)
+    ids_l, vectors_l, docs_l = embeddings.load_embeddings(local)
+    ids_s, vectors_s, docs_s = embeddings.load_embeddings(remote, options)
+    assert ids_s.tolist() == ids_l.tolist() == list(range(DEMO_ROWS)) and docs_s == docs_l
+    assert vectors_s.tobytes() == vectors_l.tobytes()
+
+
+@pytest.mark.parametrize("sub", ["", "trained"])
+def test_index_on_s3_answers_as_local(runs, sub):
+    (local, _), (remote, options) = roots(runs, sub)
+    index_l, manifest_l = indexing.load_index(local)
+    index_s, manifest_s = indexing.load_index(remote, options)
+    assert manifest_s["ntotal"] == manifest_l["ntotal"] == DEMO_ROWS
+    assert manifest_s["search_parameters"] == manifest_l["search_parameters"]
+    queries = embeddings.load_embeddings(local)[1][::7]
+    scores_l, ids_l = faiss_index.search(index_l, queries, 10)
+    scores_s, ids_s = faiss_index.search(index_s, queries, 10)
+    assert np.array_equal(ids_s, ids_l) and np.array_equal(scores_s, scores_l)
+
+
+def test_search_job_on_s3_returns_the_local_hits_with_texts(runs):
+    query = ["Which company beat revenue estimates?"]
+    hits_l = search.run(runs["local"][0], query, 5)
+    hits_s = search.run(runs["s3"][0], query, 5)
+    assert hits_s == hits_l and all(hit["text"] for hit in hits_s[0])
+
+
+@pytest.mark.parametrize("sub", ["", "trained"])
+def test_metrics_on_s3_equal_local(runs, sub):
+    (local, _), (remote, options) = roots(runs, sub)
+    assert read_json(remote, options, "eval", "metrics.json")["metrics"] == \
+        read_json(local, {}, "eval", "metrics.json")["metrics"]
+    assert read_json(remote, options, "eval", "per_query.json") == read_json(local, {}, "eval", "per_query.json")
+
+
+def test_negatives_and_exports_on_s3_equal_local(runs):
+    (local, _), (remote, options) = roots(runs)
+    parts_s = mining.read_parts(remote, options).to_pylist()
+    assert parts_s == mining.read_parts(local).to_pylist() and parts_s
+    for name in ("triplet.parquet", "n-tuple.parquet", "flag.jsonl"):
+        url = ("negatives", "exports", name)
+        assert storage.read_bytes(storage.join(remote, *url), options) == storage.read_bytes(storage.join(local, *url))
+    assert storage.read_parquet(storage.join(remote, "negatives", "rejects.parquet"), options).equals(
+        pq.read_table(Path(local, "negatives", "rejects.parquet")))
+
+
+def model_state(path: str) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device="cpu")
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=atol, err_msg=name)
+
+
+def test_model_trained_on_s3_equals_local_and_loads_from_s3(runs):
+    (local, _), (remote, options) = roots(runs)
+    record_l, record_s = read_json(local, {}, "model", "training.json"), read_json(remote, options, "model",
+                                                                                     "training.json")
+    assert record_s["history"]["losses"] == record_l["history"]["losses"] and len(record_s["history"]["losses"]) == 3
+    downloaded = encoding.resolve_model_path(storage.join(remote, "model"), options)
+    assert_same_weights(model_state(downloaded), model_state(str(Path(local, "model"))), atol=1e-6)
+    reencoded = runs["s3"][1]["reencode"][0]
+    assert reencoded["rows_encoded"] == DEMO_ROWS
+    assert reencoded["output"] == storage.join(remote, "trained", "embeddings")
+
+
+def test_ray_train_workers_on_s3_compute_the_single_worker_model(runs):
+    """Two Ray Train workers with their run directory on S3 (a pyarrow file system over s3fs) train the model
+    the one-worker training of the pipeline trained."""
+    import dataclasses
+
+    cfg = runs["s3"][0]
+    two = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=f"{S3_ROOT}/model-two-workers"),
+                              runtime=dataclasses.replace(cfg.runtime, num_workers=2))
+    record = train.run(two)
+    assert record["history"]["steps"] == 3 and not record["reused"]
+    options = cfg.output.storage_options
+    one = encoding.resolve_model_path(f"{S3_ROOT}/model", options)
+    both = encoding.resolve_model_path(f"{S3_ROOT}/model-two-workers", options)
+    assert_same_weights(model_state(both), model_state(one), atol=2e-5)
+    assert s3fs_of(options).find(f"{OUT}/run/_ray_train"), "Ray Train's run directory is on S3"
+
+
+def test_objects_are_written_whole_without_temporaries(runs, s3_options):
+    names = s3fs_of(s3_options).find(OUT)
+    assert any(n.endswith("embeddings/_manifest.json") for n in names)
+    assert not [n for n in names if storage.TMP_MARK in n]
+
+
+def test_listings_cached_by_the_driver_never_hide_what_others_wrote(buckets, s3_options):
+    """fsspec shares one s3fs instance per options in a process, and s3fs caches listings: a record written by
+    another process after a listing must still be found, and an overwritten object read whole."""
+    where = f"s3://{SCRATCH}/listing"
+    storage.write_json_atomic(f"{where}/a.json", {"n": 1}, s3_options)
+    assert storage.list_names(where, s3_options) == ["a.json"]  # the listing is now cached
+    other = s3fs_of(s3_options)
+    other.pipe_file(f"{SCRATCH}/listing/b.json", b'{"n": 2}')
+    other.pipe_file(f"{SCRATCH}/listing/a.json", b'{"n": 1000000}')
+    assert storage.exists(f"{where}/b.json", s3_options)
+    assert storage.list_names(where, s3_options) == ["a.json", "b.json"]
+    assert storage.read_json(f"{where}/a.json", s3_options) == {"n": 1000000}
+
+
+def test_model_at_a_url_is_downloaded_once_and_again_when_it_changes(buckets, s3_options, tiny_model, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv(encoding.MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    url = f"s3://{SCRATCH}/models/tiny"
+    storage.upload_dir(tiny_model, url, s3_options)
+    first = encoding.resolve_model_path(url, s3_options)
+    stamps = {p: p.stat().st_mtime_ns for p in Path(first).rglob("*") if p.is_file()}
+    assert Path(first).parent == tmp_path / "cache" and stamps
+    assert encoding.resolve_model_path(url, s3_options) == first
+    assert {p: p.stat().st_mtime_ns for p in Path(first).rglob("*") if p.is_file()} == stamps
+    assert encoding.model_files_hash(first) == encoding.model_files_hash(tiny_model)
+    at_url, local = ModelConfig(name=url, storage_options=s3_options), ModelConfig(name=tiny_model)
+    assert encoding.encoder_identity(at_url)["weights_sha256"] == encoding.encoder_identity(local)["weights_sha256"]
+    assert encoding.estimated_docs_per_s(at_url, 1, 0) == encoding.estimated_docs_per_s(local, 1, 0)
+    s3fs_of(s3_options).pipe_file(f"{SCRATCH}/models/tiny/README.md", b"changed")
+    changed = encoding.resolve_model_path(url, s3_options)
+    assert changed != first and (Path(changed) / "README.md").read_bytes() == b"changed"
+    with pytest.raises(ValueError, match=f"s3://{SCRATCH}/models/none") as error:
+        encoding.resolve_model_path(f"s3://{SCRATCH}/models/none", s3_options)
+    assert s3_options["secret"] not in "".join(traceback.format_exception(error.value))
+
+
+def config_file(path: Path, options: dict, **sections) -> Path:
+    """A YAML config (credentials in a file, not on the command line)."""
+    data = {name: dict(values) for name, values in sections.items()}
+    for name in ("corpus", "output"):
+        data.setdefault(name, {})["storage_options"] = options
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_missing_bucket_errors_name_the_path_not_the_secret(buckets, s3_options, tiny_model, tmp_path):
+    missing = "s3://rj-no-such-bucket/corpus.parquet"
+    cfg = config(missing, f"s3://{OUT}/never", model=tiny_model, corpus__storage_options=json.dumps(s3_options))
+    with pytest.raises(FileNotFoundError, match=missing) as error:
+        encode.run(cfg)
+    assert s3_options["secret"] not in "".join(traceback.format_exception(error.value))
+    target = "s3://rj-no-such-bucket/out/_plan.json"
+    with pytest.raises(FileNotFoundError, match=target) as error:
+        storage.write_json_atomic(target, {}, s3_options)
+    assert s3_options["secret"] not in "".join(traceback.format_exception(error.value))
+    assert not s3fs_of(s3_options).exists("rj-no-such-bucket"), "a write must not create the bucket"
+    command = [sys.executable, "-m", "jobs.encode", "--config", str(config_file(
+        tmp_path / "c.yaml", s3_options, corpus={"path": missing}, output={"root": f"s3://{OUT}/never"},
+        model={"name": tiny_model}))]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and missing in result.stderr
+    assert s3_options["secret"] not in result.stdout + result.stderr
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+def wait_for_exit(pids: set[int], seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), f"workers {pids} still running"
+
+
+def committed_records(root: str, options: dict) -> dict[str, dict]:
+    records = storage.join(root, "embeddings", "_shards")
+    return {name: storage.read_json(storage.join(records, name), options)
+            for name in storage.list_names(records, options) if name.endswith(".json")}
+
+
+def test_killed_encode_driver_resumes_on_s3_with_the_remaining_shards(buckets, s3_options, tiny_model, tmp_path,
+                                                                     ray_cluster):
+    docs = make_docs(1200, seed=5)
+    local_corpus = write_parquet(tmp_path / "corpus.parquet", docs)
+    buckets.put_file(str(local_corpus), f"{IN}/big/corpus.parquet")
+    root, shards = f"s3://{OUT}/killed", 60
+    path = config_file(tmp_path / "job.yaml", s3_options, corpus={"path": f"s3://{IN}/big/corpus.parquet"},
+                       output={"root": root}, model={"name": tiny_model},
+                       runtime={"rows_per_shard": 20, "num_workers": 1, "address": ray_cluster, "progress": False})
+    command = [sys.executable, "-m", "jobs.encode", "--config", str(path)]
+    with open(tmp_path / "killed.log", "w+") as log:
+        driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline and not committed_records(root, s3_options):
+            assert driver.poll() is None, Path(log.name).read_text()
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+        killed_output = Path(log.name).read_text()
+    wait_for_exit({r["pid"] for r in committed_records(root, s3_options).values()})
+    before = committed_records(root, s3_options)
+    assert 1 <= len(before) < shards, "the driver was to be killed midway"
+    assert not storage.exists(storage.join(root, "embeddings", "_manifest.json"), s3_options)
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    after = committed_records(root, s3_options)
+    assert len(after) == shards and {name: after[name] for name in before} == before  # not encoded again
+    killed_pids = {r["pid"] for r in before.values()}
+    assert not [name for name in after if name not in before and after[name]["pid"] in killed_pids]
+    clean = config(local_corpus, tmp_path / "clean", model=tiny_model, runtime__rows_per_shard=20)
+    encode.run(clean)
+    ids_c, vectors_c, docs_c = embeddings.load_embeddings(str(clean.output.root))
+    ids_s, vectors_s, docs_s = embeddings.load_embeddings(root, s3_options)
+    assert ids_s.tolist() == ids_c.tolist() and docs_s == docs_c and vectors_s.tobytes() == vectors_c.tobytes()
+    for text in (killed_output, rerun.stdout, rerun.stderr):
+        assert s3_options["secret"] not in text
+
+
+def every_local_file(*directories: Path):
+    for directory in directories:
+        if directory.is_dir():
+            yield from (p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def test_credentials_are_in_nothing_the_jobs_wrote(runs, s3_options):
+    """Runs last: every object of the output bucket, the models downloaded from S3, and the Ray session's logs
+    (the workers' output) are free of the secret; the manifests keep the option names with redacted values."""
+    import ray
+
+    fs = s3fs_of(s3_options)
+    objects = fs.find(OUT)
+    assert len(objects) > 50
+    leaking = [name for name in objects if s3_options["secret"].encode() in fs.cat_file(name)]
+    assert not leaking
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = list(every_local_file(encoding.model_cache_dir(), logs, Path(str(runs["local"][0].output.root))))
+    assert files and not [p for p in files if s3_options["secret"].encode() in p.read_bytes()]
+    for stage_file in ("embeddings/_manifest.json", "embeddings/_plan.json", "index/manifest.json",
+                       "negatives/_manifest.json", "model/training.json", "trained/embeddings/_manifest.json"):
+        written = read_json(S3_ROOT, s3_options, stage_file)["config"]
+        for section in SECTIONS_WITH_OPTIONS:
+            assert written[section]["storage_options"] == dict.fromkeys(s3_options, REDACTED), stage_file
+    assert read_json(S3_ROOT, s3_options, "negatives", "_manifest.json")["settings"]["storage_options"] == \
+        dict.fromkeys(s3_options, REDACTED)
