@@ -72,6 +72,7 @@ def config(args, root: Path, paths: dict, num_negatives: int):
     from retrieval_core.config import load_config
 
     q = json.dumps
+    os.environ.setdefault("SCIFACT_DIR", str(args.data))  # configs/scifact.yaml reads it; every path is set below
     return load_config(str(REPO / "configs" / "scifact.yaml"), [
         f"corpus.path={q(str(args.data / 'corpus.parquet'))}", f"output.root={q(str(root))}",
         f"model.precision={args.precision}", "index.type=Flat", "runtime.progress=false",
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
             (f"(b) + {args.negatives} mined negatives", hard["reevaluate"]["metrics"], hard["seconds"]["train"])]
     steps = hard["train"]["history"]["steps"]
     print(f"\nSciFact train queries split {1 - args.dev_fraction:.0%}/{args.dev_fraction:.0%} (seed {args.seed}): "
-          f"{hard['mine']['written']} train queries mined, {hard['evaluate']['metrics']['queries']} dev queries; "
+          f"{hard['mine']['written']} train queries mined ({hard['mine']['complete']} complete, "
+          f"{hard['mine']['without_negatives']} without negatives), {hard['evaluate']['metrics']['queries']} dev queries; "
           f"{steps} steps of {args.batch_size}, lr {args.learning_rate}, relative margin {args.relative_margin}")
     print(f"{'model':<30}" + "".join(f"{m:>12}" for m in METRICS) + f"{'train s':>10}")
     for name, figures, seconds in rows:

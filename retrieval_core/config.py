@@ -40,7 +40,7 @@ class CorpusConfig:
     id_column: str = "id"
     text_column: str = "text"
     title_column: Union[str, None] = None
-    storage_options: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class ModelConfig:
     document_prompt: str = ""
     query_prompt: str = ""
     trust_remote_code: bool = False
-    # fsspec options when name is a URL; left out of the hash (a dict has none), so the config stays a cache key
-    storage_options: dict = field(default_factory=dict, hash=False)
+    # fsspec options when name is a URL; left out of the hash (a dict has none), so the config stays a cache key,
+    # and of the repr (credentials)
+    storage_options: dict = field(default_factory=dict, hash=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class OutputConfig:
     version: str = ""
     overwrite: bool = False
     embedding_dtype: str = "float32"
-    storage_options: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class SearchConfig:
 class EvalConfig:
     queries_path: str = "examples/demo/queries.jsonl"
     qrels_path: str = "examples/demo/qrels.tsv"
-    storage_options: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
     depth: int = 100
 
 
@@ -116,7 +117,7 @@ class MineConfig:
     query_column: str = "query"
     positive_column: str = "positive"
     query_id_column: str = ""
-    storage_options: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
     range_min: int = 0
     range_max: int = 0
     max_score: Union[float, None] = None
@@ -273,7 +274,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint in (list, dict):
         if isinstance(value, hint):
             return value
-        raise ConfigError(f"'{key}' = {value!r}: expected a {hint.__name__}")
+        shown = REDACTED if key.endswith("storage_options") else repr(value)  # it may hold credentials
+        raise ConfigError(f"'{key}' = {shown}: expected a {hint.__name__}")
     raise ConfigError(f"'{key}': unsupported type {hint}")  # pragma: no cover - a programming error
 
 

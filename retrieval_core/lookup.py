@@ -9,7 +9,7 @@ import numpy as np
 from . import storage
 from .config import CorpusConfig
 from .corpus import inspect_corpus, read_shard
-from .embeddings import read_doc_ids, read_embeddings_manifest
+from .embeddings import read_doc_ids, read_embeddings_manifest, read_shard_table
 from .sharding import plan_shards
 
 
@@ -31,8 +31,7 @@ def row_values(root: str, row_ids: Iterable[int], columns: list[str], storage_op
     manifest = manifest or read_embeddings_manifest(root, storage_options)
     out = {}
     for i, rows in _shards_holding(manifest["shards"], row_ids).items():
-        url = storage.join(root, "embeddings", manifest["shards"][i]["path"])
-        table = storage.read_parquet(url, storage_options, columns=["row_id", *columns])
+        table = read_shard_table(root, manifest["shards"][i], columns, storage_options)
         where = {r: n for n, r in enumerate(table.column("row_id").to_pylist())}
         picked = [where[r] for r in rows if r in where]
         taken = table.take(picked)
@@ -60,14 +59,44 @@ def all_doc_ids(root: str, storage_options: dict | None = None, manifest: dict |
 
 def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None,
                    corpus_storage_options: dict | None = None) -> dict[int, str]:
-    """Row id -> the text that was encoded (title + " " + text), read back from the corpus through the encode
-    stage's shard plan (only the shards holding the rows are read). The corpus settings come from the embeddings
-    manifest, its storage options from the running job (``corpus_storage_options``): manifests hold none."""
+    """Row id -> the text that was encoded (title + " " + text), read back from the corpus (only the corpus shards
+    holding the rows are read). The corpus settings come from the embeddings manifest, its storage options from the
+    running job (``corpus_storage_options``): manifests hold none. In a refresh version, where row ids are not
+    corpus positions, the version's doc map gives each document's position in its snapshot."""
     manifest = read_embeddings_manifest(root, storage_options)
+    if not manifest.get("docmap"):
+        return _texts_at_positions(root, manifest, row_ids, storage_options, corpus_storage_options)
+    doc_of = {row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options,
+                                                            manifest).items()}
+    position = snapshot_rows(root, manifest, set(doc_of.values()), storage_options)
+    texts = _texts_at_positions(root, manifest, position.values(), storage_options, corpus_storage_options)
+    return {row: texts[position[doc]] for row, doc in doc_of.items()}
+
+
+def snapshot_rows(root: str, manifest: dict, doc_ids: set[str], storage_options: dict | None = None) -> dict[str, int]:
+    """Doc id -> its row in the version's snapshot, from the doc map (partitioned by a hash of the doc id, so only
+    the buckets holding ``doc_ids`` are read)."""
+    from .diffing import buckets_of
+    from .versions import resolve_relative
+
+    docmap = manifest["docmap"]
+    directory = resolve_relative(storage.join(root, "embeddings"), docmap["dir"])
+    wanted = sorted(doc_ids)
+    out = {}
+    for bucket in sorted(set(buckets_of(wanted, docmap["buckets"]).tolist())):
+        table = storage.read_parquet(storage.join(directory, f"b{bucket:05d}.parquet"), storage_options)
+        out.update((d, r) for d, r in zip(table.column("doc_id").to_pylist(), table.column("corpus_row").to_pylist())
+                   if d in doc_ids)
+    return out
+
+
+def _texts_at_positions(root: str, manifest: dict, positions: Iterable[int], storage_options: dict | None,
+                        corpus_storage_options: dict | None) -> dict[int, str]:
+    """Corpus position -> encoded text, through the encode plan's shards of the manifest's corpus."""
     plan = storage.read_json(storage.join(root, "embeddings", "_plan.json"), storage_options)
     corpus_cfg = encoded_corpus(manifest, corpus_storage_options)
     shards = plan_shards(inspect_corpus(corpus_cfg), plan["identity"]["rows_per_shard"])
-    wanted = _shards_holding([{"row_start": s.row_start, "row_stop": s.row_stop} for s in shards], row_ids)
+    wanted = _shards_holding([{"row_start": s.row_start, "row_stop": s.row_stop} for s in shards], positions)
     out = {}
     for i, rows in wanted.items():
         read = read_shard(shards[i], corpus_cfg)

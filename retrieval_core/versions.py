@@ -216,6 +216,19 @@ def _lock_age(record: dict) -> float:
         return float("inf")
 
 
+def _holder_gone(record: dict) -> bool:
+    """The lock was taken on this host by a process that no longer runs (a refresh killed with SIGKILL, say)."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it runs, as another user
+        return False
+    return False
+
+
 def _describe(record: dict) -> str:
     return f"host {record.get('host')} pid {record.get('pid')} since {record.get('started_at')}"
 
@@ -259,13 +272,14 @@ def acquire_lock(root: str, storage_options: dict | None = None, timeout_s: floa
         held = _read_lock(url, storage_options)
         if held is not None:
             age = _lock_age(held)
-            if age < timeout_s:
+            if age < timeout_s and not _holder_gone(held):
                 raise LockedError(
                     f"the refresh lock '{url}' is held by {_describe(held)} (age {age:.0f}s, taken over after "
                     f"{timeout_s:g}s): wait for that refresh to finish, or, if that process is gone, remove "
                     f"'{url}' and run again")
-            logger.warning("taking over the stale refresh lock '%s' held by %s (age %.0fs > timeout %gs)",
-                           url, _describe(held), age, timeout_s)
+            logger.warning("taking over the stale refresh lock '%s' held by %s (age %.0fs, timeout %gs%s)",
+                           url, _describe(held), age, timeout_s,
+                           "; that process no longer runs on this host" if _holder_gone(held) else "")
             if local is not None:
                 if _read_lock(url, storage_options) == held:  # still the stale one: remove it, then race fairly
                     with contextlib.suppress(FileNotFoundError):

@@ -1,4 +1,5 @@
 """The index, search and evaluate jobs on the session's local Ray cluster."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,11 @@ def test_evaluate_equals_sentence_transformers_evaluator(demo_index):
         key = next(k for k in figures if k.endswith(name))
         assert ours[name] == pytest.approx(figures[key], abs=1e-6), name
     assert Path(cfg.output.root, "eval", "metrics.json").exists()
+    again = evaluate.run(cfg)  # same index, queries, qrels and settings: reused, same figures
+    assert again["reused"] is True and result["reused"] is False and again["metrics"] == ours
+    deeper = evaluate.run(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, depth=150)))
+    assert deeper["reused"] is False and deeper["depth"] == 150
+    evaluate.run(cfg)
 
 
 def test_actor_query_encoding_equals_local(demo_index, monkeypatch):

@@ -22,7 +22,7 @@ import yaml
 from helpers import DEMO_CORPUS, REPO, config, make_docs, write_parquet
 from jobs import encode, pipeline, search, train
 from retrieval_core import embeddings, encoding, faiss_index, indexing, mining, storage
-from retrieval_core.config import PIPELINE_STAGES, REDACTED, ModelConfig
+from retrieval_core.config import PIPELINE_STAGES, REDACTED, ConfigError, ModelConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO = REPO / "examples" / "demo"
@@ -30,8 +30,8 @@ INPUTS = {"corpus": "corpus.parquet", "queries": "queries.jsonl", "qrels": "qrel
 IN, OUT, SCRATCH = "rj-input", "rj-output", "rj-scratch"
 S3_ROOT = f"s3://{OUT}/run"
 SETTINGS = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
-            "mine__query_id_column": "query_id", "mine__relative_margin": "null", "train__batch_size": 8, "train__max_steps": 3,
-            "train__learning_rate": 1e-3, "train__eval_fraction": 0.2}
+            "mine__query_id_column": "query_id", "mine__relative_margin": "null", "train__batch_size": 8,
+            "train__max_steps": 3, "train__learning_rate": 1e-3, "train__eval_fraction": 0.2}
 SECTIONS_WITH_OPTIONS = ("corpus", "output", "eval", "mine")
 DEMO_ROWS = pq.read_metadata(DEMO_CORPUS).num_rows
 
@@ -218,6 +218,18 @@ def test_model_at_a_url_is_downloaded_once_and_again_when_it_changes(buckets, s3
     with pytest.raises(ValueError, match=f"s3://{SCRATCH}/models/none") as error:
         encoding.resolve_model_path(f"s3://{SCRATCH}/models/none", s3_options)
     assert s3_options["secret"] not in "".join(traceback.format_exception(error.value))
+
+
+def test_configs_keep_credentials_for_the_job_and_out_of_records_reprs_and_errors(s3_options):
+    secret = s3_options["secret"]
+    cfg = config(DEMO_CORPUS, S3_ROOT, output__storage_options=json.dumps(s3_options),
+                 model__storage_options=json.dumps(s3_options))
+    assert cfg.output.storage_options == cfg.model.storage_options == s3_options
+    assert cfg.to_dict()["model"]["storage_options"] == dict.fromkeys(s3_options, REDACTED)
+    assert secret not in json.dumps(cfg.to_dict()) and secret not in repr(cfg)
+    with pytest.raises(ConfigError, match="'corpus.storage_options' = <redacted>: expected a dict") as error:
+        load_config(None, [f"corpus.storage_options={secret}"])
+    assert secret not in str(error.value)
 
 
 def config_file(path: Path, options: dict, **sections) -> Path:

@@ -91,6 +91,7 @@ def test_pipeline_killed_during_training_resumes_to_the_clean_result(tmp_path, t
                            capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert "reevaluate" in clean.stdout and "total" in clean.stdout
+    assert "Token authentication is enabled" not in clean.stderr  # the job's own local cluster: no alarm
     root = tmp_path / "killed"
     proc = subprocess.Popen(pipeline_command(root, tiny_model_without_dropout), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -103,6 +104,9 @@ def test_pipeline_killed_during_training_resumes_to_the_clean_result(tmp_path, t
     rerun = subprocess.run(pipeline_command(root, tiny_model_without_dropout), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    table = {line.split()[0]: line for line in rerun.stdout.splitlines() if line.strip()}
+    assert all(table[stage].endswith(" reused") for stage in ("encode", "index", "evaluate", "mine"))
+    assert not table["train"].endswith(" reused") and not table["reevaluate"].endswith(" reused")
     a, b = outputs(tmp_path / "clean"), outputs(root)
     assert a["eval"] == b["eval"] and a["negatives"] == b["negatives"]
     assert a["reeval"] == pytest.approx(b["reeval"], abs=1e-6)

@@ -241,6 +241,27 @@ def test_stale_lock_is_taken_over_with_a_warning(root, caplog):
     assert "old-host" in warning and "4242" in warning and stale["started_at"] in warning
 
 
+def test_a_lock_whose_process_is_gone_from_this_host_is_taken_over(root, caplog):
+    """A refresh killed with SIGKILL leaves its lock; on the same host, a dead pid makes it stale at once."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    fresh = {"host": socket.gethostname(), "pid": pid, "started_at": iso(5), "token": "killed-token"}
+    storage.write_json_atomic(versions.lock_url(root), fresh)
+    with caplog.at_level(logging.WARNING, logger="retrieval_core.versions"):
+        lock = versions.acquire_lock(root, timeout_s=3600)
+    assert lock["token"] != "killed-token"
+    assert "no longer runs on this host" in caplog.text
+    versions.release_lock(root, None, lock)
+    alive = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": iso(5), "token": "live-token"}
+    storage.write_json_atomic(versions.lock_url(root), alive)
+    with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+        versions.acquire_lock(root, timeout_s=3600)
+
+
 def test_unreadable_lock_is_stale(root, caplog):
     storage.write_bytes_atomic(versions.lock_url(root), b"{not json")
     with caplog.at_level(logging.WARNING, logger="retrieval_core.versions"):
