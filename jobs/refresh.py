@@ -39,6 +39,7 @@ def _refresh(cfg: Config) -> dict:
     files = corpus.inspect_corpus(cfg.corpus)
     identity = encoding.encoder_identity(cfg.model)
     with _runtime.LazyRaySession(cfg.runtime) as session:
+        session.ensure()  # the diff always runs tasks (never let Ray start or find a cluster on its own)
         p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, sum(f.num_rows for f in files)))
         log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments)", p.version,
                  p.previous or "nothing (first version)", p.snapshot_rows, len(p.segments))

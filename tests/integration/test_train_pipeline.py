@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
 SETTINGS = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
             "mine__pairs_path": str(PAIRS), "mine__query_id_column": "query_id", "train__batch_size": 8,
-            "train__max_steps": 3, "train__learning_rate": 1e-3, "train__eval_fraction": 0.2}
+            "train__max_steps": 3, "train__learning_rate": 1e-3, "train__eval_fraction": 0.2,
+            "mine__relative_margin": "null"}  # the tiny random model scores all documents alike: no margin
 
 
 def state(path) -> dict:
