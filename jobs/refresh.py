@@ -16,7 +16,8 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _runtime, evaluate, index
-from retrieval_core import corpus, encoding, indexing, refreshing, sharding, storage, versions
+from retrieval_core import (corpus, encoding, indexing, publishing, refresh_index, refreshing, sharding, storage,
+                            versions)
 from retrieval_core.config import Config
 
 log = logging.getLogger("jobs.refresh")
@@ -27,7 +28,7 @@ KEYS = ("corpus.path", "output.root", "refresh.retrain", "refresh.retrain_drift"
 
 def run(cfg: Config) -> dict:
     """Refresh under the root's lock; returns the version's record (``refresh.json``), or a record saying that
-    nothing changed. Raises :class:`refreshing.GateError` (after writing the record) when a gate fails."""
+    nothing changed. Raises :class:`publishing.GateError` (after writing the record) when a gate fails."""
     so = cfg.output.storage_options
     with versions.locked(cfg.output.root, so, cfg.publish.lock_timeout):
         return _refresh(cfg)
@@ -43,6 +44,9 @@ def _refresh(cfg: Config) -> dict:
         p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, sum(f.num_rows for f in files)))
         log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments)", p.version,
                  p.previous or "nothing (first version)", p.snapshot_rows, len(p.segments))
+        if p.previous and not p.reuse:
+            log.warning("refresh: the encoder fingerprint differs from %s's: every document is encoded again",
+                        p.previous)
         _timed(timings, "diff", lambda: _diff(cfg, p))
         diff = refreshing.diff_counts(p, so)
         counts = diff["counts"]
@@ -135,9 +139,10 @@ def _encode(cfg: Config, session, p: refreshing.RefreshPlan, segments: list, ide
 
 
 def _tombstones(cfg: Config, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:
-    """Tombstone files of the shared segments that lost rows; returns the shared segments' manifest entries."""
+    """Tombstone files of the shared segments that lost rows; returns the shared segments' manifest entries (none
+    when the encoder changed: nothing is shared then)."""
     so = cfg.output.storage_options
-    touched = [s for s in p.segments if s["name"] in tombstones]
+    touched = [s for s in p.segments if s["name"] in tombstones] if p.reuse else []
     _run_tasks(_segment_tombstones, touched, (p, tombstones, so), "tombstones", cfg)
     return refreshing.shared_entries(p, tombstones, so)
 
@@ -150,9 +155,9 @@ def _index(cfg: Config, vcfg: Config, p: refreshing.RefreshPlan, touched: set[st
     """Build the version's index: the previous version's trained quantizer and untouched shard indexes are reused
     unless the retrain decision says otherwise; returns the decision with its numbers."""
     plan = indexing.prepare(vcfg)
-    decision = refreshing.retrain_decision(cfg, vcfg, p, plan)
+    decision = refresh_index.retrain_decision(cfg, vcfg, p, plan)
     if not decision["retrain"] and decision.get("reusable"):
-        refreshing.seed_index(vcfg, p, plan, touched)
+        refresh_index.seed_index(vcfg, p, plan, touched)
     index.run(vcfg)
     return decision
 
@@ -171,26 +176,28 @@ def _gate_and_publish(cfg: Config, p: refreshing.RefreshPlan, counts: dict, retr
                       changes: dict, timings: dict, started: float) -> dict:
     so = cfg.output.storage_options
     index_manifest = indexing.read_index_manifest(p.version_root, so)
-    previous_ndcg = refreshing.previous_ndcg(p, so) if evaluation else None
-    gates = refreshing.gates(cfg, counts, index_manifest["recall"]["recall_at_10"],
+    previous_ndcg = publishing.previous_ndcg(p, so) if evaluation else None
+    gates = publishing.gates(cfg, counts, index_manifest["recall"]["recall_at_10"],
                              evaluation["metrics"]["ndcg@10"] if evaluation else None, previous_ndcg,
                              first=p.previous is None)
     passed = all(g["passed"] for g in gates)
+    reused = counts["unchanged"] if p.reuse else 0
     record = {"complete": True, "published": passed, "counts": {**counts, "encoded": counts["encode_rows"],
-                                                                "reused": counts["unchanged"]},
+                                                                "reused": reused},
+              "reencoded_all": bool(p.previous and not p.reuse),
               "retrain": retrain, "gates": gates, "changes": changes, "timings_s": timings,
               "evaluation": evaluation["metrics"] if evaluation else None}
     refreshing.cleanup_diff(p, so)
     record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-    refreshing.write_refresh_record(p, record, so)
+    publishing.write_refresh_record(p, record, so)
     refreshing.finish_build(cfg)
     if not passed:
         failed = "; ".join(f"{g['gate']}: value {g['value']}, threshold {g['threshold']}" for g in gates
                            if not g["passed"])
-        raise refreshing.GateError(f"version {p.version} failed its gates ({failed}); CURRENT still names "
+        raise publishing.GateError(f"version {p.version} failed its gates ({failed}); CURRENT still names "
                                    f"{p.previous or 'nothing'}; the version stays on disk for inspection")
     versions.publish(cfg.output.root, p.version, so, previous=p.previous)
-    record["deleted_versions"] = refreshing.apply_retention(cfg)
+    record["deleted_versions"] = publishing.apply_retention(cfg)
     return {**record, "version": p.version, "previous": p.previous}
 
 

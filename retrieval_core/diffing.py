@@ -154,9 +154,11 @@ def _side(layout: DiffLayout, side: str, sources: list[str], bucket: int, schema
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def reduce_bucket(bucket: int, new_sources: list[str], old_sources: list[str], layout: DiffLayout) -> dict:
+def reduce_bucket(bucket: int, new_sources: list[str], old_sources: list[str], layout: DiffLayout,
+                  encode_all: bool = False) -> dict:
     """Join one bucket of the snapshot with the same bucket of the previous version; write its outputs and
-    commit record; returns the counts (and the rows each previous segment loses)."""
+    commit record; returns the counts (and the rows each previous segment loses). ``encode_all`` (the encoder
+    changed, so no vector can be reused): every live document goes to ``encode``, unchanged ones too."""
     new = _side(layout, "new", new_sources, bucket, NEW_SCHEMA)
     old = _side(layout, "old", old_sources, bucket, OLD_SCHEMA)
     _check_unique(new, bucket)
@@ -164,7 +166,8 @@ def reduce_bucket(bucket: int, new_sources: list[str], old_sources: list[str], l
                       keys="doc_id", join_type="full outer")
     status = _status(joined)
     so = layout.storage_options
-    encode = joined.filter(pc.is_in(status, pa.array(["changed", "added"])))
+    encode = joined.filter(pc.is_in(status, pa.array(["unchanged", "changed", "added"] if encode_all
+                                                      else ["changed", "added"])))
     encode = encode.select(ENCODE_SCHEMA.names).sort_by([("corpus_row", "ascending")])
     storage.write_parquet_atomic(layout.bucket_file("encode", bucket), encode.cast(ENCODE_SCHEMA), so)
     live = joined.filter(pc.invert(pc.equal(status, "deleted")))

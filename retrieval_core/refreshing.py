@@ -1,6 +1,6 @@
-"""The refresh stage without Ray: plan a new version from tonight's snapshot and the published one, the steps that
-build it (diff, encode the changed and added documents, tombstones, the version's embeddings manifest, the index
-reuse), the changes files, the gates and ``refresh.json``.
+"""The refresh stage without Ray: plan a new version from tonight's snapshot and the published one, and the steps
+that build it (diff, encode the changed and added documents, tombstones, the version's embeddings manifest, the
+changes files). ``refresh_index`` builds its index; ``publishing`` has the gates, ``refresh.json`` and retention.
 
 A version shares every segment (embedding shard) of the previous version that still holds live rows: its
 manifest entry points at the earlier file (``path: ../../<version>/embeddings/...``) and names a tombstone file
@@ -11,8 +11,6 @@ and hashing the snapshot, encoding the change, and writing the change plus the t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 
 import numpy as np
@@ -29,12 +27,6 @@ from .sharding import FileMeta, Shard, plan_shards
 
 BUILD_RECORD = "_refresh/build.json"
 
-
-class GateError(RuntimeError):
-    """A new version failed a publish gate; CURRENT was left where it was."""
-
-
-@dataclasses.dataclass(frozen=True)
 class RefreshPlan:
     """One refresh: where it builds, what it compares against, how the snapshot is cut."""
     version: str
@@ -42,7 +34,8 @@ class RefreshPlan:
     version_root: str
     previous: str | None           # the published version compared against (None: the first version)
     previous_root: str | None
-    reuse: bool                    # the previous version's vectors may be reused (same encoder fingerprint)
+    reuse: bool                    # the previous version's vectors may be reused (same encoder fingerprint); when
+                                   # not, every document is encoded again (the diff still counts the change)
     buckets: int
     rows_per_shard: int
     snapshot_rows: int
@@ -88,7 +81,8 @@ def plan(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_sh
         previous=previous, previous_root=previous_root, reuse=reuse,
         buckets=diffing.bucket_count(rows, cfg.refresh.diff_buckets), rows_per_shard=rows_per_shard,
         snapshot_rows=rows, next_row_id=_next_row_id(prev_manifest), shards=tuple(plan_shards(files, rows_per_shard)),
-        segments=tuple(s for s in prev_manifest["shards"] if s["rows"] > 0) if reuse else (), identity=identity)
+        segments=tuple(s for s in prev_manifest["shards"] if s["rows"] > 0) if prev_manifest else (),
+        identity=identity)
 
 
 def _resume_or_start(cfg: Config, identity: dict) -> str:
@@ -154,7 +148,7 @@ def pending_buckets(p: RefreshPlan, so: dict) -> list[int]:
 
 def reduce_bucket(p: RefreshPlan, bucket: int, so: dict) -> dict:
     return diffing.reduce_bucket(bucket, [s.name for s in p.shards], [s["name"] for s in p.segments],
-                                 dataclasses.replace(p.diff, storage_options=so))
+                                 dataclasses.replace(p.diff, storage_options=so), encode_all=not p.reuse)
 
 
 def diff_counts(p: RefreshPlan, so: dict) -> dict:
@@ -252,7 +246,7 @@ def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -
     with this version's tombstone file where the diff removed rows, and the live row count."""
     here = storage.join(p.version_root, "embeddings")
     entries = []
-    for segment in p.segments:
+    for segment in (p.segments if p.reuse else ()):
         entry = {**segment, "path": versions.relative_to(here, shard_url(p.previous_root, segment)),
                  "shared_from": segment.get("shared_from") or p.previous}
         if segment["name"] in tombstones:
@@ -296,7 +290,6 @@ def write_version_manifest(cfg: Config, p: RefreshPlan, encoder_identity: dict, 
     storage.write_json_atomic(layout.manifest, manifest, so)
     return manifest
 
-
 # ------------------------------------------------------------------------------------------------------ changes
 
 def write_changes(p: RefreshPlan, records: list[dict], so: dict) -> dict:
@@ -332,155 +325,13 @@ def _stream(url: str, so: dict, tables, schema: pa.Schema | None) -> int:
     return rows
 
 
-# ------------------------------------------------------------------------------------------------------ gates
-
-def gates(cfg: Config, counts: dict, recall: float | None, ndcg: float | None, previous_ndcg: float | None,
-          first: bool) -> list[dict]:
-    """Each publish gate with its threshold, value and verdict. The deleted and added fractions apply from the
-    second version on (the first adds everything); the nDCG drop when both versions were evaluated."""
-    pu = cfg.publish
-    documents = max(1, counts["unchanged"] + counts["changed"] + counts["deleted"])
-    rows = [("min_recall", pu.min_recall, recall, lambda v, t: v >= t),
-            ("max_reject_fraction", pu.max_reject_fraction, counts["rejected"] / max(1, counts["snapshot_rows"]),
-             lambda v, t: v <= t)]
-    if not first:
-        rows += [("max_deleted_fraction", pu.max_deleted_fraction, counts["deleted"] / documents, lambda v, t: v <= t),
-                 ("max_added_fraction", pu.max_added_fraction, counts["added"] / documents, lambda v, t: v <= t)]
-    if ndcg is not None and previous_ndcg is not None:
-        rows.append(("max_ndcg_drop", pu.max_ndcg_drop, round(previous_ndcg - ndcg, 6), lambda v, t: v <= t))
-    return [{"gate": f"publish.{name}", "threshold": threshold, "value": None if value is None else round(value, 6),
-             "passed": value is None or check(value, threshold)} for name, threshold, value, check in rows]
-
-
-def write_refresh_record(p: RefreshPlan, record: dict, so: dict) -> None:
-    """``refresh.json``, written last in a version."""
-    storage.write_json_atomic(storage.join(p.version_root, "refresh.json"),
-                              {**stamp(), "version": p.version, "previous": p.previous, **record}, so)
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def map_snapshot_shard(p: RefreshPlan, shard: Shard, cfg: Config) -> dict:
     layout = dataclasses.replace(p.diff, storage_options=cfg.output.storage_options)
     return diffing.map_snapshot_shard(shard, cfg.corpus, p.buckets, layout, rejects_url(p, shard))
 
-
-# ------------------------------------------------------------------------------------------------------ index
-
-DRIFT_SAMPLE = 10_000
-
-
-def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
-    """Whether the version's index trains anew or reuses the previous version's trained quantizer, with the
-    numbers: ``refresh.retrain`` always / never / auto (auto: retrain when the mean distance of this version's
-    vectors to their nearest centroid grew by more than ``refresh.retrain_drift`` since training)."""
-    from . import faiss_index, indexing
-
-    so = cfg.output.storage_options
-    if not faiss_index.needs_training(plan.factory, plan.dim):
-        return {"retrain": False, "reusable": _previous_index_matches(p, plan, so),
-                "reason": f"{plan.factory} needs no training"}
-    if not _previous_index_matches(p, plan, so):
-        return {"retrain": True, "reusable": False, "reason": "no previous index of this type and encoder"}
-    mode = cfg.refresh.retrain
-    if mode != "auto":
-        return {"retrain": mode == "always", "reusable": True, "reason": f"refresh.retrain = {mode}"}
-    previous = indexing.IndexLayout(storage.join(p.previous_root), so)
-    baseline = indexing.read_training_record(indexing.IndexLayout(p.previous_root, so)).get("mean_coarse_distance")
-    trained = faiss_index.deserialize(storage.read_bytes(previous.file("trained.faiss"), so))
-    _, sample = indexing.read_sample(vcfg, plan, indexing.sample_positions(plan.ntotal, DRIFT_SAMPLE, plan.seed + 2))
-    now = faiss_index.coarse_distance(trained, sample)
-    if not baseline or now is None:
-        return {"retrain": True, "reusable": True, "reason": "no training baseline recorded", "now": now}
-    growth = now / baseline - 1
-    return {"retrain": growth > cfg.refresh.retrain_drift, "reusable": True, "baseline": round(baseline, 6),
-            "now": round(now, 6), "growth": round(growth, 6), "threshold": cfg.refresh.retrain_drift,
-            "reason": f"mean distance to the nearest centroid {'grew' if growth > 0 else 'changed'} by "
-                      f"{growth:.1%} (retrain above {cfg.refresh.retrain_drift:.0%})"}
-
-
-def _previous_index_matches(p: RefreshPlan, plan, so: dict) -> bool:
-    """The previous version has a complete index of the same type, metric and encoder."""
-    from .indexing import read_index_manifest
-
-    if not (p.previous_root and p.reuse) or not storage.exists(storage.join(p.previous_root, "index",
-                                                                          "manifest.json"), so):
-        return False
-    manifest = read_index_manifest(p.previous_root, so)
-    return (manifest["type"], manifest["metric"], manifest["fingerprint"]) == (
-        plan.factory, plan.metric, plan.identity["fingerprint"]) and manifest["mergeable"] == plan.mergeable
-
-
-def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
-    """Before the index stage runs in the version: copy the previous trained index (a quantizer, small) and commit
-    every shared segment whose rows did not change as a shard index that points at the previous version's file.
-    Returns the shard indexes shared."""
-    from . import indexing
-
-    so = vcfg.output.storage_options
-    previous = indexing.IndexLayout(p.previous_root, so)
-    here = indexing.layout_of(vcfg)
-    for name in ("trained.json", "trained.faiss"):  # the quantizer's record first: trained.faiss marks it done
-        if storage.exists(previous.file(name), so):
-            storage.write_bytes_atomic(here.file(name), storage.read_bytes(previous.file(name), so), so)
-    entries = {e["name"]: e for e in indexing.read_index_manifest(p.previous_root, so)["shards"]}
-    shared = 0
-    for shard in plan.shards:
-        entry = entries.get(shard["name"])
-        if entry is None or shard["name"] in touched or not plan.mergeable:
-            continue
-        target = indexing.shard_index_url(previous.dir, entry)
-        record = {"name": shard["name"], "ntotal": entry["ntotal"], "seconds": 0.0, "peak_memory_mb": 0.0,
-                  "path": versions.relative_to(here.dir, target), "shared_from": p.previous}
-        storage.write_json_atomic(here.record_file(shard["name"]), record, so)
-        shared += 1
-    return shared
-
-
-def previous_ndcg(p: RefreshPlan, so: dict) -> float | None:
-    url = storage.join(p.previous_root or "", "eval", "metrics.json")
-    if not p.previous_root or not storage.exists(url, so):
-        return None
-    return storage.read_json(url, so)["metrics"]["ndcg@10"]
-
-
-# ------------------------------------------------------------------------------------------------------ after
 
 def cleanup_diff(p: RefreshPlan, so: dict) -> None:
     """Remove the diff's scratch files (the snapshot's texts among them); keep the doc map the text lookups use
     and the buckets' records."""
     for kind in ("new", "old", "encode", "tombstones", "deletes"):
         storage.remove(storage.join(p.diff.dir, kind), so)
-
-
-def referenced_files(root: str, name: str, so: dict) -> set[str]:
-    """Files of other versions that version ``name`` reads: shared segments, tombstones, shard indexes."""
-    from .indexing import read_index_manifest, shard_index_url
-
-    base = versions.version_root(root, name)
-    out = set()
-    if storage.exists(storage.join(base, "embeddings", "_manifest.json"), so):
-        for shard in read_embeddings_manifest(base, so)["shards"]:
-            out.add(shard_url(base, shard))
-            if shard.get("deleted_path"):
-                out.add(shard_url(base, shard, "deleted_path"))
-    if storage.exists(storage.join(base, "index", "manifest.json"), so):
-        out |= {shard_index_url(storage.join(base, "index"), s) for s in read_index_manifest(base, so)["shards"]}
-    return out
-
-
-def apply_retention(cfg: Config) -> list[str]:
-    """Delete the versions older than the newest ``publish.keep_versions`` (never CURRENT's, never one a reader
-    holds a fresh lease on), keeping the files that kept versions still share; returns the versions deleted."""
-    root, so = cfg.output.root, cfg.output.storage_options
-    names = versions.list_versions(root, so)
-    current = (versions.read_current(root, so) or {}).get("version")
-    doomed = versions.versions_to_delete(names, current, cfg.publish.keep_versions,
-                                         versions.readers_in_use(root, so, cfg.publish.lock_timeout))
-    kept = [n for n in names if n not in doomed]
-    referenced = set().union(*(referenced_files(root, n, so) for n in kept)) if kept else set()
-    for name in doomed:
-        versions.delete_version_files(root, name, so, referenced)
-    return doomed

@@ -39,7 +39,7 @@ def test_a_relative_output_root_is_refused_on_a_cluster(tmp_path):
     result = subprocess.run(encode_command("output.root=out/relative"), cwd=REPO, capture_output=True, text=True,
                             timeout=120, env=env)
     assert result.returncode != 0
-    assert f"output.root = 'out/relative' is a relative path" in result.stderr
+    assert "output.root = 'out/relative' is a relative path" in result.stderr
     assert str(REPO / "out" / "relative") in result.stderr and "s3://" in result.stderr
     missing = subprocess.run(encode_command(f"output.root={tmp_path / 'out'}", "corpus.path=data/none.parquet"),
                              cwd=REPO, capture_output=True, text=True, timeout=120, env=env)

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import REPO, clear_encoded, config, encoded_hashes, make_docs, write_parquet
 from jobs import refresh
-from retrieval_core import embeddings, faiss_index, indexing, refreshing, versions
+from retrieval_core import embeddings, faiss_index, indexing, versions
 from retrieval_core.corpus import assemble_text, text_hash
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -206,3 +206,15 @@ def test_a_killed_refresh_resumes_and_ends_as_an_uninterrupted_run(two_days, tin
     assert sorted(got) == sorted(reference)
     for doc_id, vector in reference.items():
         np.testing.assert_allclose(got[doc_id], vector, atol=1e-5)
+
+
+def test_another_encoder_re_encodes_everything_and_says_so(two_days, tiny_model, encode_log):
+    clear_encoded(encode_log)
+    changed = refresh.run(refresh_config(two_days["s2"], two_days["root"], tiny_model, model__max_seq_length=32))
+    c = changed["counts"]
+    assert changed["published"] and changed["reencoded_all"] is True
+    assert (c["unchanged"], c["changed"], c["added"], c["deleted"]) == (202, 0, 0, 0)
+    assert c["encoded"] == 202 and c["reused"] == 0 and len(encoded_hashes(encode_log)) == 202
+    manifest = json.loads(Path(versions.version_root(str(two_days["root"]), changed["version"]),
+                              "embeddings", "_manifest.json").read_text())
+    assert not any(s.get("shared_from") for s in manifest["shards"])

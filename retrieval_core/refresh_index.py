@@ -1,0 +1,70 @@
+"""The refresh's index: whether it trains anew or reuses the previous version's quantizer, and the reuse of the
+previous version's shard indexes for the segments whose rows did not change."""
+from __future__ import annotations
+
+from . import faiss_index, indexing, storage, versions
+from .config import Config
+from .refreshing import RefreshPlan
+
+DRIFT_SAMPLE = 10_000
+
+
+def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
+    """Whether the version's index trains anew or reuses the previous version's trained quantizer, with the
+    numbers: ``refresh.retrain`` always / never / auto (auto: retrain when the mean distance of this version's
+    vectors to their nearest centroid grew by more than ``refresh.retrain_drift`` since training)."""
+    so = cfg.output.storage_options
+    if not faiss_index.needs_training(plan.factory, plan.dim):
+        return {"retrain": False, "reusable": _previous_index_matches(p, plan, so),
+                "reason": f"{plan.factory} needs no training"}
+    if not _previous_index_matches(p, plan, so):
+        return {"retrain": True, "reusable": False, "reason": "no previous index of this type and encoder"}
+    mode = cfg.refresh.retrain
+    if mode != "auto":
+        return {"retrain": mode == "always", "reusable": True, "reason": f"refresh.retrain = {mode}"}
+    previous = indexing.IndexLayout(p.previous_root, so)
+    baseline = indexing.read_training_record(previous).get("mean_coarse_distance")
+    trained = faiss_index.deserialize(storage.read_bytes(previous.file("trained.faiss"), so))
+    _, sample = indexing.read_sample(vcfg, plan, indexing.sample_positions(plan.ntotal, DRIFT_SAMPLE, plan.seed + 2))
+    now = faiss_index.coarse_distance(trained, sample)
+    if not baseline or now is None:
+        return {"retrain": True, "reusable": True, "reason": "no training baseline recorded", "now": now}
+    growth = now / baseline - 1
+    return {"retrain": growth > cfg.refresh.retrain_drift, "reusable": True, "baseline": round(baseline, 6),
+            "now": round(now, 6), "growth": round(growth, 6), "threshold": cfg.refresh.retrain_drift,
+            "reason": f"mean distance to the nearest centroid {'grew' if growth > 0 else 'changed'} by "
+                      f"{growth:.1%} (retrain above {cfg.refresh.retrain_drift:.0%})"}
+
+
+def _previous_index_matches(p: RefreshPlan, plan, so: dict) -> bool:
+    """The previous version has a complete index of the same type, metric and encoder."""
+    if not (p.previous_root and p.reuse) or not storage.exists(storage.join(p.previous_root, "index",
+                                                                          "manifest.json"), so):
+        return False
+    manifest = indexing.read_index_manifest(p.previous_root, so)
+    return (manifest["type"], manifest["metric"], manifest["fingerprint"]) == (
+        plan.factory, plan.metric, plan.identity["fingerprint"]) and manifest["mergeable"] == plan.mergeable
+
+
+def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
+    """Before the index stage runs in the version: copy the previous trained index (a quantizer, small) and commit
+    every shared segment whose rows did not change as a shard index that points at the previous version's file.
+    Returns the shard indexes shared."""
+    so = vcfg.output.storage_options
+    previous = indexing.IndexLayout(p.previous_root, so)
+    here = indexing.layout_of(vcfg)
+    for name in ("trained.json", "trained.faiss"):  # the quantizer's record first: trained.faiss marks it done
+        if storage.exists(previous.file(name), so):
+            storage.write_bytes_atomic(here.file(name), storage.read_bytes(previous.file(name), so), so)
+    entries = {e["name"]: e for e in indexing.read_index_manifest(p.previous_root, so)["shards"]}
+    shared = 0
+    for shard in plan.shards:
+        entry = entries.get(shard["name"])
+        if entry is None or shard["name"] in touched or not plan.mergeable:
+            continue
+        target = indexing.shard_index_url(previous.dir, entry)
+        record = {"name": shard["name"], "ntotal": entry["ntotal"], "seconds": 0.0, "peak_memory_mb": 0.0,
+                  "path": versions.relative_to(here.dir, target), "shared_from": p.previous}
+        storage.write_json_atomic(here.record_file(shard["name"]), record, so)
+        shared += 1
+    return shared
