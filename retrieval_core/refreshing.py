@@ -27,6 +27,8 @@ from .sharding import FileMeta, Shard, plan_shards
 
 BUILD_RECORD = "_refresh/build.json"
 
+
+@dataclasses.dataclass(frozen=True)
 class RefreshPlan:
     """One refresh: where it builds, what it compares against, how the snapshot is cut."""
     version: str

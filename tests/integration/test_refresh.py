@@ -218,3 +218,28 @@ def test_another_encoder_re_encodes_everything_and_says_so(two_days, tiny_model,
     manifest = json.loads(Path(versions.version_root(str(two_days["root"]), changed["version"]),
                               "embeddings", "_manifest.json").read_text())
     assert not any(s.get("shared_from") for s in manifest["shards"])
+
+
+def test_ivf_quantizer_reused_without_retraining_and_old_versions_retired(two_days, tiny_model, tmp_path):
+    """IVF4,Flat searched over all 4 lists (exact): day 2 reuses day 1's trained quantizer byte for byte, its
+    results equal the from-scratch Flat build, and with keep_versions 1 day 1 is retired except the files day 2
+    still shares."""
+    root = tmp_path / "ivf"
+    ivf = dict(index__type="IVF4,Flat", index__nprobe=4, index__train_size=200, refresh__retrain="never",
+               publish__keep_versions=1)
+    first = refresh.run(refresh_config(two_days["s1"], root, tiny_model, **ivf))
+    trained = Path(versions.version_root(str(root), first["version"]), "index", "trained.faiss").read_bytes()
+    second = refresh.run(refresh_config(two_days["s2"], root, tiny_model, **ivf))
+    assert second["retrain"] == {"retrain": False, "reusable": True, "reason": "refresh.retrain = never"}
+    v1, v2 = (Path(versions.version_root(str(root), r["version"])) for r in (first, second))
+    assert second["deleted_versions"] == [first["version"]] and not (v1 / "refresh.json").exists()
+    assert (v2 / "index" / "trained.faiss").read_bytes() == trained
+    scratch_root = versions.version_root(str(two_days["tmp"] / "scratch"), two_days["scratch"]["version"])
+    queries = np.stack(list(by_doc(scratch_root).values())[::9])
+    scores_a, docs_a = search_all(str(v2), queries)
+    scores_b, docs_b = search_all(scratch_root, queries)
+    assert docs_a == docs_b
+    np.testing.assert_allclose(scores_a, scores_b, atol=1e-5)
+    shared = [s for s in json.loads((v2 / "embeddings" / "_manifest.json").read_text())["shards"]
+              if s.get("shared_from")]
+    assert shared and all((v2 / "embeddings" / s["path"]).resolve().exists() for s in shared)

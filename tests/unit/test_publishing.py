@@ -1,0 +1,42 @@
+"""The publish gates: each fails on its own threshold, and the ones that need a previous version wait for it."""
+import pytest
+
+from helpers import config
+from retrieval_core import publishing
+
+COUNTS = {"snapshot_rows": 1000, "rejected": 5, "unchanged": 900, "changed": 40, "added": 30, "deleted": 20}
+
+
+def verdicts(cfg, counts=COUNTS, recall=0.97, ndcg=0.70, previous=0.71, first=False) -> dict:
+    return {g["gate"]: g for g in publishing.gates(cfg, counts, recall, ndcg, previous, first)}
+
+
+def test_every_gate_passes_within_its_threshold(tmp_path):
+    gates = verdicts(config("c.parquet", tmp_path))
+    assert all(g["passed"] for g in gates.values())
+    assert gates["publish.max_deleted_fraction"]["value"] == pytest.approx(20 / 960, abs=1e-6)  # values: 6 places
+    assert gates["publish.max_added_fraction"]["value"] == pytest.approx(30 / 960, abs=1e-6)
+    assert gates["publish.max_reject_fraction"]["value"] == pytest.approx(5 / 1000, abs=1e-6)
+    assert gates["publish.max_ndcg_drop"]["value"] == pytest.approx(0.01, abs=1e-6)
+
+
+@pytest.mark.parametrize("gate, setting, value", [
+    ("publish.min_recall", "publish__min_recall=0.98", 0.97),
+    ("publish.max_reject_fraction", "publish__max_reject_fraction=0.004", 0.005),
+    ("publish.max_deleted_fraction", "publish__max_deleted_fraction=0.02", 20 / 960),
+    ("publish.max_added_fraction", "publish__max_added_fraction=0.03", 30 / 960),
+    ("publish.max_ndcg_drop", "publish__max_ndcg_drop=0.005", 0.01),
+])
+def test_each_gate_fails_alone_above_its_threshold(tmp_path, gate, setting, value):
+    key, number = setting.split("=")
+    gates = verdicts(config("c.parquet", tmp_path, **{key: number}))
+    assert [g for g, v in gates.items() if not v["passed"]] == [gate]
+    assert gates[gate]["value"] == pytest.approx(value, abs=1e-6) and gates[gate]["threshold"] == float(number)
+
+
+def test_the_first_version_and_unevaluated_versions_skip_the_gates_that_need_a_previous_one(tmp_path):
+    cfg = config("c.parquet", tmp_path)
+    first = verdicts(cfg, counts={**COUNTS, "unchanged": 0, "changed": 0, "deleted": 0, "added": 995}, first=True)
+    assert set(first) == {"publish.min_recall", "publish.max_reject_fraction", "publish.max_ndcg_drop"}
+    assert set(verdicts(cfg, previous=None)) == {"publish.min_recall", "publish.max_reject_fraction",
+                                                 "publish.max_deleted_fraction", "publish.max_added_fraction"}
