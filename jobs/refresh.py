@@ -16,8 +16,8 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _runtime, evaluate, index
-from retrieval_core import (corpus, encoding, indexing, publishing, refresh_index, refreshing, sharding, storage,
-                            versions)
+from retrieval_core import (corpus, embeddings, encoding, indexing, publishing, refresh_index, refreshing, sharding,
+                            storage, versions)
 from retrieval_core.config import Config
 
 log = logging.getLogger("jobs.refresh")
@@ -55,7 +55,7 @@ def _refresh(cfg: Config) -> dict:
         segments = refreshing.plan_segments(p, diff["encode_rows"])
         records = _timed(timings, "encode", lambda: _encode(cfg, session, p, segments, identity))
         shared = _timed(timings, "tombstones", lambda: _tombstones(cfg, p, diff["tombstones"]))
-        dim = records[0]["dim"] if records else refreshing.read_embeddings_manifest(p.previous_root, so)["dim"]
+        dim = records[0]["dim"] if records else embeddings.read_embeddings_manifest(p.previous_root, so)["dim"]
         refreshing.write_version_manifest(cfg, p, identity, dim, counts, shared, records, time.perf_counter() - started)
         vcfg = refreshing.version_config(cfg, p.version_root)
         retrain = _timed(timings, "index", lambda: _index(cfg, vcfg, p, set(diff["tombstones"])))
@@ -190,13 +190,14 @@ def _gate_and_publish(cfg: Config, p: refreshing.RefreshPlan, counts: dict, retr
     refreshing.cleanup_diff(p, so)
     record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
     publishing.write_refresh_record(p, record, so)
-    refreshing.finish_build(cfg)
     if not passed:
+        refreshing.finish_build(cfg)
         failed = "; ".join(f"{g['gate']}: value {g['value']}, threshold {g['threshold']}" for g in gates
                            if not g["passed"])
         raise publishing.GateError(f"version {p.version} failed its gates ({failed}); CURRENT still names "
                                    f"{p.previous or 'nothing'}; the version stays on disk for inspection")
     versions.publish(cfg.output.root, p.version, so, previous=p.previous)
+    refreshing.finish_build(cfg)  # after the publish: a run killed before it resumes this version
     record["deleted_versions"] = publishing.apply_retention(cfg)
     return {**record, "version": p.version, "previous": p.previous}
 

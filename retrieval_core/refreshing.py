@@ -89,14 +89,16 @@ def plan(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_sh
 
 def _resume_or_start(cfg: Config, identity: dict) -> str:
     """The version an unfinished build of the same identity was making, or a new name (an unfinished build of
-    another snapshot is abandoned: its directory, never published, is removed)."""
+    another snapshot is abandoned: its directory is removed unless CURRENT names it, i.e. the run was killed
+    between its publish and forgetting the build)."""
     so = cfg.output.storage_options
     url = storage.join(cfg.output.root, BUILD_RECORD)
     if storage.exists(url, so):
         build = storage.read_json(url, so)
         if build["identity"] == identity:
             return build["version"]
-        storage.remove(versions.version_root(cfg.output.root, build["version"]), so)
+        if (versions.read_current(cfg.output.root, so) or {}).get("version") != build["version"]:
+            storage.remove(versions.version_root(cfg.output.root, build["version"]), so)  # never published
     version = versions.new_version_name(cfg.output.root, so)
     storage.write_json_atomic(url, {**stamp(), "version": version, "identity": identity}, so)
     return version
