@@ -62,8 +62,8 @@ def test_submitted_pipeline_succeeds_and_writes_its_outputs(head, tmp_path, tiny
     for item in overrides:
         entrypoint += ["--set", item]
     job_id = f"test-{uuid.uuid4().hex[:8]}"
-    deadline = time.time() + 120
-    while True:  # a loaded machine may answer `job list` before the head's job agent takes submissions
+    deadline = time.time() + 300
+    while True:  # a loaded machine may answer `job list` long before the head's job agent takes submissions
         submitted = ray_cli("job", "submit", "--address", head, "--working-dir", str(REPO), "--submission-id",
                             job_id, "--no-wait", "--", *entrypoint, timeout=120)
         if "No available agent" not in submitted.stderr or time.time() > deadline:
