@@ -346,3 +346,44 @@ def test_credentials_are_in_nothing_the_jobs_wrote(runs, s3_options):
             assert written[section]["storage_options"] == dict.fromkeys(s3_options, REDACTED), stage_file
     assert read_json(S3_ROOT, s3_options, "negatives", "_manifest.json")["settings"]["storage_options"] == \
         dict.fromkeys(s3_options, REDACTED)
+
+
+def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, tiny_model, tmp_path):
+    """Two nights of jobs.refresh with the snapshots and the versions on S3: the same counts, vectors and changes
+    as on local paths; CURRENT names the new version; the secret is in no object of the refreshed root."""
+    from jobs import refresh
+    from retrieval_core import versions
+
+    day1 = make_docs(80, seed=5)
+    day2 = [dict(d, text=d["text"] + " revised") if i % 10 == 0 else d for i, d in enumerate(day1[4:])]
+    day2 += make_docs(3, seed=6, prefix="new")
+    settings = dict(corpus__title_column="title", runtime__rows_per_shard=16, refresh__diff_buckets=2,
+                    eval__queries_path="", index__type="Flat", index__recall_queries=20)
+    results = {}
+    for where in ("local", "s3"):
+        root = str(tmp_path / "nightly") if where == "local" else f"s3://{OUT}/nightly"
+        extra = {} if where == "local" else {f"{s}__storage_options": json.dumps(s3_options)
+                                             for s in ("corpus", "output")}
+        for night, docs in (("day1", day1), ("day2", day2)):
+            local = write_parquet(tmp_path / where / night / "corpus.parquet", docs)
+            corpus = str(local)
+            if where == "s3":
+                corpus = f"s3://{IN}/{night}/corpus.parquet"
+                buckets.put_file(str(local), corpus[len("s3://"):])
+            results[where, night] = refresh.run(config(corpus, root, model=tiny_model, **settings, **extra))
+        options = extra and s3_options
+        version_root, _ = versions.resolve_root(root, options or None)
+        _, vectors, doc_ids = embeddings.load_embeddings(version_root, options or None)
+        upserts = storage.read_parquet(storage.join(version_root, "changes", "upserts.parquet"), options or None)
+        results[where] = (dict(zip(doc_ids, vectors)), sorted(upserts.column("doc_id").to_pylist()))
+    for key in ("documents", "unchanged", "changed", "added", "deleted", "encoded"):
+        assert results["local", "day2"]["counts"][key] == results["s3", "day2"]["counts"][key], key
+    assert results["s3", "day2"]["counts"]["changed"] == 8 and results["s3", "day2"]["counts"]["deleted"] == 4
+    local_vectors, local_upserts = results["local"]
+    s3_vectors, s3_upserts = results["s3"]
+    assert sorted(local_vectors) == sorted(s3_vectors) and local_upserts == s3_upserts
+    for doc_id, vector in local_vectors.items():
+        np.testing.assert_allclose(s3_vectors[doc_id], vector, atol=1e-5)
+    fs = s3fs_of(s3_options)
+    assert json.loads(fs.cat_file(f"{OUT}/nightly/CURRENT"))["version"] == results["s3", "day2"]["version"]
+    assert s3_options["secret"].encode() not in b"".join(fs.cat_file(path) for path in fs.find(f"{OUT}/nightly"))
