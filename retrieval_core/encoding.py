@@ -231,6 +231,9 @@ class SentenceTransformerEncoder:
             self.model.max_seq_length = cfg.max_seq_length
         self.dim = int(self.model.get_embedding_dimension())
         self.normalized = cfg.normalize
+        if cfg.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+            log.warning("model.precision = bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and "
+                        "much slower than fp32; use model.precision = fp32")
 
     def _autocast(self):
         if self.cfg.precision == "fp32":
@@ -291,6 +294,16 @@ def encode_by_length(encoder: Encoder, texts: list[str], batch_size: int,
         if on_progress:
             on_progress(len(rows))
     return out
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes bf16 natively (avx512_bf16 or AMX flags in /proc/cpuinfo); True where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return True
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def cpu_count() -> int:
