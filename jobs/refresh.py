@@ -210,7 +210,7 @@ def format_summary(r: dict) -> str:
     return (f"refresh: published {r['version']} (previous {r['previous'] or 'none'}): {c['documents']} documents, "
             f"{c['unchanged']} unchanged, {c['changed']} changed, {c['added']} added, {c['deleted']} deleted, "
             f"{c['rejected']} rejected; encoded {c['encoded']}, reused {c['reused']}; "
-            f"index {'retrained' if r['retrain']['retrain'] else 'quantizer reused'} ({r['retrain']['reason']}); "
+            f"index {'trained' if r['retrain']['retrain'] else 'not retrained'} ({r['retrain']['reason']}); "
             f"in {r['timings_s']['total']} s")
 
 
