@@ -50,6 +50,10 @@ class RefreshPlan:
     def diff(self) -> diffing.DiffLayout:
         return diffing.DiffLayout(storage.join(self.version_root, "_diff"))
 
+    def diff_layout(self, storage_options: dict | None) -> diffing.DiffLayout:
+        """The diff's files, read and written with the output's storage options."""
+        return dataclasses.replace(self.diff, storage_options=storage_options or {})
+
     @property
     def tag(self) -> str:
         return self.version.split("-")[0]
@@ -129,12 +133,12 @@ def rejects_url(p: RefreshPlan, shard: Shard) -> str:
 
 
 def pending_map_shards(p: RefreshPlan, so: dict) -> list[Shard]:
-    layout = dataclasses.replace(p.diff, storage_options=so)
+    layout = p.diff_layout(so)
     return [s for s in p.shards if not storage.exists(layout.map_record("new", s.name), so)]
 
 
 def pending_map_segments(p: RefreshPlan, so: dict) -> list[dict]:
-    layout = dataclasses.replace(p.diff, storage_options=so)
+    layout = p.diff_layout(so)
     return [s for s in p.segments if not storage.exists(layout.map_record("old", s["name"]), so)]
 
 
@@ -142,22 +146,22 @@ def map_segment(p: RefreshPlan, segment: dict, so: dict) -> dict:
     """Map one live segment of the previous version (its tombstones applied) into the diff's buckets."""
     table = read_shard_table(p.previous_root, segment, ["doc_id", "text_hash"], so)
     return diffing.map_previous_segment(segment["name"], table, p.buckets,
-                                        dataclasses.replace(p.diff, storage_options=so))
+                                        p.diff_layout(so))
 
 
 def pending_buckets(p: RefreshPlan, so: dict) -> list[int]:
-    layout = dataclasses.replace(p.diff, storage_options=so)
+    layout = p.diff_layout(so)
     return [b for b in range(p.buckets) if not storage.exists(layout.bucket_record(b), so)]
 
 
 def reduce_bucket(p: RefreshPlan, bucket: int, so: dict) -> dict:
     return diffing.reduce_bucket(bucket, [s.name for s in p.shards], [s["name"] for s in p.segments],
-                                 dataclasses.replace(p.diff, storage_options=so), encode_all=not p.reuse)
+                                 p.diff_layout(so), encode_all=not p.reuse)
 
 
 def diff_counts(p: RefreshPlan, so: dict) -> dict:
     """Counts over the snapshot and the previous version, from the buckets' and maps' commit records."""
-    layout = dataclasses.replace(p.diff, storage_options=so)
+    layout = p.diff_layout(so)
     buckets = diffing.read_bucket_records(layout, p.buckets)
     maps = [storage.read_json(layout.map_record("new", s.name), so) for s in p.shards]
     counts = {key: sum(b[key] for b in buckets) for key in ("documents", *diffing.STATUSES, "encode_rows")}
@@ -210,7 +214,7 @@ def encode_segment(p: RefreshPlan, segment: NewSegment, cfg: Config, encoder: En
     Memory: the segment's texts and vectors (``runtime.rows_per_shard`` rows at most)."""
     started = time.perf_counter()
     so = cfg.output.storage_options
-    rows = diffing.read_encode_slices(dataclasses.replace(p.diff, storage_options=so), list(segment.slices))
+    rows = diffing.read_encode_slices(p.diff_layout(so), list(segment.slices))
     texts = rows.column("text").to_pylist()
     vectors = encode_by_length(encoder, texts, cfg.model.batch_size)
     metadata = {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
@@ -235,7 +239,7 @@ def tombstone_path(segment: str) -> str:
 def write_segment_tombstones(p: RefreshPlan, segment: dict, buckets: list[int], so: dict) -> int:
     """The rows of a shared segment that are not live in this version (earlier tombstones plus this diff's), in
     ``embeddings/_deleted/<segment>.parquet`` of this version; returns how many."""
-    new = diffing.read_tombstones(dataclasses.replace(p.diff, storage_options=so), segment["name"], buckets)
+    new = diffing.read_tombstones(p.diff_layout(so), segment["name"], buckets)
     if segment.get("deleted_path"):
         old = storage.read_parquet(shard_url(p.previous_root, segment, "deleted_path"), so).column("row_id")
         new = np.union1d(new, old.to_numpy())
@@ -330,7 +334,7 @@ def _stream(url: str, so: dict, tables, schema: pa.Schema | None) -> int:
 
 
 def map_snapshot_shard(p: RefreshPlan, shard: Shard, cfg: Config) -> dict:
-    layout = dataclasses.replace(p.diff, storage_options=cfg.output.storage_options)
+    layout = p.diff_layout(cfg.output.storage_options)
     return diffing.map_snapshot_shard(shard, cfg.corpus, p.buckets, layout, rejects_url(p, shard))
 
 
