@@ -101,21 +101,9 @@ def _run_tasks(function, items: list, args: tuple, desc: str, cfg: Config) -> li
 def _diff(cfg: Config, p: refreshing.RefreshPlan) -> None:
     """Map the snapshot's shards and the previous version's segments into buckets, then join bucket by bucket."""
     so = cfg.output.storage_options
-    _run_tasks(_map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot", cfg)
-    _run_tasks(_map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous", cfg)
-    _run_tasks(_reduce, refreshing.pending_buckets(p, so), (p, so), "diff: join", cfg)
-
-
-def _map_snapshot_shard(shard, p: refreshing.RefreshPlan, cfg: Config) -> dict:
-    return refreshing.map_snapshot_shard(p, shard, cfg)
-
-
-def _map_segment(segment: dict, p: refreshing.RefreshPlan, so: dict) -> dict:
-    return refreshing.map_segment(p, segment, so)
-
-
-def _reduce(bucket: int, p: refreshing.RefreshPlan, so: dict) -> dict:
-    return refreshing.reduce_bucket(p, bucket, so)
+    _run_tasks(refreshing.map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot", cfg)
+    _run_tasks(refreshing.map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous", cfg)
+    _run_tasks(refreshing.reduce_bucket, refreshing.pending_buckets(p, so), (p, so), "diff: join", cfg)
 
 
 def _encode(cfg: Config, session, p: refreshing.RefreshPlan, segments: list, identity: dict) -> list[dict]:
@@ -143,12 +131,8 @@ def _tombstones(cfg: Config, p: refreshing.RefreshPlan, tombstones: dict[str, li
     when the encoder changed: nothing is shared then)."""
     so = cfg.output.storage_options
     touched = [s for s in p.segments if s["name"] in tombstones] if p.reuse else []
-    _run_tasks(_segment_tombstones, touched, (p, tombstones, so), "tombstones", cfg)
+    _run_tasks(refreshing.write_segment_tombstones, touched, (p, tombstones, so), "tombstones", cfg)
     return refreshing.shared_entries(p, tombstones, so)
-
-
-def _segment_tombstones(segment: dict, p: refreshing.RefreshPlan, tombstones: dict, so: dict) -> int:
-    return refreshing.write_segment_tombstones(p, segment, tombstones[segment["name"]], so)
 
 
 def _index(cfg: Config, vcfg: Config, p: refreshing.RefreshPlan, touched: set[str]) -> dict:

@@ -142,7 +142,7 @@ def pending_map_segments(p: RefreshPlan, so: dict) -> list[dict]:
     return [s for s in p.segments if not storage.exists(layout.map_record("old", s["name"]), so)]
 
 
-def map_segment(p: RefreshPlan, segment: dict, so: dict) -> dict:
+def map_segment(segment: dict, p: RefreshPlan, so: dict) -> dict:
     """Map one live segment of the previous version (its tombstones applied) into the diff's buckets."""
     table = read_shard_table(p.previous_root, segment, ["doc_id", "text_hash"], so)
     return diffing.map_previous_segment(segment["name"], table, p.buckets,
@@ -154,7 +154,7 @@ def pending_buckets(p: RefreshPlan, so: dict) -> list[int]:
     return [b for b in range(p.buckets) if not storage.exists(layout.bucket_record(b), so)]
 
 
-def reduce_bucket(p: RefreshPlan, bucket: int, so: dict) -> dict:
+def reduce_bucket(bucket: int, p: RefreshPlan, so: dict) -> dict:
     return diffing.reduce_bucket(bucket, [s.name for s in p.shards], [s["name"] for s in p.segments],
                                  p.diff_layout(so), encode_all=not p.reuse)
 
@@ -236,10 +236,10 @@ def tombstone_path(segment: str) -> str:
     return f"_deleted/{segment}.parquet"
 
 
-def write_segment_tombstones(p: RefreshPlan, segment: dict, buckets: list[int], so: dict) -> int:
+def write_segment_tombstones(segment: dict, p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -> int:
     """The rows of a shared segment that are not live in this version (earlier tombstones plus this diff's), in
     ``embeddings/_deleted/<segment>.parquet`` of this version; returns how many."""
-    new = diffing.read_tombstones(p.diff_layout(so), segment["name"], buckets)
+    new = diffing.read_tombstones(p.diff_layout(so), segment["name"], tombstones[segment["name"]])
     if segment.get("deleted_path"):
         old = storage.read_parquet(shard_url(p.previous_root, segment, "deleted_path"), so).column("row_id")
         new = np.union1d(new, old.to_numpy())
@@ -333,7 +333,7 @@ def _stream(url: str, so: dict, tables, schema: pa.Schema | None) -> int:
     return rows
 
 
-def map_snapshot_shard(p: RefreshPlan, shard: Shard, cfg: Config) -> dict:
+def map_snapshot_shard(shard: Shard, p: RefreshPlan, cfg: Config) -> dict:
     layout = p.diff_layout(cfg.output.storage_options)
     return diffing.map_snapshot_shard(shard, cfg.corpus, p.buckets, layout, rejects_url(p, shard))
 
