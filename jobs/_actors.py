@@ -46,7 +46,7 @@ def start_encode_workers(cfg: Config, count: int) -> list:
     return [remote.remote(cfg.model, rt.cpus_per_worker, rt.gpus_per_worker) for _ in range(count)]
 
 
-def _faiss_threads(cpus: int) -> None:
+def faiss_threads(cpus: int) -> None:
     import faiss
 
     faiss.omp_set_num_threads(max(1, int(cpus)))
@@ -59,7 +59,7 @@ def _node() -> dict:
 def _train_index(cfg: Config, plan, cpus: int):
     from retrieval_core import indexing
 
-    _faiss_threads(cpus)
+    faiss_threads(cpus)
     data, info = indexing.trained_index(cfg, plan)
     return data, {**info, "peak_memory_mb": indexing.peak_memory_mb()}
 
@@ -67,14 +67,14 @@ def _train_index(cfg: Config, plan, cpus: int):
 def _add_index_shard(cfg: Config, plan, shard: dict, trained, cpus: int) -> dict:
     from retrieval_core import indexing
 
-    _faiss_threads(cpus)
+    faiss_threads(cpus)
     return indexing.add_shard(cfg, plan, shard, trained, _node())
 
 
 def _finish_index(cfg: Config, plan, trained, cpus: int) -> dict:
     from retrieval_core import indexing
 
-    _faiss_threads(cpus)
+    faiss_threads(cpus)
     return indexing.finish(cfg, plan, trained)
 
 
@@ -98,7 +98,7 @@ class IndexSearcher:
     def __init__(self, root: str, storage_options: dict, shard_names: list | None, cpus: int):
         from retrieval_core import indexing
 
-        _faiss_threads(cpus)
+        faiss_threads(cpus)
         if shard_names is None:
             self.indexes = [indexing.load_index(root, storage_options, mmap=True)[0]]
         else:

@@ -1,16 +1,13 @@
 """Query encoding for search, evaluation and mining: in the driver for small sets, on encoder actors for large."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import ray
 
 from jobs import _actors, _runtime
 from retrieval_core import encoding, indexing
-from retrieval_core.config import Config, ModelConfig
+from retrieval_core.config import Config
 
-LOCAL_LIMIT = 2048      # up to this many queries are encoded in the driver (no actor start-up cost)
 CHUNK = 1024            # queries per actor call
 
 
@@ -19,18 +16,11 @@ def check_encoder(cfg: Config, index_manifest: dict) -> None:
     indexing.check_query_encoder(index_manifest, encoding.encoder_identity(cfg.model))
 
 
-@functools.lru_cache(maxsize=1)
-def _local_encoder(model: ModelConfig, gpus: float) -> encoding.SentenceTransformerEncoder:
-    encoding.quiet_model_loading()
-    encoding.set_torch_threads(encoding.cpu_count())
-    return encoding.SentenceTransformerEncoder(model, encoding.pick_device(gpus))
-
-
 def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySession) -> np.ndarray:
     """(n x dim float32) query vectors with ``model.query_prompt``, in input order. Actors started here for a
     large set are released before returning, so their CPUs are free for the next step."""
-    if len(texts) <= LOCAL_LIMIT:
-        return _local_encoder(cfg.model, cfg.runtime.gpus_per_worker).encode_queries(texts)
+    if len(texts) <= cfg.runtime.inline_rows:
+        return _runtime.inline_encoder(cfg).encode_queries(texts)
     chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
     workers = _actors.start_encode_workers(cfg, session.worker_count(len(chunks)))
     results: dict[int, np.ndarray] = {}

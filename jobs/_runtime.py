@@ -4,14 +4,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
 
 import ray
 
-from retrieval_core import versions
-from retrieval_core.config import Config, ConfigError, RuntimeConfig
+from retrieval_core import encoding, versions
+from retrieval_core.config import Config, ConfigError, ModelConfig, RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,15 @@ class LazyRaySession(contextlib.ExitStack):
         return worker_count(self.rt, work_items)
 
 
+def planned_worker_count(rt: RuntimeConfig, session: LazyRaySession, work_items: int) -> int:
+    """The workers to plan shards for. A local run without GPUs counts this machine's cores (what its cluster
+    would get) and does not start Ray for it; otherwise the cluster is asked."""
+    if session.opened or cluster_address(rt) or rt.gpus_per_worker:
+        return session.worker_count(work_items)
+    wanted = rt.num_workers or (rt.num_cpus or encoding.cpu_count()) // rt.cpus_per_worker
+    return max(1, min(wanted, work_items))
+
+
 def worker_count(rt: RuntimeConfig, work_items: int) -> int:
     """``runtime.num_workers``, or as many workers as the cluster's CPUs (and GPUs) hold; never more than items."""
     if rt.num_workers:
@@ -89,6 +99,19 @@ def worker_count(rt: RuntimeConfig, work_items: int) -> int:
         if rt.gpus_per_worker:
             wanted = min(wanted, int(resources.get("GPU", 0) // rt.gpus_per_worker))
     return max(1, min(wanted, work_items))
+
+
+def inline_encoder(cfg: Config) -> encoding.SentenceTransformerEncoder:
+    """The job's own encoder, for texts few enough (``runtime.inline_rows``) that starting Ray and loading the
+    model in actors would cost more than encoding them here; loaded once per process, with torch on every core."""
+    return _inline_encoder(cfg.model, cfg.runtime.gpus_per_worker)
+
+
+@functools.lru_cache(maxsize=1)
+def _inline_encoder(model: ModelConfig, gpus: float) -> encoding.SentenceTransformerEncoder:
+    encoding.quiet_model_loading()
+    encoding.set_torch_threads(encoding.cpu_count())
+    return encoding.SentenceTransformerEncoder(model, encoding.pick_device(gpus))
 
 
 def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, item_arg=None) -> None:

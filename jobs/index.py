@@ -15,7 +15,7 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _runtime
-from retrieval_core import indexing, storage
+from retrieval_core import encoding, indexing, storage
 from retrieval_core.config import Config
 
 log = logging.getLogger("jobs.index")
@@ -23,13 +23,17 @@ KEYS = ("output.root", "index.type", "index.metric", "index.max_memory", "index.
         "index.target_recall", "index.recall_queries", "index.nprobe", "index.ef_search", "runtime.address")  # shown with their defaults by --help
 
 
-def run(cfg: Config) -> dict:
-    """Run the index stage; returns a summary dict (the manifest's main figures)."""
+def run(cfg: Config, in_process: bool = False) -> dict:
+    """Run the index stage; returns a summary dict (the manifest's main figures). ``in_process``: every step in
+    this process, with FAISS on all its cores (a caller's small build, where starting Ray would cost more)."""
     started = time.perf_counter()
     plan = indexing.prepare(cfg)
     layout = indexing.layout_of(cfg)
     if storage.exists(layout.file("manifest.json"), layout.storage_options):
         return _summary(indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options), reused=True)
+    if in_process:
+        _actors.faiss_threads(encoding.cpu_count())
+        return _summary(indexing.build_in_process(cfg), reused=False)
     log.info("index %s (%s) over %d vectors of dim %d in %d shard(s)", plan.factory, plan.metric, plan.ntotal,
              plan.dim, len(plan.shards))
     with _runtime.LazyRaySession(cfg.runtime) as session:

@@ -39,37 +39,79 @@ def _refresh(cfg: Config) -> dict:
     so = cfg.output.storage_options
     files = corpus.inspect_corpus(cfg.corpus)
     identity = encoding.encoder_identity(cfg.model)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
-        session.ensure()  # the diff always runs tasks (never let Ray start or find a cluster on its own)
-        p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, sum(f.num_rows for f in files)))
+    rows = sum(f.num_rows for f in files)
+    with _runtime.LazyRaySession(cfg.runtime) as session:  # Ray starts only for a step too big for this process
+        steps = _Steps(cfg, session, inline=rows <= cfg.refresh.inline_snapshot_rows)
+        p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, rows))
         log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments)", p.version,
                  p.previous or "nothing (first version)", p.snapshot_rows, len(p.segments))
         if p.previous and not p.reuse:
             log.warning("refresh: the encoder fingerprint differs from %s's: every document is encoded again",
                         p.previous)
-        _timed(timings, "diff", lambda: _diff(cfg, p))
+        _timed(timings, "diff", lambda: _diff(steps, p))
         diff = refreshing.diff_counts(p, so)
         counts = diff["counts"]
         if p.previous and p.reuse and not (counts["changed"] or counts["added"] or counts["deleted"]):
             return _unchanged(cfg, p, counts, timings, started)
         segments = refreshing.plan_segments(p, diff["encode_rows"])
-        records = _timed(timings, "encode", lambda: _encode(cfg, session, p, segments, identity))
-        shared = _timed(timings, "tombstones", lambda: _tombstones(cfg, p, diff["tombstones"]))
+        records = _timed(timings, "encode", lambda: _encode(steps, p, segments, identity))
+        shared = _timed(timings, "tombstones", lambda: _tombstones(steps, p, diff["tombstones"]))
         dim = records[0]["dim"] if records else embeddings.read_embeddings_manifest(p.previous_root, so)["dim"]
         refreshing.write_version_manifest(cfg, p, identity, dim, counts, shared, records, time.perf_counter() - started)
         vcfg = refreshing.version_config(cfg, p.version_root)
-        retrain = _timed(timings, "index", lambda: _index(cfg, vcfg, p, set(diff["tombstones"])))
+        retrain = _timed(timings, "index", lambda: _index(steps, vcfg, p, set(diff["tombstones"])))
         evaluation = _timed(timings, "evaluate", lambda: evaluate.run(vcfg) if cfg.eval.queries_path else None)
-        changes = _timed(timings, "changes", lambda: ray.get(ray.remote(refreshing.write_changes).options(
-            num_cpus=1).remote(p, records, so)))
+        changes = _timed(timings, "changes", lambda: steps.call(refreshing.write_changes, p, records, so))
     return _gate_and_publish(cfg, p, counts, retrain, evaluation, changes, timings, started)
 
 
-def _rows_per_shard(cfg: Config, session, total_rows: int) -> int:
+class _Steps:
+    """Runs the refresh's bookkeeping steps (diff, tombstones, index, changes) in this process when the snapshot is
+    small (``refresh.inline_snapshot_rows``: starting Ray would cost more than the work), else as Ray tasks."""
+
+    def __init__(self, cfg: Config, session: _runtime.LazyRaySession, inline: bool):
+        self.cfg, self.session, self.inline = cfg, session, inline
+
+    def call(self, function, *args):
+        """``function(*args)`` here, or in one Ray task (one CPU)."""
+        if self.inline:
+            return function(*args)
+        self.session.ensure()
+        return ray.get(ray.remote(function).options(num_cpus=1).remote(*args))
+
+    def each(self, function, items: list, args: tuple, desc: str) -> list:
+        """``function(item, *args)`` for every item: here one after another, or one Ray task (one CPU) per item;
+        results in completion order."""
+        if not items:
+            return []
+        bar = tqdm(total=len(items), desc=desc, disable=not self.cfg.runtime.progress, dynamic_ncols=True)
+        try:
+            if self.inline:
+                return [_advanced(bar, function(item, *args)) for item in items]
+            return self._each_in_tasks(function, items, args, bar)
+        finally:
+            bar.close()
+
+    def _each_in_tasks(self, function, items: list, args: tuple, bar) -> list:
+        self.session.ensure()
+        remote = ray.remote(function).options(num_cpus=1, max_retries=self.cfg.runtime.max_task_retries)
+        results = []
+        _runtime.run_tasks({remote.remote(item, *args): item for item in items},
+                           lambda item, result: results.append(_advanced(bar, result)))
+        return results
+
+
+def _advanced(bar, result):
+    bar.update(1)
+    return result
+
+
+def _rows_per_shard(cfg: Config, session: _runtime.LazyRaySession, total_rows: int) -> int:
     if cfg.runtime.rows_per_shard:
         return cfg.runtime.rows_per_shard
     rate = encoding.estimated_docs_per_s(cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)
-    return sharding.auto_rows_per_shard(total_rows, session.worker_count(max(1, total_rows)), rate)
+    workers = _runtime.planned_worker_count(cfg.runtime, session, max(1, total_rows))
+    return sharding.auto_rows_per_shard(total_rows, workers, rate)
 
 
 def _timed(timings: dict, step: str, work):
@@ -79,70 +121,82 @@ def _timed(timings: dict, step: str, work):
     return result
 
 
-def _run_tasks(function, items: list, args: tuple, desc: str, cfg: Config) -> list:
-    """``function(item, *args)`` as one Ray task per item (one CPU each); results in completion order."""
-    if not items:
-        return []
-    remote = ray.remote(function).options(num_cpus=1, max_retries=cfg.runtime.max_task_retries)
-    bar = tqdm(total=len(items), desc=desc, disable=not cfg.runtime.progress, dynamic_ncols=True)
-    results = []
+def _diff(steps: _Steps, p: refreshing.RefreshPlan) -> None:
+    """Map the snapshot's shards and the previous version's segments into buckets, then join bucket by bucket."""
+    cfg, so = steps.cfg, steps.cfg.output.storage_options
+    steps.each(refreshing.map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot")
+    steps.each(refreshing.map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous")
+    steps.each(refreshing.reduce_bucket, refreshing.pending_buckets(p, so), (p, so), "diff: join")
 
-    def done(item, result):
-        results.append(result)
-        bar.update(1)
 
+def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: dict) -> list[dict]:
+    """Encode the new segments (committed ones are skipped): here when they hold at most ``runtime.inline_rows``
+    rows, else on encoder actors; returns every new segment's commit record, in segment order."""
+    cfg, so = steps.cfg, steps.cfg.output.storage_options
+    pending = refreshing.pending_segments(p, segments, so)
+    bar = tqdm(total=sum(s.rows for s in pending), unit="doc", desc="encode", disable=not cfg.runtime.progress,
+               dynamic_ncols=True)
     try:
-        _runtime.run_tasks({remote.remote(item, *args): item for item in items}, done)
+        if sum(s.rows for s in pending) <= cfg.runtime.inline_rows:
+            encoder = _runtime.inline_encoder(cfg) if pending else None
+            for segment in pending:
+                bar.update(refreshing.encode_segment(p, segment, cfg, encoder, identity)["rows"])
+        else:
+            _encode_on_actors(steps, p, pending, identity, bar)
     finally:
         bar.close()
-    return results
-
-
-def _diff(cfg: Config, p: refreshing.RefreshPlan) -> None:
-    """Map the snapshot's shards and the previous version's segments into buckets, then join bucket by bucket."""
-    so = cfg.output.storage_options
-    _run_tasks(refreshing.map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot", cfg)
-    _run_tasks(refreshing.map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous", cfg)
-    _run_tasks(refreshing.reduce_bucket, refreshing.pending_buckets(p, so), (p, so), "diff: join", cfg)
-
-
-def _encode(cfg: Config, session, p: refreshing.RefreshPlan, segments: list, identity: dict) -> list[dict]:
-    """Encode the new segments on encoder actors (committed ones are skipped); returns every new segment's
-    commit record, in segment order."""
-    so = cfg.output.storage_options
-    pending = refreshing.pending_segments(p, segments, so)
-    if pending:
-        workers = _actors.start_encode_workers(cfg, session.worker_count(len(pending)))
-        bar = tqdm(total=sum(s.rows for s in pending), unit="doc", desc="encode", disable=not cfg.runtime.progress,
-                   dynamic_ncols=True)
-        try:
-            _runtime.run_on_actors(workers, "encode_segment", pending, (p, cfg, identity),
-                                   lambda segment, record: bar.update(record["rows"]))
-        finally:
-            bar.close()
-            for worker in workers:
-                ray.kill(worker)
     layout = refreshing.Layout(p.version_root, so)
     return [storage.read_json(layout.record_file(s.name), so) for s in segments]
 
 
-def _tombstones(cfg: Config, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:
+def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, identity: dict, bar) -> None:
+    workers = _actors.start_encode_workers(steps.cfg, steps.session.worker_count(len(pending)))
+    try:
+        _runtime.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity),
+                               lambda segment, record: bar.update(record["rows"]))
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+
+
+def _tombstones(steps: _Steps, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:
     """Tombstone files of the shared segments that lost rows; returns the shared segments' manifest entries (none
     when the encoder changed: nothing is shared then)."""
-    so = cfg.output.storage_options
+    so = steps.cfg.output.storage_options
     touched = [s for s in p.segments if s["name"] in tombstones] if p.reuse else []
-    _run_tasks(refreshing.write_segment_tombstones, touched, (p, tombstones, so), "tombstones", cfg)
+    steps.each(refreshing.write_segment_tombstones, touched, (p, tombstones, so), "tombstones")
     return refreshing.shared_entries(p, tombstones, so)
 
 
-def _index(cfg: Config, vcfg: Config, p: refreshing.RefreshPlan, touched: set[str]) -> dict:
+def _index(steps: _Steps, vcfg: Config, p: refreshing.RefreshPlan, touched: set[str]) -> dict:
     """Build the version's index: the previous version's trained quantizer and untouched shard indexes are reused
     unless the retrain decision says otherwise; returns the decision with its numbers."""
     plan = indexing.prepare(vcfg)
-    decision = refresh_index.retrain_decision(cfg, vcfg, p, plan)
-    if not decision["retrain"] and decision.get("reusable"):
+    decision = refresh_index.retrain_decision(steps.cfg, vcfg, p, plan)
+    if decision.get("recall", {}).get("fell"):  # decided by an earlier run's recall check
+        refresh_index.drop_seeded_index(vcfg, p)
+    elif not decision["retrain"] and decision.get("reusable"):
         refresh_index.seed_index(vcfg, p, plan, touched)
-    index.run(vcfg)
+    index.run(vcfg, in_process=steps.inline)
+    if decision["retrain"] or "growth" not in decision:
+        return decision
+    return _retrain_if_recall_fell(steps, vcfg, p, decision)
+
+
+def _retrain_if_recall_fell(steps: _Steps, vcfg: Config, p: refreshing.RefreshPlan, decision: dict) -> dict:
+    """``refresh.retrain: auto``'s second criterion: an index on the reused quantizer whose recall@10 at the stored
+    nprobe fell under ``index.target_recall`` is built again on a quantizer trained anew."""
+    so = vcfg.output.storage_options
+    recall = refresh_index.recall_verdict(indexing.read_index_manifest(p.previous_root, so),
+                                          indexing.read_index_manifest(vcfg.output.root, so),
+                                          vcfg.index.target_recall)
+    if not recall["fell"]:
+        return {**decision, "recall": recall}
+    log.info("refresh: %s: training the quantizer anew", recall["reason"])
+    decision = refresh_index.mark_retrain(vcfg, {**decision, "retrain": True, "recall": recall,
+                                                 "reason": recall["reason"]})
+    refresh_index.drop_seeded_index(vcfg, p)
+    index.run(vcfg, in_process=steps.inline)
     return decision
 
 

@@ -77,6 +77,7 @@ class RuntimeConfig:
     rows_per_shard: int = 0
     max_restarts: int = 3
     max_task_retries: int = 3
+    inline_rows: int = 2048
     progress: bool = True
 
 
@@ -161,6 +162,7 @@ class RefreshConfig:
     retrain: str = "auto"
     retrain_drift: float = 0.1
     diff_buckets: int = 0
+    inline_snapshot_rows: int = 200_000
 
 
 @dataclass(frozen=True)
@@ -404,6 +406,7 @@ def validate(config: Config) -> None:
     _check(r.rows_per_shard >= 0, f"'runtime.rows_per_shard' = {r.rows_per_shard}: expected >= 0 (0 = automatic)")
     _check(r.max_restarts >= 0, f"'runtime.max_restarts' = {r.max_restarts}: expected >= 0")
     _check(r.max_task_retries >= 0, f"'runtime.max_task_retries' = {r.max_task_retries}: expected >= 0")
+    _check(r.inline_rows >= 0, f"'runtime.inline_rows' = {r.inline_rows}: expected >= 0 (0 = always on actors)")
     _validate_index(config.index)
     _validate_search(config.search, config.eval)
     _validate_mine(config.mine)
@@ -474,6 +477,8 @@ def _validate_refresh(rf: RefreshConfig, pu: PublishConfig) -> None:
            f"'refresh.retrain' = {rf.retrain!r}: expected one of {', '.join(RETRAIN_MODES)}")
     _check(rf.retrain_drift > 0, f"'refresh.retrain_drift' = {rf.retrain_drift}: expected > 0 (e.g. 0.1 = 10% growth)")
     _check(rf.diff_buckets >= 0, f"'refresh.diff_buckets' = {rf.diff_buckets}: expected >= 0 (0 = automatic)")
+    _check(rf.inline_snapshot_rows >= 0, f"'refresh.inline_snapshot_rows' = {rf.inline_snapshot_rows}: expected >= 0 "
+           f"(0 = always in Ray tasks)")
     for key in ("min_recall", "max_reject_fraction", "max_deleted_fraction", "max_added_fraction", "max_ndcg_drop"):
         value = getattr(pu, key)
         _check(0 <= value <= 1, f"'publish.{key}' = {value}: expected a number in [0, 1]")

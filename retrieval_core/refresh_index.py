@@ -7,6 +7,7 @@ from .config import Config
 from .refreshing import RefreshPlan
 
 DRIFT_SAMPLE = 10_000
+RETRAIN_MARK = "_index_retrain.json"  # in the version: the recall check asked for a quantizer trained anew
 
 
 def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
@@ -14,6 +15,9 @@ def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
     numbers: ``refresh.retrain`` always / never / auto (auto: retrain when the mean distance of this version's
     vectors to their nearest centroid grew by more than ``refresh.retrain_drift`` since training)."""
     so = cfg.output.storage_options
+    mark = storage.join(vcfg.output.root, RETRAIN_MARK)
+    if storage.exists(mark, so):  # a run killed after its recall check: keep to what it decided
+        return storage.read_json(mark, so)
     if not faiss_index.needs_training(plan.factory, plan.dim):
         return {"retrain": False, "reusable": _previous_index_matches(p, plan, so),
                 "reason": f"{plan.factory} needs no training"}
@@ -34,6 +38,47 @@ def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
             "now": round(now, 6), "growth": round(growth, 6), "threshold": cfg.refresh.retrain_drift,
             "reason": f"mean distance to the nearest centroid {'grew' if growth > 0 else 'changed'} by "
                       f"{growth:.1%} (retrain above {cfg.refresh.retrain_drift:.0%})"}
+
+
+def recall_verdict(previous_manifest: dict, manifest: dict, target: float) -> dict:
+    """Whether the recall@10 of an index built on the reused quantizer, searched with the previous version's tuned
+    setting (nprobe / efSearch), fell under ``target``: the second retrain criterion of ``auto``, read from the
+    recall measurement of the index stage (it tries settings from the smallest up, so a setting larger than the
+    stored one means the stored one missed the target)."""
+    parameter = manifest["recall"].get("parameter")
+    stored = previous_manifest.get("search_parameters", {}).get(parameter)
+    tried = {t["value"]: t["recall_at_10"] for t in manifest["recall"].get("tried", [])}
+    if not parameter or stored is None or manifest["recall"]["recall_at_10"] is None:
+        return {"fell": False, "reason": "no recall measured at a stored setting"}
+    at_stored = tried.get(stored)
+    fell = (at_stored is not None and at_stored < target) or manifest["recall"]["value"] > stored
+    return {"fell": fell, "parameter": parameter, "stored": stored, "recall_at_stored": at_stored,
+            "tuned": manifest["recall"]["value"], "target": target,
+            "reason": f"recall@10 at the stored {parameter} = {stored} "
+                      f"{'fell under' if fell else 'reaches'} index.target_recall {target}"
+                      + (f" (tuned {parameter} now {manifest['recall']['value']})" if fell else "")}
+
+
+def mark_retrain(vcfg: Config, decision: dict) -> dict:
+    """Record that the version's quantizer is trained anew after all (the recall check failed), before its index is
+    dropped and built again, so that a run killed in between decides the same; returns the decision."""
+    storage.write_json_atomic(storage.join(vcfg.output.root, RETRAIN_MARK), decision, vcfg.output.storage_options)
+    return decision
+
+
+def drop_seeded_index(vcfg: Config, p: RefreshPlan) -> None:
+    """Remove the version's index while it still holds anything of the previous version's (its quantizer, or a
+    shared shard index): an index trained anew must not mix with them. An index already trained anew stays, so a
+    resumed run keeps its committed shards."""
+    so = vcfg.output.storage_options
+    here, previous = indexing.layout_of(vcfg), indexing.IndexLayout(p.previous_root, so)
+    trained = here.file("trained.faiss")
+    seeded = storage.exists(trained, so) and storage.read_bytes(trained, so) == storage.read_bytes(
+        previous.file("trained.faiss"), so)
+    shards = storage.join(here.dir, "_shards")
+    records = [storage.join(shards, n) for n in storage.list_names(shards, so) if n.endswith(".json")]
+    if seeded or any(storage.read_json(r, so).get("shared_from") for r in records):
+        storage.remove(here.dir, so)
 
 
 def _previous_index_matches(p: RefreshPlan, plan, so: dict) -> bool:

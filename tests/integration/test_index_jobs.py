@@ -103,9 +103,9 @@ def test_actor_query_encoding_equals_local(demo_index, monkeypatch):
     texts = [f"question number {i} about revenue" for i in range(10)]
     with _runtime.LazyRaySession(cfg.runtime) as session:
         local = _queries.encode_queries(cfg, texts, session)
-        monkeypatch.setattr(_queries, "LOCAL_LIMIT", 3)
         monkeypatch.setattr(_queries, "CHUNK", 4)
-        remote = _queries.encode_queries(cfg, texts, session)
+        on_actors = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, inline_rows=3))
+        remote = _queries.encode_queries(on_actors, texts, session)
     assert remote.shape == local.shape == (10, 384)
     assert np.min(np.sum(remote * local, axis=1)) >= 0.9999
 

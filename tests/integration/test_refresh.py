@@ -11,13 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import REPO, clear_encoded, config, encoded_hashes, make_docs, write_parquet
-from jobs import refresh
+from jobs import _runtime, refresh
 from retrieval_core import embeddings, faiss_index, indexing, versions
 from retrieval_core.corpus import assemble_text, text_hash
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 SETTINGS = dict(corpus__title_column="title", runtime__rows_per_shard=24, refresh__diff_buckets=3,
                 eval__queries_path="", index__type="Flat", index__recall_queries=50)
+ON_RAY = dict(runtime__inline_rows=0, refresh__inline_snapshot_rows=0)  # every step in Ray tasks and actors
 
 
 def day1() -> list[dict]:
@@ -60,17 +61,24 @@ def search_all(root: str, queries: np.ndarray, k: int = 10):
     return scores, [[doc_of[int(r)] for r in row] for row in ids]
 
 
+def never_on_ray(*args):
+    raise AssertionError("a refresh this small must not need Ray")
+
+
 @pytest.fixture(scope="module")
 def two_days(tmp_path_factory, tiny_model, encode_log):
-    """Day 1 then day 2 refreshed on one root, and day 2 built from scratch on another."""
+    """Day 1 then day 2 refreshed on one root, in the job's own process (small enough: Ray is never asked for),
+    and day 2 built from scratch on another root with every step on Ray tasks and actors."""
     tmp = tmp_path_factory.mktemp("refresh")
     s1, s2 = snapshot(tmp, "day1", day1()), snapshot(tmp, "day2", day2())
     root = tmp / "nightly"
-    first = refresh.run(refresh_config(s1, root, tiny_model))
-    clear_encoded(encode_log)
-    second = refresh.run(refresh_config(s2, root, tiny_model))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_runtime.LazyRaySession, "ensure", never_on_ray)
+        first = refresh.run(refresh_config(s1, root, tiny_model))
+        clear_encoded(encode_log)
+        second = refresh.run(refresh_config(s2, root, tiny_model))
     encoded = encoded_hashes(encode_log)
-    scratch = refresh.run(refresh_config(s2, tmp / "scratch", tiny_model))
+    scratch = refresh.run(refresh_config(s2, tmp / "scratch", tiny_model, **ON_RAY))
     return {"root": root, "s1": s1, "s2": s2, "first": first, "second": second, "encoded": encoded,
             "scratch": scratch, "tmp": tmp}
 
@@ -210,7 +218,8 @@ def test_a_killed_refresh_resumes_and_ends_as_an_uninterrupted_run(two_days, tin
 
 def test_another_encoder_re_encodes_everything_and_says_so(two_days, tiny_model, encode_log):
     clear_encoded(encode_log)
-    changed = refresh.run(refresh_config(two_days["s2"], two_days["root"], tiny_model, model__max_seq_length=32))
+    changed = refresh.run(refresh_config(two_days["s2"], two_days["root"], tiny_model, model__max_seq_length=32,
+                                         **ON_RAY))
     c = changed["counts"]
     assert changed["published"] and changed["reencoded_all"] is True
     assert (c["unchanged"], c["changed"], c["added"], c["deleted"]) == (202, 0, 0, 0)
@@ -243,3 +252,26 @@ def test_ivf_quantizer_reused_without_retraining_and_old_versions_retired(two_da
     shared = [s for s in json.loads((v2 / "embeddings" / "_manifest.json").read_text())["shards"]
               if s.get("shared_from")]
     assert shared and all((v2 / "embeddings" / s["path"]).resolve().exists() for s in shared)
+
+
+def test_recall_under_target_at_the_stored_nprobe_retrains_the_quantizer(two_days, tiny_model, tmp_path):
+    """auto's second criterion: day 1 tuned nprobe for a low target; day 2 asks for recall 1.0, which the stored
+    nprobe misses, so day 2 trains its quantizer anew (no drift involved) and records why."""
+    root = tmp_path / "recall"
+    ivf = dict(index__type="IVF4,Flat", index__train_size=200, refresh__retrain="auto", refresh__retrain_drift=100,
+               publish__min_recall=0.05)
+    first = refresh.run(refresh_config(two_days["s1"], root, tiny_model, index__target_recall=0.05, **ivf))
+    v1 = Path(versions.version_root(str(root), first["version"]))
+    stored = json.loads((v1 / "index" / "manifest.json").read_text())["search_parameters"]["nprobe"]
+    assert stored < 4
+    second = refresh.run(refresh_config(two_days["s2"], root, tiny_model, index__target_recall=1.0, **ivf))
+    decision = second["retrain"]
+    assert decision["retrain"] is True and decision["growth"] < 100 and decision["recall"]["fell"] is True
+    assert decision["recall"]["stored"] == stored and decision["recall"]["recall_at_stored"] < 1.0
+    assert decision["reason"].startswith(f"recall@10 at the stored nprobe = {stored} fell under")
+    v2 = Path(versions.version_root(str(root), second["version"]))
+    assert (v2 / "index" / "trained.faiss").read_bytes() != (v1 / "index" / "trained.faiss").read_bytes()
+    manifest = json.loads((v2 / "index" / "manifest.json").read_text())
+    assert manifest["recall"]["recall_at_10"] == 1.0 and manifest["training"]["reused"] is False
+    records = (v2 / "index" / "_shards").glob("*.json")
+    assert not any(json.loads(r.read_text()).get("shared_from") for r in records)  # nothing of day 1's index

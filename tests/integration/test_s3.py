@@ -349,8 +349,9 @@ def test_credentials_are_in_nothing_the_jobs_wrote(runs, s3_options):
 
 
 def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, tiny_model, tmp_path):
-    """Two nights of jobs.refresh with the snapshots and the versions on S3: the same counts, vectors and changes
-    as on local paths; CURRENT names the new version; the secret is in no object of the refreshed root."""
+    """Two nights of jobs.refresh with the snapshots and the versions on S3, every step in Ray tasks and actors: the
+    same counts, vectors and changes as on local paths in the job's own process; CURRENT names the new version; the
+    secret is in no object of the refreshed root."""
     from jobs import refresh
     from retrieval_core import versions
 
@@ -362,8 +363,9 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
     results = {}
     for where in ("local", "s3"):
         root = str(tmp_path / "nightly") if where == "local" else f"s3://{OUT}/nightly"
-        extra = {} if where == "local" else {f"{s}__storage_options": json.dumps(s3_options)
-                                             for s in ("corpus", "output")}
+        extra = {} if where == "local" else {**{f"{s}__storage_options": json.dumps(s3_options)
+                                                for s in ("corpus", "output")},
+                                             "runtime__inline_rows": 0, "refresh__inline_snapshot_rows": 0}
         for night, docs in (("day1", day1), ("day2", day2)):
             local = write_parquet(tmp_path / where / night / "corpus.parquet", docs)
             corpus = str(local)

@@ -40,3 +40,29 @@ def test_the_first_version_and_unevaluated_versions_skip_the_gates_that_need_a_p
     assert set(first) == {"publish.min_recall", "publish.max_reject_fraction", "publish.max_ndcg_drop"}
     assert set(verdicts(cfg, previous=None)) == {"publish.min_recall", "publish.max_reject_fraction",
                                                  "publish.max_deleted_fraction", "publish.max_added_fraction"}
+
+
+def recall_manifest(value, tried):
+    return {"recall": {"parameter": "nprobe", "value": value, "recall_at_10": tried[-1][1],
+                       "tried": [{"value": v, "recall_at_10": r} for v, r in tried]}}
+
+
+@pytest.mark.parametrize("tried, fell", [
+    ([(1, 0.80), (2, 0.93), (4, 0.97)], True),     # the stored nprobe 2 now misses 0.95: tuning went to 4
+    ([(1, 0.90), (2, 0.96)], False),               # the stored nprobe still reaches the target
+    ([(1, 0.96)], False),                          # a smaller one does too
+])
+def test_recall_at_the_stored_nprobe_decides_a_retrain(tried, fell):
+    from retrieval_core import refresh_index
+
+    verdict = refresh_index.recall_verdict({"search_parameters": {"nprobe": 2}}, recall_manifest(tried[-1][0], tried),
+                                           0.95)
+    assert verdict["fell"] is fell and verdict["stored"] == 2 and verdict["tuned"] == tried[-1][0]
+    assert verdict["reason"].startswith("recall@10 at the stored nprobe = 2 " + ("fell under" if fell else "reaches"))
+
+
+def test_no_stored_setting_is_no_recall_verdict():
+    from retrieval_core import refresh_index
+
+    verdict = refresh_index.recall_verdict({"search_parameters": {}}, recall_manifest(2, [(1, 0.5), (2, 0.97)]), 0.95)
+    assert verdict["fell"] is False
