@@ -18,7 +18,7 @@ class EncodeWorker:
 
         encoding.quiet_model_loading()
         encoding.set_torch_threads(cpus)
-        self.encoder = encoding.SentenceTransformerEncoder(model_cfg, encoding.pick_device(gpus))
+        self.encoder = encoding.SentenceTransformerEncoder(model_cfg, encoding.pick_device(gpus), threads=cpus)
 
     def encode_shard(self, shard: Shard, cfg: Config, encoder_identity: dict) -> dict:
         from retrieval_core.embeddings import encode_shard

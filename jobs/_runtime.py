@@ -103,15 +103,14 @@ def worker_count(rt: RuntimeConfig, work_items: int) -> int:
 
 def inline_encoder(cfg: Config) -> encoding.SentenceTransformerEncoder:
     """The job's own encoder, for texts few enough (``runtime.inline_rows``) that starting Ray and loading the
-    model in actors would cost more than encoding them here; loaded once per process, with torch on every core."""
+    model in actors would cost more than encoding them here; loaded once per process, encoding on every core."""
     return _inline_encoder(cfg.model, cfg.runtime.gpus_per_worker)
 
 
 @functools.lru_cache(maxsize=1)
 def _inline_encoder(model: ModelConfig, gpus: float) -> encoding.SentenceTransformerEncoder:
     encoding.quiet_model_loading()
-    encoding.set_torch_threads(encoding.cpu_count())
-    return encoding.SentenceTransformerEncoder(model, encoding.pick_device(gpus))
+    return encoding.SentenceTransformerEncoder(model, encoding.pick_device(gpus), threads=encoding.cpu_count())
 
 
 def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, item_arg=None) -> None:

@@ -218,9 +218,15 @@ def pick_device(gpus: float) -> str:
 
 
 class SentenceTransformerEncoder:
-    """A sentence-transformers bi-encoder with the job's precision, prompts, length and normalization."""
+    """A sentence-transformers bi-encoder with the job's precision, prompts, length and normalization.
 
-    def __init__(self, cfg: ModelConfig, device: str = "cpu"):
+    ``threads`` > 1 on a CPU: texts are split over that many threads, each running the model with one torch
+    thread (a forward pass releases the GIL), which uses several cores better than torch's own intra-op threads on
+    the small matrices of sentence encoders (measured: 16.6 against 13.4 docs/s on 2 cores, all-MiniLM-L6-v2,
+    SciFact); tokenization, which is not thread-safe, takes turns under a lock.
+    """
+
+    def __init__(self, cfg: ModelConfig, device: str = "cpu", threads: int = 1):
         from sentence_transformers import SentenceTransformer
 
         self.cfg = cfg
@@ -231,6 +237,10 @@ class SentenceTransformerEncoder:
             self.model.max_seq_length = cfg.max_seq_length
         self.dim = int(self.model.get_embedding_dimension())
         self.normalized = cfg.normalize
+        self.threads = max(1, int(threads)) if device == "cpu" else 1
+        if self.threads > 1:
+            set_torch_threads(1)
+            self.model.preprocess = _locked(self.model.preprocess)
         if cfg.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
             log.warning("model.precision = bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and "
                         "much slower than fp32; use model.precision = fp32")
@@ -246,6 +256,19 @@ class SentenceTransformerEncoder:
     def _encode(self, texts: list[str], prompt: str) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.threads == 1 or len(texts) <= self.cfg.batch_size:
+            return self._encode_here(list(texts), prompt)
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = self.threads
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with ThreadPoolExecutor(n) as pool:  # interleaved parts: each gets long and short texts alike
+            for i, vectors in enumerate(pool.map(lambda i: self._encode_here(texts[i::n], prompt), range(n))):
+                out[i::n] = vectors
+        return out
+
+    def _encode_here(self, texts: list[str], prompt: str) -> np.ndarray:
+        """Encode in the calling thread (autocast and inference mode are per thread)."""
         import torch
 
         with torch.inference_mode(), self._autocast():
@@ -263,6 +286,19 @@ class SentenceTransformerEncoder:
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         return self._encode(texts, self.cfg.query_prompt)
+
+
+def _locked(function):
+    """``function`` callable from several threads, one call at a time."""
+    import threading
+
+    lock = threading.Lock()
+
+    def call(*args, **kwargs):
+        with lock:
+            return function(*args, **kwargs)
+
+    return call
 
 
 TEST_ENCODE_LOG = "RETRIEVAL_TEST_ENCODE_LOG"

@@ -45,7 +45,7 @@ def head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         current = Path("/tmp/ray/ray_current_cluster")  # the head's address file, left behind by a killed head

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import DEMO_CORPUS, REPO, config, encode_command, make_docs, write_parquet
 from jobs import encode
-from retrieval_core import embeddings
+from retrieval_core import embeddings, encoding
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO_ROWS = pq.read_metadata(DEMO_CORPUS).num_rows
@@ -64,16 +64,14 @@ def test_rerun_skips_committed_shards(demo_run):
     assert Path(cfg.output.root, "embeddings", "_manifest.json").read_text() == manifest_before
 
 
-def test_bf16_is_recorded_and_close_to_fp32(demo_run, tmp_path):
-    cfg, _ = demo_run
-    bf16 = config(DEMO_CORPUS, tmp_path / "bf16", corpus__title_column="title", model__precision="bf16")
+def test_bf16_is_recorded_and_close_to_fp32(tiny_corpus, tiny_model, tiny_clean, tmp_path):
+    bf16 = config(tiny_corpus, tmp_path / "bf16", tiny_model, runtime__rows_per_shard=5, model__precision="bf16")
     summary = encode.run(bf16)
-    fp32_manifest = embeddings.read_embeddings_manifest(cfg.output.root)
-    assert summary["fingerprint"] != fp32_manifest["fingerprint"]
+    fp32 = config(tiny_corpus, tmp_path / "fp32", tiny_model)
+    assert summary["fingerprint"] != encoding.encoder_identity(fp32.model)["fingerprint"]
     assert embeddings.read_embeddings_manifest(bf16.output.root)["encoder"]["precision"] == "bf16"
-    _, a, _ = embeddings.load_embeddings(cfg.output.root)
-    _, b, _ = embeddings.load_embeddings(bf16.output.root)
-    assert np.sum(a * b, axis=1).min() >= 0.995
+    _, a, _ = embeddings.load_embeddings(str(bf16.output.root))
+    assert np.sum(a * tiny_clean[2], axis=1).min() >= 0.995
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +114,18 @@ def test_killed_worker_is_restarted_and_its_shard_redone(tiny_corpus, tiny_model
     assert_same_output(outputs(cfg.output.root), tiny_clean)
 
 
+@pytest.fixture(scope="module")
+def demo_clean_8(tmp_path_factory):
+    """The demo corpus encoded without interruption, 8 rows per shard: what every stopped-and-resumed run ends as."""
+    root = tmp_path_factory.mktemp("clean8") / "out"
+    encode.run(config(DEMO_CORPUS, root, runtime__rows_per_shard=8))
+    return outputs(root)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
-def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp_path):
+def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp_path, demo_clean_8):
     root = tmp_path / "out"
     cfg = config(DEMO_CORPUS, root, runtime__rows_per_shard=8, runtime__num_workers=1)
-    clean_root = tmp_path / "clean"
     command = encode_command(f"corpus.path={DEMO_CORPUS}", f"output.root={root}", "runtime.rows_per_shard=8",
                              "runtime.num_workers=1", f"runtime.address={ray_cluster}", "runtime.progress=false")
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -142,8 +147,7 @@ def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp
     summary = encode.run(cfg)
     assert summary["shards_run"] == demo_shards(8) - len(before)
     assert {name: (records_dir / name).read_text() for name in before} == before
-    encode.run(config(DEMO_CORPUS, clean_root, runtime__rows_per_shard=8))
-    assert_same_output(outputs(root), outputs(clean_root))
+    assert_same_output(outputs(root), demo_clean_8)
 
 
 def test_two_node_cluster_uses_both_nodes_and_equals_local(tiny_corpus, tiny_model, tiny_clean, tmp_path):

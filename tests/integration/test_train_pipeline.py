@@ -67,11 +67,14 @@ def test_finished_training_is_reused_and_other_settings_refused(mined, tmp_path)
         train.run(other)
 
 
-def pipeline_command(root, model, *extra):
+def pipeline_items(root, model, *extra) -> list[str]:
     items = [f"output.root={root}", f"model.name={model}", "runtime.progress=false"]
-    items += [f"{k.replace('__', '.')}={v}" for k, v in SETTINGS.items()] + list(extra)
+    return items + [f"{k.replace('__', '.')}={v}" for k, v in SETTINGS.items()] + list(extra)
+
+
+def pipeline_command(root, model, *extra):
     command = [sys.executable, "-m", "jobs.pipeline"]
-    for item in items:
+    for item in pipeline_items(root, model, *extra):
         command += ["--set", item]
     return command
 
@@ -88,11 +91,7 @@ def outputs(root: Path) -> dict:
 
 def test_pipeline_killed_during_training_resumes_to_the_clean_result(tmp_path, tiny_model_without_dropout):
     env = {**os.environ, "RAY_ADDRESS": ""}
-    clean = subprocess.run(pipeline_command(tmp_path / "clean", tiny_model_without_dropout), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr[-2000:]
-    assert "reevaluate" in clean.stdout and "total" in clean.stdout
-    assert "Token authentication is enabled" not in clean.stderr  # the job's own local cluster: no alarm
+    pipeline.run(load_config(None, pipeline_items(tmp_path / "clean", tiny_model_without_dropout)))  # in this process
     root = tmp_path / "killed"
     proc = subprocess.Popen(pipeline_command(root, tiny_model_without_dropout), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -105,7 +104,9 @@ def test_pipeline_killed_during_training_resumes_to_the_clean_result(tmp_path, t
     rerun = subprocess.run(pipeline_command(root, tiny_model_without_dropout), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "Token authentication is enabled" not in rerun.stderr  # the job's own local cluster: no alarm
     table = {line.split()[0]: line for line in rerun.stdout.splitlines() if line.strip()}
+    assert "total" in table
     assert all(table[stage].endswith(" reused") for stage in ("encode", "index", "evaluate", "mine"))
     assert not table["train"].endswith(" reused") and not table["reevaluate"].endswith(" reused")
     a, b = outputs(tmp_path / "clean"), outputs(root)

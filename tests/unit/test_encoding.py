@@ -63,6 +63,23 @@ def test_document_prompt_is_prepended(tiny_model):
     assert np.allclose(queries, reference.encode(["query: the body"], normalize_embeddings=True), atol=1e-5)
 
 
+def test_threads_split_the_texts_and_give_the_one_thread_vectors(tiny_model):
+    import torch
+
+    texts = [f"text {i} " + "about rivers and planets " * (i % 7) for i in range(90)]
+    cfg = ModelConfig(name=tiny_model, batch_size=8)
+    before = torch.get_num_threads()
+    try:
+        serial = SentenceTransformerEncoder(cfg).encode_documents(texts)
+        threaded = SentenceTransformerEncoder(cfg, threads=3)
+        assert threaded.threads == 3 and torch.get_num_threads() == 1  # one torch thread per encoding thread
+        for _ in range(3):  # concurrent tokenization must never collide ("Already borrowed")
+            np.testing.assert_allclose(threaded.encode_documents(texts), serial, atol=1e-6)
+        np.testing.assert_allclose(threaded.encode_queries(texts[:5]), serial[:5], atol=1e-6)  # few: one thread
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bf16_is_close_to_fp32(tiny_model):
     texts = [f"text number {i} about rivers and planets" for i in range(20)]
     fp32 = SentenceTransformerEncoder(ModelConfig(name=tiny_model)).encode_documents(texts)
