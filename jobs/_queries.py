@@ -1,6 +1,8 @@
 """Query encoding for search, evaluation and mining: in the driver for small sets, on encoder actors for large."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import ray
 
@@ -9,11 +11,19 @@ from retrieval_core import encoding, indexing
 from retrieval_core.config import Config
 
 CHUNK = 1024            # queries per actor call
+log = logging.getLogger(__name__)
 
 
 def check_encoder(cfg: Config, index_manifest: dict) -> None:
-    """The run's model settings must give the encoder the index was built with."""
+    """The run's model settings must give the encoder the index was built with; a query encoder other than the one
+    recorded at encoding time (another query prompt, say) is allowed, with a warning naming the differences."""
     indexing.check_query_encoder(index_manifest, encoding.encoder_identity(cfg.model))
+    recorded, now = index_manifest.get("query_encoder"), encoding.query_identity(cfg.model)
+    if recorded and recorded["fingerprint"] != now["fingerprint"]:
+        from retrieval_core.manifest import identity_differences
+
+        log.warning("queries are encoded otherwise than the index's documents' run recorded: %s",
+                    "; ".join(identity_differences(recorded, now)))
 
 
 def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySession) -> np.ndarray:

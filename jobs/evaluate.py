@@ -14,7 +14,7 @@ import sys
 import time
 
 from jobs import _cli, _queries, _runtime
-from retrieval_core import indexing, lookup, metrics, storage
+from retrieval_core import encoding, indexing, lookup, metrics, storage
 from retrieval_core.config import Config
 from retrieval_core.manifest import stamp
 
@@ -68,11 +68,12 @@ def run(cfg: Config) -> dict:
 
 
 def evaluation_identity(cfg: Config, queries: dict[str, str], qrels: dict, qids: list[str]) -> dict:
-    """What fixes the figures: the index build, the query prompt, the depth, and the judged queries' texts and
+    """What fixes the figures: the index build, the query encoder (its prompt included), the depth, and the judged queries' texts and
     judgements (by content, so a moved file with the same content is the same evaluation)."""
     index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
     content = json.dumps([[q, queries[q], sorted(qrels[q].items())] for q in qids])
-    return {"index": index_manifest["identity"], "query_prompt": cfg.model.query_prompt, "depth": cfg.eval.depth,
+    return {"index": index_manifest["identity"], "query_encoder": encoding.query_identity(cfg.model)["fingerprint"],
+            "depth": cfg.eval.depth,
             "judged": hashlib.sha256(content.encode()).hexdigest()[:32]}
 
 

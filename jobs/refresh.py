@@ -37,11 +37,12 @@ def run(cfg: Config) -> dict:
 def _refresh(cfg: Config) -> dict:
     started, timings = time.perf_counter(), {}
     so = cfg.output.storage_options
+    encoder = _prewarmed_encoder(cfg)
     files = corpus.inspect_corpus(cfg.corpus)
     identity = encoding.encoder_identity(cfg.model)
     rows = sum(f.num_rows for f in files)
     with _runtime.LazyRaySession(cfg.runtime) as session:  # Ray starts only for a step too big for this process
-        steps = _Steps(cfg, session, inline=rows <= cfg.refresh.inline_snapshot_rows)
+        steps = _Steps(cfg, session, inline=rows <= cfg.refresh.inline_snapshot_rows, encoder=encoder)
         p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, rows))
         log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments)", p.version,
                  p.previous or "nothing (first version)", p.snapshot_rows, len(p.segments))
@@ -69,8 +70,12 @@ class _Steps:
     """Runs the refresh's bookkeeping steps (diff, tombstones, index, changes) in this process when the snapshot is
     small (``refresh.inline_snapshot_rows``: starting Ray would cost more than the work), else as Ray tasks."""
 
-    def __init__(self, cfg: Config, session: _runtime.LazyRaySession, inline: bool):
+    def __init__(self, cfg: Config, session: _runtime.LazyRaySession, inline: bool, encoder=None):
         self.cfg, self.session, self.inline = cfg, session, inline
+        self.encoder = encoder  # a Future of the job's own encoder, loading since the start (or None)
+
+    def inline_encoder(self):
+        return self.encoder.result() if self.encoder else _runtime.inline_encoder(self.cfg)
 
     def call(self, function, *args):
         """``function(*args)`` here, or in one Ray task (one CPU)."""
@@ -106,6 +111,21 @@ def _advanced(bar, result):
     return result
 
 
+def _prewarmed_encoder(cfg: Config):
+    """On a root with a published version, a night usually changes few documents, which this process encodes
+    itself: loading torch, sentence-transformers and the model (seconds) starts now, in a thread, while the snapshot
+    is read and diffed. Returns the loading's Future, or None on a first version (everything is encoded, on actors
+    when many)."""
+    if not cfg.runtime.inline_rows or not versions.read_current(cfg.output.root, cfg.output.storage_options):
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="load-encoder")
+    future = pool.submit(_runtime.inline_encoder, cfg)
+    pool.shutdown(wait=False)  # the loading goes on; nothing else is ever submitted
+    return future
+
+
 def _rows_per_shard(cfg: Config, session: _runtime.LazyRaySession, total_rows: int) -> int:
     if cfg.runtime.rows_per_shard:
         return cfg.runtime.rows_per_shard
@@ -138,7 +158,7 @@ def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: 
                dynamic_ncols=True)
     try:
         if sum(s.rows for s in pending) <= cfg.runtime.inline_rows:
-            encoder = _runtime.inline_encoder(cfg) if pending else None
+            encoder = steps.inline_encoder() if pending else None
             for segment in pending:
                 bar.update(refreshing.encode_segment(p, segment, cfg, encoder, identity)["rows"])
         else:

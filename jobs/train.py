@@ -35,7 +35,7 @@ def identity_of(cfg: Config) -> dict:
     mined = mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options)
     return {"base": encoding.encoder_identity(cfg.model)["fingerprint"], "train": dict(vars(cfg.train)),
             "negatives": hashlib.sha256(json.dumps(mined["identity"], sort_keys=True).encode()).hexdigest()[:32],
-            "workers": max(1, cfg.runtime.num_workers)}
+            "workers": max(1, cfg.runtime.num_workers), **encoding.query_side(cfg.model)}
 
 
 def run(cfg: Config) -> dict:
@@ -51,6 +51,7 @@ def run(cfg: Config) -> dict:
         if not cfg.output.overwrite:
             raise IncompatibleOutputError(f"'{output}' holds a model trained with other settings; set "
                                           f"output.overwrite=true or another train.output")
+    training.check_trainable(cfg)
     started = time.perf_counter()
     examples = training.load_examples(cfg)
     train_set, held_out = training.split_examples(examples, cfg.train.eval_fraction, cfg.train.seed)

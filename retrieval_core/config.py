@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import yaml
 
+MODEL_FAMILIES = ("auto", "e5", "bge", "bge-zh", "gte", "dpr", "plain")  # presets in retrieval_core.families
 PRECISIONS = ("fp32", "bf16", "fp16")
 CORPUS_FORMATS = ("", "parquet", "jsonl")
 EMBEDDING_DTYPES = ("float32", "float16")
@@ -50,8 +51,11 @@ class ModelConfig:
     batch_size: int = 32
     max_seq_length: Union[int, None] = None
     normalize: bool = True
-    document_prompt: str = ""
-    query_prompt: str = ""
+    family: str = "auto"
+    document_prompt: Union[str, None] = None
+    query_prompt: Union[str, None] = None
+    query_name: str = ""
+    truncate_dim: Union[int, None] = None
     trust_remote_code: bool = False
     # fsspec options when name is a URL; left out of the hash (a dict has none), so the config stays a cache key,
     # and of the repr (credentials)
@@ -396,6 +400,9 @@ def validate(config: Config) -> None:
     _check(m.batch_size > 0, f"'model.batch_size' = {m.batch_size}: expected a positive integer")
     _check(m.max_seq_length is None or m.max_seq_length > 0,
            f"'model.max_seq_length' = {m.max_seq_length}: expected a positive integer or null (the model's own)")
+    _check(m.family in MODEL_FAMILIES, f"'model.family' = {m.family!r}: expected one of {', '.join(MODEL_FAMILIES)}")
+    _check(m.truncate_dim is None or m.truncate_dim > 0,
+           f"'model.truncate_dim' = {m.truncate_dim}: expected a positive integer or null (no truncation)")
     _check(bool(o.root), "'output.root' is empty: give a directory or fsspec URL")
     _check(o.embedding_dtype in EMBEDDING_DTYPES,
            f"'output.embedding_dtype' = {o.embedding_dtype!r}: expected one of {', '.join(EMBEDDING_DTYPES)}")

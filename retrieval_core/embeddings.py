@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import storage
+from . import encoding, storage
 from .config import Config
 from .corpus import read_shard, text_hash
 from .encoding import Encoder, encode_by_length
@@ -205,8 +205,8 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
         raise RuntimeError(f"rows in ({rows_in}) != rows encoded ({encoded}) + rows rejected ({rejected})")
     manifest = {
         **stamp(), "stage": "embeddings", "fingerprint": encoder_identity["fingerprint"],
-        "encoder": encoder_identity, "dim": dim, "normalized": cfg.model.normalize,
-        "embedding_dtype": cfg.output.embedding_dtype,
+        "encoder": encoder_identity, "query_encoder": encoding.query_identity(cfg.model), "dim": dim,
+        "normalized": cfg.model.normalize, "embedding_dtype": cfg.output.embedding_dtype,
         "totals": {"rows_in": rows_in, "rows_encoded": encoded, "rows_rejected": rejected, "shards": len(shards)},
         "shards": [{key: r[key] for key in ("name", "path", "row_start", "row_stop", "rows", "rejected")}
                    | {"rejects_path": f"../rejects/encode/{r['name']}.parquet" if r["rejected"] else None}

@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from . import families
 from .config import DEFAULT_MODEL, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,18 @@ def _hash_files(root: Path, files: list[Path]) -> str:
 
 
 def model_files_hash(model_dir: str) -> tuple[str, str]:
-    """(sha256 of the weight files, sha256 of the configuration and tokenizer files) of a model directory."""
+    """(sha256 of the weight files, sha256 of the configuration and tokenizer files) of a model directory; kept
+    per process while the files' names, sizes and modification times stay the same."""
     root = Path(model_dir)
-    weights = [p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    weights = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     configs = [root / name for name in CONFIG_FILES if (root / name).is_file()]
-    return _hash_files(root, weights), _hash_files(root, configs)
+    key = (str(root), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weights + configs))
+    if key not in _HASHES:
+        _HASHES[key] = (_hash_files(root, weights), _hash_files(root, configs))
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple, tuple[str, str]] = {}
 
 
 # The default model (all-MiniLM-L6-v2: 90.9 MB of float32 weights) encodes about 12 SciFact documents (title +
@@ -170,19 +178,50 @@ def effective_max_seq_length(model_dir: str, configured: int | None) -> int | No
 def encoder_identity(cfg: ModelConfig) -> dict:
     """Everything that changes a document vector, and the fingerprint (sha256) over it.
 
-    Computed from the model's files alone (no model load), so a driver can check it cheaply.
+    Computed from the model's files alone (no model load), so a driver can check it cheaply. The document prompt
+    is the one applied (``families``: the config's, else the model's own, else the family's).
     """
     model_dir = resolve_model_path(cfg.name, cfg.storage_options)
+    identity = _model_identity(cfg, cfg.name, model_dir)
+    identity["document_prompt"] = families.document_prompt(cfg, model_dir)
+    return _fingerprinted(identity)
+
+
+def query_identity(cfg: ModelConfig) -> dict:
+    """Everything that changes a query vector (the query encoder's files, the query prompt applied, length,
+    precision, normalization, truncation), and its fingerprint: what the stages that encode queries record."""
+    name = families.query_model_name(cfg)
+    model_dir = resolve_model_path(name, cfg.storage_options)
+    identity = _model_identity(cfg, name, model_dir)
+    identity["query_prompt"] = families.query_prompt(cfg, model_dir)
+    return _fingerprinted(identity)
+
+
+def query_side(cfg: ModelConfig) -> dict:
+    """What the query side adds to the document encoder's fingerprint: the query prompt applied and the query
+    model, each only when present or different (empty for a symmetric model without a query prompt, so identities
+    that include it stay what they were for such models)."""
+    side = {}
+    name = families.query_model_name(cfg)
+    if name != cfg.name:
+        side["query_model"] = query_identity(cfg)["fingerprint"]
+    prompt = families.query_prompt(cfg, resolve_model_path(name, cfg.storage_options))
+    if prompt:
+        side["query_prompt"] = prompt
+    return side
+
+
+def _model_identity(cfg: ModelConfig, name: str, model_dir: str) -> dict:
     weights, configs = model_files_hash(model_dir)
-    identity = {
-        "model": cfg.name,
-        "weights_sha256": weights,
-        "config_sha256": configs,
-        "max_seq_length": effective_max_seq_length(model_dir, cfg.max_seq_length),
-        "normalize": cfg.normalize,
-        "precision": cfg.precision,
-        "document_prompt": cfg.document_prompt,
-    }
+    identity = {"model": name, "weights_sha256": weights, "config_sha256": configs,
+                "max_seq_length": effective_max_seq_length(model_dir, cfg.max_seq_length),
+                "normalize": cfg.normalize, "precision": cfg.precision}
+    if cfg.truncate_dim:  # only when set: the fingerprints of untruncated encoders stay what they were
+        identity["truncate_dim"] = cfg.truncate_dim
+    return identity
+
+
+def _fingerprinted(identity: dict) -> dict:
     identity["fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     return identity
 
@@ -218,7 +257,11 @@ def pick_device(gpus: float) -> str:
 
 
 class SentenceTransformerEncoder:
-    """A sentence-transformers bi-encoder with the job's precision, prompts, length and normalization.
+    """A sentence-transformers bi-encoder with the job's precision, prompts, length, truncation and normalization.
+
+    Documents go through ``encode_document`` and queries through ``encode_query`` (so asymmetric models route each
+    side to its own modules), with the prompts ``families`` resolves; queries use ``model.query_name``'s model when
+    the family has a separate query encoder (DPR), loaded on first use.
 
     ``threads`` > 1 on a CPU: texts are split over that many threads, each running the model with one torch
     thread (a forward pass releases the GIL), which uses several cores better than torch's own intra-op threads on
@@ -227,23 +270,51 @@ class SentenceTransformerEncoder:
     """
 
     def __init__(self, cfg: ModelConfig, device: str = "cpu", threads: int = 1):
-        from sentence_transformers import SentenceTransformer
-
         self.cfg = cfg
         self.device = device
-        self.model = SentenceTransformer(resolve_model_path(cfg.name, cfg.storage_options), device=device,
-                                         trust_remote_code=cfg.trust_remote_code)
-        if cfg.max_seq_length:
-            self.model.max_seq_length = cfg.max_seq_length
-        self.dim = int(self.model.get_embedding_dimension())
-        self.normalized = cfg.normalize
         self.threads = max(1, int(threads)) if device == "cpu" else 1
         if self.threads > 1:
             set_torch_threads(1)
-            self.model.preprocess = _locked(self.model.preprocess)
+        model_dir = resolve_model_path(cfg.name, cfg.storage_options)
+        self.model, self.dim = self._load(cfg.name, model_dir)
+        self.document_prompt = families.document_prompt(cfg, model_dir)
+        self.query_name = families.query_model_name(cfg)
+        self._query_model = self.model if self.query_name == cfg.name else None
+        self.normalized = cfg.normalize
         if cfg.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
             log.warning("model.precision = bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and "
                         "much slower than fp32; use model.precision = fp32")
+
+    def _load(self, name: str, model_dir: str):
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(model_dir, device=self.device, trust_remote_code=self.cfg.trust_remote_code)
+        if self.cfg.max_seq_length:
+            model.max_seq_length = self.cfg.max_seq_length
+        dim = int(model.get_embedding_dimension())
+        if self.cfg.truncate_dim:
+            if self.cfg.truncate_dim > dim:
+                raise ValueError(f"model.truncate_dim = {self.cfg.truncate_dim} exceeds the dimension of {name!r} "
+                                 f"({dim})")
+            dim = self.cfg.truncate_dim
+        if self.threads > 1:
+            model.preprocess = _locked(model.preprocess)
+        return model, dim
+
+    @property
+    def query_model(self):
+        if self._query_model is None:
+            model, dim = self._load(self.query_name, resolve_model_path(self.query_name, self.cfg.storage_options))
+            if dim != self.dim:
+                raise ValueError(f"model.query_name = {self.query_name!r} gives {dim}-dimensional vectors, "
+                                 f"model.name = {self.cfg.name!r} {self.dim}: query and document encoders must "
+                                 f"agree")
+            self._query_model = model
+        return self._query_model
+
+    @property
+    def query_prompt(self) -> str:
+        return families.query_prompt(self.cfg, resolve_model_path(self.query_name, self.cfg.storage_options))
 
     def _autocast(self):
         if self.cfg.precision == "fp32":
@@ -253,28 +324,30 @@ class SentenceTransformerEncoder:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype)
 
-    def _encode(self, texts: list[str], prompt: str) -> np.ndarray:
+    def _encode(self, encode, texts: list[str], prompt: str) -> np.ndarray:
+        """``encode`` (a model's encode_document or encode_query) over ``texts``, in parts on the threads."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self.threads == 1 or len(texts) <= self.cfg.batch_size:
-            return self._encode_here(list(texts), prompt)
+            return self._encode_here(encode, list(texts), prompt)
         from concurrent.futures import ThreadPoolExecutor
 
         n = self.threads
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         with ThreadPoolExecutor(n) as pool:  # interleaved parts: each gets long and short texts alike
-            for i, vectors in enumerate(pool.map(lambda i: self._encode_here(texts[i::n], prompt), range(n))):
+            for i, vectors in enumerate(pool.map(lambda i: self._encode_here(encode, texts[i::n], prompt), range(n))):
                 out[i::n] = vectors
         return out
 
-    def _encode_here(self, texts: list[str], prompt: str) -> np.ndarray:
-        """Encode in the calling thread (autocast and inference mode are per thread)."""
+    def _encode_here(self, encode, texts: list[str], prompt: str) -> np.ndarray:
+        """Encode in the calling thread (autocast and inference mode are per thread); the prompt is passed even
+        when empty, so it is exactly the resolved one; truncation, then normalization."""
         import torch
 
         with torch.inference_mode(), self._autocast():
-            vectors = self.model.encode(list(texts), batch_size=self.cfg.batch_size, prompt=prompt or None,
-                                        normalize_embeddings=False, convert_to_tensor=True,
-                                        show_progress_bar=False)
+            vectors = encode(list(texts), batch_size=self.cfg.batch_size, prompt=prompt,
+                             truncate_dim=self.cfg.truncate_dim, normalize_embeddings=False,
+                             convert_to_tensor=True, show_progress_bar=False)
         vectors = vectors.float()
         if self.cfg.normalize:
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
@@ -282,10 +355,10 @@ class SentenceTransformerEncoder:
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         _log_for_tests(texts)
-        return self._encode(texts, self.cfg.document_prompt)
+        return self._encode(self.model.encode_document, texts, self.document_prompt)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        return self._encode(texts, self.cfg.query_prompt)
+        return self._encode(self.query_model.encode_query, texts, self.query_prompt)
 
 
 def _locked(function):

@@ -309,7 +309,8 @@ def write_manifest(cfg: Config, plan: IndexPlan, ntotal: int, timings: dict, rec
     manifest = {
         **stamp(), "stage": "index", "type": plan.factory, "metric": plan.metric, "dim": plan.dim,
         "ntotal": ntotal, "mergeable": plan.mergeable, "on_disk": plan.on_disk,
-        "fingerprint": plan.identity["fingerprint"], "encoder": emb["encoder"], "identity": plan.identity,
+        "fingerprint": plan.identity["fingerprint"], "encoder": emb["encoder"],
+        "query_encoder": emb.get("query_encoder"), "identity": plan.identity,
         "search_parameters": {recall["parameter"]: recall["value"]} if recall["parameter"] else {},
         "recall": recall, "timings_s": timings, "peak_memory_mb": memory, "training": training or {},
         "shards": [{"name": r["name"], "ntotal": r["ntotal"], "seconds": r["seconds"],

@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from . import lookup, negatives, storage
+from . import encoding, lookup, negatives, storage
 from .config import Config, MineConfig, redact_storage_options
 from .manifest import claim_stage_dir, read_manifest, stamp
 from .metrics import EvaluationDataError, jsonl_records, parquet_records, read_qrels, read_queries
@@ -167,7 +167,7 @@ def mining_identity(cfg: Config, index_manifest: dict, queries: list[MiningQuery
     mi = cfg.mine
     digest = hashlib.sha256(json.dumps([[q.query_id, q.text, q.positive_doc_ids] for q in queries]).encode())
     return {"index": index_manifest["identity"], "fingerprint": index_manifest["fingerprint"],
-            "rules": dataclasses.asdict(rules_of(mi)), "range_max": range_max, "mode": mi.mode,
+            **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "range_max": range_max, "mode": mi.mode,
             "queries_per_part": mi.queries_per_part, "queries_digest": digest.hexdigest()[:32]}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import diffing, storage, versions
+from . import diffing, encoding, storage, versions
 from .config import Config
 from .embeddings import Layout, embeddings_table, read_embeddings_manifest, read_shard_table, shard_url
 from .encoding import Encoder, encode_by_length
@@ -285,7 +285,8 @@ def write_version_manifest(cfg: Config, p: RefreshPlan, encoder_identity: dict, 
                                             "config": cfg.to_dict()}, so)
     manifest = {
         **stamp(), "stage": "embeddings", "fingerprint": encoder_identity["fingerprint"],
-        "encoder": encoder_identity, "dim": dim, "normalized": cfg.model.normalize,
+        "encoder": encoder_identity, "query_encoder": encoding.query_identity(cfg.model), "dim": dim,
+        "normalized": cfg.model.normalize,
         "embedding_dtype": cfg.output.embedding_dtype, "version": p.version, "previous_version": p.previous,
         "totals": {"rows_in": p.snapshot_rows, "rows_encoded": live, "rows_rejected": counts["rejected"],
                    "shards": len(entries), "shards_shared": len(shared), "rows_shared": sum(e["rows"] for e in shared),

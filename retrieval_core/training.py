@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import lookup, metrics, mining
-from .config import Config
+from . import encoding, families, lookup, metrics, mining
+from .config import Config, ConfigError
 from .encoding import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,29 @@ def build_loss(model, cfg: Config, distributed: bool):
 def batch_features(model, batch: list[Example], cfg: Config) -> list[dict]:
     """Tokenized columns: queries (with the query prompt), positives, then each negative column."""
     device = model.device
-    columns = [([e.query for e in batch], cfg.model.query_prompt), ([e.positive for e in batch],
-                                                                     cfg.model.document_prompt)]
-    columns += [([e.negatives[i] for e in batch], cfg.model.document_prompt) for i in range(cfg.train.num_negatives)]
+    document, query = resolved_prompts(cfg)
+    columns = [([e.query for e in batch], query, "query"), ([e.positive for e in batch], document, "document")]
+    columns += [([e.negatives[i] for e in batch], document, "document") for i in range(cfg.train.num_negatives)]
     features = []
-    for texts, prompt in columns:
-        tokens = model.preprocess(texts, prompt=prompt or None)
+    for texts, prompt, task in columns:  # the task routes each column of an asymmetric (Router) model
+        tokens = model.preprocess(texts, prompt=prompt or None, task=task)
         features.append({k: v.to(device) if hasattr(v, "to") else v for k, v in tokens.items()})
     return features
+
+
+def check_trainable(cfg: Config) -> None:
+    """Training fine-tunes one model: a family with a separate query encoder (DPR) is refused, naming it."""
+    query_model = families.query_model_name(cfg.model)
+    if query_model != cfg.model.name:
+        raise ConfigError(f"train fine-tunes one model, and queries are encoded by another (model.query_name = "
+                          f"{query_model!r}, model.name = {cfg.model.name!r}): train a single bi-encoder, or an "
+                          f"asymmetric one whose query and document modules live in one model (a Router)")
+
+
+def resolved_prompts(cfg: Config) -> tuple[str, str]:
+    """(document prompt, query prompt) the training applies: those the jobs apply (``families``)."""
+    return (encoding.encoder_identity(cfg.model)["document_prompt"],
+            encoding.query_identity(cfg.model)["query_prompt"])
 
 
 def linear_schedule(optimizer, warmup: int, total: int):
@@ -195,11 +210,11 @@ def evaluate(model, cfg: Config, held_out: list[Example], corpus: dict[str, str]
     for e in held_out:
         qrels.setdefault(e.query_id, {})[where[e.positive]] = 1
     with torch.inference_mode():
-        docs = model.encode(texts, batch_size=cfg.model.batch_size, prompt=cfg.model.document_prompt or None,
-                            normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        qv = model.encode(list(queries.values()), batch_size=cfg.model.batch_size,
-                          prompt=cfg.model.query_prompt or None, normalize_embeddings=True, convert_to_numpy=True,
-                          show_progress_bar=False)
+        document, query = resolved_prompts(cfg)
+        docs = model.encode_document(texts, batch_size=cfg.model.batch_size, prompt=document,
+                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        qv = model.encode_query(list(queries.values()), batch_size=cfg.model.batch_size, prompt=query,
+                                normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     top = np.argsort(-(qv @ docs.T), axis=1, kind="stable")[:, :10]
     run = {qid: [ids[j] for j in row] for qid, row in zip(queries, top)}
     figures = metrics.evaluate_run(run, qrels, ndcg_ks=(10,), recall_ks=(10,), mrr_ks=(10,))

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import build_tiny_model  # noqa: E402
+from helpers import build_family_models, build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +20,12 @@ def tiny_model(tmp_path_factory) -> str:
 def tiny_model_without_dropout(tmp_path_factory) -> str:
     """The tiny model without dropout: training on it is deterministic whatever the number of workers."""
     return str(build_tiny_model(tmp_path_factory.mktemp("models-nodrop"), dropout=0.0))
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny stand-ins of each model family (see helpers.build_family_models)."""
+    return build_family_models(tmp_path_factory.mktemp("families"))
 
 
 @pytest.fixture(scope="session")

