@@ -35,7 +35,7 @@ def run(cfg: Config, on_shard_done=None) -> dict:
     identity = encoding.encoder_identity(cfg.model)
     with _runtime.LazyRaySession(cfg.runtime) as session:
         shards = embeddings.prepare_plan(cfg, files, identity, lambda: sharding.auto_rows_per_shard(
-            total_rows, session.worker_count(total_rows), encoding.estimated_docs_per_s(
+            total_rows, _runtime.planned_worker_count(cfg.runtime, session, total_rows), encoding.estimated_docs_per_s(
                 cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)))
         pending = embeddings.pending_shards(shards, layout)
         records = _encode_pending(cfg, session, pending, identity, on_shard_done) if pending else []
@@ -48,12 +48,10 @@ def run(cfg: Config, on_shard_done=None) -> dict:
 
 
 def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shard_done) -> list[dict]:
-    """Encode the pending shards on actors; returns their commit records."""
-    count = session.worker_count(len(pending))
-    log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
-    workers = _actors.start_encode_workers(cfg, count)
-    bar = tqdm(total=sum(s.num_rows for s in pending), unit="doc", desc="encode", disable=not cfg.runtime.progress,
-               dynamic_ncols=True)
+    """Encode the pending shards, here when they hold at most ``runtime.inline_rows`` rows (starting Ray and
+    loading the model in actors would cost more), else on actors; returns their commit records."""
+    rows = sum(s.num_rows for s in pending)
+    bar = tqdm(total=rows, unit="doc", desc="encode", disable=not cfg.runtime.progress, dynamic_ncols=True)
     records = []
 
     def done(shard, record):
@@ -64,10 +62,23 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
             on_shard_done(record)
 
     try:
-        _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done)
+        if rows <= cfg.runtime.inline_rows:
+            log.info("encoding %d shard(s) (%d rows) in this process", len(pending), rows)
+            encoder = _runtime.inline_encoder(cfg)
+            for shard in pending:
+                done(shard, embeddings.encode_shard(shard, cfg, encoder, identity, {"worker": "driver"}))
+        else:
+            _encode_on_actors(cfg, session, pending, identity, done)
     finally:
         bar.close()
     return records
+
+
+def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done) -> None:
+    count = session.worker_count(len(pending))
+    log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
+    workers = _actors.start_encode_workers(cfg, count)
+    _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done)
 
 
 def _committed_dim(layout) -> int:

@@ -94,7 +94,7 @@ def assert_same_output(a, b):
 @pytest.fixture(scope="module")
 def tiny_clean(tiny_corpus, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("clean") / "out"
-    encode.run(config(tiny_corpus, root, tiny_model, runtime__rows_per_shard=5))
+    encode.run(config(tiny_corpus, root, tiny_model, runtime__rows_per_shard=5, runtime__inline_rows=0))  # on actors
     return outputs(root)
 
 
@@ -106,7 +106,7 @@ def test_killed_worker_is_restarted_and_its_shard_redone(tiny_corpus, tiny_model
             os.kill(record["pid"], signal.SIGKILL)
             killed.append(record["pid"])
 
-    cfg = config(tiny_corpus, tmp_path / "out", tiny_model, runtime__rows_per_shard=5)
+    cfg = config(tiny_corpus, tmp_path / "out", tiny_model, runtime__rows_per_shard=5, runtime__inline_rows=0)
     summary = encode.run(cfg, on_shard_done=kill_first_worker)
     assert killed and summary["shards_run"] == 12 and summary["rows_rejected"] == 1
     records = embeddings.committed_records(embeddings.layout_of(cfg))
@@ -160,7 +160,7 @@ def test_two_node_cluster_uses_both_nodes_and_equals_local(tiny_corpus, tiny_mod
         root = tmp_path / "out"
         command = encode_command(f"corpus.path={tiny_corpus}", f"output.root={root}", f"model.name={tiny_model}",
                                  "runtime.rows_per_shard=5", f"runtime.address={cluster.address}",
-                                 "runtime.progress=false")
+                                 "runtime.progress=false", "runtime.inline_rows=0")
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "60 rows in, 59 encoded, 1 rejected" in result.stdout

@@ -54,11 +54,11 @@ def buckets(s3_options):
     return fs
 
 
-def pipeline_config(inputs: dict, root, model: str, options: dict | None = None):
+def pipeline_config(inputs: dict, root, model: str, options: dict | None = None, **extra):
     paths = {"eval__queries_path": inputs["queries"], "eval__qrels_path": inputs["qrels"],
              "mine__pairs_path": inputs["pairs"]}
     secrets = {f"{s}__storage_options": json.dumps(options) for s in SECTIONS_WITH_OPTIONS} if options else {}
-    return config(inputs["corpus"], root, model=model, **SETTINGS, **paths, **secrets)
+    return config(inputs["corpus"], root, model=model, **SETTINGS, **paths, **secrets, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,9 @@ def runs(buckets, tmp_path_factory, tiny_model_without_dropout, s3_options):
     """The whole pipeline on local paths and on S3, with the same settings: {"local"|"s3": (config, results)}."""
     local_inputs = {key: str(DEMO / name) for key, name in INPUTS.items()}
     s3_inputs = {key: f"s3://{IN}/demo/{name}" for key, name in INPUTS.items()}
-    local = pipeline_config(local_inputs, tmp_path_factory.mktemp("local") / "run", tiny_model_without_dropout)
-    remote = pipeline_config(s3_inputs, S3_ROOT, tiny_model_without_dropout, s3_options)
+    local = pipeline_config(local_inputs, tmp_path_factory.mktemp("local") / "run", tiny_model_without_dropout,
+                            runtime__inline_rows=0)  # both on actors: byte-equal embeddings, workers writing to S3
+    remote = pipeline_config(s3_inputs, S3_ROOT, tiny_model_without_dropout, s3_options, runtime__inline_rows=0)
     return {"local": (local, pipeline.run(local)), "s3": (remote, pipeline.run(remote))}
 
 

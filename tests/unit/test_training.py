@@ -64,3 +64,26 @@ def test_fit_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_model):
     np.testing.assert_allclose(reloaded.encode(text), model.encode(text), atol=1e-6)
     base = SentenceTransformer(tiny_model, device="cpu")
     assert not np.allclose(base.encode(text), model.encode(text), atol=1e-4)
+
+
+def test_a_router_model_trains_both_towers_each_side_routed_by_its_task(tmp_path, family_models):
+    from sentence_transformers import SentenceTransformer
+
+    path = family_models["router"]
+    cfg = config("unused", tmp_path, model=path, train__batch_size=8, train__num_negatives=1, train__max_steps=6,
+                 train__learning_rate=5e-3, train__warmup_ratio=0)
+    data = examples(queries=16)
+    model, history = training.fit(cfg, data, data[:4], training.eval_corpus_for(cfg, data[:4], data))
+    assert history["steps"] == 6
+    base = SentenceTransformer(path, device="cpu")
+    text = ["question 3 about topic 3"]
+    assert not np.allclose(base.encode_query(text), model.encode_query(text), atol=1e-4)        # query tower
+    assert not np.allclose(base.encode_document(text), model.encode_document(text), atol=1e-4)  # document tower
+
+
+def test_a_separate_query_encoder_is_refused_by_training(tmp_path, family_models):
+    from retrieval_core.config import ConfigError
+
+    cfg = config("unused", tmp_path, model=family_models["dpr"])
+    with pytest.raises(ConfigError, match="train fine-tunes one model.*question_encoder"):
+        training.check_trainable(cfg)
