@@ -57,8 +57,7 @@ def test_submitted_pipeline_succeeds_and_writes_its_outputs(head, tmp_path, tiny
     root = tmp_path / "submitted"
     overrides = [f"output.root={root}", f"model.name={tiny_model_without_dropout}", "runtime.progress=false",
                  "corpus.title_column=title", "runtime.rows_per_shard=32", "mine.query_id_column=query_id",
-                 "train.batch_size=8", "train.max_steps=2", "mine.relative_margin=null",
-                 "runtime.inline_rows=0"]  # documents and queries on the cluster's actors
+                 "train.batch_size=8", "train.max_steps=2", "mine.relative_margin=null"]
     entrypoint = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/demo.yaml"]
     for item in overrides:
         entrypoint += ["--set", item]

@@ -66,9 +66,8 @@ def runs(buckets, tmp_path_factory, tiny_model_without_dropout, s3_options):
     """The whole pipeline on local paths and on S3, with the same settings: {"local"|"s3": (config, results)}."""
     local_inputs = {key: str(DEMO / name) for key, name in INPUTS.items()}
     s3_inputs = {key: f"s3://{IN}/demo/{name}" for key, name in INPUTS.items()}
-    local = pipeline_config(local_inputs, tmp_path_factory.mktemp("local") / "run", tiny_model_without_dropout,
-                            runtime__inline_rows=0)  # both on actors: byte-equal embeddings, workers writing to S3
-    remote = pipeline_config(s3_inputs, S3_ROOT, tiny_model_without_dropout, s3_options, runtime__inline_rows=0)
+    local = pipeline_config(local_inputs, tmp_path_factory.mktemp("local") / "run", tiny_model_without_dropout)
+    remote = pipeline_config(s3_inputs, S3_ROOT, tiny_model_without_dropout, s3_options)
     return {"local": (local, pipeline.run(local)), "s3": (remote, pipeline.run(remote))}
 
 
@@ -291,7 +290,8 @@ def test_killed_encode_driver_resumes_on_s3_with_the_remaining_shards(buckets, s
     root, shards = f"s3://{OUT}/killed", 60
     path = config_file(tmp_path / "job.yaml", s3_options, corpus={"path": f"s3://{IN}/big/corpus.parquet"},
                        output={"root": root}, model={"name": tiny_model},
-                       runtime={"rows_per_shard": 20, "num_workers": 1, "address": ray_cluster, "progress": False})
+                       runtime={"rows_per_shard": 20, "num_workers": 1, "address": ray_cluster, "progress": False,
+                                "inline_rows": 0})  # encoder actors write the shards to S3
     command = [sys.executable, "-m", "jobs.encode", "--config", str(path)]
     with open(tmp_path / "killed.log", "w+") as log:
         driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
