@@ -5,6 +5,7 @@ torch and sentence-transformers are imported here only, and lazily, so the rest 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -312,7 +313,7 @@ class SentenceTransformerEncoder:
             self._query_model = model
         return self._query_model
 
-    @property
+    @functools.cached_property
     def query_prompt(self) -> str:
         return families.query_prompt(self.cfg, resolve_model_path(self.query_name, self.cfg.storage_options))
 

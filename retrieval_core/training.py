@@ -11,6 +11,7 @@ torch and sentence-transformers are imported inside the functions only (like ``e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -19,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import encoding, families, lookup, metrics, mining
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ModelConfig
 from .encoding import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,14 @@ def check_trainable(cfg: Config) -> None:
 
 
 def resolved_prompts(cfg: Config) -> tuple[str, str]:
-    """(document prompt, query prompt) the training applies: those the jobs apply (``families``)."""
-    return (encoding.encoder_identity(cfg.model)["document_prompt"],
-            encoding.query_identity(cfg.model)["query_prompt"])
+    """(document prompt, query prompt) the training applies: those the jobs apply (``families``); resolved once
+    per model config, not at every step."""
+    return _prompts(cfg.model)
+
+
+@functools.lru_cache(maxsize=4)
+def _prompts(model: ModelConfig) -> tuple[str, str]:
+    return encoding.encoder_identity(model)["document_prompt"], encoding.query_identity(model)["query_prompt"]
 
 
 def linear_schedule(optimizer, warmup: int, total: int):
