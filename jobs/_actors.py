@@ -10,15 +10,13 @@ from retrieval_core.sharding import Shard
 
 
 class EncodeWorker:
-    """Loads the encoder once, then encodes and commits shards."""
+    """Loads the encoder (a model, or an embedding API's client) once, then encodes and commits shards."""
 
     def __init__(self, model_cfg: ModelConfig, cpus: int, gpus: float):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from retrieval_core import encoding
 
-        encoding.quiet_model_loading()
-        encoding.set_torch_threads(cpus)
-        self.encoder = encoding.SentenceTransformerEncoder(model_cfg, encoding.pick_device(gpus), threads=cpus)
+        self.encoder = encoding.load_encoder(model_cfg, gpus, threads=cpus)
 
     def encode_shard(self, shard: Shard, cfg: Config, encoder_identity: dict) -> dict:
         from retrieval_core.embeddings import encode_shard

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import ray
 
 from jobs import _actors, _runtime
 from retrieval_core import encoding, indexing
@@ -30,16 +29,19 @@ def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySessi
     """(n x dim float32) query vectors with ``model.query_prompt``, in input order. Actors started here for a
     large set are released before returning, so their CPUs are free for the next step."""
     if len(texts) <= cfg.runtime.inline_rows:
-        return _runtime.inline_encoder(cfg).encode_queries(texts)
+        encoder = _runtime.inline_encoder(cfg)
+        before = encoding.usage_of(encoder)
+        vectors = encoder.encode_queries(texts)
+        if before is not None:
+            from retrieval_core.providers import usage_between
+
+            log.info("queries: %s", usage_between(before, encoding.usage_of(encoder)))
+        return vectors
     chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
-    workers = _actors.start_encode_workers(cfg, session.worker_count(len(chunks)))
     results: dict[int, np.ndarray] = {}
-    try:
+    with _runtime.released(_actors.start_encode_workers(cfg, session.worker_count(len(chunks)))) as workers:
         _runtime.run_on_actors(workers, "encode_queries", list(range(len(chunks))), (),
                                lambda i, vectors: results.__setitem__(i, vectors), item_arg=lambda i: chunks[i])
-    finally:
-        for worker in workers:
-            ray.kill(worker)
     return np.vstack([results[i] for i in range(len(chunks))])
 
 

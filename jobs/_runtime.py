@@ -101,16 +101,26 @@ def worker_count(rt: RuntimeConfig, work_items: int) -> int:
     return max(1, min(wanted, work_items))
 
 
-def inline_encoder(cfg: Config) -> encoding.SentenceTransformerEncoder:
+def inline_encoder(cfg: Config) -> encoding.Encoder:
     """The job's own encoder, for texts few enough (``runtime.inline_rows``) that starting Ray and loading the
     model in actors would cost more than encoding them here; loaded once per process, encoding on every core."""
     return _inline_encoder(cfg.model, cfg.runtime.gpus_per_worker)
 
 
 @functools.lru_cache(maxsize=1)
-def _inline_encoder(model: ModelConfig, gpus: float) -> encoding.SentenceTransformerEncoder:
-    encoding.quiet_model_loading()
-    return encoding.SentenceTransformerEncoder(model, encoding.pick_device(gpus), threads=encoding.cpu_count())
+def _inline_encoder(model: ModelConfig, gpus: float) -> encoding.Encoder:
+    return encoding.load_encoder(model, gpus, threads=encoding.cpu_count())
+
+
+@contextlib.contextmanager
+def released(actors: list):
+    """The actors, killed on leaving (an error included), so their CPUs are free for what comes next: a rerun in
+    the same process, or the next stage of a pipeline."""
+    try:
+        yield actors
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, item_arg=None) -> None:

@@ -57,7 +57,8 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
     def done(shard, record):
         records.append(record)
         bar.update(shard.num_rows)
-        bar.set_postfix(shards=f"{len(records)}/{len(pending)}", rejected=record["rejected"], refresh=False)
+        bar.set_postfix(shards=f"{len(records)}/{len(pending)}", rejected=record["rejected"],
+                        **embeddings.api_usage_progress(records), refresh=False)
         if on_shard_done:
             on_shard_done(record)
 
@@ -77,8 +78,8 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
 def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done) -> None:
     count = session.worker_count(len(pending))
     log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
-    workers = _actors.start_encode_workers(cfg, count)
-    _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done)
+    with _runtime.released(_actors.start_encode_workers(cfg, count)) as workers:
+        _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done)
 
 
 def _committed_dim(layout) -> int:
@@ -96,6 +97,7 @@ def _summary(manifest: dict, records: list[dict], seconds: float, where: str) ->
         "shards_skipped": totals["shards"] - len(records), "rows_encoded_now": encoded_now,
         "seconds": round(seconds, 2), "docs_per_s": round(encoded_now / seconds, 1) if records else None,
         "reused": not records, "output": where, "fingerprint": manifest["fingerprint"],
+        **embeddings.api_usage_totals(records),
     }
 
 
@@ -103,7 +105,14 @@ def format_summary(s: dict) -> str:
     rate = f", {s['docs_per_s']} docs/s over the {s['rows_encoded_now']} rows encoded now" if s["docs_per_s"] else ""
     return (f"encode: {s['rows_in']} rows in, {s['rows_encoded']} encoded, {s['rows_rejected']} rejected; "
             f"{s['shards']} shards ({s['shards_run']} run, {s['shards_skipped']} already committed) "
-            f"in {s['seconds']} s{rate} -> {s['output']}")
+            f"in {s['seconds']} s{rate}{_api_cost(s.get('api_usage'))} -> {s['output']}")
+
+
+def _api_cost(usage: dict | None) -> str:
+    if not usage:
+        return ""
+    cut = f", {usage['truncated']} texts cut to model.max_input_chars" if usage["truncated"] else ""
+    return f"; API: {usage['requests']} requests ({usage['retries']} retries), {usage['tokens']} tokens{cut}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,15 +81,13 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, parts: 
     searchers = _actors.start_searchers(cfg, _searcher_groups(cfg, session, index_manifest))
     bar = tqdm(total=sum(len(parts[i]) for i in pending), unit="query", desc="mine",
                disable=not cfg.runtime.progress, dynamic_ncols=True)
-    try:
+    with _runtime.released(searchers), bar:
         for i in pending:
             query_vectors = vectors.pop(i)
             scores, ids = _search(cfg, searchers, query_vectors, depth)
             table, counts = mining.mine_part(cfg, emb, parts[i], query_vectors, scores, ids, range_max)
             mining.commit_part(cfg, i, table, counts)
             bar.update(len(parts[i]))
-    finally:
-        bar.close()
 
 
 def _searcher_groups(cfg: Config, session, index_manifest: dict) -> list:

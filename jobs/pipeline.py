@@ -14,7 +14,7 @@ import sys
 import time
 
 from jobs import _cli, _runtime, encode, evaluate, index, mine, train
-from retrieval_core import storage
+from retrieval_core import storage, training
 from retrieval_core.config import Config, PIPELINE_STAGES
 
 log = logging.getLogger("jobs.pipeline")
@@ -40,8 +40,13 @@ def _stage_runs(cfg: Config) -> dict:
     }
 
 
+TRAINING_STAGES = {"train", "reencode", "reindex", "reevaluate"}
+
+
 def run(cfg: Config) -> dict:
     """Run the selected stages in order; returns {stage: (result, seconds)}."""
+    if TRAINING_STAGES & set(cfg.pipeline.stages):  # refused before any stage runs, not after hours of them
+        training.check_trainable(cfg)
     runs = _stage_runs(cfg)
     results = {}
     with _runtime.ray_session(cfg.runtime):

@@ -159,8 +159,11 @@ def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: 
     try:
         if sum(s.rows for s in pending) <= cfg.runtime.inline_rows:
             encoder = steps.inline_encoder() if pending else None
+            records = []
             for segment in pending:
-                bar.update(refreshing.encode_segment(p, segment, cfg, encoder, identity)["rows"])
+                records.append(refreshing.encode_segment(p, segment, cfg, encoder, identity))
+                bar.update(records[-1]["rows"])
+                bar.set_postfix(**embeddings.api_usage_progress(records), refresh=False)
         else:
             _encode_on_actors(steps, p, pending, identity, bar)
     finally:
@@ -170,13 +173,16 @@ def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: 
 
 
 def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, identity: dict, bar) -> None:
-    workers = _actors.start_encode_workers(steps.cfg, steps.session.worker_count(len(pending)))
-    try:
-        _runtime.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity),
-                               lambda segment, record: bar.update(record["rows"]))
-    finally:
-        for worker in workers:
-            ray.kill(worker)
+    records = []
+
+    def done(segment, record):
+        records.append(record)
+        bar.update(record["rows"])
+        bar.set_postfix(**embeddings.api_usage_progress(records), refresh=False)
+
+    count = steps.session.worker_count(len(pending))
+    with _runtime.released(_actors.start_encode_workers(steps.cfg, count)) as workers:
+        _runtime.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity), done)
 
 
 def _tombstones(steps: _Steps, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:

@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import yaml
 
+MODEL_PROVIDERS = ("local", "openai", "cohere")  # local: sentence-transformers; else retrieval_core.providers
 MODEL_FAMILIES = ("auto", "e5", "bge", "bge-zh", "gte", "dpr", "plain")  # presets in retrieval_core.families
 PRECISIONS = ("fp32", "bf16", "fp16")
 CORPUS_FORMATS = ("", "parquet", "jsonl")
@@ -57,6 +58,13 @@ class ModelConfig:
     query_name: str = ""
     truncate_dim: Union[int, None] = None
     trust_remote_code: bool = False
+    provider: str = "local"
+    base_url: str = ""
+    api_key_env: str = ""
+    max_concurrency: int = 4
+    max_retries: int = 6
+    timeout: float = 60.0
+    max_input_chars: int = 0
     # fsspec options when name is a URL; left out of the hash (a dict has none), so the config stays a cache key,
     # and of the repr (credentials)
     storage_options: dict = field(default_factory=dict, hash=False, repr=False)
@@ -403,6 +411,7 @@ def validate(config: Config) -> None:
     _check(m.family in MODEL_FAMILIES, f"'model.family' = {m.family!r}: expected one of {', '.join(MODEL_FAMILIES)}")
     _check(m.truncate_dim is None or m.truncate_dim > 0,
            f"'model.truncate_dim' = {m.truncate_dim}: expected a positive integer or null (no truncation)")
+    _validate_provider(m)
     _check(bool(o.root), "'output.root' is empty: give a directory or fsspec URL")
     _check(o.embedding_dtype in EMBEDDING_DTYPES,
            f"'output.embedding_dtype' = {o.embedding_dtype!r}: expected one of {', '.join(EMBEDDING_DTYPES)}")
@@ -437,6 +446,33 @@ def parse_memory(text: str) -> int:
     if value <= 0:
         raise ConfigError(f"'index.max_memory' = {text!r}: expected a positive size")
     return int(value)
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+LOCAL_ONLY = {"precision": "fp32", "max_seq_length": None, "query_name": "", "trust_remote_code": False}
+
+
+def _validate_provider(m: ModelConfig) -> None:
+    _check(m.provider in MODEL_PROVIDERS,
+           f"'model.provider' = {m.provider!r}: expected one of {', '.join(MODEL_PROVIDERS)}")
+    _check(m.max_concurrency >= 1, f"'model.max_concurrency' = {m.max_concurrency}: expected >= 1")
+    _check(m.max_retries >= 0, f"'model.max_retries' = {m.max_retries}: expected >= 0")
+    _check(m.timeout > 0, f"'model.timeout' = {m.timeout}: expected seconds > 0")
+    _check(m.max_input_chars >= 0,
+           f"'model.max_input_chars' = {m.max_input_chars}: expected >= 0 (0 = the provider's limit)")
+    # the value is never shown: a key pasted here by mistake must not reach a log
+    _check(not m.api_key_env or bool(ENV_NAME.fullmatch(m.api_key_env)),
+           "'model.api_key_env' must name an environment variable (such as OPENAI_API_KEY) that holds the key, "
+           "not hold the key itself; the value given is not a variable name and is not shown here")
+    _check(not m.base_url or m.base_url.startswith(("http://", "https://")),
+           f"'model.base_url' = {m.base_url!r}: expected an http:// or https:// URL, or empty (the provider's)")
+    if m.provider == "local":
+        return
+    for key, default in LOCAL_ONLY.items():
+        _check(getattr(m, key) == default, f"'model.{key}' = {getattr(m, key)!r} applies to local models only; "
+               f"model.provider = {m.provider!r} is an embedding API: leave it at {default!r}")
+    _check(m.family != "dpr", f"'model.family' = 'dpr' needs two local encoders; model.provider = {m.provider!r} "
+           f"is an embedding API")
 
 
 def _validate_index(ix: IndexConfig) -> None:

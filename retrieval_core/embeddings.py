@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from . import encoding, storage
 from .config import Config
 from .corpus import read_shard, text_hash
-from .encoding import Encoder, encode_by_length
+from .encoding import Encoder, encode_by_length, usage_of
 from .manifest import IncompatibleOutputError, check_same_identity, read_manifest, stamp
 from .schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
 from .sharding import FileMeta, Shard, plan_shards
@@ -154,6 +154,7 @@ def encode_shard(shard: Shard, cfg: Config, encoder: Encoder, encoder_identity: 
     started = time.perf_counter()
     layout = layout_of(cfg)
     rows = read_shard(shard, cfg.corpus)
+    before = usage_of(encoder)
     vectors = encode_by_length(encoder, rows.texts, cfg.model.batch_size, on_progress)
     metadata = {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
                 "dim": encoder.dim, "normalized": encoder.normalized}
@@ -168,10 +169,36 @@ def encode_shard(shard: Shard, cfg: Config, encoder: Encoder, encoder_identity: 
         "row_stop": shard.row_stop, "rows": len(rows.row_ids), "rejected": len(rows.rejects),
         "fingerprint": encoder_identity["fingerprint"], "dim": encoder.dim,
         "seconds": round(time.perf_counter() - started, 3), "host": socket.gethostname(), "pid": os.getpid(),
-        **(worker or {}),
+        **(worker or {}), **api_usage_since(encoder, before),
     }
     storage.write_json_atomic(layout.record_file(shard.name), record, layout.storage_options)
     return record
+
+
+def api_usage_since(encoder: Encoder, before: dict | None) -> dict:
+    """``{"api_usage": {...}}``: what an embedding API encoder's requests since ``before`` cost (empty for a local
+    model), for a shard's commit record."""
+    if before is None:
+        return {}
+    from .providers import usage_between
+
+    return {"api_usage": usage_between(before, usage_of(encoder))}
+
+
+def api_usage_totals(records: list[dict]) -> dict:
+    """``{"api_usage": totals}`` over commit records that have one (empty when none do)."""
+    usages = [r["api_usage"] for r in records if "api_usage" in r]
+    if not usages:
+        return {}
+    from .providers import usage_total
+
+    return {"api_usage": usage_total(usages)}
+
+
+def api_usage_progress(records: list[dict]) -> dict:
+    """Requests, retries and tokens of an embedding API so far, for a progress bar (empty for a local model)."""
+    usage = api_usage_totals(records).get("api_usage")
+    return {k: usage[k] for k in ("requests", "retries", "tokens")} if usage else {}
 
 
 def embeddings_table(row_ids: list[int], doc_ids: list[str], vectors: np.ndarray, hashes: list[str],
@@ -211,7 +238,7 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
         "shards": [{key: r[key] for key in ("name", "path", "row_start", "row_stop", "rows", "rejected")}
                    | {"rejects_path": f"../rejects/encode/{r['name']}.parquet" if r["rejected"] else None}
                    for r in ordered],
-        "seconds": round(seconds, 3), "config": cfg.to_dict(),
+        **api_usage_totals(ordered), "seconds": round(seconds, 3), "config": cfg.to_dict(),
     }
     storage.write_json_atomic(layout.manifest, manifest, layout.storage_options)
     return manifest

@@ -32,7 +32,11 @@ MODEL_CACHE_ENV = "RETRIEVAL_MODEL_CACHE"  # where models read from URLs are dow
 
 
 class Encoder(Protocol):
-    """Turns texts into a float32 array of shape (n, dim); rows are unit length when ``normalized``."""
+    """Turns texts into a float32 array of shape (n, dim); rows are unit length when ``normalized``.
+
+    Optional: ``chunk_texts`` (texts per call that keep the encoder busy; see :func:`encode_by_length`) and
+    ``usage()`` (what the encoder's requests cost so far: an embedding API's; see :func:`usage_of`).
+    """
 
     dim: int
     normalized: bool
@@ -158,9 +162,16 @@ REFERENCE_DOCS_PER_S_PER_CPU = 12.0
 GPU_SPEEDUP = 100.0
 
 
+API_REQUEST_SECONDS = 1.0  # taken for one embedding API request, to size shards only
+
+
 def estimated_docs_per_s(cfg: ModelConfig, cpus: int, gpus: float) -> float:
     """A rough encoding rate of one worker with ``cpus`` CPUs (or ``gpus`` GPUs), scaled by the model's weight
-    bytes against the default model's."""
+    bytes against the default model's; for an embedding API, its requests in flight times their texts."""
+    if cfg.provider != "local":
+        from .providers import inputs_per_request
+
+        return cfg.max_concurrency * inputs_per_request(cfg) / API_REQUEST_SECONDS
     weights = sum(p.stat().st_size for p in Path(resolve_model_path(cfg.name, cfg.storage_options)).rglob("*")
                   if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) or REFERENCE_WEIGHT_BYTES
     per_cpu = REFERENCE_DOCS_PER_S_PER_CPU * REFERENCE_WEIGHT_BYTES / weights
@@ -180,8 +191,13 @@ def encoder_identity(cfg: ModelConfig) -> dict:
     """Everything that changes a document vector, and the fingerprint (sha256) over it.
 
     Computed from the model's files alone (no model load), so a driver can check it cheaply. The document prompt
-    is the one applied (``families``: the config's, else the model's own, else the family's).
+    is the one applied (``families``: the config's, else the model's own, else the family's). An embedding API's
+    identity is its provider, host, model, dimensions and prompt (``providers.api_identity``).
     """
+    if cfg.provider != "local":
+        from .providers import api_identity
+
+        return _fingerprinted(api_identity(cfg, "document"))
     model_dir = resolve_model_path(cfg.name, cfg.storage_options)
     identity = _model_identity(cfg, cfg.name, model_dir)
     identity["document_prompt"] = families.document_prompt(cfg, model_dir)
@@ -191,6 +207,10 @@ def encoder_identity(cfg: ModelConfig) -> dict:
 def query_identity(cfg: ModelConfig) -> dict:
     """Everything that changes a query vector (the query encoder's files, the query prompt applied, length,
     precision, normalization, truncation), and its fingerprint: what the stages that encode queries record."""
+    if cfg.provider != "local":
+        from .providers import api_identity
+
+        return _fingerprinted(api_identity(cfg, "query"))
     name = families.query_model_name(cfg)
     model_dir = resolve_model_path(name, cfg.storage_options)
     identity = _model_identity(cfg, name, model_dir)
@@ -202,6 +222,11 @@ def query_side(cfg: ModelConfig) -> dict:
     """What the query side adds to the document encoder's fingerprint: the query prompt applied and the query
     model, each only when present or different (empty for a symmetric model without a query prompt, so identities
     that include it stay what they were for such models)."""
+    if cfg.provider != "local":
+        from .providers import side_prompt
+
+        prompt = side_prompt(cfg, "query")
+        return {"query_prompt": prompt} if prompt else {}
     side = {}
     name = families.query_model_name(cfg)
     if name != cfg.name:
@@ -225,6 +250,25 @@ def _model_identity(cfg: ModelConfig, name: str, model_dir: str) -> dict:
 def _fingerprinted(identity: dict) -> dict:
     identity["fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     return identity
+
+
+def load_encoder(cfg: ModelConfig, gpus: float = 0, threads: int = 1) -> Encoder:
+    """The encoder ``cfg`` describes: an embedding API's (``model.provider``; no torch imported), else the local
+    sentence-transformers model on a GPU when ``gpus`` (and CUDA) allow, else on ``threads`` CPU threads."""
+    if cfg.provider != "local":
+        from .providers import ApiEncoder
+
+        return ApiEncoder(cfg)
+    quiet_model_loading()
+    set_torch_threads(threads)
+    return SentenceTransformerEncoder(cfg, pick_device(gpus), threads=threads)
+
+
+def usage_of(encoder: Encoder) -> dict | None:
+    """What the encoder's requests cost so far (requests, retries, tokens, texts, truncated), or None for an
+    encoder that sends none (a local model)."""
+    usage = getattr(encoder, "usage", None)
+    return usage() if usage else None
 
 
 def quiet_model_loading() -> None:
@@ -391,19 +435,23 @@ def _log_for_tests(texts: list[str]) -> None:
 
 def encode_by_length(encoder: Encoder, texts: list[str], batch_size: int,
                      on_progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Encode documents longest first (less padding), in chunks of a few batches; rows come back in input order.
+    """Encode documents longest first (less padding), in chunks of a few batches (or the encoder's ``chunk_texts``:
+    an API encoder's requests in flight); rows come back in input order.
 
     Memory: the output array (len(texts) x dim float32) plus one chunk of activations.
     """
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
-    chunk = max(1, batch_size * CHUNK_BATCHES)
+    out = None  # allocated at the first chunk, so an API encoder learns its dimension from a real request
+    chunk = max(1, getattr(encoder, "chunk_texts", 0) or batch_size * CHUNK_BATCHES)
     for start in range(0, len(order), chunk):
         rows = order[start:start + chunk]
-        out[rows] = encoder.encode_documents([texts[i] for i in rows])
+        vectors = encoder.encode_documents([texts[i] for i in rows])
+        if out is None:
+            out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+        out[rows] = vectors
         if on_progress:
             on_progress(len(rows))
-    return out
+    return out if out is not None else np.zeros((0, encoder.dim), dtype=np.float32)
 
 
 def cpu_has_native_bf16() -> bool:

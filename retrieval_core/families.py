@@ -80,15 +80,18 @@ def query_model_name(cfg: ModelConfig) -> str:
     return cfg.name
 
 
-def shipped_prompts(model_dir: str) -> dict[str, str]:
-    """The prompts a model directory ships in ``config_sentence_transformers.json`` (empty when none)."""
+def shipped_prompts(model_dir: str | None) -> dict[str, str]:
+    """The prompts a model directory ships in ``config_sentence_transformers.json`` (empty when none, and for an
+    embedding API, which has no directory: ``None``)."""
+    if model_dir is None:
+        return {}
     path = Path(model_dir) / "config_sentence_transformers.json"
     if not path.is_file():
         return {}
     return {k: v for k, v in (json.loads(path.read_text()).get("prompts") or {}).items() if v}
 
 
-def document_prompt(cfg: ModelConfig, model_dir: str) -> str:
+def document_prompt(cfg: ModelConfig, model_dir: str | None) -> str:
     if cfg.document_prompt is not None:
         return cfg.document_prompt
     shipped = shipped_prompts(model_dir)
@@ -96,7 +99,7 @@ def document_prompt(cfg: ModelConfig, model_dir: str) -> str:
     return shipped[key] if key else family_of(cfg).document_prompt
 
 
-def query_prompt(cfg: ModelConfig, query_model_dir: str) -> str:
+def query_prompt(cfg: ModelConfig, query_model_dir: str | None) -> str:
     if cfg.query_prompt is not None:
         return cfg.query_prompt
     return shipped_prompts(query_model_dir).get("query") or family_of(cfg).query_prompt

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 
 from . import diffing, encoding, storage, versions
 from .config import Config
-from .embeddings import Layout, embeddings_table, read_embeddings_manifest, read_shard_table, shard_url
-from .encoding import Encoder, encode_by_length
+from .embeddings import (Layout, api_usage_since, api_usage_totals, embeddings_table, read_embeddings_manifest,
+                         read_shard_table, shard_url)
+from .encoding import Encoder, encode_by_length, usage_of
 from .manifest import stamp
 from .schemas import SCHEMA_VERSION
 from .sharding import FileMeta, Shard, plan_shards
@@ -216,6 +217,7 @@ def encode_segment(p: RefreshPlan, segment: NewSegment, cfg: Config, encoder: En
     so = cfg.output.storage_options
     rows = diffing.read_encode_slices(p.diff_layout(so), list(segment.slices))
     texts = rows.column("text").to_pylist()
+    before = usage_of(encoder)
     vectors = encode_by_length(encoder, texts, cfg.model.batch_size)
     metadata = {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
                 "dim": encoder.dim, "normalized": encoder.normalized}
@@ -227,7 +229,8 @@ def encode_segment(p: RefreshPlan, segment: NewSegment, cfg: Config, encoder: En
     record = {"name": segment.name, "path": f"{segment.name}.parquet", "row_start": segment.row_start,
               "row_stop": segment.row_start + len(texts), "rows": len(texts), "rejected": 0,
               "fingerprint": encoder_identity["fingerprint"], "dim": encoder.dim,
-              "seconds": round(time.perf_counter() - started, 3), **(worker or {})}
+              "seconds": round(time.perf_counter() - started, 3), **(worker or {}),
+              **api_usage_since(encoder, before)}
     storage.write_json_atomic(layout.record_file(segment.name), record, so)
     return record
 
@@ -293,7 +296,8 @@ def write_version_manifest(cfg: Config, p: RefreshPlan, encoder_identity: dict, 
                    "rows_encoded_now": sum(r["rows"] for r in records)},
         "next_row_id": max([p.next_row_id] + [r["row_stop"] for r in records]),
         "docmap": {"dir": "../_diff/docmap", "buckets": p.buckets},
-        "shards": sorted(entries, key=lambda e: e["row_start"]), "seconds": round(seconds, 3),
+        "shards": sorted(entries, key=lambda e: e["row_start"]), **api_usage_totals(records),
+        "seconds": round(seconds, 3),
         "config": cfg.to_dict(),
     }
     storage.write_json_atomic(layout.manifest, manifest, so)

@@ -115,7 +115,12 @@ def batch_features(model, batch: list[Example], cfg: Config) -> list[dict]:
 
 
 def check_trainable(cfg: Config) -> None:
-    """Training fine-tunes one model: a family with a separate query encoder (DPR) is refused, naming it."""
+    """Training fine-tunes one local model: an embedding API, or a family with a separate query encoder (DPR), is
+    refused, naming it."""
+    if cfg.model.provider != "local":
+        raise ConfigError(f"train fine-tunes a local model, and model.provider = {cfg.model.provider!r} is an "
+                          f"embedding API (its weights are the provider's): set model.name to a local model, or "
+                          f"leave train out of pipeline.stages")
     query_model = families.query_model_name(cfg.model)
     if query_model != cfg.model.name:
         raise ConfigError(f"train fine-tunes one model, and queries are encoded by another (model.query_name = "

@@ -10,6 +10,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from helpers import build_family_models, build_tiny_model  # noqa: E402
 
+# The embedding API tests' key, set before any Ray worker starts (workers read it from their environment, as on a
+# cluster where it is set on every node); the tests look for it in everything the jobs write and say.
+API_KEY_ENV = "FAKE_EMBEDDING_API_KEY"
+API_KEY = "sk-test-DO-NOT-LOG-4c1d9e"
+os.environ[API_KEY_ENV] = API_KEY
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
@@ -75,3 +81,21 @@ def s3_options(s3_endpoint) -> dict:
     """fsspec storage options for the server: a fake key id and the recognisable fake secret ``S3_SECRET``."""
     return {"key": "test-key-id", "secret": S3_SECRET,
             "client_kwargs": {"endpoint_url": s3_endpoint}}
+
+
+@pytest.fixture(scope="session")
+def embedding_api_server():
+    from fake_embedding_api import FakeEmbeddingAPI
+
+    server = FakeEmbeddingAPI(API_KEY).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def embedding_api(embedding_api_server):
+    """The local stand-in of the OpenAI and Cohere embedding APIs (tests/fake_embedding_api.py), with no faults
+    and an empty request log."""
+    embedding_api_server.reset()
+    yield embedding_api_server
+    embedding_api_server.reset()
