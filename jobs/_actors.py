@@ -103,8 +103,9 @@ class IndexSearcher:
             self.indexes = [indexing.load_shard_index(root, name, storage_options) for name in shard_names]
 
     def search(self, vectors, k: int):
-        from retrieval_core import faiss_index, search
+        from retrieval_core import faiss_index, faults, search
 
+        faults.point("search", "search")
         return search.merge_topk([faiss_index.search(index, vectors, k) for index in self.indexes], k, "ip")
 
 

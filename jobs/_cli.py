@@ -50,8 +50,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
-# Errors a job reports as one line (exit status 1): bad input or settings, incompatible or missing outputs.
-JOB_ERRORS = (FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+# Errors a job reports as one line (exit status 1): bad input or settings, incompatible or missing outputs, storage
+# that cannot be read or written (OSError: its message names the path).
+JOB_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def run_job(description: str, run: Callable[[Config], Any], describe: Callable[[Any], str],

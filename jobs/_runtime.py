@@ -123,10 +123,12 @@ def released(actors: list):
             ray.kill(actor)
 
 
-def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, item_arg=None) -> None:
+def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, item_arg=None,
+                  work: str = "") -> None:
     """Call ``actor.<method>(item_arg(item), *args)`` for every item (``item_arg`` defaults to the item itself),
     one call in flight per actor, the next item going to whichever actor finishes first (load balance);
-    ``on_done(item, result)`` runs in the driver as results come.
+    ``on_done(item, result)`` runs in the driver as results come. A failure is :class:`StageFailed` naming
+    ``work`` (default: the method) and the item.
     """
     queue = list(items)
     in_flight = {}
@@ -138,10 +140,36 @@ def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, 
     while in_flight:
         done, _ = ray.wait(list(in_flight), num_returns=1)
         actor, item = in_flight.pop(done[0])
-        on_done(item, ray.get(done[0]))
+        on_done(item, _result(done[0], work or method, item))
         if queue:
             next_item = queue.pop(0)
             in_flight[getattr(actor, method).remote(item_arg(next_item), *args)] = (actor, next_item)
+
+
+class StageFailed(RuntimeError):
+    """A unit of work (a shard, a part) failed in Ray after the retries it was allowed; the message names the
+    work, the unit and the cause, and says that a rerun redoes only what is unfinished."""
+
+
+def _result(ref, work: str, item):
+    """``ray.get(ref)``, or :class:`StageFailed` naming ``work`` and the item when Ray gives up on it: an actor
+    that died more often than ``runtime.max_restarts`` allows, a task that failed more than
+    ``runtime.max_task_retries`` times, or an error raised by the library (its message kept)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None) or exc
+        text = str(cause).strip().splitlines()
+        if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc, ray.exceptions.ActorDiedError):
+            text = [line for line in text if line.strip()][-1:] or text  # the library's message, not Ray's trace
+        raise StageFailed(f"{work} of {_name_of(item)} failed: {type(cause).__name__}: {' '.join(text)[:1500]}. "
+                          f"Committed work is kept: run the same command again to redo only what is unfinished"
+                          ) from None
+
+
+def _name_of(item) -> str:
+    name = getattr(item, "name", None) or (item.get("name") if isinstance(item, dict) else None)
+    return str(name) if name is not None else f"item {item!r}"
 
 
 def largest_node_cpus() -> int:
@@ -150,13 +178,14 @@ def largest_node_cpus() -> int:
     return max(1, int(max(cpus, default=1)))
 
 
-def run_tasks(futures: dict, on_done) -> None:
-    """Wait for ``{object_ref: item}``; ``on_done(item, result)`` runs in the driver as each finishes."""
+def run_tasks(futures: dict, on_done, work: str = "task") -> None:
+    """Wait for ``{object_ref: item}``; ``on_done(item, result)`` runs in the driver as each finishes (a failure is
+    :class:`StageFailed` naming ``work`` and the item)."""
     pending = dict(futures)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         item = pending.pop(done[0])
-        on_done(item, ray.get(done[0]))
+        on_done(item, _result(done[0], work, item))
 
 
 class Stopped(BaseException):

@@ -29,6 +29,8 @@ def run(cfg: Config, on_shard_done=None) -> dict:
     layout = embeddings.layout_of(cfg)
     files = corpus.inspect_corpus(cfg.corpus)
     total_rows = sum(f.num_rows for f in files)
+    if not total_rows:
+        raise corpus.CorpusError(f"corpus.path = {cfg.corpus.path!r} holds no rows ({len(files)} file(s), all empty)")
     duplicates = corpus.find_duplicate_ids(files, cfg.corpus)
     if duplicates:
         raise corpus.CorpusError(f"duplicate values in id column '{cfg.corpus.id_column}', e.g. {duplicates}")
@@ -79,7 +81,7 @@ def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done)
     count = session.worker_count(len(pending))
     log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
     with _runtime.released(_actors.start_encode_workers(cfg, count)) as workers:
-        _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done)
+        _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done, work="encode")
 
 
 def _committed_dim(layout) -> int:

@@ -55,7 +55,7 @@ def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
     futures = {add_task.remote(cfg, plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard
                for shard in pending}
     try:
-        _runtime.run_tasks(futures, lambda shard, record: bar.update(1))
+        _runtime.run_tasks(futures, lambda shard, record: bar.update(1), "index: adding embeddings")
     finally:
         bar.close()
     return time.perf_counter() - started

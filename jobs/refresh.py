@@ -102,7 +102,7 @@ class _Steps:
         remote = ray.remote(function).options(num_cpus=1, max_retries=self.cfg.runtime.max_task_retries)
         results = []
         _runtime.run_tasks({remote.remote(item, *args): item for item in items},
-                           lambda item, result: results.append(_advanced(bar, result)))
+                           lambda item, result: results.append(_advanced(bar, result)), f"refresh: {bar.desc}")
         return results
 
 
@@ -182,7 +182,8 @@ def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, i
 
     count = steps.session.worker_count(len(pending))
     with _runtime.released(_actors.start_encode_workers(steps.cfg, count)) as workers:
-        _runtime.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity), done)
+        _runtime.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity), done,
+                               work="refresh: encode")
 
 
 def _tombstones(steps: _Steps, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:

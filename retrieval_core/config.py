@@ -42,6 +42,7 @@ class CorpusConfig:
     id_column: str = "id"
     text_column: str = "text"
     title_column: Union[str, None] = None
+    max_text_chars: int = 1_000_000
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
 
 
@@ -353,6 +354,8 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text: {exc}") from None
     return expand_env(data or {}, path)
 
 
@@ -404,6 +407,12 @@ def validate(config: Config) -> None:
     _check(c.format in CORPUS_FORMATS, f"'corpus.format' = {c.format!r}: expected parquet, jsonl or empty (infer)")
     _check(bool(c.id_column), "'corpus.id_column' is empty")
     _check(bool(c.text_column), "'corpus.text_column' is empty")
+    _check(c.max_text_chars >= 0, f"'corpus.max_text_chars' = {c.max_text_chars}: expected >= 0 (0 = no limit)")
+    paths = c.path if isinstance(c.path, list) else [c.path]
+    _check(all(isinstance(p, str) and p for p in paths),
+           f"'corpus.path' = {c.path!r}: expected a path or URL, or a list of them (non-empty strings)")
+    _check(bool(m.name.strip()), "'model.name' is empty: give the packaged default (all-MiniLM-L6-v2), a model "
+           "directory or URL, a Hub name, or an API model name with model.provider")
     _check(m.precision in PRECISIONS, f"'model.precision' = {m.precision!r}: expected one of {', '.join(PRECISIONS)}")
     _check(m.batch_size > 0, f"'model.batch_size' = {m.batch_size}: expected a positive integer")
     _check(m.max_seq_length is None or m.max_seq_length > 0,
@@ -479,6 +488,9 @@ def _validate_index(ix: IndexConfig) -> None:
     _check(bool(ix.type.strip()), "'index.type' is empty: give a FAISS factory string such as Flat or IVF1024,Flat, "
            "or auto")
     _check(ix.metric in METRICS, f"'index.metric' = {ix.metric!r}: expected one of {', '.join(METRICS)}")
+    for kind, count in re.findall(r"(IVF|HNSW)(\d+)", ix.type):  # FAISS builds these, then fails (or aborts)
+        least = 1 if kind == "IVF" else 2
+        _check(int(count) >= least, f"'index.type' = {ix.type!r}: {kind}{count} needs {kind}<n> with n >= {least}")
     parse_memory(ix.max_memory)
     _check(ix.train_size >= 0, f"'index.train_size' = {ix.train_size}: expected >= 0 (0 = automatic)")
     _check(0 < ix.target_recall <= 1, f"'index.target_recall' = {ix.target_recall}: expected a number in (0, 1]")

@@ -5,9 +5,11 @@ offsets, found by one streaming pass over the file). Memory is bounded by one Pa
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -60,36 +62,75 @@ def required_columns(cfg: CorpusConfig) -> list[str]:
 
 
 def inspect_corpus(cfg: CorpusConfig) -> list[FileMeta]:
-    """File metadata for planning, after checking that every file has the configured columns."""
-    metas = []
+    """File metadata for planning, after checking that every file has the configured columns, and that Parquet
+    files give them usable types: text and title strings, ids strings or integers, one id type in all files."""
+    metas, id_types = [], {}
     for url in corpus_files(cfg):
         fmt = corpus_format(url, cfg.format)
-        meta, columns = _inspect_parquet(url, cfg) if fmt == "parquet" else _inspect_jsonl(url, cfg)
+        meta, schema = _inspect_parquet(url, cfg) if fmt == "parquet" else _inspect_jsonl(url, cfg)
+        columns = schema.names if isinstance(schema, pa.Schema) else schema
         missing = [c for c in required_columns(cfg) if c not in columns]
         if missing and meta.num_rows:
             raise CorpusError(f"'{url}' has no column {', '.join(map(repr, missing))}; "
                               f"columns present: {', '.join(columns)}")
+        if isinstance(schema, pa.Schema) and meta.num_rows:
+            id_types[url] = _check_column_types(url, schema, cfg)
         metas.append(meta)
+    kinds = {kind: url for url, kind in id_types.items()}
+    if len(kinds) > 1:
+        (kind_a, url_a), (kind_b, url_b) = sorted(kinds.items())
+        raise CorpusError(f"the id column '{cfg.id_column}' holds {kind_a} values in '{url_a}' and {kind_b} values in "
+                          f"'{url_b}': write one type in every file (ids are compared as strings, so 1 and '1' would "
+                          f"be one id)")
     return metas
 
 
-def _inspect_parquet(url: str, cfg: CorpusConfig) -> tuple[FileMeta, list[str]]:
+def _check_column_types(url: str, schema: pa.Schema, cfg: CorpusConfig) -> str:
+    """Refuses text or title columns that are not strings and id columns that are neither strings nor integers
+    (their values would be encoded as their Python repr); returns the id column's kind."""
+    for column in (cfg.text_column, cfg.title_column):
+        if column and not (_is_string(schema.field(column).type) or pa.types.is_null(schema.field(column).type)):
+            raise CorpusError(f"'{url}': column '{column}' is {schema.field(column).type}, not a string column")
+    id_type = schema.field(cfg.id_column).type
+    if _is_string(id_type):
+        return "string"
+    if pa.types.is_integer(id_type):
+        return "integer"
+    raise CorpusError(f"'{url}': the id column '{cfg.id_column}' is {id_type}; expected strings or integers")
+
+
+def _is_string(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or (
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(arrow_type))
+
+
+def _inspect_parquet(url: str, cfg: CorpusConfig) -> tuple[FileMeta, pa.Schema]:
     fs, path = storage.filesystem(url, cfg.storage_options)
     try:
         with fs.open(path, "rb") as handle:
             metadata = pq.ParquetFile(handle).metadata
-            columns = metadata.schema.to_arrow_schema().names
+            schema = metadata.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as exc:
         raise CorpusError(f"'{url}' is not a readable Parquet file: {exc}") from None
     rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
-    return FileMeta(url, "parquet", rows), columns
+    return FileMeta(url, "parquet", rows), schema
+
+
+@contextlib.contextmanager
+def _readable(url: str):
+    """Errors of reading a (possibly compressed) text file as one CorpusError naming it: gzip that is not gzip,
+    compressed data cut short, a file that vanished."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CorpusError(f"'{url}' could not be read: {type(exc).__name__}: {exc}") from None
 
 
 def _inspect_jsonl(url: str, cfg: CorpusConfig) -> tuple[FileMeta, list[str]]:
     fs, path = storage.filesystem(url, cfg.storage_options)
     block_rows, block_offsets, columns = [], [], None
     offset, rows_in_block = 0, 0
-    with fs.open(path, "rb", compression="infer") as handle:
+    with _readable(url), fs.open(path, "rb", compression="infer") as handle:
         for line in handle:
             if line.strip():
                 if rows_in_block == 0:
@@ -109,6 +150,8 @@ def _inspect_jsonl(url: str, cfg: CorpusConfig) -> tuple[FileMeta, list[str]]:
 def _first_record_keys(url: str, line: bytes) -> list[str]:
     try:
         record = json.loads(line)
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"'{url}': the first line is not UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
         raise CorpusError(f"'{url}': the first line is not JSON: {exc}") from None
     if not isinstance(record, dict):
@@ -149,7 +192,7 @@ def _iter_jsonl(piece: Piece, columns: list[str], storage_options: dict, batch_r
     if not blocks:
         return
     fs, path = storage.filesystem(piece.file.url, storage_options)
-    with fs.open(path, "rb", compression="infer") as handle:
+    with _readable(piece.file.url), fs.open(path, "rb", compression="infer") as handle:
         handle.seek(piece.file.block_offsets[blocks[0]])
         batch = {c: [] for c in columns}
         row = first_row
@@ -171,6 +214,8 @@ def _iter_jsonl(piece: Piece, columns: list[str], storage_options: dict, batch_r
 def _jsonl_values(line: bytes, columns: list[str]) -> list:
     try:
         record = json.loads(line)
+    except UnicodeDecodeError as exc:
+        return [_BadLine(f"not UTF-8 text: {exc}")] * len(columns)
     except json.JSONDecodeError as exc:
         return [_BadLine(str(exc))] * len(columns)
     if not isinstance(record, dict):
@@ -201,7 +246,7 @@ def read_shard(shard: Shard, cfg: CorpusConfig) -> ShardRows:
         for _, batch in iter_piece_batches(piece, columns, cfg.storage_options):
             titles = batch[cfg.title_column] if cfg.title_column else [None] * len(batch[cfg.id_column])
             for doc_id, title, text in zip(batch[cfg.id_column], titles, batch[cfg.text_column]):
-                _accept_or_reject(out, global_row, piece.file.url, doc_id, title, text)
+                _accept_or_reject(out, global_row, piece.file.url, doc_id, title, text, cfg.max_text_chars)
                 global_row += 1
     if global_row != shard.row_stop:
         raise CorpusError(f"{shard.name}: read {global_row - shard.row_start} rows, planned {shard.num_rows}; "
@@ -209,27 +254,50 @@ def read_shard(shard: Shard, cfg: CorpusConfig) -> ShardRows:
     return out
 
 
-def _accept_or_reject(out: ShardRows, row_id: int, source: str, doc_id, title, text) -> None:
-    reason = _reject_reason(doc_id, text)
+def _accept_or_reject(out: ShardRows, row_id: int, source: str, doc_id, title, text, max_chars: int) -> None:
+    reason = _reject_reason(doc_id, title, text, max_chars)
     if reason:
-        doc = None if doc_id is None or isinstance(doc_id, _BadLine) else str(doc_id)
+        doc = str(doc_id) if isinstance(doc_id, (str, int)) and _encodable(str(doc_id)) else None
         out.rejects.append({"row_id": row_id, "doc_id": doc, "source": source, "reason": reason})
         return
     out.row_ids.append(row_id)
     out.doc_ids.append(str(doc_id))
-    out.texts.append(assemble_text(None if isinstance(title, _BadLine) else title, str(text)))
+    out.texts.append(assemble_text(title, text))
 
 
-def _reject_reason(doc_id, text) -> str | None:
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))  # zero-width characters strip() keeps
+
+
+def _reject_reason(doc_id, title, text, max_chars: int) -> str | None:
+    """Why a row cannot be encoded, or None. Values of the wrong type are refused rather than encoded as their
+    Python repr; an integer id is taken as its decimal string."""
     if isinstance(doc_id, _BadLine):
         return f"invalid JSON line: {doc_id.reason}"
     if doc_id is None or str(doc_id) == "":
         return "null or empty id"
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        return f"id is a {type(doc_id).__name__}, not a string or integer"
     if text is None:
         return "null text"
-    if not str(text).strip():
+    if not isinstance(text, str):
+        return f"text is a {type(text).__name__}, not a string"
+    if title is not None and not isinstance(title, str):
+        return f"title is a {type(title).__name__}, not a string"
+    if not _encodable(str(doc_id)) or not _encodable(text) or (title and not _encodable(title)):
+        return "not valid Unicode (an unpaired surrogate escape)"
+    if not text.translate(INVISIBLE).strip():
         return "empty text"
+    if max_chars and len(text) > max_chars:
+        return f"text of {len(text)} characters, over corpus.max_text_chars = {max_chars}"
     return None
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def iter_doc_ids(metas: list[FileMeta], cfg: CorpusConfig) -> Iterator[list]:
@@ -266,7 +334,9 @@ def find_duplicate_ids(metas: list[FileMeta], cfg: CorpusConfig, examples: int =
 
 
 def _valid_id(doc_id) -> bool:
-    return doc_id is not None and not isinstance(doc_id, _BadLine) and str(doc_id) != ""
+    """An id a row can be accepted with (others are rejects, see :func:`_reject_reason`)."""
+    return (isinstance(doc_id, (str, int)) and not isinstance(doc_id, bool) and str(doc_id) != ""
+            and _encodable(str(doc_id)))
 
 
 def _id_hash(doc_id) -> int:

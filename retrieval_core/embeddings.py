@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
 import time
 from typing import Callable
@@ -81,10 +82,18 @@ def run_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict, row
             "id_column": cfg.corpus.id_column,
             "text_column": cfg.corpus.text_column,
             "title_column": cfg.corpus.title_column,
+            **non_default_cap(cfg),
         },
         "rows_per_shard": rows_per_shard,
         "embedding_dtype": cfg.output.embedding_dtype,
     }
+
+
+def non_default_cap(cfg: Config) -> dict:
+    """``corpus.max_text_chars`` for a run identity when it is not the default (which rows are rejected depends on
+    it; left out at the default, so identities written before it existed stay valid)."""
+    default = type(cfg.corpus)().max_text_chars
+    return {} if cfg.corpus.max_text_chars == default else {"max_text_chars": cfg.corpus.max_text_chars}
 
 
 def plan_to_json(shards: list[Shard]) -> list[dict]:
@@ -230,6 +239,13 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
     rejected = sum(r["rejected"] for r in ordered)
     if encoded + rejected != rows_in:
         raise RuntimeError(f"rows in ({rows_in}) != rows encoded ({encoded}) + rows rejected ({rejected})")
+    if rows_in and not encoded:
+        raise RuntimeError(f"no row was encoded: all {rows_in} rows were rejected; their reasons are in "
+                           f"'{storage.join(cfg.output.root, 'rejects', 'encode')}'")
+    dims = {r["name"]: r["dim"] for r in ordered if r["rows"]}
+    if len(set(dims.values()) | {dim}) > 1:
+        raise RuntimeError(f"shards of different dimensions: {dims} (expected {dim}): the encoder changed its "
+                           f"output during the run (an API model?); set output.overwrite=true and re-run")
     manifest = {
         **stamp(), "stage": "embeddings", "fingerprint": encoder_identity["fingerprint"],
         "encoder": encoder_identity, "query_encoder": encoding.query_identity(cfg.model), "dim": dim,
@@ -244,9 +260,19 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
     return manifest
 
 
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
 def read_embeddings_manifest(root: str, storage_options: dict | None = None) -> dict:
-    """The completed stage's manifest; an error when the stage is incomplete."""
-    return read_manifest(storage.join(root, "embeddings", "_manifest.json"), storage_options, "encode")
+    """The completed stage's manifest; an error when the stage is incomplete. Shard names become file names of
+    later stages (index shards, records), so a name that could lead out of the output root is refused."""
+    url = storage.join(root, "embeddings", "_manifest.json")
+    manifest = read_manifest(url, storage_options, "encode")
+    bad = [s.get("name") for s in manifest.get("shards", []) if not SHARD_NAME.fullmatch(str(s.get("name")))]
+    if bad:
+        raise IncompatibleOutputError(f"'{url}' names shards {bad[:3]} that are not shard names (letters, digits, "
+                                      f"'-' and '_'): the manifest was not written by these jobs")
+    return manifest
 
 
 def shard_url(root: str, shard: dict, key: str = "path") -> str:
@@ -278,10 +304,13 @@ def read_shard_vectors(root: str, shard: dict, dim: int, storage_options: dict |
         raise IncompatibleOutputError(f"'{shard_url(root, shard)}' holds vectors of encoder "
                                       f"{found or '(none recorded)'}, the embeddings manifest says {fingerprint}: "
                                       f"the embeddings mix encoders; re-encode with output.overwrite=true")
-    return table.column("row_id").to_numpy(), _vectors(table, dim)
+    return table.column("row_id").to_numpy(), _vectors(table, dim, f"'{shard_url(root, shard)}'")
 
 
-def _vectors(table: pa.Table, dim: int) -> np.ndarray:
+def _vectors(table: pa.Table, dim: int, where: str = "an embeddings shard") -> np.ndarray:
+    found = table.schema.field("embedding").type.list_size
+    if found != dim:
+        raise IncompatibleOutputError(f"{where} holds {found}-dimensional vectors, the embeddings manifest says {dim}")
     flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return np.asarray(flat, dtype=np.float32).reshape(table.num_rows, dim)
 

@@ -238,6 +238,9 @@ def query_side(cfg: ModelConfig) -> dict:
 
 
 def _model_identity(cfg: ModelConfig, name: str, model_dir: str) -> dict:
+    if not any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in Path(model_dir).rglob("*")):
+        raise ValueError(f"model {name!r} ({model_dir}) holds no weight files ({', '.join(WEIGHT_SUFFIXES)}): is "
+                         f"it a complete sentence-transformers model directory?")
     weights, configs = model_files_hash(model_dir)
     identity = {"model": name, "weights_sha256": weights, "config_sha256": configs,
                 "max_seq_length": effective_max_seq_length(model_dir, cfg.max_seq_length),
@@ -333,7 +336,14 @@ class SentenceTransformerEncoder:
     def _load(self, name: str, model_dir: str):
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(model_dir, device=self.device, trust_remote_code=self.cfg.trust_remote_code)
+        try:
+            model = SentenceTransformer(model_dir, device=self.device, trust_remote_code=self.cfg.trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" not in str(exc) or self.cfg.trust_remote_code:
+                raise
+            raise ValueError(f"model {name!r} ships its own Python code, which runs only with "
+                             f"model.trust_remote_code: true (off by default; set it only for a model you trust)"
+                             ) from None
         if self.cfg.max_seq_length:
             model.max_seq_length = self.cfg.max_seq_length
         dim = int(model.get_embedding_dimension())

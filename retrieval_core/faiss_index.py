@@ -200,6 +200,9 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, batch_size: int = 10
     """(scores, ids), each (n x k), best first; ids are global row ids, -1 where fewer than k results exist.
     Scores are inner products for ``ip`` and squared L2 distances for ``l2``."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or (len(queries) and queries.shape[1] != index.d):
+        raise ValueError(f"query vectors of shape {queries.shape} for an index of {index.d}-dimensional vectors: "
+                         f"queries must be encoded as the index's documents were")
     parts = [index.search(queries[i:i + batch_size], k) for i in range(0, len(queries), batch_size)]
     if not parts:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)

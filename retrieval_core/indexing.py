@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from . import faiss_index, search, storage
+from . import faiss_index, faults, search, storage
 from .config import Config, parse_memory
 from .embeddings import read_embeddings_manifest, read_shard_vectors
 from .manifest import IncompatibleOutputError, claim_stage_dir, read_manifest, stamp
@@ -250,6 +250,7 @@ def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
         tmp = f"{local}{storage.TMP_MARK}{os.getpid()}"
         storage.filesystem(url, storage_options)[0].makedirs(os.path.dirname(local), exist_ok=True)
         faiss.write_index(index, tmp)
+        faults.point("write", url)
         os.replace(tmp, local)
     else:
         storage.write_bytes_atomic(url, memoryview(faiss_index.serialize_array(index)), storage_options)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zlib
 from collections import Counter
 from typing import Iterable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
@@ -91,12 +93,19 @@ def _is_parquet(url: str) -> bool:
 def _open_text_lines(url: str, storage_options: dict | None) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its line ending) for every line, blank ones included."""
     fs, path = storage.filesystem(url, storage_options)
-    with fs.open(path, "rb", compression="infer") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                yield line_no, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise EvaluationDataError(f"'{url}' line {line_no}: not UTF-8 text: {exc}") from None
+    line_no = 0
+    try:
+        with fs.open(path, "rb", compression="infer") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    yield line_no, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    raise EvaluationDataError(f"'{url}' line {line_no}: not UTF-8 text: {exc}") from None
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:  # gzip that is not gzip, or cut short
+        raise EvaluationDataError(f"'{url}' could not be read after line {line_no}: {type(exc).__name__}: "
+                                  f"{exc}") from None
 
 
 def jsonl_records(url: str, storage_options: dict | None) -> Iterator[tuple[str, object]]:
@@ -112,13 +121,18 @@ def jsonl_records(url: str, storage_options: dict | None) -> Iterator[tuple[str,
 def parquet_records(url: str, storage_options: dict | None,
                      fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
     fs, path = storage.filesystem(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        present = parquet.schema_arrow.names
-        for name in fields:
-            if name not in present:
-                raise EvaluationDataError(f"'{url}': missing field '{name}'; fields present: {present}")
-        table = parquet.read(columns=list(fields))
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            present = parquet.schema_arrow.names
+            for name in fields:
+                if name not in present:
+                    raise EvaluationDataError(f"'{url}': missing field '{name}'; fields present: {present}")
+            table = parquet.read(columns=list(fields))
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise EvaluationDataError(f"'{url}' is not a readable Parquet file: {exc}") from None
     for row_no, record in enumerate(table.to_pylist(), start=1):
         yield f"row {row_no}", record
 
@@ -135,9 +149,9 @@ def _query_from_record(url: str, where: str, record: object, id_field: str, text
     if not isinstance(query_id, str) or not query_id:
         raise EvaluationDataError(f"'{url}' {where}: field '{id_field}' must be a non-empty string or an integer, "
                                   f"got {query_id!r}")
-    if not isinstance(text, str):
-        raise EvaluationDataError(f"'{url}' {where}: field '{text_field}' of query '{query_id}' must be a string, "
-                                  f"got {text!r}")
+    if not isinstance(text, str) or not text.strip():
+        raise EvaluationDataError(f"'{url}' {where}: field '{text_field}' of query '{query_id}' must be a non-empty "
+                                  f"string, got {text!r}")
     return query_id, text
 
 

@@ -112,11 +112,17 @@ def _pair_fields(url: str, where: str, record, mi: MineConfig) -> tuple[str, str
         raise PairsError(f"'{url}' {where}: '{mi.query_column}' must be a non-empty string, got {text!r}")
     positives = record[mi.positive_column]
     positives = positives if isinstance(positives, list) else [positives]
-    if not positives or any(p is None or str(p) == "" for p in positives):
+    if not positives or any(not _is_id(p) for p in positives):
         raise PairsError(f"'{url}' {where}: '{mi.positive_column}' must hold a doc id or a non-empty list of "
                          f"doc ids, got {record[mi.positive_column]!r}")
     query_id = str(record[mi.query_id_column]) if mi.query_id_column else text_query_id(text)
     return query_id, text, [str(p) for p in positives]
+
+
+def _is_id(value) -> bool:
+    """A doc id as corpora hold them: a non-empty string or an integer (not a float such as 1.0, whose string
+    would not match the corpus id "1", nor an object)."""
+    return (isinstance(value, str) and value != "") or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def resolve_positives(queries: list[MiningQuery], doc_rows: dict[str, int]) -> tuple[list[MiningQuery], list[dict]]:

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from . import diffing, encoding, storage, versions
 from .config import Config
-from .embeddings import (Layout, api_usage_since, api_usage_totals, embeddings_table, read_embeddings_manifest,
-                         read_shard_table, shard_url)
+from .embeddings import (Layout, api_usage_since, api_usage_totals, embeddings_table, non_default_cap,
+                         read_embeddings_manifest, read_shard_table, shard_url)
 from .encoding import Encoder, encode_by_length, usage_of
 from .manifest import stamp
 from .schemas import SCHEMA_VERSION
@@ -65,7 +65,7 @@ def snapshot_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict
     return {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
             "corpus": {"files": [{"url": f.url, "rows": f.num_rows, "blocks": len(f.block_rows)} for f in files],
                        "id_column": cfg.corpus.id_column, "text_column": cfg.corpus.text_column,
-                       "title_column": cfg.corpus.title_column},
+                       "title_column": cfg.corpus.title_column, **non_default_cap(cfg)},
             "embedding_dtype": cfg.output.embedding_dtype, "index": {"type": cfg.index.type,
                                                                       "metric": cfg.index.metric}}
 

@@ -12,6 +12,7 @@ every helper here checks and reads what is there now.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,6 +24,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from . import faults
 
 TMP_MARK = ".tmp-"
 # Protocols whose objects are written whole by one request: no temporary name, no rename (a copy there).
@@ -72,6 +75,7 @@ def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict
     bucket), a temporary name renamed into place on file systems."""
     fs, path = filesystem(url, storage_options)
     if is_object_store(fs):
+        faults.point("write", url)
         try:
             with fs.open(path, "wb") as handle:  # one PUT when closed (a multipart upload above the block size)
                 handle.write(data)
@@ -80,9 +84,15 @@ def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict
         return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as handle:
-        handle.write(data)
-    fs.mv(tmp, path)
+    try:
+        with fs.open(tmp, "wb") as handle:
+            handle.write(data)
+        faults.point("write", url)
+        fs.mv(tmp, path)
+    except Exception:  # a failed write (a full disk, say) leaves nothing behind; a crash leaves a temporary
+        with contextlib.suppress(OSError):
+            fs.rm(tmp)
+        raise
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:

@@ -54,7 +54,7 @@ class VersionError(ValueError):
 
 def parse_version_seq(name: str) -> int:
     """The sequence number of a version name ``v{seq:06d}-{yyyymmddTHHMMSSZ}``."""
-    match = _NAME.match(name)
+    match = _NAME.fullmatch(name)
     if not match:
         raise VersionError(f"'{name}' is not a version name (expected v<6+ digits>-<yyyymmddTHHMMSSZ>, "
                            "e.g. v000001-20240101T000000Z)")
@@ -62,7 +62,7 @@ def parse_version_seq(name: str) -> int:
 
 
 def is_version_name(name: str) -> bool:
-    return _NAME.match(name) is not None
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
 
 def sort_versions(names: list[str]) -> list[str]:
@@ -71,7 +71,9 @@ def sort_versions(names: list[str]) -> list[str]:
 
 
 def version_root(root: str, name: str) -> str:
-    """The output root of one version: ``<root>/versions/<name>``."""
+    """The output root of one version: ``<root>/versions/<name>``. ``name`` must be a version name, whoever wrote
+    it (CURRENT, a build record, a manifest, the config): a value such as ``../../x`` never leads out of the root."""
+    parse_version_seq(name if isinstance(name, str) else repr(name))
     return storage.join(root, VERSIONS_DIR, name)
 
 
@@ -172,8 +174,7 @@ def resolve_root(root: str, storage_options: dict | None = None, version: str = 
     """The root the stages read and its version name: with ``version`` that version; else the version CURRENT
     names; else (a root written by the plain jobs, without versions) ``root`` itself and None."""
     if version:
-        path = version_root(root, version)
-        if not is_version_name(version) or not storage.exists(path, storage_options):
+        if not is_version_name(version) or not storage.exists(path := version_root(root, version), storage_options):
             raise VersionError(f"version '{version}' does not exist under '{storage.join(root, VERSIONS_DIR)}'; "
                                f"versions: {list_versions(root, storage_options) or 'none'}")
         return path, version

@@ -1,5 +1,9 @@
+import atexit
+import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,11 @@ from helpers import build_family_models, build_tiny_model  # noqa: E402
 API_KEY_ENV = "FAKE_EMBEDDING_API_KEY"
 API_KEY = "sk-test-DO-NOT-LOG-4c1d9e"
 os.environ[API_KEY_ENV] = API_KEY
+# The fault-injection plan file (retrieval_core.faults), named before any worker starts; inert while it does not
+# exist (the ``faults`` fixture writes it for one test).
+FAULT_PLAN = Path(tempfile.mkdtemp(prefix="retrieval-faults-")) / "plan.json"
+os.environ["RETRIEVAL_TEST_FAULTS"] = str(FAULT_PLAN)
+atexit.register(shutil.rmtree, FAULT_PLAN.parent, True)
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +108,18 @@ def embedding_api(embedding_api_server):
     embedding_api_server.reset()
     yield embedding_api_server
     embedding_api_server.reset()
+
+
+@pytest.fixture
+def faults():
+    """``faults(plan)`` arms the fault points of retrieval_core.faults with ``plan`` (a list of faults) in every
+    process; disarmed after the test."""
+    def arm(plan: list[dict]) -> None:
+        for marker in FAULT_PLAN.parent.glob(f"{FAULT_PLAN.name}.*"):
+            marker.unlink()
+        FAULT_PLAN.write_text(json.dumps(plan))
+
+    yield arm
+    FAULT_PLAN.unlink(missing_ok=True)
+    for marker in FAULT_PLAN.parent.glob(f"{FAULT_PLAN.name}.*"):
+        marker.unlink()
