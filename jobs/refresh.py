@@ -46,6 +46,8 @@ def _refresh(cfg: Config) -> dict:
         p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, rows))
         log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments)", p.version,
                  p.previous or "nothing (first version)", p.snapshot_rows, len(p.segments))
+        if versions.is_complete(cfg.output.root, p.version, so):  # a run killed after finishing it, before publishing
+            return _conclude(cfg, p, storage.read_json(storage.join(p.version_root, versions.REFRESH_RECORD), so))
         if p.previous and not p.reuse:
             log.warning("refresh: the encoder fingerprint differs from %s's: every document is encoded again",
                         p.previous)
@@ -93,16 +95,16 @@ class _Steps:
         try:
             if self.inline:
                 return [_advanced(bar, function(item, *args)) for item in items]
-            return self._each_in_tasks(function, items, args, bar)
+            return self._each_in_tasks(function, items, args, bar, desc)
         finally:
             bar.close()
 
-    def _each_in_tasks(self, function, items: list, args: tuple, bar) -> list:
+    def _each_in_tasks(self, function, items: list, args: tuple, bar, desc: str) -> list:
         self.session.ensure()
         remote = ray.remote(function).options(num_cpus=1, max_retries=self.cfg.runtime.max_task_retries)
         results = []
         _runtime.run_tasks({remote.remote(item, *args): item for item in items},
-                           lambda item, result: results.append(_advanced(bar, result)), f"refresh: {bar.desc}")
+                           lambda item, result: results.append(_advanced(bar, result)), f"refresh: {desc}")
         return results
 
 
@@ -252,12 +254,19 @@ def _gate_and_publish(cfg: Config, p: refreshing.RefreshPlan, counts: dict, retr
               "reencoded_all": bool(p.previous and not p.reuse),
               "retrain": retrain, "gates": gates, "changes": changes, "timings_s": timings,
               "evaluation": evaluation["metrics"] if evaluation else None}
-    refreshing.cleanup_diff(p, so)
     record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
     publishing.write_refresh_record(p, record, so)
-    if not passed:
+    return _conclude(cfg, p, record)
+
+
+def _conclude(cfg: Config, p: refreshing.RefreshPlan, record: dict) -> dict:
+    """After the version's record is written (by this run, or by a run killed before it published): the diff's
+    scratch files go, then CURRENT names the version when its gates passed, else :class:`GateError`."""
+    so = cfg.output.storage_options
+    refreshing.cleanup_diff(p, so)
+    if not record["published"]:
         refreshing.finish_build(cfg)
-        failed = "; ".join(f"{g['gate']}: value {g['value']}, threshold {g['threshold']}" for g in gates
+        failed = "; ".join(f"{g['gate']}: value {g['value']}, threshold {g['threshold']}" for g in record["gates"]
                            if not g["passed"])
         raise publishing.GateError(f"version {p.version} failed its gates ({failed}); CURRENT still names "
                                    f"{p.previous or 'nothing'}; the version stays on disk for inspection")
