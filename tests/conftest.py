@@ -110,16 +110,25 @@ def embedding_api(embedding_api_server):
     embedding_api_server.reset()
 
 
-@pytest.fixture
-def faults():
-    """``faults(plan)`` arms the fault points of retrieval_core.faults with ``plan`` (a list of faults) in every
-    process; disarmed after the test."""
-    def arm(plan: list[dict]) -> None:
-        for marker in FAULT_PLAN.parent.glob(f"{FAULT_PLAN.name}.*"):
-            marker.unlink()
-        FAULT_PLAN.write_text(json.dumps(plan))
+def arm_faults(plan: list[dict]) -> None:
+    """Arm the fault points of retrieval_core.faults with ``plan`` (a list of faults) in every process."""
+    disarm_faults()
+    FAULT_PLAN.write_text(json.dumps(plan))
 
-    yield arm
+
+def disarm_faults() -> None:
     FAULT_PLAN.unlink(missing_ok=True)
     for marker in FAULT_PLAN.parent.glob(f"{FAULT_PLAN.name}.*"):
         marker.unlink()
+
+
+def faults_fired(number: int = 0) -> int:
+    """How many hits of fault ``number`` of the armed plan were claimed (fired or skipped) so far."""
+    return len(list(FAULT_PLAN.parent.glob(f"{FAULT_PLAN.name}.{number}.*")))
+
+
+@pytest.fixture
+def faults():
+    """``faults(plan)`` arms the fault points for this test (see :func:`arm_faults`); disarmed after it."""
+    yield arm_faults
+    disarm_faults()

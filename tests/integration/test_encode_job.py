@@ -1,6 +1,5 @@
 """The encode job on one local Ray cluster (started once per test session)."""
 import json
-import os
 import signal
 import subprocess
 import time
@@ -96,22 +95,6 @@ def tiny_clean(tiny_corpus, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("clean") / "out"
     encode.run(config(tiny_corpus, root, tiny_model, runtime__rows_per_shard=5, runtime__inline_rows=0))  # on actors
     return outputs(root)
-
-
-def test_killed_worker_is_restarted_and_its_shard_redone(tiny_corpus, tiny_model, tiny_clean, tmp_path):
-    killed = []
-
-    def kill_first_worker(record):
-        if not killed:
-            os.kill(record["pid"], signal.SIGKILL)
-            killed.append(record["pid"])
-
-    cfg = config(tiny_corpus, tmp_path / "out", tiny_model, runtime__rows_per_shard=5, runtime__inline_rows=0)
-    summary = encode.run(cfg, on_shard_done=kill_first_worker)
-    assert killed and summary["shards_run"] == 12 and summary["rows_rejected"] == 1
-    records = embeddings.committed_records(embeddings.layout_of(cfg))
-    assert len({r["pid"] for r in records.values()}) >= 3  # two workers, one of them restarted
-    assert_same_output(outputs(cfg.output.root), tiny_clean)
 
 
 @pytest.fixture(scope="module")

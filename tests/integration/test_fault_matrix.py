@@ -99,16 +99,6 @@ def test_mine_searcher_killed_mid_search_is_restarted(tiny_model, tmp_path, clea
     assert_same(snapshot(cfg.output.root), clean)
 
 
-def test_refresh_worker_killed_mid_segment_is_restarted(tiny_model, tmp_path, clean, faults):
-    faults(kill("-shard-00001.parquet"))
-    cfg = matrix_config(tiny_model, tmp_path / "nightly", runtime__inline_rows=0)
-    record = refresh.run(cfg)
-    assert record["published"]
-    version_root = versions.version_root(str(cfg.output.root), record["version"])
-    got = snapshot(version_root)
-    assert_same({k: got[k] for k in ("embeddings", "index")}, clean)
-
-
 # ------------------------------------------------------------------------------------- retries exhausted
 
 def test_encode_retries_exhausted_fail_naming_the_shard_and_a_rerun_redoes_only_the_rest(tiny_model, tmp_path,

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import arm_faults, disarm_faults, faults_fired
 from helpers import REPO, clear_encoded, config, encoded_hashes, make_docs, write_parquet
 from jobs import _runtime, refresh
 from retrieval_core import embeddings, faiss_index, indexing, versions
@@ -68,7 +69,7 @@ def never_on_ray(*args):
 @pytest.fixture(scope="module")
 def two_days(tmp_path_factory, tiny_model, encode_log):
     """Day 1 then day 2 refreshed on one root, in the job's own process (small enough: Ray is never asked for),
-    and day 2 built from scratch on another root with every step on Ray tasks and actors."""
+    and day 2 built from scratch on another root with every step on Ray tasks and actors, one of which is killed."""
     tmp = tmp_path_factory.mktemp("refresh")
     s1, s2 = snapshot(tmp, "day1", day1()), snapshot(tmp, "day2", day2())
     root = tmp / "nightly"
@@ -78,7 +79,13 @@ def two_days(tmp_path_factory, tiny_model, encode_log):
         clear_encoded(encode_log)
         second = refresh.run(refresh_config(s2, root, tiny_model))
     encoded = encoded_hashes(encode_log)
-    scratch = refresh.run(refresh_config(s2, tmp / "scratch", tiny_model, **ON_RAY))
+    # the fault matrix's "worker killed" row for refresh: an encoder actor dies writing a segment; Ray restarts it
+    arm_faults([{"point": "write", "match": "-shard-00002.parquet", "action": "kill"}])
+    try:
+        scratch = refresh.run(refresh_config(s2, tmp / "scratch", tiny_model, **ON_RAY))
+        assert faults_fired() == 1
+    finally:
+        disarm_faults()
     return {"root": root, "s1": s1, "s2": s2, "first": first, "second": second, "encoded": encoded,
             "scratch": scratch, "tmp": tmp}
 
