@@ -1,5 +1,5 @@
 # make demo  - install everything (first time) and run the main job on the bundled demo corpus
-# make test  - install everything (first time) and run the tests (about 12 minutes on 2 cores)
+# make test  - install everything (first time) and run the tests (about 15 minutes on 2 cores)
 # make test-fast - the unit tests only (no Ray, about a minute): the edit-test loop
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -3,13 +3,15 @@ the stage's main keys with their defaults, one-line errors, and a clean stop on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import logging
 import sys
 from typing import Any, Callable, Iterable
 
 from jobs import _runtime
-from retrieval_core import manifest
+from retrieval_core import manifest, storage, versions
 from retrieval_core.config import Config, ConfigError, default_value, load_config
 
 REFERENCE = ("Every key with its default: configs/demo.yaml. Full reference: README.md, section "
@@ -59,9 +61,26 @@ def run_job(description: str, run: Callable[[Config], Any], describe: Callable[[
             argv: list[str] | None = None, keys: Iterable[str] = ()) -> int:
     """The ``main`` of a stage: parse ``--config`` / ``--set``, run, print ``describe(result)``. Exit status 1 on
     errors; on Ctrl-C or SIGTERM one line saying what is committed, then 128 + the signal number."""
-    args = parser(description, f"python -m {_module_name(run)}", keys).parse_args(argv)
+    job = _module_name(run)
+    args = parser(description, f"python -m {job}", keys).parse_args(argv)
     cfg = config_from_args(args)
-    return run_guarded(cfg, lambda: run(cfg), lambda result: print(describe(result)))
+    return run_guarded(cfg, lambda: _locked_run(cfg, run, job), lambda result: print(describe(result)))
+
+
+def _locked_run(cfg: Config, run: Callable[[Config], Any], job: str) -> Any:
+    """``run(cfg)`` holding the output root's job lock: a second job writing the same root at the same time (two
+    overlapping cron runs, say) is refused, naming the holder. A lock left by a killed job is taken over when its
+    process is gone from this host, or after ``publish.lock_timeout`` seconds."""
+    local = storage.local_path(cfg.output.root, cfg.output.storage_options)
+    made_root = local is not None and not os.path.exists(local)
+    try:
+        with versions.locked(cfg.output.root, cfg.output.storage_options, cfg.publish.lock_timeout,
+                             owner={"job": job}, path=versions.JOB_LOCK_PATH, what="job"):
+            return run(cfg)
+    finally:
+        if made_root:  # a job that wrote nothing (it failed early) leaves no empty root made for its lock
+            with contextlib.suppress(OSError):
+                os.rmdir(local)
 
 
 def _module_name(run: Callable) -> str:

@@ -35,7 +35,8 @@ CURRENT = "CURRENT"
 VERSIONS_DIR = "versions"
 REFRESH_RECORD = "refresh.json"
 READERS_DIR = "_readers"
-LOCK_PATH = "_refresh/lock.json"
+LOCK_PATH = "_refresh/lock.json"  # the refresh lock
+JOB_LOCK_PATH = "_lock.json"  # the lock of the jobs that write under a root (encode ... train, pipeline)
 _NAME = re.compile(r"^v(\d{6,})-(\d{8}T\d{6}Z)$")
 # Protocols whose URLs hold a plain path (``memory://a/b`` is the path ``/a/b``); elsewhere the first component
 # after ``://`` is a bucket or host that a relative path may not climb out of.
@@ -43,7 +44,8 @@ _PATH_PROTOCOLS = frozenset({"file", "local", "memory"})
 
 
 class LockedError(RuntimeError):
-    """The refresh lock is held by another process; the message names the holder and how to take over."""
+    """A lock (the refresh lock, or a root's job lock) is held by another process; the message names the holder and
+    how to take over."""
 
 
 class VersionError(ValueError):
@@ -190,8 +192,8 @@ def resolve_root(root: str, storage_options: dict | None = None, version: str = 
 
 # ---------------------------------------------------------------------------------------------------- lock
 
-def lock_url(root: str) -> str:
-    return storage.join(root, LOCK_PATH)
+def lock_url(root: str, path: str = LOCK_PATH) -> str:
+    return storage.join(root, path)
 
 
 def _this_process() -> dict:
@@ -257,15 +259,17 @@ def _create_exclusive(path: str, data: bytes) -> bool:
 
 
 def acquire_lock(root: str, storage_options: dict | None = None, timeout_s: float = 3600.0,
-                 owner: dict | None = None, settle_s: float = 0.0) -> dict:
-    """Take ``<root>/_refresh/lock.json``; returns the record written (host, pid, started_at, token, owner's keys).
+                 owner: dict | None = None, settle_s: float = 0.0, path: str = LOCK_PATH,
+                 what: str = "refresh") -> dict:
+    """Take ``<root>/<path>`` (the refresh lock unless ``path`` says otherwise; ``what`` names it in messages: the
+    work it guards); returns the record written (host, pid, started_at, token, owner's keys).
 
     A lock younger than ``timeout_s`` raises :class:`LockedError` naming its holder; an older one is taken over
     with a warning. ``owner`` adds fields to the record (and may replace host/pid). Locally the file is created
     exclusively; object stores have no create-if-absent, so the record is read back (after ``settle_s`` seconds,
     which narrows the window in which two writers can both read their own token) and a lost race is a LockedError.
     """
-    url = lock_url(root)
+    url = lock_url(root, path)
     record = {**_this_process(), "started_at": _utc_now_iso(), **(owner or {}), "token": uuid.uuid4().hex}
     data = json.dumps(record, indent=2, sort_keys=True).encode()
     local = storage.local_path(url, storage_options)
@@ -275,11 +279,11 @@ def acquire_lock(root: str, storage_options: dict | None = None, timeout_s: floa
             age = _lock_age(held)
             if age < timeout_s and not _holder_gone(held):
                 raise LockedError(
-                    f"the refresh lock '{url}' is held by {_describe(held)} (age {age:.0f}s, taken over after "
-                    f"{timeout_s:g}s): wait for that refresh to finish, or, if that process is gone, remove "
+                    f"the {what} lock '{url}' is held by {_describe(held)} (age {age:.0f}s, taken over after "
+                    f"{timeout_s:g}s): wait for that {what} to finish, or, if that process is gone, remove "
                     f"'{url}' and run again")
-            logger.warning("taking over the stale refresh lock '%s' held by %s (age %.0fs, timeout %gs%s)",
-                           url, _describe(held), age, timeout_s,
+            logger.warning("taking over the stale %s lock '%s' held by %s (age %.0fs, timeout %gs%s)",
+                           what, url, _describe(held), age, timeout_s,
                            "; that process no longer runs on this host" if _holder_gone(held) else "")
             if local is not None:
                 if _read_lock(url, storage_options) == held:  # still the stale one: remove it, then race fairly
@@ -294,26 +298,26 @@ def acquire_lock(root: str, storage_options: dict | None = None, timeout_s: floa
         break
     else:
         held = _read_lock(url, storage_options) or {}
-        raise LockedError(f"the refresh lock '{url}' was taken by {_describe(held)} while this process "
+        raise LockedError(f"the {what} lock '{url}' was taken by {_describe(held)} while this process "
                           f"took it over; wait, or, if that process is gone, remove '{url}'")
     if settle_s > 0 and local is None:
         time.sleep(settle_s)
     held = _read_lock(url, storage_options) or {}
     if held.get("token") != record["token"]:
-        raise LockedError(f"the refresh lock '{url}' was taken by {_describe(held)} at the same time as this "
+        raise LockedError(f"the {what} lock '{url}' was taken by {_describe(held)} at the same time as this "
                           f"process; wait for it, or, if that process is gone, remove '{url}'")
     return record
 
 
-def release_lock(root: str, storage_options: dict | None, lock: dict) -> bool:
+def release_lock(root: str, storage_options: dict | None, lock: dict, path: str = LOCK_PATH) -> bool:
     """Remove the lock if it still holds ``lock``'s token; False (and a warning) when another holder has it."""
-    url = lock_url(root)
+    url = lock_url(root, path)
     held = _read_lock(url, storage_options)
     if held is None:
-        logger.warning("the refresh lock '%s' was already gone when released", url)
+        logger.warning("the lock '%s' was already gone when released", url)
         return False
     if held.get("token") != lock.get("token"):
-        logger.warning("not releasing the refresh lock '%s': it is now held by %s", url, _describe(held))
+        logger.warning("not releasing the lock '%s': it is now held by %s", url, _describe(held))
         return False
     storage.remove(url, storage_options)
     return True
@@ -321,13 +325,14 @@ def release_lock(root: str, storage_options: dict | None, lock: dict) -> bool:
 
 @contextlib.contextmanager
 def locked(root: str, storage_options: dict | None = None, timeout_s: float = 3600.0,
-           owner: dict | None = None) -> Iterator[dict]:
-    """Hold the refresh lock for the ``with`` block (released whatever happens); yields the lock record."""
-    lock = acquire_lock(root, storage_options, timeout_s, owner)
+           owner: dict | None = None, path: str = LOCK_PATH, what: str = "refresh") -> Iterator[dict]:
+    """Hold a lock (the refresh lock unless ``path`` says otherwise) for the ``with`` block (released whatever
+    happens); yields the lock record."""
+    lock = acquire_lock(root, storage_options, timeout_s, owner, path=path, what=what)
     try:
         yield lock
     finally:
-        release_lock(root, storage_options, lock)
+        release_lock(root, storage_options, lock, path)
 
 
 # ---------------------------------------------------------------------------------------------------- retention

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import socket
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -439,3 +440,29 @@ def test_relative_paths_resolve_to_real_files(root):
     relative = versions.relative_to(here, shard)
     assert relative == "../../v000001-20240101T000000Z/embeddings/s.parquet"
     assert storage.read_bytes(versions.resolve_relative(here, relative)) == b"shared"
+
+
+@pytest.mark.parametrize("job", ["encode", "index", "evaluate", "mine", "train", "pipeline"])
+def test_a_second_job_writing_the_same_root_is_refused_naming_the_holder(tmp_path, caplog, job):
+    """Two overlapping runs (cron, say) on one root: the second exits 1 before any work, naming the first."""
+    import importlib
+
+    root = str(tmp_path / "out")
+    held = versions.acquire_lock(root, None, 3600, owner={"host": "nightly-7", "pid": 4242, "job": "jobs.encode"},
+                                 path=versions.JOB_LOCK_PATH, what="job")
+    module = importlib.import_module(f"jobs.{job}")
+    with caplog.at_level(logging.ERROR, logger="jobs"):
+        assert module.main(["--set", f"output.root={root}", "--set", "runtime.progress=false"]) == 1
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert f"the job lock '{root}/_lock.json' is held by host nightly-7 pid 4242" in message
+    assert sorted(os.listdir(root)) == ["_lock.json"]  # nothing else was written
+    assert storage.read_json(versions.lock_url(root, versions.JOB_LOCK_PATH))["token"] == held["token"]
+
+
+def test_a_job_lock_left_by_a_killed_job_on_this_host_is_taken_over(tmp_path):
+    root = str(tmp_path / "out")
+    dead = {"host": socket.gethostname(), "pid": 2 ** 22 + 7, "started_at": iso(10), "token": "dead"}
+    storage.write_json_atomic(versions.lock_url(root, versions.JOB_LOCK_PATH), dead)
+    with versions.locked(root, None, 3600, path=versions.JOB_LOCK_PATH, what="job") as lock:
+        assert storage.read_json(versions.lock_url(root, versions.JOB_LOCK_PATH))["token"] == lock["token"]
+    assert not storage.exists(versions.lock_url(root, versions.JOB_LOCK_PATH))
