@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import faiss
 import numpy as np
@@ -80,6 +81,12 @@ def choose_index_type(ntotal: int, dim: int, max_memory: int) -> str:
             return f"{coarse},{code}"
     raise IndexTypeError(f"{ntotal} vectors of dim {dim} do not fit index.max_memory = {max_memory} bytes even "
                          f"with PQ{min(m for m in PQ_CHOICES if dim % m == 0)}: raise index.max_memory")
+
+
+def ivf_lists(factory: str) -> int:
+    """The number of IVF lists a factory string asks for (``IVF1024,...`` -> 1024), 0 when it is not IVF."""
+    match = re.search(r"IVF(\d+)", factory)
+    return int(match.group(1)) if match else 0
 
 
 def new_index(factory: str, dim: int, metric: str) -> faiss.Index:

@@ -101,6 +101,12 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
     train_size = min(ix.train_size, ntotal) if ix.train_size else faiss_index.default_train_size(factory, dim, ntotal)
     if not faiss_index.needs_training(factory, dim):
         train_size = 0
+    lists = faiss_index.ivf_lists(factory)
+    if lists and train_size < lists:
+        raise faiss_index.IndexTypeError(
+            f"index.type = {factory!r} has {lists} IVF lists but only {train_size} training vectors "
+            f"({ntotal} encoded, index.train_size = {ix.train_size}): use fewer lists (about sqrt(N), e.g. "
+            f"IVF{max(1, int(ntotal ** 0.5))}), more training vectors, or Flat")
     on_disk = ix.on_disk and faiss_index.is_ivf(factory)
     if ix.on_disk and not on_disk:
         log.warning("index.on_disk applies to IVF types only; %s is merged in memory", factory)

@@ -105,7 +105,9 @@ def demo_clean_8(tmp_path_factory):
     return outputs(root)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+# SIGTERM (what schedulers and `ray job stop` send; Ray replaces its handler, which the job restores) shares its
+# handler with SIGINT; a SIGKILLed driver is test_s3.py's killed driver, and the fault matrix's crashes
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp_path, demo_clean_8):
     root = tmp_path / "out"
     cfg = config(DEMO_CORPUS, root, runtime__rows_per_shard=8, runtime__num_workers=1)

@@ -75,13 +75,6 @@ def kill(match: str, point: str = "write", **extra) -> list[dict]:
 
 # ---------------------------------------------------------------------------------- a worker killed mid-task
 
-def test_encode_worker_killed_mid_shard_is_restarted_and_the_shard_redone(tiny_model, tmp_path, clean, faults):
-    faults(kill("embeddings/shard-00001.parquet"))
-    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0)
-    assert encode.run(cfg)["shards_run"] == SHARDS
-    assert_same(snapshot(cfg.output.root), clean)
-
-
 def test_index_task_killed_mid_add_is_retried(tiny_model, tmp_path, clean, faults):
     cfg = matrix_config(tiny_model, tmp_path / "out")
     encode.run(cfg)

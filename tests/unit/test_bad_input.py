@@ -327,3 +327,13 @@ def test_ids_that_look_like_paths_stay_data(tmp_path, tiny_model):
 def test_remote_code_stays_off_unless_set():
     assert ModelConfig().trust_remote_code is False
     assert load_config(None, []).model.trust_remote_code is False
+
+
+def test_more_ivf_lists_than_training_vectors_is_named_before_training(tmp_path):
+    from retrieval_core import indexing
+    from retrieval_core.faiss_index import IndexTypeError
+
+    write_synthetic_embeddings(tmp_path, np.eye(20, 8, dtype=np.float32) + 0.01, shard_rows=10, normalized=False)
+    cfg = load_config(None, [f"output.root={tmp_path}", "index.type=IVF64,Flat", "index.metric=l2"])
+    with pytest.raises(IndexTypeError, match=r"'IVF64,Flat' has 64 IVF lists but only 20 training vectors"):
+        indexing.prepare(cfg)
