@@ -143,6 +143,9 @@ def model_files_hash(model_dir: str) -> tuple[str, str]:
     per process while the files' names, sizes and modification times stay the same."""
     root = Path(model_dir)
     weights = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not weights:
+        raise ValueError(f"the model directory {model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}): "
+                         f"is it a complete sentence-transformers model directory?")
     configs = [root / name for name in CONFIG_FILES if (root / name).is_file()]
     key = (str(root), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weights + configs))
     if key not in _HASHES:
@@ -238,9 +241,6 @@ def query_side(cfg: ModelConfig) -> dict:
 
 
 def _model_identity(cfg: ModelConfig, name: str, model_dir: str) -> dict:
-    if not any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in Path(model_dir).rglob("*")):
-        raise ValueError(f"model {name!r} ({model_dir}) holds no weight files ({', '.join(WEIGHT_SUFFIXES)}): is "
-                         f"it a complete sentence-transformers model directory?")
     weights, configs = model_files_hash(model_dir)
     identity = {"model": name, "weights_sha256": weights, "config_sha256": configs,
                 "max_seq_length": effective_max_seq_length(model_dir, cfg.max_seq_length),
