@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from jobs import _cli, _runtime
-from retrieval_core import encoding, mining, storage, training
+from retrieval_core import checkpoints, encoding, mining, storage, training
 from retrieval_core.config import Config
 from retrieval_core.manifest import IncompatibleOutputError, stamp
 
@@ -33,7 +33,8 @@ def output_of(cfg: Config) -> str:
 
 def identity_of(cfg: Config) -> dict:
     mined = mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options)
-    return {"base": encoding.encoder_identity(cfg.model)["fingerprint"], "train": dict(vars(cfg.train)),
+    settings = {k: v for k, v in vars(cfg.train).items() if k != "checkpoint_steps"}  # same weights whatever it is
+    return {"base": encoding.encoder_identity(cfg.model)["fingerprint"], "train": settings,
             "negatives": hashlib.sha256(json.dumps(mined["identity"], sort_keys=True).encode()).hexdigest()[:32],
             "workers": max(1, cfg.runtime.num_workers), **encoding.query_side(cfg.model)}
 
@@ -47,6 +48,7 @@ def run(cfg: Config) -> dict:
     if storage.exists(record_url, cfg.output.storage_options):
         record = storage.read_json(record_url, cfg.output.storage_options)
         if record["identity"] == identity:
+            checkpoints_of(cfg, identity).remove()  # left by a run killed after its commit record
             return {**record, "reused": True}
         if not cfg.output.overwrite:
             raise IncompatibleOutputError(f"'{output}' holds a model trained with other settings; set "
@@ -61,16 +63,26 @@ def run(cfg: Config) -> dict:
     corpus = training.eval_corpus_for(cfg, held_out, examples)
     log.info("training on %d examples (%d held out, eval corpus %d documents)", len(train_set), len(held_out),
              len(corpus))
-    history = (_train_distributed(cfg, train_set, held_out, corpus, output) if cfg.runtime.num_workers > 1
-               else _train_here(cfg, train_set, held_out, corpus, output))
+    saved = checkpoints_of(cfg, identity)
+    history = (_train_distributed(cfg, train_set, held_out, corpus, output, saved) if cfg.runtime.num_workers > 1
+               else _train_here(cfg, train_set, held_out, corpus, output, saved))
     record = {**stamp(), "stage": "train", "identity": identity, "output": output, "examples": len(train_set),
               "held_out_examples": len(held_out), "history": history,
               "seconds": round(time.perf_counter() - started, 3), "config": cfg.to_dict()}
     storage.write_json_atomic(record_url, record, cfg.output.storage_options)
+    saved.remove()
     return {**record, "reused": False}
 
 
-def _train_here(cfg: Config, train_set, held_out, corpus, output: str) -> dict:
+def checkpoints_of(cfg: Config, identity: dict) -> checkpoints.Checkpoints:
+    """The training's checkpoints, under ``<train.output>/_checkpoints``, tied to its identity."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return checkpoints.Checkpoints(storage.join(output_of(cfg), checkpoints.DIRECTORY), digest,
+                                   cfg.train.checkpoint_steps, cfg.output.storage_options,
+                                   world=max(1, cfg.runtime.num_workers))
+
+
+def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: checkpoints.Checkpoints) -> dict:
     from tqdm import tqdm
 
     encoding.set_torch_threads(encoding.cpu_count())
@@ -78,11 +90,12 @@ def _train_here(cfg: Config, train_set, held_out, corpus, output: str) -> dict:
                disable=not cfg.runtime.progress, dynamic_ncols=True)
 
     def on_step(step: int, total: int, loss: float) -> None:
-        bar.update(1)
+        bar.update(step - bar.n)  # a resumed training starts past 0
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     try:
-        model, history = training.fit(cfg, train_set, held_out, corpus, on_epoch=_log_epoch, on_step=on_step)
+        model, history = training.fit(cfg, train_set, held_out, corpus, on_epoch=_log_epoch, on_step=on_step,
+                                      saved=saved)
     finally:
         bar.close()
     save_model(model, output, cfg.output.storage_options)
@@ -93,19 +106,26 @@ def _log_epoch(evaluation: dict) -> None:
     log.info("step %d: held-out nDCG@10 %s", evaluation["step"], evaluation["ndcg@10"])
 
 
-def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str) -> dict:
-    """Ray Train: ``runtime.num_workers`` workers, each ``runtime.cpus_per_worker`` CPUs (and GPUs)."""
-    from ray.train import RunConfig, ScalingConfig
+def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str,
+                       saved: checkpoints.Checkpoints) -> dict:
+    """Ray Train: ``runtime.num_workers`` workers, each ``runtime.cpus_per_worker`` CPUs (and GPUs). A failed
+    worker group is restarted up to ``runtime.max_restarts`` times, resuming from the latest checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     def loop(config: dict) -> None:
+        import dataclasses
+
         import ray.train
+        import torch.distributed
 
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
         encoding.set_torch_threads(cfg.runtime.cpus_per_worker)
+        mine = dataclasses.replace(saved, rank=rank, barrier=torch.distributed.barrier)
         model, history = training.fit(cfg, train_set, held_out if rank == 0 else [], corpus, rank, world,
-                                      training.average_gradients, on_epoch=_log_epoch if rank == 0 else None)
+                                      training.average_gradients, on_epoch=_log_epoch if rank == 0 else None,
+                                      saved=mine)
         if rank == 0:
             save_model(model, output, cfg.output.storage_options)
             storage.write_json_atomic(storage.join(output, "_history.json"), history, cfg.output.storage_options)
@@ -116,7 +136,8 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str) ->
             num_workers=cfg.runtime.num_workers, use_gpu=cfg.runtime.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.runtime.cpus_per_worker,
                                   **({"GPU": cfg.runtime.gpus_per_worker} if cfg.runtime.gpus_per_worker else {})}),
-            run_config=RunConfig(name="train", **_train_storage(cfg)))
+            run_config=RunConfig(name="train", failure_config=FailureConfig(max_failures=cfg.runtime.max_restarts),
+                                 **_train_storage(cfg)))
         trainer.fit()
     return storage.read_json(storage.join(output, "_history.json"), cfg.output.storage_options)
 

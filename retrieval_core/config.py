@@ -162,6 +162,7 @@ class TrainConfig:
     seed: int = 0
     eval_fraction: float = 0.1
     eval_corpus_size: int = 2000
+    checkpoint_steps: int = 500
     output: str = ""
 
 
@@ -552,5 +553,7 @@ def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
     _check(tr.mini_batch_size >= 1, f"'train.mini_batch_size' = {tr.mini_batch_size}: expected >= 1")
     _check(0 <= tr.eval_fraction < 1, f"'train.eval_fraction' = {tr.eval_fraction}: expected a number in [0, 1)")
     _check(tr.eval_corpus_size >= 1, f"'train.eval_corpus_size' = {tr.eval_corpus_size}: expected >= 1")
+    _check(tr.checkpoint_steps >= 0,
+           f"'train.checkpoint_steps' = {tr.checkpoint_steps}: expected >= 0 (0 = no checkpoints)")
     _check(rt.num_workers <= 1 or tr.batch_size >= rt.num_workers,
            f"'train.batch_size' = {tr.batch_size} must be at least runtime.num_workers = {rt.num_workers}")

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import encoding, families, lookup, metrics, mining
+from . import checkpoints, encoding, faults, families, lookup, metrics, mining
 from .config import Config, ConfigError, ModelConfig
 from .encoding import resolve_model_path
 
@@ -152,49 +152,74 @@ def linear_schedule(optimizer, warmup: int, total: int):
 
 def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus: dict[str, str],
         rank: int = 0, world: int = 1, reduce_gradients: Callable | None = None,
-        on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int, float], None] | None = None):
+        on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int, float], None] | None = None,
+        saved: checkpoints.Checkpoints | None = None):
     """Train ``cfg.model.name`` on ``train``; this worker takes every ``world``-th example of each global batch.
-    ``on_step(step, total, loss)`` and ``on_epoch(evaluation)`` report progress. Returns (model, history). Memory: the model, the optimizer state (2x the weights) and one batch of
-    activations (one mini-batch with ``train.cached``)."""
+    ``on_step(step, total, loss)`` and ``on_epoch(evaluation)`` report progress. With ``saved``, a checkpoint is
+    written every ``saved.every`` steps and the training resumes from the latest one, ending with the weights of an
+    uninterrupted run. Returns (model, history). Memory: the model, the optimizer state (2x the weights) and one
+    batch of activations (one mini-batch with ``train.cached``)."""
     import torch
-    from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(cfg.train.seed)
-    model = SentenceTransformer(resolve_model_path(cfg.model.name, cfg.model.storage_options), device="cpu",
-                                trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.max_seq_length:
-        model.max_seq_length = cfg.model.max_seq_length
+    model = load_model(cfg)
     loss = build_loss(model, cfg, world > 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
     per_epoch, total = steps_plan(cfg, len(train))
     scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * total), total)
-    history = {"steps": total, "steps_per_epoch": per_epoch, "losses": [], "evaluations": []}
-    history["evaluations"].append(evaluate(model, cfg, held_out, eval_corpus, step=0))
-    step, epoch, started = 0, 0, time.perf_counter()
-    while step < total:
-        for batch in epoch_batches(train, cfg.train.batch_size, cfg.train.seed, epoch):
-            if step >= total:
+    resumed = saved.restore(model, optimizer, scheduler) if saved else None
+    position, history = resumed or (checkpoints.Position(), {
+        "steps": total, "steps_per_epoch": per_epoch, "losses": [],
+        "evaluations": [evaluate(model, cfg, held_out, eval_corpus, step=0)]})
+    started = time.perf_counter()
+    while position.step < total:
+        batches = epoch_batches(train, cfg.train.batch_size, cfg.train.seed, position.epoch)
+        for number in range(position.batch, len(batches)):
+            if position.step >= total:
                 break
-            model.train()
-            local = batch[rank::world]
-            value = loss(batch_features(model, local, cfg), torch.arange(len(local)))
-            optimizer.zero_grad()
-            value.backward()
-            if reduce_gradients:
-                reduce_gradients(model)
-            optimizer.step()
-            scheduler.step()
-            history["losses"].append(round(float(value.detach()), 5))
-            step += 1
+            local = batches[number][rank::world]
+            history["losses"].append(_step(model, loss, optimizer, scheduler, local, cfg, reduce_gradients))
+            position = checkpoints.Position(position.step + 1, position.epoch, number + 1)
+            if saved and saved.due(position.step, total):
+                saved.save(model, optimizer, scheduler, position, history)
+            faults.point("train", f"step-{position.step}")
             if on_step:
-                on_step(step, total, history["losses"][-1])
-        epoch += 1
-        history["evaluations"].append(evaluate(model, cfg, held_out, eval_corpus, step=step))
+                on_step(position.step, total, history["losses"][-1])
+        position = checkpoints.Position(position.step, position.epoch + 1, 0)
+        history["evaluations"].append(evaluate(model, cfg, held_out, eval_corpus, step=position.step))
         if on_epoch:
             on_epoch(history["evaluations"][-1])
     history["seconds"] = round(time.perf_counter() - started, 3)
+    if resumed:
+        history["resumed_from_step"] = resumed[0].step
     model.eval()
     return model, history
+
+
+def load_model(cfg: Config):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_model_path(cfg.model.name, cfg.model.storage_options), device="cpu",
+                                trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.max_seq_length:
+        model.max_seq_length = cfg.model.max_seq_length
+    return model
+
+
+def _step(model, loss, optimizer, scheduler, local: list[Example], cfg: Config,
+          reduce_gradients: Callable | None) -> float:
+    """One optimizer step on this worker's share of a batch; returns the loss."""
+    import torch
+
+    model.train()
+    value = loss(batch_features(model, local, cfg), torch.arange(len(local)))
+    optimizer.zero_grad()
+    value.backward()
+    if reduce_gradients:
+        reduce_gradients(model)
+    optimizer.step()
+    scheduler.step()
+    return round(float(value.detach()), 5)
 
 
 def eval_corpus_for(cfg: Config, held_out: list[Example], examples: list[Example]) -> dict[str, str]:

@@ -44,9 +44,15 @@ def with_train_output(cfg, path, **runtime):
                                runtime=dataclasses.replace(cfg.runtime, **runtime))
 
 
-def test_ray_train_workers_compute_the_single_worker_updates(mined, tmp_path, tiny_model_without_dropout):
+def test_ray_train_workers_compute_the_single_worker_updates_even_after_a_worker_is_killed(
+        mined, tmp_path, tiny_model_without_dropout, faults):
+    """The killed worker group is restarted by Ray Train and resumes from the checkpoint of step 2 (written
+    before the kill)."""
     one = train.run(with_train_output(mined, tmp_path / "one"))
-    two = train.run(with_train_output(mined, tmp_path / "two", num_workers=2))
+    faults([{"point": "train", "match": "step-2", "action": "kill"}])
+    two_cfg = with_train_output(mined, tmp_path / "two", num_workers=2)
+    two = train.run(dataclasses.replace(two_cfg, train=dataclasses.replace(two_cfg.train, checkpoint_steps=1)))
+    assert two["history"]["resumed_from_step"] == 2 and not (tmp_path / "two" / "_checkpoints").exists()
     assert one["history"]["steps"] == two["history"]["steps"] == 3
     a, b, base = state(tmp_path / "one"), state(tmp_path / "two"), state(tiny_model_without_dropout)
     assert set(a) == set(b)

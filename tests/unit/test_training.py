@@ -87,3 +87,36 @@ def test_a_separate_query_encoder_is_refused_by_training(tmp_path, family_models
     cfg = config("unused", tmp_path, model=family_models["dpr"])
     with pytest.raises(ConfigError, match="train fine-tunes one model.*question_encoder"):
         training.check_trainable(cfg)
+
+
+def test_a_training_killed_after_a_checkpoint_resumes_from_it_to_the_uninterrupted_weights(tmp_path, tiny_model,
+                                                                                        faults):
+    """Dropout on: the random generator is part of the checkpoint. 16 queries in batches of 8 make 2 steps an
+    epoch, so checkpoints fall at epoch ends and the crash mid-epoch."""
+    from retrieval_core import checkpoints
+    from retrieval_core.faults import InjectedCrash
+
+    cfg = config("unused", tmp_path, model=tiny_model, train__batch_size=8, train__num_negatives=2,
+                 train__max_steps=7, train__learning_rate=5e-3)
+    data, held = examples(queries=16), examples(queries=4)
+    corpus = training.eval_corpus_for(cfg, held, data)
+    clean, clean_history = training.fit(cfg, data, held, corpus)
+    saved = checkpoints.Checkpoints(str(tmp_path / "ckpt"), "identity-a", every=2)
+    faults([{"point": "train", "match": "step-5", "action": "crash"}])
+    with pytest.raises(InjectedCrash):
+        training.fit(cfg, data, held, corpus, saved=saved)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest.json", "step-00000004"]
+    assert checkpoints.Checkpoints(str(tmp_path / "ckpt"), "identity-b", every=2)._latest() is None  # other run
+    steps = []
+    model, history = training.fit(cfg, data, held, corpus, saved=saved, on_step=lambda s, t, v: steps.append(s))
+    assert steps == [5, 6, 7] and history.pop("resumed_from_step") == 4
+    assert history["losses"] == clean_history["losses"] and history["evaluations"] == clean_history["evaluations"]
+    resumed, uninterrupted = model.state_dict(), clean.state_dict()
+    for name in uninterrupted:
+        assert torch_equal(resumed[name], uninterrupted[name]), name
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
