@@ -13,6 +13,7 @@ every helper here checks and reads what is there now.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -76,11 +77,9 @@ def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict
     fs, path = filesystem(url, storage_options)
     if is_object_store(fs):
         faults.point("write", url)
-        try:
+        with naming(url, "write"):  # e.g. no such bucket, or 500s past the retries
             with fs.open(path, "wb") as handle:  # one PUT when closed (a multipart upload above the block size)
                 handle.write(data)
-        except FileNotFoundError as exc:  # e.g. no such bucket: name what was written
-            raise FileNotFoundError(f"cannot write '{url}': {exc}") from None
         return
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
@@ -95,9 +94,67 @@ def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict
         raise
 
 
+def create_exclusive(url: str, data: bytes, storage_options: dict | None = None) -> bool | None:
+    """Create ``url`` holding ``data`` only if it is absent (it appears whole): True when created, False when it
+    exists, None when the store cannot create conditionally (the caller then needs another way)."""
+    fs, path = filesystem(url, storage_options)
+    local = local_path(url, storage_options)
+    if local is not None:
+        return _create_local_exclusive(local, data)
+    try:
+        with fs.open(path, "xb") as handle:  # S3: a PUT with If-None-Match: *
+            handle.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except (NotImplementedError, ValueError):  # no exclusive mode in this file system
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:  # the store rejects the condition (501 NotImplemented)
+            return None
+        raise
+
+
+def _create_local_exclusive(path: str, data: bytes) -> bool:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    try:
+        os.link(tmp, path)  # fails when the path exists, like O_EXCL, but readers never see a half-written file
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this file system: plain O_EXCL
+        try:
+            with open(path, "xb") as handle:
+                handle.write(data)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        os.remove(tmp)
+
+
+@contextlib.contextmanager
+def naming(url: str, doing: str):
+    """Within: an OSError that does not name ``url`` is raised again (same type and errno) naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if url in str(exc) or fsspec.core.strip_protocol(url) in str(exc):
+            raise
+        message = f"cannot {doing} '{url}': {exc.strerror or exc}"
+        try:
+            named = type(exc)(exc.errno, message) if exc.errno is not None else type(exc)(message)
+        except TypeError:  # an OSError subclass with a constructor of its own
+            named = OSError(exc.errno, message)
+        raise named from exc
+
+
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb") as handle:
+    with naming(url, "read"), fs.open(path, "rb") as handle:
         return handle.read()
 
 
@@ -112,9 +169,7 @@ def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any:
-    fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
+    return json.loads(read_bytes(url, storage_options))
 
 
 def write_parquet_atomic(url: str, table: pa.Table, storage_options: dict | None = None) -> None:
@@ -125,7 +180,7 @@ def write_parquet_atomic(url: str, table: pa.Table, storage_options: dict | None
 
 def read_parquet(url: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb") as handle:
+    with naming(url, "read"), fs.open(path, "rb") as handle:
         return pq.read_table(handle, columns=columns)
 
 
@@ -133,7 +188,8 @@ def remove(url: str, storage_options: dict | None = None) -> None:
     """Remove a file or a directory tree; nothing happens when it does not exist."""
     fs, path = filesystem(url, storage_options)
     if fs.exists(path):
-        fs.rm(path, recursive=True)
+        with contextlib.suppress(FileNotFoundError):  # removed by another process in between
+            fs.rm(path, recursive=True)
 
 
 def remove_temporaries(url: str, storage_options: dict | None = None) -> int:

@@ -236,26 +236,17 @@ def _describe(record: dict) -> str:
     return f"host {record.get('host')} pid {record.get('pid')} since {record.get('started_at')}"
 
 
-def _create_exclusive(path: str, data: bytes) -> bool:
-    """Create a local file holding ``data`` only if absent (it appears whole); False when it exists."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}{storage.TMP_MARK}{uuid.uuid4().hex}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    try:
-        os.link(tmp, path)  # fails when the path exists, like O_EXCL, but readers never see a half-written lock
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links on this file system: plain O_EXCL
-        try:
-            with open(path, "xb") as handle:
-                handle.write(data)
-            return True
-        except FileExistsError:
-            return False
-    finally:
-        os.remove(tmp)
+def _judge(held: dict, url: str, what: str, timeout_s: float) -> None:
+    """Raise :class:`LockedError` when the lock ``held`` is live; warn that a stale one is taken over."""
+    age = _lock_age(held)
+    if age < timeout_s and not _holder_gone(held):
+        raise LockedError(
+            f"the {what} lock '{url}' is held by {_describe(held)} (age {age:.0f}s, taken over after "
+            f"{timeout_s:g}s): wait for that {what} to finish, or, if that process is gone, remove "
+            f"'{url}' and run again")
+    logger.warning("taking over the stale %s lock '%s' held by %s (age %.0fs, timeout %gs%s)",
+                   what, url, _describe(held), age, timeout_s,
+                   "; that process no longer runs on this host" if _holder_gone(held) else "")
 
 
 def acquire_lock(root: str, storage_options: dict | None = None, timeout_s: float = 3600.0,
@@ -265,42 +256,32 @@ def acquire_lock(root: str, storage_options: dict | None = None, timeout_s: floa
     work it guards); returns the record written (host, pid, started_at, token, owner's keys).
 
     A lock younger than ``timeout_s`` raises :class:`LockedError` naming its holder; an older one is taken over
-    with a warning. ``owner`` adds fields to the record (and may replace host/pid). Locally the file is created
-    exclusively; object stores have no create-if-absent, so the record is read back (after ``settle_s`` seconds,
-    which narrows the window in which two writers can both read their own token) and a lost race is a LockedError.
+    with a warning. ``owner`` adds fields to the record (and may replace host/pid). The record is created only if
+    absent (a local file's exclusive create; S3's conditional PUT, ``If-None-Match: *``); on a store without
+    create-if-absent it is written and read back (after ``settle_s`` seconds, which narrows the window in which two
+    writers can both read their own token), and a lost race is a LockedError.
     """
     url = lock_url(root, path)
     record = {**_this_process(), "started_at": _utc_now_iso(), **(owner or {}), "token": uuid.uuid4().hex}
     data = json.dumps(record, indent=2, sort_keys=True).encode()
-    local = storage.local_path(url, storage_options)
     for _ in range(2):  # a second pass after removing a stale lock
         held = _read_lock(url, storage_options)
         if held is not None:
-            age = _lock_age(held)
-            if age < timeout_s and not _holder_gone(held):
-                raise LockedError(
-                    f"the {what} lock '{url}' is held by {_describe(held)} (age {age:.0f}s, taken over after "
-                    f"{timeout_s:g}s): wait for that {what} to finish, or, if that process is gone, remove "
-                    f"'{url}' and run again")
-            logger.warning("taking over the stale %s lock '%s' held by %s (age %.0fs, timeout %gs%s)",
-                           what, url, _describe(held), age, timeout_s,
-                           "; that process no longer runs on this host" if _holder_gone(held) else "")
-            if local is not None:
-                if _read_lock(url, storage_options) == held:  # still the stale one: remove it, then race fairly
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(local)
-                continue
-        if local is not None:
-            if not _create_exclusive(local, data):
-                continue  # another process created it in between: judge that one
-        else:
+            _judge(held, url, what, timeout_s)
+            if _read_lock(url, storage_options) == held:  # still the stale one: remove it, then race fairly
+                storage.remove(url, storage_options)
+            continue
+        created = storage.create_exclusive(url, data, storage_options)
+        if created is None:  # a store without create-if-absent: write, then read back (below)
             storage.write_bytes_atomic(url, data, storage_options)
+        elif not created:
+            continue  # another process created it in between: judge that one
         break
     else:
         held = _read_lock(url, storage_options) or {}
         raise LockedError(f"the {what} lock '{url}' was taken by {_describe(held)} while this process "
                           f"took it over; wait, or, if that process is gone, remove '{url}'")
-    if settle_s > 0 and local is None:
+    if settle_s > 0 and storage.local_path(url, storage_options) is None:
         time.sleep(settle_s)
     held = _read_lock(url, storage_options) or {}
     if held.get("token") != record["token"]:

@@ -390,3 +390,70 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
     fs = s3fs_of(s3_options)
     assert json.loads(fs.cat_file(f"{OUT}/nightly/CURRENT"))["version"] == results["s3", "day2"]["version"]
     assert s3_options["secret"].encode() not in b"".join(fs.cat_file(path) for path in fs.find(f"{OUT}/nightly"))
+
+
+@pytest.fixture(scope="module")
+def flaky(s3_endpoint):
+    """The moto server behind a proxy that answers the requests a test picks with 500s and 503s."""
+    from flaky_store import FlakyStore
+
+    store = FlakyStore(s3_endpoint).start()
+    yield store
+    store.stop()
+
+
+def test_a_store_failing_past_its_retries_commits_nothing_and_one_failing_for_a_while_is_retried(
+        runs, flaky, s3_options, tiny_model_without_dropout):
+    """First every PUT of one shard answers 500 (past the 2 attempts these options allow): the job fails naming the
+    object, and neither that shard nor the manifest is committed. Then, with the default retries, the rerun goes
+    through 500s and 503s on writes and reads, encodes only what was not committed, and equals the clean run."""
+    inputs = {key: f"s3://{IN}/demo/{name}" for key, name in INPUTS.items()}
+    through = {**s3_options, "client_kwargs": {"endpoint_url": flaky.endpoint}}
+    impatient = {**through, "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+    root = f"s3://{SCRATCH}/flaky"
+    flaky.fail("PUT", 500, when="embeddings/shard-00001", times=None)
+    with pytest.raises(OSError, match=r"cannot write 's3://rj-scratch/flaky/embeddings/shard-00001.*internal error"):
+        encode.run(pipeline_config(inputs, root, tiny_model_without_dropout, impatient))
+    committed = committed_records(root, s3_options)
+    assert "shard-00001.json" not in committed and len(committed) >= 1
+    assert not storage.exists(storage.join(root, "embeddings", "_manifest.json"), s3_options)
+    flaky.heal()
+    flaky.fail("PUT", 500, times=3)
+    flaky.fail("GET", 503, times=3)
+    flaky.fail("PUT", 503, when="embeddings/_manifest.json", times=2)
+    result = encode.run(pipeline_config(inputs, root, tiny_model_without_dropout, through))
+    assert len(flaky.failed) == 8 and result["shards_run"] == result["shards"] - len(committed)
+    ids_c, vectors_c, docs_c = embeddings.load_embeddings(*roots(runs)[1])
+    ids_s, vectors_s, docs_s = embeddings.load_embeddings(root, s3_options)
+    assert ids_s.tolist() == ids_c.tolist() and docs_s == docs_c and vectors_s.tobytes() == vectors_c.tobytes()
+
+
+def test_two_jobs_on_one_s3_root_one_is_refused(buckets, s3_options):
+    """The job lock is created with S3's conditional PUT (If-None-Match: *): of 8 contenders exactly one holds it,
+    the others are refused naming the holder, and it is gone once released."""
+    import threading
+
+    from retrieval_core import versions
+
+    root, results, barrier = f"s3://{SCRATCH}/two-jobs", [], threading.Barrier(8)
+
+    def contend():
+        barrier.wait()
+        try:
+            results.append(versions.acquire_lock(root, s3_options, owner={"job": "encode"},
+                                                 path=versions.JOB_LOCK_PATH, what="job"))
+        except versions.LockedError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [r for r in results if isinstance(r, dict)]
+    assert len(results) == 8 and len(winners) == 1
+    url = versions.lock_url(root, versions.JOB_LOCK_PATH)
+    assert storage.read_json(url, s3_options)["token"] == winners[0]["token"]
+    assert all("the job lock" in r and "pid" in r for r in results if isinstance(r, str))
+    assert versions.release_lock(root, s3_options, winners[0], versions.JOB_LOCK_PATH)
+    assert not storage.exists(url, s3_options)
