@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from . import encoding, storage
 from .config import Config
 from .corpus import read_shard, text_hash
-from .encoding import Encoder, encode_by_length, usage_of
+from .encoding import Encoder, EncoderOutOfMemory, encode_by_length, usage_of
 from .manifest import IncompatibleOutputError, check_same_identity, read_manifest, stamp
 from .schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
 from .sharding import FileMeta, Shard, plan_shards
@@ -164,7 +164,10 @@ def encode_shard(shard: Shard, cfg: Config, encoder: Encoder, encoder_identity: 
     layout = layout_of(cfg)
     rows = read_shard(shard, cfg.corpus)
     before = usage_of(encoder)
-    vectors = encode_by_length(encoder, rows.texts, cfg.model.batch_size, on_progress)
+    try:
+        vectors = encode_by_length(encoder, rows.texts, cfg.model.batch_size, on_progress)
+    except EncoderOutOfMemory as exc:
+        raise EncoderOutOfMemory(f"{shard.name} (rows {shard.row_start}-{shard.row_stop - 1}): {exc}") from None
     metadata = {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
                 "dim": encoder.dim, "normalized": encoder.normalized}
     table = embeddings_table(rows.row_ids, rows.doc_ids, vectors, [text_hash(t) for t in rows.texts],

@@ -320,6 +320,7 @@ class SentenceTransformerEncoder:
     def __init__(self, cfg: ModelConfig, device: str = "cpu", threads: int = 1):
         self.cfg = cfg
         self.device = device
+        self.batch_size = cfg.batch_size  # lowered for good after running out of memory
         self.threads = max(1, int(threads)) if device == "cpu" else 1
         if self.threads > 1:
             set_torch_threads(1)
@@ -395,12 +396,34 @@ class SentenceTransformerEncoder:
         return out
 
     def _encode_here(self, encode, texts: list[str], prompt: str) -> np.ndarray:
-        """Encode in the calling thread (autocast and inference mode are per thread); the prompt is passed even
-        when empty, so it is exactly the resolved one; truncation, then normalization."""
+        """Encode in the calling thread, backing off when memory runs out: the batch size is halved (for the rest
+        of this encoder's life, with a warning) and the texts encoded again, down to one text at a time, after
+        which :class:`EncoderOutOfMemory` names the longest text."""
+        while True:
+            batch_size = self.batch_size
+            try:
+                return self._encode_batches(encode, texts, prompt, batch_size)
+            except Exception as exc:  # noqa: BLE001 -- only out-of-memory errors are handled, the rest re-raised
+                if not is_out_of_memory(exc):
+                    raise
+                _free_accelerator_memory(self.device)
+                if batch_size == 1:
+                    raise EncoderOutOfMemory(
+                        f"out of memory encoding a single text (the longest of this batch has "
+                        f"{max(len(t) for t in texts)} characters) on {self.device}: "
+                        f"{_first_line(exc)}; lower model.max_seq_length or corpus.max_text_chars, or give the "
+                        f"workers more memory") from None
+                self.batch_size = min(self.batch_size, max(1, batch_size // 2))
+                log.warning("out of memory at model.batch_size %d on %s (%s): encoding again at %d", batch_size,
+                            self.device, _first_line(exc), self.batch_size)
+
+    def _encode_batches(self, encode, texts: list[str], prompt: str, batch_size: int) -> np.ndarray:
+        """Autocast and inference mode are per thread; the prompt is passed even when empty, so it is exactly the
+        resolved one; truncation, then normalization."""
         import torch
 
         with torch.inference_mode(), self._autocast():
-            vectors = encode(list(texts), batch_size=self.cfg.batch_size, prompt=prompt,
+            vectors = encode(list(texts), batch_size=batch_size, prompt=prompt,
                              truncate_dim=self.cfg.truncate_dim, normalize_embeddings=False,
                              convert_to_tensor=True, show_progress_bar=False)
         vectors = vectors.float()
@@ -414,6 +437,33 @@ class SentenceTransformerEncoder:
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         return self._encode(self.query_model.encode_query, texts, self.query_prompt)
+
+
+class EncoderOutOfMemory(RuntimeError):
+    """Memory ran out even when encoding one text at a time."""
+
+
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, torch's OutOfMemoryError (CUDA), or a RuntimeError of an
+    allocator that could not get the memory (torch's CPU allocator: "DefaultCPUAllocator: can't allocate
+    memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc).lower() for s in OUT_OF_MEMORY)
+
+
+def _free_accelerator_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _locked(function):

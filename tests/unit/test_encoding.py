@@ -97,3 +97,43 @@ def test_estimated_rate_scales_with_workers_resources_and_model_size(tiny_model)
     assert estimated_docs_per_s(default, 4, 0) == pytest.approx(4 * REFERENCE_DOCS_PER_S_PER_CPU)
     assert estimated_docs_per_s(default, 1, 1) > 50 * estimated_docs_per_s(default, 1, 0)
     assert estimated_docs_per_s(ModelConfig(name=tiny_model), 1, 0) > estimated_docs_per_s(default, 1, 0)
+
+
+MEMORY_CAPPED_ENCODE = """
+import resource, sys
+import numpy as np
+from retrieval_core import encoding
+from retrieval_core.config import ModelConfig
+
+model, texts_file, out = sys.argv[1:4]
+texts = open(texts_file).read().split("\\n")
+encoder = encoding.SentenceTransformerEncoder(ModelConfig(name=model, batch_size=len(texts)))
+encoder.encode_documents(texts[:2])  # loaded and warm: what follows is the batch's own memory
+size = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 100 * 2**20,) * 2)  # 100 MiB more: a quarter of what the batch needs
+np.save(out, encoding.encode_by_length(encoder, texts, len(texts)))
+print("batch size", encoder.batch_size)
+"""
+
+
+def test_a_batch_over_memory_is_encoded_again_in_halves_to_the_same_vectors(tmp_path):
+    """A real allocation failure, not a simulated one: the process's address space is capped (RLIMIT_AS) below
+    what 64 texts need in a model with wide feed-forward layers (about 400 MiB); the encoder halves its batch
+    until it fits, with a warning, and the vectors equal those of small batches without a cap."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, build_tiny_model
+
+    model = str(build_tiny_model(tmp_path / "wide", intermediate_size=16384))
+    texts = [f"document {i} " + " ".join(f"word{(i * 7 + j) % 997}" for j in range(80)) for i in range(64)]
+    (tmp_path / "texts.txt").write_text("\n".join(texts))
+    env = {**__import__("os").environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", MEMORY_CAPPED_ENCODE, model, str(tmp_path / "texts.txt"),
+                          str(tmp_path / "capped.npy")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "out of memory at model.batch_size 64" in run.stderr and "can't allocate memory" in run.stderr
+    assert int(run.stdout.split("batch size")[1]) < 64
+    reference = SentenceTransformerEncoder(ModelConfig(name=model, batch_size=8)).encode_documents(texts)
+    np.testing.assert_allclose(np.load(tmp_path / "capped.npy"), reference, atol=1e-5)
