@@ -42,7 +42,7 @@ def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySessi
     with _runtime.released(_actors.start_encode_workers(cfg, session.worker_count(len(chunks)))) as workers:
         _runtime.run_on_actors(workers, "encode_queries", list(range(len(chunks))), (),
                                lambda i, vectors: results.__setitem__(i, vectors), item_arg=lambda i: chunks[i],
-                               work="query encoding")
+                               work="query encoding", speculation=cfg.runtime.speculation)
     return np.vstack([results[i] for i in range(len(chunks))])
 
 

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import signal
+import time
 
 import ray
 
@@ -123,27 +124,81 @@ def released(actors: list):
             ray.kill(actor)
 
 
+MIN_SPECULATION_S = 5.0  # never start a copy of work younger than this
+
+
 def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, item_arg=None,
-                  work: str = "") -> None:
+                  work: str = "", speculation: float = 0.0) -> None:
     """Call ``actor.<method>(item_arg(item), *args)`` for every item (``item_arg`` defaults to the item itself),
     one call in flight per actor, the next item going to whichever actor finishes first (load balance);
-    ``on_done(item, result)`` runs in the driver as results come. A failure is :class:`StageFailed` naming
-    ``work`` (default: the method) and the item.
+    ``on_done(item, result)`` runs in the driver as results come, once per item. A failure is
+    :class:`StageFailed` naming ``work`` (default: the method) and the item.
+
+    ``speculation`` > 0: once nothing is left to hand out, an item running longer than ``speculation`` times the
+    median time of the finished ones (and at least ``MIN_SPECULATION_S``) is started again on an idle actor, and
+    the first result wins, as Spark's speculative execution does. This finishes the work of an actor whose node was
+    lost and that cannot be restarted for want of room, and of a straggler; the work must be idempotent (a shard
+    commit is: the same content under the same name).
     """
-    queue = list(items)
-    in_flight = {}
-    item_arg = item_arg or (lambda item: item)
-    for actor in actors:
-        if queue:
-            item = queue.pop(0)
-            in_flight[getattr(actor, method).remote(item_arg(item), *args)] = (actor, item)
-    while in_flight:
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        actor, item = in_flight.pop(done[0])
-        on_done(item, _result(done[0], work or method, item))
-        if queue:
-            next_item = queue.pop(0)
-            in_flight[getattr(actor, method).remote(item_arg(next_item), *args)] = (actor, next_item)
+    calls = _Calls(actors, method, args, item_arg or (lambda item: item))
+    queue, finished, durations = list(range(len(items))), set(), []
+    while len(finished) < len(items):
+        while queue and calls.idle:
+            calls.start(calls.idle.pop(0), queue.pop(0), items)
+        if not queue and calls.idle and speculation > 0 and durations:
+            calls.speculate(items, finished, max(MIN_SPECULATION_S, speculation * sorted(durations)[len(durations) // 2]))
+        ref = calls.next_done(timeout=1.0 if speculation > 0 else None)
+        if ref is None:
+            continue
+        number, seconds = calls.finish(ref)
+        if number in finished:
+            continue  # the copy that lost the race
+        try:
+            result = _result(ref, work or method, items[number])
+        except StageFailed:
+            if calls.running(number):  # another copy may still succeed
+                continue
+            raise
+        finished.add(number)
+        durations.append(seconds)
+        on_done(items[number], result)
+
+
+class _Calls:
+    """The calls in flight of :func:`run_on_actors`: which actor runs which item since when, and the idle actors."""
+
+    def __init__(self, actors: list, method: str, args: tuple, item_arg):
+        self.idle = list(actors)
+        self.method, self.args, self.item_arg = method, args, item_arg
+        self.in_flight: dict = {}  # ref -> (actor, item number, started)
+        self.copied: set[int] = set()
+
+    def start(self, actor, number: int, items: list) -> None:
+        ref = getattr(actor, self.method).remote(self.item_arg(items[number]), *self.args)
+        self.in_flight[ref] = (actor, number, time.monotonic())
+
+    def speculate(self, items: list, finished: set, after_s: float) -> None:
+        now = time.monotonic()
+        for actor, number, started in sorted(self.in_flight.values(), key=lambda v: v[2]):
+            if not self.idle:
+                return
+            if number not in finished and number not in self.copied and now - started > after_s:
+                log.warning("%s has run %.0f s (over %.0f s): starting it again on an idle worker",
+                            _name_of(items[number]), now - started, after_s)
+                self.copied.add(number)
+                self.start(self.idle.pop(0), number, items)
+
+    def next_done(self, timeout: float | None):
+        done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
+        return done[0] if done else None
+
+    def finish(self, ref) -> tuple[int, float]:
+        actor, number, started = self.in_flight.pop(ref)
+        self.idle.append(actor)
+        return number, time.monotonic() - started
+
+    def running(self, number: int) -> bool:
+        return any(n == number for _, n, _ in self.in_flight.values())
 
 
 class StageFailed(RuntimeError):

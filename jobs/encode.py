@@ -81,7 +81,8 @@ def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done)
     count = session.worker_count(len(pending))
     log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
     with _runtime.released(_actors.start_encode_workers(cfg, count)) as workers:
-        _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done, work="encode")
+        _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done, work="encode",
+                               speculation=cfg.runtime.speculation)
 
 
 def _committed_dim(layout) -> int:

@@ -57,14 +57,30 @@ def run(cfg: Config) -> dict:
     ranked, index_manifest = retrieve(cfg, [queries[q] for q in qids], ev.depth)
     run_ = dict(zip(qids, ranked))
     figures = metrics.evaluate_run(run_, qrels)
+    unindexed = relevant_not_indexed(cfg, qrels, qids)
     per_query = metrics.per_query_metrics(run_, qrels)
     result = {**stamp(), "stage": "eval", "metrics": figures, "queries_path": ev.queries_path,
               "qrels_path": ev.qrels_path, "depth": ev.depth, "index_type": index_manifest["type"],
               "search_parameters": index_manifest["search_parameters"], "identity": identity,
-              "fingerprint": index_manifest["fingerprint"], "seconds": round(time.perf_counter() - started, 3)}
+              "fingerprint": index_manifest["fingerprint"], "relevant_not_indexed": unindexed,
+              "seconds": round(time.perf_counter() - started, 3)}
     storage.write_json_atomic(storage.join(out, "per_query.json"), per_query, cfg.output.storage_options)
     storage.write_json_atomic(storage.join(out, "metrics.json"), result, cfg.output.storage_options)
     return {**result, "reused": False}
+
+
+def relevant_not_indexed(cfg: Config, qrels: dict[str, dict[str, int]], qids: list[str]) -> int:
+    """How many relevant judgements (score > 0) of the evaluated queries name a document the embeddings do not hold
+    (absent from the corpus, or rejected at encode); warned with examples. They stay in the figures as never
+    retrieved (as BEIR counts them), so recall cannot reach 1 for those queries."""
+    pairs = [(q, d) for q in qids for d, score in qrels[q].items() if score > 0]
+    present = lookup.doc_ids_present(cfg.output.root, {d for _, d in pairs}, cfg.output.storage_options)
+    missing = [(q, d) for q, d in pairs if d not in present]
+    if missing:
+        log.warning("%d of %d relevant judgements name documents the index does not hold (absent from the corpus "
+                    "or rejected at encode), e.g. %s; they count as never retrieved", len(missing), len(pairs),
+                    ", ".join(f"query {q} -> doc {d}" for q, d in missing[:5]))
+    return len(missing)
 
 
 def evaluation_identity(cfg: Config, queries: dict[str, str], qrels: dict, qids: list[str]) -> dict:

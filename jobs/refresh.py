@@ -185,7 +185,7 @@ def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, i
     count = steps.session.worker_count(len(pending))
     with _runtime.released(_actors.start_encode_workers(steps.cfg, count)) as workers:
         _runtime.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity), done,
-                               work="refresh: encode")
+                               work="refresh: encode", speculation=steps.cfg.runtime.speculation)
 
 
 def _tombstones(steps: _Steps, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:

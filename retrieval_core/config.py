@@ -90,6 +90,7 @@ class RuntimeConfig:
     rows_per_shard: int = 0
     max_restarts: int = 3
     max_task_retries: int = 3
+    speculation: float = 3.0
     inline_rows: int = 2048
     progress: bool = True
 
@@ -432,6 +433,8 @@ def validate(config: Config) -> None:
     _check(r.rows_per_shard >= 0, f"'runtime.rows_per_shard' = {r.rows_per_shard}: expected >= 0 (0 = automatic)")
     _check(r.max_restarts >= 0, f"'runtime.max_restarts' = {r.max_restarts}: expected >= 0")
     _check(r.max_task_retries >= 0, f"'runtime.max_task_retries' = {r.max_task_retries}: expected >= 0")
+    _check(r.speculation == 0 or r.speculation >= 1,
+           f"'runtime.speculation' = {r.speculation}: expected 0 (off) or a multiple >= 1 of the median shard time")
     _check(r.inline_rows >= 0, f"'runtime.inline_rows' = {r.inline_rows}: expected >= 0 (0 = always on actors)")
     _validate_index(config.index)
     _validate_search(config.search, config.eval)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import encoding, storage
+from . import encoding, faults, storage
 from .config import Config
 from .corpus import read_shard, text_hash
 from .encoding import Encoder, EncoderOutOfMemory, encode_by_length, usage_of
@@ -161,6 +161,7 @@ def encode_shard(shard: Shard, cfg: Config, encoder: Encoder, encoder_identity: 
     Memory: the shard's texts and its (rows x dim) float32 vectors; ``runtime.rows_per_shard`` bounds both.
     """
     started = time.perf_counter()
+    faults.point("encode", shard.name)
     layout = layout_of(cfg)
     rows = read_shard(shard, cfg.corpus)
     before = usage_of(encoder)

@@ -9,10 +9,13 @@ A fault fires at the calls of ``point`` whose ``detail`` ends with ``match``, af
 ``times`` times in all processes together (hits are claimed with exclusive-create marker files next to the plan).
 Actions: ``kill`` (SIGKILL of the calling process: a crash, nothing runs after it), ``crash`` (raise
 :class:`InjectedCrash`, a BaseException that no ``except Exception`` handles: a driver's crash, simulated in the
-test's own process) and ``oserror`` (raise ``OSError(ENOSPC)``: a full disk, or a store refusing writes).
+test's own process), ``oserror`` (raise ``OSError(ENOSPC)``: a full disk, or a store refusing writes) and
+``stall`` (sleep ``seconds``: slow work, so that a test can strike while it runs).
 
 Points: ``write`` (every atomic write of ``storage``, after the data is staged and before it is committed;
-``detail`` = the URL), ``search`` (a searcher actor's batch; ``detail`` = "search").
+``detail`` = the URL), ``search`` (a searcher actor's batch; ``detail`` = "search"), ``encode`` (an embedding
+shard about to be read and encoded; ``detail`` = its name), ``train`` (a training step done; ``detail`` =
+"step-N").
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import errno
 import json
 import os
 import signal
+import time
 
 ENV = "RETRIEVAL_TEST_FAULTS"
 
@@ -37,7 +41,7 @@ def point(name: str, detail: str) -> None:
         plan = json.load(handle)
     for number, fault in enumerate(plan):
         if fault["point"] == name and detail.endswith(fault.get("match", "")) and _claim(plan_path, number, fault):
-            _fire(fault["action"], f"{name} {detail}")
+            _fire(fault["action"], f"{name} {detail}", fault.get("seconds", 1.0))
 
 
 def _claim(plan_path: str, number: int, fault: dict) -> bool:
@@ -52,11 +56,14 @@ def _claim(plan_path: str, number: int, fault: dict) -> bool:
     return False
 
 
-def _fire(action: str, where: str) -> None:
+def _fire(action: str, where: str, seconds: float = 1.0) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "crash":
         raise InjectedCrash(f"injected crash at {where}")
     if action == "oserror":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {where})")
+    if action == "stall":
+        time.sleep(seconds)
+        return
     raise ValueError(f"unknown fault action {action!r}")

@@ -57,6 +57,20 @@ def all_doc_ids(root: str, storage_options: dict | None = None, manifest: dict |
     return out
 
 
+def doc_ids_present(root: str, doc_ids: Iterable[str], storage_options: dict | None = None) -> set[str]:
+    """Those of ``doc_ids`` that the embeddings hold (encoded, not rejected), reading the doc_id column of one shard
+    at a time (memory: ``doc_ids`` and one shard's column, whatever the corpus size)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted(set(doc_ids)), pa.string())
+    found: set[str] = set()
+    for shard in read_embeddings_manifest(root, storage_options)["shards"]:
+        column = read_shard_table(root, shard, ["doc_id"], storage_options).column("doc_id")
+        found.update(pc.filter(column, pc.is_in(column, value_set=wanted)).to_pylist())
+    return found
+
+
 def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None,
                    corpus_storage_options: dict | None = None) -> dict[int, str]:
     """Row id -> the text that was encoded (title + " " + text), read back from the corpus (only the corpus shards

@@ -143,3 +143,23 @@ def test_rerun_redoes_only_uncommitted_shards(tmp_path):
     changed = sorted(name for name in after if after[name] != mtimes.get(name))
     assert changed == ["shard-00003.faiss"]
     assert index.run(cfg)["reused"] is True
+
+
+def test_relevant_documents_missing_from_the_index_are_counted_and_warned(demo_index, tmp_path, caplog):
+    """A judgement naming a document the corpus lacks stays in the figures as never retrieved (as BEIR counts it),
+    and the evaluation says how many there are, with examples."""
+    import logging
+
+    cfg, _ = demo_index
+    qrels_path = tmp_path / "qrels.tsv"
+    first_query = (DEMO / "qrels.tsv").read_text().splitlines()[1].split("\t")[0]
+    qrels_path.write_text((DEMO / "qrels.tsv").read_text().rstrip("\n") + f"\n{first_query}\tno-such-doc\t1\n")
+    with_missing = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, qrels_path=str(qrels_path)),
+                                       output=dataclasses.replace(cfg.output, root=str(cfg.output.root)))
+    clean = evaluate.run(cfg)
+    with caplog.at_level(logging.WARNING, logger="jobs.evaluate"):
+        result = evaluate.run(with_missing)
+    assert result["relevant_not_indexed"] == 1 and clean["relevant_not_indexed"] == 0
+    assert f"query {first_query} -> doc no-such-doc" in caplog.text
+    assert result["metrics"]["recall@100"] < clean["metrics"]["recall@100"]
+    evaluate.run(cfg)  # the module's other tests find the demo evaluation in place
