@@ -23,12 +23,39 @@ def cluster_address(rt: RuntimeConfig) -> str:
     return rt.address or os.environ.get("RAY_ADDRESS", "")
 
 
+_kept: contextlib.ExitStack | None = None  # where a pipeline keeps the session a stage opened, for the next stages
+
+
+@contextlib.contextmanager
+def kept_session():
+    """Within: a Ray session that a job opens stays open until the end of the block (a pipeline's stages share
+    it, and a pipeline whose stages all run in this process never starts Ray)."""
+    global _kept
+    with contextlib.ExitStack() as stack:
+        _kept = stack
+        try:
+            yield
+        finally:
+            _kept = None
+
+
 @contextlib.contextmanager
 def ray_session(rt: RuntimeConfig):
-    """Connect to (or start) Ray for the duration of a job; a session already open is reused and left open."""
+    """Connect to (or start) Ray for the duration of a job; a session already open is reused and left open, and
+    within :func:`kept_session` one opened here is left open until that block ends."""
     if ray.is_initialized():
         yield
         return
+    if _kept is not None:
+        _kept.enter_context(_opened(rt))
+        yield
+        return
+    with _opened(rt):
+        yield
+
+
+@contextlib.contextmanager
+def _opened(rt: RuntimeConfig):
     address = cluster_address(rt)
     if address:
         log.info("connecting to the Ray cluster at %s", address)

@@ -25,13 +25,14 @@ KEYS = ("output.root", "index.type", "index.metric", "index.max_memory", "index.
 
 def run(cfg: Config, in_process: bool = False) -> dict:
     """Run the index stage; returns a summary dict (the manifest's main figures). ``in_process``: every step in
-    this process, with FAISS on all its cores (a caller's small build, where starting Ray would cost more)."""
+    this process, with FAISS on all its cores (a caller's small build, where starting Ray would cost more); so
+    is a build of at most ``runtime.inline_rows`` vectors."""
     started = time.perf_counter()
     plan = indexing.prepare(cfg)
     layout = indexing.layout_of(cfg)
     if storage.exists(layout.file("manifest.json"), layout.storage_options):
         return _summary(indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options), reused=True)
-    if in_process:
+    if in_process or plan.ntotal <= cfg.runtime.inline_rows:
         _actors.faiss_threads(encoding.cpu_count())
         return _summary(indexing.build_in_process(cfg), reused=False)
     log.info("index %s (%s) over %d vectors of dim %d in %d shard(s)", plan.factory, plan.metric, plan.ntotal,

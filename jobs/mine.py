@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
-from retrieval_core import exports, indexing, lookup, mining, negatives, search, storage
+from retrieval_core import encoding, exports, indexing, lookup, mining, negatives, search, storage
 from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
 
@@ -78,10 +78,14 @@ def _search_window(cfg: Config, queries: list, ntotal: int) -> tuple[int, int]:
 def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, parts: list, pending: list,
                   range_max: int, depth: int) -> None:
     vectors = {i: _queries.encode_queries(cfg, [q.text for q in parts[i]], session) for i in pending}
-    searchers = _actors.start_searchers(cfg, _searcher_groups(cfg, session, index_manifest))
+    if cfg.mine.mode == "replicated" and sum(len(parts[i]) for i in pending) <= cfg.runtime.inline_rows:
+        # few queries: the index is searched here, where starting Ray and searcher actors would cost more
+        searchers = [_actors.IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())]
+    else:
+        searchers = _actors.start_searchers(cfg, _searcher_groups(cfg, session, index_manifest))
     bar = tqdm(total=sum(len(parts[i]) for i in pending), unit="query", desc="mine",
                disable=not cfg.runtime.progress, dynamic_ncols=True)
-    with _runtime.released(searchers), bar:
+    with _runtime.released([s for s in searchers if not isinstance(s, _actors.IndexSearcher)]), bar:
         for i in pending:
             query_vectors = vectors.pop(i)
             scores, ids = _search(cfg, searchers, query_vectors, depth)
@@ -105,6 +109,8 @@ def _search(cfg: Config, searchers: list, vectors: np.ndarray, depth: int) -> tu
     every searcher searches every query and the per-searcher top-k are merged. Ties go to the smaller row id."""
     import ray
 
+    if isinstance(searchers[0], _actors.IndexSearcher):  # in this process
+        return searchers[0].search(vectors, depth)
     if cfg.mine.mode == "sharded":
         results = ray.get([s.search.remote(vectors, depth) for s in searchers])
         return search.merge_topk(results, depth, "ip")

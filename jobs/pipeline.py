@@ -1,4 +1,4 @@
-"""Run the whole pipeline from one config in one Ray session.
+"""Run the whole pipeline from one config in one Ray session (none when every stage runs in this process).
 
 Stages, in this order (pipeline.stages selects): encode -> index -> evaluate -> mine -> train -> reencode ->
 reindex -> reevaluate. Each reads and writes what its own job does (python -m jobs.<stage> --help), under
@@ -49,7 +49,7 @@ def run(cfg: Config) -> dict:
         training.check_trainable(cfg)
     runs = _stage_runs(cfg)
     results = {}
-    with _runtime.ray_session(cfg.runtime):
+    with _runtime.kept_session():  # Ray starts with the first stage that needs it, and serves the rest
         for stage in (s for s in PIPELINE_STAGES if s in cfg.pipeline.stages):
             started = time.perf_counter()
             log.info("stage %s", stage)

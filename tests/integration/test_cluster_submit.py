@@ -57,7 +57,8 @@ def test_submitted_pipeline_succeeds_and_writes_its_outputs(head, tmp_path, tiny
     root = tmp_path / "submitted"
     overrides = [f"output.root={root}", f"model.name={tiny_model_without_dropout}", "runtime.progress=false",
                  "corpus.title_column=title", "runtime.rows_per_shard=32", "mine.query_id_column=query_id",
-                 "train.batch_size=8", "train.max_steps=2", "mine.relative_margin=null"]
+                 "train.batch_size=8", "train.max_steps=2", "mine.relative_margin=null",
+                 "runtime.inline_rows=100"]  # the 247 documents on the cluster's actors and tasks, the queries here
     entrypoint = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/demo.yaml"]
     for item in overrides:
         entrypoint += ["--set", item]

@@ -76,7 +76,7 @@ def kill(match: str, point: str = "write", **extra) -> list[dict]:
 # ---------------------------------------------------------------------------------- a worker killed mid-task
 
 def test_index_task_killed_mid_add_is_retried(tiny_model, tmp_path, clean, faults):
-    cfg = matrix_config(tiny_model, tmp_path / "out")
+    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0)
     encode.run(cfg)
     faults(kill("index/shard-00002.faiss"))
     index.run(cfg)
@@ -84,7 +84,7 @@ def test_index_task_killed_mid_add_is_retried(tiny_model, tmp_path, clean, fault
 
 
 def test_mine_searcher_killed_mid_search_is_restarted(tiny_model, tmp_path, clean, faults):
-    cfg = matrix_config(tiny_model, tmp_path / "out")
+    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0)
     encode.run(cfg)
     index.run(cfg)
     faults(kill("search", point="search", skip=1))
@@ -110,7 +110,7 @@ def test_encode_retries_exhausted_fail_naming_the_shard_and_a_rerun_redoes_only_
 
 
 def test_index_retries_exhausted_fail_naming_the_shard_and_a_rerun_completes(tiny_model, tmp_path, clean, faults):
-    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__max_task_retries=0)
+    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__max_task_retries=0, runtime__inline_rows=0)
     encode.run(cfg)
     faults(kill("index/shard-00001.faiss"))
     with pytest.raises(_runtime.StageFailed, match=r"index: adding embeddings of shard-00001 failed"):
