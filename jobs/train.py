@@ -95,7 +95,7 @@ def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: ch
 
     try:
         model, history = training.fit(cfg, train_set, held_out, corpus, on_epoch=_log_epoch, on_step=on_step,
-                                      saved=saved)
+                                      saved=saved, device=encoding.pick_device(cfg.runtime.gpus_per_worker))
     finally:
         bar.close()
     save_model(model, output, cfg.output.storage_options)
@@ -117,6 +117,7 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str,
         import dataclasses
 
         import ray.train
+        import ray.train.torch
         import torch.distributed
 
         context = ray.train.get_context()
@@ -125,7 +126,7 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str,
         mine = dataclasses.replace(saved, rank=rank, barrier=torch.distributed.barrier)
         model, history = training.fit(cfg, train_set, held_out if rank == 0 else [], corpus, rank, world,
                                       training.average_gradients, on_epoch=_log_epoch if rank == 0 else None,
-                                      saved=mine)
+                                      saved=mine, device=str(ray.train.torch.get_device()))
         if rank == 0:
             save_model(model, output, cfg.output.storage_options)
             storage.write_json_atomic(storage.join(output, "_history.json"), history, cfg.output.storage_options)

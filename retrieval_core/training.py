@@ -153,8 +153,9 @@ def linear_schedule(optimizer, warmup: int, total: int):
 def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus: dict[str, str],
         rank: int = 0, world: int = 1, reduce_gradients: Callable | None = None,
         on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int, float], None] | None = None,
-        saved: checkpoints.Checkpoints | None = None):
-    """Train ``cfg.model.name`` on ``train``; this worker takes every ``world``-th example of each global batch.
+        saved: checkpoints.Checkpoints | None = None, device: str = "cpu"):
+    """Train ``cfg.model.name`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) with ``train``; this worker takes
+    every ``world``-th example of each global batch.
     ``on_step(step, total, loss)`` and ``on_epoch(evaluation)`` report progress. With ``saved``, a checkpoint is
     written every ``saved.every`` steps and the training resumes from the latest one, ending with the weights of an
     uninterrupted run. Returns (model, history). Memory: the model, the optimizer state (2x the weights) and one
@@ -162,7 +163,7 @@ def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus:
     import torch
 
     torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg)
+    model = load_model(cfg, device)
     loss = build_loss(model, cfg, world > 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
     per_epoch, total = steps_plan(cfg, len(train))
@@ -196,10 +197,10 @@ def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus:
     return model, history
 
 
-def load_model(cfg: Config):
+def load_model(cfg: Config, device: str = "cpu"):
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(resolve_model_path(cfg.model.name, cfg.model.storage_options), device="cpu",
+    model = SentenceTransformer(resolve_model_path(cfg.model.name, cfg.model.storage_options), device=str(device),
                                 trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.max_seq_length:
         model.max_seq_length = cfg.model.max_seq_length
@@ -212,7 +213,7 @@ def _step(model, loss, optimizer, scheduler, local: list[Example], cfg: Config,
     import torch
 
     model.train()
-    value = loss(batch_features(model, local, cfg), torch.arange(len(local)))
+    value = loss(batch_features(model, local, cfg), torch.arange(len(local), device=model.device))
     optimizer.zero_grad()
     value.backward()
     if reduce_gradients:

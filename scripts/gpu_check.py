@@ -1,0 +1,181 @@
+"""Check the GPU paths against the CPU: encoding in fp32/fp16/bf16, FAISS (CPU) over GPU-encoded vectors, a few
+training steps, and the encode job with ``runtime.gpus_per_worker = 1``. Prints a table; writes it as JSON.
+
+    python scripts/gpu_check.py [--device cuda] [--steps 4] [--json gpu_check.json]
+
+Exit status: 0 every check passed, 1 a check failed, 2 no CUDA device (nothing was checked). ``--device cpu`` runs
+the same checks against the CPU itself (a smoke test of this script on a machine without a GPU).
+
+Thresholds: fp32 vectors within min cosine 0.99999 of the CPU's; fp16 0.999 and bf16 0.99 (half-precision
+autocast); FAISS top-10 over the device's fp16 vectors sharing >= 90% of the CPU fp32 top-10; after the training
+steps, the device-trained weights closer to the CPU-trained ones than half the size of the update itself (dropout
+off on both, so only arithmetic differs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from retrieval_core import encoding, training  # noqa: E402
+from retrieval_core.config import load_config  # noqa: E402
+
+DEMO = ROOT / "examples" / "demo"
+MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.99}
+
+
+def demo_texts() -> tuple[list[str], list[str], list[str]]:
+    """(document ids, document texts, query texts) of the bundled demo corpus."""
+    docs = [json.loads(line) for line in (DEMO / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    queries = [json.loads(line)["query"] for line in (DEMO / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    return [d["id"] for d in docs], [d["text"] for d in docs], queries
+
+
+def encode(device: str, precision: str, texts: list[str], repeat: int = 1) -> tuple[np.ndarray, float]:
+    """(vectors of ``texts``, documents per second over ``repeat`` passes after a warm-up pass)."""
+    cfg = load_config(None, [f"model.precision={precision}"]).model
+    encoder = encoding.SentenceTransformerEncoder(cfg, device=device, threads=1)
+    vectors = encoder.encode_documents(texts)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeat):
+        encoder.encode_documents(texts)
+    _sync(device)
+    return vectors, repeat * len(texts) / (time.perf_counter() - started)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+def top10_agreement(reference: np.ndarray, other: np.ndarray, queries: np.ndarray) -> float:
+    """Mean share of the CPU fp32 top-10 that an exact FAISS (CPU) index over ``other`` also returns."""
+    import faiss
+
+    tops = []
+    for vectors in (reference, other):
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        tops.append(index.search(np.ascontiguousarray(queries, dtype=np.float32), 10)[1])
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(*tops)]))
+
+
+def train_weights(device: str, steps: int, docs: list[str], queries: list[str]) -> dict:
+    """The model's parameters (CPU copies) after ``steps`` steps on ``device``, dropout off."""
+    cfg = load_config(None, [f"train.max_steps={steps}", "train.batch_size=8", "train.checkpoint_steps=0", "train.num_negatives=1",
+                             "model.max_seq_length=64"])
+    examples = [training.Example(f"q{i}", q, docs[i % len(docs)], (docs[(i * 7 + 3) % len(docs)],))
+                for i, q in enumerate(queries)]
+    original = training.load_model
+
+    def without_dropout(cfg, device="cpu"):
+        model = original(cfg, device)
+        for module in model.modules():
+            if module.__class__.__name__ == "Dropout":
+                module.p = 0.0
+        return model
+
+    training.load_model = without_dropout
+    try:
+        model, _ = training.fit(cfg, examples, [], {}, device=device)
+    finally:
+        training.load_model = original
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def distance(a: dict, b: dict) -> float:
+    return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a)))
+
+
+def encode_job(device: str, output: str) -> tuple[list[str], np.ndarray]:
+    """Run ``jobs.encode`` on the demo corpus with one worker holding one GPU (none with ``--device cpu``)."""
+    gpus = "1" if device.startswith("cuda") else "0"
+    subprocess.run([sys.executable, "-m", "jobs.encode", "--config", "configs/demo.yaml", "--set",
+                    f"output.root={output}", "--set", f"runtime.gpus_per_worker={gpus}", "--set",
+                    "runtime.num_workers=1", "--set", "runtime.progress=false"], cwd=ROOT, check=True)
+    from retrieval_core import embeddings
+
+    _, vectors, doc_ids = embeddings.load_embeddings(output)
+    return doc_ids, vectors
+
+
+def run(device: str, steps: int, repeat: int) -> list[dict]:
+    ids, docs, queries = demo_texts()
+    rows = []
+    reference, cpu_rate = encode("cpu", "fp32", docs)
+    rows.append({"check": "encode cpu fp32", "value": cpu_rate, "unit": "docs/s", "ok": True})
+    vectors = {}
+    for precision in ("fp32", "fp16", "bf16"):
+        vectors[precision], rate = encode(device, precision, docs, repeat)
+        cosine = min_cosine(reference, vectors[precision])
+        rows.append({"check": f"encode {device} {precision}", "value": rate, "unit": "docs/s",
+                     "ratio_to_cpu_fp32": rate / cpu_rate, "min_cosine": cosine,
+                     "ok": cosine >= MIN_COSINE[precision]})
+    query_vectors, _ = encode("cpu", "fp32", queries)
+    agreement = top10_agreement(reference, vectors["fp16"], query_vectors)
+    rows.append({"check": f"FAISS cpu top-10, {device} fp16 vectors", "value": agreement, "unit": "shared",
+                 "ok": agreement >= 0.9})
+    initial = train_weights("cpu", 0, docs, queries)
+    on_cpu = train_weights("cpu", steps, docs, queries)
+    on_device = train_weights(device, steps, docs, queries)
+    update, gap = distance(on_cpu, initial), distance(on_device, on_cpu)
+    rows.append({"check": f"train {steps} steps {device} vs cpu", "value": gap / update, "unit": "gap/update",
+                 "ok": update > 0 and gap < 0.5 * update})
+    with tempfile.TemporaryDirectory() as output:
+        job_ids, job_vectors = encode_job(device, output)
+    order = {d: i for i, d in enumerate(ids)}
+    cosine = min_cosine(reference[[order[d] for d in job_ids]], job_vectors)
+    rows.append({"check": f"jobs.encode gpus_per_worker={1 if device.startswith('cuda') else 0}", "value": cosine,
+                 "unit": "min cosine", "ok": cosine >= MIN_COSINE["fp32"] and len(job_ids) == len(ids)})
+    return rows
+
+
+def print_table(rows: list[dict], card: str) -> None:
+    print(f"\nGPU check on {card}")
+    print(f"{'check':45} {'value':>12} {'unit':12} {'x cpu':>7} {'min cos':>9}  ok")
+    for r in rows:
+        ratio = f"{r['ratio_to_cpu_fp32']:.2f}" if "ratio_to_cpu_fp32" in r else ""
+        cosine = f"{r['min_cosine']:.6f}" if "min_cosine" in r else ""
+        print(f"{r['check']:45} {r['value']:12.5g} {r['unit']:12} {ratio:>7} {cosine:>9}  {'yes' if r['ok'] else 'NO'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a smoke test")
+    parser.add_argument("--steps", type=int, default=4, help="training steps on each device (default 4)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed encoding passes on the device (default 5)")
+    parser.add_argument("--json", default="gpu_check.json", help="where the table goes as JSON")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing checked (use --device cpu for a smoke test)", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    rows = run(args.device, args.steps, args.repeat)
+    print_table(rows, card)
+    Path(args.json).write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=2))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
