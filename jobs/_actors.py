@@ -109,10 +109,45 @@ class IndexSearcher:
         return search.merge_topk([faiss_index.search(index, vectors, k) for index in self.indexes], k, "ip")
 
 
-def start_searchers(cfg: Config, groups: list) -> list:
-    """One searcher per group of shard names (None = the merged index), each with ``runtime.cpus_per_worker``."""
+class MineWorker:
+    """Mines whole parts: holds the query encoder and an index (the merged one, or a group of shard indexes), and
+    for each part encodes the queries, searches, selects the negatives, writes the part's exports and commits it.
+    In sharded mode a part's queries are also searched by every peer (``search``, served on the actor's second
+    thread while its own part runs) and the top-k merged here."""
+
+    def __init__(self, cfg: Config, shard_names: list | None, position: int):
+        from retrieval_core import encoding
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        rt = cfg.runtime
+        self.searcher = IndexSearcher(cfg.output.root, cfg.output.storage_options, shard_names, rt.cpus_per_worker)
+        self.encoder = encoding.load_encoder(cfg.model, rt.gpus_per_worker, threads=rt.cpus_per_worker)
+        self.position = position
+
+    def search(self, vectors, k: int):
+        return self.searcher.search(vectors, k)
+
+    def mine_part(self, item: tuple, cfg: Config, emb: dict, range_max: int, depth: int, peers: list) -> dict:
+        from retrieval_core import mining
+
+        number, queries = item
+        return mining.run_part(cfg, emb, number, queries, self.encoder.encode_queries,
+                               lambda vectors, k: self._search_all(vectors, k, peers), range_max, depth)
+
+    def _search_all(self, vectors, k: int, peers: list):
+        from retrieval_core import search
+
+        if not peers:
+            return self.searcher.search(vectors, k)
+        refs = [peer.search.remote(vectors, k) for i, peer in enumerate(peers) if i != self.position]
+        return search.merge_topk([self.searcher.search(vectors, k), *ray.get(refs)], k, "ip")
+
+
+def start_mine_workers(cfg: Config, groups: list) -> list:
+    """One mine worker per group of shard names (None = the merged index), each with ``runtime.cpus_per_worker``
+    CPUs and ``runtime.gpus_per_worker`` GPUs (query encoding)."""
     rt = cfg.runtime
-    remote = ray.remote(IndexSearcher).options(num_cpus=rt.cpus_per_worker, max_restarts=rt.max_restarts,
-                                               max_task_retries=rt.max_task_retries)
-    return [remote.remote(cfg.output.root, cfg.output.storage_options, group, rt.cpus_per_worker)
-            for group in groups]
+    remote = ray.remote(MineWorker).options(num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
+                                            max_concurrency=2, max_restarts=rt.max_restarts,
+                                            max_task_retries=rt.max_task_retries)
+    return [remote.remote(cfg, group, position) for position, group in enumerate(groups)]

@@ -4,21 +4,21 @@ Reads:  <output.root>/index/ and embeddings/, and mine.pairs_path (query/positiv
         mine.qrels_path (BEIR).
 Writes: <output.root>/negatives/: part-*.parquet, rejects.parquet, exports/ (triplet, n-tuple, flag-jsonl),
         report.json and report.png, _manifest.json last.
-Encodes the queries with the index's encoder, searches (mine.mode: replicated or sharded), and selects negatives
-per query with the false-negative filters. A rerun skips committed parts.
+Each part is mined whole by one worker: it encodes the part's queries with the index's encoder, searches
+(mine.mode: replicated or sharded), selects negatives per query with the false-negative filters, writes its share
+of the exports and commits. The driver plans the parts, counts, and concatenates the exports and merges the report
+statistics one part at a time. A rerun skips committed parts.
 """
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 
-import numpy as np
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
-from retrieval_core import encoding, exports, indexing, lookup, mining, negatives, search, storage
+from retrieval_core import encoding, exports, indexing, lookup, mining, negatives, storage
 from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
 
@@ -50,17 +50,19 @@ def run(cfg: Config) -> dict:
     mining.prepare(cfg, identity, len(parts))
     layout = mining.layout_of(cfg)
     if storage.exists(layout.file("_manifest.json"), layout.storage_options):
+        mining.remove_part_exports(cfg)  # left by a run killed after its manifest
         return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
     pending = mining.pending_parts(cfg, len(parts))
     with _runtime.LazyRaySession(cfg.runtime) as session:
         if pending:
             _mine_pending(cfg, session, emb, index_manifest, parts, pending, range_max, depth)
-    records = mining.part_records(cfg, len(parts))
+    records, stats = mining.part_records(cfg, len(parts), doc_rows)
     mining.write_rejects(cfg, rejects)
-    extra = _exports_and_report(cfg, records, doc_rows, len(queries), len(rejects))
+    extra = _exports_and_report(cfg, records, stats, len(queries), len(rejects))
     manifest = mining.write_manifest(cfg, identity, records, len(queries), rejects,
                                      {**extra, "range_max": range_max, "search_depth": depth,
                                       "seconds": round(time.perf_counter() - started, 3)})
+    mining.remove_part_exports(cfg)
     return _summary(manifest, False)
 
 
@@ -77,26 +79,32 @@ def _search_window(cfg: Config, queries: list, ntotal: int) -> tuple[int, int]:
 
 def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, parts: list, pending: list,
                   range_max: int, depth: int) -> None:
-    vectors = {i: _queries.encode_queries(cfg, [q.text for q in parts[i]], session) for i in pending}
-    if cfg.mine.mode == "replicated" and sum(len(parts[i]) for i in pending) <= cfg.runtime.inline_rows:
-        # few queries: the index is searched here, where starting Ray and searcher actors would cost more
-        searchers = [_actors.IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())]
-    else:
-        searchers = _actors.start_searchers(cfg, _searcher_groups(cfg, session, index_manifest))
+    """Mine the pending parts: in this process when few queries are left (replicated mode), else on mine workers,
+    each part whole on one worker (encode, search, select, exports, commit) while the driver only counts."""
     bar = tqdm(total=sum(len(parts[i]) for i in pending), unit="query", desc="mine",
                disable=not cfg.runtime.progress, dynamic_ncols=True)
-    with _runtime.released([s for s in searchers if not isinstance(s, _actors.IndexSearcher)]), bar:
-        for i in pending:
-            query_vectors = vectors.pop(i)
-            scores, ids = _search(cfg, searchers, query_vectors, depth)
-            table, counts = mining.mine_part(cfg, emb, parts[i], query_vectors, scores, ids, range_max)
-            mining.commit_part(cfg, i, table, counts)
-            bar.update(len(parts[i]))
+    with bar:
+        if cfg.mine.mode == "replicated" and sum(len(parts[i]) for i in pending) <= cfg.runtime.inline_rows:
+            # few queries: starting Ray and worker actors would cost more than mining them here
+            searcher = _actors.IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())
+            encoder = _runtime.inline_encoder(cfg)
+            for i in pending:
+                mining.run_part(cfg, emb, i, parts[i], encoder.encode_queries, searcher.search, range_max, depth)
+                bar.update(len(parts[i]))
+            return
+        groups = _worker_groups(cfg, session, index_manifest, len(pending))
+        with _runtime.released(_actors.start_mine_workers(cfg, groups)) as workers:
+            peers = workers if cfg.mine.mode == "sharded" else []
+            _runtime.run_on_actors(workers, "mine_part", pending, (cfg, emb, range_max, depth, peers),
+                                   lambda i, record: bar.update(len(parts[i])), item_arg=lambda i: (i, parts[i]),
+                                   work="mining part", speculation=cfg.runtime.speculation)
 
 
-def _searcher_groups(cfg: Config, session, index_manifest: dict) -> list:
+def _worker_groups(cfg: Config, session, index_manifest: dict, pending: int) -> list:
+    """Replicated: one merged index per worker, as many workers as the cluster holds (at most one per pending
+    part); sharded: the shard indexes spread over the workers (each part searched by all of them)."""
     if cfg.mine.mode == "replicated":
-        return [None] * session.worker_count(10 ** 9)
+        return [None] * session.worker_count(pending)
     names = [s["name"] for s in index_manifest["shards"]]
     if not names:
         raise ValueError(f"index type {index_manifest['type']} has no shard indexes: use mine.mode = replicated")
@@ -104,37 +112,14 @@ def _searcher_groups(cfg: Config, session, index_manifest: dict) -> list:
     return [names[g::count] for g in range(count)]
 
 
-def _search(cfg: Config, searchers: list, vectors: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``depth`` (scores, row ids) per query. Replicated: query chunks spread over the searchers; sharded:
-    every searcher searches every query and the per-searcher top-k are merged. Ties go to the smaller row id."""
-    import ray
-
-    if isinstance(searchers[0], _actors.IndexSearcher):  # in this process
-        return searchers[0].search(vectors, depth)
-    if cfg.mine.mode == "sharded":
-        results = ray.get([s.search.remote(vectors, depth) for s in searchers])
-        return search.merge_topk(results, depth, "ip")
-    chunk = max(1, math.ceil(len(vectors) / len(searchers)))
-    pieces = ray.get([s.search.remote(vectors[i:i + chunk], depth)
-                      for s, i in zip(searchers, range(0, len(vectors), chunk))])
-    return search.merge_topk([(np.vstack([p[0] for p in pieces]), np.vstack([p[1] for p in pieces]))], depth, "ip")
-
-
-def _exports_and_report(cfg: Config, records: list, doc_rows: dict, input_queries: int, rejected: int) -> dict:
+def _exports_and_report(cfg: Config, records: list, stats: dict | None, input_queries: int, rejected: int) -> dict:
     layout = mining.layout_of(cfg)
-    parts = mining.concat_parts(cfg.output.root, records, cfg.output.storage_options)
-    doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in parts.column(column).to_pylist()
-               for d in ids}
-    texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options, doc_rows,
-                                     cfg.corpus.storage_options)
-    written = exports.write_exports(layout.file("exports"), parts, texts, list(cfg.mine.formats),
-                                    cfg.mine.num_negatives, cfg.mine.output_scores, layout.storage_options)
+    written = mining.combine_exports(cfg, records)
     totals, filtered = mining.count_totals(records)
     counts = {"queries": totals, "filtered": filtered, "input_queries": input_queries, "rejected_positives": rejected}
-    summary = exports.report(parts, counts)
+    summary = exports.report(stats, counts)
     storage.write_json_atomic(layout.file("report.json"), summary, layout.storage_options)
-    storage.write_bytes_atomic(layout.file("report.png"), exports.report_figure(parts, summary),
-                               layout.storage_options)
+    storage.write_bytes_atomic(layout.file("report.png"), exports.report_figure(summary), layout.storage_options)
     return {"exports": written, "report": {"json": "report.json", "png": "report.png"}}
 
 

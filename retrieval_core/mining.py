@@ -5,7 +5,9 @@ Layout under ``<root>/negatives/``::
     _plan.json            identity (index, mining settings, input) and the part plan
     part-00000.parquet    query_id, query, positive_ids, positive_scores, negative_ids, negative_scores,
                           negative_ranks, complete
-    _parts/part-00000.json  the part's commit record (counts per filter, incomplete queries)
+    _parts/part-00000.json  the part's commit record (counts per filter, incomplete queries, exports written,
+                          mergeable report statistics)
+    _exports/part-00000.<export file>  the part's share of each export (removed once the manifest is written)
     rejects.parquet       positives whose doc id is not in the corpus (query_id, doc_id, reason)
     _manifest.json        written last: settings, counts, encoder fingerprint
     exports/              triplet.parquet, n-tuple.parquet, flag.jsonl (``mine.formats``)
@@ -17,11 +19,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from . import encoding, lookup, negatives, storage
+from . import encoding, exports, lookup, negatives, storage
 from .config import Config, MineConfig, redact_storage_options
 from .manifest import claim_stage_dir, read_manifest, stamp
 from .metrics import EvaluationDataError, jsonl_records, parquet_records, read_qrels, read_queries
@@ -34,6 +37,7 @@ PART_SCHEMA = pa.schema([
     ("negative_ids", pa.list_(pa.string())), ("negative_scores", pa.list_(pa.float32())),
     ("negative_ranks", pa.list_(pa.int32())), ("complete", pa.bool_()),
 ])
+PART_EXPORTS = "_exports"  # each part's share of the exports, until the combined exports are committed
 REJECTS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reason", pa.string())])
 
 
@@ -198,16 +202,36 @@ def positive_vectors(cfg: Config, queries: list[MiningQuery], emb: dict) -> dict
     return {row: (np.asarray(vector, dtype=np.float32), text_hash) for row, (vector, text_hash) in values.items()}
 
 
+def run_part(cfg: Config, emb: dict, number: int, queries: list[MiningQuery], encode: Callable, search: Callable,
+             range_max: int, depth: int) -> dict:
+    """Mine part ``number`` end to end where it runs (a worker, or the job's process for a small run): encode its
+    queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids), select the negatives, write
+    the part's exports and statistics, and commit it. Returns its commit record."""
+    vectors = encode([q.text for q in queries])
+    scores, ids = search(vectors, depth)
+    table, counts, rows = mine_part(cfg, emb, queries, vectors, scores, ids, range_max)
+    texts = lookup.texts_for_rows(cfg.output.root, set(rows.values()), cfg.output.storage_options,
+                                  cfg.corpus.storage_options)
+    written = _part_exports(cfg, number, table, {doc: texts[row] for doc, row in rows.items()})
+    return commit_part(cfg, number, table, {**counts, "exports": written, "stats": exports.part_stats(table)})
+
+
+def _part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, str]) -> dict:
+    mi = cfg.mine
+    return exports.write_part_exports(layout_of(cfg).file(PART_EXPORTS), number, table, texts, list(mi.formats),
+                                      mi.num_negatives, mi.output_scores, cfg.output.storage_options)
+
+
 def mine_part(cfg: Config, emb: dict, queries: list[MiningQuery], query_vectors: np.ndarray, scores: np.ndarray,
-              ids: np.ndarray, range_max: int) -> tuple[pa.Table, dict]:
+              ids: np.ndarray, range_max: int) -> tuple[pa.Table, dict, dict[str, int]]:
     """Select the negatives of one part from its search results (scores / ids: n x depth, best first).
-    Returns the part's table (kept queries) and its counts."""
+    Returns the part's table (kept queries), its counts, and the row id of every document the table names."""
     rules = rules_of(cfg.mine)
     positives = positive_vectors(cfg, queries, emb)
     candidates = lookup.row_values(cfg.output.root, ids.ravel(), ["doc_id", "text_hash"],
                                    cfg.output.storage_options, emb)
     hash_of = np.vectorize(lambda r: candidates.get(int(r), (None, ""))[1], otypes=[object])
-    rows, counts = [], {"queries": len(queries), "complete": 0, "incomplete": 0, "without_negatives": 0,
+    rows, named, counts = [], {}, {"queries": len(queries), "complete": 0, "incomplete": 0, "without_negatives": 0,
                         "written": 0, "filtered": dict.fromkeys(negatives.FILTERS, 0)}
     for query, vector, score_row, id_row in zip(queries, query_vectors, scores, ids):
         pos_scores = [float(vector @ positives[r][0]) for r in query.positive_rows]
@@ -218,11 +242,13 @@ def mine_part(cfg: Config, emb: dict, queries: list[MiningQuery], query_vectors:
         complete = len(chosen.ids) == rules.num_negatives
         counts["complete" if complete else ("incomplete" if chosen.ids else "without_negatives")] += 1
         if complete or (cfg.mine.keep_incomplete and chosen.ids):
+            named.update(zip(query.positive_doc_ids, query.positive_rows))
+            named.update((candidates[r][0], r) for r in chosen.ids)
             rows.append({"query_id": query.query_id, "query": query.text, "positive_ids": query.positive_doc_ids,
                          "positive_scores": pos_scores, "negative_ids": [candidates[r][0] for r in chosen.ids],
                          "negative_scores": chosen.scores, "negative_ranks": chosen.ranks, "complete": complete})
     counts["written"] = len(rows)
-    return pa.Table.from_pylist(rows, schema=PART_SCHEMA), counts
+    return pa.Table.from_pylist(rows, schema=PART_SCHEMA), counts, named
 
 
 def commit_part(cfg: Config, index: int, table: pa.Table, counts: dict) -> dict:
@@ -233,9 +259,46 @@ def commit_part(cfg: Config, index: int, table: pa.Table, counts: dict) -> dict:
     return record
 
 
-def part_records(cfg: Config, parts: int) -> list[dict]:
+def part_records(cfg: Config, parts: int, doc_rows: dict[str, int] | None = None) -> tuple[list[dict], dict | None]:
+    """(the parts' commit records without their statistics, the statistics merged), reading one record at a time.
+    A part committed without this run's exports (other ``mine.formats`` or ``mine.output_scores``) or without
+    statistics (an older run) gets them here, from its table (texts through ``doc_rows``)."""
     layout = layout_of(cfg)
-    return [storage.read_json(layout.record_file(i), layout.storage_options) for i in range(parts)]
+    records, stats = [], None
+    for i in range(parts):
+        record = storage.read_json(layout.record_file(i), layout.storage_options)
+        if "stats" not in record or not exports.has_part_exports(record, list(cfg.mine.formats),
+                                                                 cfg.mine.output_scores):
+            record = _complete_record(cfg, record, doc_rows)
+        stats = exports.merge_stats(stats, record.pop("stats"))
+        records.append(record)
+    return records, stats
+
+
+def _complete_record(cfg: Config, record: dict, doc_rows: dict[str, int] | None) -> dict:
+    layout = layout_of(cfg)
+    table = storage.read_parquet(layout.part_file(record["part"]), layout.storage_options)
+    doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist()
+               for d in ids}
+    texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options, doc_rows,
+                                     cfg.corpus.storage_options)
+    record = {**record, "exports": _part_exports(cfg, record["part"], table, texts),
+              "stats": exports.part_stats(table)}
+    storage.write_json_atomic(layout.record_file(record["part"]), record, layout.storage_options)
+    return record
+
+
+def combine_exports(cfg: Config, records: list[dict]) -> dict[str, dict]:
+    """The exports of ``mine.formats``: the parts' shares concatenated in part order (see :mod:`exports`)."""
+    mi, layout = cfg.mine, layout_of(cfg)
+    return exports.combine_exports(layout.file("exports"), layout.file(PART_EXPORTS), [r["part"] for r in records],
+                                   list(mi.formats), mi.num_negatives, mi.output_scores, layout.storage_options)
+
+
+def remove_part_exports(cfg: Config) -> None:
+    """Drop the parts' shares of the exports once the combined exports are committed (by the manifest)."""
+    layout = layout_of(cfg)
+    storage.remove(layout.file(PART_EXPORTS), layout.storage_options)
 
 
 def concat_parts(root: str, parts: list[dict], storage_options: dict | None = None) -> pa.Table:

@@ -81,16 +81,40 @@ def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict
             with fs.open(path, "wb") as handle:  # one PUT when closed (a multipart upload above the block size)
                 handle.write(data)
         return
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+    with open_atomic(url, storage_options) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def open_atomic(url: str, storage_options: dict | None = None):
+    """A binary file to write ``url`` through, streaming, that readers see whole or not at all: on file systems a
+    temporary name renamed into place on success; on object stores a local temporary file uploaded on success.
+    An error inside leaves nothing behind (a crash may leave a temporary, which reruns remove)."""
+    import tempfile
+
+    fs, path = filesystem(url, storage_options)
+    remote = is_object_store(fs)
+    if remote:
+        handle = tempfile.NamedTemporaryFile(prefix="upload-", suffix=TMP_MARK.strip("-"))
+        tmp = handle.name
+    else:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+        handle = fs.open(tmp, "wb")
     try:
-        with fs.open(tmp, "wb") as handle:
-            handle.write(data)
-        faults.point("write", url)
-        fs.mv(tmp, path)
+        with handle:
+            yield handle
+            handle.flush()
+            faults.point("write", url)
+            if remote:
+                with naming(url, "write"):
+                    fs.put_file(tmp, path)
+        if not remote:
+            fs.mv(tmp, path)
     except Exception:  # a failed write (a full disk, say) leaves nothing behind; a crash leaves a temporary
-        with contextlib.suppress(OSError):
-            fs.rm(tmp)
+        if not remote:
+            with contextlib.suppress(OSError):
+                fs.rm(tmp)
         raise
 
 
