@@ -39,7 +39,8 @@ def run(cfg: Config) -> dict:
     _queries.check_encoder(cfg, index_manifest)
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     queries = mining.load_queries(cfg.mine)
-    doc_rows = lookup.all_doc_ids(cfg.output.root, cfg.output.storage_options, emb)
+    doc_rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in queries for d in q.positive_doc_ids},
+                                       cfg.output.storage_options, emb)  # the positives' rows only
     kept, rejects = mining.resolve_positives(queries, doc_rows)
     if not kept:
         raise ValueError(f"none of the {len(queries)} queries has a positive in the corpus "
@@ -56,7 +57,7 @@ def run(cfg: Config) -> dict:
     with _runtime.LazyRaySession(cfg.runtime) as session:
         if pending:
             _mine_pending(cfg, session, emb, index_manifest, parts, pending, range_max, depth)
-    records, stats = mining.part_records(cfg, len(parts), doc_rows)
+    records, stats = mining.part_records(cfg, len(parts))
     mining.write_rejects(cfg, rejects)
     extra = _exports_and_report(cfg, records, stats, len(queries), len(rejects))
     manifest = mining.write_manifest(cfg, identity, records, len(queries), rejects,

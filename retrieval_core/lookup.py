@@ -9,7 +9,7 @@ import numpy as np
 from . import storage
 from .config import CorpusConfig
 from .corpus import inspect_corpus, read_shard
-from .embeddings import read_doc_ids, read_embeddings_manifest, read_shard_table
+from .embeddings import read_embeddings_manifest, read_shard_table
 from .sharding import plan_shards
 
 
@@ -47,14 +47,23 @@ def doc_ids_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | 
                                                            manifest).items()}
 
 
-def all_doc_ids(root: str, storage_options: dict | None = None, manifest: dict | None = None) -> dict[str, int]:
-    """Doc id -> row id for the whole corpus (memory: one entry per document)."""
+def rows_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,
+                     manifest: dict | None = None) -> dict[str, int]:
+    """Doc id -> row id for those of ``doc_ids`` that the embeddings hold, reading the doc_id and row_id columns of
+    one shard at a time (memory: ``doc_ids`` and one shard's columns, whatever the corpus size)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     manifest = manifest or read_embeddings_manifest(root, storage_options)
-    out = {}
+    wanted = pa.array(sorted(set(doc_ids)), pa.string())
+    found: dict[str, int] = {}
+    if not len(wanted):
+        return found
     for shard in manifest["shards"]:
-        ids, doc_ids = read_doc_ids(root, shard, storage_options)
-        out.update(zip(doc_ids, ids.tolist()))
-    return out
+        table = read_shard_table(root, shard, ["doc_id"], storage_options)
+        hits = table.filter(pc.is_in(table.column("doc_id"), value_set=wanted))
+        found.update(zip(hits.column("doc_id").to_pylist(), hits.column("row_id").to_pylist()))
+    return found
 
 
 def doc_ids_present(root: str, doc_ids: Iterable[str], storage_options: dict | None = None) -> set[str]:
@@ -128,10 +137,11 @@ def encoded_corpus(manifest: dict, corpus_storage_options: dict | None = None) -
 def texts_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,
                       doc_rows: dict[str, int] | None = None,
                       corpus_storage_options: dict | None = None) -> dict[str, str]:
-    """Doc id -> encoded text, through the doc id -> row id map (``doc_rows``, read from the shards when not
-    given) and :func:`texts_for_rows` (``corpus_storage_options``: the running job's ``corpus.storage_options``)."""
-    doc_rows = doc_rows if doc_rows is not None else all_doc_ids(root, storage_options)
+    """Doc id -> encoded text, through the doc id -> row id map (``doc_rows``; when not given, found for these ids
+    alone by :func:`rows_for_doc_ids`) and :func:`texts_for_rows` (``corpus_storage_options``: the running job's
+    ``corpus.storage_options``)."""
     wanted = set(doc_ids)
+    doc_rows = doc_rows if doc_rows is not None else rows_for_doc_ids(root, wanted, storage_options)
     by_row = texts_for_rows(root, [doc_rows[d] for d in wanted], storage_options, corpus_storage_options)
     return {d: by_row[doc_rows[d]] for d in wanted}
 

@@ -259,29 +259,29 @@ def commit_part(cfg: Config, index: int, table: pa.Table, counts: dict) -> dict:
     return record
 
 
-def part_records(cfg: Config, parts: int, doc_rows: dict[str, int] | None = None) -> tuple[list[dict], dict | None]:
+def part_records(cfg: Config, parts: int) -> tuple[list[dict], dict | None]:
     """(the parts' commit records without their statistics, the statistics merged), reading one record at a time.
     A part committed without this run's exports (other ``mine.formats`` or ``mine.output_scores``) or without
-    statistics (an older run) gets them here, from its table (texts through ``doc_rows``)."""
+    statistics (an older run) gets them here, from its table."""
     layout = layout_of(cfg)
     records, stats = [], None
     for i in range(parts):
         record = storage.read_json(layout.record_file(i), layout.storage_options)
         if "stats" not in record or not exports.has_part_exports(record, list(cfg.mine.formats),
                                                                  cfg.mine.output_scores):
-            record = _complete_record(cfg, record, doc_rows)
+            record = _complete_record(cfg, record)
         stats = exports.merge_stats(stats, record.pop("stats"))
         records.append(record)
     return records, stats
 
 
-def _complete_record(cfg: Config, record: dict, doc_rows: dict[str, int] | None) -> dict:
+def _complete_record(cfg: Config, record: dict) -> dict:
     layout = layout_of(cfg)
     table = storage.read_parquet(layout.part_file(record["part"]), layout.storage_options)
     doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist()
                for d in ids}
-    texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options, doc_rows,
-                                     cfg.corpus.storage_options)
+    texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options,
+                                     corpus_storage_options=cfg.corpus.storage_options)
     record = {**record, "exports": _part_exports(cfg, record["part"], table, texts),
               "stats": exports.part_stats(table)}
     storage.write_json_atomic(layout.record_file(record["part"]), record, layout.storage_options)

@@ -1,4 +1,5 @@
 """The mining job on the session's local Ray cluster, against sentence-transformers' mine_hard_negatives."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -133,3 +134,27 @@ def test_exports_report_rejects_and_rerun(demo_root, tmp_path):
     assert report["filtered"]["max_score"] > 0 and (out / "report.png").stat().st_size > 1000
     again = mine.run(cfg)
     assert again["reused"] is True and again["written"] == summary["written"]
+
+
+def test_parts_mined_with_other_formats_get_this_runs_exports(demo_root, tmp_path):
+    """Parts committed by a run with other export settings (killed before its manifest) are not mined again; their
+    exports are made from the part files, and every export equals a clean run's, texts included."""
+    both = "[triplet, flag-jsonl]"
+    clean = mine_config(demo_root, tmp_path, "clean", formats=both, queries_per_part=40, output_scores="true")
+    mine.run(clean)
+    cfg = mine_config(demo_root, tmp_path, "resumed", formats="[triplet]", queries_per_part=40)
+    mine.run(cfg)
+    out = Path(cfg.output.root) / "negatives"
+    (out / "_manifest.json").unlink()
+    parts_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    mine.run(dataclasses.replace(cfg, mine=dataclasses.replace(cfg.mine, formats=clean.mine.formats,
+                                                               output_scores=True)))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == parts_before  # not mined again
+    assert not (out / "_exports").exists()
+    clean_out = Path(clean.output.root) / "negatives"
+    for name in ("triplet.parquet", "flag.jsonl"):
+        assert (out / "exports" / name).read_bytes() == (clean_out / "exports" / name).read_bytes()
+    corpus = set(demo_texts().values())
+    flag = [json.loads(line) for line in (out / "exports" / "flag.jsonl").read_text().splitlines()]
+    assert flag and all(set(f["pos"]) | set(f["neg"]) <= corpus for f in flag)
+    assert json.loads((out / "report.json").read_text()) == json.loads((clean_out / "report.json").read_text())
