@@ -116,22 +116,26 @@ class MineWorker:
     thread while its own part runs) and the top-k merged here."""
 
     def __init__(self, cfg: Config, shard_names: list | None, position: int):
-        from retrieval_core import encoding
+        from retrieval_core import encoding, lookup
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         rt = cfg.runtime
         self.searcher = IndexSearcher(cfg.output.root, cfg.output.storage_options, shard_names, rt.cpus_per_worker)
         self.encoder = encoding.load_encoder(cfg.model, rt.gpus_per_worker, threads=rt.cpus_per_worker)
+        self.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
         self.position = position
 
     def search(self, vectors, k: int):
         return self.searcher.search(vectors, k)
 
-    def mine_part(self, item: tuple, cfg: Config, emb: dict, range_max: int, depth: int, peers: list) -> dict:
+    def ready(self) -> int:
+        return os.getpid()
+
+    def mine_part(self, item: tuple, cfg: Config, range_max: int, depth: int, peers: list) -> dict:
         from retrieval_core import mining
 
         number, queries = item
-        return mining.run_part(cfg, emb, number, queries, self.encoder.encode_queries,
+        return mining.run_part(cfg, self.rows, number, queries, self.encoder.encode_queries,
                                lambda vectors, k: self._search_all(vectors, k, peers), range_max, depth)
 
     def _search_all(self, vectors, k: int, peers: list):

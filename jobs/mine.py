@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 
+import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
@@ -47,6 +48,7 @@ def run(cfg: Config) -> dict:
                          f"(e.g. {[r['doc_id'] for r in rejects[:3]]}): check mine.positive_column and the corpus ids")
     range_max, depth = _search_window(cfg, kept, index_manifest["ntotal"])
     identity = mining.mining_identity(cfg, index_manifest, kept, range_max)
+    kept.sort(key=lambda q: min(q.positive_rows))  # a part's positives then lie in few embedding shards
     parts = [kept[i:i + cfg.mine.queries_per_part] for i in range(0, len(kept), cfg.mine.queries_per_part)]
     mining.prepare(cfg, identity, len(parts))
     layout = mining.layout_of(cfg)
@@ -54,14 +56,18 @@ def run(cfg: Config) -> dict:
         mining.remove_part_exports(cfg)  # left by a run killed after its manifest
         return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
     pending = mining.pending_parts(cfg, len(parts))
+    timings = {"plan": time.perf_counter() - started}
     with _runtime.LazyRaySession(cfg.runtime) as session:
         if pending:
-            _mine_pending(cfg, session, emb, index_manifest, parts, pending, range_max, depth)
+            _mine_pending(cfg, session, emb, index_manifest, parts, pending, range_max, depth, timings)
+    timings["parts"] = time.perf_counter() - started - timings["plan"]
     records, stats = mining.part_records(cfg, len(parts))
     mining.write_rejects(cfg, rejects)
     extra = _exports_and_report(cfg, records, stats, len(queries), len(rejects))
+    timings["exports_and_report"] = time.perf_counter() - started - timings["plan"] - timings["parts"]
     manifest = mining.write_manifest(cfg, identity, records, len(queries), rejects,
                                      {**extra, "range_max": range_max, "search_depth": depth,
+                                      "timings_s": {k: round(v, 3) for k, v in timings.items()},
                                       "seconds": round(time.perf_counter() - started, 3)})
     mining.remove_part_exports(cfg)
     return _summary(manifest, False)
@@ -79,9 +85,10 @@ def _search_window(cfg: Config, queries: list, ntotal: int) -> tuple[int, int]:
 
 
 def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, parts: list, pending: list,
-                  range_max: int, depth: int) -> None:
+                  range_max: int, depth: int, timings: dict) -> None:
     """Mine the pending parts: in this process when few queries are left (replicated mode), else on mine workers,
-    each part whole on one worker (encode, search, select, exports, commit) while the driver only counts."""
+    each part whole on one worker (encode, search, select, exports, commit) while the driver only counts.
+    ``timings["workers_start"]``: seconds to start the workers (Ray, the model and the index in each)."""
     bar = tqdm(total=sum(len(parts[i]) for i in pending), unit="query", desc="mine",
                disable=not cfg.runtime.progress, dynamic_ncols=True)
     with bar:
@@ -89,14 +96,18 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, parts: 
             # few queries: starting Ray and worker actors would cost more than mining them here
             searcher = _actors.IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())
             encoder = _runtime.inline_encoder(cfg)
+            rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options, emb)
             for i in pending:
-                mining.run_part(cfg, emb, i, parts[i], encoder.encode_queries, searcher.search, range_max, depth)
+                mining.run_part(cfg, rows, i, parts[i], encoder.encode_queries, searcher.search, range_max, depth)
                 bar.update(len(parts[i]))
             return
+        started = time.perf_counter()
         groups = _worker_groups(cfg, session, index_manifest, len(pending))
         with _runtime.released(_actors.start_mine_workers(cfg, groups)) as workers:
+            ray.get([w.ready.remote() for w in workers])  # models and indexes loaded
+            timings["workers_start"] = time.perf_counter() - started
             peers = workers if cfg.mine.mode == "sharded" else []
-            _runtime.run_on_actors(workers, "mine_part", pending, (cfg, emb, range_max, depth, peers),
+            _runtime.run_on_actors(workers, "mine_part", pending, (cfg, range_max, depth, peers),
                                    lambda i, record: bar.update(len(parts[i])), item_arg=lambda i: (i, parts[i]),
                                    work="mining part", speculation=cfg.runtime.speculation)
 

@@ -11,7 +11,7 @@ import json
 import logging
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -235,6 +235,37 @@ def assemble_text(title, text) -> str:
 
 def text_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def texts_at(metas: list[FileMeta], cfg: CorpusConfig, positions: Iterable[int]) -> dict[int, str]:
+    """Global row -> encoded text (title + " " + text) of the rows at ``positions``, reading only the blocks (Parquet
+    row groups, JSONL blocks of lines) that hold them."""
+    wanted = set(int(p) for p in positions if p >= 0)
+    columns = required_columns(cfg)
+    out: dict[int, str] = {}
+    for file_start, piece in _blocks_holding(metas, wanted):
+        for first, batch in iter_piece_batches(piece, columns, cfg.storage_options):
+            titles = batch[cfg.title_column] if cfg.title_column else [None] * len(batch[cfg.text_column])
+            for offset, (title, text) in enumerate(zip(titles, batch[cfg.text_column])):
+                if file_start + first + offset in wanted:
+                    out[file_start + first + offset] = assemble_text(title, text)
+    return out
+
+
+def _blocks_holding(metas: list[FileMeta], wanted: set[int]) -> Iterator[tuple[int, Piece]]:
+    """(the file's first global row, a piece covering one block) for every block holding a wanted row."""
+    import bisect
+
+    rows_sorted = sorted(wanted)
+    file_start = 0
+    for meta in metas:
+        block_start = file_start
+        for rows in meta.block_rows:
+            i = bisect.bisect_left(rows_sorted, block_start)
+            if i < len(rows_sorted) and rows_sorted[i] < block_start + rows:
+                yield file_start, Piece(meta, block_start - file_start, block_start - file_start + rows)
+            block_start += rows
+        file_start += meta.num_rows
 
 
 def read_shard(shard: Shard, cfg: CorpusConfig) -> ShardRows:

@@ -16,8 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
-import sys
 import time
 
 import numpy as np
@@ -25,7 +23,7 @@ import numpy as np
 from . import faiss_index, faults, search, storage
 from .config import Config, parse_memory
 from .embeddings import read_embeddings_manifest, read_shard_vectors
-from .manifest import IncompatibleOutputError, claim_stage_dir, read_manifest, stamp
+from .manifest import IncompatibleOutputError, claim_stage_dir, peak_memory_mb, read_manifest, stamp
 
 log = logging.getLogger(__name__)
 RECALL_K = 10
@@ -64,21 +62,6 @@ class IndexPlan:
 
 def layout_of(cfg: Config) -> IndexLayout:
     return IndexLayout(cfg.output.root, cfg.output.storage_options)
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB. Linux: VmHWM of /proc/self/status (ru_maxrss would
-    carry over the memory of the parent a process was forked from, e.g. a benchmark that launched the job);
-    elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def embeddings_id(manifest: dict) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import storage
 from .config import CorpusConfig
-from .corpus import inspect_corpus, read_shard
+from .corpus import inspect_corpus, read_shard, texts_at
 from .embeddings import read_embeddings_manifest, read_shard_table
 from .sharding import plan_shards
 
@@ -45,6 +45,60 @@ def doc_ids_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | 
     """Row id -> doc id, reading only the doc_id column of the shards that hold the rows."""
     return {row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options,
                                                            manifest).items()}
+
+
+class RowLookup:
+    """Row ids -> doc ids, text hashes, vectors and texts, for a process that looks up many parts (a mine worker).
+
+    The embedding shards' ``doc_id`` and ``text_hash`` columns are read once per shard and kept (about 40 bytes a
+    row, up to ``max_cached_rows`` rows: the shards read longest ago are dropped first); the corpus is planned once,
+    and texts are read from the blocks (Parquet row groups, JSONL blocks of lines) that hold the rows only. Vectors
+    are read from the shards holding the rows, uncached."""
+
+    def __init__(self, root: str, storage_options: dict | None = None, corpus_storage_options: dict | None = None,
+                 manifest: dict | None = None, max_cached_rows: int = 50_000_000):
+        self.root, self.storage_options = root, storage_options
+        self.corpus_storage_options = corpus_storage_options
+        self.manifest = manifest or read_embeddings_manifest(root, storage_options)
+        self.max_cached_rows = max_cached_rows
+        self._columns: dict[int, tuple[np.ndarray, object, object]] = {}  # insertion order = age
+        self._metas = None
+
+    def values(self, row_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """Row id -> (doc id, text hash); missing rows (rejects, -1) are absent."""
+        out: dict[int, tuple[str, str]] = {}
+        for i, rows in _shards_holding(self.manifest["shards"], row_ids).items():
+            ids, doc_ids, hashes = self._shard_columns(i)
+            wanted = np.asarray(rows, dtype=np.int64)
+            at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+            found = ids[at] == wanted if len(ids) else np.zeros(len(wanted), dtype=bool)
+            at = at[found]
+            out.update(zip(wanted[found].tolist(), zip(doc_ids.take(at).to_pylist(), hashes.take(at).to_pylist())))
+        return out
+
+    def vectors(self, row_ids: Iterable[int]) -> dict[int, tuple]:
+        """Row id -> (embedding, text hash)."""
+        return row_values(self.root, row_ids, ["embedding", "text_hash"], self.storage_options, self.manifest)
+
+    def texts(self, row_ids: Iterable[int]) -> dict[int, str]:
+        """Row id -> the text that was encoded; rows without one (rejects, -1) are absent."""
+        row_ids = list(self.values(row_ids))
+        if self.manifest.get("docmap"):  # a refresh version: rows are not corpus positions
+            return texts_for_rows(self.root, row_ids, self.storage_options, self.corpus_storage_options)
+        if self._metas is None:
+            self._corpus = encoded_corpus(self.manifest, self.corpus_storage_options)
+            self._metas = inspect_corpus(self._corpus)
+        return texts_at(self._metas, self._corpus, row_ids)
+
+    def _shard_columns(self, index: int):
+        if index not in self._columns:
+            table = read_shard_table(self.root, self.manifest["shards"][index], ["doc_id", "text_hash"],
+                                     self.storage_options).sort_by("row_id")
+            self._columns[index] = (table.column("row_id").to_numpy(), table.column("doc_id").combine_chunks(),
+                                    table.column("text_hash").combine_chunks())
+            while len(self._columns) > 1 and sum(len(c[0]) for c in self._columns.values()) > self.max_cached_rows:
+                del self._columns[next(iter(self._columns))]
+        return self._columns[index]
 
 
 def rows_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,

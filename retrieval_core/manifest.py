@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from typing import Any
 
@@ -97,3 +99,18 @@ def committed_work(root: str, storage_options: dict | None = None) -> str:
                     if n.endswith(".json") and storage.TMP_MARK not in n]
             found.append(f"{label}{stage} {len(done)} of {total} {unit}")
     return ", ".join(found)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB. Linux: VmHWM of /proc/self/status (ru_maxrss would
+    carry over the memory of the parent a process was forked from, e.g. a benchmark that launched the job);
+    elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -26,7 +27,7 @@ import pyarrow as pa
 
 from . import encoding, exports, lookup, negatives, storage
 from .config import Config, MineConfig, redact_storage_options
-from .manifest import claim_stage_dir, read_manifest, stamp
+from .manifest import claim_stage_dir, peak_memory_mb, read_manifest, stamp
 from .metrics import EvaluationDataError, jsonl_records, parquet_records, read_qrels, read_queries
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,8 @@ def mining_identity(cfg: Config, index_manifest: dict, queries: list[MiningQuery
     digest = hashlib.sha256(json.dumps([[q.query_id, q.text, q.positive_doc_ids] for q in queries]).encode())
     return {"index": index_manifest["identity"], "fingerprint": index_manifest["fingerprint"],
             **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "range_max": range_max,
-            "mode": mi.mode, "queries_per_part": mi.queries_per_part, "queries_digest": digest.hexdigest()[:32]}
+            "mode": mi.mode, "queries_per_part": mi.queries_per_part, "queries_digest": digest.hexdigest()[:32],
+            "parts_by": "first positive row"}
 
 
 def prepare(cfg: Config, identity: dict, parts: int) -> None:
@@ -195,25 +197,26 @@ def pending_parts(cfg: Config, parts: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------------ one part
 
-def positive_vectors(cfg: Config, queries: list[MiningQuery], emb: dict) -> dict[int, tuple[np.ndarray, str]]:
+def positive_vectors(queries: list[MiningQuery], rows: lookup.RowLookup) -> dict[int, tuple[np.ndarray, str]]:
     """Row id -> (vector, text hash) of every positive of ``queries``."""
-    rows = {r for q in queries for r in q.positive_rows}
-    values = lookup.row_values(cfg.output.root, rows, ["embedding", "text_hash"], cfg.output.storage_options, emb)
+    values = rows.vectors({r for q in queries for r in q.positive_rows})
     return {row: (np.asarray(vector, dtype=np.float32), text_hash) for row, (vector, text_hash) in values.items()}
 
 
-def run_part(cfg: Config, emb: dict, number: int, queries: list[MiningQuery], encode: Callable, search: Callable,
-             range_max: int, depth: int) -> dict:
+def run_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], encode: Callable,
+             search: Callable, range_max: int, depth: int) -> dict:
     """Mine part ``number`` end to end where it runs (a worker, or the job's process for a small run): encode its
     queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids), select the negatives, write
     the part's exports and statistics, and commit it. Returns its commit record."""
+    started = time.perf_counter()
     vectors = encode([q.text for q in queries])
     scores, ids = search(vectors, depth)
-    table, counts, rows = mine_part(cfg, emb, queries, vectors, scores, ids, range_max)
-    texts = lookup.texts_for_rows(cfg.output.root, set(rows.values()), cfg.output.storage_options,
-                                  cfg.corpus.storage_options)
-    written = _part_exports(cfg, number, table, {doc: texts[row] for doc, row in rows.items()})
-    return commit_part(cfg, number, table, {**counts, "exports": written, "stats": exports.part_stats(table)})
+    table, counts, named = mine_part(cfg, rows, queries, vectors, scores, ids, range_max)
+    texts = rows.texts(set(named.values()))
+    written = _part_exports(cfg, number, table, {doc: texts[row] for doc, row in named.items()})
+    return commit_part(cfg, number, table, {**counts, "exports": written, "stats": exports.part_stats(table),
+                                            "peak_memory_mb": peak_memory_mb(),
+                                            "seconds": round(time.perf_counter() - started, 3)})
 
 
 def _part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, str]) -> dict:
@@ -222,14 +225,13 @@ def _part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, st
                                       mi.num_negatives, mi.output_scores, cfg.output.storage_options)
 
 
-def mine_part(cfg: Config, emb: dict, queries: list[MiningQuery], query_vectors: np.ndarray, scores: np.ndarray,
-              ids: np.ndarray, range_max: int) -> tuple[pa.Table, dict, dict[str, int]]:
+def mine_part(cfg: Config, lookups: lookup.RowLookup, queries: list[MiningQuery], query_vectors: np.ndarray,
+              scores: np.ndarray, ids: np.ndarray, range_max: int) -> tuple[pa.Table, dict, dict[str, int]]:
     """Select the negatives of one part from its search results (scores / ids: n x depth, best first).
     Returns the part's table (kept queries), its counts, and the row id of every document the table names."""
     rules = rules_of(cfg.mine)
-    positives = positive_vectors(cfg, queries, emb)
-    candidates = lookup.row_values(cfg.output.root, ids.ravel(), ["doc_id", "text_hash"],
-                                   cfg.output.storage_options, emb)
+    positives = positive_vectors(queries, lookups)
+    candidates = lookups.values(ids.ravel())
     hash_of = np.vectorize(lambda r: candidates.get(int(r), (None, ""))[1], otypes=[object])
     rows, named, counts = [], {}, {"queries": len(queries), "complete": 0, "incomplete": 0, "without_negatives": 0,
                         "written": 0, "filtered": dict.fromkeys(negatives.FILTERS, 0)}
@@ -334,6 +336,8 @@ def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queri
                 "filtered": filtered, "parts": [{"part": r["part"], "path": r["path"], "written": r["written"]}
                                                 for r in records],
                 "settings": redact_storage_options(dataclasses.asdict(cfg.mine)), **extra,
+                "peak_memory_mb": {"driver": peak_memory_mb(),
+                                   "workers_max": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0)},
                 "config": cfg.to_dict()}
     storage.write_json_atomic(layout_of(cfg).file("_manifest.json"), manifest, cfg.output.storage_options)
     return manifest

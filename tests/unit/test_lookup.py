@@ -1,0 +1,47 @@
+"""RowLookup (a mine worker's cached lookups) against the uncached lookups it replaces."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import config
+from jobs import encode
+from retrieval_core import lookup
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": f"d{i}", "title": f"title {i % 7}" if i % 3 else None,
+             "text": "" if i % 97 == 5 else f"document {i} about topic {i % 13}"} for i in range(n)]
+
+
+@pytest.fixture(scope="module", params=["jsonl", "parquet"])
+def encoded(request, tiny_model, tmp_path_factory):
+    """2,500 documents (some rejected for an empty text) in JSONL blocks of 1,000 lines with blank lines between,
+    or Parquet row groups of 100 rows; encoded in this process."""
+    folder = tmp_path_factory.mktemp(request.param)
+    rows = _rows(2500)
+    if request.param == "jsonl":
+        path = folder / "corpus.jsonl"
+        path.write_text("".join(json.dumps(r) + ("\n\n" if i % 400 == 0 else "\n") for i, r in enumerate(rows)))
+    else:
+        path = folder / "corpus.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=100)
+    cfg = config(path, folder / "out", tiny_model, corpus__title_column="title", runtime__inline_rows=5000,
+                 runtime__rows_per_shard=600)
+    encode.run(cfg)
+    return str(cfg.output.root)
+
+
+@pytest.mark.parametrize("max_cached_rows", [50_000_000, 300])
+def test_cached_lookups_equal_the_uncached_ones(encoded, max_cached_rows):
+    rows = lookup.RowLookup(encoded, max_cached_rows=max_cached_rows)
+    wanted = sorted(set(np.random.default_rng(0).integers(0, 2500, 300).tolist()) | {0, 5, 999, 1000, 2499, -1})
+    for _ in range(2):  # the second round from the cache
+        assert rows.values(wanted) == {r: tuple(v) for r, v in
+                                       lookup.row_values(encoded, wanted, ["doc_id", "text_hash"]).items()}
+        texts = rows.texts(wanted)
+        assert texts == lookup.texts_for_rows(encoded, wanted)
+    assert 5 not in texts and texts[1000] == "title 6 document 1000 about topic 12"
+    assert texts[999] == "document 999 about topic 11"  # no title on every third row
