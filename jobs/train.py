@@ -9,8 +9,6 @@ runtime.num_workers > 1, Ray Train runs data-parallel workers (gradients average
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -20,7 +18,7 @@ import time
 from jobs import _cli, _runtime
 from retrieval_core import checkpoints, encoding, mining, storage, training
 from retrieval_core.config import Config
-from retrieval_core.manifest import IncompatibleOutputError, stamp
+from retrieval_core.manifest import IncompatibleOutputError, digest, stamp
 
 log = logging.getLogger("jobs.train")
 KEYS = ("output.root", "model.name", "train.epochs", "train.batch_size", "train.learning_rate", "train.num_negatives",
@@ -35,7 +33,7 @@ def identity_of(cfg: Config) -> dict:
     mined = mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options)
     settings = {k: v for k, v in vars(cfg.train).items() if k != "checkpoint_steps"}  # same weights whatever it is
     return {"base": encoding.encoder_identity(cfg.model)["fingerprint"], "train": settings,
-            "negatives": hashlib.sha256(json.dumps(mined["identity"], sort_keys=True).encode()).hexdigest()[:32],
+            "negatives": digest(mined["identity"]),
             "workers": max(1, cfg.runtime.num_workers), **encoding.query_side(cfg.model)}
 
 
@@ -76,8 +74,7 @@ def run(cfg: Config) -> dict:
 
 def checkpoints_of(cfg: Config, identity: dict) -> checkpoints.Checkpoints:
     """The training's checkpoints, under ``<train.output>/_checkpoints``, tied to its identity."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-    return checkpoints.Checkpoints(storage.join(output_of(cfg), checkpoints.DIRECTORY), digest,
+    return checkpoints.Checkpoints(storage.join(output_of(cfg), checkpoints.DIRECTORY), digest(identity),
                                    cfg.train.checkpoint_steps, cfg.output.storage_options,
                                    world=max(1, cfg.runtime.num_workers))
 

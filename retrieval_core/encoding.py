@@ -20,6 +20,7 @@ import numpy as np
 
 from . import families
 from .config import DEFAULT_MODEL, ModelConfig
+from .manifest import digest
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def _model_identity(cfg: ModelConfig, name: str, model_dir: str) -> dict:
 
 
 def _fingerprinted(identity: dict) -> dict:
-    identity["fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    identity["fingerprint"] = digest(identity)
     return identity
 
 

@@ -12,8 +12,6 @@ Layout under ``<root>/index/``::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import time
@@ -23,7 +21,7 @@ import numpy as np
 from . import faiss_index, faults, search, storage
 from .config import Config, parse_memory
 from .embeddings import read_embeddings_manifest, read_shard_vectors
-from .manifest import IncompatibleOutputError, claim_stage_dir, peak_memory_mb, read_manifest, stamp
+from .manifest import IncompatibleOutputError, claim_stage_dir, digest, peak_memory_mb, read_manifest, stamp
 
 log = logging.getLogger(__name__)
 RECALL_K = 10
@@ -67,7 +65,7 @@ def layout_of(cfg: Config) -> IndexLayout:
 def embeddings_id(manifest: dict) -> str:
     """A digest of the embeddings a build reads (fingerprint, shards, totals): re-encoded data is a new id."""
     content = {key: manifest[key] for key in ("fingerprint", "shards", "totals", "dim")}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+    return digest(content)
 
 
 def plan_index(cfg: Config, emb: dict) -> IndexPlan:

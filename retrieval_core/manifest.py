@@ -40,6 +40,13 @@ def check_same_identity(old: dict, new: dict, where: str) -> None:
             + "\nset output.overwrite=true to replace it, or choose another output.root")
 
 
+def digest(content: Any) -> str:
+    """32 hex digits of SHA-256 over ``content`` as JSON with sorted keys: the identities' and fingerprints' hash."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def stamp() -> dict:
     """Fields every manifest carries."""
     return {"schema_version": SCHEMA_VERSION, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
