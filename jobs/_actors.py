@@ -131,11 +131,11 @@ class MineWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def mine_part(self, item: tuple, cfg: Config, range_max: int, depth: int, peers: list) -> dict:
-        from retrieval_core import mining
+    def mine_part(self, part, cfg: Config, range_max: int, depth: int, peers: list) -> dict:
+        from retrieval_core import mine_plan, mining
 
-        number, queries = item
-        return mining.run_part(cfg, self.rows, number, queries, self.encoder.encode_queries,
+        queries = mine_plan.read_part_input(cfg, part)
+        return mining.run_part(cfg, self.rows, part.number, queries, self.encoder.encode_queries,
                                lambda vectors, k: self._search_all(vectors, k, peers), range_max, depth)
 
     def _search_all(self, vectors, k: int, peers: list):
@@ -145,6 +145,18 @@ class MineWorker:
             return self.searcher.search(vectors, k)
         refs = [peer.search.remote(vectors, k) for i, peer in enumerate(peers) if i != self.position]
         return search.merge_topk([self.searcher.search(vectors, k), *ray.get(refs)], k, "ip")
+
+
+def _plan_bucket(cfg: Config, bucket: int, buckets: int) -> dict:
+    from retrieval_core import mine_plan
+
+    return mine_plan.plan_bucket(cfg, bucket, buckets)
+
+
+def plan_bucket_task(cfg: Config):
+    """The remote task planning one bucket of the mining input, with ``runtime.cpus_per_worker`` CPUs."""
+    return ray.remote(_plan_bucket).options(num_cpus=cfg.runtime.cpus_per_worker,
+                                            max_retries=cfg.runtime.max_task_retries)
 
 
 def start_mine_workers(cfg: Config, groups: list) -> list:

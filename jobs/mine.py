@@ -4,10 +4,11 @@ Reads:  <output.root>/index/ and embeddings/, and mine.pairs_path (query/positiv
         mine.qrels_path (BEIR).
 Writes: <output.root>/negatives/: part-*.parquet, rejects.parquet, exports/ (triplet, n-tuple, flag-jsonl),
         report.json and report.png, _manifest.json last.
-Each part is mined whole by one worker: it encodes the part's queries with the index's encoder, searches
-(mine.mode: replicated or sharded), selects negatives per query with the false-negative filters, writes its share
-of the exports and commits. The driver plans the parts, counts, and concatenates the exports and merges the report
-statistics one part at a time. A rerun skips committed parts.
+The input is planned in hash buckets of queries: each bucket by a task that reads the input, keeps its bucket,
+resolves its positives and writes its part inputs. Each part is mined whole by one worker: it encodes the part's
+queries with the index's encoder, searches (mine.mode: replicated or sharded), selects negatives per query with
+the false-negative filters, writes its share of the exports and commits. The driver plans, counts, concatenates
+the exports and merges the report statistics one part at a time. A rerun skips committed parts.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
-from retrieval_core import encoding, exports, indexing, lookup, mining, negatives, storage
+from retrieval_core import encoding, exports, indexing, lookup, mine_plan, mining, negatives, storage
 from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
 
@@ -39,43 +40,58 @@ def run(cfg: Config) -> dict:
                          f"'{cfg.output.root}' uses metric {index_manifest['metric']}: rebuild with index.metric=ip")
     _queries.check_encoder(cfg, index_manifest)
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
-    queries = mining.load_queries(cfg.mine)
-    doc_rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in queries for d in q.positive_doc_ids},
-                                       cfg.output.storage_options, emb)  # the positives' rows only
-    kept, rejects = mining.resolve_positives(queries, doc_rows)
-    if not kept:
-        raise ValueError(f"none of the {len(queries)} queries has a positive in the corpus "
-                         f"(e.g. {[r['doc_id'] for r in rejects[:3]]}): check mine.positive_column and the corpus ids")
-    range_max, depth = _search_window(cfg, kept, index_manifest["ntotal"])
-    identity = mining.mining_identity(cfg, index_manifest, kept, range_max)
-    kept.sort(key=lambda q: min(q.positive_rows))  # a part's positives then lie in few embedding shards
-    parts = [kept[i:i + cfg.mine.queries_per_part] for i in range(0, len(kept), cfg.mine.queries_per_part)]
-    mining.prepare(cfg, identity, len(parts))
+    plan = mine_plan.input_plan(cfg.mine)
+    identity = mining.mining_identity(cfg, index_manifest, plan)
+    mining.prepare(cfg, identity)
     layout = mining.layout_of(cfg)
     if storage.exists(layout.file("_manifest.json"), layout.storage_options):
         mining.remove_part_exports(cfg)  # left by a run killed after its manifest
         return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
-    pending = mining.pending_parts(cfg, len(parts))
-    timings = {"plan": time.perf_counter() - started}
     with _runtime.LazyRaySession(cfg.runtime) as session:
+        buckets = _plan_buckets(cfg, session, emb, plan["buckets"])
+        counts = {k: sum(b[k] for b in buckets) for k in ("input_queries", "kept", "rejected")}
+        if not counts["kept"]:
+            examples = [d for b in buckets for d in b["rejected_examples"]][:3]
+            raise ValueError(f"none of the {counts['input_queries']} queries has a positive in the corpus "
+                             f"(e.g. {examples}): check mine.positive_column and the corpus ids")
+        range_max, depth = _search_window(cfg, max(b["max_positives"] for b in buckets), index_manifest["ntotal"])
+        parts = mine_plan.part_inputs(buckets, cfg.mine.queries_per_part)
+        mining.record_parts(cfg, len(parts))
+        pending = [parts[i] for i in mining.pending_parts(cfg, len(parts))]
+        timings = {"plan": time.perf_counter() - started}
         if pending:
-            _mine_pending(cfg, session, emb, index_manifest, parts, pending, range_max, depth, timings)
+            _mine_pending(cfg, session, emb, index_manifest, pending, range_max, depth, timings)
     timings["parts"] = time.perf_counter() - started - timings["plan"]
     records, stats = mining.part_records(cfg, len(parts))
-    mining.write_rejects(cfg, rejects)
-    extra = _exports_and_report(cfg, records, stats, len(queries), len(rejects))
+    rejected = mine_plan.write_rejects(cfg, len(buckets))
+    extra = _exports_and_report(cfg, records, stats, counts["input_queries"], rejected)
     timings["exports_and_report"] = time.perf_counter() - started - timings["plan"] - timings["parts"]
-    manifest = mining.write_manifest(cfg, identity, records, len(queries), rejects,
+    manifest = mining.write_manifest(cfg, identity, records, counts["input_queries"], rejected,
                                      {**extra, "range_max": range_max, "search_depth": depth,
+                                      "input_buckets": len(buckets),
                                       "timings_s": {k: round(v, 3) for k, v in timings.items()},
                                       "seconds": round(time.perf_counter() - started, 3)})
     mining.remove_part_exports(cfg)
     return _summary(manifest, False)
 
 
-def _search_window(cfg: Config, queries: list, ntotal: int) -> tuple[int, int]:
+def _plan_buckets(cfg: Config, session, emb: dict, buckets: int) -> list[dict]:
+    """Plan the input's buckets not planned yet (one in this process, several as Ray tasks); returns every
+    bucket's record."""
+    records = {b: mine_plan.bucket_record(cfg, b) for b in range(buckets)}
+    todo = [b for b, record in records.items() if record is None]
+    if buckets == 1 and todo:
+        records[0] = mine_plan.plan_bucket(cfg, 0, 1, emb)
+    elif todo:
+        session.ensure()
+        task = _actors.plan_bucket_task(cfg)
+        for bucket, record in zip(todo, ray.get([task.remote(cfg, b, buckets) for b in todo])):
+            records[bucket] = record
+    return [records[b] for b in range(buckets)]
+
+
+def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, int]:
     """(range_max, search depth) with sentence-transformers' defaults; no cap from the distribution itself."""
-    max_positives = max(len(q.positive_rows) for q in queries)
     rules = mining.rules_of(cfg.mine)
     range_max = negatives.effective_range_max(rules, max_positives)
     if rules.num_negatives > range_max - rules.range_min:
@@ -84,22 +100,23 @@ def _search_window(cfg: Config, queries: list, ntotal: int) -> tuple[int, int]:
     return range_max, min(negatives.search_depth(range_max, max_positives), ntotal)
 
 
-def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, parts: list, pending: list,
-                  range_max: int, depth: int, timings: dict) -> None:
+def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, range_max: int,
+                  depth: int, timings: dict) -> None:
     """Mine the pending parts: in this process when few queries are left (replicated mode), else on mine workers,
-    each part whole on one worker (encode, search, select, exports, commit) while the driver only counts.
-    ``timings["workers_start"]``: seconds to start the workers (Ray, the model and the index in each)."""
-    bar = tqdm(total=sum(len(parts[i]) for i in pending), unit="query", desc="mine",
+    each part whole on one worker (read its input, encode, search, select, exports, commit) while the driver only
+    counts. ``timings["workers_start"]``: seconds to start the workers (Ray, the model and the index in each)."""
+    bar = tqdm(total=sum(p.queries for p in pending), unit="query", desc="mine",
                disable=not cfg.runtime.progress, dynamic_ncols=True)
     with bar:
-        if cfg.mine.mode == "replicated" and sum(len(parts[i]) for i in pending) <= cfg.runtime.inline_rows:
+        if cfg.mine.mode == "replicated" and sum(p.queries for p in pending) <= cfg.runtime.inline_rows:
             # few queries: starting Ray and worker actors would cost more than mining them here
             searcher = _actors.IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())
             encoder = _runtime.inline_encoder(cfg)
             rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options, emb)
-            for i in pending:
-                mining.run_part(cfg, rows, i, parts[i], encoder.encode_queries, searcher.search, range_max, depth)
-                bar.update(len(parts[i]))
+            for part in pending:
+                mining.run_part(cfg, rows, part.number, mine_plan.read_part_input(cfg, part), encoder.encode_queries,
+                                searcher.search, range_max, depth)
+                bar.update(part.queries)
             return
         started = time.perf_counter()
         groups = _worker_groups(cfg, session, index_manifest, len(pending))
@@ -108,8 +125,8 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, parts: 
             timings["workers_start"] = time.perf_counter() - started
             peers = workers if cfg.mine.mode == "sharded" else []
             _runtime.run_on_actors(workers, "mine_part", pending, (cfg, range_max, depth, peers),
-                                   lambda i, record: bar.update(len(parts[i])), item_arg=lambda i: (i, parts[i]),
-                                   work="mining part", speculation=cfg.runtime.speculation)
+                                   lambda part, record: bar.update(part.queries), work="mining part",
+                                   speculation=cfg.runtime.speculation)
 
 
 def _worker_groups(cfg: Config, session, index_manifest: dict, pending: int) -> list:

@@ -147,6 +147,7 @@ class MineConfig:
     formats: list = field(default_factory=lambda: ["triplet", "n-tuple", "flag-jsonl"])
     output_scores: bool = False
     queries_per_part: int = 10000
+    input_mb_per_bucket: float = 256.0
 
 
 @dataclass(frozen=True)
@@ -529,6 +530,7 @@ def _validate_mine(mi: MineConfig) -> None:
     unknown = [f for f in mi.formats if f not in MINE_FORMATS]
     _check(not unknown, f"'mine.formats' = {mi.formats!r}: unknown {unknown}; expected any of {', '.join(MINE_FORMATS)}")
     _check(mi.queries_per_part >= 1, f"'mine.queries_per_part' = {mi.queries_per_part}: expected >= 1")
+    _check(mi.input_mb_per_bucket > 0, f"'mine.input_mb_per_bucket' = {mi.input_mb_per_bucket}: expected > 0")
 
 
 def _validate_refresh(rf: RefreshConfig, pu: PublishConfig) -> None:

@@ -19,7 +19,7 @@ import logging
 import math
 import zlib
 from collections import Counter
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,35 +39,41 @@ class EvaluationDataError(ValueError):
 # ----------------------------------------------------------------------------------------------------------- readers
 
 def read_queries(url: str, storage_options: dict | None = None, id_field: str = "_id",
-                 text_field: str = "text") -> dict[str, str]:
+                 text_field: str = "text", keep: Callable[[str], bool] | None = None) -> dict[str, str]:
     """Queries as ``{query id: text}`` from JSONL (one object a line, blank lines skipped) or Parquet.
 
     The format follows the extension: ``.parquet`` / ``.pq`` is Parquet, anything else JSONL (``.gz`` and other
     compressions fsspec infers are read transparently). Integer ids are turned into strings. Raises
     :class:`EvaluationDataError` naming the file and line (or row) for invalid JSON, a missing field (listing the
-    fields present), a bad id or text, and a duplicate query id.
+    fields present), a bad id or text, and a duplicate query id. With ``keep``, only the queries whose id it
+    accepts are returned (every line is still checked).
     """
     records = parquet_records(url, storage_options, (id_field, text_field)) if _is_parquet(url) \
         else jsonl_records(url, storage_options)
     queries: dict[str, str] = {}
+    rows = 0
     for where, record in records:
         query_id, text = _query_from_record(url, where, record, id_field, text_field)
         if query_id in queries:
             raise EvaluationDataError(f"'{url}' {where}: duplicate query id '{query_id}'")
-        queries[query_id] = text
-    if not queries:
+        if keep is None or keep(query_id):
+            queries[query_id] = text
+        rows += 1
+    if not rows:
         raise EvaluationDataError(f"'{url}': no queries in the file")
     log.info("read %d queries from %s", len(queries), url)
     return queries
 
 
-def read_qrels(url: str, storage_options: dict | None = None) -> dict[str, dict[str, int]]:
+def read_qrels(url: str, storage_options: dict | None = None,
+               keep: Callable[[str], bool] | None = None) -> dict[str, dict[str, int]]:
     """Relevance judgements as ``{query id: {doc id: score}}`` from a BEIR qrels TSV.
 
     The first line is the header ``query-id<TAB>corpus-id<TAB>score``; it may be left out only when the first line's
     third field is an integer. Rows with a score <= 0 are kept (their gain is 0), as BEIR does. A pair repeated with
     the same score is read once. Raises :class:`EvaluationDataError` naming the file and line for a malformed line
-    (wrong field count, empty id, non-integer score), a pair repeated with another score, or a bad header.
+    (wrong field count, empty id, non-integer score), a pair repeated with another score, or a bad header. With
+    ``keep``, only the judgements of the queries whose id it accepts are returned (every line is still checked).
     """
     qrels: dict[str, dict[str, int]] = {}
     rows = 0
@@ -75,12 +81,14 @@ def read_qrels(url: str, storage_options: dict | None = None) -> dict[str, dict[
         if index == 0 and _is_header(url, line_no, fields):
             continue
         query_id, doc_id, score = _qrels_row(url, line_no, fields)
+        rows += 1
+        if keep is not None and not keep(query_id):
+            continue
         previous = qrels.setdefault(query_id, {}).setdefault(doc_id, score)
         if previous != score:
             raise EvaluationDataError(f"'{url}' line {line_no}: query '{query_id}', document '{doc_id}' is judged "
                                       f"again with score {score} (earlier {previous})")
-        rows += 1
-    if not qrels:
+    if not rows:
         raise EvaluationDataError(f"'{url}': no qrels rows in the file")
     log.info("read %d qrels rows for %d queries from %s", rows, len(qrels), url)
     return qrels
@@ -128,13 +136,15 @@ def parquet_records(url: str, storage_options: dict | None,
             for name in fields:
                 if name not in present:
                     raise EvaluationDataError(f"'{url}': missing field '{name}'; fields present: {present}")
-            table = parquet.read(columns=list(fields))
+            row_no = 0
+            for batch in parquet.iter_batches(batch_size=65_536, columns=list(fields)):  # memory: one batch
+                for record in batch.to_pylist():
+                    row_no += 1
+                    yield f"row {row_no}", record
     except (pa.ArrowInvalid, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         raise EvaluationDataError(f"'{url}' is not a readable Parquet file: {exc}") from None
-    for row_no, record in enumerate(table.to_pylist(), start=1):
-        yield f"row {row_no}", record
 
 
 def _query_from_record(url: str, where: str, record: object, id_field: str, text_field: str) -> tuple[str, str]:

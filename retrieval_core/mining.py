@@ -2,7 +2,8 @@
 
 Layout under ``<root>/negatives/``::
 
-    _plan.json            identity (index, mining settings, input) and the part plan
+    _plan.json            identity (index, mining settings, input files) and, once planned, the number of parts
+    _input/               the input planned in hash buckets of queries (see ``mine_plan``): part inputs, rejects
     part-00000.parquet    query_id, query, positive_ids, positive_scores, negative_ids, negative_scores,
                           negative_ranks, complete
     _parts/part-00000.json  the part's commit record (counts per filter, incomplete queries, exports written,
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from typing import Callable
@@ -61,17 +61,18 @@ def text_query_id(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def load_queries(mi: MineConfig) -> list[MiningQuery]:
+def load_queries(mi: MineConfig, keep: Callable[[str], bool] | None = None) -> list[MiningQuery]:
     """Queries with their positive doc ids, from pairs or from BEIR queries + qrels; one entry per query (rows of
-    the same query are merged, positives in first-seen order)."""
+    the same query are merged, positives in first-seen order). With ``keep``, only the queries whose id it accepts
+    (every row is still checked)."""
     if mi.queries_path:
-        return _beir_queries(mi)
-    return _pair_queries(mi)
+        return _beir_queries(mi, keep)
+    return _pair_queries(mi, keep)
 
 
-def _beir_queries(mi: MineConfig) -> list[MiningQuery]:
-    queries = read_queries(mi.queries_path, mi.storage_options)
-    qrels = read_qrels(mi.qrels_path, mi.storage_options)
+def _beir_queries(mi: MineConfig, keep: Callable[[str], bool] | None) -> list[MiningQuery]:
+    qrels = read_qrels(mi.qrels_path, mi.storage_options, keep)
+    queries = read_queries(mi.queries_path, mi.storage_options, keep=lambda q: q in qrels)
     out = []
     for query_id, judged in qrels.items():
         positives = [doc for doc, score in judged.items() if score > 0]
@@ -83,7 +84,7 @@ def _beir_queries(mi: MineConfig) -> list[MiningQuery]:
     return out
 
 
-def _pair_queries(mi: MineConfig) -> list[MiningQuery]:
+def _pair_queries(mi: MineConfig, keep: Callable[[str], bool] | None) -> list[MiningQuery]:
     url = mi.pairs_path
     columns = tuple(c for c in (mi.query_id_column, mi.query_column, mi.positive_column) if c)
     parquet = mi.format == "parquet" or (not mi.format and url.lower().endswith((".parquet", ".pq")))
@@ -91,8 +92,12 @@ def _pair_queries(mi: MineConfig) -> list[MiningQuery]:
         records = parquet_records(url, mi.storage_options, columns) if parquet else jsonl_records(url,
                                                                                                   mi.storage_options)
         by_id: dict[str, MiningQuery] = {}
+        rows = 0
         for where, record in records:
             query_id, text, positives = _pair_fields(url, where, record, mi)
+            rows += 1
+            if keep is not None and not keep(query_id):
+                continue
             entry = by_id.setdefault(query_id, MiningQuery(query_id, text, []))
             if entry.text != text:
                 raise PairsError(f"'{url}' {where}: query id '{query_id}' has two different query texts")
@@ -101,7 +106,7 @@ def _pair_queries(mi: MineConfig) -> list[MiningQuery]:
         raise PairsError(str(exc)) from None
     except FileNotFoundError:
         raise PairsError(f"mine.pairs_path '{url}' does not exist") from None
-    if not by_id:
+    if not rows:
         raise PairsError(f"'{url}': no query/positive pairs")
     return list(by_id.values())
 
@@ -174,20 +179,39 @@ def rules_of(mi: MineConfig) -> negatives.Rules:
                            relative_margin=mi.relative_margin, sampling=mi.sampling, seed=mi.seed)
 
 
-def mining_identity(cfg: Config, index_manifest: dict, queries: list[MiningQuery], range_max: int) -> dict:
+def mining_identity(cfg: Config, index_manifest: dict, input_plan: dict) -> dict:
+    """What fixes the mined parts: the index, the query encoder, the rules, the mode, the part size, and the input
+    (its files' names, sizes and versions, and the number of buckets it is planned in)."""
     mi = cfg.mine
-    digest = hashlib.sha256(json.dumps([[q.query_id, q.text, q.positive_doc_ids] for q in queries]).encode())
+    reading = {k: getattr(mi, k) for k in ("format", "query_column", "positive_column", "query_id_column")}
     return {"index": index_manifest["identity"], "fingerprint": index_manifest["fingerprint"],
-            **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "range_max": range_max,
-            "mode": mi.mode, "queries_per_part": mi.queries_per_part, "queries_digest": digest.hexdigest()[:32],
-            "parts_by": "first positive row"}
+            **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "mode": mi.mode,
+            "queries_per_part": mi.queries_per_part, "input": {**input_plan, "reading": reading},
+            "parts_by": "query id bucket, then first positive row"}
 
 
-def prepare(cfg: Config, identity: dict, parts: int) -> None:
-    """Check (or, with ``output.overwrite``, clear) an earlier run, and write the plan."""
+def prepare(cfg: Config, identity: dict) -> None:
+    """Check (or, with ``output.overwrite``, clear) an earlier run, and write the plan. An earlier run with other
+    settings that committed no part yet (it stopped while planning, on bad input say) is cleared: only its
+    planning is lost."""
     layout = layout_of(cfg)
-    claim_stage_dir(layout.dir, identity, {"parts": parts, "config": cfg.to_dict()}, cfg.output.overwrite,
-                    layout.storage_options)
+    plan_url = layout.file("_plan.json")
+    if storage.exists(plan_url, layout.storage_options) and not storage.list_names(layout.file("_parts"),
+                                                                                   layout.storage_options):
+        if storage.read_json(plan_url, layout.storage_options).get("identity") != identity:
+            log.info("'%s' holds the planning of a run with other settings and no mined part: planning again",
+                     layout.dir)
+            storage.remove(layout.dir, layout.storage_options)
+    claim_stage_dir(layout.dir, identity, {"config": cfg.to_dict()}, cfg.output.overwrite, layout.storage_options)
+
+
+def record_parts(cfg: Config, parts: int) -> None:
+    """Add the number of parts to the plan once the buckets are planned (progress reports read it)."""
+    layout = layout_of(cfg)
+    url = layout.file("_plan.json")
+    plan = storage.read_json(url, layout.storage_options)
+    if plan.get("parts") != parts:
+        storage.write_json_atomic(url, {**plan, "parts": parts}, layout.storage_options)
 
 
 def pending_parts(cfg: Config, parts: int) -> list[int]:
@@ -321,17 +345,11 @@ def count_totals(records: list[dict]) -> tuple[dict, dict]:
     return totals, {rule: sum(r["filtered"][rule] for r in records) for rule in negatives.FILTERS}
 
 
-def write_rejects(cfg: Config, rejects: list[dict]) -> None:
-    layout = layout_of(cfg)
-    storage.write_parquet_atomic(layout.file("rejects.parquet"), pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
-                                 layout.storage_options)
-
-
-def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queries: int, rejects: list[dict],
+def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queries: int, rejected: int,
                    extra: dict) -> dict:
     totals, filtered = count_totals(records)
     manifest = {**stamp(), "stage": "negatives", "fingerprint": identity["fingerprint"], "identity": identity,
-                "input_queries": input_queries, "rejected_positives": len(rejects),
+                "input_queries": input_queries, "rejected_positives": rejected,
                 "queries_without_positives": input_queries - totals["queries"], "totals": totals,
                 "filtered": filtered, "parts": [{"part": r["part"], "path": r["path"], "written": r["written"]}
                                                 for r in records],

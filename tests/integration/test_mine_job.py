@@ -158,3 +158,64 @@ def test_parts_mined_with_other_formats_get_this_runs_exports(demo_root, tmp_pat
     flag = [json.loads(line) for line in (out / "exports" / "flag.jsonl").read_text().splitlines()]
     assert flag and all(set(f["pos"]) | set(f["neg"]) <= corpus for f in flag)
     assert json.loads((out / "report.json").read_text()) == json.loads((clean_out / "report.json").read_text())
+
+
+def _by_query(cfg) -> dict:
+    return {r["query_id"]: r for r in mining.read_parts(str(cfg.output.root)).to_pylist()}
+
+
+def assert_same_negatives(a: dict, b: dict) -> None:
+    """Per query: the same ids, ranks and completeness; scores up to float noise (queries encoded in other
+    batches)."""
+    assert a.keys() == b.keys()
+    exact = ("query", "positive_ids", "negative_ids", "negative_ranks", "complete")
+    for query_id, row in a.items():
+        assert [row[c] for c in exact] == [b[query_id][c] for c in exact]
+        for column in ("positive_scores", "negative_scores"):
+            assert row[column] == pytest.approx(b[query_id][column], abs=1e-5)
+
+
+def test_input_planned_in_hash_buckets_by_workers_gives_the_same_negatives(demo_root, tmp_path):
+    """The input split into about 10 buckets (planned by Ray tasks, each reading the input and keeping its bucket)
+    mines the same negatives per query, the same rejects and counts, as one bucket planned in the driver."""
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    pairs[0]["positive"] = pairs[0]["positive"] + ["no-such-doc"]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    one = mine_config(demo_root, tmp_path, "one", pairs_path=str(path), queries_per_part=7)
+    many = mine_config(demo_root, tmp_path, "many", pairs_path=str(path), queries_per_part=7,
+                       input_mb_per_bucket=path.stat().st_size / 10 / 2 ** 20)
+    a, b = mine.run(one), mine.run(many)
+    manifest = mining.read_mine_manifest(str(many.output.root))
+    assert manifest["input_buckets"] == 10 and mining.read_mine_manifest(str(one.output.root))["input_buckets"] == 1
+    assert_same_negatives(_by_query(one), _by_query(many))
+    assert len(_by_query(one)) == len(pairs)
+    assert {k: a[k] for k in ("input_queries", "written", "rejected_positives")} == \
+        {k: b[k] for k in ("input_queries", "written", "rejected_positives")}
+    rejects = [pq.read_table(Path(c.output.root) / "negatives" / "rejects.parquet").to_pylist() for c in (one, many)]
+    assert rejects[0] == rejects[1] == [{"query_id": pairs[0]["query_id"], "doc_id": "no-such-doc",
+                                         "reason": "positive not in corpus"}]
+
+
+def test_bad_input_found_while_planning_in_workers_names_the_line_and_a_fixed_input_needs_no_overwrite(
+        demo_root, tmp_path):
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    broken = [*pairs[:5], {"query_id": "bad", "query": "", "positive": "d001"}, *pairs[5:]]
+    path = write_jsonl(tmp_path / "pairs.jsonl", broken)
+    cfg = mine_config(demo_root, tmp_path, "bad", pairs_path=str(path),
+                      input_mb_per_bucket=path.stat().st_size / 3 / 2 ** 20)
+    with pytest.raises(mining.PairsError, match=r"pairs\.jsonl' line 6: 'query' must be a non-empty string"):
+        mine.run(cfg)
+    write_jsonl(path, pairs)  # fixed: another input, and no part was mined from the broken one
+    assert mine.run(cfg)["written"] == len(pairs)
+
+
+def test_beir_input_in_buckets_gives_the_same_negatives(demo_root, tmp_path):
+    beir = {"pairs_path": "", "queries_path": str(REPO / "examples" / "demo" / "queries.jsonl"),
+            "qrels_path": str(REPO / "examples" / "demo" / "qrels.tsv")}
+    size = sum(Path(beir[k]).stat().st_size for k in ("queries_path", "qrels_path"))
+    one = mine_config(demo_root, tmp_path, "one", **beir)
+    many = mine_config(demo_root, tmp_path, "many", **beir, input_mb_per_bucket=size / 4 / 2 ** 20)
+    a, b = mine.run(one), mine.run(many)
+    assert mining.read_mine_manifest(str(many.output.root))["input_buckets"] == 4
+    assert a["input_queries"] == b["input_queries"] > 0 and a["written"] == b["written"]
+    assert_same_negatives(_by_query(one), _by_query(many))
