@@ -232,15 +232,28 @@ def run_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[Min
     """Mine part ``number`` end to end where it runs (a worker, or the job's process for a small run): encode its
     queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids), select the negatives, write
     the part's exports and statistics, and commit it. Returns its commit record."""
-    started = time.perf_counter()
-    vectors = encode([q.text for q in queries])
-    scores, ids = search(vectors, depth)
-    table, counts, named = mine_part(cfg, rows, queries, vectors, scores, ids, range_max)
-    texts = rows.texts(set(named.values()))
-    written = _part_exports(cfg, number, table, {doc: texts[row] for doc, row in named.items()})
+    clock = _Clock()
+    vectors = clock.step("encode", encode, [q.text for q in queries])
+    scores, ids = clock.step("search", search, vectors, depth)
+    table, counts, named = clock.step("select", mine_part, cfg, rows, queries, vectors, scores, ids, range_max)
+    texts = clock.step("texts", rows.texts, set(named.values()))
+    written = clock.step("exports", _part_exports, cfg, number, table, {doc: texts[row] for doc, row in named.items()})
     return commit_part(cfg, number, table, {**counts, "exports": written, "stats": exports.part_stats(table),
-                                            "peak_memory_mb": peak_memory_mb(),
-                                            "seconds": round(time.perf_counter() - started, 3)})
+                                            "peak_memory_mb": peak_memory_mb(), "steps_s": clock.seconds,
+                                            "seconds": round(sum(clock.seconds.values()), 3)})
+
+
+class _Clock:
+    """Seconds spent in each named step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def step(self, name: str, function: Callable, *args):
+        started = time.perf_counter()
+        result = function(*args)
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 4)
+        return result
 
 
 def _part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, str]) -> dict:
@@ -354,6 +367,8 @@ def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queri
                 "filtered": filtered, "parts": [{"part": r["part"], "path": r["path"], "written": r["written"]}
                                                 for r in records],
                 "settings": redact_storage_options(dataclasses.asdict(cfg.mine)), **extra,
+                "part_steps_s": {step: round(sum(r.get("steps_s", {}).get(step, 0.0) for r in records), 3)
+                                 for step in ("encode", "search", "select", "texts", "exports")},
                 "peak_memory_mb": {"driver": peak_memory_mb(),
                                    "workers_max": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0)},
                 "config": cfg.to_dict()}
