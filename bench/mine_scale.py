@@ -25,7 +25,7 @@ What it measures
 
 Run (from the repository root, with the venv active)
   python bench/mine_scale.py                                  # 100k/20k, 300k/60k, 1M/200k (long on 2 cores)
-  python bench/mine_scale.py --sizes 30k:6k,100k:20k,300k:60k # what the README's table used
+  python bench/mine_scale.py --sizes 30k:6k,100k:20k          # a quick look
   Other options: --queries-per-part 1000, --seed 0, --out results.json, --workdir DIR, --keep.
 """
 from __future__ import annotations
