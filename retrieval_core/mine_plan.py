@@ -37,10 +37,8 @@ def bucket_of(query_id: str, buckets: int) -> int:
 def input_plan(mi: MineConfig) -> dict:
     """The input files with their size and version (modification time or ETag: a changed file is another input),
     and the number of buckets (1 for an input of at most ``mine.input_mb_per_bucket`` MB)."""
-    files = [(key, url) for key, url in (("pairs_path", mi.pairs_path), ("queries_path", mi.queries_path),
-                                         ("qrels_path", mi.qrels_path)) if url and (key != "pairs_path" or not
-                                                                                    mi.queries_path)]
-    described = [_describe(key, url, mi.storage_options) for key, url in files]
+    keys = ("queries_path", "qrels_path") if mi.queries_path else ("pairs_path",)
+    described = [_describe(key, getattr(mi, key), mi.storage_options) for key in keys]
     size = sum(f["size"] for f in described)
     buckets = max(1, math.ceil(size / (mi.input_mb_per_bucket * 2 ** 20)))
     return {"files": described, "bytes": size, "buckets": buckets}
@@ -76,9 +74,7 @@ def plan_bucket(cfg: Config, bucket: int, buckets: int, emb: dict | None = None)
                                  pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), so)
     record = {"bucket": bucket, "input_queries": len(queries), "kept": len(kept), "rejected": len(rejects),
               "parts": len(parts), "max_positives": max((len(q.positive_rows) for q in kept), default=0),
-              "rejected_examples": [r["doc_id"] for r in rejects[:3]],
-              "digest": hashlib.sha256(repr([(q.query_id, q.text, q.positive_doc_ids) for q in queries])
-                                       .encode()).hexdigest()[:32]}
+              "rejected_examples": [r["doc_id"] for r in rejects[:3]]}
     storage.write_json_atomic(bucket_file(cfg, f"b{bucket:05d}.json"), record, so)
     return record
 
