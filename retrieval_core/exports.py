@@ -124,7 +124,7 @@ def combine_exports(out_dir: str, part_dir: str, numbers: list[int], formats: li
             rows = _concat_bytes(url, pieces, storage_options)
         else:
             schema = triplet_schema(with_scores) if fmt == "triplet" else ntuple_schema(num_negatives, with_scores)
-            rows = _concat_parquet(url, pieces, schema, storage_options)
+            rows = storage.concat_parquet_atomic(url, pieces, schema, storage_options)
         written[fmt] = {"path": f"exports/{EXPORT_FILES[fmt]}", "rows": rows}
     return written
 
@@ -136,19 +136,6 @@ def _concat_bytes(url: str, pieces: list[str], storage_options: dict | None) -> 
             data = storage.read_bytes(piece, storage_options)
             rows += data.count(b"\n")
             out.write(data)
-    return rows
-
-
-def _concat_parquet(url: str, pieces: list[str], schema: pa.Schema, storage_options: dict | None) -> int:
-    import pyarrow.parquet as pq
-
-    rows = 0
-    with storage.open_atomic(url, storage_options) as out:
-        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
-            for piece in pieces:
-                table = storage.read_parquet(piece, storage_options).cast(schema)
-                writer.write_table(table)
-                rows += table.num_rows
     return rows
 
 

@@ -118,13 +118,6 @@ def read_part_input(cfg: Config, part: PartInput) -> list[MiningQuery]:
 
 def write_rejects(cfg: Config, buckets: int) -> int:
     """``negatives/rejects.parquet``: the buckets' rejects concatenated, one bucket in memory at a time."""
-    import pyarrow.parquet as pq
-
-    so, rows = cfg.output.storage_options, 0
-    with storage.open_atomic(layout_of(cfg).file("rejects.parquet"), so) as out:
-        with pq.ParquetWriter(out, REJECTS_SCHEMA, compression="zstd") as writer:
-            for bucket in range(buckets):
-                table = storage.read_parquet(bucket_file(cfg, f"b{bucket:05d}-rejects.parquet"), so)
-                writer.write_table(table.cast(REJECTS_SCHEMA))
-                rows += table.num_rows
-    return rows
+    pieces = [bucket_file(cfg, f"b{bucket:05d}-rejects.parquet") for bucket in range(buckets)]
+    return storage.concat_parquet_atomic(layout_of(cfg).file("rejects.parquet"), pieces, REJECTS_SCHEMA,
+                                         cfg.output.storage_options)

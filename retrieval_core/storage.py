@@ -202,6 +202,20 @@ def write_parquet_atomic(url: str, table: pa.Table, storage_options: dict | None
     write_bytes_atomic(url, buffer.getvalue(), storage_options)
 
 
+def concat_parquet_atomic(url: str, pieces: list[str], schema: pa.Schema,
+                          storage_options: dict | None = None) -> int:
+    """Write the Parquet files ``pieces`` (cast to ``schema``) one after another into ``url``, streaming (one piece
+    in memory at a time; see :func:`open_atomic`); returns the rows written."""
+    rows = 0
+    with open_atomic(url, storage_options) as out:
+        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+            for piece in pieces:
+                table = read_parquet(piece, storage_options).cast(schema)
+                writer.write_table(table)
+                rows += table.num_rows
+    return rows
+
+
 def read_parquet(url: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(url, storage_options)
     with naming(url, "read"), fs.open(path, "rb") as handle:
