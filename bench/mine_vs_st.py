@@ -9,10 +9,15 @@ What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact
   Same settings on both sides (``--num-negatives``, ``--relative-margin``, top sampling). Printed: wall seconds,
   the ratio of each to ``mine_hard_negatives`` without FAISS, and the per-query overlap of the chosen negatives
   with the reference (|ours ∩ reference| / |reference|, averaged over queries; 1.0 = identical sets).
+  * with a cross-encoder (``--cross-encoder DIR``; by default all-MiniLM-L6-v2's weights under a fresh, seeded
+    one-output head, the size of ms-marco-MiniLM-L6-v2, built in a temporary directory): ``mine_hard_negatives(...,
+    cross_encoder=...)`` against ``mine`` on the indexed corpus with ``mine.cross_encoder``, on the first
+    ``--ce-queries`` queries with ``--ce-max-length`` tokens per pair; ratio and overlap against the former.
 
 Run (from the repository root, with the venv active)
   python bench/mine_vs_st.py                      # SciFact when present; exits 0 with a message when absent
   python bench/mine_vs_st.py --relative-margin 0 --num-negatives 5 --out mine.json
+  python bench/mine_vs_st.py --ce-queries 0         # without the cross-encoder rows
 """
 from __future__ import annotations
 
@@ -35,36 +40,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-negatives", type=int, default=3)
     p.add_argument("--relative-margin", type=float, default=0.05, help="0 or negative: no margin")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cross-encoder", default="", help="a CrossEncoder directory (default: built, see above)")
+    p.add_argument("--ce-queries", type=int, default=200, help="queries of the cross-encoder rows; 0 = no such rows")
+    p.add_argument("--ce-max-length", type=int, default=128, help="cross-encoder tokens per pair")
     p.add_argument("--out", type=Path, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
 
-def load_data(data: Path, qrels_name: str):
+def load_data(data: Path, qrels_path: Path):
     import pyarrow.parquet as pq
 
     from retrieval_core import metrics
 
     corpus = {r["_id"]: f"{r['title']} {r['text']}" for r in pq.read_table(data / "corpus.parquet").to_pylist()}
     queries = metrics.read_queries(str(data / "queries.jsonl"))
-    qrels = metrics.read_qrels(str(data / qrels_name))
+    qrels = metrics.read_qrels(str(qrels_path))
     pairs = [(queries[q], corpus[d]) for q, judged in qrels.items() for d, s in judged.items() if s > 0 and d in corpus]
     return corpus, pairs
 
 
-def reference(corpus: dict, pairs: list, args, use_faiss: bool) -> tuple[float, dict[str, set[str]]]:
+def reference(corpus: dict, pairs: list, args, use_faiss: bool,
+              cross_encoder: str = "") -> tuple[float, dict[str, set[str]]]:
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
     from retrieval_core.encoding import resolve_model_path
 
-    margin = {"relative_margin": args.relative_margin} if args.relative_margin > 0 else {}
+    options = {"relative_margin": args.relative_margin} if args.relative_margin > 0 else {}
     started = time.perf_counter()
     model = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
+    if cross_encoder:  # sentence-transformers rescores only with a score filter: min_score -1e9 removes nothing
+        options |= {"cross_encoder": CrossEncoder(cross_encoder, device="cpu", max_length=args.ce_max_length),
+                    "range_max": 10 * args.num_negatives + max_positives(pairs),
+                    **({} if options else {"min_score": -1e9})}
     result = mine_hard_negatives(Dataset.from_list([{"query": q, "positive": p} for q, p in pairs]), model,
                                  corpus=list(corpus.values()), num_negatives=args.num_negatives,
                                  sampling_strategy="top", batch_size=args.batch_size, use_faiss=use_faiss,
-                                 output_format="triplet", verbose=False, **margin)
+                                 output_format="triplet", verbose=False, **options)
     seconds = time.perf_counter() - started
     negatives: dict[str, set[str]] = {}
     for row in result:
@@ -72,17 +85,58 @@ def reference(corpus: dict, pairs: list, args, use_faiss: bool) -> tuple[float, 
     return seconds, negatives
 
 
-def job_config(args, root: str):
+def max_positives(pairs: list) -> int:
+    counts: dict[str, int] = {}
+    for query, _ in pairs:
+        counts[query] = counts.get(query, 0) + 1
+    return max(counts.values())
+
+
+def job_config(args, root: str, qrels: str = "", extra: tuple = ()):
     from retrieval_core.config import load_config
 
     items = [f"corpus.path={json.dumps(str(args.data / 'corpus.parquet'))}", f"output.root={json.dumps(root)}",
              f"mine.queries_path={json.dumps(str(args.data / 'queries.jsonl'))}",
-             f"mine.qrels_path={json.dumps(str(args.data / args.qrels))}", "index.type=Flat",
+             f"mine.qrels_path={json.dumps(qrels or str(args.data / args.qrels))}", "index.type=Flat",
              f"mine.num_negatives={args.num_negatives}", f"model.batch_size={args.batch_size}",
              "runtime.progress=false", "mine.formats=[triplet]"]
     if args.relative_margin > 0:
         items.append(f"mine.relative_margin={args.relative_margin}")
-    return load_config(str(REPO / "configs" / "scifact.yaml"), items)
+    return load_config(str(REPO / "configs" / "scifact.yaml"), [*items, *extra])
+
+
+def cross_encoder_rows(args, root: str) -> list:
+    """mine_hard_negatives with a cross-encoder against ``mine`` with it, on the first ``--ce-queries`` queries
+    (their qrels written under ``root``); the corpus under ``root`` is already encoded and indexed."""
+    import shutil
+
+    from retrieval_core import metrics
+
+    qrels = metrics.read_qrels(str(args.data / args.qrels))
+    path = Path(root) / "ce-qrels.tsv"
+    path.write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{s}\n" for q, judged in list(qrels.items())[:args.ce_queries] for d, s in judged.items()))
+    corpus, pairs = load_data(args.data, path)
+    model = args.cross_encoder or build_cross_encoder(Path(root) / "ce")
+    base_s, base = reference(corpus, pairs, args, use_faiss=False, cross_encoder=model)
+    shutil.rmtree(Path(root) / "negatives", ignore_errors=True)
+    window = 10 * args.num_negatives + max_positives(pairs)
+    cfg = job_config(args, root, str(path), (f"mine.cross_encoder={json.dumps(model)}", f"mine.range_max={window}",
+                                             f"mine.cross_encoder_max_length={args.ce_max_length}",
+                                             f"mine.cross_encoder_batch_size={args.batch_size}"))
+    return [("mine_hard_negatives + CE", base_s, base), ("jobs: mine (indexed) + CE", *ours(cfg, corpus, ("mine",)))]
+
+
+def build_cross_encoder(directory: Path) -> str:
+    """all-MiniLM-L6-v2's transformer under a fresh one-output head (seeded), saved as a CrossEncoder."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from retrieval_core.encoding import resolve_model_path
+
+    torch.manual_seed(0)
+    CrossEncoder(resolve_model_path("all-MiniLM-L6-v2"), num_labels=1, device="cpu").save_pretrained(str(directory))
+    return str(directory)
 
 
 def ours(cfg, corpus: dict, stages: tuple) -> tuple[float, dict[str, set[str]]]:
@@ -110,11 +164,10 @@ def main(argv=None) -> int:
     if not (args.data / "corpus.parquet").exists():
         print(f"skipped: no corpus at {args.data / 'corpus.parquet'}")
         return 0
-    corpus, pairs = load_data(args.data, args.qrels)
-    rows = []
+    corpus, pairs = load_data(args.data, args.data / args.qrels)
     base_s, base = reference(corpus, pairs, args, use_faiss=False)
-    rows.append(("mine_hard_negatives", base_s, base))
-    rows.append(("mine_hard_negatives faiss", *reference(corpus, pairs, args, use_faiss=True)))
+    rows = [("mine_hard_negatives", base_s, base),
+            ("mine_hard_negatives faiss", *reference(corpus, pairs, args, use_faiss=True))]
     with tempfile.TemporaryDirectory(prefix="bench-mine-") as root:
         cfg = job_config(args, root)
         rows.append(("jobs: encode+index+mine", *ours(cfg, corpus, ("encode", "index", "mine"))))
@@ -122,17 +175,30 @@ def main(argv=None) -> int:
 
         shutil.rmtree(Path(root) / "negatives")
         rows.append(("jobs: mine (indexed)", *ours(cfg, corpus, ("mine",))))
+        ce_rows = cross_encoder_rows(args, root) if args.ce_queries > 0 else []
     print(f"\n{len(pairs)} pairs, {len(base)} queries with negatives in the reference, {len(corpus)} documents; "
           f"num_negatives {args.num_negatives}, relative_margin {args.relative_margin if args.relative_margin > 0 else 'none'}")
+    results = table(rows)
+    if ce_rows:
+        print(f"\nwith a cross-encoder ({args.cross_encoder or 'all-MiniLM-L6-v2 + a random head'}, max length "
+              f"{args.ce_max_length}), the first {args.ce_queries} queries; window {10 * args.num_negatives} + "
+              f"max positives")
+        results += table(ce_rows)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def table(rows: list) -> list[dict]:
+    """Print the rows (name, seconds, negatives per query) against the first one; return them as records."""
+    _, base_s, base = rows[0]
     print(f"{'variant':<28}{'seconds':>10}{'x faster':>10}{'overlap':>10}")
     results = []
     for name, seconds, negs in rows:
         results.append({"variant": name, "seconds": seconds, "speedup": base_s / seconds,
                         "overlap_with_reference": overlap(negs, base)})
         print(f"{name:<28}{seconds:>10.1f}{base_s / seconds:>9.2f}x{results[-1]['overlap_with_reference']:>10.4f}")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -110,18 +110,21 @@ class IndexSearcher:
 
 
 class MineWorker:
-    """Mines whole parts: holds the query encoder and an index (the merged one, or a group of shard indexes), and
-    for each part encodes the queries, searches, selects the negatives, writes the part's exports and commits it.
+    """Mines whole parts: holds the query encoder, an index (the merged one, or a group of shard indexes) and, with
+    ``mine.cross_encoder``, the cross-encoder; for each part it encodes the queries, searches, rescores, selects
+    the negatives, writes the part's exports and commits it.
     In sharded mode a part's queries are also searched by every peer (``search``, served on the actor's second
     thread while its own part runs) and the top-k merged here."""
 
     def __init__(self, cfg: Config, shard_names: list | None, position: int):
-        from retrieval_core import encoding, lookup
+        from retrieval_core import encoding, lookup, rescoring
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         rt = cfg.runtime
         self.searcher = IndexSearcher(cfg.output.root, cfg.output.storage_options, shard_names, rt.cpus_per_worker)
         self.encoder = encoding.load_encoder(cfg.model, rt.gpus_per_worker, threads=rt.cpus_per_worker)
+        self.scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model, encoding.pick_device(rt.gpus_per_worker),
+                                                   rt.cpus_per_worker) if cfg.mine.cross_encoder else None
         self.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
         self.position = position
 
@@ -136,7 +139,8 @@ class MineWorker:
 
         queries = mine_plan.read_part_input(cfg, part)
         return mining.run_part(cfg, self.rows, part.number, queries, self.encoder.encode_queries,
-                               lambda vectors, k: self._search_all(vectors, k, peers), range_max, depth)
+                               lambda vectors, k: self._search_all(vectors, k, peers), range_max, depth,
+                               self.scorer.score if self.scorer else None)
 
     def _search_all(self, vectors, k: int, peers: list):
         from retrieval_core import search
@@ -161,7 +165,7 @@ def plan_bucket_task(cfg: Config):
 
 def start_mine_workers(cfg: Config, groups: list) -> list:
     """One mine worker per group of shard names (None = the merged index), each with ``runtime.cpus_per_worker``
-    CPUs and ``runtime.gpus_per_worker`` GPUs (query encoding)."""
+    CPUs and ``runtime.gpus_per_worker`` GPUs (query encoding and rescoring)."""
     rt = cfg.runtime
     remote = ray.remote(MineWorker).options(num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
                                             max_concurrency=2, max_restarts=rt.max_restarts,

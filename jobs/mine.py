@@ -7,8 +7,9 @@ Writes: <output.root>/negatives/: part-*.parquet, rejects.parquet, exports/ (tri
 The input is planned in hash buckets of queries: each bucket by a task that reads the input, keeps its bucket,
 resolves its positives and writes its part inputs. Each part is mined whole by one worker: it encodes the part's
 queries with the index's encoder, searches (mine.mode: replicated or sharded), selects negatives per query with
-the false-negative filters, writes its share of the exports and commits. The driver plans, counts, concatenates
-the exports and merges the report statistics one part at a time. A rerun skips committed parts.
+the false-negative filters (on a cross-encoder's scores with mine.cross_encoder: it rescores the candidates in
+the worker), writes its share of the exports and commits. The driver plans, counts, concatenates the exports and
+merges the report statistics one part at a time. A rerun skips committed parts.
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
-from retrieval_core import encoding, exports, indexing, lookup, mine_plan, mining, negatives, storage
+from retrieval_core import encoding, indexing, lookup, mine_plan, mine_report, mining, negatives, storage
 from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
 
 log = logging.getLogger("jobs.mine")
+# shown with their defaults by --help
 KEYS = ("output.root", "mine.pairs_path", "mine.queries_path", "mine.qrels_path", "mine.num_negatives",
         "mine.relative_margin", "mine.absolute_margin", "mine.range_min", "mine.range_max", "mine.sampling",
-        "mine.mode", "mine.formats", "mine.queries_per_part")  # shown with their defaults by --help
+        "mine.mode", "mine.formats", "mine.queries_per_part", "mine.cross_encoder")
 
 
 def run(cfg: Config) -> dict:
@@ -93,7 +95,7 @@ def _plan_buckets(cfg: Config, session, emb: dict, buckets: int) -> list[dict]:
 def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, int]:
     """(range_max, search depth) with sentence-transformers' defaults; no cap from the distribution itself."""
     rules = mining.rules_of(cfg.mine)
-    range_max = negatives.effective_range_max(rules, max_positives)
+    range_max = negatives.effective_range_max(rules, max_positives, rescored=bool(cfg.mine.cross_encoder))
     if rules.num_negatives > range_max - rules.range_min:
         raise ValueError(f"mine.num_negatives = {rules.num_negatives} does not fit the {range_max - rules.range_min} "
                          f"candidates between mine.range_min and mine.range_max = {range_max}")
@@ -108,7 +110,8 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending
     bar = tqdm(total=sum(p.queries for p in pending), unit="query", desc="mine",
                disable=not cfg.runtime.progress, dynamic_ncols=True)
     with bar:
-        if cfg.mine.mode == "replicated" and sum(p.queries for p in pending) <= cfg.runtime.inline_rows:
+        inline = cfg.mine.mode == "replicated" and not cfg.mine.cross_encoder
+        if inline and sum(p.queries for p in pending) <= cfg.runtime.inline_rows:
             # few queries: starting Ray and worker actors would cost more than mining them here
             searcher = _actors.IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())
             encoder = _runtime.inline_encoder(cfg)
@@ -146,9 +149,9 @@ def _exports_and_report(cfg: Config, records: list, stats: dict | None, input_qu
     written = mining.combine_exports(cfg, records)
     totals, filtered = mining.count_totals(records)
     counts = {"queries": totals, "filtered": filtered, "input_queries": input_queries, "rejected_positives": rejected}
-    summary = exports.report(stats, counts)
+    summary = mine_report.report(stats, counts)
     storage.write_json_atomic(layout.file("report.json"), summary, layout.storage_options)
-    storage.write_bytes_atomic(layout.file("report.png"), exports.report_figure(summary), layout.storage_options)
+    storage.write_bytes_atomic(layout.file("report.png"), mine_report.report_figure(summary), layout.storage_options)
     return {"exports": written, "report": {"json": "report.json", "png": "report.png"}}
 
 

@@ -148,6 +148,10 @@ class MineConfig:
     output_scores: bool = False
     queries_per_part: int = 10000
     input_mb_per_bucket: float = 256.0
+    cross_encoder: str = ""
+    cross_encoder_batch_size: int = 32
+    cross_encoder_max_length: Union[int, None] = None
+    cross_encoder_precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -531,6 +535,12 @@ def _validate_mine(mi: MineConfig) -> None:
     _check(not unknown, f"'mine.formats' = {mi.formats!r}: unknown {unknown}; expected any of {', '.join(MINE_FORMATS)}")
     _check(mi.queries_per_part >= 1, f"'mine.queries_per_part' = {mi.queries_per_part}: expected >= 1")
     _check(mi.input_mb_per_bucket > 0, f"'mine.input_mb_per_bucket' = {mi.input_mb_per_bucket}: expected > 0")
+    _check(mi.cross_encoder_batch_size >= 1,
+           f"'mine.cross_encoder_batch_size' = {mi.cross_encoder_batch_size}: expected >= 1")
+    _check(mi.cross_encoder_max_length is None or mi.cross_encoder_max_length >= 1,
+           f"'mine.cross_encoder_max_length' = {mi.cross_encoder_max_length}: expected >= 1 or null (the model's own)")
+    _check(mi.cross_encoder_precision in PRECISIONS, f"'mine.cross_encoder_precision' = "
+           f"{mi.cross_encoder_precision!r}: expected one of {', '.join(PRECISIONS)}")
 
 
 def _validate_refresh(rf: RefreshConfig, pu: PublishConfig) -> None:

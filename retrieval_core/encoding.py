@@ -1,6 +1,7 @@
 """Encoders: the protocol the jobs use, and the sentence-transformers adapter.
 
-torch and sentence-transformers are imported here only, and lazily, so the rest of the library stays light.
+torch and sentence-transformers are imported here (and in :mod:`rescoring` and :mod:`training`) only, and lazily,
+so the rest of the library stays light.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class Encoder(Protocol):
     def encode_queries(self, texts: list[str]) -> np.ndarray: ...
 
 
-def resolve_model_path(name: str, storage_options: dict | None = None) -> str:
+def resolve_model_path(name: str, storage_options: dict | None = None, setting: str = "model.name") -> str:
     """A local directory holding the model: a path as given, an fsspec URL (``s3://...``, read with
     ``storage_options``; downloaded once, see :func:`model_from_url`), the packaged default, or the Hugging Face
     cache. Only when none of these has it is the Hub asked (which needs a network).
@@ -70,7 +71,7 @@ def resolve_model_path(name: str, storage_options: dict | None = None) -> str:
     try:
         return snapshot_download(repo)
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"model.name = {name!r} is not a local directory, not the packaged default "
+        raise ValueError(f"{setting} = {name!r} is not a local directory, not the packaged default "
                          f"({DEFAULT_MODEL}), not in the Hugging Face cache, and could not be downloaded: {exc}") from None
 
 
@@ -79,7 +80,7 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "ray-retrieval-jobs" / "models")
 
 
-def model_from_url(url: str, storage_options: dict | None = None) -> str:
+def model_from_url(url: str, storage_options: dict | None = None, setting: str = "model.name") -> str:
     """The local directory of the model directory at ``url``: a local URL as it is; on other storage the model is
     downloaded once into :func:`model_cache_dir`, under a key of the URL and of its files' names, sizes and ETags
     (or modification times), so changed files are downloaded again and unchanged ones never."""
@@ -88,7 +89,7 @@ def model_from_url(url: str, storage_options: dict | None = None) -> str:
     local = storage.local_path(url, storage_options)
     if local is not None:
         if not Path(local).is_dir():
-            raise ValueError(f"model.name = {url!r} is not a directory")
+            raise ValueError(f"{setting} = {url!r} is not a directory")
         return str(Path(local).resolve())
     fs, root = storage.filesystem(url, storage_options)
     try:
@@ -97,7 +98,7 @@ def model_from_url(url: str, storage_options: dict | None = None) -> str:
         listing = {}
     files = {posixpath.relpath(name, root): info for name, info in listing.items() if not name.endswith("/")}
     if not files or "." in files:
-        raise ValueError(f"model.name = {url!r} is not a model directory (no files under it): check the URL and "
+        raise ValueError(f"{setting} = {url!r} is not a model directory (no files under it): check the URL and "
                          f"model.storage_options")
     target = model_cache_dir() / _listing_key(url, files)
     if not target.is_dir():
@@ -355,7 +356,7 @@ class SentenceTransformerEncoder:
                                  f"({dim})")
             dim = self.cfg.truncate_dim
         if self.threads > 1:
-            model.preprocess = _locked(model.preprocess)
+            model.preprocess = locked(model.preprocess)
         return model, dim
 
     @property
@@ -373,28 +374,13 @@ class SentenceTransformerEncoder:
     def query_prompt(self) -> str:
         return families.query_prompt(self.cfg, resolve_model_path(self.query_name, self.cfg.storage_options))
 
-    def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        import torch
-
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype)
-
     def _encode(self, encode, texts: list[str], prompt: str) -> np.ndarray:
         """``encode`` (a model's encode_document or encode_query) over ``texts``, in parts on the threads."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self.threads == 1 or len(texts) <= self.cfg.batch_size:
             return self._encode_here(encode, list(texts), prompt)
-        from concurrent.futures import ThreadPoolExecutor
-
-        n = self.threads
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with ThreadPoolExecutor(n) as pool:  # interleaved parts: each gets long and short texts alike
-            for i, vectors in enumerate(pool.map(lambda i: self._encode_here(encode, texts[i::n], prompt), range(n))):
-                out[i::n] = vectors
-        return out
+        return interleaved_map(lambda part: self._encode_here(encode, part, prompt), list(texts), self.threads)
 
     def _encode_here(self, encode, texts: list[str], prompt: str) -> np.ndarray:
         """Encode in the calling thread, backing off when memory runs out: the batch size is halved (for the rest
@@ -407,7 +393,7 @@ class SentenceTransformerEncoder:
             except Exception as exc:  # noqa: BLE001 -- only out-of-memory errors are handled, the rest re-raised
                 if not is_out_of_memory(exc):
                     raise
-                _free_accelerator_memory(self.device)
+                free_accelerator_memory(self.device)
                 if batch_size == 1:
                     raise EncoderOutOfMemory(
                         f"out of memory encoding a single text (the longest of this batch has "
@@ -423,7 +409,7 @@ class SentenceTransformerEncoder:
         resolved one; truncation, then normalization."""
         import torch
 
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.cfg.precision, self.device):
             vectors = encode(list(texts), batch_size=batch_size, prompt=prompt,
                              truncate_dim=self.cfg.truncate_dim, normalize_embeddings=False,
                              convert_to_tensor=True, show_progress_bar=False)
@@ -456,7 +442,31 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in str(exc).lower() for s in OUT_OF_MEMORY)
 
 
-def _free_accelerator_memory(device: str) -> None:
+def autocast(precision: str, device: str):
+    """The autocast context of ``precision`` (fp32: none) on ``device``; per thread."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+
+
+def interleaved_map(function: Callable[[list], np.ndarray], items: list, threads: int) -> np.ndarray:
+    """``function`` over ``threads`` interleaved slices of ``items`` (``items[i::threads]``, so each thread gets
+    long and short items alike), one thread each; the rows of the results put back in the items' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = max(1, min(int(threads), len(items)))
+    with ThreadPoolExecutor(n) as pool:
+        parts = list(pool.map(lambda i: function(items[i::n]), range(n)))
+    out = np.empty((len(items), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for i, part in enumerate(parts):
+        out[i::n] = part
+    return out
+
+
+def free_accelerator_memory(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
@@ -467,7 +477,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def _locked(function):
+def locked(function):
     """``function`` callable from several threads, one call at a time."""
     import threading
 

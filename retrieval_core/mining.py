@@ -5,7 +5,8 @@ Layout under ``<root>/negatives/``::
     _plan.json            identity (index, mining settings, input files) and, once planned, the number of parts
     _input/               the input planned in hash buckets of queries (see ``mine_plan``): part inputs, rejects
     part-00000.parquet    query_id, query, positive_ids, positive_scores, negative_ids, negative_scores,
-                          negative_ranks, complete
+                          negative_ranks, complete, positive_ce_scores, negative_ce_scores (the cross-encoder's
+                          scores when ``mine.cross_encoder`` rescored, else null)
     _parts/part-00000.json  the part's commit record (counts per filter, incomplete queries, exports written,
                           mergeable report statistics)
     _exports/part-00000.<export file>  the part's share of each export (removed once the manifest is written)
@@ -25,7 +26,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from . import encoding, exports, lookup, negatives, storage
+from . import encoding, exports, lookup, mine_report, negatives, rescoring, storage
 from .config import Config, MineConfig, redact_storage_options
 from .manifest import claim_stage_dir, peak_memory_mb, read_manifest, stamp
 from .metrics import EvaluationDataError, jsonl_records, parquet_records, read_qrels, read_queries
@@ -37,6 +38,7 @@ PART_SCHEMA = pa.schema([
     ("positive_ids", pa.list_(pa.string())), ("positive_scores", pa.list_(pa.float32())),
     ("negative_ids", pa.list_(pa.string())), ("negative_scores", pa.list_(pa.float32())),
     ("negative_ranks", pa.list_(pa.int32())), ("complete", pa.bool_()),
+    ("positive_ce_scores", pa.list_(pa.float32())), ("negative_ce_scores", pa.list_(pa.float32())),
 ])
 PART_EXPORTS = "_exports"  # each part's share of the exports, until the combined exports are committed
 REJECTS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reason", pa.string())])
@@ -180,14 +182,17 @@ def rules_of(mi: MineConfig) -> negatives.Rules:
 
 
 def mining_identity(cfg: Config, index_manifest: dict, input_plan: dict) -> dict:
-    """What fixes the mined parts: the index, the query encoder, the rules, the mode, the part size, and the input
-    (its files' names, sizes and versions, and the number of buckets it is planned in)."""
+    """What fixes the mined parts: the index, the query encoder, the rules, the mode, the part size, the input
+    (its files' names, sizes and versions, and the number of buckets it is planned in) and the cross-encoder, when
+    one rescores (absent otherwise, so identities without one stay what they were)."""
     mi = cfg.mine
     reading = {k: getattr(mi, k) for k in ("format", "query_column", "positive_column", "query_id_column")}
-    return {"index": index_manifest["identity"], "fingerprint": index_manifest["fingerprint"],
-            **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "mode": mi.mode,
-            "queries_per_part": mi.queries_per_part, "input": {**input_plan, "reading": reading},
-            "parts_by": "query id bucket, then first positive row"}
+    identity = {"index": index_manifest["identity"], "fingerprint": index_manifest["fingerprint"],
+                **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "mode": mi.mode,
+                "queries_per_part": mi.queries_per_part, "input": {**input_plan, "reading": reading},
+                "parts_by": "query id bucket, then first positive row"}
+    cross_encoder = rescoring.cross_encoder_identity(mi, cfg.model)
+    return {**identity, "cross_encoder": cross_encoder} if cross_encoder else identity
 
 
 def prepare(cfg: Config, identity: dict) -> None:
@@ -228,17 +233,22 @@ def positive_vectors(queries: list[MiningQuery], rows: lookup.RowLookup) -> dict
 
 
 def run_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], encode: Callable,
-             search: Callable, range_max: int, depth: int) -> dict:
+             search: Callable, range_max: int, depth: int, rescore: Callable | None = None) -> dict:
     """Mine part ``number`` end to end where it runs (a worker, or the job's process for a small run): encode its
-    queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids), select the negatives, write
-    the part's exports and statistics, and commit it. Returns its commit record."""
+    queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids), rescore the candidates
+    with the cross-encoder (``rescore(pairs)`` -> scores, when ``mine.cross_encoder`` is set), select the
+    negatives, write the part's exports and statistics, and commit it. Returns its commit record."""
     clock = _Clock()
     vectors = clock.step("encode", encode, [q.text for q in queries])
     scores, ids = clock.step("search", search, vectors, depth)
-    table, counts, named = clock.step("select", mine_part, cfg, rows, queries, vectors, scores, ids, range_max)
-    texts = clock.step("texts", rows.texts, set(named.values()))
+    rescored = clock.step("rescore", rescoring.rescore_part, rows, queries, ids, rescore) if rescore else None
+    table, counts, named, agreement = clock.step("select", mine_part, cfg, rows, queries, vectors, scores, ids,
+                                                 range_max, rescored)
+    texts = dict(rescored.texts) if rescored else {}
+    texts.update(clock.step("texts", rows.texts, set(named.values()) - texts.keys()))
     written = clock.step("exports", _part_exports, cfg, number, table, {doc: texts[row] for doc, row in named.items()})
-    return commit_part(cfg, number, table, {**counts, "exports": written, "stats": exports.part_stats(table),
+    return commit_part(cfg, number, table, {**counts, "exports": written,
+                                            "stats": mine_report.part_stats(table, agreement),
                                             "peak_memory_mb": peak_memory_mb(), "steps_s": clock.seconds,
                                             "seconds": round(sum(clock.seconds.values()), 3)})
 
@@ -263,31 +273,58 @@ def _part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, st
 
 
 def mine_part(cfg: Config, lookups: lookup.RowLookup, queries: list[MiningQuery], query_vectors: np.ndarray,
-              scores: np.ndarray, ids: np.ndarray, range_max: int) -> tuple[pa.Table, dict, dict[str, int]]:
-    """Select the negatives of one part from its search results (scores / ids: n x depth, best first).
-    Returns the part's table (kept queries), its counts, and the row id of every document the table names."""
+              scores: np.ndarray, ids: np.ndarray, range_max: int, rescored: rescoring.Rescored | None = None
+              ) -> tuple[pa.Table, dict, dict[str, int], dict | None]:
+    """Select the negatives of one part from its search results (scores / ids: n x depth, best first), by the
+    cross-encoder's scores when ``rescored``. Returns the part's table (kept queries), its counts, the row id of
+    every document the table names, and the agreement statistics of the two models (None without rescoring)."""
     rules = rules_of(cfg.mine)
     positives = positive_vectors(queries, lookups)
     candidates = lookups.values(ids.ravel())
     hash_of = np.vectorize(lambda r: candidates.get(int(r), (None, ""))[1], otypes=[object])
     rows, named, counts = [], {}, {"queries": len(queries), "complete": 0, "incomplete": 0, "without_negatives": 0,
-                        "written": 0, "filtered": dict.fromkeys(negatives.FILTERS, 0)}
-    for query, vector, score_row, id_row in zip(queries, query_vectors, scores, ids):
+                                   "written": 0, "filtered": dict.fromkeys(negatives.FILTERS, 0)}
+    together = {"chosen": 0, "shared": 0}
+    for i, (query, vector) in enumerate(zip(queries, query_vectors)):
         pos_scores = [float(vector @ positives[r][0]) for r in query.positive_rows]
-        chosen = negatives.select(score_row, id_row, hash_of(id_row), set(query.positive_rows), pos_scores,
-                                  {positives[r][1] for r in query.positive_rows}, rules, range_max, query.query_id)
+        ce_row, ce_positive = (rescored.candidates[i], rescored.positives[i]) if rescored else (None, None)
+        chosen, shared = _choose(rules, range_max, query, (scores[i], ids[i], hash_of(ids[i])), pos_scores,
+                                 {positives[r][1] for r in query.positive_rows}, ce_row, ce_positive)
         for rule, n in chosen.filtered.items():
             counts["filtered"][rule] += n
         complete = len(chosen.ids) == rules.num_negatives
         counts["complete" if complete else ("incomplete" if chosen.ids else "without_negatives")] += 1
         if complete or (cfg.mine.keep_incomplete and chosen.ids):
+            together["chosen"] += len(chosen.ids)
+            together["shared"] += shared or 0
             named.update(zip(query.positive_doc_ids, query.positive_rows))
             named.update((candidates[r][0], r) for r in chosen.ids)
             rows.append({"query_id": query.query_id, "query": query.text, "positive_ids": query.positive_doc_ids,
                          "positive_scores": pos_scores, "negative_ids": [candidates[r][0] for r in chosen.ids],
-                         "negative_scores": chosen.scores, "negative_ranks": chosen.ranks, "complete": complete})
+                         "negative_scores": [float(scores[i][rank - 1]) for rank in chosen.ranks],
+                         "negative_ranks": chosen.ranks, "complete": complete, "positive_ce_scores": ce_positive,
+                         "negative_ce_scores": chosen.scores if rescored else None})
     counts["written"] = len(rows)
-    return pa.Table.from_pylist(rows, schema=PART_SCHEMA), counts, named
+    agreement = mine_report.agreement_stats(scores[rescored.scored], rescored.candidates[rescored.scored],
+                                            **together) if rescored else None
+    return pa.Table.from_pylist(rows, schema=PART_SCHEMA), counts, named, agreement
+
+
+def _choose(rules: negatives.Rules, range_max: int, query: MiningQuery, results: tuple, positive_scores: list,
+            positive_hashes: set, ce_row: np.ndarray | None, ce_positive: list | None):
+    """(the query's negatives, by the cross-encoder's scores when given, else the bi-encoder's; how many of them
+    the bi-encoder's scores alone would have chosen, None without a cross-encoder). ``results``: the bi-encoder's
+    scores, the row ids and text hashes of the candidates."""
+    bi_row, id_row, hashes = results
+
+    def by(scores, positive):
+        return negatives.select(scores, id_row, hashes, set(query.positive_rows), positive, positive_hashes, rules,
+                                range_max, query.query_id)
+
+    if ce_row is None:
+        return by(bi_row, positive_scores), None
+    chosen = by(ce_row, ce_positive)
+    return chosen, len(set(chosen.ids) & set(by(bi_row, positive_scores).ids))
 
 
 def commit_part(cfg: Config, index: int, table: pa.Table, counts: dict) -> dict:
@@ -309,20 +346,20 @@ def part_records(cfg: Config, parts: int) -> tuple[list[dict], dict | None]:
         if "stats" not in record or not exports.has_part_exports(record, list(cfg.mine.formats),
                                                                  cfg.mine.output_scores):
             record = _complete_record(cfg, record)
-        stats = exports.merge_stats(stats, record.pop("stats"))
+        stats = mine_report.merge_stats(stats, record.pop("stats"))
         records.append(record)
     return records, stats
 
 
 def _complete_record(cfg: Config, record: dict) -> dict:
     layout = layout_of(cfg)
-    table = storage.read_parquet(layout.part_file(record["part"]), layout.storage_options)
+    table = conform(storage.read_parquet(layout.part_file(record["part"]), layout.storage_options))
     doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist()
                for d in ids}
     texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options,
                                      corpus_storage_options=cfg.corpus.storage_options)
     record = {**record, "exports": _part_exports(cfg, record["part"], table, texts),
-              "stats": exports.part_stats(table)}
+              "stats": record.get("stats") or mine_report.part_stats(table)}
     storage.write_json_atomic(layout.record_file(record["part"]), record, layout.storage_options)
     return record
 
@@ -342,8 +379,18 @@ def remove_part_exports(cfg: Config) -> None:
 
 def concat_parts(root: str, parts: list[dict], storage_options: dict | None = None) -> pa.Table:
     """The part files named by ``parts`` (commit records or manifest entries, each with a ``path``), in order."""
-    tables = [storage.read_parquet(storage.join(root, "negatives", p["path"]), storage_options) for p in parts]
+    tables = [conform(storage.read_parquet(storage.join(root, "negatives", p["path"]), storage_options))
+              for p in parts]
     return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
+
+
+def conform(part: pa.Table) -> pa.Table:
+    """A part table with every column of :data:`PART_SCHEMA`: a part written before the cross-encoder columns
+    existed gets them as nulls."""
+    for column in PART_SCHEMA:
+        if column.name not in part.column_names:
+            part = part.append_column(column, pa.nulls(part.num_rows, column.type))
+    return part.select(PART_SCHEMA.names)
 
 
 def read_parts(root: str, storage_options: dict | None = None) -> pa.Table:
@@ -368,7 +415,7 @@ def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queri
                                                 for r in records],
                 "settings": redact_storage_options(dataclasses.asdict(cfg.mine)), **extra,
                 "part_steps_s": {step: round(sum(r.get("steps_s", {}).get(step, 0.0) for r in records), 3)
-                                 for step in ("encode", "search", "select", "texts", "exports")},
+                                 for step in ("encode", "search", "rescore", "select", "texts", "exports")},
                 "peak_memory_mb": {"driver": peak_memory_mb(),
                                    "workers_max": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0)},
                 "config": cfg.to_dict()}

@@ -9,7 +9,8 @@ Per query, from its search results (best first):
   3. keep the first ``range_max`` survivors in score order and skip the first ``range_min`` of them;
   4. ``top``: the first ``num_negatives``; ``random``: ``num_negatives`` of them drawn with a generator seeded from
      ``seed`` and the query id (the same draw on any number of workers), then ordered by score.
-Fewer than ``num_negatives`` survivors make the query incomplete.
+Fewer than ``num_negatives`` survivors make the query incomplete. The scores are the bi-encoder's, or a
+cross-encoder's when one rescored the candidates and positives (:mod:`rescoring`): the rules are the same.
 """
 from __future__ import annotations
 
@@ -49,15 +50,17 @@ class QueryNegatives:
 MARGIN_WINDOW = 100  # candidates per query considered by default when a margin or max_score filters them
 
 
-def effective_range_max(rules: Rules, max_positives: int) -> int:
+def effective_range_max(rules: Rules, max_positives: int, rescored: bool = False) -> int:
     """``range_max``, or when 0: ``range_min + num_negatives + max_positives`` without score filters (as
     sentence-transformers derives it), and ``range_min + max(10 * num_negatives, MARGIN_WINDOW) + max_positives``
-    when a margin or max_score filters candidates. sentence-transformers takes ``10 * num_negatives`` there (30
-    for 3 negatives), which on SciFact with relative_margin 0.05 left queries without any negative; a wider
-    window costs a deeper search only."""
+    when a margin or max_score filters candidates, or a cross-encoder rescores them (``rescored``: it reorders the
+    window, which the narrow one would leave nearly as it is). sentence-transformers takes ``10 * num_negatives``
+    there (30 for 3 negatives), which on SciFact with relative_margin 0.05 left queries without any negative; a
+    wider window costs a deeper search only."""
     if rules.range_max:
         return rules.range_max
-    per_query = max(10 * rules.num_negatives, MARGIN_WINDOW) if rules.filters_by_score else rules.num_negatives
+    wide = rules.filters_by_score or rescored
+    per_query = max(10 * rules.num_negatives, MARGIN_WINDOW) if wide else rules.num_negatives
     return rules.range_min + per_query + max_positives
 
 
@@ -71,12 +74,26 @@ def query_seed(seed: int, query_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(digest, "little")])
 
 
+def _score_free_masks(ids: np.ndarray, hashes: np.ndarray, positive_ids: set,
+                      positive_hashes: set) -> list[tuple[str, np.ndarray]]:
+    """The rules that need no score: a missing result, one of the query's positives, a positive's text."""
+    return [("missing", ids < 0),
+            ("positive", np.isin(ids, list(positive_ids))),
+            ("same_text", np.isin(hashes, list(positive_hashes)))]
+
+
+def scorable(ids: np.ndarray, hashes: np.ndarray, positive_ids: set, positive_hashes: set) -> np.ndarray:
+    """Mask of the candidates no score-free rule removes: the ones worth rescoring."""
+    removed = np.zeros(len(ids), dtype=bool)
+    for _, mask in _score_free_masks(ids, hashes, positive_ids, positive_hashes):
+        removed |= mask
+    return ~removed
+
+
 def _removal_masks(scores: np.ndarray, ids: np.ndarray, hashes: np.ndarray, positive_ids: set,
                    positive_hashes: set, positive_floor: float, rules: Rules) -> list[tuple[str, np.ndarray]]:
     """(rule, mask of candidates it removes) in the order the rules apply; later masks may overlap earlier ones."""
-    masks = [("missing", ids < 0),
-             ("positive", np.isin(ids, list(positive_ids))),
-             ("same_text", np.isin(hashes, list(positive_hashes)))]
+    masks = _score_free_masks(ids, hashes, positive_ids, positive_hashes)
     if rules.absolute_margin is not None:
         masks.append(("absolute_margin", scores + rules.absolute_margin > positive_floor))
     if rules.relative_margin is not None:

