@@ -12,18 +12,22 @@ What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact
   * with a cross-encoder (``--cross-encoder DIR``; by default all-MiniLM-L6-v2's weights under a fresh, seeded
     one-output head, the size of ms-marco-MiniLM-L6-v2, built in a temporary directory): ``mine_hard_negatives(...,
     cross_encoder=...)`` against ``mine`` on the indexed corpus with ``mine.cross_encoder``, on the first
-    ``--ce-queries`` queries with ``--ce-max-length`` tokens per pair; ratio and overlap against the former.
+    ``--ce-queries`` queries with ``--ce-max-length`` tokens per pair; ratio and overlap against the former. Both
+    start from encoded documents (``mine_hard_negatives`` from its ``cache_folder``, filled by an untimed call):
+    the rows time query encoding, search, rescoring and selection.
 
 Run (from the repository root, with the venv active)
   python bench/mine_vs_st.py                      # SciFact when present; exits 0 with a message when absent
   python bench/mine_vs_st.py --relative-margin 0 --num-negatives 5 --out mine.json
   python bench/mine_vs_st.py --ce-queries 0         # without the cross-encoder rows
+  python bench/mine_vs_st.py --only-cross-encoder   # only them
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cross-encoder", default="", help="a CrossEncoder directory (default: built, see above)")
     p.add_argument("--ce-queries", type=int, default=200, help="queries of the cross-encoder rows; 0 = no such rows")
     p.add_argument("--ce-max-length", type=int, default=128, help="cross-encoder tokens per pair")
+    p.add_argument("--only-cross-encoder", action="store_true", help="only the cross-encoder rows (the corpus is "
+                   "encoded and indexed first, untimed)")
     p.add_argument("--out", type=Path, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -59,8 +65,8 @@ def load_data(data: Path, qrels_path: Path):
     return corpus, pairs
 
 
-def reference(corpus: dict, pairs: list, args, use_faiss: bool,
-              cross_encoder: str = "") -> tuple[float, dict[str, set[str]]]:
+def reference(corpus: dict, pairs: list, args, use_faiss: bool, cross_encoder: str = "",
+              cache_folder: str | None = None) -> tuple[float, dict[str, set[str]]]:
     from datasets import Dataset
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
@@ -77,7 +83,7 @@ def reference(corpus: dict, pairs: list, args, use_faiss: bool,
     result = mine_hard_negatives(Dataset.from_list([{"query": q, "positive": p} for q, p in pairs]), model,
                                  corpus=list(corpus.values()), num_negatives=args.num_negatives,
                                  sampling_strategy="top", batch_size=args.batch_size, use_faiss=use_faiss,
-                                 output_format="triplet", verbose=False, **options)
+                                 output_format="triplet", verbose=False, cache_folder=cache_folder, **options)
     seconds = time.perf_counter() - started
     negatives: dict[str, set[str]] = {}
     for row in result:
@@ -108,8 +114,6 @@ def job_config(args, root: str, qrels: str = "", extra: tuple = ()):
 def cross_encoder_rows(args, root: str) -> list:
     """mine_hard_negatives with a cross-encoder against ``mine`` with it, on the first ``--ce-queries`` queries
     (their qrels written under ``root``); the corpus under ``root`` is already encoded and indexed."""
-    import shutil
-
     from retrieval_core import metrics
 
     qrels = metrics.read_qrels(str(args.data / args.qrels))
@@ -118,7 +122,9 @@ def cross_encoder_rows(args, root: str) -> list:
         f"{q}\t{d}\t{s}\n" for q, judged in list(qrels.items())[:args.ce_queries] for d, s in judged.items()))
     corpus, pairs = load_data(args.data, path)
     model = args.cross_encoder or build_cross_encoder(Path(root) / "ce")
-    base_s, base = reference(corpus, pairs, args, use_faiss=False, cross_encoder=model)
+    cache = str(Path(root) / "st-cache")  # both sides start from encoded documents: the rows time the mining
+    reference(corpus, pairs, args, use_faiss=False, cache_folder=cache)
+    base_s, base = reference(corpus, pairs, args, use_faiss=False, cross_encoder=model, cache_folder=cache)
     shutil.rmtree(Path(root) / "negatives", ignore_errors=True)
     window = 10 * args.num_negatives + max_positives(pairs)
     cfg = job_config(args, root, str(path), (f"mine.cross_encoder={json.dumps(model)}", f"mine.range_max={window}",
@@ -165,20 +171,23 @@ def main(argv=None) -> int:
         print(f"skipped: no corpus at {args.data / 'corpus.parquet'}")
         return 0
     corpus, pairs = load_data(args.data, args.data / args.qrels)
-    base_s, base = reference(corpus, pairs, args, use_faiss=False)
-    rows = [("mine_hard_negatives", base_s, base),
-            ("mine_hard_negatives faiss", *reference(corpus, pairs, args, use_faiss=True))]
+    rows = [] if args.only_cross_encoder else [("mine_hard_negatives", *reference(corpus, pairs, args, False)),
+                                               ("mine_hard_negatives faiss", *reference(corpus, pairs, args, True))]
     with tempfile.TemporaryDirectory(prefix="bench-mine-") as root:
         cfg = job_config(args, root)
-        rows.append(("jobs: encode+index+mine", *ours(cfg, corpus, ("encode", "index", "mine"))))
-        import shutil
-
-        shutil.rmtree(Path(root) / "negatives")
-        rows.append(("jobs: mine (indexed)", *ours(cfg, corpus, ("mine",))))
+        if args.only_cross_encoder:
+            index_only(cfg)
+        else:
+            rows.append(("jobs: encode+index+mine", *ours(cfg, corpus, ("encode", "index", "mine"))))
+            shutil.rmtree(Path(root) / "negatives")
+            rows.append(("jobs: mine (indexed)", *ours(cfg, corpus, ("mine",))))
         ce_rows = cross_encoder_rows(args, root) if args.ce_queries > 0 else []
-    print(f"\n{len(pairs)} pairs, {len(base)} queries with negatives in the reference, {len(corpus)} documents; "
-          f"num_negatives {args.num_negatives}, relative_margin {args.relative_margin if args.relative_margin > 0 else 'none'}")
-    results = table(rows)
+    results = []
+    if rows:
+        print(f"\n{len(pairs)} pairs, {len(rows[0][2])} queries with negatives in the reference, {len(corpus)} "
+              f"documents; num_negatives {args.num_negatives}, relative_margin "
+              f"{args.relative_margin if args.relative_margin > 0 else 'none'}")
+        results += table(rows)
     if ce_rows:
         print(f"\nwith a cross-encoder ({args.cross_encoder or 'all-MiniLM-L6-v2 + a random head'}, max length "
               f"{args.ce_max_length}), the first {args.ce_queries} queries; window {10 * args.num_negatives} + "
@@ -187,6 +196,14 @@ def main(argv=None) -> int:
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def index_only(cfg) -> None:
+    from jobs import _runtime, encode, index
+
+    with _runtime.ray_session(cfg.runtime):
+        encode.run(cfg)
+        index.run(cfg)
 
 
 def table(rows: list) -> list[dict]:

@@ -160,13 +160,15 @@ def _summary(manifest: dict, reused: bool) -> dict:
     return {"input_queries": manifest["input_queries"], "written": t["written"], "complete": t["complete"],
             "incomplete": t["incomplete"], "without_negatives": t["without_negatives"],
             "rejected_positives": manifest["rejected_positives"], "filtered": manifest["filtered"],
-            "exports": manifest["exports"], "seconds": manifest["seconds"], "reused": reused}
+            "exports": manifest["exports"], "seconds": manifest["seconds"], "reused": reused,
+            "cross_encoder": (manifest["identity"].get("cross_encoder") or {}).get("model", "")}
 
 
 def format_summary(s: dict) -> str:
     filtered = ", ".join(f"{k} {v}" for k, v in s["filtered"].items() if v and k != "missing")
     state = "already mined" if s["reused"] else f"in {s['seconds']} s"
-    return (f"mine: {s['input_queries']} queries, {s['written']} written ({s['complete']} complete, "
+    rescored = f", rescored by {s['cross_encoder']}" if s.get("cross_encoder") else ""
+    return (f"mine{rescored}: {s['input_queries']} queries, {s['written']} written ({s['complete']} complete, "
             f"{s['incomplete']} incomplete), {s['without_negatives']} without negatives, "
             f"{s['rejected_positives']} positives not in the corpus; removed: {filtered or 'none'}; {state}")
 

@@ -244,8 +244,7 @@ def run_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[Min
     rescored = clock.step("rescore", rescoring.rescore_part, rows, queries, ids, rescore) if rescore else None
     table, counts, named, agreement = clock.step("select", mine_part, cfg, rows, queries, vectors, scores, ids,
                                                  range_max, rescored)
-    texts = dict(rescored.texts) if rescored else {}
-    texts.update(clock.step("texts", rows.texts, set(named.values()) - texts.keys()))
+    texts = clock.step("texts", rows.texts, set(named.values()))
     written = clock.step("exports", _part_exports, cfg, number, table, {doc: texts[row] for doc, row in named.items()})
     return commit_part(cfg, number, table, {**counts, "exports": written,
                                             "stats": mine_report.part_stats(table, agreement),

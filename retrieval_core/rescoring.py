@@ -107,34 +107,61 @@ class CrossEncoderScorer:
                             batch_size, self.device, self.batch_size)
 
 
+RESCORE_PAIRS = 50_000  # pairs scored per step: bounds the texts a worker holds while it rescores a part
+
+
 @dataclasses.dataclass
 class Rescored:
     """A part's cross-encoder scores: ``candidates`` (n x depth, like the search results; -inf where a candidate
-    was not scored), ``positives`` (per query, one score per positive) and the text of every document scored."""
+    was not scored), ``positives`` (per query, one score per positive) and which candidates were scored."""
     candidates: np.ndarray
     positives: list[list[float]]
-    texts: dict[int, str]
-    scored: np.ndarray  # n x depth: which candidates were scored
+    scored: np.ndarray
 
 
-def rescore_part(rows: lookup.RowLookup, queries: list, ids: np.ndarray, score: Callable) -> Rescored:
+def rescore_part(rows: lookup.RowLookup, queries: list, ids: np.ndarray, score: Callable,
+                 pairs_per_step: int = RESCORE_PAIRS) -> Rescored:
     """Score with ``score(pairs)`` each query's candidates ``ids`` (n x depth row ids, -1 = no result) that no
-    score-free filter removes, and each query's positives."""
+    score-free filter removes, and each query's positives; in steps of consecutive queries with at most
+    ``pairs_per_step`` pairs (one query at least), each reading only its own documents' texts."""
     candidates = rows.values(ids.ravel())
-    positive_rows = {r for q in queries for r in q.positive_rows}
-    positive_hashes = {row: text_hash for row, (_, text_hash) in rows.values(positive_rows).items()}
+    positive_hashes = {row: text_hash for row, (_, text_hash)
+                       in rows.values({r for q in queries for r in q.positive_rows}).items()}
     scored = np.zeros(ids.shape, dtype=bool)
     for i, query in enumerate(queries):
         hashes = np.array([candidates.get(int(r), (None, ""))[1] for r in ids[i]], dtype=object)
         scored[i] = negatives.scorable(ids[i], hashes, set(query.positive_rows),
                                        {positive_hashes[r] for r in query.positive_rows})
-    texts = rows.texts(set(ids[scored].tolist()) | positive_rows)
-    pairs = [(queries[i].text, texts[int(r)]) for i, r in zip(np.nonzero(scored)[0], ids[scored])]
-    pairs += [(q.text, texts[r]) for q in queries for r in q.positive_rows]
+    out = Rescored(np.full(ids.shape, -np.inf, dtype=np.float32), [[] for _ in queries], scored)
+    sizes = scored.sum(axis=1) + np.array([len(q.positive_rows) for q in queries], dtype=np.int64)
+    for start, stop in _steps(sizes, pairs_per_step):
+        _rescore_queries(rows, queries, ids, start, stop, score, out)
+    return out
+
+
+def _steps(sizes: np.ndarray, limit: int):
+    """(start, stop) of runs of consecutive items whose sizes add up to at most ``limit`` (one item at least)."""
+    start, total = 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and total + size > limit:
+            yield start, i
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+def _rescore_queries(rows: lookup.RowLookup, queries: list, ids: np.ndarray, start: int, stop: int,
+                     score: Callable, out: Rescored) -> None:
+    """Score queries ``start:stop`` into ``out``."""
+    mask, block = out.scored[start:stop], ids[start:stop]
+    chosen = queries[start:stop]
+    texts = rows.texts(set(block[mask].tolist()) | {r for q in chosen for r in q.positive_rows})
+    pairs = [(chosen[i].text, texts[int(r)]) for i, r in zip(np.nonzero(mask)[0], block[mask])]
+    pairs += [(q.text, texts[r]) for q in chosen for r in q.positive_rows]
     values = score(pairs) if pairs else np.zeros(0, dtype=np.float32)
-    matrix = np.full(ids.shape, -np.inf, dtype=np.float32)
-    matrix[scored] = values[:int(scored.sum())]
-    rest, positives = iter(values[int(scored.sum()):].tolist()), []
-    for query in queries:
-        positives.append([next(rest) for _ in query.positive_rows])
-    return Rescored(matrix, positives, texts, scored)
+    count = int(mask.sum())
+    out.candidates[start:stop][mask] = values[:count]
+    rest = iter(values[count:].tolist())
+    for i, query in enumerate(chosen, start=start):
+        out.positives[i] = [next(rest) for _ in query.positive_rows]

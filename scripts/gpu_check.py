@@ -1,5 +1,6 @@
-"""Check the GPU paths against the CPU: encoding in fp32/fp16/bf16, FAISS (CPU) over GPU-encoded vectors, a few
-training steps, and the encode job with ``runtime.gpus_per_worker = 1``. Prints a table; writes it as JSON.
+"""Check the GPU paths against the CPU: encoding in fp32/fp16/bf16, FAISS (CPU) over GPU-encoded vectors,
+cross-encoder rescoring in fp32/fp16, a few training steps, and the encode job with ``runtime.gpus_per_worker =
+1``. Prints a table; writes it as JSON.
 
     python scripts/gpu_check.py [--device cuda] [--steps 4] [--json gpu_check.json]
 
@@ -7,7 +8,9 @@ Exit status: 0 every check passed, 1 a check failed, 2 no CUDA device (nothing w
 the same checks against the CPU itself (a smoke test of this script on a machine without a GPU).
 
 Thresholds: fp32 vectors within min cosine 0.99999 of the CPU's; fp16 0.999 and bf16 0.99 (half-precision
-autocast); FAISS top-10 over the device's fp16 vectors sharing >= 90% of the CPU fp32 top-10; after the training
+autocast); FAISS top-10 over the device's fp16 vectors sharing >= 90% of the CPU fp32 top-10; cross-encoder
+scores (all-MiniLM-L6-v2 under a seeded random one-output head, sigmoid) within 1e-4 of the CPU's in fp32 and 1e-2 in
+fp16 (``MAX_SCORE_GAP``); after the training
 steps, the device-trained weights closer to the CPU-trained ones than half the size of the update itself (dropout
 off on both, so only arithmetic differs).
 """
@@ -27,11 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from retrieval_core import encoding, training  # noqa: E402
+from retrieval_core import encoding, rescoring, training  # noqa: E402
 from retrieval_core.config import load_config  # noqa: E402
 
 DEMO = ROOT / "examples" / "demo"
 MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.99}
+MAX_SCORE_GAP = {"fp32": 1e-4, "fp16": 1e-2}
 
 
 def demo_texts() -> tuple[list[str], list[str], list[str]]:
@@ -102,6 +106,42 @@ def train_weights(device: str, steps: int, docs: list[str], queries: list[str]) 
     return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
 
 
+def cross_encoder(directory: str) -> str:
+    """all-MiniLM-L6-v2's transformer under a seeded random one-output head, saved as a CrossEncoder."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    torch.manual_seed(0)
+    CrossEncoder(encoding.resolve_model_path("all-MiniLM-L6-v2"), num_labels=1, device="cpu").save_pretrained(directory)
+    return directory
+
+
+def rescore(model_dir: str, device: str, precision: str, pairs: list) -> tuple[np.ndarray, float]:
+    """(cross-encoder scores of ``pairs``, pairs per second of a second pass)."""
+    mi = load_config(None, [f"mine.cross_encoder={model_dir}", f"mine.cross_encoder_precision={precision}"]).mine
+    scorer = rescoring.CrossEncoderScorer(mi, load_config(None, []).model, device=device)
+    scores = scorer.score(pairs)
+    _sync(device)
+    started = time.perf_counter()
+    scorer.score(pairs)
+    _sync(device)
+    return scores, len(pairs) / (time.perf_counter() - started)
+
+
+def rescore_rows(device: str, docs: list[str], queries: list[str]) -> list[dict]:
+    pairs = [(queries[i % len(queries)], doc) for i, doc in enumerate(docs)]
+    with tempfile.TemporaryDirectory() as directory:
+        model_dir = cross_encoder(directory)
+        reference, cpu_rate = rescore(model_dir, "cpu", "fp32", pairs)
+        rows = [{"check": "rescore cpu fp32", "value": cpu_rate, "unit": "pairs/s", "ok": True}]
+        for precision, limit in MAX_SCORE_GAP.items():
+            scores, rate = rescore(model_dir, device, precision, pairs)
+            gap = float(np.abs(scores - reference).max())
+            rows.append({"check": f"rescore {device} {precision}: max score gap", "value": gap, "unit": "score",
+                         "ratio_to_cpu_fp32": rate / cpu_rate, "ok": gap <= limit})
+    return rows
+
+
 def distance(a: dict, b: dict) -> float:
     return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a)))
 
@@ -134,6 +174,7 @@ def run(device: str, steps: int, repeat: int) -> list[dict]:
     agreement = top10_agreement(reference, vectors["fp16"], query_vectors)
     rows.append({"check": f"FAISS cpu top-10, {device} fp16 vectors", "value": agreement, "unit": "shared",
                  "ok": agreement >= 0.9})
+    rows += rescore_rows(device, docs, queries)
     initial = train_weights("cpu", 0, docs, queries)
     on_cpu = train_weights("cpu", steps, docs, queries)
     on_device = train_weights(device, steps, docs, queries)

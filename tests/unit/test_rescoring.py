@@ -51,7 +51,10 @@ def test_rescoring_scores_the_candidates_left_by_the_score_free_filters_and_the_
                                         ("second query", texts[5])])
     assert got.positives[0] == pytest.approx(positives[:1], abs=1e-5)
     assert got.positives[1] == pytest.approx(positives[1:], abs=1e-5)
-    assert set(got.texts) == {0, 1, 2, 3, 4, 5}
+    in_steps = rescoring.rescore_part(Rows(texts), queries, ids, scorer.score, pairs_per_step=2)
+    assert in_steps.candidates[got.scored] == pytest.approx(got.candidates[got.scored], abs=1e-6)
+    assert in_steps.positives == [pytest.approx(p, abs=1e-6) for p in got.positives]
+    assert list(rescoring._steps(np.array([3, 1, 1, 4, 2]), 4)) == [(0, 2), (2, 3), (3, 4), (4, 5)]
 
 
 def test_threads_and_small_batches_score_as_one_call(tiny_ce):
