@@ -50,7 +50,7 @@ def run(cfg: Config) -> dict:
         mining.remove_part_exports(cfg)  # left by a run killed after its manifest
         return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
     with _runtime.LazyRaySession(cfg.runtime) as session:
-        buckets = _plan_buckets(cfg, session, emb, plan["buckets"])
+        buckets = _plan_buckets(cfg, session, emb, plan)
         counts = {k: sum(b[k] for b in buckets) for k in ("input_queries", "kept", "rejected")}
         if not counts["kept"]:
             examples = [d for b in buckets for d in b["rejected_examples"]][:3]
@@ -77,12 +77,15 @@ def run(cfg: Config) -> dict:
     return _summary(manifest, False)
 
 
-def _plan_buckets(cfg: Config, session, emb: dict, buckets: int) -> list[dict]:
-    """Plan the input's buckets not planned yet (one in this process, several as Ray tasks); returns every
-    bucket's record."""
+def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> list[dict]:
+    """Plan the input's buckets not planned yet, as Ray tasks; an input of one bucket and at most
+    ``mine_plan.INLINE_INPUT_BYTES`` in this process (``runtime.inline_rows`` > 0), where starting Ray would cost
+    more. Returns every bucket's record."""
+    buckets = plan["buckets"]
     records = {b: mine_plan.bucket_record(cfg, b) for b in range(buckets)}
     todo = [b for b, record in records.items() if record is None]
-    if buckets == 1 and todo:
+    here = buckets == 1 and cfg.runtime.inline_rows > 0 and plan["bytes"] <= mine_plan.INLINE_INPUT_BYTES
+    if here and todo:
         records[0] = mine_plan.plan_bucket(cfg, 0, 1, emb)
     elif todo:
         session.ensure()

@@ -34,6 +34,9 @@ def bucket_of(query_id: str, buckets: int) -> int:
     return int.from_bytes(hashlib.blake2b(query_id.encode(), digest_size=8).digest(), "little") % buckets
 
 
+INLINE_INPUT_BYTES = 4 * 2 ** 20  # an input up to this size may be planned in the job's own process
+
+
 def input_plan(mi: MineConfig) -> dict:
     """The input files with their size and version (modification time or ETag: a changed file is another input),
     and the number of buckets (1 for an input of at most ``mine.input_mb_per_bucket`` MB)."""

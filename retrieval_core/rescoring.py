@@ -62,7 +62,7 @@ class CrossEncoderScorer:
     def __init__(self, mi: MineConfig, model: ModelConfig, device: str = "cpu", threads: int = 1):
         from sentence_transformers import CrossEncoder
 
-        self.name, self.device, self.precision = mi.cross_encoder, device, mi.cross_encoder_precision
+        self.device, self.precision = device, mi.cross_encoder_precision
         self.batch_size = mi.cross_encoder_batch_size
         self.threads = max(1, int(threads)) if device == "cpu" else 1
         model_dir = cross_encoder_dir(mi, model)
@@ -80,6 +80,9 @@ class CrossEncoderScorer:
         if self.threads > 1:
             encoding.set_torch_threads(1)
             self.model.preprocess = encoding.locked(self.model.preprocess)
+        if self.precision == "bf16" and device == "cpu" and not encoding.cpu_has_native_bf16():
+            log.warning("mine.cross_encoder_precision = bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated "
+                        "there and much slower than fp32")
 
     def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """One score per (query, document) pair, float32, in the pairs' order."""
