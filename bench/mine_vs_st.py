@@ -11,10 +11,12 @@ What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact
   with the reference (|ours ∩ reference| / |reference|, averaged over queries; 1.0 = identical sets).
   * with a cross-encoder (``--cross-encoder DIR``; by default all-MiniLM-L6-v2's weights under a fresh, seeded
     one-output head, the size of ms-marco-MiniLM-L6-v2, built in a temporary directory): ``mine_hard_negatives(...,
-    cross_encoder=...)`` against ``mine`` on the indexed corpus with ``mine.cross_encoder``, on the first
-    ``--ce-queries`` queries with ``--ce-max-length`` tokens per pair; ratio and overlap against the former. Both
-    start from encoded documents (``mine_hard_negatives`` from its ``cache_folder``, filled by an untimed call):
-    the rows time query encoding, search, rescoring and selection.
+    cross_encoder=...)`` against ``python -m jobs.mine`` (a process of its own, as a user runs it) on the indexed
+    corpus with ``mine.cross_encoder``, on the first ``--ce-queries`` queries with ``--ce-max-length`` tokens per
+    pair, parts of ``--ce-queries-per-part`` queries; ratio and overlap against the former. Both start from encoded
+    documents (``mine_hard_negatives`` from its ``cache_folder``, filled by an untimed call): the rows time the
+    query side, search, rescoring and selection (and, for the job, starting Ray and its workers). Without a margin:
+    the scores of a random head make any margin arbitrary; both take the same window.
 
 Run (from the repository root, with the venv active)
   python bench/mine_vs_st.py                      # SciFact when present; exits 0 with a message when absent
@@ -47,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cross-encoder", default="", help="a CrossEncoder directory (default: built, see above)")
     p.add_argument("--ce-queries", type=int, default=200, help="queries of the cross-encoder rows; 0 = no such rows")
     p.add_argument("--ce-max-length", type=int, default=128, help="cross-encoder tokens per pair")
+    p.add_argument("--ce-queries-per-part", type=int, default=25, help="mine.queries_per_part of the job's "
+                   "cross-encoder row (parts for every worker)")
     p.add_argument("--only-cross-encoder", action="store_true", help="only the cross-encoder rows (the corpus is "
                    "encoded and indexed first, untimed)")
     p.add_argument("--out", type=Path, help="also write the results to this JSON file")
@@ -76,10 +80,9 @@ def reference(corpus: dict, pairs: list, args, use_faiss: bool, cross_encoder: s
     options = {"relative_margin": args.relative_margin} if args.relative_margin > 0 else {}
     started = time.perf_counter()
     model = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
-    if cross_encoder:  # sentence-transformers rescores only with a score filter: min_score -1e9 removes nothing
-        options |= {"cross_encoder": CrossEncoder(cross_encoder, device="cpu", max_length=args.ce_max_length),
-                    "range_max": 10 * args.num_negatives + max_positives(pairs),
-                    **({} if options else {"min_score": -1e9})}
+    if cross_encoder:  # no margin (see cross_encoder_rows); min_score -1e9 removes nothing but makes it rescore
+        options = {"cross_encoder": CrossEncoder(cross_encoder, device="cpu", max_length=args.ce_max_length),
+                   "range_max": 10 * args.num_negatives + max_positives(pairs), "min_score": -1e9}
     result = mine_hard_negatives(Dataset.from_list([{"query": q, "positive": p} for q, p in pairs]), model,
                                  corpus=list(corpus.values()), num_negatives=args.num_negatives,
                                  sampling_strategy="top", batch_size=args.batch_size, use_faiss=use_faiss,
@@ -98,9 +101,13 @@ def max_positives(pairs: list) -> int:
     return max(counts.values())
 
 
-def job_config(args, root: str, qrels: str = "", extra: tuple = ()):
+def job_config(args, root: str):
     from retrieval_core.config import load_config
 
+    return load_config(str(REPO / "configs" / "scifact.yaml"), job_items(args, root))
+
+
+def job_items(args, root: str, qrels: str = "", extra: tuple = ()) -> list[str]:
     items = [f"corpus.path={json.dumps(str(args.data / 'corpus.parquet'))}", f"output.root={json.dumps(root)}",
              f"mine.queries_path={json.dumps(str(args.data / 'queries.jsonl'))}",
              f"mine.qrels_path={json.dumps(qrels or str(args.data / args.qrels))}", "index.type=Flat",
@@ -108,7 +115,7 @@ def job_config(args, root: str, qrels: str = "", extra: tuple = ()):
              "runtime.progress=false", "mine.formats=[triplet]"]
     if args.relative_margin > 0:
         items.append(f"mine.relative_margin={args.relative_margin}")
-    return load_config(str(REPO / "configs" / "scifact.yaml"), [*items, *extra])
+    return [*items, *extra]
 
 
 def cross_encoder_rows(args, root: str) -> list:
@@ -127,10 +134,29 @@ def cross_encoder_rows(args, root: str) -> list:
     base_s, base = reference(corpus, pairs, args, use_faiss=False, cross_encoder=model, cache_folder=cache)
     shutil.rmtree(Path(root) / "negatives", ignore_errors=True)
     window = 10 * args.num_negatives + max_positives(pairs)
-    cfg = job_config(args, root, str(path), (f"mine.cross_encoder={json.dumps(model)}", f"mine.range_max={window}",
-                                             f"mine.cross_encoder_max_length={args.ce_max_length}",
-                                             f"mine.cross_encoder_batch_size={args.batch_size}"))
-    return [("mine_hard_negatives + CE", base_s, base), ("jobs: mine (indexed) + CE", *ours(cfg, corpus, ("mine",)))]
+    items = job_items(args, root, str(path), (f"mine.cross_encoder={json.dumps(model)}", f"mine.range_max={window}",
+                                              "mine.relative_margin=null", f"mine.cross_encoder_max_length="
+                                              f"{args.ce_max_length}", f"mine.cross_encoder_batch_size="
+                                              f"{args.batch_size}", f"mine.queries_per_part={args.ce_queries_per_part}"))
+    return [("mine_hard_negatives + CE", base_s, base), ("jobs: mine (indexed) + CE", *mine_command(args, root, items))]
+
+
+def mine_command(args, root: str, items: list[str]) -> tuple[float, dict[str, set[str]]]:
+    """``python -m jobs.mine`` as a user runs it, in a process of its own; (seconds, negatives per query)."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    from retrieval_core import mining
+
+    command = [sys.executable, "-m", "jobs.mine", "--config", "configs/scifact.yaml"]
+    for item in items:
+        command += ["--set", item]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "SCIFACT_DIR": str(args.data)})
+    seconds = time.perf_counter() - started
+    corpus = {r["_id"]: f"{r['title']} {r['text']}" for r in pq.read_table(args.data / "corpus.parquet").to_pylist()}
+    return seconds, {r["query"]: {corpus[d] for d in r["negative_ids"]} for r in mining.read_parts(root).to_pylist()}
 
 
 def build_cross_encoder(directory: Path) -> str:

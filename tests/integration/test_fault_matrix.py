@@ -10,6 +10,8 @@ fault points of retrieval_core.faults) and the output after recovery equals a cl
 - storage refusing a write (a full disk): a clear error naming the file, nothing incomplete committed, a rerun
   completes.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -30,13 +32,19 @@ def matrix_config(tiny_model, root, **extra):
 
 
 @pytest.fixture(scope="module")
-def clean(tiny_model, tmp_path_factory):
-    """Encode, index and mine without faults: what every recovered run must equal."""
+def clean_root(tiny_model, tmp_path_factory):
+    """Encode, index and mine without faults."""
     cfg = matrix_config(tiny_model, tmp_path_factory.mktemp("clean") / "out")
     encode.run(cfg)
     index.run(cfg)
     mine.run(cfg)
-    return snapshot(cfg.output.root)
+    return Path(cfg.output.root)
+
+
+@pytest.fixture(scope="module")
+def clean(clean_root):
+    """What every recovered run must equal."""
+    return snapshot(str(clean_root))
 
 
 def snapshot(root) -> dict:
@@ -83,10 +91,11 @@ def test_index_task_killed_mid_add_is_retried(tiny_model, tmp_path, clean, fault
     assert_same(snapshot(cfg.output.root), clean)
 
 
-def test_mine_searcher_killed_mid_search_is_restarted(tiny_model, tmp_path, clean, faults):
+def test_mine_searcher_killed_mid_search_is_restarted(tiny_model, tmp_path, clean_root, clean, faults):
+    import shutil
+
     cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0)
-    encode.run(cfg)
-    index.run(cfg)
+    shutil.copytree(clean_root, cfg.output.root, ignore=shutil.ignore_patterns("negatives"))  # encoded and indexed
     faults(kill("search", point="search", skip=1))
     mine.run(cfg)
     assert_same(snapshot(cfg.output.root), clean)

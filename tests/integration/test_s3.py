@@ -284,10 +284,10 @@ def committed_records(root: str, options: dict) -> dict[str, dict]:
 
 def test_killed_encode_driver_resumes_on_s3_with_the_remaining_shards(buckets, s3_options, tiny_model, tmp_path,
                                                                      ray_cluster):
-    docs = make_docs(1200, seed=5)
+    docs = make_docs(600, seed=5)
     local_corpus = write_parquet(tmp_path / "corpus.parquet", docs)
     buckets.put_file(str(local_corpus), f"{IN}/big/corpus.parquet")
-    root, shards = f"s3://{OUT}/killed", 60
+    root, shards = f"s3://{OUT}/killed", 30
     path = config_file(tmp_path / "job.yaml", s3_options, corpus={"path": f"s3://{IN}/big/corpus.parquet"},
                        output={"root": root}, model={"name": tiny_model},
                        runtime={"rows_per_shard": 20, "num_workers": 1, "address": ray_cluster, "progress": False,
