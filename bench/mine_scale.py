@@ -11,12 +11,13 @@ What it measures
   (``runtime.num_workers``, one CPU each, ``runtime.inline_rows=0`` so that the workers mine even small inputs),
   and its ``negatives/_manifest.json`` gives:
   * the driver's peak resident memory (VmHWM) and the largest worker's (each part's commit record holds the peak
-    of the process that mined it);
+    of the process that mined it, each text group's record the peak of the task that joined it);
   * ``timings_s``: planning (reading the input, resolving positives), mining the parts (workers started, encode,
-    search, select, exports per part), and combining the exports and the report;
-  * time per query = the seconds of mining once the workers are up (``parts`` - ``workers_start``) / Q, and the
-    speed-up of 2 workers over 1 on those seconds;
-  * the search's share of the parts' own seconds (``part_steps_s``: encode, search, select, texts, exports): with
+    search, select, text requests per part), the text join and the parts' exports (``texts``), and combining the
+    exports and the report;
+  * time per query = the seconds of mining once the workers are up (``parts`` - ``workers_start`` + ``texts``) / Q,
+    and the speed-up of 2 workers over 1 on those seconds;
+  * the search's share of the parts' own seconds (``part_steps_s``: encode, search, select, text requests): with
     the unclustered vectors of a random model, the IVF index needs a large nprobe (the job tunes it to 0.95
     recall), so the search grows with the corpus for reasons of the data, not of the job.
   Scores of a random model carry no meaning, so the default relative margin (0.05) would filter every candidate:
@@ -125,27 +126,29 @@ def measure(folder: Path, model: Path, docs: int, queries: int, args) -> dict:
                               "search_share": round(steps["search"] / max(1e-9, sum(steps.values())), 3),
                               "ms_per_query": round(1000 * _mining_s(timings) / queries, 3),
                               "driver_mib": manifest["peak_memory_mb"]["driver"],
-                              "worker_mib": manifest["peak_memory_mb"]["workers_max"],
+                              "worker_mib": max(manifest["peak_memory_mb"]["workers_max"],
+                                                manifest.get("text_join", {}).get("peak_memory_mb", 0.0)),
                               "written": manifest["totals"]["written"]}
     row["speedup_2_over_1"] = round(_mining_s(row["w1"]) / _mining_s(row["w2"]), 2)
     return row
 
 
 def _mining_s(timings: dict) -> float:
-    """Seconds of mining once the workers are up (Ray, the model and the index loaded)."""
-    return timings["parts"] - timings.get("workers_start", 0.0)
+    """Seconds of mining once the workers are up (Ray, the model and the index loaded): the parts, then the text
+    join and the parts' exports."""
+    return timings["parts"] - timings.get("workers_start", 0.0) + timings.get("texts", 0.0)
 
 
 def print_table(rows: list[dict]) -> None:
     print("\n| docs | queries | index | driver MiB (1 / 2 workers) | worker MiB | ms/query, 1 worker | ms/query, 2 workers "
-          "| 2 workers vs 1 | search share | plan s | workers start s | exports+report s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| 2 workers vs 1 | search share | plan s | workers start s | text join s | exports+report s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         a, b = r["w1"], r["w2"]
         print(f"| {r['docs']:,} | {r['queries']:,} | {r['index']} | {a['driver_mib']:.0f} / {b['driver_mib']:.0f} | "
               f"{max(a['worker_mib'], b['worker_mib']):.0f} | {a['ms_per_query']:.2f} | {b['ms_per_query']:.2f} | "
               f"{r['speedup_2_over_1']:.2f}x | {a['search_share']:.0%} | {a['plan']:.1f} | {a['workers_start']:.1f} | "
-              f"{a['exports_and_report']:.1f} |")
+              f"{a.get('texts', 0.0):.1f} | {a['exports_and_report']:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> int:

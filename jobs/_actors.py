@@ -112,7 +112,7 @@ class IndexSearcher:
 class MineWorker:
     """Mines whole parts: holds the query encoder, an index (the merged one, or a group of shard indexes) and, with
     ``mine.cross_encoder``, the cross-encoder; for each part it encodes the queries, searches, rescores, selects
-    the negatives, writes the part's exports and commits it.
+    the negatives, writes the part's text requests and commits it.
     In sharded mode a part's queries are also searched by every peer (``search``, served on the actor's second
     thread while its own part runs) and the top-k merged here."""
 
@@ -134,13 +134,13 @@ class MineWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def mine_part(self, part, cfg: Config, range_max: int, depth: int, peers: list) -> dict:
+    def mine_part(self, part, cfg: Config, range_max: int, depth: int, text_starts: list[int], peers: list) -> dict:
         from retrieval_core import mine_plan, mining
 
         queries = mine_plan.read_part_input(cfg, part)
         return mining.run_part(cfg, self.rows, part.number, queries, self.encoder.encode_queries,
                                lambda vectors, k: self._search_all(vectors, k, peers), range_max, depth,
-                               self.scorer.score if self.scorer else None)
+                               text_starts, self.scorer.score if self.scorer else None)
 
     def _search_all(self, vectors, k: int, peers: list):
         from retrieval_core import search
@@ -161,6 +161,49 @@ def plan_bucket_task(cfg: Config):
     """The remote task planning one bucket of the mining input, with ``runtime.cpus_per_worker`` CPUs."""
     return ray.remote(_plan_bucket).options(num_cpus=cfg.runtime.cpus_per_worker,
                                             max_retries=cfg.runtime.max_task_retries)
+
+
+def _duplicate_ids(files: list, corpus_cfg, partition: int, partitions: int) -> list[str]:
+    from retrieval_core import corpus
+
+    return corpus.find_duplicate_ids(files, corpus_cfg, 5, partition, partitions)
+
+
+def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
+    """Up to 5 duplicate doc ids of the corpus ``files``, found by one Ray task per hash partition of the ids
+    (``runtime.cpus_per_worker`` CPUs each)."""
+    task = ray.remote(_duplicate_ids).options(num_cpus=cfg.runtime.cpus_per_worker,
+                                              max_retries=cfg.runtime.max_task_retries)
+    found = ray.get([task.remote(files, cfg.corpus, p, partitions) for p in range(partitions)])
+    return [doc_id for part in found for doc_id in part][:5]
+
+
+def _text_group(cfg: Config, group: int, parts: list[int]) -> dict:
+    from retrieval_core import lookup, mine_texts, mining
+
+    rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
+    return mine_texts.resolve_group(mining.texts_dir(cfg), group, parts, rows, cfg.output.storage_options)
+
+
+def _export_part(cfg: Config, number: int) -> dict:
+    from retrieval_core import mining
+
+    return mining.export_part(cfg, number)
+
+
+def join_texts(cfg: Config, groups: dict[int, list[int]], parts: list[int], on_part_done) -> list[dict]:
+    """The text join of the mining exports on Ray tasks (``runtime.cpus_per_worker`` CPUs each): one task per text
+    group (``groups``: group -> the parts requesting from it), then one per part of ``parts`` writing its exports
+    (``on_part_done(number)`` as each finishes). Returns the groups' commit records."""
+    options = {"num_cpus": cfg.runtime.cpus_per_worker, "max_retries": cfg.runtime.max_task_retries}
+    records = ray.get([ray.remote(_text_group).options(**options).remote(cfg, g, p) for g, p in groups.items()])
+    task = ray.remote(_export_part).options(**options)
+    waiting = {task.remote(cfg, number): number for number in parts}
+    while waiting:
+        done, _ = ray.wait(list(waiting), num_returns=1)
+        ray.get(done[0])
+        on_part_done(waiting.pop(done[0]))
+    return records
 
 
 def start_mine_workers(cfg: Config, groups: list) -> list:

@@ -31,11 +31,9 @@ def run(cfg: Config, on_shard_done=None) -> dict:
     total_rows = sum(f.num_rows for f in files)
     if not total_rows:
         raise corpus.CorpusError(f"corpus.path = {cfg.corpus.path!r} holds no rows ({len(files)} file(s), all empty)")
-    duplicates = corpus.find_duplicate_ids(files, cfg.corpus)
-    if duplicates:
-        raise corpus.CorpusError(f"duplicate values in id column '{cfg.corpus.id_column}', e.g. {duplicates}")
     identity = encoding.encoder_identity(cfg.model)
     with _runtime.LazyRaySession(cfg.runtime) as session:
+        _check_unique_ids(cfg, session, files, total_rows)
         shards = embeddings.prepare_plan(cfg, files, identity, lambda: sharding.auto_rows_per_shard(
             total_rows, _runtime.planned_worker_count(cfg.runtime, session, total_rows), encoding.estimated_docs_per_s(
                 cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)))
@@ -47,6 +45,21 @@ def run(cfg: Config, on_shard_done=None) -> dict:
         dim = records[0]["dim"] if records else _committed_dim(layout)
         manifest = embeddings.write_manifest(cfg, shards, identity, dim, time.perf_counter() - started)
     return _summary(manifest, records, time.perf_counter() - started, layout.dir)
+
+
+def _check_unique_ids(cfg: Config, session, files: list, total_rows: int) -> None:
+    """Duplicate ids are an error naming examples. A corpus of at most ``corpus.ID_CHECK_DRIVER_ROWS`` rows is
+    checked in this process; a larger one by Ray tasks, one per hash partition of its ids
+    (``corpus.ID_CHECK_ROWS`` rows each), so that this process holds nothing per document."""
+    if total_rows <= corpus.ID_CHECK_DRIVER_ROWS:
+        duplicates = corpus.find_duplicate_ids(files, cfg.corpus)
+    else:
+        partitions = corpus.id_check_partitions(total_rows)
+        log.info("checking %d ids for duplicates in %d partition(s)", total_rows, partitions)
+        session.ensure()
+        duplicates = _actors.duplicate_ids(cfg, files, partitions)
+    if duplicates:
+        raise corpus.CorpusError(f"duplicate values in id column '{cfg.corpus.id_column}', e.g. {duplicates}")
 
 
 def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shard_done) -> list[dict]:

@@ -8,8 +8,10 @@ The input is planned in hash buckets of queries: each bucket by a task that read
 resolves its positives and writes its part inputs. Each part is mined whole by one worker: it encodes the part's
 queries with the index's encoder, searches (mine.mode: replicated or sharded), selects negatives per query with
 the false-negative filters (on a cross-encoder's scores with mine.cross_encoder: it rescores the candidates in
-the worker), writes its share of the exports and commits. The driver plans, counts, concatenates the exports and
-merges the report statistics one part at a time. A rerun skips committed parts.
+the worker), writes the text requests of its documents and commits. The texts are then joined by range of rows
+(one task per text group reads its rows of the corpus once, for every part) and each part's share of the exports
+is written from them (retrieval_core.mine_texts). The driver plans, counts, concatenates the exports and merges
+the report statistics one part at a time. A rerun skips committed parts, text groups and part exports.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
-from retrieval_core import encoding, indexing, lookup, mine_plan, mine_report, mining, negatives, storage
+from retrieval_core import encoding, indexing, lookup, mine_plan, mine_report, mine_texts, mining, negatives, \
+    storage
 from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
 
@@ -62,15 +65,19 @@ def run(cfg: Config) -> dict:
         pending = [parts[i] for i in mining.pending_parts(cfg, len(parts))]
         timings = {"plan": time.perf_counter() - started}
         if pending:
-            _mine_pending(cfg, session, emb, index_manifest, pending, range_max, depth, timings)
-    timings["parts"] = time.perf_counter() - started - timings["plan"]
+            _mine_pending(cfg, session, emb, index_manifest, pending, (range_max, depth),
+                          mine_texts.group_starts(emb), timings)
+        timings["parts"] = time.perf_counter() - started - timings["plan"]
+        text_join = _join_texts(cfg, session, len(parts))
+        timings["texts"] = text_join["seconds"]
+    combining = time.perf_counter()
     records, stats = mining.part_records(cfg, len(parts))
     rejected = mine_plan.write_rejects(cfg, len(buckets))
     extra = _exports_and_report(cfg, records, stats, counts["input_queries"], rejected)
-    timings["exports_and_report"] = time.perf_counter() - started - timings["plan"] - timings["parts"]
+    timings["exports_and_report"] = time.perf_counter() - combining
     manifest = mining.write_manifest(cfg, identity, records, counts["input_queries"], rejected,
                                      {**extra, "range_max": range_max, "search_depth": depth,
-                                      "input_buckets": len(buckets),
+                                      "input_buckets": len(buckets), "text_join": text_join,
                                       "timings_s": {k: round(v, 3) for k, v in timings.items()},
                                       "seconds": round(time.perf_counter() - started, 3)})
     mining.remove_part_exports(cfg)
@@ -105,11 +112,13 @@ def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, i
     return range_max, min(negatives.search_depth(range_max, max_positives), ntotal)
 
 
-def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, range_max: int,
-                  depth: int, timings: dict) -> None:
+def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, window: tuple[int, int],
+                  text_starts: list[int], timings: dict) -> None:
     """Mine the pending parts: in this process when few queries are left (replicated mode), else on mine workers,
-    each part whole on one worker (read its input, encode, search, select, exports, commit) while the driver only
-    counts. ``timings["workers_start"]``: seconds to start the workers (Ray, the model and the index in each)."""
+    each part whole on one worker (read its input, encode, search, select, text requests, commit) while the driver
+    only counts. ``window``: (range_max, search depth); ``text_starts``: the text groups (:mod:`mine_texts`).
+    ``timings["workers_start"]``: seconds to start the workers (Ray, the model and the index in each)."""
+    range_max, depth = window
     bar = tqdm(total=sum(p.queries for p in pending), unit="query", desc="mine",
                disable=not cfg.runtime.progress, dynamic_ncols=True)
     with bar:
@@ -121,7 +130,7 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending
             rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options, emb)
             for part in pending:
                 mining.run_part(cfg, rows, part.number, mine_plan.read_part_input(cfg, part), encoder.encode_queries,
-                                searcher.search, range_max, depth)
+                                searcher.search, range_max, depth, text_starts)
                 bar.update(part.queries)
             return
         started = time.perf_counter()
@@ -130,9 +139,37 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending
             ray.get([w.ready.remote() for w in workers])  # models and indexes loaded
             timings["workers_start"] = time.perf_counter() - started
             peers = workers if cfg.mine.mode == "sharded" else []
-            _runtime.run_on_actors(workers, "mine_part", pending, (cfg, range_max, depth, peers),
+            _runtime.run_on_actors(workers, "mine_part", pending, (cfg, range_max, depth, text_starts, peers),
                                    lambda part, record: bar.update(part.queries), work="mining part",
                                    speculation=cfg.runtime.speculation)
+
+
+def _join_texts(cfg: Config, session, parts: int) -> dict:
+    """Join the texts of the committed parts without exports and write their exports (see
+    :mod:`retrieval_core.mine_texts`): in this process when those parts hold at most ``runtime.inline_rows``
+    queries, else on Ray tasks, the groups first, then the parts. Returns what the manifest records of it."""
+    started = time.perf_counter()
+    todo = mining.parts_to_export(cfg, parts)
+    directory, so = mining.texts_dir(cfg), cfg.output.storage_options
+    requested: dict[int, list[int]] = {}
+    for number, _, groups in todo:
+        for group in groups:
+            requested.setdefault(group, []).append(number)
+    groups = {g: requested[g] for g in sorted(requested) if not mine_texts.group_done(directory, g, so)}
+    bar = tqdm(total=len(todo), unit="part", desc="exports", disable=not cfg.runtime.progress or not todo,
+               dynamic_ncols=True)
+    with bar:
+        if sum(queries for _, queries, _ in todo) <= cfg.runtime.inline_rows:
+            rows = lookup.RowLookup(cfg.output.root, so, cfg.corpus.storage_options)
+            records = [mine_texts.resolve_group(directory, g, numbers, rows, so) for g, numbers in groups.items()]
+            for number, _, _ in todo:
+                mining.export_part(cfg, number)
+                bar.update(1)
+        else:
+            session.ensure()
+            records = _actors.join_texts(cfg, groups, [number for number, _, _ in todo], lambda _: bar.update(1))
+    return {"groups": len(groups), "parts": len(todo), "seconds": round(time.perf_counter() - started, 3),
+            "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=0.0)}
 
 
 def _worker_groups(cfg: Config, session, index_manifest: dict, pending: int) -> list:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -339,18 +340,33 @@ def iter_doc_ids(metas: list[FileMeta], cfg: CorpusConfig) -> Iterator[list]:
             yield batch[cfg.id_column]
 
 
-def find_duplicate_ids(metas: list[FileMeta], cfg: CorpusConfig, examples: int = 5) -> list[str]:
-    """Up to ``examples`` doc ids that occur more than once. Memory: 8 bytes per row (64-bit id hashes)."""
+ID_CHECK_DRIVER_ROWS = 1_000_000   # a corpus up to this size is checked for duplicate ids in the job's process
+ID_CHECK_ROWS = 25_000_000         # rows one partition of the duplicate-id check holds (8 bytes each)
+
+
+def id_check_partitions(total_rows: int) -> int:
+    """How many partitions the duplicate-id check of a corpus of ``total_rows`` rows takes (``ID_CHECK_ROWS`` each)."""
+    return max(1, math.ceil(total_rows / ID_CHECK_ROWS))
+
+
+def find_duplicate_ids(metas: list[FileMeta], cfg: CorpusConfig, examples: int = 5, partition: int = 0,
+                       partitions: int = 1) -> list[str]:
+    """Up to ``examples`` doc ids that occur more than once, among the ids of partition ``partition`` of
+    ``partitions`` (by a 64-bit hash of the id: every copy of an id falls in the same partition, so the partitions'
+    answers together are the corpus's). Memory: 8 bytes per row of the partition."""
     hashes = []
     for ids in iter_doc_ids(metas, cfg):
-        hashes.append(np.fromiter((_id_hash(i) for i in ids if _valid_id(i)), dtype=np.uint64))
+        batch = np.fromiter((_id_hash(i) for i in ids if _valid_id(i)), dtype=np.uint64)
+        hashes.append(batch[batch % np.uint64(partitions) == partition] if partitions > 1 else batch)
     if not hashes:
         return []
-    all_hashes = np.concatenate(hashes)
-    values, counts = np.unique(all_hashes, return_counts=True)
+    values, counts = np.unique(np.concatenate(hashes), return_counts=True)
     suspects = set(values[counts > 1].tolist())
-    if not suspects:
-        return []
+    return _named_duplicates(metas, cfg, suspects, examples) if suspects else []
+
+
+def _named_duplicates(metas: list[FileMeta], cfg: CorpusConfig, suspects: set[int], examples: int) -> list[str]:
+    """The ids behind ``suspects`` (hashes seen twice) that really occur twice, in corpus order."""
     seen, duplicates = set(), []
     for ids in iter_doc_ids(metas, cfg):
         for i in ids:

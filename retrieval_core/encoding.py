@@ -306,6 +306,18 @@ def pick_device(gpus: float) -> str:
     return "cpu"
 
 
+def load_trusted(load: Callable, what: str, trusted: bool):
+    """``load(trusted)``: a model loaded with ``trust_remote_code=trusted``. A model that ships its own Python code
+    while ``model.trust_remote_code`` is off is refused with a message naming ``what`` and the setting."""
+    try:
+        return load(trusted)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc) or trusted:
+            raise
+        raise ValueError(f"{what} ships its own Python code, which runs only with model.trust_remote_code: true "
+                         f"(off by default; set it only for a model you trust)") from None
+
+
 class SentenceTransformerEncoder:
     """A sentence-transformers bi-encoder with the job's precision, prompts, length, truncation and normalization.
 
@@ -339,14 +351,8 @@ class SentenceTransformerEncoder:
     def _load(self, name: str, model_dir: str):
         from sentence_transformers import SentenceTransformer
 
-        try:
-            model = SentenceTransformer(model_dir, device=self.device, trust_remote_code=self.cfg.trust_remote_code)
-        except ValueError as exc:
-            if "trust_remote_code" not in str(exc) or self.cfg.trust_remote_code:
-                raise
-            raise ValueError(f"model {name!r} ships its own Python code, which runs only with "
-                             f"model.trust_remote_code: true (off by default; set it only for a model you trust)"
-                             ) from None
+        model = load_trusted(lambda trust: SentenceTransformer(model_dir, device=self.device, trust_remote_code=trust),
+                             f"model {name!r}", self.cfg.trust_remote_code)
         if self.cfg.max_seq_length:
             model.max_seq_length = self.cfg.max_seq_length
         dim = int(model.get_embedding_dimension())

@@ -11,8 +11,9 @@ Exports (under ``negatives/exports/``), built from the canonical parts:
 Both Parquet files load with ``datasets.load_dataset("parquet", data_files=...)``. The scores are the
 cross-encoder's when one rescored the part (``mine.cross_encoder``), else the bi-encoder's.
 
-The worker that mines a part also writes that part's share of each export (``negatives/_exports/part-N.<file>``);
-the driver concatenates the shares in part order, streaming: it never holds more than one part.
+Once the texts of a part's documents are joined (``mine_texts``), a task writes that part's share of each export
+(``negatives/_exports/part-N.<file>``); the driver concatenates the shares in part order, streaming: it never
+holds more than one part.
 """
 from __future__ import annotations
 

@@ -47,6 +47,15 @@ def doc_ids_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | 
                                                            manifest).items()}
 
 
+def text_hashes(values: dict[int, tuple[str, str]], ids: np.ndarray) -> np.ndarray:
+    """The text hash of each row id of ``ids`` (any shape; object array) from ``values`` (row id -> (doc id, text
+    hash)); "" for a row without one (-1, rejects)."""
+    flat = [values.get(row, (None, ""))[1] for row in ids.ravel().tolist()]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(ids.shape)
+
+
 class RowLookup:
     """Row ids -> doc ids, text hashes, vectors and texts, for a process that looks up many parts (a mine worker).
 

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from . import encoding, exports, lookup, mine_report, negatives, rescoring, storage
+from . import encoding, exports, lookup, mine_report, mine_texts, negatives, rescoring, storage
 from .config import Config, MineConfig, redact_storage_options
 from .manifest import claim_stage_dir, peak_memory_mb, read_manifest, stamp
 from .metrics import EvaluationDataError, jsonl_records, parquet_records, read_qrels, read_queries
@@ -41,6 +41,7 @@ PART_SCHEMA = pa.schema([
     ("positive_ce_scores", pa.list_(pa.float32())), ("negative_ce_scores", pa.list_(pa.float32())),
 ])
 PART_EXPORTS = "_exports"  # each part's share of the exports, until the combined exports are committed
+TEXTS = "_texts"  # the text join's requests and texts (see mine_texts), until the combined exports are committed
 REJECTS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reason", pa.string())])
 
 
@@ -226,6 +227,24 @@ def pending_parts(cfg: Config, parts: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------------ one part
 
+@dataclasses.dataclass
+class Candidates:
+    """A part's search results looked up once, for the rescoring and the selection: (doc id, text hash) of each
+    candidate row, the candidates' text hashes (n x depth, "" where none), and (vector, text hash) of each
+    positive row."""
+    values: dict[int, tuple[str, str]]
+    hashes: np.ndarray
+    positives: dict[int, tuple[np.ndarray, str]]
+
+    @classmethod
+    def of(cls, rows: lookup.RowLookup, queries: list[MiningQuery], ids: np.ndarray) -> "Candidates":
+        values = rows.values(ids.ravel())
+        return cls(values, lookup.text_hashes(values, ids), positive_vectors(queries, rows))
+
+    def positive_hashes(self) -> dict[int, str]:
+        return {row: text_hash for row, (_, text_hash) in self.positives.items()}
+
+
 def positive_vectors(queries: list[MiningQuery], rows: lookup.RowLookup) -> dict[int, tuple[np.ndarray, str]]:
     """Row id -> (vector, text hash) of every positive of ``queries``."""
     values = rows.vectors({r for q in queries for r in q.positive_rows})
@@ -233,20 +252,25 @@ def positive_vectors(queries: list[MiningQuery], rows: lookup.RowLookup) -> dict
 
 
 def run_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], encode: Callable,
-             search: Callable, range_max: int, depth: int, rescore: Callable | None = None) -> dict:
+             search: Callable, range_max: int, depth: int, text_starts: list[int],
+             rescore: Callable | None = None) -> dict:
     """Mine part ``number`` end to end where it runs (a worker, or the job's process for a small run): encode its
     queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids), rescore the candidates
     with the cross-encoder (``rescore(pairs)`` -> scores, when ``mine.cross_encoder`` is set), select the
-    negatives, write the part's exports and statistics, and commit it. Returns its commit record."""
+    negatives, write the part's text requests (groups starting at rows ``text_starts``, see :mod:`mine_texts`) and
+    statistics, and commit it; its exports are written once the texts are joined (:func:`export_part`). Returns
+    its commit record."""
     clock = _Clock()
     vectors = clock.step("encode", encode, [q.text for q in queries])
     scores, ids = clock.step("search", search, vectors, depth)
-    rescored = clock.step("rescore", rescoring.rescore_part, rows, queries, ids, rescore) if rescore else None
-    table, counts, named, agreement = clock.step("select", mine_part, cfg, rows, queries, vectors, scores, ids,
+    found = clock.step("select", Candidates.of, rows, queries, ids)
+    rescored = clock.step("rescore", rescoring.rescore_part, rows, queries, ids, found.hashes,
+                          found.positive_hashes(), rescore) if rescore else None
+    table, counts, named, agreement = clock.step("select", mine_part, cfg, found, queries, vectors, scores, ids,
                                                  range_max, rescored)
-    texts = clock.step("texts", rows.texts, set(named.values()))
-    written = clock.step("exports", _part_exports, cfg, number, table, {doc: texts[row] for doc, row in named.items()})
-    return commit_part(cfg, number, table, {**counts, "exports": written,
+    groups = clock.step("text_requests", mine_texts.write_requests, texts_dir(cfg), number, named, text_starts,
+                        cfg.output.storage_options)
+    return commit_part(cfg, number, table, {**counts, "text_groups": groups,
                                             "stats": mine_report.part_stats(table, agreement),
                                             "peak_memory_mb": peak_memory_mb(), "steps_s": clock.seconds,
                                             "seconds": round(sum(clock.seconds.values()), 3)})
@@ -271,23 +295,21 @@ def _part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, st
                                       mi.num_negatives, mi.output_scores, cfg.output.storage_options)
 
 
-def mine_part(cfg: Config, lookups: lookup.RowLookup, queries: list[MiningQuery], query_vectors: np.ndarray,
+def mine_part(cfg: Config, found: Candidates, queries: list[MiningQuery], query_vectors: np.ndarray,
               scores: np.ndarray, ids: np.ndarray, range_max: int, rescored: rescoring.Rescored | None = None
               ) -> tuple[pa.Table, dict, dict[str, int], dict | None]:
     """Select the negatives of one part from its search results (scores / ids: n x depth, best first), by the
     cross-encoder's scores when ``rescored``. Returns the part's table (kept queries), its counts, the row id of
     every document the table names, and the agreement statistics of the two models (None without rescoring)."""
     rules = rules_of(cfg.mine)
-    positives = positive_vectors(queries, lookups)
-    candidates = lookups.values(ids.ravel())
-    hash_of = np.vectorize(lambda r: candidates.get(int(r), (None, ""))[1], otypes=[object])
+    positives, candidates = found.positives, found.values
     rows, named, counts = [], {}, {"queries": len(queries), "complete": 0, "incomplete": 0, "without_negatives": 0,
                                    "written": 0, "filtered": dict.fromkeys(negatives.FILTERS, 0)}
     together = {"chosen": 0, "shared": 0}
     for i, (query, vector) in enumerate(zip(queries, query_vectors)):
         pos_scores = [float(vector @ positives[r][0]) for r in query.positive_rows]
         ce_row, ce_positive = (rescored.candidates[i], rescored.positives[i]) if rescored else (None, None)
-        chosen, shared = _choose(rules, range_max, query, (scores[i], ids[i], hash_of(ids[i])), pos_scores,
+        chosen, shared = _choose(rules, range_max, query, (scores[i], ids[i], found.hashes[i]), pos_scores,
                                  {positives[r][1] for r in query.positive_rows}, ce_row, ce_positive)
         for rule, n in chosen.filtered.items():
             counts["filtered"][rule] += n
@@ -363,6 +385,42 @@ def _complete_record(cfg: Config, record: dict) -> dict:
     return record
 
 
+def texts_dir(cfg: Config) -> str:
+    """Where the text join of the exports keeps its files (see :mod:`mine_texts`)."""
+    return layout_of(cfg).file(TEXTS)
+
+
+def parts_to_export(cfg: Config, parts: int) -> list[tuple[int, int, list[int]]]:
+    """(part, queries, text groups) of each part whose exports the text join is to write: those committed with
+    text requests (still there) and without this run's exports (reading one commit record at a time)."""
+    layout, mi = layout_of(cfg), cfg.mine
+    out = []
+    for i in range(parts):
+        record = storage.read_json(layout.record_file(i), layout.storage_options)
+        if "text_groups" in record and not exports.has_part_exports(record, list(mi.formats), mi.output_scores) \
+                and _requests_kept(cfg, i, record["text_groups"]):
+            out.append((i, record["queries"], record["text_groups"]))
+    return out
+
+
+def _requests_kept(cfg: Config, number: int, groups: list[int]) -> bool:
+    """Whether part ``number``'s text requests are still there (a finished run removed them: its parts then get
+    other exports by :func:`part_records`)."""
+    return not groups or storage.exists(mine_texts.request_file(texts_dir(cfg), number), cfg.output.storage_options)
+
+
+def export_part(cfg: Config, number: int) -> dict:
+    """Write part ``number``'s exports from the texts the join found for it, and add them to its commit record;
+    returns what the exports wrote."""
+    layout = layout_of(cfg)
+    record = storage.read_json(layout.record_file(number), layout.storage_options)
+    table = conform(storage.read_parquet(layout.part_file(number), layout.storage_options))
+    texts = mine_texts.part_texts(texts_dir(cfg), number, record["text_groups"], layout.storage_options)
+    written = _part_exports(cfg, number, table, texts)
+    storage.write_json_atomic(layout.record_file(number), {**record, "exports": written}, layout.storage_options)
+    return written
+
+
 def combine_exports(cfg: Config, records: list[dict]) -> dict[str, dict]:
     """The exports of ``mine.formats``: the parts' shares concatenated in part order (see :mod:`exports`)."""
     mi, layout = cfg.mine, layout_of(cfg)
@@ -371,9 +429,11 @@ def combine_exports(cfg: Config, records: list[dict]) -> dict[str, dict]:
 
 
 def remove_part_exports(cfg: Config) -> None:
-    """Drop the parts' shares of the exports once the combined exports are committed (by the manifest)."""
+    """Drop the parts' shares of the exports and the text join's files once the combined exports are committed
+    (by the manifest)."""
     layout = layout_of(cfg)
     storage.remove(layout.file(PART_EXPORTS), layout.storage_options)
+    storage.remove(layout.file(TEXTS), layout.storage_options)
 
 
 def concat_parts(root: str, parts: list[dict], storage_options: dict | None = None) -> pa.Table:
@@ -414,7 +474,7 @@ def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queri
                                                 for r in records],
                 "settings": redact_storage_options(dataclasses.asdict(cfg.mine)), **extra,
                 "part_steps_s": {step: round(sum(r.get("steps_s", {}).get(step, 0.0) for r in records), 3)
-                                 for step in ("encode", "search", "rescore", "select", "texts", "exports")},
+                                 for step in ("encode", "search", "rescore", "select", "text_requests")},
                 "peak_memory_mb": {"driver": peak_memory_mb(),
                                    "workers_max": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0)},
                 "config": cfg.to_dict()}

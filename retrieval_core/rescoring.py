@@ -66,14 +66,10 @@ class CrossEncoderScorer:
         self.batch_size = mi.cross_encoder_batch_size
         self.threads = max(1, int(threads)) if device == "cpu" else 1
         model_dir = cross_encoder_dir(mi, model)
-        try:
-            self.model = CrossEncoder(model_dir, device=device, trust_remote_code=model.trust_remote_code,
-                                      max_length=mi.cross_encoder_max_length)
-        except ValueError as exc:
-            if "trust_remote_code" not in str(exc) or model.trust_remote_code:
-                raise
-            raise ValueError(f"mine.cross_encoder = {mi.cross_encoder!r} ships its own Python code, which runs only "
-                             f"with model.trust_remote_code: true (set it only for a model you trust)") from None
+        self.model = encoding.load_trusted(
+            lambda trust: CrossEncoder(model_dir, device=device, trust_remote_code=trust,
+                                       max_length=mi.cross_encoder_max_length),
+            f"mine.cross_encoder = {mi.cross_encoder!r}", model.trust_remote_code)
         if self.model.num_labels != 1:
             raise ValueError(f"mine.cross_encoder = {mi.cross_encoder!r} gives {self.model.num_labels} scores per "
                              f"pair; rescoring needs a cross-encoder with one (a relevance score)")
@@ -122,18 +118,15 @@ class Rescored:
     scored: np.ndarray
 
 
-def rescore_part(rows: lookup.RowLookup, queries: list, ids: np.ndarray, score: Callable,
-                 pairs_per_step: int = RESCORE_PAIRS) -> Rescored:
-    """Score with ``score(pairs)`` each query's candidates ``ids`` (n x depth row ids, -1 = no result) that no
-    score-free filter removes, and each query's positives; in steps of consecutive queries with at most
-    ``pairs_per_step`` pairs (one query at least), each reading only its own documents' texts."""
-    candidates = rows.values(ids.ravel())
-    positive_hashes = {row: text_hash for row, (_, text_hash)
-                       in rows.values({r for q in queries for r in q.positive_rows}).items()}
+def rescore_part(rows: lookup.RowLookup, queries: list, ids: np.ndarray, hashes: np.ndarray,
+                 positive_hashes: dict[int, str], score: Callable, pairs_per_step: int = RESCORE_PAIRS) -> Rescored:
+    """Score with ``score(pairs)`` each query's candidates ``ids`` (n x depth row ids, -1 = no result; ``hashes``:
+    their text hashes) that no score-free filter removes, and each query's positives (``positive_hashes``: row id
+    -> text hash); in steps of consecutive queries with at most ``pairs_per_step`` pairs (one query at least), each
+    reading only its own documents' texts."""
     scored = np.zeros(ids.shape, dtype=bool)
     for i, query in enumerate(queries):
-        hashes = np.array([candidates.get(int(r), (None, ""))[1] for r in ids[i]], dtype=object)
-        scored[i] = negatives.scorable(ids[i], hashes, set(query.positive_rows),
+        scored[i] = negatives.scorable(ids[i], hashes[i], set(query.positive_rows),
                                        {positive_hashes[r] for r in query.positive_rows})
     out = Rescored(np.full(ids.shape, -np.inf, dtype=np.float32), [[] for _ in queries], scored)
     sizes = scored.sum(axis=1) + np.array([len(q.positive_rows) for q in queries], dtype=np.int64)

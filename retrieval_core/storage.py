@@ -22,6 +22,7 @@ import uuid
 from typing import Any, Iterable
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -220,6 +221,34 @@ def read_parquet(url: str, storage_options: dict | None = None, columns: list[st
     fs, path = filesystem(url, storage_options)
     with naming(url, "read"), fs.open(path, "rb") as handle:
         return pq.read_table(handle, columns=columns)
+
+
+def write_parquet_by_value(url: str, table: pa.Table, column: str, storage_options: dict | None = None) -> None:
+    """Write ``table`` sorted by the integer ``column``, one row group per value of it, so that a reader of one
+    value (:func:`read_parquet_where`) reads that row group alone (atomic, see :func:`open_atomic`)."""
+    table = table.sort_by(column)
+    values = table.column(column).to_numpy()
+    edges = [0, *(np.flatnonzero(np.diff(values)) + 1).tolist(), len(values)]
+    with open_atomic(url, storage_options) as out:
+        with pq.ParquetWriter(out, table.schema, compression="zstd") as writer:
+            for start, stop in zip(edges, edges[1:]):
+                writer.write_table(table.slice(start, stop - start), row_group_size=max(1, stop - start))
+
+
+def read_parquet_where(url: str, column: str, value: int, storage_options: dict | None = None) -> pa.Table:
+    """The row groups of a Parquet file whose statistics for ``column`` may hold ``value`` (a file written by
+    :func:`write_parquet_by_value`: exactly the rows of that value); the other row groups are not read."""
+    fs, path = filesystem(url, storage_options)
+    with naming(url, "read"), fs.open(path, "rb") as handle:
+        reader = pq.ParquetFile(handle)
+        at = reader.schema_arrow.get_field_index(column)
+        wanted = [i for i in range(reader.metadata.num_row_groups)
+                  if _may_hold(reader.metadata.row_group(i).column(at).statistics, value)]
+        return reader.read_row_groups(wanted) if wanted else reader.schema_arrow.empty_table()
+
+
+def _may_hold(statistics, value) -> bool:
+    return statistics is None or not statistics.has_min_max or statistics.min <= value <= statistics.max
 
 
 def remove(url: str, storage_options: dict | None = None) -> None:

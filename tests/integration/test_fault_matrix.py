@@ -13,6 +13,7 @@ fault points of retrieval_core.faults) and the output after recovery equals a cl
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import DEMO_CORPUS, REPO, config
@@ -28,7 +29,7 @@ SHARDS = 4  # the demo corpus's 247 rows, 64 per shard
 def matrix_config(tiny_model, root, **extra):
     return config(DEMO_CORPUS, root, tiny_model, corpus__title_column="title", runtime__rows_per_shard=64,
                   index__type="Flat", mine__pairs_path=str(DEMO / "pairs.jsonl"), mine__query_id_column="query_id",
-                  mine__queries_per_part=40, **extra)
+                  mine__queries_per_part=40, mine__relative_margin="null", **extra)  # a random model's scores: no margin
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,10 @@ def snapshot(root) -> dict:
         out["mine"] = mining.read_parts(str(root)).to_pylist()
     except FileNotFoundError:
         pass
+    exports = sorted((Path(root) / "negatives" / "exports").glob("*"))
+    if exports:  # the mined tuples with their texts
+        out["exports"] = {p.name: pq.read_table(p).to_pylist() if p.suffix == ".parquet" else p.read_text()
+                          for p in exports}
     return out
 
 
@@ -73,8 +78,20 @@ def assert_same(got: dict, want: dict) -> None:
         elif key == "index":
             np.testing.assert_array_equal(got[key][1], want[key][1])
             np.testing.assert_allclose(got[key][0], want[key][0], atol=1e-5)
+        elif key == "mine":  # the same tuples; scores up to float noise (queries encoded in other batches)
+            assert [_exact(r) for r in got[key]] == [_exact(r) for r in want[key]]
+            for column in ("positive_scores", "negative_scores"):
+                np.testing.assert_allclose(_flat(got[key], column), _flat(want[key], column), atol=1e-5)
         else:
             assert got[key] == want[key]
+
+
+def _exact(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.endswith("scores")}
+
+
+def _flat(rows: list[dict], column: str) -> list[float]:
+    return [score for row in rows for score in row[column]]
 
 
 def kill(match: str, point: str = "write", **extra) -> list[dict]:
@@ -138,6 +155,8 @@ DRIVER_CRASHES = {
     "index, during the merge": ("index", "index/merged.faiss"),
     "index, writing its manifest": ("index", "index/manifest.json"),
     "mine, between parts": ("mine", "negatives/_parts/part-00001.json"),
+    "mine, joining the texts": ("mine", "negatives/_texts/g-00000.json"),
+    "mine, between parts' exports": ("mine", "negatives/_exports/part-00001.triplet.parquet"),
     "mine, writing its manifest": ("mine", "negatives/_manifest.json"),
 }
 
@@ -167,6 +186,7 @@ def test_a_driver_crash_at_a_commit_point_leaves_nothing_complete_and_a_rerun_eq
     _run_stages(cfg, stage)
     got = snapshot(cfg.output.root)
     assert set(got) >= {"embeddings"} and ("mine" in got or stage != "mine")
+    assert stage != "mine" or sum(len(row["negative_ids"]) for row in got["mine"]) > 0
     assert_same(got, clean)
 
 

@@ -128,12 +128,18 @@ def test_exports_report_rejects_and_rerun(demo_root, tmp_path):
     assert again["reused"] is True and again["written"] == summary["written"]
 
 
-def test_parts_mined_with_other_formats_get_this_runs_exports(demo_root, tmp_path):
+def test_parts_mined_with_other_formats_get_this_runs_exports(demo_root, tmp_path, monkeypatch):
     """Parts committed by a run with other export settings (killed before its manifest) are not mined again; their
-    exports are made from the part files, and every export equals a clean run's, texts included."""
+    exports are made from the part files, and every export equals a clean run's, texts included. The clean run
+    joins its texts in 4 groups of 64 rows (mine_texts); the resumed one looks them up part by part."""
+    from retrieval_core import mine_texts
+
     both = "[triplet, flag-jsonl]"
     clean = mine_config(demo_root, tmp_path, "clean", formats=both, queries_per_part=40, output_scores="true")
+    monkeypatch.setattr(mine_texts, "TEXT_GROUP_ROWS", 64)
     mine.run(clean)
+    monkeypatch.undo()
+    assert mining.read_mine_manifest(str(clean.output.root))["text_join"]["groups"] == 4
     cfg = mine_config(demo_root, tmp_path, "resumed", formats="[triplet]", queries_per_part=40)
     mine.run(cfg)
     out = Path(cfg.output.root) / "negatives"

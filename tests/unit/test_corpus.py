@@ -106,6 +106,24 @@ def test_duplicate_ids_are_found_with_examples(tmp_path):
     assert corpus.find_duplicate_ids(corpus.inspect_corpus(unique), unique) == []
 
 
+def test_duplicate_ids_by_partition_together_equal_the_whole_check(tmp_path):
+    docs = make_docs(60)
+    for copy, original in ((5, 1), (17, 3), (30, 3), (41, 22), (59, 40), (50, 8)):
+        docs[copy]["id"] = docs[original]["id"]
+    write_parquet(tmp_path / "a.parquet", docs[:25], row_group_size=7)
+    write_parquet(tmp_path / "b.parquet", docs[25:], row_group_size=7)
+    cfg = CorpusConfig(path=str(tmp_path / "*.parquet"))
+    metas = corpus.inspect_corpus(cfg)
+    whole = corpus.find_duplicate_ids(metas, cfg, examples=100)
+    assert sorted(whole) == ["doc00001", "doc00003", "doc00008", "doc00022", "doc00040"]
+    found = {p: corpus.find_duplicate_ids(metas, cfg, 100, p, 3) for p in range(3)}
+    assert sorted(d for part in found.values() for d in part) == sorted(whole)
+    assert all(corpus._id_hash(d) % 3 == p for p, part in found.items() for d in part)
+    assert sum(bool(part) for part in found.values()) >= 2  # the ids really spread over the partitions
+    assert corpus.id_check_partitions(corpus.ID_CHECK_ROWS) == 1
+    assert corpus.id_check_partitions(corpus.ID_CHECK_ROWS + 1) == 2
+
+
 def test_glob_list_and_memory_urls():
     fs = fsspec.filesystem("memory")
     docs = make_docs(12)
