@@ -7,12 +7,13 @@ blocks holding them add up to about the whole text column for every part. So the
    sorted by group, one Parquet row group per group (``_texts/req-NNNNN.parquet``). A group is a range of about
    ``TEXT_GROUP_ROWS`` rows of the embeddings (whole shards): :func:`group_starts`.
 2. A group's task reads its row group of each requesting part's file (the others are skipped by their statistics),
-   reads those texts from the corpus once, and writes (part, doc id, text) sorted by part, one row group per part
+   reads those texts from the corpus once, and writes (part, doc id, text) part by part, one row group per part
    (``_texts/g-NNNNN.parquet``), then its commit record (``g-NNNNN.json``).
 3. A part's exports are written from its row group of each of its groups' files.
 
-The corpus is read once in all, whatever the number of parts. Memory: a group task holds the texts requested from
-its group; a part's export, the texts of its own documents.
+The corpus is read once in all, whatever the number of parts. Memory: a group task holds the ids requested from its
+group and their texts, each text once (at most ``TEXT_GROUP_ROWS`` of them); a part's export, the texts of its own
+documents.
 """
 from __future__ import annotations
 
@@ -66,20 +67,20 @@ def write_requests(directory: str, part: int, named: dict[str, int], starts: lis
 
 def resolve_group(directory: str, group: int, parts: list[int], rows: lookup.RowLookup,
                   storage_options: dict | None = None) -> dict:
-    """Join group ``group``: the texts its requesting ``parts`` asked for, read once from the corpus, written by
-    part; then its commit record, which is returned."""
+    """Join group ``group``: the texts its requesting ``parts`` asked for, read once from the corpus and written
+    part by part (one row group each, streaming); then its commit record, which is returned. Memory: the requests'
+    ids and the group's requested texts, each once."""
     requests = [_only(storage.read_parquet_where(request_file(directory, p), "group", group, storage_options),
                       "group", group) for p in parts]
     texts = rows.texts({r for table in requests for r in table.column("row").to_pylist()})
-    by_part = {"part": [], "doc_id": [], "text": []}
-    for part, table in zip(parts, requests):
-        for row, doc_id in zip(table.column("row").to_pylist(), table.column("doc_id").to_pylist()):
-            by_part["part"].append(part)
-            by_part["doc_id"].append(doc_id)
-            by_part["text"].append(texts[row])
-    storage.write_parquet_by_value(group_file(directory, group), pa.table(by_part, schema=TEXT_SCHEMA), "part",
-                                   storage_options)
-    record = {"group": group, "parts": len(parts), "texts": len(by_part["text"]), "peak_memory_mb": peak_memory_mb()}
+    written = 0
+    with storage.parquet_writer_atomic(group_file(directory, group), TEXT_SCHEMA, storage_options) as write:
+        for part, table in zip(parts, requests):
+            write(pa.table([pa.array([part] * table.num_rows, pa.int32()), table.column("doc_id"),
+                            pa.array([texts[r] for r in table.column("row").to_pylist()], pa.string())],
+                           schema=TEXT_SCHEMA))
+            written += table.num_rows
+    record = {"group": group, "parts": len(parts), "texts": written, "peak_memory_mb": peak_memory_mb()}
     storage.write_json_atomic(group_file(directory, group, "json"), record, storage_options)
     return record
 

@@ -229,10 +229,18 @@ def write_parquet_by_value(url: str, table: pa.Table, column: str, storage_optio
     table = table.sort_by(column)
     values = table.column(column).to_numpy()
     edges = [0, *(np.flatnonzero(np.diff(values)) + 1).tolist(), len(values)]
+    with parquet_writer_atomic(url, table.schema, storage_options) as write_row_group:
+        for start, stop in zip(edges, edges[1:]):
+            write_row_group(table.slice(start, stop - start))
+
+
+@contextlib.contextmanager
+def parquet_writer_atomic(url: str, schema: pa.Schema, storage_options: dict | None = None):
+    """A function writing each table it is given as one row group of the Parquet file ``url``, streaming; the file
+    appears whole when the block ends (see :func:`open_atomic`)."""
     with open_atomic(url, storage_options) as out:
-        with pq.ParquetWriter(out, table.schema, compression="zstd") as writer:
-            for start, stop in zip(edges, edges[1:]):
-                writer.write_table(table.slice(start, stop - start), row_group_size=max(1, stop - start))
+        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+            yield lambda table: writer.write_table(table, row_group_size=max(1, table.num_rows))
 
 
 def read_parquet_where(url: str, column: str, value: int, storage_options: dict | None = None) -> pa.Table:
