@@ -51,7 +51,7 @@ def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.
     under ``output.root``, after checking that the run's model settings give the index's encoder."""
     from retrieval_core import faiss_index
 
-    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options)
+    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options, mmap=True)
     check_encoder(cfg, manifest)
     with _runtime.LazyRaySession(cfg.runtime) as session:
         vectors = encode_queries(cfg, texts, session)

@@ -65,8 +65,7 @@ def run(cfg: Config) -> dict:
         pending = [parts[i] for i in mining.pending_parts(cfg, len(parts))]
         timings = {"plan": time.perf_counter() - started}
         if pending:
-            _mine_pending(cfg, session, emb, index_manifest, pending, (range_max, depth),
-                          mine_texts.group_starts(emb), timings)
+            _mine_pending(cfg, session, emb, index_manifest, pending, (range_max, depth), timings)
         timings["parts"] = time.perf_counter() - started - timings["plan"]
         text_join = _join_texts(cfg, session, len(parts))
         timings["texts"] = text_join["seconds"]
@@ -113,11 +112,12 @@ def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, i
 
 
 def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, window: tuple[int, int],
-                  text_starts: list[int], timings: dict) -> None:
+                  timings: dict) -> None:
     """Mine the pending parts: in this process when few queries are left (replicated mode), else on mine workers,
     each part whole on one worker (read its input, encode, search, select, text requests, commit) while the driver
-    only counts. ``window``: (range_max, search depth); ``text_starts``: the text groups (:mod:`mine_texts`).
-    ``timings["workers_start"]``: seconds to start the workers (Ray, the model and the index in each)."""
+    only counts. ``window``: (range_max, search depth). The text groups (:mod:`mine_texts`) are chosen, with at
+    least one per worker, when the run's first parts are mined. ``timings["workers_start"]``: seconds to start the
+    workers (Ray, the model and the index in each)."""
     range_max, depth = window
     bar = tqdm(total=sum(p.queries for p in pending), unit="query", desc="mine",
                disable=not cfg.runtime.progress, dynamic_ncols=True)
@@ -128,6 +128,7 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending
             searcher = _actors.IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())
             encoder = _runtime.inline_encoder(cfg)
             rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options, emb)
+            text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb))
             for part in pending:
                 mining.run_part(cfg, rows, part.number, mine_plan.read_part_input(cfg, part), encoder.encode_queries,
                                 searcher.search, range_max, depth, text_starts)
@@ -135,6 +136,7 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending
             return
         started = time.perf_counter()
         groups = _worker_groups(cfg, session, index_manifest, len(pending))
+        text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb, len(groups)))
         with _runtime.released(_actors.start_mine_workers(cfg, groups)) as workers:
             ray.get([w.ready.remote() for w in workers])  # models and indexes loaded
             timings["workers_start"] = time.perf_counter() - started

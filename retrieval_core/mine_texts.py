@@ -18,6 +18,7 @@ documents.
 from __future__ import annotations
 
 import bisect
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -31,10 +32,12 @@ REQUEST_SCHEMA = pa.schema([("group", pa.int32()), ("row", pa.int64()), ("doc_id
 TEXT_SCHEMA = pa.schema([("part", pa.int32()), ("doc_id", pa.string()), ("text", pa.string())])
 
 
-def group_starts(manifest: dict, rows_per_group: int | None = None) -> list[int]:
+def group_starts(manifest: dict, workers: int = 1, rows_per_group: int | None = None) -> list[int]:
     """First row id of each text group: consecutive shards of the embeddings ``manifest`` holding at least
-    ``rows_per_group`` (default ``TEXT_GROUP_ROWS``) rows each, the last group what is left."""
-    limit = rows_per_group or TEXT_GROUP_ROWS
+    ``rows_per_group`` rows each (default: ``TEXT_GROUP_ROWS``, or fewer so that each of ``workers`` gets a
+    group), the last group what is left."""
+    total = sum(s["row_stop"] - s["row_start"] for s in manifest["shards"])
+    limit = rows_per_group or max(1, min(TEXT_GROUP_ROWS, math.ceil(total / max(1, workers))))
     starts, held = [], limit
     for shard in sorted(manifest["shards"], key=lambda s: s["row_start"]):
         if held >= limit:

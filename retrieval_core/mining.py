@@ -220,6 +220,18 @@ def record_parts(cfg: Config, parts: int) -> None:
         storage.write_json_atomic(url, {**plan, "parts": parts}, layout.storage_options)
 
 
+def text_starts(cfg: Config, choose: Callable[[], list[int]]) -> list[int]:
+    """The text groups of the run (see :mod:`mine_texts`): those its plan records, else ``choose()``, recorded
+    (every part of a run, whichever run mined it, asks by the same groups)."""
+    layout = layout_of(cfg)
+    url = layout.file("_plan.json")
+    plan = storage.read_json(url, layout.storage_options)
+    if "text_starts" not in plan:
+        plan = {**plan, "text_starts": choose()}
+        storage.write_json_atomic(url, plan, layout.storage_options)
+    return plan["text_starts"]
+
+
 def pending_parts(cfg: Config, parts: int) -> list[int]:
     layout = layout_of(cfg)
     return [i for i in range(parts) if not storage.exists(layout.record_file(i), layout.storage_options)]

@@ -19,10 +19,13 @@ class Rows:
 def test_group_starts_take_whole_shards():
     shards = [{"row_start": s, "row_stop": min(s + 4, 18)} for s in range(0, 18, 4)]  # 4, 4, 4, 4, 2 rows
     manifest = {"shards": list(reversed(shards))}
-    assert mine_texts.group_starts(manifest, 8) == [0, 8, 16]
-    assert mine_texts.group_starts(manifest, 5) == [0, 8, 16]
-    assert mine_texts.group_starts(manifest, 100) == [0]
-    assert mine_texts.group_starts({"shards": []}, 8) == [0]
+    assert mine_texts.group_starts(manifest, rows_per_group=8) == [0, 8, 16]
+    assert mine_texts.group_starts(manifest, rows_per_group=5) == [0, 8, 16]
+    assert mine_texts.group_starts(manifest, rows_per_group=100) == [0]
+    assert mine_texts.group_starts(manifest) == [0]  # 18 rows: one group, up to TEXT_GROUP_ROWS
+    assert mine_texts.group_starts(manifest, workers=2) == [0, 12]  # at least one group per worker
+    assert mine_texts.group_starts(manifest, workers=9) == [0, 4, 8, 12, 16]  # whole shards
+    assert mine_texts.group_starts({"shards": []}) == [0]
 
 
 def test_each_part_gets_the_texts_it_named_and_each_group_reads_its_rows_once(tmp_path):
