@@ -154,8 +154,8 @@ def _join_texts(cfg: Config, session, parts: int) -> dict:
     todo = mining.parts_to_export(cfg, parts)
     directory, so = mining.texts_dir(cfg), cfg.output.storage_options
     requested: dict[int, list[int]] = {}
-    for number, _, groups in todo:
-        for group in groups:
+    for number, _, asked in todo:
+        for group in asked:
             requested.setdefault(group, []).append(number)
     groups = {g: requested[g] for g in sorted(requested) if not mine_texts.group_done(directory, g, so)}
     bar = tqdm(total=len(todo), unit="part", desc="exports", disable=not cfg.runtime.progress or not todo,

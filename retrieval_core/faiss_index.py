@@ -34,6 +34,15 @@ def is_mergeable(factory: str) -> bool:
     return not any(graph in factory.upper() for graph in ("HNSW", "NSG"))
 
 
+def mmap_flag(factory: str) -> int:
+    """The read flag that memory-maps an index of this type: the inverted lists of IVF types (and graphs' storage
+    as FAISS allows) with ``IO_FLAG_MMAP``; the codes of flat-code types (``Flat``, ``SQ8``, ``PQm``, in their
+    ``IDMap2``) with ``IO_FLAG_MMAP_IFC``, which ``IO_FLAG_MMAP`` would read into memory."""
+    if is_ivf(factory) or not is_mergeable(factory):
+        return faiss.IO_FLAG_MMAP
+    return faiss.IO_FLAG_MMAP_IFC
+
+
 def is_ivf(factory: str) -> bool:
     return factory.upper().startswith("IVF") or ",IVF" in factory.upper()
 

@@ -57,6 +57,28 @@ def test_merged_index_answers_exactly_as_a_monolithic_one(tmp_path, vectors, que
     assert [s["ntotal"] for s in manifest["shards"]] == [437] * 6 + [3000 - 6 * 437]
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_array_equal(got_scores, want_scores)
+    mapped, _ = indexing.load_index(str(tmp_path), mmap=True)  # memory-mapped: the same answers
+    np.testing.assert_array_equal(faiss_index.search(mapped, queries, 20)[1], want_ids)
+
+
+def _anonymous_mb() -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1]) / 1024
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat"])
+def test_a_memory_mapped_index_holds_its_codes_outside_the_process_memory(tmp_path, factory):
+    """IO_FLAG_MMAP reads a flat-code index into memory; the flag chosen for each type maps it instead."""
+    data = np.random.default_rng(0).random((20_000, 256), dtype=np.float32)  # 20 MB of codes
+    index = faiss.IndexIDMap2(faiss.index_factory(256, factory, faiss.METRIC_INNER_PRODUCT))
+    index.train(data)
+    index.add_with_ids(data, np.arange(len(data)) + 5)
+    path = str(tmp_path / "index.faiss")
+    faiss.write_index(index, path)
+    before = _anonymous_mb()
+    mapped = faiss.read_index(path, faiss_index.mmap_flag(factory))
+    assert _anonymous_mb() - before < 5
+    assert faiss_index.search(mapped, data[:3], 1)[1][:, 0].tolist() == [5, 6, 7]
+    assert faiss_index.mmap_flag("Flat") != faiss_index.mmap_flag("IVF32,Flat") == faiss.IO_FLAG_MMAP
 
 
 def test_flat_index_equals_exact_numpy_search(tmp_path, vectors, queries):
