@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from . import lookup, storage
 from .config import Config, MineConfig
-from .mining import REJECTS_SCHEMA, MiningQuery, PairsError, layout_of, load_queries, resolve_positives
+from .mine_input import REJECTS_SCHEMA, MiningQuery, PairsError, load_queries, resolve_positives
+from .mining import layout_of
 
 INPUT = "_input"
 PART_INPUT_SCHEMA = pa.schema([("query_id", pa.string()), ("query", pa.string()),

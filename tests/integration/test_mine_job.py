@@ -9,7 +9,7 @@ import pytest
 from helpers import DEMO_CORPUS, REPO, build_tiny_cross_encoder, config, write_jsonl
 from jobs import encode, index, mine
 from jobs._runtime import StageFailed
-from retrieval_core import mining
+from retrieval_core import mine_input, mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
@@ -201,7 +201,7 @@ def test_bad_input_found_while_planning_in_workers_names_the_line_and_a_fixed_in
     path = write_jsonl(tmp_path / "pairs.jsonl", broken)
     cfg = mine_config(demo_root, tmp_path, "bad", pairs_path=str(path),
                       input_mb_per_bucket=path.stat().st_size / 3 / 2 ** 20)
-    with pytest.raises(mining.PairsError, match=r"pairs\.jsonl' line 6: 'query' must be a non-empty string"):
+    with pytest.raises(mine_input.PairsError, match=r"pairs\.jsonl' line 6: 'query' must be a non-empty string"):
         mine.run(cfg)
     write_jsonl(path, pairs)  # fixed: another input, and no part was mined from the broken one
     assert mine.run(cfg)["written"] == len(pairs)

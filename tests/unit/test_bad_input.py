@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from helpers import write_jsonl, write_parquet, write_synthetic_embeddings
-from retrieval_core import corpus, embeddings, encoding, faiss_index, metrics, mining, refreshing, storage, versions
+from retrieval_core import corpus, embeddings, encoding, faiss_index, metrics, mine_input, refreshing, storage, \
+    versions
 from retrieval_core.config import ConfigError, CorpusConfig, MineConfig, ModelConfig, load_config
 from retrieval_core.sharding import plan_shards
 
@@ -215,13 +216,13 @@ def test_malformed_qrels_lines_name_file_and_line(tmp_path, text, message):
 ])
 def test_bad_pairs_name_the_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"query": "fine", "positive": "d0"}, row])
-    with pytest.raises(mining.PairsError, match=rf"pairs\.jsonl' line 2: {message}"):
-        mining.load_queries(MineConfig(pairs_path=str(path)))
+    with pytest.raises(mine_input.PairsError, match=rf"pairs\.jsonl' line 2: {message}"):
+        mine_input.load_queries(MineConfig(pairs_path=str(path)))
 
 
 def test_positives_missing_from_the_corpus_are_rejects():
-    queries = [mining.MiningQuery("q1", "text", ["d1", "gone"]), mining.MiningQuery("q2", "text", ["gone"])]
-    kept, rejects = mining.resolve_positives(queries, {"d1": 0})
+    queries = [mine_input.MiningQuery("q1", "text", ["d1", "gone"]), mine_input.MiningQuery("q2", "text", ["gone"])]
+    kept, rejects = mine_input.resolve_positives(queries, {"d1": 0})
     assert [q.query_id for q in kept] == ["q1"]
     assert [(r["query_id"], r["doc_id"], r["reason"]) for r in rejects] == [
         ("q1", "gone", "positive not in corpus"), ("q2", "gone", "positive not in corpus")]

@@ -8,7 +8,7 @@ import pytest
 from helpers import build_tiny_cross_encoder, build_tiny_model
 from retrieval_core import lookup, rescoring
 from retrieval_core.config import MineConfig, ModelConfig, load_config
-from retrieval_core.mining import MiningQuery
+from retrieval_core.mine_input import MiningQuery
 
 
 @pytest.fixture(scope="module")
