@@ -220,6 +220,29 @@ def test_model_at_a_url_is_downloaded_once_and_again_when_it_changes(buckets, s3
     assert s3_options["secret"] not in "".join(traceback.format_exception(error.value))
 
 
+def test_a_cross_encoder_at_a_url_scores_as_its_local_copy(buckets, s3_options, tmp_path, monkeypatch):
+    """mine.cross_encoder as an s3:// URL (read with model.storage_options): the same identity and the same scores
+    as the directory it was uploaded from, and no secret in the identity."""
+    import dataclasses
+
+    from helpers import build_tiny_cross_encoder
+    from retrieval_core import rescoring
+    from retrieval_core.config import MineConfig
+
+    monkeypatch.setenv(encoding.MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    local = str(build_tiny_cross_encoder(tmp_path / "ce"))
+    url = f"s3://{SCRATCH}/models/ce"
+    storage.upload_dir(local, url, s3_options)
+    at_url = (dataclasses.replace(MineConfig(), cross_encoder=url), ModelConfig(storage_options=s3_options))
+    here = (dataclasses.replace(MineConfig(), cross_encoder=local), ModelConfig())
+    identity = rescoring.cross_encoder_identity(*at_url)
+    assert identity["weights_sha256"] == rescoring.cross_encoder_identity(*here)["weights_sha256"]
+    assert s3_options["secret"] not in json.dumps(identity)
+    pairs = [("which company beat estimates", "Northwind beat revenue estimates"), ("a query", "another text")]
+    np.testing.assert_allclose(rescoring.CrossEncoderScorer(*at_url).score(pairs),
+                               rescoring.CrossEncoderScorer(*here).score(pairs), atol=1e-6)
+
+
 def test_configs_keep_credentials_for_the_job_and_out_of_records_reprs_and_errors(s3_options):
     secret = s3_options["secret"]
     cfg = config(DEMO_CORPUS, S3_ROOT, output__storage_options=json.dumps(s3_options),
