@@ -5,6 +5,7 @@ import os
 
 import ray
 
+from jobs import _runtime
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
 from retrieval_core.sharding import Shard
 
@@ -111,8 +112,10 @@ class IndexSearcher:
 
 class MineWorker:
     """Mines whole parts: holds the query encoder, an index (the merged one, or a group of shard indexes) and, with
-    ``mine.cross_encoder``, the cross-encoder; for each part it encodes the queries, searches, rescores, selects
-    the negatives, writes the part's text requests and commits it.
+    ``mine.cross_encoder``, the cross-encoder. Without one, for each part it encodes the queries, searches, selects
+    the negatives, writes the part's text requests and commits it (``mine_part``). With one, a part is mined in
+    two halves around the text join: ``search_part`` (encode, search, text requests of the candidates),
+    ``join_group`` (a text group's texts), ``select_part`` (rescore, select, exports, commit).
     In sharded mode a part's queries are also searched by every peer (``search``, served on the actor's second
     thread while its own part runs) and the top-k merged here."""
 
@@ -137,10 +140,25 @@ class MineWorker:
     def mine_part(self, part, cfg: Config, range_max: int, depth: int, text_starts: list[int], peers: list) -> dict:
         from retrieval_core import mine_plan, mining
 
-        queries = mine_plan.read_part_input(cfg, part)
-        return mining.run_part(cfg, self.rows, part.number, queries, self.encoder.encode_queries,
-                               lambda vectors, k: self._search_all(vectors, k, peers), range_max, depth,
-                               text_starts, self.scorer.score if self.scorer else None)
+        return mining.run_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part),
+                               self.encoder.encode_queries, lambda vectors, k: self._search_all(vectors, k, peers),
+                               range_max, depth, text_starts)
+
+    def search_part(self, part, cfg: Config, depth: int, text_starts: list[int], peers: list) -> dict:
+        from retrieval_core import mine_plan, mining
+
+        return mining.search_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part),
+                                  self.encoder.encode_queries, lambda vectors, k: self._search_all(vectors, k, peers),
+                                  depth, text_starts)
+
+    def join_group(self, item: dict, cfg: Config) -> dict:
+        return _text_group(cfg, item["group"], item["parts"], self.rows)
+
+    def select_part(self, part, cfg: Config, range_max: int) -> dict:
+        from retrieval_core import mine_plan, mining
+
+        return mining.select_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part), range_max,
+                                  self.scorer.score)
 
     def _search_all(self, vectors, k: int, peers: list):
         from retrieval_core import search
@@ -157,10 +175,18 @@ def _plan_bucket(cfg: Config, bucket: int, buckets: int) -> dict:
     return mine_plan.plan_bucket(cfg, bucket, buckets)
 
 
-def plan_bucket_task(cfg: Config):
-    """The remote task planning one bucket of the mining input, with ``runtime.cpus_per_worker`` CPUs."""
-    return ray.remote(_plan_bucket).options(num_cpus=cfg.runtime.cpus_per_worker,
-                                            max_retries=cfg.runtime.max_task_retries)
+def plan_buckets(cfg: Config, buckets: list[int], of: int) -> dict[int, dict]:
+    """Plan the buckets ``buckets`` of ``of`` of the mining input, one Ray task each (``runtime.cpus_per_worker``
+    CPUs); returns bucket -> its commit record."""
+    task = ray.remote(_plan_bucket).options(**_task_options(cfg))
+    records = {}
+    _runtime.run_tasks({task.remote(cfg, b, of): b for b in buckets},
+                       lambda bucket, record: records.__setitem__(bucket, record), "mine: planning input bucket")
+    return records
+
+
+def _task_options(cfg: Config) -> dict:
+    return {"num_cpus": cfg.runtime.cpus_per_worker, "max_retries": cfg.runtime.max_task_retries}
 
 
 def _duplicate_ids(files: list, corpus_cfg, partition: int, partitions: int) -> list[str]:
@@ -172,16 +198,17 @@ def _duplicate_ids(files: list, corpus_cfg, partition: int, partitions: int) -> 
 def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
     """Up to 5 duplicate doc ids of the corpus ``files``, found by one Ray task per hash partition of the ids
     (``runtime.cpus_per_worker`` CPUs each)."""
-    task = ray.remote(_duplicate_ids).options(num_cpus=cfg.runtime.cpus_per_worker,
-                                              max_retries=cfg.runtime.max_task_retries)
-    found = ray.get([task.remote(files, cfg.corpus, p, partitions) for p in range(partitions)])
-    return [doc_id for part in found for doc_id in part][:5]
+    task = ray.remote(_duplicate_ids).options(**_task_options(cfg))
+    found = []
+    _runtime.run_tasks({task.remote(files, cfg.corpus, p, partitions): p for p in range(partitions)},
+                       lambda partition, ids: found.extend(ids), "encode: checking the doc ids of partition")
+    return sorted(found)[:5]
 
 
-def _text_group(cfg: Config, group: int, parts: list[int]) -> dict:
+def _text_group(cfg: Config, group: int, parts: list[int], rows=None) -> dict:
     from retrieval_core import lookup, mine_texts, mining
 
-    rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
+    rows = rows or lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
     return mine_texts.resolve_group(mining.texts_dir(cfg), group, parts, rows, cfg.output.storage_options)
 
 
@@ -195,14 +222,12 @@ def join_texts(cfg: Config, groups: dict[int, list[int]], parts: list[int], on_p
     """The text join of the mining exports on Ray tasks (``runtime.cpus_per_worker`` CPUs each): one task per text
     group (``groups``: group -> the parts requesting from it), then one per part of ``parts`` writing its exports
     (``on_part_done(number)`` as each finishes). Returns the groups' commit records."""
-    options = {"num_cpus": cfg.runtime.cpus_per_worker, "max_retries": cfg.runtime.max_task_retries}
-    records = ray.get([ray.remote(_text_group).options(**options).remote(cfg, g, p) for g, p in groups.items()])
-    task = ray.remote(_export_part).options(**options)
-    waiting = {task.remote(cfg, number): number for number in parts}
-    while waiting:
-        done, _ = ray.wait(list(waiting), num_returns=1)
-        ray.get(done[0])
-        on_part_done(waiting.pop(done[0]))
+    group_task, part_task = (ray.remote(f).options(**_task_options(cfg)) for f in (_text_group, _export_part))
+    records = []
+    _runtime.run_tasks({group_task.remote(cfg, g, p): g for g, p in groups.items()},
+                       lambda group, record: records.append(record), "mine: joining the texts of group")
+    _runtime.run_tasks({part_task.remote(cfg, number): number for number in parts},
+                       lambda number, record: on_part_done(number), "mine: writing the exports of part")
     return records
 
 

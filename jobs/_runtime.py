@@ -236,11 +236,14 @@ class StageFailed(RuntimeError):
 def _result(ref, work: str, item):
     """``ray.get(ref)``, or :class:`StageFailed` naming ``work`` and the item when Ray gives up on it: an actor
     that died more often than ``runtime.max_restarts`` allows, a task that failed more than
-    ``runtime.max_task_retries`` times, or an error raised by the library (its message kept)."""
+    ``runtime.max_task_retries`` times, or an error raised by the library (its message kept). A ``ValueError`` of
+    the library (bad input or settings, which a rerun alone would not mend) is raised as itself."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:
         cause = getattr(exc, "cause", None) or exc
+        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, ValueError):
+            raise cause from None
         text = str(cause).strip().splitlines()
         if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc, ray.exceptions.ActorDiedError):
             text = [line for line in text if line.strip()][-1:] or text  # the library's message, not Ray's trace
@@ -250,6 +253,8 @@ def _result(ref, work: str, item):
 
 
 def _name_of(item) -> str:
+    if isinstance(item, (int, str)):  # a number or a name
+        return str(item)
     name = getattr(item, "name", None) or (item.get("name") if isinstance(item, dict) else None)
     return str(name) if name is not None else f"item {item!r}"
 

@@ -95,9 +95,7 @@ def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> list[dict]:
         records[0] = mine_plan.plan_bucket(cfg, 0, 1, emb)
     elif todo:
         session.ensure()
-        task = _actors.plan_bucket_task(cfg)
-        for bucket, record in zip(todo, ray.get([task.remote(cfg, b, buckets) for b in todo])):
-            records[bucket] = record
+        records.update(_actors.plan_buckets(cfg, todo, buckets))
     return [records[b] for b in range(buckets)]
 
 
@@ -113,9 +111,9 @@ def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, i
 
 def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, window: tuple[int, int],
                   timings: dict) -> None:
-    """Mine the pending parts: in this process when few queries are left (replicated mode), else on mine workers,
-    each part whole on one worker (read its input, encode, search, select, text requests, commit) while the driver
-    only counts. ``window``: (range_max, search depth). The text groups (:mod:`mine_texts`) are chosen, with at
+    """Mine the pending parts: in this process when few queries are left (replicated mode, no cross-encoder), else
+    on mine workers, each part whole on one worker (read its input, encode, search, select, text requests, commit;
+    with a cross-encoder in two halves around the join of its candidates' texts) while the driver only counts. ``window``: (range_max, search depth). The text groups (:mod:`mine_texts`) are chosen, with at
     least one per worker, when the run's first parts are mined. ``timings["workers_start"]``: seconds to start the
     workers (Ray, the model and the index in each)."""
     range_max, depth = window
@@ -141,9 +139,35 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending
             ray.get([w.ready.remote() for w in workers])  # models and indexes loaded
             timings["workers_start"] = time.perf_counter() - started
             peers = workers if cfg.mine.mode == "sharded" else []
-            _runtime.run_on_actors(workers, "mine_part", pending, (cfg, range_max, depth, text_starts, peers),
-                                   lambda part, record: bar.update(part.queries), work="mining part",
-                                   speculation=cfg.runtime.speculation)
+            if cfg.mine.cross_encoder:
+                timings["candidate_texts"] = _rescore_pending(cfg, workers, pending, window, text_starts, peers, bar)
+            else:
+                _runtime.run_on_actors(workers, "mine_part", pending, (cfg, range_max, depth, text_starts, peers),
+                                       lambda part, record: bar.update(part.queries), work="mining part",
+                                       speculation=cfg.runtime.speculation)
+
+
+def _rescore_pending(cfg: Config, workers: list, pending: list, window: tuple[int, int], text_starts: list[int],
+                     peers: list, bar) -> float:
+    """With a cross-encoder, on the mine workers: search every pending part not searched yet, join the texts of
+    their candidates (a task per text group, see :mod:`retrieval_core.mine_texts`), then rescore and select each
+    part (``MineWorker``). Returns the join's seconds."""
+    range_max, depth = window
+    speculation = cfg.runtime.speculation
+    unsearched = [p for p in pending if not mining.searched(cfg, p.number)]
+    _runtime.run_on_actors(workers, "search_part", unsearched, (cfg, depth, text_starts, peers), lambda *_: None,
+                           work="searching part", speculation=speculation)
+    started = time.perf_counter()
+    asked = [(p.number, mining.search_record(cfg, p.number)["text_groups"]) for p in pending]
+    groups = mine_texts.groups_to_join(mining.texts_dir(cfg), asked, cfg.output.storage_options)
+    _runtime.run_on_actors(workers, "join_group", [{"name": f"text group {g}", "group": g, "parts": parts}
+                                                   for g, parts in groups.items()], (cfg,), lambda *_: None,
+                           work="joining the texts of", speculation=speculation)
+    seconds = time.perf_counter() - started
+    _runtime.run_on_actors(workers, "select_part", pending, (cfg, range_max),
+                           lambda part, record: bar.update(part.queries), work="rescoring part",
+                           speculation=speculation)
+    return seconds
 
 
 def _join_texts(cfg: Config, session, parts: int) -> dict:
@@ -153,11 +177,7 @@ def _join_texts(cfg: Config, session, parts: int) -> dict:
     started = time.perf_counter()
     todo = mining.parts_to_export(cfg, parts)
     directory, so = mining.texts_dir(cfg), cfg.output.storage_options
-    requested: dict[int, list[int]] = {}
-    for number, _, asked in todo:
-        for group in asked:
-            requested.setdefault(group, []).append(number)
-    groups = {g: requested[g] for g in sorted(requested) if not mine_texts.group_done(directory, g, so)}
+    groups = mine_texts.groups_to_join(directory, [(number, asked) for number, _, asked in todo], so)
     bar = tqdm(total=len(todo), unit="part", desc="exports", disable=not cfg.runtime.progress or not todo,
                dynamic_ncols=True)
     with bar:

@@ -83,13 +83,25 @@ def resolve_group(directory: str, group: int, parts: list[int], rows: lookup.Row
                             pa.array([texts[r] for r in table.column("row").to_pylist()], pa.string())],
                            schema=TEXT_SCHEMA))
             written += table.num_rows
-    record = {"group": group, "parts": len(parts), "texts": written, "peak_memory_mb": peak_memory_mb()}
+    record = {"group": group, "parts": len(parts), "texts": written, "read": len(texts),
+              "peak_memory_mb": peak_memory_mb()}
     storage.write_json_atomic(group_file(directory, group, "json"), record, storage_options)
     return record
 
 
 def group_done(directory: str, group: int, storage_options: dict | None = None) -> bool:
     return storage.exists(group_file(directory, group, "json"), storage_options)
+
+
+def groups_to_join(directory: str, requests: list[tuple[int, list[int]]],
+                   storage_options: dict | None = None) -> dict[int, list[int]]:
+    """Group -> the parts asking it, in group order, for the groups of ``requests`` ((part, the groups it asks))
+    whose texts are not committed yet."""
+    asking: dict[int, list[int]] = {}
+    for part, groups in requests:
+        for group in groups:
+            asking.setdefault(group, []).append(part)
+    return {g: asking[g] for g in sorted(asking) if not group_done(directory, g, storage_options)}
 
 
 def part_texts(directory: str, part: int, groups: list[int], storage_options: dict | None = None) -> dict[str, str]:

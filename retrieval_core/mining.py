@@ -11,6 +11,9 @@ Layout under ``<root>/negatives/``::
                           asked, exports written, mergeable report statistics)
     _texts/               the text join (see ``mine_texts``): the parts' requests, the groups' texts and commit
                           records (removed once the manifest is written)
+    _candidates/part-00000.npz, .json  with a cross-encoder: the part's search results (query vectors, scores, row
+                          ids) and the text groups it asked, between its search and its selection (removed once
+                          the manifest is written)
     _exports/part-00000.<export file>  the part's share of each export (removed once the manifest is written)
     rejects.parquet       positives whose doc id is not in the corpus (query_id, doc_id, reason)
     _manifest.json        written last: settings, counts, encoder fingerprint
@@ -20,6 +23,7 @@ Layout under ``<root>/negatives/``::
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import time
 from typing import Callable
@@ -43,6 +47,7 @@ PART_SCHEMA = pa.schema([
 ])
 PART_EXPORTS = "_exports"  # each part's share of the exports, until the combined exports are committed
 TEXTS = "_texts"  # the text join's requests and texts (see mine_texts), until the combined exports are committed
+CANDIDATES = "_candidates"  # with a cross-encoder: each part's search results until it is committed
 
 
 # ------------------------------------------------------------------------------------------------------ layout
@@ -158,35 +163,94 @@ def positive_vectors(queries: list[MiningQuery], rows: lookup.RowLookup) -> dict
 
 
 def run_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], encode: Callable,
-             search: Callable, range_max: int, depth: int, text_starts: list[int],
-             rescore: Callable | None = None) -> dict:
-    """Mine part ``number`` end to end where it runs (a worker, or the job's process for a small run): encode its
-    queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids), rescore the candidates
-    with the cross-encoder (``rescore(pairs)`` -> scores, when ``mine.cross_encoder`` is set), select the
-    negatives, write the part's text requests (groups starting at rows ``text_starts``, see :mod:`mine_texts`) and
-    statistics, and commit it; its exports are written once the texts are joined (:func:`export_part`). Returns
-    its commit record."""
+             search: Callable, range_max: int, depth: int, text_starts: list[int]) -> dict:
+    """Mine part ``number`` end to end where it runs (a worker, or the job's process for a small run), without a
+    cross-encoder: encode its queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids),
+    select the negatives, write the part's text requests (groups starting at rows ``text_starts``, see
+    :mod:`mine_texts`) and statistics, and commit it; its exports are written once the texts are joined
+    (:func:`export_part`). Returns its commit record."""
     clock = _Clock()
     vectors = clock.step("encode", encode, [q.text for q in queries])
     scores, ids = clock.step("search", search, vectors, depth)
     found = clock.step("select", Candidates.of, rows, queries, ids)
-    rescored = clock.step("rescore", rescoring.rescore_part, rows, queries, ids, found.hashes,
-                          found.positive_hashes(), rescore) if rescore else None
-    table, counts, named, agreement = clock.step("select", mine_part, cfg, found, queries, vectors, scores, ids,
-                                                 range_max, rescored)
+    table, counts, named, _ = clock.step("select", mine_part, cfg, found, queries, vectors, scores, ids, range_max)
     groups = clock.step("text_requests", mine_texts.write_requests, texts_dir(cfg), number, named, text_starts,
                         cfg.output.storage_options)
-    return commit_part(cfg, number, table, {**counts, "text_groups": groups,
+    return commit_part(cfg, number, table, {**counts, "text_groups": groups, "stats": mine_report.part_stats(table),
+                                            "peak_memory_mb": peak_memory_mb(), "steps_s": clock.seconds,
+                                            "seconds": round(sum(clock.seconds.values()), 3)})
+
+
+def search_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], encode: Callable,
+                search: Callable, depth: int, text_starts: list[int]) -> dict:
+    """With a cross-encoder, the first half of part ``number``: encode its queries, search, and write the results
+    (``_candidates/part-NNNNN.npz``) and the text requests of every candidate and positive, whose texts the join
+    then finds for the rescoring (instead of each part reading the corpus blocks that hold them); last, its record
+    (``part-NNNNN.json``: the text groups asked, seconds per step), which :func:`select_part` reads. Returns it."""
+    so, clock = cfg.output.storage_options, _Clock()
+    vectors = clock.step("encode", encode, [q.text for q in queries])
+    scores, ids = clock.step("search", search, vectors, depth)
+    named = clock.step("text_requests", _documents_named, rows, queries, ids)
+    groups = clock.step("text_requests", mine_texts.write_requests, texts_dir(cfg), number, named, text_starts, so)
+    buffer = io.BytesIO()
+    np.savez(buffer, vectors=vectors, scores=scores, ids=ids)
+    storage.write_bytes_atomic(_candidates_file(cfg, number, "npz"), buffer.getvalue(), so)
+    record = {"part": number, "text_groups": groups, "steps_s": clock.seconds}
+    storage.write_json_atomic(_candidates_file(cfg, number, "json"), record, so)
+    return record
+
+
+def _documents_named(rows: lookup.RowLookup, queries: list[MiningQuery], ids: np.ndarray) -> dict[str, int]:
+    """Doc id -> row id of every candidate and positive of a part."""
+    named = {doc_id: row for row, (doc_id, _) in rows.values(ids.ravel()).items()}
+    named.update((d, r) for q in queries for d, r in zip(q.positive_doc_ids, q.positive_rows))
+    return named
+
+
+def _candidates_file(cfg: Config, number: int, suffix: str) -> str:
+    return layout_of(cfg).file(CANDIDATES, f"part-{number:05d}.{suffix}")
+
+
+def searched(cfg: Config, number: int) -> bool:
+    """Whether :func:`search_part` finished part ``number``."""
+    return storage.exists(_candidates_file(cfg, number, "json"), cfg.output.storage_options)
+
+
+def search_record(cfg: Config, number: int) -> dict:
+    """The record :func:`search_part` wrote for part ``number``."""
+    return storage.read_json(_candidates_file(cfg, number, "json"), cfg.output.storage_options)
+
+
+def select_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], range_max: int,
+                rescore: Callable) -> dict:
+    """With a cross-encoder, the second half of part ``number`` (searched by :func:`search_part`): rescore its
+    candidates (``rescore(pairs)`` -> scores) with the texts the join found, select the negatives, write the part's
+    exports (the texts at hand) and statistics, and commit it. Memory: the texts of the part's candidates. Returns
+    its commit record."""
+    so = cfg.output.storage_options
+    record = search_record(cfg, number)
+    clock = _Clock(record["steps_s"])
+    with np.load(io.BytesIO(storage.read_bytes(_candidates_file(cfg, number, "npz"), so))) as arrays:
+        vectors, scores, ids = arrays["vectors"], arrays["scores"], arrays["ids"]
+    found = clock.step("select", Candidates.of, rows, queries, ids)
+    texts = clock.step("rescore", mine_texts.part_texts, texts_dir(cfg), number, record["text_groups"], so)
+    doc_of = {row: doc_id for doc_id, row in _documents_named(rows, queries, ids).items()}
+    rescored = clock.step("rescore", rescoring.rescore_part, lambda wanted: {r: texts[doc_of[r]] for r in wanted},
+                          queries, ids, found.hashes, found.positive_hashes(), rescore)
+    table, counts, _, agreement = clock.step("select", mine_part, cfg, found, queries, vectors, scores, ids,
+                                             range_max, rescored)
+    written = clock.step("exports", _part_exports, cfg, number, table, texts)
+    return commit_part(cfg, number, table, {**counts, "exports": written,
                                             "stats": mine_report.part_stats(table, agreement),
                                             "peak_memory_mb": peak_memory_mb(), "steps_s": clock.seconds,
                                             "seconds": round(sum(clock.seconds.values()), 3)})
 
 
 class _Clock:
-    """Seconds spent in each named step."""
+    """Seconds spent in each named step (added to ``seconds``, when given)."""
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds: dict[str, float] = dict(seconds or {})
 
     def step(self, name: str, function: Callable, *args):
         started = time.perf_counter()
@@ -279,13 +343,21 @@ def part_records(cfg: Config, parts: int) -> tuple[list[dict], dict | None]:
 
 
 def _complete_record(cfg: Config, record: dict) -> dict:
+    def looked_up(table: pa.Table) -> dict[str, str]:
+        doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist()
+                   for d in ids}
+        return lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options,
+                                        corpus_storage_options=cfg.corpus.storage_options)
+
+    return _with_exports(cfg, record, looked_up)
+
+
+def _with_exports(cfg: Config, record: dict, texts_of) -> dict:
+    """Write the exports of the part of commit record ``record`` with the texts ``texts_of(its table)`` gives, and
+    add them (and its statistics, when it has none) to its commit record; returns the new record."""
     layout = layout_of(cfg)
     table = conform(storage.read_parquet(layout.part_file(record["part"]), layout.storage_options))
-    doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist()
-               for d in ids}
-    texts = lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options,
-                                     corpus_storage_options=cfg.corpus.storage_options)
-    record = {**record, "exports": _part_exports(cfg, record["part"], table, texts),
+    record = {**record, "exports": _part_exports(cfg, record["part"], table, texts_of(table)),
               "stats": record.get("stats") or mine_report.part_stats(table)}
     storage.write_json_atomic(layout.record_file(record["part"]), record, layout.storage_options)
     return record
@@ -317,14 +389,11 @@ def _requests_kept(cfg: Config, number: int, groups: list[int]) -> bool:
 
 def export_part(cfg: Config, number: int) -> dict:
     """Write part ``number``'s exports from the texts the join found for it, and add them to its commit record;
-    returns what the exports wrote."""
+    returns the record."""
     layout = layout_of(cfg)
     record = storage.read_json(layout.record_file(number), layout.storage_options)
-    table = conform(storage.read_parquet(layout.part_file(number), layout.storage_options))
-    texts = mine_texts.part_texts(texts_dir(cfg), number, record["text_groups"], layout.storage_options)
-    written = _part_exports(cfg, number, table, texts)
-    storage.write_json_atomic(layout.record_file(number), {**record, "exports": written}, layout.storage_options)
-    return written
+    return _with_exports(cfg, record, lambda table: mine_texts.part_texts(
+        texts_dir(cfg), number, record["text_groups"], layout.storage_options))
 
 
 def combine_exports(cfg: Config, records: list[dict]) -> dict[str, dict]:
@@ -340,6 +409,7 @@ def remove_part_exports(cfg: Config) -> None:
     layout = layout_of(cfg)
     storage.remove(layout.file(PART_EXPORTS), layout.storage_options)
     storage.remove(layout.file(TEXTS), layout.storage_options)
+    storage.remove(layout.file(CANDIDATES), layout.storage_options)
 
 
 def concat_parts(root: str, parts: list[dict], storage_options: dict | None = None) -> pa.Table:
@@ -380,7 +450,7 @@ def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queri
                                                 for r in records],
                 "settings": redact_storage_options(dataclasses.asdict(cfg.mine)), **extra,
                 "part_steps_s": {step: round(sum(r.get("steps_s", {}).get(step, 0.0) for r in records), 3)
-                                 for step in ("encode", "search", "rescore", "select", "text_requests")},
+                                 for step in ("encode", "search", "rescore", "select", "text_requests", "exports")},
                 "peak_memory_mb": {"driver": peak_memory_mb(),
                                    "workers_max": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0)},
                 "config": cfg.to_dict()}

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import encoding, lookup, negatives
+from . import encoding, negatives
 from .config import MineConfig, ModelConfig
 from .manifest import digest
 
@@ -118,12 +118,12 @@ class Rescored:
     scored: np.ndarray
 
 
-def rescore_part(rows: lookup.RowLookup, queries: list, ids: np.ndarray, hashes: np.ndarray,
+def rescore_part(texts_of: Callable, queries: list, ids: np.ndarray, hashes: np.ndarray,
                  positive_hashes: dict[int, str], score: Callable, pairs_per_step: int = RESCORE_PAIRS) -> Rescored:
     """Score with ``score(pairs)`` each query's candidates ``ids`` (n x depth row ids, -1 = no result; ``hashes``:
     their text hashes) that no score-free filter removes, and each query's positives (``positive_hashes``: row id
     -> text hash); in steps of consecutive queries with at most ``pairs_per_step`` pairs (one query at least), each
-    reading only its own documents' texts."""
+    asking ``texts_of(row ids)`` (-> row id -> text) for its own documents' texts only."""
     scored = np.zeros(ids.shape, dtype=bool)
     for i, query in enumerate(queries):
         scored[i] = negatives.scorable(ids[i], hashes[i], set(query.positive_rows),
@@ -131,7 +131,7 @@ def rescore_part(rows: lookup.RowLookup, queries: list, ids: np.ndarray, hashes:
     out = Rescored(np.full(ids.shape, -np.inf, dtype=np.float32), [[] for _ in queries], scored)
     sizes = scored.sum(axis=1) + np.array([len(q.positive_rows) for q in queries], dtype=np.int64)
     for start, stop in _steps(sizes, pairs_per_step):
-        _rescore_queries(rows, queries, ids, start, stop, score, out)
+        _rescore_queries(texts_of, queries, ids, start, stop, score, out)
     return out
 
 
@@ -147,12 +147,12 @@ def _steps(sizes: np.ndarray, limit: int):
         yield start, len(sizes)
 
 
-def _rescore_queries(rows: lookup.RowLookup, queries: list, ids: np.ndarray, start: int, stop: int,
+def _rescore_queries(texts_of: Callable, queries: list, ids: np.ndarray, start: int, stop: int,
                      score: Callable, out: Rescored) -> None:
     """Score queries ``start:stop`` into ``out``."""
     mask, block = out.scored[start:stop], ids[start:stop]
     chosen = queries[start:stop]
-    texts = rows.texts(set(block[mask].tolist()) | {r for q in chosen for r in q.positive_rows})
+    texts = texts_of(set(block[mask].tolist()) | {r for q in chosen for r in q.positive_rows})
     pairs = [(chosen[i].text, texts[int(r)]) for i, r in zip(np.nonzero(mask)[0], block[mask])]
     pairs += [(q.text, texts[r]) for q in chosen for r in q.positive_rows]
     values = score(pairs) if pairs else np.zeros(0, dtype=np.float32)

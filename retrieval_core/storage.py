@@ -208,12 +208,11 @@ def concat_parquet_atomic(url: str, pieces: list[str], schema: pa.Schema,
     """Write the Parquet files ``pieces`` (cast to ``schema``) one after another into ``url``, streaming (one piece
     in memory at a time; see :func:`open_atomic`); returns the rows written."""
     rows = 0
-    with open_atomic(url, storage_options) as out:
-        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
-            for piece in pieces:
-                table = read_parquet(piece, storage_options).cast(schema)
-                writer.write_table(table)
-                rows += table.num_rows
+    with parquet_writer_atomic(url, schema, storage_options, group_per_table=False) as write:
+        for piece in pieces:
+            table = read_parquet(piece, storage_options).cast(schema)
+            write(table)
+            rows += table.num_rows
     return rows
 
 
@@ -235,12 +234,17 @@ def write_parquet_by_value(url: str, table: pa.Table, column: str, storage_optio
 
 
 @contextlib.contextmanager
-def parquet_writer_atomic(url: str, schema: pa.Schema, storage_options: dict | None = None):
-    """A function writing each table it is given as one row group of the Parquet file ``url``, streaming; the file
-    appears whole when the block ends (see :func:`open_atomic`)."""
+def parquet_writer_atomic(url: str, schema: pa.Schema, storage_options: dict | None = None,
+                          group_per_table: bool = True):
+    """A function writing each table it is given into the Parquet file ``url``, streaming: as one row group each
+    (``group_per_table``), or in row groups of Parquet's default size. The file appears whole when the block ends
+    (see :func:`open_atomic`)."""
     with open_atomic(url, storage_options) as out:
         with pq.ParquetWriter(out, schema, compression="zstd") as writer:
-            yield lambda table: writer.write_table(table, row_group_size=max(1, table.num_rows))
+            if group_per_table:
+                yield lambda table: writer.write_table(table, row_group_size=max(1, table.num_rows))
+            else:
+                yield writer.write_table
 
 
 def read_parquet_where(url: str, column: str, value: int, storage_options: dict | None = None) -> pa.Table:

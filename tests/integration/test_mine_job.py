@@ -9,7 +9,7 @@ import pytest
 from helpers import DEMO_CORPUS, REPO, build_tiny_cross_encoder, config, write_jsonl
 from jobs import encode, index, mine
 from jobs._runtime import StageFailed
-from retrieval_core import mine_input, mining
+from retrieval_core import lookup, mine_input, mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
@@ -282,3 +282,50 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     assert agreement["shared_with_bi_encoder"] < 0.9  # the cross-encoder's choice, not the bi-encoder's
     identity = mining.read_mine_manifest(str(replicated.output.root))["identity"]
     assert identity["cross_encoder"]["model"] == tiny_ce and identity["cross_encoder"]["weights_sha256"]
+
+
+class CorpusForbidden(lookup.RowLookup):
+    """A row lookup that refuses to read texts from the corpus."""
+
+    def texts(self, row_ids):
+        raise AssertionError(f"the corpus was read for {len(list(row_ids))} texts")
+
+
+def test_rescoring_reads_the_texts_the_join_found_not_the_corpus(demo_root, tmp_path, tiny_ce):
+    """With a cross-encoder a part is mined in two halves around the text join: searched (its candidates' texts
+    requested by text group), then rescored and selected from the joined texts. The second half reads no corpus
+    text, each group reads each of its texts once, and the scores are the cross-encoder's on the corpus texts."""
+    from sentence_transformers import CrossEncoder
+
+    from retrieval_core import encoding, faiss_index, indexing, mine_plan, mine_texts, rescoring
+    from retrieval_core.embeddings import read_embeddings_manifest
+
+    cfg = mine_config(demo_root, tmp_path, "halves", cross_encoder=tiny_ce, range_max=12, relative_margin="null",
+                      num_negatives=2, queries_per_part=15)
+    root, emb = str(cfg.output.root), read_embeddings_manifest(str(cfg.output.root))
+    parts = mine_plan.part_inputs([mine_plan.plan_bucket(cfg, 0, 1, emb)], cfg.mine.queries_per_part)
+    queries = {p.number: mine_plan.read_part_input(cfg, p) for p in parts}
+    merged, encoder = indexing.load_index(root)[0], encoding.load_encoder(cfg.model, 0, threads=1)
+    starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mining.texts_dir(cfg)
+    assert len(parts) > 1 and len(starts) > 1
+    for p in parts:
+        mining.search_part(cfg, lookup.RowLookup(root), p.number, queries[p.number], encoder.encode_queries,
+                           lambda vectors, k: faiss_index.search(merged, vectors, k), 16, starts)
+    asked = [(p.number, mining.search_record(cfg, p.number)["text_groups"]) for p in parts]
+    records = [mine_texts.resolve_group(directory, g, numbers, lookup.RowLookup(root))
+               for g, numbers in mine_texts.groups_to_join(directory, asked).items()]
+    corpus_rows = sum(s["row_stop"] - s["row_start"] for s in emb["shards"])
+    read = sum(r["read"] for r in records)
+    assert 0 < read <= corpus_rows < sum(r["texts"] for r in records)  # each text read once, whatever the parts
+    scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model)
+    committed = [mining.select_part(cfg, CorpusForbidden(root), p.number, queries[p.number], 12, scorer.score)
+                 for p in parts]
+    assert all(r["exports"]["formats"] == list(cfg.mine.formats) for r in committed)  # no second join
+    texts, direct = demo_texts(), CrossEncoder(tiny_ce, device="cpu")
+    rows = mining.concat_parts(root, committed).to_pylist()
+    assert rows and sum(len(r["negative_ids"]) for r in rows) > len(rows)
+    for row in rows:
+        for ids, scores in ((row["negative_ids"], row["negative_ce_scores"]),
+                            (row["positive_ids"], row["positive_ce_scores"])):
+            want = direct.predict([(row["query"], texts[d]) for d in ids]).tolist()
+            assert scores == pytest.approx(want, abs=1e-5)

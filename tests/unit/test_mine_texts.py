@@ -37,7 +37,7 @@ def test_each_part_gets_the_texts_it_named_and_each_group_reads_its_rows_once(tm
     assert requests.metadata.num_row_groups == 3  # one per group: a group's task reads its own
     requesting = {g: [p for p in named if g in groups[p]] for g in range(len(starts))}
     records = [mine_texts.resolve_group(directory, g, parts, rows) for g, parts in requesting.items()]
-    assert [r["texts"] for r in records] == [2, 3, 2]
+    assert [r["texts"] for r in records] == [2, 3, 2] and [r["read"] for r in records] == [1, 2, 2]
     assert rows.asked == [{1}, {12, 13}, {25, 29}]  # each row once per group, whatever the parts asking
     assert all(mine_texts.group_done(directory, g) for g in requesting)
     for part, docs in named.items():

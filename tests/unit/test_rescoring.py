@@ -38,7 +38,7 @@ class Rows:
 def rescore(rows: Rows, queries, ids, score, **options):
     """rescore_part with the text hashes looked up as a mine part looks them up."""
     positives = rows.values({r for q in queries for r in q.positive_rows})
-    return rescoring.rescore_part(rows, queries, ids, lookup.text_hashes(rows.values(ids.ravel()), ids),
+    return rescoring.rescore_part(rows.texts, queries, ids, lookup.text_hashes(rows.values(ids.ravel()), ids),
                                   {row: text_hash for row, (_, text_hash) in positives.items()}, score, **options)
 
 
