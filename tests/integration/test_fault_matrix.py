@@ -100,9 +100,16 @@ def kill(match: str, point: str = "write", **extra) -> list[dict]:
 
 # ---------------------------------------------------------------------------------- a worker killed mid-task
 
-def test_index_task_killed_mid_add_is_retried(tiny_model, tmp_path, clean, faults):
+def encoded_copy(clean_root, cfg) -> None:
+    """The clean run's embeddings under ``cfg``'s root: the index stage's faults strike the index stage alone."""
+    import shutil
+
+    shutil.copytree(clean_root, cfg.output.root, ignore=shutil.ignore_patterns("index", "negatives"))
+
+
+def test_index_task_killed_mid_add_is_retried(tiny_model, tmp_path, clean_root, clean, faults):
     cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0)
-    encode.run(cfg)
+    encoded_copy(clean_root, cfg)
     faults(kill("index/shard-00002.faiss"))
     index.run(cfg)
     assert_same(snapshot(cfg.output.root), clean)
@@ -111,9 +118,9 @@ def test_index_task_killed_mid_add_is_retried(tiny_model, tmp_path, clean, fault
 def test_mine_searcher_killed_mid_search_is_restarted(tiny_model, tmp_path, clean_root, clean, faults):
     import shutil
 
-    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0)
+    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0, runtime__num_workers=1)
     shutil.copytree(clean_root, cfg.output.root, ignore=shutil.ignore_patterns("negatives"))  # encoded and indexed
-    faults(kill("search", point="search", skip=1))
+    faults(kill("search", point="search", skip=1))  # one worker: its second part
     mine.run(cfg)
     assert_same(snapshot(cfg.output.root), clean)
 
@@ -135,9 +142,10 @@ def test_encode_retries_exhausted_fail_naming_the_shard_and_a_rerun_redoes_only_
     assert_same(snapshot(cfg.output.root), clean)
 
 
-def test_index_retries_exhausted_fail_naming_the_shard_and_a_rerun_completes(tiny_model, tmp_path, clean, faults):
+def test_index_retries_exhausted_fail_naming_the_shard_and_a_rerun_completes(tiny_model, tmp_path, clean_root, clean,
+                                                                             faults):
     cfg = matrix_config(tiny_model, tmp_path / "out", runtime__max_task_retries=0, runtime__inline_rows=0)
-    encode.run(cfg)
+    encoded_copy(clean_root, cfg)
     faults(kill("index/shard-00001.faiss"))
     with pytest.raises(_runtime.StageFailed, match=r"index: adding embeddings of shard-00001 failed"):
         index.run(cfg)
@@ -161,29 +169,35 @@ DRIVER_CRASHES = {
 }
 
 
-def _run_stages(cfg, up_to: str) -> None:
-    """The stages up to ``up_to``, in this process (the index in this process too, so the crash is the
-    driver's)."""
-    encode.run(cfg)
-    if up_to in ("index", "mine"):
+def _run_stage(cfg, stage: str) -> None:
+    """The stage ``stage`` in this process (the index in this process too, so the crash is the driver's)."""
+    if stage == "encode":
+        encode.run(cfg)
+    elif stage == "index":
         index.run(cfg, in_process=True)
-    if up_to == "mine":
+    else:
         mine.run(cfg)
 
 
 @pytest.mark.parametrize("case", list(DRIVER_CRASHES))
 def test_a_driver_crash_at_a_commit_point_leaves_nothing_complete_and_a_rerun_equals_a_clean_run(
-        tiny_model, tmp_path, clean, faults, case):
+        tiny_model, tmp_path, clean_root, clean, faults, case):
+    """The stage runs on the clean run's earlier stages (copied): their own crashes are their own cases."""
+    import shutil
+
     stage, where = DRIVER_CRASHES[case]
     cfg = matrix_config(tiny_model, tmp_path / "out")
+    if stage != "encode":
+        later = ["index", "negatives"] if stage == "index" else ["negatives"]
+        shutil.copytree(clean_root, cfg.output.root, ignore=shutil.ignore_patterns(*later))
     faults([{"point": "write", "match": where, "action": "crash"}])
     with pytest.raises(InjectedCrash):
-        _run_stages(cfg, stage)
+        _run_stage(cfg, stage)
     readers = {"encode": embeddings.read_embeddings_manifest, "index": indexing.read_index_manifest,
                "mine": mining.read_mine_manifest}
     with pytest.raises(FileNotFoundError):  # the stage's output does not read as complete
         readers[stage](str(cfg.output.root))
-    _run_stages(cfg, stage)
+    _run_stage(cfg, stage)
     got = snapshot(cfg.output.root)
     assert set(got) >= {"embeddings"} and ("mine" in got or stage != "mine")
     assert stage != "mine" or sum(len(row["negative_ids"]) for row in got["mine"]) > 0

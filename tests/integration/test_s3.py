@@ -154,6 +154,8 @@ def test_model_trained_on_s3_equals_local_and_loads_from_s3(runs):
     record_l, record_s = read_json(local, {}, "model", "training.json"), read_json(remote, options, "model",
                                                                                      "training.json")
     assert record_s["history"]["losses"] == record_l["history"]["losses"] and len(record_s["history"]["losses"]) == 3
+    assert record_s["history"]["evaluations"] == record_l["history"]["evaluations"]
+    assert record_s["history"]["evaluations"][0]["queries"] > 0
     downloaded = encoding.resolve_model_path(storage.join(remote, "model"), options)
     assert_same_weights(model_state(downloaded), model_state(str(Path(local, "model"))), atol=1e-6)
     reencoded = runs["s3"][1]["reencode"][0]
@@ -161,21 +163,28 @@ def test_model_trained_on_s3_equals_local_and_loads_from_s3(runs):
     assert reencoded["output"] == storage.join(remote, "trained", "embeddings")
 
 
-def test_ray_train_workers_on_s3_compute_the_single_worker_model(runs):
-    """Two Ray Train workers with their run directory on S3 (a pyarrow file system over s3fs) train the model
-    the one-worker training of the pipeline trained."""
+def test_ray_train_workers_on_s3_compute_the_single_worker_model_even_after_a_worker_is_killed(
+        runs, tiny_model_without_dropout, faults):
+    """Two Ray Train workers with their run directory and checkpoints on S3 (a pyarrow file system over s3fs)
+    train the model the one-worker training of the pipeline trained. A worker is killed after the checkpoint of
+    step 2: Ray Train restarts the worker group, which resumes from that checkpoint."""
     import dataclasses
 
     cfg = runs["s3"][0]
-    two = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=f"{S3_ROOT}/model-two-workers"),
+    faults([{"point": "train", "match": "step-2", "action": "kill"}])
+    two = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=f"{S3_ROOT}/model-two-workers",
+                                                             checkpoint_steps=1),
                               runtime=dataclasses.replace(cfg.runtime, num_workers=2))
     record = train.run(two)
-    assert record["history"]["steps"] == 3 and not record["reused"]
-    options = cfg.output.storage_options
-    one = encoding.resolve_model_path(f"{S3_ROOT}/model", options)
-    both = encoding.resolve_model_path(f"{S3_ROOT}/model-two-workers", options)
-    assert_same_weights(model_state(both), model_state(one), atol=2e-5)
-    assert s3fs_of(options).find(f"{OUT}/run/_ray_train"), "Ray Train's run directory is on S3"
+    assert record["history"]["steps"] == 3 and record["history"]["resumed_from_step"] == 2 and not record["reused"]
+    options, fs = cfg.output.storage_options, s3fs_of(cfg.output.storage_options)
+    assert not fs.exists(f"{OUT}/run/model-two-workers/_checkpoints"), "checkpoints are removed once it commits"
+    one = model_state(encoding.resolve_model_path(f"{S3_ROOT}/model", options))
+    both = model_state(encoding.resolve_model_path(f"{S3_ROOT}/model-two-workers", options))
+    assert_same_weights(both, one, atol=2e-5)
+    base = model_state(tiny_model_without_dropout)
+    assert any(not np.allclose(one[name], base[name], atol=1e-4) for name in one)  # it trained
+    assert fs.find(f"{OUT}/run/_ray_train"), "Ray Train's run directory is on S3"
 
 
 def test_objects_are_written_whole_without_temporaries(runs, s3_options):
@@ -389,7 +398,8 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
         root = str(tmp_path / "nightly") if where == "local" else f"s3://{OUT}/nightly"
         extra = {} if where == "local" else {**{f"{s}__storage_options": json.dumps(s3_options)
                                                 for s in ("corpus", "output")},
-                                             "runtime__inline_rows": 0, "refresh__inline_snapshot_rows": 0}
+                                             "runtime__inline_rows": 0, "refresh__inline_snapshot_rows": 0,
+                                             "runtime__num_workers": 1}  # one encoder actor: one model load
         for night, docs in (("day1", day1), ("day2", day2)):
             local = write_parquet(tmp_path / where / night / "corpus.parquet", docs)
             corpus = str(local)

@@ -1,4 +1,5 @@
-"""Training (one worker and Ray Train) and the pipeline, on the demo corpus with the tiny model."""
+"""Training and the pipeline, on the demo corpus with the tiny model (Ray Train with two workers and a killed one:
+test_s3, with its run directory on S3)."""
 import dataclasses
 import json
 import os
@@ -42,25 +43,6 @@ def mined(tmp_path_factory, tiny_model_without_dropout):
 def with_train_output(cfg, path, **runtime):
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=str(path)),
                                runtime=dataclasses.replace(cfg.runtime, **runtime))
-
-
-def test_ray_train_workers_compute_the_single_worker_updates_even_after_a_worker_is_killed(
-        mined, tmp_path, tiny_model_without_dropout, faults):
-    """The killed worker group is restarted by Ray Train and resumes from the checkpoint of step 2 (written
-    before the kill)."""
-    one = train.run(with_train_output(mined, tmp_path / "one"))
-    faults([{"point": "train", "match": "step-2", "action": "kill"}])
-    two_cfg = with_train_output(mined, tmp_path / "two", num_workers=2)
-    two = train.run(dataclasses.replace(two_cfg, train=dataclasses.replace(two_cfg.train, checkpoint_steps=1)))
-    assert two["history"]["resumed_from_step"] == 2 and not (tmp_path / "two" / "_checkpoints").exists()
-    assert one["history"]["steps"] == two["history"]["steps"] == 3
-    a, b, base = state(tmp_path / "one"), state(tmp_path / "two"), state(tiny_model_without_dropout)
-    assert set(a) == set(b)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], atol=2e-5, err_msg=name)
-    assert any(not np.allclose(a[name], base[name], atol=1e-4) for name in a)
-    record = json.loads((tmp_path / "one" / "training.json").read_text())
-    assert len(record["history"]["losses"]) == 3 and record["history"]["evaluations"][0]["queries"] > 0
 
 
 def test_finished_training_is_reused_and_other_settings_refused(mined, tmp_path):
