@@ -60,9 +60,9 @@ class RowLookup:
     """Row ids -> doc ids, text hashes, vectors and texts, for a process that looks up many parts (a mine worker).
 
     The embedding shards' ``doc_id`` and ``text_hash`` columns are read once per shard and kept (about 40 bytes a
-    row, up to ``max_cached_rows`` rows: the shards read longest ago are dropped first); the corpus is planned once,
-    and texts are read from the blocks (Parquet row groups, JSONL blocks of lines) that hold the rows only. Vectors
-    are read from the shards holding the rows, uncached."""
+    row, up to ``max_cached_rows`` rows; the shards past that are read again at each lookup); the corpus is planned
+    once, and texts are read from the blocks (Parquet row groups, JSONL blocks of lines) that hold the rows only.
+    Vectors are read from the shards holding the rows, uncached."""
 
     def __init__(self, root: str, storage_options: dict | None = None, corpus_storage_options: dict | None = None,
                  manifest: dict | None = None, max_cached_rows: int = 50_000_000):
@@ -70,7 +70,9 @@ class RowLookup:
         self.corpus_storage_options = corpus_storage_options
         self.manifest = manifest or read_embeddings_manifest(root, storage_options)
         self.max_cached_rows = max_cached_rows
-        self._columns: dict[int, tuple[np.ndarray, object, object]] = {}  # insertion order = age
+        self._columns: dict[int, tuple[np.ndarray, object, object]] = {}
+        self._cached_rows = 0
+        self.shard_reads = 0  # shards' doc_id and text_hash columns read, cached or not
         self._metas = None
 
     def values(self, row_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
@@ -100,14 +102,20 @@ class RowLookup:
         return texts_at(self._metas, self._corpus, row_ids)
 
     def _shard_columns(self, index: int):
-        if index not in self._columns:
-            table = read_shard_table(self.root, self.manifest["shards"][index], ["doc_id", "text_hash"],
-                                     self.storage_options).sort_by("row_id")
-            self._columns[index] = (table.column("row_id").to_numpy(), table.column("doc_id").combine_chunks(),
-                                    table.column("text_hash").combine_chunks())
-            while len(self._columns) > 1 and sum(len(c[0]) for c in self._columns.values()) > self.max_cached_rows:
-                del self._columns[next(iter(self._columns))]
-        return self._columns[index]
+        """A shard's (row ids, doc ids, text hashes), sorted by row id: cached while the cache has room. Nothing is
+        evicted: parts ask for rows all over the corpus, shard after shard, and under that cyclic pattern a cache
+        that evicts the oldest shard misses every time, while one that keeps what it holds hits that share."""
+        if index in self._columns:
+            return self._columns[index]
+        table = read_shard_table(self.root, self.manifest["shards"][index], ["doc_id", "text_hash"],
+                                 self.storage_options).sort_by("row_id")
+        columns = (table.column("row_id").to_numpy(), table.column("doc_id").combine_chunks(),
+                   table.column("text_hash").combine_chunks())
+        if self._cached_rows + len(columns[0]) <= self.max_cached_rows:
+            self._columns[index] = columns
+            self._cached_rows += len(columns[0])
+        self.shard_reads += 1
+        return columns
 
 
 def rows_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,

@@ -45,3 +45,15 @@ def test_cached_lookups_equal_the_uncached_ones(encoded, max_cached_rows):
         assert texts == lookup.texts_for_rows(encoded, wanted)
     assert 5 not in texts and texts[1000] == "title 6 document 1000 about topic 12"
     assert texts[999] == "document 999 about topic 11"  # no title on every third row
+
+
+def test_a_cache_smaller_than_the_corpus_keeps_what_it_holds_under_repeated_lookups_of_every_shard(encoded):
+    """Parts look rows up all over the corpus, shard after shard: a cache that dropped its oldest shard would read
+    every shard again at every lookup; this one reads again only the shards it has no room for."""
+    rows = lookup.RowLookup(encoded, max_cached_rows=1250)  # room for 2 of the 5 shards (up to 600 rows each)
+    everywhere = list(range(0, 2500, 50))
+    first = rows.values(everywhere)
+    for _ in range(3):
+        assert rows.values(everywhere) == first
+    shards = len(rows.manifest["shards"])
+    assert shards == 5 and rows.shard_reads == shards + 3 * (shards - 2)
