@@ -189,7 +189,7 @@ def run_trainer(args, examples: list[dict]) -> dict:
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import PrinterCallback, TrainerCallback
 
-    from retrieval_core.encoding import resolve_model_path
+    from retrieval_core.model_files import resolve_model_path
 
     transformers.logging.set_verbosity_error()
     losses: list[float] = []

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import encoding, negatives
+from . import encoding, model_files, negatives
 from .config import MineConfig, ModelConfig
 from .manifest import digest
 
@@ -35,7 +35,7 @@ def cross_encoder_identity(mi: MineConfig, model: ModelConfig) -> dict | None:
     if not mi.cross_encoder:
         return None
     model_dir = cross_encoder_dir(mi, model)
-    weights, configs = encoding.model_files_hash(model_dir)
+    weights, configs = model_files.model_files_hash(model_dir)
     identity = {"model": mi.cross_encoder, "weights_sha256": weights, "config_sha256": configs,
                 "max_length": mi.cross_encoder_max_length, "precision": mi.cross_encoder_precision}
     return {**identity, "fingerprint": digest(identity)}
@@ -44,7 +44,7 @@ def cross_encoder_identity(mi: MineConfig, model: ModelConfig) -> dict | None:
 def cross_encoder_dir(mi: MineConfig, model: ModelConfig) -> str:
     """The local directory of ``mine.cross_encoder``, checked to hold a sequence-classification model: a
     bi-encoder would load as a cross-encoder with a fresh random head (another one in every worker)."""
-    model_dir = encoding.resolve_model_path(mi.cross_encoder, model.storage_options, setting="mine.cross_encoder")
+    model_dir = model_files.resolve_model_path(mi.cross_encoder, model.storage_options, setting="mine.cross_encoder")
     config = Path(model_dir) / "config.json"
     architectures = json.loads(config.read_text()).get("architectures") if config.is_file() else None
     if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):

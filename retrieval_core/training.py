@@ -21,7 +21,7 @@ import numpy as np
 
 from . import checkpoints, encoding, faults, families, lookup, metrics, mining
 from .config import Config, ConfigError, ModelConfig
-from .encoding import resolve_model_path
+from .model_files import resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from retrieval_core import encoding, rescoring, training  # noqa: E402
+from retrieval_core import encoding, model_files, rescoring, training  # noqa: E402
 from retrieval_core.config import load_config  # noqa: E402
 
 DEMO = ROOT / "examples" / "demo"
@@ -112,7 +112,7 @@ def cross_encoder(directory: str) -> str:
     from sentence_transformers import CrossEncoder
 
     torch.manual_seed(0)
-    CrossEncoder(encoding.resolve_model_path("all-MiniLM-L6-v2"), num_labels=1, device="cpu").save_pretrained(directory)
+    CrossEncoder(model_files.resolve_model_path("all-MiniLM-L6-v2"), num_labels=1, device="cpu").save_pretrained(directory)
     return directory
 
 

@@ -37,7 +37,7 @@ def demo_run(tmp_path_factory):
 def test_vectors_equal_plain_sentence_transformers(demo_run):
     from sentence_transformers import SentenceTransformer
 
-    from retrieval_core.encoding import resolve_model_path
+    from retrieval_core.model_files import resolve_model_path
 
     cfg, summary = demo_run
     assert summary["rows_encoded"] == DEMO_ROWS and summary["shards"] == summary["shards_run"] == demo_shards(32)

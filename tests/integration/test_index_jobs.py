@@ -73,7 +73,7 @@ def test_evaluate_equals_sentence_transformers_evaluator(demo_index):
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     import pyarrow.parquet as pq
-    from retrieval_core.encoding import resolve_model_path
+    from retrieval_core.model_files import resolve_model_path
 
     cfg, _ = demo_index
     result = evaluate.run(cfg)

@@ -53,7 +53,7 @@ def reference_negatives(cache: str, cross_encoder: str | None = None, **settings
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from retrieval_core.encoding import resolve_model_path
+    from retrieval_core.model_files import resolve_model_path
 
     texts = demo_texts()
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]

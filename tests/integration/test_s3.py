@@ -21,7 +21,7 @@ import yaml
 
 from helpers import DEMO_CORPUS, REPO, config, make_docs, write_parquet
 from jobs import encode, pipeline, search, train
-from retrieval_core import embeddings, encoding, faiss_index, indexing, mining, storage
+from retrieval_core import embeddings, encoding, faiss_index, indexing, mining, model_files, storage
 from retrieval_core.config import PIPELINE_STAGES, REDACTED, ConfigError, ModelConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -156,7 +156,7 @@ def test_model_trained_on_s3_equals_local_and_loads_from_s3(runs):
     assert record_s["history"]["losses"] == record_l["history"]["losses"] and len(record_s["history"]["losses"]) == 3
     assert record_s["history"]["evaluations"] == record_l["history"]["evaluations"]
     assert record_s["history"]["evaluations"][0]["queries"] > 0
-    downloaded = encoding.resolve_model_path(storage.join(remote, "model"), options)
+    downloaded = model_files.resolve_model_path(storage.join(remote, "model"), options)
     assert_same_weights(model_state(downloaded), model_state(str(Path(local, "model"))), atol=1e-6)
     reencoded = runs["s3"][1]["reencode"][0]
     assert reencoded["rows_encoded"] == DEMO_ROWS
@@ -179,8 +179,8 @@ def test_ray_train_workers_on_s3_compute_the_single_worker_model_even_after_a_wo
     assert record["history"]["steps"] == 3 and record["history"]["resumed_from_step"] == 2 and not record["reused"]
     options, fs = cfg.output.storage_options, s3fs_of(cfg.output.storage_options)
     assert not fs.exists(f"{OUT}/run/model-two-workers/_checkpoints"), "checkpoints are removed once it commits"
-    one = model_state(encoding.resolve_model_path(f"{S3_ROOT}/model", options))
-    both = model_state(encoding.resolve_model_path(f"{S3_ROOT}/model-two-workers", options))
+    one = model_state(model_files.resolve_model_path(f"{S3_ROOT}/model", options))
+    both = model_state(model_files.resolve_model_path(f"{S3_ROOT}/model-two-workers", options))
     assert_same_weights(both, one, atol=2e-5)
     base = model_state(tiny_model_without_dropout)
     assert any(not np.allclose(one[name], base[name], atol=1e-4) for name in one)  # it trained
@@ -209,23 +209,23 @@ def test_listings_cached_by_the_driver_never_hide_what_others_wrote(buckets, s3_
 
 def test_model_at_a_url_is_downloaded_once_and_again_when_it_changes(buckets, s3_options, tiny_model, tmp_path,
                                                                       monkeypatch):
-    monkeypatch.setenv(encoding.MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(model_files.MODEL_CACHE_ENV, str(tmp_path / "cache"))
     url = f"s3://{SCRATCH}/models/tiny"
     storage.upload_dir(tiny_model, url, s3_options)
-    first = encoding.resolve_model_path(url, s3_options)
+    first = model_files.resolve_model_path(url, s3_options)
     stamps = {p: p.stat().st_mtime_ns for p in Path(first).rglob("*") if p.is_file()}
     assert Path(first).parent == tmp_path / "cache" and stamps
-    assert encoding.resolve_model_path(url, s3_options) == first
+    assert model_files.resolve_model_path(url, s3_options) == first
     assert {p: p.stat().st_mtime_ns for p in Path(first).rglob("*") if p.is_file()} == stamps
-    assert encoding.model_files_hash(first) == encoding.model_files_hash(tiny_model)
+    assert model_files.model_files_hash(first) == model_files.model_files_hash(tiny_model)
     at_url, local = ModelConfig(name=url, storage_options=s3_options), ModelConfig(name=tiny_model)
     assert encoding.encoder_identity(at_url)["weights_sha256"] == encoding.encoder_identity(local)["weights_sha256"]
     assert encoding.estimated_docs_per_s(at_url, 1, 0) == encoding.estimated_docs_per_s(local, 1, 0)
     s3fs_of(s3_options).pipe_file(f"{SCRATCH}/models/tiny/README.md", b"changed")
-    changed = encoding.resolve_model_path(url, s3_options)
+    changed = model_files.resolve_model_path(url, s3_options)
     assert changed != first and (Path(changed) / "README.md").read_bytes() == b"changed"
     with pytest.raises(ValueError, match=f"s3://{SCRATCH}/models/none") as error:
-        encoding.resolve_model_path(f"s3://{SCRATCH}/models/none", s3_options)
+        model_files.resolve_model_path(f"s3://{SCRATCH}/models/none", s3_options)
     assert s3_options["secret"] not in "".join(traceback.format_exception(error.value))
 
 
@@ -238,7 +238,7 @@ def test_a_cross_encoder_at_a_url_scores_as_its_local_copy(buckets, s3_options, 
     from retrieval_core import rescoring
     from retrieval_core.config import MineConfig
 
-    monkeypatch.setenv(encoding.MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(model_files.MODEL_CACHE_ENV, str(tmp_path / "cache"))
     local = str(build_tiny_cross_encoder(tmp_path / "ce"))
     url = f"s3://{SCRATCH}/models/ce"
     storage.upload_dir(local, url, s3_options)
@@ -370,7 +370,7 @@ def test_credentials_are_in_nothing_the_jobs_wrote(runs, s3_options):
     leaking = [name for name in objects if s3_options["secret"].encode() in fs.cat_file(name)]
     assert not leaking
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    files = list(every_local_file(encoding.model_cache_dir(), logs, Path(str(runs["local"][0].output.root))))
+    files = list(every_local_file(model_files.model_cache_dir(), logs, Path(str(runs["local"][0].output.root))))
     assert files and not [p for p in files if s3_options["secret"].encode() in p.read_bytes()]
     for stage_file in ("embeddings/_manifest.json", "embeddings/_plan.json", "index/manifest.json",
                        "negatives/_manifest.json", "model/training.json", "trained/embeddings/_manifest.json"):

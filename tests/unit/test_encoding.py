@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from retrieval_core.config import ModelConfig
-from retrieval_core.encoding import SentenceTransformerEncoder, encode_by_length, encoder_identity, resolve_model_path
+from retrieval_core.encoding import SentenceTransformerEncoder, encode_by_length, encoder_identity
+from retrieval_core.model_files import resolve_model_path
 
 
 def test_packaged_default_resolves_to_a_local_directory():
