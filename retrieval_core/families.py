@@ -15,7 +15,8 @@ import json
 import re
 from pathlib import Path
 
-from .config import MODEL_FAMILIES, ModelConfig
+from .config import ModelConfig
+from .config_rules import MODEL_FAMILIES
 
 BGE_EN_QUERY = "Represent this sentence for searching relevant passages: "
 BGE_ZH_QUERY = "为这个句子生成表示以用于检索相关文章："

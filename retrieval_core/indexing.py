@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from . import faiss_index, faults, search, storage
-from .config import Config, parse_memory
+from .config import Config
+from .config_rules import parse_memory
 from .embeddings import read_embeddings_manifest, read_shard_vectors
 from .manifest import IncompatibleOutputError, claim_stage_dir, digest, peak_memory_mb, read_manifest, stamp
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from retrieval_core import faiss_index, indexing, search
-from retrieval_core.config import ConfigError, load_config, parse_memory
+from retrieval_core.config import ConfigError, load_config
+from retrieval_core.config_rules import parse_memory
 from retrieval_core.manifest import IncompatibleOutputError
 from helpers import clustered_vectors, write_synthetic_embeddings
 
