@@ -111,11 +111,10 @@ class IndexSearcher:
 
 
 class MineWorker:
-    """Mines whole parts: holds the query encoder, an index (the merged one, or a group of shard indexes) and, with
-    ``mine.cross_encoder``, the cross-encoder. Without one, for each part it encodes the queries, searches, selects
-    the negatives, writes the part's text requests and commits it (``mine_part``). With one, a part is mined in
-    two halves around the text join: ``search_part`` (encode, search, text requests of the candidates),
-    ``join_group`` (a text group's texts), ``select_part`` (rescore, select, exports, commit).
+    """Mines parts in two halves around the join of their candidates (see ``jobs.mine``): holds the query encoder,
+    an index (the merged one, or a group of shard indexes), a row lookup and, with ``mine.cross_encoder``, the
+    cross-encoder. ``search_part`` encodes a part's queries, searches and writes its requests; ``join_group`` looks
+    up a text group's requested rows; ``select_part`` rescores, selects and commits a part.
     In sharded mode a part's queries are also searched by every peer (``search``, served on the actor's second
     thread while its own part runs) and the top-k merged here."""
 
@@ -131,34 +130,42 @@ class MineWorker:
         self.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
         self.position = position
 
+    @classmethod
+    def here(cls, cfg: Config, manifest: dict) -> "MineWorker":
+        """A worker in the job's own process (a small run without a cross-encoder): the merged index on every
+        core, the process's cached encoder, and the embeddings ``manifest`` already read."""
+        from retrieval_core import encoding, lookup
+
+        worker = cls.__new__(cls)
+        worker.searcher = IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())
+        worker.encoder, worker.scorer, worker.position = _runtime.inline_encoder(cfg), None, 0
+        worker.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options,
+                                       manifest)
+        return worker
+
     def search(self, vectors, k: int):
         return self.searcher.search(vectors, k)
 
     def ready(self) -> int:
         return os.getpid()
 
-    def mine_part(self, part, cfg: Config, range_max: int, depth: int, text_starts: list[int], peers: list) -> dict:
-        from retrieval_core import mine_plan, mining
-
-        return mining.run_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part),
-                               self.encoder.encode_queries, lambda vectors, k: self._search_all(vectors, k, peers),
-                               range_max, depth, text_starts)
-
     def search_part(self, part, cfg: Config, depth: int, text_starts: list[int], peers: list) -> dict:
         from retrieval_core import mine_plan, mining
 
-        return mining.search_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part),
-                                  self.encoder.encode_queries, lambda vectors, k: self._search_all(vectors, k, peers),
-                                  depth, text_starts)
+        return mining.search_part(cfg, part.number, mine_plan.read_part_input(cfg, part), self.encoder.encode_queries,
+                                  lambda vectors, k: self._search_all(vectors, k, peers), depth, text_starts)
 
     def join_group(self, item: dict, cfg: Config) -> dict:
-        return _text_group(cfg, item["group"], item["parts"], self.rows)
+        from retrieval_core import mine_texts, mining
 
-    def select_part(self, part, cfg: Config, range_max: int) -> dict:
+        return mine_texts.resolve_group(mining.candidates_dir(cfg), item["group"], item["parts"], self.rows,
+                                        cfg.output.storage_options, texts=bool(cfg.mine.cross_encoder))
+
+    def select_part(self, part, cfg: Config, range_max: int, text_starts: list[int]) -> dict:
         from retrieval_core import mine_plan, mining
 
         return mining.select_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part), range_max,
-                                  self.scorer.score)
+                                  text_starts, self.scorer.score if self.scorer else None)
 
     def _search_all(self, vectors, k: int, peers: list):
         from retrieval_core import search
@@ -205,10 +212,10 @@ def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
     return sorted(found)[:5]
 
 
-def _text_group(cfg: Config, group: int, parts: list[int], rows=None) -> dict:
+def _text_group(cfg: Config, group: int, parts: list[int]) -> dict:
     from retrieval_core import lookup, mine_texts, mining
 
-    rows = rows or lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
+    rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
     return mine_texts.resolve_group(mining.texts_dir(cfg), group, parts, rows, cfg.output.storage_options)
 
 

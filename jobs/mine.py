@@ -23,7 +23,7 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
-from retrieval_core import encoding, indexing, lookup, mine_plan, mine_report, mine_texts, mining, negatives, \
+from retrieval_core import indexing, lookup, mine_plan, mine_report, mine_texts, mining, negatives, \
     storage
 from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
@@ -111,63 +111,70 @@ def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, i
 
 def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, window: tuple[int, int],
                   timings: dict) -> None:
-    """Mine the pending parts: in this process when few queries are left (replicated mode, no cross-encoder), else
-    on mine workers, each part whole on one worker (read its input, encode, search, select, text requests, commit;
-    with a cross-encoder in two halves around the join of its candidates' texts) while the driver only counts. ``window``: (range_max, search depth). The text groups (:mod:`mine_texts`) are chosen, with at
-    least one per worker, when the run's first parts are mined. ``timings["workers_start"]``: seconds to start the
-    workers (Ray, the model and the index in each)."""
-    range_max, depth = window
-    bar = tqdm(total=sum(p.queries for p in pending), unit="query", desc="mine",
-               disable=not cfg.runtime.progress, dynamic_ncols=True)
-    with bar:
-        inline = cfg.mine.mode == "replicated" and not cfg.mine.cross_encoder
-        if inline and sum(p.queries for p in pending) <= cfg.runtime.inline_rows:
-            # few queries: starting Ray and worker actors would cost more than mining them here
-            searcher = _actors.IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())
-            encoder = _runtime.inline_encoder(cfg)
-            rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options, emb)
-            text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb))
-            for part in pending:
-                mining.run_part(cfg, rows, part.number, mine_plan.read_part_input(cfg, part), encoder.encode_queries,
-                                searcher.search, range_max, depth, text_starts)
-                bar.update(part.queries)
-            return
-        started = time.perf_counter()
-        groups = _worker_groups(cfg, session, index_manifest, len(pending))
-        text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb, len(groups)))
-        with _runtime.released(_actors.start_mine_workers(cfg, groups)) as workers:
-            ray.get([w.ready.remote() for w in workers])  # models and indexes loaded
-            timings["workers_start"] = time.perf_counter() - started
-            peers = workers if cfg.mine.mode == "sharded" else []
-            if cfg.mine.cross_encoder:
-                timings["candidate_texts"] = _rescore_pending(cfg, workers, pending, window, text_starts, peers, bar)
-            else:
-                _runtime.run_on_actors(workers, "mine_part", pending, (cfg, range_max, depth, text_starts, peers),
-                                       lambda part, record: bar.update(part.queries), work="mining part",
-                                       speculation=cfg.runtime.speculation)
+    """Mine the pending parts in two halves around the join of their candidates (:mod:`retrieval_core.mine_texts`):
+    search each part, join the candidates' values by text group, then select each part (and, with a cross-encoder,
+    rescore it first). In this process when few queries are left (replicated mode, no cross-encoder), else on mine
+    workers while the driver only counts. ``window``: (range_max, search depth). The text groups are chosen, with
+    at least one per worker, when the run's first parts are mined. ``timings``: ``workers_start`` (Ray, the model
+    and the index in each worker) and ``candidates_join``, in seconds."""
+    inline = cfg.mine.mode == "replicated" and not cfg.mine.cross_encoder
+    if inline and sum(p.queries for p in pending) <= cfg.runtime.inline_rows:
+        # few queries: starting Ray and worker actors would cost more than mining them here
+        text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb))
+        worker = _actors.MineWorker.here(cfg, emb)
+        timings["candidates_join"] = _in_halves(cfg, [worker], pending, window, text_starts, [], _here)
+        return
+    started = time.perf_counter()
+    groups = _worker_groups(cfg, session, index_manifest, len(pending))
+    text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb, len(groups)))
+    with _runtime.released(_actors.start_mine_workers(cfg, groups)) as workers:
+        ray.get([w.ready.remote() for w in workers])  # models and indexes loaded
+        timings["workers_start"] = time.perf_counter() - started
+        peers = workers if cfg.mine.mode == "sharded" else []
+        timings["candidates_join"] = _in_halves(cfg, workers, pending, window, text_starts, peers,
+                                                _on_actors(cfg.runtime.speculation))
 
 
-def _rescore_pending(cfg: Config, workers: list, pending: list, window: tuple[int, int], text_starts: list[int],
-                     peers: list, bar) -> float:
-    """With a cross-encoder, on the mine workers: search every pending part not searched yet, join the texts of
-    their candidates (a task per text group, see :mod:`retrieval_core.mine_texts`), then rescore and select each
-    part (``MineWorker``). Returns the join's seconds."""
+def _here(workers, method, items, args, on_done, work):
+    """A wave of :func:`_in_halves` in this process, on its one worker."""
+    for item in items:
+        on_done(item, getattr(workers[0], method)(item, *args))
+
+
+def _on_actors(speculation: float):
+    """A wave of :func:`_in_halves` on the mine workers (see ``_runtime.run_on_actors``)."""
+
+    def run(workers, method, items, args, on_done, work):
+        _runtime.run_on_actors(workers, method, items, args, on_done, work=work, speculation=speculation)
+    return run
+
+
+def _in_halves(cfg: Config, workers: list, pending: list, window: tuple[int, int], text_starts: list[int],
+               peers: list, run) -> float:
+    """Search every pending part not searched yet, join their candidates (one call per text group), then select
+    each part, each wave through ``run(workers, method, items, args, on_done, work)`` on ``MineWorker``s, with a
+    progress bar each. Returns the join's seconds."""
     range_max, depth = window
-    speculation = cfg.runtime.speculation
     unsearched = [p for p in pending if not mining.searched(cfg, p.number)]
-    _runtime.run_on_actors(workers, "search_part", unsearched, (cfg, depth, text_starts, peers), lambda *_: None,
-                           work="searching part", speculation=speculation)
+    with _bar(cfg, "search", sum(p.queries for p in unsearched), "query") as bar:
+        run(workers, "search_part", unsearched, (cfg, depth, text_starts, peers),
+            lambda part, _: bar.update(part.queries), "searching part")
     started = time.perf_counter()
     asked = [(p.number, mining.search_record(cfg, p.number)["text_groups"]) for p in pending]
-    groups = mine_texts.groups_to_join(mining.texts_dir(cfg), asked, cfg.output.storage_options)
-    _runtime.run_on_actors(workers, "join_group", [{"name": f"text group {g}", "group": g, "parts": parts}
-                                                   for g, parts in groups.items()], (cfg,), lambda *_: None,
-                           work="joining the texts of", speculation=speculation)
+    groups = mine_texts.groups_to_join(mining.candidates_dir(cfg), asked, cfg.output.storage_options)
+    with _bar(cfg, "join", len(groups), "group") as bar:
+        run(workers, "join_group", [{"name": f"text group {g}", "group": g, "parts": parts}
+                                    for g, parts in groups.items()], (cfg,), lambda *_: bar.update(1),
+            "joining the candidates of")
     seconds = time.perf_counter() - started
-    _runtime.run_on_actors(workers, "select_part", pending, (cfg, range_max),
-                           lambda part, record: bar.update(part.queries), work="rescoring part",
-                           speculation=speculation)
+    with _bar(cfg, "select", sum(p.queries for p in pending), "query") as bar:
+        run(workers, "select_part", pending, (cfg, range_max, text_starts),
+            lambda part, _: bar.update(part.queries), "selecting part")
     return seconds
+
+
+def _bar(cfg: Config, desc: str, total: int, unit: str) -> tqdm:
+    return tqdm(total=total, unit=unit, desc=desc, disable=not cfg.runtime.progress or not total, dynamic_ncols=True)
 
 
 def _join_texts(cfg: Config, session, parts: int) -> dict:
@@ -178,8 +185,7 @@ def _join_texts(cfg: Config, session, parts: int) -> dict:
     todo = mining.parts_to_export(cfg, parts)
     directory, so = mining.texts_dir(cfg), cfg.output.storage_options
     groups = mine_texts.groups_to_join(directory, [(number, asked) for number, _, asked in todo], so)
-    bar = tqdm(total=len(todo), unit="part", desc="exports", disable=not cfg.runtime.progress or not todo,
-               dynamic_ncols=True)
+    bar = _bar(cfg, "exports", len(todo), "part")
     with bar:
         if sum(queries for _, queries, _ in todo) <= cfg.runtime.inline_rows:
             rows = lookup.RowLookup(cfg.output.root, so, cfg.corpus.storage_options)

@@ -57,34 +57,32 @@ def text_hashes(values: dict[int, tuple[str, str]], ids: np.ndarray) -> np.ndarr
 
 
 class RowLookup:
-    """Row ids -> doc ids, text hashes, vectors and texts, for a process that looks up many parts (a mine worker).
-
-    The embedding shards' ``doc_id`` and ``text_hash`` columns are read once per shard and kept (about 40 bytes a
-    row, up to ``max_cached_rows`` rows; the shards past that are read again at each lookup); the corpus is planned
-    once, and texts are read from the blocks (Parquet row groups, JSONL blocks of lines) that hold the rows only.
-    Vectors are read from the shards holding the rows, uncached."""
+    """Row ids -> doc ids, text hashes, vectors and texts, for a process that looks up many text groups (a mine
+    worker): the corpus is planned once, and texts are read from the blocks (Parquet row groups, JSONL blocks of
+    lines) that hold the rows only. Doc ids and text hashes are read from the shards holding the rows, each shard's
+    columns once per call; vectors likewise. Nothing per row is kept between calls: a run joins each text group
+    once."""
 
     def __init__(self, root: str, storage_options: dict | None = None, corpus_storage_options: dict | None = None,
-                 manifest: dict | None = None, max_cached_rows: int = 50_000_000):
+                 manifest: dict | None = None):
         self.root, self.storage_options = root, storage_options
         self.corpus_storage_options = corpus_storage_options
         self.manifest = manifest or read_embeddings_manifest(root, storage_options)
-        self.max_cached_rows = max_cached_rows
-        self._columns: dict[int, tuple[np.ndarray, object, object]] = {}
-        self._cached_rows = 0
-        self.shard_reads = 0  # shards' doc_id and text_hash columns read, cached or not
         self._metas = None
 
     def values(self, row_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         """Row id -> (doc id, text hash); missing rows (rejects, -1) are absent."""
         out: dict[int, tuple[str, str]] = {}
         for i, rows in _shards_holding(self.manifest["shards"], row_ids).items():
-            ids, doc_ids, hashes = self._shard_columns(i)
+            table = read_shard_table(self.root, self.manifest["shards"][i], ["doc_id", "text_hash"],
+                                     self.storage_options).sort_by("row_id")
+            ids = table.column("row_id").to_numpy()
             wanted = np.asarray(rows, dtype=np.int64)
             at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
             found = ids[at] == wanted if len(ids) else np.zeros(len(wanted), dtype=bool)
             at = at[found]
-            out.update(zip(wanted[found].tolist(), zip(doc_ids.take(at).to_pylist(), hashes.take(at).to_pylist())))
+            out.update(zip(wanted[found].tolist(), zip(table.column("doc_id").take(at).to_pylist(),
+                                                       table.column("text_hash").take(at).to_pylist())))
         return out
 
     def vectors(self, row_ids: Iterable[int]) -> dict[int, tuple]:
@@ -100,22 +98,6 @@ class RowLookup:
             self._corpus = encoded_corpus(self.manifest, self.corpus_storage_options)
             self._metas = inspect_corpus(self._corpus)
         return texts_at(self._metas, self._corpus, row_ids)
-
-    def _shard_columns(self, index: int):
-        """A shard's (row ids, doc ids, text hashes), sorted by row id: cached while the cache has room. Nothing is
-        evicted: parts ask for rows all over the corpus, shard after shard, and under that cyclic pattern a cache
-        that evicts the oldest shard misses every time, while one that keeps what it holds hits that share."""
-        if index in self._columns:
-            return self._columns[index]
-        table = read_shard_table(self.root, self.manifest["shards"][index], ["doc_id", "text_hash"],
-                                 self.storage_options).sort_by("row_id")
-        columns = (table.column("row_id").to_numpy(), table.column("doc_id").combine_chunks(),
-                   table.column("text_hash").combine_chunks())
-        if self._cached_rows + len(columns[0]) <= self.max_cached_rows:
-            self._columns[index] = columns
-            self._cached_rows += len(columns[0])
-        self.shard_reads += 1
-        return columns
 
 
 def rows_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,

@@ -1,23 +1,26 @@
-"""The texts of mined documents, joined by range of rows instead of read part by part.
+"""Values of mined rows (doc id, text hash, text), joined by range of rows instead of looked up part by part.
 
-A part names documents from every corner of the corpus (its positives and negatives). Read part by part, the corpus
-blocks holding them add up to about the whole text column for every part. So the texts are joined instead:
+A part's candidates and chosen documents lie in every corner of the corpus. Looked up part by part, the embedding
+shards' id columns and the corpus blocks holding them add up to about the whole corpus for every part. So they are
+joined instead, twice in a run:
 
-1. A part, when it commits, writes its requests: the (group, row id, doc id) of every document its exports name,
-   sorted by group, one Parquet row group per group (``_texts/req-NNNNN.parquet``). A group is a range of about
-   ``TEXT_GROUP_ROWS`` rows of the embeddings (whole shards): :func:`group_starts`.
+- before the selection (``negatives/_candidates/``): every candidate and positive row of the part's search results,
+  for their doc ids and text hashes (and their texts, which a cross-encoder rescores);
+- after it (``negatives/_texts/``, without a cross-encoder): the rows the part's exports name, for their texts.
+
+1. A part writes its requests: the (group, row id) of every row it needs, sorted by group, one Parquet row group per
+   group (``req-NNNNN.parquet``). A group is a range of about ``TEXT_GROUP_ROWS`` rows of the embeddings (whole
+   shards): :func:`group_starts`.
 2. A group's task reads its row group of each requesting part's file (the others are skipped by their statistics),
-   reads those texts from the corpus once, and writes (part, doc id, text) part by part, one row group per part
-   (``_texts/g-NNNNN.parquet``), then its commit record (``g-NNNNN.json``).
-3. A part's exports are written from its row group of each of its groups' files.
+   looks those rows up once (texts read from the corpus once), and writes (part, row, doc id, text hash, text)
+   part by part, one row group per part (``g-NNNNN.parquet``), then its commit record (``g-NNNNN.json``).
+3. A part reads its row group of each of its groups' files.
 
-The corpus is read once in all, whatever the number of parts. Memory: a group task holds the ids requested from its
-group and their texts, each text once (at most ``TEXT_GROUP_ROWS`` of them); a part's export, the texts of its own
-documents.
+The corpus is read once per join, whatever the number of parts. Memory: a group task holds the rows requested from
+its group and their values, each once (at most ``TEXT_GROUP_ROWS`` of them); a part, the values of its own rows.
 """
 from __future__ import annotations
 
-import bisect
 import math
 
 import numpy as np
@@ -28,8 +31,9 @@ from . import lookup, storage
 from .manifest import peak_memory_mb
 
 TEXT_GROUP_ROWS = 1_000_000  # rows of the embeddings per text group: bounds what a group's task reads and holds
-REQUEST_SCHEMA = pa.schema([("group", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string())])
-TEXT_SCHEMA = pa.schema([("part", pa.int32()), ("doc_id", pa.string()), ("text", pa.string())])
+REQUEST_SCHEMA = pa.schema([("group", pa.int32()), ("row", pa.int64())])
+TEXT_SCHEMA = pa.schema([("part", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
+                         ("text_hash", pa.string()), ("text", pa.string())])
 
 
 def group_starts(manifest: dict, workers: int = 1, rows_per_group: int | None = None) -> list[int]:
@@ -55,36 +59,42 @@ def group_file(directory: str, group: int, suffix: str = "parquet") -> str:
     return storage.join(directory, f"g-{group:05d}.{suffix}")
 
 
-def write_requests(directory: str, part: int, named: dict[str, int], starts: list[int],
-                   storage_options: dict | None = None) -> list[int]:
-    """Write part ``part``'s requests for the documents ``named`` (doc id -> row id); returns their groups."""
-    if not named:
+def write_requests(directory: str, part: int, rows, starts: list[int], storage_options: dict | None = None
+                   ) -> list[int]:
+    """Write part ``part``'s requests for the row ids ``rows`` (-1, no result, is left out; each row once); returns
+    their groups."""
+    wanted = np.unique(np.asarray(list(rows), dtype=np.int64))
+    wanted = wanted[wanted >= 0]
+    if not len(wanted):
         return []
-    doc_ids = sorted(named, key=lambda d: named[d])
-    rows = np.array([named[d] for d in doc_ids], dtype=np.int64)
-    groups = np.array([bisect.bisect_right(starts, r) - 1 for r in rows.tolist()], dtype=np.int32)
-    table = pa.table([groups, rows, doc_ids], schema=REQUEST_SCHEMA)
-    storage.write_parquet_by_value(request_file(directory, part), table, "group", storage_options)
+    groups = (np.searchsorted(np.asarray(starts, dtype=np.int64), wanted, side="right") - 1).astype(np.int32)
+    storage.write_parquet_by_value(request_file(directory, part), pa.table([groups, wanted], schema=REQUEST_SCHEMA),
+                                   "group", storage_options)
     return sorted(set(groups.tolist()))
 
 
 def resolve_group(directory: str, group: int, parts: list[int], rows: lookup.RowLookup,
-                  storage_options: dict | None = None) -> dict:
-    """Join group ``group``: the texts its requesting ``parts`` asked for, read once from the corpus and written
-    part by part (one row group each, streaming); then its commit record, which is returned. Memory: the requests'
-    ids and the group's requested texts, each once."""
+                  storage_options: dict | None = None, texts: bool = True) -> dict:
+    """Join group ``group``: the doc ids, text hashes and (with ``texts``) texts of the rows its requesting
+    ``parts`` asked for, each looked up once (the texts read once from the corpus), written part by part (one row
+    group each, streaming); then its commit record, which is returned. Memory: the requested rows and their values,
+    each once."""
     requests = [_only(storage.read_parquet_where(request_file(directory, p), "group", group, storage_options),
-                      "group", group) for p in parts]
-    texts = rows.texts({r for table in requests for r in table.column("row").to_pylist()})
+                      "group", group).column("row").to_pylist() for p in parts]
+    wanted = {r for asked in requests for r in asked}
+    values = rows.values(wanted)
+    found = rows.texts(values) if texts else {}
     written = 0
     with storage.parquet_writer_atomic(group_file(directory, group), TEXT_SCHEMA, storage_options) as write:
-        for part, table in zip(parts, requests):
-            write(pa.table([pa.array([part] * table.num_rows, pa.int32()), table.column("doc_id"),
-                            pa.array([texts[r] for r in table.column("row").to_pylist()], pa.string())],
-                           schema=TEXT_SCHEMA))
-            written += table.num_rows
-    record = {"group": group, "parts": len(parts), "texts": written, "read": len(texts),
-              "peak_memory_mb": peak_memory_mb()}
+        for part, asked in zip(parts, requests):
+            asked = [r for r in asked if r in values]
+            write(pa.table([pa.array([part] * len(asked), pa.int32()), pa.array(asked, pa.int64()),
+                            pa.array([values[r][0] for r in asked], pa.string()),
+                            pa.array([values[r][1] for r in asked], pa.string()),
+                            pa.array([found.get(r) for r in asked], pa.string())], schema=TEXT_SCHEMA))
+            written += len(asked)
+    record = {"group": group, "parts": len(parts), "texts": written if texts else 0, "values": written,
+              "read": len(found), "peak_memory_mb": peak_memory_mb()}
     storage.write_json_atomic(group_file(directory, group, "json"), record, storage_options)
     return record
 
@@ -104,14 +114,17 @@ def groups_to_join(directory: str, requests: list[tuple[int, list[int]]],
     return {g: asking[g] for g in sorted(asking) if not group_done(directory, g, storage_options)}
 
 
+def part_rows(directory: str, part: int, groups: list[int], storage_options: dict | None = None) -> pa.Table:
+    """(part, row, doc_id, text_hash, text) of every row part ``part`` requested, from its ``groups``' files."""
+    tables = [_only(storage.read_parquet_where(group_file(directory, g), "part", part, storage_options), "part", part)
+              for g in groups]
+    return pa.concat_tables(tables) if tables else TEXT_SCHEMA.empty_table()
+
+
 def part_texts(directory: str, part: int, groups: list[int], storage_options: dict | None = None) -> dict[str, str]:
     """Doc id -> text of every document part ``part`` requested, from its ``groups``' files."""
-    out: dict[str, str] = {}
-    for group in groups:
-        table = _only(storage.read_parquet_where(group_file(directory, group), "part", part, storage_options),
-                      "part", part)
-        out.update(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
-    return out
+    table = part_rows(directory, part, groups, storage_options)
+    return dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
 
 
 def _only(table: pa.Table, column: str, value: int) -> pa.Table:

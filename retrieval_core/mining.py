@@ -11,9 +11,9 @@ Layout under ``<root>/negatives/``::
                           asked, exports written, mergeable report statistics)
     _texts/               the text join (see ``mine_texts``): the parts' requests, the groups' texts and commit
                           records (removed once the manifest is written)
-    _candidates/part-00000.npz, .json  with a cross-encoder: the part's search results (query vectors, scores, row
-                          ids) and the text groups it asked, between its search and its selection (removed once
-                          the manifest is written)
+    _candidates/          the parts' search results (part-00000.npz: query vectors, scores, row ids; .json: the
+                          text groups asked) and the join of their candidates' values (see ``mine_texts``), between
+                          the search and the selection (removed once the manifest is written)
     _exports/part-00000.<export file>  the part's share of each export (removed once the manifest is written)
     rejects.parquet       positives whose doc id is not in the corpus (query_id, doc_id, reason)
     _manifest.json        written last: settings, counts, encoder fingerprint
@@ -47,7 +47,7 @@ PART_SCHEMA = pa.schema([
 ])
 PART_EXPORTS = "_exports"  # each part's share of the exports, until the combined exports are committed
 TEXTS = "_texts"  # the text join's requests and texts (see mine_texts), until the combined exports are committed
-CANDIDATES = "_candidates"  # with a cross-encoder: each part's search results until it is committed
+CANDIDATES = "_candidates"  # the parts' search results and the join of their candidates, until the manifest
 
 
 # ------------------------------------------------------------------------------------------------------ layout
@@ -140,16 +140,19 @@ def pending_parts(cfg: Config, parts: int) -> list[int]:
 
 @dataclasses.dataclass
 class Candidates:
-    """A part's search results looked up once, for the rescoring and the selection: (doc id, text hash) of each
-    candidate row, the candidates' text hashes (n x depth, "" where none), and (vector, text hash) of each
-    positive row."""
+    """A part's search results with the values the selection needs: (doc id, text hash) of each candidate row,
+    the candidates' text hashes (n x depth, "" where none), and (vector, text hash) of each positive row."""
     values: dict[int, tuple[str, str]]
     hashes: np.ndarray
     positives: dict[int, tuple[np.ndarray, str]]
 
     @classmethod
-    def of(cls, rows: lookup.RowLookup, queries: list[MiningQuery], ids: np.ndarray) -> "Candidates":
-        values = rows.values(ids.ravel())
+    def joined(cls, joined: pa.Table, rows: lookup.RowLookup, queries: list[MiningQuery], ids: np.ndarray
+               ) -> "Candidates":
+        """From the rows the join found for the part (:func:`mine_texts.part_rows`); the positives' vectors from
+        the embedding shards holding them (a part's positives lie in few shards)."""
+        values = dict(zip(joined.column("row").to_pylist(),
+                          zip(joined.column("doc_id").to_pylist(), joined.column("text_hash").to_pylist())))
         return cls(values, lookup.text_hashes(values, ids), positive_vectors(queries, rows))
 
     def positive_hashes(self) -> dict[int, str]:
@@ -162,36 +165,19 @@ def positive_vectors(queries: list[MiningQuery], rows: lookup.RowLookup) -> dict
     return {row: (np.asarray(vector, dtype=np.float32), text_hash) for row, (vector, text_hash) in values.items()}
 
 
-def run_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], encode: Callable,
-             search: Callable, range_max: int, depth: int, text_starts: list[int]) -> dict:
-    """Mine part ``number`` end to end where it runs (a worker, or the job's process for a small run), without a
-    cross-encoder: encode its queries (``encode(texts)``), search (``search(vectors, depth)`` -> scores, row ids),
-    select the negatives, write the part's text requests (groups starting at rows ``text_starts``, see
-    :mod:`mine_texts`) and statistics, and commit it; its exports are written once the texts are joined
-    (:func:`export_part`). Returns its commit record."""
-    clock = _Clock()
-    vectors = clock.step("encode", encode, [q.text for q in queries])
-    scores, ids = clock.step("search", search, vectors, depth)
-    found = clock.step("select", Candidates.of, rows, queries, ids)
-    table, counts, named, _ = clock.step("select", mine_part, cfg, found, queries, vectors, scores, ids, range_max)
-    groups = clock.step("text_requests", mine_texts.write_requests, texts_dir(cfg), number, named, text_starts,
-                        cfg.output.storage_options)
-    return commit_part(cfg, number, table, {**counts, "text_groups": groups, "stats": mine_report.part_stats(table),
-                                            "peak_memory_mb": peak_memory_mb(), "steps_s": clock.seconds,
-                                            "seconds": round(sum(clock.seconds.values()), 3)})
-
-
-def search_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], encode: Callable,
-                search: Callable, depth: int, text_starts: list[int]) -> dict:
-    """With a cross-encoder, the first half of part ``number``: encode its queries, search, and write the results
-    (``_candidates/part-NNNNN.npz``) and the text requests of every candidate and positive, whose texts the join
-    then finds for the rescoring (instead of each part reading the corpus blocks that hold them); last, its record
-    (``part-NNNNN.json``: the text groups asked, seconds per step), which :func:`select_part` reads. Returns it."""
+def search_part(cfg: Config, number: int, queries: list[MiningQuery], encode: Callable, search: Callable,
+                depth: int, text_starts: list[int]) -> dict:
+    """The first half of part ``number``: encode its queries (``encode(texts)``), search (``search(vectors,
+    depth)`` -> scores, row ids), write the results (``_candidates/part-NNNNN.npz``) and the requests of every
+    candidate and positive row (text groups starting at rows ``text_starts``, see :mod:`mine_texts`), whose doc
+    ids, text hashes and, for a cross-encoder, texts the join of the candidates finds; last, its record
+    (``part-NNNNN.json``: the groups asked, seconds per step), which :func:`select_part` reads. Returns it."""
     so, clock = cfg.output.storage_options, _Clock()
     vectors = clock.step("encode", encode, [q.text for q in queries])
     scores, ids = clock.step("search", search, vectors, depth)
-    named = clock.step("text_requests", _documents_named, rows, queries, ids)
-    groups = clock.step("text_requests", mine_texts.write_requests, texts_dir(cfg), number, named, text_starts, so)
+    wanted = np.concatenate([ids.ravel(), np.array([r for q in queries for r in q.positive_rows], dtype=np.int64)])
+    groups = clock.step("text_requests", mine_texts.write_requests, candidates_dir(cfg), number, wanted,
+                        text_starts, so)
     buffer = io.BytesIO()
     np.savez(buffer, vectors=vectors, scores=scores, ids=ids)
     storage.write_bytes_atomic(_candidates_file(cfg, number, "npz"), buffer.getvalue(), so)
@@ -200,15 +186,13 @@ def search_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[
     return record
 
 
-def _documents_named(rows: lookup.RowLookup, queries: list[MiningQuery], ids: np.ndarray) -> dict[str, int]:
-    """Doc id -> row id of every candidate and positive of a part."""
-    named = {doc_id: row for row, (doc_id, _) in rows.values(ids.ravel()).items()}
-    named.update((d, r) for q in queries for d, r in zip(q.positive_doc_ids, q.positive_rows))
-    return named
+def candidates_dir(cfg: Config) -> str:
+    """Where the parts' search results and the join of their candidates are kept (see :mod:`mine_texts`)."""
+    return layout_of(cfg).file(CANDIDATES)
 
 
 def _candidates_file(cfg: Config, number: int, suffix: str) -> str:
-    return layout_of(cfg).file(CANDIDATES, f"part-{number:05d}.{suffix}")
+    return storage.join(candidates_dir(cfg), f"part-{number:05d}.{suffix}")
 
 
 def searched(cfg: Config, number: int) -> bool:
@@ -222,26 +206,34 @@ def search_record(cfg: Config, number: int) -> dict:
 
 
 def select_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[MiningQuery], range_max: int,
-                rescore: Callable) -> dict:
-    """With a cross-encoder, the second half of part ``number`` (searched by :func:`search_part`): rescore its
-    candidates (``rescore(pairs)`` -> scores) with the texts the join found, select the negatives, write the part's
-    exports (the texts at hand) and statistics, and commit it. Memory: the texts of the part's candidates. Returns
-    its commit record."""
+                text_starts: list[int], rescore: Callable | None = None) -> dict:
+    """The second half of part ``number`` (searched by :func:`search_part`, its candidates joined): with a
+    cross-encoder, rescore the candidates (``rescore(pairs)`` -> scores) with the joined texts; select the
+    negatives; write the part's statistics and either its exports (with a cross-encoder: the texts are at hand) or
+    its text requests (the join after the selection finds them, see :func:`export_part`); commit it. ``rows`` gives
+    the positives' vectors only. Memory: the values (and texts) of the part's candidates. Returns its commit
+    record."""
     so = cfg.output.storage_options
     record = search_record(cfg, number)
     clock = _Clock(record["steps_s"])
     with np.load(io.BytesIO(storage.read_bytes(_candidates_file(cfg, number, "npz"), so))) as arrays:
         vectors, scores, ids = arrays["vectors"], arrays["scores"], arrays["ids"]
-    found = clock.step("select", Candidates.of, rows, queries, ids)
-    texts = clock.step("rescore", mine_texts.part_texts, texts_dir(cfg), number, record["text_groups"], so)
-    doc_of = {row: doc_id for doc_id, row in _documents_named(rows, queries, ids).items()}
-    rescored = clock.step("rescore", rescoring.rescore_part, lambda wanted: {r: texts[doc_of[r]] for r in wanted},
-                          queries, ids, found.hashes, found.positive_hashes(), rescore)
-    table, counts, _, agreement = clock.step("select", mine_part, cfg, found, queries, vectors, scores, ids,
-                                             range_max, rescored)
-    written = clock.step("exports", _part_exports, cfg, number, table, texts)
-    return commit_part(cfg, number, table, {**counts, "exports": written,
-                                            "stats": mine_report.part_stats(table, agreement),
+    joined = clock.step("select", mine_texts.part_rows, candidates_dir(cfg), number, record["text_groups"], so)
+    found = clock.step("select", Candidates.joined, joined, rows, queries, ids)
+    rescored = None
+    if rescore:
+        by_row = dict(zip(joined.column("row").to_pylist(), joined.column("text").to_pylist()))
+        rescored = clock.step("rescore", rescoring.rescore_part, lambda wanted: {r: by_row[r] for r in wanted},
+                              queries, ids, found.hashes, found.positive_hashes(), rescore)
+    table, counts, named, agreement = clock.step("select", mine_part, cfg, found, queries, vectors, scores, ids,
+                                                 range_max, rescored)
+    if rescore:
+        texts = dict(zip(joined.column("doc_id").to_pylist(), joined.column("text").to_pylist()))
+        counts["exports"] = clock.step("exports", _part_exports, cfg, number, table, texts)
+    else:
+        counts["text_groups"] = clock.step("text_requests", mine_texts.write_requests, texts_dir(cfg), number,
+                                           named.values(), text_starts, so)
+    return commit_part(cfg, number, table, {**counts, "stats": mine_report.part_stats(table, agreement),
                                             "peak_memory_mb": peak_memory_mb(), "steps_s": clock.seconds,
                                             "seconds": round(sum(clock.seconds.values()), 3)})
 

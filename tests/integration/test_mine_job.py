@@ -284,17 +284,22 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     assert identity["cross_encoder"]["model"] == tiny_ce and identity["cross_encoder"]["weights_sha256"]
 
 
-class CorpusForbidden(lookup.RowLookup):
-    """A row lookup that refuses to read texts from the corpus."""
+class NoPartLookups(lookup.RowLookup):
+    """A row lookup that refuses what a part must no longer do: look its candidates up (doc ids, text hashes,
+    texts) across the corpus."""
+
+    def values(self, row_ids):
+        raise AssertionError(f"{len(list(row_ids))} rows looked up in the embedding shards")
 
     def texts(self, row_ids):
         raise AssertionError(f"the corpus was read for {len(list(row_ids))} texts")
 
 
-def test_rescoring_reads_the_texts_the_join_found_not_the_corpus(demo_root, tmp_path, tiny_ce):
-    """With a cross-encoder a part is mined in two halves around the text join: searched (its candidates' texts
-    requested by text group), then rescored and selected from the joined texts. The second half reads no corpus
-    text, each group reads each of its texts once, and the scores are the cross-encoder's on the corpus texts."""
+def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_root, tmp_path, tiny_ce):
+    """A part is mined in two halves around the join of its candidates: searched (its candidate and positive rows
+    requested by text group), then rescored and selected from the joined doc ids, hashes and texts. The second half
+    looks nothing up across the corpus, each group reads each of its texts once, and the scores are the
+    cross-encoder's on the corpus texts."""
     from sentence_transformers import CrossEncoder
 
     from retrieval_core import encoding, faiss_index, indexing, mine_plan, mine_texts, rescoring
@@ -306,10 +311,10 @@ def test_rescoring_reads_the_texts_the_join_found_not_the_corpus(demo_root, tmp_
     parts = mine_plan.part_inputs([mine_plan.plan_bucket(cfg, 0, 1, emb)], cfg.mine.queries_per_part)
     queries = {p.number: mine_plan.read_part_input(cfg, p) for p in parts}
     merged, encoder = indexing.load_index(root)[0], encoding.load_encoder(cfg.model, 0, threads=1)
-    starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mining.texts_dir(cfg)
+    starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mining.candidates_dir(cfg)
     assert len(parts) > 1 and len(starts) > 1
     for p in parts:
-        mining.search_part(cfg, lookup.RowLookup(root), p.number, queries[p.number], encoder.encode_queries,
+        mining.search_part(cfg, p.number, queries[p.number], encoder.encode_queries,
                            lambda vectors, k: faiss_index.search(merged, vectors, k), 16, starts)
     asked = [(p.number, mining.search_record(cfg, p.number)["text_groups"]) for p in parts]
     records = [mine_texts.resolve_group(directory, g, numbers, lookup.RowLookup(root))
@@ -318,7 +323,7 @@ def test_rescoring_reads_the_texts_the_join_found_not_the_corpus(demo_root, tmp_
     read = sum(r["read"] for r in records)
     assert 0 < read <= corpus_rows < sum(r["texts"] for r in records)  # each text read once, whatever the parts
     scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model)
-    committed = [mining.select_part(cfg, CorpusForbidden(root), p.number, queries[p.number], 12, scorer.score)
+    committed = [mining.select_part(cfg, NoPartLookups(root), p.number, queries[p.number], 12, starts, scorer.score)
                  for p in parts]
     assert all(r["exports"]["formats"] == list(cfg.mine.formats) for r in committed)  # no second join
     texts, direct = demo_texts(), CrossEncoder(tiny_ce, device="cpu")

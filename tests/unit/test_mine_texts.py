@@ -5,11 +5,16 @@ from retrieval_core import mine_texts, storage
 
 
 class Rows:
-    """A row lookup's texts, counting the rows each call asks for."""
+    """A row lookup's values and texts, counting the rows each call asks for."""
 
     def __init__(self, rows: int):
         self.text = {r: f"text of row {r}" for r in range(rows)}
         self.asked: list[set] = []
+        self.looked_up: list[set] = []
+
+    def values(self, rows):
+        self.looked_up.append(set(rows))
+        return {r: (f"d{r}", f"h{r}") for r in rows}
 
     def texts(self, rows):
         self.asked.append(set(rows))
@@ -28,21 +33,36 @@ def test_group_starts_take_whole_shards():
     assert mine_texts.group_starts({"shards": []}) == [0]
 
 
-def test_each_part_gets_the_texts_it_named_and_each_group_reads_its_rows_once(tmp_path):
+def test_each_part_gets_the_rows_it_asked_and_each_group_reads_its_rows_once(tmp_path):
     directory, starts, rows = str(tmp_path / "_texts"), [0, 10, 20], Rows(30)
-    named = {0: {"a": 1, "b": 12, "c": 25}, 1: {"d": 12, "e": 13}, 2: {}, 3: {"f": 29, "a": 1}}
-    groups = {part: mine_texts.write_requests(directory, part, docs, starts) for part, docs in named.items()}
+    asked = {0: [1, 12, 25, -1, 12], 1: [12, 13], 2: [], 3: [29, 1]}  # -1: no result; 12 twice
+    groups = {part: mine_texts.write_requests(directory, part, wanted, starts) for part, wanted in asked.items()}
     assert groups == {0: [0, 1, 2], 1: [1], 2: [], 3: [0, 2]}
     requests = pq.ParquetFile(mine_texts.request_file(directory, 0))
     assert requests.metadata.num_row_groups == 3  # one per group: a group's task reads its own
-    requesting = {g: [p for p in named if g in groups[p]] for g in range(len(starts))}
+    requesting = mine_texts.groups_to_join(directory, list(groups.items()))
+    assert requesting == {0: [0, 3], 1: [0, 1], 2: [0, 3]}
     records = [mine_texts.resolve_group(directory, g, parts, rows) for g, parts in requesting.items()]
     assert [r["texts"] for r in records] == [2, 3, 2] and [r["read"] for r in records] == [1, 2, 2]
-    assert rows.asked == [{1}, {12, 13}, {25, 29}]  # each row once per group, whatever the parts asking
-    assert all(mine_texts.group_done(directory, g) for g in requesting)
-    for part, docs in named.items():
-        assert mine_texts.part_texts(directory, part, groups[part]) == {d: rows.text[r] for d, r in docs.items()}
+    assert rows.asked == rows.looked_up == [{1}, {12, 13}, {25, 29}]  # each row once per group, whatever the parts
+    assert mine_texts.groups_to_join(directory, list(groups.items())) == {}  # all committed
+    for part, wanted in asked.items():
+        expected = {f"d{r}": rows.text[r] for r in wanted if r >= 0}
+        assert mine_texts.part_texts(directory, part, groups[part]) == expected
+        table = mine_texts.part_rows(directory, part, groups[part])
+        assert sorted(table.column("row").to_pylist()) == sorted({r for r in wanted if r >= 0})
+        assert table.column("text_hash").to_pylist() == [f"h{r}" for r in table.column("row").to_pylist()]
     by_part = pq.ParquetFile(mine_texts.group_file(directory, 1))
-    assert by_part.metadata.num_row_groups == 2  # parts 0 and 1: an export reads its own row group
+    assert by_part.metadata.num_row_groups == 2  # parts 0 and 1: a part reads its own row group
     assert storage.read_parquet_where(mine_texts.group_file(directory, 1), "part", 1).column("doc_id").to_pylist() \
-        == ["d", "e"]
+        == ["d12", "d13"]
+
+
+def test_a_join_without_texts_reads_no_text(tmp_path):
+    directory, rows = str(tmp_path / "_candidates"), Rows(30)
+    groups = mine_texts.write_requests(directory, 0, [3, 17], [0, 10, 20])
+    for g in groups:
+        mine_texts.resolve_group(directory, g, [0], rows, texts=False)
+    table = mine_texts.part_rows(directory, 0, groups)
+    assert rows.asked == [] and table.column("doc_id").to_pylist() == ["d3", "d17"]
+    assert table.column("text").null_count == 2
