@@ -5,13 +5,15 @@ Reads:  <output.root>/index/ and embeddings/, and mine.pairs_path (query/positiv
 Writes: <output.root>/negatives/: part-*.parquet, rejects.parquet, exports/ (triplet, n-tuple, flag-jsonl),
         report.json and report.png, _manifest.json last.
 The input is planned in hash buckets of queries: each bucket by a task that reads the input, keeps its bucket,
-resolves its positives and writes its part inputs. Each part is mined whole by one worker: it encodes the part's
-queries with the index's encoder, searches (mine.mode: replicated or sharded), selects negatives per query with
-the false-negative filters (on a cross-encoder's scores with mine.cross_encoder: it rescores the candidates in
-the worker), writes the text requests of its documents and commits. The texts are then joined by range of rows
-(one task per text group reads its rows of the corpus once, for every part) and each part's share of the exports
-is written from them (retrieval_core.mine_texts). The driver plans, counts, concatenates the exports and merges
-the report statistics one part at a time. A rerun skips committed parts, text groups and part exports.
+resolves its positives and writes its part inputs. The parts are mined by the mine workers in two halves around a
+join of their candidates (retrieval_core.mine_texts): a worker encodes a part's queries with the index's encoder,
+searches (mine.mode: replicated or sharded) and requests its candidate rows; one call per text group looks those
+rows up once (doc ids, text hashes, and texts for a cross-encoder); a worker then selects the part's negatives per
+query with the false-negative filters (on a cross-encoder's scores with mine.cross_encoder), writes the requests
+of its exports' documents (or, with a cross-encoder, its exports) and commits. The exports' texts are then joined
+the same way and each part's share of the exports is written from them. The driver plans, counts, concatenates the
+exports and merges the report statistics one part at a time. A rerun skips searched parts, committed parts, text
+groups and part exports.
 """
 from __future__ import annotations
 
