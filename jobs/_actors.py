@@ -118,30 +118,29 @@ class MineWorker:
     In sharded mode a part's queries are also searched by every peer (``search``, served on the actor's second
     thread while its own part runs) and the top-k merged here."""
 
-    def __init__(self, cfg: Config, shard_names: list | None, position: int):
+    def __init__(self, cfg: Config, shard_names: list | None, position: int, encoder=None,
+                 manifest: dict | None = None, cpus: int | None = None):
+        """``encoder``: one already loaded (else the model is loaded here); ``manifest``: the embeddings manifest
+        already read; ``cpus``: the threads of the search and the models (default ``runtime.cpus_per_worker``)."""
         from retrieval_core import encoding, lookup, rescoring
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        rt = cfg.runtime
-        self.searcher = IndexSearcher(cfg.output.root, cfg.output.storage_options, shard_names, rt.cpus_per_worker)
-        self.encoder = encoding.load_encoder(cfg.model, rt.gpus_per_worker, threads=rt.cpus_per_worker)
+        rt, cpus = cfg.runtime, cpus or cfg.runtime.cpus_per_worker
+        self.searcher = IndexSearcher(cfg.output.root, cfg.output.storage_options, shard_names, cpus)
+        self.encoder = encoder or encoding.load_encoder(cfg.model, rt.gpus_per_worker, threads=cpus)
         self.scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model, encoding.pick_device(rt.gpus_per_worker),
-                                                   rt.cpus_per_worker) if cfg.mine.cross_encoder else None
-        self.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
+                                                   cpus) if cfg.mine.cross_encoder else None
+        self.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options,
+                                     manifest)
         self.position = position
 
     @classmethod
     def here(cls, cfg: Config, manifest: dict) -> "MineWorker":
         """A worker in the job's own process (a small run without a cross-encoder): the merged index on every
         core, the process's cached encoder, and the embeddings ``manifest`` already read."""
-        from retrieval_core import encoding, lookup
+        from retrieval_core import encoding
 
-        worker = cls.__new__(cls)
-        worker.searcher = IndexSearcher(cfg.output.root, cfg.output.storage_options, None, encoding.cpu_count())
-        worker.encoder, worker.scorer, worker.position = _runtime.inline_encoder(cfg), None, 0
-        worker.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options,
-                                       manifest)
-        return worker
+        return cls(cfg, None, 0, _runtime.inline_encoder(cfg), manifest, encoding.cpu_count())
 
     def search(self, vectors, k: int):
         return self.searcher.search(vectors, k)
@@ -150,22 +149,23 @@ class MineWorker:
         return os.getpid()
 
     def search_part(self, part, cfg: Config, depth: int, text_starts: list[int], peers: list) -> dict:
-        from retrieval_core import mine_plan, mining
+        from retrieval_core import mine_parts, mine_plan
 
-        return mining.search_part(cfg, part.number, mine_plan.read_part_input(cfg, part), self.encoder.encode_queries,
-                                  lambda vectors, k: self._search_all(vectors, k, peers), depth, text_starts)
+        return mine_parts.search_part(cfg, part.number, mine_plan.read_part_input(cfg, part),
+                                      self.encoder.encode_queries,
+                                      lambda vectors, k: self._search_all(vectors, k, peers), depth, text_starts)
 
     def join_group(self, item: dict, cfg: Config) -> dict:
-        from retrieval_core import mine_texts, mining
+        from retrieval_core import mine_parts, mine_texts
 
-        return mine_texts.resolve_group(mining.candidates_dir(cfg), item["group"], item["parts"], self.rows,
+        return mine_texts.resolve_group(mine_parts.candidates_dir(cfg), item["group"], item["parts"], self.rows,
                                         cfg.output.storage_options, texts=bool(cfg.mine.cross_encoder))
 
     def select_part(self, part, cfg: Config, range_max: int, text_starts: list[int]) -> dict:
-        from retrieval_core import mine_plan, mining
+        from retrieval_core import mine_parts, mine_plan
 
-        return mining.select_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part), range_max,
-                                  text_starts, self.scorer.score if self.scorer else None)
+        return mine_parts.select_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part),
+                                      range_max, text_starts, self.scorer.score if self.scorer else None)
 
     def _search_all(self, vectors, k: int, peers: list):
         from retrieval_core import search

@@ -25,7 +25,7 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
-from retrieval_core import indexing, lookup, mine_plan, mine_report, mine_texts, mining, negatives, \
+from retrieval_core import indexing, lookup, mine_parts, mine_plan, mine_report, mine_texts, mining, negatives, \
     storage
 from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
@@ -157,13 +157,13 @@ def _in_halves(cfg: Config, workers: list, pending: list, window: tuple[int, int
     each part, each wave through ``run(workers, method, items, args, on_done, work)`` on ``MineWorker``s, with a
     progress bar each. Returns the join's seconds."""
     range_max, depth = window
-    unsearched = [p for p in pending if not mining.searched(cfg, p.number)]
+    unsearched = [p for p in pending if not mine_parts.searched(cfg, p.number)]
     with _bar(cfg, "search", sum(p.queries for p in unsearched), "query") as bar:
         run(workers, "search_part", unsearched, (cfg, depth, text_starts, peers),
             lambda part, _: bar.update(part.queries), "searching part")
     started = time.perf_counter()
-    asked = [(p.number, mining.search_record(cfg, p.number)["text_groups"]) for p in pending]
-    groups = mine_texts.groups_to_join(mining.candidates_dir(cfg), asked, cfg.output.storage_options)
+    asked = [(p.number, mine_parts.search_record(cfg, p.number)["text_groups"]) for p in pending]
+    groups = mine_texts.groups_to_join(mine_parts.candidates_dir(cfg), asked, cfg.output.storage_options)
     with _bar(cfg, "join", len(groups), "group") as bar:
         run(workers, "join_group", [{"name": f"text group {g}", "group": g, "parts": parts}
                                     for g, parts in groups.items()], (cfg,), lambda *_: bar.update(1),

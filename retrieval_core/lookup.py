@@ -91,13 +91,18 @@ class RowLookup:
 
     def texts(self, row_ids: Iterable[int]) -> dict[int, str]:
         """Row id -> the text that was encoded; rows without one (rejects, -1) are absent."""
-        row_ids = list(self.values(row_ids))
+        return self.texts_of(self.values(row_ids))
+
+    def texts_of(self, values: dict[int, tuple[str, str]]) -> dict[int, str]:
+        """Row id -> the text that was encoded, for rows whose (doc id, text hash) :meth:`values` found: no shard
+        of the embeddings is read again."""
         if self.manifest.get("docmap"):  # a refresh version: rows are not corpus positions
-            return texts_for_rows(self.root, row_ids, self.storage_options, self.corpus_storage_options)
+            return _version_texts(self.root, self.manifest, {row: doc for row, (doc, _) in values.items()},
+                                  self.storage_options, self.corpus_storage_options)
         if self._metas is None:
             self._corpus = encoded_corpus(self.manifest, self.corpus_storage_options)
             self._metas = inspect_corpus(self._corpus)
-        return texts_at(self._metas, self._corpus, row_ids)
+        return texts_at(self._metas, self._corpus, list(values))
 
 
 def rows_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,
@@ -144,6 +149,13 @@ def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | No
         return _texts_at_positions(root, manifest, row_ids, storage_options, corpus_storage_options)
     doc_of = {row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options,
                                                             manifest).items()}
+    return _version_texts(root, manifest, doc_of, storage_options, corpus_storage_options)
+
+
+def _version_texts(root: str, manifest: dict, doc_of: dict[int, str], storage_options: dict | None,
+                   corpus_storage_options: dict | None) -> dict[int, str]:
+    """Row id -> encoded text in a refresh version, for the rows of ``doc_of`` (row id -> doc id): through each
+    document's position in the version's snapshot."""
     position = snapshot_rows(root, manifest, set(doc_of.values()), storage_options)
     texts = _texts_at_positions(root, manifest, position.values(), storage_options, corpus_storage_options)
     return {row: texts[position[doc]] for row, doc in doc_of.items()}

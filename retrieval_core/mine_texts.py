@@ -83,7 +83,7 @@ def resolve_group(directory: str, group: int, parts: list[int], rows: lookup.Row
                       "group", group).column("row").to_pylist() for p in parts]
     wanted = {r for asked in requests for r in asked}
     values = rows.values(wanted)
-    found = rows.texts(values) if texts else {}
+    found = rows.texts_of(values) if texts else {}
     written = 0
     with storage.parquet_writer_atomic(group_file(directory, group), TEXT_SCHEMA, storage_options) as write:
         for part, asked in zip(parts, requests):

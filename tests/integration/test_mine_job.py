@@ -294,6 +294,9 @@ class NoPartLookups(lookup.RowLookup):
     def texts(self, row_ids):
         raise AssertionError(f"the corpus was read for {len(list(row_ids))} texts")
 
+    def texts_of(self, values):
+        raise AssertionError(f"the corpus was read for {len(values)} texts")
+
 
 def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_root, tmp_path, tiny_ce):
     """A part is mined in two halves around the join of its candidates: searched (its candidate and positive rows
@@ -302,7 +305,7 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
     cross-encoder's on the corpus texts."""
     from sentence_transformers import CrossEncoder
 
-    from retrieval_core import encoding, faiss_index, indexing, mine_plan, mine_texts, rescoring
+    from retrieval_core import encoding, faiss_index, indexing, mine_parts, mine_plan, mine_texts, rescoring
     from retrieval_core.embeddings import read_embeddings_manifest
 
     cfg = mine_config(demo_root, tmp_path, "halves", cross_encoder=tiny_ce, range_max=12, relative_margin="null",
@@ -311,20 +314,20 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
     parts = mine_plan.part_inputs([mine_plan.plan_bucket(cfg, 0, 1, emb)], cfg.mine.queries_per_part)
     queries = {p.number: mine_plan.read_part_input(cfg, p) for p in parts}
     merged, encoder = indexing.load_index(root)[0], encoding.load_encoder(cfg.model, 0, threads=1)
-    starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mining.candidates_dir(cfg)
+    starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mine_parts.candidates_dir(cfg)
     assert len(parts) > 1 and len(starts) > 1
     for p in parts:
-        mining.search_part(cfg, p.number, queries[p.number], encoder.encode_queries,
-                           lambda vectors, k: faiss_index.search(merged, vectors, k), 16, starts)
-    asked = [(p.number, mining.search_record(cfg, p.number)["text_groups"]) for p in parts]
+        mine_parts.search_part(cfg, p.number, queries[p.number], encoder.encode_queries,
+                               lambda vectors, k: faiss_index.search(merged, vectors, k), 16, starts)
+    asked = [(p.number, mine_parts.search_record(cfg, p.number)["text_groups"]) for p in parts]
     records = [mine_texts.resolve_group(directory, g, numbers, lookup.RowLookup(root))
                for g, numbers in mine_texts.groups_to_join(directory, asked).items()]
     corpus_rows = sum(s["row_stop"] - s["row_start"] for s in emb["shards"])
     read = sum(r["read"] for r in records)
     assert 0 < read <= corpus_rows < sum(r["texts"] for r in records)  # each text read once, whatever the parts
     scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model)
-    committed = [mining.select_part(cfg, NoPartLookups(root), p.number, queries[p.number], 12, starts, scorer.score)
-                 for p in parts]
+    committed = [mine_parts.select_part(cfg, NoPartLookups(root), p.number, queries[p.number], 12, starts,
+                                        scorer.score) for p in parts]
     assert all(r["exports"]["formats"] == list(cfg.mine.formats) for r in committed)  # no second join
     texts, direct = demo_texts(), CrossEncoder(tiny_ce, device="cpu")
     rows = mining.concat_parts(root, committed).to_pylist()

@@ -139,6 +139,22 @@ def test_versions_share_unchanged_segments_and_write_the_changes(two_days):
     assert not (version_root / "_diff" / "new").exists()  # the snapshot's texts do not stay in the version
 
 
+def test_texts_of_a_version_are_its_snapshots(two_days):
+    """In a version, row ids are not snapshot positions: texts are found through the doc map, by a mine worker's
+    row lookup (from the values it already found) and by the direct lookup alike."""
+    from retrieval_core import lookup
+
+    version_root = versions.version_root(str(two_days["root"]), two_days["second"]["version"])
+    row_ids = embeddings.load_embeddings(version_root)[0].tolist()
+    rows = lookup.RowLookup(version_root)
+    values = rows.values(row_ids + [-1])
+    expected = {d["id"]: assemble_text(d["title"], d["text"]) for d in day2()}
+    texts = rows.texts_of(values)
+    assert sorted(texts) == sorted(row_ids) and len(texts) == len(expected)
+    assert {values[r][0]: t for r, t in texts.items()} == expected
+    assert lookup.texts_for_rows(version_root, row_ids) == texts
+
+
 def test_search_reads_current_and_rollback_moves_it(two_days, tiny_model):
     from jobs import search
 

@@ -34,7 +34,7 @@ def encoded(request, tiny_model, tmp_path_factory):
     return str(cfg.output.root)
 
 
-def test_row_lookups_equal_the_direct_ones(encoded):
+def test_row_lookups_equal_the_direct_ones(encoded, monkeypatch):
     rows = lookup.RowLookup(encoded)
     wanted = sorted(set(np.random.default_rng(0).integers(0, 2500, 300).tolist()) | {0, 5, 999, 1000, 2499, -1})
     for _ in range(2):  # the second round with the corpus already planned
@@ -42,5 +42,9 @@ def test_row_lookups_equal_the_direct_ones(encoded):
                                        lookup.row_values(encoded, wanted, ["doc_id", "text_hash"]).items()}
         texts = rows.texts(wanted)
         assert texts == lookup.texts_for_rows(encoded, wanted)
+        values = rows.values(wanted)
+        with monkeypatch.context() as patch:  # texts of found values: no embedding shard is read again
+            patch.setattr(lookup, "read_shard_table", lambda *a, **k: pytest.fail("an embedding shard was read"))
+            assert rows.texts_of(values) == texts
     assert 5 not in texts and texts[1000] == "title 6 document 1000 about topic 12"
     assert texts[999] == "document 999 about topic 11"  # no title on every third row

@@ -16,9 +16,9 @@ class Rows:
         self.looked_up.append(set(rows))
         return {r: (f"d{r}", f"h{r}") for r in rows}
 
-    def texts(self, rows):
-        self.asked.append(set(rows))
-        return {r: self.text[r] for r in rows}
+    def texts_of(self, values):
+        self.asked.append(set(values))
+        return {r: self.text[r] for r in values}
 
 
 def test_group_starts_take_whole_shards():
