@@ -176,20 +176,36 @@ class MineWorker:
         return search.merge_topk([self.searcher.search(vectors, k), *ray.get(refs)], k, "ip")
 
 
-def _plan_bucket(cfg: Config, bucket: int, buckets: int) -> dict:
-    from retrieval_core import mine_plan
+def _shuffle_step(cfg: Config, step: str, item: int, plan: dict, emb: dict) -> dict:
+    from retrieval_core import mine_plan, mine_shuffle
 
-    return mine_plan.plan_bucket(cfg, bucket, buckets)
+    if step == "split":
+        return mine_shuffle.split_input(cfg, item, plan)
+    if step == "partition":
+        return mine_shuffle.partition_corpus(cfg, item, plan, emb)
+    if step == "join":
+        return mine_shuffle.join_positives(cfg, item, plan)
+    return mine_plan.plan_bucket(cfg, item, plan)
 
 
-def plan_buckets(cfg: Config, buckets: list[int], of: int) -> dict[int, dict]:
-    """Plan the buckets ``buckets`` of ``of`` of the mining input, one Ray task each (``runtime.cpus_per_worker``
-    CPUs); returns bucket -> its commit record."""
-    task = ray.remote(_plan_bucket).options(**_task_options(cfg))
-    records = {}
-    _runtime.run_tasks({task.remote(cfg, b, of): b for b in buckets},
-                       lambda bucket, record: records.__setitem__(bucket, record), "mine: planning input bucket")
+def shuffle_input(cfg: Config, plan: dict, emb: dict, waves: list[list[tuple[str, int]]]) -> dict[int, dict]:
+    """Plan the mining input by the shuffle of ``mine_shuffle``: each wave of ``waves`` ((step, item) pairs:
+    ``split`` an input file, ``partition`` a shard group, ``join`` a doc bucket, ``plan`` a query bucket) on Ray
+    tasks (``runtime.cpus_per_worker`` CPUs each), one wave after the other. Returns query bucket -> its commit
+    record, for the buckets planned."""
+    task = ray.remote(_shuffle_step).options(**_task_options(cfg))
+    plan_ref, emb_ref, records = ray.put(plan), ray.put(emb), {}
+    for wave in waves:
+        _runtime.run_tasks({task.remote(cfg, step, item, plan_ref, emb_ref):
+                            {"name": f"{SHUFFLE_STEPS[step]} {item}", "step": step, "item": item}
+                            for step, item in wave},
+                           lambda done, record: records.update({done["item"]: record} if done["step"] == "plan"
+                                                               else {}), "mine: input planning")
     return records
+
+
+SHUFFLE_STEPS = {"split": "the split of input file", "partition": "the partition of shard group",
+                 "join": "the join of doc bucket", "plan": "the planning of query bucket"}
 
 
 def _task_options(cfg: Config) -> dict:

@@ -4,8 +4,9 @@ Reads:  <output.root>/index/ and embeddings/, and mine.pairs_path (query/positiv
         mine.qrels_path (BEIR).
 Writes: <output.root>/negatives/: part-*.parquet, rejects.parquet, exports/ (triplet, n-tuple, flag-jsonl),
         report.json and report.png, _manifest.json last.
-The input is planned in hash buckets of queries: each bucket by a task that reads the input, keeps its bucket,
-resolves its positives and writes its part inputs. The parts are mined by the mine workers in two halves around a
+The input is planned in hash buckets of queries by a shuffle (retrieval_core.mine_shuffle): each input file is
+read once and its rows sent to their buckets, the positives are joined with the corpus's doc ids by doc bucket,
+and a task per bucket merges its queries and writes its part inputs. The parts are mined by the mine workers in two halves around a
 join of their candidates (retrieval_core.mine_texts): a worker encodes a part's queries with the index's encoder,
 searches (mine.mode: replicated or sharded) and requests its candidate rows; one call per text group looks those
 rows up once (doc ids, text hashes, and texts for a cross-encoder); a worker then selects the part's negatives per
@@ -25,8 +26,8 @@ import ray
 from tqdm import tqdm
 
 from jobs import _actors, _cli, _queries, _runtime
-from retrieval_core import indexing, lookup, mine_parts, mine_plan, mine_report, mine_texts, mining, negatives, \
-    storage
+from retrieval_core import indexing, lookup, mine_parts, mine_plan, mine_report, mine_shuffle, mine_texts, mining, \
+    negatives, storage
 from retrieval_core.config import Config
 from retrieval_core.embeddings import read_embeddings_manifest
 
@@ -55,7 +56,7 @@ def run(cfg: Config) -> dict:
         mining.remove_part_exports(cfg)  # left by a run killed after its manifest
         return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
     with _runtime.LazyRaySession(cfg.runtime) as session:
-        buckets = _plan_buckets(cfg, session, emb, plan)
+        buckets, shuffle = _plan_buckets(cfg, session, emb, plan)
         counts = {k: sum(b[k] for b in buckets) for k in ("input_queries", "kept", "rejected")}
         if not counts["kept"]:
             examples = [d for b in buckets for d in b["rejected_examples"]][:3]
@@ -78,27 +79,37 @@ def run(cfg: Config) -> dict:
     timings["exports_and_report"] = time.perf_counter() - combining
     manifest = mining.write_manifest(cfg, identity, records, counts["input_queries"], rejected,
                                      {**extra, "range_max": range_max, "search_depth": depth,
-                                      "input_buckets": len(buckets), "text_join": text_join,
+                                      "input_buckets": len(buckets), "input_shuffle": shuffle, "text_join": text_join,
                                       "timings_s": {k: round(v, 3) for k, v in timings.items()},
                                       "seconds": round(time.perf_counter() - started, 3)})
     mining.remove_part_exports(cfg)
     return _summary(manifest, False)
 
 
-def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> list[dict]:
-    """Plan the input's buckets not planned yet, as Ray tasks; an input of one bucket and at most
+def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> tuple[list[dict], dict | None]:
+    """Plan the input's buckets not planned yet: an input of one bucket and at most
     ``mine_plan.INLINE_INPUT_BYTES`` in this process (``runtime.inline_rows`` > 0), where starting Ray would cost
-    more. Returns every bucket's record."""
+    more; else by the shuffle of ``mine_shuffle`` on Ray tasks, in three waves (split the input files and partition
+    the corpus's doc ids, join the positives by doc bucket, plan the query buckets), skipping committed steps.
+    Returns (every bucket's record, the shuffle's doc buckets and shard groups, None when there was none)."""
     buckets = plan["buckets"]
     records = {b: mine_plan.bucket_record(cfg, b) for b in range(buckets)}
     todo = [b for b, record in records.items() if record is None]
     here = buckets == 1 and cfg.runtime.inline_rows > 0 and plan["bytes"] <= mine_plan.INLINE_INPUT_BYTES
+    shuffled = None
     if here and todo:
-        records[0] = mine_plan.plan_bucket(cfg, 0, 1, emb)
+        records[0] = mine_plan.plan_bucket(cfg, 0, emb=emb)
     elif todo:
         session.ensure()
-        records.update(_actors.plan_buckets(cfg, todo, buckets))
-    return [records[b] for b in range(buckets)]
+        shuffle = mine_shuffle.shuffle_plan(buckets, emb)
+        waves = [[("split", i) for i in mine_shuffle.inputs_to_split(cfg)]
+                 + [("partition", g) for g in mine_shuffle.groups_to_partition(cfg, shuffle)],
+                 [("join", d) for d in mine_shuffle.doc_buckets_to_join(cfg, shuffle)],
+                 [("plan", b) for b in todo]]
+        records.update(_actors.shuffle_input(cfg, shuffle, emb, waves))
+        shuffled = {"doc_buckets": shuffle["doc_buckets"], "shard_groups": len(shuffle["groups"])}
+    mine_shuffle.remove_scratch(cfg)
+    return [records[b] for b in range(buckets)], shuffled
 
 
 def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, int]:

@@ -48,21 +48,28 @@ def read_queries(url: str, storage_options: dict | None = None, id_field: str = 
     fields present), a bad id or text, and a duplicate query id. With ``keep``, only the queries whose id it
     accepts are returned (every line is still checked).
     """
-    records = parquet_records(url, storage_options, (id_field, text_field)) if _is_parquet(url) \
-        else jsonl_records(url, storage_options)
     queries: dict[str, str] = {}
-    rows = 0
-    for where, record in records:
-        query_id, text = _query_from_record(url, where, record, id_field, text_field)
+    for where, query_id, text in query_records(url, storage_options, id_field, text_field):
         if query_id in queries:
             raise EvaluationDataError(f"'{url}' {where}: duplicate query id '{query_id}'")
         if keep is None or keep(query_id):
             queries[query_id] = text
+    log.info("read %d queries from %s", len(queries), url)
+    return queries
+
+
+def query_records(url: str, storage_options: dict | None = None, id_field: str = "_id",
+                  text_field: str = "text") -> Iterator[tuple[str, str, str]]:
+    """(where, query id, text) of every query of a queries file, in file order, each checked as
+    :func:`read_queries` says (duplicates aside); an error when the file holds none."""
+    records = parquet_records(url, storage_options, (id_field, text_field)) if _is_parquet(url) \
+        else jsonl_records(url, storage_options)
+    rows = 0
+    for where, record in records:
+        yield (where, *_query_from_record(url, where, record, id_field, text_field))
         rows += 1
     if not rows:
         raise EvaluationDataError(f"'{url}': no queries in the file")
-    log.info("read %d queries from %s", len(queries), url)
-    return queries
 
 
 def read_qrels(url: str, storage_options: dict | None = None,
@@ -77,21 +84,35 @@ def read_qrels(url: str, storage_options: dict | None = None,
     """
     qrels: dict[str, dict[str, int]] = {}
     rows = 0
-    for index, (line_no, fields) in enumerate(_tsv_lines(url, storage_options)):
-        if index == 0 and _is_header(url, line_no, fields):
-            continue
-        query_id, doc_id, score = _qrels_row(url, line_no, fields)
+    for line_no, query_id, doc_id, score in qrels_records(url, storage_options):
         rows += 1
         if keep is not None and not keep(query_id):
             continue
-        previous = qrels.setdefault(query_id, {}).setdefault(doc_id, score)
-        if previous != score:
-            raise EvaluationDataError(f"'{url}' line {line_no}: query '{query_id}', document '{doc_id}' is judged "
-                                      f"again with score {score} (earlier {previous})")
-    if not rows:
-        raise EvaluationDataError(f"'{url}': no qrels rows in the file")
+        add_judgement(qrels, url, f"line {line_no}", query_id, doc_id, score)
     log.info("read %d qrels rows for %d queries from %s", rows, len(qrels), url)
     return qrels
+
+
+def qrels_records(url: str, storage_options: dict | None = None) -> Iterator[tuple[int, str, str, int]]:
+    """(line number, query id, doc id, score) of every row of a qrels TSV, in file order, each checked as
+    :func:`read_qrels` says (repeated pairs aside); an error when the file holds none."""
+    rows = 0
+    for index, (line_no, fields) in enumerate(_tsv_lines(url, storage_options)):
+        if index == 0 and _is_header(url, line_no, fields):
+            continue
+        yield (line_no, *_qrels_row(url, line_no, fields))
+        rows += 1
+    if not rows:
+        raise EvaluationDataError(f"'{url}': no qrels rows in the file")
+
+
+def add_judgement(qrels: dict[str, dict[str, int]], url: str, where: str, query_id: str, doc_id: str,
+                  score: int) -> None:
+    """Add one qrels row; a pair judged again with another score is an error naming ``where``."""
+    previous = qrels.setdefault(query_id, {}).setdefault(doc_id, score)
+    if previous != score:
+        raise EvaluationDataError(f"'{url}' {where}: query '{query_id}', document '{doc_id}' is judged "
+                                  f"again with score {score} (earlier {previous})")
 
 
 def _is_parquet(url: str) -> bool:

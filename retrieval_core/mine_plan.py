@@ -1,38 +1,36 @@
 """Planning the mining input without holding it in one place: hash buckets of queries, planned by workers.
 
 The input (pairs, or BEIR queries + qrels) is split by a hash of the query id into ``buckets`` buckets, as many as
-its size calls for (``mine.input_mb_per_bucket`` of input each). The task that plans bucket ``b`` reads the whole
-input and keeps the queries of its bucket (rows of one query always share a bucket, so they are merged there),
-resolves their positives to row ids (one pass over the embedding shards' ``doc_id`` columns), orders them by their
-first positive's row, and writes them as part inputs of ``mine.queries_per_part`` queries, with its rejects and, last,
-its commit record. The driver only plans the buckets from the input files' sizes and sums the records.
+its size calls for (``mine.input_mb_per_bucket`` of input each). The shuffle of :mod:`mine_shuffle` reads each
+input file once, sends its rows to their buckets and finds the row ids of their positives by a join partitioned by
+doc id. The task that plans bucket ``b`` then merges its rows into queries (rows of one query always share a
+bucket), attaches their positives' row ids, orders them by their first positive's row, and writes them as part
+inputs of ``mine.queries_per_part`` queries, with its rejects and, last, its commit record. An input of one small
+bucket is planned in the job's own process without the shuffle. The driver only plans the tasks from the input
+files' sizes and the embeddings manifest, and sums the records.
 
 Layout under ``<root>/negatives/_input/``::
 
     b00000-00000.parquet   part input: query_id, query, positive_ids, positive_rows
     b00000-rejects.parquet positives of the bucket's queries that are not in the corpus
     b00000.json            the bucket's commit record: counts, parts, largest number of positives, examples
+    split/, corpus/, rows/ the shuffle's files (see ``mine_shuffle``), until every bucket is planned
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 
 import pyarrow as pa
 
-from . import lookup, storage
+from . import lookup, mine_shuffle, storage
 from .config import Config, MineConfig
 from .mine_input import REJECTS_SCHEMA, MiningQuery, PairsError, load_queries, resolve_positives
+from .mine_shuffle import INPUT
 from .mining import layout_of
 
-INPUT = "_input"
 PART_INPUT_SCHEMA = pa.schema([("query_id", pa.string()), ("query", pa.string()),
                                ("positive_ids", pa.list_(pa.string())), ("positive_rows", pa.list_(pa.int64()))])
-
-
-def bucket_of(query_id: str, buckets: int) -> int:
-    return int.from_bytes(hashlib.blake2b(query_id.encode(), digest_size=8).digest(), "little") % buckets
 
 
 INLINE_INPUT_BYTES = 4 * 2 ** 20  # an input up to this size may be planned in the job's own process
@@ -63,12 +61,18 @@ def bucket_file(cfg: Config, name: str) -> str:
     return layout_of(cfg).file(INPUT, name)
 
 
-def plan_bucket(cfg: Config, bucket: int, buckets: int, emb: dict | None = None) -> dict:
-    """Plan bucket ``bucket`` of ``buckets`` (see the module): write its part inputs, rejects and commit record;
-    returns the record. Memory: the bucket's queries and one shard's ``doc_id`` column."""
+def plan_bucket(cfg: Config, bucket: int, shuffle: dict | None = None, emb: dict | None = None) -> dict:
+    """Plan query bucket ``bucket`` (see the module): write its part inputs, rejects and commit record; returns the
+    record. With ``shuffle`` (the plan of :mod:`mine_shuffle`, whose first waves ran) its queries and their
+    positives' row ids come from the shuffle (memory: the bucket's queries); without, the input is one bucket,
+    read here, and its positives are found by one pass over the embedding shards' ``doc_id`` columns (memory: the
+    input's queries and one shard's column)."""
     mi, so = cfg.mine, cfg.output.storage_options
-    queries = load_queries(mi, keep=(lambda q: bucket_of(q, buckets) == bucket) if buckets > 1 else None)
-    rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in queries for d in q.positive_doc_ids}, so, emb)
+    if shuffle:
+        queries, rows = mine_shuffle.bucket_input(cfg, bucket, shuffle)
+    else:
+        queries = load_queries(mi)
+        rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in queries for d in q.positive_doc_ids}, so, emb)
     kept, rejects = resolve_positives(queries, rows)
     kept.sort(key=lambda q: min(q.positive_rows))  # a part's positives then lie in few embedding shards
     parts = [kept[i:i + mi.queries_per_part] for i in range(0, len(kept), mi.queries_per_part)]

@@ -9,7 +9,7 @@ import pytest
 from helpers import DEMO_CORPUS, REPO, build_tiny_cross_encoder, config, write_jsonl
 from jobs import encode, index, mine
 from jobs._runtime import StageFailed
-from retrieval_core import lookup, mine_input, mining
+from retrieval_core import lookup, mine_input, mine_shuffle, mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
@@ -173,18 +173,21 @@ def assert_same_negatives(a: dict, b: dict) -> None:
             assert row[column] == pytest.approx(b[query_id][column], abs=1e-5)
 
 
-def test_input_planned_in_hash_buckets_by_workers_gives_the_same_negatives(demo_root, tmp_path):
-    """The input split into about 10 buckets (planned by Ray tasks, each reading the input and keeping its bucket)
-    mines the same negatives per query, the same rejects and counts, as one bucket planned in the driver."""
+def test_input_planned_in_hash_buckets_by_workers_gives_the_same_negatives(demo_root, tmp_path, monkeypatch):
+    """The input split into about 10 buckets (planned by Ray tasks: the input read once and shuffled to its
+    buckets, the positives joined with the corpus by doc bucket) mines the same negatives per query, the same
+    rejects and counts, as one bucket planned in the driver."""
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     pairs[0]["positive"] = pairs[0]["positive"] + ["no-such-doc"]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     one = mine_config(demo_root, tmp_path, "one", pairs_path=str(path), queries_per_part=7)
     many = mine_config(demo_root, tmp_path, "many", pairs_path=str(path), queries_per_part=7,
                        input_mb_per_bucket=path.stat().st_size / 10 / 2 ** 20)
+    monkeypatch.setattr(mine_shuffle, "DOC_ROWS_PER_TASK", 70)  # in the driver's plan: 4 doc buckets, 4 shard groups
     a, b = mine.run(one), mine.run(many)
     manifest = mining.read_mine_manifest(str(many.output.root))
     assert manifest["input_buckets"] == 10 and mining.read_mine_manifest(str(one.output.root))["input_buckets"] == 1
+    assert manifest["input_shuffle"]["doc_buckets"] > 1 and manifest["input_shuffle"]["shard_groups"] > 1
     assert_same_negatives(_by_query(one), _by_query(many))
     assert len(_by_query(one)) == len(pairs)
     assert {k: a[k] for k in ("input_queries", "written", "rejected_positives")} == \
@@ -311,7 +314,7 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
     cfg = mine_config(demo_root, tmp_path, "halves", cross_encoder=tiny_ce, range_max=12, relative_margin="null",
                       num_negatives=2, queries_per_part=15)
     root, emb = str(cfg.output.root), read_embeddings_manifest(str(cfg.output.root))
-    parts = mine_plan.part_inputs([mine_plan.plan_bucket(cfg, 0, 1, emb)], cfg.mine.queries_per_part)
+    parts = mine_plan.part_inputs([mine_plan.plan_bucket(cfg, 0, emb=emb)], cfg.mine.queries_per_part)
     queries = {p.number: mine_plan.read_part_input(cfg, p) for p in parts}
     merged, encoder = indexing.load_index(root)[0], encoding.load_encoder(cfg.model, 0, threads=1)
     starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mine_parts.candidates_dir(cfg)

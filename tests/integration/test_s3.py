@@ -30,8 +30,9 @@ INPUTS = {"corpus": "corpus.parquet", "queries": "queries.jsonl", "qrels": "qrel
 IN, OUT, SCRATCH = "rj-input", "rj-output", "rj-scratch"
 S3_ROOT = f"s3://{OUT}/run"
 SETTINGS = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
-            "mine__query_id_column": "query_id", "mine__relative_margin": "null", "train__batch_size": 8,
-            "train__max_steps": 3, "train__learning_rate": 1e-3, "train__eval_fraction": 0.2}
+            "mine__query_id_column": "query_id", "mine__relative_margin": "null",
+            "mine__input_mb_per_bucket": 0.004,  # 3 input buckets: the input planned by the shuffle, on S3
+            "train__batch_size": 8, "train__max_steps": 3, "train__learning_rate": 1e-3, "train__eval_fraction": 0.2}
 SECTIONS_WITH_OPTIONS = ("corpus", "output", "eval", "mine")
 DEMO_ROWS = pq.read_metadata(DEMO_CORPUS).num_rows
 
@@ -134,6 +135,7 @@ def test_negatives_and_exports_on_s3_equal_local(runs):
         assert storage.read_bytes(storage.join(remote, *url), options) == storage.read_bytes(storage.join(local, *url))
     assert storage.read_parquet(storage.join(remote, "negatives", "rejects.parquet"), options).equals(
         pq.read_table(Path(local, "negatives", "rejects.parquet")))
+    assert mining.read_mine_manifest(remote, options)["input_buckets"] == 3
 
 
 def model_state(path: str) -> dict:
