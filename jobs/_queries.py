@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 import numpy as np
 
@@ -56,3 +57,22 @@ def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.
     with _runtime.LazyRaySession(cfg.runtime) as session:
         vectors = encode_queries(cfg, texts, session)
     return (*faiss_index.search(index, vectors, k, cfg.search.batch_size), manifest)
+
+
+def search_batches(cfg: Config, texts: list[str], k: int, batch: int
+                   ) -> tuple[Iterator[tuple[int, np.ndarray]], dict]:
+    """(batches, index manifest): each batch is (its first query's position, row ids of its top ``k`` hits: batch x
+    k, best first, -1 where none), the query texts encoded at once (:func:`encode_queries`) and searched ``batch``
+    at a time, so that a caller holds one batch's results."""
+    from retrieval_core import faiss_index
+
+    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options, mmap=True)
+    check_encoder(cfg, manifest)
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        vectors = encode_queries(cfg, texts, session)
+
+    def batches():
+        for start in range(0, len(vectors), batch):
+            yield start, faiss_index.search(index, vectors[start:start + batch], k, cfg.search.batch_size)[1]
+
+    return batches(), manifest

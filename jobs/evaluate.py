@@ -3,7 +3,9 @@
 Reads:  <output.root>/index/, eval.queries_path (JSONL _id, text) and eval.qrels_path (TSV query-id, corpus-id,
         score with a header).
 Writes: <output.root>/eval/metrics.json (nDCG@10, recall@10, recall@100, MRR@10) and eval/per_query.json.
-A rerun with the same index, queries, qrels and settings reuses metrics.json.
+A rerun with the same index, queries, qrels and settings reuses metrics.json. The queries are searched and scored
+BATCH_QUERIES at a time, by row id (the judged documents' rows are found once), and each query's metrics are
+written as they come: the driver holds the queries, their judgements and vectors, and one batch's results.
 """
 from __future__ import annotations
 
@@ -21,11 +23,15 @@ from retrieval_core.manifest import stamp
 log = logging.getLogger("jobs.evaluate")
 KEYS = ("output.root", "eval.queries_path", "eval.qrels_path", "eval.depth", "model.query_prompt",
         "search.batch_size")  # shown with their defaults by --help
+BATCH_QUERIES = 10_000  # queries searched and scored at a time: the driver holds one batch's results
 
 
 def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> list[str]:
     """Ids of the queries evaluated: those with at least one relevant (score > 0) document; each must have text."""
     ids = [qid for qid, judged in qrels.items() if any(score > 0 for score in judged.values())]
+    if not ids:
+        raise metrics.EvaluationDataError("no query in the qrels has a relevant document (score > 0); nothing to "
+                                           "evaluate")
     missing = [qid for qid in ids if qid not in queries]
     if missing:
         raise metrics.EvaluationDataError(f"{len(missing)} judged queries have no text in the queries file, "
@@ -33,19 +39,12 @@ def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) ->
     return ids
 
 
-def retrieve(cfg: Config, texts: list[str], depth: int) -> tuple[list[list[str]], dict]:
-    """Doc ids of the top ``depth`` hits of each query text (best first), and the index manifest."""
-    _, ids, index_manifest = _queries.search_texts(cfg, texts, depth)
-    mapping = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
-    return lookup.as_doc_ids(ids, mapping), index_manifest
-
-
 def run(cfg: Config) -> dict:
     """Evaluate and write ``eval/metrics.json``, or reuse it when it was made with the same index, queries, qrels
     and settings (``output.overwrite`` evaluates again); returns the metrics record with ``reused``."""
     cfg = _runtime.read_version(cfg)
     started = time.perf_counter()
-    ev = cfg.eval
+    ev, so = cfg.eval, cfg.output.storage_options
     queries = metrics.read_queries(ev.queries_path, ev.storage_options)
     qrels = metrics.read_qrels(ev.qrels_path, ev.storage_options)
     qids = judged_queries(queries, qrels)
@@ -54,28 +53,47 @@ def run(cfg: Config) -> dict:
     earlier = _earlier_result(storage.join(out, "metrics.json"), cfg)
     if earlier and earlier.get("identity") == identity and not cfg.output.overwrite:
         return {**earlier, "reused": True}
-    ranked, index_manifest = retrieve(cfg, [queries[q] for q in qids], ev.depth)
-    run_ = dict(zip(qids, ranked))
-    figures = metrics.evaluate_run(run_, qrels)
-    unindexed = relevant_not_indexed(cfg, qrels, qids)
-    per_query = metrics.per_query_metrics(run_, qrels)
+    rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in qids for d in qrels[q]}, so)
+    unindexed = relevant_not_indexed(qrels, qids, rows)
+    batches, index_manifest = _queries.search_batches(cfg, [queries[q] for q in qids], ev.depth, BATCH_QUERIES)
+    figures = score_batches(qids, qrels, rows, batches, storage.join(out, "per_query.json"), so)
     result = {**stamp(), "stage": "eval", "metrics": figures, "queries_path": ev.queries_path,
               "qrels_path": ev.qrels_path, "depth": ev.depth, "index_type": index_manifest["type"],
               "search_parameters": index_manifest["search_parameters"], "identity": identity,
               "fingerprint": index_manifest["fingerprint"], "relevant_not_indexed": unindexed,
               "seconds": round(time.perf_counter() - started, 3)}
-    storage.write_json_atomic(storage.join(out, "per_query.json"), per_query, cfg.output.storage_options)
-    storage.write_json_atomic(storage.join(out, "metrics.json"), result, cfg.output.storage_options)
+    storage.write_json_atomic(storage.join(out, "metrics.json"), result, so)
     return {**result, "reused": False}
 
 
-def relevant_not_indexed(cfg: Config, qrels: dict[str, dict[str, int]], qids: list[str]) -> int:
+def score_batches(qids: list[str], qrels: dict[str, dict[str, int]], rows: dict[str, int], batches, url: str,
+                  storage_options: dict | None = None) -> dict:
+    """The mean metrics of the queries ``qids`` (BEIR's, see :mod:`metrics`) from their hits' row ids, one batch
+    (``batches``: (first position, row ids)) at a time; each query's metrics are written to ``url`` as they come
+    (a JSON object: query id -> metrics). Judged documents are compared by row id (``rows``: doc id -> row id;
+    a judged document without a row keeps its doc id, which no hit equals), so no hit is looked up."""
+    mean = metrics.MeanOf()
+    with storage.open_atomic(url, storage_options) as out:
+        out.write(b"{")
+        for start, ids in batches:
+            batch = qids[start:start + len(ids)]
+            run_ = {q: [int(r) for r in row if r >= 0] for q, row in zip(batch, ids)}
+            judged = {q: {rows.get(d, d): score for d, score in qrels[q].items()} for q in batch}
+            for query_id, values in metrics.per_query_metrics(run_, judged).items():
+                out.write(f"{',' if mean.count else ''}\n{json.dumps(query_id)}: {json.dumps(values)}".encode())
+                mean.add(values)
+        out.write(b"\n}\n")
+    figures = {**mean.means(), "queries": mean.count}
+    log.info("evaluated %d queries: %s", mean.count, {k: round(v, 4) for k, v in figures.items()})
+    return figures
+
+
+def relevant_not_indexed(qrels: dict[str, dict[str, int]], qids: list[str], rows: dict[str, int]) -> int:
     """How many relevant judgements (score > 0) of the evaluated queries name a document the embeddings do not hold
-    (absent from the corpus, or rejected at encode); warned with examples. They stay in the figures as never
-    retrieved (as BEIR counts them), so recall cannot reach 1 for those queries."""
+    (absent from the corpus, or rejected at encode: not in ``rows``); warned with examples. They stay in the
+    figures as never retrieved (as BEIR counts them), so recall cannot reach 1 for those queries."""
     pairs = [(q, d) for q in qids for d, score in qrels[q].items() if score > 0]
-    present = lookup.doc_ids_present(cfg.output.root, {d for _, d in pairs}, cfg.output.storage_options)
-    missing = [(q, d) for q, d in pairs if d not in present]
+    missing = [(q, d) for q, d in pairs if d not in rows]
     if missing:
         log.warning("%d of %d relevant judgements name documents the index does not hold (absent from the corpus "
                     "or rejected at encode), e.g. %s; they count as never retrieved", len(missing), len(pairs),

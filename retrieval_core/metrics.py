@@ -290,6 +290,38 @@ def evaluate_run(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
     return summary
 
 
+class MeanOf:
+    """Means of named values added one query at a time, exactly as ``math.fsum`` over all of them would give, while
+    holding a few partial sums per name instead of the values (Shewchuk's exact summation, as ``fsum`` does)."""
+
+    def __init__(self):
+        self.partials: dict[str, list[float]] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.partials[name] = _exact_add(self.partials.get(name, []), value)
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: math.fsum(partials) / self.count for name, partials in self.partials.items()}
+
+
+def _exact_add(partials: list[float], x: float) -> list[float]:
+    """Non-overlapping partial sums whose exact total is that of ``partials`` plus ``x``."""
+    out = []
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        high = x + y
+        low = y - (high - x)
+        if low:
+            out.append(low)
+        x = high
+    out.append(x)
+    return out
+
+
 def _ndcg(ranked_ids: list[str], qrels: dict[str, int], k: int) -> float:
     ideal = sorted((score for score in qrels.values() if score > 0), reverse=True)[:k]
     idcg = _dcg(ideal)

@@ -1,5 +1,6 @@
 """The index, search and evaluate jobs on the session's local Ray cluster."""
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 
 from helpers import DEMO_CORPUS, REPO, clustered_vectors, config, write_synthetic_embeddings
 from jobs import _queries, _runtime, encode, evaluate, index, search
-from retrieval_core import faiss_index, indexing, metrics
+from retrieval_core import faiss_index, indexing, lookup, metrics
 from retrieval_core.config import load_config
 from retrieval_core.manifest import IncompatibleOutputError
 
@@ -96,6 +97,24 @@ def test_evaluate_equals_sentence_transformers_evaluator(demo_index):
     deeper = evaluate.run(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, depth=150)))
     assert deeper["reused"] is False and deeper["depth"] == 150
     evaluate.run(cfg)
+
+
+def test_evaluation_in_batches_by_row_id_equals_scoring_every_doc_id_ranking_at_once(demo_index, monkeypatch):
+    """Searched and scored 7 queries at a time, judged documents compared by row id: the same per-query metrics
+    and means, to the last bit, as the doc-id rankings of all queries scored at once."""
+    cfg, _ = demo_index
+    queries = metrics.read_queries(str(DEMO / "queries.jsonl"))
+    qrels = metrics.read_qrels(str(DEMO / "qrels.tsv"))
+    qids = evaluate.judged_queries(queries, qrels)
+    _, ids, _ = _queries.search_texts(cfg, [queries[q] for q in qids], cfg.eval.depth)
+    ranked = lookup.as_doc_ids(ids, lookup.doc_ids_for_rows(str(cfg.output.root), ids.ravel()))
+    run_ = dict(zip(qids, ranked))
+    monkeypatch.setattr(evaluate, "BATCH_QUERIES", 7)
+    again = evaluate.run(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, overwrite=True)))
+    assert len(qids) > 14 and again["reused"] is False
+    assert again["metrics"] == metrics.evaluate_run(run_, qrels)
+    per_query = json.loads(Path(cfg.output.root, "eval", "per_query.json").read_text())
+    assert per_query == metrics.per_query_metrics(run_, qrels) and list(per_query) == qids
 
 
 def test_actor_query_encoding_equals_local(demo_index, monkeypatch):

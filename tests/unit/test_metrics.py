@@ -281,3 +281,16 @@ def test_read_scifact_train():
     assert qrels["0"] == {"31715818": 1}
     assert queries["0"] == "0-dimensional biomaterials lack inductive properties."
     assert set(qrels) <= set(queries)
+
+
+def test_means_added_one_query_at_a_time_equal_fsum_over_all():
+    rng = np.random.default_rng(7)
+    values = [{"a": float(x), "b": float(y)} for x, y in zip(rng.random(5000) * 10.0 ** rng.integers(-8, 8, 5000),
+                                                             rng.random(5000))]
+    values += [{"a": 1e16, "b": 0.1}, {"a": 1.0, "b": 0.2}, {"a": -1e16, "b": 0.3}]  # cancellation: naive sums lose 1.0
+    mean = metrics.MeanOf()
+    for v in values:
+        mean.add(v)
+    assert mean.count == len(values)
+    assert mean.means() == {k: math.fsum(v[k] for v in values) / len(values) for k in ("a", "b")}
+    assert mean.means()["a"] != sum(v["a"] for v in values) / len(values)
