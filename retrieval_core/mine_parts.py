@@ -95,10 +95,10 @@ def select_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[
                 text_starts: list[int], rescore: Callable | None = None) -> dict:
     """The second half of part ``number`` (searched by :func:`search_part`, its candidates joined): with a
     cross-encoder, rescore the candidates (``rescore(pairs)`` -> scores) with the joined texts; select the
-    negatives; write the part's statistics and either its exports (with a cross-encoder: the texts are at hand) or
-    its text requests (the join after the selection finds them, see :func:`export_part`); commit it. ``rows`` gives
-    the positives' vectors only. Memory: the values (and texts) of the part's candidates. Returns its commit
-    record."""
+    negatives; write the part's statistics, its exports when a cross-encoder rescored (the texts are at hand), and
+    the text requests of the documents it names (the join after the selection finds their texts for the exports
+    still to write, see :func:`mining.export_part`); commit it. ``rows`` gives the positives' vectors only.
+    Memory: the values (and texts) of the part's candidates. Returns its commit record."""
     so = cfg.output.storage_options
     record = search_record(cfg, number)
     clock = _Clock(record["steps_s"])
@@ -116,9 +116,9 @@ def select_part(cfg: Config, rows: lookup.RowLookup, number: int, queries: list[
     if rescore:
         texts = dict(zip(joined.column("doc_id").to_pylist(), joined.column("text").to_pylist()))
         counts["exports"] = clock.step("exports", mining.part_exports, cfg, number, table, texts)
-    else:
-        counts["text_groups"] = clock.step("text_requests", mine_texts.write_requests, mining.texts_dir(cfg),
-                                           number, named.values(), text_starts, so)
+    # with exports written, the requests serve a rerun asking for other formats before the manifest
+    counts["text_groups"] = clock.step("text_requests", mine_texts.write_requests, mining.texts_dir(cfg), number,
+                                       named.values(), text_starts, so)
     return mining.commit_part(cfg, number, table, {
         **counts, "stats": mine_report.part_stats(table, agreement), "peak_memory_mb": peak_memory_mb(),
         "steps_s": clock.seconds, "seconds": round(sum(clock.seconds.values()), 3)})

@@ -246,9 +246,11 @@ def test_rescored_negatives_with_a_margin_in_sharded_mode_equal_sentence_transfo
 
 
 def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_rescores_only_the_rest(
-        demo_root, tmp_path, tiny_ce, st_cache, faults):
+        demo_root, tmp_path, tiny_ce, st_cache, faults, monkeypatch):
     """Parts of 10 queries: a failure at the fifth part, then a rerun that leaves the committed parts as they are;
-    the result equals sentence-transformers' (the sharded mode is checked against it with a margin, above)."""
+    the result equals sentence-transformers' (the sharded mode is checked against it with a margin, above). The
+    rerun asks for one more export format: the committed parts get it through the text join (no part looks its
+    texts up across the corpus)."""
     from sentence_transformers import CrossEncoder
 
     window = 10 * 3 + max_positives()
@@ -262,6 +264,9 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     out = Path(replicated.output.root) / "negatives"
     committed = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert sorted(committed) == [f"part-{i:05d}.parquet" for i in range(4)]
+    monkeypatch.setattr(lookup, "texts_for_doc_ids", lambda *a, **k: pytest.fail("texts looked up for a part"))
+    replicated = dataclasses.replace(replicated, mine=dataclasses.replace(replicated.mine,
+                                                                          formats=["flag-jsonl", "triplet"]))
     mine.run(replicated)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in committed} == committed
     assert job_negatives(replicated) == reference_negatives(st_cache, tiny_ce, sampling_strategy="top",
@@ -276,6 +281,10 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     assert row["negative_ce_scores"] == pytest.approx(direct.tolist(), abs=1e-5)
     flag = {f["query"]: f for f in map(json.loads, (out / "exports" / "flag.jsonl").read_text().splitlines())}
     assert flag[row["query"]]["neg_scores"] == pytest.approx(row["negative_ce_scores"], abs=1e-6)
+    triplets = pq.read_table(out / "exports" / "triplet.parquet").to_pylist()
+    assert [(t["anchor"], t["positive"], t["negative"]) for t in triplets] == [
+        (r["query"], texts[p], texts[n]) for r in mining.read_parts(str(replicated.output.root)).to_pylist()
+        for p in r["positive_ids"] for n in r["negative_ids"]]
     assert flag[row["query"]]["pos_scores"] == pytest.approx(row["positive_ce_scores"], abs=1e-6)
     report = json.loads((out / "report.json").read_text())
     assert report["negative_ce_scores"]["count"] == sum(len(r["negative_ids"]) for r in a.values())
