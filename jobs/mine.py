@@ -4,13 +4,13 @@ Reads:  <output.root>/index/ and embeddings/, and mine.pairs_path (query/positiv
         mine.qrels_path (BEIR).
 Writes: <output.root>/negatives/: part-*.parquet, rejects.parquet, exports/ (triplet, n-tuple, flag-jsonl),
         report.json and report.png, _manifest.json last.
-The input is planned in hash buckets of queries by a shuffle (retrieval_core.mine_shuffle): each input file is
-read once and its rows sent to their buckets, the positives are joined with the corpus's doc ids by doc bucket,
-and a task per bucket merges its queries and writes its part inputs. The parts are mined by the mine workers in two halves around a
-join of their candidates (retrieval_core.mine_texts): a worker encodes a part's queries with the index's encoder,
-searches (mine.mode: replicated or sharded) and requests its candidate rows; one call per text group looks those
-rows up once (doc ids, text hashes, and texts for a cross-encoder); a worker then selects the part's negatives per
-query with the false-negative filters (on a cross-encoder's scores with mine.cross_encoder), writes the requests
+The input is planned in hash buckets of queries by a shuffle (retrieval_core.mine_shuffle): each input file is read
+once and its rows sent to their buckets, the positives are joined with the corpus's doc ids by doc bucket, and a
+task per bucket merges its queries and writes its part inputs. The parts are mined by the mine workers in two halves
+around a join of their candidates (retrieval_core.mine_texts): a worker encodes a part's queries with the index's
+encoder, searches (mine.mode: replicated or sharded) and requests its candidate rows; one call per text group looks
+those rows up once (doc ids, text hashes, and texts for a cross-encoder); a worker then selects the part's negatives
+per query with the false-negative filters (on a cross-encoder's scores with mine.cross_encoder), writes the requests
 of its exports' documents (or, with a cross-encoder, its exports) and commits. The exports' texts are then joined
 the same way and each part's share of the exports is written from them. The driver plans, counts, concatenates the
 exports and merges the report statistics one part at a time. A rerun skips searched parts, committed parts, text
