@@ -19,9 +19,8 @@ What it measures
     and the speed-up of 2 workers over 1 on those seconds;
   * the search's share of the parts' own seconds (``part_steps_s``: encode, search, select, text requests): with
     the unclustered vectors of a random model, the IVF index needs a large nprobe (the job tunes it to 0.95
-    recall), so the search grows with the corpus for reasons of the data, not of the job. With ``--topics N``
-    each document draws 80% of its words from the 50 words of one of N topics: the vectors then cluster, as real
-    embeddings do, and the tuned nprobe (in the results, ``search_parameters``) stays small.
+    recall; the results record it under ``search_parameters``), so the search grows with the corpus for reasons
+    of the data, not of the job.
   Scores of a random model carry no meaning, so the default relative margin (0.05) would filter every candidate:
   the runs set ``mine.relative_margin=null`` (top-k after removing the positives).
   The data of each size is deleted once it is measured, unless --keep.
@@ -29,8 +28,7 @@ What it measures
 Run (from the repository root, with the venv active)
   python bench/mine_scale.py                                  # 100k/20k, 300k/60k, 1M/200k (long on 2 cores)
   python bench/mine_scale.py --sizes 30k:6k,100k:20k          # a quick look
-  python bench/mine_scale.py --topics 1000                    # documents in 1,000 topics: clustered vectors
-  Other options: --queries-per-part 1000, --seed 0, --topics 0, --out results.json, --workdir DIR, --keep.
+  Other options: --queries-per-part 1000, --seed 0, --out results.json, --workdir DIR, --keep.
 """
 from __future__ import annotations
 
@@ -51,7 +49,6 @@ for path in (REPO, REPO / "tests"):  # tests/helpers.py builds the tiny model
         sys.path.insert(0, str(path))
 
 VOCABULARY = 5_000
-TOPIC_WORDS, TOPIC_SHARE = 50, 0.8  # with --topics: each topic's words, and the share of a document's words from them
 CHUNK = 100_000
 
 
@@ -77,39 +74,25 @@ def words(seed: int) -> list[str]:
     return sorted({"".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(VOCABULARY * 2)})[:VOCABULARY]
 
 
-def write_data(folder: Path, docs: int, queries: int, seed: int, topics: int = 0) -> tuple[Path, Path]:
-    """corpus.parquet (id, text) and pairs.jsonl (query_id, query, positive), written a chunk at a time. With
-    ``topics``, each document belongs to one of that many topics and draws 80% of its words from the topic's 50."""
+def write_data(folder: Path, docs: int, queries: int, seed: int) -> tuple[Path, Path]:
+    """corpus.parquet (id, text) and pairs.jsonl (query_id, query, positive), written a chunk at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
     vocabulary = np.array(words(seed))
-    topic_words = rng.integers(0, VOCABULARY, (max(topics, 1), TOPIC_WORDS))
     corpus, pairs = folder / "corpus.parquet", folder / "pairs.jsonl"
     chosen = np.sort(rng.choice(docs, queries, replace=False))
     with pq.ParquetWriter(corpus, pa.schema([("id", pa.string()), ("text", pa.string())])) as writer, \
             pairs.open("w") as out:
         for start in range(0, docs, CHUNK):
             stop = min(docs, start + CHUNK)
-            texts = [" ".join(vocabulary[_document_words(rng, topic_words if topics else None)])
-                     for _ in range(start, stop)]
+            texts = [" ".join(vocabulary[rng.integers(0, VOCABULARY, rng.integers(12, 31))]) for _ in range(start, stop)]
             writer.write_table(pa.table({"id": [f"d{i}" for i in range(start, stop)], "text": texts}))
             for i in chosen[(chosen >= start) & (chosen < stop)]:
                 picked = rng.choice(texts[i - start].split(), 6).tolist() + vocabulary[rng.integers(0, VOCABULARY, 2)].tolist()
                 out.write(json.dumps({"query_id": f"q{i}", "query": " ".join(picked), "positive": f"d{i}"}) + "\n")
     return corpus, pairs
-
-
-def _document_words(rng, topic_words: np.ndarray | None) -> np.ndarray:
-    """Word numbers of one document: 12 to 30 drawn from the vocabulary, or, with ``topic_words``, 80% of them from
-    the words of one topic (so that the documents of a topic lie close together, as real embeddings cluster)."""
-    count = rng.integers(12, 31)
-    anywhere = rng.integers(0, VOCABULARY, count)
-    if topic_words is None:
-        return anywhere
-    topic = topic_words[rng.integers(0, len(topic_words))]
-    return np.where(rng.random(count) < TOPIC_SHARE, topic[rng.integers(0, TOPIC_WORDS, count)], anywhere)
 
 
 def job(module: str, sets: list[str]) -> float:
@@ -125,7 +108,7 @@ def job(module: str, sets: list[str]) -> float:
 
 
 def measure(folder: Path, model: Path, docs: int, queries: int, args) -> dict:
-    corpus, pairs = write_data(folder, docs, queries, args.seed, args.topics)
+    corpus, pairs = write_data(folder, docs, queries, args.seed)
     root = folder / "out"
     common = [f"corpus.path={corpus}", f"model.name={model}", f"output.root={root}", "runtime.progress=false"]
     built = job("jobs.pipeline", common + ["pipeline.stages=[encode,index]"])
@@ -175,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("100k:20k,300k:60k,1M:200k"))
     parser.add_argument("--queries-per-part", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--topics", type=int, default=0,
-                        help="documents in this many topics (0: words drawn uniformly, vectors unclustered)")
     parser.add_argument("--out", default="")
     parser.add_argument("--workdir", default="")
     parser.add_argument("--keep", action="store_true")
