@@ -52,10 +52,7 @@ def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.
     under ``output.root``, after checking that the run's model settings give the index's encoder."""
     from retrieval_core import faiss_index
 
-    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options, mmap=True)
-    check_encoder(cfg, manifest)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
-        vectors = encode_queries(cfg, texts, session)
+    index, manifest, vectors = _index_and_vectors(cfg, texts)
     return (*faiss_index.search(index, vectors, k, cfg.search.batch_size), manifest)
 
 
@@ -66,13 +63,19 @@ def search_batches(cfg: Config, texts: list[str], k: int, batch: int
     at a time, so that a caller holds one batch's results."""
     from retrieval_core import faiss_index
 
-    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options, mmap=True)
-    check_encoder(cfg, manifest)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
-        vectors = encode_queries(cfg, texts, session)
+    index, manifest, vectors = _index_and_vectors(cfg, texts)
 
     def batches():
         for start in range(0, len(vectors), batch):
             yield start, faiss_index.search(index, vectors[start:start + batch], k, cfg.search.batch_size)[1]
 
     return batches(), manifest
+
+
+def _index_and_vectors(cfg: Config, texts: list[str]) -> tuple[object, dict, np.ndarray]:
+    """(the index under ``output.root``, its manifest, the query vectors of ``texts``), once the run's model settings
+    are checked to give the index's encoder."""
+    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options, mmap=True)
+    check_encoder(cfg, manifest)
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        return index, manifest, encode_queries(cfg, texts, session)

@@ -50,10 +50,8 @@ def read_queries(url: str, storage_options: dict | None = None, id_field: str = 
     """
     queries: dict[str, str] = {}
     for where, query_id, text in query_records(url, storage_options, id_field, text_field):
-        if query_id in queries:
-            raise EvaluationDataError(f"'{url}' {where}: duplicate query id '{query_id}'")
         if keep is None or keep(query_id):
-            queries[query_id] = text
+            add_query(queries, url, where, query_id, text)
     log.info("read %d queries from %s", len(queries), url)
     return queries
 
@@ -104,6 +102,13 @@ def qrels_records(url: str, storage_options: dict | None = None) -> Iterator[tup
         rows += 1
     if not rows:
         raise EvaluationDataError(f"'{url}': no qrels rows in the file")
+
+
+def add_query(queries: dict[str, str], url: str, where: str, query_id: str, text: str) -> None:
+    """Add one query; a query id seen before is an error naming ``where``."""
+    if query_id in queries:
+        raise EvaluationDataError(f"'{url}' {where}: duplicate query id '{query_id}'")
+    queries[query_id] = text
 
 
 def add_judgement(qrels: dict[str, dict[str, int]], url: str, where: str, query_id: str, doc_id: str,
@@ -282,9 +287,10 @@ def evaluate_run(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
     if missing:
         log.warning("%d of %d evaluated queries are missing from the run; they count as 0", missing, len(per_query))
     keys = [f"{name}@{k}" for name, k in _cutoffs(ndcg_ks, recall_ks, mrr_ks)]
-    summary: dict[str, float | int] = {
-        key: math.fsum(values[key] for values in per_query.values()) / len(per_query) for key in keys}
-    summary["queries"] = len(per_query)
+    mean = MeanOf()
+    for values in per_query.values():
+        mean.add(values)
+    summary: dict[str, float | int] = {**mean.means(), "queries": mean.count}
     log.info("evaluated %d queries (%d skipped without a relevant document): %s", len(per_query),
              len(qrels) - len(per_query), {key: round(summary[key], 4) for key in keys})
     return summary

@@ -9,7 +9,8 @@ from typing import Callable, Iterable, Iterator
 import pyarrow as pa
 
 from .config import MineConfig
-from .metrics import EvaluationDataError, add_judgement, jsonl_records, parquet_records, qrels_records, query_records
+from .metrics import (EvaluationDataError, add_judgement, add_query, jsonl_records, parquet_records, qrels_records,
+                      query_records)
 
 REJECTS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("reason", pa.string())])
 
@@ -74,9 +75,7 @@ def _beir_queries(mi: MineConfig, query_rows: Iterable[Row], qrels_rows: Iterabl
         add_judgement(qrels, mi.qrels_path, where, query_id, doc_id, score)
     texts: dict[str, str] = {}
     for query_id, text, _, _, where in query_rows:
-        if query_id in texts:
-            raise EvaluationDataError(f"'{mi.queries_path}' {where}: duplicate query id '{query_id}'")
-        texts[query_id] = text
+        add_query(texts, mi.queries_path, where, query_id, text)
     out = []
     for query_id, judged in qrels.items():
         positives = [doc for doc, score in judged.items() if score > 0]

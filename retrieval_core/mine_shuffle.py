@@ -35,7 +35,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import storage
 from .config import Config
@@ -182,7 +181,6 @@ def bucket_input(cfg: Config, bucket: int, plan: dict) -> tuple[list[MiningQuery
     doc_rows: dict[str, int] = {}
     for d in range(plan["doc_buckets"]):
         found = storage.read_parquet_where(_file(cfg, "rows", f"d{d:05d}.parquet"), "bucket", bucket, so)
-        found = found.filter(pc.equal(found.column("bucket"), bucket))
         doc_rows.update(zip(found.column("doc_id").to_pylist(), found.column("row_id").to_pylist()))
     return queries, doc_rows
 

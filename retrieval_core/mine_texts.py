@@ -25,7 +25,6 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import lookup, storage
 from .manifest import peak_memory_mb
@@ -79,8 +78,8 @@ def resolve_group(directory: str, group: int, parts: list[int], rows: lookup.Row
     ``parts`` asked for, each looked up once (the texts read once from the corpus), written part by part (one row
     group each, streaming); then its commit record, which is returned. Memory: the requested rows and their values,
     each once."""
-    requests = [_only(storage.read_parquet_where(request_file(directory, p), "group", group, storage_options),
-                      "group", group).column("row").to_pylist() for p in parts]
+    requests = [storage.read_parquet_where(request_file(directory, p), "group", group, storage_options)
+                .column("row").to_pylist() for p in parts]
     wanted = {r for asked in requests for r in asked}
     values = rows.values(wanted)
     found = rows.texts_of(values) if texts else {}
@@ -116,8 +115,7 @@ def groups_to_join(directory: str, requests: list[tuple[int, list[int]]],
 
 def part_rows(directory: str, part: int, groups: list[int], storage_options: dict | None = None) -> pa.Table:
     """(part, row, doc_id, text_hash, text) of every row part ``part`` requested, from its ``groups``' files."""
-    tables = [_only(storage.read_parquet_where(group_file(directory, g), "part", part, storage_options), "part", part)
-              for g in groups]
+    tables = [storage.read_parquet_where(group_file(directory, g), "part", part, storage_options) for g in groups]
     return pa.concat_tables(tables) if tables else TEXT_SCHEMA.empty_table()
 
 
@@ -125,7 +123,3 @@ def part_texts(directory: str, part: int, groups: list[int], storage_options: di
     """Doc id -> text of every document part ``part`` requested, from its ``groups``' files."""
     table = part_rows(directory, part, groups, storage_options)
     return dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
-
-
-def _only(table: pa.Table, column: str, value: int) -> pa.Table:
-    return table.filter(pc.equal(table.column(column), value))

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -248,15 +249,17 @@ def parquet_writer_atomic(url: str, schema: pa.Schema, storage_options: dict | N
 
 
 def read_parquet_where(url: str, column: str, value: int, storage_options: dict | None = None) -> pa.Table:
-    """The row groups of a Parquet file whose statistics for ``column`` may hold ``value`` (a file written by
-    :func:`write_parquet_by_value`: exactly the rows of that value); the other row groups are not read."""
+    """The rows of a Parquet file whose ``column`` equals ``value``, read from the row groups whose statistics may
+    hold it (in a file written by :func:`write_parquet_by_value`, that value's row group alone); the other row
+    groups are not read."""
     fs, path = filesystem(url, storage_options)
     with naming(url, "read"), fs.open(path, "rb") as handle:
         reader = pq.ParquetFile(handle)
         at = reader.schema_arrow.get_field_index(column)
         wanted = [i for i in range(reader.metadata.num_row_groups)
                   if _may_hold(reader.metadata.row_group(i).column(at).statistics, value)]
-        return reader.read_row_groups(wanted) if wanted else reader.schema_arrow.empty_table()
+        table = reader.read_row_groups(wanted) if wanted else reader.schema_arrow.empty_table()
+    return table.filter(pc.equal(table.column(column), value))
 
 
 def _may_hold(statistics, value) -> bool:
