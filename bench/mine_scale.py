@@ -8,15 +8,16 @@ What it measures
   packaged tokenizer; fast on 2 cores) encodes the corpus and ``index.type: auto`` indexes it (Flat up to 50,000
   vectors, IVF beyond), with ``python -m jobs.pipeline --set pipeline.stages=[encode,index]``.
   Then ``python -m jobs.mine`` runs as a subprocess, as a user runs it, once with 1 worker and once with 2
-  (``runtime.num_workers``, one CPU each, ``runtime.inline_rows=0`` so that the workers mine even small inputs),
-  and its ``negatives/_manifest.json`` gives:
+  (``runtime.num_workers``, one CPU each, ``runtime.inline_rows=0`` so that the workers mine even small inputs), on
+  a local Ray cluster of as many CPUs as workers (``runtime.num_cpus``: the text join's tasks of the 1-worker run
+  get 1 CPU, not the machine's 2), and its ``negatives/_manifest.json`` gives:
   * the driver's peak resident memory (VmHWM) and the largest worker's (each part's commit record holds the peak
     of the process that mined it, each text group's record the peak of the task that joined it);
   * ``timings_s``: planning (reading the input, resolving positives), mining the parts (workers started, encode,
     search, select, text requests per part), the text join and the parts' exports (``texts``), and combining the
     exports and the report;
   * time per query = the seconds of mining once the workers are up (``parts`` - ``workers_start`` + ``texts``) / Q,
-    and the speed-up of 2 workers over 1 on those seconds;
+    the same without the search's seconds, and the speed-up of 2 workers over 1 on those seconds;
   * the search's share of the parts' own seconds (``part_steps_s``: encode, search, select, text requests): with
     the unclustered vectors of a random model, the IVF index needs a large nprobe (the job tunes it to 0.95
     recall; the results record it under ``search_parameters``), so the search grows with the corpus for reasons
@@ -87,10 +88,12 @@ def write_data(folder: Path, docs: int, queries: int, seed: int) -> tuple[Path, 
             pairs.open("w") as out:
         for start in range(0, docs, CHUNK):
             stop = min(docs, start + CHUNK)
-            texts = [" ".join(vocabulary[rng.integers(0, VOCABULARY, rng.integers(12, 31))]) for _ in range(start, stop)]
+            texts = [" ".join(vocabulary[rng.integers(0, VOCABULARY, rng.integers(12, 31))])
+                     for _ in range(start, stop)]
             writer.write_table(pa.table({"id": [f"d{i}" for i in range(start, stop)], "text": texts}))
             for i in chosen[(chosen >= start) & (chosen < stop)]:
-                picked = rng.choice(texts[i - start].split(), 6).tolist() + vocabulary[rng.integers(0, VOCABULARY, 2)].tolist()
+                picked = (rng.choice(texts[i - start].split(), 6).tolist()
+                          + vocabulary[rng.integers(0, VOCABULARY, 2)].tolist())
                 out.write(json.dumps({"query_id": f"q{i}", "query": " ".join(picked), "positive": f"d{i}"}) + "\n")
     return corpus, pairs
 
@@ -120,6 +123,7 @@ def measure(folder: Path, model: Path, docs: int, queries: int, args) -> dict:
         wall = job("jobs.mine", common + [f"mine.pairs_path={pairs}", "mine.query_id_column=query_id",
                                           f"mine.queries_per_part={args.queries_per_part}", "runtime.inline_rows=0",
                                           f"runtime.num_workers={workers}", "runtime.cpus_per_worker=1",
+                                          f"runtime.num_cpus={workers}",
                                           "mine.relative_margin=null"])
         manifest = json.loads((root / "negatives" / "_manifest.json").read_text())
         timings = manifest["timings_s"]
@@ -127,6 +131,8 @@ def measure(folder: Path, model: Path, docs: int, queries: int, args) -> dict:
         row[f"w{workers}"] = {"wall_s": round(wall, 1), **timings, "part_steps_s": steps,
                               "search_share": round(steps["search"] / max(1e-9, sum(steps.values())), 3),
                               "ms_per_query": round(1000 * _mining_s(timings) / queries, 3),
+                              "ms_per_query_without_search": round(
+                                  1000 * (_mining_s(timings) - steps["search"] / workers) / queries, 3),
                               "driver_mib": manifest["peak_memory_mb"]["driver"],
                               "worker_mib": max(manifest["peak_memory_mb"]["workers_max"],
                                                 manifest.get("text_join", {}).get("peak_memory_mb", 0.0)),
@@ -142,13 +148,15 @@ def _mining_s(timings: dict) -> float:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| docs | queries | index | driver MiB (1 / 2 workers) | worker MiB | ms/query, 1 worker | ms/query, 2 workers "
-          "| 2 workers vs 1 | search share | plan s | workers start s | text join s | exports+report s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| docs | queries | index | driver MiB (1 / 2 workers) | worker MiB | ms/query, 1 worker "
+          "| without the search | ms/query, 2 workers | 2 workers vs 1 | search share | plan s | workers start s "
+          "| text join s | exports+report s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         a, b = r["w1"], r["w2"]
         print(f"| {r['docs']:,} | {r['queries']:,} | {r['index']} | {a['driver_mib']:.0f} / {b['driver_mib']:.0f} | "
-              f"{max(a['worker_mib'], b['worker_mib']):.0f} | {a['ms_per_query']:.2f} | {b['ms_per_query']:.2f} | "
+              f"{max(a['worker_mib'], b['worker_mib']):.0f} | {a['ms_per_query']:.2f} | "
+              f"{a['ms_per_query_without_search']:.2f} | {b['ms_per_query']:.2f} | "
               f"{r['speedup_2_over_1']:.2f}x | {a['search_share']:.0%} | {a['plan']:.1f} | {a['workers_start']:.1f} | "
               f"{a.get('texts', 0.0):.1f} | {a['exports_and_report']:.1f} |")
 

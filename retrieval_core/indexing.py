@@ -328,7 +328,7 @@ def load_index(root: str, storage_options: dict | None = None, mmap: bool = Fals
     if manifest["on_disk"]:  # the lists in merged.ivfdata are memory-mapped by FAISS itself
         index = faiss.read_index(local)
     elif mmap and local:
-        index = faiss.read_index(local, faiss_index.mmap_flag(manifest["type"]))
+        index = faiss.read_index(local, faiss_index.MMAP_FLAG)
     else:
         index = _read_index(url, storage_options)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
