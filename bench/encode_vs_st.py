@@ -18,7 +18,8 @@ Targets
   (bf16 on a CPU is only fast where /proc/cpuinfo lists avx512_bf16 or amx_bf16; both flags are printed.)
 
 Run (from the repository root, with the venv active)
-  python bench/encode_vs_st.py                  # SciFact ($SCIFACT_DIR, default ../shared/data/scifact) when present, else the demo
+  python bench/encode_vs_st.py                  # SciFact ($SCIFACT_DIR, default ../shared/data/scifact) when
+                                                # present, else the demo
   python bench/encode_vs_st.py --limit 500      # a quick look on the first 500 documents
   Other options: --corpus, --precisions fp32,bf16, --batch-size 32, --title-column title, --id-column,
   --repeat N (median of N runs), --out results.json.

@@ -1,6 +1,7 @@
 """Benchmark: retrieval metrics of this project's jobs against sentence-transformers' own evaluator, in one run.
 
-What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact``: corpus, train queries and qrels) by default:
+What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact``: corpus, train queries and qrels)
+by default:
   * reference: what a user would otherwise run -- ``InformationRetrievalEvaluator`` of sentence-transformers with
     the same model (all-MiniLM-L6-v2), documents as ``title + " " + text``, exact cosine search over the whole
     corpus, nDCG@10, recall@10, recall@100 and MRR@10.

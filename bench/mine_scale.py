@@ -9,10 +9,10 @@ What it measures
   vectors, IVF beyond), with ``python -m jobs.pipeline --set pipeline.stages=[encode,index]``.
   Then ``python -m jobs.mine`` runs as a subprocess, as a user runs it, once with 1 worker and once with 2
   (``runtime.num_workers``, one CPU each, ``runtime.inline_rows=0`` so that the workers mine even small inputs), on
-  a local Ray cluster of as many CPUs as workers (``runtime.num_cpus``: the text join's tasks of the 1-worker run
-  get 1 CPU, not the machine's 2), and its ``negatives/_manifest.json`` gives:
+  a local Ray cluster of as many CPUs as workers (``runtime.num_cpus``: a 1-worker run gets 1 CPU, not the
+  machine's 2, for whatever it runs on Ray), and its ``negatives/_manifest.json`` gives:
   * the driver's peak resident memory (VmHWM) and the largest worker's (each part's commit record holds the peak
-    of the process that mined it, each text group's record the peak of the task that joined it);
+    of the process that mined it, each text group's record the peak of the process that joined it);
   * ``timings_s``: planning (reading the input, resolving positives), mining the parts (workers started, encode,
     search, select, text requests per part), the text join and the parts' exports (``texts``), and combining the
     exports and the report;

@@ -1,6 +1,7 @@
 """Benchmark: hard-negative mining with this project's jobs against sentence-transformers' mine_hard_negatives.
 
-What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact``: corpus, train queries and qrels), in one run:
+What it measures, on SciFact (``$SCIFACT_DIR``, default ``../shared/data/scifact``: corpus, train queries and qrels),
+in one run:
   * ``mine_hard_negatives`` (sentence-transformers), what a user would otherwise run: the (query, positive text)
     pairs of the train qrels, the whole corpus as candidates (``title + " " + text``), all-MiniLM-L6-v2, once with
     ``use_faiss=False`` and once with ``use_faiss=True``. Each call encodes the corpus and the queries itself.
@@ -137,7 +138,8 @@ def cross_encoder_rows(args, root: str) -> list:
     items = job_items(args, root, str(path), (f"mine.cross_encoder={json.dumps(model)}", f"mine.range_max={window}",
                                               "mine.relative_margin=null", f"mine.cross_encoder_max_length="
                                               f"{args.ce_max_length}", f"mine.cross_encoder_batch_size="
-                                              f"{args.batch_size}", f"mine.queries_per_part={args.ce_queries_per_part}"))
+                                              f"{args.batch_size}",
+                                              f"mine.queries_per_part={args.ce_queries_per_part}"))
     return [("mine_hard_negatives + CE", base_s, base), ("jobs: mine (indexed) + CE", *mine_command(args, root, items))]
 
 

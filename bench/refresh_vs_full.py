@@ -120,7 +120,8 @@ def main(argv=None) -> int:
               "day1_refresh_s": round(day1_s, 1), "day2_refresh_s": round(refresh_s, 1),
               "day2_from_scratch_s": round(full_s, 1), "ratio": round(refresh_s / full_s, 3),
               "refresh_steps_s": day2["timings_s"], "top10_agreement": agreement, "precision": args.precision}
-    print(f"day 2 refresh {refresh_s:.1f} s vs from scratch (encode + index) {full_s:.1f} s: ratio {refresh_s / full_s:.3f}")
+    print(f"day 2 refresh {refresh_s:.1f} s vs from scratch (encode + index) {full_s:.1f} s: "
+          f"ratio {refresh_s / full_s:.3f}")
     print(f"counts: {day2['counts']}")
     print(f"refresh steps (s): {day2['timings_s']}")
     print(f"top-10 agreement with the from-scratch build: {agreement:.3f}")

@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     steps = hard["train"]["history"]["steps"]
     print(f"\nSciFact train queries split {1 - args.dev_fraction:.0%}/{args.dev_fraction:.0%} (seed {args.seed}): "
           f"{hard['mine']['written']} train queries mined ({hard['mine']['complete']} complete, "
-          f"{hard['mine']['without_negatives']} without negatives), {hard['evaluate']['metrics']['queries']} dev queries; "
+          f"{hard['mine']['without_negatives']} without negatives), "
+          f"{hard['evaluate']['metrics']['queries']} dev queries; "
           f"{steps} steps of {args.batch_size}, lr {args.learning_rate}, relative margin {args.relative_margin}")
     print(f"{'model':<30}" + "".join(f"{m:>12}" for m in METRICS) + f"{'train s':>10}")
     for name, figures, seconds in rows:

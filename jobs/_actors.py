@@ -161,6 +161,18 @@ class MineWorker:
         return mine_texts.resolve_group(mine_parts.candidates_dir(cfg), item["group"], item["parts"], self.rows,
                                         cfg.output.storage_options, texts=bool(cfg.mine.cross_encoder))
 
+    def join_texts(self, item: dict, cfg: Config) -> dict:
+        """The text join of the exports for one text group (``item``: group, parts), once every part is committed."""
+        from retrieval_core import mine_texts, mining
+
+        return mine_texts.resolve_group(mining.texts_dir(cfg), item["group"], item["parts"], self.rows,
+                                        cfg.output.storage_options)
+
+    def export_part(self, number: int, cfg: Config) -> dict:
+        from retrieval_core import mining
+
+        return mining.export_part(cfg, number)
+
     def select_part(self, part, cfg: Config, range_max: int, text_starts: list[int]) -> dict:
         from retrieval_core import mine_parts, mine_plan
 

@@ -173,7 +173,8 @@ def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, 
         while queue and calls.idle:
             calls.start(calls.idle.pop(0), queue.pop(0), items)
         if not queue and calls.idle and speculation > 0 and durations:
-            calls.speculate(items, finished, max(MIN_SPECULATION_S, speculation * sorted(durations)[len(durations) // 2]))
+            median = sorted(durations)[len(durations) // 2]
+            calls.speculate(items, finished, max(MIN_SPECULATION_S, speculation * median))
         ref = calls.next_done(timeout=1.0 if speculation > 0 else None)
         if ref is None:
             continue

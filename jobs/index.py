@@ -20,7 +20,8 @@ from retrieval_core.config import Config
 
 log = logging.getLogger("jobs.index")
 KEYS = ("output.root", "index.type", "index.metric", "index.max_memory", "index.train_size", "index.on_disk",
-        "index.target_recall", "index.recall_queries", "index.nprobe", "index.ef_search", "runtime.address")  # shown with their defaults by --help
+        "index.target_recall", "index.recall_queries", "index.nprobe", "index.ef_search",
+        "runtime.address")  # shown with their defaults by --help
 
 
 def run(cfg: Config, in_process: bool = False) -> dict:

@@ -12,7 +12,8 @@ encoder, searches (mine.mode: replicated or sharded) and requests its candidate 
 those rows up once (doc ids, text hashes, and texts for a cross-encoder); a worker then selects the part's negatives
 per query with the false-negative filters (on a cross-encoder's scores with mine.cross_encoder), writes the requests
 of its exports' documents (or, with a cross-encoder, its exports) and commits. The exports' texts are then joined
-the same way and each part's share of the exports is written from them. The driver plans, counts, concatenates the
+the same way and each part's share of the exports is written from them, by the same workers (by Ray tasks for
+parts committed by an earlier run). The driver plans, counts, concatenates the
 exports and merges the report statistics one part at a time. A rerun skips searched parts, committed parts, text
 groups and part exports.
 """
@@ -66,12 +67,14 @@ def run(cfg: Config) -> dict:
         parts = mine_plan.part_inputs(buckets, cfg.mine.queries_per_part)
         mining.record_parts(cfg, len(parts))
         pending = [parts[i] for i in mining.pending_parts(cfg, len(parts))]
-        timings = {"plan": time.perf_counter() - started}
-        if pending:
-            _mine_pending(cfg, session, emb, index_manifest, pending, (range_max, depth), timings)
-        timings["parts"] = time.perf_counter() - started - timings["plan"]
-        text_join = _join_texts(cfg, session, len(parts))
+        timings, text_join = {"plan": time.perf_counter() - started}, {}
+        if pending:  # workers on Ray join the texts once their parts are committed
+            _mine_pending(cfg, session, emb, index_manifest, pending, (range_max, depth), timings,
+                          lambda workers, run: text_join.update(_join_texts(cfg, session, len(parts), workers, run)))
+        if not text_join:  # every part was committed by an earlier run
+            text_join = _join_texts(cfg, session, len(parts))
         timings["texts"] = text_join["seconds"]
+        timings["parts"] = time.perf_counter() - started - timings["plan"] - timings["texts"]
     combining = time.perf_counter()
     records, stats = mining.part_records(cfg, len(parts))
     rejected = mine_plan.write_rejects(cfg, len(buckets))
@@ -123,20 +126,21 @@ def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, i
 
 
 def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, window: tuple[int, int],
-                  timings: dict) -> None:
+                  timings: dict, join_texts) -> None:
     """Mine the pending parts in two halves around the join of their candidates (:mod:`retrieval_core.mine_texts`):
     search each part, join the candidates' values by text group, then select each part (and, with a cross-encoder,
     rescore it first). In this process when few queries are left (replicated mode, no cross-encoder), else on mine
     workers while the driver only counts. ``window``: (range_max, search depth). The text groups are chosen, with
     at least one per worker, when the run's first parts are mined. ``timings``: ``workers_start`` (Ray, the model
-    and the index in each worker) and ``candidates_join``, in seconds."""
+    and the index in each worker) and ``candidates_join``, in seconds. ``join_texts(workers, run)`` is called once
+    every part is committed, while the workers (on Ray) are still up."""
     inline = cfg.mine.mode == "replicated" and not cfg.mine.cross_encoder
     if inline and sum(p.queries for p in pending) <= cfg.runtime.inline_rows:
         # few queries: starting Ray and worker actors would cost more than mining them here
         text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb))
         worker = _actors.MineWorker.here(cfg, emb)
         timings["candidates_join"] = _in_halves(cfg, [worker], pending, window, text_starts, [], _here)
-        return
+        return  # the texts are joined after, as for parts committed by an earlier run
     started = time.perf_counter()
     groups = _worker_groups(cfg, session, index_manifest, len(pending))
     text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb, len(groups)))
@@ -144,8 +148,9 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending
         ray.get([w.ready.remote() for w in workers])  # models and indexes loaded
         timings["workers_start"] = time.perf_counter() - started
         peers = workers if cfg.mine.mode == "sharded" else []
-        timings["candidates_join"] = _in_halves(cfg, workers, pending, window, text_starts, peers,
-                                                _on_actors(cfg.runtime.speculation))
+        run = _on_actors(cfg.runtime.speculation)
+        timings["candidates_join"] = _in_halves(cfg, workers, pending, window, text_starts, peers, run)
+        join_texts(workers, run)
 
 
 def _here(workers, method, items, args, on_done, work):
@@ -190,17 +195,25 @@ def _bar(cfg: Config, desc: str, total: int, unit: str) -> tqdm:
     return tqdm(total=total, unit=unit, desc=desc, disable=not cfg.runtime.progress or not total, dynamic_ncols=True)
 
 
-def _join_texts(cfg: Config, session, parts: int) -> dict:
+def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, run=None) -> dict:
     """Join the texts of the committed parts without exports and write their exports (see
-    :mod:`retrieval_core.mine_texts`): in this process when those parts hold at most ``runtime.inline_rows``
-    queries, else on Ray tasks, the groups first, then the parts. Returns what the manifest records of it."""
+    :mod:`retrieval_core.mine_texts`), the groups first, then the parts: on the mine ``workers`` through ``run``
+    (as :func:`_in_halves` does) when they are given, else in this process when those parts hold at most
+    ``runtime.inline_rows`` queries, else on Ray tasks. Returns what the manifest records of it."""
     started = time.perf_counter()
     todo = mining.parts_to_export(cfg, parts)
     directory, so = mining.texts_dir(cfg), cfg.output.storage_options
     groups = mine_texts.groups_to_join(directory, [(number, asked) for number, _, asked in todo], so)
     bar = _bar(cfg, "exports", len(todo), "part")
     with bar:
-        if sum(queries for _, queries, _ in todo) <= cfg.runtime.inline_rows:
+        if workers:
+            records = []
+            run(workers, "join_texts", [{"name": f"text group {g}", "group": g, "parts": numbers}
+                                        for g, numbers in groups.items()], (cfg,),
+                lambda _, record: records.append(record), "joining the texts of")
+            run(workers, "export_part", [number for number, _, _ in todo], (cfg,), lambda *_: bar.update(1),
+                "writing the exports of part")
+        elif sum(queries for _, queries, _ in todo) <= cfg.runtime.inline_rows:
             rows = lookup.RowLookup(cfg.output.root, so, cfg.corpus.storage_options)
             records = [mine_texts.resolve_group(directory, g, numbers, rows, so) for g, numbers in groups.items()]
             for number, _, _ in todo:

@@ -65,8 +65,9 @@ def summary_rows(results: dict) -> list[tuple[str, str, float, bool]]:
         "evaluate": lambda r: (f"nDCG@10 {r['metrics']['ndcg@10']:.4f}, recall@100 {r['metrics']['recall@100']:.4f}, "
                                f"MRR@10 {r['metrics']['mrr@10']:.4f}"),
         "mine": lambda r: f"{r['written']} queries with negatives ({r['complete']} complete)",
-        "train": lambda r: (f"{r['history']['steps']} steps, held-out nDCG@10 {r['history']['evaluations'][0]['ndcg@10']}"
-                            f" -> {r['history']['evaluations'][-1]['ndcg@10']}"),
+        "train": lambda r: (f"{r['history']['steps']} steps, held-out nDCG@10 "
+                            f"{r['history']['evaluations'][0]['ndcg@10']} -> "
+                            f"{r['history']['evaluations'][-1]['ndcg@10']}"),
     }
     describe["reencode"], describe["reindex"], describe["reevaluate"] = (describe["encode"], describe["index"],
                                                                         describe["evaluate"])

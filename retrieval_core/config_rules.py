@@ -162,7 +162,8 @@ def _validate_mine(mi: MineConfig) -> None:
     _check(mi.sampling in SAMPLINGS, f"'mine.sampling' = {mi.sampling!r}: expected one of {', '.join(SAMPLINGS)}")
     _check(mi.mode in MINE_MODES, f"'mine.mode' = {mi.mode!r}: expected one of {', '.join(MINE_MODES)}")
     unknown = [f for f in mi.formats if f not in MINE_FORMATS]
-    _check(not unknown, f"'mine.formats' = {mi.formats!r}: unknown {unknown}; expected any of {', '.join(MINE_FORMATS)}")
+    _check(not unknown,
+           f"'mine.formats' = {mi.formats!r}: unknown {unknown}; expected any of {', '.join(MINE_FORMATS)}")
     _check(mi.queries_per_part >= 1, f"'mine.queries_per_part' = {mi.queries_per_part}: expected >= 1")
     _check(mi.input_mb_per_bucket > 0, f"'mine.input_mb_per_bucket' = {mi.input_mb_per_bucket}: expected > 0")
     _check(mi.cross_encoder_batch_size >= 1,

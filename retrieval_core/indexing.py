@@ -246,8 +246,9 @@ def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
 
 def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
     """Recall@10 of ``index`` against exact search, on ``index.recall_queries`` corpus vectors drawn with
-    ``index.seed + 1``, each query's own vector left out of both result lists (it would be a free hit); for IVF (nprobe) and HNSW (efSearch) the smallest setting reaching
-    ``index.target_recall`` is chosen, unless the config fixes it. Memory: the queries plus one shard."""
+    ``index.seed + 1``, each query's own vector left out of both result lists (it would be a free hit); for IVF
+    (nprobe) and HNSW (efSearch) the smallest setting reaching ``index.target_recall`` is chosen, unless the config
+    fixes it. Memory: the queries plus one shard."""
     ix = cfg.index
     parameter = faiss_index.tunable_parameter(index)
     fixed = {"nprobe": ix.nprobe, "ef_search": ix.ef_search}.get(parameter or "", 0)

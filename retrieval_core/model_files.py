@@ -46,7 +46,8 @@ def resolve_model_path(name: str, storage_options: dict | None = None, setting: 
         return snapshot_download(repo)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{setting} = {name!r} is not a local directory, not the packaged default "
-                         f"({DEFAULT_MODEL}), not in the Hugging Face cache, and could not be downloaded: {exc}") from None
+                         f"({DEFAULT_MODEL}), not in the Hugging Face cache, and could not be downloaded: "
+                         f"{exc}") from None
 
 
 def model_cache_dir() -> Path:

@@ -85,8 +85,8 @@ def top10_agreement(reference: np.ndarray, other: np.ndarray, queries: np.ndarra
 
 def train_weights(device: str, steps: int, docs: list[str], queries: list[str]) -> dict:
     """The model's parameters (CPU copies) after ``steps`` steps on ``device``, dropout off."""
-    cfg = load_config(None, [f"train.max_steps={steps}", "train.batch_size=8", "train.checkpoint_steps=0", "train.num_negatives=1",
-                             "model.max_seq_length=64"])
+    cfg = load_config(None, [f"train.max_steps={steps}", "train.batch_size=8", "train.checkpoint_steps=0",
+                             "train.num_negatives=1", "model.max_seq_length=64"])
     examples = [training.Example(f"q{i}", q, docs[i % len(docs)], (docs[(i * 7 + 3) % len(docs)],))
                 for i, q in enumerate(queries)]
     original = training.load_model
@@ -112,7 +112,8 @@ def cross_encoder(directory: str) -> str:
     from sentence_transformers import CrossEncoder
 
     torch.manual_seed(0)
-    CrossEncoder(model_files.resolve_model_path("all-MiniLM-L6-v2"), num_labels=1, device="cpu").save_pretrained(directory)
+    model = CrossEncoder(model_files.resolve_model_path("all-MiniLM-L6-v2"), num_labels=1, device="cpu")
+    model.save_pretrained(directory)
     return directory
 
 
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing checked (use --device cpu for a smoke test)", file=sys.stderr)
         return 2
-    card = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    on_cuda = args.device.startswith("cuda")
+    card = torch.cuda.get_device_name(args.device) if on_cuda else f"cpu ({os.cpu_count()} cores)"
     rows = run(args.device, args.steps, args.repeat)
     print_table(rows, card)
     Path(args.json).write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}, indent=2))

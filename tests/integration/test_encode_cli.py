@@ -56,4 +56,5 @@ def test_help_names_the_command_what_it_writes_and_the_main_keys():
     assert result.returncode == 0
     assert result.stdout.startswith("usage: python -m jobs.encode")
     assert "<output.root>/embeddings/" in result.stdout and "``" not in result.stdout
-    assert "runtime.rows_per_shard  0" in result.stdout and 'model.name              "all-MiniLM-L6-v2"' in result.stdout
+    assert "runtime.rows_per_shard  0" in result.stdout
+    assert 'model.name              "all-MiniLM-L6-v2"' in result.stdout

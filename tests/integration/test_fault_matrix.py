@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import faults_fired
 from helpers import DEMO_CORPUS, REPO, config
 from jobs import _runtime, encode, index, mine, refresh
 from retrieval_core import embeddings, indexing, mining, versions
@@ -29,7 +30,8 @@ SHARDS = 4  # the demo corpus's 247 rows, 64 per shard
 def matrix_config(tiny_model, root, **extra):
     return config(DEMO_CORPUS, root, tiny_model, corpus__title_column="title", runtime__rows_per_shard=64,
                   index__type="Flat", mine__pairs_path=str(DEMO / "pairs.jsonl"), mine__query_id_column="query_id",
-                  mine__queries_per_part=40, mine__relative_margin="null", **extra)  # a random model's scores: no margin
+                  mine__queries_per_part=40, mine__relative_margin="null",  # a random model's scores: no margin
+                  **extra)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,19 @@ def test_mine_searcher_killed_mid_search_is_restarted(tiny_model, tmp_path, clea
     shutil.copytree(clean_root, cfg.output.root, ignore=shutil.ignore_patterns("negatives"))  # encoded and indexed
     faults(kill("search", point="search", skip=1))  # one worker: its second part
     mine.run(cfg)
+    assert_same(snapshot(cfg.output.root), clean)
+
+
+def test_mine_worker_killed_mid_text_join_is_restarted(tiny_model, tmp_path, clean_root, clean, faults):
+    """The mine workers join the exports' texts once their parts are committed: one killed while committing a text
+    group is restarted, the call retried, and the exports equal a clean run's."""
+    import shutil
+
+    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0, runtime__num_workers=1)
+    shutil.copytree(clean_root, cfg.output.root, ignore=shutil.ignore_patterns("negatives"))  # encoded and indexed
+    faults(kill("negatives/_texts/g-00000.json"))
+    mine.run(cfg)
+    assert faults_fired() == 1  # the worker was killed once, in the text join
     assert_same(snapshot(cfg.output.root), clean)
 
 

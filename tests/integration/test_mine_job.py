@@ -78,7 +78,8 @@ def job_negatives(cfg) -> dict[str, list[str]]:
 
 
 def max_positives() -> int:
-    return max(len(p["positive"]) for p in (json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()))
+    pairs = (json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip())
+    return max(len(p["positive"]) for p in pairs)
 
 
 # sentence-transformers' defaults: no margin, and a window of 10 * num_negatives (+ positives) with one; the job's

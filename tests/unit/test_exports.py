@@ -17,7 +17,8 @@ def _part(rng, first: int, queries: int, negatives: int = 3, complete_every: int
         neg = [f"d{q + 2000 + i}" for i in range(negatives - (q % complete_every == 0))]
         rows.append({"query_id": f"q{q}", "query": f"query {q}", "positive_ids": pos,
                      "positive_scores": rng.uniform(0.4, 0.9, len(pos)).astype(np.float32).tolist(),
-                     "negative_ids": neg, "negative_scores": rng.uniform(-0.1, 0.6, len(neg)).astype(np.float32).tolist(),
+                     "negative_ids": neg,
+                     "negative_scores": rng.uniform(-0.1, 0.6, len(neg)).astype(np.float32).tolist(),
                      "negative_ranks": sorted(rng.integers(1, 40, len(neg)).tolist()),
                      "complete": len(neg) == negatives})
     return pa.Table.from_pylist(rows, schema=PART_SCHEMA)

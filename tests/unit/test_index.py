@@ -164,7 +164,8 @@ def test_auto_type_follows_size_and_memory():
     assert faiss_index.choose_index_type(10_000, 384, parse_memory("8GB")) == "Flat"
     assert faiss_index.choose_index_type(100_000, 384, parse_memory("8GB")) == "IVF1024,Flat"
     assert faiss_index.choose_index_type(1_000_000, 384, parse_memory("1GB")) == "IVF4096,SQ8"
-    assert faiss_index.choose_index_type(1_000_000, 384, parse_memory("80MB")) == "IVF4096,PQ64"  # 1M x (64 + 8 id) bytes = 72 MB
+    # 1M x (64 + 8 id) bytes = 72 MB
+    assert faiss_index.choose_index_type(1_000_000, 384, parse_memory("80MB")) == "IVF4096,PQ64"
     assert faiss_index.choose_index_type(10_000_000, 384, parse_memory("100GB")).startswith("IVF16384_HNSW32,")
     with pytest.raises(faiss_index.IndexTypeError, match="index.max_memory"):
         faiss_index.choose_index_type(10_000_000, 384, parse_memory("10MB"))
