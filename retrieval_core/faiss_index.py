@@ -36,8 +36,8 @@ def is_mergeable(factory: str) -> bool:
 
 # How a local index is memory-mapped, whatever its type: ``IO_FLAG_MMAP_IFC`` maps the codes and ids in place
 # (flat codes, IVF lists, graph storage). ``IO_FLAG_MMAP`` reads flat codes into memory, and serves IVF lists
-# through a slower path that two processes searching at once contend on: 1.36x the time each on this machine
-# (IVF4096,Flat, 1M vectors of 32 dimensions, nprobe 256), against 1.0x in place, which is also 13% faster alone.
+# through a slower path that two processes searching at once contend on: 1.34 to 1.47 times the time each on a
+# 2-core machine, against 0.96 to 1.04 in place, which is also 22 to 35% faster alone (bench/mmap_search.py).
 MMAP_FLAG = faiss.IO_FLAG_MMAP_IFC
 
 
