@@ -11,12 +11,13 @@ joined instead, twice in a run:
 1. A part writes its requests: the (group, row id) of every row it needs, sorted by group, one Parquet row group per
    group (``req-NNNNN.parquet``). A group is a range of about ``TEXT_GROUP_ROWS`` rows of the embeddings (whole
    shards): :func:`group_starts`.
-2. A group's task reads its row group of each requesting part's file (the others are skipped by their statistics),
-   looks those rows up once (texts read from the corpus once), and writes (part, row, doc id, text hash, text)
-   part by part, one row group per part (``g-NNNNN.parquet``), then its commit record (``g-NNNNN.json``).
+2. A group's call (on a mine worker, or a Ray task) reads its row group of each requesting part's file (the others
+   are skipped by their statistics), looks those rows up once (texts read from the corpus once), and writes (part,
+   row, doc id, text hash, text) part by part, one row group per part (``g-NNNNN.parquet``), then its commit
+   record (``g-NNNNN.json``).
 3. A part reads its row group of each of its groups' files.
 
-The corpus is read once per join, whatever the number of parts. Memory: a group task holds the rows requested from
+The corpus is read once per join, whatever the number of parts. Memory: a group's call holds the rows requested from
 its group and their values, each once (at most ``TEXT_GROUP_ROWS`` of them); a part, the values of its own rows.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow as pa
 from . import lookup, storage
 from .manifest import peak_memory_mb
 
-TEXT_GROUP_ROWS = 1_000_000  # rows of the embeddings per text group: bounds what a group's task reads and holds
+TEXT_GROUP_ROWS = 1_000_000  # rows of the embeddings per text group: bounds what a group's call reads and holds
 REQUEST_SCHEMA = pa.schema([("group", pa.int32()), ("row", pa.int64())])
 TEXT_SCHEMA = pa.schema([("part", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
                          ("text_hash", pa.string()), ("text", pa.string())])
