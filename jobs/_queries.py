@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -29,21 +31,35 @@ def check_encoder(cfg: Config, index_manifest: dict) -> None:
 def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySession) -> np.ndarray:
     """(n x dim float32) query vectors with ``model.query_prompt``, in input order. Actors started here for a
     large set are released before returning, so their CPUs are free for the next step."""
-    if len(texts) <= cfg.runtime.inline_rows:
+    with query_encoder(cfg, session, len(texts)) as encode:
+        return encode(texts)
+
+
+@contextmanager
+def query_encoder(cfg: Config, session: _runtime.LazyRaySession, count: int) -> Iterator:
+    """Yields ``encode(texts)`` -> (n x dim float32) query vectors with ``model.query_prompt``, in input order, for
+    ``count`` queries in all, in any number of calls: the job's own encoder when ``count`` is at most
+    ``runtime.inline_rows``, else encoder actors, started once here and released on exit."""
+    if count <= cfg.runtime.inline_rows:
         encoder = _runtime.inline_encoder(cfg)
         before = encoding.usage_of(encoder)
-        vectors = encoder.encode_queries(texts)
+        yield encoder.encode_queries
         if before is not None:
             from retrieval_core.providers import usage_between
 
             log.info("queries: %s", usage_between(before, encoding.usage_of(encoder)))
-        return vectors
+        return
+    with _runtime.released(_actors.start_encode_workers(cfg, session.worker_count(math.ceil(count / CHUNK)))) \
+            as workers:
+        yield lambda texts: _encode_on(workers, texts, cfg.runtime.speculation)
+
+
+def _encode_on(workers: list, texts: list[str], speculation: float) -> np.ndarray:
     chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
     results: dict[int, np.ndarray] = {}
-    with _runtime.released(_actors.start_encode_workers(cfg, session.worker_count(len(chunks)))) as workers:
-        _runtime.run_on_actors(workers, "encode_queries", list(range(len(chunks))), (),
-                               lambda i, vectors: results.__setitem__(i, vectors), item_arg=lambda i: chunks[i],
-                               work="query encoding", speculation=cfg.runtime.speculation)
+    _runtime.run_on_actors(workers, "encode_queries", list(range(len(chunks))), (),
+                           lambda i, vectors: results.__setitem__(i, vectors), item_arg=lambda i: chunks[i],
+                           work="query encoding", speculation=speculation)
     return np.vstack([results[i] for i in range(len(chunks))])
 
 
@@ -52,30 +68,32 @@ def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.
     under ``output.root``, after checking that the run's model settings give the index's encoder."""
     from retrieval_core import faiss_index
 
-    index, manifest, vectors = _index_and_vectors(cfg, texts)
+    index, manifest = _checked_index(cfg)
+    with _runtime.LazyRaySession(cfg.runtime) as session:
+        vectors = encode_queries(cfg, texts, session)
     return (*faiss_index.search(index, vectors, k, cfg.search.batch_size), manifest)
 
 
-def search_batches(cfg: Config, texts: list[str], k: int, batch: int
-                   ) -> tuple[Iterator[tuple[int, np.ndarray]], dict]:
-    """(batches, index manifest): each batch is (its first query's position, row ids of its top ``k`` hits: batch x
-    k, best first, -1 where none), the query texts encoded at once (:func:`encode_queries`) and searched ``batch``
-    at a time, so that a caller holds one batch's results."""
+@contextmanager
+def searched_batches(cfg: Config, texts: list[str], k: int, batch: int) -> Iterator:
+    """Yields (batches, index manifest): each batch is (its first query's position, row ids of its top ``k`` hits:
+    batch x k, best first, -1 where none). The query texts are encoded and searched ``batch`` at a time as the
+    batches are drawn, so that a caller holds one batch's vectors and results; encoder actors, when the texts need
+    them, live until the context ends."""
     from retrieval_core import faiss_index
 
-    index, manifest, vectors = _index_and_vectors(cfg, texts)
+    index, manifest = _checked_index(cfg)
+    with _runtime.LazyRaySession(cfg.runtime) as session, query_encoder(cfg, session, len(texts)) as encode:
+        def batches():
+            for start in range(0, len(texts), batch):
+                vectors = encode(texts[start:start + batch])
+                yield start, faiss_index.search(index, vectors, k, cfg.search.batch_size)[1]
+        yield batches(), manifest
 
-    def batches():
-        for start in range(0, len(vectors), batch):
-            yield start, faiss_index.search(index, vectors[start:start + batch], k, cfg.search.batch_size)[1]
 
-    return batches(), manifest
-
-
-def _index_and_vectors(cfg: Config, texts: list[str]) -> tuple[object, dict, np.ndarray]:
-    """(the index under ``output.root``, its manifest, the query vectors of ``texts``), once the run's model settings
-    are checked to give the index's encoder."""
+def _checked_index(cfg: Config) -> tuple[object, dict]:
+    """(the index under ``output.root``, memory-mapped when local; its manifest), once the run's model settings are
+    checked to give the index's encoder."""
     index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options, mmap=True)
     check_encoder(cfg, manifest)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
-        return index, manifest, encode_queries(cfg, texts, session)
+    return index, manifest

@@ -4,8 +4,9 @@ Reads:  <output.root>/index/, eval.queries_path (JSONL _id, text) and eval.qrels
         score with a header).
 Writes: <output.root>/eval/metrics.json (nDCG@10, recall@10, recall@100, MRR@10) and eval/per_query.json.
 A rerun with the same index, queries, qrels and settings reuses metrics.json. The queries are searched and scored
-BATCH_QUERIES at a time, by row id (the judged documents' rows are found once), and each query's metrics are
-written as they come: the driver holds the queries, their judgements and vectors, and one batch's results.
+BATCH_QUERIES at a time (encoded, searched, scored), by row id (the judged documents' rows are found once), and
+each query's metrics are written as they come: the driver holds the queries and their judgements, and one batch's
+vectors and results.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from retrieval_core.manifest import stamp
 log = logging.getLogger("jobs.evaluate")
 KEYS = ("output.root", "eval.queries_path", "eval.qrels_path", "eval.depth", "model.query_prompt",
         "search.batch_size")  # shown with their defaults by --help
-BATCH_QUERIES = 10_000  # queries searched and scored at a time: the driver holds one batch's results
+BATCH_QUERIES = 10_000  # queries encoded, searched and scored at a time: the driver holds one batch's vectors
 
 
 def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> list[str]:
@@ -55,8 +56,9 @@ def run(cfg: Config) -> dict:
         return {**earlier, "reused": True}
     rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in qids for d in qrels[q]}, so)
     unindexed = relevant_not_indexed(qrels, qids, rows)
-    batches, index_manifest = _queries.search_batches(cfg, [queries[q] for q in qids], ev.depth, BATCH_QUERIES)
-    figures = score_batches(qids, qrels, rows, batches, storage.join(out, "per_query.json"), so)
+    texts = [queries[q] for q in qids]
+    with _queries.searched_batches(cfg, texts, ev.depth, BATCH_QUERIES) as (batches, index_manifest):
+        figures = score_batches(qids, qrels, rows, batches, storage.join(out, "per_query.json"), so)
     result = {**stamp(), "stage": "eval", "metrics": figures, "queries_path": ev.queries_path,
               "qrels_path": ev.qrels_path, "depth": ev.depth, "index_type": index_manifest["type"],
               "search_parameters": index_manifest["search_parameters"], "identity": identity,

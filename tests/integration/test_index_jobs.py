@@ -117,6 +117,31 @@ def test_evaluation_in_batches_by_row_id_equals_scoring_every_doc_id_ranking_at_
     assert per_query == metrics.per_query_metrics(run_, qrels) and list(per_query) == qids
 
 
+def test_evaluation_batches_encoded_on_actors_started_once_equal_the_local_evaluation(demo_index, monkeypatch):
+    """Each batch of queries is encoded when it is searched: on encoder actors (more queries than
+    runtime.inline_rows) started once for every batch, the figures equal those of the queries encoded in the
+    driver."""
+    from jobs import _actors
+
+    cfg, _ = demo_index
+    again = dataclasses.replace(cfg.output, overwrite=True)
+    local = evaluate.run(dataclasses.replace(cfg, output=again))
+    starts = []
+    start_encode_workers = _actors.start_encode_workers
+    monkeypatch.setattr(_actors, "start_encode_workers", lambda *a: starts.append(a[1]) or start_encode_workers(*a))
+    encoded, encode_on = [], _queries._encode_on
+    monkeypatch.setattr(_queries, "_encode_on",
+                        lambda workers, texts, speculation: encoded.append(len(texts)) or encode_on(workers, texts,
+                                                                                                   speculation))
+    monkeypatch.setattr(evaluate, "BATCH_QUERIES", 7)
+    monkeypatch.setattr(_queries, "CHUNK", 4)
+    on_actors = evaluate.run(dataclasses.replace(cfg, output=again, runtime=dataclasses.replace(cfg.runtime,
+                                                                                                inline_rows=3)))
+    assert len(starts) == 1 and on_actors["metrics"]["queries"] > 14
+    assert max(encoded) == 7 and sum(encoded) == on_actors["metrics"]["queries"]  # a batch at a time
+    assert on_actors["metrics"] == pytest.approx(local["metrics"], rel=1e-6)
+
+
 def test_actor_query_encoding_equals_local(demo_index, monkeypatch):
     cfg, _ = demo_index
     texts = [f"question number {i} about revenue" for i in range(10)]
