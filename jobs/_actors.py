@@ -163,10 +163,9 @@ class MineWorker:
 
     def join_texts(self, item: dict, cfg: Config) -> dict:
         """The text join of the exports for one text group (``item``: group, parts), once every part is committed."""
-        from retrieval_core import mine_texts, mining
+        from retrieval_core import mining
 
-        return mine_texts.resolve_group(mining.texts_dir(cfg), item["group"], item["parts"], self.rows,
-                                        cfg.output.storage_options)
+        return mining.join_export_texts(cfg, item["group"], item["parts"], self.rows)
 
     def export_part(self, number: int, cfg: Config) -> dict:
         from retrieval_core import mining
@@ -241,10 +240,10 @@ def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
 
 
 def _text_group(cfg: Config, group: int, parts: list[int]) -> dict:
-    from retrieval_core import lookup, mine_texts, mining
+    from retrieval_core import lookup, mining
 
     rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
-    return mine_texts.resolve_group(mining.texts_dir(cfg), group, parts, rows, cfg.output.storage_options)
+    return mining.join_export_texts(cfg, group, parts, rows)
 
 
 def _export_part(cfg: Config, number: int) -> dict:

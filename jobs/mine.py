@@ -13,9 +13,8 @@ those rows up once (doc ids, text hashes, and texts for a cross-encoder); a work
 per query with the false-negative filters (on a cross-encoder's scores with mine.cross_encoder), writes the requests
 of its exports' documents (or, with a cross-encoder, its exports) and commits. The exports' texts are then joined
 the same way and each part's share of the exports is written from them, by the same workers (by Ray tasks for
-parts committed by an earlier run). The driver plans, counts, concatenates the
-exports and merges the report statistics one part at a time. A rerun skips searched parts, committed parts, text
-groups and part exports.
+parts committed by an earlier run). The driver plans, counts, concatenates the exports and merges the report
+statistics one part at a time. A rerun skips searched parts, committed parts, text groups and part exports.
 """
 from __future__ import annotations
 
@@ -215,7 +214,7 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
                 "writing the exports of part")
         elif sum(queries for _, queries, _ in todo) <= cfg.runtime.inline_rows:
             rows = lookup.RowLookup(cfg.output.root, so, cfg.corpus.storage_options)
-            records = [mine_texts.resolve_group(directory, g, numbers, rows, so) for g, numbers in groups.items()]
+            records = [mining.join_export_texts(cfg, g, numbers, rows) for g, numbers in groups.items()]
             for number, _, _ in todo:
                 mining.export_part(cfg, number)
                 bar.update(1)

@@ -191,6 +191,12 @@ def texts_dir(cfg: Config) -> str:
     return layout_of(cfg).file(TEXTS)
 
 
+def join_export_texts(cfg: Config, group: int, parts: list[int], rows: lookup.RowLookup) -> dict:
+    """The text join of the exports for text group ``group``: the rows its requesting ``parts`` asked for, looked
+    up with ``rows`` (see :func:`mine_texts.resolve_group`); returns the group's commit record."""
+    return mine_texts.resolve_group(texts_dir(cfg), group, parts, rows, cfg.output.storage_options)
+
+
 def parts_to_export(cfg: Config, parts: int) -> list[tuple[int, int, list[int]]]:
     """(part, queries, text groups) of each part whose exports the text join is to write: those committed with
     text requests (still there) and without this run's exports (reading one commit record at a time)."""

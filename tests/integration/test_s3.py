@@ -126,6 +126,37 @@ def test_metrics_on_s3_equal_local(runs, sub):
     assert read_json(remote, options, "eval", "per_query.json") == read_json(local, {}, "eval", "per_query.json")
 
 
+def test_mining_on_ray_workers_on_s3_equals_the_local_run(runs):
+    """runtime.inline_rows=0: the input planned by the shuffle's tasks, the parts searched and selected and the
+    exports' texts joined by a mine worker, every file on S3; the same negatives and the same exports, to the byte,
+    as the local run mined in its own process."""
+    import dataclasses
+
+    from jobs import mine
+
+    (local, _), (remote, options) = roots(runs)
+    target = f"s3://{OUT}/mined-on-workers"
+    fs = s3fs_of(options)
+    for stage in ("embeddings", "index"):  # the S3 run's corpus vectors and index, under a root of its own
+        fs.copy(f"{remote[len('s3://'):]}/{stage}", f"{target[len('s3://'):]}/{stage}", recursive=True)
+    cfg = runs["s3"][0]
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, root=target),
+                              runtime=dataclasses.replace(cfg.runtime, inline_rows=0, num_workers=1))
+    mine.run(cfg)
+    manifest = mining.read_mine_manifest(target, options)
+    assert manifest["input_buckets"] == 3 and manifest["text_join"]["groups"] >= 1
+    on_workers, in_process = mining.read_parts(target, options).to_pylist(), mining.read_parts(local).to_pylist()
+    scores = [k for k in in_process[0] if k.endswith("_scores")]  # queries encoded on 1 thread or several
+    assert [{k: v for k, v in row.items() if k not in scores} for row in on_workers] == \
+        [{k: v for k, v in row.items() if k not in scores} for row in in_process] and in_process
+    for key in ("positive_scores", "negative_scores"):
+        np.testing.assert_allclose(np.concatenate([row[key] for row in on_workers]),
+                                   np.concatenate([row[key] for row in in_process]), atol=1e-5)
+    for name in ("triplet.parquet", "n-tuple.parquet", "flag.jsonl"):  # the same bytes
+        url = ("negatives", "exports", name)
+        assert storage.read_bytes(storage.join(target, *url), options) == storage.read_bytes(storage.join(local, *url))
+
+
 def test_negatives_and_exports_on_s3_equal_local(runs):
     (local, _), (remote, options) = roots(runs)
     parts_s = mining.read_parts(remote, options).to_pylist()
