@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, Iterable
 
 from jobs import _runtime
-from retrieval_core import manifest, storage, versions
+from retrieval_core import leases, manifest, storage, versions
 from retrieval_core.config import Config, ConfigError, default_value, load_config
 
 REFERENCE = ("Every key with its default: configs/demo.yaml. Full reference: README.md, section "
@@ -68,19 +68,32 @@ def run_job(description: str, run: Callable[[Config], Any], describe: Callable[[
 
 
 def _locked_run(cfg: Config, run: Callable[[Config], Any], job: str) -> Any:
-    """``run(cfg)`` holding the output root's job lock: a second job writing the same root at the same time (two
-    overlapping cron runs, say) is refused, naming the holder. A lock left by a killed job is taken over when its
-    process is gone from this host, or after ``publish.lock_timeout`` seconds."""
+    """``run(cfg)`` holding the output root's job lease: a second job writing the same root at the same time (two
+    overlapping cron runs, say) is refused, naming the holder. The lease is renewed in the background
+    (``publish.lease_renew``); one left by a killed job is taken over when its process is gone from this host, or
+    once it has not been renewed for ``publish.lease_expiry`` seconds. A job whose lease was taken over (it was
+    paused past the expiry) fails instead of reporting success."""
     local = storage.local_path(cfg.output.root, cfg.output.storage_options)
     made_root = local is not None and not os.path.exists(local)
+    pu = cfg.publish
     try:
-        with versions.locked(cfg.output.root, cfg.output.storage_options, cfg.publish.lock_timeout,
-                             owner={"job": job}, path=versions.JOB_LOCK_PATH, what="job"):
-            return run(cfg)
+        with versions.leased(cfg.output.root, cfg.output.storage_options, pu.lease_expiry, pu.lease_renew,
+                             owner={"job": job}, path=leases.JOB_LEASE, what="job") as lease:
+            result = run(cfg)
+            lease.check("reporting success")
+            return result
     finally:
-        if made_root:  # a job that wrote nothing (it failed early) leaves no empty root made for its lock
-            with contextlib.suppress(OSError):
-                os.rmdir(local)
+        if made_root:  # a job that wrote nothing (it failed early) leaves no empty root made for its lease
+            _remove_empty_tree(local)
+
+
+def _remove_empty_tree(path: str) -> None:
+    """Remove ``path`` when it holds nothing but the job lease's own directories."""
+    for directory, subdirs, files in os.walk(path, topdown=False):
+        if files:
+            return
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def _module_name(run: Callable) -> str:
@@ -91,25 +104,33 @@ def _module_name(run: Callable) -> str:
     return spec.name if spec else "jobs"
 
 
-def run_guarded(cfg: Config, work: Callable[[], Any], report: Callable[[Any], None]) -> int:
-    """Run ``work()`` with the job's error and signal handling; ``report(result)`` on success."""
+def run_guarded(cfg: Config, work: Callable[[], Any], report: Callable[[Any], None],
+                committed: Callable[[], str] | None = None) -> int:
+    """Run ``work()`` with the job's error and signal handling; ``report(result)`` on success. A stop prints one
+    line (what ``committed()`` says is committed, by default the work under ``output.root``) and returns 128 + the
+    signal, wherever it landed: also when the signal surfaced as another error from inside a library call (a
+    ``SystemError`` out of Ray's wait, say)."""
     try:
         with _runtime.stop_on_signals():
             result = work()
-    except _runtime.Stopped as stop:
-        print(stopped_message(cfg, stop.signal_name), file=sys.stderr)
-        return stop.exit_code
-    except JOB_ERRORS as exc:
-        logging.getLogger("jobs").error("%s", exc)
-        return 1
+    except BaseException as exc:  # noqa: BLE001 - sorted below: a stop, a job error, or raised again
+        stop = exc if isinstance(exc, _runtime.Stopped) else _runtime.stop_received()
+        if stop is not None:
+            print(stopped_message(cfg, stop.signal_name, committed), file=sys.stderr)
+            return stop.exit_code
+        if isinstance(exc, JOB_ERRORS):
+            logging.getLogger("jobs").error("%s", exc)
+            return 1
+        raise
     report(result)
     return 0
 
 
-def stopped_message(cfg: Config, signal_name: str) -> str:
-    """One line: the signal, the work committed under ``output.root``, and that a rerun resumes."""
+def stopped_message(cfg: Config, signal_name: str, committed: Callable[[], str] | None = None) -> str:
+    """One line: the signal, the work committed (under ``output.root``, or what ``committed()`` says), and that a
+    rerun resumes."""
     try:
-        done = manifest.committed_work(cfg.output.root, cfg.output.storage_options)
+        done = committed() if committed else manifest.committed_work(cfg.output.root, cfg.output.storage_options)
     except Exception as exc:  # noqa: BLE001 - a stop report never fails on its own
         done = f"could not list the committed work ({type(exc).__name__})"
     return (f"stopped by {signal_name}: workers stopped; committed under {cfg.output.root}: {done or 'nothing yet'}. "

@@ -57,16 +57,21 @@ def ray_session(rt: RuntimeConfig):
 @contextlib.contextmanager
 def _opened(rt: RuntimeConfig):
     address = cluster_address(rt)
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # address="local": always a new local cluster, never one a `ray start` on this machine left behind.
-        # Token auth stays on (Ray's default); only Ray's notice that it chose it is left out for this cluster,
-        # which the job starts for itself and stops at the end.
-        with _without_local_auth_notice():
-            ray.init(address="local", num_cpus=rt.num_cpus or None, include_dashboard=False,
-                     logging_level=logging.WARNING)
+    try:
+        if address:
+            log.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            # address="local": always a new local cluster, never one a `ray start` on this machine left behind.
+            # Token auth stays on (Ray's default); only Ray's notice that it chose it is left out for this cluster,
+            # which the job starts for itself and stops at the end.
+            with _without_local_auth_notice():
+                ray.init(address="local", num_cpus=rt.num_cpus or None, include_dashboard=False,
+                         logging_level=logging.WARNING)
+    except SystemExit as exc:  # ray.init installs a SIGTERM handler of its own that calls sys.exit(SIGTERM)
+        if _stop_handlers_on and exc.code == signal.SIGTERM:
+            raise _stop(signal.SIGTERM) from None
+        raise
     _handle_sigterm()  # ray.init replaces the SIGTERM handler with its own sys.exit
     try:
         yield
@@ -147,8 +152,9 @@ def released(actors: list):
     try:
         yield actors
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        if stop_received() is None:  # on a stop, the driver's disconnect ends its actors without retry notices
+            for actor in actors:
+                ray.kill(actor)
 
 
 MIN_SPECULATION_S = 5.0  # never start a copy of work younger than this
@@ -286,8 +292,27 @@ class Stopped(BaseException):
         self.exit_code = 128 + signum
 
 
+_received: Stopped | None = None  # the first stop signal of the current stop_on_signals block
+
+
 def _raise_stopped(signum, frame) -> None:
-    raise Stopped(signum)
+    """The first signal raises :class:`Stopped`; later ones only note themselves, so that the cleanup the first
+    one started (killing actors, shutting Ray down) runs to its end instead of breaking off in a traceback."""
+    if _received is not None:
+        return
+    raise _stop(signum)
+
+
+def _stop(signum: int) -> Stopped:
+    global _received
+    _received = Stopped(signum)
+    return _received
+
+
+def stop_received() -> Stopped | None:
+    """The stop signal received within the last :func:`stop_on_signals` block, if any: an error raised while it was
+    handled (Ray's wait turns an exception raised by the handler into a ``SystemError``) is that stop."""
+    return _received
 
 
 def _handle_sigterm() -> None:
@@ -302,8 +327,9 @@ _stop_handlers_on = False
 def stop_on_signals():
     """Within: SIGINT and SIGTERM raise :class:`Stopped` in the main thread (the Ray session's own cleanup then
     shuts down the workers); the previous handlers come back after."""
-    global _stop_handlers_on
+    global _stop_handlers_on, _received
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _received = None
     for s in previous:
         signal.signal(s, _raise_stopped)
     _stop_handlers_on = True
@@ -349,6 +375,8 @@ def read_version(cfg: Config) -> Config:
     root, version = versions.resolve_root(cfg.output.root, so, cfg.output.version)
     if version:
         log.info("reading version %s of %s", version, cfg.output.root)
-        # a lease the refresh's retention respects (until this process ends, or publish.lock_timeout passes)
-        atexit.register(versions.release_reader, versions.register_reader(cfg.output.root, version, so), so)
+        # a lease the refresh's retention respects, renewed every publish.lease_renew until this process ends
+        lease = versions.register_reader(cfg.output.root, version, so)
+        renewing = versions.keep_reader_renewed(lease, so, version, cfg.publish.lease_renew)
+        atexit.register(versions.release_reader, lease, so, renewing)
     return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, root=root, version=""))

@@ -11,9 +11,8 @@ import logging
 import sys
 import time
 
-from tqdm import tqdm
 
-from jobs import _actors, _cli, _runtime
+from jobs import _actors, _cli, _progress, _runtime
 from retrieval_core import corpus, embeddings, encoding, sharding, storage
 from retrieval_core.config import Config
 
@@ -66,7 +65,7 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
     """Encode the pending shards, here when they hold at most ``runtime.inline_rows`` rows (starting Ray and
     loading the model in actors would cost more), else on actors; returns their commit records."""
     rows = sum(s.num_rows for s in pending)
-    bar = tqdm(total=rows, unit="doc", desc="encode", disable=not cfg.runtime.progress, dynamic_ncols=True)
+    bar = _progress.bar(cfg.runtime, rows, "encode", "doc")
     records = []
 
     def done(shard, record):

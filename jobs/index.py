@@ -12,9 +12,8 @@ import sys
 import time
 
 import ray
-from tqdm import tqdm
 
-from jobs import _actors, _cli, _runtime
+from jobs import _actors, _cli, _progress, _runtime
 from retrieval_core import encoding, indexing, storage
 from retrieval_core.config import Config
 
@@ -52,8 +51,7 @@ def run(cfg: Config, in_process: bool = False) -> dict:
 def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
     started = time.perf_counter()
     pending = indexing.pending_shards(cfg, plan)
-    bar = tqdm(total=len(plan.shards), initial=len(plan.shards) - len(pending), unit="shard", desc="index",
-               disable=not cfg.runtime.progress, dynamic_ncols=True)
+    bar = _progress.bar(cfg.runtime, len(plan.shards), "index", "shard", initial=len(plan.shards) - len(pending))
     futures = {add_task.remote(cfg, plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard
                for shard in pending}
     try:

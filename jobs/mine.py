@@ -23,9 +23,8 @@ import sys
 import time
 
 import ray
-from tqdm import tqdm
 
-from jobs import _actors, _cli, _queries, _runtime
+from jobs import _actors, _cli, _progress, _queries, _runtime
 from retrieval_core import indexing, lookup, mine_parts, mine_plan, mine_report, mine_shuffle, mine_texts, mining, \
     negatives, storage
 from retrieval_core.config import Config
@@ -190,8 +189,8 @@ def _in_halves(cfg: Config, workers: list, pending: list, window: tuple[int, int
     return seconds
 
 
-def _bar(cfg: Config, desc: str, total: int, unit: str) -> tqdm:
-    return tqdm(total=total, unit=unit, desc=desc, disable=not cfg.runtime.progress or not total, dynamic_ncols=True)
+def _bar(cfg: Config, desc: str, total: int, unit: str):
+    return _progress.bar(cfg.runtime, total, desc, unit)
 
 
 def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, run=None) -> dict:

@@ -1,40 +1,73 @@
-"""Nightly re-indexing: build a new version from tonight's corpus snapshot and publish it behind gates.
+"""Nightly re-indexing: build a new version from tonight's snapshot and publish it behind gates.
 
 Reads:  the snapshot (corpus.path) and the version <output.root>/CURRENT names (the previous one).
 Writes: <output.root>/versions/<version>/ (embeddings/, index/, eval/ when eval queries are set, changes/
         upserts.parquet and deletes.parquet, refresh.json last), then <output.root>/CURRENT when every gate passes.
 Only changed and added documents are encoded; unchanged ones keep their vectors, shared with the earlier version.
-A failing gate leaves CURRENT as it was and exits 1. --rollback NAME points CURRENT back at an earlier version.
+Whatever moves CURRENT (a refresh, --rollback) holds the root's refresh lease, renewed in the background
+(publish.lease_renew) and taken over only once expired (publish.lease_expiry).
+Exit status: 0 published (or nothing changed); 1 a gate failed, the lease is held or was lost, CURRENT moved under
+the run, or another error; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM), committed work kept.
+--list prints every version with its state; --rollback V points CURRENT back at V.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 
 import ray
-from tqdm import tqdm
 
-from jobs import _actors, _cli, _runtime, evaluate, index
-from retrieval_core import (corpus, embeddings, encoding, indexing, publishing, refresh_index, refreshing, sharding,
-                            storage, versions)
+from jobs import _actors, _cli, _progress, _runtime, evaluate, index
+from retrieval_core import (corpus, embeddings, encoding, indexing, leases, publishing, refresh_index,
+                            refreshing, sharding, storage, versions)
 from retrieval_core.config import Config
 
 log = logging.getLogger("jobs.refresh")
 KEYS = ("corpus.path", "output.root", "refresh.retrain", "refresh.retrain_drift", "publish.min_recall",
         "publish.max_reject_fraction", "publish.max_deleted_fraction", "publish.max_added_fraction",
-        "publish.max_ndcg_drop", "publish.keep_versions", "publish.lock_timeout", "eval.queries_path")
+        "publish.max_ndcg_drop", "publish.keep_versions", "publish.keep_failed", "publish.lease_expiry",
+        "publish.lease_renew", "runtime.progress", "eval.queries_path")
+PLAIN_OUTPUT = ("embeddings/_manifest.json", "embeddings/_plan.json", "index/manifest.json")
 
 
-def run(cfg: Config) -> dict:
-    """Refresh under the root's lock; returns the version's record (``refresh.json``), or a record saying that
-    nothing changed. Raises :class:`publishing.GateError` (after writing the record) when a gate fails."""
-    so = cfg.output.storage_options
-    with versions.locked(cfg.output.root, so, cfg.publish.lock_timeout):
-        return _refresh(cfg)
+def run(cfg: Config, adopt: bool = False, wait: bool = False) -> dict:
+    """Refresh holding the root's refresh lease; returns the version's record (``refresh.json``), or a record saying
+    that nothing changed. Raises :class:`publishing.GateError` (after writing the record) when a gate fails,
+    :class:`leases.LeaseLost` when another process took the lease over, :class:`versions.CurrentMovedError` when
+    CURRENT moved under the run. ``adopt``: see :func:`check_adoption`."""
+    check_adoption(cfg, adopt)
+    with lease_of(cfg, "jobs.refresh", wait) as lease:
+        return _refresh(cfg, lease, adopt)
 
 
-def _refresh(cfg: Config) -> dict:
+def lease_of(cfg: Config, job: str, wait: bool = False):
+    """The root's refresh lease, held for a ``with`` block (a refresh or a rollback)."""
+    pu = cfg.publish
+    return versions.leased(cfg.output.root, cfg.output.storage_options, pu.lease_expiry, pu.lease_renew,
+                           owner={"job": job}, wait=wait)
+
+
+def check_adoption(cfg: Config, adopt: bool) -> None:
+    """A root without CURRENT that holds the plain jobs' output is refused unless ``adopt``: versions published
+    beside that output would silently replace it for every reader of the root."""
+    root, so = cfg.output.root, cfg.output.storage_options
+    if versions.read_current(root, so) is not None:
+        return
+    found = [f for f in PLAIN_OUTPUT if storage.exists(storage.join(root, f), so)]
+    if found and not adopt:
+        raise versions.VersionError(
+            f"'{root}' holds the output of the plain jobs ({', '.join(found)}) and no CURRENT: a refresh there would "
+            f"publish versions that every reader of the root then reads instead. Either give the refresh a root of "
+            f"its own (--set output.root=<new root>), or run again with --adopt to make that output the first "
+            f"version (its vectors and shard indexes are reused where the snapshot did not change)")
+    if adopt and not found:
+        raise versions.VersionError(f"--adopt: '{root}' holds no plain job output to adopt (looked for "
+                                    f"{', '.join(PLAIN_OUTPUT)}); run without --adopt")
+
+
+def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
     started, timings = time.perf_counter(), {}
     so = cfg.output.storage_options
     encoder = _prewarmed_encoder(cfg)
@@ -42,39 +75,63 @@ def _refresh(cfg: Config) -> dict:
     identity = encoding.encoder_identity(cfg.model)
     rows = sum(f.num_rows for f in files)
     with _runtime.LazyRaySession(cfg.runtime) as session:  # Ray starts only for a step too big for this process
-        steps = _Steps(cfg, session, inline=rows <= cfg.refresh.inline_snapshot_rows, encoder=encoder)
-        p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, rows))
-        log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments)", p.version,
-                 p.previous or "nothing (first version)", p.snapshot_rows, len(p.segments))
+        steps = _Steps(cfg, session, inline=rows <= cfg.refresh.inline_snapshot_rows, lease=lease, encoder=encoder)
+        lease.check("planning the version")
+        p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, rows), adopt)
+        log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments; lease generation %d)",
+                 p.version, p.previous or ("the adopted output" if p.adopted else "nothing (first version)"),
+                 p.snapshot_rows, len(p.segments), lease.generation)
         if versions.is_complete(cfg.output.root, p.version, so):  # a run killed after finishing it, before publishing
-            return _conclude(cfg, p, storage.read_json(storage.join(p.version_root, versions.REFRESH_RECORD), so))
-        if p.previous and not p.reuse:
+            record = storage.read_json(storage.join(p.version_root, versions.REFRESH_RECORD), so)
+            return _conclude(cfg, p, record, lease)
+        if p.previous_root and not p.reuse:
             log.warning("refresh: the encoder fingerprint differs from %s's: every document is encoded again",
-                        p.previous)
-        _timed(timings, "diff", lambda: _diff(steps, p))
+                        p.source)
+        steps.timed("diff", lambda: _diff(steps, p))
         diff = refreshing.diff_counts(p, so)
         counts = diff["counts"]
         if p.previous and p.reuse and not (counts["changed"] or counts["added"] or counts["deleted"]):
-            return _unchanged(cfg, p, counts, timings, started)
+            return _unchanged(cfg, p, counts, steps.timings, started)
         segments = refreshing.plan_segments(p, diff["encode_rows"])
-        records = _timed(timings, "encode", lambda: _encode(steps, p, segments, identity))
-        shared = _timed(timings, "tombstones", lambda: _tombstones(steps, p, diff["tombstones"]))
+        records, encoded_now = steps.timed("encode", lambda: _encode(steps, p, segments, identity))
+        shared = steps.timed("tombstones", lambda: _tombstones(steps, p, diff["tombstones"]))
         dim = records[0]["dim"] if records else embeddings.read_embeddings_manifest(p.previous_root, so)["dim"]
+        lease.check("writing the version's embeddings manifest")
         refreshing.write_version_manifest(cfg, p, identity, dim, counts, shared, records, time.perf_counter() - started)
         vcfg = refreshing.version_config(cfg, p.version_root)
-        retrain = _timed(timings, "index", lambda: _index(steps, vcfg, p, set(diff["tombstones"])))
-        evaluation = _timed(timings, "evaluate", lambda: evaluate.run(vcfg) if cfg.eval.queries_path else None)
-        changes = _timed(timings, "changes", lambda: steps.call(refreshing.write_changes, p, records, so))
-    return _gate_and_publish(cfg, p, counts, retrain, evaluation, changes, timings, started)
+        retrain = steps.timed("index", lambda: _index(steps, vcfg, p, set(diff["tombstones"])))
+        evaluation = steps.timed("evaluate", lambda: evaluate.run(vcfg) if cfg.eval.queries_path else None)
+        changes = steps.timed("changes", lambda: steps.call(refreshing.write_changes, p, records, so))
+    counts = {**counts, "encoded_this_run": encoded_now}
+    return _gate_and_publish(cfg, p, counts, retrain, evaluation, changes, steps.timings, started, lease)
 
 
 class _Steps:
     """Runs the refresh's bookkeeping steps (diff, tombstones, index, changes) in this process when the snapshot is
     small (``refresh.inline_snapshot_rows``: starting Ray would cost more than the work), else as Ray tasks."""
 
-    def __init__(self, cfg: Config, session: _runtime.LazyRaySession, inline: bool, encoder=None):
-        self.cfg, self.session, self.inline = cfg, session, inline
+    def __init__(self, cfg: Config, session: _runtime.LazyRaySession, inline: bool, lease: leases.Lease,
+                 encoder=None):
+        self.cfg, self.session, self.inline, self.lease = cfg, session, inline, lease
         self.encoder = encoder  # a Future of the job's own encoder, loading since the start (or None)
+        self.timings: dict = {}
+
+    def timed(self, step: str, work):
+        """``work()`` after the lease's fence check, its seconds kept in ``timings[step]``."""
+        self.lease.check(step)
+        started = time.perf_counter()
+        result = work()
+        self.timings[step] = round(time.perf_counter() - started, 3)
+        return result
+
+    def bar(self, total: int, desc: str, unit: str = "it"):
+        return _progress.bar(self.cfg.runtime, total, f"refresh: {desc}", unit)
+
+    def advanced(self, bar, result, n: int = 1):
+        """One item done: the bar moves, and a lost lease stops the run here (no I/O)."""
+        bar.update(n)
+        self.lease.ensure()
+        return result
 
     def inline_encoder(self):
         return self.encoder.result() if self.encoder else _runtime.inline_encoder(self.cfg)
@@ -91,10 +148,10 @@ class _Steps:
         results in completion order."""
         if not items:
             return []
-        bar = tqdm(total=len(items), desc=desc, disable=not self.cfg.runtime.progress, dynamic_ncols=True)
+        bar = self.bar(len(items), desc)
         try:
             if self.inline:
-                return [_advanced(bar, function(item, *args)) for item in items]
+                return [self.advanced(bar, function(item, *args)) for item in items]
             return self._each_in_tasks(function, items, args, bar, desc)
         finally:
             bar.close()
@@ -104,13 +161,8 @@ class _Steps:
         remote = ray.remote(function).options(num_cpus=1, max_retries=self.cfg.runtime.max_task_retries)
         results = []
         _runtime.run_tasks({remote.remote(item, *args): item for item in items},
-                           lambda item, result: results.append(_advanced(bar, result)), f"refresh: {desc}")
+                           lambda item, result: results.append(self.advanced(bar, result)), f"refresh: {desc}")
         return results
-
-
-def _advanced(bar, result):
-    bar.update(1)
-    return result
 
 
 def _prewarmed_encoder(cfg: Config):
@@ -136,13 +188,6 @@ def _rows_per_shard(cfg: Config, session: _runtime.LazyRaySession, total_rows: i
     return sharding.auto_rows_per_shard(total_rows, workers, rate)
 
 
-def _timed(timings: dict, step: str, work):
-    started = time.perf_counter()
-    result = work()
-    timings[step] = round(time.perf_counter() - started, 3)
-    return result
-
-
 def _diff(steps: _Steps, p: refreshing.RefreshPlan) -> None:
     """Map the snapshot's shards and the previous version's segments into buckets, then join bucket by bucket."""
     cfg, so = steps.cfg, steps.cfg.output.storage_options
@@ -151,27 +196,27 @@ def _diff(steps: _Steps, p: refreshing.RefreshPlan) -> None:
     steps.each(refreshing.reduce_bucket, refreshing.pending_buckets(p, so), (p, so), "diff: join")
 
 
-def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: dict) -> list[dict]:
+def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: dict) -> tuple[list[dict], int]:
     """Encode the new segments (committed ones are skipped): here when they hold at most ``runtime.inline_rows``
-    rows, else on encoder actors; returns every new segment's commit record, in segment order."""
+    rows, else on encoder actors; returns every new segment's commit record, in segment order, and the rows this
+    run encoded (the rest were committed by an earlier, stopped run)."""
     cfg, so = steps.cfg, steps.cfg.output.storage_options
     pending = refreshing.pending_segments(p, segments, so)
-    bar = tqdm(total=sum(s.rows for s in pending), unit="doc", desc="encode", disable=not cfg.runtime.progress,
-               dynamic_ncols=True)
+    bar = steps.bar(sum(s.rows for s in pending), "encode", "doc")
     try:
         if sum(s.rows for s in pending) <= cfg.runtime.inline_rows:
             encoder = steps.inline_encoder() if pending else None
             records = []
             for segment in pending:
                 records.append(refreshing.encode_segment(p, segment, cfg, encoder, identity))
-                bar.update(records[-1]["rows"])
+                steps.advanced(bar, None, records[-1]["rows"])
                 bar.set_postfix(**embeddings.api_usage_progress(records), refresh=False)
         else:
             _encode_on_actors(steps, p, pending, identity, bar)
     finally:
         bar.close()
     layout = refreshing.Layout(p.version_root, so)
-    return [storage.read_json(layout.record_file(s.name), so) for s in segments]
+    return [storage.read_json(layout.record_file(s.name), so) for s in segments], sum(s.rows for s in pending)
 
 
 def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, identity: dict, bar) -> None:
@@ -179,7 +224,7 @@ def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, i
 
     def done(segment, record):
         records.append(record)
-        bar.update(record["rows"])
+        steps.advanced(bar, None, record["rows"])
         bar.set_postfix(**embeddings.api_usage_progress(records), refresh=False)
 
     count = steps.session.worker_count(len(pending))
@@ -240,64 +285,121 @@ def _unchanged(cfg: Config, p: refreshing.RefreshPlan, counts: dict, timings: di
 
 
 def _gate_and_publish(cfg: Config, p: refreshing.RefreshPlan, counts: dict, retrain: dict, evaluation: dict | None,
-                      changes: dict, timings: dict, started: float) -> dict:
+                      changes: dict, timings: dict, started: float, lease: leases.Lease) -> dict:
     so = cfg.output.storage_options
     index_manifest = indexing.read_index_manifest(p.version_root, so)
     previous_ndcg = publishing.previous_ndcg(p, so) if evaluation else None
     gates = publishing.gates(cfg, counts, index_manifest["recall"]["recall_at_10"],
                              evaluation["metrics"]["ndcg@10"] if evaluation else None, previous_ndcg,
-                             first=p.previous is None)
+                             first=p.previous_root is None)
     passed = all(g["passed"] for g in gates)
     reused = counts["unchanged"] if p.reuse else 0
-    record = {"complete": True, "published": passed, "counts": {**counts, "encoded": counts["encode_rows"],
-                                                                "reused": reused},
-              "reencoded_all": bool(p.previous and not p.reuse),
+    record = {"complete": True, "gates_passed": passed, "published": False,
+              "counts": {**counts, "encoded": counts["encode_rows"], "reused": reused},
+              "adopted": p.adopted, "reencoded_all": bool(p.previous_root and not p.reuse),
               "retrain": retrain, "gates": gates, "changes": changes, "timings_s": timings,
               "evaluation": evaluation["metrics"] if evaluation else None}
     record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+    lease.check("writing refresh.json")
     publishing.write_refresh_record(p, record, so)
-    return _conclude(cfg, p, record)
+    return _conclude(cfg, p, record, lease)
 
 
-def _conclude(cfg: Config, p: refreshing.RefreshPlan, record: dict) -> dict:
+def _conclude(cfg: Config, p: refreshing.RefreshPlan, record: dict, lease: leases.Lease) -> dict:
     """After the version's record is written (by this run, or by a run killed before it published): the diff's
-    scratch files go, then CURRENT names the version when its gates passed, else :class:`GateError`."""
+    scratch files go, then CURRENT moves from the version this run started from to this one when its gates passed
+    (compare-and-set, behind the lease's fence), else :class:`GateError`. Retention runs either way."""
     so = cfg.output.storage_options
     refreshing.cleanup_diff(p, so)
-    if not record["published"]:
+    passed = record.get("gates_passed", record.get("published"))
+    if not passed:
         refreshing.finish_build(cfg)
-        failed = "; ".join(f"{g['gate']}: value {g['value']}, threshold {g['threshold']}" for g in record["gates"]
-                           if not g["passed"])
+        publishing.apply_retention(cfg, lease)  # failed versions are kept up to publish.keep_failed
+        failed = "; ".join(versions.gate_text(g) for g in versions.failed_gates(record))
         raise publishing.GateError(f"version {p.version} failed its gates ({failed}); CURRENT still names "
-                                   f"{p.previous or 'nothing'}; the version stays on disk for inspection")
-    versions.publish(cfg.output.root, p.version, so, previous=p.previous)
+                                   f"{p.previous or 'nothing'}; the version stays on disk for inspection "
+                                   f"(python -m jobs.refresh --list)")
+    try:
+        current = versions.publish(cfg.output.root, p.version, so, expected=p.previous, by={"action": "refresh"},
+                                   lease=lease)
+    except versions.CurrentMovedError as exc:
+        versions.mark_abandoned(cfg.output.root, p.version, str(exc), so)
+        refreshing.finish_build(cfg)
+        raise
     refreshing.finish_build(cfg)  # after the publish: a run killed before it resumes this version
-    record["deleted_versions"] = publishing.apply_retention(cfg)
+    record = {**record, "published": True, "published_at": current["published_at"]}
+    record["deleted_versions"] = publishing.apply_retention(cfg, lease)
     return {**record, "version": p.version, "previous": p.previous}
 
 
 def format_summary(r: dict) -> str:
     c = r["counts"]
     if r.get("unchanged"):
-        return (f"refresh: the snapshot equals the published version {r['previous']} ({c['documents']} documents); "
-                f"nothing encoded, nothing published")
-    return (f"refresh: published {r['version']} (previous {r['previous'] or 'none'}): {c['documents']} documents, "
-            f"{c['unchanged']} unchanged, {c['changed']} changed, {c['added']} added, {c['deleted']} deleted, "
-            f"{c['rejected']} rejected; encoded {c['encoded']}, reused {c['reused']}; "
+        return (f"refresh: the snapshot equals the published version {r['previous']} ({c['documents']:,} documents);"
+                f" nothing encoded, nothing published")
+    previous = r["previous"] or ("the adopted output" if r.get("adopted") else "none")
+    return (f"refresh: published {r['version']} (previous {previous}): {c['documents']:,} documents, "
+            f"{c['unchanged']:,} unchanged, {c['changed']:,} changed, {c['added']:,} added, {c['deleted']:,} "
+            f"deleted, {c['rejected']:,} rejected; encoded this run {c.get('encoded_this_run', c['encoded']):,}, "
+            f"in version {c['encoded']:,}; reused {c['reused']:,}; "
             f"index {'trained' if r['retrain']['retrain'] else 'not retrained'} ({r['retrain']['reason']}); "
             f"in {r['timings_s']['total']} s")
 
 
+def rollback(cfg: Config, name: str, wait: bool = False, force: bool = False) -> dict:
+    """Point CURRENT at version ``name`` holding the refresh lease (refused while a refresh or another rollback
+    holds it, unless ``wait``); a failed or abandoned version only with ``force``. Returns the new CURRENT."""
+    root, so = cfg.output.root, cfg.output.storage_options
+    with lease_of(cfg, "rollback", wait) as lease:
+        target = versions.rollback_target(root, name, so, force)
+        forced = target["state"] in versions.KEPT_FOR_INSPECTION
+        if forced:
+            log.warning("refresh: --force: publishing %s, which is %s: %s", name, target["state"], target["detail"])
+        current = versions.read_current(root, so)
+        return versions.publish(root, name, so, expected=(current or {}).get("version"),
+                                by={"action": "rollback", **({"forced": target["detail"]} if forced else {})},
+                                lease=lease)
+
+
+def rollback_summary(current: dict) -> str:
+    by = current["by"]
+    forced = f" (forced past: {by['forced']})" if by.get("forced") else ""
+    return (f"refresh: CURRENT now names {current['version']} (was {current['previous'] or 'nothing'}){forced}; "
+            f"rolled back by {by['user']}@{by['host']} at {by['at']}")
+
+
+def list_versions(cfg: Config, as_json: bool) -> str:
+    """Every version of the root with its state, counts and date; JSON with ``as_json``."""
+    found = versions.states(cfg.output.root, cfg.output.storage_options)
+    if as_json:
+        return json.dumps({"root": cfg.output.root, "versions": found}, indent=2)
+    if not found:
+        return f"no versions under {cfg.output.root}"
+    return "\n".join(versions.state_line(s) for s in found)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _cli.parser(__doc__, "python -m jobs.refresh", KEYS)
-    p.add_argument("--rollback", metavar="VERSION", help="point CURRENT at this earlier complete version and exit")
+    p.add_argument("--rollback", metavar="VERSION", help="point CURRENT at this earlier version (under the refresh "
+                                                         "lease) and exit")
+    p.add_argument("--force", action="store_true", help="with --rollback: publish a version that failed a gate or "
+                                                        "was abandoned (the warning names the gate)")
+    p.add_argument("--wait", action="store_true", help="queue behind the refresh or rollback holding the lease "
+                                                       "instead of refusing")
+    p.add_argument("--list", action="store_true", help="print every version with its state, counts and date, and exit")
+    p.add_argument("--json", action="store_true", help="with --list: machine-readable JSON")
+    p.add_argument("--adopt", action="store_true", help="on a root holding the plain jobs' output and no CURRENT: "
+                                                        "make that output the first version")
     args = p.parse_args(argv)
     cfg = _cli.config_from_args(args)
+    if args.list:
+        return _cli.run_guarded(cfg, lambda: list_versions(cfg, args.json), print)
     if args.rollback:
-        return _cli.run_guarded(cfg, lambda: versions.rollback(cfg.output.root, args.rollback,
-                                                               cfg.output.storage_options),
-                                lambda current: print(f"refresh: CURRENT now names {current['version']}"))
-    return _cli.run_guarded(cfg, lambda: run(cfg), lambda record: print(format_summary(record)))
+        return _cli.run_guarded(cfg, lambda: rollback(cfg, args.rollback, args.wait, args.force),
+                                lambda current: print(rollback_summary(current)))
+    return _cli.run_guarded(cfg, lambda: run(cfg, args.adopt, args.wait), lambda record: print(format_summary(record)),
+                            committed=lambda: refreshing.committed_work(cfg.output.root,
+                                                                                  cfg.output.storage_options))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from jobs import _cli, _runtime
+from jobs import _cli, _progress, _runtime
 from retrieval_core import checkpoints, encoding, mining, storage, training
 from retrieval_core.config import Config
 from retrieval_core.manifest import IncompatibleOutputError, digest, stamp
@@ -80,11 +80,8 @@ def checkpoints_of(cfg: Config, identity: dict) -> checkpoints.Checkpoints:
 
 
 def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: checkpoints.Checkpoints) -> dict:
-    from tqdm import tqdm
-
     encoding.set_torch_threads(encoding.cpu_count())
-    bar = tqdm(total=training.steps_plan(cfg, len(train_set))[1], unit="step", desc="train",
-               disable=not cfg.runtime.progress, dynamic_ncols=True)
+    bar = _progress.bar(cfg.runtime, training.steps_plan(cfg, len(train_set))[1], "train", "step")
 
     def on_step(step: int, total: int, loss: float) -> None:
         bar.update(step - bar.n)  # a resumed training starts past 0

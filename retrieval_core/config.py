@@ -75,7 +75,7 @@ class RuntimeConfig:
     max_task_retries: int = 3
     speculation: float = 3.0
     inline_rows: int = 2048
-    progress: bool = True
+    progress: Union[bool, str] = "auto"
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,9 @@ class PublishConfig:
     max_added_fraction: float = 0.5
     max_ndcg_drop: float = 0.02
     keep_versions: int = 3
-    lock_timeout: int = 21600
+    keep_failed: int = 3
+    lease_expiry: int = 600
+    lease_renew: int = 60
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,13 @@ def default_value(key: str) -> Any:
     return node
 
 
+RENAMED_KEYS = {"publish.lock_timeout": "publish.lease_expiry (seconds a lease may go unrenewed before another "
+                                        "process takes it over; the holder renews it every publish.lease_renew)"}
+
+
 def _unknown_key_error(key: str) -> ConfigError:
+    if key in RENAMED_KEYS:
+        return ConfigError(f"config key '{key}' is gone: use {RENAMED_KEYS[key]}")
     close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
     return ConfigError(f"unknown config key '{key}'{hint}")

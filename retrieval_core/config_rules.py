@@ -71,6 +71,9 @@ def validate(config: Config) -> None:
     _check(r.speculation == 0 or r.speculation >= 1,
            f"'runtime.speculation' = {r.speculation}: expected 0 (off) or a multiple >= 1 of the median shard time")
     _check(r.inline_rows >= 0, f"'runtime.inline_rows' = {r.inline_rows}: expected >= 0 (0 = always on actors)")
+    _check(r.progress in (True, False, "auto"),
+           f"'runtime.progress' = {r.progress!r}: expected auto (bars when stderr is a terminal, else one line per "
+           f"step), true or false")
     _validate_index(config.index)
     _validate_search(config.search, config.eval)
     _validate_mine(config.mine)
@@ -185,7 +188,11 @@ def _validate_refresh(rf: RefreshConfig, pu: PublishConfig) -> None:
         value = getattr(pu, key)
         _check(0 <= value <= 1, f"'publish.{key}' = {value}: expected a number in [0, 1]")
     _check(pu.keep_versions >= 1, f"'publish.keep_versions' = {pu.keep_versions}: expected >= 1")
-    _check(pu.lock_timeout > 0, f"'publish.lock_timeout' = {pu.lock_timeout}: expected seconds > 0")
+    _check(pu.keep_failed >= 0, f"'publish.keep_failed' = {pu.keep_failed}: expected >= 0")
+    _check(pu.lease_expiry > 0, f"'publish.lease_expiry' = {pu.lease_expiry}: expected seconds > 0")
+    _check(0 < pu.lease_renew * 2 <= pu.lease_expiry,
+           f"'publish.lease_renew' = {pu.lease_renew}: expected seconds > 0 and at most half of publish.lease_expiry "
+           f"({pu.lease_expiry}), so that one late renewal does not lose the lease")
 
 
 def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:

@@ -235,7 +235,7 @@ def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
     if local:
         import faiss
 
-        tmp = f"{local}{storage.TMP_MARK}{os.getpid()}"
+        tmp = storage.temporary_name(local)
         storage.filesystem(url, storage_options)[0].makedirs(os.path.dirname(local), exist_ok=True)
         faiss.write_index(index, tmp)
         faults.point("write", url)

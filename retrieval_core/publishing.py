@@ -1,7 +1,7 @@
 """Publishing a refresh's version: the gates, ``refresh.json``, and retention of older versions."""
 from __future__ import annotations
 
-from . import storage, versions
+from . import leases, storage, versions
 from .config import Config
 from .embeddings import read_embeddings_manifest, shard_url
 from .indexing import read_index_manifest, shard_index_url
@@ -15,20 +15,40 @@ class GateError(RuntimeError):
 
 def gates(cfg: Config, counts: dict, recall: float | None, ndcg: float | None, previous_ndcg: float | None,
           first: bool) -> list[dict]:
-    """Each publish gate with its threshold, value and verdict. The deleted and added fractions apply from the
-    second version on (the first adds everything); the nDCG drop when both versions were evaluated."""
+    """Each publish gate with its threshold, value, verdict and a message with the counts behind the value
+    ("deleted 3,112 of 5,183 documents (60.0%) > 10%"). The deleted and added fractions apply from the second
+    version on (the first adds everything); the nDCG drop when both versions were evaluated."""
     pu = cfg.publish
     documents = max(1, counts["unchanged"] + counts["changed"] + counts["deleted"])
-    rows = [("min_recall", pu.min_recall, recall, lambda v, t: v >= t),
-            ("max_reject_fraction", pu.max_reject_fraction, counts["rejected"] / max(1, counts["snapshot_rows"]),
-             lambda v, t: v <= t)]
+    snapshot = max(1, counts["snapshot_rows"])
+    rows = [("min_recall", pu.min_recall, recall, True, lambda sign: f"recall@10 of the index {recall:.4f} {sign} "
+             f"{pu.min_recall}"),
+            ("max_reject_fraction", pu.max_reject_fraction, counts["rejected"] / snapshot, False,
+             lambda sign: _share("rejected", counts["rejected"], snapshot, "snapshot rows", sign,
+                                 pu.max_reject_fraction))]
     if not first:
-        rows += [("max_deleted_fraction", pu.max_deleted_fraction, counts["deleted"] / documents, lambda v, t: v <= t),
-                 ("max_added_fraction", pu.max_added_fraction, counts["added"] / documents, lambda v, t: v <= t)]
+        rows += [("max_deleted_fraction", pu.max_deleted_fraction, counts["deleted"] / documents, False,
+                  lambda sign: _share("deleted", counts["deleted"], documents, "documents", sign,
+                                      pu.max_deleted_fraction)),
+                 ("max_added_fraction", pu.max_added_fraction, counts["added"] / documents, False,
+                  lambda sign: _share("added", counts["added"], documents, "documents", sign, pu.max_added_fraction))]
     if ndcg is not None and previous_ndcg is not None:
-        rows.append(("max_ndcg_drop", pu.max_ndcg_drop, round(previous_ndcg - ndcg, 6), lambda v, t: v <= t))
-    return [{"gate": f"publish.{name}", "threshold": threshold, "value": None if value is None else round(value, 6),
-             "passed": value is None or check(value, threshold)} for name, threshold, value, check in rows]
+        drop = round(previous_ndcg - ndcg, 6)
+        rows.append(("max_ndcg_drop", pu.max_ndcg_drop, drop, False,
+                     lambda sign: f"nDCG@10 fell {drop:.4f} ({previous_ndcg:.4f} -> {ndcg:.4f}) {sign} "
+                                  f"{pu.max_ndcg_drop}"))
+    return [_gate(name, threshold, value, at_least, message) for name, threshold, value, at_least, message in rows]
+
+
+def _gate(name: str, threshold: float, value: float | None, at_least: bool, message) -> dict:
+    passed = value is None or (value >= threshold if at_least else value <= threshold)
+    sign = (">=" if passed else "<") if at_least else ("<=" if passed else ">")
+    return {"gate": f"publish.{name}", "threshold": threshold, "value": None if value is None else round(value, 6),
+            "passed": passed, "message": "not measured" if value is None else message(sign)}
+
+
+def _share(what: str, count: int, total: int, of: str, sign: str, limit: float) -> str:
+    return f"{what} {count:,} of {total:,} {of} ({count / total:.1%}) {sign} {limit * 100:g}%"
 
 
 def write_refresh_record(p: RefreshPlan, record: dict, so: dict) -> None:
@@ -58,16 +78,19 @@ def referenced_files(root: str, name: str, so: dict) -> set[str]:
     return out
 
 
-def apply_retention(cfg: Config) -> list[str]:
-    """Delete the versions older than the newest ``publish.keep_versions`` (never CURRENT's, never one a reader
-    holds a fresh lease on), keeping the files that kept versions still share; returns the versions deleted."""
+def apply_retention(cfg: Config, lease: leases.Lease | None = None) -> list[str]:
+    """Delete published versions older than the newest ``publish.keep_versions`` published ones, and failed or
+    abandoned ones older than the newest ``publish.keep_failed`` of those (never CURRENT's version or its previous,
+    never one a reader holds a fresh lease on, never the pending build), keeping the files that kept versions still
+    share; returns the versions deleted. With ``lease``, its fence is checked before each deletion."""
     root, so = cfg.output.root, cfg.output.storage_options
-    names = versions.list_versions(root, so)
-    current = (versions.read_current(root, so) or {}).get("version")
-    doomed = versions.versions_to_delete(names, current, cfg.publish.keep_versions,
-                                         versions.readers_in_use(root, so, cfg.publish.lock_timeout))
-    kept = [n for n in names if n not in doomed]
+    found = versions.states(root, so)
+    protected = versions.protected_versions(root, so) | versions.readers_in_use(root, so, cfg.publish.lease_expiry)
+    doomed = versions.versions_to_delete(found, cfg.publish.keep_versions, cfg.publish.keep_failed, protected)
+    kept = [s["version"] for s in found if s["version"] not in doomed]
     referenced = set().union(*(referenced_files(root, n, so) for n in kept)) if kept else set()
     for name in doomed:
+        if lease is not None:
+            lease.check(f"deleting version {name}")
         versions.delete_version_files(root, name, so, referenced)
     return doomed

@@ -109,7 +109,7 @@ def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
             continue
         target = indexing.shard_index_url(previous.dir, entry)
         record = {"name": shard["name"], "ntotal": entry["ntotal"], "seconds": 0.0, "peak_memory_mb": 0.0,
-                  "path": versions.relative_to(here.dir, target), "shared_from": p.previous}
+                  "path": versions.relative_to(here.dir, target), "shared_from": p.source}
         storage.write_json_atomic(here.record_file(shard["name"]), record, so)
         shared += 1
     return shared

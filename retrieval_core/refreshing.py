@@ -11,6 +11,7 @@ and hashing the snapshot, encoding the change, and writing the change plus the t
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import time
 
 import numpy as np
@@ -22,11 +23,12 @@ from .config import Config
 from .embeddings import (Layout, api_usage_since, api_usage_totals, embeddings_table, non_default_cap,
                          read_embeddings_manifest, read_shard_table, shard_url)
 from .encoding import Encoder, encode_by_length, usage_of
+from . import manifest
 from .manifest import stamp
 from .schemas import SCHEMA_VERSION
 from .sharding import FileMeta, Shard, plan_shards
 
-BUILD_RECORD = "_refresh/build.json"
+BUILD_RECORD = versions.BUILD_RECORD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class RefreshPlan:
     shards: tuple                  # the snapshot's shards (map tasks)
     segments: tuple                # the previous version's live segments (manifest entries)
     identity: dict
+    adopted: bool = False          # the first version, built on the root's own plain-job output (--adopt)
 
     @property
     def diff(self) -> diffing.DiffLayout:
@@ -54,6 +57,11 @@ class RefreshPlan:
     def diff_layout(self, storage_options: dict | None) -> diffing.DiffLayout:
         """The diff's files, read and written with the output's storage options."""
         return dataclasses.replace(self.diff, storage_options=storage_options or {})
+
+    @property
+    def source(self) -> str:
+        """What shared segments and shard indexes come from: the previous version, or the adopted root output."""
+        return self.previous or "adopted"
 
     @property
     def tag(self) -> str:
@@ -70,15 +78,20 @@ def snapshot_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict
                                                                       "metric": cfg.index.metric}}
 
 
-def plan(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_shard: int) -> RefreshPlan:
+def plan(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_shard: int,
+         adopt: bool = False) -> RefreshPlan:
     """The build of this run: the unfinished one of an earlier run on the same snapshot (resumed), else a new
-    version compared against the one CURRENT names."""
+    version compared against the one CURRENT names. ``adopt`` (a root without CURRENT that holds the plain jobs'
+    output): the first version is compared against that output, sharing its segments and shard indexes."""
     so = cfg.output.storage_options
     current = versions.read_current(cfg.output.root, so)
     previous = current["version"] if current else None
-    previous_root = versions.version_root(cfg.output.root, previous) if previous else None
+    adopted = adopt and previous is None
+    previous_root = versions.version_root(cfg.output.root, previous) if previous else (
+        cfg.output.root if adopted else None)
     identity = {**snapshot_identity(cfg, files, encoder_identity), "previous": previous,
-                "rows_per_shard": rows_per_shard, "diff_buckets": cfg.refresh.diff_buckets}
+                "rows_per_shard": rows_per_shard, "diff_buckets": cfg.refresh.diff_buckets,
+                **({"adopted": True} if adopted else {})}
     version = _resume_or_start(cfg, identity)
     prev_manifest = read_embeddings_manifest(previous_root, so) if previous_root else None
     reuse = bool(prev_manifest) and prev_manifest["fingerprint"] == encoder_identity["fingerprint"]
@@ -89,7 +102,7 @@ def plan(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_sh
         buckets=diffing.bucket_count(rows, cfg.refresh.diff_buckets), rows_per_shard=rows_per_shard,
         snapshot_rows=rows, next_row_id=_next_row_id(prev_manifest), shards=tuple(plan_shards(files, rows_per_shard)),
         segments=tuple(s for s in prev_manifest["shards"] if s["rows"] > 0) if prev_manifest else (),
-        identity=identity)
+        identity=identity, adopted=adopted)
 
 
 def _resume_or_start(cfg: Config, identity: dict) -> str:
@@ -107,6 +120,24 @@ def _resume_or_start(cfg: Config, identity: dict) -> str:
     version = versions.new_version_name(cfg.output.root, so)
     storage.write_json_atomic(url, {**stamp(), "version": version, "identity": identity}, so)
     return version
+
+
+def committed_work(root: str, so: dict | None) -> str:
+    """What a stopped refresh has committed in the version it is building, e.g. ``'version v000002-... (diff 4
+    buckets joined, 3 new segments encoded, index 2 of 5 shards)'``; '' when no build is pending."""
+    name = versions.building_version(root, so)
+    if not name:
+        return ""
+    base = versions.version_root(root, name)
+    joined = _records_in(posixpath.dirname(diffing.DiffLayout(storage.join(base, "_diff")).bucket_record(0)), so)
+    encoded = _records_in(Layout(base, so).records_dir, so)
+    rest = manifest.committed_work(base, so)
+    parts = [f"diff {joined} buckets joined", f"{encoded} new segments encoded"] + ([rest] if rest else [])
+    return f"version {name} ({', '.join(parts)})"
+
+
+def _records_in(directory: str, so: dict | None) -> int:
+    return sum(1 for n in storage.list_names(directory, so) if n.endswith(".json") and storage.TMP_MARK not in n)
 
 
 def finish_build(cfg: Config) -> None:
@@ -259,7 +290,7 @@ def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -
     entries = []
     for segment in (p.segments if p.reuse else ()):
         entry = {**segment, "path": versions.relative_to(here, shard_url(p.previous_root, segment)),
-                 "shared_from": segment.get("shared_from") or p.previous}
+                 "shared_from": segment.get("shared_from") or p.source}
         if segment["name"] in tombstones:
             entry["deleted_path"] = tombstone_path(segment["name"])
             gone = storage.read_parquet(storage.join(here, entry["deleted_path"]), so).num_rows

@@ -18,6 +18,8 @@ import io
 import json
 import os
 import posixpath
+import re
+import socket
 import uuid
 from typing import Any, Iterable
 
@@ -73,6 +75,13 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
     return fs.exists(path)
 
 
+def temporary_name(path: str) -> str:
+    """A name beside ``path`` for writing it before the rename: host, pid and a random part, so that writers on
+    different hosts sharing a file system never collide (a pid alone repeats across hosts)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+    return f"{path}{TMP_MARK}{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
 def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict | None = None) -> None:
     """Write ``data`` so that readers see the whole of it or nothing: one PUT on object stores (never creating a
     bucket), a temporary name renamed into place on file systems."""
@@ -80,8 +89,7 @@ def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict
     if is_object_store(fs):
         faults.point("write", url)
         with naming(url, "write"):  # e.g. no such bucket, or 500s past the retries
-            with fs.open(path, "wb") as handle:  # one PUT when closed (a multipart upload above the block size)
-                handle.write(data)
+            _write_object(fs, path, data, "wb")
         return
     with open_atomic(url, storage_options) as handle:
         handle.write(data)
@@ -101,7 +109,7 @@ def open_atomic(url: str, storage_options: dict | None = None):
         tmp = handle.name
     else:
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+        tmp = temporary_name(path)
         handle = fs.open(tmp, "wb")
     try:
         with handle:
@@ -120,6 +128,23 @@ def open_atomic(url: str, storage_options: dict | None = None):
         raise
 
 
+def _write_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes | memoryview, mode: str) -> None:
+    """One object written whole: one PUT when closed, or a multipart upload above the block size. A failure on the
+    way discards the upload (S3 aborts the multipart upload, so no parts are left billed and no partial object
+    appears): a file object's ``with`` block would instead complete it with the parts sent so far."""
+    handle = fs.open(path, mode)
+    try:
+        handle.write(data)
+        handle.close()
+    except BaseException:
+        discard = getattr(handle, "discard", None)
+        if discard is not None:
+            with contextlib.suppress(Exception):
+                discard()
+                handle.closed = True  # discarded: closing it again (when collected) must not upload anything
+        raise
+
+
 def create_exclusive(url: str, data: bytes, storage_options: dict | None = None) -> bool | None:
     """Create ``url`` holding ``data`` only if it is absent (it appears whole): True when created, False when it
     exists, None when the store cannot create conditionally (the caller then needs another way)."""
@@ -128,8 +153,7 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None)
     if local is not None:
         return _create_local_exclusive(local, data)
     try:
-        with fs.open(path, "xb") as handle:  # S3: a PUT with If-None-Match: *
-            handle.write(data)
+        _write_object(fs, path, data, "xb")  # S3: a PUT with If-None-Match: *
         return True
     except FileExistsError:
         return False
@@ -143,7 +167,7 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None)
 
 def _create_local_exclusive(path: str, data: bytes) -> bool:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+    tmp = temporary_name(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
     try:

@@ -14,12 +14,10 @@ learn which version it is; :func:`resolve_root` turns a root into the one they s
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import posixpath
 import re
-import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -27,7 +25,8 @@ from typing import Iterator
 
 import fsspec.core
 
-from . import storage
+from . import leases, storage
+from .leases import LockedError, parse_iso as _parse_iso, this_process as _this_process, utc_now_iso as _utc_now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -35,21 +34,24 @@ CURRENT = "CURRENT"
 VERSIONS_DIR = "versions"
 REFRESH_RECORD = "refresh.json"
 READERS_DIR = "_readers"
-LOCK_PATH = "_refresh/lock.json"  # the refresh lock
-JOB_LOCK_PATH = "_lock.json"  # the lock of the jobs that write under a root (encode ... train, pipeline)
+BUILD_RECORD = "_refresh/build.json"  # the version a refresh is building (a rerun on the same snapshot resumes it)
+HISTORY_KEEP = 100  # moves of CURRENT kept in its history
 _NAME = re.compile(r"^v(\d{6,})-(\d{8}T\d{6}Z)$")
 # Protocols whose URLs hold a plain path (``memory://a/b`` is the path ``/a/b``); elsewhere the first component
 # after ``://`` is a bucket or host that a relative path may not climb out of.
 _PATH_PROTOCOLS = frozenset({"file", "local", "memory"})
 
 
-class LockedError(RuntimeError):
-    """A lock (the refresh lock, or a root's job lock) is held by another process; the message names the holder and
-    how to take over."""
+__all__ = ["LockedError", "VersionError", "CurrentMovedError"]
 
 
 class VersionError(ValueError):
     """A version name is malformed, unknown or not complete; the message names it and the valid ones."""
+
+
+class CurrentMovedError(RuntimeError):
+    """CURRENT no longer names the version a writer started from (a rollback moved it): nothing was published; the
+    message names the version CURRENT names now and who moved it when."""
 
 
 # ---------------------------------------------------------------------------------------------------- names
@@ -100,18 +102,6 @@ def new_version_name(root: str, storage_options: dict | None = None, now: dateti
 
 # ---------------------------------------------------------------------------------------------------- CURRENT
 
-def _utc_now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_iso(text: str) -> float:
-    """Seconds since the epoch of an ISO time; a value without a zone is UTC."""
-    moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
-
-
 def read_refresh_record(root: str, name: str, storage_options: dict | None = None) -> dict | None:
     """``versions/<name>/refresh.json``, or None when the version has none (yet)."""
     url = storage.join(version_root(root, name), REFRESH_RECORD)
@@ -127,11 +117,6 @@ def is_complete(root: str, name: str, storage_options: dict | None = None) -> bo
     return bool(record) and record.get("complete") is True
 
 
-def complete_versions(root: str, storage_options: dict | None = None) -> list[str]:
-    """The complete versions, oldest first."""
-    return [n for n in list_versions(root, storage_options) if is_complete(root, n, storage_options)]
-
-
 def read_current(root: str, storage_options: dict | None = None) -> dict | None:
     """The content of ``<root>/CURRENT``, or None when the root has none."""
     url = storage.join(root, CURRENT)
@@ -143,33 +128,148 @@ def read_current(root: str, storage_options: dict | None = None) -> dict | None:
     return current
 
 
-def publish(root: str, name: str, storage_options: dict | None = None, previous: str | None = None) -> dict:
+_ANY = object()
+
+
+def publish(root: str, name: str, storage_options: dict | None = None, expected=_ANY, by: dict | None = None,
+            lease: leases.Lease | None = None) -> dict:
     """Point ``<root>/CURRENT`` at the complete version ``name`` with one atomic write; returns what was written.
 
-    ``previous`` defaults to the version CURRENT named until now (None for the first publication). A version
-    whose ``refresh.json`` does not say ``"complete": true`` is refused. ``refresh.json`` itself is not changed.
+    Compare-and-set: with ``expected`` (a version name, or None for a root without CURRENT yet), CURRENT must still
+    name that version, else :class:`CurrentMovedError` names what it names now and who moved it. ``by`` (the
+    action, and who) goes into the record and its ``history`` (the last :data:`HISTORY_KEEP` moves). With
+    ``lease``, its fence is checked just before the write. The version's ``refresh.json`` then records that it was
+    published. A version whose ``refresh.json`` does not say ``"complete": true`` is refused.
     """
     parse_version_seq(name)
     if not is_complete(root, name, storage_options):
         record_url = storage.join(version_root(root, name), REFRESH_RECORD)
         raise VersionError(f"cannot publish version '{name}': '{record_url}' is missing or does not say "
                            "\"complete\": true")
-    if previous is None:
-        old = read_current(root, storage_options)
-        previous = old["version"] if old and old["version"] != name else (old or {}).get("previous")
-    record = {"version": name, "previous": previous, "published_at": _utc_now_iso()}
+    old = read_current(root, storage_options)
+    if expected is not _ANY and (old or {}).get("version") != expected:
+        raise CurrentMovedError(moved_message(root, old, expected, name))
+    previous = old["version"] if old and old["version"] != name else (old or {}).get("previous")
+    now = _utc_now_iso()
+    move = {"version": name, "at": now, **_this_process(), **(by or {})}
+    if lease is not None:
+        move["generation"] = lease.generation
+    history = ((old or {}).get("history") or [])[-(HISTORY_KEEP - 1):] + [move]
+    record = {"version": name, "previous": previous, "published_at": now, "by": move, "history": history}
+    if lease is not None:
+        lease.check("writing CURRENT")
     storage.write_json_atomic(storage.join(root, CURRENT), record, storage_options)
+    _mark_published(root, name, storage_options, now)
     return record
 
 
-def rollback(root: str, name: str, storage_options: dict | None = None) -> dict:
-    """Point CURRENT at another complete version (published before or not); returns the new CURRENT."""
-    complete = complete_versions(root, storage_options)
-    if name not in complete:
-        state = "is not complete" if name in list_versions(root, storage_options) else "does not exist"
+def moved_message(root: str, current: dict | None, expected: str | None, name: str) -> str:
+    by = (current or {}).get("by") or {}
+    who = (f" by {by.get('action', 'a move')} on host {by.get('host')} pid {by.get('pid')} user {by.get('user')} at "
+           f"{by.get('at')}") if by else ""
+    return (f"not publishing {name}: CURRENT of '{root}' was expected to name {expected or 'nothing'} (the version "
+            f"this run started from) but names {(current or {}).get('version') or 'nothing'}, moved{who}; the "
+            f"version stays on disk, unpublished")
+
+
+def _mark_published(root: str, name: str, storage_options: dict | None, when: str) -> None:
+    """``refresh.json`` of a version records when CURRENT first named it."""
+    url = storage.join(version_root(root, name), REFRESH_RECORD)
+    record = storage.read_json(url, storage_options)
+    if record.get("published") is not True or not record.get("published_at"):
+        storage.write_json_atomic(url, {**record, "published": True, "published_at": when}, storage_options)
+
+
+def mark_abandoned(root: str, name: str, reason: str, storage_options: dict | None = None) -> None:
+    """A complete version that will not be published (CURRENT moved under its refresh) says why."""
+    url = storage.join(version_root(root, name), REFRESH_RECORD)
+    if storage.exists(url, storage_options):
+        storage.write_json_atomic(url, {**storage.read_json(url, storage_options), "abandoned": reason},
+                                  storage_options)
+
+
+# ---------------------------------------------------------------------------------------------------- states
+
+def failed_gates(record: dict) -> list[dict]:
+    return [g for g in record.get("gates") or [] if not g.get("passed", True)]
+
+
+def gate_text(gate: dict) -> str:
+    """A failed gate as a listing shows it: its message (with counts) or ``<gate> <value> vs <threshold>``."""
+    return gate.get("message") or f"{gate['gate']} {gate.get('value')} (limit {gate.get('threshold')})"
+
+
+def version_state(name: str, record: dict | None, current: dict | None, building: str | None) -> dict:
+    """One version's state from its ``refresh.json``, CURRENT and the pending build:
+
+    ``current`` (CURRENT names it), ``published`` (CURRENT named it once), ``failed`` (a gate refused it),
+    ``incomplete`` (the build a rerun resumes: unfinished, or finished and not yet published), ``abandoned``
+    (unfinished and no longer being built, or finished but refused because CURRENT moved under its refresh).
+    """
+    history = {m.get("version") for m in (current or {}).get("history") or []}
+    record = record or {}
+    complete = record.get("complete") is True
+    if (current or {}).get("version") == name:
+        state, detail = "current", ""
+    elif complete and (record.get("published") is True or name in history):
+        state, detail = "published", ""
+    elif complete and failed_gates(record):
+        state, detail = "failed", "; ".join(gate_text(g) for g in failed_gates(record))
+    elif name == building:
+        state, detail = "incomplete", "finished, not yet published" if complete else "being built or resumable"
+    else:
+        state = "abandoned"
+        detail = record.get("abandoned") or ("finished but never published" if complete else "never finished")
+    if state in ("current", "published") and complete and failed_gates(record):
+        detail = "forced past: " + "; ".join(gate_text(g) for g in failed_gates(record))
+    return {"version": name, "state": state, "detail": detail, "complete": complete,
+            "counts": record.get("counts") or {}, "written_at": record.get("written_at"),
+            "published_at": record.get("published_at")}
+
+
+def building_version(root: str, storage_options: dict | None = None) -> str | None:
+    """The version the pending refresh build is making (its record ``_refresh/build.json``), or None."""
+    url = storage.join(root, BUILD_RECORD)
+    if not storage.exists(url, storage_options):
+        return None
+    name = storage.read_json(url, storage_options).get("version")
+    return name if is_version_name(name) else None
+
+
+def states(root: str, storage_options: dict | None = None) -> list[dict]:
+    """Every version under the root with its state (see :func:`version_state`), oldest first."""
+    current = read_current(root, storage_options)
+    building = building_version(root, storage_options)
+    return [version_state(n, read_refresh_record(root, n, storage_options), current, building)
+            for n in list_versions(root, storage_options)]
+
+
+def state_line(state: dict) -> str:
+    """``v000003-...  failed: deleted 3,112 of 5,183 documents (60.0%) > 10%  documents 2,071 ...``"""
+    label = state["state"] + (f": {state['detail']}" if state["detail"] else "")
+    counts = state["counts"]
+    numbers = "" if not counts else (f"documents {counts.get('documents', 0):,}, encoded {counts.get('encoded', 0):,}"
+                                     f", reused {counts.get('reused', 0):,}")
+    date = state.get("published_at") or state.get("written_at") or ""
+    return "  ".join(part for part in (state["version"], label, numbers, date) if part)
+
+
+def rollback_target(root: str, name: str, storage_options: dict | None = None, force: bool = False) -> dict:
+    """The state of version ``name`` if a rollback may publish it, else :class:`VersionError` saying why: an
+    unknown or unfinished version never (it cannot be read whole); one that failed a gate, or that was abandoned,
+    only with ``force``."""
+    parse_version_seq(name)
+    found = {s["version"]: s for s in states(root, storage_options)}
+    if name not in found or not found[name]["complete"]:
+        servable = [n for n, s in found.items() if s["state"] in ("current", "published")]
+        state = "does not exist" if name not in found else f"is {found[name]['state']} (never finished)"
         raise VersionError(f"cannot roll back to version '{name}': it {state} under "
-                           f"'{storage.join(root, VERSIONS_DIR)}'; complete versions: {complete or 'none'}")
-    return publish(root, name, storage_options)
+                           f"'{storage.join(root, VERSIONS_DIR)}'; published versions: {servable or 'none'}")
+    target = found[name]
+    if target["state"] in ("failed", "abandoned") and not force:
+        raise VersionError(f"cannot roll back to version '{name}': it {target['state']}"
+                           f"{': ' + target['detail'] if target['detail'] else ''}; add --force to publish it anyway")
+    return target
 
 
 def resolve_root(root: str, storage_options: dict | None = None, version: str = "") -> tuple[str, str | None]:
@@ -190,142 +290,53 @@ def resolve_root(root: str, storage_options: dict | None = None, version: str = 
     return path, name
 
 
-# ---------------------------------------------------------------------------------------------------- lock
+# ---------------------------------------------------------------------------------------------------- leases
 
-def lock_url(root: str, path: str = LOCK_PATH) -> str:
+def lease_dir(root: str, path: str = leases.REFRESH_LEASE) -> str:
+    """The directory of a root's lease: the refresh lease (whatever moves CURRENT) unless ``path`` says otherwise
+    (:data:`leases.JOB_LEASE`, the lease of the jobs that write the root itself)."""
     return storage.join(root, path)
 
 
-def _this_process() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def _read_lock(url: str, storage_options: dict | None) -> dict | None:
-    """The lock record, None when there is no lock; an unreadable record is held by an unknown holder."""
-    try:
-        record = storage.read_json(url, storage_options)
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        record = None
-    return record if isinstance(record, dict) else {"host": "?", "pid": "?", "started_at": None, "token": None}
-
-
-def _lock_age(record: dict) -> float:
-    """Seconds since the lock was taken; infinite when its start time cannot be read (a broken record)."""
-    try:
-        return time.time() - _parse_iso(record["started_at"])
-    except (KeyError, TypeError, ValueError):
-        return float("inf")
-
-
-def _holder_gone(record: dict) -> bool:
-    """The lock was taken on this host by a process that no longer runs (a refresh killed with SIGKILL, say)."""
-    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
-        return False
-    try:
-        os.kill(record["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # it runs, as another user
-        return False
-    return False
-
-
-def _describe(record: dict) -> str:
-    return f"host {record.get('host')} pid {record.get('pid')} since {record.get('started_at')}"
-
-
-def _judge(held: dict, url: str, what: str, timeout_s: float) -> None:
-    """Raise :class:`LockedError` when the lock ``held`` is live; warn that a stale one is taken over."""
-    age = _lock_age(held)
-    if age < timeout_s and not _holder_gone(held):
-        raise LockedError(
-            f"the {what} lock '{url}' is held by {_describe(held)} (age {age:.0f}s, taken over after "
-            f"{timeout_s:g}s): wait for that {what} to finish, or, if that process is gone, remove "
-            f"'{url}' and run again")
-    logger.warning("taking over the stale %s lock '%s' held by %s (age %.0fs, timeout %gs%s)",
-                   what, url, _describe(held), age, timeout_s,
-                   "; that process no longer runs on this host" if _holder_gone(held) else "")
-
-
-def acquire_lock(root: str, storage_options: dict | None = None, timeout_s: float = 3600.0,
-                 owner: dict | None = None, settle_s: float = 0.0, path: str = LOCK_PATH,
-                 what: str = "refresh") -> dict:
-    """Take ``<root>/<path>`` (the refresh lock unless ``path`` says otherwise; ``what`` names it in messages: the
-    work it guards); returns the record written (host, pid, started_at, token, owner's keys).
-
-    A lock younger than ``timeout_s`` raises :class:`LockedError` naming its holder; an older one is taken over
-    with a warning. ``owner`` adds fields to the record (and may replace host/pid). The record is created only if
-    absent (a local file's exclusive create; S3's conditional PUT, ``If-None-Match: *``); on a store without
-    create-if-absent it is written and read back (after ``settle_s`` seconds, which narrows the window in which two
-    writers can both read their own token), and a lost race is a LockedError.
-    """
-    url = lock_url(root, path)
-    record = {**_this_process(), "started_at": _utc_now_iso(), **(owner or {}), "token": uuid.uuid4().hex}
-    data = json.dumps(record, indent=2, sort_keys=True).encode()
-    for _ in range(2):  # a second pass after removing a stale lock
-        held = _read_lock(url, storage_options)
-        if held is not None:
-            _judge(held, url, what, timeout_s)
-            if _read_lock(url, storage_options) == held:  # still the stale one: remove it, then race fairly
-                storage.remove(url, storage_options)
-            continue
-        created = storage.create_exclusive(url, data, storage_options)
-        if created is None:  # a store without create-if-absent: write, then read back (below)
-            storage.write_bytes_atomic(url, data, storage_options)
-        elif not created:
-            continue  # another process created it in between: judge that one
-        break
-    else:
-        held = _read_lock(url, storage_options) or {}
-        raise LockedError(f"the {what} lock '{url}' was taken by {_describe(held)} while this process "
-                          f"took it over; wait, or, if that process is gone, remove '{url}'")
-    if settle_s > 0 and storage.local_path(url, storage_options) is None:
-        time.sleep(settle_s)
-    held = _read_lock(url, storage_options) or {}
-    if held.get("token") != record["token"]:
-        raise LockedError(f"the {what} lock '{url}' was taken by {_describe(held)} at the same time as this "
-                          f"process; wait for it, or, if that process is gone, remove '{url}'")
-    return record
-
-
-def release_lock(root: str, storage_options: dict | None, lock: dict, path: str = LOCK_PATH) -> bool:
-    """Remove the lock if it still holds ``lock``'s token; False (and a warning) when another holder has it."""
-    url = lock_url(root, path)
-    held = _read_lock(url, storage_options)
-    if held is None:
-        logger.warning("the lock '%s' was already gone when released", url)
-        return False
-    if held.get("token") != lock.get("token"):
-        logger.warning("not releasing the lock '%s': it is now held by %s", url, _describe(held))
-        return False
-    storage.remove(url, storage_options)
-    return True
-
-
 @contextlib.contextmanager
-def locked(root: str, storage_options: dict | None = None, timeout_s: float = 3600.0,
-           owner: dict | None = None, path: str = LOCK_PATH, what: str = "refresh") -> Iterator[dict]:
-    """Hold a lock (the refresh lock unless ``path`` says otherwise) for the ``with`` block (released whatever
-    happens); yields the lock record."""
-    lock = acquire_lock(root, storage_options, timeout_s, owner, path=path, what=what)
+def leased(root: str, storage_options: dict | None = None, expiry_s: float = 600.0, renew_s: float = 60.0,
+           owner: dict | None = None, path: str = leases.REFRESH_LEASE, what: str = "refresh",
+           wait: bool = False) -> Iterator[leases.Lease]:
+    """Hold a root's lease for the ``with`` block, renewed in the background and released whatever happens."""
+    lease = leases.acquire(lease_dir(root, path), storage_options, expiry_s, renew_s, owner, what, wait)
     try:
-        yield lock
+        yield lease
     finally:
-        release_lock(root, storage_options, lock, path)
+        lease.release()
 
 
 # ---------------------------------------------------------------------------------------------------- retention
 
-def versions_to_delete(names: list[str], current: str | None, keep: int, in_use: set[str]) -> list[str]:
-    """The versions (complete or not) older than the newest ``keep``, except ``current`` and those ``in_use``;
-    oldest first."""
-    if keep < 0:
-        raise ValueError(f"keep must be >= 0, got {keep}")
-    ordered = sort_versions(list(names))
-    older = ordered[:max(0, len(ordered) - keep)]
-    return [n for n in older if n != current and n not in in_use]
+SERVED = ("current", "published")
+KEPT_FOR_INSPECTION = ("failed", "abandoned")
+
+
+def versions_to_delete(version_states: list[dict], keep_published: int, keep_failed: int,
+                       protected: set[str]) -> list[str]:
+    """The versions retention deletes, oldest first: published ones older than the newest ``keep_published``
+    published, and failed or abandoned ones older than the newest ``keep_failed`` of those, never one in
+    ``protected`` (CURRENT's version and its previous, those a reader holds, the pending build). A failed version
+    never counts against the published ones, so failed nights cannot push out the version a rollback needs;
+    incomplete ones (the pending build) are never deleted."""
+    if keep_published < 1 or keep_failed < 0:
+        raise ValueError(f"keep_published must be >= 1 and keep_failed >= 0, got {keep_published}, {keep_failed}")
+    doomed = []
+    for group, keep in ((SERVED, keep_published), (KEPT_FOR_INSPECTION, keep_failed)):
+        names = sort_versions([s["version"] for s in version_states if s["state"] in group])
+        doomed += names[:max(0, len(names) - keep)]
+    return sort_versions([n for n in doomed if n not in protected])
+
+
+def protected_versions(root: str, storage_options: dict | None = None) -> set[str]:
+    """What retention never deletes: CURRENT's version, its previous, and the pending build."""
+    current = read_current(root, storage_options) or {}
+    return {n for n in (current.get("version"), current.get("previous"), building_version(root, storage_options))
+            if n}
 
 
 def delete_version_files(root: str, name: str, storage_options: dict | None = None,
@@ -375,8 +386,25 @@ def renew_reader(url: str, storage_options: dict | None = None, version: str | N
     storage.write_json_atomic(url, record, storage_options)
 
 
-def release_reader(url: str, storage_options: dict | None = None) -> None:
-    """Remove a reader's lease (nothing happens when it is gone)."""
+def keep_reader_renewed(url: str, storage_options: dict | None, version: str, every_s: float) -> threading.Event:
+    """Renew a reader's lease every ``every_s`` seconds from a daemon thread, until the returned event is set."""
+    stop = threading.Event()
+
+    def renew_until_stopped() -> None:
+        while not stop.wait(every_s):
+            try:
+                renew_reader(url, storage_options, version)
+            except Exception as exc:  # noqa: BLE001 - retried at the next interval
+                logger.warning("could not renew the reader's lease '%s': %s", url, exc)
+
+    threading.Thread(target=renew_until_stopped, name="reader-lease", daemon=True).start()
+    return stop
+
+
+def release_reader(url: str, storage_options: dict | None = None, renewing: threading.Event | None = None) -> None:
+    """Remove a reader's lease (nothing happens when it is gone), after stopping its renewal."""
+    if renewing is not None:
+        renewing.set()
     storage.remove(url, storage_options)
 
 

@@ -169,7 +169,9 @@ def test_search_reads_current_and_rollback_moves_it(two_days, tiny_model):
     assert versions.read_current(str(root), None)["version"] == two_days["first"]["version"]
     day1_ids = {h["doc_id"] for h in search.run(cfg, ["new"], k=200)[0]}
     assert not any(d.startswith("new") for d in day1_ids)  # day 1 had none of the added documents
-    versions.rollback(str(root), two_days["second"]["version"])
+    current = refresh.rollback(cfg, two_days["second"]["version"])
+    assert current["version"] == two_days["second"]["version"] and current["by"]["action"] == "rollback"
+    assert [m["action"] for m in current["history"]][-3:] == ["refresh", "rollback", "rollback"]
 
 
 def test_an_unchanged_snapshot_publishes_nothing(two_days, tiny_model, encode_log):
@@ -190,24 +192,25 @@ def test_a_failing_gate_keeps_current_and_the_version_stays_for_inspection(two_d
                              *[f"--set={k.replace('__', '.')}={v}" for k, v in SETTINGS.items()],
                              "--set", "runtime.progress=false"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "publish.max_deleted_fraction: value 0.405941, threshold 0.1" in result.stderr  # 82 of 202 gone
+    assert "deleted 82 of 202 documents (40.6%) > 10%" in result.stderr  # counts as well as the fraction
     assert versions.read_current(str(root), None) == before
-    failed = [v for v in versions.list_versions(str(root))
-              if not (versions.read_refresh_record(str(root), v) or {}).get("published", True)]
-    assert len(failed) == 1
-    record = versions.read_refresh_record(str(root), failed[0])
+    failed = [s for s in versions.states(str(root)) if s["state"] == "failed"]
+    assert len(failed) == 1 and failed[0]["detail"] == "deleted 82 of 202 documents (40.6%) > 10%"
+    record = versions.read_refresh_record(str(root), failed[0]["version"])
     gate = next(g for g in record["gates"] if g["gate"] == "publish.max_deleted_fraction")
-    assert gate == {"gate": "publish.max_deleted_fraction", "threshold": 0.1, "value": 0.405941, "passed": False}
+    assert gate == {"gate": "publish.max_deleted_fraction", "threshold": 0.1, "value": 0.405941, "passed": False,
+                    "message": "deleted 82 of 202 documents (40.6%) > 10%"}
+    assert record["published"] is False and record["gates_passed"] is False
+    # stderr is a pipe here, as under cron: no progress bars, one line per step with its count and time
+    assert "\r" not in result.stderr and "it/s]" not in result.stderr
+    assert "jobs.progress: refresh: diff: snapshot: " in result.stderr
 
 
-def test_a_second_refresh_on_a_locked_root_is_refused(two_days, tiny_model):
+def test_a_second_refresh_on_a_leased_root_is_refused(two_days, tiny_model):
     root = str(two_days["root"])
-    held = versions.acquire_lock(root, None, 3600, owner={"host": "nightly-7", "pid": 4242})
-    try:
-        with pytest.raises(versions.LockedError, match="nightly-7.*4242"):
+    with versions.leased(root, None, 600, 60, owner={"host": "nightly-7", "pid": 4242, "job": "jobs.refresh"}):
+        with pytest.raises(versions.LockedError, match="nightly-7 pid 4242 \\(jobs.refresh\\)"):
             refresh.run(refresh_config(two_days["s2"], root, tiny_model))
-    finally:
-        versions.release_lock(root, None, held)
 
 
 def test_a_killed_refresh_resumes_and_ends_as_an_uninterrupted_run(two_days, tiny_model, tmp_path):
@@ -256,8 +259,8 @@ def test_another_encoder_re_encodes_everything_and_says_so(two_days, tiny_model,
 
 def test_ivf_quantizer_reused_without_retraining_and_old_versions_retired(two_days, tiny_model, tmp_path):
     """IVF4,Flat searched over all 4 lists (exact): day 2 reuses day 1's trained quantizer byte for byte, its
-    results equal the from-scratch Flat build, and with keep_versions 1 day 1 is retired except the files day 2
-    still shares."""
+    results equal the from-scratch Flat build, and with keep_versions 1 day 1 stays while it is CURRENT's previous,
+    then is retired by day 3 except the files days 2 and 3 still share."""
     root = tmp_path / "ivf"
     ivf = dict(index__type="IVF4,Flat", index__nprobe=4, index__train_size=200, refresh__retrain="never",
                publish__keep_versions=1)
@@ -266,7 +269,7 @@ def test_ivf_quantizer_reused_without_retraining_and_old_versions_retired(two_da
     second = refresh.run(refresh_config(two_days["s2"], root, tiny_model, **ivf))
     assert second["retrain"] == {"retrain": False, "reusable": True, "reason": "refresh.retrain = never"}
     v1, v2 = (Path(versions.version_root(str(root), r["version"])) for r in (first, second))
-    assert second["deleted_versions"] == [first["version"]] and not (v1 / "refresh.json").exists()
+    assert second["deleted_versions"] == [] and (v1 / "refresh.json").exists()  # CURRENT's previous stays
     assert (v2 / "index" / "trained.faiss").read_bytes() == trained
     scratch_root = versions.version_root(str(two_days["tmp"] / "scratch"), two_days["scratch"]["version"])
     queries = np.stack(list(by_doc(scratch_root).values())[::9])
@@ -274,9 +277,13 @@ def test_ivf_quantizer_reused_without_retraining_and_old_versions_retired(two_da
     scores_b, docs_b = search_all(scratch_root, queries)
     assert docs_a == docs_b
     np.testing.assert_allclose(scores_a, scores_b, atol=1e-5)
-    shared = [s for s in json.loads((v2 / "embeddings" / "_manifest.json").read_text())["shards"]
-              if s.get("shared_from")]
-    assert shared and all((v2 / "embeddings" / s["path"]).resolve().exists() for s in shared)
+    third = refresh.run(refresh_config(two_days["s1"], root, tiny_model, **ivf))  # back to day 1's texts
+    v3 = Path(versions.version_root(str(root), third["version"]))
+    assert third["deleted_versions"] == [first["version"]] and not (v1 / "refresh.json").exists()
+    for version in (v2, v3):
+        shared = [s for s in json.loads((version / "embeddings" / "_manifest.json").read_text())["shards"]
+                  if s.get("shared_from")]
+        assert shared and all((version / "embeddings" / s["path"]).resolve().exists() for s in shared)
 
 
 def test_recall_under_target_at_the_stored_nprobe_retrains_the_quantizer(two_days, tiny_model, tmp_path):

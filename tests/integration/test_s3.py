@@ -494,32 +494,55 @@ def test_a_store_failing_past_its_retries_commits_nothing_and_one_failing_for_a_
     assert ids_s.tolist() == ids_c.tolist() and docs_s == docs_c and vectors_s.tobytes() == vectors_c.tobytes()
 
 
-def test_two_jobs_on_one_s3_root_one_is_refused(buckets, s3_options):
-    """The job lock is created with S3's conditional PUT (If-None-Match: *): of 8 contenders exactly one holds it,
-    the others are refused naming the holder, and it is gone once released."""
+def test_twenty_contenders_on_an_expired_s3_lease_exactly_one_wins(buckets, s3_options):
+    """Taking over an expired lease is the conditional creation (If-None-Match: *) of the next generation's
+    object: of 20 contenders at once exactly one wins; the others are refused naming it; its release is seen."""
     import threading
 
-    from retrieval_core import versions
+    from retrieval_core import leases
 
-    root, results, barrier = f"s3://{SCRATCH}/two-jobs", [], threading.Barrier(8)
+    directory = f"s3://{SCRATCH}/contenders/{leases.REFRESH_LEASE}"
+    stale = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    storage.write_json_atomic(leases.generation_url(directory, 7), {
+        "generation": 7, "host": "gone-host", "pid": 1, "renewed_at": stale, "expiry_s": 600}, s3_options)
+    results, barrier = [], threading.Barrier(20)
 
     def contend():
         barrier.wait()
         try:
-            results.append(versions.acquire_lock(root, s3_options, owner={"job": "encode"},
-                                                 path=versions.JOB_LOCK_PATH, what="job"))
-        except versions.LockedError as exc:
+            results.append(leases.acquire(directory, s3_options, expiry_s=600, renew_s=60, owner={"job": "refresh"}))
+        except leases.LockedError as exc:
             results.append(str(exc))
 
-    threads = [threading.Thread(target=contend) for _ in range(8)]
+    threads = [threading.Thread(target=contend) for _ in range(20)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    winners = [r for r in results if isinstance(r, dict)]
-    assert len(results) == 8 and len(winners) == 1
-    url = versions.lock_url(root, versions.JOB_LOCK_PATH)
-    assert storage.read_json(url, s3_options)["token"] == winners[0]["token"]
-    assert all("the job lock" in r and "pid" in r for r in results if isinstance(r, str))
-    assert versions.release_lock(root, s3_options, winners[0], versions.JOB_LOCK_PATH)
-    assert not storage.exists(url, s3_options)
+    winners = [r for r in results if isinstance(r, leases.Lease)]
+    assert len(results) == 20 and len(winners) == 1 and winners[0].generation == 8
+    assert leases.newest(directory, s3_options)[1]["token"] == winners[0].record["token"]
+    assert all("generation 8" in r and "is held by" in r for r in results if isinstance(r, str))
+    assert winners[0].release()
+    again = leases.acquire(directory, s3_options, expiry_s=600, renew_s=60)
+    assert again.generation == 9
+    again.release()
+
+
+def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(buckets, flaky, s3_options):
+    """A write above the block size goes up in parts; when a part fails past the retries, the upload is aborted:
+    no object (not even one made of the parts sent), and no multipart upload left open in the bucket."""
+    through = {**s3_options, "client_kwargs": {"endpoint_url": flaky.endpoint}, "default_block_size": 5 * 2 ** 20,
+               "skip_instance_cache": True}
+    url = f"s3://{SCRATCH}/multipart/big.bin"
+    flaky.fail("PUT", 500, when="partNumber=", times=None)
+    try:
+        with pytest.raises(OSError, match="cannot write 's3://rj-scratch/multipart/big.bin'"):
+            storage.write_bytes_atomic(url, os.urandom(11 * 2 ** 20), through)
+    finally:
+        flaky.heal()
+    fs = s3fs_of(s3_options)
+    assert not fs.exists(f"{SCRATCH}/multipart/big.bin")
+    assert fs.call_s3("list_multipart_uploads", Bucket=SCRATCH).get("Uploads", []) == []
+    storage.write_bytes_atomic(url, b"whole", through)  # the store itself is fine
+    assert storage.read_bytes(url, s3_options) == b"whole"

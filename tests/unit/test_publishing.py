@@ -34,6 +34,25 @@ def test_each_gate_fails_alone_above_its_threshold(tmp_path, gate, setting, valu
     assert gates[gate]["value"] == pytest.approx(value, abs=1e-6) and gates[gate]["threshold"] == float(number)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("publish__min_recall=0.98", "recall@10 of the index 0.9700 < 0.98"),
+    ("publish__max_reject_fraction=0.004", "rejected 5 of 1,000 snapshot rows (0.5%) > 0.4%"),
+    ("publish__max_deleted_fraction=0.02", "deleted 20 of 960 documents (2.1%) > 2%"),
+    ("publish__max_added_fraction=0.03", "added 30 of 960 documents (3.1%) > 3%"),
+    ("publish__max_ndcg_drop=0.005", "nDCG@10 fell 0.0100 (0.7100 -> 0.7000) > 0.005"),
+])
+def test_a_failed_gate_says_its_counts_as_well_as_its_fraction(tmp_path, setting, message):
+    key, number = setting.split("=")
+    failed = [g for g in verdicts(config("c.parquet", tmp_path, **{key: number})).values() if not g["passed"]]
+    assert [g["message"] for g in failed] == [message]
+
+
+def test_a_passed_gate_says_so_with_its_counts(tmp_path):
+    gates = verdicts(config("c.parquet", tmp_path))
+    assert gates["publish.max_deleted_fraction"]["message"] == "deleted 20 of 960 documents (2.1%) <= 10%"
+    assert verdicts(config("c.parquet", tmp_path), recall=None)["publish.min_recall"]["message"] == "not measured"
+
+
 def test_the_first_version_and_unevaluated_versions_skip_the_gates_that_need_a_previous_one(tmp_path):
     cfg = config("c.parquet", tmp_path)
     first = verdicts(cfg, counts={**COUNTS, "unchanged": 0, "changed": 0, "deleted": 0, "added": 995}, first=True)

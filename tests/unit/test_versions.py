@@ -105,12 +105,39 @@ def test_publish_writes_current_and_tracks_previous(root):
     a, b = "v000001-20240101T000000Z", "v000002-20240102T000000Z"
     make_version(root, a)
     make_version(root, b)
-    first = versions.publish(root, a)
+    first = versions.publish(root, a, expected=None, by={"action": "refresh"})
     assert first["version"] == a and first["previous"] is None and first["published_at"].endswith("Z")
-    second = versions.publish(root, b)
+    second = versions.publish(root, b, expected=a, by={"action": "refresh"})
     assert versions.read_current(root) == second
     assert second["version"] == b and second["previous"] == a
-    assert versions.publish(root, b, previous="custom")["previous"] == "custom"
+    assert [m["version"] for m in second["history"]] == [a, b]
+    assert second["by"]["action"] == "refresh" and second["by"]["pid"] == os.getpid()
+    assert versions.read_refresh_record(root, b)["published"] is True  # CURRENT named it: the record says so
+
+
+def test_publish_is_a_compare_and_set_naming_who_moved_current(root):
+    """A refresh that started from a and finds CURRENT moved (by a rollback) publishes nothing and says who."""
+    a, b, c = "v000001-20240101T000000Z", "v000002-20240102T000000Z", "v000003-20240103T000000Z"
+    for n in (a, b, c):
+        make_version(root, n)
+    versions.publish(root, b, expected=None, by={"action": "refresh"})
+    versions.publish(root, a, expected=b, by={"action": "rollback"})
+    with pytest.raises(versions.CurrentMovedError) as info:
+        versions.publish(root, c, expected=b, by={"action": "refresh"})
+    message = str(info.value)
+    assert f"expected to name {b}" in message and f"names {a}" in message and "by rollback" in message
+    assert socket.gethostname() in message
+    assert versions.read_current(root)["version"] == a
+
+
+def test_history_is_bounded(root):
+    a, b = "v000001-20240101T000000Z", "v000002-20240102T000000Z"
+    make_version(root, a)
+    make_version(root, b)
+    for i in range(versions.HISTORY_KEEP + 5):
+        versions.publish(root, (a, b)[i % 2])
+    history = versions.read_current(root)["history"]
+    assert len(history) == versions.HISTORY_KEEP and history[-1]["version"] == (a, b)[(versions.HISTORY_KEEP + 4) % 2]
 
 
 def test_current_is_replaced_atomically_on_disk(tmp_path):
@@ -156,32 +183,51 @@ def test_publish_on_memory_leaves_only_the_new_current():
         storage.remove("memory://versions-test")
 
 
-def test_rollback_to_an_earlier_complete_version(root):
-    a, b, c = "v000001-20240101T000000Z", "v000002-20240102T000000Z", "v000003-20240103T000000Z"
-    make_version(root, a, published=False)  # complete but never published: still a valid target
-    make_version(root, b, published=True)
-    make_version(root, c, published=True)
-    versions.publish(root, b)
-    versions.publish(root, c)
-    current = versions.rollback(root, a)
-    assert current["version"] == a and current["previous"] == c
-    assert versions.read_current(root) == current
-    assert versions.resolve_root(root) == (versions.version_root(root, a), a)
+FAILED_GATE = {"gate": "publish.max_deleted_fraction", "threshold": 0.1, "value": 0.6, "passed": False,
+               "message": "deleted 3,112 of 5,183 documents (60.0%) > 10%"}
 
 
-def test_rollback_refuses_unknown_and_incomplete_listing_complete_ones(root):
-    a, b, bad = "v000001-20240101T000000Z", "v000002-20240102T000000Z", "v000003-20240103T000000Z"
-    make_version(root, a)
-    make_version(root, b)
+def make_failed(root, name):
+    base = make_version(root, name)
+    storage.write_json_atomic(storage.join(base, "refresh.json"), {"complete": True, "gates_passed": False,
+                                                                   "published": False, "gates": [FAILED_GATE]})
+
+
+def test_states_name_current_published_failed_incomplete_and_abandoned(root):
+    names = [f"v{i:06d}-2024010{i}T000000Z" for i in range(1, 7)]
+    make_version(root, names[0])
+    make_version(root, names[1])
+    make_failed(root, names[2])
+    make_version(root, names[3], complete=None)           # unfinished, no build names it
+    make_version(root, names[4], complete=None)           # the pending build
+    storage.write_json_atomic(storage.join(root, versions.BUILD_RECORD), {"version": names[4], "identity": {}})
+    make_version(root, names[5])                          # finished, passed, never published and not pending
+    versions.publish(root, names[0])
+    versions.publish(root, names[1])
+    found = {s["version"]: s for s in versions.states(root)}
+    assert [found[n]["state"] for n in names] == ["published", "current", "failed", "abandoned", "incomplete",
+                                                  "abandoned"]
+    assert found[names[2]]["detail"] == "deleted 3,112 of 5,183 documents (60.0%) > 10%"
+    line = versions.state_line(found[names[2]])
+    assert line.startswith(f"{names[2]}  failed: deleted 3,112 of 5,183")
+
+
+def test_rollback_target_refuses_failed_without_force_and_unfinished_always(root):
+    good, failed, bad = "v000001-20240101T000000Z", "v000002-20240102T000000Z", "v000003-20240103T000000Z"
+    make_version(root, good)
+    make_failed(root, failed)
     make_version(root, bad, complete=False)
-    versions.publish(root, b)
-    with pytest.raises(VersionError, match="not complete") as info:
-        versions.rollback(root, bad)
-    assert bad in str(info.value) and a in str(info.value) and b in str(info.value)
-    with pytest.raises(VersionError, match="does not exist") as info:
-        versions.rollback(root, "v000009-20240109T000000Z")
-    assert "v000009-20240109T000000Z" in str(info.value) and a in str(info.value) and b in str(info.value)
-    assert versions.read_current(root)["version"] == b
+    versions.publish(root, good)
+    with pytest.raises(VersionError, match="failed: deleted 3,112 of 5,183 documents.*--force"):
+        versions.rollback_target(root, failed)
+    assert versions.rollback_target(root, failed, force=True)["state"] == "failed"
+    for force in (False, True):
+        with pytest.raises(VersionError, match="never finished") as info:
+            versions.rollback_target(root, bad, force=force)
+        assert good in str(info.value)
+    with pytest.raises(VersionError, match="does not exist"):
+        versions.rollback_target(root, "v000009-20240109T000000Z")
+    assert versions.read_current(root)["version"] == good
 
 
 # ---------------------------------------------------------------------------------------------------- resolve_root
@@ -213,133 +259,47 @@ def test_resolve_missing_versions_are_errors(root):
     assert a in str(info.value) and "CURRENT" in str(info.value) and versions.version_root(root, a) in str(info.value)
 
 
-# ---------------------------------------------------------------------------------------------------- lock
-
-def test_second_acquire_is_refused_naming_the_holder(root):
-    lock = versions.acquire_lock(root, timeout_s=3600, owner={"job": "refresh"})
-    assert {"host", "pid", "started_at", "token"} <= set(lock) and lock["job"] == "refresh"
-    assert storage.read_json(versions.lock_url(root)) == lock
-    with pytest.raises(LockedError) as info:
-        versions.acquire_lock(root, timeout_s=3600)
-    message = str(info.value)
-    for part in (lock["host"], str(lock["pid"]), lock["started_at"], versions.lock_url(root), "remove"):
-        assert part in message
-    assert versions.release_lock(root, None, lock) is True
-    assert not storage.exists(versions.lock_url(root))
-    again = versions.acquire_lock(root, timeout_s=3600)
-    assert again["token"] != lock["token"]
-    versions.release_lock(root, None, again)
-
-
-def test_stale_lock_is_taken_over_with_a_warning(root, caplog):
-    stale = {"host": "old-host", "pid": 4242, "started_at": iso(7200), "token": "old-token"}
-    storage.write_json_atomic(versions.lock_url(root), stale)
-    with caplog.at_level(logging.WARNING, logger="retrieval_core.versions"):
-        lock = versions.acquire_lock(root, timeout_s=3600)
-    assert lock["token"] != "old-token"
-    assert storage.read_json(versions.lock_url(root))["token"] == lock["token"]
-    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "old-host" in warning and "4242" in warning and stale["started_at"] in warning
-
-
-def test_a_lock_whose_process_is_gone_from_this_host_is_taken_over(root, caplog):
-    """A refresh killed with SIGKILL leaves its lock; on the same host, a dead pid makes it stale at once."""
-    import socket
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
-    fresh = {"host": socket.gethostname(), "pid": pid, "started_at": iso(5), "token": "killed-token"}
-    storage.write_json_atomic(versions.lock_url(root), fresh)
-    with caplog.at_level(logging.WARNING, logger="retrieval_core.versions"):
-        lock = versions.acquire_lock(root, timeout_s=3600)
-    assert lock["token"] != "killed-token"
-    assert "no longer runs on this host" in caplog.text
-    versions.release_lock(root, None, lock)
-    alive = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": iso(5), "token": "live-token"}
-    storage.write_json_atomic(versions.lock_url(root), alive)
-    with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
-        versions.acquire_lock(root, timeout_s=3600)
-
-
-def test_unreadable_lock_is_stale(root, caplog):
-    storage.write_bytes_atomic(versions.lock_url(root), b"{not json")
-    with caplog.at_level(logging.WARNING, logger="retrieval_core.versions"):
-        lock = versions.acquire_lock(root, timeout_s=3600)
-    assert storage.read_json(versions.lock_url(root))["token"] == lock["token"]
-    assert any("stale" in r.getMessage() for r in caplog.records)
-
-
-def test_release_only_with_our_token(root):
-    lock = versions.acquire_lock(root, timeout_s=3600)
-    assert versions.release_lock(root, None, {**lock, "token": "someone-else"}) is False
-    assert storage.exists(versions.lock_url(root))
-    # someone took the lock over from us: our release leaves theirs alone
-    theirs = {**lock, "host": "other", "token": "theirs"}
-    storage.write_json_atomic(versions.lock_url(root), theirs)
-    assert versions.release_lock(root, None, lock) is False
-    assert storage.read_json(versions.lock_url(root))["token"] == "theirs"
-    storage.remove(versions.lock_url(root))
-    assert versions.release_lock(root, None, lock) is False
-
-
-def test_locked_context_releases_on_error(root):
-    with pytest.raises(RuntimeError, match="boom"):
-        with versions.locked(root, None, 3600) as lock:
-            assert storage.read_json(versions.lock_url(root))["token"] == lock["token"]
-            with pytest.raises(LockedError):
-                with versions.locked(root, None, 3600):
-                    pass
-            raise RuntimeError("boom")
-    assert not storage.exists(versions.lock_url(root))
-
-
-def test_local_lock_is_created_exclusively(tmp_path):
-    root = str(tmp_path / "out")
-    results, barrier = [], threading.Barrier(8)
-
-    def contend():
-        barrier.wait()
-        try:
-            results.append(versions.acquire_lock(root, timeout_s=3600))
-        except LockedError:
-            results.append(None)
-
-    threads = [threading.Thread(target=contend) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [r for r in results if r]
-    assert len(results) == 8 and len(winners) == 1
-    assert storage.read_json(versions.lock_url(root))["token"] == winners[0]["token"]
-    assert os.listdir(tmp_path / "out" / "_refresh") == ["lock.json"]
-
-
 # ---------------------------------------------------------------------------------------------------- retention
 
 NAMES = [f"v{i:06d}-202401{i:02d}T000000Z" for i in range(1, 8)]
 
 
-def test_retention_keeps_newest_current_and_in_use():
-    assert versions.versions_to_delete(NAMES, NAMES[-1], 3, set()) == NAMES[:4]
-    assert versions.versions_to_delete(list(reversed(NAMES)), NAMES[1], 3, {NAMES[2]}) == [NAMES[0], NAMES[3]]
-    assert versions.versions_to_delete(NAMES, NAMES[0], 10, set()) == []
-    assert versions.versions_to_delete(NAMES, None, 0, set(NAMES[:6])) == [NAMES[6]]
-    assert versions.versions_to_delete([], None, 2, set()) == []
+def states_of(published=(), failed=(), other=()):
+    found = [{"version": n, "state": "published"} for n in published]
+    found += [{"version": n, "state": "failed"} for n in failed]
+    return found + [{"version": n, "state": state} for n, state in other]
+
+
+def test_retention_counts_published_versions_only():
+    found = states_of(published=NAMES[:4], failed=NAMES[4:])
+    assert versions.versions_to_delete(found, 1, 3, set()) == NAMES[:3]
+    assert versions.versions_to_delete(found, 1, 1, set()) == NAMES[:3] + NAMES[4:6]
+    assert versions.versions_to_delete(found, 10, 0, {NAMES[5]}) == [NAMES[4], NAMES[6]]
+    incomplete = states_of(published=NAMES[:2], other=[(NAMES[2], "incomplete"), (NAMES[3], "abandoned")])
+    assert versions.versions_to_delete(incomplete, 1, 0, set()) == [NAMES[0], NAMES[3]]
+    assert versions.versions_to_delete([], 1, 0, set()) == []
     with pytest.raises(ValueError, match="-1"):
-        versions.versions_to_delete(NAMES, None, -1, set())
+        versions.versions_to_delete(found, 1, -1, set())
 
 
-def test_retention_never_deletes_current_or_in_use_whatever_keep():
-    for keep in range(0, 9):
-        for current in NAMES:
-            doomed = versions.versions_to_delete(NAMES, current, keep, {NAMES[3]})
-            assert current not in doomed and NAMES[3] not in doomed
-            newest = NAMES[max(0, len(NAMES) - keep):]
-            assert not set(doomed) & set(newest)
-            assert set(doomed) == set(NAMES) - set(newest) - {current, NAMES[3]}
+def test_three_failed_nights_never_push_out_the_last_published_version():
+    """keep_versions 1: failed nights after the last good one delete failed ones only, past keep_failed."""
+    for failed_nights in range(1, 6):
+        found = states_of(published=NAMES[:1], failed=NAMES[1:1 + failed_nights])
+        for keep_failed in range(0, 4):
+            doomed = versions.versions_to_delete(found, 1, keep_failed, set())
+            assert NAMES[0] not in doomed
+            assert len(doomed) == max(0, failed_nights - keep_failed)
+
+
+def test_retention_never_deletes_protected_versions_whatever_keep():
+    found = states_of(published=NAMES[:4], failed=NAMES[4:])
+    for keep in range(1, 9):
+        for keep_failed in range(0, 4):
+            for protected in ({NAMES[0]}, {NAMES[3], NAMES[4]}):
+                doomed = versions.versions_to_delete(found, keep, keep_failed, protected)
+                assert not set(doomed) & protected
+                assert not set(doomed) & set(NAMES[:4][-keep:])
 
 
 def test_delete_version_files_keeps_referenced_files(root):
@@ -440,29 +400,3 @@ def test_relative_paths_resolve_to_real_files(root):
     relative = versions.relative_to(here, shard)
     assert relative == "../../v000001-20240101T000000Z/embeddings/s.parquet"
     assert storage.read_bytes(versions.resolve_relative(here, relative)) == b"shared"
-
-
-@pytest.mark.parametrize("job", ["encode", "index", "evaluate", "mine", "train", "pipeline"])
-def test_a_second_job_writing_the_same_root_is_refused_naming_the_holder(tmp_path, caplog, job):
-    """Two overlapping runs (cron, say) on one root: the second exits 1 before any work, naming the first."""
-    import importlib
-
-    root = str(tmp_path / "out")
-    held = versions.acquire_lock(root, None, 3600, owner={"host": "nightly-7", "pid": 4242, "job": "jobs.encode"},
-                                 path=versions.JOB_LOCK_PATH, what="job")
-    module = importlib.import_module(f"jobs.{job}")
-    with caplog.at_level(logging.ERROR, logger="jobs"):
-        assert module.main(["--set", f"output.root={root}", "--set", "runtime.progress=false"]) == 1
-    message = " ".join(r.getMessage() for r in caplog.records)
-    assert f"the job lock '{root}/_lock.json' is held by host nightly-7 pid 4242" in message
-    assert sorted(os.listdir(root)) == ["_lock.json"]  # nothing else was written
-    assert storage.read_json(versions.lock_url(root, versions.JOB_LOCK_PATH))["token"] == held["token"]
-
-
-def test_a_job_lock_left_by_a_killed_job_on_this_host_is_taken_over(tmp_path):
-    root = str(tmp_path / "out")
-    dead = {"host": socket.gethostname(), "pid": 2 ** 22 + 7, "started_at": iso(10), "token": "dead"}
-    storage.write_json_atomic(versions.lock_url(root, versions.JOB_LOCK_PATH), dead)
-    with versions.locked(root, None, 3600, path=versions.JOB_LOCK_PATH, what="job") as lock:
-        assert storage.read_json(versions.lock_url(root, versions.JOB_LOCK_PATH))["token"] == lock["token"]
-    assert not storage.exists(versions.lock_url(root, versions.JOB_LOCK_PATH))
