@@ -83,7 +83,7 @@ def reference(corpus: dict, pairs: list, args, use_faiss: bool, cross_encoder: s
     model = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
     if cross_encoder:  # no margin (see cross_encoder_rows); min_score -1e9 removes nothing but makes it rescore
         options = {"cross_encoder": CrossEncoder(cross_encoder, device="cpu", max_length=args.ce_max_length),
-                   "range_max": 10 * args.num_negatives + max_positives(pairs), "min_score": -1e9}
+                   "range_max": 10 * args.num_negatives + max_positives(pairs) - _query_slot(), "min_score": -1e9}
     result = mine_hard_negatives(Dataset.from_list([{"query": q, "positive": p} for q, p in pairs]), model,
                                  corpus=list(corpus.values()), num_negatives=args.num_negatives,
                                  sampling_strategy="top", batch_size=args.batch_size, use_faiss=use_faiss,
@@ -93,6 +93,14 @@ def reference(corpus: dict, pairs: list, args, use_faiss: bool, cross_encoder: s
     for row in result:
         negatives.setdefault(row["query"], set()).add(row["negative"])
     return seconds, negatives
+
+
+def _query_slot() -> int:
+    """1 on sentence-transformers >= 6.3, which ranks one candidate more (a slot for the query's own text): with
+    range_max one lower it ranks the candidates the job ranks."""
+    import sentence_transformers
+
+    return int(tuple(int(p) for p in sentence_transformers.__version__.split(".")[:2]) >= (6, 3))
 
 
 def max_positives(pairs: list) -> int:

@@ -88,12 +88,11 @@ def _locked_run(cfg: Config, run: Callable[[Config], Any], job: str) -> Any:
 
 
 def _remove_empty_tree(path: str) -> None:
-    """Remove ``path`` when it holds nothing but the job lease's own directories."""
-    for directory, subdirs, files in os.walk(path, topdown=False):
-        if files:
-            return
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)
+    """Remove the root a failed job made when it holds nothing but the job lease it took."""
+    import shutil
+
+    if os.path.isdir(path) and os.listdir(path) == [leases.JOB_LEASE.split("/")[0]]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _module_name(run: Callable) -> str:

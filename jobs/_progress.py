@@ -32,6 +32,13 @@ class StepLine:
         self.postfix: dict = {}
         self.started = time.perf_counter()
 
+    def __enter__(self) -> "StepLine":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+
     def update(self, n: int = 1) -> None:
         self.n += n
 

@@ -143,12 +143,12 @@ class _Steps:
         self.session.ensure()
         return ray.get(ray.remote(function).options(num_cpus=1).remote(*args))
 
-    def each(self, function, items: list, args: tuple, desc: str) -> list:
+    def each(self, function, items: list, args: tuple, desc: str, unit: str) -> list:
         """``function(item, *args)`` for every item: here one after another, or one Ray task (one CPU) per item;
         results in completion order."""
         if not items:
             return []
-        bar = self.bar(len(items), desc)
+        bar = self.bar(len(items), desc, unit)
         try:
             if self.inline:
                 return [self.advanced(bar, function(item, *args)) for item in items]
@@ -191,9 +191,11 @@ def _rows_per_shard(cfg: Config, session: _runtime.LazyRaySession, total_rows: i
 def _diff(steps: _Steps, p: refreshing.RefreshPlan) -> None:
     """Map the snapshot's shards and the previous version's segments into buckets, then join bucket by bucket."""
     cfg, so = steps.cfg, steps.cfg.output.storage_options
-    steps.each(refreshing.map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot")
-    steps.each(refreshing.map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous")
-    steps.each(refreshing.reduce_bucket, refreshing.pending_buckets(p, so), (p, so), "diff: join")
+    steps.each(refreshing.map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot",
+               "shard")
+    steps.each(refreshing.map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous",
+               "segment")
+    steps.each(refreshing.reduce_bucket, refreshing.pending_buckets(p, so), (p, so), "diff: join", "bucket")
 
 
 def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: dict) -> tuple[list[dict], int]:
@@ -238,7 +240,7 @@ def _tombstones(steps: _Steps, p: refreshing.RefreshPlan, tombstones: dict[str, 
     when the encoder changed: nothing is shared then)."""
     so = steps.cfg.output.storage_options
     touched = [s for s in p.segments if s["name"] in tombstones] if p.reuse else []
-    steps.each(refreshing.write_segment_tombstones, touched, (p, tombstones, so), "tombstones")
+    steps.each(refreshing.write_segment_tombstones, touched, (p, tombstones, so), "tombstones", "segment")
     return refreshing.shared_entries(p, tombstones, so)
 
 

@@ -1,6 +1,8 @@
 """Search the index with query texts (--query, repeatable).
 
-Reads:  <output.root>/index/ and embeddings/, and the corpus (for the text previews).
+Reads:  <output.root>/index/ and embeddings/, and the corpus (for the text previews). On a root that jobs.refresh
+        publishes versions under, the version CURRENT names (or output.version), under a reader's lease that keeps
+        retention off it while this job runs.
 Writes: nothing; prints rank, score, doc id and the start of each hit's text.
 Each query is encoded with the index's encoder (model.query_prompt included); --k overrides search.k.
 """
@@ -15,7 +17,7 @@ from retrieval_core.config import Config
 
 log = logging.getLogger("jobs.search")
 PREVIEW_CHARS = 80
-KEYS = ("output.root", "search.k", "model.query_prompt")  # for --help
+KEYS = ("output.root", "output.version", "search.k", "model.query_prompt")  # for --help
 
 
 def run(cfg: Config, queries: list[str], k: int | None = None) -> list[list[dict]]:

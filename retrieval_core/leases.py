@@ -178,12 +178,11 @@ class Lease:
     def check(self, step: str = "") -> None:
         """The fence, before a step that changes shared state: no newer generation exists and this process's
         lease has not expired; else :class:`LeaseLost` (naming the new holder and ``step``)."""
-        self.ensure()
         newer = generation_url(self.directory, self.generation + 1)
         if storage.exists(newer, self.storage_options):
             holder = read_record(self.directory, self.generation + 1, self.storage_options) or {}
             self.lost = f"taken over by {describe(holder)}"
-            self.ensure()
+        self.ensure()
         logger.debug("lease generation %d checked before %s", self.generation, step or "a step")
 
     def renew(self) -> None:

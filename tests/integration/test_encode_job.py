@@ -189,3 +189,45 @@ def shard_records(root) -> list[dict]:
         with contextlib.suppress(json.JSONDecodeError, FileNotFoundError):
             records.append(json.loads(path.read_text()))
     return records
+
+
+def _stop_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("stopped by ")]
+
+
+@pytest.mark.parametrize("when", ["starting", "waiting", "mid-shard"])
+def test_a_sigterm_anywhere_in_an_encode_on_ray_is_one_line_and_status_143(ray_cluster, tiny_model, tmp_path,
+                                                                           faults, when):
+    """What cron's `timeout`, a scheduler or `ray job stop` send, landing while the driver starts Ray and its
+    actors, while it waits on Ray between shards, and while an actor is inside a long shard: one line naming what
+    is committed, status 143, no traceback and no notices of Ray retrying the tasks of the actors it stopped."""
+    root = tmp_path / "out"
+    if when == "mid-shard":
+        faults([{"point": "encode", "match": "shard-00003", "action": "stall", "seconds": 20}])
+    command = encode_command(f"corpus.path={DEMO_CORPUS}", f"output.root={root}", f"model.name={tiny_model}",
+                             "runtime.rows_per_shard=2", "runtime.inline_rows=0", f"runtime.address={ray_cluster}")
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    records, deadline = root / "embeddings" / "_shards", time.time() + 120
+    ready = {"starting": lambda: (root / "_jobs" / "lease").exists(),
+             "waiting": lambda: len(list(records.glob("*.json"))) >= 2,
+             "mid-shard": lambda: _fired(0) >= 1}[when]
+    while time.time() < deadline and not ready():
+        assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    if when == "mid-shard":
+        time.sleep(1.0)  # the driver waits on Ray while the actor stalls in shard-00003
+    driver.send_signal(signal.SIGTERM)
+    driver.wait(timeout=120)
+    output = driver.stdout.read().decode()
+    assert driver.returncode == 128 + signal.SIGTERM, output[-3000:]
+    for noise in ("Traceback", "SystemError", "(raylet)", "retries remaining"):
+        assert noise not in output, output[-3000:]
+    lines = _stop_lines(output)
+    assert len(lines) == 1 and lines[0].startswith(f"stopped by SIGTERM: workers stopped; committed under {root}: ")
+    assert not (root / "embeddings" / "_manifest.json").exists()
+
+
+def _fired(number: int) -> int:
+    from conftest import faults_fired
+
+    return faults_fired(number)

@@ -59,6 +59,8 @@ def reference_negatives(cache: str, cross_encoder: str | None = None, **settings
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     rows = [{"query": p["query"], "positive": texts[d]} for p in pairs for d in p["positive"]]
     model = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
+    if "range_max" in settings and _st_reserves_a_query_slot():
+        settings["range_max"] -= 1  # the same candidates as the job: range_max + max_positives of them
     if cross_encoder:
         settings["cross_encoder"] = CrossEncoder(cross_encoder, device="cpu")
     result = mine_hard_negatives(Dataset.from_list(rows), model, corpus=list(texts.values()), output_format="triplet",
@@ -69,6 +71,17 @@ def reference_negatives(cache: str, cross_encoder: str | None = None, **settings
         if row["negative"] not in negatives:
             negatives.append(row["negative"])
     return out
+
+
+def _st_reserves_a_query_slot() -> bool:
+    """sentence-transformers 6.3 retrieves one candidate more than 6.2 (range_max + max_positives + 1: a slot for
+    the query's own text, should the corpus hold it, which it then excludes). The demo corpus holds no query text,
+    so with range_max one lower it ranks exactly the candidates the job ranks (range_max + max_positives); the
+    cross-encoder tests, which rescore the whole window, see the difference."""
+    import sentence_transformers
+
+    major, minor = (int(part) for part in sentence_transformers.__version__.split(".")[:2])
+    return (major, minor) >= (6, 3)
 
 
 def job_negatives(cfg) -> dict[str, list[str]]:

@@ -203,7 +203,7 @@ def test_a_failing_gate_keeps_current_and_the_version_stays_for_inspection(two_d
     assert record["published"] is False and record["gates_passed"] is False
     # stderr is a pipe here, as under cron: no progress bars, one line per step with its count and time
     assert "\r" not in result.stderr and "it/s]" not in result.stderr
-    assert "jobs.progress: refresh: diff: snapshot: " in result.stderr
+    assert "jobs.progress: refresh: diff: snapshot: " in result.stderr and " shard in " in result.stderr
 
 
 def test_a_second_refresh_on_a_leased_root_is_refused(two_days, tiny_model):
