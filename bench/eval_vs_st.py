@@ -61,7 +61,8 @@ def reference_metrics(data: Path, qrels_name: str, batch_size: int) -> tuple[dic
 
 
 def job_metrics(data: Path, qrels_name: str, batch_size: int, root: str) -> tuple[dict, float]:
-    from jobs import _runtime, encode, evaluate, index
+    from jobs import encode, evaluate, index
+    from jobs.ray import cluster
     from retrieval_core.config import load_config
 
     cfg = load_config(str(REPO / "configs" / "scifact.yaml"), [
@@ -70,7 +71,7 @@ def job_metrics(data: Path, qrels_name: str, batch_size: int, root: str) -> tupl
         f"eval.qrels_path={json.dumps(str(data / qrels_name))}", "index.type=Flat",
         f"model.batch_size={batch_size}", "runtime.progress=false"])
     started = time.perf_counter()
-    with _runtime.ray_session(cfg.runtime):
+    with cluster.ray_session(cfg.runtime):
         encode.run(cfg)
         index.run(cfg)
         result = evaluate.run(cfg)

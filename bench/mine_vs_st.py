@@ -182,11 +182,12 @@ def build_cross_encoder(directory: Path) -> str:
 
 
 def ours(cfg, corpus: dict, stages: tuple) -> tuple[float, dict[str, set[str]]]:
-    from jobs import _runtime, encode, index, mine
+    from jobs import encode, index, mine
+    from jobs.ray import cluster
     from retrieval_core import mining
 
     started = time.perf_counter()
-    with _runtime.ray_session(cfg.runtime):
+    with cluster.ray_session(cfg.runtime):
         if "encode" in stages:
             encode.run(cfg)
             index.run(cfg)
@@ -235,9 +236,10 @@ def main(argv=None) -> int:
 
 
 def index_only(cfg) -> None:
-    from jobs import _runtime, encode, index
+    from jobs import encode, index
+    from jobs.ray import cluster
 
-    with _runtime.ray_session(cfg.runtime):
+    with cluster.ray_session(cfg.runtime):
         encode.run(cfg)
         index.run(cfg)
 

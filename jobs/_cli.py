@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any, Callable, Iterable
 
-from jobs import _runtime
+from jobs.ray import cluster, dispatch
 from retrieval_core import leases, manifest, storage, versions
 from retrieval_core.config import Config, ConfigError, default_value, load_config
 
@@ -46,7 +46,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        _runtime.check_cluster_paths(cfg)
+        cluster.check_cluster_paths(cfg)
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
     return cfg
@@ -76,23 +76,30 @@ def _locked_run(cfg: Config, run: Callable[[Config], Any], job: str) -> Any:
     local = storage.local_path(cfg.output.root, cfg.output.storage_options)
     made_root = local is not None and not os.path.exists(local)
     pu = cfg.publish
-    try:
-        with versions.leased(cfg.output.root, cfg.output.storage_options, pu.lease_expiry, pu.lease_renew,
-                             owner={"job": job}, path=leases.JOB_LEASE, what="job") as lease:
+    with versions.leased(cfg.output.root, cfg.output.storage_options, pu.lease_expiry, pu.lease_renew,
+                         owner={"job": job}, path=leases.JOB_LEASE, what="job") as lease:
+        try:
             result = run(cfg)
-            lease.check("reporting success")
-            return result
-    finally:
-        if made_root:  # a job that wrote nothing (it failed early) leaves no empty root made for its lease
-            _remove_empty_tree(local)
+        except BaseException:
+            if made_root:  # a job that failed before writing anything leaves no root made for its lease
+                lease.on_release = lambda: _remove_lease_only_root(local, lease.url)
+            raise
+        lease.check("reporting success")
+        return result
 
 
-def _remove_empty_tree(path: str) -> None:
-    """Remove the root a failed job made when it holds nothing but the job lease it took."""
-    import shutil
-
-    if os.path.isdir(path) and os.listdir(path) == [leases.JOB_LEASE.split("/")[0]]:
-        shutil.rmtree(path, ignore_errors=True)
+def _remove_lease_only_root(root: str, lease_file: str) -> None:
+    """Remove this job's own lease record and the directories left empty, up to the root it made; a directory
+    holding anything else (another job's lease, output) stays."""
+    with contextlib.suppress(OSError):
+        os.remove(lease_file)
+    directory = os.path.dirname(lease_file)
+    while True:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # only if empty
+        if os.path.abspath(directory) == os.path.abspath(root) or os.path.exists(directory):
+            return
+        directory = os.path.dirname(directory)
 
 
 def _module_name(run: Callable) -> str:
@@ -110,10 +117,10 @@ def run_guarded(cfg: Config, work: Callable[[], Any], report: Callable[[Any], No
     signal, wherever it landed: also when the signal surfaced as another error from inside a library call (a
     ``SystemError`` out of Ray's wait, say)."""
     try:
-        with _runtime.stop_on_signals():
+        with dispatch.stop_on_signals():
             result = work()
     except BaseException as exc:  # noqa: BLE001 - sorted below: a stop, a job error, or raised again
-        stop = exc if isinstance(exc, _runtime.Stopped) else _runtime.stop_received()
+        stop = exc if isinstance(exc, dispatch.Stopped) else dispatch.stop_received()
         if stop is not None:
             print(stopped_message(cfg, stop.signal_name, committed), file=sys.stderr)
             return stop.exit_code

@@ -12,7 +12,8 @@ import sys
 import time
 
 
-from jobs import _actors, _cli, _progress, _runtime
+from jobs import _cli, _progress
+from jobs.ray import actors, cluster, dispatch
 from retrieval_core import corpus, embeddings, encoding, sharding, storage
 from retrieval_core.config import Config
 
@@ -31,10 +32,10 @@ def run(cfg: Config, on_shard_done=None) -> dict:
     if not total_rows:
         raise corpus.CorpusError(f"corpus.path = {cfg.corpus.path!r} holds no rows ({len(files)} file(s), all empty)")
     identity = encoding.encoder_identity(cfg.model)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
+    with cluster.LazyRaySession(cfg.runtime) as session:
         _check_unique_ids(cfg, session, files, total_rows)
         shards = embeddings.prepare_plan(cfg, files, identity, lambda: sharding.auto_rows_per_shard(
-            total_rows, _runtime.planned_worker_count(cfg.runtime, session, total_rows), encoding.estimated_docs_per_s(
+            total_rows, cluster.planned_worker_count(cfg.runtime, session, total_rows), encoding.estimated_docs_per_s(
                 cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)))
         pending = embeddings.pending_shards(shards, layout)
         records = _encode_pending(cfg, session, pending, identity, on_shard_done) if pending else []
@@ -56,7 +57,7 @@ def _check_unique_ids(cfg: Config, session, files: list, total_rows: int) -> Non
         partitions = corpus.id_check_partitions(total_rows)
         log.info("checking %d ids for duplicates in %d partition(s)", total_rows, partitions)
         session.ensure()
-        duplicates = _actors.duplicate_ids(cfg, files, partitions)
+        duplicates = actors.duplicate_ids(cfg, files, partitions)
     if duplicates:
         raise corpus.CorpusError(f"duplicate values in id column '{cfg.corpus.id_column}', e.g. {duplicates}")
 
@@ -79,7 +80,7 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
     try:
         if rows <= cfg.runtime.inline_rows:
             log.info("encoding %d shard(s) (%d rows) in this process", len(pending), rows)
-            encoder = _runtime.inline_encoder(cfg)
+            encoder = cluster.inline_encoder(cfg)
             for shard in pending:
                 done(shard, embeddings.encode_shard(shard, cfg, encoder, identity, {"worker": "driver"}))
         else:
@@ -92,8 +93,8 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
 def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done) -> None:
     count = session.worker_count(len(pending))
     log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
-    with _runtime.released(_actors.start_encode_workers(cfg, count)) as workers:
-        _runtime.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done, work="encode",
+    with dispatch.released(actors.start_encode_workers(cfg, count)) as workers:
+        dispatch.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done, work="encode",
                                speculation=cfg.runtime.speculation)
 
 

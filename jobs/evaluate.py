@@ -16,7 +16,8 @@ import logging
 import sys
 import time
 
-from jobs import _cli, _queries, _runtime
+from jobs import _cli
+from jobs.ray import cluster, query_encoding
 from retrieval_core import encoding, indexing, lookup, metrics, storage
 from retrieval_core.config import Config
 from retrieval_core.manifest import stamp
@@ -43,7 +44,7 @@ def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) ->
 def run(cfg: Config) -> dict:
     """Evaluate and write ``eval/metrics.json``, or reuse it when it was made with the same index, queries, qrels
     and settings (``output.overwrite`` evaluates again); returns the metrics record with ``reused``."""
-    cfg = _runtime.read_version(cfg)
+    cfg = cluster.read_version(cfg)
     started = time.perf_counter()
     ev, so = cfg.eval, cfg.output.storage_options
     queries = metrics.read_queries(ev.queries_path, ev.storage_options)
@@ -57,7 +58,7 @@ def run(cfg: Config) -> dict:
     rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in qids for d in qrels[q]}, so)
     unindexed = relevant_not_indexed(qrels, qids, rows)
     texts = [queries[q] for q in qids]
-    with _queries.searched_batches(cfg, texts, ev.depth, BATCH_QUERIES) as (batches, index_manifest):
+    with query_encoding.searched_batches(cfg, texts, ev.depth, BATCH_QUERIES) as (batches, index_manifest):
         figures = score_batches(qids, qrels, rows, batches, storage.join(out, "per_query.json"), so)
     result = {**stamp(), "stage": "eval", "metrics": figures, "queries_path": ev.queries_path,
               "qrels_path": ev.qrels_path, "depth": ev.depth, "index_type": index_manifest["type"],

@@ -11,9 +11,9 @@ import logging
 import sys
 import time
 
-import ray
 
-from jobs import _actors, _cli, _progress, _runtime
+from jobs import _cli, _progress
+from jobs.ray import actors, cluster, dispatch
 from retrieval_core import encoding, indexing, storage
 from retrieval_core.config import Config
 
@@ -33,18 +33,18 @@ def run(cfg: Config, in_process: bool = False) -> dict:
     if storage.exists(layout.file("manifest.json"), layout.storage_options):
         return _summary(indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options), reused=True)
     if in_process or plan.ntotal <= cfg.runtime.inline_rows:
-        _actors.faiss_threads(encoding.cpu_count())
+        actors.faiss_threads(encoding.cpu_count())
         return _summary(indexing.build_in_process(cfg), reused=False)
     log.info("index %s (%s) over %d vectors of dim %d in %d shard(s)", plan.factory, plan.metric, plan.ntotal,
              plan.dim, len(plan.shards))
-    with _runtime.LazyRaySession(cfg.runtime) as session:
+    with cluster.LazyRaySession(cfg.runtime) as session:
         session.ensure()
-        node_cpus = _runtime.largest_node_cpus()
-        tasks = _actors.index_tasks(cfg, node_cpus)
-        trained, train_info = ray.get(tasks["train"].remote(cfg, plan, node_cpus))
-        trained_ref = ray.put(trained)
+        node_cpus = dispatch.largest_node_cpus()
+        tasks = actors.index_tasks(cfg, node_cpus)
+        trained, train_info = dispatch.call(tasks["train"], cfg, plan, node_cpus)
+        trained_ref = dispatch.put(trained)
         add_s = _add_pending(cfg, plan, tasks["add"], trained_ref) if plan.mergeable else 0.0
-        result = ray.get(tasks["finish"].remote(cfg, plan, trained_ref, node_cpus))
+        result = dispatch.call(tasks["finish"], cfg, plan, trained_ref, node_cpus)
     return _summary(indexing.complete(cfg, plan, train_info, add_s, result, started, in_tasks=True), reused=False)
 
 
@@ -55,7 +55,7 @@ def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
     futures = {add_task.remote(cfg, plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard
                for shard in pending}
     try:
-        _runtime.run_tasks(futures, lambda shard, record: bar.update(1), "index: adding embeddings")
+        dispatch.run_tasks(futures, lambda shard, record: bar.update(1), "index: adding embeddings")
     finally:
         bar.close()
     return time.perf_counter() - started

@@ -22,9 +22,9 @@ import logging
 import sys
 import time
 
-import ray
 
-from jobs import _actors, _cli, _progress, _queries, _runtime
+from jobs import _cli, _progress
+from jobs.ray import actors, cluster, dispatch, query_encoding
 from retrieval_core import indexing, lookup, mine_parts, mine_plan, mine_report, mine_shuffle, mine_texts, mining, \
     negatives, storage
 from retrieval_core.config import Config
@@ -39,13 +39,13 @@ KEYS = ("output.root", "mine.pairs_path", "mine.queries_path", "mine.qrels_path"
 
 def run(cfg: Config) -> dict:
     """Run the mining stage; returns a summary dict."""
-    cfg = _runtime.read_version(cfg)
+    cfg = cluster.read_version(cfg)
     started = time.perf_counter()
     index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
     if index_manifest["metric"] != "ip":
         raise ValueError(f"mining scores by similarity and needs an inner-product index; the index under "
                          f"'{cfg.output.root}' uses metric {index_manifest['metric']}: rebuild with index.metric=ip")
-    _queries.check_encoder(cfg, index_manifest)
+    query_encoding.check_encoder(cfg, index_manifest)
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     plan = mine_plan.input_plan(cfg.mine)
     identity = mining.mining_identity(cfg, index_manifest, plan)
@@ -54,7 +54,7 @@ def run(cfg: Config) -> dict:
     if storage.exists(layout.file("_manifest.json"), layout.storage_options):
         mining.remove_part_exports(cfg)  # left by a run killed after its manifest
         return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
+    with cluster.LazyRaySession(cfg.runtime) as session:
         buckets, shuffle = _plan_buckets(cfg, session, emb, plan)
         counts = {k: sum(b[k] for b in buckets) for k in ("input_queries", "kept", "rejected")}
         if not counts["kept"]:
@@ -107,7 +107,7 @@ def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> tuple[list[dic
                  + [("partition", g) for g in mine_shuffle.groups_to_partition(cfg, shuffle)],
                  [("join", d) for d in mine_shuffle.doc_buckets_to_join(cfg, shuffle)],
                  [("plan", b) for b in todo]]
-        records.update(_actors.shuffle_input(cfg, shuffle, emb, waves))
+        records.update(actors.shuffle_input(cfg, shuffle, emb, waves))
         shuffled = {"doc_buckets": shuffle["doc_buckets"], "shard_groups": len(shuffle["groups"])}
     mine_shuffle.remove_scratch(cfg)
     return [records[b] for b in range(buckets)], shuffled
@@ -136,14 +136,14 @@ def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending
     if inline and sum(p.queries for p in pending) <= cfg.runtime.inline_rows:
         # few queries: starting Ray and worker actors would cost more than mining them here
         text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb))
-        worker = _actors.MineWorker.here(cfg, emb)
+        worker = actors.MineWorker.here(cfg, emb)
         timings["candidates_join"] = _in_halves(cfg, [worker], pending, window, text_starts, [], _here)
         return  # the texts are joined after, as for parts committed by an earlier run
     started = time.perf_counter()
     groups = _worker_groups(cfg, session, index_manifest, len(pending))
     text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb, len(groups)))
-    with _runtime.released(_actors.start_mine_workers(cfg, groups)) as workers:
-        ray.get([w.ready.remote() for w in workers])  # models and indexes loaded
+    with dispatch.released(actors.start_mine_workers(cfg, groups)) as workers:
+        dispatch.wait_ready(workers)  # models and indexes loaded
         timings["workers_start"] = time.perf_counter() - started
         peers = workers if cfg.mine.mode == "sharded" else []
         run = _on_actors(cfg.runtime.speculation)
@@ -158,10 +158,10 @@ def _here(workers, method, items, args, on_done, work):
 
 
 def _on_actors(speculation: float):
-    """A wave of :func:`_in_halves` on the mine workers (see ``_runtime.run_on_actors``)."""
+    """A wave of :func:`_in_halves` on the mine workers (see ``dispatch.run_on_actors``)."""
 
     def run(workers, method, items, args, on_done, work):
-        _runtime.run_on_actors(workers, method, items, args, on_done, work=work, speculation=speculation)
+        dispatch.run_on_actors(workers, method, items, args, on_done, work=work, speculation=speculation)
     return run
 
 
@@ -219,7 +219,7 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
                 bar.update(1)
         else:
             session.ensure()
-            records = _actors.join_texts(cfg, groups, [number for number, _, _ in todo], lambda _: bar.update(1))
+            records = actors.join_texts(cfg, groups, [number for number, _, _ in todo], lambda _: bar.update(1))
     return {"groups": len(groups), "parts": len(todo), "seconds": round(time.perf_counter() - started, 3),
             "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=0.0)}
 

@@ -13,7 +13,8 @@ import logging
 import sys
 import time
 
-from jobs import _cli, _runtime, encode, evaluate, index, mine, train
+from jobs import _cli, encode, evaluate, index, mine, train
+from jobs.ray import cluster
 from retrieval_core import storage, training
 from retrieval_core.config import Config, PIPELINE_STAGES
 
@@ -49,7 +50,7 @@ def run(cfg: Config) -> dict:
         training.check_trainable(cfg)
     runs = _stage_runs(cfg)
     results = {}
-    with _runtime.kept_session():  # Ray starts with the first stage that needs it, and serves the rest
+    with cluster.kept_session():  # Ray starts with the first stage that needs it, and serves the rest
         for stage in (s for s in PIPELINE_STAGES if s in cfg.pipeline.stages):
             started = time.perf_counter()
             log.info("stage %s", stage)

@@ -17,9 +17,9 @@ import logging
 import sys
 import time
 
-import ray
 
-from jobs import _actors, _cli, _progress, _runtime, evaluate, index
+from jobs import _cli, _progress, evaluate, index
+from jobs.ray import actors, cluster, dispatch
 from retrieval_core import (corpus, embeddings, encoding, indexing, leases, publishing, refresh_index,
                             refreshing, sharding, storage, versions)
 from retrieval_core.config import Config
@@ -68,13 +68,13 @@ def check_adoption(cfg: Config, adopt: bool) -> None:
 
 
 def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
-    started, timings = time.perf_counter(), {}
+    started = time.perf_counter()
     so = cfg.output.storage_options
     encoder = _prewarmed_encoder(cfg)
     files = corpus.inspect_corpus(cfg.corpus)
     identity = encoding.encoder_identity(cfg.model)
     rows = sum(f.num_rows for f in files)
-    with _runtime.LazyRaySession(cfg.runtime) as session:  # Ray starts only for a step too big for this process
+    with cluster.LazyRaySession(cfg.runtime) as session:  # Ray starts only for a step too big for this process
         steps = _Steps(cfg, session, inline=rows <= cfg.refresh.inline_snapshot_rows, lease=lease, encoder=encoder)
         lease.check("planning the version")
         p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, rows), adopt)
@@ -91,6 +91,7 @@ def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
         diff = refreshing.diff_counts(p, so)
         counts = diff["counts"]
         if p.previous and p.reuse and not (counts["changed"] or counts["added"] or counts["deleted"]):
+            lease.check("removing the unneeded version")
             return _unchanged(cfg, p, counts, steps.timings, started)
         segments = refreshing.plan_segments(p, diff["encode_rows"])
         records, encoded_now = steps.timed("encode", lambda: _encode(steps, p, segments, identity))
@@ -110,7 +111,7 @@ class _Steps:
     """Runs the refresh's bookkeeping steps (diff, tombstones, index, changes) in this process when the snapshot is
     small (``refresh.inline_snapshot_rows``: starting Ray would cost more than the work), else as Ray tasks."""
 
-    def __init__(self, cfg: Config, session: _runtime.LazyRaySession, inline: bool, lease: leases.Lease,
+    def __init__(self, cfg: Config, session: cluster.LazyRaySession, inline: bool, lease: leases.Lease,
                  encoder=None):
         self.cfg, self.session, self.inline, self.lease = cfg, session, inline, lease
         self.encoder = encoder  # a Future of the job's own encoder, loading since the start (or None)
@@ -134,14 +135,14 @@ class _Steps:
         return result
 
     def inline_encoder(self):
-        return self.encoder.result() if self.encoder else _runtime.inline_encoder(self.cfg)
+        return self.encoder.result() if self.encoder else cluster.inline_encoder(self.cfg)
 
     def call(self, function, *args):
         """``function(*args)`` here, or in one Ray task (one CPU)."""
         if self.inline:
             return function(*args)
         self.session.ensure()
-        return ray.get(ray.remote(function).options(num_cpus=1).remote(*args))
+        return dispatch.call_in_task(function, *args)
 
     def each(self, function, items: list, args: tuple, desc: str, unit: str) -> list:
         """``function(item, *args)`` for every item: here one after another, or one Ray task (one CPU) per item;
@@ -158,10 +159,9 @@ class _Steps:
 
     def _each_in_tasks(self, function, items: list, args: tuple, bar, desc: str) -> list:
         self.session.ensure()
-        remote = ray.remote(function).options(num_cpus=1, max_retries=self.cfg.runtime.max_task_retries)
         results = []
-        _runtime.run_tasks({remote.remote(item, *args): item for item in items},
-                           lambda item, result: results.append(self.advanced(bar, result)), f"refresh: {desc}")
+        dispatch.each_in_tasks(function, items, args, lambda item, result: results.append(self.advanced(bar, result)),
+                               f"refresh: {desc}", self.cfg.runtime.max_task_retries)
         return results
 
 
@@ -175,16 +175,16 @@ def _prewarmed_encoder(cfg: Config):
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="load-encoder")
-    future = pool.submit(_runtime.inline_encoder, cfg)
+    future = pool.submit(cluster.inline_encoder, cfg)
     pool.shutdown(wait=False)  # the loading goes on; nothing else is ever submitted
     return future
 
 
-def _rows_per_shard(cfg: Config, session: _runtime.LazyRaySession, total_rows: int) -> int:
+def _rows_per_shard(cfg: Config, session: cluster.LazyRaySession, total_rows: int) -> int:
     if cfg.runtime.rows_per_shard:
         return cfg.runtime.rows_per_shard
     rate = encoding.estimated_docs_per_s(cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)
-    workers = _runtime.planned_worker_count(cfg.runtime, session, max(1, total_rows))
+    workers = cluster.planned_worker_count(cfg.runtime, session, max(1, total_rows))
     return sharding.auto_rows_per_shard(total_rows, workers, rate)
 
 
@@ -230,8 +230,8 @@ def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, i
         bar.set_postfix(**embeddings.api_usage_progress(records), refresh=False)
 
     count = steps.session.worker_count(len(pending))
-    with _runtime.released(_actors.start_encode_workers(steps.cfg, count)) as workers:
-        _runtime.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity), done,
+    with dispatch.released(actors.start_encode_workers(steps.cfg, count)) as workers:
+        dispatch.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity), done,
                                work="refresh: encode", speculation=steps.cfg.runtime.speculation)
 
 
@@ -315,8 +315,9 @@ def _conclude(cfg: Config, p: refreshing.RefreshPlan, record: dict, lease: lease
     refreshing.cleanup_diff(p, so)
     passed = record.get("gates_passed", record.get("published"))
     if not passed:
+        publishing.apply_retention(cfg, lease)  # older failed versions kept up to publish.keep_failed; this one
+        lease.check("forgetting the build")     # is still the pending build, so it stays for inspection
         refreshing.finish_build(cfg)
-        publishing.apply_retention(cfg, lease)  # failed versions are kept up to publish.keep_failed
         failed = "; ".join(versions.gate_text(g) for g in versions.failed_gates(record))
         raise publishing.GateError(f"version {p.version} failed its gates ({failed}); CURRENT still names "
                                    f"{p.previous or 'nothing'}; the version stays on disk for inspection "
@@ -325,6 +326,7 @@ def _conclude(cfg: Config, p: refreshing.RefreshPlan, record: dict, lease: lease
         current = versions.publish(cfg.output.root, p.version, so, expected=p.previous, by={"action": "refresh"},
                                    lease=lease)
     except versions.CurrentMovedError as exc:
+        lease.check("marking the version abandoned")
         versions.mark_abandoned(cfg.output.root, p.version, str(exc), so)
         refreshing.finish_build(cfg)
         raise

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from jobs import _cli, _queries, _runtime
+from jobs import _cli
+from jobs.ray import cluster, query_encoding
 from retrieval_core import lookup
 from retrieval_core.config import Config
 
@@ -22,8 +23,8 @@ KEYS = ("output.root", "output.version", "search.k", "model.query_prompt")  # fo
 
 def run(cfg: Config, queries: list[str], k: int | None = None) -> list[list[dict]]:
     """For each query, its top k hits as dicts (rank, score, row_id, doc_id, text), best first."""
-    cfg = _runtime.read_version(cfg)
-    scores, ids, _ = _queries.search_texts(cfg, queries, k or cfg.search.k)
+    cfg = cluster.read_version(cfg)
+    scores, ids, _ = query_encoding.search_texts(cfg, queries, k or cfg.search.k)
     doc_ids = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
     texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options,
                                    cfg.corpus.storage_options)

@@ -15,7 +15,9 @@ import sys
 import tempfile
 import time
 
-from jobs import _cli, _progress, _runtime
+from jobs import _cli, _progress
+from jobs.ray import cluster
+from jobs.ray import training as ray_training
 from retrieval_core import checkpoints, encoding, mining, storage, training
 from retrieval_core.config import Config
 from retrieval_core.manifest import IncompatibleOutputError, digest, stamp
@@ -39,7 +41,7 @@ def identity_of(cfg: Config) -> dict:
 
 def run(cfg: Config) -> dict:
     """Train (or reuse a finished training with the same identity); returns the training record."""
-    cfg = _runtime.read_version(cfg)
+    cfg = cluster.read_version(cfg)
     output = output_of(cfg)
     record_url = storage.join(output, "training.json")
     identity = identity_of(cfg)
@@ -104,36 +106,20 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str,
                        saved: checkpoints.Checkpoints) -> dict:
     """Ray Train: ``runtime.num_workers`` workers, each ``runtime.cpus_per_worker`` CPUs (and GPUs). A failed
     worker group is restarted up to ``runtime.max_restarts`` times, resuming from the latest checkpoint."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    import dataclasses
 
-    def loop(config: dict) -> None:
-        import dataclasses
-
-        import ray.train
-        import ray.train.torch
-        import torch.distributed
-
-        context = ray.train.get_context()
-        rank, world = context.get_world_rank(), context.get_world_size()
+    def work(rank: int, world: int, device: str, barrier) -> int:
         encoding.set_torch_threads(cfg.runtime.cpus_per_worker)
-        mine = dataclasses.replace(saved, rank=rank, barrier=torch.distributed.barrier)
+        mine = dataclasses.replace(saved, rank=rank, barrier=barrier)
         model, history = training.fit(cfg, train_set, held_out if rank == 0 else [], corpus, rank, world,
                                       training.average_gradients, on_epoch=_log_epoch if rank == 0 else None,
-                                      saved=mine, device=str(ray.train.torch.get_device()))
+                                      saved=mine, device=device)
         if rank == 0:
             save_model(model, output, cfg.output.storage_options)
             storage.write_json_atomic(storage.join(output, "_history.json"), history, cfg.output.storage_options)
-        ray.train.report({"steps": history["steps"]})
+        return history["steps"]
 
-    with _runtime.ray_session(cfg.runtime):
-        trainer = TorchTrainer(loop, scaling_config=ScalingConfig(
-            num_workers=cfg.runtime.num_workers, use_gpu=cfg.runtime.gpus_per_worker > 0,
-            resources_per_worker={"CPU": cfg.runtime.cpus_per_worker,
-                                  **({"GPU": cfg.runtime.gpus_per_worker} if cfg.runtime.gpus_per_worker else {})}),
-            run_config=RunConfig(name="train", failure_config=FailureConfig(max_failures=cfg.runtime.max_restarts),
-                                 **_train_storage(cfg)))
-        trainer.fit()
+    ray_training.run_on_train_workers(cfg.runtime, work, _train_storage(cfg))
     return storage.read_json(storage.join(output, "_history.json"), cfg.output.storage_options)
 
 

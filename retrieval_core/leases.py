@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 from datetime import datetime, timezone
 
 from . import storage
@@ -55,6 +56,12 @@ class LeaseLost(RuntimeError):
 
 def utc_now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def precise_now_iso() -> str:
+    """The current UTC time to the millisecond: a lease's expiry is judged against it (whole seconds would make a
+    record look up to a second older than it is)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def parse_iso(text: str) -> float:
@@ -153,6 +160,7 @@ class Lease:
     renew_s: float
     what: str = "refresh"
     lost: str = ""                      # why the lease is lost ('' while held)
+    on_release: Callable[[], None] | None = None  # run after a successful release (e.g. tidying what it made)
     _renewed: float = field(default_factory=time.monotonic)  # this process's clock at the last renewal
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -176,24 +184,33 @@ class Lease:
                             f"this process stops without changing anything more")
 
     def check(self, step: str = "") -> None:
-        """The fence, before a step that changes shared state: no newer generation exists and this process's
-        lease has not expired; else :class:`LeaseLost` (naming the new holder and ``step``)."""
-        newer = generation_url(self.directory, self.generation + 1)
-        if storage.exists(newer, self.storage_options):
-            holder = read_record(self.directory, self.generation + 1, self.storage_options) or {}
-            self.lost = f"taken over by {describe(holder)}"
+        """The fence, before a step that changes shared state: no newer generation exists (any: the one right after
+        may already be pruned), this generation's record is still there, and this process's lease has not
+        expired; else :class:`LeaseLost` (naming the new holder and ``step``)."""
+        self._look_for_newer()
         self.ensure()
         logger.debug("lease generation %d checked before %s", self.generation, step or "a step")
 
+    def _look_for_newer(self) -> None:
+        """Mark the lease lost when a newer generation exists or this generation's record is gone."""
+        found = generations(self.directory, self.storage_options)
+        newer = [g for g in found if g > self.generation]
+        if newer:
+            holder = read_record(self.directory, newer[-1], self.storage_options) or {"generation": newer[-1]}
+            self.lost = self.lost or f"taken over by {describe(holder)}"
+        elif self.generation not in found:
+            self.lost = self.lost or "its record is gone"
+
     def renew(self) -> None:
-        """Rewrite this generation's record with the current time (after checking that it is still the newest)."""
-        newer = generation_url(self.directory, self.generation + 1)
-        if storage.exists(newer, self.storage_options):
-            holder = read_record(self.directory, self.generation + 1, self.storage_options) or {}
-            self.lost = f"taken over by {describe(holder)}"
+        """Rewrite this generation's record with the current time, after checking that it is still the newest and
+        that this process did not miss its own expiry (a lease once expired stays lost: another may hold it)."""
+        self._look_for_newer()
+        if not self.lost and time.monotonic() - self._renewed >= self.expiry_s:
+            self.lost = f"this process could not renew it within its expiry ({self.expiry_s:g}s)"
+        if self.lost:
             return
         started = time.monotonic()
-        self.record = {**self.record, "renewed_at": utc_now_iso()}
+        self.record = {**self.record, "renewed_at": precise_now_iso()}
         storage.write_json_atomic(self.url, self.record, self.storage_options)
         self._renewed = started
 
@@ -216,12 +233,14 @@ class Lease:
         newer generation holds it."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-        if storage.exists(generation_url(self.directory, self.generation + 1), self.storage_options):
+            self._thread.join(timeout=self.renew_s)  # a renewal stuck in a store's call must not hang a stop
+        if any(g > self.generation for g in generations(self.directory, self.storage_options)):
             logger.warning("not releasing the %s lease '%s': a newer generation holds it", self.what, self.url)
             return False
         storage.write_json_atomic(self.url, {**self.record, "released": True, "released_at": utc_now_iso()},
                                   self.storage_options)
+        if self.on_release is not None:
+            self.on_release()
         return True
 
 
@@ -253,8 +272,12 @@ def acquire(directory: str, storage_options: dict | None = None, expiry_s: float
                            "; that process no longer runs on this host" if holder_gone(held) else "")
         lease = _create(directory, so, generation + 1, expiry_s, renew_s, owner, what, settle_s)
         if lease is not None:
-            _prune(directory, so, generation)
-            lease.start_renewing()
+            try:
+                _prune(directory, so, generation)
+                lease.start_renewing()
+            except BaseException:  # a stop right after winning: the lease is released, not left to expire
+                lease.release()
+                raise
             return lease
 
 
@@ -268,7 +291,7 @@ def _held_message(directory: str, generation: int, held: dict, what: str) -> str
 def _create(directory: str, so: dict, generation: int, expiry_s: float, renew_s: float, owner: dict | None,
             what: str, settle_s: float) -> Lease | None:
     """Create generation ``generation``: the Lease when this process won, None when another one did."""
-    now = utc_now_iso()
+    now = precise_now_iso()
     record = {**this_process(), **(owner or {}), "generation": generation, "token": uuid.uuid4().hex,
               "acquired_at": now, "renewed_at": now, "expiry_s": expiry_s, "renew_s": renew_s}
     url = generation_url(directory, generation)
@@ -288,4 +311,7 @@ def _prune(directory: str, so: dict, keep_from: int) -> None:
     """Remove generations older than ``keep_from`` (the one just taken over stays, for the record)."""
     for generation in generations(directory, so):
         if generation < keep_from:
-            storage.remove(generation_url(directory, generation), so)
+            try:
+                storage.remove(generation_url(directory, generation), so)
+            except OSError as exc:  # best effort: an old record left costs one listing entry
+                logger.warning("could not remove the old lease record %s: %s", generation, exc)

@@ -162,6 +162,8 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None)
     except OSError as exc:
         if exc.errno == errno.ENOSYS:  # the store rejects the condition (501 NotImplemented)
             return None
+        if exc.errno in (errno.EBUSY, errno.EINVAL):  # 409 (another conditional PUT in flight), or a 412 that a
+            return False                              # store sent without saying which condition: both lost
         raise
 
 

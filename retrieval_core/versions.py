@@ -142,6 +142,8 @@ def publish(root: str, name: str, storage_options: dict | None = None, expected=
     published. A version whose ``refresh.json`` does not say ``"complete": true`` is refused.
     """
     parse_version_seq(name)
+    if lease is not None:
+        lease.check("reading CURRENT")  # a holder that lost its lease learns that first, not that CURRENT moved
     if not is_complete(root, name, storage_options):
         record_url = storage.join(version_root(root, name), REFRESH_RECORD)
         raise VersionError(f"cannot publish version '{name}': '{record_url}' is missing or does not say "

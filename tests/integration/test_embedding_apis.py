@@ -11,7 +11,8 @@ import pytest
 from conftest import API_KEY, API_KEY_ENV
 from fake_embedding_api import WORD, expected_vectors
 from helpers import DEMO_CORPUS, REPO, config
-from jobs import _queries, _runtime, encode, evaluate, index, mine, refresh
+from jobs import encode, evaluate, index, mine, refresh
+from jobs.ray import cluster, query_encoding
 from retrieval_core import embeddings, metrics, mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -73,9 +74,9 @@ def test_every_job_uses_the_provider_s_vectors(built, embedding_api, tmp_path):
     qids = sorted(q for q in qrels if any(s > 0 for s in qrels[q].values()))
     query_vectors = expected_vectors([queries[q] for q in qids], input_type=query_type)
     on_actors = api_config(embedding_api, provider, cfg.output.root, runtime__inline_rows=0)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
+    with cluster.LazyRaySession(cfg.runtime) as session:
         for each in (cfg, on_actors):
-            np.testing.assert_allclose(_queries.encode_queries(each, [queries[q] for q in qids], session),
+            np.testing.assert_allclose(query_encoding.encode_queries(each, [queries[q] for q in qids], session),
                                        query_vectors, atol=1e-6)
     scores = query_vectors @ documents.T
     run = {q: [ids[j] for j in np.argsort(-row, kind="stable")[:100]] for q, row in zip(qids, scores)}

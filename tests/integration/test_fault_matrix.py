@@ -18,7 +18,8 @@ import pytest
 
 from conftest import faults_fired
 from helpers import DEMO_CORPUS, REPO, config
-from jobs import _runtime, encode, index, mine, refresh
+from jobs import encode, index, mine, refresh
+from jobs.ray import dispatch
 from retrieval_core import embeddings, indexing, mining, versions
 from retrieval_core.faults import InjectedCrash
 
@@ -147,7 +148,7 @@ def test_encode_retries_exhausted_fail_naming_the_shard_and_a_rerun_redoes_only_
     faults(kill("embeddings/shard-00002.parquet"))
     cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0, runtime__max_restarts=0,
                         runtime__max_task_retries=0, runtime__num_workers=1)
-    with pytest.raises(_runtime.StageFailed, match=r"encode of shard-00002 failed: ActorDiedError.*run the same "
+    with pytest.raises(dispatch.StageFailed, match=r"encode of shard-00002 failed: ActorDiedError.*run the same "
                                                    r"command again"):
         encode.run(cfg)
     committed = embeddings.committed_records(embeddings.layout_of(cfg))
@@ -162,7 +163,7 @@ def test_index_retries_exhausted_fail_naming_the_shard_and_a_rerun_completes(tin
     cfg = matrix_config(tiny_model, tmp_path / "out", runtime__max_task_retries=0, runtime__inline_rows=0)
     encoded_copy(clean_root, cfg)
     faults(kill("index/shard-00001.faiss"))
-    with pytest.raises(_runtime.StageFailed, match=r"index: adding embeddings of shard-00001 failed"):
+    with pytest.raises(dispatch.StageFailed, match=r"index: adding embeddings of shard-00001 failed"):
         index.run(cfg)
     index.run(cfg)
     assert_same(snapshot(cfg.output.root), clean)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import DEMO_CORPUS, REPO, clustered_vectors, config, write_synthetic_embeddings
-from jobs import _queries, _runtime, encode, evaluate, index, search
+from jobs import encode, evaluate, index, search
+from jobs.ray import actors, cluster, query_encoding
 from retrieval_core import faiss_index, indexing, lookup, metrics
 from retrieval_core.config import load_config
 from retrieval_core.manifest import IncompatibleOutputError
@@ -106,7 +107,7 @@ def test_evaluation_in_batches_by_row_id_equals_scoring_every_doc_id_ranking_at_
     queries = metrics.read_queries(str(DEMO / "queries.jsonl"))
     qrels = metrics.read_qrels(str(DEMO / "qrels.tsv"))
     qids = evaluate.judged_queries(queries, qrels)
-    _, ids, _ = _queries.search_texts(cfg, [queries[q] for q in qids], cfg.eval.depth)
+    _, ids, _ = query_encoding.search_texts(cfg, [queries[q] for q in qids], cfg.eval.depth)
     ranked = lookup.as_doc_ids(ids, lookup.doc_ids_for_rows(str(cfg.output.root), ids.ravel()))
     run_ = dict(zip(qids, ranked))
     monkeypatch.setattr(evaluate, "BATCH_QUERIES", 7)
@@ -121,20 +122,18 @@ def test_evaluation_batches_encoded_on_actors_started_once_equal_the_local_evalu
     """Each batch of queries is encoded when it is searched: on encoder actors (more queries than
     runtime.inline_rows) started once for every batch, the figures equal those of the queries encoded in the
     driver."""
-    from jobs import _actors
-
     cfg, _ = demo_index
     again = dataclasses.replace(cfg.output, overwrite=True)
     local = evaluate.run(dataclasses.replace(cfg, output=again))
     starts = []
-    start_encode_workers = _actors.start_encode_workers
-    monkeypatch.setattr(_actors, "start_encode_workers", lambda *a: starts.append(a[1]) or start_encode_workers(*a))
-    encoded, encode_on = [], _queries._encode_on
-    monkeypatch.setattr(_queries, "_encode_on",
+    start_encode_workers = actors.start_encode_workers
+    monkeypatch.setattr(actors, "start_encode_workers", lambda *a: starts.append(a[1]) or start_encode_workers(*a))
+    encoded, encode_on = [], query_encoding._encode_on
+    monkeypatch.setattr(query_encoding, "_encode_on",
                         lambda workers, texts, speculation: encoded.append(len(texts)) or encode_on(workers, texts,
                                                                                                    speculation))
     monkeypatch.setattr(evaluate, "BATCH_QUERIES", 7)
-    monkeypatch.setattr(_queries, "CHUNK", 4)
+    monkeypatch.setattr(query_encoding, "CHUNK", 4)
     on_actors = evaluate.run(dataclasses.replace(cfg, output=again, runtime=dataclasses.replace(cfg.runtime,
                                                                                                 inline_rows=3)))
     assert len(starts) == 1 and on_actors["metrics"]["queries"] > 14
@@ -145,11 +144,11 @@ def test_evaluation_batches_encoded_on_actors_started_once_equal_the_local_evalu
 def test_actor_query_encoding_equals_local(demo_index, monkeypatch):
     cfg, _ = demo_index
     texts = [f"question number {i} about revenue" for i in range(10)]
-    with _runtime.LazyRaySession(cfg.runtime) as session:
-        local = _queries.encode_queries(cfg, texts, session)
-        monkeypatch.setattr(_queries, "CHUNK", 4)
+    with cluster.LazyRaySession(cfg.runtime) as session:
+        local = query_encoding.encode_queries(cfg, texts, session)
+        monkeypatch.setattr(query_encoding, "CHUNK", 4)
         on_actors = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, inline_rows=3))
-        remote = _queries.encode_queries(on_actors, texts, session)
+        remote = query_encoding.encode_queries(on_actors, texts, session)
     assert remote.shape == local.shape == (10, 384)
     assert np.min(np.sum(remote * local, axis=1)) >= 0.9999
 

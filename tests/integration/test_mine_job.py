@@ -8,7 +8,7 @@ import pytest
 
 from helpers import DEMO_CORPUS, REPO, build_tiny_cross_encoder, config, write_jsonl
 from jobs import encode, index, mine
-from jobs._runtime import StageFailed
+from jobs.ray.dispatch import StageFailed
 from retrieval_core import lookup, mine_input, mine_shuffle, mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import DEMO_CORPUS, REPO, config
-from jobs import _queries, _runtime, encode, evaluate, index, mine, refresh
+from jobs import encode, evaluate, index, mine, refresh
+from jobs.ray import cluster, query_encoding
 from retrieval_core import embeddings, metrics, mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -73,10 +74,10 @@ def test_query_encoding_and_evaluation_use_the_query_side(built, family_models):
     texts = [queries[q] for q in qids]
     expected = direct(family_models[EXPECTED[key][2]], texts, EXPECTED[key][1], "query")
     on_actors = config(DEMO_CORPUS, cfg.output.root, model=cfg.model.name, runtime__inline_rows=0)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
-        np.testing.assert_allclose(_queries.encode_queries(cfg, texts, session), expected, atol=1e-5)
+    with cluster.LazyRaySession(cfg.runtime) as session:
+        np.testing.assert_allclose(query_encoding.encode_queries(cfg, texts, session), expected, atol=1e-5)
         if key in ("dpr", "router"):
-            np.testing.assert_allclose(_queries.encode_queries(on_actors, texts, session), expected, atol=1e-5)
+            np.testing.assert_allclose(query_encoding.encode_queries(on_actors, texts, session), expected, atol=1e-5)
     ids, docs = demo_documents()
     scores = expected @ direct(family_models[key], docs, EXPECTED[key][0], "document").T
     run = {q: [ids[j] for j in np.argsort(-row, kind="stable")[:100]] for q, row in zip(qids, scores)}

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import arm_faults, disarm_faults, faults_fired
 from helpers import REPO, clear_encoded, config, encoded_hashes, make_docs, write_parquet
-from jobs import _runtime, refresh
+from jobs import refresh
+from jobs.ray import cluster
 from retrieval_core import embeddings, faiss_index, indexing, versions
 from retrieval_core.corpus import assemble_text, text_hash
 
@@ -74,7 +75,7 @@ def two_days(tmp_path_factory, tiny_model, encode_log):
     s1, s2 = snapshot(tmp, "day1", day1()), snapshot(tmp, "day2", day2())
     root = tmp / "nightly"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_runtime.LazyRaySession, "ensure", never_on_ray)
+        patch.setattr(cluster.LazyRaySession, "ensure", never_on_ray)
         first = refresh.run(refresh_config(s1, root, tiny_model))
         clear_encoded(encode_log)
         second = refresh.run(refresh_config(s2, root, tiny_model))

@@ -22,3 +22,15 @@ def test_no_library_source_mentions_ray_imports():
         for line in path.read_text().splitlines():
             stripped = line.strip()
             assert not stripped.startswith(("import ray", "from ray")), f"{path}: {line}"
+
+
+def _imports_ray(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines()
+            if line.strip().startswith(("import ray", "from ray"))]
+
+
+def test_only_jobs_ray_imports_ray():
+    """The stage drivers say what to run; jobs/ray (the session, dispatch, actors, Ray Train) alone speaks Ray."""
+    speaking = {path.relative_to(REPO).as_posix() for path in (REPO / "jobs").rglob("*.py") if _imports_ray(path)}
+    assert speaking and all(p.startswith("jobs/ray/") for p in speaking), sorted(speaking)
+    assert {"jobs/ray/dispatch.py", "jobs/ray/cluster.py"} <= speaking

@@ -194,3 +194,23 @@ def test_a_job_lease_left_by_a_killed_job_on_this_host_is_taken_over(tmp_path):
     with versions.leased(root, None, 600, 60, path=leases.JOB_LEASE, what="job") as lease:
         assert lease.generation == 2 and leases.newest(directory)[1]["token"] == lease.record["token"]
     assert leases.newest(directory)[1]["released"] is True
+
+
+def test_a_holder_is_fenced_by_any_newer_generation_even_when_the_next_one_was_pruned(lease_dir):
+    """A holder cut off while two others took and released the lease finds only g3 (g2 pruned): still lost, and
+    its renewal does not bring it back."""
+    lease = leases.acquire(lease_dir, expiry_s=600, renew_s=60)
+    lease._stop.set()
+    write_generation(lease_dir, 3, released=True)
+    lease.renew()
+    with pytest.raises(LeaseLost, match="generation 3"):
+        lease.check("writing CURRENT")
+    assert lease.release() is False
+
+
+def test_a_holder_whose_record_is_gone_is_fenced(lease_dir):
+    lease = leases.acquire(lease_dir, expiry_s=600, renew_s=60)
+    storage.remove(lease.url)
+    with pytest.raises(LeaseLost, match="its record is gone"):
+        lease.check("a commit")
+    lease._stop.set()

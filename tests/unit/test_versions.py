@@ -1,6 +1,5 @@
 """Versions of an output root: names, CURRENT, rollback, resolve_root, the lock, retention, leases, paths."""
 import json
-import logging
 import os
 import socket
 import threading
@@ -9,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from retrieval_core import storage, versions
-from retrieval_core.versions import LockedError, VersionError
+from retrieval_core.versions import VersionError
 
 MEMORY_ROOT = "memory://versions-test/out"
 

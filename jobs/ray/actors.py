@@ -5,7 +5,7 @@ import os
 
 import ray
 
-from jobs import _runtime
+from jobs.ray import cluster, dispatch
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
 from retrieval_core.sharding import Shard
 
@@ -140,7 +140,7 @@ class MineWorker:
         core, the process's cached encoder, and the embeddings ``manifest`` already read."""
         from retrieval_core import encoding
 
-        return cls(cfg, None, 0, _runtime.inline_encoder(cfg), manifest, encoding.cpu_count())
+        return cls(cfg, None, 0, cluster.inline_encoder(cfg), manifest, encoding.cpu_count())
 
     def search(self, vectors, k: int):
         return self.searcher.search(vectors, k)
@@ -207,7 +207,7 @@ def shuffle_input(cfg: Config, plan: dict, emb: dict, waves: list[list[tuple[str
     task = ray.remote(_shuffle_step).options(**_task_options(cfg))
     plan_ref, emb_ref, records = ray.put(plan), ray.put(emb), {}
     for wave in waves:
-        _runtime.run_tasks({task.remote(cfg, step, item, plan_ref, emb_ref):
+        dispatch.run_tasks({task.remote(cfg, step, item, plan_ref, emb_ref):
                             {"name": f"{SHUFFLE_STEPS[step]} {item}", "step": step, "item": item}
                             for step, item in wave},
                            lambda done, record: records.update({done["item"]: record} if done["step"] == "plan"
@@ -234,7 +234,7 @@ def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
     (``runtime.cpus_per_worker`` CPUs each)."""
     task = ray.remote(_duplicate_ids).options(**_task_options(cfg))
     found = []
-    _runtime.run_tasks({task.remote(files, cfg.corpus, p, partitions): p for p in range(partitions)},
+    dispatch.run_tasks({task.remote(files, cfg.corpus, p, partitions): p for p in range(partitions)},
                        lambda partition, ids: found.extend(ids), "encode: checking the doc ids of partition")
     return sorted(found)[:5]
 
@@ -258,9 +258,9 @@ def join_texts(cfg: Config, groups: dict[int, list[int]], parts: list[int], on_p
     (``on_part_done(number)`` as each finishes). Returns the groups' commit records."""
     group_task, part_task = (ray.remote(f).options(**_task_options(cfg)) for f in (_text_group, _export_part))
     records = []
-    _runtime.run_tasks({group_task.remote(cfg, g, p): g for g, p in groups.items()},
+    dispatch.run_tasks({group_task.remote(cfg, g, p): g for g, p in groups.items()},
                        lambda group, record: records.append(record), "mine: joining the texts of group")
-    _runtime.run_tasks({part_task.remote(cfg, number): number for number in parts},
+    dispatch.run_tasks({part_task.remote(cfg, number): number for number in parts},
                        lambda number, record: on_part_done(number), "mine: writing the exports of part")
     return records
 

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jobs import _actors, _runtime
+from jobs.ray import actors, cluster, dispatch
 from retrieval_core import encoding, indexing
 from retrieval_core.config import Config
 
@@ -28,7 +28,7 @@ def check_encoder(cfg: Config, index_manifest: dict) -> None:
                     "; ".join(identity_differences(recorded, now)))
 
 
-def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySession) -> np.ndarray:
+def encode_queries(cfg: Config, texts: list[str], session: cluster.LazyRaySession) -> np.ndarray:
     """(n x dim float32) query vectors with ``model.query_prompt``, in input order. Actors started here for a
     large set are released before returning, so their CPUs are free for the next step."""
     with query_encoder(cfg, session, len(texts)) as encode:
@@ -36,12 +36,12 @@ def encode_queries(cfg: Config, texts: list[str], session: _runtime.LazyRaySessi
 
 
 @contextmanager
-def query_encoder(cfg: Config, session: _runtime.LazyRaySession, count: int) -> Iterator:
+def query_encoder(cfg: Config, session: cluster.LazyRaySession, count: int) -> Iterator:
     """Yields ``encode(texts)`` -> (n x dim float32) query vectors with ``model.query_prompt``, in input order, for
     ``count`` queries in all, in any number of calls: the job's own encoder when ``count`` is at most
     ``runtime.inline_rows``, else encoder actors, started once here and released on exit."""
     if count <= cfg.runtime.inline_rows:
-        encoder = _runtime.inline_encoder(cfg)
+        encoder = cluster.inline_encoder(cfg)
         before = encoding.usage_of(encoder)
         yield encoder.encode_queries
         if before is not None:
@@ -49,7 +49,7 @@ def query_encoder(cfg: Config, session: _runtime.LazyRaySession, count: int) -> 
 
             log.info("queries: %s", usage_between(before, encoding.usage_of(encoder)))
         return
-    with _runtime.released(_actors.start_encode_workers(cfg, session.worker_count(math.ceil(count / CHUNK)))) \
+    with dispatch.released(actors.start_encode_workers(cfg, session.worker_count(math.ceil(count / CHUNK)))) \
             as workers:
         yield lambda texts: _encode_on(workers, texts, cfg.runtime.speculation)
 
@@ -57,7 +57,7 @@ def query_encoder(cfg: Config, session: _runtime.LazyRaySession, count: int) -> 
 def _encode_on(workers: list, texts: list[str], speculation: float) -> np.ndarray:
     chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
     results: dict[int, np.ndarray] = {}
-    _runtime.run_on_actors(workers, "encode_queries", list(range(len(chunks))), (),
+    dispatch.run_on_actors(workers, "encode_queries", list(range(len(chunks))), (),
                            lambda i, vectors: results.__setitem__(i, vectors), item_arg=lambda i: chunks[i],
                            work="query encoding", speculation=speculation)
     return np.vstack([results[i] for i in range(len(chunks))])
@@ -69,7 +69,7 @@ def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.
     from retrieval_core import faiss_index
 
     index, manifest = _checked_index(cfg)
-    with _runtime.LazyRaySession(cfg.runtime) as session:
+    with cluster.LazyRaySession(cfg.runtime) as session:
         vectors = encode_queries(cfg, texts, session)
     return (*faiss_index.search(index, vectors, k, cfg.search.batch_size), manifest)
 
@@ -83,7 +83,7 @@ def searched_batches(cfg: Config, texts: list[str], k: int, batch: int) -> Itera
     from retrieval_core import faiss_index
 
     index, manifest = _checked_index(cfg)
-    with _runtime.LazyRaySession(cfg.runtime) as session, query_encoder(cfg, session, len(texts)) as encode:
+    with cluster.LazyRaySession(cfg.runtime) as session, query_encoder(cfg, session, len(texts)) as encode:
         def batches():
             for start in range(0, len(texts), batch):
                 vectors = encode(texts[start:start + batch])

@@ -1,0 +1,187 @@
+"""The Ray session: a local single-node cluster, or the cluster named by runtime.address / RAY_ADDRESS; how many
+workers it holds; the job's own encoder for work too small for Ray; the version a reading job reads."""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import signal
+
+import ray
+
+from jobs.ray import dispatch
+from retrieval_core import encoding, versions
+from retrieval_core.config import Config, ConfigError, ModelConfig, RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+def cluster_address(rt: RuntimeConfig) -> str:
+    """``runtime.address`` when set, else ``RAY_ADDRESS`` (set by ``ray job submit``), else '' (local)."""
+    return rt.address or os.environ.get("RAY_ADDRESS", "")
+
+
+_kept: contextlib.ExitStack | None = None  # where a pipeline keeps the session a stage opened, for the next stages
+
+
+@contextlib.contextmanager
+def kept_session():
+    """Within: a Ray session that a job opens stays open until the end of the block (a pipeline's stages share
+    it, and a pipeline whose stages all run in this process never starts Ray)."""
+    global _kept
+    with contextlib.ExitStack() as stack:
+        _kept = stack
+        try:
+            yield
+        finally:
+            _kept = None
+
+
+@contextlib.contextmanager
+def ray_session(rt: RuntimeConfig):
+    """Connect to (or start) Ray for the duration of a job; a session already open is reused and left open, and
+    within :func:`kept_session` one opened here is left open until that block ends."""
+    if ray.is_initialized():
+        yield
+        return
+    if _kept is not None:
+        _kept.enter_context(_opened(rt))
+        yield
+        return
+    with _opened(rt):
+        yield
+
+
+@contextlib.contextmanager
+def _opened(rt: RuntimeConfig):
+    address = cluster_address(rt)
+    try:
+        if address:
+            log.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            # address="local": always a new local cluster, never one a `ray start` on this machine left behind.
+            # Token auth stays on (Ray's default); only Ray's notice that it chose it is left out for this cluster,
+            # which the job starts for itself and stops at the end.
+            with _without_local_auth_notice():
+                ray.init(address="local", num_cpus=rt.num_cpus or None, include_dashboard=False,
+                         logging_level=logging.WARNING)
+    except SystemExit as exc:  # ray.init installs a SIGTERM handler of its own that calls sys.exit(SIGTERM)
+        if dispatch.stopping_allowed() and exc.code == signal.SIGTERM:
+            raise dispatch.stop_from(signal.SIGTERM) from None
+        raise
+    dispatch.handle_sigterm()  # ray.init replaces the SIGTERM handler with its own sys.exit
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+@contextlib.contextmanager
+def _without_local_auth_notice():
+    """Drop Ray's warning that it turned token auth on by default (printed by every local ``ray.init``)."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = logging.Filter()
+    notice.filter = lambda record: not record.getMessage().startswith(AUTH_NOTICE)
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+class LazyRaySession(contextlib.ExitStack):
+    """Opens the Ray session on first need only, so a job with nothing left to do never starts Ray."""
+
+    def __init__(self, rt: RuntimeConfig):
+        super().__init__()
+        self.rt = rt
+        self.opened = False
+
+    def ensure(self) -> None:
+        if not self.opened:
+            self.enter_context(ray_session(self.rt))
+            self.opened = True
+
+    def worker_count(self, work_items: int) -> int:
+        self.ensure()
+        return worker_count(self.rt, work_items)
+
+
+def planned_worker_count(rt: RuntimeConfig, session: LazyRaySession, work_items: int) -> int:
+    """The workers to plan shards for. A local run without GPUs counts this machine's cores (what its cluster
+    would get) and does not start Ray for it; otherwise the cluster is asked."""
+    if session.opened or cluster_address(rt) or rt.gpus_per_worker:
+        return session.worker_count(work_items)
+    wanted = rt.num_workers or (rt.num_cpus or encoding.cpu_count()) // rt.cpus_per_worker
+    return max(1, min(wanted, work_items))
+
+
+def worker_count(rt: RuntimeConfig, work_items: int) -> int:
+    """``runtime.num_workers``, or as many workers as the cluster's CPUs (and GPUs) hold; never more than items."""
+    if rt.num_workers:
+        wanted = rt.num_workers
+    else:
+        resources = ray.cluster_resources()
+        wanted = int(resources.get("CPU", 1) // rt.cpus_per_worker)
+        if rt.gpus_per_worker:
+            wanted = min(wanted, int(resources.get("GPU", 0) // rt.gpus_per_worker))
+    return max(1, min(wanted, work_items))
+
+
+def inline_encoder(cfg: Config) -> encoding.Encoder:
+    """The job's own encoder, for texts few enough (``runtime.inline_rows``) that starting Ray and loading the
+    model in actors would cost more than encoding them here; loaded once per process, encoding on every core."""
+    return _inline_encoder(cfg.model, cfg.runtime.gpus_per_worker)
+
+
+@functools.lru_cache(maxsize=1)
+def _inline_encoder(model: ModelConfig, gpus: float) -> encoding.Encoder:
+    return encoding.load_encoder(model, gpus, threads=encoding.cpu_count())
+
+
+def check_cluster_paths(cfg: Config) -> None:
+    """On a cluster (``runtime.address`` or RAY_ADDRESS), a relative local ``output.root`` would land in each
+    node's own working directory (under ``ray job submit --working-dir``, a temporary copy that is deleted when the
+    cluster stops), so it is refused, as is a relative corpus path that does not exist where the driver runs."""
+    address = cluster_address(cfg.runtime)
+    if not address:
+        return
+    shared = "an absolute path on storage every node shares (e.g. /mnt/shared/run1) or an object store URL " \
+             "(e.g. s3://bucket/run1)"
+    if _is_relative(cfg.output.root):
+        raise ConfigError(f"output.root = {cfg.output.root!r} is a relative path and this job runs on the Ray cluster "
+                          f"at {address}: it would resolve to {os.path.abspath(cfg.output.root)!r} on each node "
+                          f"that writes, which other nodes cannot read and which is lost when a submitted job's "
+                          f"working directory is removed; use {shared}")
+    paths = [cfg.corpus.path] if isinstance(cfg.corpus.path, str) else list(cfg.corpus.path)
+    for path in paths:
+        if _is_relative(path) and not os.path.exists(path) and not any(c in path for c in "*?["):
+            raise ConfigError(f"corpus.path {path!r} is a relative path that does not exist here "
+                              f"({os.path.abspath(path)!r}), and this job runs on the Ray cluster at {address}; "
+                              f"use {shared}")
+
+
+def _is_relative(path: str) -> bool:
+    return "://" not in path and not os.path.isabs(os.path.expanduser(path))
+
+
+def read_version(cfg: Config) -> Config:
+    """The config a reading stage (search, evaluate, mine, train) runs with: on a root that a refresh publishes
+    versions under, ``output.root`` becomes the version CURRENT names (or ``output.version``); a root written by
+    the plain jobs is read as it is."""
+    so = cfg.output.storage_options
+    root, version = versions.resolve_root(cfg.output.root, so, cfg.output.version)
+    if version:
+        log.info("reading version %s of %s", version, cfg.output.root)
+        # a lease the refresh's retention respects, renewed every publish.lease_renew until this process ends
+        lease = versions.register_reader(cfg.output.root, version, so)
+        renewing = versions.keep_reader_renewed(lease, so, version, cfg.publish.lease_renew)
+        atexit.register(versions.release_reader, lease, so, renewing)
+    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, root=root, version=""))
