@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, Iterable
 
 from jobs.ray import cluster, dispatch
-from retrieval_core import leases, manifest, storage, versions
+from retrieval_core import config_rules, leases, manifest, storage, versions
 from retrieval_core.config import Config, ConfigError, default_value, load_config
 
 REFERENCE = ("Every key with its default: configs/demo.yaml. Full reference: README.md, section "
@@ -46,7 +46,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        cluster.check_cluster_paths(cfg)
+        config_rules.check_cluster_paths(cfg, cluster.cluster_address(cfg.runtime))
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
     return cfg

@@ -6,6 +6,7 @@ so that ``config`` can import it.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -210,3 +211,28 @@ def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
            f"'train.checkpoint_steps' = {tr.checkpoint_steps}: expected >= 0 (0 = no checkpoints)")
     _check(rt.num_workers <= 1 or tr.batch_size >= rt.num_workers,
            f"'train.batch_size' = {tr.batch_size} must be at least runtime.num_workers = {rt.num_workers}")
+
+
+def check_cluster_paths(cfg: Config, address: str) -> None:
+    """On a cluster (``address``: ``runtime.address`` or RAY_ADDRESS, '' when local), a relative local ``output.root`` would land in each
+    node's own working directory (under ``ray job submit --working-dir``, a temporary copy that is deleted when the
+    cluster stops), so it is refused, as is a relative corpus path that does not exist where the driver runs."""
+    if not address:
+        return
+    shared = "an absolute path on storage every node shares (e.g. /mnt/shared/run1) or an object store URL " \
+             "(e.g. s3://bucket/run1)"
+    if _is_relative(cfg.output.root):
+        raise ConfigError(f"output.root = {cfg.output.root!r} is a relative path and this job runs on the Ray cluster "
+                          f"at {address}: it would resolve to {os.path.abspath(cfg.output.root)!r} on each node "
+                          f"that writes, which other nodes cannot read and which is lost when a submitted job's "
+                          f"working directory is removed; use {shared}")
+    paths = [cfg.corpus.path] if isinstance(cfg.corpus.path, str) else list(cfg.corpus.path)
+    for path in paths:
+        if _is_relative(path) and not os.path.exists(path) and not any(c in path for c in "*?["):
+            raise ConfigError(f"corpus.path {path!r} is a relative path that does not exist here "
+                              f"({os.path.abspath(path)!r}), and this job runs on the Ray cluster at {address}; "
+                              f"use {shared}")
+
+
+def _is_relative(path: str) -> bool:
+    return "://" not in path and not os.path.isabs(os.path.expanduser(path))

@@ -14,7 +14,7 @@ import ray
 
 from jobs.ray import dispatch
 from retrieval_core import encoding, versions
-from retrieval_core.config import Config, ConfigError, ModelConfig, RuntimeConfig
+from retrieval_core.config import Config, ModelConfig, RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -144,32 +144,6 @@ def inline_encoder(cfg: Config) -> encoding.Encoder:
 @functools.lru_cache(maxsize=1)
 def _inline_encoder(model: ModelConfig, gpus: float) -> encoding.Encoder:
     return encoding.load_encoder(model, gpus, threads=encoding.cpu_count())
-
-
-def check_cluster_paths(cfg: Config) -> None:
-    """On a cluster (``runtime.address`` or RAY_ADDRESS), a relative local ``output.root`` would land in each
-    node's own working directory (under ``ray job submit --working-dir``, a temporary copy that is deleted when the
-    cluster stops), so it is refused, as is a relative corpus path that does not exist where the driver runs."""
-    address = cluster_address(cfg.runtime)
-    if not address:
-        return
-    shared = "an absolute path on storage every node shares (e.g. /mnt/shared/run1) or an object store URL " \
-             "(e.g. s3://bucket/run1)"
-    if _is_relative(cfg.output.root):
-        raise ConfigError(f"output.root = {cfg.output.root!r} is a relative path and this job runs on the Ray cluster "
-                          f"at {address}: it would resolve to {os.path.abspath(cfg.output.root)!r} on each node "
-                          f"that writes, which other nodes cannot read and which is lost when a submitted job's "
-                          f"working directory is removed; use {shared}")
-    paths = [cfg.corpus.path] if isinstance(cfg.corpus.path, str) else list(cfg.corpus.path)
-    for path in paths:
-        if _is_relative(path) and not os.path.exists(path) and not any(c in path for c in "*?["):
-            raise ConfigError(f"corpus.path {path!r} is a relative path that does not exist here "
-                              f"({os.path.abspath(path)!r}), and this job runs on the Ray cluster at {address}; "
-                              f"use {shared}")
-
-
-def _is_relative(path: str) -> bool:
-    return "://" not in path and not os.path.isabs(os.path.expanduser(path))
 
 
 def read_version(cfg: Config) -> Config:
