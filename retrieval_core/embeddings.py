@@ -282,9 +282,8 @@ def read_embeddings_manifest(root: str, storage_options: dict | None = None) -> 
 def shard_url(root: str, shard: dict, key: str = "path") -> str:
     """The URL of a file named by a shard entry of the embeddings manifest. Paths are relative to
     ``<root>/embeddings``; in a refresh version a shard shared with an earlier version points there (``../..``)."""
-    from .versions import resolve_relative
 
-    return resolve_relative(storage.join(root, "embeddings"), shard[key])
+    return storage.resolve_relative(storage.join(root, "embeddings"), shard[key])
 
 
 def read_shard_table(root: str, shard: dict, columns: list[str], storage_options: dict | None = None) -> pa.Table:

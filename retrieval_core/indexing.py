@@ -186,9 +186,8 @@ def shard_records(cfg: Config, plan: IndexPlan) -> list[dict]:
 def shard_index_url(index_dir: str, record: dict) -> str:
     """A shard index file: ``<name>.faiss`` in this index directory, or, for a shard a refresh shares with an
     earlier version, the record's ``path`` (relative to this index directory)."""
-    from .versions import resolve_relative
 
-    return resolve_relative(index_dir, record.get("path") or f"{record['name']}.faiss")
+    return storage.resolve_relative(index_dir, record.get("path") or f"{record['name']}.faiss")
 
 
 def merge_shards(cfg: Config, plan: IndexPlan, trained: bytes):

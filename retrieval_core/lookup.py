@@ -165,10 +165,9 @@ def snapshot_rows(root: str, manifest: dict, doc_ids: set[str], storage_options:
     """Doc id -> its row in the version's snapshot, from the doc map (partitioned by a hash of the doc id, so only
     the buckets holding ``doc_ids`` are read)."""
     from .diffing import buckets_of
-    from .versions import resolve_relative
 
     docmap = manifest["docmap"]
-    directory = resolve_relative(storage.join(root, "embeddings"), docmap["dir"])
+    directory = storage.resolve_relative(storage.join(root, "embeddings"), docmap["dir"])
     wanted = sorted(doc_ids)
     out = {}
     for bucket in sorted(set(buckets_of(wanted, docmap["buckets"]).tolist())):

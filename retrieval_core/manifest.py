@@ -102,10 +102,15 @@ def committed_work(root: str, storage_options: dict | None = None) -> str:
                 continue
             planned = storage.read_json(plan_url, storage_options).get(key)
             total = planned if isinstance(planned, int) else len(planned or [])
-            done = [n for n in storage.list_names(storage.join(stage_dir, records), storage_options)
-                    if n.endswith(".json") and storage.TMP_MARK not in n]
-            found.append(f"{label}{stage} {len(done)} of {total} {unit}")
+            done = count_records(storage.join(stage_dir, records), storage_options)
+            found.append(f"{label}{stage} {done} of {total} {unit}")
     return ", ".join(found)
+
+
+def count_records(directory: str, storage_options: dict | None = None) -> int:
+    """The commit records (``*.json``, no temporaries) in a directory; 0 when it does not exist."""
+    return sum(1 for n in storage.list_names(directory, storage_options)
+               if n.endswith(".json") and storage.TMP_MARK not in n)
 
 
 def peak_memory_mb() -> float:

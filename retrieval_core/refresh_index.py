@@ -2,7 +2,7 @@
 previous version's shard indexes for the segments whose rows did not change."""
 from __future__ import annotations
 
-from . import faiss_index, indexing, storage, versions
+from . import faiss_index, indexing, storage
 from .config import Config
 from .refreshing import RefreshPlan
 
@@ -109,7 +109,7 @@ def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
             continue
         target = indexing.shard_index_url(previous.dir, entry)
         record = {"name": shard["name"], "ntotal": entry["ntotal"], "seconds": 0.0, "peak_memory_mb": 0.0,
-                  "path": versions.relative_to(here.dir, target), "shared_from": p.source}
+                  "path": storage.relative_to(here.dir, target), "shared_from": p.source}
         storage.write_json_atomic(here.record_file(shard["name"]), record, so)
         shared += 1
     return shared

@@ -129,15 +129,12 @@ def committed_work(root: str, so: dict | None) -> str:
     if not name:
         return ""
     base = versions.version_root(root, name)
-    joined = _records_in(posixpath.dirname(diffing.DiffLayout(storage.join(base, "_diff")).bucket_record(0)), so)
-    encoded = _records_in(Layout(base, so).records_dir, so)
+    buckets_dir = posixpath.dirname(diffing.DiffLayout(storage.join(base, "_diff")).bucket_record(0))
+    joined = manifest.count_records(buckets_dir, so)
+    encoded = manifest.count_records(Layout(base, so).records_dir, so)
     rest = manifest.committed_work(base, so)
     parts = [f"diff {joined} buckets joined", f"{encoded} new segments encoded"] + ([rest] if rest else [])
     return f"version {name} ({', '.join(parts)})"
-
-
-def _records_in(directory: str, so: dict | None) -> int:
-    return sum(1 for n in storage.list_names(directory, so) if n.endswith(".json") and storage.TMP_MARK not in n)
 
 
 def finish_build(cfg: Config) -> None:
@@ -289,7 +286,7 @@ def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -
     here = storage.join(p.version_root, "embeddings")
     entries = []
     for segment in (p.segments if p.reuse else ()):
-        entry = {**segment, "path": versions.relative_to(here, shard_url(p.previous_root, segment)),
+        entry = {**segment, "path": storage.relative_to(here, shard_url(p.previous_root, segment)),
                  "shared_from": segment.get("shared_from") or p.source}
         if segment["name"] in tombstones:
             entry["deleted_path"] = tombstone_path(segment["name"])
@@ -297,7 +294,7 @@ def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -
             entry["rows"] = segment["rows"] + segment.get("deleted", 0) - gone
             entry["deleted"] = gone
         elif segment.get("deleted_path"):
-            entry["deleted_path"] = versions.relative_to(here, shard_url(p.previous_root, segment, "deleted_path"))
+            entry["deleted_path"] = storage.relative_to(here, shard_url(p.previous_root, segment, "deleted_path"))
         if entry["rows"] > 0:
             entries.append(entry)
     return entries

@@ -362,3 +362,69 @@ def expand_paths(paths: str | Iterable[str], suffixes: tuple[str, ...],
 def _hidden(path: str, root: str) -> bool:
     relative = posixpath.relpath(path, root)
     return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+# ---------------------------------------------------------------------------------------------------- relative paths
+
+# Protocols whose URLs hold a plain path (``memory://a/b`` is the path ``/a/b``); elsewhere the first component
+# after ``://`` is a bucket or host that a relative path may not climb out of.
+_PATH_PROTOCOLS = frozenset({"file", "local", "memory"})
+
+
+def _split_url(url: str) -> tuple[str, str, str, str]:
+    """(``proto://`` or '', fixed authority (bucket or host, '' when none), leading slashes, path below)."""
+    if "://" not in url:
+        lead = "/" if url.startswith("/") else ""
+        return "", "", lead, url.lstrip("/")
+    protocol, rest = url.split("://", 1)
+    if protocol.lower() in _PATH_PROTOCOLS or rest.startswith("/"):
+        lead = rest[:len(rest) - len(rest.lstrip("/"))]
+        return f"{protocol}://", "", lead, rest.lstrip("/")
+    authority, _, below = rest.partition("/")
+    return f"{protocol}://", authority, "", below
+
+
+def _normalize_below(below: str, where: str, can_climb: bool) -> str:
+    """``below`` with ``.`` and ``..`` resolved; climbing above its start is an error unless ``can_climb``."""
+    if not below:
+        return ""
+    normal = posixpath.normpath(below)
+    if normal == ".":
+        return ""
+    if (normal == ".." or normal.startswith("../")) and not can_climb:
+        raise ValueError(f"'{where}' climbs above the root of its URL")
+    return normal
+
+
+def resolve_relative(base_dir: str, relative: str) -> str:
+    """``relative`` (which may hold ``..``) joined onto the directory ``base_dir`` (a URL or local path) and
+    normalized, keeping the protocol and bucket: ``s3://b/r/v2/emb`` + ``../../v1/x`` -> ``s3://b/r/v1/x``.
+    An absolute ``relative`` (a URL or, for local bases, an absolute path) is returned as it is."""
+    if "://" in relative or (relative.startswith("/") and "://" not in base_dir):
+        return relative
+    if relative.startswith("/"):
+        raise ValueError(f"'{relative}' is not relative (joined onto '{base_dir}')")
+    prefix, authority, lead, below = _split_url(base_dir)
+    joined = posixpath.join(below, relative) if below else relative
+    relative_local = not prefix and not lead  # a relative local path may climb above where it starts
+    normal = _normalize_below(joined, f"{base_dir} + {relative}", can_climb=relative_local)
+    if authority:
+        return f"{prefix}{authority}/{normal}" if normal else f"{prefix}{authority}"
+    if relative_local:
+        return normal or "."
+    return f"{prefix}{lead}{normal}"
+
+
+def relative_to(from_dir: str, target: str) -> str:
+    """The relative path that :func:`resolve_relative` turns back into ``target`` from ``from_dir``; both must
+    have the same protocol and bucket (both local paths: both absolute or both relative)."""
+    from_prefix, from_authority, from_lead, from_below = _split_url(from_dir)
+    to_prefix, to_authority, to_lead, to_below = _split_url(target)
+    same = (from_prefix.lower() == to_prefix.lower() and from_authority == to_authority
+            and (bool(from_lead) == bool(to_lead) or from_prefix.lower() == "memory://"))
+    if not same:
+        raise ValueError(f"'{target}' and '{from_dir}' are not on the same protocol and bucket: no relative path "
+                         "joins them")
+    start = _normalize_below(from_below, from_dir, can_climb=not from_prefix and not from_lead) or "."
+    end = _normalize_below(to_below, target, can_climb=not to_prefix and not to_lead) or "."
+    return posixpath.relpath(end, start)

@@ -1,12 +1,13 @@
-"""Versions of an output root: names, ``CURRENT``, the refresh lock, retention and readers' leases.
+"""Versions of an output root: names, ``CURRENT`` (moved by compare-and-set), states, retention, readers' leases.
 
 A refresh job builds complete versions under one output root (any fsspec URL) and publishes them atomically::
 
-    <root>/CURRENT                       {"version": "<name>", "previous": "<name or null>", "published_at": "...Z"}
+    <root>/CURRENT                       {"version", "previous", "published_at", "by", "history"}
     <root>/versions/<name>/              one complete version (embeddings/, index/, eval/, changes/, ...)
-    <root>/versions/<name>/refresh.json  written last in a version: at least {"published": bool, "complete": bool}
+    <root>/versions/<name>/refresh.json  written last in a version: {"complete", "gates_passed", "published", ...}
     <root>/versions/<name>/_readers/     readers' leases, one small JSON per reader
-    <root>/_refresh/lock.json            the refresh lock
+    <root>/_refresh/lease/               the refresh lease (see :mod:`leases`)
+    <root>/_refresh/build.json           the version being built
 
 Versions are a storage concern: this module alone knows them. Stages read and write an output root and never
 learn which version it is; :func:`resolve_root` turns a root into the one they should read.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import posixpath
 import re
 import threading
 import time
@@ -37,9 +37,6 @@ READERS_DIR = "_readers"
 BUILD_RECORD = "_refresh/build.json"  # the version a refresh is building (a rerun on the same snapshot resumes it)
 HISTORY_KEEP = 100  # moves of CURRENT kept in its history
 _NAME = re.compile(r"^v(\d{6,})-(\d{8}T\d{6}Z)$")
-# Protocols whose URLs hold a plain path (``memory://a/b`` is the path ``/a/b``); elsewhere the first component
-# after ``://`` is a bucket or host that a relative path may not climb out of.
-_PATH_PROTOCOLS = frozenset({"file", "local", "memory"})
 
 
 __all__ = ["LockedError", "VersionError", "CurrentMovedError"]
@@ -91,7 +88,7 @@ def new_version_name(root: str, storage_options: dict | None = None, now: dateti
     """A new name ``v{seq:06d}-{UTC yyyymmddTHHMMSSZ}`` with seq one above the highest under ``versions/``.
 
     Names are unique and sort by creation as long as only one process creates versions at a time: call it while
-    holding the refresh lock (:func:`locked`). ``now`` defaults to the current time; a naive datetime is UTC.
+    holding the refresh lease (:func:`leased`). ``now`` defaults to the current time; a naive datetime is UTC.
     """
     existing = list_versions(root, storage_options)
     seq = 1 + max((parse_version_seq(n) for n in existing), default=0)
@@ -428,64 +425,3 @@ def readers_in_use(root: str, storage_options: dict | None = None, max_age_s: fl
                 in_use.add(name)
                 break
     return in_use
-
-
-# ---------------------------------------------------------------------------------------------------- relative paths
-
-def _split_url(url: str) -> tuple[str, str, str, str]:
-    """(``proto://`` or '', fixed authority (bucket or host, '' when none), leading slashes, path below)."""
-    if "://" not in url:
-        lead = "/" if url.startswith("/") else ""
-        return "", "", lead, url.lstrip("/")
-    protocol, rest = url.split("://", 1)
-    if protocol.lower() in _PATH_PROTOCOLS or rest.startswith("/"):
-        lead = rest[:len(rest) - len(rest.lstrip("/"))]
-        return f"{protocol}://", "", lead, rest.lstrip("/")
-    authority, _, below = rest.partition("/")
-    return f"{protocol}://", authority, "", below
-
-
-def _normalize_below(below: str, where: str, can_climb: bool) -> str:
-    """``below`` with ``.`` and ``..`` resolved; climbing above its start is an error unless ``can_climb``."""
-    if not below:
-        return ""
-    normal = posixpath.normpath(below)
-    if normal == ".":
-        return ""
-    if (normal == ".." or normal.startswith("../")) and not can_climb:
-        raise ValueError(f"'{where}' climbs above the root of its URL")
-    return normal
-
-
-def resolve_relative(base_dir: str, relative: str) -> str:
-    """``relative`` (which may hold ``..``) joined onto the directory ``base_dir`` (a URL or local path) and
-    normalized, keeping the protocol and bucket: ``s3://b/r/v2/emb`` + ``../../v1/x`` -> ``s3://b/r/v1/x``.
-    An absolute ``relative`` (a URL or, for local bases, an absolute path) is returned as it is."""
-    if "://" in relative or (relative.startswith("/") and "://" not in base_dir):
-        return relative
-    if relative.startswith("/"):
-        raise ValueError(f"'{relative}' is not relative (joined onto '{base_dir}')")
-    prefix, authority, lead, below = _split_url(base_dir)
-    joined = posixpath.join(below, relative) if below else relative
-    relative_local = not prefix and not lead  # a relative local path may climb above where it starts
-    normal = _normalize_below(joined, f"{base_dir} + {relative}", can_climb=relative_local)
-    if authority:
-        return f"{prefix}{authority}/{normal}" if normal else f"{prefix}{authority}"
-    if relative_local:
-        return normal or "."
-    return f"{prefix}{lead}{normal}"
-
-
-def relative_to(from_dir: str, target: str) -> str:
-    """The relative path that :func:`resolve_relative` turns back into ``target`` from ``from_dir``; both must
-    have the same protocol and bucket (both local paths: both absolute or both relative)."""
-    from_prefix, from_authority, from_lead, from_below = _split_url(from_dir)
-    to_prefix, to_authority, to_lead, to_below = _split_url(target)
-    same = (from_prefix.lower() == to_prefix.lower() and from_authority == to_authority
-            and (bool(from_lead) == bool(to_lead) or from_prefix.lower() == "memory://"))
-    if not same:
-        raise ValueError(f"'{target}' and '{from_dir}' are not on the same protocol and bucket: no relative path "
-                         "joins them")
-    start = _normalize_below(from_below, from_dir, can_climb=not from_prefix and not from_lead) or "."
-    end = _normalize_below(to_below, target, can_climb=not to_prefix and not to_lead) or "."
-    return posixpath.relpath(end, start)

@@ -357,13 +357,13 @@ def test_register_reader_of_a_missing_version_names_it(root):
 # ---------------------------------------------------------------------------------------------------- relative paths
 
 def test_resolve_relative_on_s3_keeps_the_protocol():
-    got = versions.resolve_relative("s3://b/r/versions/v2/embeddings", "../../v1/embeddings/shard-00001.parquet")
+    got = storage.resolve_relative("s3://b/r/versions/v2/embeddings", "../../v1/embeddings/shard-00001.parquet")
     assert got == "s3://b/r/versions/v1/embeddings/shard-00001.parquet"
-    assert versions.resolve_relative("s3://b/r/", "./x/../y") == "s3://b/r/y"
-    assert versions.resolve_relative("s3://b", "k") == "s3://b/k"
-    assert versions.resolve_relative("gs://b/r", "s3://other/x") == "s3://other/x"  # absolute: as it is
+    assert storage.resolve_relative("s3://b/r/", "./x/../y") == "s3://b/r/y"
+    assert storage.resolve_relative("s3://b", "k") == "s3://b/k"
+    assert storage.resolve_relative("gs://b/r", "s3://other/x") == "s3://other/x"  # absolute: as it is
     with pytest.raises(ValueError, match="climbs"):
-        versions.resolve_relative("s3://b/r", "../../other-bucket/x")
+        storage.resolve_relative("s3://b/r", "../../other-bucket/x")
 
 
 @pytest.mark.parametrize("from_dir,target", [
@@ -380,22 +380,22 @@ def test_resolve_relative_on_s3_keeps_the_protocol():
     ("out/versions/v2", "elsewhere/s.parquet"),
 ])
 def test_relative_to_and_resolve_relative_round_trip(from_dir, target):
-    relative = versions.relative_to(from_dir, target)
+    relative = storage.relative_to(from_dir, target)
     assert "://" not in relative and not relative.startswith("/")
-    assert versions.resolve_relative(from_dir, relative) == target
+    assert storage.resolve_relative(from_dir, relative) == target
 
 
 def test_relative_to_refuses_other_protocols_and_buckets():
     for a, b in (("s3://b/r", "s3://c/r"), ("s3://b/r", "gs://b/r"), ("/data/r", "s3://b/r"),
                  ("/data/r", "relative/r")):
         with pytest.raises(ValueError, match="same protocol"):
-            versions.relative_to(a, b)
+            storage.relative_to(a, b)
 
 
 def test_relative_paths_resolve_to_real_files(root):
     shard = storage.join(versions.version_root(root, "v000001-20240101T000000Z"), "embeddings", "s.parquet")
     storage.write_bytes_atomic(shard, b"shared")
     here = storage.join(versions.version_root(root, "v000002-20240102T000000Z"), "embeddings")
-    relative = versions.relative_to(here, shard)
+    relative = storage.relative_to(here, shard)
     assert relative == "../../v000001-20240101T000000Z/embeddings/s.parquet"
-    assert storage.read_bytes(versions.resolve_relative(here, relative)) == b"shared"
+    assert storage.read_bytes(storage.resolve_relative(here, relative)) == b"shared"
