@@ -10,7 +10,7 @@ What it measures
     Ray's local cluster, the model loads in the workers and the writing of the shards), since that is what a
     user pays. Its vectors are read back and compared row by row (matched by doc id) with the fp32 baseline.
   For each: seconds, docs/s, docs/s relative to the baseline, and min / mean cosine to the baseline vectors.
-  Document text is ``title + " " + text`` (``retrieval_core.corpus.assemble_text``), as the job builds it.
+  Document text is ``title + " " + text`` (``retrieval_core.io.corpus.assemble_text``), as the job builds it.
 
 Targets
   * fp32 job: >= 0.95x the docs/s of plain sentence-transformers.
@@ -88,7 +88,7 @@ def limited_copy(path: Path, limit: int, tmpdir: str) -> Path:
 
 def load_texts(path: Path, id_column: str, title_column: str | None) -> tuple[list[str], list[str]]:
     """(doc ids, texts) of the rows the job encodes: those with an id and a non-blank text."""
-    from retrieval_core.corpus import assemble_text
+    from retrieval_core.io.corpus import assemble_text
 
     columns = [id_column, "text"] + ([title_column] if title_column else [])
     data = pq.read_table(path, columns=columns).to_pydict()
@@ -124,7 +124,7 @@ def load_baseline_model():
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from retrieval_core.encoding import resolve_model_path
+    from retrieval_core.encode.encoding import resolve_model_path
 
     torch.set_num_threads(os.cpu_count() or 1)
     return SentenceTransformer(resolve_model_path(MODEL), device="cpu")
@@ -161,7 +161,7 @@ def job_config(corpus: Path, id_column: str, title_column: str | None, precision
 def run_job(cfg) -> tuple[float, dict, list[str], np.ndarray]:
     """(wall seconds, summary, doc ids, vectors) of one end-to-end ``jobs.encode.run``."""
     from jobs import encode
-    from retrieval_core.embeddings import load_embeddings
+    from retrieval_core.encode.embeddings import load_embeddings
 
     started = time.perf_counter()
     summary = encode.run(cfg)

@@ -44,14 +44,14 @@ def reference_metrics(data: Path, qrels_name: str, batch_size: int) -> tuple[dic
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from retrieval_core import metrics
-    from retrieval_core.encoding import resolve_model_path
+    from retrieval_core.encode.encoding import resolve_model_path
+    from retrieval_core.io import judgements
 
     started = time.perf_counter()
     corpus = {r["_id"]: f"{r['title']} {r['text']}" for r in pq.read_table(data / "corpus.parquet").to_pylist()}
-    qrels = metrics.read_qrels(str(data / qrels_name))
+    qrels = judgements.read_qrels(str(data / qrels_name))
     evaluator = InformationRetrievalEvaluator(
-        queries=metrics.read_queries(str(data / "queries.jsonl")), corpus=corpus,
+        queries=judgements.read_queries(str(data / "queries.jsonl")), corpus=corpus,
         relevant_docs={q: {d for d, s in judged.items() if s > 0} for q, judged in qrels.items()},
         ndcg_at_k=[10], mrr_at_k=[10], precision_recall_at_k=[10, 100], accuracy_at_k=[1], map_at_k=[100],
         batch_size=batch_size, show_progress_bar=False, write_csv=False)

@@ -132,7 +132,7 @@ def shard_table(centers: np.ndarray, start: int, stop: int, fingerprint: str, ar
     chunk), so that memory is the shard's table plus one chunk's temporaries."""
     import pyarrow as pa
 
-    from retrieval_core.embeddings import embeddings_table
+    from retrieval_core.encode.embeddings import embeddings_table
 
     rng = np.random.default_rng([args.seed, size, index + 1])
     assignment = rng.integers(0, len(centers), size=stop - start)
@@ -151,8 +151,8 @@ def shard_table(centers: np.ndarray, start: int, stop: int, fingerprint: str, ar
 def write_embeddings(root: Path, size: int, args) -> dict:
     """The encode stage's output for ``size`` synthetic vectors, written shard by shard (as
     ``tests/helpers.write_synthetic_embeddings`` lays it out); returns the embeddings manifest."""
-    from retrieval_core import storage
-    from retrieval_core.manifest import stamp
+    from retrieval_core.io import storage
+    from retrieval_core.io.manifest import stamp
 
     fingerprint = fingerprint_of(size, args)
     centers = cluster_centers(args.dim, args.clusters, args.seed)

@@ -61,11 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_data(data: Path, qrels_path: Path):
     import pyarrow.parquet as pq
 
-    from retrieval_core import metrics
+    from retrieval_core.io import judgements
 
     corpus = {r["_id"]: f"{r['title']} {r['text']}" for r in pq.read_table(data / "corpus.parquet").to_pylist()}
-    queries = metrics.read_queries(str(data / "queries.jsonl"))
-    qrels = metrics.read_qrels(str(qrels_path))
+    queries = judgements.read_queries(str(data / "queries.jsonl"))
+    qrels = judgements.read_qrels(str(qrels_path))
     pairs = [(queries[q], corpus[d]) for q, judged in qrels.items() for d, s in judged.items() if s > 0 and d in corpus]
     return corpus, pairs
 
@@ -76,7 +76,7 @@ def reference(corpus: dict, pairs: list, args, use_faiss: bool, cross_encoder: s
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from retrieval_core.encoding import resolve_model_path
+    from retrieval_core.encode.encoding import resolve_model_path
 
     options = {"relative_margin": args.relative_margin} if args.relative_margin > 0 else {}
     started = time.perf_counter()
@@ -130,9 +130,9 @@ def job_items(args, root: str, qrels: str = "", extra: tuple = ()) -> list[str]:
 def cross_encoder_rows(args, root: str) -> list:
     """mine_hard_negatives with a cross-encoder against ``mine`` with it, on the first ``--ce-queries`` queries
     (their qrels written under ``root``); the corpus under ``root`` is already encoded and indexed."""
-    from retrieval_core import metrics
+    from retrieval_core.io import judgements
 
-    qrels = metrics.read_qrels(str(args.data / args.qrels))
+    qrels = judgements.read_qrels(str(args.data / args.qrels))
     path = Path(root) / "ce-qrels.tsv"
     path.write_text("query-id\tcorpus-id\tscore\n" + "".join(
         f"{q}\t{d}\t{s}\n" for q, judged in list(qrels.items())[:args.ce_queries] for d, s in judged.items()))
@@ -157,7 +157,7 @@ def mine_command(args, root: str, items: list[str]) -> tuple[float, dict[str, se
 
     import pyarrow.parquet as pq
 
-    from retrieval_core import mining
+    from retrieval_core.mine import mining
 
     command = [sys.executable, "-m", "jobs.mine", "--config", "configs/scifact.yaml"]
     for item in items:
@@ -174,7 +174,7 @@ def build_cross_encoder(directory: Path) -> str:
     import torch
     from sentence_transformers import CrossEncoder
 
-    from retrieval_core.encoding import resolve_model_path
+    from retrieval_core.encode.encoding import resolve_model_path
 
     torch.manual_seed(0)
     CrossEncoder(resolve_model_path("all-MiniLM-L6-v2"), num_labels=1, device="cpu").save_pretrained(str(directory))
@@ -184,7 +184,7 @@ def build_cross_encoder(directory: Path) -> str:
 def ours(cfg, corpus: dict, stages: tuple) -> tuple[float, dict[str, set[str]]]:
     from jobs import encode, index, mine
     from jobs.ray import cluster
-    from retrieval_core import mining
+    from retrieval_core.mine import mining
 
     started = time.perf_counter()
     with cluster.ray_session(cfg.runtime):

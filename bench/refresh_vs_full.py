@@ -84,7 +84,9 @@ def same_top10(refresh_root: str, scratch_root: str) -> float:
     """Share of sampled queries (corpus vectors) whose top-10 doc ids agree between the two builds."""
     import numpy as np
 
-    from retrieval_core import embeddings, faiss_index, indexing, versions
+    from retrieval_core.encode import embeddings
+    from retrieval_core.index import faiss_index, indexing
+    from retrieval_core.io import versions
 
     version_root, _ = versions.resolve_root(refresh_root)
     results = []

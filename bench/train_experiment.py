@@ -51,10 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def split_beir(data: Path, fraction: float, seed: int, out: Path) -> dict[str, Path]:
     """Write train/dev queries and qrels files (BEIR format) split by query id."""
-    from retrieval_core import metrics
+    from retrieval_core.io import judgements
 
-    queries = metrics.read_queries(str(data / "queries.jsonl"))
-    qrels = metrics.read_qrels(str(data / "qrels" / "train.tsv"))
+    queries = judgements.read_queries(str(data / "queries.jsonl"))
+    qrels = judgements.read_qrels(str(data / "qrels" / "train.tsv"))
     ids = sorted(q for q in qrels if q in queries)
     random.Random(seed).shuffle(ids)
     dev = set(ids[:int(len(ids) * fraction)])

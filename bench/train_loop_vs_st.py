@@ -1,4 +1,4 @@
-"""Benchmark: this project's contrastive training loop (``retrieval_core.training.fit``) against sentence-transformers'
+"""Benchmark: this project's contrastive training loop (``training.fit``) against sentence-transformers'
 ``SentenceTransformerTrainer``, on identical examples, side by side.
 
 What it measures
@@ -116,7 +116,7 @@ def read_qrels(path: Path) -> dict[str, list[str]]:
 def build_examples(data: Path, negatives: int, seed: int) -> list[dict]:
     """One example per (query, positive) of qrels/train.tsv (or qrels.tsv): query text, positive text and
     ``negatives`` random other documents (none of the query's positives), drawn with ``seed``."""
-    from retrieval_core.corpus import assemble_text
+    from retrieval_core.io.corpus import assemble_text
 
     corpus = {str(row.get("_id", row.get("id"))): assemble_text(row.get("title"), row.get("text", ""))
               for row in read_jsonl(data / "corpus.jsonl")}
@@ -148,8 +148,8 @@ def peak_rss_mb() -> float:
 
 
 def run_ours(args, examples: list[dict]) -> dict:
-    from retrieval_core import training
     from retrieval_core.config import load_config
+    from retrieval_core.train import training
 
     q = json.dumps
     overrides = [f"corpus.path={q(str(args.data / 'corpus.jsonl'))}",
@@ -183,13 +183,16 @@ def run_trainer(args, examples: list[dict]) -> dict:
     import torch  # noqa: F401
     import transformers
     from datasets import Dataset
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import PrinterCallback, TrainerCallback
 
-    from retrieval_core.model_files import resolve_model_path
+    from retrieval_core.encode.model_files import resolve_model_path
 
     transformers.logging.set_verbosity_error()
     losses: list[float] = []

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import logging
+import os
 import sys
 from typing import Any, Callable, Iterable
 
 from jobs.ray import cluster, dispatch
-from retrieval_core import config_rules, leases, manifest, storage, versions
 from retrieval_core.config import Config, ConfigError, default_value, load_config
+from retrieval_core.config import rules as config_rules
+from retrieval_core.io import leases, manifest, storage, versions
 
 REFERENCE = ("Every key with its default: configs/demo.yaml. Full reference: README.md, section "
              "'Configuration reference'.")

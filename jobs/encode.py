@@ -11,11 +11,11 @@ import logging
 import sys
 import time
 
-
 from jobs import _cli, _progress
 from jobs.ray import actors, cluster, dispatch
-from retrieval_core import corpus, embeddings, encoding, sharding, storage
 from retrieval_core.config import Config
+from retrieval_core.encode import embeddings, encoding
+from retrieval_core.io import corpus, sharding, storage
 
 log = logging.getLogger("jobs.encode")
 KEYS = ("corpus.path", "corpus.id_column", "corpus.text_column", "corpus.title_column", "model.name",

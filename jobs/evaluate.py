@@ -18,9 +18,12 @@ import time
 
 from jobs import _cli
 from jobs.ray import cluster, query_encoding
-from retrieval_core import encoding, indexing, lookup, metrics, storage
 from retrieval_core.config import Config
-from retrieval_core.manifest import stamp
+from retrieval_core.encode import encoding
+from retrieval_core.evaluate import metrics
+from retrieval_core.index import indexing, lookup
+from retrieval_core.io import judgements, storage
+from retrieval_core.io.manifest import stamp
 
 log = logging.getLogger("jobs.evaluate")
 KEYS = ("output.root", "eval.queries_path", "eval.qrels_path", "eval.depth", "model.query_prompt",
@@ -32,11 +35,11 @@ def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) ->
     """Ids of the queries evaluated: those with at least one relevant (score > 0) document; each must have text."""
     ids = [qid for qid, judged in qrels.items() if any(score > 0 for score in judged.values())]
     if not ids:
-        raise metrics.EvaluationDataError("no query in the qrels has a relevant document (score > 0); nothing to "
+        raise judgements.EvaluationDataError("no query in the qrels has a relevant document (score > 0); nothing to "
                                            "evaluate")
     missing = [qid for qid in ids if qid not in queries]
     if missing:
-        raise metrics.EvaluationDataError(f"{len(missing)} judged queries have no text in the queries file, "
+        raise judgements.EvaluationDataError(f"{len(missing)} judged queries have no text in the queries file, "
                                            f"e.g. {missing[:5]}")
     return ids
 
@@ -47,8 +50,8 @@ def run(cfg: Config) -> dict:
     cfg = cluster.read_version(cfg)
     started = time.perf_counter()
     ev, so = cfg.eval, cfg.output.storage_options
-    queries = metrics.read_queries(ev.queries_path, ev.storage_options)
-    qrels = metrics.read_qrels(ev.qrels_path, ev.storage_options)
+    queries = judgements.read_queries(ev.queries_path, ev.storage_options)
+    qrels = judgements.read_qrels(ev.qrels_path, ev.storage_options)
     qids = judged_queries(queries, qrels)
     out = storage.join(cfg.output.root, "eval")
     identity = evaluation_identity(cfg, queries, qrels, qids)

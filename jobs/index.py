@@ -11,11 +11,12 @@ import logging
 import sys
 import time
 
-
 from jobs import _cli, _progress
 from jobs.ray import actors, cluster, dispatch
-from retrieval_core import encoding, indexing, storage
 from retrieval_core.config import Config
+from retrieval_core.encode import encoding
+from retrieval_core.index import indexing
+from retrieval_core.io import storage
 
 log = logging.getLogger("jobs.index")
 KEYS = ("output.root", "index.type", "index.metric", "index.max_memory", "index.train_size", "index.on_disk",

@@ -4,10 +4,10 @@ Reads:  <output.root>/index/ and embeddings/, and mine.pairs_path (query/positiv
         mine.qrels_path (BEIR).
 Writes: <output.root>/negatives/: part-*.parquet, rejects.parquet, exports/ (triplet, n-tuple, flag-jsonl),
         report.json and report.png, _manifest.json last.
-The input is planned in hash buckets of queries by a shuffle (retrieval_core.mine_shuffle): each input file is read
+The input is planned in hash buckets of queries by a shuffle (retrieval_core.mine.shuffle): each input file is read
 once and its rows sent to their buckets, the positives are joined with the corpus's doc ids by doc bucket, and a
 task per bucket merges its queries and writes its part inputs. The parts are mined by the mine workers in two halves
-around a join of their candidates (retrieval_core.mine_texts): a worker encodes a part's queries with the index's
+around a join of their candidates (retrieval_core.mine.texts): a worker encodes a part's queries with the index's
 encoder, searches (mine.mode: replicated or sharded) and requests its candidate rows; one call per text group looks
 those rows up once (doc ids, text hashes, and texts for a cross-encoder); a worker then selects the part's negatives
 per query with the false-negative filters (on a cross-encoder's scores with mine.cross_encoder), writes the requests
@@ -22,13 +22,18 @@ import logging
 import sys
 import time
 
-
 from jobs import _cli, _progress
 from jobs.ray import actors, cluster, dispatch, query_encoding
-from retrieval_core import indexing, lookup, mine_parts, mine_plan, mine_report, mine_shuffle, mine_texts, mining, \
-    negatives, storage
 from retrieval_core.config import Config
-from retrieval_core.embeddings import read_embeddings_manifest
+from retrieval_core.encode.embeddings import read_embeddings_manifest
+from retrieval_core.index import indexing, lookup
+from retrieval_core.io import storage
+from retrieval_core.mine import mining, negatives
+from retrieval_core.mine import parts as mine_parts
+from retrieval_core.mine import plan as mine_plan
+from retrieval_core.mine import report as mine_report
+from retrieval_core.mine import shuffle as mine_shuffle
+from retrieval_core.mine import texts as mine_texts
 
 log = logging.getLogger("jobs.mine")
 # shown with their defaults by --help
@@ -125,7 +130,7 @@ def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, i
 
 def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, window: tuple[int, int],
                   timings: dict, join_texts) -> None:
-    """Mine the pending parts in two halves around the join of their candidates (:mod:`retrieval_core.mine_texts`):
+    """Mine the pending parts in two halves around the join of their candidates (:mod:`retrieval_core.mine.texts`):
     search each part, join the candidates' values by text group, then select each part (and, with a cross-encoder,
     rescore it first). In this process when few queries are left (replicated mode, no cross-encoder), else on mine
     workers while the driver only counts. ``window``: (range_max, search depth). The text groups are chosen, with
@@ -195,7 +200,7 @@ def _bar(cfg: Config, desc: str, total: int, unit: str):
 
 def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, run=None) -> dict:
     """Join the texts of the committed parts without exports and write their exports (see
-    :mod:`retrieval_core.mine_texts`), the groups first, then the parts: on the mine ``workers`` through ``run``
+    :mod:`retrieval_core.mine.texts`), the groups first, then the parts: on the mine ``workers`` through ``run``
     (as :func:`_in_halves` does) when they are given, else in this process when those parts hold at most
     ``runtime.inline_rows`` queries, else on Ray tasks. Returns what the manifest records of it."""
     started = time.perf_counter()

@@ -15,8 +15,9 @@ import time
 
 from jobs import _cli, encode, evaluate, index, mine, train
 from jobs.ray import cluster
-from retrieval_core import storage, training
-from retrieval_core.config import Config, PIPELINE_STAGES
+from retrieval_core.config import PIPELINE_STAGES, Config
+from retrieval_core.io import storage
+from retrieval_core.train import training
 
 log = logging.getLogger("jobs.pipeline")
 KEYS = ("pipeline.stages", "corpus.path", "model.name", "output.root", "index.type", "eval.queries_path",

@@ -17,12 +17,14 @@ import logging
 import sys
 import time
 
-
 from jobs import _cli, _progress, evaluate, index
 from jobs.ray import actors, cluster, dispatch
-from retrieval_core import (corpus, embeddings, encoding, indexing, leases, publishing, refresh_index,
-                            refreshing, sharding, storage, versions)
 from retrieval_core.config import Config
+from retrieval_core.encode import embeddings, encoding
+from retrieval_core.index import indexing
+from retrieval_core.io import corpus, leases, sharding, storage, versions
+from retrieval_core.refresh import index_reuse as refresh_index
+from retrieval_core.refresh import publishing, refreshing
 
 log = logging.getLogger("jobs.refresh")
 KEYS = ("corpus.path", "output.root", "refresh.retrain", "refresh.retrain_drift", "publish.min_recall",

@@ -13,8 +13,8 @@ import sys
 
 from jobs import _cli
 from jobs.ray import cluster, query_encoding
-from retrieval_core import lookup
 from retrieval_core.config import Config
+from retrieval_core.index import lookup
 
 log = logging.getLogger("jobs.search")
 PREVIEW_CHARS = 80

@@ -18,9 +18,12 @@ import time
 from jobs import _cli, _progress
 from jobs.ray import cluster
 from jobs.ray import training as ray_training
-from retrieval_core import checkpoints, encoding, mining, storage, training
 from retrieval_core.config import Config
-from retrieval_core.manifest import IncompatibleOutputError, digest, stamp
+from retrieval_core.encode import encoding
+from retrieval_core.io import storage
+from retrieval_core.io.manifest import IncompatibleOutputError, digest, stamp
+from retrieval_core.mine import mining
+from retrieval_core.train import checkpoints, training
 
 log = logging.getLogger("jobs.train")
 KEYS = ("output.root", "model.name", "train.epochs", "train.batch_size", "train.learning_rate", "train.num_negatives",

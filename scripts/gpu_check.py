@@ -30,8 +30,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from retrieval_core import encoding, model_files, rescoring, training  # noqa: E402
 from retrieval_core.config import load_config  # noqa: E402
+from retrieval_core.encode import encoding, model_files  # noqa: E402
+from retrieval_core.mine import rescoring  # noqa: E402
+from retrieval_core.train import training  # noqa: E402
 
 DEMO = ROOT / "examples" / "demo"
 MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.99}
@@ -153,7 +155,7 @@ def encode_job(device: str, output: str) -> tuple[list[str], np.ndarray]:
     subprocess.run([sys.executable, "-m", "jobs.encode", "--config", "configs/demo.yaml", "--set",
                     f"output.root={output}", "--set", f"runtime.gpus_per_worker={gpus}", "--set",
                     "runtime.num_workers=1", "--set", "runtime.progress=false"], cwd=ROOT, check=True)
-    from retrieval_core import embeddings
+    from retrieval_core.encode import embeddings
 
     _, vectors, doc_ids = embeddings.load_embeddings(output)
     return doc_ids, vectors

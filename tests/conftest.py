@@ -19,7 +19,7 @@ from helpers import build_family_models, build_tiny_model  # noqa: E402
 API_KEY_ENV = "FAKE_EMBEDDING_API_KEY"
 API_KEY = "sk-test-DO-NOT-LOG-4c1d9e"
 os.environ[API_KEY_ENV] = API_KEY
-# The fault-injection plan file (retrieval_core.faults), named before any worker starts; inert while it does not
+# The fault-injection plan file (retrieval_core.io.faults), named before any worker starts; inert while it does not
 # exist (the ``faults`` fixture writes it for one test).
 FAULT_PLAN = Path(tempfile.mkdtemp(prefix="retrieval-faults-")) / "plan.json"
 os.environ["RETRIEVAL_TEST_FAULTS"] = str(FAULT_PLAN)
@@ -111,7 +111,7 @@ def embedding_api(embedding_api_server):
 
 
 def arm_faults(plan: list[dict]) -> None:
-    """Arm the fault points of retrieval_core.faults with ``plan`` (a list of faults) in every process."""
+    """Arm the fault points of retrieval_core.io.faults with ``plan`` (a list of faults) in every process."""
     disarm_faults()
     FAULT_PLAN.write_text(json.dumps(plan))
 

@@ -147,9 +147,9 @@ def clustered_vectors(n: int, dim: int = 16, clusters: int = 8, seed: int = 0, n
 def write_synthetic_embeddings(root: Path, vectors: np.ndarray, shard_rows: int, normalized: bool = True,
                                fingerprint: str = "f" * 32, row_offset: int = 0) -> dict:
     """An embeddings stage output (shards + manifest) holding ``vectors``, as the encode job writes it."""
-    from retrieval_core import storage
-    from retrieval_core.embeddings import embeddings_table
-    from retrieval_core.manifest import stamp
+    from retrieval_core.encode.embeddings import embeddings_table
+    from retrieval_core.io import storage
+    from retrieval_core.io.manifest import stamp
 
     shards = []
     for start in range(0, len(vectors), shard_rows):

@@ -7,7 +7,7 @@ import ray
 
 from jobs.ray import cluster, dispatch
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
-from retrieval_core.sharding import Shard
+from retrieval_core.io.sharding import Shard
 
 
 class EncodeWorker:
@@ -15,18 +15,18 @@ class EncodeWorker:
 
     def __init__(self, model_cfg: ModelConfig, cpus: int, gpus: float):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from retrieval_core import encoding
+        from retrieval_core.encode import encoding
 
         self.encoder = encoding.load_encoder(model_cfg, gpus, threads=cpus)
 
     def encode_shard(self, shard: Shard, cfg: Config, encoder_identity: dict) -> dict:
-        from retrieval_core.embeddings import encode_shard
+        from retrieval_core.encode.embeddings import encode_shard
 
         worker = {"node_id": ray.get_runtime_context().get_node_id()}
         return encode_shard(shard, cfg, self.encoder, encoder_identity, worker)
 
     def encode_segment(self, segment, plan, cfg: Config, encoder_identity: dict) -> dict:
-        from retrieval_core.refreshing import encode_segment
+        from retrieval_core.refresh.refreshing import encode_segment
 
         return encode_segment(plan, segment, cfg, self.encoder, encoder_identity, _node())
 
@@ -56,7 +56,7 @@ def _node() -> dict:
 
 
 def _train_index(cfg: Config, plan, cpus: int):
-    from retrieval_core import indexing
+    from retrieval_core.index import indexing
 
     faiss_threads(cpus)
     data, info = indexing.trained_index(cfg, plan)
@@ -64,14 +64,14 @@ def _train_index(cfg: Config, plan, cpus: int):
 
 
 def _add_index_shard(cfg: Config, plan, shard: dict, trained, cpus: int) -> dict:
-    from retrieval_core import indexing
+    from retrieval_core.index import indexing
 
     faiss_threads(cpus)
     return indexing.add_shard(cfg, plan, shard, trained, _node())
 
 
 def _finish_index(cfg: Config, plan, trained, cpus: int) -> dict:
-    from retrieval_core import indexing
+    from retrieval_core.index import indexing
 
     faiss_threads(cpus)
     return indexing.finish(cfg, plan, trained)
@@ -95,7 +95,7 @@ class IndexSearcher:
     batches; a group's per-shard top-k are merged here, so each searcher returns one top-k."""
 
     def __init__(self, root: str, storage_options: dict, shard_names: list | None, cpus: int):
-        from retrieval_core import indexing
+        from retrieval_core.index import indexing
 
         faiss_threads(cpus)
         if shard_names is None:
@@ -104,7 +104,8 @@ class IndexSearcher:
             self.indexes = [indexing.load_shard_index(root, name, storage_options) for name in shard_names]
 
     def search(self, vectors, k: int):
-        from retrieval_core import faiss_index, faults, search
+        from retrieval_core.index import faiss_index, search
+        from retrieval_core.io import faults
 
         faults.point("search", "search")
         return search.merge_topk([faiss_index.search(index, vectors, k) for index in self.indexes], k, "ip")
@@ -122,7 +123,9 @@ class MineWorker:
                  manifest: dict | None = None, cpus: int | None = None):
         """``encoder``: one already loaded (else the model is loaded here); ``manifest``: the embeddings manifest
         already read; ``cpus``: the threads of the search and the models (default ``runtime.cpus_per_worker``)."""
-        from retrieval_core import encoding, lookup, rescoring
+        from retrieval_core.encode import encoding
+        from retrieval_core.index import lookup
+        from retrieval_core.mine import rescoring
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         rt, cpus = cfg.runtime, cpus or cfg.runtime.cpus_per_worker
@@ -138,7 +141,7 @@ class MineWorker:
     def here(cls, cfg: Config, manifest: dict) -> "MineWorker":
         """A worker in the job's own process (a small run without a cross-encoder): the merged index on every
         core, the process's cached encoder, and the embeddings ``manifest`` already read."""
-        from retrieval_core import encoding
+        from retrieval_core.encode import encoding
 
         return cls(cfg, None, 0, cluster.inline_encoder(cfg), manifest, encoding.cpu_count())
 
@@ -149,37 +152,40 @@ class MineWorker:
         return os.getpid()
 
     def search_part(self, part, cfg: Config, depth: int, text_starts: list[int], peers: list) -> dict:
-        from retrieval_core import mine_parts, mine_plan
+        from retrieval_core.mine import parts as mine_parts
+        from retrieval_core.mine import plan as mine_plan
 
         return mine_parts.search_part(cfg, part.number, mine_plan.read_part_input(cfg, part),
                                       self.encoder.encode_queries,
                                       lambda vectors, k: self._search_all(vectors, k, peers), depth, text_starts)
 
     def join_group(self, item: dict, cfg: Config) -> dict:
-        from retrieval_core import mine_parts, mine_texts
+        from retrieval_core.mine import parts as mine_parts
+        from retrieval_core.mine import texts as mine_texts
 
         return mine_texts.resolve_group(mine_parts.candidates_dir(cfg), item["group"], item["parts"], self.rows,
                                         cfg.output.storage_options, texts=bool(cfg.mine.cross_encoder))
 
     def join_texts(self, item: dict, cfg: Config) -> dict:
         """The text join of the exports for one text group (``item``: group, parts), once every part is committed."""
-        from retrieval_core import mining
+        from retrieval_core.mine import mining
 
         return mining.join_export_texts(cfg, item["group"], item["parts"], self.rows)
 
     def export_part(self, number: int, cfg: Config) -> dict:
-        from retrieval_core import mining
+        from retrieval_core.mine import mining
 
         return mining.export_part(cfg, number)
 
     def select_part(self, part, cfg: Config, range_max: int, text_starts: list[int]) -> dict:
-        from retrieval_core import mine_parts, mine_plan
+        from retrieval_core.mine import parts as mine_parts
+        from retrieval_core.mine import plan as mine_plan
 
         return mine_parts.select_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part),
                                       range_max, text_starts, self.scorer.score if self.scorer else None)
 
     def _search_all(self, vectors, k: int, peers: list):
-        from retrieval_core import search
+        from retrieval_core.index import search
 
         if not peers:
             return self.searcher.search(vectors, k)
@@ -188,7 +194,8 @@ class MineWorker:
 
 
 def _shuffle_step(cfg: Config, step: str, item: int, plan: dict, emb: dict) -> dict:
-    from retrieval_core import mine_plan, mine_shuffle
+    from retrieval_core.mine import plan as mine_plan
+    from retrieval_core.mine import shuffle as mine_shuffle
 
     if step == "split":
         return mine_shuffle.split_input(cfg, item, plan)
@@ -224,7 +231,7 @@ def _task_options(cfg: Config) -> dict:
 
 
 def _duplicate_ids(files: list, corpus_cfg, partition: int, partitions: int) -> list[str]:
-    from retrieval_core import corpus
+    from retrieval_core.io import corpus
 
     return corpus.find_duplicate_ids(files, corpus_cfg, 5, partition, partitions)
 
@@ -240,14 +247,15 @@ def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
 
 
 def _text_group(cfg: Config, group: int, parts: list[int]) -> dict:
-    from retrieval_core import lookup, mining
+    from retrieval_core.index import lookup
+    from retrieval_core.mine import mining
 
     rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
     return mining.join_export_texts(cfg, group, parts, rows)
 
 
 def _export_part(cfg: Config, number: int) -> dict:
-    from retrieval_core import mining
+    from retrieval_core.mine import mining
 
     return mining.export_part(cfg, number)
 

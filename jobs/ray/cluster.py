@@ -13,8 +13,9 @@ import signal
 import ray
 
 from jobs.ray import dispatch
-from retrieval_core import encoding, versions
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
+from retrieval_core.encode import encoding
+from retrieval_core.io import versions
 
 log = logging.getLogger(__name__)
 

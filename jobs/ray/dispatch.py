@@ -109,7 +109,7 @@ class _Calls:
 
     def speculate(self, items: list, finished: set, after_s: float) -> None:
         now = time.monotonic()
-        for actor, number, started in sorted(self.in_flight.values(), key=lambda v: v[2]):
+        for _actor, number, started in sorted(self.in_flight.values(), key=lambda v: v[2]):
             if not self.idle:
                 return
             if number not in finished and number not in self.copied and now - started > after_s:

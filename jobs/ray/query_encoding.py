@@ -9,8 +9,9 @@ from typing import Iterator
 import numpy as np
 
 from jobs.ray import actors, cluster, dispatch
-from retrieval_core import encoding, indexing
 from retrieval_core.config import Config
+from retrieval_core.encode import encoding
+from retrieval_core.index import indexing
 
 CHUNK = 1024            # queries per actor call
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ def check_encoder(cfg: Config, index_manifest: dict) -> None:
     indexing.check_query_encoder(index_manifest, encoding.encoder_identity(cfg.model))
     recorded, now = index_manifest.get("query_encoder"), encoding.query_identity(cfg.model)
     if recorded and recorded["fingerprint"] != now["fingerprint"]:
-        from retrieval_core.manifest import identity_differences
+        from retrieval_core.io.manifest import identity_differences
 
         log.warning("queries are encoded otherwise than the index's documents' run recorded: %s",
                     "; ".join(identity_differences(recorded, now)))
@@ -45,7 +46,7 @@ def query_encoder(cfg: Config, session: cluster.LazyRaySession, count: int) -> I
         before = encoding.usage_of(encoder)
         yield encoder.encode_queries
         if before is not None:
-            from retrieval_core.providers import usage_between
+            from retrieval_core.encode.providers import usage_between
 
             log.info("queries: %s", usage_between(before, encoding.usage_of(encoder)))
         return
@@ -66,7 +67,7 @@ def _encode_on(workers: list, texts: list[str], speculation: float) -> np.ndarra
 def search_texts(cfg: Config, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """(scores, row ids, index manifest): scores and ids (n x k, best first) of query texts searched in the index
     under ``output.root``, after checking that the run's model settings give the index's encoder."""
-    from retrieval_core import faiss_index
+    from retrieval_core.index import faiss_index
 
     index, manifest = _checked_index(cfg)
     with cluster.LazyRaySession(cfg.runtime) as session:
@@ -80,7 +81,7 @@ def searched_batches(cfg: Config, texts: list[str], k: int, batch: int) -> Itera
     batch x k, best first, -1 where none). The query texts are encoded and searched ``batch`` at a time as the
     batches are drawn, so that a caller holds one batch's vectors and results; encoder actors, when the texts need
     them, live until the context ends."""
-    from retrieval_core import faiss_index
+    from retrieval_core.index import faiss_index
 
     index, manifest = _checked_index(cfg)
     with cluster.LazyRaySession(cfg.runtime) as session, query_encoder(cfg, session, len(texts)) as encode:

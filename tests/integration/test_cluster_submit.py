@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import DEMO_CORPUS, REPO
 
 RAY = str(Path(sys.executable).parent / "ray")

@@ -7,13 +7,16 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import API_KEY, API_KEY_ENV
 from fake_embedding_api import WORD, expected_vectors
 from helpers import DEMO_CORPUS, REPO, config
+
 from jobs import encode, evaluate, index, mine, refresh
 from jobs.ray import cluster, query_encoding
-from retrieval_core import embeddings, metrics, mining
+from retrieval_core.encode import embeddings
+from retrieval_core.evaluate import metrics
+from retrieval_core.io import judgements
+from retrieval_core.mine import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO = REPO / "examples" / "demo"
@@ -69,8 +72,8 @@ def test_every_job_uses_the_provider_s_vectors(built, embedding_api, tmp_path):
     assert manifest["encoder"]["provider"] == provider and "weights_sha256" not in manifest["encoder"]
 
     # queries: in the driver and on actors; evaluate against an exact search over the provider's vectors
-    queries = metrics.read_queries(str(DEMO / "queries.jsonl"))
-    qrels = metrics.read_qrels(str(DEMO / "qrels.tsv"))
+    queries = judgements.read_queries(str(DEMO / "queries.jsonl"))
+    qrels = judgements.read_qrels(str(DEMO / "qrels.tsv"))
     qids = sorted(q for q in qrels if any(s > 0 for s in qrels[q].values()))
     query_vectors = expected_vectors([queries[q] for q in qids], input_type=query_type)
     on_actors = api_config(embedding_api, provider, cfg.output.root, runtime__inline_rows=0)

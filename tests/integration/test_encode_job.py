@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import DEMO_CORPUS, REPO, config, encode_command, make_docs, write_parquet
+
 from jobs import encode
-from retrieval_core import embeddings, encoding
+from retrieval_core.encode import embeddings, encoding
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO_ROWS = pq.read_metadata(DEMO_CORPUS).num_rows
@@ -37,7 +37,7 @@ def demo_run(tmp_path_factory):
 def test_vectors_equal_plain_sentence_transformers(demo_run):
     from sentence_transformers import SentenceTransformer
 
-    from retrieval_core.model_files import resolve_model_path
+    from retrieval_core.encode.model_files import resolve_model_path
 
     cfg, summary = demo_run
     assert summary["rows_encoded"] == DEMO_ROWS and summary["shards"] == summary["shards_run"] == demo_shards(32)
@@ -65,7 +65,7 @@ def test_rerun_skips_committed_shards(demo_run):
 
 
 def test_a_large_corpus_is_checked_for_duplicate_ids_by_tasks(tmp_path, monkeypatch):
-    from retrieval_core import corpus
+    from retrieval_core.io import corpus
 
     docs = make_docs(40)
     docs[33]["id"] = docs[2]["id"]

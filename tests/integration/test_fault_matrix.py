@@ -1,5 +1,5 @@
 """The fault matrix: stage by stage, a fault strikes at a chosen point (tests/conftest.py ``faults``, through the
-fault points of retrieval_core.faults) and the output after recovery equals a clean run's, compared by content
+fault points of retrieval_core.io.faults) and the output after recovery equals a clean run's, compared by content
 (vectors, search results, mined tuples), not by counts. The README's "Faults" table lists the rows.
 
 - worker killed mid-task (SIGKILL inside an actor or task): retried by Ray, the run finishes;
@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import faults_fired
 from helpers import DEMO_CORPUS, REPO, config
+
 from jobs import encode, index, mine, refresh
 from jobs.ray import dispatch
-from retrieval_core import embeddings, indexing, mining, versions
-from retrieval_core.faults import InjectedCrash
+from retrieval_core.encode import embeddings
+from retrieval_core.index import indexing
+from retrieval_core.io import versions
+from retrieval_core.io.faults import InjectedCrash
+from retrieval_core.mine import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO = REPO / "examples" / "demo"

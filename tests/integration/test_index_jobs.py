@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import DEMO_CORPUS, REPO, clustered_vectors, config, write_synthetic_embeddings
+
 from jobs import encode, evaluate, index, search
 from jobs.ray import actors, cluster, query_encoding
-from retrieval_core import faiss_index, indexing, lookup, metrics
 from retrieval_core.config import load_config
-from retrieval_core.manifest import IncompatibleOutputError
+from retrieval_core.evaluate import metrics
+from retrieval_core.index import faiss_index, indexing, lookup
+from retrieval_core.io import judgements
+from retrieval_core.io.manifest import IncompatibleOutputError
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO = REPO / "examples" / "demo"
@@ -71,16 +73,16 @@ def test_queries_from_another_encoder_are_refused(demo_index):
 def test_evaluate_equals_sentence_transformers_evaluator(demo_index):
     """Our metrics over the Flat index equal sentence-transformers' InformationRetrievalEvaluator (exact cosine
     search with the same model) on the demo queries and qrels."""
+    import pyarrow.parquet as pq
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    import pyarrow.parquet as pq
-    from retrieval_core.model_files import resolve_model_path
+    from retrieval_core.encode.model_files import resolve_model_path
 
     cfg, _ = demo_index
     result = evaluate.run(cfg)
-    queries = metrics.read_queries(str(DEMO / "queries.jsonl"))
-    qrels = metrics.read_qrels(str(DEMO / "qrels.tsv"))
+    queries = judgements.read_queries(str(DEMO / "queries.jsonl"))
+    qrels = judgements.read_qrels(str(DEMO / "qrels.tsv"))
     corpus = {r["id"]: f"{r['title']} {r['text']}" for r in pq.read_table(DEMO_CORPUS).to_pylist()}
     reference = InformationRetrievalEvaluator(
         queries=queries, corpus=corpus, relevant_docs={q: {d for d, s in j.items() if s > 0} for q, j in qrels.items()},
@@ -104,8 +106,8 @@ def test_evaluation_in_batches_by_row_id_equals_scoring_every_doc_id_ranking_at_
     """Searched and scored 7 queries at a time, judged documents compared by row id: the same per-query metrics
     and means, to the last bit, as the doc-id rankings of all queries scored at once."""
     cfg, _ = demo_index
-    queries = metrics.read_queries(str(DEMO / "queries.jsonl"))
-    qrels = metrics.read_qrels(str(DEMO / "qrels.tsv"))
+    queries = judgements.read_queries(str(DEMO / "queries.jsonl"))
+    qrels = judgements.read_qrels(str(DEMO / "qrels.tsv"))
     qids = evaluate.judged_queries(queries, qrels)
     _, ids, _ = query_encoding.search_texts(cfg, [queries[q] for q in qids], cfg.eval.depth)
     ranked = lookup.as_doc_ids(ids, lookup.doc_ids_for_rows(str(cfg.output.root), ids.ravel()))

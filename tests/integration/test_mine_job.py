@@ -5,11 +5,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import DEMO_CORPUS, REPO, build_tiny_cross_encoder, config, write_jsonl
+
 from jobs import encode, index, mine
 from jobs.ray.dispatch import StageFailed
-from retrieval_core import lookup, mine_input, mine_shuffle, mining
+from retrieval_core.index import lookup
+from retrieval_core.mine import inputs as mine_input
+from retrieval_core.mine import mining
+from retrieval_core.mine import shuffle as mine_shuffle
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
@@ -53,7 +56,7 @@ def reference_negatives(cache: str, cross_encoder: str | None = None, **settings
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from retrieval_core.model_files import resolve_model_path
+    from retrieval_core.encode.model_files import resolve_model_path
 
     texts = demo_texts()
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
@@ -146,7 +149,7 @@ def test_parts_mined_with_other_formats_get_this_runs_exports(demo_root, tmp_pat
     """Parts committed by a run with other export settings (killed before its manifest) are not mined again; their
     exports are made from the part files, and every export equals a clean run's, texts included. The clean run
     joins its texts in 4 groups of 64 rows (mine_texts); the resumed one looks them up part by part."""
-    from retrieval_core import mine_texts
+    from retrieval_core.mine import texts as mine_texts
 
     both = "[triplet, flag-jsonl]"
     clean = mine_config(demo_root, tmp_path, "clean", formats=both, queries_per_part=40, output_scores="true")
@@ -331,8 +334,13 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
     cross-encoder's on the corpus texts."""
     from sentence_transformers import CrossEncoder
 
-    from retrieval_core import encoding, faiss_index, indexing, mine_parts, mine_plan, mine_texts, rescoring
-    from retrieval_core.embeddings import read_embeddings_manifest
+    from retrieval_core.encode import encoding
+    from retrieval_core.encode.embeddings import read_embeddings_manifest
+    from retrieval_core.index import faiss_index, indexing
+    from retrieval_core.mine import parts as mine_parts
+    from retrieval_core.mine import plan as mine_plan
+    from retrieval_core.mine import rescoring
+    from retrieval_core.mine import texts as mine_texts
 
     cfg = mine_config(demo_root, tmp_path, "halves", cross_encoder=tiny_ce, range_max=12, relative_margin="null",
                       num_negatives=2, queries_per_part=15)

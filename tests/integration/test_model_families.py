@@ -3,11 +3,14 @@ and scores the jobs produce equal sentence-transformers called directly with the
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import DEMO_CORPUS, REPO, config
+
 from jobs import encode, evaluate, index, mine, refresh
 from jobs.ray import cluster, query_encoding
-from retrieval_core import embeddings, metrics, mining
+from retrieval_core.encode import embeddings
+from retrieval_core.evaluate import metrics
+from retrieval_core.io import judgements
+from retrieval_core.mine import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO = REPO / "examples" / "demo"
@@ -68,8 +71,8 @@ def test_query_encoding_and_evaluation_use_the_query_side(built, family_models):
     query encoders, the cases where an actor's encoder could differ), and evaluate's figures against an exact
     search over sentence-transformers' own vectors."""
     key, cfg = built
-    queries = metrics.read_queries(str(DEMO / "queries.jsonl"))
-    qrels = metrics.read_qrels(str(DEMO / "qrels.tsv"))
+    queries = judgements.read_queries(str(DEMO / "queries.jsonl"))
+    qrels = judgements.read_qrels(str(DEMO / "qrels.tsv"))
     qids = sorted(q for q in qrels if any(s > 0 for s in qrels[q].values()))
     texts = [queries[q] for q in qids]
     expected = direct(family_models[EXPECTED[key][2]], texts, EXPECTED[key][1], "query")

@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import arm_faults, disarm_faults, faults_fired
 from helpers import REPO, clear_encoded, config, encoded_hashes, make_docs, write_parquet
+
 from jobs import refresh
 from jobs.ray import cluster
-from retrieval_core import embeddings, faiss_index, indexing, versions
-from retrieval_core.corpus import assemble_text, text_hash
+from retrieval_core.encode import embeddings
+from retrieval_core.index import faiss_index, indexing
+from retrieval_core.io import versions
+from retrieval_core.io.corpus import assemble_text, text_hash
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 SETTINGS = dict(corpus__title_column="title", runtime__rows_per_shard=24, refresh__diff_buckets=3,
@@ -143,7 +145,7 @@ def test_versions_share_unchanged_segments_and_write_the_changes(two_days):
 def test_texts_of_a_version_are_its_snapshots(two_days):
     """In a version, row ids are not snapshot positions: texts are found through the doc map, by a mine worker's
     row lookup (from the values it already found) and by the direct lookup alike."""
-    from retrieval_core import lookup
+    from retrieval_core.index import lookup
 
     version_root = versions.version_root(str(two_days["root"]), two_days["second"]["version"])
     row_ids = embeddings.load_embeddings(version_root)[0].tolist()

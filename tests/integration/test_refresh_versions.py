@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import faults_fired
 from helpers import REPO
-from jobs import encode, index, refresh
-from retrieval_core import leases, publishing, versions
 from test_refresh import SETTINGS, by_doc, day1, day2, refresh_config, search_all, snapshot
+
+from jobs import encode, index, refresh
+from retrieval_core.io import leases, versions
+from retrieval_core.refresh import publishing
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -18,11 +18,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from helpers import DEMO_CORPUS, REPO, config, make_docs, write_parquet
+
 from jobs import encode, pipeline, search, train
-from retrieval_core import embeddings, encoding, faiss_index, indexing, mining, model_files, storage
 from retrieval_core.config import PIPELINE_STAGES, REDACTED, ConfigError, ModelConfig, load_config
+from retrieval_core.encode import embeddings, encoding, model_files
+from retrieval_core.index import faiss_index, indexing
+from retrieval_core.io import storage
+from retrieval_core.mine import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO = REPO / "examples" / "demo"
@@ -268,8 +271,9 @@ def test_a_cross_encoder_at_a_url_scores_as_its_local_copy(buckets, s3_options, 
     import dataclasses
 
     from helpers import build_tiny_cross_encoder
-    from retrieval_core import rescoring
+
     from retrieval_core.config import MineConfig
+    from retrieval_core.mine import rescoring
 
     monkeypatch.setenv(model_files.MODEL_CACHE_ENV, str(tmp_path / "cache"))
     local = str(build_tiny_cross_encoder(tmp_path / "ce"))
@@ -419,7 +423,7 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
     same counts, vectors and changes as on local paths in the job's own process; CURRENT names the new version; the
     secret is in no object of the refreshed root."""
     from jobs import refresh
-    from retrieval_core import versions
+    from retrieval_core.io import versions
 
     day1 = make_docs(80, seed=5)
     day2 = [dict(d, text=d["text"] + " revised") if i % 10 == 0 else d for i, d in enumerate(day1[4:])]
@@ -499,7 +503,7 @@ def test_twenty_contenders_on_an_expired_s3_lease_exactly_one_wins(buckets, s3_o
     object: of 20 contenders at once exactly one wins; the others are refused naming it; its release is seen."""
     import threading
 
-    from retrieval_core import leases
+    from retrieval_core.io import leases
 
     directory = f"s3://{SCRATCH}/contenders/{leases.REFRESH_LEASE}"
     stale = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))

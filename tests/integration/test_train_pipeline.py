@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import DEMO_CORPUS, REPO, config
+
 from jobs import encode, index, mine, pipeline, train
 from retrieval_core.config import load_config
 
@@ -69,7 +69,7 @@ def pipeline_command(root, model, *extra):
 
 def outputs(root: Path) -> dict:
     """What a pipeline run leaves that must not depend on interruptions: metrics, negatives, trained weights."""
-    from retrieval_core import mining
+    from retrieval_core.mine import mining
 
     return {"eval": json.loads((root / "eval" / "metrics.json").read_text())["metrics"],
             "reeval": json.loads((root / "trained" / "eval" / "metrics.json").read_text())["metrics"],

@@ -7,12 +7,15 @@ import os
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from helpers import write_jsonl, write_parquet, write_synthetic_embeddings
-from retrieval_core import corpus, embeddings, encoding, faiss_index, metrics, mine_input, refreshing, storage, \
-    versions
+
 from retrieval_core.config import ConfigError, CorpusConfig, MineConfig, ModelConfig, load_config
-from retrieval_core.sharding import plan_shards
+from retrieval_core.encode import embeddings, encoding
+from retrieval_core.index import faiss_index
+from retrieval_core.io import corpus, judgements, storage, versions
+from retrieval_core.io.sharding import plan_shards
+from retrieval_core.mine import inputs as mine_input
+from retrieval_core.refresh import refreshing
 
 GOOD = [{"id": "g1", "text": "a good first text"}, {"id": "g2", "text": "a good last text"}]
 
@@ -188,14 +191,14 @@ def test_an_empty_corpus_is_an_error_before_any_work(tmp_path):
 
 def test_queries_that_are_empty_or_not_gzip_or_not_parquet_name_the_file(tmp_path):
     write_jsonl(tmp_path / "q.jsonl", [{"_id": "1", "text": "fine"}, {"_id": "2", "text": "   "}])
-    with pytest.raises(metrics.EvaluationDataError, match=r"q\.jsonl' line 2: field 'text' of query '2' must be"):
-        metrics.read_queries(str(tmp_path / "q.jsonl"))
+    with pytest.raises(judgements.EvaluationDataError, match=r"q\.jsonl' line 2: field 'text' of query '2' must be"):
+        judgements.read_queries(str(tmp_path / "q.jsonl"))
     (tmp_path / "q.jsonl.gz").write_text('{"_id": "1", "text": "fine"}\n')
-    with pytest.raises(metrics.EvaluationDataError, match=r"q\.jsonl\.gz' could not be read after line 0"):
-        metrics.read_queries(str(tmp_path / "q.jsonl.gz"))
+    with pytest.raises(judgements.EvaluationDataError, match=r"q\.jsonl\.gz' could not be read after line 0"):
+        judgements.read_queries(str(tmp_path / "q.jsonl.gz"))
     (tmp_path / "q.parquet").write_bytes(b"PAR1 junk")
-    with pytest.raises(metrics.EvaluationDataError, match=r"q\.parquet' is not a readable Parquet file"):
-        metrics.read_queries(str(tmp_path / "q.parquet"))
+    with pytest.raises(judgements.EvaluationDataError, match=r"q\.parquet' is not a readable Parquet file"):
+        judgements.read_queries(str(tmp_path / "q.parquet"))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -204,8 +207,8 @@ def test_queries_that_are_empty_or_not_gzip_or_not_parquet_name_the_file(tmp_pat
 ])
 def test_malformed_qrels_lines_name_file_and_line(tmp_path, text, message):
     (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + text)
-    with pytest.raises(metrics.EvaluationDataError, match=message):
-        metrics.read_qrels(str(tmp_path / "qrels.tsv"))
+    with pytest.raises(judgements.EvaluationDataError, match=message):
+        judgements.read_qrels(str(tmp_path / "qrels.tsv"))
 
 
 @pytest.mark.parametrize("row, message", [
@@ -252,7 +255,7 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
 
 
 def test_an_index_type_faiss_rejects_is_named():
-    from retrieval_core.faiss_index import IndexTypeError
+    from retrieval_core.index.faiss_index import IndexTypeError
 
     with pytest.raises(IndexTypeError, match=r"index.type = 'IVF8,Bogus' is not a FAISS factory string"):
         faiss_index.new_index("IVF8,Bogus", 8, "ip")
@@ -331,8 +334,8 @@ def test_remote_code_stays_off_unless_set():
 
 
 def test_more_ivf_lists_than_training_vectors_is_named_before_training(tmp_path):
-    from retrieval_core import indexing
-    from retrieval_core.faiss_index import IndexTypeError
+    from retrieval_core.index import indexing
+    from retrieval_core.index.faiss_index import IndexTypeError
 
     write_synthetic_embeddings(tmp_path, np.eye(20, 8, dtype=np.float32) + 0.01, shard_rows=10, normalized=False)
     cfg = load_config(None, [f"output.root={tmp_path}", "index.type=IVF64,Flat", "index.metric=l2"])

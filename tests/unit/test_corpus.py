@@ -3,11 +3,11 @@ import json
 import fsspec
 import pyarrow as pa
 import pytest
-
 from helpers import make_docs, write_jsonl, write_parquet
-from retrieval_core import corpus
+
 from retrieval_core.config import CorpusConfig
-from retrieval_core.sharding import plan_shards
+from retrieval_core.io import corpus
+from retrieval_core.io.sharding import plan_shards
 
 
 def read_all(cfg, rows_per_shard):

@@ -2,12 +2,13 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from helpers import make_docs, write_parquet
-from retrieval_core import diffing
+
 from retrieval_core.config import CorpusConfig
-from retrieval_core.corpus import assemble_text, inspect_corpus, text_hash
-from retrieval_core.sharding import plan_shards
+from retrieval_core.io import sharding
+from retrieval_core.io.corpus import assemble_text, inspect_corpus, text_hash
+from retrieval_core.io.sharding import plan_shards
+from retrieval_core.refresh import diffing
 
 
 def previous_segments(docs: list[dict], per_segment: int) -> dict[str, pa.Table]:
@@ -92,6 +93,6 @@ def test_new_segments_cover_every_row_once_in_bucket_order():
 
 def test_bucket_of_an_id_is_stable_and_spread():
     ids = [f"doc{i}" for i in range(4000)]
-    b = diffing.buckets_of(ids, 8)
-    assert np.array_equal(b, diffing.buckets_of(ids, 8))
+    b = sharding.buckets_of(ids, 8)
+    assert np.array_equal(b, sharding.buckets_of(ids, 8))
     assert np.bincount(b, minlength=8).min() > 400

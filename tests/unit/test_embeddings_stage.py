@@ -5,12 +5,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import config, make_docs, write_parquet
-from retrieval_core import corpus, embeddings, storage
+
 from retrieval_core.config import ModelConfig
-from retrieval_core.encoding import SentenceTransformerEncoder, encoder_identity
-from retrieval_core.manifest import IncompatibleOutputError
+from retrieval_core.encode import embeddings
+from retrieval_core.encode.encoding import SentenceTransformerEncoder, encoder_identity
+from retrieval_core.io import corpus, storage
+from retrieval_core.io.manifest import IncompatibleOutputError
 
 
 @pytest.fixture(scope="module")

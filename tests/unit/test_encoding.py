@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from retrieval_core.config import ModelConfig
-from retrieval_core.encoding import SentenceTransformerEncoder, encode_by_length, encoder_identity
-from retrieval_core.model_files import resolve_model_path
+from retrieval_core.encode.encoding import SentenceTransformerEncoder, encode_by_length, encoder_identity
+from retrieval_core.encode.model_files import resolve_model_path
 
 
 def test_packaged_default_resolves_to_a_local_directory():
@@ -91,7 +91,7 @@ def test_bf16_is_close_to_fp32(tiny_model):
 
 
 def test_estimated_rate_scales_with_workers_resources_and_model_size(tiny_model):
-    from retrieval_core.encoding import REFERENCE_DOCS_PER_S_PER_CPU, estimated_docs_per_s
+    from retrieval_core.encode.encoding import REFERENCE_DOCS_PER_S_PER_CPU, estimated_docs_per_s
 
     default = ModelConfig()
     assert estimated_docs_per_s(default, 1, 0) == pytest.approx(REFERENCE_DOCS_PER_S_PER_CPU)
@@ -103,7 +103,7 @@ def test_estimated_rate_scales_with_workers_resources_and_model_size(tiny_model)
 MEMORY_CAPPED_ENCODE = """
 import resource, sys
 import numpy as np
-from retrieval_core import encoding
+from retrieval_core.encode import encoding
 from retrieval_core.config import ModelConfig
 
 model, texts_file, out = sys.argv[1:4]

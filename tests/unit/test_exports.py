@@ -6,8 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval_core import exports, mine_report, storage
-from retrieval_core.mining import PART_SCHEMA
+from retrieval_core.io import storage
+from retrieval_core.mine import exports
+from retrieval_core.mine import report as mine_report
+from retrieval_core.mine.mining import PART_SCHEMA
 
 
 def _part(rng, first: int, queries: int, negatives: int = 3, complete_every: int = 4) -> pa.Table:

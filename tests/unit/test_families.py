@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from retrieval_core import encoding, families
 from retrieval_core.config import ConfigError, ModelConfig, load_config
-from retrieval_core.encoding import SentenceTransformerEncoder
+from retrieval_core.encode import encoding, families
+from retrieval_core.encode.encoding import SentenceTransformerEncoder
 
 DOCS = ["the river flows past the old mill", "protein folding in the cell", "market revenue beat estimates",
         "a song for piano and strings"] * 3

@@ -5,12 +5,12 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-
-from retrieval_core import faiss_index, indexing, search
-from retrieval_core.config import ConfigError, load_config
-from retrieval_core.config_rules import parse_memory
-from retrieval_core.manifest import IncompatibleOutputError
 from helpers import clustered_vectors, write_synthetic_embeddings
+
+from retrieval_core.config import ConfigError, load_config
+from retrieval_core.config.rules import parse_memory
+from retrieval_core.index import faiss_index, indexing, search
+from retrieval_core.io.manifest import IncompatibleOutputError
 
 DIM = 16
 
@@ -211,8 +211,8 @@ def test_training_is_deterministic(tmp_path, vectors):
 
 
 def test_a_shard_from_another_encoder_is_refused(tmp_path, vectors):
-    from retrieval_core import storage
-    from retrieval_core.embeddings import embeddings_table
+    from retrieval_core.encode.embeddings import embeddings_table
+    from retrieval_core.io import storage
 
     write_synthetic_embeddings(tmp_path, vectors[:600], 300)
     ids = list(range(300, 600))

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from retrieval_core import leases, storage, versions
-from retrieval_core.leases import LeaseLost, LockedError
+from retrieval_core.io import leases, storage, versions
+from retrieval_core.io.leases import LeaseLost, LockedError
 
 MEMORY_ROOT = "memory://leases-test/out"
 
@@ -59,7 +59,7 @@ def test_an_expired_lease_is_taken_over_with_a_warning_and_old_generations_go(le
     for g in (1, 2):
         write_generation(lease_dir, g, released=True)
     write_generation(lease_dir, 3, renewed_at=iso_ago(700))
-    with caplog.at_level(logging.WARNING, logger="retrieval_core.leases"):
+    with caplog.at_level(logging.WARNING, logger="retrieval_core.io.leases"):
         lease = leases.acquire(lease_dir, expiry_s=600, renew_s=60)
     try:
         assert lease.generation == 4
@@ -78,7 +78,7 @@ def test_a_lease_renewed_within_its_expiry_is_not_taken(lease_dir):
 def test_a_lease_whose_process_is_gone_from_this_host_is_taken_over_at_once(lease_dir, caplog):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     write_generation(lease_dir, 1, host=socket.gethostname(), pid=int(dead.stdout))
-    with caplog.at_level(logging.WARNING, logger="retrieval_core.leases"):
+    with caplog.at_level(logging.WARNING, logger="retrieval_core.io.leases"):
         lease = leases.acquire(lease_dir, expiry_s=600, renew_s=60)
     lease.release()
     assert "no longer runs on this host" in caplog.text

@@ -5,10 +5,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import config
+
 from jobs import encode
-from retrieval_core import lookup
+from retrieval_core.index import lookup
 
 
 def _rows(n: int) -> list[dict]:

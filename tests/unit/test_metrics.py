@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import SCIFACT
-from retrieval_core import metrics
-from retrieval_core.metrics import EvaluationDataError
 
+from retrieval_core.evaluate import metrics
+from retrieval_core.io import judgements
+from retrieval_core.io.judgements import EvaluationDataError
 
 # ------------------------------------------------------------------------------------------------------------ nDCG
 
@@ -169,41 +169,41 @@ def test_read_queries_jsonl_skips_blank_lines(tmp_path):
         "   ",
         json.dumps({"_id": 7, "text": "seventh"}),  # integer ids become strings
     ])
-    assert metrics.read_queries(url) == {"q1": "first", "7": "seventh"}
+    assert judgements.read_queries(url) == {"q1": "first", "7": "seventh"}
 
 
 def test_read_queries_gzip_through_fsspec_memory():
     data = gzip.compress(b'{"qid": "a", "question": "alpha"}\n{"qid": "b", "question": "beta"}\n')
     with fsspec.open("memory://eval/queries.jsonl.gz", "wb") as handle:
         handle.write(data)
-    result = metrics.read_queries("memory://eval/queries.jsonl.gz", id_field="qid", text_field="question")
+    result = judgements.read_queries("memory://eval/queries.jsonl.gz", id_field="qid", text_field="question")
     assert result == {"a": "alpha", "b": "beta"}
 
 
 def test_read_queries_parquet(tmp_path):
     table = pa.table({"_id": ["q1", "q2"], "text": ["one", "two"], "extra": [1, 2]})
     pq.write_table(table, tmp_path / "queries.parquet")
-    assert metrics.read_queries(str(tmp_path / "queries.parquet")) == {"q1": "one", "q2": "two"}
+    assert judgements.read_queries(str(tmp_path / "queries.parquet")) == {"q1": "one", "q2": "two"}
 
 
 def test_read_queries_parquet_missing_column(tmp_path):
     pq.write_table(pa.table({"id": ["q1"], "text": ["one"]}), tmp_path / "q.pq")
     with pytest.raises(EvaluationDataError) as err:
-        metrics.read_queries(str(tmp_path / "q.pq"))
+        judgements.read_queries(str(tmp_path / "q.pq"))
     assert "q.pq" in str(err.value) and "'_id'" in str(err.value) and "['id', 'text']" in str(err.value)
 
 
 def test_read_queries_invalid_json_names_file_and_line(tmp_path):
     url = write_lines(tmp_path / "bad.jsonl", ['{"_id": "q1", "text": "x"}', "", '{"_id": "q2", "text": '])
     with pytest.raises(EvaluationDataError) as err:
-        metrics.read_queries(url)
+        judgements.read_queries(url)
     assert "bad.jsonl" in str(err.value) and "line 3" in str(err.value) and "invalid JSON" in str(err.value)
 
 
 def test_read_queries_missing_field_lists_fields_present(tmp_path):
     url = write_lines(tmp_path / "q.jsonl", ['{"_id": "q1", "text": "x"}', '{"_id": "q2", "title": "y"}'])
     with pytest.raises(EvaluationDataError) as err:
-        metrics.read_queries(url)
+        judgements.read_queries(url)
     message = str(err.value)
     assert "q.jsonl" in message and "line 2" in message and "'text'" in message and "['_id', 'title']" in message
 
@@ -211,20 +211,20 @@ def test_read_queries_missing_field_lists_fields_present(tmp_path):
 def test_read_queries_duplicate_id(tmp_path):
     url = write_lines(tmp_path / "q.jsonl", ['{"_id": "q1", "text": "x"}', '{"_id": "q1", "text": "y"}'])
     with pytest.raises(EvaluationDataError) as err:
-        metrics.read_queries(url)
+        judgements.read_queries(url)
     assert "q.jsonl" in str(err.value) and "line 2" in str(err.value) and "duplicate query id 'q1'" in str(err.value)
 
 
 def test_read_queries_rejects_non_object_and_bad_values(tmp_path):
     url = write_lines(tmp_path / "q.jsonl", ['["q1", "x"]'])
     with pytest.raises(EvaluationDataError, match="line 1: expected a JSON object"):
-        metrics.read_queries(url)
+        judgements.read_queries(url)
     url = write_lines(tmp_path / "q2.jsonl", ['{"_id": null, "text": "x"}'])
     with pytest.raises(EvaluationDataError, match="line 1: field '_id'"):
-        metrics.read_queries(url)
+        judgements.read_queries(url)
     url = write_lines(tmp_path / "q3.jsonl", ['{"_id": "q", "text": 5}'])
     with pytest.raises(EvaluationDataError, match="line 1: field 'text' of query 'q'"):
-        metrics.read_queries(url)
+        judgements.read_queries(url)
 
 
 # ---------------------------------------------------------------------------------------------------------- qrels
@@ -233,51 +233,51 @@ def test_read_qrels_with_header_keeps_non_positive_rows(tmp_path):
     url = write_lines(tmp_path / "test.tsv", [
         "query-id\tcorpus-id\tscore", "q1\td1\t1", "q1\td2\t0", "q2\td3\t2", "q2\td4\t-1", "",
     ])
-    assert metrics.read_qrels(url) == {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 2, "d4": -1}}
+    assert judgements.read_qrels(url) == {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 2, "d4": -1}}
 
 
 def test_read_qrels_without_header(tmp_path):
     url = write_lines(tmp_path / "test.tsv", ["q1\td1\t1", "q1\td1\t1", "q2\td3\t2"])  # same pair twice: read once
-    assert metrics.read_qrels(url) == {"q1": {"d1": 1}, "q2": {"d3": 2}}
+    assert judgements.read_qrels(url) == {"q1": {"d1": 1}, "q2": {"d3": 2}}
 
 
 def test_read_qrels_bad_header(tmp_path):
     url = write_lines(tmp_path / "test.tsv", ["qid\tdocid\trel", "q1\td1\t1"])
     with pytest.raises(EvaluationDataError) as err:
-        metrics.read_qrels(url)
+        judgements.read_qrels(url)
     assert "test.tsv" in str(err.value) and "line 1" in str(err.value) and "query-id" in str(err.value)
 
 
 def test_read_qrels_wrong_field_count_names_line(tmp_path):
     url = write_lines(tmp_path / "test.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q1 d2 1"])
     with pytest.raises(EvaluationDataError) as err:
-        metrics.read_qrels(url)
+        judgements.read_qrels(url)
     assert "test.tsv" in str(err.value) and "line 3" in str(err.value) and "expected 3" in str(err.value)
 
 
 def test_read_qrels_non_integer_score_names_line(tmp_path):
     url = write_lines(tmp_path / "test.tsv", ["query-id\tcorpus-id\tscore", "", "q1\td1\t1.5"])
     with pytest.raises(EvaluationDataError) as err:
-        metrics.read_qrels(url)
+        judgements.read_qrels(url)
     assert "test.tsv" in str(err.value) and "line 3" in str(err.value) and "'1.5'" in str(err.value)
 
 
 def test_read_qrels_conflicting_duplicate(tmp_path):
     url = write_lines(tmp_path / "test.tsv", ["q1\td1\t1", "q1\td1\t2"])
     with pytest.raises(EvaluationDataError, match="line 2: query 'q1', document 'd1'.*score 2 \\(earlier 1\\)"):
-        metrics.read_qrels(url)
+        judgements.read_qrels(url)
 
 
 def test_read_qrels_empty_file(tmp_path):
     url = write_lines(tmp_path / "test.tsv", ["query-id\tcorpus-id\tscore"])
     with pytest.raises(EvaluationDataError, match="no qrels rows"):
-        metrics.read_qrels(url)
+        judgements.read_qrels(url)
 
 
 @pytest.mark.skipif(not (SCIFACT / "qrels" / "train.tsv").exists(), reason="SciFact data not present")
 def test_read_scifact_train():
-    qrels = metrics.read_qrels(str(SCIFACT / "qrels" / "train.tsv"))
-    queries = metrics.read_queries(str(SCIFACT / "queries.jsonl"))
+    qrels = judgements.read_qrels(str(SCIFACT / "qrels" / "train.tsv"))
+    queries = judgements.read_queries(str(SCIFACT / "queries.jsonl"))
     assert qrels["0"] == {"31715818": 1}
     assert queries["0"] == "0-dimensional biomaterials lack inductive properties."
     assert set(qrels) <= set(queries)

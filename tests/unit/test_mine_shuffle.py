@@ -4,10 +4,13 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import config, write_synthetic_embeddings
-from retrieval_core import lookup, mine_input, mine_plan, mine_shuffle
-from retrieval_core.diffing import buckets_of
+
+from retrieval_core.index import lookup
+from retrieval_core.io.sharding import buckets_of
+from retrieval_core.mine import inputs as mine_input
+from retrieval_core.mine import plan as mine_plan
+from retrieval_core.mine import shuffle as mine_shuffle
 
 BUCKETS = 4
 
@@ -71,7 +74,7 @@ def test_the_shuffle_gives_each_bucket_its_queries_and_positives_reading_each_fi
     for bucket in range(BUCKETS):
         queries, doc_rows = mine_shuffle.bucket_input(cfg, bucket, plan)
         expected = mine_input.load_queries(
-            cfg.mine, keep=lambda q: buckets_of([q], BUCKETS)[0] == bucket)  # the input read for this bucket alone
+            cfg.mine, keep=lambda q, b=bucket: buckets_of([q], BUCKETS)[0] == b)  # the input read for this bucket alone
         assert [vars(q) for q in queries] == [vars(q) for q in expected] and queries
         asked = {d for q in queries for d in q.positive_doc_ids}
         assert doc_rows == {d: r for d, r in found.items() if d in asked}

@@ -1,7 +1,8 @@
 """The text join of the mining exports (mine_texts) against direct lookups, without Ray."""
 import pyarrow.parquet as pq
 
-from retrieval_core import mine_texts, storage
+from retrieval_core.io import storage
+from retrieval_core.mine import texts as mine_texts
 
 
 class Rows:

@@ -1,9 +1,9 @@
 """Mining input: pairs (JSONL or Parquet, one or many positives), BEIR queries + qrels, and positive resolution."""
 import pytest
-
 from helpers import write_jsonl, write_parquet
-from retrieval_core import mine_input
+
 from retrieval_core.config import load_config
+from retrieval_core.mine import inputs as mine_input
 
 
 def mine_cfg(**settings):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from retrieval_core.negatives import Rules, effective_range_max, scorable, search_depth, select
+from retrieval_core.mine.negatives import Rules, effective_range_max, scorable, search_depth, select
 
 SCORES = np.array([0.95, 0.90, 0.85, 0.80, 0.70, 0.60, 0.50, 0.40], dtype=np.float32)
 IDS = np.array([10, 11, 12, 13, 14, 15, 16, -1])

@@ -5,12 +5,12 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import API_KEY, API_KEY_ENV
 from fake_embedding_api import expected_vectors
-from retrieval_core import encoding, providers
+
 from retrieval_core.config import ConfigError, ModelConfig, load_config
-from retrieval_core.providers import ApiEncoder, ProviderError
+from retrieval_core.encode import encoding, providers
+from retrieval_core.encode.providers import ApiEncoder, ProviderError
 
 PROVIDERS = ("openai", "cohere")
 TEXTS = [f"document {i} on the {word} of cells" for i, word in enumerate("growth death division motion".split())]

@@ -1,8 +1,8 @@
 """The publish gates: each fails on its own threshold, and the ones that need a previous version wait for it."""
 import pytest
-
 from helpers import config
-from retrieval_core import publishing
+
+from retrieval_core.refresh import publishing
 
 COUNTS = {"snapshot_rows": 1000, "rejected": 5, "unchanged": 900, "changed": 40, "added": 30, "deleted": 20}
 
@@ -72,7 +72,7 @@ def recall_manifest(value, tried):
     ([(1, 0.96)], False),                          # a smaller one does too
 ])
 def test_recall_at_the_stored_nprobe_decides_a_retrain(tried, fell):
-    from retrieval_core import refresh_index
+    from retrieval_core.refresh import index_reuse as refresh_index
 
     verdict = refresh_index.recall_verdict({"search_parameters": {"nprobe": 2}}, recall_manifest(tried[-1][0], tried),
                                            0.95)
@@ -81,7 +81,7 @@ def test_recall_at_the_stored_nprobe_decides_a_retrain(tried, fell):
 
 
 def test_no_stored_setting_is_no_recall_verdict():
-    from retrieval_core import refresh_index
+    from retrieval_core.refresh import index_reuse as refresh_index
 
     verdict = refresh_index.recall_verdict({"search_parameters": {}}, recall_manifest(2, [(1, 0.5), (2, 0.97)]), 0.95)
     assert verdict["fell"] is False

@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import build_tiny_cross_encoder, build_tiny_model
-from retrieval_core import lookup, rescoring
+
 from retrieval_core.config import MineConfig, ModelConfig, load_config
-from retrieval_core.mine_input import MiningQuery
+from retrieval_core.index import lookup
+from retrieval_core.mine import rescoring
+from retrieval_core.mine.inputs import MiningQuery
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def remote_code_model(directory, architecture: str) -> str:
 
 
 def test_a_model_with_its_own_code_is_refused_by_the_encoder_and_the_cross_encoder_naming_the_setting(tmp_path):
-    from retrieval_core import encoding
+    from retrieval_core.encode import encoding
 
     bi = remote_code_model(tmp_path / "bi", "MadeUpModel")
     with pytest.raises(ValueError, match=r"model '.*bi' ships its own Python code, which runs only with "

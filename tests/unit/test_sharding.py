@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from retrieval_core.sharding import (FileMeta, auto_rows_per_shard, blocks_for_range, plan_shards)
+from retrieval_core.io.sharding import FileMeta, auto_rows_per_shard, blocks_for_range, plan_shards
 
 
 def check_plan(files, rows_per_shard):

@@ -1,10 +1,10 @@
 """Training pieces without Ray: batching, the held-out split, the schedule, and a short fit on the tiny model."""
 import numpy as np
 import pytest
-
 from helpers import config
-from retrieval_core import training
-from retrieval_core.training import Example
+
+from retrieval_core.train import training
+from retrieval_core.train.training import Example
 
 
 def examples(queries=20, positives=1):
@@ -93,8 +93,8 @@ def test_a_training_killed_after_a_checkpoint_resumes_from_it_to_the_uninterrupt
                                                                                         faults):
     """Dropout on: the random generator is part of the checkpoint. 16 queries in batches of 8 make 2 steps an
     epoch, so checkpoints fall at epoch ends and the crash mid-epoch."""
-    from retrieval_core import checkpoints
-    from retrieval_core.faults import InjectedCrash
+    from retrieval_core.io.faults import InjectedCrash
+    from retrieval_core.train import checkpoints
 
     cfg = config("unused", tmp_path, model=tiny_model, train__batch_size=8, train__num_negatives=2,
                  train__max_steps=7, train__learning_rate=5e-3)

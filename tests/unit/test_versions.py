@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from retrieval_core import storage, versions
-from retrieval_core.versions import VersionError
+from retrieval_core.io import storage, versions
+from retrieval_core.io.versions import VersionError
 
 MEMORY_ROOT = "memory://versions-test/out"
 

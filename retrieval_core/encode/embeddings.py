@@ -1,0 +1,333 @@
+"""The encode stage without Ray: its layout, plan, per-shard work and commit, and its manifest.
+
+Layout under ``<root>``::
+
+    embeddings/_plan.json              run identity + shard plan, written before any shard
+    embeddings/shard-00000.parquet     row_id, doc_id, embedding, text_hash
+    embeddings/_shards/shard-00000.json  the shard's commit record, written after its data
+    embeddings/_manifest.json          written last; its presence means the stage is complete
+    rejects/encode/shard-00000.parquet rows not encoded, with the reason (only for shards that have any)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import socket
+import time
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from retrieval_core.config import Config
+from retrieval_core.encode import encoding
+from retrieval_core.encode.encoding import Encoder, EncoderOutOfMemory, encode_by_length, usage_of
+from retrieval_core.io import faults, storage
+from retrieval_core.io.corpus import read_shard, text_hash
+from retrieval_core.io.manifest import IncompatibleOutputError, check_same_identity, read_manifest, stamp
+from retrieval_core.io.schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
+from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: str
+    storage_options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dir(self) -> str:
+        return storage.join(self.root, "embeddings")
+
+    @property
+    def plan(self) -> str:
+        return storage.join(self.dir, "_plan.json")
+
+    @property
+    def manifest(self) -> str:
+        return storage.join(self.dir, "_manifest.json")
+
+    @property
+    def records_dir(self) -> str:
+        return storage.join(self.dir, "_shards")
+
+    @property
+    def rejects_dir(self) -> str:
+        return storage.join(self.root, "rejects", "encode")
+
+    def shard_file(self, name: str) -> str:
+        return storage.join(self.dir, f"{name}.parquet")
+
+    def record_file(self, name: str) -> str:
+        return storage.join(self.records_dir, f"{name}.json")
+
+    def rejects_file(self, name: str) -> str:
+        return storage.join(self.rejects_dir, f"{name}.parquet")
+
+
+def layout_of(cfg: Config) -> Layout:
+    return Layout(cfg.output.root, cfg.output.storage_options)
+
+
+def run_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_shard: int) -> dict:
+    """What fixes the output of this stage: encoder, corpus files and columns, shard size, schema."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "encoder": encoder_identity,
+        "corpus": {
+            "files": [{"url": f.url, "format": f.format, "rows": f.num_rows} for f in files],
+            "id_column": cfg.corpus.id_column,
+            "text_column": cfg.corpus.text_column,
+            "title_column": cfg.corpus.title_column,
+            **non_default_cap(cfg),
+        },
+        "rows_per_shard": rows_per_shard,
+        "embedding_dtype": cfg.output.embedding_dtype,
+    }
+
+
+def non_default_cap(cfg: Config) -> dict:
+    """``corpus.max_text_chars`` for a run identity when it is not the default (which rows are rejected depends on
+    it; left out at the default, so identities written before it existed stay valid)."""
+    default = type(cfg.corpus)().max_text_chars
+    return {} if cfg.corpus.max_text_chars == default else {"max_text_chars": cfg.corpus.max_text_chars}
+
+
+def plan_to_json(shards: list[Shard]) -> list[dict]:
+    return [{"name": s.name, "row_start": s.row_start, "row_stop": s.row_stop} for s in shards]
+
+
+def existing_plan(layout: Layout) -> dict | None:
+    return storage.read_json(layout.plan, layout.storage_options) if storage.exists(layout.plan,
+                                                                                   layout.storage_options) else None
+
+
+def clear(layout: Layout) -> None:
+    """Remove a previous run's embeddings and rejects (``output.overwrite``)."""
+    storage.remove(layout.dir, layout.storage_options)
+    storage.remove(layout.rejects_dir, layout.storage_options)
+
+
+def prepare_plan(cfg: Config, files: list[FileMeta], encoder_identity: dict,
+                 auto_rows_per_shard: Callable[[], int]) -> list[Shard]:
+    """The shards of this run, after checking (or replacing, with overwrite) what an earlier run left.
+
+    An earlier plan with the same identity is reused as it is; with ``runtime.rows_per_shard: 0`` (automatic)
+    its shard size is kept, so a resumed run plans the same shards on any number of workers;
+    ``auto_rows_per_shard()`` is called only when a new automatic plan is made.
+    """
+    layout = layout_of(cfg)
+    previous = existing_plan(layout)
+    if previous and cfg.output.overwrite:
+        clear(layout)
+        previous = None
+    rows_per_shard = cfg.runtime.rows_per_shard
+    if rows_per_shard == 0:
+        rows_per_shard = previous["identity"]["rows_per_shard"] if previous else auto_rows_per_shard()
+    identity = run_identity(cfg, files, encoder_identity, rows_per_shard)
+    if previous:
+        check_same_identity(previous["identity"], identity, layout.dir)
+    elif storage.list_names(layout.dir, layout.storage_options):
+        raise FileExistsError(f"'{layout.dir}' holds files but no plan; set output.overwrite=true to replace them")
+    shards = plan_shards(files, rows_per_shard)
+    if not previous:
+        storage.write_json_atomic(layout.plan, {**stamp(), "identity": identity, "shards": plan_to_json(shards),
+                                                "config": cfg.to_dict()}, layout.storage_options)
+    storage.remove_temporaries(layout.dir, layout.storage_options)
+    return shards
+
+
+def committed_records(layout: Layout) -> dict[str, dict]:
+    """Commit records of the shards already done, by shard name."""
+    records = {}
+    for name in storage.list_names(layout.records_dir, layout.storage_options):
+        if name.endswith(".json") and storage.TMP_MARK not in name:
+            records[name[:-5]] = storage.read_json(storage.join(layout.records_dir, name), layout.storage_options)
+    return records
+
+
+def pending_shards(shards: list[Shard], layout: Layout) -> list[Shard]:
+    done = committed_records(layout)
+    return [s for s in shards if s.name not in done]
+
+
+def encode_shard(shard: Shard, cfg: Config, encoder: Encoder, encoder_identity: dict,
+                 worker: dict | None = None, on_progress: Callable[[int], None] | None = None) -> dict:
+    """Read, encode and commit one shard; returns its commit record (``worker`` describes who did it).
+
+    Memory: the shard's texts and its (rows x dim) float32 vectors; ``runtime.rows_per_shard`` bounds both.
+    """
+    started = time.perf_counter()
+    faults.point("encode", shard.name)
+    layout = layout_of(cfg)
+    rows = read_shard(shard, cfg.corpus)
+    before = usage_of(encoder)
+    try:
+        vectors = encode_by_length(encoder, rows.texts, cfg.model.batch_size, on_progress)
+    except EncoderOutOfMemory as exc:
+        raise EncoderOutOfMemory(f"{shard.name} (rows {shard.row_start}-{shard.row_stop - 1}): {exc}") from None
+    metadata = {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
+                "dim": encoder.dim, "normalized": encoder.normalized}
+    table = embeddings_table(rows.row_ids, rows.doc_ids, vectors, [text_hash(t) for t in rows.texts],
+                             cfg.output.embedding_dtype, metadata)
+    storage.write_parquet_atomic(layout.shard_file(shard.name), table, layout.storage_options)
+    if rows.rejects:
+        rejects = pa.Table.from_pylist(rows.rejects, schema=REJECTS_SCHEMA)
+        storage.write_parquet_atomic(layout.rejects_file(shard.name), rejects, layout.storage_options)
+    record = {
+        "name": shard.name, "path": f"{shard.name}.parquet", "row_start": shard.row_start,
+        "row_stop": shard.row_stop, "rows": len(rows.row_ids), "rejected": len(rows.rejects),
+        "fingerprint": encoder_identity["fingerprint"], "dim": encoder.dim,
+        "seconds": round(time.perf_counter() - started, 3), "host": socket.gethostname(), "pid": os.getpid(),
+        **(worker or {}), **api_usage_since(encoder, before),
+    }
+    storage.write_json_atomic(layout.record_file(shard.name), record, layout.storage_options)
+    return record
+
+
+def api_usage_since(encoder: Encoder, before: dict | None) -> dict:
+    """``{"api_usage": {...}}``: what an embedding API encoder's requests since ``before`` cost (empty for a local
+    model), for a shard's commit record."""
+    if before is None:
+        return {}
+    from retrieval_core.encode.providers import usage_between
+
+    return {"api_usage": usage_between(before, usage_of(encoder))}
+
+
+def api_usage_totals(records: list[dict]) -> dict:
+    """``{"api_usage": totals}`` over commit records that have one (empty when none do)."""
+    usages = [r["api_usage"] for r in records if "api_usage" in r]
+    if not usages:
+        return {}
+    from retrieval_core.encode.providers import usage_total
+
+    return {"api_usage": usage_total(usages)}
+
+
+def api_usage_progress(records: list[dict]) -> dict:
+    """Requests, retries and tokens of an embedding API so far, for a progress bar (empty for a local model)."""
+    usage = api_usage_totals(records).get("api_usage")
+    return {k: usage[k] for k in ("requests", "retries", "tokens")} if usage else {}
+
+
+def embeddings_table(row_ids: list[int], doc_ids: list[str], vectors: np.ndarray, hashes: list[str],
+                     dtype: str, metadata: dict) -> pa.Table:
+    dim = vectors.shape[1]
+    flat = pa.array(vectors.astype(np.float16 if dtype == "float16" else np.float32).reshape(-1),
+                    type=EMBEDDING_TYPES[dtype])
+    schema = embeddings_schema(dim, dtype, metadata)
+    return pa.Table.from_arrays([
+        pa.array(row_ids, type=pa.int64()), pa.array(doc_ids, type=pa.string()),
+        pa.FixedSizeListArray.from_arrays(flat, dim), pa.array(hashes, type=pa.string()),
+    ], schema=schema)
+
+
+def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim: int, seconds: float) -> dict:
+    """Write ``embeddings/_manifest.json`` from the commit records; every planned shard must be committed."""
+    layout = layout_of(cfg)
+    records = committed_records(layout)
+    missing = [s.name for s in shards if s.name not in records]
+    if missing:
+        raise RuntimeError(f"cannot write the manifest: shards not committed: {missing[:10]}")
+    ordered = [records[s.name] for s in shards]
+    mixed = sorted({r["fingerprint"] for r in ordered} - {encoder_identity["fingerprint"]})
+    if mixed:
+        raise RuntimeError(f"shards encoded with other encoder fingerprints {mixed}, expected "
+                           f"{encoder_identity['fingerprint']}: set output.overwrite=true and re-run")
+    rows_in = sum(s.num_rows for s in shards)
+    encoded = sum(r["rows"] for r in ordered)
+    rejected = sum(r["rejected"] for r in ordered)
+    if encoded + rejected != rows_in:
+        raise RuntimeError(f"rows in ({rows_in}) != rows encoded ({encoded}) + rows rejected ({rejected})")
+    if rows_in and not encoded:
+        raise RuntimeError(f"no row was encoded: all {rows_in} rows were rejected; their reasons are in "
+                           f"'{storage.join(cfg.output.root, 'rejects', 'encode')}'")
+    dims = {r["name"]: r["dim"] for r in ordered if r["rows"]}
+    if len(set(dims.values()) | {dim}) > 1:
+        raise RuntimeError(f"shards of different dimensions: {dims} (expected {dim}): the encoder changed its "
+                           f"output during the run (an API model?); set output.overwrite=true and re-run")
+    manifest = {
+        **stamp(), "stage": "embeddings", "fingerprint": encoder_identity["fingerprint"],
+        "encoder": encoder_identity, "query_encoder": encoding.query_identity(cfg.model), "dim": dim,
+        "normalized": cfg.model.normalize, "embedding_dtype": cfg.output.embedding_dtype,
+        "totals": {"rows_in": rows_in, "rows_encoded": encoded, "rows_rejected": rejected, "shards": len(shards)},
+        "shards": [{key: r[key] for key in ("name", "path", "row_start", "row_stop", "rows", "rejected")}
+                   | {"rejects_path": f"../rejects/encode/{r['name']}.parquet" if r["rejected"] else None}
+                   for r in ordered],
+        **api_usage_totals(ordered), "seconds": round(seconds, 3), "config": cfg.to_dict(),
+    }
+    storage.write_json_atomic(layout.manifest, manifest, layout.storage_options)
+    return manifest
+
+
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def read_embeddings_manifest(root: str, storage_options: dict | None = None) -> dict:
+    """The completed stage's manifest; an error when the stage is incomplete. Shard names become file names of
+    later stages (index shards, records), so a name that could lead out of the output root is refused."""
+    url = storage.join(root, "embeddings", "_manifest.json")
+    manifest = read_manifest(url, storage_options, "encode")
+    bad = [s.get("name") for s in manifest.get("shards", []) if not SHARD_NAME.fullmatch(str(s.get("name")))]
+    if bad:
+        raise IncompatibleOutputError(f"'{url}' names shards {bad[:3]} that are not shard names (letters, digits, "
+                                      f"'-' and '_'): the manifest was not written by these jobs")
+    return manifest
+
+
+def shard_url(root: str, shard: dict, key: str = "path") -> str:
+    """The URL of a file named by a shard entry of the embeddings manifest. Paths are relative to
+    ``<root>/embeddings``; in a refresh version a shard shared with an earlier version points there (``../..``)."""
+
+    return storage.resolve_relative(storage.join(root, "embeddings"), shard[key])
+
+
+def read_shard_table(root: str, shard: dict, columns: list[str], storage_options: dict | None = None) -> pa.Table:
+    """The live rows of one shard entry (``columns`` plus ``row_id``): rows listed in the entry's tombstone file
+    (``deleted_path``, written by a refresh for rows changed or deleted since) are left out."""
+    wanted = list(dict.fromkeys(["row_id", *columns]))
+    table = storage.read_parquet(shard_url(root, shard), storage_options, columns=wanted)
+    if shard.get("deleted_path"):
+        gone = storage.read_parquet(shard_url(root, shard, "deleted_path"), storage_options, columns=["row_id"])
+        table = table.filter(pc.invert(pc.is_in(table.column("row_id"), gone.column("row_id"))))
+    return table
+
+
+def read_shard_vectors(root: str, shard: dict, dim: int, storage_options: dict | None = None,
+                       fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(row_ids int64 (n,), vectors float32 (n x dim)) of one shard entry of the embeddings manifest.
+    With ``fingerprint``, a shard whose schema metadata names another encoder is an error naming both."""
+    table = read_shard_table(root, shard, ["embedding"], storage_options)
+    found = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
+    if fingerprint and found != fingerprint:
+        raise IncompatibleOutputError(f"'{shard_url(root, shard)}' holds vectors of encoder "
+                                      f"{found or '(none recorded)'}, the embeddings manifest says {fingerprint}: "
+                                      f"the embeddings mix encoders; re-encode with output.overwrite=true")
+    return table.column("row_id").to_numpy(), _vectors(table, dim, f"'{shard_url(root, shard)}'")
+
+
+def _vectors(table: pa.Table, dim: int, where: str = "an embeddings shard") -> np.ndarray:
+    found = table.schema.field("embedding").type.list_size
+    if found != dim:
+        raise IncompatibleOutputError(f"{where} holds {found}-dimensional vectors, the embeddings manifest says {dim}")
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float32).reshape(table.num_rows, dim)
+
+
+def read_doc_ids(root: str, shard: dict, storage_options: dict | None = None) -> tuple[np.ndarray, list[str]]:
+    """(row_ids, doc_ids) of one shard entry of the embeddings manifest."""
+    table = read_shard_table(root, shard, ["doc_id"], storage_options)
+    return table.column("row_id").to_numpy(), table.column("doc_id").to_pylist()
+
+
+def load_embeddings(root: str, storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All vectors with their row ids and doc ids, in row id order (for tests and small corpora)."""
+    manifest = read_embeddings_manifest(root, storage_options)
+    tables = [read_shard_table(root, s, ["doc_id", "embedding"], storage_options) for s in manifest["shards"]]
+    table = pa.concat_tables(tables)
+    return table.column("row_id").to_numpy(), _vectors(table, manifest["dim"]), table.column("doc_id").to_pylist()

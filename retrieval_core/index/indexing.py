@@ -1,0 +1,397 @@
+"""The index stage without Ray: plan, training sample, per-shard indexes, merge, recall measurement, manifest.
+
+Layout under ``<root>/index/``::
+
+    _plan.json            identity of the build (embeddings, type, metric, training) + shard names
+    trained.faiss         the trained, empty index every shard index starts from
+    shard-00000.faiss     one embedding shard added with its global row ids (mergeable types)
+    _shards/shard-00000.json  the shard's commit record, written after its index
+    merged.faiss          all shards (with ``index.on_disk``: merged.ivfdata holds the IVF lists)
+    manifest.json         written last; its presence means the stage is complete
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import numpy as np
+
+from retrieval_core.config import Config
+from retrieval_core.config.rules import parse_memory
+from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
+from retrieval_core.index import faiss_index, search
+from retrieval_core.io import faults, storage
+from retrieval_core.io.manifest import (
+    IncompatibleOutputError,
+    claim_stage_dir,
+    digest,
+    peak_memory_mb,
+    read_manifest,
+    stamp,
+)
+
+log = logging.getLogger(__name__)
+RECALL_K = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexLayout:
+    root: str
+    storage_options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dir(self) -> str:
+        return storage.join(self.root, "index")
+
+    def file(self, name: str) -> str:
+        return storage.join(self.dir, name)
+
+    def record_file(self, shard_name: str) -> str:
+        return storage.join(self.dir, "_shards", f"{shard_name}.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexPlan:
+    """What one build makes. ``shards`` are the embeddings manifest's shard entries (name, path, rows ...)."""
+    factory: str
+    metric: str
+    dim: int
+    ntotal: int
+    train_size: int
+    seed: int
+    mergeable: bool
+    on_disk: bool
+    shards: tuple
+    identity: dict
+
+
+def layout_of(cfg: Config) -> IndexLayout:
+    return IndexLayout(cfg.output.root, cfg.output.storage_options)
+
+
+def embeddings_id(manifest: dict) -> str:
+    """A digest of the embeddings a build reads (fingerprint, shards, totals): re-encoded data is a new id."""
+    content = {key: manifest[key] for key in ("fingerprint", "shards", "totals", "dim")}
+    return digest(content)
+
+
+def plan_index(cfg: Config, emb: dict) -> IndexPlan:
+    """Resolve ``index.type`` (``auto``), check the metric against the embeddings, fix the training size."""
+    ix = cfg.index
+    if ix.metric == "ip" and not emb["normalized"]:
+        raise ValueError(f"index.metric = ip needs unit-length vectors, but the embeddings under "
+                         f"'{cfg.output.root}' were written with model.normalize = false: set index.metric = l2 "
+                         f"or re-encode with model.normalize = true")
+    dim, ntotal = emb["dim"], emb["totals"]["rows_encoded"]
+    factory = (faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory)) if ix.type == "auto"
+               else ix.type.strip())
+    faiss_index.new_index(factory, dim, ix.metric)  # fails early, naming the type, when FAISS cannot build it
+    train_size = min(ix.train_size, ntotal) if ix.train_size else faiss_index.default_train_size(factory, dim, ntotal)
+    if not faiss_index.needs_training(factory, dim):
+        train_size = 0
+    lists = faiss_index.ivf_lists(factory)
+    if lists and train_size < lists:
+        raise faiss_index.IndexTypeError(
+            f"index.type = {factory!r} has {lists} IVF lists but only {train_size} training vectors "
+            f"({ntotal} encoded, index.train_size = {ix.train_size}): use fewer lists (about sqrt(N), e.g. "
+            f"IVF{max(1, int(ntotal ** 0.5))}), more training vectors, or Flat")
+    on_disk = ix.on_disk and faiss_index.is_ivf(factory)
+    if ix.on_disk and not on_disk:
+        log.warning("index.on_disk applies to IVF types only; %s is merged in memory", factory)
+    if on_disk and storage.local_path(cfg.output.root, cfg.output.storage_options) is None:
+        raise ValueError(f"index.on_disk needs output.root on the local disk (or a mounted shared file system); "
+                         f"'{cfg.output.root}' is not")
+    identity = {"embeddings": embeddings_id(emb), "fingerprint": emb["fingerprint"], "type": factory,
+                "metric": ix.metric, "train_size": train_size, "seed": ix.seed, "on_disk": on_disk}
+    return IndexPlan(factory, ix.metric, dim, ntotal, train_size, ix.seed, faiss_index.is_mergeable(factory),
+                     on_disk, tuple(s for s in emb["shards"] if s["rows"] > 0), identity)
+
+
+def prepare(cfg: Config) -> IndexPlan:
+    """Read the embeddings manifest, plan, and check (or, with ``output.overwrite``, clear) an earlier build."""
+    emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
+    plan = plan_index(cfg, emb)
+    layout = layout_of(cfg)
+    claim_stage_dir(layout.dir, plan.identity, {"config": cfg.to_dict(), "shards": [s["name"] for s in plan.shards]},
+                    cfg.output.overwrite, layout.storage_options)
+    return plan
+
+
+def sample_positions(ntotal: int, size: int, seed: int) -> np.ndarray:
+    """``size`` distinct positions in [0, ntotal), sorted, drawn with ``seed`` (the same on every run)."""
+    return np.sort(np.random.default_rng(seed).choice(ntotal, size=min(size, ntotal), replace=False))
+
+
+def read_sample(cfg: Config, plan: IndexPlan, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, vectors) at the given positions of the encoded rows (in shard order), streamed shard by shard:
+    memory is one shard plus the sample."""
+    ids, parts, start = [], [], 0
+    for shard in plan.shards:
+        stop = start + shard["rows"]
+        local = positions[(positions >= start) & (positions < stop)] - start
+        if len(local):
+            row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options)
+            ids.append(row_ids[local])
+            parts.append(vectors[local])
+        start = stop
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, plan.dim), np.float32)
+    return np.concatenate(ids), np.vstack(parts)
+
+
+def trained_index(cfg: Config, plan: IndexPlan) -> tuple[bytes, dict]:
+    """The serialized trained (empty) index: read from ``trained.faiss`` when an earlier run (or a refresh that
+    reuses an earlier version's quantizer) put it there. ``trained.json`` beside it records the training points and
+    their mean distance to the nearest centroid (the baseline of the refresh's drift check)."""
+    layout = layout_of(cfg)
+    url = layout.file("trained.faiss")
+    if storage.exists(url, layout.storage_options):
+        return storage.read_bytes(url, layout.storage_options), {"seconds": 0.0, "reused": True,
+                                                                 **read_training_record(layout)}
+    started = time.perf_counter()
+    _, sample = read_sample(cfg, plan, sample_positions(plan.ntotal, plan.train_size, plan.seed))
+    index = faiss_index.train(plan.factory, plan.dim, plan.metric, sample, plan.seed)
+    data = faiss_index.serialize(index)
+    record = {"points": len(sample), "mean_coarse_distance": faiss_index.coarse_distance(index, sample)}
+    storage.write_json_atomic(layout.file("trained.json"), record, layout.storage_options)
+    storage.write_bytes_atomic(url, data, layout.storage_options)
+    return data, {"seconds": round(time.perf_counter() - started, 3), "reused": False, **record}
+
+
+def read_training_record(layout: IndexLayout) -> dict:
+    url = layout.file("trained.json")
+    return storage.read_json(url, layout.storage_options) if storage.exists(url, layout.storage_options) else {}
+
+
+def pending_shards(cfg: Config, plan: IndexPlan) -> list[dict]:
+    layout = layout_of(cfg)
+    return [s for s in plan.shards if not storage.exists(layout.record_file(s["name"]), layout.storage_options)]
+
+
+def add_shard(cfg: Config, plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None = None) -> dict:
+    """Add one embedding shard to a copy of the trained index and commit ``shard-XXXXX.faiss``; returns the
+    commit record. Memory: the shard's vectors plus its index."""
+    started = time.perf_counter()
+    layout = layout_of(cfg)
+    row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options,
+                                          plan.identity["fingerprint"])
+    index = faiss_index.deserialize(trained)
+    faiss_index.add(index, vectors, row_ids)
+    _write_index(index, layout.file(f"{shard['name']}.faiss"), layout.storage_options, False)
+    record = {"name": shard["name"], "ntotal": int(index.ntotal), "seconds": round(time.perf_counter() - started, 3),
+              "peak_memory_mb": peak_memory_mb(), "pid": os.getpid(), **(worker or {})}
+    storage.write_json_atomic(layout.record_file(shard["name"]), record, layout.storage_options)
+    return record
+
+
+def shard_records(cfg: Config, plan: IndexPlan) -> list[dict]:
+    layout = layout_of(cfg)
+    return [storage.read_json(layout.record_file(s["name"]), layout.storage_options) for s in plan.shards]
+
+
+def shard_index_url(index_dir: str, record: dict) -> str:
+    """A shard index file: ``<name>.faiss`` in this index directory, or, for a shard a refresh shares with an
+    earlier version, the record's ``path`` (relative to this index directory)."""
+
+    return storage.resolve_relative(index_dir, record.get("path") or f"{record['name']}.faiss")
+
+
+def merge_shards(cfg: Config, plan: IndexPlan, trained: bytes):
+    """Merge the committed shard indexes in shard order into ``merged.faiss``; returns the merged index.
+    In memory: the merged index. On disk (IVF, local output): one shard at a time plus the coarse quantizer."""
+    layout = layout_of(cfg)
+    urls = [shard_index_url(layout.dir, record) for record in shard_records(cfg, plan)]
+    if plan.on_disk:
+        ivfdata = storage.local_path(layout.file("merged.ivfdata"))
+        index = faiss_index.merge_on_disk(faiss_index.deserialize(trained), [storage.local_path(u) for u in urls],
+                                          ivfdata)
+    else:
+        index = faiss_index.merge(_read_index(url, layout.storage_options) for url in urls)
+    _write_index(index, layout.file("merged.faiss"), layout.storage_options, plan.on_disk)
+    return index
+
+
+def build_whole(cfg: Config, plan: IndexPlan, trained: bytes):
+    """For types that cannot merge (HNSW, NSG): stream every shard into one index and write ``merged.faiss``.
+    Memory: the whole index."""
+    layout = layout_of(cfg)
+    index = faiss_index.deserialize(trained)
+    for shard in plan.shards:
+        row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options,
+                                              plan.identity["fingerprint"])
+        faiss_index.add(index, vectors, row_ids)
+    _write_index(index, layout.file("merged.faiss"), layout.storage_options, False)
+    return index
+
+
+def _read_index(url: str, storage_options: dict | None = None):
+    local = storage.local_path(url, storage_options)
+    if local:
+        import faiss
+
+        return faiss.read_index(local)
+    return faiss_index.deserialize(storage.read_bytes(url, storage_options))
+
+
+def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
+    """Write an index without extra copies: FAISS writes local files itself (an on-disk index keeps its lists in
+    merged.ivfdata); other URLs get one serialized buffer."""
+    local = storage.local_path(url, storage_options)
+    if local:
+        import faiss
+
+        tmp = storage.temporary_name(local)
+        storage.filesystem(url, storage_options)[0].makedirs(os.path.dirname(local), exist_ok=True)
+        faiss.write_index(index, tmp)
+        faults.point("write", url)
+        os.replace(tmp, local)
+    else:
+        storage.write_bytes_atomic(url, memoryview(faiss_index.serialize_array(index)), storage_options)
+
+
+def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
+    """Recall@10 of ``index`` against exact search, on ``index.recall_queries`` corpus vectors drawn with
+    ``index.seed + 1``, each query's own vector left out of both result lists (it would be a free hit); for IVF
+    (nprobe) and HNSW (efSearch) the smallest setting reaching ``index.target_recall`` is chosen, unless the config
+    fixes it. Memory: the queries plus one shard."""
+    ix = cfg.index
+    parameter = faiss_index.tunable_parameter(index)
+    fixed = {"nprobe": ix.nprobe, "ef_search": ix.ef_search}.get(parameter or "", 0)
+    if not ix.recall_queries:
+        if parameter and fixed:
+            faiss_index.set_search_parameters(index, **{parameter: fixed})
+        return {"recall_at_10": None, "parameter": parameter, "value": fixed or None, "tried": []}
+    query_ids, queries = read_sample(cfg, plan, sample_positions(plan.ntotal, ix.recall_queries, ix.seed + 1))
+    shards = (read_shard_vectors(cfg.output.root, s, plan.dim, cfg.output.storage_options) for s in plan.shards)
+    _, exact = search.exact_search(shards, queries, RECALL_K + 1, plan.metric)
+    exact = search.drop_ids(exact, query_ids, RECALL_K)
+    values = [fixed] if (fixed or not parameter) else faiss_index.candidate_values(index, parameter)
+    tried = []
+    for value in values:
+        if parameter:
+            faiss_index.set_search_parameters(index, **{parameter: value})
+        _, found = faiss_index.search(index, queries, RECALL_K + 1)
+        found = search.drop_ids(found, query_ids, RECALL_K)
+        tried.append({"value": value if parameter else None,
+                      "recall_at_10": round(search.recall_at_k(found, exact, RECALL_K), 5)})
+        if tried[-1]["recall_at_10"] >= ix.target_recall:
+            break
+    best = tried[-1]
+    if best["recall_at_10"] < ix.target_recall:
+        log.warning("recall@10 %.4f is below index.target_recall %.3f with %s = %s", best["recall_at_10"],
+                    ix.target_recall, parameter, best["value"])
+    return {"recall_at_10": best["recall_at_10"], "parameter": parameter, "value": best["value"],
+            "queries": len(queries), "tried": tried}
+
+
+def finish(cfg: Config, plan: IndexPlan, trained: bytes) -> dict:
+    """Merge (or build whole), write ``merged.faiss`` and measure recall; returns what the manifest needs."""
+    started = time.perf_counter()
+    index = merge_shards(cfg, plan, trained) if plan.mergeable else build_whole(cfg, plan, trained)
+    merged_s = time.perf_counter() - started
+    recall = measure_recall(cfg, plan, index)
+    return {"ntotal": int(index.ntotal), "merge_s": round(merged_s, 3),
+            "recall_s": round(time.perf_counter() - started - merged_s, 3), "recall": recall,
+            "peak_memory_mb": peak_memory_mb()}
+
+
+def write_manifest(cfg: Config, plan: IndexPlan, ntotal: int, timings: dict, recall: dict, records: list[dict],
+                   memory: dict, training: dict | None = None) -> dict:
+    layout = layout_of(cfg)
+    emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
+    if ntotal != plan.ntotal:
+        raise RuntimeError(f"merged index holds {ntotal} vectors, the embeddings {plan.ntotal}")
+    manifest = {
+        **stamp(), "stage": "index", "type": plan.factory, "metric": plan.metric, "dim": plan.dim,
+        "ntotal": ntotal, "mergeable": plan.mergeable, "on_disk": plan.on_disk,
+        "fingerprint": plan.identity["fingerprint"], "encoder": emb["encoder"],
+        "query_encoder": emb.get("query_encoder"), "identity": plan.identity,
+        "search_parameters": {recall["parameter"]: recall["value"]} if recall["parameter"] else {},
+        "recall": recall, "timings_s": timings, "peak_memory_mb": memory, "training": training or {},
+        "shards": [{"name": r["name"], "ntotal": r["ntotal"], "seconds": r["seconds"],
+                    "peak_memory_mb": r["peak_memory_mb"], **({"path": r["path"]} if r.get("path") else {})}
+                   for r in records],
+        "files": {"merged": "merged.faiss", "trained": "trained.faiss",
+                  **({"ivfdata": "merged.ivfdata"} if plan.on_disk else {})},
+        "config": cfg.to_dict(),
+    }
+    storage.write_json_atomic(layout.file("manifest.json"), manifest, layout.storage_options)
+    return manifest
+
+
+def read_index_manifest(root: str, storage_options: dict | None = None) -> dict:
+    return read_manifest(storage.join(root, "index", "manifest.json"), storage_options, "index")
+
+
+def load_index(root: str, storage_options: dict | None = None, mmap: bool = False):
+    """(merged index with its tuned search parameters applied, index manifest). ``mmap`` memory-maps a local
+    file instead of reading it (on-disk IVF indexes are always memory-mapped)."""
+    import faiss
+
+    manifest = read_index_manifest(root, storage_options)
+    url = storage.join(root, "index", manifest["files"]["merged"])
+    local = storage.local_path(url, storage_options)
+    if manifest["on_disk"]:  # the lists in merged.ivfdata are memory-mapped by FAISS itself
+        index = faiss.read_index(local)
+    elif mmap and local:
+        index = faiss.read_index(local, faiss_index.MMAP_FLAG)
+    else:
+        index = _read_index(url, storage_options)
+    faiss_index.set_search_parameters(index, **manifest["search_parameters"])
+    return index, manifest
+
+
+def check_query_encoder(manifest: dict, identity: dict) -> None:
+    """Queries must be encoded by the encoder that made the index; the error names both fingerprints."""
+    if identity["fingerprint"] != manifest["fingerprint"]:
+        from retrieval_core.io.manifest import identity_differences
+
+        lines = identity_differences(manifest["encoder"], identity)
+        raise IncompatibleOutputError(
+            f"the index was built from vectors of encoder {manifest['fingerprint']}, but this run's model "
+            f"settings give encoder {identity['fingerprint']}:\n  " + "\n  ".join(lines)
+            + "\nuse the model settings the index was built with, or re-encode and re-index")
+
+
+def complete(cfg: Config, plan: IndexPlan, train_info: dict, add_s: float, result: dict, started: float,
+             in_tasks: bool) -> dict:
+    """Write the manifest of a finished build from the reports of its steps (``finish`` gives ``result``); with
+    ``in_tasks`` the peak memory of the train, add and merge tasks is recorded next to the driver's."""
+    records = shard_records(cfg, plan) if plan.mergeable else []
+    timings = {"train": train_info["seconds"], "add": round(add_s, 3), "merge": result["merge_s"],
+               "recall": result["recall_s"], "total": round(time.perf_counter() - started, 3)}
+    memory = {"driver": peak_memory_mb()}
+    if in_tasks:
+        memory |= {"train_task": train_info["peak_memory_mb"],
+                   "add_tasks_max": max((r["peak_memory_mb"] for r in records), default=None),
+                   "merge_task": result["peak_memory_mb"]}
+    training = {key: train_info.get(key) for key in ("reused", "points", "mean_coarse_distance")}
+    return write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records, memory, training)
+
+
+def build_in_process(cfg: Config) -> dict:
+    """The whole stage in this process, shard after shard (tests, small corpora); returns the manifest.
+    ``jobs.index`` runs the same steps with the shard adds spread over Ray workers."""
+    started = time.perf_counter()
+    plan = prepare(cfg)
+    trained, train_info = trained_index(cfg, plan)
+    add_started = time.perf_counter()
+    if plan.mergeable:
+        for shard in pending_shards(cfg, plan):
+            add_shard(cfg, plan, shard, trained)
+    add_s = time.perf_counter() - add_started
+    return complete(cfg, plan, train_info, add_s, finish(cfg, plan, trained), started, in_tasks=False)
+
+
+def load_shard_index(root: str, shard_name: str, storage_options: dict | None = None):
+    """One committed shard index, with the merged index's tuned search parameters applied."""
+    manifest = read_index_manifest(root, storage_options)
+    if not manifest["mergeable"]:
+        raise ValueError(f"index type {manifest['type']} has no shard indexes (it cannot be merged, so it is built "
+                         f"whole): use mine.mode = replicated")
+    entry = next((s for s in manifest["shards"] if s["name"] == shard_name), {"name": shard_name})
+    index = _read_index(shard_index_url(storage.join(root, "index"), entry), storage_options)
+    faiss_index.set_search_parameters(index, **manifest["search_parameters"])
+    return index

@@ -1,0 +1,277 @@
+"""Contrastive (InfoNCE) fine-tuning of a sentence-transformers bi-encoder on mined tuples, without Ray.
+
+The loss is sentence-transformers' MultipleNegativesRankingLoss: for each query, cross-entropy of its positive
+against every candidate of the batch (all positives and all mined negatives of the batch), over cosine
+similarities times ``scale = 1 / train.temperature``. ``train.cached`` uses its cached variant (gradient caching:
+large batches in bounded memory). On several workers the embeddings are gathered across workers, so in-batch
+negatives span the global batch, and gradients are averaged after each step.
+
+torch and sentence-transformers are imported inside the functions only (like ``encoding``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import random
+import time
+from typing import Callable
+
+import numpy as np
+
+from retrieval_core.config import Config, ConfigError, ModelConfig
+from retrieval_core.encode import encoding, families
+from retrieval_core.encode.model_files import resolve_model_path
+from retrieval_core.evaluate import metrics
+from retrieval_core.index import lookup
+from retrieval_core.io import faults
+from retrieval_core.mine import mining
+from retrieval_core.train import checkpoints
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    query_id: str
+    query: str
+    positive: str
+    negatives: tuple
+
+
+def load_examples(cfg: Config) -> list[Example]:
+    """One example per (query, positive) of the mined parts, with the first ``train.num_negatives`` negatives;
+    queries with fewer mined negatives than that are left out (counted in the log)."""
+    parts = mining.read_parts(cfg.output.root, cfg.output.storage_options).to_pylist()
+    text = lookup.texts_for_doc_ids(cfg.output.root, {d for p in parts for d in p["positive_ids"] + p["negative_ids"]},
+                                    cfg.output.storage_options, corpus_storage_options=cfg.corpus.storage_options)
+    n = cfg.train.num_negatives
+    examples, short = [], 0
+    for p in parts:
+        if len(p["negative_ids"]) < n:
+            short += 1
+            continue
+        negatives = tuple(text[d] for d in p["negative_ids"][:n])
+        examples += [Example(p["query_id"], p["query"], text[d], negatives) for d in p["positive_ids"]]
+    if short:
+        log.warning("%d queries have fewer than train.num_negatives = %d mined negatives and are left out", short, n)
+    return examples
+
+
+def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out), split by query id with ``seed``: all examples of a query fall on the same side."""
+    queries = sorted({e.query_id for e in examples})
+    random.Random(seed).shuffle(queries)
+    held = set(queries[:int(round(len(queries) * eval_fraction))])
+    return [e for e in examples if e.query_id not in held], [e for e in examples if e.query_id in held]
+
+
+def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
+    """Shuffled (seed, epoch) batches in which no query appears twice (its other positives would otherwise be
+    in-batch false negatives); the last incomplete batch is dropped."""
+    order = list(examples)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    batches, current, seen, deferred = [], [], set(), []
+    for example in order:
+        if example.query_id in seen:
+            deferred.append(example)
+            continue
+        current.append(example)
+        seen.add(example.query_id)
+        if len(current) == batch_size:
+            batches.append(current)
+            current, seen = [], set()
+            pending, deferred = deferred, []
+            for again in pending:
+                (deferred if again.query_id in seen else current).append(again)
+                seen.add(again.query_id)
+    return batches
+
+
+def steps_plan(cfg: Config, train_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): ``train.max_steps`` when set, else epochs x batches per epoch."""
+    per_epoch = max(1, train_examples // cfg.train.batch_size)
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    return per_epoch, total
+
+
+def build_loss(model, cfg: Config, distributed: bool):
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    scale = 1.0 / cfg.train.temperature
+    if cfg.train.cached:
+        return CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=cfg.train.mini_batch_size,
+                                                  gather_across_devices=distributed)
+    return MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=distributed)
+
+
+def batch_features(model, batch: list[Example], cfg: Config) -> list[dict]:
+    """Tokenized columns: queries (with the query prompt), positives, then each negative column."""
+    device = model.device
+    document, query = resolved_prompts(cfg)
+    columns = [([e.query for e in batch], query, "query"), ([e.positive for e in batch], document, "document")]
+    columns += [([e.negatives[i] for e in batch], document, "document") for i in range(cfg.train.num_negatives)]
+    features = []
+    for texts, prompt, task in columns:  # the task routes each column of an asymmetric (Router) model
+        tokens = model.preprocess(texts, prompt=prompt or None, task=task)
+        features.append({k: v.to(device) if hasattr(v, "to") else v for k, v in tokens.items()})
+    return features
+
+
+def check_trainable(cfg: Config) -> None:
+    """Training fine-tunes one local model: an embedding API, or a family with a separate query encoder (DPR), is
+    refused, naming it."""
+    if cfg.model.provider != "local":
+        raise ConfigError(f"train fine-tunes a local model, and model.provider = {cfg.model.provider!r} is an "
+                          f"embedding API (its weights are the provider's): set model.name to a local model, or "
+                          f"leave train out of pipeline.stages")
+    query_model = families.query_model_name(cfg.model)
+    if query_model != cfg.model.name:
+        raise ConfigError(f"train fine-tunes one model, and queries are encoded by another (model.query_name = "
+                          f"{query_model!r}, model.name = {cfg.model.name!r}): train a single bi-encoder, or an "
+                          f"asymmetric one whose query and document modules live in one model (a Router)")
+
+
+def resolved_prompts(cfg: Config) -> tuple[str, str]:
+    """(document prompt, query prompt) the training applies: those the jobs apply (``families``); resolved once
+    per model config, not at every step."""
+    return _prompts(cfg.model)
+
+
+@functools.lru_cache(maxsize=4)
+def _prompts(model: ModelConfig) -> tuple[str, str]:
+    return encoding.encoder_identity(model)["document_prompt"], encoding.query_identity(model)["query_prompt"]
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    import torch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus: dict[str, str],
+        rank: int = 0, world: int = 1, reduce_gradients: Callable | None = None,
+        on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int, float], None] | None = None,
+        saved: checkpoints.Checkpoints | None = None, device: str = "cpu"):
+    """Train ``cfg.model.name`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) with ``train``; this worker takes
+    every ``world``-th example of each global batch.
+    ``on_step(step, total, loss)`` and ``on_epoch(evaluation)`` report progress. With ``saved``, a checkpoint is
+    written every ``saved.every`` steps and the training resumes from the latest one, ending with the weights of an
+    uninterrupted run. Returns (model, history). Memory: the model, the optimizer state (2x the weights) and one
+    batch of activations (one mini-batch with ``train.cached``)."""
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(cfg, device)
+    loss = build_loss(model, cfg, world > 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
+    per_epoch, total = steps_plan(cfg, len(train))
+    scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * total), total)
+    resumed = saved.restore(model, optimizer, scheduler) if saved else None
+    position, history = resumed or (checkpoints.Position(), {
+        "steps": total, "steps_per_epoch": per_epoch, "losses": [],
+        "evaluations": [evaluate(model, cfg, held_out, eval_corpus, step=0)]})
+    started = time.perf_counter()
+    while position.step < total:
+        batches = epoch_batches(train, cfg.train.batch_size, cfg.train.seed, position.epoch)
+        for number in range(position.batch, len(batches)):
+            if position.step >= total:
+                break
+            local = batches[number][rank::world]
+            history["losses"].append(_step(model, loss, optimizer, scheduler, local, cfg, reduce_gradients))
+            position = checkpoints.Position(position.step + 1, position.epoch, number + 1)
+            if saved and saved.due(position.step, total):
+                saved.save(model, optimizer, scheduler, position, history)
+            faults.point("train", f"step-{position.step}")
+            if on_step:
+                on_step(position.step, total, history["losses"][-1])
+        position = checkpoints.Position(position.step, position.epoch + 1, 0)
+        history["evaluations"].append(evaluate(model, cfg, held_out, eval_corpus, step=position.step))
+        if on_epoch:
+            on_epoch(history["evaluations"][-1])
+    history["seconds"] = round(time.perf_counter() - started, 3)
+    if resumed:
+        history["resumed_from_step"] = resumed[0].step
+    model.eval()
+    return model, history
+
+
+def load_model(cfg: Config, device: str = "cpu"):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_model_path(cfg.model.name, cfg.model.storage_options), device=str(device),
+                                trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.max_seq_length:
+        model.max_seq_length = cfg.model.max_seq_length
+    return model
+
+
+def _step(model, loss, optimizer, scheduler, local: list[Example], cfg: Config,
+          reduce_gradients: Callable | None) -> float:
+    """One optimizer step on this worker's share of a batch; returns the loss."""
+    import torch
+
+    model.train()
+    value = loss(batch_features(model, local, cfg), torch.arange(len(local), device=model.device))
+    optimizer.zero_grad()
+    value.backward()
+    if reduce_gradients:
+        reduce_gradients(model)
+    optimizer.step()
+    scheduler.step()
+    return round(float(value.detach()), 5)
+
+
+def eval_corpus_for(cfg: Config, held_out: list[Example], examples: list[Example]) -> dict[str, str]:
+    """Documents the held-out queries are ranked against: their positives, then (drawn with ``train.seed``) the
+    positives and mined negatives of all examples, up to ``train.eval_corpus_size`` documents."""
+    must = sorted({e.positive for e in held_out})
+    pool = sorted({t for e in examples for t in (e.positive, *e.negatives)} - set(must))
+    random.Random(cfg.train.seed).shuffle(pool)
+    texts = must + pool[:max(0, cfg.train.eval_corpus_size - len(must))]
+    return {f"e{i}": t for i, t in enumerate(texts)}
+
+
+def evaluate(model, cfg: Config, held_out: list[Example], corpus: dict[str, str], step: int) -> dict:
+    """nDCG@10 of the held-out queries (their positives relevant) over ``corpus``, exact cosine search."""
+    import torch
+
+    if not held_out:
+        return {"step": step, "ndcg@10": None, "queries": 0}
+    model.eval()
+    ids, texts = list(corpus), list(corpus.values())
+    where = {t: i for i, t in zip(ids, texts)}
+    queries = {e.query_id: e.query for e in held_out}
+    qrels: dict[str, dict[str, int]] = {}
+    for e in held_out:
+        qrels.setdefault(e.query_id, {})[where[e.positive]] = 1
+    with torch.inference_mode():
+        document, query = resolved_prompts(cfg)
+        docs = model.encode_document(texts, batch_size=cfg.model.batch_size, prompt=document,
+                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        qv = model.encode_query(list(queries.values()), batch_size=cfg.model.batch_size, prompt=query,
+                                normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    top = np.argsort(-(qv @ docs.T), axis=1, kind="stable")[:, :10]
+    run = {qid: [ids[j] for j in row] for qid, row in zip(queries, top)}
+    figures = metrics.evaluate_run(run, qrels, ndcg_ks=(10,), recall_ks=(10,), mrr_ks=(10,))
+    return {"step": step, "ndcg@10": round(figures["ndcg@10"], 5), "queries": figures["queries"],
+            "corpus": len(corpus)}
+
+
+def average_gradients(model) -> None:
+    """All-reduce (mean) every gradient over the default process group (set up by Ray Train)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= world
