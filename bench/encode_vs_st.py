@@ -24,6 +24,7 @@ Run (from the repository root, with the venv active)
   Other options: --corpus, --precisions fp32,bf16, --batch-size 32, --title-column title, --id-column,
   --repeat N (median of N runs), --out results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
-SCIFACT = (Path(os.environ.get("SCIFACT_DIR") or Path(__file__).resolve().parents[2] / "shared/data/scifact")
-           / "corpus.parquet")  # BEIR SciFact
+SCIFACT = (
+    Path(os.environ.get("SCIFACT_DIR") or Path(__file__).resolve().parents[2] / "shared/data/scifact")
+    / "corpus.parquet"
+)  # BEIR SciFact
 DEMO = REPO / "examples/demo/corpus.parquet"
 MODEL = "all-MiniLM-L6-v2"
 WARMUP_TEXTS = 16
@@ -57,14 +60,16 @@ if str(REPO) not in sys.path:  # `python bench/encode_vs_st.py` puts bench/ on t
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", type=Path, default=None,
-                        help=f"Parquet corpus (default: {SCIFACT} when it exists, else {DEMO})")
+    parser.add_argument(
+        "--corpus", type=Path, default=None, help=f"Parquet corpus (default: {SCIFACT} when it exists, else {DEMO})"
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows (default: all)")
     parser.add_argument("--precisions", default="fp32,bf16", help="job precisions, comma separated")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--title-column", default="title", help="title column ('' for none)")
-    parser.add_argument("--id-column", default=None,
-                        help="id column (default: 'id' when the corpus has one, else '_id' as in BEIR)")
+    parser.add_argument(
+        "--id-column", default=None, help="id column (default: 'id' when the corpus has one, else '_id' as in BEIR)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each variant; the median is reported")
     parser.add_argument("--out", type=Path, default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -104,8 +109,11 @@ def load_texts(path: Path, id_column: str, title_column: str | None) -> tuple[li
 
 def cpu_flags() -> dict[str, bool]:
     try:
-        flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                             if line.startswith("flags")).split())
+        flags = set(
+            " ".join(
+                line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+            ).split()
+        )
     except OSError:
         flags = set()
     return {flag: flag in flags for flag in BF16_FLAGS}
@@ -116,8 +124,12 @@ def versions() -> dict[str, str]:
     import sentence_transformers
     import torch
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "sentence_transformers": sentence_transformers.__version__, "ray": ray.__version__}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "ray": ray.__version__,
+    }
 
 
 def load_baseline_model():
@@ -134,8 +146,7 @@ def encode_baseline(model, texts: list[str], batch_size: int, precision: str = "
     """(seconds, vectors) of one plain ``model.encode`` call over all texts (bf16: under CPU autocast)."""
     import torch
 
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     started = time.perf_counter()
     with autocast:
         vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True)
@@ -143,19 +154,24 @@ def encode_baseline(model, texts: list[str], batch_size: int, precision: str = "
     return time.perf_counter() - started, np.asarray(vectors, dtype=np.float32)
 
 
-def job_config(corpus: Path, id_column: str, title_column: str | None, precision: str, batch_size: int,
-               root: str):
+def job_config(corpus: Path, id_column: str, title_column: str | None, precision: str, batch_size: int, root: str):
     from retrieval_core.config import load_config
 
     def quoted(value) -> str:  # JSON strings are YAML strings: paths with ':' or '#' stay intact
         return json.dumps(value)
 
-    return load_config(None, [
-        f"corpus.path={quoted(str(corpus))}", f"corpus.id_column={quoted(id_column)}",
-        f"corpus.title_column={quoted(title_column) if title_column else 'null'}",
-        f"model.precision={precision}", f"model.batch_size={batch_size}",
-        f"output.root={quoted(root)}", "runtime.progress=false",
-    ])
+    return load_config(
+        None,
+        [
+            f"corpus.path={quoted(str(corpus))}",
+            f"corpus.id_column={quoted(id_column)}",
+            f"corpus.title_column={quoted(title_column) if title_column else 'null'}",
+            f"model.precision={precision}",
+            f"model.batch_size={batch_size}",
+            f"output.root={quoted(root)}",
+            "runtime.progress=false",
+        ],
+    )
 
 
 def run_job(cfg) -> tuple[float, dict, list[str], np.ndarray]:
@@ -187,8 +203,7 @@ def time_baseline_runs(model, texts: list[str], batch_size: int, repeat: int) ->
     return [seconds for seconds, _ in runs], runs[0][1]
 
 
-def time_job_runs(args, corpus: Path, id_column: str, precision: str, base_ids: list[str],
-                  base: np.ndarray) -> dict:
+def time_job_runs(args, corpus: Path, id_column: str, precision: str, base_ids: list[str], base: np.ndarray) -> dict:
     """Seconds of each run, and min / mean cosine to the baseline over all runs."""
     seconds, mins, means, rows = [], [], [], 0
     for _ in range(args.repeat):
@@ -206,25 +221,39 @@ def time_job_runs(args, corpus: Path, id_column: str, precision: str, base_ids: 
 def plain_bf16_row(args, texts: list[str], base: np.ndarray, base_rate: float) -> dict:
     model = load_baseline_model()
     runs = [encode_baseline(model, texts, args.batch_size, "bf16") for _ in range(args.repeat)]
-    cos = np.einsum("ij,ij->i", base, runs[0][1]) / (np.linalg.norm(base, axis=1)
-                                                       * np.linalg.norm(runs[0][1], axis=1))
-    return result_row("sentence-transformers bf16", [s for s, _ in runs], len(texts), base_rate,
-                      min_cosine=float(cos.min()), mean_cosine=float(cos.mean()))
+    cos = np.einsum("ij,ij->i", base, runs[0][1]) / (np.linalg.norm(base, axis=1) * np.linalg.norm(runs[0][1], axis=1))
+    return result_row(
+        "sentence-transformers bf16",
+        [s for s, _ in runs],
+        len(texts),
+        base_rate,
+        min_cosine=float(cos.min()),
+        mean_cosine=float(cos.mean()),
+    )
 
 
 def result_row(name: str, seconds_runs: list[float], rows: int, base_rate: float | None, **extra) -> dict:
     seconds = statistics.median(seconds_runs)
     rate = rows / seconds if seconds > 0 else float("inf")
-    return {"variant": name, "rows": rows, "seconds": seconds, "seconds_runs": seconds_runs, "docs_per_s": rate,
-            "ratio_vs_baseline": rate / base_rate if base_rate else 1.0, **extra}
+    return {
+        "variant": name,
+        "rows": rows,
+        "seconds": seconds,
+        "seconds_runs": seconds_runs,
+        "docs_per_s": rate,
+        "ratio_vs_baseline": rate / base_rate if base_rate else 1.0,
+        **extra,
+    }
 
 
 def format_table(rows: list[dict]) -> str:
     head = f"{'variant':<27}{'rows':>7}{'seconds':>10}{'docs/s':>10}{'x base':>9}{'min cos':>11}{'mean cos':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['variant']:<27}{r['rows']:>7}{r['seconds']:>10.2f}{r['docs_per_s']:>10.1f}"
-                     f"{r['ratio_vs_baseline']:>8.2f}x{r['min_cosine']:>11.6f}{r['mean_cosine']:>11.6f}")
+        lines.append(
+            f"{r['variant']:<27}{r['rows']:>7}{r['seconds']:>10.2f}{r['docs_per_s']:>10.1f}"
+            f"{r['ratio_vs_baseline']:>8.2f}x{r['min_cosine']:>11.6f}{r['mean_cosine']:>11.6f}"
+        )
     return "\n".join(lines)
 
 
@@ -236,8 +265,10 @@ def target_lines(rows: list[dict]) -> list[str]:
             lines.append(f"target fp32 job >= {TARGET_FP32_RATIO}x baseline docs/s: {'met' if ok else 'NOT met'}")
         if r["variant"] == "job bf16":
             ok = r["ratio_vs_baseline"] >= TARGET_BF16_RATIO and r["min_cosine"] >= TARGET_BF16_MIN_COSINE
-            lines.append(f"target bf16 job >= {TARGET_BF16_RATIO}x baseline docs/s and min cosine >= "
-                         f"{TARGET_BF16_MIN_COSINE}: {'met' if ok else 'NOT met'}")
+            lines.append(
+                f"target bf16 job >= {TARGET_BF16_RATIO}x baseline docs/s and min cosine >= "
+                f"{TARGET_BF16_MIN_COSINE}: {'met' if ok else 'NOT met'}"
+            )
     return lines
 
 
@@ -254,10 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     environment = {"cpu_count": os.cpu_count(), "cpu_flags": cpu_flags(), **versions()}
-    print("cpu: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in environment["cpu_flags"].items())
-          + f", {environment['cpu_count']} cores")
-    print(f"versions: torch {environment['torch']}, sentence-transformers {environment['sentence_transformers']}, "
-          f"ray {environment['ray']}")
+    print(
+        "cpu: "
+        + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in environment["cpu_flags"].items())
+        + f", {environment['cpu_count']} cores"
+    )
+    print(
+        f"versions: torch {environment['torch']}, sentence-transformers {environment['sentence_transformers']}, "
+        f"ray {environment['ray']}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-corpus-") as tmpdir:
         source, corpus, id_column = resolve_corpus(args, tmpdir)
         base_ids, texts = load_texts(corpus, id_column, args.title_column or None)
@@ -268,15 +304,26 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(plain_bf16_row(args, texts, base, rows[0]["docs_per_s"]))
         for precision in precisions:
             job = time_job_runs(args, corpus, id_column, precision, base_ids, base)
-            rows.append(result_row(f"job {precision}", job.pop("seconds_runs"), job.pop("rows"),
-                                   rows[0]["docs_per_s"], **job))
+            rows.append(
+                result_row(f"job {precision}", job.pop("seconds_runs"), job.pop("rows"), rows[0]["docs_per_s"], **job)
+            )
     print()
     print(format_table(rows))
     print("\n".join(target_lines(rows)))
     if args.out:
-        args.out.write_text(json.dumps({"environment": environment, "corpus": str(source),
-                                        "limit": args.limit, "batch_size": args.batch_size,
-                                        "repeat": args.repeat, "results": rows}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "environment": environment,
+                    "corpus": str(source),
+                    "limit": args.limit,
+                    "batch_size": args.batch_size,
+                    "repeat": args.repeat,
+                    "results": rows,
+                },
+                indent=2,
+            )
+        )
         print(f"results written to {args.out}")
     return 0
 

@@ -13,6 +13,7 @@ Run (from the repository root, with the venv active)
   python bench/eval_vs_st.py                    # SciFact when present; exits 0 with a message when absent
   python bench/eval_vs_st.py --out eval.json    # also write the results as JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ TOLERANCE = 1e-4
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=SCIFACT, help="BEIR directory (corpus.parquet, queries.jsonl, "
-                                                              "qrels/train.tsv)")
+    p.add_argument(
+        "--data", type=Path, default=SCIFACT, help="BEIR directory (corpus.parquet, queries.jsonl, qrels/train.tsv)"
+    )
     p.add_argument("--qrels", default="qrels/train.tsv", help="qrels file inside --data")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", type=Path, help="also write the results to this JSON file")
@@ -51,10 +53,18 @@ def reference_metrics(data: Path, qrels_name: str, batch_size: int) -> tuple[dic
     corpus = {r["_id"]: f"{r['title']} {r['text']}" for r in pq.read_table(data / "corpus.parquet").to_pylist()}
     qrels = judgements.read_qrels(str(data / qrels_name))
     evaluator = InformationRetrievalEvaluator(
-        queries=judgements.read_queries(str(data / "queries.jsonl")), corpus=corpus,
+        queries=judgements.read_queries(str(data / "queries.jsonl")),
+        corpus=corpus,
         relevant_docs={q: {d for d, s in judged.items() if s > 0} for q, judged in qrels.items()},
-        ndcg_at_k=[10], mrr_at_k=[10], precision_recall_at_k=[10, 100], accuracy_at_k=[1], map_at_k=[100],
-        batch_size=batch_size, show_progress_bar=False, write_csv=False)
+        ndcg_at_k=[10],
+        mrr_at_k=[10],
+        precision_recall_at_k=[10, 100],
+        accuracy_at_k=[1],
+        map_at_k=[100],
+        batch_size=batch_size,
+        show_progress_bar=False,
+        write_csv=False,
+    )
     figures = evaluator(SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu"))
     picked = {name: float(next(v for k, v in figures.items() if k.endswith(f"_{name}"))) for name in METRICS}
     return picked, time.perf_counter() - started
@@ -65,18 +75,27 @@ def job_metrics(data: Path, qrels_name: str, batch_size: int, root: str) -> tupl
     from jobs.ray import cluster
     from retrieval_core.config import load_config
 
-    cfg = load_config(str(REPO / "configs" / "scifact.yaml"), [
-        f"corpus.path={json.dumps(str(data / 'corpus.parquet'))}", f"output.root={json.dumps(root)}",
-        f"eval.queries_path={json.dumps(str(data / 'queries.jsonl'))}",
-        f"eval.qrels_path={json.dumps(str(data / qrels_name))}", "index.type=Flat",
-        f"model.batch_size={batch_size}", "runtime.progress=false"])
+    cfg = load_config(
+        str(REPO / "configs" / "scifact.yaml"),
+        [
+            f"corpus.path={json.dumps(str(data / 'corpus.parquet'))}",
+            f"output.root={json.dumps(root)}",
+            f"eval.queries_path={json.dumps(str(data / 'queries.jsonl'))}",
+            f"eval.qrels_path={json.dumps(str(data / qrels_name))}",
+            "index.type=Flat",
+            f"model.batch_size={batch_size}",
+            "runtime.progress=false",
+        ],
+    )
     started = time.perf_counter()
     with cluster.ray_session(cfg.runtime):
         encode.run(cfg)
         index.run(cfg)
         result = evaluate.run(cfg)
-    return {**{name: result["metrics"][name] for name in METRICS}, "queries": result["metrics"]["queries"]}, \
-        time.perf_counter() - started
+    return {
+        **{name: result["metrics"][name] for name in METRICS},
+        "queries": result["metrics"]["queries"],
+    }, time.perf_counter() - started
 
 
 def main(argv=None) -> int:
@@ -98,8 +117,12 @@ def main(argv=None) -> int:
     equal = all(abs(r["difference"]) <= TOLERANCE for r in rows)
     print(f"figures equal within {TOLERANCE}: {'yes' if equal else 'NO'}")
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "reference_s": ref_s, "jobs_s": ours_s,
-                                        "queries": ours["queries"], "equal": equal}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {"rows": rows, "reference_s": ref_s, "jobs_s": ours_s, "queries": ours["queries"], "equal": equal},
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -38,6 +38,7 @@ Note on small machines
   Disk: about 3 * N * dim * 4 bytes per size while it is measured (the shards, the shard indexes and the merged
   index: ~4.6 GB at 1M, dim 384).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,23 +84,44 @@ def parse_sizes(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=parse_sizes, default=parse_sizes("10000,100000,1000000"),
-                   help="corpus sizes, comma separated (k / M suffixes allowed; default 10000,100000,1000000)")
+    p.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=parse_sizes("10000,100000,1000000"),
+        help="corpus sizes, comma separated (k / M suffixes allowed; default 10000,100000,1000000)",
+    )
     p.add_argument("--dim", type=int, default=384, help="vector dimension (default 384, all-MiniLM-L6-v2's)")
     p.add_argument("--type", default="auto", help="index.type: auto or a FAISS factory string (default auto)")
-    p.add_argument("--train-size", type=int, default=0,
-                   help="index.train_size: k-means sample size (0 = the job's default, 64 points per IVF list)")
-    p.add_argument("--shard-rows", type=int, default=100_000,
-                   help="rows per embedding shard (default 100000; at most ceil(N / 4), so >= 4 shards per size)")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=0,
+        help="index.train_size: k-means sample size (0 = the job's default, 64 points per IVF list)",
+    )
+    p.add_argument(
+        "--shard-rows",
+        type=int,
+        default=100_000,
+        help="rows per embedding shard (default 100000; at most ceil(N / 4), so >= 4 shards per size)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
-    p.add_argument("--recall-queries", type=int, default=1000,
-                   help="index.recall_queries: corpus vectors used as queries for recall@10 (default 1000)")
+    p.add_argument(
+        "--recall-queries",
+        type=int,
+        default=1000,
+        help="index.recall_queries: corpus vectors used as queries for recall@10 (default 1000)",
+    )
     p.add_argument("--clusters", type=int, default=1000, help="Gaussian blobs of the synthetic data (default 1000)")
-    p.add_argument("--noise", type=float, default=0.5,
-                   help="per-coordinate noise std relative to the centers' (default 0.5)")
+    p.add_argument(
+        "--noise", type=float, default=0.5, help="per-coordinate noise std relative to the centers' (default 0.5)"
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the results to this JSON file")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="write each size's embeddings and index under this directory (default: a temp dir)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="write each size's embeddings and index under this directory (default: a temp dir)",
+    )
     p.add_argument("--keep", action="store_true", help="keep each size's data after measuring it")
     args = p.parse_args(argv)
     for name in ("dim", "shard_rows", "recall_queries", "clusters"):
@@ -111,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ synthetic data
+
 
 def shard_rows_for(size: int, shard_rows: int) -> int:
     """--shard-rows, but at most ceil(size / 4) so that even a small size is split into several shards."""
@@ -143,8 +166,11 @@ def shard_table(centers: np.ndarray, start: int, stop: int, fingerprint: str, ar
         x += args.noise * rng.standard_normal(x.shape, dtype=np.float32)
         x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
         ids = list(range(start + lo, start + hi))
-        parts.append(embeddings_table(ids, [f"doc{i}" for i in ids], x, ["0" * 16] * len(ids), "float32",
-                                      {"fingerprint": fingerprint}))
+        parts.append(
+            embeddings_table(
+                ids, [f"doc{i}" for i in ids], x, ["0" * 16] * len(ids), "float32", {"fingerprint": fingerprint}
+            )
+        )
     return pa.concat_tables(parts)
 
 
@@ -164,24 +190,45 @@ def write_embeddings(root: Path, size: int, args) -> dict:
         table = shard_table(centers, start, stop, fingerprint, args, size, len(shards))
         storage.write_parquet_atomic(str(root / "embeddings" / f"{name}.parquet"), table)
         del table
-        shards.append({"name": name, "path": f"{name}.parquet", "row_start": start, "row_stop": stop,
-                       "rows": stop - start, "rejected": 0, "rejects_path": None})
-    manifest = {**stamp(), "stage": "embeddings", "fingerprint": fingerprint,
-                "encoder": {"fingerprint": fingerprint}, "dim": args.dim, "normalized": True,
-                "totals": {"rows_in": size, "rows_encoded": size, "rows_rejected": 0, "shards": len(shards)},
-                "shards": shards, "config": {}}
+        shards.append(
+            {
+                "name": name,
+                "path": f"{name}.parquet",
+                "row_start": start,
+                "row_stop": stop,
+                "rows": stop - start,
+                "rejected": 0,
+                "rejects_path": None,
+            }
+        )
+    manifest = {
+        **stamp(),
+        "stage": "embeddings",
+        "fingerprint": fingerprint,
+        "encoder": {"fingerprint": fingerprint},
+        "dim": args.dim,
+        "normalized": True,
+        "totals": {"rows_in": size, "rows_encoded": size, "rows_rejected": 0, "shards": len(shards)},
+        "shards": shards,
+        "config": {},
+    }
     storage.write_json_atomic(str(root / "embeddings" / "_manifest.json"), manifest)
     return manifest
 
 
 # ------------------------------------------------------------------------------------------------- the index job
 
+
 def index_command(root: Path, args) -> list[str]:
     def quoted(value) -> str:  # --set values are parsed as YAML: JSON strings keep paths and "IVF64,Flat" intact
         return json.dumps(value)
 
-    overrides = [f"output.root={quoted(str(root))}", f"index.type={quoted(args.type)}", "runtime.progress=false",
-                 f"index.recall_queries={args.recall_queries}"]
+    overrides = [
+        f"output.root={quoted(str(root))}",
+        f"index.type={quoted(args.type)}",
+        "runtime.progress=false",
+        f"index.recall_queries={args.recall_queries}",
+    ]
     if args.train_size:
         overrides.append(f"index.train_size={args.train_size}")
     command = [sys.executable, "-m", "jobs.index"]
@@ -219,17 +266,32 @@ def measure(size: int, root: Path, args) -> dict:
     recall = manifest.get("recall", {})
     add_merge = (timings.get("add") or 0.0) + (timings.get("merge") or 0.0)
     return {
-        "size": size, "dim": manifest["dim"], "type": manifest["type"], "ntotal": manifest["ntotal"],
-        "shards": len(emb["shards"]), "shard_rows": shard_rows_for(size, args.shard_rows),
+        "size": size,
+        "dim": manifest["dim"],
+        "type": manifest["type"],
+        "ntotal": manifest["ntotal"],
+        "shards": len(emb["shards"]),
+        "shard_rows": shard_rows_for(size, args.shard_rows),
         "train_points": manifest["identity"]["train_size"],
-        "generate_s": round(gen_s, 3), "train_s": timings.get("train"), "add_s": timings.get("add"),
-        "merge_s": timings.get("merge"), "recall_s": timings.get("recall"), "job_total_s": timings.get("total"),
-        "wall_s": round(wall, 3), "us_per_vector": round(add_merge / size * 1e6, 3),
+        "generate_s": round(gen_s, 3),
+        "train_s": timings.get("train"),
+        "add_s": timings.get("add"),
+        "merge_s": timings.get("merge"),
+        "recall_s": timings.get("recall"),
+        "job_total_s": timings.get("total"),
+        "wall_s": round(wall, 3),
+        "us_per_vector": round(add_merge / size * 1e6, 3),
         "raw_vectors_mib": round(size * manifest["dim"] * 4 / MIB, 1),
-        "peak_memory_mib": {"driver": memory.get("driver"), "train_task": memory.get("train_task"),
-                            "add_tasks_max": memory.get("add_tasks_max"), "merge_task": memory.get("merge_task")},
-        "recall_at_10": recall.get("recall_at_10"), "recall_queries": recall.get("queries"),
-        "search_parameters": manifest.get("search_parameters", {}), "recall_tried": recall.get("tried", []),
+        "peak_memory_mib": {
+            "driver": memory.get("driver"),
+            "train_task": memory.get("train_task"),
+            "add_tasks_max": memory.get("add_tasks_max"),
+            "merge_task": memory.get("merge_task"),
+        },
+        "recall_at_10": recall.get("recall_at_10"),
+        "recall_queries": recall.get("queries"),
+        "search_parameters": manifest.get("search_parameters", {}),
+        "recall_tried": recall.get("tried", []),
         "disk_mib": round(disk_mib(root), 1),
     }
 
@@ -263,20 +325,24 @@ def _num(value, digits: int) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width, _) in
-                   enumerate(COLUMNS))
+    head = "".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width, _) in enumerate(COLUMNS))
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             last = (r["error"].strip().splitlines() or [""])[-1]
             lines.append(f"{r['size']:<9}  FAILED: {last[:140]}")
             continue
-        lines.append("".join(f"{fmt(r):>{width}}" if i else f"{fmt(r):<{width}}" for i, (_, width, fmt) in
-                             enumerate(COLUMNS)))
-    lines.append("seconds: manifest timings_s (add = wall time of all add tasks); wall s = the whole subprocess; "
-                 "us/vec = (add + merge) / N.")
-    lines.append("memory: peak RSS in MiB of the job's driver and tasks (manifest peak_memory_mb); raw MiB = "
-                 "N * dim * 4 bytes of vectors. R@10 = recall@10 vs exact search.")
+        lines.append(
+            "".join(f"{fmt(r):>{width}}" if i else f"{fmt(r):<{width}}" for i, (_, width, fmt) in enumerate(COLUMNS))
+        )
+    lines.append(
+        "seconds: manifest timings_s (add = wall time of all add tasks); wall s = the whole subprocess; "
+        "us/vec = (add + merge) / N."
+    )
+    lines.append(
+        "memory: peak RSS in MiB of the job's driver and tasks (manifest peak_memory_mb); raw MiB = "
+        "N * dim * 4 bytes of vectors. R@10 = recall@10 vs exact search."
+    )
     return "\n".join(lines)
 
 
@@ -292,8 +358,13 @@ def environment() -> dict:
                 continue
         return "?"
 
-    return {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
-            "faiss": version("faiss-cpu", "faiss-gpu", "faiss"), "ray": version("ray")}
+    return {
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "faiss": version("faiss-cpu", "faiss-gpu", "faiss"),
+        "ray": version("ray"),
+    }
 
 
 def self_peak_mib() -> float:
@@ -304,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = environment()
     print(f"{env['cpu_count']} cores; faiss {env['faiss']}, ray {env['ray']}, numpy {env['numpy']}")
-    print(f"sizes {args.sizes}, dim {args.dim}, index.type {args.type}, train size "
-          f"{args.train_size or 'job default'}, {args.clusters} clusters, noise {args.noise}, seed {args.seed}")
+    print(
+        f"sizes {args.sizes}, dim {args.dim}, index.type {args.type}, train size "
+        f"{args.train_size or 'job default'}, {args.clusters} clusters, noise {args.noise}, seed {args.seed}"
+    )
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
         base, temp = args.workdir.resolve(), None
@@ -337,12 +410,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep:
         print(f"outputs kept under {base}")
     if args.out:
-        args.out.write_text(json.dumps({
-            "environment": env, "bench_peak_memory_mib": self_peak_mib(),
-            "settings": {"sizes": args.sizes, "dim": args.dim, "type": args.type, "train_size": args.train_size,
-                         "shard_rows": args.shard_rows, "seed": args.seed, "recall_queries": args.recall_queries,
-                         "clusters": args.clusters, "noise": args.noise},
-            "results": rows}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "environment": env,
+                    "bench_peak_memory_mib": self_peak_mib(),
+                    "settings": {
+                        "sizes": args.sizes,
+                        "dim": args.dim,
+                        "type": args.type,
+                        "train_size": args.train_size,
+                        "shard_rows": args.shard_rows,
+                        "seed": args.seed,
+                        "recall_queries": args.recall_queries,
+                        "clusters": args.clusters,
+                        "noise": args.noise,
+                    },
+                    "results": rows,
+                },
+                indent=2,
+            )
+        )
         print(f"results written to {args.out}")
     return 1 if failed else 0
 

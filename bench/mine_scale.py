@@ -31,6 +31,7 @@ Run (from the repository root, with the venv active)
   python bench/mine_scale.py --sizes 30k:6k,100k:20k          # a quick look
   Other options: --queries-per-part 1000, --seed 0, --out results.json, --workdir DIR, --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ CHUNK = 100_000
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """'100k:20k,1M:200k' -> [(100000, 20000), (1000000, 200000)]."""
+
     def count(item: str) -> int:
         item = item.strip().lower()
         scale = {"k": 1_000, "m": 1_000_000}.get(item[-1], 1)
@@ -84,16 +86,21 @@ def write_data(folder: Path, docs: int, queries: int, seed: int) -> tuple[Path, 
     vocabulary = np.array(words(seed))
     corpus, pairs = folder / "corpus.parquet", folder / "pairs.jsonl"
     chosen = np.sort(rng.choice(docs, queries, replace=False))
-    with pq.ParquetWriter(corpus, pa.schema([("id", pa.string()), ("text", pa.string())])) as writer, \
-            pairs.open("w") as out:
+    with (
+        pq.ParquetWriter(corpus, pa.schema([("id", pa.string()), ("text", pa.string())])) as writer,
+        pairs.open("w") as out,
+    ):
         for start in range(0, docs, CHUNK):
             stop = min(docs, start + CHUNK)
-            texts = [" ".join(vocabulary[rng.integers(0, VOCABULARY, rng.integers(12, 31))])
-                     for _ in range(start, stop)]
+            texts = [
+                " ".join(vocabulary[rng.integers(0, VOCABULARY, rng.integers(12, 31))]) for _ in range(start, stop)
+            ]
             writer.write_table(pa.table({"id": [f"d{i}" for i in range(start, stop)], "text": texts}))
             for i in chosen[(chosen >= start) & (chosen < stop)]:
-                picked = (rng.choice(texts[i - start].split(), 6).tolist()
-                          + vocabulary[rng.integers(0, VOCABULARY, 2)].tolist())
+                picked = (
+                    rng.choice(texts[i - start].split(), 6).tolist()
+                    + vocabulary[rng.integers(0, VOCABULARY, 2)].tolist()
+                )
                 out.write(json.dumps({"query_id": f"q{i}", "query": " ".join(picked), "positive": f"d{i}"}) + "\n")
     return corpus, pairs
 
@@ -116,27 +123,45 @@ def measure(folder: Path, model: Path, docs: int, queries: int, args) -> dict:
     common = [f"corpus.path={corpus}", f"model.name={model}", f"output.root={root}", "runtime.progress=false"]
     built = job("jobs.pipeline", common + ["pipeline.stages=[encode,index]"])
     index = json.loads((root / "index" / "manifest.json").read_text())
-    row = {"docs": docs, "queries": queries, "index": index["type"], "search_parameters": index["search_parameters"],
-           "encode_and_index_s": round(built, 1)}
+    row = {
+        "docs": docs,
+        "queries": queries,
+        "index": index["type"],
+        "search_parameters": index["search_parameters"],
+        "encode_and_index_s": round(built, 1),
+    }
     for workers in (1, 2):
         shutil.rmtree(root / "negatives", ignore_errors=True)
-        wall = job("jobs.mine", common + [f"mine.pairs_path={pairs}", "mine.query_id_column=query_id",
-                                          f"mine.queries_per_part={args.queries_per_part}", "runtime.inline_rows=0",
-                                          f"runtime.num_workers={workers}", "runtime.cpus_per_worker=1",
-                                          f"runtime.num_cpus={workers}",
-                                          "mine.relative_margin=null"])
+        wall = job(
+            "jobs.mine",
+            common
+            + [
+                f"mine.pairs_path={pairs}",
+                "mine.query_id_column=query_id",
+                f"mine.queries_per_part={args.queries_per_part}",
+                "runtime.inline_rows=0",
+                f"runtime.num_workers={workers}",
+                "runtime.cpus_per_worker=1",
+                f"runtime.num_cpus={workers}",
+                "mine.relative_margin=null",
+            ],
+        )
         manifest = json.loads((root / "negatives" / "_manifest.json").read_text())
         timings = manifest["timings_s"]
         steps = manifest["part_steps_s"]
-        row[f"w{workers}"] = {"wall_s": round(wall, 1), **timings, "part_steps_s": steps,
-                              "search_share": round(steps["search"] / max(1e-9, sum(steps.values())), 3),
-                              "ms_per_query": round(1000 * _mining_s(timings) / queries, 3),
-                              "ms_per_query_without_search": round(
-                                  1000 * (_mining_s(timings) - steps["search"] / workers) / queries, 3),
-                              "driver_mib": manifest["peak_memory_mb"]["driver"],
-                              "worker_mib": max(manifest["peak_memory_mb"]["workers_max"],
-                                                manifest.get("text_join", {}).get("peak_memory_mb", 0.0)),
-                              "written": manifest["totals"]["written"]}
+        row[f"w{workers}"] = {
+            "wall_s": round(wall, 1),
+            **timings,
+            "part_steps_s": steps,
+            "search_share": round(steps["search"] / max(1e-9, sum(steps.values())), 3),
+            "ms_per_query": round(1000 * _mining_s(timings) / queries, 3),
+            "ms_per_query_without_search": round(1000 * (_mining_s(timings) - steps["search"] / workers) / queries, 3),
+            "driver_mib": manifest["peak_memory_mb"]["driver"],
+            "worker_mib": max(
+                manifest["peak_memory_mb"]["workers_max"], manifest.get("text_join", {}).get("peak_memory_mb", 0.0)
+            ),
+            "written": manifest["totals"]["written"],
+        }
     row["speedup_2_over_1"] = round(_mining_s(row["w1"]) / _mining_s(row["w2"]), 2)
     return row
 
@@ -148,17 +173,21 @@ def _mining_s(timings: dict) -> float:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| docs | queries | index | driver MiB (1 / 2 workers) | worker MiB | ms/query, 1 worker "
-          "| without the search | ms/query, 2 workers | 2 workers vs 1 | search share | plan s | workers start s "
-          "| text join s | exports+report s |")
+    print(
+        "\n| docs | queries | index | driver MiB (1 / 2 workers) | worker MiB | ms/query, 1 worker "
+        "| without the search | ms/query, 2 workers | 2 workers vs 1 | search share | plan s | workers start s "
+        "| text join s | exports+report s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         a, b = r["w1"], r["w2"]
-        print(f"| {r['docs']:,} | {r['queries']:,} | {r['index']} | {a['driver_mib']:.0f} / {b['driver_mib']:.0f} | "
-              f"{max(a['worker_mib'], b['worker_mib']):.0f} | {a['ms_per_query']:.2f} | "
-              f"{a['ms_per_query_without_search']:.2f} | {b['ms_per_query']:.2f} | "
-              f"{r['speedup_2_over_1']:.2f}x | {a['search_share']:.0%} | {a['plan']:.1f} | {a['workers_start']:.1f} | "
-              f"{a.get('texts', 0.0):.1f} | {a['exports_and_report']:.1f} |")
+        print(
+            f"| {r['docs']:,} | {r['queries']:,} | {r['index']} | {a['driver_mib']:.0f} / {b['driver_mib']:.0f} | "
+            f"{max(a['worker_mib'], b['worker_mib']):.0f} | {a['ms_per_query']:.2f} | "
+            f"{a['ms_per_query_without_search']:.2f} | {b['ms_per_query']:.2f} | "
+            f"{r['speedup_2_over_1']:.2f}x | {a['search_share']:.0%} | {a['plan']:.1f} | {a['workers_start']:.1f} | "
+            f"{a.get('texts', 0.0):.1f} | {a['exports_and_report']:.1f} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

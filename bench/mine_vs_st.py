@@ -25,6 +25,7 @@ Run (from the repository root, with the venv active)
   python bench/mine_vs_st.py --ce-queries 0         # without the cross-encoder rows
   python bench/mine_vs_st.py --only-cross-encoder   # only them
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cross-encoder", default="", help="a CrossEncoder directory (default: built, see above)")
     p.add_argument("--ce-queries", type=int, default=200, help="queries of the cross-encoder rows; 0 = no such rows")
     p.add_argument("--ce-max-length", type=int, default=128, help="cross-encoder tokens per pair")
-    p.add_argument("--ce-queries-per-part", type=int, default=25, help="mine.queries_per_part of the job's "
-                   "cross-encoder row (parts for every worker)")
-    p.add_argument("--only-cross-encoder", action="store_true", help="only the cross-encoder rows (the corpus is "
-                   "encoded and indexed first, untimed)")
+    p.add_argument(
+        "--ce-queries-per-part",
+        type=int,
+        default=25,
+        help="mine.queries_per_part of the job's cross-encoder row (parts for every worker)",
+    )
+    p.add_argument(
+        "--only-cross-encoder",
+        action="store_true",
+        help="only the cross-encoder rows (the corpus is encoded and indexed first, untimed)",
+    )
     p.add_argument("--out", type=Path, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -70,8 +78,9 @@ def load_data(data: Path, qrels_path: Path):
     return corpus, pairs
 
 
-def reference(corpus: dict, pairs: list, args, use_faiss: bool, cross_encoder: str = "",
-              cache_folder: str | None = None) -> tuple[float, dict[str, set[str]]]:
+def reference(
+    corpus: dict, pairs: list, args, use_faiss: bool, cross_encoder: str = "", cache_folder: str | None = None
+) -> tuple[float, dict[str, set[str]]]:
     from datasets import Dataset
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
@@ -82,12 +91,24 @@ def reference(corpus: dict, pairs: list, args, use_faiss: bool, cross_encoder: s
     started = time.perf_counter()
     model = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu")
     if cross_encoder:  # no margin (see cross_encoder_rows); min_score -1e9 removes nothing but makes it rescore
-        options = {"cross_encoder": CrossEncoder(cross_encoder, device="cpu", max_length=args.ce_max_length),
-                   "range_max": 10 * args.num_negatives + max_positives(pairs) - _query_slot(), "min_score": -1e9}
-    result = mine_hard_negatives(Dataset.from_list([{"query": q, "positive": p} for q, p in pairs]), model,
-                                 corpus=list(corpus.values()), num_negatives=args.num_negatives,
-                                 sampling_strategy="top", batch_size=args.batch_size, use_faiss=use_faiss,
-                                 output_format="triplet", verbose=False, cache_folder=cache_folder, **options)
+        options = {
+            "cross_encoder": CrossEncoder(cross_encoder, device="cpu", max_length=args.ce_max_length),
+            "range_max": 10 * args.num_negatives + max_positives(pairs) - _query_slot(),
+            "min_score": -1e9,
+        }
+    result = mine_hard_negatives(
+        Dataset.from_list([{"query": q, "positive": p} for q, p in pairs]),
+        model,
+        corpus=list(corpus.values()),
+        num_negatives=args.num_negatives,
+        sampling_strategy="top",
+        batch_size=args.batch_size,
+        use_faiss=use_faiss,
+        output_format="triplet",
+        verbose=False,
+        cache_folder=cache_folder,
+        **options,
+    )
     seconds = time.perf_counter() - started
     negatives: dict[str, set[str]] = {}
     for row in result:
@@ -117,11 +138,17 @@ def job_config(args, root: str):
 
 
 def job_items(args, root: str, qrels: str = "", extra: tuple = ()) -> list[str]:
-    items = [f"corpus.path={json.dumps(str(args.data / 'corpus.parquet'))}", f"output.root={json.dumps(root)}",
-             f"mine.queries_path={json.dumps(str(args.data / 'queries.jsonl'))}",
-             f"mine.qrels_path={json.dumps(qrels or str(args.data / args.qrels))}", "index.type=Flat",
-             f"mine.num_negatives={args.num_negatives}", f"model.batch_size={args.batch_size}",
-             "runtime.progress=false", "mine.formats=[triplet]"]
+    items = [
+        f"corpus.path={json.dumps(str(args.data / 'corpus.parquet'))}",
+        f"output.root={json.dumps(root)}",
+        f"mine.queries_path={json.dumps(str(args.data / 'queries.jsonl'))}",
+        f"mine.qrels_path={json.dumps(qrels or str(args.data / args.qrels))}",
+        "index.type=Flat",
+        f"mine.num_negatives={args.num_negatives}",
+        f"model.batch_size={args.batch_size}",
+        "runtime.progress=false",
+        "mine.formats=[triplet]",
+    ]
     if args.relative_margin > 0:
         items.append(f"mine.relative_margin={args.relative_margin}")
     return [*items, *extra]
@@ -134,8 +161,10 @@ def cross_encoder_rows(args, root: str) -> list:
 
     qrels = judgements.read_qrels(str(args.data / args.qrels))
     path = Path(root) / "ce-qrels.tsv"
-    path.write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{q}\t{d}\t{s}\n" for q, judged in list(qrels.items())[:args.ce_queries] for d, s in judged.items()))
+    path.write_text(
+        "query-id\tcorpus-id\tscore\n"
+        + "".join(f"{q}\t{d}\t{s}\n" for q, judged in list(qrels.items())[: args.ce_queries] for d, s in judged.items())
+    )
     corpus, pairs = load_data(args.data, path)
     model = args.cross_encoder or build_cross_encoder(Path(root) / "ce")
     cache = str(Path(root) / "st-cache")  # both sides start from encoded documents: the rows time the mining
@@ -143,11 +172,19 @@ def cross_encoder_rows(args, root: str) -> list:
     base_s, base = reference(corpus, pairs, args, use_faiss=False, cross_encoder=model, cache_folder=cache)
     shutil.rmtree(Path(root) / "negatives", ignore_errors=True)
     window = 10 * args.num_negatives + max_positives(pairs)
-    items = job_items(args, root, str(path), (f"mine.cross_encoder={json.dumps(model)}", f"mine.range_max={window}",
-                                              "mine.relative_margin=null", f"mine.cross_encoder_max_length="
-                                              f"{args.ce_max_length}", f"mine.cross_encoder_batch_size="
-                                              f"{args.batch_size}",
-                                              f"mine.queries_per_part={args.ce_queries_per_part}"))
+    items = job_items(
+        args,
+        root,
+        str(path),
+        (
+            f"mine.cross_encoder={json.dumps(model)}",
+            f"mine.range_max={window}",
+            "mine.relative_margin=null",
+            f"mine.cross_encoder_max_length={args.ce_max_length}",
+            f"mine.cross_encoder_batch_size={args.batch_size}",
+            f"mine.queries_per_part={args.ce_queries_per_part}",
+        ),
+    )
     return [("mine_hard_negatives + CE", base_s, base), ("jobs: mine (indexed) + CE", *mine_command(args, root, items))]
 
 
@@ -208,8 +245,14 @@ def main(argv=None) -> int:
         print(f"skipped: no corpus at {args.data / 'corpus.parquet'}")
         return 0
     corpus, pairs = load_data(args.data, args.data / args.qrels)
-    rows = [] if args.only_cross_encoder else [("mine_hard_negatives", *reference(corpus, pairs, args, False)),
-                                               ("mine_hard_negatives faiss", *reference(corpus, pairs, args, True))]
+    rows = (
+        []
+        if args.only_cross_encoder
+        else [
+            ("mine_hard_negatives", *reference(corpus, pairs, args, False)),
+            ("mine_hard_negatives faiss", *reference(corpus, pairs, args, True)),
+        ]
+    )
     with tempfile.TemporaryDirectory(prefix="bench-mine-") as root:
         cfg = job_config(args, root)
         if args.only_cross_encoder:
@@ -221,14 +264,18 @@ def main(argv=None) -> int:
         ce_rows = cross_encoder_rows(args, root) if args.ce_queries > 0 else []
     results = []
     if rows:
-        print(f"\n{len(pairs)} pairs, {len(rows[0][2])} queries with negatives in the reference, {len(corpus)} "
-              f"documents; num_negatives {args.num_negatives}, relative_margin "
-              f"{args.relative_margin if args.relative_margin > 0 else 'none'}")
+        print(
+            f"\n{len(pairs)} pairs, {len(rows[0][2])} queries with negatives in the reference, {len(corpus)} "
+            f"documents; num_negatives {args.num_negatives}, relative_margin "
+            f"{args.relative_margin if args.relative_margin > 0 else 'none'}"
+        )
         results += table(rows)
     if ce_rows:
-        print(f"\nwith a cross-encoder ({args.cross_encoder or 'all-MiniLM-L6-v2 + a random head'}, max length "
-              f"{args.ce_max_length}), the first {args.ce_queries} queries; window {10 * args.num_negatives} + "
-              f"max positives")
+        print(
+            f"\nwith a cross-encoder ({args.cross_encoder or 'all-MiniLM-L6-v2 + a random head'}, max length "
+            f"{args.ce_max_length}), the first {args.ce_queries} queries; window {10 * args.num_negatives} + "
+            f"max positives"
+        )
         results += table(ce_rows)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
@@ -250,8 +297,14 @@ def table(rows: list) -> list[dict]:
     print(f"{'variant':<28}{'seconds':>10}{'x faster':>10}{'overlap':>10}")
     results = []
     for name, seconds, negs in rows:
-        results.append({"variant": name, "seconds": seconds, "speedup": base_s / seconds,
-                        "overlap_with_reference": overlap(negs, base)})
+        results.append(
+            {
+                "variant": name,
+                "seconds": seconds,
+                "speedup": base_s / seconds,
+                "overlap_with_reference": overlap(negs, base),
+            }
+        )
         print(f"{name:<28}{seconds:>10.1f}{base_s / seconds:>9.2f}x{results[-1]['overlap_with_reference']:>10.4f}")
     return results
 

@@ -15,6 +15,7 @@ Run (from the repository root, with the venv active)
   python bench/mmap_search.py --vectors 300000 --nprobe 64
   Other options: --dim 32, --queries 2000, --repeat 3, --workdir DIR (keeps the index), --out results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,9 @@ def build(path: Path, vectors: int, dim: int) -> None:
 
     data = np.random.default_rng(0).standard_normal((vectors, dim)).astype("float32")
     faiss.normalize_L2(data)
-    nlist = 4 * int(vectors ** 0.5)
+    nlist = 4 * int(vectors**0.5)
     index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    index.train(data[:max(64 * nlist, 100_000)])
+    index.train(data[: max(64 * nlist, 100_000)])
     index.add(data)
     faiss.write_index(index, str(path))
 
@@ -60,8 +61,22 @@ def search(path: str, flag: str, nprobe: int, queries: int, repeat: int, dim: in
 
 def timed(args, flag: str, processes: int) -> list[float]:
     """The seconds each of ``processes`` processes started together reports."""
-    command = [sys.executable, __file__, "--child", flag, "--index", str(args.index), "--nprobe", str(args.nprobe),
-               "--queries", str(args.queries), "--repeat", str(args.repeat), "--dim", str(args.dim)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        flag,
+        "--index",
+        str(args.index),
+        "--nprobe",
+        str(args.nprobe),
+        "--queries",
+        str(args.queries),
+        "--repeat",
+        str(args.repeat),
+        "--dim",
+        str(args.dim),
+    ]
     children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     outputs = [child.communicate()[0] for child in children]
     if any(child.returncode for child in children):
@@ -93,11 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, flag in FLAGS.items():
         alone = timed(args, flag, 1)[0]
         pair = timed(args, flag, 2)
-        rows.append({"read": name, "alone_s": round(alone, 3), "pair_s": [round(p, 3) for p in pair],
-                     "pair_over_alone": round(sum(pair) / len(pair) / alone, 3)})
+        rows.append(
+            {
+                "read": name,
+                "alone_s": round(alone, 3),
+                "pair_s": [round(p, 3) for p in pair],
+                "pair_over_alone": round(sum(pair) / len(pair) / alone, 3),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.vectors:,} vectors of {args.dim} dimensions, nprobe {args.nprobe}, {args.repeat} x "
-          f"{args.queries} queries, top 100, one thread per process")
+    print(
+        f"\n{args.vectors:,} vectors of {args.dim} dimensions, nprobe {args.nprobe}, {args.repeat} x "
+        f"{args.queries} queries, top 100, one thread per process"
+    )
     print("| read | alone s | two at once s (mean) | two at once / alone |")
     print("| --- | --- | --- | --- |")
     for r in rows:

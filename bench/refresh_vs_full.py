@@ -12,6 +12,7 @@ Run (from the repository root, with the venv active):
   python bench/refresh_vs_full.py               # SciFact from $SCIFACT_DIR (default ../shared/data/scifact)
   python bench/refresh_vs_full.py --out refresh.json --precision bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,28 +51,50 @@ def snapshots(args, out: Path) -> dict:
     order = list(range(len(rows)))
     rng.shuffle(order)
     n = len(rows)
-    held = set(order[:int(n * args.added)])
-    gone = set(order[int(n * args.added):int(n * args.added) + int(n * args.deleted)])
-    edit = set(order[len(held) + len(gone):len(held) + len(gone) + int(n * args.changed)])
+    held = set(order[: int(n * args.added)])
+    gone = set(order[int(n * args.added) : int(n * args.added) + int(n * args.deleted)])
+    edit = set(order[len(held) + len(gone) : len(held) + len(gone) + int(n * args.changed)])
     day1 = [r for i, r in enumerate(rows) if i not in held]
-    day2 = [({**r, "text": r["text"] + " This abstract was revised."} if i in edit else r)
-            for i, r in enumerate(rows) if i not in gone]
+    day2 = [
+        ({**r, "text": r["text"] + " This abstract was revised."} if i in edit else r)
+        for i, r in enumerate(rows)
+        if i not in gone
+    ]
     paths = {}
     for name, data in (("day1", day1), ("day2", day2)):
         paths[name] = out / name / "corpus.parquet"
         paths[name].parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(data), paths[name], row_group_size=1000)
-    return {"paths": paths, "planned": {"day1": len(day1), "day2": len(day2), "changed": len(edit),
-                                        "added": len(held), "deleted": len(gone)}}
+    return {
+        "paths": paths,
+        "planned": {
+            "day1": len(day1),
+            "day2": len(day2),
+            "changed": len(edit),
+            "added": len(held),
+            "deleted": len(gone),
+        },
+    }
 
 
 def config(args, corpus: Path, root: Path):
     from retrieval_core.config import load_config
 
     q = json.dumps
-    return load_config(None, [f"corpus.path={q(str(corpus))}", "corpus.id_column=_id", "corpus.title_column=title",
-                              f"output.root={q(str(root))}", f"model.precision={args.precision}", "index.type=Flat",
-                              "runtime.progress=false", "eval.queries_path=", "publish.max_deleted_fraction=0.05"])
+    return load_config(
+        None,
+        [
+            f"corpus.path={q(str(corpus))}",
+            "corpus.id_column=_id",
+            "corpus.title_column=title",
+            f"output.root={q(str(root))}",
+            f"model.precision={args.precision}",
+            "index.type=Flat",
+            "runtime.progress=false",
+            "eval.queries_path=",
+            "publish.max_deleted_fraction=0.05",
+        ],
+    )
 
 
 def timed(work) -> tuple[object, float]:
@@ -118,12 +141,22 @@ def main(argv=None) -> int:
     scratch_cfg = config(args, snaps["paths"]["day2"], scratch)
     _, full_s = timed(lambda: (encode.run(scratch_cfg), index.run(scratch_cfg)))
     agreement = same_top10(str(nightly), str(scratch))
-    result = {"planned": snaps["planned"], "counts": day2["counts"], "retrain": day2["retrain"]["reason"],
-              "day1_refresh_s": round(day1_s, 1), "day2_refresh_s": round(refresh_s, 1),
-              "day2_from_scratch_s": round(full_s, 1), "ratio": round(refresh_s / full_s, 3),
-              "refresh_steps_s": day2["timings_s"], "top10_agreement": agreement, "precision": args.precision}
-    print(f"day 2 refresh {refresh_s:.1f} s vs from scratch (encode + index) {full_s:.1f} s: "
-          f"ratio {refresh_s / full_s:.3f}")
+    result = {
+        "planned": snaps["planned"],
+        "counts": day2["counts"],
+        "retrain": day2["retrain"]["reason"],
+        "day1_refresh_s": round(day1_s, 1),
+        "day2_refresh_s": round(refresh_s, 1),
+        "day2_from_scratch_s": round(full_s, 1),
+        "ratio": round(refresh_s / full_s, 3),
+        "refresh_steps_s": day2["timings_s"],
+        "top10_agreement": agreement,
+        "precision": args.precision,
+    }
+    print(
+        f"day 2 refresh {refresh_s:.1f} s vs from scratch (encode + index) {full_s:.1f} s: "
+        f"ratio {refresh_s / full_s:.3f}"
+    )
     print(f"counts: {day2['counts']}")
     print(f"refresh steps (s): {day2['timings_s']}")
     print(f"top-10 agreement with the from-scratch build: {agreement:.3f}")

@@ -16,6 +16,7 @@ Run (from the repository root, with the venv active)
   python bench/train_experiment.py                # SciFact when present; exits 0 with a message when absent
   python bench/train_experiment.py --epochs 2 --out train.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,14 +58,15 @@ def split_beir(data: Path, fraction: float, seed: int, out: Path) -> dict[str, P
     qrels = judgements.read_qrels(str(data / "qrels" / "train.tsv"))
     ids = sorted(q for q in qrels if q in queries)
     random.Random(seed).shuffle(ids)
-    dev = set(ids[:int(len(ids) * fraction)])
+    dev = set(ids[: int(len(ids) * fraction)])
     paths = {}
     for name, keep in (("train", [q for q in ids if q not in dev]), ("dev", sorted(dev))):
         paths[f"{name}_queries"] = out / f"{name}-queries.jsonl"
         paths[f"{name}_qrels"] = out / f"{name}-qrels.tsv"
         paths[f"{name}_queries"].write_text("".join(json.dumps({"_id": q, "text": queries[q]}) + "\n" for q in keep))
-        paths[f"{name}_qrels"].write_text("query-id\tcorpus-id\tscore\n" + "".join(
-            f"{q}\t{d}\t{s}\n" for q in keep for d, s in qrels[q].items()))
+        paths[f"{name}_qrels"].write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q in keep for d, s in qrels[q].items())
+        )
     return paths
 
 
@@ -73,15 +75,31 @@ def config(args, root: Path, paths: dict, num_negatives: int):
 
     q = json.dumps
     os.environ.setdefault("SCIFACT_DIR", str(args.data))  # configs/scifact.yaml reads it; every path is set below
-    return load_config(str(REPO / "configs" / "scifact.yaml"), [
-        f"corpus.path={q(str(args.data / 'corpus.parquet'))}", f"output.root={q(str(root))}",
-        f"model.precision={args.precision}", "index.type=Flat", "runtime.progress=false",
-        f"eval.queries_path={q(str(paths['dev_queries']))}", f"eval.qrels_path={q(str(paths['dev_qrels']))}",
-        f"mine.queries_path={q(str(paths['train_queries']))}", f"mine.qrels_path={q(str(paths['train_qrels']))}",
-        f"mine.relative_margin={args.relative_margin}", f"mine.num_negatives={max(args.negatives, 1)}",
-        f"train.num_negatives={num_negatives}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-        f"train.learning_rate={args.learning_rate}", f"train.max_steps={args.max_steps}", f"train.seed={args.seed}",
-        "train.eval_fraction=0.1", "train.eval_corpus_size=500", "mine.formats=[triplet]"])
+    return load_config(
+        str(REPO / "configs" / "scifact.yaml"),
+        [
+            f"corpus.path={q(str(args.data / 'corpus.parquet'))}",
+            f"output.root={q(str(root))}",
+            f"model.precision={args.precision}",
+            "index.type=Flat",
+            "runtime.progress=false",
+            f"eval.queries_path={q(str(paths['dev_queries']))}",
+            f"eval.qrels_path={q(str(paths['dev_qrels']))}",
+            f"mine.queries_path={q(str(paths['train_queries']))}",
+            f"mine.qrels_path={q(str(paths['train_qrels']))}",
+            f"mine.relative_margin={args.relative_margin}",
+            f"mine.num_negatives={max(args.negatives, 1)}",
+            f"train.num_negatives={num_negatives}",
+            f"train.epochs={args.epochs}",
+            f"train.batch_size={args.batch_size}",
+            f"train.learning_rate={args.learning_rate}",
+            f"train.max_steps={args.max_steps}",
+            f"train.seed={args.seed}",
+            "train.eval_fraction=0.1",
+            "train.eval_corpus_size=500",
+            "mine.formats=[triplet]",
+        ],
+    )
 
 
 def run_variant(cfg) -> dict:
@@ -89,7 +107,8 @@ def run_variant(cfg) -> dict:
 
     results = pipeline.run(cfg)
     return {stage: result for stage, (result, _) in results.items()} | {
-        "seconds": {stage: seconds for stage, (_, seconds) in results.items()}}
+        "seconds": {stage: seconds for stage, (_, seconds) in results.items()}
+    }
 
 
 def main(argv=None) -> int:
@@ -103,23 +122,37 @@ def main(argv=None) -> int:
     hard = run_variant(config(args, work / "hard", paths, args.negatives))
     shutil.copytree(work / "hard", work / "inbatch", ignore=shutil.ignore_patterns("model", "trained", "_ray_train"))
     inbatch = run_variant(config(args, work / "inbatch", paths, 0))
-    rows = [("base model", hard["evaluate"]["metrics"], None),
-            ("(a) in-batch negatives", inbatch["reevaluate"]["metrics"], inbatch["seconds"]["train"]),
-            (f"(b) + {args.negatives} mined negatives", hard["reevaluate"]["metrics"], hard["seconds"]["train"])]
+    rows = [
+        ("base model", hard["evaluate"]["metrics"], None),
+        ("(a) in-batch negatives", inbatch["reevaluate"]["metrics"], inbatch["seconds"]["train"]),
+        (f"(b) + {args.negatives} mined negatives", hard["reevaluate"]["metrics"], hard["seconds"]["train"]),
+    ]
     steps = hard["train"]["history"]["steps"]
-    print(f"\nSciFact train queries split {1 - args.dev_fraction:.0%}/{args.dev_fraction:.0%} (seed {args.seed}): "
-          f"{hard['mine']['written']} train queries mined ({hard['mine']['complete']} complete, "
-          f"{hard['mine']['without_negatives']} without negatives), "
-          f"{hard['evaluate']['metrics']['queries']} dev queries; "
-          f"{steps} steps of {args.batch_size}, lr {args.learning_rate}, relative margin {args.relative_margin}")
+    print(
+        f"\nSciFact train queries split {1 - args.dev_fraction:.0%}/{args.dev_fraction:.0%} (seed {args.seed}): "
+        f"{hard['mine']['written']} train queries mined ({hard['mine']['complete']} complete, "
+        f"{hard['mine']['without_negatives']} without negatives), "
+        f"{hard['evaluate']['metrics']['queries']} dev queries; "
+        f"{steps} steps of {args.batch_size}, lr {args.learning_rate}, relative margin {args.relative_margin}"
+    )
     print(f"{'model':<30}" + "".join(f"{m:>12}" for m in METRICS) + f"{'train s':>10}")
     for name, figures, seconds in rows:
-        print(f"{name:<30}" + "".join(f"{figures[m]:>12.4f}" for m in METRICS)
-              + (f"{seconds:>10.1f}" if seconds is not None else f"{'':>10}"))
+        print(
+            f"{name:<30}"
+            + "".join(f"{figures[m]:>12.4f}" for m in METRICS)
+            + (f"{seconds:>10.1f}" if seconds is not None else f"{'':>10}")
+        )
     if args.out:
-        args.out.write_text(json.dumps({"rows": [{"model": n, **f, "train_s": s} for n, f, s in rows],
-                                        "steps": steps, "args": {k: str(v) for k, v in vars(args).items()}},
-                                       indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "rows": [{"model": n, **f, "train_s": s} for n, f, s in rows],
+                    "steps": steps,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                },
+                indent=2,
+            )
+        )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

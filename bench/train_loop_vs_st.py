@@ -44,6 +44,7 @@ Run (from the repository root, with the venv active)
   Other options: --model (name or local directory), --negatives 3, --learning-rate 2e-5, --threads 2, --seed 0,
   --loops ours,trainer (order of the runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,9 +77,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
-                   help=f"BEIR directory: corpus.jsonl, queries.jsonl, qrels/train.tsv (default: {SCIFACT} when "
-                        f"present, else {DEMO})")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"BEIR directory: corpus.jsonl, queries.jsonl, qrels/train.tsv (default: {SCIFACT} when "
+        f"present, else {DEMO})",
+    )
     p.add_argument("--model", default=MODEL, help="model name (the packaged default) or a local directory")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
@@ -96,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------- the data
+
 
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as handle:
@@ -118,8 +124,10 @@ def build_examples(data: Path, negatives: int, seed: int) -> list[dict]:
     ``negatives`` random other documents (none of the query's positives), drawn with ``seed``."""
     from retrieval_core.io.corpus import assemble_text
 
-    corpus = {str(row.get("_id", row.get("id"))): assemble_text(row.get("title"), row.get("text", ""))
-              for row in read_jsonl(data / "corpus.jsonl")}
+    corpus = {
+        str(row.get("_id", row.get("id"))): assemble_text(row.get("title"), row.get("text", ""))
+        for row in read_jsonl(data / "corpus.jsonl")
+    }
     queries = {str(row.get("_id", row.get("id"))): row["text"] for row in read_jsonl(data / "queries.jsonl")}
     qrels_path = data / "qrels" / "train.tsv"
     qrels = read_qrels(qrels_path if qrels_path.exists() else data / "qrels.tsv")
@@ -136,12 +144,19 @@ def build_examples(data: Path, negatives: int, seed: int) -> list[dict]:
                 pick = ids[rng.randrange(len(ids))]
                 if pick not in qrels[qid] and pick not in drawn:
                     drawn.append(pick)
-            examples.append({"query_id": qid, "query": queries[qid], "positive": corpus[doc],
-                             "negatives": [corpus[d] for d in drawn]})
+            examples.append(
+                {
+                    "query_id": qid,
+                    "query": queries[qid],
+                    "positive": corpus[doc],
+                    "negatives": [corpus[d] for d in drawn],
+                }
+            )
     return examples
 
 
 # ------------------------------------------------------------------------------------------ the loops (one each)
+
 
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
@@ -152,13 +167,23 @@ def run_ours(args, examples: list[dict]) -> dict:
     from retrieval_core.train import training
 
     q = json.dumps
-    overrides = [f"corpus.path={q(str(args.data / 'corpus.jsonl'))}",
-                 f"output.root={q(str(args.examples_file.parent / 'ours-root'))}", "runtime.progress=false",
-                 f"model.name={q(args.model)}", "model.precision=fp32",
-                 f"train.batch_size={args.batch_size}", f"train.learning_rate={args.learning_rate}",
-                 f"train.warmup_ratio={WARMUP_RATIO}", f"train.max_steps={args.steps}",
-                 f"train.num_negatives={args.negatives}", f"train.temperature={TEMPERATURE}", "train.cached=false",
-                 f"train.seed={args.seed}", "train.checkpoint_steps=0", "train.eval_fraction=0"]
+    overrides = [
+        f"corpus.path={q(str(args.data / 'corpus.jsonl'))}",
+        f"output.root={q(str(args.examples_file.parent / 'ours-root'))}",
+        "runtime.progress=false",
+        f"model.name={q(args.model)}",
+        "model.precision=fp32",
+        f"train.batch_size={args.batch_size}",
+        f"train.learning_rate={args.learning_rate}",
+        f"train.warmup_ratio={WARMUP_RATIO}",
+        f"train.max_steps={args.steps}",
+        f"train.num_negatives={args.negatives}",
+        f"train.temperature={TEMPERATURE}",
+        "train.cached=false",
+        f"train.seed={args.seed}",
+        "train.checkpoint_steps=0",
+        "train.eval_fraction=0",
+    ]
     if args.max_seq_length:
         overrides.append(f"model.max_seq_length={args.max_seq_length}")
     cfg = load_config(None, overrides)
@@ -175,8 +200,13 @@ def run_ours(args, examples: list[dict]) -> dict:
     _, history = training.fit(cfg, train, held_out=[], eval_corpus={})  # empty held out: evaluations are no-ops
     wall = time.perf_counter() - started
     train_s = history["seconds"]
-    return {"setup_s": round(wall - train_s, 3), "prompts_s": round(prompts_s, 3), "train_s": round(train_s, 3),
-            "losses": history["losses"], "steps": len(history["losses"])}
+    return {
+        "setup_s": round(wall - train_s, 3),
+        "prompts_s": round(prompts_s, 3),
+        "train_s": round(train_s, 3),
+        "losses": history["losses"],
+        "steps": len(history["losses"]),
+    }
 
 
 def run_trainer(args, examples: list[dict]) -> dict:
@@ -211,23 +241,50 @@ def run_trainer(args, examples: list[dict]) -> dict:
     for i in range(args.negatives):
         columns[f"negative_{i + 1}"] = [e["negatives"][i] for e in examples]
     training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(args.examples_file.parent / "trainer-out"), max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-        lr_scheduler_type="linear", warmup_steps=WARMUP_RATIO,  # a float < 1 is a ratio in transformers 5
-        optim="adamw_torch", weight_decay=WEIGHT_DECAY, max_grad_norm=0.0, seed=args.seed, data_seed=args.seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES, dataloader_drop_last=True, dataloader_num_workers=0,
-        save_strategy="no", eval_strategy="no", report_to="none", logging_strategy="steps", logging_steps=1,
-        disable_tqdm=True, use_cpu=True, fp16=False, bf16=False)
-    trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=Dataset.from_dict(columns),
-                                         loss=MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE),
-                                         callbacks=[StepLosses()])
+        output_dir=str(args.examples_file.parent / "trainer-out"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=WARMUP_RATIO,  # a float < 1 is a ratio in transformers 5
+        optim="adamw_torch",
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=0.0,
+        seed=args.seed,
+        data_seed=args.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_strategy="steps",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        fp16=False,
+        bf16=False,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_dict(columns),
+        loss=MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE),
+        callbacks=[StepLosses()],
+    )
     trainer.remove_callback(PrinterCallback)
     setup_s = time.perf_counter() - started
     started = time.perf_counter()
     output = trainer.train()
     train_s = time.perf_counter() - started
-    return {"setup_s": round(setup_s, 3), "load_s": round(load_s, 3), "train_s": round(train_s, 3),
-            "train_runtime": output.metrics.get("train_runtime"), "losses": losses, "steps": trainer.state.global_step}
+    return {
+        "setup_s": round(setup_s, 3),
+        "load_s": round(load_s, 3),
+        "train_s": round(train_s, 3),
+        "train_runtime": output.metrics.get("train_runtime"),
+        "losses": losses,
+        "steps": trainer.state.global_step,
+    }
 
 
 def child(args) -> int:
@@ -244,6 +301,7 @@ def child(args) -> int:
 
 # -------------------------------------------------------------------------------------------------- the driver
 
+
 def accelerate_missing() -> str | None:
     """Why the Trainer cannot run here (None when it can)."""
     try:
@@ -258,12 +316,17 @@ def accelerate_missing() -> str | None:
 def summarize(name: str, result: dict) -> dict:
     losses = result["losses"]
     steps = result["steps"]
-    return {"loop": name, "setup_s": result["setup_s"], "train_s": result["train_s"], "steps": steps,
-            "steps_per_s": round(steps / result["train_s"], 4) if result["train_s"] else None,
-            "s_per_step": round(result["train_s"] / steps, 3) if steps else None,
-            "first_loss": losses[0] if losses else None,
-            "last5_loss": round(sum(losses[-LAST:]) / len(losses[-LAST:]), 4) if losses else None,
-            "peak_rss_mb": result["peak_rss_mb"]}
+    return {
+        "loop": name,
+        "setup_s": result["setup_s"],
+        "train_s": result["train_s"],
+        "steps": steps,
+        "steps_per_s": round(steps / result["train_s"], 4) if result["train_s"] else None,
+        "s_per_step": round(result["train_s"] / steps, 3) if steps else None,
+        "first_loss": losses[0] if losses else None,
+        "last5_loss": round(sum(losses[-LAST:]) / len(losses[-LAST:]), 4) if losses else None,
+        "peak_rss_mb": result["peak_rss_mb"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,16 +353,30 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-train-loops-"))
     (work / "examples.json").write_text(json.dumps(examples))
     load_at_start = os.getloadavg()[0]
-    print(f"{len(examples)} examples from {args.data} ({len({e['query_id'] for e in examples})} queries, "
-          f"{args.negatives} random negatives each); model {args.model}, {args.steps} steps of {args.batch_size}, "
-          f"lr {args.learning_rate}, max_seq_length {args.max_seq_length or 'model default'}, "
-          f"{args.threads} torch threads; load average {load_at_start:.2f} on {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"{len(examples)} examples from {args.data} ({len({e['query_id'] for e in examples})} queries, "
+        f"{args.negatives} random negatives each); model {args.model}, {args.steps} steps of {args.batch_size}, "
+        f"lr {args.learning_rate}, max_seq_length {args.max_seq_length or 'model default'}, "
+        f"{args.threads} torch threads; load average {load_at_start:.2f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
     forwarded = list(argv if argv is not None else sys.argv[1:])
     rows, raw = [], {}
     for name in loops:
         result_file = work / f"{name}.json"
-        command = [sys.executable, str(Path(__file__).resolve()), *forwarded, "--data", str(args.data),
-                   "--child", name, "--examples-file", str(work / "examples.json"), "--result-file", str(result_file)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *forwarded,
+            "--data",
+            str(args.data),
+            "--child",
+            name,
+            "--examples-file",
+            str(work / "examples.json"),
+            "--result-file",
+            str(result_file),
+        ]
         started = time.perf_counter()
         done = subprocess.run(command, cwd=REPO)
         if done.returncode != 0 or not result_file.exists():
@@ -314,18 +391,30 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| loop | load+setup s | train s | steps | steps/s | s/step | first loss | last-5 loss | peak RSS MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {labels[row['loop']]} | {row['setup_s']:.1f} | {row['train_s']:.1f} | {row['steps']} | "
-              f"{row['steps_per_s']:.3f} | {row['s_per_step']:.2f} | {row['first_loss']} | {row['last5_loss']} | "
-              f"{row['peak_rss_mb']:.0f} |")
+        print(
+            f"| {labels[row['loop']]} | {row['setup_s']:.1f} | {row['train_s']:.1f} | {row['steps']} | "
+            f"{row['steps_per_s']:.3f} | {row['s_per_step']:.2f} | {row['first_loss']} | {row['last5_loss']} | "
+            f"{row['peak_rss_mb']:.0f} |"
+        )
     ratio = None
     if "ours" in raw and "trainer" in raw and raw["ours"]["train_s"]:
         ratio = round(raw["trainer"]["train_s"] / raw["ours"]["train_s"], 3)
         print(f"\nTrainer train time / our train time: {ratio:.2f}x")
     shutil.rmtree(work, ignore_errors=True)
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "ratio_trainer_over_ours": ratio, "raw": raw,
-                                        "examples": len(examples), "loadavg_at_start": load_at_start,
-                                        "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "ratio_trainer_over_ours": ratio,
+                    "raw": raw,
+                    "examples": len(examples),
+                    "loadavg_at_start": load_at_start,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -1,5 +1,6 @@
 """Command-line handling shared by every stage: ``--config F``, repeatable ``--set key=value``, help that lists
 the stage's main keys with their defaults, one-line errors, and a clean stop on Ctrl-C or SIGTERM."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,19 +16,32 @@ from retrieval_core.config import Config, ConfigError, default_value, load_confi
 from retrieval_core.config import rules as config_rules
 from retrieval_core.io import leases, manifest, storage, versions
 
-REFERENCE = ("Every key with its default: configs/demo.yaml. Full reference: README.md, section "
-             "'Configuration reference'.")
+REFERENCE = (
+    "Every key with its default: configs/demo.yaml. Full reference: README.md, section 'Configuration reference'."
+)
 
 
 def parser(description: str, prog: str, keys: Iterable[str] = ()) -> argparse.ArgumentParser:
     """The stage's parser; its help shows ``prog`` (e.g. ``python -m jobs.encode``), ``description`` as written,
     and ``keys`` with their built-in defaults."""
-    p = argparse.ArgumentParser(prog=prog, description=description.strip(), epilog=_keys_help(keys),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file or fsspec URL (default: the built-in defaults, which equal "
-                                    "configs/demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set model.batch_size=64 (repeatable; value parsed as YAML)")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description.strip(),
+        epilog=_keys_help(keys),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="YAML config file or fsspec URL (default: the built-in defaults, which equal configs/demo.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set model.batch_size=64 (repeatable; value parsed as YAML)",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
 
@@ -58,8 +72,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 JOB_ERRORS = (OSError, ValueError, RuntimeError)
 
 
-def run_job(description: str, run: Callable[[Config], Any], describe: Callable[[Any], str],
-            argv: list[str] | None = None, keys: Iterable[str] = ()) -> int:
+def run_job(
+    description: str,
+    run: Callable[[Config], Any],
+    describe: Callable[[Any], str],
+    argv: list[str] | None = None,
+    keys: Iterable[str] = (),
+) -> int:
     """The ``main`` of a stage: parse ``--config`` / ``--set``, run, print ``describe(result)``. Exit status 1 on
     errors; on Ctrl-C or SIGTERM one line saying what is committed, then 128 + the signal number."""
     job = _module_name(run)
@@ -77,8 +96,15 @@ def _locked_run(cfg: Config, run: Callable[[Config], Any], job: str) -> Any:
     local = storage.local_path(cfg.output.root, cfg.output.storage_options)
     made_root = local is not None and not os.path.exists(local)
     pu = cfg.publish
-    with versions.leased(cfg.output.root, cfg.output.storage_options, pu.lease_expiry, pu.lease_renew,
-                         owner={"job": job}, path=leases.JOB_LEASE, what="job") as lease:
+    with versions.leased(
+        cfg.output.root,
+        cfg.output.storage_options,
+        pu.lease_expiry,
+        pu.lease_renew,
+        owner={"job": job},
+        path=leases.JOB_LEASE,
+        what="job",
+    ) as lease:
         try:
             result = run(cfg)
         except BaseException:
@@ -111,8 +137,9 @@ def _module_name(run: Callable) -> str:
     return spec.name if spec else "jobs"
 
 
-def run_guarded(cfg: Config, work: Callable[[], Any], report: Callable[[Any], None],
-                committed: Callable[[], str] | None = None) -> int:
+def run_guarded(
+    cfg: Config, work: Callable[[], Any], report: Callable[[Any], None], committed: Callable[[], str] | None = None
+) -> int:
     """Run ``work()`` with the job's error and signal handling; ``report(result)`` on success. A stop prints one
     line (what ``committed()`` says is committed, by default the work under ``output.root``) and returns 128 + the
     signal, wherever it landed: also when the signal surfaced as another error from inside a library call (a
@@ -140,5 +167,7 @@ def stopped_message(cfg: Config, signal_name: str, committed: Callable[[], str] 
         done = committed() if committed else manifest.committed_work(cfg.output.root, cfg.output.storage_options)
     except Exception as exc:  # noqa: BLE001 - a stop report never fails on its own
         done = f"could not list the committed work ({type(exc).__name__})"
-    return (f"stopped by {signal_name}: workers stopped; committed under {cfg.output.root}: {done or 'nothing yet'}. "
-            f"Run the same command again to resume from there.")
+    return (
+        f"stopped by {signal_name}: workers stopped; committed under {cfg.output.root}: {done or 'nothing yet'}. "
+        f"Run the same command again to resume from there."
+    )

@@ -4,6 +4,7 @@
 per step when it ends (``refresh: encode: 606 doc in 12.3 s (49.3 doc/s)``); ``true`` always bars; ``false`` never
 bars, lines only. A step that ends by an error or a stop logs nothing: the job's own one-line message says it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,17 @@ class StepLine:
         rate = f", {done / seconds:,.1f} {self.unit}/s" if seconds > 0 and done else ""
         earlier = f" ({self.initial:,} committed earlier)" if self.initial else ""
         extra = "".join(f", {key} {value}" for key, value in self.postfix.items())
-        log.info("%s: %s of %s %s in %.1f s%s%s%s", self.desc, f"{done:,}", f"{self.total - self.initial:,}",
-                 self.unit, seconds, rate, earlier, extra)
+        log.info(
+            "%s: %s of %s %s in %.1f s%s%s%s",
+            self.desc,
+            f"{done:,}",
+            f"{self.total - self.initial:,}",
+            self.unit,
+            seconds,
+            rate,
+            earlier,
+            extra,
+        )
 
 
 def bar(rt: RuntimeConfig, total: int, desc: str, unit: str = "it", initial: int = 0):

@@ -5,6 +5,7 @@ Writes: <output.root>/embeddings/ (shard-*.parquet: row_id, doc_id, embedding, t
         and <output.root>/rejects/encode/ (every row not encoded, with the reason).
 A rerun skips committed shards; other settings on the same output.root are refused unless output.overwrite=true.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,21 @@ from retrieval_core.encode import embeddings, encoding
 from retrieval_core.io import corpus, sharding, storage
 
 log = logging.getLogger("jobs.encode")
-KEYS = ("corpus.path", "corpus.id_column", "corpus.text_column", "corpus.title_column", "model.name",
-        "model.precision", "model.batch_size", "model.document_prompt", "output.root", "output.overwrite",
-        "runtime.address", "runtime.num_workers", "runtime.rows_per_shard")  # shown with their defaults by --help
+KEYS = (
+    "corpus.path",
+    "corpus.id_column",
+    "corpus.text_column",
+    "corpus.title_column",
+    "model.name",
+    "model.precision",
+    "model.batch_size",
+    "model.document_prompt",
+    "output.root",
+    "output.overwrite",
+    "runtime.address",
+    "runtime.num_workers",
+    "runtime.rows_per_shard",
+)  # shown with their defaults by --help
 
 
 def run(cfg: Config, on_shard_done=None) -> dict:
@@ -34,9 +47,16 @@ def run(cfg: Config, on_shard_done=None) -> dict:
     identity = encoding.encoder_identity(cfg.model)
     with cluster.LazyRaySession(cfg.runtime) as session:
         _check_unique_ids(cfg, session, files, total_rows)
-        shards = embeddings.prepare_plan(cfg, files, identity, lambda: sharding.auto_rows_per_shard(
-            total_rows, cluster.planned_worker_count(cfg.runtime, session, total_rows), encoding.estimated_docs_per_s(
-                cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)))
+        shards = embeddings.prepare_plan(
+            cfg,
+            files,
+            identity,
+            lambda: sharding.auto_rows_per_shard(
+                total_rows,
+                cluster.planned_worker_count(cfg.runtime, session, total_rows),
+                encoding.estimated_docs_per_s(cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker),
+            ),
+        )
         pending = embeddings.pending_shards(shards, layout)
         records = _encode_pending(cfg, session, pending, identity, on_shard_done) if pending else []
     if not pending and storage.exists(layout.manifest, layout.storage_options):
@@ -72,8 +92,12 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
     def done(shard, record):
         records.append(record)
         bar.update(shard.num_rows)
-        bar.set_postfix(shards=f"{len(records)}/{len(pending)}", rejected=record["rejected"],
-                        **embeddings.api_usage_progress(records), refresh=False)
+        bar.set_postfix(
+            shards=f"{len(records)}/{len(pending)}",
+            rejected=record["rejected"],
+            **embeddings.api_usage_progress(records),
+            refresh=False,
+        )
         if on_shard_done:
             on_shard_done(record)
 
@@ -94,8 +118,9 @@ def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done)
     count = session.worker_count(len(pending))
     log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
     with dispatch.released(actors.start_encode_workers(cfg, count)) as workers:
-        dispatch.run_on_actors(workers, "encode_shard", pending, (cfg, identity), done, work="encode",
-                               speculation=cfg.runtime.speculation)
+        dispatch.run_on_actors(
+            workers, "encode_shard", pending, (cfg, identity), done, work="encode", speculation=cfg.runtime.speculation
+        )
 
 
 def _committed_dim(layout) -> int:
@@ -108,20 +133,29 @@ def _summary(manifest: dict, records: list[dict], seconds: float, where: str) ->
     totals = manifest["totals"]
     encoded_now = sum(r["rows"] for r in records)
     return {
-        "rows_in": totals["rows_in"], "rows_encoded": totals["rows_encoded"],
-        "rows_rejected": totals["rows_rejected"], "shards": totals["shards"], "shards_run": len(records),
-        "shards_skipped": totals["shards"] - len(records), "rows_encoded_now": encoded_now,
-        "seconds": round(seconds, 2), "docs_per_s": round(encoded_now / seconds, 1) if records else None,
-        "reused": not records, "output": where, "fingerprint": manifest["fingerprint"],
+        "rows_in": totals["rows_in"],
+        "rows_encoded": totals["rows_encoded"],
+        "rows_rejected": totals["rows_rejected"],
+        "shards": totals["shards"],
+        "shards_run": len(records),
+        "shards_skipped": totals["shards"] - len(records),
+        "rows_encoded_now": encoded_now,
+        "seconds": round(seconds, 2),
+        "docs_per_s": round(encoded_now / seconds, 1) if records else None,
+        "reused": not records,
+        "output": where,
+        "fingerprint": manifest["fingerprint"],
         **embeddings.api_usage_totals(records),
     }
 
 
 def format_summary(s: dict) -> str:
     rate = f", {s['docs_per_s']} docs/s over the {s['rows_encoded_now']} rows encoded now" if s["docs_per_s"] else ""
-    return (f"encode: {s['rows_in']} rows in, {s['rows_encoded']} encoded, {s['rows_rejected']} rejected; "
-            f"{s['shards']} shards ({s['shards_run']} run, {s['shards_skipped']} already committed) "
-            f"in {s['seconds']} s{rate}{_api_cost(s.get('api_usage'))} -> {s['output']}")
+    return (
+        f"encode: {s['rows_in']} rows in, {s['rows_encoded']} encoded, {s['rows_rejected']} rejected; "
+        f"{s['shards']} shards ({s['shards_run']} run, {s['shards_skipped']} already committed) "
+        f"in {s['seconds']} s{rate}{_api_cost(s.get('api_usage'))} -> {s['output']}"
+    )
 
 
 def _api_cost(usage: dict | None) -> str:

@@ -8,6 +8,7 @@ BATCH_QUERIES at a time (encoded, searched, scored), by row id (the judged docum
 each query's metrics are written as they come: the driver holds the queries and their judgements, and one batch's
 vectors and results.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,14 @@ from retrieval_core.io import judgements, storage
 from retrieval_core.io.manifest import stamp
 
 log = logging.getLogger("jobs.evaluate")
-KEYS = ("output.root", "eval.queries_path", "eval.qrels_path", "eval.depth", "model.query_prompt",
-        "search.batch_size")  # shown with their defaults by --help
+KEYS = (
+    "output.root",
+    "eval.queries_path",
+    "eval.qrels_path",
+    "eval.depth",
+    "model.query_prompt",
+    "search.batch_size",
+)  # shown with their defaults by --help
 BATCH_QUERIES = 10_000  # queries encoded, searched and scored at a time: the driver holds one batch's vectors
 
 
@@ -35,12 +42,14 @@ def judged_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) ->
     """Ids of the queries evaluated: those with at least one relevant (score > 0) document; each must have text."""
     ids = [qid for qid, judged in qrels.items() if any(score > 0 for score in judged.values())]
     if not ids:
-        raise judgements.EvaluationDataError("no query in the qrels has a relevant document (score > 0); nothing to "
-                                           "evaluate")
+        raise judgements.EvaluationDataError(
+            "no query in the qrels has a relevant document (score > 0); nothing to evaluate"
+        )
     missing = [qid for qid in ids if qid not in queries]
     if missing:
-        raise judgements.EvaluationDataError(f"{len(missing)} judged queries have no text in the queries file, "
-                                           f"e.g. {missing[:5]}")
+        raise judgements.EvaluationDataError(
+            f"{len(missing)} judged queries have no text in the queries file, e.g. {missing[:5]}"
+        )
     return ids
 
 
@@ -63,17 +72,32 @@ def run(cfg: Config) -> dict:
     texts = [queries[q] for q in qids]
     with query_encoding.searched_batches(cfg, texts, ev.depth, BATCH_QUERIES) as (batches, index_manifest):
         figures = score_batches(qids, qrels, rows, batches, storage.join(out, "per_query.json"), so)
-    result = {**stamp(), "stage": "eval", "metrics": figures, "queries_path": ev.queries_path,
-              "qrels_path": ev.qrels_path, "depth": ev.depth, "index_type": index_manifest["type"],
-              "search_parameters": index_manifest["search_parameters"], "identity": identity,
-              "fingerprint": index_manifest["fingerprint"], "relevant_not_indexed": unindexed,
-              "seconds": round(time.perf_counter() - started, 3)}
+    result = {
+        **stamp(),
+        "stage": "eval",
+        "metrics": figures,
+        "queries_path": ev.queries_path,
+        "qrels_path": ev.qrels_path,
+        "depth": ev.depth,
+        "index_type": index_manifest["type"],
+        "search_parameters": index_manifest["search_parameters"],
+        "identity": identity,
+        "fingerprint": index_manifest["fingerprint"],
+        "relevant_not_indexed": unindexed,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     storage.write_json_atomic(storage.join(out, "metrics.json"), result, so)
     return {**result, "reused": False}
 
 
-def score_batches(qids: list[str], qrels: dict[str, dict[str, int]], rows: dict[str, int], batches, url: str,
-                  storage_options: dict | None = None) -> dict:
+def score_batches(
+    qids: list[str],
+    qrels: dict[str, dict[str, int]],
+    rows: dict[str, int],
+    batches,
+    url: str,
+    storage_options: dict | None = None,
+) -> dict:
     """The mean metrics of the queries ``qids`` (BEIR's, see :mod:`metrics`) from their hits' row ids, one batch
     (``batches``: (first position, row ids)) at a time; each query's metrics are written to ``url`` as they come
     (a JSON object: query id -> metrics). Judged documents are compared by row id (``rows``: doc id -> row id;
@@ -82,7 +106,7 @@ def score_batches(qids: list[str], qrels: dict[str, dict[str, int]], rows: dict[
     with storage.open_atomic(url, storage_options) as out:
         out.write(b"{")
         for start, ids in batches:
-            batch = qids[start:start + len(ids)]
+            batch = qids[start : start + len(ids)]
             run_ = {q: [int(r) for r in row if r >= 0] for q, row in zip(batch, ids)}
             judged = {q: {rows.get(d, d): score for d, score in qrels[q].items()} for q in batch}
             for query_id, values in metrics.per_query_metrics(run_, judged).items():
@@ -101,9 +125,13 @@ def relevant_not_indexed(qrels: dict[str, dict[str, int]], qids: list[str], rows
     pairs = [(q, d) for q in qids for d, score in qrels[q].items() if score > 0]
     missing = [(q, d) for q, d in pairs if d not in rows]
     if missing:
-        log.warning("%d of %d relevant judgements name documents the index does not hold (absent from the corpus "
-                    "or rejected at encode), e.g. %s; they count as never retrieved", len(missing), len(pairs),
-                    ", ".join(f"query {q} -> doc {d}" for q, d in missing[:5]))
+        log.warning(
+            "%d of %d relevant judgements name documents the index does not hold (absent from the corpus "
+            "or rejected at encode), e.g. %s; they count as never retrieved",
+            len(missing),
+            len(pairs),
+            ", ".join(f"query {q} -> doc {d}" for q, d in missing[:5]),
+        )
     return len(missing)
 
 
@@ -112,21 +140,27 @@ def evaluation_identity(cfg: Config, queries: dict[str, str], qrels: dict, qids:
     queries' texts and judgements (by content, so a moved file with the same content is the same evaluation)."""
     index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
     content = json.dumps([[q, queries[q], sorted(qrels[q].items())] for q in qids])
-    return {"index": index_manifest["identity"], "query_encoder": encoding.query_identity(cfg.model)["fingerprint"],
-            "depth": cfg.eval.depth,
-            "judged": hashlib.sha256(content.encode()).hexdigest()[:32]}
+    return {
+        "index": index_manifest["identity"],
+        "query_encoder": encoding.query_identity(cfg.model)["fingerprint"],
+        "depth": cfg.eval.depth,
+        "judged": hashlib.sha256(content.encode()).hexdigest()[:32],
+    }
 
 
 def _earlier_result(url: str, cfg: Config) -> dict | None:
-    return storage.read_json(url, cfg.output.storage_options) if storage.exists(url, cfg.output.storage_options) \
-        else None
+    return (
+        storage.read_json(url, cfg.output.storage_options) if storage.exists(url, cfg.output.storage_options) else None
+    )
 
 
 def format_summary(result: dict) -> str:
     m = result["metrics"]
-    return (f"eval: {m['queries']} queries, nDCG@10 {m['ndcg@10']:.4f}, recall@10 {m['recall@10']:.4f}, "
-            f"recall@100 {m['recall@100']:.4f}, MRR@10 {m['mrr@10']:.4f} ({result['index_type']})"
-            f"{'; already evaluated' if result['reused'] else ''}")
+    return (
+        f"eval: {m['queries']} queries, nDCG@10 {m['ndcg@10']:.4f}, recall@10 {m['recall@10']:.4f}, "
+        f"recall@100 {m['recall@100']:.4f}, MRR@10 {m['mrr@10']:.4f} ({result['index_type']})"
+        f"{'; already evaluated' if result['reused'] else ''}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

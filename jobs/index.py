@@ -5,6 +5,7 @@ Writes: <output.root>/index/: trained.faiss, shard-*.faiss (one per embedding sh
         manifest.json last (type, metric, recall@10 against exact search, the tuned nprobe / efSearch, timings).
 Trains once (in a task), adds each embedding shard to a copy of the trained index (one task per shard), merges.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,19 @@ from retrieval_core.index import indexing
 from retrieval_core.io import storage
 
 log = logging.getLogger("jobs.index")
-KEYS = ("output.root", "index.type", "index.metric", "index.max_memory", "index.train_size", "index.on_disk",
-        "index.target_recall", "index.recall_queries", "index.nprobe", "index.ef_search",
-        "runtime.address")  # shown with their defaults by --help
+KEYS = (
+    "output.root",
+    "index.type",
+    "index.metric",
+    "index.max_memory",
+    "index.train_size",
+    "index.on_disk",
+    "index.target_recall",
+    "index.recall_queries",
+    "index.nprobe",
+    "index.ef_search",
+    "runtime.address",
+)  # shown with their defaults by --help
 
 
 def run(cfg: Config, in_process: bool = False) -> dict:
@@ -36,8 +47,14 @@ def run(cfg: Config, in_process: bool = False) -> dict:
     if in_process or plan.ntotal <= cfg.runtime.inline_rows:
         actors.faiss_threads(encoding.cpu_count())
         return _summary(indexing.build_in_process(cfg), reused=False)
-    log.info("index %s (%s) over %d vectors of dim %d in %d shard(s)", plan.factory, plan.metric, plan.ntotal,
-             plan.dim, len(plan.shards))
+    log.info(
+        "index %s (%s) over %d vectors of dim %d in %d shard(s)",
+        plan.factory,
+        plan.metric,
+        plan.ntotal,
+        plan.dim,
+        len(plan.shards),
+    )
     with cluster.LazyRaySession(cfg.runtime) as session:
         session.ensure()
         node_cpus = dispatch.largest_node_cpus()
@@ -53,8 +70,7 @@ def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
     started = time.perf_counter()
     pending = indexing.pending_shards(cfg, plan)
     bar = _progress.bar(cfg.runtime, len(plan.shards), "index", "shard", initial=len(plan.shards) - len(pending))
-    futures = {add_task.remote(cfg, plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard
-               for shard in pending}
+    futures = {add_task.remote(cfg, plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard for shard in pending}
     try:
         dispatch.run_tasks(futures, lambda shard, record: bar.update(1), "index: adding embeddings")
     finally:
@@ -64,18 +80,26 @@ def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
 
 def _summary(manifest: dict, reused: bool) -> dict:
     recall = manifest["recall"]
-    return {"type": manifest["type"], "metric": manifest["metric"], "ntotal": manifest["ntotal"],
-            "shards": len(manifest["shards"]), "recall_at_10": recall["recall_at_10"],
-            "search_parameters": manifest["search_parameters"], "seconds": manifest["timings_s"]["total"],
-            "reused": reused}
+    return {
+        "type": manifest["type"],
+        "metric": manifest["metric"],
+        "ntotal": manifest["ntotal"],
+        "shards": len(manifest["shards"]),
+        "recall_at_10": recall["recall_at_10"],
+        "search_parameters": manifest["search_parameters"],
+        "seconds": manifest["timings_s"]["total"],
+        "reused": reused,
+    }
 
 
 def format_summary(s: dict) -> str:
     params = ", ".join(f"{k}={v}" for k, v in s["search_parameters"].items())
     recall = "not measured" if s["recall_at_10"] is None else f"{s['recall_at_10']:.4f}"
     state = "already built" if s["reused"] else f"built in {s['seconds']} s"
-    return (f"index: {s['type']} ({s['metric']}), {s['ntotal']} vectors from {s['shards']} shard(s), "
-            f"recall@10 vs exact {recall}{' with ' + params if params else ''}; {state}")
+    return (
+        f"index: {s['type']} ({s['metric']}), {s['ntotal']} vectors from {s['shards']} shard(s), "
+        f"recall@10 vs exact {recall}{' with ' + params if params else ''}; {state}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ the same way and each part's share of the exports is written from them, by the s
 parts committed by an earlier run). The driver plans, counts, concatenates the exports and merges the report
 statistics one part at a time. A rerun skips searched parts, committed parts, text groups and part exports.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,22 @@ from retrieval_core.mine import texts as mine_texts
 
 log = logging.getLogger("jobs.mine")
 # shown with their defaults by --help
-KEYS = ("output.root", "mine.pairs_path", "mine.queries_path", "mine.qrels_path", "mine.num_negatives",
-        "mine.relative_margin", "mine.absolute_margin", "mine.range_min", "mine.range_max", "mine.sampling",
-        "mine.mode", "mine.formats", "mine.queries_per_part", "mine.cross_encoder")
+KEYS = (
+    "output.root",
+    "mine.pairs_path",
+    "mine.queries_path",
+    "mine.qrels_path",
+    "mine.num_negatives",
+    "mine.relative_margin",
+    "mine.absolute_margin",
+    "mine.range_min",
+    "mine.range_max",
+    "mine.sampling",
+    "mine.mode",
+    "mine.formats",
+    "mine.queries_per_part",
+    "mine.cross_encoder",
+)
 
 
 def run(cfg: Config) -> dict:
@@ -48,8 +62,10 @@ def run(cfg: Config) -> dict:
     started = time.perf_counter()
     index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
     if index_manifest["metric"] != "ip":
-        raise ValueError(f"mining scores by similarity and needs an inner-product index; the index under "
-                         f"'{cfg.output.root}' uses metric {index_manifest['metric']}: rebuild with index.metric=ip")
+        raise ValueError(
+            f"mining scores by similarity and needs an inner-product index; the index under "
+            f"'{cfg.output.root}' uses metric {index_manifest['metric']}: rebuild with index.metric=ip"
+        )
     query_encoding.check_encoder(cfg, index_manifest)
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     plan = mine_plan.input_plan(cfg.mine)
@@ -64,16 +80,26 @@ def run(cfg: Config) -> dict:
         counts = {k: sum(b[k] for b in buckets) for k in ("input_queries", "kept", "rejected")}
         if not counts["kept"]:
             examples = [d for b in buckets for d in b["rejected_examples"]][:3]
-            raise ValueError(f"none of the {counts['input_queries']} queries has a positive in the corpus "
-                             f"(e.g. {examples}): check mine.positive_column and the corpus ids")
+            raise ValueError(
+                f"none of the {counts['input_queries']} queries has a positive in the corpus "
+                f"(e.g. {examples}): check mine.positive_column and the corpus ids"
+            )
         range_max, depth = _search_window(cfg, max(b["max_positives"] for b in buckets), index_manifest["ntotal"])
         parts = mine_plan.part_inputs(buckets, cfg.mine.queries_per_part)
         mining.record_parts(cfg, len(parts))
         pending = [parts[i] for i in mining.pending_parts(cfg, len(parts))]
         timings, text_join = {"plan": time.perf_counter() - started}, {}
         if pending:  # workers on Ray join the texts once their parts are committed
-            _mine_pending(cfg, session, emb, index_manifest, pending, (range_max, depth), timings,
-                          lambda workers, run: text_join.update(_join_texts(cfg, session, len(parts), workers, run)))
+            _mine_pending(
+                cfg,
+                session,
+                emb,
+                index_manifest,
+                pending,
+                (range_max, depth),
+                timings,
+                lambda workers, run: text_join.update(_join_texts(cfg, session, len(parts), workers, run)),
+            )
         if not text_join:  # every part was committed by an earlier run
             text_join = _join_texts(cfg, session, len(parts))
         timings["texts"] = text_join["seconds"]
@@ -83,11 +109,23 @@ def run(cfg: Config) -> dict:
     rejected = mine_plan.write_rejects(cfg, len(buckets))
     extra = _exports_and_report(cfg, records, stats, counts["input_queries"], rejected)
     timings["exports_and_report"] = time.perf_counter() - combining
-    manifest = mining.write_manifest(cfg, identity, records, counts["input_queries"], rejected,
-                                     {**extra, "range_max": range_max, "search_depth": depth,
-                                      "input_buckets": len(buckets), "input_shuffle": shuffle, "text_join": text_join,
-                                      "timings_s": {k: round(v, 3) for k, v in timings.items()},
-                                      "seconds": round(time.perf_counter() - started, 3)})
+    manifest = mining.write_manifest(
+        cfg,
+        identity,
+        records,
+        counts["input_queries"],
+        rejected,
+        {
+            **extra,
+            "range_max": range_max,
+            "search_depth": depth,
+            "input_buckets": len(buckets),
+            "input_shuffle": shuffle,
+            "text_join": text_join,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
     mining.remove_part_exports(cfg)
     return _summary(manifest, False)
 
@@ -108,10 +146,12 @@ def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> tuple[list[dic
     elif todo:
         session.ensure()
         shuffle = mine_shuffle.shuffle_plan(buckets, emb)
-        waves = [[("split", i) for i in mine_shuffle.inputs_to_split(cfg)]
-                 + [("partition", g) for g in mine_shuffle.groups_to_partition(cfg, shuffle)],
-                 [("join", d) for d in mine_shuffle.doc_buckets_to_join(cfg, shuffle)],
-                 [("plan", b) for b in todo]]
+        waves = [
+            [("split", i) for i in mine_shuffle.inputs_to_split(cfg)]
+            + [("partition", g) for g in mine_shuffle.groups_to_partition(cfg, shuffle)],
+            [("join", d) for d in mine_shuffle.doc_buckets_to_join(cfg, shuffle)],
+            [("plan", b) for b in todo],
+        ]
         records.update(actors.shuffle_input(cfg, shuffle, emb, waves))
         shuffled = {"doc_buckets": shuffle["doc_buckets"], "shard_groups": len(shuffle["groups"])}
     mine_shuffle.remove_scratch(cfg)
@@ -123,13 +163,23 @@ def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, i
     rules = mining.rules_of(cfg.mine)
     range_max = negatives.effective_range_max(rules, max_positives, rescored=bool(cfg.mine.cross_encoder))
     if rules.num_negatives > range_max - rules.range_min:
-        raise ValueError(f"mine.num_negatives = {rules.num_negatives} does not fit the {range_max - rules.range_min} "
-                         f"candidates between mine.range_min and mine.range_max = {range_max}")
+        raise ValueError(
+            f"mine.num_negatives = {rules.num_negatives} does not fit the {range_max - rules.range_min} "
+            f"candidates between mine.range_min and mine.range_max = {range_max}"
+        )
     return range_max, min(negatives.search_depth(range_max, max_positives), ntotal)
 
 
-def _mine_pending(cfg: Config, session, emb: dict, index_manifest: dict, pending: list, window: tuple[int, int],
-                  timings: dict, join_texts) -> None:
+def _mine_pending(
+    cfg: Config,
+    session,
+    emb: dict,
+    index_manifest: dict,
+    pending: list,
+    window: tuple[int, int],
+    timings: dict,
+    join_texts,
+) -> None:
     """Mine the pending parts in two halves around the join of their candidates (:mod:`retrieval_core.mine.texts`):
     search each part, join the candidates' values by text group, then select each part (and, with a cross-encoder,
     rescore it first). In this process when few queries are left (replicated mode, no cross-encoder), else on mine
@@ -167,30 +217,49 @@ def _on_actors(speculation: float):
 
     def run(workers, method, items, args, on_done, work):
         dispatch.run_on_actors(workers, method, items, args, on_done, work=work, speculation=speculation)
+
     return run
 
 
-def _in_halves(cfg: Config, workers: list, pending: list, window: tuple[int, int], text_starts: list[int],
-               peers: list, run) -> float:
+def _in_halves(
+    cfg: Config, workers: list, pending: list, window: tuple[int, int], text_starts: list[int], peers: list, run
+) -> float:
     """Search every pending part not searched yet, join their candidates (one call per text group), then select
     each part, each wave through ``run(workers, method, items, args, on_done, work)`` on ``MineWorker``s, with a
     progress bar each. Returns the join's seconds."""
     range_max, depth = window
     unsearched = [p for p in pending if not mine_parts.searched(cfg, p.number)]
     with _bar(cfg, "search", sum(p.queries for p in unsearched), "query") as bar:
-        run(workers, "search_part", unsearched, (cfg, depth, text_starts, peers),
-            lambda part, _: bar.update(part.queries), "searching part")
+        run(
+            workers,
+            "search_part",
+            unsearched,
+            (cfg, depth, text_starts, peers),
+            lambda part, _: bar.update(part.queries),
+            "searching part",
+        )
     started = time.perf_counter()
     asked = [(p.number, mine_parts.search_record(cfg, p.number)["text_groups"]) for p in pending]
     groups = mine_texts.groups_to_join(mine_parts.candidates_dir(cfg), asked, cfg.output.storage_options)
     with _bar(cfg, "join", len(groups), "group") as bar:
-        run(workers, "join_group", [{"name": f"text group {g}", "group": g, "parts": parts}
-                                    for g, parts in groups.items()], (cfg,), lambda *_: bar.update(1),
-            "joining the candidates of")
+        run(
+            workers,
+            "join_group",
+            [{"name": f"text group {g}", "group": g, "parts": parts} for g, parts in groups.items()],
+            (cfg,),
+            lambda *_: bar.update(1),
+            "joining the candidates of",
+        )
     seconds = time.perf_counter() - started
     with _bar(cfg, "select", sum(p.queries for p in pending), "query") as bar:
-        run(workers, "select_part", pending, (cfg, range_max, text_starts),
-            lambda part, _: bar.update(part.queries), "selecting part")
+        run(
+            workers,
+            "select_part",
+            pending,
+            (cfg, range_max, text_starts),
+            lambda part, _: bar.update(part.queries),
+            "selecting part",
+        )
     return seconds
 
 
@@ -211,11 +280,22 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
     with bar:
         if workers:
             records = []
-            run(workers, "join_texts", [{"name": f"text group {g}", "group": g, "parts": numbers}
-                                        for g, numbers in groups.items()], (cfg,),
-                lambda _, record: records.append(record), "joining the texts of")
-            run(workers, "export_part", [number for number, _, _ in todo], (cfg,), lambda *_: bar.update(1),
-                "writing the exports of part")
+            run(
+                workers,
+                "join_texts",
+                [{"name": f"text group {g}", "group": g, "parts": numbers} for g, numbers in groups.items()],
+                (cfg,),
+                lambda _, record: records.append(record),
+                "joining the texts of",
+            )
+            run(
+                workers,
+                "export_part",
+                [number for number, _, _ in todo],
+                (cfg,),
+                lambda *_: bar.update(1),
+                "writing the exports of part",
+            )
         elif sum(queries for _, queries, _ in todo) <= cfg.runtime.inline_rows:
             rows = lookup.RowLookup(cfg.output.root, so, cfg.corpus.storage_options)
             records = [mining.join_export_texts(cfg, g, numbers, rows) for g, numbers in groups.items()]
@@ -225,8 +305,12 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
         else:
             session.ensure()
             records = actors.join_texts(cfg, groups, [number for number, _, _ in todo], lambda _: bar.update(1))
-    return {"groups": len(groups), "parts": len(todo), "seconds": round(time.perf_counter() - started, 3),
-            "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=0.0)}
+    return {
+        "groups": len(groups),
+        "parts": len(todo),
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=0.0),
+    }
 
 
 def _worker_groups(cfg: Config, session, index_manifest: dict, pending: int) -> list:
@@ -254,20 +338,30 @@ def _exports_and_report(cfg: Config, records: list, stats: dict | None, input_qu
 
 def _summary(manifest: dict, reused: bool) -> dict:
     t = manifest["totals"]
-    return {"input_queries": manifest["input_queries"], "written": t["written"], "complete": t["complete"],
-            "incomplete": t["incomplete"], "without_negatives": t["without_negatives"],
-            "rejected_positives": manifest["rejected_positives"], "filtered": manifest["filtered"],
-            "exports": manifest["exports"], "seconds": manifest["seconds"], "reused": reused,
-            "cross_encoder": (manifest["identity"].get("cross_encoder") or {}).get("model", "")}
+    return {
+        "input_queries": manifest["input_queries"],
+        "written": t["written"],
+        "complete": t["complete"],
+        "incomplete": t["incomplete"],
+        "without_negatives": t["without_negatives"],
+        "rejected_positives": manifest["rejected_positives"],
+        "filtered": manifest["filtered"],
+        "exports": manifest["exports"],
+        "seconds": manifest["seconds"],
+        "reused": reused,
+        "cross_encoder": (manifest["identity"].get("cross_encoder") or {}).get("model", ""),
+    }
 
 
 def format_summary(s: dict) -> str:
     filtered = ", ".join(f"{k} {v}" for k, v in s["filtered"].items() if v and k != "missing")
     state = "already mined" if s["reused"] else f"in {s['seconds']} s"
     rescored = f", rescored by {s['cross_encoder']}" if s.get("cross_encoder") else ""
-    return (f"mine{rescored}: {s['input_queries']} queries, {s['written']} written ({s['complete']} complete, "
-            f"{s['incomplete']} incomplete), {s['without_negatives']} without negatives, "
-            f"{s['rejected_positives']} positives not in the corpus; removed: {filtered or 'none'}; {state}")
+    return (
+        f"mine{rescored}: {s['input_queries']} queries, {s['written']} written ({s['complete']} complete, "
+        f"{s['incomplete']} incomplete), {s['without_negatives']} without negatives, "
+        f"{s['rejected_positives']} positives not in the corpus; removed: {filtered or 'none'}; {state}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ Exit status: 0 published (or nothing changed); 1 a gate failed, the lease is hel
 the run, or another error; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM), committed work kept.
 --list prints every version with its state; --rollback V points CURRENT back at V.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,23 @@ from retrieval_core.refresh import index_reuse as refresh_index
 from retrieval_core.refresh import publishing, refreshing
 
 log = logging.getLogger("jobs.refresh")
-KEYS = ("corpus.path", "output.root", "refresh.retrain", "refresh.retrain_drift", "publish.min_recall",
-        "publish.max_reject_fraction", "publish.max_deleted_fraction", "publish.max_added_fraction",
-        "publish.max_ndcg_drop", "publish.keep_versions", "publish.keep_failed", "publish.lease_expiry",
-        "publish.lease_renew", "runtime.progress", "eval.queries_path")
+KEYS = (
+    "corpus.path",
+    "output.root",
+    "refresh.retrain",
+    "refresh.retrain_drift",
+    "publish.min_recall",
+    "publish.max_reject_fraction",
+    "publish.max_deleted_fraction",
+    "publish.max_added_fraction",
+    "publish.max_ndcg_drop",
+    "publish.keep_versions",
+    "publish.keep_failed",
+    "publish.lease_expiry",
+    "publish.lease_renew",
+    "runtime.progress",
+    "eval.queries_path",
+)
 PLAIN_OUTPUT = ("embeddings/_manifest.json", "embeddings/_plan.json", "index/manifest.json")
 
 
@@ -47,8 +61,9 @@ def run(cfg: Config, adopt: bool = False, wait: bool = False) -> dict:
 def lease_of(cfg: Config, job: str, wait: bool = False):
     """The root's refresh lease, held for a ``with`` block (a refresh or a rollback)."""
     pu = cfg.publish
-    return versions.leased(cfg.output.root, cfg.output.storage_options, pu.lease_expiry, pu.lease_renew,
-                           owner={"job": job}, wait=wait)
+    return versions.leased(
+        cfg.output.root, cfg.output.storage_options, pu.lease_expiry, pu.lease_renew, owner={"job": job}, wait=wait
+    )
 
 
 def check_adoption(cfg: Config, adopt: bool) -> None:
@@ -63,10 +78,13 @@ def check_adoption(cfg: Config, adopt: bool) -> None:
             f"'{root}' holds the output of the plain jobs ({', '.join(found)}) and no CURRENT: a refresh there would "
             f"publish versions that every reader of the root then reads instead. Either give the refresh a root of "
             f"its own (--set output.root=<new root>), or run again with --adopt to make that output the first "
-            f"version (its vectors and shard indexes are reused where the snapshot did not change)")
+            f"version (its vectors and shard indexes are reused where the snapshot did not change)"
+        )
     if adopt and not found:
-        raise versions.VersionError(f"--adopt: '{root}' holds no plain job output to adopt (looked for "
-                                    f"{', '.join(PLAIN_OUTPUT)}); run without --adopt")
+        raise versions.VersionError(
+            f"--adopt: '{root}' holds no plain job output to adopt (looked for "
+            f"{', '.join(PLAIN_OUTPUT)}); run without --adopt"
+        )
 
 
 def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
@@ -80,15 +98,19 @@ def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
         steps = _Steps(cfg, session, inline=rows <= cfg.refresh.inline_snapshot_rows, lease=lease, encoder=encoder)
         lease.check("planning the version")
         p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, rows), adopt)
-        log.info("refresh: building %s against %s (%d snapshot rows, %d previous segments; lease generation %d)",
-                 p.version, p.previous or ("the adopted output" if p.adopted else "nothing (first version)"),
-                 p.snapshot_rows, len(p.segments), lease.generation)
+        log.info(
+            "refresh: building %s against %s (%d snapshot rows, %d previous segments; lease generation %d)",
+            p.version,
+            p.previous or ("the adopted output" if p.adopted else "nothing (first version)"),
+            p.snapshot_rows,
+            len(p.segments),
+            lease.generation,
+        )
         if versions.is_complete(cfg.output.root, p.version, so):  # a run killed after finishing it, before publishing
             record = storage.read_json(storage.join(p.version_root, versions.REFRESH_RECORD), so)
             return _conclude(cfg, p, record, lease)
         if p.previous_root and not p.reuse:
-            log.warning("refresh: the encoder fingerprint differs from %s's: every document is encoded again",
-                        p.source)
+            log.warning("refresh: the encoder fingerprint differs from %s's: every document is encoded again", p.source)
         steps.timed("diff", lambda: _diff(steps, p))
         diff = refreshing.diff_counts(p, so)
         counts = diff["counts"]
@@ -113,8 +135,7 @@ class _Steps:
     """Runs the refresh's bookkeeping steps (diff, tombstones, index, changes) in this process when the snapshot is
     small (``refresh.inline_snapshot_rows``: starting Ray would cost more than the work), else as Ray tasks."""
 
-    def __init__(self, cfg: Config, session: cluster.LazyRaySession, inline: bool, lease: leases.Lease,
-                 encoder=None):
+    def __init__(self, cfg: Config, session: cluster.LazyRaySession, inline: bool, lease: leases.Lease, encoder=None):
         self.cfg, self.session, self.inline, self.lease = cfg, session, inline, lease
         self.encoder = encoder  # a Future of the job's own encoder, loading since the start (or None)
         self.timings: dict = {}
@@ -162,8 +183,14 @@ class _Steps:
     def _each_in_tasks(self, function, items: list, args: tuple, bar, desc: str) -> list:
         self.session.ensure()
         results = []
-        dispatch.each_in_tasks(function, items, args, lambda item, result: results.append(self.advanced(bar, result)),
-                               f"refresh: {desc}", self.cfg.runtime.max_task_retries)
+        dispatch.each_in_tasks(
+            function,
+            items,
+            args,
+            lambda item, result: results.append(self.advanced(bar, result)),
+            f"refresh: {desc}",
+            self.cfg.runtime.max_task_retries,
+        )
         return results
 
 
@@ -193,10 +220,8 @@ def _rows_per_shard(cfg: Config, session: cluster.LazyRaySession, total_rows: in
 def _diff(steps: _Steps, p: refreshing.RefreshPlan) -> None:
     """Map the snapshot's shards and the previous version's segments into buckets, then join bucket by bucket."""
     cfg, so = steps.cfg, steps.cfg.output.storage_options
-    steps.each(refreshing.map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot",
-               "shard")
-    steps.each(refreshing.map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous",
-               "segment")
+    steps.each(refreshing.map_snapshot_shard, refreshing.pending_map_shards(p, so), (p, cfg), "diff: snapshot", "shard")
+    steps.each(refreshing.map_segment, refreshing.pending_map_segments(p, so), (p, so), "diff: previous", "segment")
     steps.each(refreshing.reduce_bucket, refreshing.pending_buckets(p, so), (p, so), "diff: join", "bucket")
 
 
@@ -233,8 +258,15 @@ def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, i
 
     count = steps.session.worker_count(len(pending))
     with dispatch.released(actors.start_encode_workers(steps.cfg, count)) as workers:
-        dispatch.run_on_actors(workers, "encode_segment", pending, (p, steps.cfg, identity), done,
-                               work="refresh: encode", speculation=steps.cfg.runtime.speculation)
+        dispatch.run_on_actors(
+            workers,
+            "encode_segment",
+            pending,
+            (p, steps.cfg, identity),
+            done,
+            work="refresh: encode",
+            speculation=steps.cfg.runtime.speculation,
+        )
 
 
 def _tombstones(steps: _Steps, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:
@@ -265,14 +297,17 @@ def _retrain_if_recall_fell(steps: _Steps, vcfg: Config, p: refreshing.RefreshPl
     """``refresh.retrain: auto``'s second criterion: an index on the reused quantizer whose recall@10 at the stored
     nprobe fell under ``index.target_recall`` is built again on a quantizer trained anew."""
     so = vcfg.output.storage_options
-    recall = refresh_index.recall_verdict(indexing.read_index_manifest(p.previous_root, so),
-                                          indexing.read_index_manifest(vcfg.output.root, so),
-                                          vcfg.index.target_recall)
+    recall = refresh_index.recall_verdict(
+        indexing.read_index_manifest(p.previous_root, so),
+        indexing.read_index_manifest(vcfg.output.root, so),
+        vcfg.index.target_recall,
+    )
     if not recall["fell"]:
         return {**decision, "recall": recall}
     log.info("refresh: %s: training the quantizer anew", recall["reason"])
-    decision = refresh_index.mark_retrain(vcfg, {**decision, "retrain": True, "recall": recall,
-                                                 "reason": recall["reason"]})
+    decision = refresh_index.mark_retrain(
+        vcfg, {**decision, "retrain": True, "recall": recall, "reason": recall["reason"]}
+    )
     refresh_index.drop_seeded_index(vcfg, p)
     index.run(vcfg, in_process=steps.inline)
     return decision
@@ -283,26 +318,54 @@ def _unchanged(cfg: Config, p: refreshing.RefreshPlan, counts: dict, timings: di
     storage.remove(p.version_root, cfg.output.storage_options)
     refreshing.finish_build(cfg)
     log.info("refresh: the snapshot equals %s; nothing to publish", p.previous)
-    return {"version": None, "previous": p.previous, "published": False, "unchanged": True,
-            "counts": {**counts, "encoded": 0, "reused": counts["unchanged"]}, "timings_s": timings,
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "version": None,
+        "previous": p.previous,
+        "published": False,
+        "unchanged": True,
+        "counts": {**counts, "encoded": 0, "reused": counts["unchanged"]},
+        "timings_s": timings,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
-def _gate_and_publish(cfg: Config, p: refreshing.RefreshPlan, counts: dict, retrain: dict, evaluation: dict | None,
-                      changes: dict, timings: dict, started: float, lease: leases.Lease) -> dict:
+def _gate_and_publish(
+    cfg: Config,
+    p: refreshing.RefreshPlan,
+    counts: dict,
+    retrain: dict,
+    evaluation: dict | None,
+    changes: dict,
+    timings: dict,
+    started: float,
+    lease: leases.Lease,
+) -> dict:
     so = cfg.output.storage_options
     index_manifest = indexing.read_index_manifest(p.version_root, so)
     previous_ndcg = publishing.previous_ndcg(p, so) if evaluation else None
-    gates = publishing.gates(cfg, counts, index_manifest["recall"]["recall_at_10"],
-                             evaluation["metrics"]["ndcg@10"] if evaluation else None, previous_ndcg,
-                             first=p.previous_root is None)
+    gates = publishing.gates(
+        cfg,
+        counts,
+        index_manifest["recall"]["recall_at_10"],
+        evaluation["metrics"]["ndcg@10"] if evaluation else None,
+        previous_ndcg,
+        first=p.previous_root is None,
+    )
     passed = all(g["passed"] for g in gates)
     reused = counts["unchanged"] if p.reuse else 0
-    record = {"complete": True, "gates_passed": passed, "published": False,
-              "counts": {**counts, "encoded": counts["encode_rows"], "reused": reused},
-              "adopted": p.adopted, "reencoded_all": bool(p.previous_root and not p.reuse),
-              "retrain": retrain, "gates": gates, "changes": changes, "timings_s": timings,
-              "evaluation": evaluation["metrics"] if evaluation else None}
+    record = {
+        "complete": True,
+        "gates_passed": passed,
+        "published": False,
+        "counts": {**counts, "encoded": counts["encode_rows"], "reused": reused},
+        "adopted": p.adopted,
+        "reencoded_all": bool(p.previous_root and not p.reuse),
+        "retrain": retrain,
+        "gates": gates,
+        "changes": changes,
+        "timings_s": timings,
+        "evaluation": evaluation["metrics"] if evaluation else None,
+    }
     record["timings_s"]["total"] = round(time.perf_counter() - started, 3)
     lease.check("writing refresh.json")
     publishing.write_refresh_record(p, record, so)
@@ -318,15 +381,18 @@ def _conclude(cfg: Config, p: refreshing.RefreshPlan, record: dict, lease: lease
     passed = record.get("gates_passed", record.get("published"))
     if not passed:
         publishing.apply_retention(cfg, lease)  # older failed versions kept up to publish.keep_failed; this one
-        lease.check("forgetting the build")     # is still the pending build, so it stays for inspection
+        lease.check("forgetting the build")  # is still the pending build, so it stays for inspection
         refreshing.finish_build(cfg)
         failed = "; ".join(versions.gate_text(g) for g in versions.failed_gates(record))
-        raise publishing.GateError(f"version {p.version} failed its gates ({failed}); CURRENT still names "
-                                   f"{p.previous or 'nothing'}; the version stays on disk for inspection "
-                                   f"(python -m jobs.refresh --list)")
+        raise publishing.GateError(
+            f"version {p.version} failed its gates ({failed}); CURRENT still names "
+            f"{p.previous or 'nothing'}; the version stays on disk for inspection "
+            f"(python -m jobs.refresh --list)"
+        )
     try:
-        current = versions.publish(cfg.output.root, p.version, so, expected=p.previous, by={"action": "refresh"},
-                                   lease=lease)
+        current = versions.publish(
+            cfg.output.root, p.version, so, expected=p.previous, by={"action": "refresh"}, lease=lease
+        )
     except versions.CurrentMovedError as exc:
         lease.check("marking the version abandoned")
         versions.mark_abandoned(cfg.output.root, p.version, str(exc), so)
@@ -341,15 +407,19 @@ def _conclude(cfg: Config, p: refreshing.RefreshPlan, record: dict, lease: lease
 def format_summary(r: dict) -> str:
     c = r["counts"]
     if r.get("unchanged"):
-        return (f"refresh: the snapshot equals the published version {r['previous']} ({c['documents']:,} documents);"
-                f" nothing encoded, nothing published")
+        return (
+            f"refresh: the snapshot equals the published version {r['previous']} ({c['documents']:,} documents);"
+            f" nothing encoded, nothing published"
+        )
     previous = r["previous"] or ("the adopted output" if r.get("adopted") else "none")
-    return (f"refresh: published {r['version']} (previous {previous}): {c['documents']:,} documents, "
-            f"{c['unchanged']:,} unchanged, {c['changed']:,} changed, {c['added']:,} added, {c['deleted']:,} "
-            f"deleted, {c['rejected']:,} rejected; encoded this run {c.get('encoded_this_run', c['encoded']):,}, "
-            f"in version {c['encoded']:,}; reused {c['reused']:,}; "
-            f"index {'trained' if r['retrain']['retrain'] else 'not retrained'} ({r['retrain']['reason']}); "
-            f"in {r['timings_s']['total']} s")
+    return (
+        f"refresh: published {r['version']} (previous {previous}): {c['documents']:,} documents, "
+        f"{c['unchanged']:,} unchanged, {c['changed']:,} changed, {c['added']:,} added, {c['deleted']:,} "
+        f"deleted, {c['rejected']:,} rejected; encoded this run {c.get('encoded_this_run', c['encoded']):,}, "
+        f"in version {c['encoded']:,}; reused {c['reused']:,}; "
+        f"index {'trained' if r['retrain']['retrain'] else 'not retrained'} ({r['retrain']['reason']}); "
+        f"in {r['timings_s']['total']} s"
+    )
 
 
 def rollback(cfg: Config, name: str, wait: bool = False, force: bool = False) -> dict:
@@ -362,16 +432,23 @@ def rollback(cfg: Config, name: str, wait: bool = False, force: bool = False) ->
         if forced:
             log.warning("refresh: --force: publishing %s, which is %s: %s", name, target["state"], target["detail"])
         current = versions.read_current(root, so)
-        return versions.publish(root, name, so, expected=(current or {}).get("version"),
-                                by={"action": "rollback", **({"forced": target["detail"]} if forced else {})},
-                                lease=lease)
+        return versions.publish(
+            root,
+            name,
+            so,
+            expected=(current or {}).get("version"),
+            by={"action": "rollback", **({"forced": target["detail"]} if forced else {})},
+            lease=lease,
+        )
 
 
 def rollback_summary(current: dict) -> str:
     by = current["by"]
     forced = f" (forced past: {by['forced']})" if by.get("forced") else ""
-    return (f"refresh: CURRENT now names {current['version']} (was {current['previous'] or 'nothing'}){forced}; "
-            f"rolled back by {by['user']}@{by['host']} at {by['at']}")
+    return (
+        f"refresh: CURRENT now names {current['version']} (was {current['previous'] or 'nothing'}){forced}; "
+        f"rolled back by {by['user']}@{by['host']} at {by['at']}"
+    )
 
 
 def list_versions(cfg: Config, as_json: bool) -> str:
@@ -386,26 +463,40 @@ def list_versions(cfg: Config, as_json: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = _cli.parser(__doc__, "python -m jobs.refresh", KEYS)
-    p.add_argument("--rollback", metavar="VERSION", help="point CURRENT at this earlier version (under the refresh "
-                                                         "lease) and exit")
-    p.add_argument("--force", action="store_true", help="with --rollback: publish a version that failed a gate or "
-                                                        "was abandoned (the warning names the gate)")
-    p.add_argument("--wait", action="store_true", help="queue behind the refresh or rollback holding the lease "
-                                                       "instead of refusing")
+    p.add_argument(
+        "--rollback", metavar="VERSION", help="point CURRENT at this earlier version (under the refresh lease) and exit"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --rollback: publish a version that failed a gate or was abandoned (the warning names the gate)",
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="queue behind the refresh or rollback holding the lease instead of refusing"
+    )
     p.add_argument("--list", action="store_true", help="print every version with its state, counts and date, and exit")
     p.add_argument("--json", action="store_true", help="with --list: machine-readable JSON")
-    p.add_argument("--adopt", action="store_true", help="on a root holding the plain jobs' output and no CURRENT: "
-                                                        "make that output the first version")
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help="on a root holding the plain jobs' output and no CURRENT: make that output the first version",
+    )
     args = p.parse_args(argv)
     cfg = _cli.config_from_args(args)
     if args.list:
         return _cli.run_guarded(cfg, lambda: list_versions(cfg, args.json), print)
     if args.rollback:
-        return _cli.run_guarded(cfg, lambda: rollback(cfg, args.rollback, args.wait, args.force),
-                                lambda current: print(rollback_summary(current)))
-    return _cli.run_guarded(cfg, lambda: run(cfg, args.adopt, args.wait), lambda record: print(format_summary(record)),
-                            committed=lambda: refreshing.committed_work(cfg.output.root,
-                                                                                  cfg.output.storage_options))
+        return _cli.run_guarded(
+            cfg,
+            lambda: rollback(cfg, args.rollback, args.wait, args.force),
+            lambda current: print(rollback_summary(current)),
+        )
+    return _cli.run_guarded(
+        cfg,
+        lambda: run(cfg, args.adopt, args.wait),
+        lambda record: print(format_summary(record)),
+        committed=lambda: refreshing.committed_work(cfg.output.root, cfg.output.storage_options),
+    )
 
 
 if __name__ == "__main__":

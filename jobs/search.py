@@ -6,6 +6,7 @@ Reads:  <output.root>/index/ and embeddings/, and the corpus (for the text previ
 Writes: nothing; prints rank, score, doc id and the start of each hit's text.
 Each query is encoded with the index's encoder (model.query_prompt included); --k overrides search.k.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,12 +27,21 @@ def run(cfg: Config, queries: list[str], k: int | None = None) -> list[list[dict
     cfg = cluster.read_version(cfg)
     scores, ids, _ = query_encoding.search_texts(cfg, queries, k or cfg.search.k)
     doc_ids = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
-    texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options,
-                                   cfg.corpus.storage_options)
-    return [[{"rank": rank + 1, "score": float(score), "row_id": int(row), "doc_id": doc_ids.get(int(row)),
-              "text": texts.get(int(row), "")}
-             for rank, (score, row) in enumerate(zip(score_row, id_row)) if row >= 0]
-            for score_row, id_row in zip(scores, ids)]
+    texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options, cfg.corpus.storage_options)
+    return [
+        [
+            {
+                "rank": rank + 1,
+                "score": float(score),
+                "row_id": int(row),
+                "doc_id": doc_ids.get(int(row)),
+                "text": texts.get(int(row), ""),
+            }
+            for rank, (score, row) in enumerate(zip(score_row, id_row))
+            if row >= 0
+        ]
+        for score_row, id_row in zip(scores, ids)
+    ]
 
 
 def format_hits(query: str, hits: list[dict]) -> str:
@@ -51,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _cli.config_from_args(args)
     if args.k is not None and args.k <= 0:
         p.error(f"--k = {args.k}: expected a positive integer")
-    return _cli.run_guarded(cfg, lambda: run(cfg, args.query, args.k), lambda results: print(
-        "\n\n".join(format_hits(q, hits) for q, hits in zip(args.query, results))))
+    return _cli.run_guarded(
+        cfg,
+        lambda: run(cfg, args.query, args.k),
+        lambda results: print("\n\n".join(format_hits(q, hits) for q, hits in zip(args.query, results))),
+    )
 
 
 if __name__ == "__main__":

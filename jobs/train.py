@@ -7,6 +7,7 @@ The loss is sentence-transformers' MultipleNegativesRankingLoss (scale = 1 / tra
 negatives plus train.num_negatives mined negatives per query. One worker trains in this process; with
 runtime.num_workers > 1, Ray Train runs data-parallel workers (gradients averaged every step).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,19 @@ from retrieval_core.mine import mining
 from retrieval_core.train import checkpoints, training
 
 log = logging.getLogger("jobs.train")
-KEYS = ("output.root", "model.name", "train.epochs", "train.batch_size", "train.learning_rate", "train.num_negatives",
-        "train.temperature", "train.cached", "train.max_steps", "train.output", "runtime.num_workers")  # for --help
+KEYS = (
+    "output.root",
+    "model.name",
+    "train.epochs",
+    "train.batch_size",
+    "train.learning_rate",
+    "train.num_negatives",
+    "train.temperature",
+    "train.cached",
+    "train.max_steps",
+    "train.output",
+    "runtime.num_workers",
+)  # for --help
 
 
 def output_of(cfg: Config) -> str:
@@ -37,9 +49,13 @@ def output_of(cfg: Config) -> str:
 def identity_of(cfg: Config) -> dict:
     mined = mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options)
     settings = {k: v for k, v in vars(cfg.train).items() if k != "checkpoint_steps"}  # same weights whatever it is
-    return {"base": encoding.encoder_identity(cfg.model)["fingerprint"], "train": settings,
-            "negatives": digest(mined["identity"]),
-            "workers": max(1, cfg.runtime.num_workers), **encoding.query_side(cfg.model)}
+    return {
+        "base": encoding.encoder_identity(cfg.model)["fingerprint"],
+        "train": settings,
+        "negatives": digest(mined["identity"]),
+        "workers": max(1, cfg.runtime.num_workers),
+        **encoding.query_side(cfg.model),
+    }
 
 
 def run(cfg: Config) -> dict:
@@ -54,24 +70,40 @@ def run(cfg: Config) -> dict:
             checkpoints_of(cfg, identity).remove()  # left by a run killed after its commit record
             return {**record, "reused": True}
         if not cfg.output.overwrite:
-            raise IncompatibleOutputError(f"'{output}' holds a model trained with other settings; set "
-                                          f"output.overwrite=true or another train.output")
+            raise IncompatibleOutputError(
+                f"'{output}' holds a model trained with other settings; set "
+                f"output.overwrite=true or another train.output"
+            )
     training.check_trainable(cfg)
     started = time.perf_counter()
     examples = training.load_examples(cfg)
     train_set, held_out = training.split_examples(examples, cfg.train.eval_fraction, cfg.train.seed)
     if len(train_set) < cfg.train.batch_size:
-        raise ValueError(f"{len(train_set)} training examples are fewer than train.batch_size = "
-                         f"{cfg.train.batch_size}: lower train.batch_size or mine more queries")
+        raise ValueError(
+            f"{len(train_set)} training examples are fewer than train.batch_size = "
+            f"{cfg.train.batch_size}: lower train.batch_size or mine more queries"
+        )
     corpus = training.eval_corpus_for(cfg, held_out, examples)
-    log.info("training on %d examples (%d held out, eval corpus %d documents)", len(train_set), len(held_out),
-             len(corpus))
+    log.info(
+        "training on %d examples (%d held out, eval corpus %d documents)", len(train_set), len(held_out), len(corpus)
+    )
     saved = checkpoints_of(cfg, identity)
-    history = (_train_distributed(cfg, train_set, held_out, corpus, output, saved) if cfg.runtime.num_workers > 1
-               else _train_here(cfg, train_set, held_out, corpus, output, saved))
-    record = {**stamp(), "stage": "train", "identity": identity, "output": output, "examples": len(train_set),
-              "held_out_examples": len(held_out), "history": history,
-              "seconds": round(time.perf_counter() - started, 3), "config": cfg.to_dict()}
+    history = (
+        _train_distributed(cfg, train_set, held_out, corpus, output, saved)
+        if cfg.runtime.num_workers > 1
+        else _train_here(cfg, train_set, held_out, corpus, output, saved)
+    )
+    record = {
+        **stamp(),
+        "stage": "train",
+        "identity": identity,
+        "output": output,
+        "examples": len(train_set),
+        "held_out_examples": len(held_out),
+        "history": history,
+        "seconds": round(time.perf_counter() - started, 3),
+        "config": cfg.to_dict(),
+    }
     storage.write_json_atomic(record_url, record, cfg.output.storage_options)
     saved.remove()
     return {**record, "reused": False}
@@ -79,9 +111,13 @@ def run(cfg: Config) -> dict:
 
 def checkpoints_of(cfg: Config, identity: dict) -> checkpoints.Checkpoints:
     """The training's checkpoints, under ``<train.output>/_checkpoints``, tied to its identity."""
-    return checkpoints.Checkpoints(storage.join(output_of(cfg), checkpoints.DIRECTORY), digest(identity),
-                                   cfg.train.checkpoint_steps, cfg.output.storage_options,
-                                   world=max(1, cfg.runtime.num_workers))
+    return checkpoints.Checkpoints(
+        storage.join(output_of(cfg), checkpoints.DIRECTORY),
+        digest(identity),
+        cfg.train.checkpoint_steps,
+        cfg.output.storage_options,
+        world=max(1, cfg.runtime.num_workers),
+    )
 
 
 def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: checkpoints.Checkpoints) -> dict:
@@ -93,8 +129,16 @@ def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: ch
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     try:
-        model, history = training.fit(cfg, train_set, held_out, corpus, on_epoch=_log_epoch, on_step=on_step,
-                                      saved=saved, device=encoding.pick_device(cfg.runtime.gpus_per_worker))
+        model, history = training.fit(
+            cfg,
+            train_set,
+            held_out,
+            corpus,
+            on_epoch=_log_epoch,
+            on_step=on_step,
+            saved=saved,
+            device=encoding.pick_device(cfg.runtime.gpus_per_worker),
+        )
     finally:
         bar.close()
     save_model(model, output, cfg.output.storage_options)
@@ -105,8 +149,7 @@ def _log_epoch(evaluation: dict) -> None:
     log.info("step %d: held-out nDCG@10 %s", evaluation["step"], evaluation["ndcg@10"])
 
 
-def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str,
-                       saved: checkpoints.Checkpoints) -> dict:
+def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str, saved: checkpoints.Checkpoints) -> dict:
     """Ray Train: ``runtime.num_workers`` workers, each ``runtime.cpus_per_worker`` CPUs (and GPUs). A failed
     worker group is restarted up to ``runtime.max_restarts`` times, resuming from the latest checkpoint."""
     import dataclasses
@@ -114,9 +157,18 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str,
     def work(rank: int, world: int, device: str, barrier) -> int:
         encoding.set_torch_threads(cfg.runtime.cpus_per_worker)
         mine = dataclasses.replace(saved, rank=rank, barrier=barrier)
-        model, history = training.fit(cfg, train_set, held_out if rank == 0 else [], corpus, rank, world,
-                                      training.average_gradients, on_epoch=_log_epoch if rank == 0 else None,
-                                      saved=mine, device=device)
+        model, history = training.fit(
+            cfg,
+            train_set,
+            held_out if rank == 0 else [],
+            corpus,
+            rank,
+            world,
+            training.average_gradients,
+            on_epoch=_log_epoch if rank == 0 else None,
+            saved=mine,
+            device=device,
+        )
         if rank == 0:
             save_model(model, output, cfg.output.storage_options)
             storage.write_json_atomic(storage.join(output, "_history.json"), history, cfg.output.storage_options)
@@ -156,8 +208,10 @@ def format_summary(record: dict) -> str:
     evaluations = record["history"]["evaluations"]
     first, last = evaluations[0]["ndcg@10"], evaluations[-1]["ndcg@10"]
     state = "already trained" if record["reused"] else f"in {record['seconds']} s"
-    return (f"train: {record['examples']} examples, {record['history']['steps']} steps, held-out nDCG@10 "
-            f"{first} -> {last}; model at {record['output']} ({state})")
+    return (
+        f"train: {record['examples']} examples, {record['history']['steps']} steps, held-out nDCG@10 "
+        f"{first} -> {last}; model at {record['output']} ({state})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

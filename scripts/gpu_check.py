@@ -14,6 +14,7 @@ fp16 (``MAX_SCORE_GAP``); after the training
 steps, the device-trained weights closer to the CPU-trained ones than half the size of the update itself (dropout
 off on both, so only arithmetic differs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,10 +88,20 @@ def top10_agreement(reference: np.ndarray, other: np.ndarray, queries: np.ndarra
 
 def train_weights(device: str, steps: int, docs: list[str], queries: list[str]) -> dict:
     """The model's parameters (CPU copies) after ``steps`` steps on ``device``, dropout off."""
-    cfg = load_config(None, [f"train.max_steps={steps}", "train.batch_size=8", "train.checkpoint_steps=0",
-                             "train.num_negatives=1", "model.max_seq_length=64"])
-    examples = [training.Example(f"q{i}", q, docs[i % len(docs)], (docs[(i * 7 + 3) % len(docs)],))
-                for i, q in enumerate(queries)]
+    cfg = load_config(
+        None,
+        [
+            f"train.max_steps={steps}",
+            "train.batch_size=8",
+            "train.checkpoint_steps=0",
+            "train.num_negatives=1",
+            "model.max_seq_length=64",
+        ],
+    )
+    examples = [
+        training.Example(f"q{i}", q, docs[i % len(docs)], (docs[(i * 7 + 3) % len(docs)],))
+        for i, q in enumerate(queries)
+    ]
     original = training.load_model
 
     def without_dropout(cfg, device="cpu"):
@@ -140,8 +151,15 @@ def rescore_rows(device: str, docs: list[str], queries: list[str]) -> list[dict]
         for precision, limit in MAX_SCORE_GAP.items():
             scores, rate = rescore(model_dir, device, precision, pairs)
             gap = float(np.abs(scores - reference).max())
-            rows.append({"check": f"rescore {device} {precision}: max score gap", "value": gap, "unit": "score",
-                         "ratio_to_cpu_fp32": rate / cpu_rate, "ok": gap <= limit})
+            rows.append(
+                {
+                    "check": f"rescore {device} {precision}: max score gap",
+                    "value": gap,
+                    "unit": "score",
+                    "ratio_to_cpu_fp32": rate / cpu_rate,
+                    "ok": gap <= limit,
+                }
+            )
     return rows
 
 
@@ -152,9 +170,25 @@ def distance(a: dict, b: dict) -> float:
 def encode_job(device: str, output: str) -> tuple[list[str], np.ndarray]:
     """Run ``jobs.encode`` on the demo corpus with one worker holding one GPU (none with ``--device cpu``)."""
     gpus = "1" if device.startswith("cuda") else "0"
-    subprocess.run([sys.executable, "-m", "jobs.encode", "--config", "configs/demo.yaml", "--set",
-                    f"output.root={output}", "--set", f"runtime.gpus_per_worker={gpus}", "--set",
-                    "runtime.num_workers=1", "--set", "runtime.progress=false"], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.encode",
+            "--config",
+            "configs/demo.yaml",
+            "--set",
+            f"output.root={output}",
+            "--set",
+            f"runtime.gpus_per_worker={gpus}",
+            "--set",
+            "runtime.num_workers=1",
+            "--set",
+            "runtime.progress=false",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     from retrieval_core.encode import embeddings
 
     _, vectors, doc_ids = embeddings.load_embeddings(output)
@@ -170,26 +204,51 @@ def run(device: str, steps: int, repeat: int) -> list[dict]:
     for precision in ("fp32", "fp16", "bf16"):
         vectors[precision], rate = encode(device, precision, docs, repeat)
         cosine = min_cosine(reference, vectors[precision])
-        rows.append({"check": f"encode {device} {precision}", "value": rate, "unit": "docs/s",
-                     "ratio_to_cpu_fp32": rate / cpu_rate, "min_cosine": cosine,
-                     "ok": cosine >= MIN_COSINE[precision]})
+        rows.append(
+            {
+                "check": f"encode {device} {precision}",
+                "value": rate,
+                "unit": "docs/s",
+                "ratio_to_cpu_fp32": rate / cpu_rate,
+                "min_cosine": cosine,
+                "ok": cosine >= MIN_COSINE[precision],
+            }
+        )
     query_vectors, _ = encode("cpu", "fp32", queries)
     agreement = top10_agreement(reference, vectors["fp16"], query_vectors)
-    rows.append({"check": f"FAISS cpu top-10, {device} fp16 vectors", "value": agreement, "unit": "shared",
-                 "ok": agreement >= 0.9})
+    rows.append(
+        {
+            "check": f"FAISS cpu top-10, {device} fp16 vectors",
+            "value": agreement,
+            "unit": "shared",
+            "ok": agreement >= 0.9,
+        }
+    )
     rows += rescore_rows(device, docs, queries)
     initial = train_weights("cpu", 0, docs, queries)
     on_cpu = train_weights("cpu", steps, docs, queries)
     on_device = train_weights(device, steps, docs, queries)
     update, gap = distance(on_cpu, initial), distance(on_device, on_cpu)
-    rows.append({"check": f"train {steps} steps {device} vs cpu", "value": gap / update, "unit": "gap/update",
-                 "ok": update > 0 and gap < 0.5 * update})
+    rows.append(
+        {
+            "check": f"train {steps} steps {device} vs cpu",
+            "value": gap / update,
+            "unit": "gap/update",
+            "ok": update > 0 and gap < 0.5 * update,
+        }
+    )
     with tempfile.TemporaryDirectory() as output:
         job_ids, job_vectors = encode_job(device, output)
     order = {d: i for i, d in enumerate(ids)}
     cosine = min_cosine(reference[[order[d] for d in job_ids]], job_vectors)
-    rows.append({"check": f"jobs.encode gpus_per_worker={1 if device.startswith('cuda') else 0}", "value": cosine,
-                 "unit": "min cosine", "ok": cosine >= MIN_COSINE["fp32"] and len(job_ids) == len(ids)})
+    rows.append(
+        {
+            "check": f"jobs.encode gpus_per_worker={1 if device.startswith('cuda') else 0}",
+            "value": cosine,
+            "unit": "min cosine",
+            "ok": cosine >= MIN_COSINE["fp32"] and len(job_ids) == len(ids),
+        }
+    )
     return rows
 
 

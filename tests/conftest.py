@@ -88,8 +88,7 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def s3_options(s3_endpoint) -> dict:
     """fsspec storage options for the server: a fake key id and the recognisable fake secret ``S3_SECRET``."""
-    return {"key": "test-key-id", "secret": S3_SECRET,
-            "client_kwargs": {"endpoint_url": s3_endpoint}}
+    return {"key": "test-key-id", "secret": S3_SECRET, "client_kwargs": {"endpoint_url": s3_endpoint}}
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ Its vectors are feature-hashed words (:func:`fake_vector`), so related texts sco
 and a test can compute the exact vector of any text; Cohere's ``input_type`` adds a feature of its own, so a query
 sent as a document gets another vector.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,11 +44,12 @@ def expected_vectors(texts: list[str], dim: int = DEFAULT_DIM, input_type: str =
 @dataclass
 class Fault:
     """The answer to the next ``times`` requests (whose texts contain ``when``, if set) instead of the vectors."""
+
     status: int = 200
     headers: dict = field(default_factory=dict)
-    delay: float = 0.0           # seconds before answering (a slow server; past the client's timeout: a timeout)
-    malformed: bool = False      # a 200 whose body is not JSON
-    wrong_count: bool = False    # a 200 with one vector less than texts
+    delay: float = 0.0  # seconds before answering (a slow server; past the client's timeout: a timeout)
+    malformed: bool = False  # a 200 whose body is not JSON
+    wrong_count: bool = False  # a 200 with one vector less than texts
     times: int = 1
     when: str = ""
 
@@ -122,14 +124,27 @@ class FakeEmbeddingAPI:
         sent_key = (headers.get("Authorization") or "").removeprefix("Bearer ").strip()
         if sent_key != self.key:
             masked = f"{sent_key[:3]}{'*' * 20}{sent_key[-4:]}"
-            return 401, {}, _json({"error": {"message": f"Incorrect API key provided: {masked} (received "
-                                                        f"'{sent_key}')", "type": "invalid_request_error"}})
+            return (
+                401,
+                {},
+                _json(
+                    {
+                        "error": {
+                            "message": f"Incorrect API key provided: {masked} (received '{sent_key}')",
+                            "type": "invalid_request_error",
+                        }
+                    }
+                ),
+            )
         fault = self._fault_for(texts)
         if fault and fault.delay:
             time.sleep(fault.delay)
         if fault and fault.status != 200:
-            return fault.status, fault.headers, _json({"error": {"message": f"fake status {fault.status}"},
-                                                       "message": f"fake status {fault.status}"})
+            return (
+                fault.status,
+                fault.headers,
+                _json({"error": {"message": f"fake status {fault.status}"}, "message": f"fake status {fault.status}"}),
+            )
         if fault and fault.malformed:
             return 200, {}, b'{"data": [ this is not json'
         if self.delay:
@@ -141,12 +156,32 @@ class FakeEmbeddingAPI:
             vectors = vectors[:-1]
         tokens = sum(len(WORD.findall(t)) for t in texts)
         if cohere:
-            return 200, {}, _json({"id": "fake", "response_type": "embeddings_by_type", "texts": texts,
-                                   "embeddings": {"float": vectors},
-                                   "meta": {"billed_units": {"input_tokens": float(tokens)}}})
+            return (
+                200,
+                {},
+                _json(
+                    {
+                        "id": "fake",
+                        "response_type": "embeddings_by_type",
+                        "texts": texts,
+                        "embeddings": {"float": vectors},
+                        "meta": {"billed_units": {"input_tokens": float(tokens)}},
+                    }
+                ),
+            )
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-        return 200, {}, _json({"object": "list", "data": data[::-1], "model": body.get("model"),  # out of order
-                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return (
+            200,
+            {},
+            _json(
+                {
+                    "object": "list",
+                    "data": data[::-1],
+                    "model": body.get("model"),  # out of order
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                }
+            ),
+        )
 
 
 def _json(value) -> bytes:

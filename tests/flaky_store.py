@@ -9,6 +9,7 @@ draws from the same faults::
     store.fail(method="PUT", status=500, times=3)        # the next 3 PUTs answer 500
     store.fail(method="PUT", status=500, when="shard-00001", times=None)   # every PUT of that key, until heal()
 """
+
 from __future__ import annotations
 
 import http.client
@@ -17,8 +18,10 @@ import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-CODES = {500: ("InternalError", "We encountered an internal error. Please try again."),
-         503: ("SlowDown", "Please reduce your request rate.")}
+CODES = {
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+    503: ("SlowDown", "Please reduce your request rate."),
+}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
@@ -26,6 +29,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 class Failure:
     """Answer ``status`` to the next ``times`` requests (None = all, until healed) of ``method`` whose path
     contains ``when``."""
+
     method: str
     status: int
     when: str = ""
@@ -125,8 +129,10 @@ class FlakyStore:
 
             def _error(self, status: int) -> None:
                 code, message = CODES[status]
-                data = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}'
-                        f'</Message><RequestId>flaky</RequestId></Error>').encode()
+                data = (
+                    f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}'
+                    f"</Message><RequestId>flaky</RequestId></Error>"
+                ).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(data)))

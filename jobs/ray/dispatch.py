@@ -2,6 +2,7 @@
 
 Only ``jobs.ray`` imports ray; the stage drivers say what to run and this module runs it and waits.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,16 @@ def released(actors: list):
 MIN_SPECULATION_S = 5.0  # never start a copy of work younger than this
 
 
-def run_on_actors(actors: list, method: str, items: list, args: tuple, on_done, item_arg=None,
-                  work: str = "", speculation: float = 0.0) -> None:
+def run_on_actors(
+    actors: list,
+    method: str,
+    items: list,
+    args: tuple,
+    on_done,
+    item_arg=None,
+    work: str = "",
+    speculation: float = 0.0,
+) -> None:
     """Call ``actor.<method>(item_arg(item), *args)`` for every item (``item_arg`` defaults to the item itself),
     one call in flight per actor, the next item going to whichever actor finishes first (load balance);
     ``on_done(item, result)`` runs in the driver as results come, once per item. A failure is
@@ -113,8 +122,12 @@ class _Calls:
             if not self.idle:
                 return
             if number not in finished and number not in self.copied and now - started > after_s:
-                log.warning("%s has run %.0f s (over %.0f s): starting it again on an idle worker",
-                            _name_of(items[number]), now - started, after_s)
+                log.warning(
+                    "%s has run %.0f s (over %.0f s): starting it again on an idle worker",
+                    _name_of(items[number]),
+                    now - started,
+                    after_s,
+                )
                 self.copied.add(number)
                 self.start(self.idle.pop(0), number, items)
 
@@ -150,9 +163,10 @@ def _result(ref, work: str, item):
         text = str(cause).strip().splitlines()
         if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc, ray.exceptions.ActorDiedError):
             text = [line for line in text if line.strip()][-1:] or text  # the library's message, not Ray's trace
-        raise StageFailed(f"{work} of {_name_of(item)} failed: {type(cause).__name__}: {' '.join(text)[:1500]}. "
-                          f"Committed work is kept: run the same command again to redo only what is unfinished"
-                          ) from None
+        raise StageFailed(
+            f"{work} of {_name_of(item)} failed: {type(cause).__name__}: {' '.join(text)[:1500]}. "
+            f"Committed work is kept: run the same command again to redo only what is unfinished"
+        ) from None
 
 
 def _name_of(item) -> str:

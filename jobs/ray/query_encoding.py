@@ -1,4 +1,5 @@
 """Query encoding for search, evaluation and mining: in the driver for small sets, on encoder actors for large."""
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,7 @@ from retrieval_core.config import Config
 from retrieval_core.encode import encoding
 from retrieval_core.index import indexing
 
-CHUNK = 1024            # queries per actor call
+CHUNK = 1024  # queries per actor call
 log = logging.getLogger(__name__)
 
 
@@ -25,8 +26,10 @@ def check_encoder(cfg: Config, index_manifest: dict) -> None:
     if recorded and recorded["fingerprint"] != now["fingerprint"]:
         from retrieval_core.io.manifest import identity_differences
 
-        log.warning("queries are encoded otherwise than the index's documents' run recorded: %s",
-                    "; ".join(identity_differences(recorded, now)))
+        log.warning(
+            "queries are encoded otherwise than the index's documents' run recorded: %s",
+            "; ".join(identity_differences(recorded, now)),
+        )
 
 
 def encode_queries(cfg: Config, texts: list[str], session: cluster.LazyRaySession) -> np.ndarray:
@@ -50,17 +53,23 @@ def query_encoder(cfg: Config, session: cluster.LazyRaySession, count: int) -> I
 
             log.info("queries: %s", usage_between(before, encoding.usage_of(encoder)))
         return
-    with dispatch.released(actors.start_encode_workers(cfg, session.worker_count(math.ceil(count / CHUNK)))) \
-            as workers:
+    with dispatch.released(actors.start_encode_workers(cfg, session.worker_count(math.ceil(count / CHUNK)))) as workers:
         yield lambda texts: _encode_on(workers, texts, cfg.runtime.speculation)
 
 
 def _encode_on(workers: list, texts: list[str], speculation: float) -> np.ndarray:
-    chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
+    chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
     results: dict[int, np.ndarray] = {}
-    dispatch.run_on_actors(workers, "encode_queries", list(range(len(chunks))), (),
-                           lambda i, vectors: results.__setitem__(i, vectors), item_arg=lambda i: chunks[i],
-                           work="query encoding", speculation=speculation)
+    dispatch.run_on_actors(
+        workers,
+        "encode_queries",
+        list(range(len(chunks))),
+        (),
+        lambda i, vectors: results.__setitem__(i, vectors),
+        item_arg=lambda i: chunks[i],
+        work="query encoding",
+        speculation=speculation,
+    )
     return np.vstack([results[i] for i in range(len(chunks))])
 
 
@@ -85,10 +94,12 @@ def searched_batches(cfg: Config, texts: list[str], k: int, batch: int) -> Itera
 
     index, manifest = _checked_index(cfg)
     with cluster.LazyRaySession(cfg.runtime) as session, query_encoder(cfg, session, len(texts)) as encode:
+
         def batches():
             for start in range(0, len(texts), batch):
-                vectors = encode(texts[start:start + batch])
+                vectors = encode(texts[start : start + batch])
                 yield start, faiss_index.search(index, vectors, k, cfg.search.batch_size)[1]
+
         yield batches(), manifest
 
 

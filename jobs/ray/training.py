@@ -1,4 +1,5 @@
 """Ray Train: a function run on a group of torch workers, restarted from its checkpoints when a worker fails."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -21,15 +22,25 @@ def run_on_train_workers(rt: RuntimeConfig, work: Callable[[int, int, str, Calla
         import torch.distributed
 
         context = ray.train.get_context()
-        steps = work(context.get_world_rank(), context.get_world_size(), str(ray.train.torch.get_device()),
-                     torch.distributed.barrier)
+        steps = work(
+            context.get_world_rank(),
+            context.get_world_size(),
+            str(ray.train.torch.get_device()),
+            torch.distributed.barrier,
+        )
         ray.train.report({"steps": steps})
 
     with cluster.ray_session(rt):
-        trainer = TorchTrainer(loop, scaling_config=ScalingConfig(
-            num_workers=rt.num_workers, use_gpu=rt.gpus_per_worker > 0,
-            resources_per_worker={"CPU": rt.cpus_per_worker,
-                                  **({"GPU": rt.gpus_per_worker} if rt.gpus_per_worker else {})}),
-            run_config=RunConfig(name="train", failure_config=FailureConfig(max_failures=rt.max_restarts),
-                                 **storage))
+        trainer = TorchTrainer(
+            loop,
+            scaling_config=ScalingConfig(
+                num_workers=rt.num_workers,
+                use_gpu=rt.gpus_per_worker > 0,
+                resources_per_worker={
+                    "CPU": rt.cpus_per_worker,
+                    **({"GPU": rt.gpus_per_worker} if rt.gpus_per_worker else {}),
+                },
+            ),
+            run_config=RunConfig(name="train", failure_config=FailureConfig(max_failures=rt.max_restarts), **storage),
+        )
         trainer.fit()

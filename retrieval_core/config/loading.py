@@ -1,5 +1,6 @@
 """Loading a job configuration: YAML (any fsspec URL) with ``${VAR}`` expansion, dotted ``--set`` overrides, type
 coercion per field, then the rules (:func:`retrieval_core.config.rules.validate`)."""
+
 from __future__ import annotations
 
 import dataclasses

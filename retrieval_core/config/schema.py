@@ -4,6 +4,7 @@ settings, and the dotted keys a user may set.
 Every key a user can set is a field below; ``configs/demo.yaml`` lists them all with their defaults.
 Unknown keys are errors that suggest the closest valid key (:func:`unknown_key_error`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -219,8 +220,14 @@ def redact_storage_options(data: Any) -> Any:
     """A copy of ``data`` (a dict or list, nested) whose ``storage_options`` mappings keep their keys with every
     value replaced by ``<redacted>``."""
     if isinstance(data, dict):
-        return {k: ({name: REDACTED for name in v} if k == "storage_options" and isinstance(v, dict)
-                    else redact_storage_options(v)) for k, v in data.items()}
+        return {
+            k: (
+                {name: REDACTED for name in v}
+                if k == "storage_options" and isinstance(v, dict)
+                else redact_storage_options(v)
+            )
+            for k, v in data.items()
+        }
     if isinstance(data, list):
         return [redact_storage_options(v) for v in data]
     return data
@@ -248,8 +255,10 @@ def default_value(key: str) -> Any:
     return node
 
 
-RENAMED_KEYS = {"publish.lock_timeout": "publish.lease_expiry (seconds a lease may go unrenewed before another "
-                                        "process takes it over; the holder renews it every publish.lease_renew)"}
+RENAMED_KEYS = {
+    "publish.lock_timeout": "publish.lease_expiry (seconds a lease may go unrenewed before another "
+    "process takes it over; the holder renews it every publish.lease_renew)"
+}
 
 
 def unknown_key_error(key: str) -> ConfigError:

@@ -8,6 +8,7 @@ Layout under ``<root>``::
     embeddings/_manifest.json          written last; its presence means the stage is complete
     rejects/encode/shard-00000.parquet rows not encoded, with the reason (only for shards that have any)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,8 +103,11 @@ def plan_to_json(shards: list[Shard]) -> list[dict]:
 
 
 def existing_plan(layout: Layout) -> dict | None:
-    return storage.read_json(layout.plan, layout.storage_options) if storage.exists(layout.plan,
-                                                                                   layout.storage_options) else None
+    return (
+        storage.read_json(layout.plan, layout.storage_options)
+        if storage.exists(layout.plan, layout.storage_options)
+        else None
+    )
 
 
 def clear(layout: Layout) -> None:
@@ -112,8 +116,9 @@ def clear(layout: Layout) -> None:
     storage.remove(layout.rejects_dir, layout.storage_options)
 
 
-def prepare_plan(cfg: Config, files: list[FileMeta], encoder_identity: dict,
-                 auto_rows_per_shard: Callable[[], int]) -> list[Shard]:
+def prepare_plan(
+    cfg: Config, files: list[FileMeta], encoder_identity: dict, auto_rows_per_shard: Callable[[], int]
+) -> list[Shard]:
     """The shards of this run, after checking (or replacing, with overwrite) what an earlier run left.
 
     An earlier plan with the same identity is reused as it is; with ``runtime.rows_per_shard: 0`` (automatic)
@@ -135,8 +140,11 @@ def prepare_plan(cfg: Config, files: list[FileMeta], encoder_identity: dict,
         raise FileExistsError(f"'{layout.dir}' holds files but no plan; set output.overwrite=true to replace them")
     shards = plan_shards(files, rows_per_shard)
     if not previous:
-        storage.write_json_atomic(layout.plan, {**stamp(), "identity": identity, "shards": plan_to_json(shards),
-                                                "config": cfg.to_dict()}, layout.storage_options)
+        storage.write_json_atomic(
+            layout.plan,
+            {**stamp(), "identity": identity, "shards": plan_to_json(shards), "config": cfg.to_dict()},
+            layout.storage_options,
+        )
     storage.remove_temporaries(layout.dir, layout.storage_options)
     return shards
 
@@ -155,8 +163,14 @@ def pending_shards(shards: list[Shard], layout: Layout) -> list[Shard]:
     return [s for s in shards if s.name not in done]
 
 
-def encode_shard(shard: Shard, cfg: Config, encoder: Encoder, encoder_identity: dict,
-                 worker: dict | None = None, on_progress: Callable[[int], None] | None = None) -> dict:
+def encode_shard(
+    shard: Shard,
+    cfg: Config,
+    encoder: Encoder,
+    encoder_identity: dict,
+    worker: dict | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict:
     """Read, encode and commit one shard; returns its commit record (``worker`` describes who did it).
 
     Memory: the shard's texts and its (rows x dim) float32 vectors; ``runtime.rows_per_shard`` bounds both.
@@ -170,20 +184,33 @@ def encode_shard(shard: Shard, cfg: Config, encoder: Encoder, encoder_identity: 
         vectors = encode_by_length(encoder, rows.texts, cfg.model.batch_size, on_progress)
     except EncoderOutOfMemory as exc:
         raise EncoderOutOfMemory(f"{shard.name} (rows {shard.row_start}-{shard.row_stop - 1}): {exc}") from None
-    metadata = {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
-                "dim": encoder.dim, "normalized": encoder.normalized}
-    table = embeddings_table(rows.row_ids, rows.doc_ids, vectors, [text_hash(t) for t in rows.texts],
-                             cfg.output.embedding_dtype, metadata)
+    metadata = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": encoder_identity["fingerprint"],
+        "dim": encoder.dim,
+        "normalized": encoder.normalized,
+    }
+    table = embeddings_table(
+        rows.row_ids, rows.doc_ids, vectors, [text_hash(t) for t in rows.texts], cfg.output.embedding_dtype, metadata
+    )
     storage.write_parquet_atomic(layout.shard_file(shard.name), table, layout.storage_options)
     if rows.rejects:
         rejects = pa.Table.from_pylist(rows.rejects, schema=REJECTS_SCHEMA)
         storage.write_parquet_atomic(layout.rejects_file(shard.name), rejects, layout.storage_options)
     record = {
-        "name": shard.name, "path": f"{shard.name}.parquet", "row_start": shard.row_start,
-        "row_stop": shard.row_stop, "rows": len(rows.row_ids), "rejected": len(rows.rejects),
-        "fingerprint": encoder_identity["fingerprint"], "dim": encoder.dim,
-        "seconds": round(time.perf_counter() - started, 3), "host": socket.gethostname(), "pid": os.getpid(),
-        **(worker or {}), **api_usage_since(encoder, before),
+        "name": shard.name,
+        "path": f"{shard.name}.parquet",
+        "row_start": shard.row_start,
+        "row_stop": shard.row_stop,
+        "rows": len(rows.row_ids),
+        "rejected": len(rows.rejects),
+        "fingerprint": encoder_identity["fingerprint"],
+        "dim": encoder.dim,
+        "seconds": round(time.perf_counter() - started, 3),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        **(worker or {}),
+        **api_usage_since(encoder, before),
     }
     storage.write_json_atomic(layout.record_file(shard.name), record, layout.storage_options)
     return record
@@ -215,16 +242,23 @@ def api_usage_progress(records: list[dict]) -> dict:
     return {k: usage[k] for k in ("requests", "retries", "tokens")} if usage else {}
 
 
-def embeddings_table(row_ids: list[int], doc_ids: list[str], vectors: np.ndarray, hashes: list[str],
-                     dtype: str, metadata: dict) -> pa.Table:
+def embeddings_table(
+    row_ids: list[int], doc_ids: list[str], vectors: np.ndarray, hashes: list[str], dtype: str, metadata: dict
+) -> pa.Table:
     dim = vectors.shape[1]
-    flat = pa.array(vectors.astype(np.float16 if dtype == "float16" else np.float32).reshape(-1),
-                    type=EMBEDDING_TYPES[dtype])
+    flat = pa.array(
+        vectors.astype(np.float16 if dtype == "float16" else np.float32).reshape(-1), type=EMBEDDING_TYPES[dtype]
+    )
     schema = embeddings_schema(dim, dtype, metadata)
-    return pa.Table.from_arrays([
-        pa.array(row_ids, type=pa.int64()), pa.array(doc_ids, type=pa.string()),
-        pa.FixedSizeListArray.from_arrays(flat, dim), pa.array(hashes, type=pa.string()),
-    ], schema=schema)
+    return pa.Table.from_arrays(
+        [
+            pa.array(row_ids, type=pa.int64()),
+            pa.array(doc_ids, type=pa.string()),
+            pa.FixedSizeListArray.from_arrays(flat, dim),
+            pa.array(hashes, type=pa.string()),
+        ],
+        schema=schema,
+    )
 
 
 def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim: int, seconds: float) -> dict:
@@ -237,29 +271,44 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
     ordered = [records[s.name] for s in shards]
     mixed = sorted({r["fingerprint"] for r in ordered} - {encoder_identity["fingerprint"]})
     if mixed:
-        raise RuntimeError(f"shards encoded with other encoder fingerprints {mixed}, expected "
-                           f"{encoder_identity['fingerprint']}: set output.overwrite=true and re-run")
+        raise RuntimeError(
+            f"shards encoded with other encoder fingerprints {mixed}, expected "
+            f"{encoder_identity['fingerprint']}: set output.overwrite=true and re-run"
+        )
     rows_in = sum(s.num_rows for s in shards)
     encoded = sum(r["rows"] for r in ordered)
     rejected = sum(r["rejected"] for r in ordered)
     if encoded + rejected != rows_in:
         raise RuntimeError(f"rows in ({rows_in}) != rows encoded ({encoded}) + rows rejected ({rejected})")
     if rows_in and not encoded:
-        raise RuntimeError(f"no row was encoded: all {rows_in} rows were rejected; their reasons are in "
-                           f"'{storage.join(cfg.output.root, 'rejects', 'encode')}'")
+        raise RuntimeError(
+            f"no row was encoded: all {rows_in} rows were rejected; their reasons are in "
+            f"'{storage.join(cfg.output.root, 'rejects', 'encode')}'"
+        )
     dims = {r["name"]: r["dim"] for r in ordered if r["rows"]}
     if len(set(dims.values()) | {dim}) > 1:
-        raise RuntimeError(f"shards of different dimensions: {dims} (expected {dim}): the encoder changed its "
-                           f"output during the run (an API model?); set output.overwrite=true and re-run")
+        raise RuntimeError(
+            f"shards of different dimensions: {dims} (expected {dim}): the encoder changed its "
+            f"output during the run (an API model?); set output.overwrite=true and re-run"
+        )
     manifest = {
-        **stamp(), "stage": "embeddings", "fingerprint": encoder_identity["fingerprint"],
-        "encoder": encoder_identity, "query_encoder": encoding.query_identity(cfg.model), "dim": dim,
-        "normalized": cfg.model.normalize, "embedding_dtype": cfg.output.embedding_dtype,
+        **stamp(),
+        "stage": "embeddings",
+        "fingerprint": encoder_identity["fingerprint"],
+        "encoder": encoder_identity,
+        "query_encoder": encoding.query_identity(cfg.model),
+        "dim": dim,
+        "normalized": cfg.model.normalize,
+        "embedding_dtype": cfg.output.embedding_dtype,
         "totals": {"rows_in": rows_in, "rows_encoded": encoded, "rows_rejected": rejected, "shards": len(shards)},
-        "shards": [{key: r[key] for key in ("name", "path", "row_start", "row_stop", "rows", "rejected")}
-                   | {"rejects_path": f"../rejects/encode/{r['name']}.parquet" if r["rejected"] else None}
-                   for r in ordered],
-        **api_usage_totals(ordered), "seconds": round(seconds, 3), "config": cfg.to_dict(),
+        "shards": [
+            {key: r[key] for key in ("name", "path", "row_start", "row_stop", "rows", "rejected")}
+            | {"rejects_path": f"../rejects/encode/{r['name']}.parquet" if r["rejected"] else None}
+            for r in ordered
+        ],
+        **api_usage_totals(ordered),
+        "seconds": round(seconds, 3),
+        "config": cfg.to_dict(),
     }
     storage.write_json_atomic(layout.manifest, manifest, layout.storage_options)
     return manifest
@@ -275,8 +324,10 @@ def read_embeddings_manifest(root: str, storage_options: dict | None = None) -> 
     manifest = read_manifest(url, storage_options, "encode")
     bad = [s.get("name") for s in manifest.get("shards", []) if not SHARD_NAME.fullmatch(str(s.get("name")))]
     if bad:
-        raise IncompatibleOutputError(f"'{url}' names shards {bad[:3]} that are not shard names (letters, digits, "
-                                      f"'-' and '_'): the manifest was not written by these jobs")
+        raise IncompatibleOutputError(
+            f"'{url}' names shards {bad[:3]} that are not shard names (letters, digits, "
+            f"'-' and '_'): the manifest was not written by these jobs"
+        )
     return manifest
 
 
@@ -298,16 +349,19 @@ def read_shard_table(root: str, shard: dict, columns: list[str], storage_options
     return table
 
 
-def read_shard_vectors(root: str, shard: dict, dim: int, storage_options: dict | None = None,
-                       fingerprint: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_shard_vectors(
+    root: str, shard: dict, dim: int, storage_options: dict | None = None, fingerprint: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(row_ids int64 (n,), vectors float32 (n x dim)) of one shard entry of the embeddings manifest.
     With ``fingerprint``, a shard whose schema metadata names another encoder is an error naming both."""
     table = read_shard_table(root, shard, ["embedding"], storage_options)
     found = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
     if fingerprint and found != fingerprint:
-        raise IncompatibleOutputError(f"'{shard_url(root, shard)}' holds vectors of encoder "
-                                      f"{found or '(none recorded)'}, the embeddings manifest says {fingerprint}: "
-                                      f"the embeddings mix encoders; re-encode with output.overwrite=true")
+        raise IncompatibleOutputError(
+            f"'{shard_url(root, shard)}' holds vectors of encoder "
+            f"{found or '(none recorded)'}, the embeddings manifest says {fingerprint}: "
+            f"the embeddings mix encoders; re-encode with output.overwrite=true"
+        )
     return table.column("row_id").to_numpy(), _vectors(table, dim, f"'{shard_url(root, shard)}'")
 
 

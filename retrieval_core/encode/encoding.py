@@ -3,6 +3,7 @@
 torch and sentence-transformers are imported here (and in :mod:`rescoring` and :mod:`training`) only, and lazily,
 so the rest of the library stays light.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,14 @@ def estimated_docs_per_s(cfg: ModelConfig, cpus: int, gpus: float) -> float:
         from retrieval_core.encode.providers import inputs_per_request
 
         return cfg.max_concurrency * inputs_per_request(cfg) / API_REQUEST_SECONDS
-    weights = sum(p.stat().st_size for p in Path(resolve_model_path(cfg.name, cfg.storage_options)).rglob("*")
-                  if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) or REFERENCE_WEIGHT_BYTES
+    weights = (
+        sum(
+            p.stat().st_size
+            for p in Path(resolve_model_path(cfg.name, cfg.storage_options)).rglob("*")
+            if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+        )
+        or REFERENCE_WEIGHT_BYTES
+    )
     per_cpu = REFERENCE_DOCS_PER_S_PER_CPU * REFERENCE_WEIGHT_BYTES / weights
     return per_cpu * (GPU_SPEEDUP * gpus if gpus else max(1, cpus))
 
@@ -126,9 +133,14 @@ def query_side(cfg: ModelConfig) -> dict:
 
 def _model_identity(cfg: ModelConfig, name: str, model_dir: str) -> dict:
     weights, configs = model_files_hash(model_dir)
-    identity = {"model": name, "weights_sha256": weights, "config_sha256": configs,
-                "max_seq_length": effective_max_seq_length(model_dir, cfg.max_seq_length),
-                "normalize": cfg.normalize, "precision": cfg.precision}
+    identity = {
+        "model": name,
+        "weights_sha256": weights,
+        "config_sha256": configs,
+        "max_seq_length": effective_max_seq_length(model_dir, cfg.max_seq_length),
+        "normalize": cfg.normalize,
+        "precision": cfg.precision,
+    }
     if cfg.truncate_dim:  # only when set: the fingerprints of untruncated encoders stay what they were
         identity["truncate_dim"] = cfg.truncate_dim
     return identity
@@ -196,8 +208,10 @@ def load_trusted(load: Callable, what: str, trusted: bool):
     except ValueError as exc:
         if "trust_remote_code" not in str(exc) or trusted:
             raise
-        raise ValueError(f"{what} ships its own Python code, which runs only with model.trust_remote_code: true "
-                         f"(off by default; set it only for a model you trust)") from None
+        raise ValueError(
+            f"{what} ships its own Python code, which runs only with model.trust_remote_code: true "
+            f"(off by default; set it only for a model you trust)"
+        ) from None
 
 
 class SentenceTransformerEncoder:
@@ -227,21 +241,27 @@ class SentenceTransformerEncoder:
         self._query_model = self.model if self.query_name == cfg.name else None
         self.normalized = cfg.normalize
         if cfg.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
-            log.warning("model.precision = bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and "
-                        "much slower than fp32; use model.precision = fp32")
+            log.warning(
+                "model.precision = bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and "
+                "much slower than fp32; use model.precision = fp32"
+            )
 
     def _load(self, name: str, model_dir: str):
         from sentence_transformers import SentenceTransformer
 
-        model = load_trusted(lambda trust: SentenceTransformer(model_dir, device=self.device, trust_remote_code=trust),
-                             f"model {name!r}", self.cfg.trust_remote_code)
+        model = load_trusted(
+            lambda trust: SentenceTransformer(model_dir, device=self.device, trust_remote_code=trust),
+            f"model {name!r}",
+            self.cfg.trust_remote_code,
+        )
         if self.cfg.max_seq_length:
             model.max_seq_length = self.cfg.max_seq_length
         dim = int(model.get_embedding_dimension())
         if self.cfg.truncate_dim:
             if self.cfg.truncate_dim > dim:
-                raise ValueError(f"model.truncate_dim = {self.cfg.truncate_dim} exceeds the dimension of {name!r} "
-                                 f"({dim})")
+                raise ValueError(
+                    f"model.truncate_dim = {self.cfg.truncate_dim} exceeds the dimension of {name!r} ({dim})"
+                )
             dim = self.cfg.truncate_dim
         if self.threads > 1:
             model.preprocess = locked(model.preprocess)
@@ -252,9 +272,11 @@ class SentenceTransformerEncoder:
         if self._query_model is None:
             model, dim = self._load(self.query_name, resolve_model_path(self.query_name, self.cfg.storage_options))
             if dim != self.dim:
-                raise ValueError(f"model.query_name = {self.query_name!r} gives {dim}-dimensional vectors, "
-                                 f"model.name = {self.cfg.name!r} {self.dim}: query and document encoders must "
-                                 f"agree")
+                raise ValueError(
+                    f"model.query_name = {self.query_name!r} gives {dim}-dimensional vectors, "
+                    f"model.name = {self.cfg.name!r} {self.dim}: query and document encoders must "
+                    f"agree"
+                )
             self._query_model = model
         return self._query_model
 
@@ -287,10 +309,16 @@ class SentenceTransformerEncoder:
                         f"out of memory encoding a single text (the longest of this batch has "
                         f"{max(len(t) for t in texts)} characters) on {self.device}: "
                         f"{_first_line(exc)}; lower model.max_seq_length or corpus.max_text_chars, or give the "
-                        f"workers more memory") from None
+                        f"workers more memory"
+                    ) from None
                 self.batch_size = min(self.batch_size, max(1, batch_size // 2))
-                log.warning("out of memory at model.batch_size %d on %s (%s): encoding again at %d", batch_size,
-                            self.device, _first_line(exc), self.batch_size)
+                log.warning(
+                    "out of memory at model.batch_size %d on %s (%s): encoding again at %d",
+                    batch_size,
+                    self.device,
+                    _first_line(exc),
+                    self.batch_size,
+                )
 
     def _encode_batches(self, encode, texts: list[str], prompt: str, batch_size: int) -> np.ndarray:
         """Autocast and inference mode are per thread; the prompt is passed even when empty, so it is exactly the
@@ -298,9 +326,15 @@ class SentenceTransformerEncoder:
         import torch
 
         with torch.inference_mode(), autocast(self.cfg.precision, self.device):
-            vectors = encode(list(texts), batch_size=batch_size, prompt=prompt,
-                             truncate_dim=self.cfg.truncate_dim, normalize_embeddings=False,
-                             convert_to_tensor=True, show_progress_bar=False)
+            vectors = encode(
+                list(texts),
+                batch_size=batch_size,
+                prompt=prompt,
+                truncate_dim=self.cfg.truncate_dim,
+                normalize_embeddings=False,
+                convert_to_tensor=True,
+                show_progress_bar=False,
+            )
         vectors = vectors.float()
         if self.cfg.normalize:
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
@@ -392,8 +426,9 @@ def _log_for_tests(texts: list[str]) -> None:
             log_file.write("".join(f"{text_hash(t)}\n" for t in texts))
 
 
-def encode_by_length(encoder: Encoder, texts: list[str], batch_size: int,
-                     on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+def encode_by_length(
+    encoder: Encoder, texts: list[str], batch_size: int, on_progress: Callable[[int], None] | None = None
+) -> np.ndarray:
     """Encode documents longest first (less padding), in chunks of a few batches (or the encoder's ``chunk_texts``:
     an API encoder's requests in flight); rows come back in input order.
 
@@ -403,7 +438,7 @@ def encode_by_length(encoder: Encoder, texts: list[str], batch_size: int,
     out = None  # allocated at the first chunk, so an API encoder learns its dimension from a real request
     chunk = max(1, getattr(encoder, "chunk_texts", 0) or batch_size * CHUNK_BATCHES)
     for start in range(0, len(order), chunk):
-        rows = order[start:start + chunk]
+        rows = order[start : start + chunk]
         vectors = encoder.encode_documents([texts[i] for i in rows])
         if out is None:
             out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)

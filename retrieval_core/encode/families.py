@@ -8,6 +8,7 @@ The prompt applied to a side (documents or queries) is, first match wins:
    not ship their prompts.
 Nothing here loads a model: the prompts are read from the model's files, so a driver fingerprints them cheaply.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,11 @@ FAMILIES = {
     "bge": Family("bge", BGE_EN_QUERY, "", note="BGE English (BAAI/bge-*-en*): an instruction on queries only"),
     "bge-zh": Family("bge-zh", BGE_ZH_QUERY, "", note="BGE Chinese (BAAI/bge-*-zh*): the Chinese query instruction"),
     "gte": Family("gte", note="GTE (thenlper/gte-*, Alibaba-NLP/gte-*): no prompts"),
-    "dpr": Family("dpr", separate_query_encoder=True,
-                  note="DPR: a context encoder (model.name) and a question encoder (model.query_name)"),
+    "dpr": Family(
+        "dpr",
+        separate_query_encoder=True,
+        note="DPR: a context encoder (model.name) and a question encoder (model.query_name)",
+    ),
     "plain": Family("plain", note="no prompts beyond the model's own"),
 }
 assert MODEL_FAMILIES == ("auto", *FAMILIES)
@@ -76,8 +80,10 @@ def query_model_name(cfg: ModelConfig) -> str:
     if family.separate_query_encoder:
         if "ctx_encoder" in cfg.name:
             return cfg.name.replace("ctx_encoder", "question_encoder")
-        raise ValueError(f"model.family = {family.name!r} encodes queries with a model of their own: set "
-                         f"model.query_name (model.name = {cfg.name!r} is the document encoder)")
+        raise ValueError(
+            f"model.family = {family.name!r} encodes queries with a model of their own: set "
+            f"model.query_name (model.name = {cfg.name!r} is the document encoder)"
+        )
     return cfg.name
 
 

@@ -1,5 +1,6 @@
 """Model files: where a model named by a setting lives on this machine (a directory, an fsspec URL downloaded once
 into a local cache, the packaged default, the Hugging Face cache), and the hashes of its files that identify it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,15 @@ log = logging.getLogger(__name__)
 
 PACKAGED_MODELS = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx")
-CONFIG_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "config.json",
-                "1_Pooling/config.json", "tokenizer.json", "vocab.txt")
+CONFIG_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "config.json",
+    "1_Pooling/config.json",
+    "tokenizer.json",
+    "vocab.txt",
+)
 MODEL_CACHE_ENV = "RETRIEVAL_MODEL_CACHE"  # where models read from URLs are downloaded (model_cache_dir)
 
 
@@ -45,9 +53,11 @@ def resolve_model_path(name: str, storage_options: dict | None = None, setting: 
     try:
         return snapshot_download(repo)
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{setting} = {name!r} is not a local directory, not the packaged default "
-                         f"({DEFAULT_MODEL}), not in the Hugging Face cache, and could not be downloaded: "
-                         f"{exc}") from None
+        raise ValueError(
+            f"{setting} = {name!r} is not a local directory, not the packaged default "
+            f"({DEFAULT_MODEL}), not in the Hugging Face cache, and could not be downloaded: "
+            f"{exc}"
+        ) from None
 
 
 def model_cache_dir() -> Path:
@@ -73,8 +83,9 @@ def model_from_url(url: str, storage_options: dict | None = None, setting: str =
         listing = {}
     files = {posixpath.relpath(name, root): info for name, info in listing.items() if not name.endswith("/")}
     if not files or "." in files:
-        raise ValueError(f"{setting} = {url!r} is not a model directory (no files under it): check the URL and "
-                         f"model.storage_options")
+        raise ValueError(
+            f"{setting} = {url!r} is not a model directory (no files under it): check the URL and model.storage_options"
+        )
     target = model_cache_dir() / _listing_key(url, files)
     if not target.is_dir():
         _download_model(fs, root, sorted(files), target)
@@ -82,8 +93,10 @@ def model_from_url(url: str, storage_options: dict | None = None, setting: str =
 
 
 def _listing_key(url: str, files: dict[str, dict]) -> str:
-    entries = [(rel, info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("mtime"))
-               for rel, info in sorted(files.items())]
+    entries = [
+        (rel, info.get("size"), info.get("ETag") or info.get("LastModified") or info.get("mtime"))
+        for rel, info in sorted(files.items())
+    ]
     return hashlib.sha256(json.dumps([url, entries], default=str).encode()).hexdigest()[:32]
 
 
@@ -121,8 +134,10 @@ def model_files_hash(model_dir: str) -> tuple[str, str]:
     root = Path(model_dir)
     weights = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not weights:
-        raise ValueError(f"the model directory {model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}): "
-                         f"is it a complete sentence-transformers model directory?")
+        raise ValueError(
+            f"the model directory {model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}): "
+            f"is it a complete sentence-transformers model directory?"
+        )
     configs = [root / name for name in CONFIG_FILES if (root / name).is_file()]
     key = (str(root), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weights + configs))
     if key not in _HASHES:

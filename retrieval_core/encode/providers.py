@@ -10,6 +10,7 @@ message. A batch that still fails raises :class:`ProviderError` with the provide
 The key is read from the environment variable ``model.api_key_env`` names (default: the provider's own, below) in
 the process that sends the requests; it is never written anywhere and is removed from error messages.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,22 +39,39 @@ class Provider:
     name: str
     base_url: str
     key_env: str
-    max_inputs: int          # texts per request
-    max_input_chars: int     # texts are cut to this many characters (0: the provider truncates, see below)
-    max_request_chars: int   # characters per request, all texts together (0: no limit but max_inputs)
-    dims: dict               # the default dimension of well-known models (others: learnt from the first response)
+    max_inputs: int  # texts per request
+    max_input_chars: int  # texts are cut to this many characters (0: the provider truncates, see below)
+    max_request_chars: int  # characters per request, all texts together (0: no limit but max_inputs)
+    dims: dict  # the default dimension of well-known models (others: learnt from the first response)
 
 
 PROVIDERS = {
     # 2048 inputs, 8192 tokens per input and 300k tokens per request; a token is at least about 2.4 characters in
     # all but unusual text, so 20,000 characters stay under 8,192 tokens and 600,000 under 300k.
-    "openai": Provider("openai", "https://api.openai.com/v1", "OPENAI_API_KEY", 2048, 20_000, 600_000,
-                       {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072,
-                        "text-embedding-ada-002": 1536}),
+    "openai": Provider(
+        "openai",
+        "https://api.openai.com/v1",
+        "OPENAI_API_KEY",
+        2048,
+        20_000,
+        600_000,
+        {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536},
+    ),
     # 96 texts per request; longer texts are cut by the provider at its token limit (truncate=END)
-    "cohere": Provider("cohere", "https://api.cohere.com", "CO_API_KEY", 96, 0, 0,
-                       {"embed-english-v3.0": 1024, "embed-multilingual-v3.0": 1024,
-                        "embed-english-light-v3.0": 384, "embed-multilingual-light-v3.0": 384}),
+    "cohere": Provider(
+        "cohere",
+        "https://api.cohere.com",
+        "CO_API_KEY",
+        96,
+        0,
+        0,
+        {
+            "embed-english-v3.0": 1024,
+            "embed-multilingual-v3.0": 1024,
+            "embed-english-light-v3.0": 384,
+            "embed-multilingual-light-v3.0": 384,
+        },
+    ),
 }
 INPUT_TYPES = {"document": "search_document", "query": "search_query"}  # Cohere's input_type of each side
 
@@ -86,9 +104,15 @@ def api_identity(cfg: ModelConfig, side: str) -> dict:
     """Everything that changes a vector of ``side`` ("document" or "query"), with no weights to hash: provider,
     base URL host, model name, dimensions asked for, the prompt and input type of the side, the character cut and
     normalization. A provider can still change a model behind its name; nothing here can see that."""
-    identity = {"provider": cfg.provider, "host": urlsplit(base_url(cfg)).netloc.rpartition("@")[2],
-                "model": cfg.name, "dimensions": cfg.truncate_dim, f"{side}_prompt": side_prompt(cfg, side),
-                "max_input_chars": max_input_chars(cfg), "normalize": cfg.normalize}
+    identity = {
+        "provider": cfg.provider,
+        "host": urlsplit(base_url(cfg)).netloc.rpartition("@")[2],
+        "model": cfg.name,
+        "dimensions": cfg.truncate_dim,
+        f"{side}_prompt": side_prompt(cfg, side),
+        "max_input_chars": max_input_chars(cfg),
+        "normalize": cfg.normalize,
+    }
     if cfg.provider == "cohere":
         identity["input_type"] = INPUT_TYPES[side]
     return identity
@@ -104,9 +128,11 @@ def api_key(cfg: ModelConfig) -> str:
     name = key_env(cfg)
     key = os.environ.get(name, "")
     if not key:
-        raise ProviderError(f"model.provider = {cfg.provider!r} needs an API key in the environment variable {name} "
-                            f"(model.api_key_env), which is not set in this process (pid {os.getpid()}); on a "
-                            f"cluster, set it on every node")
+        raise ProviderError(
+            f"model.provider = {cfg.provider!r} needs an API key in the environment variable {name} "
+            f"(model.api_key_env), which is not set in this process (pid {os.getpid()}); on a "
+            f"cluster, set it on every node"
+        )
     return key
 
 
@@ -120,6 +146,7 @@ def scrub(text: str, key: str) -> str:
 @dataclasses.dataclass
 class Usage:
     """What a run cost: HTTP requests sent (retries included), retries, tokens billed, texts sent and texts cut."""
+
     requests: int = 0
     retries: int = 0
     tokens: int = 0
@@ -166,16 +193,26 @@ class ApiEncoder:
         import openai
 
         http = openai.DefaultHttpxClient(event_hooks={"request": [self._count_attempt]})
-        return openai.OpenAI(api_key=self._key, base_url=base_url(self.cfg), timeout=self.cfg.timeout,
-                             max_retries=self.cfg.max_retries, http_client=http)
+        return openai.OpenAI(
+            api_key=self._key,
+            base_url=base_url(self.cfg),
+            timeout=self.cfg.timeout,
+            max_retries=self.cfg.max_retries,
+            http_client=http,
+        )
 
     def _cohere_client(self):
         import cohere
         import httpx
 
         http = httpx.Client(timeout=self.cfg.timeout, event_hooks={"request": [self._count_attempt]})
-        return cohere.ClientV2(api_key=self._key, base_url=base_url(self.cfg), timeout=self.cfg.timeout,
-                               max_retries=self.cfg.max_retries, httpx_client=http)
+        return cohere.ClientV2(
+            api_key=self._key,
+            base_url=base_url(self.cfg),
+            timeout=self.cfg.timeout,
+            max_retries=self.cfg.max_retries,
+            httpx_client=http,
+        )
 
     # -- the Encoder protocol
     @property
@@ -231,7 +268,8 @@ class ApiEncoder:
         self._attempts.count = 0
         try:
             vectors, tokens = (self._openai_request if self.cfg.provider == "openai" else self._cohere_request)(
-                texts, side)
+                texts, side
+            )
         except Exception as exc:  # noqa: BLE001 - every SDK error becomes one message, without the key
             raise ProviderError(self._failure(exc, len(texts))) from None
         finally:
@@ -261,8 +299,14 @@ class ApiEncoder:
         extra = {"output_dimension": self.cfg.truncate_dim} if self.cfg.truncate_dim else {}
 
         def call():
-            return self._client.embed(model=self.cfg.name, input_type=INPUT_TYPES[side], texts=texts,
-                                      embedding_types=["float"], truncate="END", **extra)
+            return self._client.embed(
+                model=self.cfg.name,
+                input_type=INPUT_TYPES[side],
+                texts=texts,
+                embedding_types=["float"],
+                truncate="END",
+                **extra,
+            )
 
         response = retrying_timeouts(call, self.cfg.max_retries)
         billed = getattr(getattr(response, "meta", None), "billed_units", None)
@@ -283,8 +327,10 @@ class ApiEncoder:
             if self._dim is None:
                 self._dim = array.shape[1]
         if array.shape[1] != self._dim:
-            raise ProviderError(f"{where} returned {array.shape[1]}-dimensional vectors, expected {self._dim}"
-                                f"{' (model.truncate_dim)' if self.cfg.truncate_dim else ''}")
+            raise ProviderError(
+                f"{where} returned {array.shape[1]}-dimensional vectors, expected {self._dim}"
+                f"{' (model.truncate_dim)' if self.cfg.truncate_dim else ''}"
+            )
         return array
 
     def _failure(self, exc: Exception, count: int) -> str:
@@ -292,9 +338,11 @@ class ApiEncoder:
         status = getattr(exc, "status_code", None)
         body = getattr(exc, "body", None)
         detail = f"HTTP {status}: {body}" if status is not None and body is not None else str(exc) or repr(exc)
-        message = (f"{self.cfg.provider} embeddings request for {count} texts to {base_url(self.cfg)} (model "
-                   f"{self.cfg.name!r}) failed after {attempts} attempt(s) ({type(exc).__name__}): "
-                   f"{detail[:MAX_MESSAGE]}")
+        message = (
+            f"{self.cfg.provider} embeddings request for {count} texts to {base_url(self.cfg)} (model "
+            f"{self.cfg.name!r}) failed after {attempts} attempt(s) ({type(exc).__name__}): "
+            f"{detail[:MAX_MESSAGE]}"
+        )
         return scrub(message, self._key)
 
 
@@ -323,6 +371,6 @@ def retrying_timeouts(call: Callable, retries: int, base: float = 0.5, cap: floa
         except httpx.TimeoutException:
             if attempt == retries:
                 raise
-            delay = min(cap, base * 2 ** attempt) * (1 - 0.25 * random.random())
+            delay = min(cap, base * 2**attempt) * (1 - 0.25 * random.random())
             log.info("embedding request timed out; retrying in %.2f s", delay)
             time.sleep(delay)

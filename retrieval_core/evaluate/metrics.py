@@ -12,6 +12,7 @@ A run maps a query id to its document ids in rank order, best first. Averages ar
 qrels that have at least one relevant document; a query of those that is missing from the run counts with every
 metric 0.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,7 @@ from retrieval_core.io.judgements import EvaluationDataError
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------- metrics
+
 
 def ndcg_at_k(ranked_ids: list[str], qrels: dict[str, int], k: int) -> float:
     """nDCG@k of one ranked list (trec_eval ``ndcg_cut``: linear gain = qrels score, scores <= 0 gain 0)."""
@@ -43,9 +45,13 @@ def mrr_at_k(ranked_ids: list[str], qrels: dict[str, int], k: int) -> float:
     return _mrr(ranked_ids, qrels, k)
 
 
-def per_query_metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
-                      ndcg_ks: Iterable[int] = (10,), recall_ks: Iterable[int] = (10, 100),
-                      mrr_ks: Iterable[int] = (10,)) -> dict[str, dict[str, float]]:
+def per_query_metrics(
+    run: dict[str, list[str]],
+    qrels: dict[str, dict[str, int]],
+    ndcg_ks: Iterable[int] = (10,),
+    recall_ks: Iterable[int] = (10, 100),
+    mrr_ks: Iterable[int] = (10,),
+) -> dict[str, dict[str, float]]:
     """``{query id: {"ndcg@10": ..., ...}}`` for every query in ``qrels`` with at least one relevant document.
 
     Queries without a relevant document (no score > 0) are left out. A query missing from ``run`` gets every metric
@@ -63,9 +69,13 @@ def per_query_metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]
     return results
 
 
-def evaluate_run(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
-                 ndcg_ks: Iterable[int] = (10,), recall_ks: Iterable[int] = (10, 100),
-                 mrr_ks: Iterable[int] = (10,)) -> dict[str, float | int]:
+def evaluate_run(
+    run: dict[str, list[str]],
+    qrels: dict[str, dict[str, int]],
+    ndcg_ks: Iterable[int] = (10,),
+    recall_ks: Iterable[int] = (10, 100),
+    mrr_ks: Iterable[int] = (10,),
+) -> dict[str, float | int]:
     """Mean metrics over the evaluated queries, e.g. ``{"ndcg@10": ..., "recall@10": ..., "recall@100": ...,
     "mrr@10": ..., "queries": n}``.
 
@@ -87,8 +97,12 @@ def evaluate_run(run: dict[str, list[str]], qrels: dict[str, dict[str, int]],
     for values in per_query.values():
         mean.add(values)
     summary: dict[str, float | int] = {**mean.means(), "queries": mean.count}
-    log.info("evaluated %d queries (%d skipped without a relevant document): %s", len(per_query),
-             len(qrels) - len(per_query), {key: round(summary[key], 4) for key in keys})
+    log.info(
+        "evaluated %d queries (%d skipped without a relevant document): %s",
+        len(per_query),
+        len(qrels) - len(per_query),
+        {key: round(summary[key], 4) for key in keys},
+    )
     return summary
 
 

@@ -5,6 +5,7 @@ and the flat-code types (``Flat``, ``SQ8``, ``PQm``), which are wrapped in ``IDM
 Graph types (``HNSW``, ``NSG``) cannot merge: they are built in one process that streams every shard into one
 index (memory: the whole graph, about ``N * (4 * dim + 8 * M)`` bytes for ``HNSWM``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FLAT_THRESHOLD = 50_000        # below this many vectors, ``auto`` picks exact search
-ID_BYTES = 8                    # an int64 id stored per vector by IVF lists and IDMap
+FLAT_THRESHOLD = 50_000  # below this many vectors, ``auto`` picks exact search
+ID_BYTES = 8  # an int64 id stored per vector by IVF lists and IDMap
 PQ_CHOICES = (96, 64, 48, 32, 24, 16, 8, 4)
 
 
@@ -86,8 +87,10 @@ def choose_index_type(ntotal: int, dim: int, max_memory: int) -> str:
     for code in ["Flat", "SQ8"] + [f"PQ{m}" for m in PQ_CHOICES if dim % m == 0 and m < dim]:
         if ntotal * bytes_per_vector(code, dim) <= max_memory:
             return f"{coarse},{code}"
-    raise IndexTypeError(f"{ntotal} vectors of dim {dim} do not fit index.max_memory = {max_memory} bytes even "
-                         f"with PQ{min(m for m in PQ_CHOICES if dim % m == 0)}: raise index.max_memory")
+    raise IndexTypeError(
+        f"{ntotal} vectors of dim {dim} do not fit index.max_memory = {max_memory} bytes even "
+        f"with PQ{min(m for m in PQ_CHOICES if dim % m == 0)}: raise index.max_memory"
+    )
 
 
 def ivf_lists(factory: str) -> int:
@@ -100,8 +103,10 @@ def new_index(factory: str, dim: int, metric: str) -> faiss.Index:
     try:
         return faiss.index_factory(dim, storage_factory(factory), faiss_metric(metric))
     except RuntimeError as exc:
-        raise IndexTypeError(f"index.type = {factory!r} is not a FAISS factory string FAISS can build for "
-                             f"dim {dim}: {str(exc).strip().splitlines()[-1]}") from None
+        raise IndexTypeError(
+            f"index.type = {factory!r} is not a FAISS factory string FAISS can build for "
+            f"dim {dim}: {str(exc).strip().splitlines()[-1]}"
+        ) from None
 
 
 def default_train_size(factory: str, dim: int, ntotal: int) -> int:
@@ -215,9 +220,11 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, batch_size: int = 10
     Scores are inner products for ``ip`` and squared L2 distances for ``l2``."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or (len(queries) and queries.shape[1] != index.d):
-        raise ValueError(f"query vectors of shape {queries.shape} for an index of {index.d}-dimensional vectors: "
-                         f"queries must be encoded as the index's documents were")
-    parts = [index.search(queries[i:i + batch_size], k) for i in range(0, len(queries), batch_size)]
+        raise ValueError(
+            f"query vectors of shape {queries.shape} for an index of {index.d}-dimensional vectors: "
+            f"queries must be encoded as the index's documents were"
+        )
+    parts = [index.search(queries[i : i + batch_size], k) for i in range(0, len(queries), batch_size)]
     if not parts:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     return np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
@@ -236,5 +243,5 @@ def candidate_values(index: faiss.Index, parameter: str) -> list[int]:
     """Increasing values to try: powers of two up to nlist (nprobe), or 16..4096 (efSearch)."""
     if parameter == "nprobe":
         nlist = faiss.extract_index_ivf(index).nlist
-        return sorted({min(2 ** i, nlist) for i in range(0, int(math.log2(nlist)) + 2)})
-    return [2 ** i for i in range(4, 13)]
+        return sorted({min(2**i, nlist) for i in range(0, int(math.log2(nlist)) + 2)})
+    return [2**i for i in range(4, 13)]

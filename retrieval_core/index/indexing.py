@@ -9,6 +9,7 @@ Layout under ``<root>/index/``::
     merged.faiss          all shards (with ``index.on_disk``: merged.ivfdata holds the IVF lists)
     manifest.json         written last; its presence means the stage is complete
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,6 +56,7 @@ class IndexLayout:
 @dataclasses.dataclass(frozen=True)
 class IndexPlan:
     """What one build makes. ``shards`` are the embeddings manifest's shard entries (name, path, rows ...)."""
+
     factory: str
     metric: str
     dim: int
@@ -81,12 +83,17 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
     """Resolve ``index.type`` (``auto``), check the metric against the embeddings, fix the training size."""
     ix = cfg.index
     if ix.metric == "ip" and not emb["normalized"]:
-        raise ValueError(f"index.metric = ip needs unit-length vectors, but the embeddings under "
-                         f"'{cfg.output.root}' were written with model.normalize = false: set index.metric = l2 "
-                         f"or re-encode with model.normalize = true")
+        raise ValueError(
+            f"index.metric = ip needs unit-length vectors, but the embeddings under "
+            f"'{cfg.output.root}' were written with model.normalize = false: set index.metric = l2 "
+            f"or re-encode with model.normalize = true"
+        )
     dim, ntotal = emb["dim"], emb["totals"]["rows_encoded"]
-    factory = (faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory)) if ix.type == "auto"
-               else ix.type.strip())
+    factory = (
+        faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory))
+        if ix.type == "auto"
+        else ix.type.strip()
+    )
     faiss_index.new_index(factory, dim, ix.metric)  # fails early, naming the type, when FAISS cannot build it
     train_size = min(ix.train_size, ntotal) if ix.train_size else faiss_index.default_train_size(factory, dim, ntotal)
     if not faiss_index.needs_training(factory, dim):
@@ -96,17 +103,37 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         raise faiss_index.IndexTypeError(
             f"index.type = {factory!r} has {lists} IVF lists but only {train_size} training vectors "
             f"({ntotal} encoded, index.train_size = {ix.train_size}): use fewer lists (about sqrt(N), e.g. "
-            f"IVF{max(1, int(ntotal ** 0.5))}), more training vectors, or Flat")
+            f"IVF{max(1, int(ntotal**0.5))}), more training vectors, or Flat"
+        )
     on_disk = ix.on_disk and faiss_index.is_ivf(factory)
     if ix.on_disk and not on_disk:
         log.warning("index.on_disk applies to IVF types only; %s is merged in memory", factory)
     if on_disk and storage.local_path(cfg.output.root, cfg.output.storage_options) is None:
-        raise ValueError(f"index.on_disk needs output.root on the local disk (or a mounted shared file system); "
-                         f"'{cfg.output.root}' is not")
-    identity = {"embeddings": embeddings_id(emb), "fingerprint": emb["fingerprint"], "type": factory,
-                "metric": ix.metric, "train_size": train_size, "seed": ix.seed, "on_disk": on_disk}
-    return IndexPlan(factory, ix.metric, dim, ntotal, train_size, ix.seed, faiss_index.is_mergeable(factory),
-                     on_disk, tuple(s for s in emb["shards"] if s["rows"] > 0), identity)
+        raise ValueError(
+            f"index.on_disk needs output.root on the local disk (or a mounted shared file system); "
+            f"'{cfg.output.root}' is not"
+        )
+    identity = {
+        "embeddings": embeddings_id(emb),
+        "fingerprint": emb["fingerprint"],
+        "type": factory,
+        "metric": ix.metric,
+        "train_size": train_size,
+        "seed": ix.seed,
+        "on_disk": on_disk,
+    }
+    return IndexPlan(
+        factory,
+        ix.metric,
+        dim,
+        ntotal,
+        train_size,
+        ix.seed,
+        faiss_index.is_mergeable(factory),
+        on_disk,
+        tuple(s for s in emb["shards"] if s["rows"] > 0),
+        identity,
+    )
 
 
 def prepare(cfg: Config) -> IndexPlan:
@@ -114,8 +141,13 @@ def prepare(cfg: Config) -> IndexPlan:
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     plan = plan_index(cfg, emb)
     layout = layout_of(cfg)
-    claim_stage_dir(layout.dir, plan.identity, {"config": cfg.to_dict(), "shards": [s["name"] for s in plan.shards]},
-                    cfg.output.overwrite, layout.storage_options)
+    claim_stage_dir(
+        layout.dir,
+        plan.identity,
+        {"config": cfg.to_dict(), "shards": [s["name"] for s in plan.shards]},
+        cfg.output.overwrite,
+        layout.storage_options,
+    )
     return plan
 
 
@@ -148,8 +180,11 @@ def trained_index(cfg: Config, plan: IndexPlan) -> tuple[bytes, dict]:
     layout = layout_of(cfg)
     url = layout.file("trained.faiss")
     if storage.exists(url, layout.storage_options):
-        return storage.read_bytes(url, layout.storage_options), {"seconds": 0.0, "reused": True,
-                                                                 **read_training_record(layout)}
+        return storage.read_bytes(url, layout.storage_options), {
+            "seconds": 0.0,
+            "reused": True,
+            **read_training_record(layout),
+        }
     started = time.perf_counter()
     _, sample = read_sample(cfg, plan, sample_positions(plan.ntotal, plan.train_size, plan.seed))
     index = faiss_index.train(plan.factory, plan.dim, plan.metric, sample, plan.seed)
@@ -175,13 +210,20 @@ def add_shard(cfg: Config, plan: IndexPlan, shard: dict, trained: bytes, worker:
     commit record. Memory: the shard's vectors plus its index."""
     started = time.perf_counter()
     layout = layout_of(cfg)
-    row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options,
-                                          plan.identity["fingerprint"])
+    row_ids, vectors = read_shard_vectors(
+        cfg.output.root, shard, plan.dim, cfg.output.storage_options, plan.identity["fingerprint"]
+    )
     index = faiss_index.deserialize(trained)
     faiss_index.add(index, vectors, row_ids)
     _write_index(index, layout.file(f"{shard['name']}.faiss"), layout.storage_options, False)
-    record = {"name": shard["name"], "ntotal": int(index.ntotal), "seconds": round(time.perf_counter() - started, 3),
-              "peak_memory_mb": peak_memory_mb(), "pid": os.getpid(), **(worker or {})}
+    record = {
+        "name": shard["name"],
+        "ntotal": int(index.ntotal),
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_memory_mb": peak_memory_mb(),
+        "pid": os.getpid(),
+        **(worker or {}),
+    }
     storage.write_json_atomic(layout.record_file(shard["name"]), record, layout.storage_options)
     return record
 
@@ -205,8 +247,9 @@ def merge_shards(cfg: Config, plan: IndexPlan, trained: bytes):
     urls = [shard_index_url(layout.dir, record) for record in shard_records(cfg, plan)]
     if plan.on_disk:
         ivfdata = storage.local_path(layout.file("merged.ivfdata"))
-        index = faiss_index.merge_on_disk(faiss_index.deserialize(trained), [storage.local_path(u) for u in urls],
-                                          ivfdata)
+        index = faiss_index.merge_on_disk(
+            faiss_index.deserialize(trained), [storage.local_path(u) for u in urls], ivfdata
+        )
     else:
         index = faiss_index.merge(_read_index(url, layout.storage_options) for url in urls)
     _write_index(index, layout.file("merged.faiss"), layout.storage_options, plan.on_disk)
@@ -219,8 +262,9 @@ def build_whole(cfg: Config, plan: IndexPlan, trained: bytes):
     layout = layout_of(cfg)
     index = faiss_index.deserialize(trained)
     for shard in plan.shards:
-        row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options,
-                                              plan.identity["fingerprint"])
+        row_ids, vectors = read_shard_vectors(
+            cfg.output.root, shard, plan.dim, cfg.output.storage_options, plan.identity["fingerprint"]
+        )
         faiss_index.add(index, vectors, row_ids)
     _write_index(index, layout.file("merged.faiss"), layout.storage_options, False)
     return index
@@ -274,16 +318,30 @@ def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
             faiss_index.set_search_parameters(index, **{parameter: value})
         _, found = faiss_index.search(index, queries, RECALL_K + 1)
         found = search.drop_ids(found, query_ids, RECALL_K)
-        tried.append({"value": value if parameter else None,
-                      "recall_at_10": round(search.recall_at_k(found, exact, RECALL_K), 5)})
+        tried.append(
+            {
+                "value": value if parameter else None,
+                "recall_at_10": round(search.recall_at_k(found, exact, RECALL_K), 5),
+            }
+        )
         if tried[-1]["recall_at_10"] >= ix.target_recall:
             break
     best = tried[-1]
     if best["recall_at_10"] < ix.target_recall:
-        log.warning("recall@10 %.4f is below index.target_recall %.3f with %s = %s", best["recall_at_10"],
-                    ix.target_recall, parameter, best["value"])
-    return {"recall_at_10": best["recall_at_10"], "parameter": parameter, "value": best["value"],
-            "queries": len(queries), "tried": tried}
+        log.warning(
+            "recall@10 %.4f is below index.target_recall %.3f with %s = %s",
+            best["recall_at_10"],
+            ix.target_recall,
+            parameter,
+            best["value"],
+        )
+    return {
+        "recall_at_10": best["recall_at_10"],
+        "parameter": parameter,
+        "value": best["value"],
+        "queries": len(queries),
+        "tried": tried,
+    }
 
 
 def finish(cfg: Config, plan: IndexPlan, trained: bytes) -> dict:
@@ -292,29 +350,62 @@ def finish(cfg: Config, plan: IndexPlan, trained: bytes) -> dict:
     index = merge_shards(cfg, plan, trained) if plan.mergeable else build_whole(cfg, plan, trained)
     merged_s = time.perf_counter() - started
     recall = measure_recall(cfg, plan, index)
-    return {"ntotal": int(index.ntotal), "merge_s": round(merged_s, 3),
-            "recall_s": round(time.perf_counter() - started - merged_s, 3), "recall": recall,
-            "peak_memory_mb": peak_memory_mb()}
+    return {
+        "ntotal": int(index.ntotal),
+        "merge_s": round(merged_s, 3),
+        "recall_s": round(time.perf_counter() - started - merged_s, 3),
+        "recall": recall,
+        "peak_memory_mb": peak_memory_mb(),
+    }
 
 
-def write_manifest(cfg: Config, plan: IndexPlan, ntotal: int, timings: dict, recall: dict, records: list[dict],
-                   memory: dict, training: dict | None = None) -> dict:
+def write_manifest(
+    cfg: Config,
+    plan: IndexPlan,
+    ntotal: int,
+    timings: dict,
+    recall: dict,
+    records: list[dict],
+    memory: dict,
+    training: dict | None = None,
+) -> dict:
     layout = layout_of(cfg)
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     if ntotal != plan.ntotal:
         raise RuntimeError(f"merged index holds {ntotal} vectors, the embeddings {plan.ntotal}")
     manifest = {
-        **stamp(), "stage": "index", "type": plan.factory, "metric": plan.metric, "dim": plan.dim,
-        "ntotal": ntotal, "mergeable": plan.mergeable, "on_disk": plan.on_disk,
-        "fingerprint": plan.identity["fingerprint"], "encoder": emb["encoder"],
-        "query_encoder": emb.get("query_encoder"), "identity": plan.identity,
+        **stamp(),
+        "stage": "index",
+        "type": plan.factory,
+        "metric": plan.metric,
+        "dim": plan.dim,
+        "ntotal": ntotal,
+        "mergeable": plan.mergeable,
+        "on_disk": plan.on_disk,
+        "fingerprint": plan.identity["fingerprint"],
+        "encoder": emb["encoder"],
+        "query_encoder": emb.get("query_encoder"),
+        "identity": plan.identity,
         "search_parameters": {recall["parameter"]: recall["value"]} if recall["parameter"] else {},
-        "recall": recall, "timings_s": timings, "peak_memory_mb": memory, "training": training or {},
-        "shards": [{"name": r["name"], "ntotal": r["ntotal"], "seconds": r["seconds"],
-                    "peak_memory_mb": r["peak_memory_mb"], **({"path": r["path"]} if r.get("path") else {})}
-                   for r in records],
-        "files": {"merged": "merged.faiss", "trained": "trained.faiss",
-                  **({"ivfdata": "merged.ivfdata"} if plan.on_disk else {})},
+        "recall": recall,
+        "timings_s": timings,
+        "peak_memory_mb": memory,
+        "training": training or {},
+        "shards": [
+            {
+                "name": r["name"],
+                "ntotal": r["ntotal"],
+                "seconds": r["seconds"],
+                "peak_memory_mb": r["peak_memory_mb"],
+                **({"path": r["path"]} if r.get("path") else {}),
+            }
+            for r in records
+        ],
+        "files": {
+            "merged": "merged.faiss",
+            "trained": "trained.faiss",
+            **({"ivfdata": "merged.ivfdata"} if plan.on_disk else {}),
+        },
         "config": cfg.to_dict(),
     }
     storage.write_json_atomic(layout.file("manifest.json"), manifest, layout.storage_options)
@@ -351,22 +442,32 @@ def check_query_encoder(manifest: dict, identity: dict) -> None:
         lines = identity_differences(manifest["encoder"], identity)
         raise IncompatibleOutputError(
             f"the index was built from vectors of encoder {manifest['fingerprint']}, but this run's model "
-            f"settings give encoder {identity['fingerprint']}:\n  " + "\n  ".join(lines)
-            + "\nuse the model settings the index was built with, or re-encode and re-index")
+            f"settings give encoder {identity['fingerprint']}:\n  "
+            + "\n  ".join(lines)
+            + "\nuse the model settings the index was built with, or re-encode and re-index"
+        )
 
 
-def complete(cfg: Config, plan: IndexPlan, train_info: dict, add_s: float, result: dict, started: float,
-             in_tasks: bool) -> dict:
+def complete(
+    cfg: Config, plan: IndexPlan, train_info: dict, add_s: float, result: dict, started: float, in_tasks: bool
+) -> dict:
     """Write the manifest of a finished build from the reports of its steps (``finish`` gives ``result``); with
     ``in_tasks`` the peak memory of the train, add and merge tasks is recorded next to the driver's."""
     records = shard_records(cfg, plan) if plan.mergeable else []
-    timings = {"train": train_info["seconds"], "add": round(add_s, 3), "merge": result["merge_s"],
-               "recall": result["recall_s"], "total": round(time.perf_counter() - started, 3)}
+    timings = {
+        "train": train_info["seconds"],
+        "add": round(add_s, 3),
+        "merge": result["merge_s"],
+        "recall": result["recall_s"],
+        "total": round(time.perf_counter() - started, 3),
+    }
     memory = {"driver": peak_memory_mb()}
     if in_tasks:
-        memory |= {"train_task": train_info["peak_memory_mb"],
-                   "add_tasks_max": max((r["peak_memory_mb"] for r in records), default=None),
-                   "merge_task": result["peak_memory_mb"]}
+        memory |= {
+            "train_task": train_info["peak_memory_mb"],
+            "add_tasks_max": max((r["peak_memory_mb"] for r in records), default=None),
+            "merge_task": result["peak_memory_mb"],
+        }
     training = {key: train_info.get(key) for key in ("reused", "points", "mean_coarse_distance")}
     return write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records, memory, training)
 
@@ -389,8 +490,10 @@ def load_shard_index(root: str, shard_name: str, storage_options: dict | None = 
     """One committed shard index, with the merged index's tuned search parameters applied."""
     manifest = read_index_manifest(root, storage_options)
     if not manifest["mergeable"]:
-        raise ValueError(f"index type {manifest['type']} has no shard indexes (it cannot be merged, so it is built "
-                         f"whole): use mine.mode = replicated")
+        raise ValueError(
+            f"index type {manifest['type']} has no shard indexes (it cannot be merged, so it is built "
+            f"whole): use mine.mode = replicated"
+        )
     entry = next((s for s in manifest["shards"] if s["name"] == shard_name), {"name": shard_name})
     index = _read_index(shard_index_url(storage.join(root, "index"), entry), storage_options)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])

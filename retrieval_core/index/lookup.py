@@ -1,4 +1,5 @@
 """From global row ids back to documents: doc ids from the embedding shards, texts from the corpus itself."""
+
 from __future__ import annotations
 
 import bisect
@@ -24,8 +25,13 @@ def _shards_holding(shards: list[dict], row_ids: Iterable[int]) -> dict[int, lis
     return wanted
 
 
-def row_values(root: str, row_ids: Iterable[int], columns: list[str], storage_options: dict | None = None,
-               manifest: dict | None = None) -> dict[int, tuple]:
+def row_values(
+    root: str,
+    row_ids: Iterable[int],
+    columns: list[str],
+    storage_options: dict | None = None,
+    manifest: dict | None = None,
+) -> dict[int, tuple]:
     """Row id -> values of ``columns`` of the embedding shards (``doc_id``, ``text_hash``, ``embedding`` ...),
     reading only those columns of only the shards that hold the rows. Missing rows (rejects, -1) are absent."""
     manifest = manifest or read_embeddings_manifest(root, storage_options)
@@ -40,11 +46,11 @@ def row_values(root: str, row_ids: Iterable[int], columns: list[str], storage_op
     return out
 
 
-def doc_ids_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None,
-                     manifest: dict | None = None) -> dict[int, str]:
+def doc_ids_for_rows(
+    root: str, row_ids: Iterable[int], storage_options: dict | None = None, manifest: dict | None = None
+) -> dict[int, str]:
     """Row id -> doc id, reading only the doc_id column of the shards that hold the rows."""
-    return {row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options,
-                                                           manifest).items()}
+    return {row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options, manifest).items()}
 
 
 def text_hashes(values: dict[int, tuple[str, str]], ids: np.ndarray) -> np.ndarray:
@@ -63,8 +69,13 @@ class RowLookup:
     columns once per call; vectors likewise. Nothing per row is kept between calls: a run joins each text group
     once."""
 
-    def __init__(self, root: str, storage_options: dict | None = None, corpus_storage_options: dict | None = None,
-                 manifest: dict | None = None):
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict | None = None,
+        corpus_storage_options: dict | None = None,
+        manifest: dict | None = None,
+    ):
         self.root, self.storage_options = root, storage_options
         self.corpus_storage_options = corpus_storage_options
         self.manifest = manifest or read_embeddings_manifest(root, storage_options)
@@ -74,15 +85,20 @@ class RowLookup:
         """Row id -> (doc id, text hash); missing rows (rejects, -1) are absent."""
         out: dict[int, tuple[str, str]] = {}
         for i, rows in _shards_holding(self.manifest["shards"], row_ids).items():
-            table = read_shard_table(self.root, self.manifest["shards"][i], ["doc_id", "text_hash"],
-                                     self.storage_options).sort_by("row_id")
+            table = read_shard_table(
+                self.root, self.manifest["shards"][i], ["doc_id", "text_hash"], self.storage_options
+            ).sort_by("row_id")
             ids = table.column("row_id").to_numpy()
             wanted = np.asarray(rows, dtype=np.int64)
             at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
             found = ids[at] == wanted if len(ids) else np.zeros(len(wanted), dtype=bool)
             at = at[found]
-            out.update(zip(wanted[found].tolist(), zip(table.column("doc_id").take(at).to_pylist(),
-                                                       table.column("text_hash").take(at).to_pylist())))
+            out.update(
+                zip(
+                    wanted[found].tolist(),
+                    zip(table.column("doc_id").take(at).to_pylist(), table.column("text_hash").take(at).to_pylist()),
+                )
+            )
         return out
 
     def vectors(self, row_ids: Iterable[int]) -> dict[int, tuple]:
@@ -97,16 +113,22 @@ class RowLookup:
         """Row id -> the text that was encoded, for rows whose (doc id, text hash) :meth:`values` found: no shard
         of the embeddings is read again."""
         if self.manifest.get("docmap"):  # a refresh version: rows are not corpus positions
-            return _version_texts(self.root, self.manifest, {row: doc for row, (doc, _) in values.items()},
-                                  self.storage_options, self.corpus_storage_options)
+            return _version_texts(
+                self.root,
+                self.manifest,
+                {row: doc for row, (doc, _) in values.items()},
+                self.storage_options,
+                self.corpus_storage_options,
+            )
         if self._metas is None:
             self._corpus = encoded_corpus(self.manifest, self.corpus_storage_options)
             self._metas = inspect_corpus(self._corpus)
         return texts_at(self._metas, self._corpus, list(values))
 
 
-def rows_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,
-                     manifest: dict | None = None) -> dict[str, int]:
+def rows_for_doc_ids(
+    root: str, doc_ids: Iterable[str], storage_options: dict | None = None, manifest: dict | None = None
+) -> dict[str, int]:
     """Doc id -> row id for those of ``doc_ids`` that the embeddings hold, reading the doc_id and row_id columns of
     one shard at a time (memory: ``doc_ids`` and one shard's columns, whatever the corpus size)."""
     import pyarrow as pa
@@ -138,8 +160,9 @@ def doc_ids_present(root: str, doc_ids: Iterable[str], storage_options: dict | N
     return found
 
 
-def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | None = None,
-                   corpus_storage_options: dict | None = None) -> dict[int, str]:
+def texts_for_rows(
+    root: str, row_ids: Iterable[int], storage_options: dict | None = None, corpus_storage_options: dict | None = None
+) -> dict[int, str]:
     """Row id -> the text that was encoded (title + " " + text), read back from the corpus (only the corpus shards
     holding the rows are read). The corpus settings come from the embeddings manifest, its storage options from the
     running job (``corpus_storage_options``): manifests hold none. In a refresh version, where row ids are not
@@ -147,13 +170,15 @@ def texts_for_rows(root: str, row_ids: Iterable[int], storage_options: dict | No
     manifest = read_embeddings_manifest(root, storage_options)
     if not manifest.get("docmap"):
         return _texts_at_positions(root, manifest, row_ids, storage_options, corpus_storage_options)
-    doc_of = {row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options,
-                                                            manifest).items()}
+    doc_of = {
+        row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options, manifest).items()
+    }
     return _version_texts(root, manifest, doc_of, storage_options, corpus_storage_options)
 
 
-def _version_texts(root: str, manifest: dict, doc_of: dict[int, str], storage_options: dict | None,
-                   corpus_storage_options: dict | None) -> dict[int, str]:
+def _version_texts(
+    root: str, manifest: dict, doc_of: dict[int, str], storage_options: dict | None, corpus_storage_options: dict | None
+) -> dict[int, str]:
     """Row id -> encoded text in a refresh version, for the rows of ``doc_of`` (row id -> doc id): through each
     document's position in the version's snapshot."""
     position = snapshot_rows(root, manifest, set(doc_of.values()), storage_options)
@@ -172,13 +197,21 @@ def snapshot_rows(root: str, manifest: dict, doc_ids: set[str], storage_options:
     out = {}
     for bucket in sorted(set(buckets_of(wanted, docmap["buckets"]).tolist())):
         table = storage.read_parquet(storage.join(directory, f"b{bucket:05d}.parquet"), storage_options)
-        out.update((d, r) for d, r in zip(table.column("doc_id").to_pylist(), table.column("corpus_row").to_pylist())
-                   if d in doc_ids)
+        out.update(
+            (d, r)
+            for d, r in zip(table.column("doc_id").to_pylist(), table.column("corpus_row").to_pylist())
+            if d in doc_ids
+        )
     return out
 
 
-def _texts_at_positions(root: str, manifest: dict, positions: Iterable[int], storage_options: dict | None,
-                        corpus_storage_options: dict | None) -> dict[int, str]:
+def _texts_at_positions(
+    root: str,
+    manifest: dict,
+    positions: Iterable[int],
+    storage_options: dict | None,
+    corpus_storage_options: dict | None,
+) -> dict[int, str]:
     """Corpus position -> encoded text, through the encode plan's shards of the manifest's corpus."""
     plan = storage.read_json(storage.join(root, "embeddings", "_plan.json"), storage_options)
     corpus_cfg = encoded_corpus(manifest, corpus_storage_options)
@@ -198,9 +231,13 @@ def encoded_corpus(manifest: dict, corpus_storage_options: dict | None = None) -
     return CorpusConfig(**{**manifest["config"]["corpus"], "storage_options": dict(corpus_storage_options or {})})
 
 
-def texts_for_doc_ids(root: str, doc_ids: Iterable[str], storage_options: dict | None = None,
-                      doc_rows: dict[str, int] | None = None,
-                      corpus_storage_options: dict | None = None) -> dict[str, str]:
+def texts_for_doc_ids(
+    root: str,
+    doc_ids: Iterable[str],
+    storage_options: dict | None = None,
+    doc_rows: dict[str, int] | None = None,
+    corpus_storage_options: dict | None = None,
+) -> dict[str, str]:
     """Doc id -> encoded text, through the doc id -> row id map (``doc_rows``; when not given, found for these ids
     alone by :func:`rows_for_doc_ids`) and :func:`texts_for_rows` (``corpus_storage_options``: the running job's
     ``corpus.storage_options``)."""

@@ -1,4 +1,5 @@
 """Batched exact search over embedding shards, k-way merge of per-shard top-k, and recall against exact results."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -37,8 +38,9 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str) 
     return top_scores, top_ids
 
 
-def exact_search(shards: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int,
-                 metric: str) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    shards: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of ``queries`` (n x dim float32) over shards given as (row_ids, vectors) pairs, streamed:
     memory is one shard plus (n x 2k) results. Returns (scores, global row ids), best first."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -46,8 +48,9 @@ def exact_search(shards: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.nd
     for row_ids, vectors in shards:
         if len(row_ids) == 0:
             continue
-        scores, local = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(row_ids)),
-                                  metric=faiss_metric(metric))
+        scores, local = faiss.knn(
+            queries, np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(row_ids)), metric=faiss_metric(metric)
+        )
         found = np.where(local >= 0, np.asarray(row_ids, dtype=np.int64)[np.maximum(local, 0)], MISSING)
         best = merge_topk([best, (scores, found)], k, metric)
     return merge_topk([best], k, metric)
@@ -68,5 +71,5 @@ def drop_ids(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     out = np.full((len(ids), k), MISSING, dtype=np.int64)
     for row, (found, skip) in enumerate(zip(ids, own)):
         kept = found[found != skip][:k]
-        out[row, :len(kept)] = kept
+        out[row, : len(kept)] = kept
     return out

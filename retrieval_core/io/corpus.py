@@ -3,6 +3,7 @@
 Formats: Parquet (blocks = row groups) and JSONL (blocks of ``JSONL_BLOCK_ROWS`` non-blank lines, with byte
 offsets, found by one streaming pass over the file). Memory is bounded by one Parquet row group or one batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,17 +73,20 @@ def inspect_corpus(cfg: CorpusConfig) -> list[FileMeta]:
         columns = schema.names if isinstance(schema, pa.Schema) else schema
         missing = [c for c in required_columns(cfg) if c not in columns]
         if missing and meta.num_rows:
-            raise CorpusError(f"'{url}' has no column {', '.join(map(repr, missing))}; "
-                              f"columns present: {', '.join(columns)}")
+            raise CorpusError(
+                f"'{url}' has no column {', '.join(map(repr, missing))}; columns present: {', '.join(columns)}"
+            )
         if isinstance(schema, pa.Schema) and meta.num_rows:
             id_types[url] = _check_column_types(url, schema, cfg)
         metas.append(meta)
     kinds = {kind: url for url, kind in id_types.items()}
     if len(kinds) > 1:
         (kind_a, url_a), (kind_b, url_b) = sorted(kinds.items())
-        raise CorpusError(f"the id column '{cfg.id_column}' holds {kind_a} values in '{url_a}' and {kind_b} values in "
-                          f"'{url_b}': write one type in every file (ids are compared as strings, so 1 and '1' would "
-                          f"be one id)")
+        raise CorpusError(
+            f"the id column '{cfg.id_column}' holds {kind_a} values in '{url_a}' and {kind_b} values in "
+            f"'{url_b}': write one type in every file (ids are compared as strings, so 1 and '1' would "
+            f"be one id)"
+        )
     return metas
 
 
@@ -101,8 +105,11 @@ def _check_column_types(url: str, schema: pa.Schema, cfg: CorpusConfig) -> str:
 
 
 def _is_string(arrow_type: pa.DataType) -> bool:
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or (
-        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(arrow_type))
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(arrow_type))
+    )
 
 
 def _inspect_parquet(url: str, cfg: CorpusConfig) -> tuple[FileMeta, pa.Schema]:
@@ -160,8 +167,9 @@ def _first_record_keys(url: str, line: bytes) -> list[str]:
     return list(record)
 
 
-def iter_piece_batches(piece: Piece, columns: list[str], storage_options: dict,
-                       batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[int, dict]]:
+def iter_piece_batches(
+    piece: Piece, columns: list[str], storage_options: dict, batch_rows: int = READ_BATCH_ROWS
+) -> Iterator[tuple[int, dict]]:
     """Yield ``(first file row, {column: values})`` batches covering exactly the piece's rows."""
     reader = _iter_parquet if piece.file.format == "parquet" else _iter_jsonl
     position = None
@@ -169,7 +177,7 @@ def iter_piece_batches(piece: Piece, columns: list[str], storage_options: dict,
         n = len(batch[columns[0]])
         lo, hi = max(first_row, piece.row_start), min(first_row + n, piece.row_stop)
         if lo < hi:
-            yield lo, {c: values[lo - first_row:hi - first_row] for c, values in batch.items()}
+            yield lo, {c: values[lo - first_row : hi - first_row] for c, values in batch.items()}
         position = first_row + n
         if position >= piece.row_stop:
             return
@@ -281,8 +289,10 @@ def read_shard(shard: Shard, cfg: CorpusConfig) -> ShardRows:
                 _accept_or_reject(out, global_row, piece.file.url, doc_id, title, text, cfg.max_text_chars)
                 global_row += 1
     if global_row != shard.row_stop:
-        raise CorpusError(f"{shard.name}: read {global_row - shard.row_start} rows, planned {shard.num_rows}; "
-                          "did a corpus file change since planning?")
+        raise CorpusError(
+            f"{shard.name}: read {global_row - shard.row_start} rows, planned {shard.num_rows}; "
+            "did a corpus file change since planning?"
+        )
     return out
 
 
@@ -340,8 +350,8 @@ def iter_doc_ids(metas: list[FileMeta], cfg: CorpusConfig) -> Iterator[list]:
             yield batch[cfg.id_column]
 
 
-ID_CHECK_DRIVER_ROWS = 1_000_000   # a corpus up to this size is checked for duplicate ids in the job's process
-ID_CHECK_ROWS = 25_000_000         # rows one partition of the duplicate-id check holds (8 bytes each)
+ID_CHECK_DRIVER_ROWS = 1_000_000  # a corpus up to this size is checked for duplicate ids in the job's process
+ID_CHECK_ROWS = 25_000_000  # rows one partition of the duplicate-id check holds (8 bytes each)
 
 
 def id_check_partitions(total_rows: int) -> int:
@@ -349,8 +359,9 @@ def id_check_partitions(total_rows: int) -> int:
     return max(1, math.ceil(total_rows / ID_CHECK_ROWS))
 
 
-def find_duplicate_ids(metas: list[FileMeta], cfg: CorpusConfig, examples: int = 5, partition: int = 0,
-                       partitions: int = 1) -> list[str]:
+def find_duplicate_ids(
+    metas: list[FileMeta], cfg: CorpusConfig, examples: int = 5, partition: int = 0, partitions: int = 1
+) -> list[str]:
     """Up to ``examples`` doc ids that occur more than once, among the ids of partition ``partition`` of
     ``partitions`` (by a 64-bit hash of the id: every copy of an id falls in the same partition, so the partitions'
     answers together are the corpus's). Memory: 8 bytes per row of the partition."""
@@ -382,8 +393,12 @@ def _named_duplicates(metas: list[FileMeta], cfg: CorpusConfig, suspects: set[in
 
 def _valid_id(doc_id) -> bool:
     """An id a row can be accepted with (others are rejects, see :func:`_reject_reason`)."""
-    return (isinstance(doc_id, (str, int)) and not isinstance(doc_id, bool) and str(doc_id) != ""
-            and _encodable(str(doc_id)))
+    return (
+        isinstance(doc_id, (str, int))
+        and not isinstance(doc_id, bool)
+        and str(doc_id) != ""
+        and _encodable(str(doc_id))
+    )
 
 
 def _id_hash(doc_id) -> int:

@@ -17,6 +17,7 @@ Points: ``write`` (every atomic write of ``storage``, after the data is staged a
 shard about to be read and encoded; ``detail`` = its name), ``train`` (a training step done; ``detail`` =
 "step-N").
 """
+
 from __future__ import annotations
 
 import errno

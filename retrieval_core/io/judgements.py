@@ -4,6 +4,7 @@ Queries are JSONL (one object a line) or Parquet; qrels are TSV (``query-id corp
 header) or Parquet. Every error is an :class:`EvaluationDataError` naming the file and, where it applies, the line
 or field. The evaluate and mine stages read their inputs with these.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,13 @@ class EvaluationDataError(ValueError):
     """Queries or qrels cannot be read; the message names the file and, where it applies, the line or field."""
 
 
-def read_queries(url: str, storage_options: dict | None = None, id_field: str = "_id",
-                 text_field: str = "text", keep: Callable[[str], bool] | None = None) -> dict[str, str]:
+def read_queries(
+    url: str,
+    storage_options: dict | None = None,
+    id_field: str = "_id",
+    text_field: str = "text",
+    keep: Callable[[str], bool] | None = None,
+) -> dict[str, str]:
     """Queries as ``{query id: text}`` from JSONL (one object a line, blank lines skipped) or Parquet.
 
     The format follows the extension: ``.parquet`` / ``.pq`` is Parquet, anything else JSONL (``.gz`` and other
@@ -44,12 +50,16 @@ def read_queries(url: str, storage_options: dict | None = None, id_field: str = 
     return queries
 
 
-def query_records(url: str, storage_options: dict | None = None, id_field: str = "_id",
-                  text_field: str = "text") -> Iterator[tuple[str, str, str]]:
+def query_records(
+    url: str, storage_options: dict | None = None, id_field: str = "_id", text_field: str = "text"
+) -> Iterator[tuple[str, str, str]]:
     """(where, query id, text) of every query of a queries file, in file order, each checked as
     :func:`read_queries` says (duplicates aside); an error when the file holds none."""
-    records = parquet_records(url, storage_options, (id_field, text_field)) if _is_parquet(url) \
+    records = (
+        parquet_records(url, storage_options, (id_field, text_field))
+        if _is_parquet(url)
         else jsonl_records(url, storage_options)
+    )
     rows = 0
     for where, record in records:
         yield (where, *_query_from_record(url, where, record, id_field, text_field))
@@ -58,8 +68,9 @@ def query_records(url: str, storage_options: dict | None = None, id_field: str =
         raise EvaluationDataError(f"'{url}': no queries in the file")
 
 
-def read_qrels(url: str, storage_options: dict | None = None,
-               keep: Callable[[str], bool] | None = None) -> dict[str, dict[str, int]]:
+def read_qrels(
+    url: str, storage_options: dict | None = None, keep: Callable[[str], bool] | None = None
+) -> dict[str, dict[str, int]]:
     """Relevance judgements as ``{query id: {doc id: score}}`` from a BEIR qrels TSV.
 
     The first line is the header ``query-id<TAB>corpus-id<TAB>score``; it may be left out only when the first line's
@@ -99,13 +110,16 @@ def add_query(queries: dict[str, str], url: str, where: str, query_id: str, text
     queries[query_id] = text
 
 
-def add_judgement(qrels: dict[str, dict[str, int]], url: str, where: str, query_id: str, doc_id: str,
-                  score: int) -> None:
+def add_judgement(
+    qrels: dict[str, dict[str, int]], url: str, where: str, query_id: str, doc_id: str, score: int
+) -> None:
     """Add one qrels row; a pair judged again with another score is an error naming ``where``."""
     previous = qrels.setdefault(query_id, {}).setdefault(doc_id, score)
     if previous != score:
-        raise EvaluationDataError(f"'{url}' {where}: query '{query_id}', document '{doc_id}' is judged "
-                                  f"again with score {score} (earlier {previous})")
+        raise EvaluationDataError(
+            f"'{url}' {where}: query '{query_id}', document '{doc_id}' is judged "
+            f"again with score {score} (earlier {previous})"
+        )
 
 
 def _is_parquet(url: str) -> bool:
@@ -126,8 +140,9 @@ def _open_text_lines(url: str, storage_options: dict | None) -> Iterator[tuple[i
     except FileNotFoundError:
         raise
     except (OSError, EOFError, zlib.error) as exc:  # gzip that is not gzip, or cut short
-        raise EvaluationDataError(f"'{url}' could not be read after line {line_no}: {type(exc).__name__}: "
-                                  f"{exc}") from None
+        raise EvaluationDataError(
+            f"'{url}' could not be read after line {line_no}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def jsonl_records(url: str, storage_options: dict | None) -> Iterator[tuple[str, object]]:
@@ -140,8 +155,7 @@ def jsonl_records(url: str, storage_options: dict | None) -> Iterator[tuple[str,
             raise EvaluationDataError(f"'{url}' line {line_no}: invalid JSON: {exc}") from None
 
 
-def parquet_records(url: str, storage_options: dict | None,
-                     fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+def parquet_records(url: str, storage_options: dict | None, fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
     fs, path = storage.filesystem(url, storage_options)
     try:
         with fs.open(path, "rb") as handle:
@@ -171,11 +185,13 @@ def _query_from_record(url: str, where: str, record: object, id_field: str, text
     if isinstance(query_id, int) and not isinstance(query_id, bool):
         query_id = str(query_id)
     if not isinstance(query_id, str) or not query_id:
-        raise EvaluationDataError(f"'{url}' {where}: field '{id_field}' must be a non-empty string or an integer, "
-                                  f"got {query_id!r}")
+        raise EvaluationDataError(
+            f"'{url}' {where}: field '{id_field}' must be a non-empty string or an integer, got {query_id!r}"
+        )
     if not isinstance(text, str) or not text.strip():
-        raise EvaluationDataError(f"'{url}' {where}: field '{text_field}' of query '{query_id}' must be a non-empty "
-                                  f"string, got {text!r}")
+        raise EvaluationDataError(
+            f"'{url}' {where}: field '{text_field}' of query '{query_id}' must be a non-empty string, got {text!r}"
+        )
     return query_id, text
 
 
@@ -191,14 +207,18 @@ def _is_header(url: str, line_no: int, fields: list[str]) -> bool:
         return False
     if tuple(f.lower() for f in fields) == QRELS_HEADER:
         return True
-    raise EvaluationDataError(f"'{url}' line {line_no}: expected the header '{chr(9).join(QRELS_HEADER)}' "
-                              f"(tab-separated) or a row with an integer score, got {fields}")
+    raise EvaluationDataError(
+        f"'{url}' line {line_no}: expected the header '{chr(9).join(QRELS_HEADER)}' "
+        f"(tab-separated) or a row with an integer score, got {fields}"
+    )
 
 
 def _qrels_row(url: str, line_no: int, fields: list[str]) -> tuple[str, str, int]:
     if len(fields) != 3:
-        raise EvaluationDataError(f"'{url}' line {line_no}: expected 3 tab-separated fields "
-                                  f"(query-id, corpus-id, score), got {len(fields)}: {fields}")
+        raise EvaluationDataError(
+            f"'{url}' line {line_no}: expected 3 tab-separated fields "
+            f"(query-id, corpus-id, score), got {len(fields)}: {fields}"
+        )
     query_id, doc_id, raw_score = fields
     if not query_id or not doc_id:
         raise EvaluationDataError(f"'{url}' line {line_no}: empty query-id or corpus-id: {fields}")

@@ -20,6 +20,7 @@ and fsspec's stores do not.
 Clocks: expiry is judged by the reader's clock against the holder's ``renewed_at``, so hosts need clocks within
 a small fraction of ``expiry_s`` of each other (NTP gives milliseconds).
 """
+
 from __future__ import annotations
 
 import getpass
@@ -83,8 +84,10 @@ def this_process() -> dict:
 
 def describe(record: dict) -> str:
     job = f" ({record['job']})" if record.get("job") else ""
-    return (f"host {record.get('host')} pid {record.get('pid')}{job}, generation {record.get('generation')}, "
-            f"since {record.get('acquired_at')}")
+    return (
+        f"host {record.get('host')} pid {record.get('pid')}{job}, generation {record.get('generation')}, "
+        f"since {record.get('acquired_at')}"
+    )
 
 
 def generation_url(directory: str, generation: int) -> str:
@@ -153,13 +156,14 @@ def is_live(record: dict | None) -> bool:
 @dataclass
 class Lease:
     """A lease this process holds; renewed in the background while :meth:`start_renewing` runs."""
+
     directory: str
     storage_options: dict
     generation: int
     record: dict
     renew_s: float
     what: str = "refresh"
-    lost: str = ""                      # why the lease is lost ('' while held)
+    lost: str = ""  # why the lease is lost ('' while held)
     on_release: Callable[[], None] | None = None  # run after a successful release (e.g. tidying what it made)
     _renewed: float = field(default_factory=time.monotonic)  # this process's clock at the last renewal
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -177,11 +181,15 @@ class Lease:
         """Raise :class:`LeaseLost` when the renewer found the lease lost or this process's own clock says it has
         expired; no I/O (cheap enough for every finished shard)."""
         if not self.lost and time.monotonic() - self._renewed >= self.expiry_s:
-            self.lost = (f"this process could not renew it for {time.monotonic() - self._renewed:.0f}s "
-                         f"(expiry {self.expiry_s:g}s)")
+            self.lost = (
+                f"this process could not renew it for {time.monotonic() - self._renewed:.0f}s "
+                f"(expiry {self.expiry_s:g}s)"
+            )
         if self.lost:
-            raise LeaseLost(f"lost the {self.what} lease '{self.url}' (generation {self.generation}): {self.lost}; "
-                            f"this process stops without changing anything more")
+            raise LeaseLost(
+                f"lost the {self.what} lease '{self.url}' (generation {self.generation}): {self.lost}; "
+                f"this process stops without changing anything more"
+            )
 
     def check(self, step: str = "") -> None:
         """The fence, before a step that changes shared state: no newer generation exists (any: the one right after
@@ -223,8 +231,9 @@ class Lease:
             try:
                 self.renew()
             except Exception as exc:  # noqa: BLE001 - a failed renewal is retried; ensure() judges the expiry
-                logger.warning("could not renew the %s lease '%s': %s: %s", self.what, self.url,
-                               type(exc).__name__, exc)
+                logger.warning(
+                    "could not renew the %s lease '%s': %s: %s", self.what, self.url, type(exc).__name__, exc
+                )
         if self.lost:
             logger.error("the %s lease '%s' is lost: %s", self.what, self.url, self.lost)
 
@@ -237,15 +246,24 @@ class Lease:
         if any(g > self.generation for g in generations(self.directory, self.storage_options)):
             logger.warning("not releasing the %s lease '%s': a newer generation holds it", self.what, self.url)
             return False
-        storage.write_json_atomic(self.url, {**self.record, "released": True, "released_at": utc_now_iso()},
-                                  self.storage_options)
+        storage.write_json_atomic(
+            self.url, {**self.record, "released": True, "released_at": utc_now_iso()}, self.storage_options
+        )
         if self.on_release is not None:
             self.on_release()
         return True
 
 
-def acquire(directory: str, storage_options: dict | None = None, expiry_s: float = 600.0, renew_s: float = 60.0,
-            owner: dict | None = None, what: str = "refresh", wait: bool = False, settle_s: float = 0.0) -> Lease:
+def acquire(
+    directory: str,
+    storage_options: dict | None = None,
+    expiry_s: float = 600.0,
+    renew_s: float = 60.0,
+    owner: dict | None = None,
+    what: str = "refresh",
+    wait: bool = False,
+    settle_s: float = 0.0,
+) -> Lease:
     """Take the lease in ``directory``: create the generation after the newest one, if that one is released or
     expired. A live holder raises :class:`LockedError` naming it, or with ``wait`` is waited for (polling). The
     lease is renewed in the background until :meth:`Lease.release`.
@@ -266,10 +284,16 @@ def acquire(directory: str, storage_options: dict | None = None, expiry_s: float
             time.sleep(POLL_S)
             continue
         if held is not None and not held.get("released"):
-            logger.warning("taking over the expired %s lease '%s' held by %s (last renewed %s, %.0fs ago; expiry "
-                           "%ss%s)", what, generation_url(directory, generation), describe(held),
-                           held.get("renewed_at"), silent_for(held), held.get("expiry_s"),
-                           "; that process no longer runs on this host" if holder_gone(held) else "")
+            logger.warning(
+                "taking over the expired %s lease '%s' held by %s (last renewed %s, %.0fs ago; expiry %ss%s)",
+                what,
+                generation_url(directory, generation),
+                describe(held),
+                held.get("renewed_at"),
+                silent_for(held),
+                held.get("expiry_s"),
+                "; that process no longer runs on this host" if holder_gone(held) else "",
+            )
         lease = _create(directory, so, generation + 1, expiry_s, renew_s, owner, what, settle_s)
         if lease is not None:
             try:
@@ -283,17 +307,35 @@ def acquire(directory: str, storage_options: dict | None = None, expiry_s: float
 
 def _held_message(directory: str, generation: int, held: dict, what: str) -> str:
     left = max(0.0, float(held.get("expiry_s") or 0) - silent_for(held))
-    return (f"the {what} lease '{generation_url(directory, generation)}' is held by {describe(held)}, last renewed "
-            f"{held.get('renewed_at')}: wait for that {what} to finish (--wait, where the job offers it); if that "
-            f"process is gone, its lease expires {left:.0f}s after its last renewal (publish.lease_expiry)")
+    return (
+        f"the {what} lease '{generation_url(directory, generation)}' is held by {describe(held)}, last renewed "
+        f"{held.get('renewed_at')}: wait for that {what} to finish (--wait, where the job offers it); if that "
+        f"process is gone, its lease expires {left:.0f}s after its last renewal (publish.lease_expiry)"
+    )
 
 
-def _create(directory: str, so: dict, generation: int, expiry_s: float, renew_s: float, owner: dict | None,
-            what: str, settle_s: float) -> Lease | None:
+def _create(
+    directory: str,
+    so: dict,
+    generation: int,
+    expiry_s: float,
+    renew_s: float,
+    owner: dict | None,
+    what: str,
+    settle_s: float,
+) -> Lease | None:
     """Create generation ``generation``: the Lease when this process won, None when another one did."""
     now = precise_now_iso()
-    record = {**this_process(), **(owner or {}), "generation": generation, "token": uuid.uuid4().hex,
-              "acquired_at": now, "renewed_at": now, "expiry_s": expiry_s, "renew_s": renew_s}
+    record = {
+        **this_process(),
+        **(owner or {}),
+        "generation": generation,
+        "token": uuid.uuid4().hex,
+        "acquired_at": now,
+        "renewed_at": now,
+        "expiry_s": expiry_s,
+        "renew_s": renew_s,
+    }
     url = generation_url(directory, generation)
     data = json.dumps(record, indent=2, sort_keys=True).encode()
     created = storage.create_exclusive(url, data, so)

@@ -1,4 +1,5 @@
 """Stage manifests and the identity checks that keep incompatible outputs from mixing."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ def check_same_identity(old: dict, new: dict, where: str) -> None:
     differences = identity_differences(old, new)
     if differences:
         raise IncompatibleOutputError(
-            f"the output at '{where}' was made with other settings:\n  " + "\n  ".join(differences)
-            + "\nset output.overwrite=true to replace it, or choose another output.root")
+            f"the output at '{where}' was made with other settings:\n  "
+            + "\n  ".join(differences)
+            + "\nset output.overwrite=true to replace it, or choose another output.root"
+        )
 
 
 def digest(content: Any) -> str:
@@ -62,8 +65,9 @@ def read_manifest(url: str, storage_options: dict | None = None, stage: str = ""
     return manifest
 
 
-def claim_stage_dir(stage_dir: str, identity: dict, plan: dict, overwrite: bool,
-                    storage_options: dict | None = None) -> None:
+def claim_stage_dir(
+    stage_dir: str, identity: dict, plan: dict, overwrite: bool, storage_options: dict | None = None
+) -> None:
     """Before a stage writes into ``stage_dir``: an earlier ``_plan.json`` with another identity is refused (each
     difference listed), or with ``overwrite`` the directory is cleared; a new plan (``identity`` plus ``plan``)
     is written; temporaries a killed run left are removed."""
@@ -109,8 +113,9 @@ def committed_work(root: str, storage_options: dict | None = None) -> str:
 
 def count_records(directory: str, storage_options: dict | None = None) -> int:
     """The commit records (``*.json``, no temporaries) in a directory; 0 when it does not exist."""
-    return sum(1 for n in storage.list_names(directory, storage_options)
-               if n.endswith(".json") and storage.TMP_MARK not in n)
+    return sum(
+        1 for n in storage.list_names(directory, storage_options) if n.endswith(".json") and storage.TMP_MARK not in n
+    )
 
 
 def peak_memory_mb() -> float:

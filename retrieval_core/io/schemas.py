@@ -1,4 +1,5 @@
 """Column names and pyarrow schemas of the files the jobs write."""
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -18,20 +19,24 @@ EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 def embeddings_schema(dim: int, dtype: str = "float32", metadata: dict | None = None) -> pa.Schema:
     """``row_id int64, doc_id string, embedding fixed_size_list<dtype>[dim], text_hash string``."""
-    schema = pa.schema([
-        pa.field(ROW_ID, pa.int64(), nullable=False),
-        pa.field(DOC_ID, pa.string(), nullable=False),
-        pa.field(EMBEDDING, pa.list_(EMBEDDING_TYPES[dtype], dim), nullable=False),
-        pa.field(TEXT_HASH, pa.string(), nullable=False),
-    ])
+    schema = pa.schema(
+        [
+            pa.field(ROW_ID, pa.int64(), nullable=False),
+            pa.field(DOC_ID, pa.string(), nullable=False),
+            pa.field(EMBEDDING, pa.list_(EMBEDDING_TYPES[dtype], dim), nullable=False),
+            pa.field(TEXT_HASH, pa.string(), nullable=False),
+        ]
+    )
     if metadata:
         schema = schema.with_metadata({k: str(v) for k, v in metadata.items()})
     return schema
 
 
-REJECTS_SCHEMA = pa.schema([
-    pa.field(ROW_ID, pa.int64(), nullable=False),
-    pa.field(DOC_ID, pa.string()),
-    pa.field(REJECT_SOURCE, pa.string(), nullable=False),
-    pa.field(REJECT_REASON, pa.string(), nullable=False),
-])
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field(ROW_ID, pa.int64(), nullable=False),
+        pa.field(DOC_ID, pa.string()),
+        pa.field(REJECT_SOURCE, pa.string(), nullable=False),
+        pa.field(REJECT_REASON, pa.string(), nullable=False),
+    ]
+)

@@ -4,6 +4,7 @@ A corpus is an ordered list of files; each file is a list of row blocks (Parquet
 lines with their byte offsets). Rows get global ids ``0..N-1`` in file order, and a shard is a contiguous range of
 global ids, split into pieces that each lie inside one file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ import numpy as np
 MIN_AUTO_ROWS_PER_SHARD = 64
 MAX_AUTO_ROWS_PER_SHARD = 50_000
 AUTO_SHARDS_PER_WORKER = 4
-AUTO_SHARD_SECONDS = 30   # work per automatic shard for one worker: a stop or a kill loses about this much per worker
+AUTO_SHARD_SECONDS = 30  # work per automatic shard for one worker: a stop or a kill loses about this much per worker
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ def blocks_for_range(block_rows: tuple[int, ...], row_start: int, row_stop: int)
 
 def buckets_of(doc_ids: list[str], buckets: int) -> np.ndarray:
     """The bucket of each doc id: 64 bits of BLAKE2b of its UTF-8 bytes, modulo ``buckets`` (stable everywhere)."""
-    hashes = np.fromiter((int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "little")
-                          for d in doc_ids), dtype=np.uint64, count=len(doc_ids))
+    hashes = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "little") for d in doc_ids),
+        dtype=np.uint64,
+        count=len(doc_ids),
+    )
     return (hashes % np.uint64(buckets)).astype(np.int32)

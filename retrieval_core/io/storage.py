@@ -10,6 +10,7 @@ made earlier in this process can miss (or show the old size of) what other proce
 :func:`filesystem` forgets the cached listings of the path it is given, its parents and everything under it, so
 every helper here checks and reads what is there now.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -163,7 +164,7 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None)
         if exc.errno == errno.ENOSYS:  # the store rejects the condition (501 NotImplemented)
             return None
         if exc.errno in (errno.EBUSY, errno.EINVAL):  # 409 (another conditional PUT in flight), or a 412 that a
-            return False                              # store sent without saying which condition: both lost
+            return False  # store sent without saying which condition: both lost
         raise
 
 
@@ -230,8 +231,7 @@ def write_parquet_atomic(url: str, table: pa.Table, storage_options: dict | None
     write_bytes_atomic(url, buffer.getvalue(), storage_options)
 
 
-def concat_parquet_atomic(url: str, pieces: list[str], schema: pa.Schema,
-                          storage_options: dict | None = None) -> int:
+def concat_parquet_atomic(url: str, pieces: list[str], schema: pa.Schema, storage_options: dict | None = None) -> int:
     """Write the Parquet files ``pieces`` (cast to ``schema``) one after another into ``url``, streaming (one piece
     in memory at a time; see :func:`open_atomic`); returns the rows written."""
     rows = 0
@@ -261,8 +261,9 @@ def write_parquet_by_value(url: str, table: pa.Table, column: str, storage_optio
 
 
 @contextlib.contextmanager
-def parquet_writer_atomic(url: str, schema: pa.Schema, storage_options: dict | None = None,
-                          group_per_table: bool = True):
+def parquet_writer_atomic(
+    url: str, schema: pa.Schema, storage_options: dict | None = None, group_per_table: bool = True
+):
     """A function writing each table it is given into the Parquet file ``url``, streaming: as one row group each
     (``group_per_table``), or in row groups of Parquet's default size. The file appears whole when the block ends
     (see :func:`open_atomic`)."""
@@ -282,8 +283,11 @@ def read_parquet_where(url: str, column: str, value: int, storage_options: dict 
     with naming(url, "read"), fs.open(path, "rb") as handle:
         reader = pq.ParquetFile(handle)
         at = reader.schema_arrow.get_field_index(column)
-        wanted = [i for i in range(reader.metadata.num_row_groups)
-                  if _may_hold(reader.metadata.row_group(i).column(at).statistics, value)]
+        wanted = [
+            i
+            for i in range(reader.metadata.num_row_groups)
+            if _may_hold(reader.metadata.row_group(i).column(at).statistics, value)
+        ]
         table = reader.read_row_groups(wanted) if wanted else reader.schema_arrow.empty_table()
     return table.filter(pc.equal(table.column(column), value))
 
@@ -332,8 +336,9 @@ def list_names(url: str, storage_options: dict | None = None) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
-def expand_paths(paths: str | Iterable[str], suffixes: tuple[str, ...],
-                 storage_options: dict | None = None) -> list[str]:
+def expand_paths(
+    paths: str | Iterable[str], suffixes: tuple[str, ...], storage_options: dict | None = None
+) -> list[str]:
     """Files named by a path, directory, glob or list of them, sorted; an error names any that matches nothing.
 
     A directory contributes the files under it whose names end with one of ``suffixes``.
@@ -378,7 +383,7 @@ def _split_url(url: str) -> tuple[str, str, str, str]:
         return "", "", lead, url.lstrip("/")
     protocol, rest = url.split("://", 1)
     if protocol.lower() in _PATH_PROTOCOLS or rest.startswith("/"):
-        lead = rest[:len(rest) - len(rest.lstrip("/"))]
+        lead = rest[: len(rest) - len(rest.lstrip("/"))]
         return f"{protocol}://", "", lead, rest.lstrip("/")
     authority, _, below = rest.partition("/")
     return f"{protocol}://", authority, "", below
@@ -420,11 +425,15 @@ def relative_to(from_dir: str, target: str) -> str:
     have the same protocol and bucket (both local paths: both absolute or both relative)."""
     from_prefix, from_authority, from_lead, from_below = _split_url(from_dir)
     to_prefix, to_authority, to_lead, to_below = _split_url(target)
-    same = (from_prefix.lower() == to_prefix.lower() and from_authority == to_authority
-            and (bool(from_lead) == bool(to_lead) or from_prefix.lower() == "memory://"))
+    same = (
+        from_prefix.lower() == to_prefix.lower()
+        and from_authority == to_authority
+        and (bool(from_lead) == bool(to_lead) or from_prefix.lower() == "memory://")
+    )
     if not same:
-        raise ValueError(f"'{target}' and '{from_dir}' are not on the same protocol and bucket: no relative path "
-                         "joins them")
+        raise ValueError(
+            f"'{target}' and '{from_dir}' are not on the same protocol and bucket: no relative path joins them"
+        )
     start = _normalize_below(from_below, from_dir, can_climb=not from_prefix and not from_lead) or "."
     end = _normalize_below(to_below, target, can_climb=not to_prefix and not to_lead) or "."
     return posixpath.relpath(end, start)

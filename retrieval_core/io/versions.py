@@ -12,6 +12,7 @@ A refresh job builds complete versions under one output root (any fsspec URL) an
 Versions are a storage concern: this module alone knows them. Stages read and write an output root and never
 learn which version it is; :func:`resolve_root` turns a root into the one they should read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,12 +57,14 @@ class CurrentMovedError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------- names
 
+
 def parse_version_seq(name: str) -> int:
     """The sequence number of a version name ``v{seq:06d}-{yyyymmddTHHMMSSZ}``."""
     match = _NAME.fullmatch(name)
     if not match:
-        raise VersionError(f"'{name}' is not a version name (expected v<6+ digits>-<yyyymmddTHHMMSSZ>, "
-                           "e.g. v000001-20240101T000000Z)")
+        raise VersionError(
+            f"'{name}' is not a version name (expected v<6+ digits>-<yyyymmddTHHMMSSZ>, e.g. v000001-20240101T000000Z)"
+        )
     return int(match.group(1))
 
 
@@ -102,6 +105,7 @@ def new_version_name(root: str, storage_options: dict | None = None, now: dateti
 
 # ---------------------------------------------------------------------------------------------------- CURRENT
 
+
 def read_refresh_record(root: str, name: str, storage_options: dict | None = None) -> dict | None:
     """``versions/<name>/refresh.json``, or None when the version has none (yet)."""
     url = storage.join(version_root(root, name), REFRESH_RECORD)
@@ -131,8 +135,14 @@ def read_current(root: str, storage_options: dict | None = None) -> dict | None:
 _ANY = object()
 
 
-def publish(root: str, name: str, storage_options: dict | None = None, expected=_ANY, by: dict | None = None,
-            lease: leases.Lease | None = None) -> dict:
+def publish(
+    root: str,
+    name: str,
+    storage_options: dict | None = None,
+    expected=_ANY,
+    by: dict | None = None,
+    lease: leases.Lease | None = None,
+) -> dict:
     """Point ``<root>/CURRENT`` at the complete version ``name`` with one atomic write; returns what was written.
 
     Compare-and-set: with ``expected`` (a version name, or None for a root without CURRENT yet), CURRENT must still
@@ -146,8 +156,9 @@ def publish(root: str, name: str, storage_options: dict | None = None, expected=
         lease.check("reading CURRENT")  # a holder that lost its lease learns that first, not that CURRENT moved
     if not is_complete(root, name, storage_options):
         record_url = storage.join(version_root(root, name), REFRESH_RECORD)
-        raise VersionError(f"cannot publish version '{name}': '{record_url}' is missing or does not say "
-                           "\"complete\": true")
+        raise VersionError(
+            f"cannot publish version '{name}': '{record_url}' is missing or does not say \"complete\": true"
+        )
     old = read_current(root, storage_options)
     if expected is not _ANY and (old or {}).get("version") != expected:
         raise CurrentMovedError(moved_message(root, old, expected, name))
@@ -156,7 +167,7 @@ def publish(root: str, name: str, storage_options: dict | None = None, expected=
     move = {"version": name, "at": now, **_this_process(), **(by or {})}
     if lease is not None:
         move["generation"] = lease.generation
-    history = ((old or {}).get("history") or [])[-(HISTORY_KEEP - 1):] + [move]
+    history = ((old or {}).get("history") or [])[-(HISTORY_KEEP - 1) :] + [move]
     record = {"version": name, "previous": previous, "published_at": now, "by": move, "history": history}
     if lease is not None:
         lease.check("writing CURRENT")
@@ -167,11 +178,19 @@ def publish(root: str, name: str, storage_options: dict | None = None, expected=
 
 def moved_message(root: str, current: dict | None, expected: str | None, name: str) -> str:
     by = (current or {}).get("by") or {}
-    who = (f" by {by.get('action', 'a move')} on host {by.get('host')} pid {by.get('pid')} user {by.get('user')} at "
-           f"{by.get('at')}") if by else ""
-    return (f"not publishing {name}: CURRENT of '{root}' was expected to name {expected or 'nothing'} (the version "
-            f"this run started from) but names {(current or {}).get('version') or 'nothing'}, moved{who}; the "
-            f"version stays on disk, unpublished")
+    who = (
+        (
+            f" by {by.get('action', 'a move')} on host {by.get('host')} pid {by.get('pid')} user {by.get('user')} at "
+            f"{by.get('at')}"
+        )
+        if by
+        else ""
+    )
+    return (
+        f"not publishing {name}: CURRENT of '{root}' was expected to name {expected or 'nothing'} (the version "
+        f"this run started from) but names {(current or {}).get('version') or 'nothing'}, moved{who}; the "
+        f"version stays on disk, unpublished"
+    )
 
 
 def _mark_published(root: str, name: str, storage_options: dict | None, when: str) -> None:
@@ -186,11 +205,13 @@ def mark_abandoned(root: str, name: str, reason: str, storage_options: dict | No
     """A complete version that will not be published (CURRENT moved under its refresh) says why."""
     url = storage.join(version_root(root, name), REFRESH_RECORD)
     if storage.exists(url, storage_options):
-        storage.write_json_atomic(url, {**storage.read_json(url, storage_options), "abandoned": reason},
-                                  storage_options)
+        storage.write_json_atomic(
+            url, {**storage.read_json(url, storage_options), "abandoned": reason}, storage_options
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- states
+
 
 def failed_gates(record: dict) -> list[dict]:
     return [g for g in record.get("gates") or [] if not g.get("passed", True)]
@@ -224,9 +245,15 @@ def version_state(name: str, record: dict | None, current: dict | None, building
         detail = record.get("abandoned") or ("finished but never published" if complete else "never finished")
     if state in ("current", "published") and complete and failed_gates(record):
         detail = "forced past: " + "; ".join(gate_text(g) for g in failed_gates(record))
-    return {"version": name, "state": state, "detail": detail, "complete": complete,
-            "counts": record.get("counts") or {}, "written_at": record.get("written_at"),
-            "published_at": record.get("published_at")}
+    return {
+        "version": name,
+        "state": state,
+        "detail": detail,
+        "complete": complete,
+        "counts": record.get("counts") or {},
+        "written_at": record.get("written_at"),
+        "published_at": record.get("published_at"),
+    }
 
 
 def building_version(root: str, storage_options: dict | None = None) -> str | None:
@@ -242,16 +269,24 @@ def states(root: str, storage_options: dict | None = None) -> list[dict]:
     """Every version under the root with its state (see :func:`version_state`), oldest first."""
     current = read_current(root, storage_options)
     building = building_version(root, storage_options)
-    return [version_state(n, read_refresh_record(root, n, storage_options), current, building)
-            for n in list_versions(root, storage_options)]
+    return [
+        version_state(n, read_refresh_record(root, n, storage_options), current, building)
+        for n in list_versions(root, storage_options)
+    ]
 
 
 def state_line(state: dict) -> str:
     """``v000003-...  failed: deleted 3,112 of 5,183 documents (60.0%) > 10%  documents 2,071 ...``"""
     label = state["state"] + (f": {state['detail']}" if state["detail"] else "")
     counts = state["counts"]
-    numbers = "" if not counts else (f"documents {counts.get('documents', 0):,}, encoded {counts.get('encoded', 0):,}"
-                                     f", reused {counts.get('reused', 0):,}")
+    numbers = (
+        ""
+        if not counts
+        else (
+            f"documents {counts.get('documents', 0):,}, encoded {counts.get('encoded', 0):,}"
+            f", reused {counts.get('reused', 0):,}"
+        )
+    )
     date = state.get("published_at") or state.get("written_at") or ""
     return "  ".join(part for part in (state["version"], label, numbers, date) if part)
 
@@ -265,12 +300,16 @@ def rollback_target(root: str, name: str, storage_options: dict | None = None, f
     if name not in found or not found[name]["complete"]:
         servable = [n for n, s in found.items() if s["state"] in ("current", "published")]
         state = "does not exist" if name not in found else f"is {found[name]['state']} (never finished)"
-        raise VersionError(f"cannot roll back to version '{name}': it {state} under "
-                           f"'{storage.join(root, VERSIONS_DIR)}'; published versions: {servable or 'none'}")
+        raise VersionError(
+            f"cannot roll back to version '{name}': it {state} under "
+            f"'{storage.join(root, VERSIONS_DIR)}'; published versions: {servable or 'none'}"
+        )
     target = found[name]
     if target["state"] in ("failed", "abandoned") and not force:
-        raise VersionError(f"cannot roll back to version '{name}': it {target['state']}"
-                           f"{': ' + target['detail'] if target['detail'] else ''}; add --force to publish it anyway")
+        raise VersionError(
+            f"cannot roll back to version '{name}': it {target['state']}"
+            f"{': ' + target['detail'] if target['detail'] else ''}; add --force to publish it anyway"
+        )
     return target
 
 
@@ -279,8 +318,10 @@ def resolve_root(root: str, storage_options: dict | None = None, version: str = 
     names; else (a root written by the plain jobs, without versions) ``root`` itself and None."""
     if version:
         if not is_version_name(version) or not storage.exists(path := version_root(root, version), storage_options):
-            raise VersionError(f"version '{version}' does not exist under '{storage.join(root, VERSIONS_DIR)}'; "
-                               f"versions: {list_versions(root, storage_options) or 'none'}")
+            raise VersionError(
+                f"version '{version}' does not exist under '{storage.join(root, VERSIONS_DIR)}'; "
+                f"versions: {list_versions(root, storage_options) or 'none'}"
+            )
         return path, version
     current = read_current(root, storage_options)
     if current is None:
@@ -294,6 +335,7 @@ def resolve_root(root: str, storage_options: dict | None = None, version: str = 
 
 # ---------------------------------------------------------------------------------------------------- leases
 
+
 def lease_dir(root: str, path: str = leases.REFRESH_LEASE) -> str:
     """The directory of a root's lease: the refresh lease (whatever moves CURRENT) unless ``path`` says otherwise
     (:data:`leases.JOB_LEASE`, the lease of the jobs that write the root itself)."""
@@ -301,9 +343,16 @@ def lease_dir(root: str, path: str = leases.REFRESH_LEASE) -> str:
 
 
 @contextlib.contextmanager
-def leased(root: str, storage_options: dict | None = None, expiry_s: float = 600.0, renew_s: float = 60.0,
-           owner: dict | None = None, path: str = leases.REFRESH_LEASE, what: str = "refresh",
-           wait: bool = False) -> Iterator[leases.Lease]:
+def leased(
+    root: str,
+    storage_options: dict | None = None,
+    expiry_s: float = 600.0,
+    renew_s: float = 60.0,
+    owner: dict | None = None,
+    path: str = leases.REFRESH_LEASE,
+    what: str = "refresh",
+    wait: bool = False,
+) -> Iterator[leases.Lease]:
     """Hold a root's lease for the ``with`` block, renewed in the background and released whatever happens."""
     lease = leases.acquire(lease_dir(root, path), storage_options, expiry_s, renew_s, owner, what, wait)
     try:
@@ -318,8 +367,9 @@ SERVED = ("current", "published")
 KEPT_FOR_INSPECTION = ("failed", "abandoned")
 
 
-def versions_to_delete(version_states: list[dict], keep_published: int, keep_failed: int,
-                       protected: set[str]) -> list[str]:
+def versions_to_delete(
+    version_states: list[dict], keep_published: int, keep_failed: int, protected: set[str]
+) -> list[str]:
     """The versions retention deletes, oldest first: published ones older than the newest ``keep_published``
     published, and failed or abandoned ones older than the newest ``keep_failed`` of those, never one in
     ``protected`` (CURRENT's version and its previous, those a reader holds, the pending build). A failed version
@@ -330,19 +380,19 @@ def versions_to_delete(version_states: list[dict], keep_published: int, keep_fai
     doomed = []
     for group, keep in ((SERVED, keep_published), (KEPT_FOR_INSPECTION, keep_failed)):
         names = sort_versions([s["version"] for s in version_states if s["state"] in group])
-        doomed += names[:max(0, len(names) - keep)]
+        doomed += names[: max(0, len(names) - keep)]
     return sort_versions([n for n in doomed if n not in protected])
 
 
 def protected_versions(root: str, storage_options: dict | None = None) -> set[str]:
     """What retention never deletes: CURRENT's version, its previous, and the pending build."""
     current = read_current(root, storage_options) or {}
-    return {n for n in (current.get("version"), current.get("previous"), building_version(root, storage_options))
-            if n}
+    return {n for n in (current.get("version"), current.get("previous"), building_version(root, storage_options)) if n}
 
 
-def delete_version_files(root: str, name: str, storage_options: dict | None = None,
-                         referenced: set[str] | frozenset[str] = frozenset()) -> int:
+def delete_version_files(
+    root: str, name: str, storage_options: dict | None = None, referenced: set[str] | frozenset[str] = frozenset()
+) -> int:
     """Delete the files under ``versions/<name>/`` except the URLs in ``referenced`` (files that kept versions
     still share); the directory goes when nothing is left. Returns how many files were deleted."""
     parse_version_seq(name)
@@ -367,12 +417,12 @@ def delete_version_files(root: str, name: str, storage_options: dict | None = No
 
 # ---------------------------------------------------------------------------------------------------- readers
 
+
 def register_reader(root: str, name: str, storage_options: dict | None = None) -> str:
     """Write a lease saying this process reads version ``name`` (retention spares it); returns the lease URL.
     A long reader renews it with :func:`renew_reader` more often than the ``max_age_s`` retention uses."""
     if not storage.exists(version_root(root, name), storage_options):
-        raise VersionError(f"cannot register a reader of version '{name}': '{version_root(root, name)}' "
-                           "does not exist")
+        raise VersionError(f"cannot register a reader of version '{name}': '{version_root(root, name)}' does not exist")
     me = _this_process()
     host = re.sub(r"[^A-Za-z0-9._-]", "_", me["host"])
     url = storage.join(version_root(root, name), READERS_DIR, f"{host}-{me['pid']}-{uuid.uuid4().hex}.json")

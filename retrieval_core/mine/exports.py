@@ -15,6 +15,7 @@ Once the texts of a part's documents are joined (``mine_texts``), a task writes 
 (``negatives/_exports/part-N.<file>``); the driver concatenates the shares in part order, streaming: it never
 holds more than one part.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,11 @@ def ntuple_table(parts: pa.Table, texts: dict[str, str], num_negatives: int, wit
 def flag_lines(parts: pa.Table, texts: dict[str, str], with_scores: bool) -> bytes:
     lines = []
     for row in parts.to_pylist():
-        record = {"query": row["query"], "pos": [texts[d] for d in row["positive_ids"]],
-                  "neg": [texts[d] for d in row["negative_ids"]]}
+        record = {
+            "query": row["query"],
+            "pos": [texts[d] for d in row["positive_ids"]],
+            "neg": [texts[d] for d in row["negative_ids"]],
+        }
         if with_scores:
             positive_scores, negative_scores = scores_of(row)
             record |= {"pos_scores": positive_scores, "neg_scores": negative_scores}
@@ -97,8 +101,16 @@ def part_export_name(number: int, fmt: str) -> str:
     return f"part-{number:05d}.{EXPORT_FILES[fmt]}"
 
 
-def write_part_exports(out_dir: str, number: int, part: pa.Table, texts: dict[str, str], formats: list[str],
-                       num_negatives: int, with_scores: bool, storage_options: dict | None = None) -> dict:
+def write_part_exports(
+    out_dir: str,
+    number: int,
+    part: pa.Table,
+    texts: dict[str, str],
+    formats: list[str],
+    num_negatives: int,
+    with_scores: bool,
+    storage_options: dict | None = None,
+) -> dict:
     """One part's share of each export in ``formats``, under ``out_dir`` (``negatives/_exports``); returns the
     record ``{"formats", "scores", "rows": {format: rows}}`` that :func:`combine_exports` checks."""
     rows = {}
@@ -109,8 +121,11 @@ def write_part_exports(out_dir: str, number: int, part: pa.Table, texts: dict[st
             storage.write_bytes_atomic(url, data, storage_options)
             rows[fmt] = data.count(b"\n")
         else:
-            table = (triplet_table(part, texts, with_scores) if fmt == "triplet"
-                     else ntuple_table(part, texts, num_negatives, with_scores))
+            table = (
+                triplet_table(part, texts, with_scores)
+                if fmt == "triplet"
+                else ntuple_table(part, texts, num_negatives, with_scores)
+            )
             schema = triplet_schema(with_scores) if fmt == "triplet" else ntuple_schema(num_negatives, with_scores)
             storage.write_parquet_atomic(url, table.cast(schema), storage_options)
             rows[fmt] = table.num_rows
@@ -123,8 +138,15 @@ def has_part_exports(record: dict, formats: list[str], with_scores: bool) -> boo
     return written.get("scores") == with_scores and set(formats) <= set(written.get("formats", []))
 
 
-def combine_exports(out_dir: str, part_dir: str, numbers: list[int], formats: list[str], num_negatives: int,
-                    with_scores: bool, storage_options: dict | None = None) -> dict[str, dict]:
+def combine_exports(
+    out_dir: str,
+    part_dir: str,
+    numbers: list[int],
+    formats: list[str],
+    num_negatives: int,
+    with_scores: bool,
+    storage_options: dict | None = None,
+) -> dict[str, dict]:
     """Concatenate the parts' exports (``part_dir``) into ``out_dir`` in part order, streaming: one part in memory
     at a time. Returns {format: {"path", "rows"}}."""
     written = {}

@@ -1,5 +1,6 @@
 """The mining input: query/positive pairs (JSONL or Parquet) or BEIR queries + qrels, read into one entry per
 query, and positives resolved to corpus rows (absent ones become rejects)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,13 @@ def load_queries(mi: MineConfig, keep: Callable[[str], bool] | None = None) -> l
     """Queries with their positive doc ids, from pairs or from BEIR queries + qrels; one entry per query (rows of
     the same query are merged, positives in first-seen order). With ``keep``, only the queries whose id it accepts
     (every row is still checked)."""
-    return queries_of(mi, {kind: (row for row in input_rows(mi, kind, url) if keep is None or keep(row[0]))
-                           for kind, url in input_files(mi)})
+    return queries_of(
+        mi,
+        {
+            kind: (row for row in input_rows(mi, kind, url) if keep is None or keep(row[0]))
+            for kind, url in input_files(mi)
+        },
+    )
 
 
 def input_rows(mi: MineConfig, kind: str, url: str) -> Iterator[Row]:
@@ -62,8 +68,10 @@ def input_rows(mi: MineConfig, kind: str, url: str) -> Iterator[Row]:
         return _pair_rows(mi, url)
     if kind == "queries":
         return ((query_id, text, [], None, where) for where, query_id, text in query_records(url, mi.storage_options))
-    return ((query_id, None, [doc_id], score, f"line {line_no}")
-            for line_no, query_id, doc_id, score in qrels_records(url, mi.storage_options))
+    return (
+        (query_id, None, [doc_id], score, f"line {line_no}")
+        for line_no, query_id, doc_id, score in qrels_records(url, mi.storage_options)
+    )
 
 
 def queries_of(mi: MineConfig, rows: dict[str, Iterable[Row]]) -> list[MiningQuery]:
@@ -109,8 +117,9 @@ def _pair_rows(mi: MineConfig, url: str) -> Iterator[Row]:
     parquet = mi.format == "parquet" or (not mi.format and url.lower().endswith((".parquet", ".pq")))
     rows = 0
     try:
-        records = parquet_records(url, mi.storage_options, columns) if parquet else jsonl_records(url,
-                                                                                                  mi.storage_options)
+        records = (
+            parquet_records(url, mi.storage_options, columns) if parquet else jsonl_records(url, mi.storage_options)
+        )
         for where, record in records:
             query_id, text, positives = _pair_fields(url, where, record, mi)
             rows += 1
@@ -135,8 +144,10 @@ def _pair_fields(url: str, where: str, record, mi: MineConfig) -> tuple[str, str
     positives = record[mi.positive_column]
     positives = positives if isinstance(positives, list) else [positives]
     if not positives or any(not _is_id(p) for p in positives):
-        raise PairsError(f"'{url}' {where}: '{mi.positive_column}' must hold a doc id or a non-empty list of "
-                         f"doc ids, got {record[mi.positive_column]!r}")
+        raise PairsError(
+            f"'{url}' {where}: '{mi.positive_column}' must hold a doc id or a non-empty list of "
+            f"doc ids, got {record[mi.positive_column]!r}"
+        )
     query_id = str(record[mi.query_id_column]) if mi.query_id_column else text_query_id(text)
     return query_id, text, [str(p) for p in positives]
 
@@ -153,8 +164,11 @@ def resolve_positives(queries: list[MiningQuery], doc_rows: dict[str, int]) -> t
     kept, rejects = [], []
     for query in queries:
         present = [d for d in query.positive_doc_ids if d in doc_rows]
-        rejects += [{"query_id": query.query_id, "doc_id": d, "reason": "positive not in corpus"}
-                    for d in query.positive_doc_ids if d not in doc_rows]
+        rejects += [
+            {"query_id": query.query_id, "doc_id": d, "reason": "positive not in corpus"}
+            for d in query.positive_doc_ids
+            if d not in doc_rows
+        ]
         if present:
             kept.append(MiningQuery(query.query_id, query.text, present, [doc_rows[d] for d in present]))
     return kept, rejects

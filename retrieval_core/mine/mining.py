@@ -21,6 +21,7 @@ Layout under ``<root>/negatives/``::
     exports/              triplet.parquet, n-tuple.parquet, flag.jsonl (``mine.formats``)
     report.json, report.png
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,19 +41,27 @@ from retrieval_core.mine import texts as mine_texts
 
 log = logging.getLogger(__name__)
 
-PART_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("query", pa.string()),
-    ("positive_ids", pa.list_(pa.string())), ("positive_scores", pa.list_(pa.float32())),
-    ("negative_ids", pa.list_(pa.string())), ("negative_scores", pa.list_(pa.float32())),
-    ("negative_ranks", pa.list_(pa.int32())), ("complete", pa.bool_()),
-    ("positive_ce_scores", pa.list_(pa.float32())), ("negative_ce_scores", pa.list_(pa.float32())),
-])
+PART_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("query", pa.string()),
+        ("positive_ids", pa.list_(pa.string())),
+        ("positive_scores", pa.list_(pa.float32())),
+        ("negative_ids", pa.list_(pa.string())),
+        ("negative_scores", pa.list_(pa.float32())),
+        ("negative_ranks", pa.list_(pa.int32())),
+        ("complete", pa.bool_()),
+        ("positive_ce_scores", pa.list_(pa.float32())),
+        ("negative_ce_scores", pa.list_(pa.float32())),
+    ]
+)
 PART_EXPORTS = "_exports"  # each part's share of the exports, until the combined exports are committed
 TEXTS = "_texts"  # the text join's requests and texts (see mine_texts), until the combined exports are committed
 CANDIDATES = "_candidates"  # the parts' search results and the join of their candidates, until the manifest
 
 
 # ------------------------------------------------------------------------------------------------------ layout
+
 
 @dataclasses.dataclass(frozen=True)
 class MineLayout:
@@ -78,9 +87,17 @@ def layout_of(cfg: Config) -> MineLayout:
 
 
 def rules_of(mi: MineConfig) -> negatives.Rules:
-    return negatives.Rules(num_negatives=mi.num_negatives, range_min=mi.range_min, range_max=mi.range_max,
-                           max_score=mi.max_score, min_score=mi.min_score, absolute_margin=mi.absolute_margin,
-                           relative_margin=mi.relative_margin, sampling=mi.sampling, seed=mi.seed)
+    return negatives.Rules(
+        num_negatives=mi.num_negatives,
+        range_min=mi.range_min,
+        range_max=mi.range_max,
+        max_score=mi.max_score,
+        min_score=mi.min_score,
+        absolute_margin=mi.absolute_margin,
+        relative_margin=mi.relative_margin,
+        sampling=mi.sampling,
+        seed=mi.seed,
+    )
 
 
 def mining_identity(cfg: Config, index_manifest: dict, input_plan: dict) -> dict:
@@ -89,10 +106,16 @@ def mining_identity(cfg: Config, index_manifest: dict, input_plan: dict) -> dict
     one rescores (absent otherwise, so identities without one stay what they were)."""
     mi = cfg.mine
     reading = {k: getattr(mi, k) for k in ("format", "query_column", "positive_column", "query_id_column")}
-    identity = {"index": index_manifest["identity"], "fingerprint": index_manifest["fingerprint"],
-                **encoding.query_side(cfg.model), "rules": dataclasses.asdict(rules_of(mi)), "mode": mi.mode,
-                "queries_per_part": mi.queries_per_part, "input": {**input_plan, "reading": reading},
-                "parts_by": "query id bucket, then first positive row"}
+    identity = {
+        "index": index_manifest["identity"],
+        "fingerprint": index_manifest["fingerprint"],
+        **encoding.query_side(cfg.model),
+        "rules": dataclasses.asdict(rules_of(mi)),
+        "mode": mi.mode,
+        "queries_per_part": mi.queries_per_part,
+        "input": {**input_plan, "reading": reading},
+        "parts_by": "query id bucket, then first positive row",
+    }
     cross_encoder = rescoring.cross_encoder_identity(mi, cfg.model)
     return {**identity, "cross_encoder": cross_encoder} if cross_encoder else identity
 
@@ -103,11 +126,13 @@ def prepare(cfg: Config, identity: dict) -> None:
     planning is lost."""
     layout = layout_of(cfg)
     plan_url = layout.file("_plan.json")
-    if storage.exists(plan_url, layout.storage_options) and not storage.list_names(layout.file("_parts"),
-                                                                                   layout.storage_options):
+    if storage.exists(plan_url, layout.storage_options) and not storage.list_names(
+        layout.file("_parts"), layout.storage_options
+    ):
         if storage.read_json(plan_url, layout.storage_options).get("identity") != identity:
-            log.info("'%s' holds the planning of a run with other settings and no mined part: planning again",
-                     layout.dir)
+            log.info(
+                "'%s' holds the planning of a run with other settings and no mined part: planning again", layout.dir
+            )
             storage.remove(layout.dir, layout.storage_options)
     claim_stage_dir(layout.dir, identity, {"config": cfg.to_dict()}, cfg.output.overwrite, layout.storage_options)
 
@@ -140,10 +165,19 @@ def pending_parts(cfg: Config, parts: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------------ one part
 
+
 def part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, str]) -> dict:
     mi = cfg.mine
-    return exports.write_part_exports(layout_of(cfg).file(PART_EXPORTS), number, table, texts, list(mi.formats),
-                                      mi.num_negatives, mi.output_scores, cfg.output.storage_options)
+    return exports.write_part_exports(
+        layout_of(cfg).file(PART_EXPORTS),
+        number,
+        table,
+        texts,
+        list(mi.formats),
+        mi.num_negatives,
+        mi.output_scores,
+        cfg.output.storage_options,
+    )
 
 
 def commit_part(cfg: Config, index: int, table: pa.Table, counts: dict) -> dict:
@@ -162,8 +196,9 @@ def part_records(cfg: Config, parts: int) -> tuple[list[dict], dict | None]:
     records, stats = [], None
     for i in range(parts):
         record = storage.read_json(layout.record_file(i), layout.storage_options)
-        if "stats" not in record or not exports.has_part_exports(record, list(cfg.mine.formats),
-                                                                 cfg.mine.output_scores):
+        if "stats" not in record or not exports.has_part_exports(
+            record, list(cfg.mine.formats), cfg.mine.output_scores
+        ):
             record = _complete_record(cfg, record)
         stats = mine_report.merge_stats(stats, record.pop("stats"))
         records.append(record)
@@ -172,10 +207,12 @@ def part_records(cfg: Config, parts: int) -> tuple[list[dict], dict | None]:
 
 def _complete_record(cfg: Config, record: dict) -> dict:
     def looked_up(table: pa.Table) -> dict[str, str]:
-        doc_ids = {d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist()
-                   for d in ids}
-        return lookup.texts_for_doc_ids(cfg.output.root, doc_ids, cfg.output.storage_options,
-                                        corpus_storage_options=cfg.corpus.storage_options)
+        doc_ids = {
+            d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist() for d in ids
+        }
+        return lookup.texts_for_doc_ids(
+            cfg.output.root, doc_ids, cfg.output.storage_options, corpus_storage_options=cfg.corpus.storage_options
+        )
 
     return _with_exports(cfg, record, looked_up)
 
@@ -185,8 +222,11 @@ def _with_exports(cfg: Config, record: dict, texts_of) -> dict:
     add them (and its statistics, when it has none) to its commit record; returns the new record."""
     layout = layout_of(cfg)
     table = conform(storage.read_parquet(layout.part_file(record["part"]), layout.storage_options))
-    record = {**record, "exports": part_exports(cfg, record["part"], table, texts_of(table)),
-              "stats": record.get("stats") or mine_report.part_stats(table)}
+    record = {
+        **record,
+        "exports": part_exports(cfg, record["part"], table, texts_of(table)),
+        "stats": record.get("stats") or mine_report.part_stats(table),
+    }
     storage.write_json_atomic(layout.record_file(record["part"]), record, layout.storage_options)
     return record
 
@@ -209,8 +249,11 @@ def parts_to_export(cfg: Config, parts: int) -> list[tuple[int, int, list[int]]]
     out = []
     for i in range(parts):
         record = storage.read_json(layout.record_file(i), layout.storage_options)
-        if "text_groups" in record and not exports.has_part_exports(record, list(mi.formats), mi.output_scores) \
-                and _requests_kept(cfg, i, record["text_groups"]):
+        if (
+            "text_groups" in record
+            and not exports.has_part_exports(record, list(mi.formats), mi.output_scores)
+            and _requests_kept(cfg, i, record["text_groups"])
+        ):
             out.append((i, record["queries"], record["text_groups"]))
     return out
 
@@ -226,15 +269,25 @@ def export_part(cfg: Config, number: int) -> dict:
     returns the record."""
     layout = layout_of(cfg)
     record = storage.read_json(layout.record_file(number), layout.storage_options)
-    return _with_exports(cfg, record, lambda table: mine_texts.part_texts(
-        texts_dir(cfg), number, record["text_groups"], layout.storage_options))
+    return _with_exports(
+        cfg,
+        record,
+        lambda table: mine_texts.part_texts(texts_dir(cfg), number, record["text_groups"], layout.storage_options),
+    )
 
 
 def combine_exports(cfg: Config, records: list[dict]) -> dict[str, dict]:
     """The exports of ``mine.formats``: the parts' shares concatenated in part order (see :mod:`exports`)."""
     mi, layout = cfg.mine, layout_of(cfg)
-    return exports.combine_exports(layout.file("exports"), layout.file(PART_EXPORTS), [r["part"] for r in records],
-                                   list(mi.formats), mi.num_negatives, mi.output_scores, layout.storage_options)
+    return exports.combine_exports(
+        layout.file("exports"),
+        layout.file(PART_EXPORTS),
+        [r["part"] for r in records],
+        list(mi.formats),
+        mi.num_negatives,
+        mi.output_scores,
+        layout.storage_options,
+    )
 
 
 def remove_part_exports(cfg: Config) -> None:
@@ -248,8 +301,7 @@ def remove_part_exports(cfg: Config) -> None:
 
 def concat_parts(root: str, parts: list[dict], storage_options: dict | None = None) -> pa.Table:
     """The part files named by ``parts`` (commit records or manifest entries, each with a ``path``), in order."""
-    tables = [conform(storage.read_parquet(storage.join(root, "negatives", p["path"]), storage_options))
-              for p in parts]
+    tables = [conform(storage.read_parquet(storage.join(root, "negatives", p["path"]), storage_options)) for p in parts]
     return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
 
 
@@ -269,25 +321,40 @@ def read_parts(root: str, storage_options: dict | None = None) -> pa.Table:
 
 def count_totals(records: list[dict]) -> tuple[dict, dict]:
     """(query counts, candidates removed per filter) summed over the parts' commit records."""
-    totals = {key: sum(r[key] for r in records)
-              for key in ("queries", "complete", "incomplete", "without_negatives", "written")}
+    totals = {
+        key: sum(r[key] for r in records)
+        for key in ("queries", "complete", "incomplete", "without_negatives", "written")
+    }
     return totals, {rule: sum(r["filtered"][rule] for r in records) for rule in negatives.FILTERS}
 
 
-def write_manifest(cfg: Config, identity: dict, records: list[dict], input_queries: int, rejected: int,
-                   extra: dict) -> dict:
+def write_manifest(
+    cfg: Config, identity: dict, records: list[dict], input_queries: int, rejected: int, extra: dict
+) -> dict:
     totals, filtered = count_totals(records)
-    manifest = {**stamp(), "stage": "negatives", "fingerprint": identity["fingerprint"], "identity": identity,
-                "input_queries": input_queries, "rejected_positives": rejected,
-                "queries_without_positives": input_queries - totals["queries"], "totals": totals,
-                "filtered": filtered, "parts": [{"part": r["part"], "path": r["path"], "written": r["written"]}
-                                                for r in records],
-                "settings": redact_storage_options(dataclasses.asdict(cfg.mine)), **extra,
-                "part_steps_s": {step: round(sum(r.get("steps_s", {}).get(step, 0.0) for r in records), 3)
-                                 for step in ("encode", "search", "rescore", "select", "text_requests", "exports")},
-                "peak_memory_mb": {"driver": peak_memory_mb(),
-                                   "workers_max": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0)},
-                "config": cfg.to_dict()}
+    manifest = {
+        **stamp(),
+        "stage": "negatives",
+        "fingerprint": identity["fingerprint"],
+        "identity": identity,
+        "input_queries": input_queries,
+        "rejected_positives": rejected,
+        "queries_without_positives": input_queries - totals["queries"],
+        "totals": totals,
+        "filtered": filtered,
+        "parts": [{"part": r["part"], "path": r["path"], "written": r["written"]} for r in records],
+        "settings": redact_storage_options(dataclasses.asdict(cfg.mine)),
+        **extra,
+        "part_steps_s": {
+            step: round(sum(r.get("steps_s", {}).get(step, 0.0) for r in records), 3)
+            for step in ("encode", "search", "rescore", "select", "text_requests", "exports")
+        },
+        "peak_memory_mb": {
+            "driver": peak_memory_mb(),
+            "workers_max": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0),
+        },
+        "config": cfg.to_dict(),
+    }
     storage.write_json_atomic(layout_of(cfg).file("_manifest.json"), manifest, cfg.output.storage_options)
     return manifest
 

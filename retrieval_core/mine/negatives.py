@@ -12,6 +12,7 @@ Per query, from its search results (best first):
 Fewer than ``num_negatives`` survivors make the query incomplete. The scores are the bi-encoder's, or a
 cross-encoder's when one rescored the candidates and positives (:mod:`rescoring`): the rules are the same.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,8 @@ class Rules:
 class QueryNegatives:
     ids: list[int]
     scores: list[float]
-    ranks: list[int]            # 1-based rank in the query's search results
-    filtered: dict[str, int]    # candidates removed by each rule
+    ranks: list[int]  # 1-based rank in the query's search results
+    filtered: dict[str, int]  # candidates removed by each rule
 
 
 MARGIN_WINDOW = 100  # candidates per query considered by default when a margin or max_score filters them
@@ -74,12 +75,15 @@ def query_seed(seed: int, query_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(digest, "little")])
 
 
-def _score_free_masks(ids: np.ndarray, hashes: np.ndarray, positive_ids: set,
-                      positive_hashes: set) -> list[tuple[str, np.ndarray]]:
+def _score_free_masks(
+    ids: np.ndarray, hashes: np.ndarray, positive_ids: set, positive_hashes: set
+) -> list[tuple[str, np.ndarray]]:
     """The rules that need no score: a missing result, one of the query's positives, a positive's text."""
-    return [("missing", ids < 0),
-            ("positive", np.isin(ids, list(positive_ids))),
-            ("same_text", np.isin(hashes, list(positive_hashes)))]
+    return [
+        ("missing", ids < 0),
+        ("positive", np.isin(ids, list(positive_ids))),
+        ("same_text", np.isin(hashes, list(positive_hashes))),
+    ]
 
 
 def scorable(ids: np.ndarray, hashes: np.ndarray, positive_ids: set, positive_hashes: set) -> np.ndarray:
@@ -90,8 +94,15 @@ def scorable(ids: np.ndarray, hashes: np.ndarray, positive_ids: set, positive_ha
     return ~removed
 
 
-def _removal_masks(scores: np.ndarray, ids: np.ndarray, hashes: np.ndarray, positive_ids: set,
-                   positive_hashes: set, positive_floor: float, rules: Rules) -> list[tuple[str, np.ndarray]]:
+def _removal_masks(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    hashes: np.ndarray,
+    positive_ids: set,
+    positive_hashes: set,
+    positive_floor: float,
+    rules: Rules,
+) -> list[tuple[str, np.ndarray]]:
     """(rule, mask of candidates it removes) in the order the rules apply; later masks may overlap earlier ones."""
     masks = _score_free_masks(ids, hashes, positive_ids, positive_hashes)
     if rules.absolute_margin is not None:
@@ -105,8 +116,17 @@ def _removal_masks(scores: np.ndarray, ids: np.ndarray, hashes: np.ndarray, posi
     return masks
 
 
-def select(scores: np.ndarray, ids: np.ndarray, hashes: np.ndarray, positive_ids: set, positive_scores: list[float],
-           positive_hashes: set, rules: Rules, range_max: int, query_id: str) -> QueryNegatives:
+def select(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    hashes: np.ndarray,
+    positive_ids: set,
+    positive_scores: list[float],
+    positive_hashes: set,
+    rules: Rules,
+    range_max: int,
+    query_id: str,
+) -> QueryNegatives:
     """Negatives of one query from its search results ``scores`` / ``ids`` / text ``hashes`` (each (k,), best
     first; id -1 = no result). ``positive_scores`` are the query's scores against each of its positives."""
     floor = float(min(positive_scores)) if positive_scores else np.inf
@@ -116,10 +136,14 @@ def select(scores: np.ndarray, ids: np.ndarray, hashes: np.ndarray, positive_ids
         filtered[rule] = int((mask & ~removed).sum())
         removed |= mask
     survivors = np.flatnonzero(~removed)
-    order = survivors[np.argsort(-scores[survivors], kind="stable")][:range_max][rules.range_min:]
+    order = survivors[np.argsort(-scores[survivors], kind="stable")][:range_max][rules.range_min :]
     if rules.sampling == "random" and len(order) > rules.num_negatives:
         picked = np.sort(query_seed(rules.seed, query_id).choice(len(order), rules.num_negatives, replace=False))
         order = order[picked]
-    order = order[:rules.num_negatives]
-    return QueryNegatives(ids=ids[order].tolist(), scores=scores[order].astype(float).tolist(),
-                          ranks=(order + 1).tolist(), filtered=filtered)
+    order = order[: rules.num_negatives]
+    return QueryNegatives(
+        ids=ids[order].tolist(),
+        scores=scores[order].astype(float).tolist(),
+        ranks=(order + 1).tolist(),
+        filtered=filtered,
+    )

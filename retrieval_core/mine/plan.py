@@ -16,6 +16,7 @@ Layout under ``<root>/negatives/_input/``::
     b00000.json            the bucket's commit record: counts, parts, largest number of positives, examples
     split/, corpus/, rows/ the shuffle's files (see ``mine_shuffle``), until every bucket is planned
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,11 +32,17 @@ from retrieval_core.mine.inputs import REJECTS_SCHEMA, MiningQuery, PairsError, 
 from retrieval_core.mine.mining import layout_of
 from retrieval_core.mine.shuffle import INPUT
 
-PART_INPUT_SCHEMA = pa.schema([("query_id", pa.string()), ("query", pa.string()),
-                               ("positive_ids", pa.list_(pa.string())), ("positive_rows", pa.list_(pa.int64()))])
+PART_INPUT_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("query", pa.string()),
+        ("positive_ids", pa.list_(pa.string())),
+        ("positive_rows", pa.list_(pa.int64())),
+    ]
+)
 
 
-INLINE_INPUT_BYTES = 4 * 2 ** 20  # an input up to this size may be planned in the job's own process
+INLINE_INPUT_BYTES = 4 * 2**20  # an input up to this size may be planned in the job's own process
 
 
 def input_plan(mi: MineConfig) -> dict:
@@ -44,7 +51,7 @@ def input_plan(mi: MineConfig) -> dict:
     keys = ("queries_path", "qrels_path") if mi.queries_path else ("pairs_path",)
     described = [_describe(key, getattr(mi, key), mi.storage_options) for key in keys]
     size = sum(f["size"] for f in described)
-    buckets = max(1, math.ceil(size / (mi.input_mb_per_bucket * 2 ** 20)))
+    buckets = max(1, math.ceil(size / (mi.input_mb_per_bucket * 2**20)))
     return {"files": described, "bytes": size, "buckets": buckets}
 
 
@@ -54,8 +61,14 @@ def _describe(key: str, url: str, storage_options: dict) -> dict:
         info = fs.info(path)
     except FileNotFoundError:
         raise PairsError(f"mine.{key} '{url}' does not exist") from None
-    version = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created")
-                    if info.get(k) is not None), "")
+    version = next(
+        (
+            str(info[k])
+            for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created")
+            if info.get(k) is not None
+        ),
+        "",
+    )
     return {"url": url, "size": int(info.get("size") or 0), "version": version}
 
 
@@ -77,33 +90,52 @@ def plan_bucket(cfg: Config, bucket: int, shuffle: dict | None = None, emb: dict
         rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in queries for d in q.positive_doc_ids}, so, emb)
     kept, rejects = resolve_positives(queries, rows)
     kept.sort(key=lambda q: min(q.positive_rows))  # a part's positives then lie in few embedding shards
-    parts = [kept[i:i + mi.queries_per_part] for i in range(0, len(kept), mi.queries_per_part)]
+    parts = [kept[i : i + mi.queries_per_part] for i in range(0, len(kept), mi.queries_per_part)]
     for number, part in enumerate(parts):
         storage.write_parquet_atomic(bucket_file(cfg, f"b{bucket:05d}-{number:05d}.parquet"), _part_table(part), so)
-    storage.write_parquet_atomic(bucket_file(cfg, f"b{bucket:05d}-rejects.parquet"),
-                                 pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), so)
-    record = {"bucket": bucket, "input_queries": len(queries), "kept": len(kept), "rejected": len(rejects),
-              "parts": len(parts), "max_positives": max((len(q.positive_rows) for q in kept), default=0),
-              "rejected_examples": [r["doc_id"] for r in rejects[:3]]}
+    storage.write_parquet_atomic(
+        bucket_file(cfg, f"b{bucket:05d}-rejects.parquet"), pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), so
+    )
+    record = {
+        "bucket": bucket,
+        "input_queries": len(queries),
+        "kept": len(kept),
+        "rejected": len(rejects),
+        "parts": len(parts),
+        "max_positives": max((len(q.positive_rows) for q in kept), default=0),
+        "rejected_examples": [r["doc_id"] for r in rejects[:3]],
+    }
     storage.write_json_atomic(bucket_file(cfg, f"b{bucket:05d}.json"), record, so)
     return record
 
 
 def _part_table(part: list[MiningQuery]) -> pa.Table:
-    return pa.Table.from_pylist([{"query_id": q.query_id, "query": q.text, "positive_ids": q.positive_doc_ids,
-                                  "positive_rows": q.positive_rows} for q in part], schema=PART_INPUT_SCHEMA)
+    return pa.Table.from_pylist(
+        [
+            {
+                "query_id": q.query_id,
+                "query": q.text,
+                "positive_ids": q.positive_doc_ids,
+                "positive_rows": q.positive_rows,
+            }
+            for q in part
+        ],
+        schema=PART_INPUT_SCHEMA,
+    )
 
 
 def bucket_record(cfg: Config, bucket: int) -> dict | None:
     """The bucket's commit record, or None when it is not planned yet."""
     url = bucket_file(cfg, f"b{bucket:05d}.json")
-    return storage.read_json(url, cfg.output.storage_options) if storage.exists(url, cfg.output.storage_options) \
-        else None
+    return (
+        storage.read_json(url, cfg.output.storage_options) if storage.exists(url, cfg.output.storage_options) else None
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class PartInput:
     """Part ``number`` of the run: part ``index`` of bucket ``bucket``, with ``queries`` queries."""
+
     number: int
     bucket: int
     index: int
@@ -121,13 +153,15 @@ def part_inputs(records: list[dict], queries_per_part: int) -> list[PartInput]:
 
 
 def read_part_input(cfg: Config, part: PartInput) -> list[MiningQuery]:
-    table = storage.read_parquet(bucket_file(cfg, f"b{part.bucket:05d}-{part.index:05d}.parquet"),
-                                 cfg.output.storage_options)
+    table = storage.read_parquet(
+        bucket_file(cfg, f"b{part.bucket:05d}-{part.index:05d}.parquet"), cfg.output.storage_options
+    )
     return [MiningQuery(r["query_id"], r["query"], r["positive_ids"], r["positive_rows"]) for r in table.to_pylist()]
 
 
 def write_rejects(cfg: Config, buckets: int) -> int:
     """``negatives/rejects.parquet``: the buckets' rejects concatenated, one bucket in memory at a time."""
     pieces = [bucket_file(cfg, f"b{bucket:05d}-rejects.parquet") for bucket in range(buckets)]
-    return storage.concat_parquet_atomic(layout_of(cfg).file("rejects.parquet"), pieces, REJECTS_SCHEMA,
-                                         cfg.output.storage_options)
+    return storage.concat_parquet_atomic(
+        layout_of(cfg).file("rejects.parquet"), pieces, REJECTS_SCHEMA, cfg.output.storage_options
+    )

@@ -9,6 +9,7 @@ and chosen negatives. With a cross-encoder the report also gives the agreement o
 candidate rescored: Pearson's r, a 2-D histogram (bi-encoder score x cross-encoder score), and the share of the
 chosen negatives that the bi-encoder's scores alone would have chosen.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,10 +27,13 @@ def part_stats(part: pa.Table, agreement: dict | None = None) -> dict:
     bins (``SCORE_BIN`` wide for scores, one per rank); ``agreement`` (:func:`agreement_stats`) when rescored."""
     floors = [min(p) for p in part.column("positive_scores").to_pylist()]
     margins = [f - n for f, negs in zip(floors, part.column("negative_scores").to_pylist()) for n in negs]
-    values = {"positive_scores": _flat(part, "positive_scores"), "negative_scores": _flat(part, "negative_scores"),
-              "positive_minus_negative": np.asarray(margins, dtype=np.float64),
-              "negative_ranks": _flat(part, "negative_ranks"),
-              **{name: _flat(part, name) for name in CE_SERIES}}
+    values = {
+        "positive_scores": _flat(part, "positive_scores"),
+        "negative_scores": _flat(part, "negative_scores"),
+        "positive_minus_negative": np.asarray(margins, dtype=np.float64),
+        "negative_ranks": _flat(part, "negative_ranks"),
+        **{name: _flat(part, name) for name in CE_SERIES},
+    }
     stats = {name: _series_stats(v, 1.0 if name == "negative_ranks" else SCORE_BIN) for name, v in values.items()}
     return {**stats, "agreement": agreement} if agreement else stats
 
@@ -41,18 +45,32 @@ def agreement_stats(bi: np.ndarray, ce: np.ndarray, chosen: int, shared: int) ->
     bi, ce = np.asarray(bi, dtype=np.float64), np.asarray(ce, dtype=np.float64)
     cells = np.floor(np.stack([bi, ce], axis=1) / AGREEMENT_BIN + 1e-9).astype(np.int64)
     keys, counts = np.unique(cells, axis=0, return_counts=True) if len(bi) else (np.zeros((0, 2), int), [])
-    return {"n": len(bi), "sx": float(bi.sum()), "sy": float(ce.sum()), "sxx": float((bi ** 2).sum()),
-            "syy": float((ce ** 2).sum()), "sxy": float((bi * ce).sum()), "chosen": int(chosen), "shared": int(shared),
-            "grid": {f"{a},{b}": int(c) for (a, b), c in zip(keys.tolist(), counts)}}
+    return {
+        "n": len(bi),
+        "sx": float(bi.sum()),
+        "sy": float(ce.sum()),
+        "sxx": float((bi**2).sum()),
+        "syy": float((ce**2).sum()),
+        "sxy": float((bi * ce).sum()),
+        "chosen": int(chosen),
+        "shared": int(shared),
+        "grid": {f"{a},{b}": int(c) for (a, b), c in zip(keys.tolist(), counts)},
+    }
 
 
 def _series_stats(values: np.ndarray, width: float) -> dict:
     if len(values) == 0:
         return {"count": 0, "width": width}
     keys, counts = np.unique(np.floor(values / width + 1e-9).astype(np.int64), return_counts=True)
-    return {"count": int(len(values)), "sum": float(values.sum()), "sumsq": float((values ** 2).sum()),
-            "min": float(values.min()), "max": float(values.max()), "width": width,
-            "bins": {str(k): int(c) for k, c in zip(keys, counts)}}
+    return {
+        "count": int(len(values)),
+        "sum": float(values.sum()),
+        "sumsq": float((values**2).sum()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "width": width,
+        "bins": {str(k): int(c) for k, c in zip(keys, counts)},
+    }
 
 
 def merge_stats(total: dict | None, part: dict) -> dict:
@@ -66,8 +84,13 @@ def merge_stats(total: dict | None, part: dict) -> dict:
         if not a["count"]:
             total[name] = {**b, "bins": dict(b["bins"])}
             continue
-        a.update(count=a["count"] + b["count"], sum=a["sum"] + b["sum"], sumsq=a["sumsq"] + b["sumsq"],
-                 min=min(a["min"], b["min"]), max=max(a["max"], b["max"]))
+        a.update(
+            count=a["count"] + b["count"],
+            sum=a["sum"] + b["sum"],
+            sumsq=a["sumsq"] + b["sumsq"],
+            min=min(a["min"], b["min"]),
+            max=max(a["max"], b["max"]),
+        )
         _add_counts(a["bins"], b["bins"])
     if part.get("agreement"):
         mine, theirs = total.setdefault("agreement", {**dict.fromkeys(MOMENTS, 0), "grid": {}}), part["agreement"]
@@ -92,11 +115,20 @@ def distribution(stats: dict) -> dict:
     keys = sorted(int(k) for k in stats["bins"])
     span = list(range(keys[0], keys[-1] + 1))
     dense = [stats["bins"].get(str(k), 0) for k in span]
-    q = {name: _quantile(span, dense, width, n, share, stats) for name, share in
-         (("p25", 0.25), ("median", 0.5), ("p75", 0.75))}
-    return {"count": n, "mean": mean, "std": float(np.sqrt(max(0.0, stats["sumsq"] / n - mean ** 2))),
-            "min": stats["min"], **q, "max": stats["max"], "bin_width": width,
-            "histogram": {"edges": [round(k * width, 6) for k in span + [span[-1] + 1]], "counts": dense}}
+    q = {
+        name: _quantile(span, dense, width, n, share, stats)
+        for name, share in (("p25", 0.25), ("median", 0.5), ("p75", 0.75))
+    }
+    return {
+        "count": n,
+        "mean": mean,
+        "std": float(np.sqrt(max(0.0, stats["sumsq"] / n - mean**2))),
+        "min": stats["min"],
+        **q,
+        "max": stats["max"],
+        "bin_width": width,
+        "histogram": {"edges": [round(k * width, 6) for k in span + [span[-1] + 1]], "counts": dense},
+    }
 
 
 def _quantile(span: list[int], dense: list[int], width: float, n: int, share: float, stats: dict) -> float:
@@ -118,17 +150,24 @@ def agreement(merged: dict) -> dict:
     n = merged["n"]
     if not n:
         return {"candidates": 0}
-    cov = merged["sxy"] / n - merged["sx"] * merged["sy"] / n ** 2
+    cov = merged["sxy"] / n - merged["sx"] * merged["sy"] / n**2
     var = (merged["sxx"] / n - (merged["sx"] / n) ** 2) * (merged["syy"] / n - (merged["sy"] / n) ** 2)
     cells = {tuple(int(v) for v in key.split(",")): count for key, count in merged["grid"].items()}
-    xs, ys = range(min(a for a, _ in cells), max(a for a, _ in cells) + 1), \
-        range(min(b for _, b in cells), max(b for _, b in cells) + 1)
-    return {"candidates": n, "pearson": float(cov / np.sqrt(var)) if var > 0 else None,
-            "negatives_chosen": merged["chosen"],
-            "shared_with_bi_encoder": merged["shared"] / merged["chosen"] if merged["chosen"] else None,
-            "grid": {"bi_edges": [round(x * AGREEMENT_BIN, 6) for x in [*xs, xs[-1] + 1]],
-                     "ce_edges": [round(y * AGREEMENT_BIN, 6) for y in [*ys, ys[-1] + 1]],
-                     "counts": [[cells.get((x, y), 0) for y in ys] for x in xs]}}
+    xs, ys = (
+        range(min(a for a, _ in cells), max(a for a, _ in cells) + 1),
+        range(min(b for _, b in cells), max(b for _, b in cells) + 1),
+    )
+    return {
+        "candidates": n,
+        "pearson": float(cov / np.sqrt(var)) if var > 0 else None,
+        "negatives_chosen": merged["chosen"],
+        "shared_with_bi_encoder": merged["shared"] / merged["chosen"] if merged["chosen"] else None,
+        "grid": {
+            "bi_edges": [round(x * AGREEMENT_BIN, 6) for x in [*xs, xs[-1] + 1]],
+            "ce_edges": [round(y * AGREEMENT_BIN, 6) for y in [*ys, ys[-1] + 1]],
+            "counts": [[cells.get((x, y), 0) for y in ys] for x in xs],
+        },
+    }
 
 
 def report(stats: dict | None, manifest_counts: dict) -> dict:

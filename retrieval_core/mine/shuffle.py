@@ -27,6 +27,7 @@ Layout under ``<root>/negatives/_input/``::
 
 These are scratch: they are removed once every query bucket is planned.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,15 @@ INPUT = "_input"
 DOC_ROWS_PER_TASK = 4_000_000  # corpus doc ids per doc bucket and per shard group (about 300 MB in Arrow)
 BATCH_ROWS = 65_536  # input rows buffered per write: memory of a split task, whatever the input's size
 SCRATCH = ("split", "corpus", "rows")
-ROW_SCHEMA = pa.schema([("query_id", pa.string()), ("query", pa.string()), ("doc_ids", pa.list_(pa.string())),
-                        ("score", pa.int64()), ("where", pa.string())])
+ROW_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("query", pa.string()),
+        ("doc_ids", pa.list_(pa.string())),
+        ("score", pa.int64()),
+        ("where", pa.string()),
+    ]
+)
 ASKED_SCHEMA = pa.schema([("doc_id", pa.string()), ("bucket", pa.int32())])
 FOUND_SCHEMA = pa.schema([("bucket", pa.int32()), ("doc_id", pa.string()), ("row_id", pa.int64())])
 
@@ -94,11 +102,22 @@ def split_input(cfg: Config, number: int, plan: dict) -> dict:
     so, (kind, url) = cfg.output.storage_options, input_files(cfg.mine)[number]
     rows = 0
     with contextlib.ExitStack() as files:
-        to_buckets = [files.enter_context(storage.parquet_writer_atomic(
-            _file(cfg, "split", f"i{number}-b{b:05d}.parquet"), ROW_SCHEMA, so)) for b in range(plan["buckets"])]
-        to_docs = [] if kind == "queries" else [files.enter_context(storage.parquet_writer_atomic(
-            _file(cfg, "split", f"i{number}-d{d:05d}.parquet"), ASKED_SCHEMA, so))
-            for d in range(plan["doc_buckets"])]
+        to_buckets = [
+            files.enter_context(
+                storage.parquet_writer_atomic(_file(cfg, "split", f"i{number}-b{b:05d}.parquet"), ROW_SCHEMA, so)
+            )
+            for b in range(plan["buckets"])
+        ]
+        to_docs = (
+            []
+            if kind == "queries"
+            else [
+                files.enter_context(
+                    storage.parquet_writer_atomic(_file(cfg, "split", f"i{number}-d{d:05d}.parquet"), ASKED_SCHEMA, so)
+                )
+                for d in range(plan["doc_buckets"])
+            ]
+        )
         for batch in _batches(input_rows(cfg.mine, kind, url), BATCH_ROWS):
             rows += len(batch)
             _write_split(batch, plan, to_buckets, to_docs)
@@ -126,10 +145,11 @@ def _write_split(batch: list[Row], plan: dict, to_buckets: list, to_docs: list) 
     table = pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
     _write_by(table, bucket, to_buckets)
     if to_docs:
-        asked = [(doc, b) for row, b in zip(batch, bucket.tolist()) if row[3] is None or row[3] > 0
-                 for doc in row[2]]
-        docs = pa.Table.from_arrays([pa.array([a[0] for a in asked], pa.string()),
-                                     pa.array([a[1] for a in asked], pa.int32())], schema=ASKED_SCHEMA)
+        asked = [(doc, b) for row, b in zip(batch, bucket.tolist()) if row[3] is None or row[3] > 0 for doc in row[2]]
+        docs = pa.Table.from_arrays(
+            [pa.array([a[0] for a in asked], pa.string()), pa.array([a[1] for a in asked], pa.int32())],
+            schema=ASKED_SCHEMA,
+        )
         _write_by(docs, buckets_of([a[0] for a in asked], plan["doc_buckets"]), to_docs)
 
 
@@ -142,8 +162,12 @@ def partition_corpus(cfg: Config, group: int, plan: dict, emb: dict) -> dict:
     """Write the (doc id, row id) of shard group ``group`` by doc bucket (one row group each); returns its record.
     Memory: the group's doc ids."""
     so = cfg.output.storage_options
-    table = pa.concat_tables([read_shard_table(cfg.output.root, emb["shards"][i], ["doc_id"], so)
-                              .select(["doc_id", "row_id"]) for i in plan["groups"][group]])
+    table = pa.concat_tables(
+        [
+            read_shard_table(cfg.output.root, emb["shards"][i], ["doc_id"], so).select(["doc_id", "row_id"])
+            for i in plan["groups"][group]
+        ]
+    )
     doc_ids = table.column("doc_id").to_pylist()
     table = table.append_column("doc_bucket", pa.array(buckets_of(doc_ids, plan["doc_buckets"]), pa.int32()))
     storage.write_parquet_by_value(_file(cfg, "corpus", f"g{group:05d}.parquet"), table, "doc_bucket", so)
@@ -157,12 +181,23 @@ def join_positives(cfg: Config, doc_bucket: int, plan: dict) -> dict:
     of every shard group, and write those found by query bucket; returns its record. Memory: the doc bucket's doc
     ids and positives."""
     so = cfg.output.storage_options
-    asked = pa.concat_tables(
-        [storage.read_parquet(_file(cfg, "split", f"i{i}-d{doc_bucket:05d}.parquet"), so)
-         for i, (kind, _) in enumerate(input_files(cfg.mine)) if kind != "queries"]
-    ).group_by(["doc_id", "bucket"]).aggregate([])
-    corpus = [storage.read_parquet_where(_file(cfg, "corpus", f"g{g:05d}.parquet"), "doc_bucket", doc_bucket, so)
-              .select(["doc_id", "row_id"]) for g in range(len(plan["groups"]))]
+    asked = (
+        pa.concat_tables(
+            [
+                storage.read_parquet(_file(cfg, "split", f"i{i}-d{doc_bucket:05d}.parquet"), so)
+                for i, (kind, _) in enumerate(input_files(cfg.mine))
+                if kind != "queries"
+            ]
+        )
+        .group_by(["doc_id", "bucket"])
+        .aggregate([])
+    )
+    corpus = [
+        storage.read_parquet_where(_file(cfg, "corpus", f"g{g:05d}.parquet"), "doc_bucket", doc_bucket, so).select(
+            ["doc_id", "row_id"]
+        )
+        for g in range(len(plan["groups"]))
+    ]
     found = asked.join(pa.concat_tables(corpus), "doc_id", join_type="inner") if corpus else asked.slice(0, 0)
     found = found.select(FOUND_SCHEMA.names).cast(FOUND_SCHEMA) if found.num_rows else FOUND_SCHEMA.empty_table()
     storage.write_parquet_by_value(_file(cfg, "rows", f"d{doc_bucket:05d}.parquet"), found, "bucket", so)
@@ -175,8 +210,10 @@ def bucket_input(cfg: Config, bucket: int, plan: dict) -> tuple[list[MiningQuery
     """(the queries of query bucket ``bucket``, merged from its rows of every input file; doc id -> row id of
     their positives found in the corpus)."""
     so = cfg.output.storage_options
-    rows = {kind: _rows_of(storage.read_parquet(_file(cfg, "split", f"i{i}-b{bucket:05d}.parquet"), so))
-            for i, (kind, _) in enumerate(input_files(cfg.mine))}
+    rows = {
+        kind: _rows_of(storage.read_parquet(_file(cfg, "split", f"i{i}-b{bucket:05d}.parquet"), so))
+        for i, (kind, _) in enumerate(input_files(cfg.mine))
+    }
     queries = queries_of(cfg.mine, rows)
     doc_rows: dict[str, int] = {}
     for d in range(plan["doc_buckets"]):

@@ -20,6 +20,7 @@ joined instead, twice in a run:
 The corpus is read once per join, whatever the number of parts. Memory: a group's call holds the rows requested from
 its group and their values, each once (at most ``TEXT_GROUP_ROWS`` of them); a part, the values of its own rows.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,15 @@ from retrieval_core.io.manifest import peak_memory_mb
 
 TEXT_GROUP_ROWS = 1_000_000  # rows of the embeddings per text group: bounds what a group's call reads and holds
 REQUEST_SCHEMA = pa.schema([("group", pa.int32()), ("row", pa.int64())])
-TEXT_SCHEMA = pa.schema([("part", pa.int32()), ("row", pa.int64()), ("doc_id", pa.string()),
-                         ("text_hash", pa.string()), ("text", pa.string())])
+TEXT_SCHEMA = pa.schema(
+    [
+        ("part", pa.int32()),
+        ("row", pa.int64()),
+        ("doc_id", pa.string()),
+        ("text_hash", pa.string()),
+        ("text", pa.string()),
+    ]
+)
 
 
 def group_starts(manifest: dict, workers: int = 1, rows_per_group: int | None = None) -> list[int]:
@@ -60,8 +68,9 @@ def group_file(directory: str, group: int, suffix: str = "parquet") -> str:
     return storage.join(directory, f"g-{group:05d}.{suffix}")
 
 
-def write_requests(directory: str, part: int, rows, starts: list[int], storage_options: dict | None = None
-                   ) -> list[int]:
+def write_requests(
+    directory: str, part: int, rows, starts: list[int], storage_options: dict | None = None
+) -> list[int]:
     """Write part ``part``'s requests for the row ids ``rows`` (-1, no result, is left out; each row once); returns
     their groups."""
     wanted = np.unique(np.asarray(list(rows), dtype=np.int64))
@@ -69,19 +78,30 @@ def write_requests(directory: str, part: int, rows, starts: list[int], storage_o
     if not len(wanted):
         return []
     groups = (np.searchsorted(np.asarray(starts, dtype=np.int64), wanted, side="right") - 1).astype(np.int32)
-    storage.write_parquet_by_value(request_file(directory, part), pa.table([groups, wanted], schema=REQUEST_SCHEMA),
-                                   "group", storage_options)
+    storage.write_parquet_by_value(
+        request_file(directory, part), pa.table([groups, wanted], schema=REQUEST_SCHEMA), "group", storage_options
+    )
     return sorted(set(groups.tolist()))
 
 
-def resolve_group(directory: str, group: int, parts: list[int], rows: lookup.RowLookup,
-                  storage_options: dict | None = None, texts: bool = True) -> dict:
+def resolve_group(
+    directory: str,
+    group: int,
+    parts: list[int],
+    rows: lookup.RowLookup,
+    storage_options: dict | None = None,
+    texts: bool = True,
+) -> dict:
     """Join group ``group``: the doc ids, text hashes and (with ``texts``) texts of the rows its requesting
     ``parts`` asked for, each looked up once (the texts read once from the corpus), written part by part (one row
     group each, streaming); then its commit record, which is returned. Memory: the requested rows and their values,
     each once."""
-    requests = [storage.read_parquet_where(request_file(directory, p), "group", group, storage_options)
-                .column("row").to_pylist() for p in parts]
+    requests = [
+        storage.read_parquet_where(request_file(directory, p), "group", group, storage_options)
+        .column("row")
+        .to_pylist()
+        for p in parts
+    ]
     wanted = {r for asked in requests for r in asked}
     values = rows.values(wanted)
     found = rows.texts_of(values) if texts else {}
@@ -89,13 +109,27 @@ def resolve_group(directory: str, group: int, parts: list[int], rows: lookup.Row
     with storage.parquet_writer_atomic(group_file(directory, group), TEXT_SCHEMA, storage_options) as write:
         for part, asked in zip(parts, requests):
             asked = [r for r in asked if r in values]
-            write(pa.table([pa.array([part] * len(asked), pa.int32()), pa.array(asked, pa.int64()),
-                            pa.array([values[r][0] for r in asked], pa.string()),
-                            pa.array([values[r][1] for r in asked], pa.string()),
-                            pa.array([found.get(r) for r in asked], pa.string())], schema=TEXT_SCHEMA))
+            write(
+                pa.table(
+                    [
+                        pa.array([part] * len(asked), pa.int32()),
+                        pa.array(asked, pa.int64()),
+                        pa.array([values[r][0] for r in asked], pa.string()),
+                        pa.array([values[r][1] for r in asked], pa.string()),
+                        pa.array([found.get(r) for r in asked], pa.string()),
+                    ],
+                    schema=TEXT_SCHEMA,
+                )
+            )
             written += len(asked)
-    record = {"group": group, "parts": len(parts), "texts": written if texts else 0, "values": written,
-              "read": len(found), "peak_memory_mb": peak_memory_mb()}
+    record = {
+        "group": group,
+        "parts": len(parts),
+        "texts": written if texts else 0,
+        "values": written,
+        "read": len(found),
+        "peak_memory_mb": peak_memory_mb(),
+    }
     storage.write_json_atomic(group_file(directory, group, "json"), record, storage_options)
     return record
 
@@ -104,8 +138,9 @@ def group_done(directory: str, group: int, storage_options: dict | None = None) 
     return storage.exists(group_file(directory, group, "json"), storage_options)
 
 
-def groups_to_join(directory: str, requests: list[tuple[int, list[int]]],
-                   storage_options: dict | None = None) -> dict[int, list[int]]:
+def groups_to_join(
+    directory: str, requests: list[tuple[int, list[int]]], storage_options: dict | None = None
+) -> dict[int, list[int]]:
     """Group -> the parts asking it, in group order, for the groups of ``requests`` ((part, the groups it asks))
     whose texts are not committed yet."""
     asking: dict[int, list[int]] = {}

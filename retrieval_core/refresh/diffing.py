@@ -15,6 +15,7 @@ doc id, and write what the refresh needs next:
 A document is unchanged when its doc id and text hash equal the previous version's; its row keeps its id and vector.
 Memory per task: one snapshot shard (map) or one bucket of both sides (reduce).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,15 +33,30 @@ from retrieval_core.io.corpus import read_shard, text_hash
 from retrieval_core.io.schemas import REJECTS_SCHEMA
 from retrieval_core.io.sharding import Shard, buckets_of
 
-BUCKET_ROWS = 1_000_000    # automatic bucket count: about this many snapshot rows per bucket
+BUCKET_ROWS = 1_000_000  # automatic bucket count: about this many snapshot rows per bucket
 STATUSES = ("unchanged", "changed", "added", "deleted")
 
-NEW_SCHEMA = pa.schema([("bucket", pa.int32()), ("doc_id", pa.string()), ("text_hash", pa.string()),
-                        ("corpus_row", pa.int64()), ("text", pa.string())])
-OLD_SCHEMA = pa.schema([("bucket", pa.int32()), ("doc_id", pa.string()), ("text_hash", pa.string()),
-                        ("row_id", pa.int64()), ("segment", pa.string())])
-ENCODE_SCHEMA = pa.schema([("doc_id", pa.string()), ("corpus_row", pa.int64()), ("text_hash", pa.string()),
-                           ("text", pa.string())])
+NEW_SCHEMA = pa.schema(
+    [
+        ("bucket", pa.int32()),
+        ("doc_id", pa.string()),
+        ("text_hash", pa.string()),
+        ("corpus_row", pa.int64()),
+        ("text", pa.string()),
+    ]
+)
+OLD_SCHEMA = pa.schema(
+    [
+        ("bucket", pa.int32()),
+        ("doc_id", pa.string()),
+        ("text_hash", pa.string()),
+        ("row_id", pa.int64()),
+        ("segment", pa.string()),
+    ]
+)
+ENCODE_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("corpus_row", pa.int64()), ("text_hash", pa.string()), ("text", pa.string())]
+)
 DOCMAP_SCHEMA = pa.schema([("doc_id", pa.string()), ("corpus_row", pa.int64())])
 DELETES_SCHEMA = pa.schema([("doc_id", pa.string())])
 TOMBSTONE_SCHEMA = pa.schema([("row_id", pa.int64())])
@@ -57,6 +73,7 @@ def bucket_count(total_rows: int, configured: int = 0) -> int:
 @dataclasses.dataclass(frozen=True)
 class DiffLayout:
     """Files of one diff under ``dir`` (a scratch directory of the refresh)."""
+
     dir: str
     storage_options: dict = dataclasses.field(default_factory=dict)
 
@@ -78,6 +95,7 @@ class DiffLayout:
 
 # ------------------------------------------------------------------------------------------------------ map
 
+
 def write_partitioned(url: str, table: pa.Table, storage_options: dict | None = None) -> dict[int, int]:
     """Write ``table`` (with a ``bucket`` column) sorted by bucket, one row group per bucket; the file's metadata
     maps bucket -> row group. Returns rows per bucket."""
@@ -89,8 +107,10 @@ def write_partitioned(url: str, table: pa.Table, storage_options: dict | None = 
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         for start, stop in zip(starts, stops):
-            writer.write_table(table.slice(int(start), int(stop - start)).replace_schema_metadata(schema.metadata),
-                               row_group_size=int(stop - start) or 1)
+            writer.write_table(
+                table.slice(int(start), int(stop - start)).replace_schema_metadata(schema.metadata),
+                row_group_size=int(stop - start) or 1,
+            )
         if not groups:
             writer.write_table(table.replace_schema_metadata(schema.metadata))
     storage.write_bytes_atomic(url, sink.getvalue().to_pybytes(), storage_options)
@@ -107,21 +127,33 @@ def read_bucket(url: str, bucket: int, storage_options: dict | None = None) -> p
         return None if group is None else parquet.read_row_group(group).replace_schema_metadata(None)
 
 
-def map_snapshot_shard(shard: Shard, corpus_cfg: CorpusConfig, buckets: int, layout: DiffLayout,
-                       rejects_url: str) -> dict:
+def map_snapshot_shard(
+    shard: Shard, corpus_cfg: CorpusConfig, buckets: int, layout: DiffLayout, rejects_url: str
+) -> dict:
     """Map one shard of the snapshot: its accepted rows (doc id, text hash, corpus row, text) partitioned by
     bucket, its rejects written to ``rejects_url``; returns and commits the shard's counts."""
     rows = read_shard(shard, corpus_cfg)
-    table = pa.Table.from_arrays([
-        pa.array(buckets_of(rows.doc_ids, buckets), pa.int32()), pa.array(rows.doc_ids, pa.string()),
-        pa.array([text_hash(t) for t in rows.texts], pa.string()), pa.array(rows.row_ids, pa.int64()),
-        pa.array(rows.texts, pa.string())], schema=NEW_SCHEMA)
+    table = pa.Table.from_arrays(
+        [
+            pa.array(buckets_of(rows.doc_ids, buckets), pa.int32()),
+            pa.array(rows.doc_ids, pa.string()),
+            pa.array([text_hash(t) for t in rows.texts], pa.string()),
+            pa.array(rows.row_ids, pa.int64()),
+            pa.array(rows.texts, pa.string()),
+        ],
+        schema=NEW_SCHEMA,
+    )
     write_partitioned(layout.map_file("new", shard.name), table, layout.storage_options)
     if rows.rejects:
-        storage.write_parquet_atomic(rejects_url, pa.Table.from_pylist(rows.rejects, schema=REJECTS_SCHEMA),
-                                     layout.storage_options)
-    record = {"source": shard.name, "rows": len(rows.doc_ids), "rejected": len(rows.rejects),
-              "rejects": rejects_url if rows.rejects else None}
+        storage.write_parquet_atomic(
+            rejects_url, pa.Table.from_pylist(rows.rejects, schema=REJECTS_SCHEMA), layout.storage_options
+        )
+    record = {
+        "source": shard.name,
+        "rows": len(rows.doc_ids),
+        "rejected": len(rows.rejects),
+        "rejects": rejects_url if rows.rejects else None,
+    }
     storage.write_json_atomic(layout.map_record("new", shard.name), record, layout.storage_options)
     return record
 
@@ -129,9 +161,16 @@ def map_snapshot_shard(shard: Shard, corpus_cfg: CorpusConfig, buckets: int, lay
 def map_previous_segment(segment: str, table: pa.Table, buckets: int, layout: DiffLayout) -> dict:
     """Map one live segment of the previous version (``table``: row_id, doc_id, text_hash, tombstones applied)."""
     doc_ids = table.column("doc_id").to_pylist()
-    out = pa.Table.from_arrays([
-        pa.array(buckets_of(doc_ids, buckets), pa.int32()), table.column("doc_id"), table.column("text_hash"),
-        table.column("row_id"), pa.array([segment] * table.num_rows, pa.string())], schema=OLD_SCHEMA)
+    out = pa.Table.from_arrays(
+        [
+            pa.array(buckets_of(doc_ids, buckets), pa.int32()),
+            table.column("doc_id"),
+            table.column("text_hash"),
+            table.column("row_id"),
+            pa.array([segment] * table.num_rows, pa.string()),
+        ],
+        schema=OLD_SCHEMA,
+    )
     write_partitioned(layout.map_file("old", segment), out, layout.storage_options)
     record = {"source": segment, "rows": table.num_rows}
     storage.write_json_atomic(layout.map_record("old", segment), record, layout.storage_options)
@@ -140,26 +179,32 @@ def map_previous_segment(segment: str, table: pa.Table, buckets: int, layout: Di
 
 # ------------------------------------------------------------------------------------------------------ reduce
 
+
 def _side(layout: DiffLayout, side: str, sources: list[str], bucket: int, schema: pa.Schema) -> pa.Table:
     parts = [read_bucket(layout.map_file(side, s), bucket, layout.storage_options) for s in sources]
     parts = [p.select(schema.names).cast(schema) for p in parts if p is not None]
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def reduce_bucket(bucket: int, new_sources: list[str], old_sources: list[str], layout: DiffLayout,
-                  encode_all: bool = False) -> dict:
+def reduce_bucket(
+    bucket: int, new_sources: list[str], old_sources: list[str], layout: DiffLayout, encode_all: bool = False
+) -> dict:
     """Join one bucket of the snapshot with the same bucket of the previous version; write its outputs and
     commit record; returns the counts (and the rows each previous segment loses). ``encode_all`` (the encoder
     changed, so no vector can be reused): every live document goes to ``encode``, unchanged ones too."""
     new = _side(layout, "new", new_sources, bucket, NEW_SCHEMA)
     old = _side(layout, "old", old_sources, bucket, OLD_SCHEMA)
     _check_unique(new, bucket)
-    joined = new.join(old.rename_columns(["old_bucket", "doc_id", "old_hash", "row_id", "segment"]),
-                      keys="doc_id", join_type="full outer")
+    joined = new.join(
+        old.rename_columns(["old_bucket", "doc_id", "old_hash", "row_id", "segment"]),
+        keys="doc_id",
+        join_type="full outer",
+    )
     status = _status(joined)
     so = layout.storage_options
-    encode = joined.filter(pc.is_in(status, pa.array(["unchanged", "changed", "added"] if encode_all
-                                                      else ["changed", "added"])))
+    encode = joined.filter(
+        pc.is_in(status, pa.array(["unchanged", "changed", "added"] if encode_all else ["changed", "added"]))
+    )
     encode = encode.select(ENCODE_SCHEMA.names).sort_by([("corpus_row", "ascending")])
     storage.write_parquet_atomic(layout.bucket_file("encode", bucket), encode.cast(ENCODE_SCHEMA), so)
     live = joined.filter(pc.invert(pc.equal(status, "deleted")))
@@ -169,8 +214,7 @@ def reduce_bucket(bucket: int, new_sources: list[str], old_sources: list[str], l
     storage.write_parquet_atomic(layout.bucket_file("deletes", bucket), deleted.cast(DELETES_SCHEMA), so)
     lost = _write_tombstones(joined.filter(pc.is_in(status, pa.array(["changed", "deleted"]))), bucket, layout)
     counts = {name: int(pc.sum(pc.equal(status, name)).as_py() or 0) for name in STATUSES}
-    record = {"bucket": bucket, **counts, "documents": new.num_rows, "encode_rows": encode.num_rows,
-              "tombstones": lost}
+    record = {"bucket": bucket, **counts, "documents": new.num_rows, "encode_rows": encode.num_rows, "tombstones": lost}
     storage.write_json_atomic(layout.bucket_record(bucket), record, so)
     return record
 
@@ -186,8 +230,9 @@ def _status(joined: pa.Table) -> pa.Array:
     in_new = pc.is_valid(joined.column("corpus_row"))
     in_old = pc.is_valid(joined.column("row_id"))
     same = pc.fill_null(pc.equal(joined.column("text_hash"), joined.column("old_hash")), False)
-    status = pc.if_else(pc.and_(in_new, in_old), pc.if_else(same, "unchanged", "changed"),
-                        pc.if_else(in_new, "added", "deleted"))
+    status = pc.if_else(
+        pc.and_(in_new, in_old), pc.if_else(same, "unchanged", "changed"), pc.if_else(in_new, "added", "deleted")
+    )
     return status.combine_chunks() if isinstance(status, pa.ChunkedArray) else status
 
 
@@ -208,9 +253,11 @@ def read_bucket_records(layout: DiffLayout, buckets: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------------ after
 
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """Rows ``[start, stop)`` of one bucket's ``encode`` file."""
+
     bucket: int
     start: int
     stop: int
@@ -237,13 +284,19 @@ def plan_new_segments(encode_rows: list[int], rows_per_segment: int) -> list[lis
 
 def read_encode_slices(layout: DiffLayout, slices: list[Slice]) -> pa.Table:
     """The to-encode rows (doc_id, corpus_row, text_hash, text) of one new segment, in slice order."""
-    parts = [storage.read_parquet(layout.bucket_file("encode", s.bucket), layout.storage_options)
-             .slice(s.start, s.stop - s.start) for s in slices]
+    parts = [
+        storage.read_parquet(layout.bucket_file("encode", s.bucket), layout.storage_options).slice(
+            s.start, s.stop - s.start
+        )
+        for s in slices
+    ]
     return pa.concat_tables(parts) if parts else ENCODE_SCHEMA.empty_table()
 
 
 def read_tombstones(layout: DiffLayout, segment: str, buckets: list[int]) -> np.ndarray:
     """Row ids ``segment`` loses in this diff (from the buckets that reported losses for it), sorted."""
-    parts = [storage.read_parquet(layout.tombstone_file(segment, b), layout.storage_options).column("row_id")
-             .to_numpy() for b in buckets]
+    parts = [
+        storage.read_parquet(layout.tombstone_file(segment, b), layout.storage_options).column("row_id").to_numpy()
+        for b in buckets
+    ]
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)

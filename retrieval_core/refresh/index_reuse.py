@@ -1,5 +1,6 @@
 """The refresh's index: whether it trains anew or reuses the previous version's quantizer, and the reuse of the
 previous version's shard indexes for the segments whose rows did not change."""
+
 from __future__ import annotations
 
 from retrieval_core.config import Config
@@ -20,8 +21,11 @@ def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
     if storage.exists(mark, so):  # a run killed after its recall check: keep to what it decided
         return storage.read_json(mark, so)
     if not faiss_index.needs_training(plan.factory, plan.dim):
-        return {"retrain": False, "reusable": _previous_index_matches(p, plan, so),
-                "reason": f"{plan.factory} needs no training"}
+        return {
+            "retrain": False,
+            "reusable": _previous_index_matches(p, plan, so),
+            "reason": f"{plan.factory} needs no training",
+        }
     if not _previous_index_matches(p, plan, so):
         return {"retrain": True, "reusable": False, "reason": "no previous index of this type and encoder"}
     mode = cfg.refresh.retrain
@@ -35,10 +39,16 @@ def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
     if not baseline or now is None:
         return {"retrain": True, "reusable": True, "reason": "no training baseline recorded", "now": now}
     growth = now / baseline - 1
-    return {"retrain": growth > cfg.refresh.retrain_drift, "reusable": True, "baseline": round(baseline, 6),
-            "now": round(now, 6), "growth": round(growth, 6), "threshold": cfg.refresh.retrain_drift,
-            "reason": f"mean distance to the nearest centroid {'grew' if growth > 0 else 'changed'} by "
-                      f"{growth:.1%} (retrain above {cfg.refresh.retrain_drift:.0%})"}
+    return {
+        "retrain": growth > cfg.refresh.retrain_drift,
+        "reusable": True,
+        "baseline": round(baseline, 6),
+        "now": round(now, 6),
+        "growth": round(growth, 6),
+        "threshold": cfg.refresh.retrain_drift,
+        "reason": f"mean distance to the nearest centroid {'grew' if growth > 0 else 'changed'} by "
+        f"{growth:.1%} (retrain above {cfg.refresh.retrain_drift:.0%})",
+    }
 
 
 def recall_verdict(previous_manifest: dict, manifest: dict, target: float) -> dict:
@@ -53,11 +63,17 @@ def recall_verdict(previous_manifest: dict, manifest: dict, target: float) -> di
         return {"fell": False, "reason": "no recall measured at a stored setting"}
     at_stored = tried.get(stored)
     fell = (at_stored is not None and at_stored < target) or manifest["recall"]["value"] > stored
-    return {"fell": fell, "parameter": parameter, "stored": stored, "recall_at_stored": at_stored,
-            "tuned": manifest["recall"]["value"], "target": target,
-            "reason": f"recall@10 at the stored {parameter} = {stored} "
-                      f"{'fell under' if fell else 'reaches'} index.target_recall {target}"
-                      + (f" (tuned {parameter} now {manifest['recall']['value']})" if fell else "")}
+    return {
+        "fell": fell,
+        "parameter": parameter,
+        "stored": stored,
+        "recall_at_stored": at_stored,
+        "tuned": manifest["recall"]["value"],
+        "target": target,
+        "reason": f"recall@10 at the stored {parameter} = {stored} "
+        f"{'fell under' if fell else 'reaches'} index.target_recall {target}"
+        + (f" (tuned {parameter} now {manifest['recall']['value']})" if fell else ""),
+    }
 
 
 def mark_retrain(vcfg: Config, decision: dict) -> dict:
@@ -75,7 +91,8 @@ def drop_seeded_index(vcfg: Config, p: RefreshPlan) -> None:
     here, previous = indexing.layout_of(vcfg), indexing.IndexLayout(p.previous_root, so)
     trained = here.file("trained.faiss")
     seeded = storage.exists(trained, so) and storage.read_bytes(trained, so) == storage.read_bytes(
-        previous.file("trained.faiss"), so)
+        previous.file("trained.faiss"), so
+    )
     shards = storage.join(here.dir, "_shards")
     records = [storage.join(shards, n) for n in storage.list_names(shards, so) if n.endswith(".json")]
     if seeded or any(storage.read_json(r, so).get("shared_from") for r in records):
@@ -84,12 +101,16 @@ def drop_seeded_index(vcfg: Config, p: RefreshPlan) -> None:
 
 def _previous_index_matches(p: RefreshPlan, plan, so: dict) -> bool:
     """The previous version has a complete index of the same type, metric and encoder."""
-    if not (p.previous_root and p.reuse) or not storage.exists(storage.join(p.previous_root, "index",
-                                                                          "manifest.json"), so):
+    if not (p.previous_root and p.reuse) or not storage.exists(
+        storage.join(p.previous_root, "index", "manifest.json"), so
+    ):
         return False
     manifest = indexing.read_index_manifest(p.previous_root, so)
     return (manifest["type"], manifest["metric"], manifest["fingerprint"]) == (
-        plan.factory, plan.metric, plan.identity["fingerprint"]) and manifest["mergeable"] == plan.mergeable
+        plan.factory,
+        plan.metric,
+        plan.identity["fingerprint"],
+    ) and manifest["mergeable"] == plan.mergeable
 
 
 def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
@@ -109,8 +130,14 @@ def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
         if entry is None or shard["name"] in touched or not plan.mergeable:
             continue
         target = indexing.shard_index_url(previous.dir, entry)
-        record = {"name": shard["name"], "ntotal": entry["ntotal"], "seconds": 0.0, "peak_memory_mb": 0.0,
-                  "path": storage.relative_to(here.dir, target), "shared_from": p.source}
+        record = {
+            "name": shard["name"],
+            "ntotal": entry["ntotal"],
+            "seconds": 0.0,
+            "peak_memory_mb": 0.0,
+            "path": storage.relative_to(here.dir, target),
+            "shared_from": p.source,
+        }
         storage.write_json_atomic(here.record_file(shard["name"]), record, so)
         shared += 1
     return shared

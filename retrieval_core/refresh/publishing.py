@@ -1,4 +1,5 @@
 """Publishing a refresh's version: the gates, ``refresh.json``, and retention of older versions."""
+
 from __future__ import annotations
 
 from retrieval_core.config import Config
@@ -13,38 +14,76 @@ class GateError(RuntimeError):
     """A new version failed a publish gate; CURRENT was left where it was."""
 
 
-def gates(cfg: Config, counts: dict, recall: float | None, ndcg: float | None, previous_ndcg: float | None,
-          first: bool) -> list[dict]:
+def gates(
+    cfg: Config, counts: dict, recall: float | None, ndcg: float | None, previous_ndcg: float | None, first: bool
+) -> list[dict]:
     """Each publish gate with its threshold, value, verdict and a message with the counts behind the value
     ("deleted 3,112 of 5,183 documents (60.0%) > 10%"). The deleted and added fractions apply from the second
     version on (the first adds everything); the nDCG drop when both versions were evaluated."""
     pu = cfg.publish
     documents = max(1, counts["unchanged"] + counts["changed"] + counts["deleted"])
     snapshot = max(1, counts["snapshot_rows"])
-    rows = [("min_recall", pu.min_recall, recall, True, lambda sign: f"recall@10 of the index {recall:.4f} {sign} "
-             f"{pu.min_recall}"),
-            ("max_reject_fraction", pu.max_reject_fraction, counts["rejected"] / snapshot, False,
-             lambda sign: _share("rejected", counts["rejected"], snapshot, "snapshot rows", sign,
-                                 pu.max_reject_fraction))]
+    rows = [
+        (
+            "min_recall",
+            pu.min_recall,
+            recall,
+            True,
+            lambda sign: f"recall@10 of the index {recall:.4f} {sign} {pu.min_recall}",
+        ),
+        (
+            "max_reject_fraction",
+            pu.max_reject_fraction,
+            counts["rejected"] / snapshot,
+            False,
+            lambda sign: _share(
+                "rejected", counts["rejected"], snapshot, "snapshot rows", sign, pu.max_reject_fraction
+            ),
+        ),
+    ]
     if not first:
-        rows += [("max_deleted_fraction", pu.max_deleted_fraction, counts["deleted"] / documents, False,
-                  lambda sign: _share("deleted", counts["deleted"], documents, "documents", sign,
-                                      pu.max_deleted_fraction)),
-                 ("max_added_fraction", pu.max_added_fraction, counts["added"] / documents, False,
-                  lambda sign: _share("added", counts["added"], documents, "documents", sign, pu.max_added_fraction))]
+        rows += [
+            (
+                "max_deleted_fraction",
+                pu.max_deleted_fraction,
+                counts["deleted"] / documents,
+                False,
+                lambda sign: _share(
+                    "deleted", counts["deleted"], documents, "documents", sign, pu.max_deleted_fraction
+                ),
+            ),
+            (
+                "max_added_fraction",
+                pu.max_added_fraction,
+                counts["added"] / documents,
+                False,
+                lambda sign: _share("added", counts["added"], documents, "documents", sign, pu.max_added_fraction),
+            ),
+        ]
     if ndcg is not None and previous_ndcg is not None:
         drop = round(previous_ndcg - ndcg, 6)
-        rows.append(("max_ndcg_drop", pu.max_ndcg_drop, drop, False,
-                     lambda sign: f"nDCG@10 fell {drop:.4f} ({previous_ndcg:.4f} -> {ndcg:.4f}) {sign} "
-                                  f"{pu.max_ndcg_drop}"))
+        rows.append(
+            (
+                "max_ndcg_drop",
+                pu.max_ndcg_drop,
+                drop,
+                False,
+                lambda sign: f"nDCG@10 fell {drop:.4f} ({previous_ndcg:.4f} -> {ndcg:.4f}) {sign} {pu.max_ndcg_drop}",
+            )
+        )
     return [_gate(name, threshold, value, at_least, message) for name, threshold, value, at_least, message in rows]
 
 
 def _gate(name: str, threshold: float, value: float | None, at_least: bool, message) -> dict:
     passed = value is None or (value >= threshold if at_least else value <= threshold)
     sign = (">=" if passed else "<") if at_least else ("<=" if passed else ">")
-    return {"gate": f"publish.{name}", "threshold": threshold, "value": None if value is None else round(value, 6),
-            "passed": passed, "message": "not measured" if value is None else message(sign)}
+    return {
+        "gate": f"publish.{name}",
+        "threshold": threshold,
+        "value": None if value is None else round(value, 6),
+        "passed": passed,
+        "message": "not measured" if value is None else message(sign),
+    }
 
 
 def _share(what: str, count: int, total: int, of: str, sign: str, limit: float) -> str:
@@ -53,8 +92,11 @@ def _share(what: str, count: int, total: int, of: str, sign: str, limit: float) 
 
 def write_refresh_record(p: RefreshPlan, record: dict, so: dict) -> None:
     """``refresh.json``, written last in a version."""
-    storage.write_json_atomic(storage.join(p.version_root, "refresh.json"),
-                              {**stamp(), "version": p.version, "previous": p.previous, **record}, so)
+    storage.write_json_atomic(
+        storage.join(p.version_root, "refresh.json"),
+        {**stamp(), "version": p.version, "previous": p.previous, **record},
+        so,
+    )
 
 
 def previous_ndcg(p: RefreshPlan, so: dict) -> float | None:

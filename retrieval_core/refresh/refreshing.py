@@ -8,6 +8,7 @@ with the rows of that segment that are no longer live (changed or deleted docume
 documents are encoded, into new segments with fresh row ids (above every id used before). So a night costs reading
 and hashing the snapshot, encoding the change, and writing the change plus the tombstones; no vector is copied.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,21 +44,22 @@ BUILD_RECORD = versions.BUILD_RECORD
 @dataclasses.dataclass(frozen=True)
 class RefreshPlan:
     """One refresh: where it builds, what it compares against, how the snapshot is cut."""
+
     version: str
-    root: str                      # the output root holding CURRENT and versions/
+    root: str  # the output root holding CURRENT and versions/
     version_root: str
-    previous: str | None           # the published version compared against (None: the first version)
+    previous: str | None  # the published version compared against (None: the first version)
     previous_root: str | None
-    reuse: bool                    # the previous version's vectors may be reused (same encoder fingerprint); when
-                                   # not, every document is encoded again (the diff still counts the change)
+    reuse: bool  # the previous version's vectors may be reused (same encoder fingerprint); when
+    # not, every document is encoded again (the diff still counts the change)
     buckets: int
     rows_per_shard: int
     snapshot_rows: int
-    next_row_id: int               # the first row id of this version's new segments
-    shards: tuple                  # the snapshot's shards (map tasks)
-    segments: tuple                # the previous version's live segments (manifest entries)
+    next_row_id: int  # the first row id of this version's new segments
+    shards: tuple  # the snapshot's shards (map tasks)
+    segments: tuple  # the previous version's live segments (manifest entries)
     identity: dict
-    adopted: bool = False          # the first version, built on the root's own plain-job output (--adopt)
+    adopted: bool = False  # the first version, built on the root's own plain-job output (--adopt)
 
     @property
     def diff(self) -> diffing.DiffLayout:
@@ -79,16 +81,24 @@ class RefreshPlan:
 
 def snapshot_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict) -> dict:
     """What fixes a build: the snapshot's files and row counts, the columns, the encoder, the refresh settings."""
-    return {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
-            "corpus": {"files": [{"url": f.url, "rows": f.num_rows, "blocks": len(f.block_rows)} for f in files],
-                       "id_column": cfg.corpus.id_column, "text_column": cfg.corpus.text_column,
-                       "title_column": cfg.corpus.title_column, **non_default_cap(cfg)},
-            "embedding_dtype": cfg.output.embedding_dtype, "index": {"type": cfg.index.type,
-                                                                      "metric": cfg.index.metric}}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": encoder_identity["fingerprint"],
+        "corpus": {
+            "files": [{"url": f.url, "rows": f.num_rows, "blocks": len(f.block_rows)} for f in files],
+            "id_column": cfg.corpus.id_column,
+            "text_column": cfg.corpus.text_column,
+            "title_column": cfg.corpus.title_column,
+            **non_default_cap(cfg),
+        },
+        "embedding_dtype": cfg.output.embedding_dtype,
+        "index": {"type": cfg.index.type, "metric": cfg.index.metric},
+    }
 
 
-def plan(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_shard: int,
-         adopt: bool = False) -> RefreshPlan:
+def plan(
+    cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_shard: int, adopt: bool = False
+) -> RefreshPlan:
     """The build of this run: the unfinished one of an earlier run on the same snapshot (resumed), else a new
     version compared against the one CURRENT names. ``adopt`` (a root without CURRENT that holds the plain jobs'
     output): the first version is compared against that output, sharing its segments and shard indexes."""
@@ -96,22 +106,36 @@ def plan(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_sh
     current = versions.read_current(cfg.output.root, so)
     previous = current["version"] if current else None
     adopted = adopt and previous is None
-    previous_root = versions.version_root(cfg.output.root, previous) if previous else (
-        cfg.output.root if adopted else None)
-    identity = {**snapshot_identity(cfg, files, encoder_identity), "previous": previous,
-                "rows_per_shard": rows_per_shard, "diff_buckets": cfg.refresh.diff_buckets,
-                **({"adopted": True} if adopted else {})}
+    previous_root = (
+        versions.version_root(cfg.output.root, previous) if previous else (cfg.output.root if adopted else None)
+    )
+    identity = {
+        **snapshot_identity(cfg, files, encoder_identity),
+        "previous": previous,
+        "rows_per_shard": rows_per_shard,
+        "diff_buckets": cfg.refresh.diff_buckets,
+        **({"adopted": True} if adopted else {}),
+    }
     version = _resume_or_start(cfg, identity)
     prev_manifest = read_embeddings_manifest(previous_root, so) if previous_root else None
     reuse = bool(prev_manifest) and prev_manifest["fingerprint"] == encoder_identity["fingerprint"]
     rows = sum(f.num_rows for f in files)
     return RefreshPlan(
-        version=version, root=cfg.output.root, version_root=versions.version_root(cfg.output.root, version),
-        previous=previous, previous_root=previous_root, reuse=reuse,
-        buckets=diffing.bucket_count(rows, cfg.refresh.diff_buckets), rows_per_shard=rows_per_shard,
-        snapshot_rows=rows, next_row_id=_next_row_id(prev_manifest), shards=tuple(plan_shards(files, rows_per_shard)),
+        version=version,
+        root=cfg.output.root,
+        version_root=versions.version_root(cfg.output.root, version),
+        previous=previous,
+        previous_root=previous_root,
+        reuse=reuse,
+        buckets=diffing.bucket_count(rows, cfg.refresh.diff_buckets),
+        rows_per_shard=rows_per_shard,
+        snapshot_rows=rows,
+        next_row_id=_next_row_id(prev_manifest),
+        shards=tuple(plan_shards(files, rows_per_shard)),
         segments=tuple(s for s in prev_manifest["shards"] if s["rows"] > 0) if prev_manifest else (),
-        identity=identity, adopted=adopted)
+        identity=identity,
+        adopted=adopted,
+    )
 
 
 def _resume_or_start(cfg: Config, identity: dict) -> str:
@@ -160,11 +184,13 @@ def _next_row_id(manifest: dict | None) -> int:
 
 def version_config(cfg: Config, version_root: str) -> Config:
     """The config the stages run with inside a version: the same settings, ``output.root`` = the version."""
-    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, root=version_root, version="",
-                                                               overwrite=False))
+    return dataclasses.replace(
+        cfg, output=dataclasses.replace(cfg.output, root=version_root, version="", overwrite=False)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ diff
+
 
 def rejects_url(p: RefreshPlan, shard: Shard) -> str:
     return storage.join(p.version_root, "rejects", "encode", f"{shard.name}.parquet")
@@ -183,8 +209,7 @@ def pending_map_segments(p: RefreshPlan, so: dict) -> list[dict]:
 def map_segment(segment: dict, p: RefreshPlan, so: dict) -> dict:
     """Map one live segment of the previous version (its tombstones applied) into the diff's buckets."""
     table = read_shard_table(p.previous_root, segment, ["doc_id", "text_hash"], so)
-    return diffing.map_previous_segment(segment["name"], table, p.buckets,
-                                        p.diff_layout(so))
+    return diffing.map_previous_segment(segment["name"], table, p.buckets, p.diff_layout(so))
 
 
 def pending_buckets(p: RefreshPlan, so: dict) -> list[int]:
@@ -193,8 +218,9 @@ def pending_buckets(p: RefreshPlan, so: dict) -> list[int]:
 
 
 def reduce_bucket(bucket: int, p: RefreshPlan, so: dict) -> dict:
-    return diffing.reduce_bucket(bucket, [s.name for s in p.shards], [s["name"] for s in p.segments],
-                                 p.diff_layout(so), encode_all=not p.reuse)
+    return diffing.reduce_bucket(
+        bucket, [s.name for s in p.shards], [s["name"] for s in p.segments], p.diff_layout(so), encode_all=not p.reuse
+    )
 
 
 def diff_counts(p: RefreshPlan, so: dict) -> dict:
@@ -205,8 +231,11 @@ def diff_counts(p: RefreshPlan, so: dict) -> dict:
     counts = {key: sum(b[key] for b in buckets) for key in ("documents", *diffing.STATUSES, "encode_rows")}
     counts["rejected"] = sum(m["rejected"] for m in maps)
     counts["snapshot_rows"] = p.snapshot_rows
-    return {"counts": counts, "encode_rows": [b["encode_rows"] for b in buckets],
-            "tombstones": _tombstones_by_segment(buckets)}
+    return {
+        "counts": counts,
+        "encode_rows": [b["encode_rows"] for b in buckets],
+        "tombstones": _tombstones_by_segment(buckets),
+    }
 
 
 def _tombstones_by_segment(buckets: list[dict]) -> dict[str, list[int]]:
@@ -219,6 +248,7 @@ def _tombstones_by_segment(buckets: list[dict]) -> dict[str, list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------------ segments
+
 
 @dataclasses.dataclass(frozen=True)
 class NewSegment:
@@ -246,8 +276,14 @@ def pending_segments(p: RefreshPlan, segments: list[NewSegment], so: dict) -> li
     return [s for s in segments if not storage.exists(layout.record_file(s.name), so)]
 
 
-def encode_segment(p: RefreshPlan, segment: NewSegment, cfg: Config, encoder: Encoder, encoder_identity: dict,
-                   worker: dict | None = None) -> dict:
+def encode_segment(
+    p: RefreshPlan,
+    segment: NewSegment,
+    cfg: Config,
+    encoder: Encoder,
+    encoder_identity: dict,
+    worker: dict | None = None,
+) -> dict:
     """Encode one new segment and commit it (the data, then its record); returns the record.
     Memory: the segment's texts and vectors (``runtime.rows_per_shard`` rows at most)."""
     started = time.perf_counter()
@@ -256,18 +292,36 @@ def encode_segment(p: RefreshPlan, segment: NewSegment, cfg: Config, encoder: En
     texts = rows.column("text").to_pylist()
     before = usage_of(encoder)
     vectors = encode_by_length(encoder, texts, cfg.model.batch_size)
-    metadata = {"schema_version": SCHEMA_VERSION, "fingerprint": encoder_identity["fingerprint"],
-                "dim": encoder.dim, "normalized": encoder.normalized}
+    metadata = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": encoder_identity["fingerprint"],
+        "dim": encoder.dim,
+        "normalized": encoder.normalized,
+    }
     ids = list(range(segment.row_start, segment.row_start + len(texts)))
-    table = embeddings_table(ids, rows.column("doc_id").to_pylist(), vectors, rows.column("text_hash").to_pylist(),
-                             cfg.output.embedding_dtype, metadata)
+    table = embeddings_table(
+        ids,
+        rows.column("doc_id").to_pylist(),
+        vectors,
+        rows.column("text_hash").to_pylist(),
+        cfg.output.embedding_dtype,
+        metadata,
+    )
     layout = Layout(p.version_root, so)
     storage.write_parquet_atomic(layout.shard_file(segment.name), table, so)
-    record = {"name": segment.name, "path": f"{segment.name}.parquet", "row_start": segment.row_start,
-              "row_stop": segment.row_start + len(texts), "rows": len(texts), "rejected": 0,
-              "fingerprint": encoder_identity["fingerprint"], "dim": encoder.dim,
-              "seconds": round(time.perf_counter() - started, 3), **(worker or {}),
-              **api_usage_since(encoder, before)}
+    record = {
+        "name": segment.name,
+        "path": f"{segment.name}.parquet",
+        "row_start": segment.row_start,
+        "row_stop": segment.row_start + len(texts),
+        "rows": len(texts),
+        "rejected": 0,
+        "fingerprint": encoder_identity["fingerprint"],
+        "dim": encoder.dim,
+        "seconds": round(time.perf_counter() - started, 3),
+        **(worker or {}),
+        **api_usage_since(encoder, before),
+    }
     storage.write_json_atomic(layout.record_file(segment.name), record, so)
     return record
 
@@ -284,8 +338,7 @@ def write_segment_tombstones(segment: dict, p: RefreshPlan, tombstones: dict[str
         old = storage.read_parquet(shard_url(p.previous_root, segment, "deleted_path"), so).column("row_id")
         new = np.union1d(new, old.to_numpy())
     table = pa.table({"row_id": pa.array(np.sort(new), pa.int64())})
-    storage.write_parquet_atomic(storage.join(p.version_root, "embeddings", tombstone_path(segment["name"])), table,
-                                 so)
+    storage.write_parquet_atomic(storage.join(p.version_root, "embeddings", tombstone_path(segment["name"])), table, so)
     return len(new)
 
 
@@ -294,9 +347,12 @@ def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -
     with this version's tombstone file where the diff removed rows, and the live row count."""
     here = storage.join(p.version_root, "embeddings")
     entries = []
-    for segment in (p.segments if p.reuse else ()):
-        entry = {**segment, "path": storage.relative_to(here, shard_url(p.previous_root, segment)),
-                 "shared_from": segment.get("shared_from") or p.source}
+    for segment in p.segments if p.reuse else ():
+        entry = {
+            **segment,
+            "path": storage.relative_to(here, shard_url(p.previous_root, segment)),
+            "shared_from": segment.get("shared_from") or p.source,
+        }
         if segment["name"] in tombstones:
             entry["deleted_path"] = tombstone_path(segment["name"])
             gone = storage.read_parquet(storage.join(here, entry["deleted_path"]), so).num_rows
@@ -309,8 +365,16 @@ def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -
     return entries
 
 
-def write_version_manifest(cfg: Config, p: RefreshPlan, encoder_identity: dict, dim: int, counts: dict,
-                           shared: list[dict], records: list[dict], seconds: float) -> dict:
+def write_version_manifest(
+    cfg: Config,
+    p: RefreshPlan,
+    encoder_identity: dict,
+    dim: int,
+    counts: dict,
+    shared: list[dict],
+    records: list[dict],
+    seconds: float,
+) -> dict:
     """``embeddings/_manifest.json`` of the version (and ``_plan.json`` for the readers that re-read texts), in
     row id order: shared segments first, then the new ones."""
     so = cfg.output.storage_options
@@ -319,40 +383,68 @@ def write_version_manifest(cfg: Config, p: RefreshPlan, encoder_identity: dict, 
     entries = shared + new
     live = sum(e["rows"] for e in entries)
     if live + counts["rejected"] != p.snapshot_rows:
-        raise RuntimeError(f"version {p.version}: {live} live rows + {counts['rejected']} rejected != "
-                           f"{p.snapshot_rows} snapshot rows")
-    storage.write_json_atomic(layout.plan, {**stamp(), "identity": {**p.identity, "rows_per_shard": p.rows_per_shard},
-                                            "config": cfg.to_dict()}, so)
+        raise RuntimeError(
+            f"version {p.version}: {live} live rows + {counts['rejected']} rejected != {p.snapshot_rows} snapshot rows"
+        )
+    storage.write_json_atomic(
+        layout.plan,
+        {**stamp(), "identity": {**p.identity, "rows_per_shard": p.rows_per_shard}, "config": cfg.to_dict()},
+        so,
+    )
     manifest = {
-        **stamp(), "stage": "embeddings", "fingerprint": encoder_identity["fingerprint"],
-        "encoder": encoder_identity, "query_encoder": encoding.query_identity(cfg.model), "dim": dim,
+        **stamp(),
+        "stage": "embeddings",
+        "fingerprint": encoder_identity["fingerprint"],
+        "encoder": encoder_identity,
+        "query_encoder": encoding.query_identity(cfg.model),
+        "dim": dim,
         "normalized": cfg.model.normalize,
-        "embedding_dtype": cfg.output.embedding_dtype, "version": p.version, "previous_version": p.previous,
-        "totals": {"rows_in": p.snapshot_rows, "rows_encoded": live, "rows_rejected": counts["rejected"],
-                   "shards": len(entries), "shards_shared": len(shared), "rows_shared": sum(e["rows"] for e in shared),
-                   "rows_encoded_now": sum(r["rows"] for r in records)},
+        "embedding_dtype": cfg.output.embedding_dtype,
+        "version": p.version,
+        "previous_version": p.previous,
+        "totals": {
+            "rows_in": p.snapshot_rows,
+            "rows_encoded": live,
+            "rows_rejected": counts["rejected"],
+            "shards": len(entries),
+            "shards_shared": len(shared),
+            "rows_shared": sum(e["rows"] for e in shared),
+            "rows_encoded_now": sum(r["rows"] for r in records),
+        },
         "next_row_id": max([p.next_row_id] + [r["row_stop"] for r in records]),
         "docmap": {"dir": "../_diff/docmap", "buckets": p.buckets},
-        "shards": sorted(entries, key=lambda e: e["row_start"]), **api_usage_totals(records),
+        "shards": sorted(entries, key=lambda e: e["row_start"]),
+        **api_usage_totals(records),
         "seconds": round(seconds, 3),
         "config": cfg.to_dict(),
     }
     storage.write_json_atomic(layout.manifest, manifest, so)
     return manifest
 
+
 # ------------------------------------------------------------------------------------------------------ changes
+
 
 def write_changes(p: RefreshPlan, records: list[dict], so: dict) -> dict:
     """``changes/upserts.parquet`` (doc_id, embedding, text_hash of the changed and added documents) and
     ``changes/deletes.parquet`` (doc_id of the documents gone), streamed one segment or bucket at a time."""
     changes = storage.join(p.version_root, "changes")
     layout = Layout(p.version_root, so)
-    upserts = _stream(storage.join(changes, "upserts.parquet"), so, (
-        storage.read_parquet(layout.shard_file(r["name"]), so, columns=["doc_id", "embedding", "text_hash"])
-        for r in records), None)
-    deletes = _stream(storage.join(changes, "deletes.parquet"), so, (
-        storage.read_parquet(p.diff.bucket_file("deletes", b), so) for b in range(p.buckets)),
-        diffing.DELETES_SCHEMA)
+    upserts = _stream(
+        storage.join(changes, "upserts.parquet"),
+        so,
+        (
+            storage.read_parquet(layout.shard_file(r["name"]), so, columns=["doc_id", "embedding", "text_hash"])
+            for r in records
+        ),
+        None,
+    )
+    deletes = _stream(
+        storage.join(changes, "deletes.parquet"),
+        so,
+        (storage.read_parquet(p.diff.bucket_file("deletes", b), so) for b in range(p.buckets)),
+        diffing.DELETES_SCHEMA,
+    )
     return {"upserts": upserts, "deletes": deletes}
 
 
@@ -367,8 +459,9 @@ def _stream(url: str, so: dict, tables, schema: pa.Schema | None) -> int:
         rows += table.num_rows
     if writer is None:
         if schema is None:  # no upserts: an empty file with the embeddings columns' names
-            schema = pa.schema([("doc_id", pa.string()), ("embedding", pa.list_(pa.float32())),
-                                ("text_hash", pa.string())])
+            schema = pa.schema(
+                [("doc_id", pa.string()), ("embedding", pa.list_(pa.float32())), ("text_hash", pa.string())]
+            )
         writer = pq.ParquetWriter(sink, schema, compression="zstd")
     writer.close()
     storage.write_bytes_atomic(url, sink.getvalue().to_pybytes(), so)

@@ -11,6 +11,7 @@ A checkpoint, every ``train.checkpoint_steps`` steps, under ``<train.output>/_ch
 Nothing is pickled: tensors go through safetensors, everything else through JSON. A checkpoint whose identity is not
 the training's (other settings, other negatives) is ignored and removed. torch is imported inside the functions.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ LATEST = "latest.json"
 @dataclasses.dataclass
 class Position:
     """Where the training stands: ``step`` steps done, the next one is batch ``batch`` of epoch ``epoch``."""
+
     step: int = 0
     epoch: int = 0
     batch: int = 0
@@ -37,6 +39,7 @@ class Position:
 class Checkpoints:
     """The checkpoints of one training at ``url`` (``<train.output>/_checkpoints``), every ``every`` steps (0 =
     none). ``rank``/``world`` name this worker; ``barrier`` (several workers) waits for all of them."""
+
     url: str
     identity: str
     every: int
@@ -52,8 +55,9 @@ class Checkpoints:
         """Write this worker's part of the checkpoint at ``position``; rank 0 commits it once every worker wrote
         its part, then removes the older checkpoints."""
         folder = storage.join(self.url, f"step-{position.step:08d}")
-        storage.write_bytes_atomic(storage.join(folder, f"rng-{self.rank}.safetensors"), _rng_bytes(model),
-                                   self.storage_options)
+        storage.write_bytes_atomic(
+            storage.join(folder, f"rng-{self.rank}.safetensors"), _rng_bytes(model), self.storage_options
+        )
         if self.rank == 0:
             weights, moments, groups = _model_bytes(model), *_optimizer_parts(optimizer)
             storage.write_bytes_atomic(storage.join(folder, "weights.safetensors"), weights, self.storage_options)
@@ -61,9 +65,15 @@ class Checkpoints:
         if self.barrier:
             self.barrier()
         if self.rank == 0:
-            record = {"identity": self.identity, "folder": f"step-{position.step:08d}", "world": self.world,
-                      **dataclasses.asdict(position), "param_groups": groups,
-                      "scheduler": scheduler.state_dict(), "history": history}
+            record = {
+                "identity": self.identity,
+                "folder": f"step-{position.step:08d}",
+                "world": self.world,
+                **dataclasses.asdict(position),
+                "param_groups": groups,
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+            }
             storage.write_json_atomic(storage.join(self.url, LATEST), record, self.storage_options)
             self._remove_all_but(record["folder"])
         if self.barrier:
@@ -116,8 +126,11 @@ def _optimizer_parts(optimizer) -> tuple[bytes, list[dict]]:
     from safetensors.torch import save
 
     state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": value.detach().cpu().clone().contiguous()
-               for index, entry in state["state"].items() for key, value in entry.items()}
+    tensors = {
+        f"{index}.{key}": value.detach().cpu().clone().contiguous()
+        for index, entry in state["state"].items()
+        for key, value in entry.items()
+    }
     return save(tensors), state["param_groups"]
 
 
@@ -126,8 +139,7 @@ def _optimizer_state(tensors: dict, groups: list[dict]) -> dict:
     for name, value in tensors.items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": [{**g, "betas": tuple(g["betas"])} if "betas" in g else g
-                                             for g in groups]}
+    return {"state": state, "param_groups": [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]}
 
 
 def _rng_bytes(model) -> bytes:

@@ -8,6 +8,7 @@ negatives span the global batch, and gradients are averaged after each step.
 
 torch and sentence-transformers are imported inside the functions only (like ``encoding``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,12 @@ def load_examples(cfg: Config) -> list[Example]:
     """One example per (query, positive) of the mined parts, with the first ``train.num_negatives`` negatives;
     queries with fewer mined negatives than that are left out (counted in the log)."""
     parts = mining.read_parts(cfg.output.root, cfg.output.storage_options).to_pylist()
-    text = lookup.texts_for_doc_ids(cfg.output.root, {d for p in parts for d in p["positive_ids"] + p["negative_ids"]},
-                                    cfg.output.storage_options, corpus_storage_options=cfg.corpus.storage_options)
+    text = lookup.texts_for_doc_ids(
+        cfg.output.root,
+        {d for p in parts for d in p["positive_ids"] + p["negative_ids"]},
+        cfg.output.storage_options,
+        corpus_storage_options=cfg.corpus.storage_options,
+    )
     n = cfg.train.num_negatives
     examples, short = [], 0
     for p in parts:
@@ -62,7 +67,7 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> 
     """(train, held out), split by query id with ``seed``: all examples of a query fall on the same side."""
     queries = sorted({e.query_id for e in examples})
     random.Random(seed).shuffle(queries)
-    held = set(queries[:int(round(len(queries) * eval_fraction))])
+    held = set(queries[: int(round(len(queries) * eval_fraction))])
     return [e for e in examples if e.query_id not in held], [e for e in examples if e.query_id in held]
 
 
@@ -103,8 +108,9 @@ def build_loss(model, cfg: Config, distributed: bool):
 
     scale = 1.0 / cfg.train.temperature
     if cfg.train.cached:
-        return CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=cfg.train.mini_batch_size,
-                                                  gather_across_devices=distributed)
+        return CachedMultipleNegativesRankingLoss(
+            model, scale=scale, mini_batch_size=cfg.train.mini_batch_size, gather_across_devices=distributed
+        )
     return MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=distributed)
 
 
@@ -125,14 +131,18 @@ def check_trainable(cfg: Config) -> None:
     """Training fine-tunes one local model: an embedding API, or a family with a separate query encoder (DPR), is
     refused, naming it."""
     if cfg.model.provider != "local":
-        raise ConfigError(f"train fine-tunes a local model, and model.provider = {cfg.model.provider!r} is an "
-                          f"embedding API (its weights are the provider's): set model.name to a local model, or "
-                          f"leave train out of pipeline.stages")
+        raise ConfigError(
+            f"train fine-tunes a local model, and model.provider = {cfg.model.provider!r} is an "
+            f"embedding API (its weights are the provider's): set model.name to a local model, or "
+            f"leave train out of pipeline.stages"
+        )
     query_model = families.query_model_name(cfg.model)
     if query_model != cfg.model.name:
-        raise ConfigError(f"train fine-tunes one model, and queries are encoded by another (model.query_name = "
-                          f"{query_model!r}, model.name = {cfg.model.name!r}): train a single bi-encoder, or an "
-                          f"asymmetric one whose query and document modules live in one model (a Router)")
+        raise ConfigError(
+            f"train fine-tunes one model, and queries are encoded by another (model.query_name = "
+            f"{query_model!r}, model.name = {cfg.model.name!r}): train a single bi-encoder, or an "
+            f"asymmetric one whose query and document modules live in one model (a Router)"
+        )
 
 
 def resolved_prompts(cfg: Config) -> tuple[str, str]:
@@ -157,10 +167,19 @@ def linear_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus: dict[str, str],
-        rank: int = 0, world: int = 1, reduce_gradients: Callable | None = None,
-        on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int, float], None] | None = None,
-        saved: checkpoints.Checkpoints | None = None, device: str = "cpu"):
+def fit(
+    cfg: Config,
+    train: list[Example],
+    held_out: list[Example],
+    eval_corpus: dict[str, str],
+    rank: int = 0,
+    world: int = 1,
+    reduce_gradients: Callable | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    saved: checkpoints.Checkpoints | None = None,
+    device: str = "cpu",
+):
     """Train ``cfg.model.name`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) with ``train``; this worker takes
     every ``world``-th example of each global batch.
     ``on_step(step, total, loss)`` and ``on_epoch(evaluation)`` report progress. With ``saved``, a checkpoint is
@@ -176,9 +195,15 @@ def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus:
     per_epoch, total = steps_plan(cfg, len(train))
     scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * total), total)
     resumed = saved.restore(model, optimizer, scheduler) if saved else None
-    position, history = resumed or (checkpoints.Position(), {
-        "steps": total, "steps_per_epoch": per_epoch, "losses": [],
-        "evaluations": [evaluate(model, cfg, held_out, eval_corpus, step=0)]})
+    position, history = resumed or (
+        checkpoints.Position(),
+        {
+            "steps": total,
+            "steps_per_epoch": per_epoch,
+            "losses": [],
+            "evaluations": [evaluate(model, cfg, held_out, eval_corpus, step=0)],
+        },
+    )
     started = time.perf_counter()
     while position.step < total:
         batches = epoch_batches(train, cfg.train.batch_size, cfg.train.seed, position.epoch)
@@ -207,15 +232,19 @@ def fit(cfg: Config, train: list[Example], held_out: list[Example], eval_corpus:
 def load_model(cfg: Config, device: str = "cpu"):
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(resolve_model_path(cfg.model.name, cfg.model.storage_options), device=str(device),
-                                trust_remote_code=cfg.model.trust_remote_code)
+    model = SentenceTransformer(
+        resolve_model_path(cfg.model.name, cfg.model.storage_options),
+        device=str(device),
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     if cfg.model.max_seq_length:
         model.max_seq_length = cfg.model.max_seq_length
     return model
 
 
-def _step(model, loss, optimizer, scheduler, local: list[Example], cfg: Config,
-          reduce_gradients: Callable | None) -> float:
+def _step(
+    model, loss, optimizer, scheduler, local: list[Example], cfg: Config, reduce_gradients: Callable | None
+) -> float:
     """One optimizer step on this worker's share of a batch; returns the loss."""
     import torch
 
@@ -236,7 +265,7 @@ def eval_corpus_for(cfg: Config, held_out: list[Example], examples: list[Example
     must = sorted({e.positive for e in held_out})
     pool = sorted({t for e in examples for t in (e.positive, *e.negatives)} - set(must))
     random.Random(cfg.train.seed).shuffle(pool)
-    texts = must + pool[:max(0, cfg.train.eval_corpus_size - len(must))]
+    texts = must + pool[: max(0, cfg.train.eval_corpus_size - len(must))]
     return {f"e{i}": t for i, t in enumerate(texts)}
 
 
@@ -255,15 +284,26 @@ def evaluate(model, cfg: Config, held_out: list[Example], corpus: dict[str, str]
         qrels.setdefault(e.query_id, {})[where[e.positive]] = 1
     with torch.inference_mode():
         document, query = resolved_prompts(cfg)
-        docs = model.encode_document(texts, batch_size=cfg.model.batch_size, prompt=document,
-                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        qv = model.encode_query(list(queries.values()), batch_size=cfg.model.batch_size, prompt=query,
-                                normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        docs = model.encode_document(
+            texts,
+            batch_size=cfg.model.batch_size,
+            prompt=document,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        qv = model.encode_query(
+            list(queries.values()),
+            batch_size=cfg.model.batch_size,
+            prompt=query,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
     top = np.argsort(-(qv @ docs.T), axis=1, kind="stable")[:, :10]
     run = {qid: [ids[j] for j in row] for qid, row in zip(queries, top)}
     figures = metrics.evaluate_run(run, qrels, ndcg_ks=(10,), recall_ks=(10,), mrr_ks=(10,))
-    return {"step": step, "ndcg@10": round(figures["ndcg@10"], 5), "queries": figures["queries"],
-            "corpus": len(corpus)}
+    return {"step": step, "ndcg@10": round(figures["ndcg@10"], 5), "queries": figures["queries"], "corpus": len(corpus)}
 
 
 def average_gradients(model) -> None:

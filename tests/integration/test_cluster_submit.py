@@ -1,4 +1,5 @@
 """`ray job submit` of a small pipeline to a real Ray head started with `ray start --head` (token auth on)."""
+
 import json
 import os
 import signal
@@ -31,10 +32,24 @@ def head():
     """A Ray head on 127.0.0.1 with the dashboard (the job server); stopped, with everything it started, at the
     end. Its token is the user's (~/.ray/auth_token, created when missing), as in the README."""
     ray_cli("get-auth-token", "--generate")
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}",
-                             "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
-                             "--disable-usage-stats"], env=ray_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={GCS_PORT}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={DASHBOARD_PORT}",
+            "--disable-usage-stats",
+        ],
+        env=ray_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while ray_cli("job", "list", "--address", ADDRESS).returncode != 0:
@@ -54,10 +69,17 @@ def head():
 
 def test_submitted_pipeline_succeeds_and_writes_its_outputs(head, tmp_path, tiny_model_without_dropout):
     root = tmp_path / "submitted"
-    overrides = [f"output.root={root}", f"model.name={tiny_model_without_dropout}", "runtime.progress=false",
-                 "corpus.title_column=title", "runtime.rows_per_shard=32", "mine.query_id_column=query_id",
-                 "mine.relative_margin=null", "pipeline.stages=[encode,index,evaluate,mine]",
-                 "runtime.inline_rows=100"]  # the 247 documents on the cluster's actors and tasks, the queries here
+    overrides = [
+        f"output.root={root}",
+        f"model.name={tiny_model_without_dropout}",
+        "runtime.progress=false",
+        "corpus.title_column=title",
+        "runtime.rows_per_shard=32",
+        "mine.query_id_column=query_id",
+        "mine.relative_margin=null",
+        "pipeline.stages=[encode,index,evaluate,mine]",
+        "runtime.inline_rows=100",
+    ]  # the 247 documents on the cluster's actors and tasks, the queries here
     # training and the re-* stages run on Ray the same way as these (tests/integration/test_train_pipeline.py)
     entrypoint = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/demo.yaml"]
     for item in overrides:
@@ -65,8 +87,20 @@ def test_submitted_pipeline_succeeds_and_writes_its_outputs(head, tmp_path, tiny
     job_id = f"test-{uuid.uuid4().hex[:8]}"
     deadline = time.time() + 300
     while True:  # a loaded machine may answer `job list` long before the head's job agent takes submissions
-        submitted = ray_cli("job", "submit", "--address", head, "--working-dir", str(REPO), "--submission-id",
-                            job_id, "--no-wait", "--", *entrypoint, timeout=120)
+        submitted = ray_cli(
+            "job",
+            "submit",
+            "--address",
+            head,
+            "--working-dir",
+            str(REPO),
+            "--submission-id",
+            job_id,
+            "--no-wait",
+            "--",
+            *entrypoint,
+            timeout=120,
+        )
         if "No available agent" not in submitted.stderr or time.time() > deadline:
             break
         time.sleep(3)

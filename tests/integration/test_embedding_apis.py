@@ -2,6 +2,7 @@
 job: encode, index, evaluate, search's query path (in the driver and on actors), mine and refresh give the vectors
 and scores of the provider's own vectors; a failing batch fails its shard, a rerun sends only what is missing, the
 manifest says what the run cost, and the key appears nowhere."""
+
 import os
 
 import numpy as np
@@ -25,11 +26,20 @@ INPUT_TYPES = {"openai": ("", ""), "cohere": ("search_document", "search_query")
 
 def api_config(api, provider, root, **extra):
     base = f"{api.url}/v1" if provider == "openai" else api.url
-    settings = dict(model__provider=provider, model__base_url=base, model__api_key_env=API_KEY_ENV,
-                    model__batch_size=16, corpus__title_column="title", runtime__rows_per_shard=64,
-                    index__type="Flat", eval__queries_path=str(DEMO / "queries.jsonl"),
-                    eval__qrels_path=str(DEMO / "qrels.tsv"), mine__pairs_path=str(DEMO / "pairs.jsonl"),
-                    mine__query_id_column="query_id", mine__relative_margin="null")
+    settings = dict(
+        model__provider=provider,
+        model__base_url=base,
+        model__api_key_env=API_KEY_ENV,
+        model__batch_size=16,
+        corpus__title_column="title",
+        runtime__rows_per_shard=64,
+        index__type="Flat",
+        eval__queries_path=str(DEMO / "queries.jsonl"),
+        eval__qrels_path=str(DEMO / "qrels.tsv"),
+        mine__pairs_path=str(DEMO / "pairs.jsonl"),
+        mine__query_id_column="query_id",
+        mine__relative_margin="null",
+    )
     return config(DEMO_CORPUS, root, model="fake-embed", **{**settings, **extra})
 
 
@@ -79,8 +89,9 @@ def test_every_job_uses_the_provider_s_vectors(built, embedding_api, tmp_path):
     on_actors = api_config(embedding_api, provider, cfg.output.root, runtime__inline_rows=0)
     with cluster.LazyRaySession(cfg.runtime) as session:
         for each in (cfg, on_actors):
-            np.testing.assert_allclose(query_encoding.encode_queries(each, [queries[q] for q in qids], session),
-                                       query_vectors, atol=1e-6)
+            np.testing.assert_allclose(
+                query_encoding.encode_queries(each, [queries[q] for q in qids], session), query_vectors, atol=1e-6
+            )
     scores = query_vectors @ documents.T
     run = {q: [ids[j] for j in np.argsort(-row, kind="stable")[:100]] for q, row in zip(qids, scores)}
     reference = metrics.evaluate_run(run, qrels)
@@ -127,7 +138,7 @@ def test_a_failing_batch_fails_its_shard_and_a_rerun_bills_only_what_is_missing(
     embedding_api.reset()
     result = encode.run(cfg)
     sent_again = set(embedding_api.texts_sent())
-    committed_texts = {t for r in committed.values() for t in texts[r["row_start"]:r["row_stop"]]}
+    committed_texts = {t for r in committed.values() for t in texts[r["row_start"] : r["row_stop"]]}
     assert poisoned in sent_again and not sent_again & committed_texts
     assert sent_again | committed_texts == set(texts)
     assert result["shards_skipped"] == len(committed)

@@ -1,4 +1,5 @@
 """Errors the encode command reports before any work starts (no Ray needed)."""
+
 import subprocess
 
 from helpers import REPO, encode_command, make_docs, write_parquet
@@ -36,23 +37,33 @@ def test_a_relative_output_root_is_refused_on_a_cluster(tmp_path):
     import os
 
     env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:9"}
-    result = subprocess.run(encode_command("output.root=out/relative"), cwd=REPO, capture_output=True, text=True,
-                            timeout=120, env=env)
+    result = subprocess.run(
+        encode_command("output.root=out/relative"), cwd=REPO, capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode != 0
     assert "output.root = 'out/relative' is a relative path" in result.stderr
     assert str(REPO / "out" / "relative") in result.stderr and "s3://" in result.stderr
-    missing = subprocess.run(encode_command(f"output.root={tmp_path / 'out'}", "corpus.path=data/none.parquet"),
-                             cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert missing.returncode != 0 and "corpus.path 'data/none.parquet' is a relative path that does not exist" \
-        in missing.stderr
+    missing = subprocess.run(
+        encode_command(f"output.root={tmp_path / 'out'}", "corpus.path=data/none.parquet"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert (
+        missing.returncode != 0
+        and "corpus.path 'data/none.parquet' is a relative path that does not exist" in missing.stderr
+    )
     assert not (REPO / "out" / "relative").exists() and not (tmp_path / "out").exists()
 
 
 def test_help_names_the_command_what_it_writes_and_the_main_keys():
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "jobs.encode", "--help"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.encode", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0
     assert result.stdout.startswith("usage: python -m jobs.encode")
     assert "<output.root>/embeddings/" in result.stdout and "``" not in result.stdout

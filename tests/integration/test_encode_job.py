@@ -1,4 +1,5 @@
 """The encode job on one local Ray cluster (started once per test session)."""
+
 import contextlib
 import json
 import signal
@@ -43,7 +44,8 @@ def test_vectors_equal_plain_sentence_transformers(demo_run):
     assert summary["rows_encoded"] == DEMO_ROWS and summary["shards"] == summary["shards_run"] == demo_shards(32)
     ids, texts = demo_texts()
     reference = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu").encode(
-        texts, batch_size=32, normalize_embeddings=True)
+        texts, batch_size=32, normalize_embeddings=True
+    )
     row_ids, vectors, doc_ids = embeddings.load_embeddings(cfg.output.root)
     assert row_ids.tolist() == list(range(DEMO_ROWS)) and doc_ids == ids
     cosine = np.sum(vectors * reference, axis=1) / np.linalg.norm(reference, axis=1)
@@ -72,7 +74,7 @@ def test_a_large_corpus_is_checked_for_duplicate_ids_by_tasks(tmp_path, monkeypa
     docs[39]["id"] = docs[12]["id"]
     write_parquet(tmp_path / "docs.parquet", docs, row_group_size=8)
     monkeypatch.setattr(corpus, "ID_CHECK_DRIVER_ROWS", 10)  # 40 rows: checked by Ray tasks,
-    monkeypatch.setattr(corpus, "ID_CHECK_ROWS", 15)         # 3 partitions
+    monkeypatch.setattr(corpus, "ID_CHECK_ROWS", 15)  # 3 partitions
     with pytest.raises(corpus.CorpusError, match=r"duplicate values in id column 'id', e\.g\. \[") as caught:
         encode.run(config(tmp_path / "docs.parquet", tmp_path / "out"))
     assert sorted(eval(str(caught.value).split("e.g. ")[1])) == ["doc00002", "doc00012"]
@@ -127,8 +129,14 @@ def demo_clean_8(tmp_path_factory):
 def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp_path, demo_clean_8):
     root = tmp_path / "out"
     cfg = config(DEMO_CORPUS, root, runtime__rows_per_shard=8, runtime__num_workers=1)
-    command = encode_command(f"corpus.path={DEMO_CORPUS}", f"output.root={root}", "runtime.rows_per_shard=8",
-                             "runtime.num_workers=1", f"runtime.address={ray_cluster}", "runtime.progress=false")
+    command = encode_command(
+        f"corpus.path={DEMO_CORPUS}",
+        f"output.root={root}",
+        "runtime.rows_per_shard=8",
+        "runtime.num_workers=1",
+        f"runtime.address={ray_cluster}",
+        "runtime.progress=false",
+    )
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     records_dir = root / "embeddings" / "_shards"
     deadline = time.time() + 120
@@ -152,7 +160,8 @@ def test_killed_driver_resumes_with_unfinished_shards_only(ray_cluster, sig, tmp
 
 
 def test_a_node_lost_mid_run_leaves_its_work_to_the_other_and_the_output_equals_local(
-        tiny_corpus, tiny_model, tiny_clean, tmp_path, faults):
+    tiny_corpus, tiny_model, tiny_clean, tmp_path, faults
+):
     """Two nodes of one CPU each, one encoder actor on each, every shard slowed to 0.4 s; once the second node has
     committed a shard it is removed. Its actor cannot restart (no room left), so its shard is started again on the
     head's actor (speculation) and the job ends with every shard, equal to a local run."""
@@ -164,13 +173,22 @@ def test_a_node_lost_mid_run_leaves_its_work_to_the_other_and_the_output_equals_
     try:
         node = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        command = encode_command(f"corpus.path={tiny_corpus}", f"output.root={root}", f"model.name={tiny_model}",
-                                 "runtime.rows_per_shard=3", f"runtime.address={cluster.address}",
-                                 "runtime.progress=false", "runtime.inline_rows=0")
+        command = encode_command(
+            f"corpus.path={tiny_corpus}",
+            f"output.root={root}",
+            f"model.name={tiny_model}",
+            "runtime.rows_per_shard=3",
+            f"runtime.address={cluster.address}",
+            "runtime.progress=false",
+            "runtime.inline_rows=0",
+        )
         driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
-        while time.time() < deadline and driver.poll() is None and not any(
-                r["node_id"] == node.node_id for r in shard_records(root)):
+        while (
+            time.time() < deadline
+            and driver.poll() is None
+            and not any(r["node_id"] == node.node_id for r in shard_records(root))
+        ):
             time.sleep(0.05)
         cluster.remove_node(node)
         out, err = driver.communicate(timeout=300)
@@ -196,21 +214,30 @@ def _stop_lines(output: str) -> list[str]:
 
 
 @pytest.mark.parametrize("when", ["starting", "waiting", "mid-shard"])
-def test_a_sigterm_anywhere_in_an_encode_on_ray_is_one_line_and_status_143(ray_cluster, tiny_model, tmp_path,
-                                                                           faults, when):
+def test_a_sigterm_anywhere_in_an_encode_on_ray_is_one_line_and_status_143(
+    ray_cluster, tiny_model, tmp_path, faults, when
+):
     """What cron's `timeout`, a scheduler or `ray job stop` send, landing while the driver starts Ray and its
     actors, while it waits on Ray between shards, and while an actor is inside a long shard: one line naming what
     is committed, status 143, no traceback and no notices of Ray retrying the tasks of the actors it stopped."""
     root = tmp_path / "out"
     if when == "mid-shard":
         faults([{"point": "encode", "match": "shard-00003", "action": "stall", "seconds": 20}])
-    command = encode_command(f"corpus.path={DEMO_CORPUS}", f"output.root={root}", f"model.name={tiny_model}",
-                             "runtime.rows_per_shard=2", "runtime.inline_rows=0", f"runtime.address={ray_cluster}")
+    command = encode_command(
+        f"corpus.path={DEMO_CORPUS}",
+        f"output.root={root}",
+        f"model.name={tiny_model}",
+        "runtime.rows_per_shard=2",
+        "runtime.inline_rows=0",
+        f"runtime.address={ray_cluster}",
+    )
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     records, deadline = root / "embeddings" / "_shards", time.time() + 120
-    ready = {"starting": lambda: (root / "_jobs" / "lease").exists(),
-             "waiting": lambda: len(list(records.glob("*.json"))) >= 2,
-             "mid-shard": lambda: _fired(0) >= 1}[when]
+    ready = {
+        "starting": lambda: (root / "_jobs" / "lease").exists(),
+        "waiting": lambda: len(list(records.glob("*.json"))) >= 2,
+        "mid-shard": lambda: _fired(0) >= 1,
+    }[when]
     while time.time() < deadline and not ready():
         assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
         time.sleep(0.05)

@@ -10,6 +10,7 @@ fault points of retrieval_core.io.faults) and the output after recovery equals a
 - storage refusing a write (a full disk): a clear error naming the file, nothing incomplete committed, a rerun
   completes.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,19 @@ SHARDS = 4  # the demo corpus's 247 rows, 64 per shard
 
 
 def matrix_config(tiny_model, root, **extra):
-    return config(DEMO_CORPUS, root, tiny_model, corpus__title_column="title", runtime__rows_per_shard=64,
-                  index__type="Flat", mine__pairs_path=str(DEMO / "pairs.jsonl"), mine__query_id_column="query_id",
-                  mine__queries_per_part=40, mine__relative_margin="null",  # a random model's scores: no margin
-                  **extra)
+    return config(
+        DEMO_CORPUS,
+        root,
+        tiny_model,
+        corpus__title_column="title",
+        runtime__rows_per_shard=64,
+        index__type="Flat",
+        mine__pairs_path=str(DEMO / "pairs.jsonl"),
+        mine__query_id_column="query_id",
+        mine__queries_per_part=40,
+        mine__relative_margin="null",  # a random model's scores: no margin
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +81,9 @@ def snapshot(root) -> dict:
         pass
     exports = sorted((Path(root) / "negatives" / "exports").glob("*"))
     if exports:  # the mined tuples with their texts
-        out["exports"] = {p.name: pq.read_table(p).to_pylist() if p.suffix == ".parquet" else p.read_text()
-                          for p in exports}
+        out["exports"] = {
+            p.name: pq.read_table(p).to_pylist() if p.suffix == ".parquet" else p.read_text() for p in exports
+        }
     return out
 
 
@@ -105,6 +116,7 @@ def kill(match: str, point: str = "write", **extra) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- a worker killed mid-task
+
 
 def encoded_copy(clean_root, cfg) -> None:
     """The clean run's embeddings under ``cfg``'s root: the index stage's faults strike the index stage alone."""
@@ -146,13 +158,24 @@ def test_mine_worker_killed_mid_text_join_is_restarted(tiny_model, tmp_path, cle
 
 # ------------------------------------------------------------------------------------- retries exhausted
 
-def test_encode_retries_exhausted_fail_naming_the_shard_and_a_rerun_redoes_only_the_rest(tiny_model, tmp_path,
-                                                                                         clean, faults):
+
+def test_encode_retries_exhausted_fail_naming_the_shard_and_a_rerun_redoes_only_the_rest(
+    tiny_model, tmp_path, clean, faults
+):
     faults(kill("embeddings/shard-00002.parquet"))
-    cfg = matrix_config(tiny_model, tmp_path / "out", runtime__inline_rows=0, runtime__max_restarts=0,
-                        runtime__max_task_retries=0, runtime__num_workers=1)
-    with pytest.raises(dispatch.StageFailed, match=r"encode of shard-00002 failed: ActorDiedError.*run the same "
-                                                   r"command again"):
+    cfg = matrix_config(
+        tiny_model,
+        tmp_path / "out",
+        runtime__inline_rows=0,
+        runtime__max_restarts=0,
+        runtime__max_task_retries=0,
+        runtime__num_workers=1,
+    )
+    with pytest.raises(
+        dispatch.StageFailed,
+        match=r"encode of shard-00002 failed: ActorDiedError.*run the same "
+        r"command again",
+    ):
         encode.run(cfg)
     committed = embeddings.committed_records(embeddings.layout_of(cfg))
     assert sorted(committed) == ["shard-00000", "shard-00001"]
@@ -161,8 +184,9 @@ def test_encode_retries_exhausted_fail_naming_the_shard_and_a_rerun_redoes_only_
     assert_same(snapshot(cfg.output.root), clean)
 
 
-def test_index_retries_exhausted_fail_naming_the_shard_and_a_rerun_completes(tiny_model, tmp_path, clean_root, clean,
-                                                                             faults):
+def test_index_retries_exhausted_fail_naming_the_shard_and_a_rerun_completes(
+    tiny_model, tmp_path, clean_root, clean, faults
+):
     cfg = matrix_config(tiny_model, tmp_path / "out", runtime__max_task_retries=0, runtime__inline_rows=0)
     encoded_copy(clean_root, cfg)
     faults(kill("index/shard-00001.faiss"))
@@ -200,7 +224,8 @@ def _run_stage(cfg, stage: str) -> None:
 
 @pytest.mark.parametrize("case", list(DRIVER_CRASHES))
 def test_a_driver_crash_at_a_commit_point_leaves_nothing_complete_and_a_rerun_equals_a_clean_run(
-        tiny_model, tmp_path, clean_root, clean, faults, case):
+    tiny_model, tmp_path, clean_root, clean, faults, case
+):
     """The stage runs on the clean run's earlier stages (copied): their own crashes are their own cases."""
     import shutil
 
@@ -212,8 +237,11 @@ def test_a_driver_crash_at_a_commit_point_leaves_nothing_complete_and_a_rerun_eq
     faults([{"point": "write", "match": where, "action": "crash"}])
     with pytest.raises(InjectedCrash):
         _run_stage(cfg, stage)
-    readers = {"encode": embeddings.read_embeddings_manifest, "index": indexing.read_index_manifest,
-               "mine": mining.read_mine_manifest}
+    readers = {
+        "encode": embeddings.read_embeddings_manifest,
+        "index": indexing.read_index_manifest,
+        "mine": mining.read_mine_manifest,
+    }
     with pytest.raises(FileNotFoundError):  # the stage's output does not read as complete
         readers[stage](str(cfg.output.root))
     _run_stage(cfg, stage)
@@ -237,6 +265,7 @@ def test_a_driver_crash_during_a_publish_keeps_current_and_a_rerun_publishes(tin
 
 
 # -------------------------------------------------------------------------------------- storage refusing writes
+
 
 def test_a_full_disk_fails_the_job_naming_the_file_and_a_rerun_completes(tiny_model, tmp_path, clean, faults):
     faults([{"point": "write", "match": "embeddings/_shards/shard-00001.json", "action": "oserror"}])

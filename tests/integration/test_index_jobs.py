@@ -1,4 +1,5 @@
 """The index, search and evaluate jobs on the session's local Ray cluster."""
+
 import dataclasses
 import json
 import subprocess
@@ -52,9 +53,25 @@ def test_search_ranks_the_revenue_beat_document_first(demo_index):
 
 def test_search_cli_prints_the_hit(demo_index):
     cfg, _ = demo_index
-    out = subprocess.run([sys.executable, "-m", "jobs.search", "--set", f"output.root={cfg.output.root}",
-                          "--set", "corpus.title_column=title", "--query", "Which company beat revenue estimates?",
-                          "--k", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.search",
+            "--set",
+            f"output.root={cfg.output.root}",
+            "--set",
+            "corpus.title_column=title",
+            "--query",
+            "Which company beat revenue estimates?",
+            "--k",
+            "3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "query: Which company beat revenue estimates?"
@@ -85,9 +102,18 @@ def test_evaluate_equals_sentence_transformers_evaluator(demo_index):
     qrels = judgements.read_qrels(str(DEMO / "qrels.tsv"))
     corpus = {r["id"]: f"{r['title']} {r['text']}" for r in pq.read_table(DEMO_CORPUS).to_pylist()}
     reference = InformationRetrievalEvaluator(
-        queries=queries, corpus=corpus, relevant_docs={q: {d for d, s in j.items() if s > 0} for q, j in qrels.items()},
-        ndcg_at_k=[10], mrr_at_k=[10], precision_recall_at_k=[10, 100], accuracy_at_k=[1], map_at_k=[10],
-        show_progress_bar=False, batch_size=32, write_csv=False)
+        queries=queries,
+        corpus=corpus,
+        relevant_docs={q: {d for d, s in j.items() if s > 0} for q, j in qrels.items()},
+        ndcg_at_k=[10],
+        mrr_at_k=[10],
+        precision_recall_at_k=[10, 100],
+        accuracy_at_k=[1],
+        map_at_k=[10],
+        show_progress_bar=False,
+        batch_size=32,
+        write_csv=False,
+    )
     figures = reference(SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu"))
     ours = result["metrics"]
     assert ours["queries"] == len({q for q, j in qrels.items() if any(s > 0 for s in j.values())})
@@ -131,13 +157,16 @@ def test_evaluation_batches_encoded_on_actors_started_once_equal_the_local_evalu
     start_encode_workers = actors.start_encode_workers
     monkeypatch.setattr(actors, "start_encode_workers", lambda *a: starts.append(a[1]) or start_encode_workers(*a))
     encoded, encode_on = [], query_encoding._encode_on
-    monkeypatch.setattr(query_encoding, "_encode_on",
-                        lambda workers, texts, speculation: encoded.append(len(texts)) or encode_on(workers, texts,
-                                                                                                   speculation))
+    monkeypatch.setattr(
+        query_encoding,
+        "_encode_on",
+        lambda workers, texts, speculation: encoded.append(len(texts)) or encode_on(workers, texts, speculation),
+    )
     monkeypatch.setattr(evaluate, "BATCH_QUERIES", 7)
     monkeypatch.setattr(query_encoding, "CHUNK", 4)
-    on_actors = evaluate.run(dataclasses.replace(cfg, output=again, runtime=dataclasses.replace(cfg.runtime,
-                                                                                                inline_rows=3)))
+    on_actors = evaluate.run(
+        dataclasses.replace(cfg, output=again, runtime=dataclasses.replace(cfg.runtime, inline_rows=3))
+    )
     assert len(starts) == 1 and on_actors["metrics"]["queries"] > 14
     assert max(encoded) == 7 and sum(encoded) == on_actors["metrics"]["queries"]  # a batch at a time
     assert on_actors["metrics"] == pytest.approx(local["metrics"], rel=1e-6)
@@ -156,8 +185,17 @@ def test_actor_query_encoding_equals_local(demo_index, monkeypatch):
 
 
 def ivf_config(root, *extra):
-    return load_config(None, [f"output.root={root}", "runtime.progress=false", "index.type=IVF16,Flat",
-                              "index.recall_queries=100", "runtime.inline_rows=0", *extra])  # built in Ray tasks
+    return load_config(
+        None,
+        [
+            f"output.root={root}",
+            "runtime.progress=false",
+            "index.type=IVF16,Flat",
+            "index.recall_queries=100",
+            "runtime.inline_rows=0",
+            *extra,
+        ],
+    )  # built in Ray tasks
 
 
 def test_ray_build_equals_in_process_build(tmp_path):
@@ -199,8 +237,11 @@ def test_relevant_documents_missing_from_the_index_are_counted_and_warned(demo_i
     qrels_path = tmp_path / "qrels.tsv"
     first_query = (DEMO / "qrels.tsv").read_text().splitlines()[1].split("\t")[0]
     qrels_path.write_text((DEMO / "qrels.tsv").read_text().rstrip("\n") + f"\n{first_query}\tno-such-doc\t1\n")
-    with_missing = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, qrels_path=str(qrels_path)),
-                                       output=dataclasses.replace(cfg.output, root=str(cfg.output.root)))
+    with_missing = dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(cfg.eval, qrels_path=str(qrels_path)),
+        output=dataclasses.replace(cfg.output, root=str(cfg.output.root)),
+    )
     clean = evaluate.run(cfg)
     with caplog.at_level(logging.WARNING, logger="jobs.evaluate"):
         result = evaluate.run(with_missing)

@@ -1,4 +1,5 @@
 """The mining job on the session's local Ray cluster, against sentence-transformers' mine_hard_negatives."""
+
 import dataclasses
 import json
 from pathlib import Path
@@ -34,9 +35,14 @@ def mine_config(root, tmp_path, name, **settings):
 
     target = tmp_path / name
     shutil.copytree(root, target)
-    overrides = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
-                 "mine__pairs_path": str(PAIRS), "mine__query_id_column": "query_id",
-                 **{f"mine__{k}": v for k, v in settings.items()}}
+    overrides = {
+        "corpus__title_column": "title",
+        "runtime__rows_per_shard": 32,
+        "index__type": "Flat",
+        "mine__pairs_path": str(PAIRS),
+        "mine__query_id_column": "query_id",
+        **{f"mine__{k}": v for k, v in settings.items()},
+    }
     return config(DEMO_CORPUS, target, **overrides)
 
 
@@ -66,8 +72,15 @@ def reference_negatives(cache: str, cross_encoder: str | None = None, **settings
         settings["range_max"] -= 1  # the same candidates as the job: range_max + max_positives of them
     if cross_encoder:
         settings["cross_encoder"] = CrossEncoder(cross_encoder, device="cpu")
-    result = mine_hard_negatives(Dataset.from_list(rows), model, corpus=list(texts.values()), output_format="triplet",
-                                 verbose=False, cache_folder=cache, **settings)
+    result = mine_hard_negatives(
+        Dataset.from_list(rows),
+        model,
+        corpus=list(texts.values()),
+        output_format="triplet",
+        verbose=False,
+        cache_folder=cache,
+        **settings,
+    )
     out: dict[str, list[str]] = {}
     for row in result:
         negatives = out.setdefault(row["query"], [])
@@ -104,8 +117,9 @@ def max_positives() -> int:
 def test_negatives_equal_sentence_transformers(demo_root, tmp_path, st_cache, settings):
     job_settings = {"relative_margin": "null", **settings}
     if "relative_margin" in settings:
-        job_settings["range_max"] = settings.get("range_min", 0) + 10 * settings.get("num_negatives", 3) \
-            + max_positives()
+        job_settings["range_max"] = (
+            settings.get("range_min", 0) + 10 * settings.get("num_negatives", 3) + max_positives()
+        )
     cfg = mine_config(demo_root, tmp_path, "job", **job_settings)
     summary = mine.run(cfg)
     ours = job_negatives(cfg)
@@ -121,8 +135,15 @@ def test_exports_report_rejects_and_rerun(demo_root, tmp_path):
     pairs[0]["positive"] = pairs[0]["positive"] + ["no-such-doc"]
     pairs.append({"query_id": "qx", "query": "a query whose positive is missing", "positive": "missing-doc"})
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    cfg = mine_config(demo_root, tmp_path, "exports", pairs_path=str(path), output_scores="true",
-                      formats="[triplet, n-tuple, flag-jsonl]", max_score=0.3)
+    cfg = mine_config(
+        demo_root,
+        tmp_path,
+        "exports",
+        pairs_path=str(path),
+        output_scores="true",
+        formats="[triplet, n-tuple, flag-jsonl]",
+        max_score=0.3,
+    )
     summary = mine.run(cfg)
     out = Path(cfg.output.root) / "negatives"
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
@@ -162,8 +183,9 @@ def test_parts_mined_with_other_formats_get_this_runs_exports(demo_root, tmp_pat
     out = Path(cfg.output.root) / "negatives"
     (out / "_manifest.json").unlink()
     parts_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
-    mine.run(dataclasses.replace(cfg, mine=dataclasses.replace(cfg.mine, formats=clean.mine.formats,
-                                                               output_scores=True)))
+    mine.run(
+        dataclasses.replace(cfg, mine=dataclasses.replace(cfg.mine, formats=clean.mine.formats, output_scores=True))
+    )
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == parts_before  # not mined again
     assert not (out / "_exports").exists()
     clean_out = Path(clean.output.root) / "negatives"
@@ -198,8 +220,14 @@ def test_input_planned_in_hash_buckets_by_workers_gives_the_same_negatives(demo_
     pairs[0]["positive"] = pairs[0]["positive"] + ["no-such-doc"]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     one = mine_config(demo_root, tmp_path, "one", pairs_path=str(path), queries_per_part=7)
-    many = mine_config(demo_root, tmp_path, "many", pairs_path=str(path), queries_per_part=7,
-                       input_mb_per_bucket=path.stat().st_size / 10 / 2 ** 20)
+    many = mine_config(
+        demo_root,
+        tmp_path,
+        "many",
+        pairs_path=str(path),
+        queries_per_part=7,
+        input_mb_per_bucket=path.stat().st_size / 10 / 2**20,
+    )
     monkeypatch.setattr(mine_shuffle, "DOC_ROWS_PER_TASK", 70)  # in the driver's plan: 4 doc buckets, 4 shard groups
     a, b = mine.run(one), mine.run(many)
     manifest = mining.read_mine_manifest(str(many.output.root))
@@ -207,20 +235,26 @@ def test_input_planned_in_hash_buckets_by_workers_gives_the_same_negatives(demo_
     assert manifest["input_shuffle"]["doc_buckets"] > 1 and manifest["input_shuffle"]["shard_groups"] > 1
     assert_same_negatives(_by_query(one), _by_query(many))
     assert len(_by_query(one)) == len(pairs)
-    assert {k: a[k] for k in ("input_queries", "written", "rejected_positives")} == \
-        {k: b[k] for k in ("input_queries", "written", "rejected_positives")}
+    assert {k: a[k] for k in ("input_queries", "written", "rejected_positives")} == {
+        k: b[k] for k in ("input_queries", "written", "rejected_positives")
+    }
     rejects = [pq.read_table(Path(c.output.root) / "negatives" / "rejects.parquet").to_pylist() for c in (one, many)]
-    assert rejects[0] == rejects[1] == [{"query_id": pairs[0]["query_id"], "doc_id": "no-such-doc",
-                                         "reason": "positive not in corpus"}]
+    assert (
+        rejects[0]
+        == rejects[1]
+        == [{"query_id": pairs[0]["query_id"], "doc_id": "no-such-doc", "reason": "positive not in corpus"}]
+    )
 
 
 def test_bad_input_found_while_planning_in_workers_names_the_line_and_a_fixed_input_needs_no_overwrite(
-        demo_root, tmp_path):
+    demo_root, tmp_path
+):
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     broken = [*pairs[:5], {"query_id": "bad", "query": "", "positive": "d001"}, *pairs[5:]]
     path = write_jsonl(tmp_path / "pairs.jsonl", broken)
-    cfg = mine_config(demo_root, tmp_path, "bad", pairs_path=str(path),
-                      input_mb_per_bucket=path.stat().st_size / 3 / 2 ** 20)
+    cfg = mine_config(
+        demo_root, tmp_path, "bad", pairs_path=str(path), input_mb_per_bucket=path.stat().st_size / 3 / 2**20
+    )
     with pytest.raises(mine_input.PairsError, match=r"pairs\.jsonl' line 6: 'query' must be a non-empty string"):
         mine.run(cfg)
     write_jsonl(path, pairs)  # fixed: another input, and no part was mined from the broken one
@@ -228,11 +262,14 @@ def test_bad_input_found_while_planning_in_workers_names_the_line_and_a_fixed_in
 
 
 def test_beir_input_in_buckets_gives_the_same_negatives(demo_root, tmp_path):
-    beir = {"pairs_path": "", "queries_path": str(REPO / "examples" / "demo" / "queries.jsonl"),
-            "qrels_path": str(REPO / "examples" / "demo" / "qrels.tsv")}
+    beir = {
+        "pairs_path": "",
+        "queries_path": str(REPO / "examples" / "demo" / "queries.jsonl"),
+        "qrels_path": str(REPO / "examples" / "demo" / "qrels.tsv"),
+    }
     size = sum(Path(beir[k]).stat().st_size for k in ("queries_path", "qrels_path"))
     one = mine_config(demo_root, tmp_path, "one", **beir)
-    many = mine_config(demo_root, tmp_path, "many", **beir, input_mb_per_bucket=size / 4 / 2 ** 20)
+    many = mine_config(demo_root, tmp_path, "many", **beir, input_mb_per_bucket=size / 4 / 2**20)
     a, b = mine.run(one), mine.run(many)
     assert mining.read_mine_manifest(str(many.output.root))["input_buckets"] == 4
     assert a["input_queries"] == b["input_queries"] > 0 and a["written"] == b["written"]
@@ -240,6 +277,7 @@ def test_beir_input_in_buckets_gives_the_same_negatives(demo_root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- cross-encoder
+
 
 @pytest.fixture(scope="module")
 def tiny_ce(tmp_path_factory) -> str:
@@ -250,20 +288,22 @@ def tiny_ce(tmp_path_factory) -> str:
 # rescore by a min_score below every sigmoid score, which removes nothing (the job rescores whenever it is given a
 # cross-encoder). Both take the same window.
 def test_rescored_negatives_with_a_margin_in_sharded_mode_equal_sentence_transformers_with_the_cross_encoder(
-        demo_root, tmp_path, tiny_ce, st_cache):
+    demo_root, tmp_path, tiny_ce, st_cache
+):
     window = 10 * 3 + max_positives()
-    cfg = mine_config(demo_root, tmp_path, "ce", cross_encoder=tiny_ce, range_max=window, relative_margin=0.05,
-                      mode="sharded")
+    cfg = mine_config(
+        demo_root, tmp_path, "ce", cross_encoder=tiny_ce, range_max=window, relative_margin=0.05, mode="sharded"
+    )
     summary = mine.run(cfg)
     ours = job_negatives(cfg)
     assert summary["written"] == len(ours) > 0 and summary["filtered"]["relative_margin"] > 0
-    reference = reference_negatives(st_cache, tiny_ce, sampling_strategy="top", range_max=window,
-                                    relative_margin=0.05)
+    reference = reference_negatives(st_cache, tiny_ce, sampling_strategy="top", range_max=window, relative_margin=0.05)
     assert ours == reference
 
 
 def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_rescores_only_the_rest(
-        demo_root, tmp_path, tiny_ce, st_cache, faults, monkeypatch):
+    demo_root, tmp_path, tiny_ce, st_cache, faults, monkeypatch
+):
     """Parts of 10 queries: a failure at the fifth part, then a rerun that leaves the committed parts as they are;
     the result equals sentence-transformers' (the sharded mode is checked against it with a margin, above). The
     rerun asks for one more export format: the committed parts get it through the text join (no part looks its
@@ -271,8 +311,14 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     from sentence_transformers import CrossEncoder
 
     window = 10 * 3 + max_positives()
-    settings = dict(cross_encoder=tiny_ce, range_max=window, relative_margin="null", queries_per_part=10,
-                    output_scores="true", formats="[flag-jsonl]")
+    settings = dict(
+        cross_encoder=tiny_ce,
+        range_max=window,
+        relative_margin="null",
+        queries_per_part=10,
+        output_scores="true",
+        formats="[flag-jsonl]",
+    )
     replicated = mine_config(demo_root, tmp_path, "replicated", mode="replicated", **settings)
     replicated = dataclasses.replace(replicated, runtime=dataclasses.replace(replicated.runtime, cpus_per_worker=2))
     faults([{"point": "write", "match": "negatives/part-00004.parquet", "action": "oserror"}])
@@ -282,12 +328,14 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     committed = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert sorted(committed) == [f"part-{i:05d}.parquet" for i in range(4)]
     monkeypatch.setattr(lookup, "texts_for_doc_ids", lambda *a, **k: pytest.fail("texts looked up for a part"))
-    replicated = dataclasses.replace(replicated, mine=dataclasses.replace(replicated.mine,
-                                                                          formats=["flag-jsonl", "triplet"]))
+    replicated = dataclasses.replace(
+        replicated, mine=dataclasses.replace(replicated.mine, formats=["flag-jsonl", "triplet"])
+    )
     mine.run(replicated)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in committed} == committed
-    assert job_negatives(replicated) == reference_negatives(st_cache, tiny_ce, sampling_strategy="top",
-                                                            range_max=window, min_score=-1.0)
+    assert job_negatives(replicated) == reference_negatives(
+        st_cache, tiny_ce, sampling_strategy="top", range_max=window, min_score=-1.0
+    )
     a = _by_query(replicated)
     for row in a.values():
         assert row["negative_ce_scores"] == sorted(row["negative_ce_scores"], reverse=True)
@@ -300,8 +348,11 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     assert flag[row["query"]]["neg_scores"] == pytest.approx(row["negative_ce_scores"], abs=1e-6)
     triplets = pq.read_table(out / "exports" / "triplet.parquet").to_pylist()
     assert [(t["anchor"], t["positive"], t["negative"]) for t in triplets] == [
-        (r["query"], texts[p], texts[n]) for r in mining.read_parts(str(replicated.output.root)).to_pylist()
-        for p in r["positive_ids"] for n in r["negative_ids"]]
+        (r["query"], texts[p], texts[n])
+        for r in mining.read_parts(str(replicated.output.root)).to_pylist()
+        for p in r["positive_ids"]
+        for n in r["negative_ids"]
+    ]
     assert flag[row["query"]]["pos_scores"] == pytest.approx(row["positive_ce_scores"], abs=1e-6)
     report = json.loads((out / "report.json").read_text())
     assert report["negative_ce_scores"]["count"] == sum(len(r["negative_ids"]) for r in a.values())
@@ -342,8 +393,16 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
     from retrieval_core.mine import rescoring
     from retrieval_core.mine import texts as mine_texts
 
-    cfg = mine_config(demo_root, tmp_path, "halves", cross_encoder=tiny_ce, range_max=12, relative_margin="null",
-                      num_negatives=2, queries_per_part=15)
+    cfg = mine_config(
+        demo_root,
+        tmp_path,
+        "halves",
+        cross_encoder=tiny_ce,
+        range_max=12,
+        relative_margin="null",
+        num_negatives=2,
+        queries_per_part=15,
+    )
     root, emb = str(cfg.output.root), read_embeddings_manifest(str(cfg.output.root))
     parts = mine_plan.part_inputs([mine_plan.plan_bucket(cfg, 0, emb=emb)], cfg.mine.queries_per_part)
     queries = {p.number: mine_plan.read_part_input(cfg, p) for p in parts}
@@ -351,23 +410,36 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
     starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mine_parts.candidates_dir(cfg)
     assert len(parts) > 1 and len(starts) > 1
     for p in parts:
-        mine_parts.search_part(cfg, p.number, queries[p.number], encoder.encode_queries,
-                               lambda vectors, k: faiss_index.search(merged, vectors, k), 16, starts)
+        mine_parts.search_part(
+            cfg,
+            p.number,
+            queries[p.number],
+            encoder.encode_queries,
+            lambda vectors, k: faiss_index.search(merged, vectors, k),
+            16,
+            starts,
+        )
     asked = [(p.number, mine_parts.search_record(cfg, p.number)["text_groups"]) for p in parts]
-    records = [mine_texts.resolve_group(directory, g, numbers, lookup.RowLookup(root))
-               for g, numbers in mine_texts.groups_to_join(directory, asked).items()]
+    records = [
+        mine_texts.resolve_group(directory, g, numbers, lookup.RowLookup(root))
+        for g, numbers in mine_texts.groups_to_join(directory, asked).items()
+    ]
     corpus_rows = sum(s["row_stop"] - s["row_start"] for s in emb["shards"])
     read = sum(r["read"] for r in records)
     assert 0 < read <= corpus_rows < sum(r["texts"] for r in records)  # each text read once, whatever the parts
     scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model)
-    committed = [mine_parts.select_part(cfg, NoPartLookups(root), p.number, queries[p.number], 12, starts,
-                                        scorer.score) for p in parts]
+    committed = [
+        mine_parts.select_part(cfg, NoPartLookups(root), p.number, queries[p.number], 12, starts, scorer.score)
+        for p in parts
+    ]
     assert all(r["exports"]["formats"] == list(cfg.mine.formats) for r in committed)  # no second join
     texts, direct = demo_texts(), CrossEncoder(tiny_ce, device="cpu")
     rows = mining.concat_parts(root, committed).to_pylist()
     assert rows and sum(len(r["negative_ids"]) for r in rows) > len(rows)
     for row in rows:
-        for ids, scores in ((row["negative_ids"], row["negative_ce_scores"]),
-                            (row["positive_ids"], row["positive_ce_scores"])):
+        for ids, scores in (
+            (row["negative_ids"], row["negative_ce_scores"]),
+            (row["positive_ids"], row["positive_ce_scores"]),
+        ):
             want = direct.predict([(row["query"], texts[d]) for d in ids]).tolist()
             assert scores == pytest.approx(want, abs=1e-5)

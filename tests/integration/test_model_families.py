@@ -1,5 +1,6 @@
 """Every model family through the jobs (encode, index, evaluate, search's query path, mine, refresh): the vectors
 and scores the jobs produce equal sentence-transformers called directly with the family's prompts and encoders."""
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -42,10 +43,20 @@ def demo_documents() -> tuple[list[str], list[str]]:
 
 
 def family_config(family_models, key, root, **extra):
-    return config(DEMO_CORPUS, root, model=family_models[key], corpus__title_column="title",
-                  runtime__rows_per_shard=64, index__type="Flat", eval__queries_path=str(DEMO / "queries.jsonl"),
-                  eval__qrels_path=str(DEMO / "qrels.tsv"), mine__pairs_path=str(DEMO / "pairs.jsonl"),
-                  mine__query_id_column="query_id", mine__relative_margin="null", **extra)
+    return config(
+        DEMO_CORPUS,
+        root,
+        model=family_models[key],
+        corpus__title_column="title",
+        runtime__rows_per_shard=64,
+        index__type="Flat",
+        eval__queries_path=str(DEMO / "queries.jsonl"),
+        eval__qrels_path=str(DEMO / "qrels.tsv"),
+        mine__pairs_path=str(DEMO / "pairs.jsonl"),
+        mine__query_id_column="query_id",
+        mine__relative_margin="null",
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module", params=list(EXPECTED))

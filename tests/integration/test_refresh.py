@@ -1,4 +1,5 @@
 """The nightly refresh: versions, reuse of unchanged vectors, changes files, gates, rollback, lock, resume."""
+
 import json
 import signal
 import subprocess
@@ -20,8 +21,14 @@ from retrieval_core.io import versions
 from retrieval_core.io.corpus import assemble_text, text_hash
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-SETTINGS = dict(corpus__title_column="title", runtime__rows_per_shard=24, refresh__diff_buckets=3,
-                eval__queries_path="", index__type="Flat", index__recall_queries=50)
+SETTINGS = dict(
+    corpus__title_column="title",
+    runtime__rows_per_shard=24,
+    refresh__diff_buckets=3,
+    eval__queries_path="",
+    index__type="Flat",
+    index__recall_queries=50,
+)
 ON_RAY = dict(runtime__inline_rows=0, refresh__inline_snapshot_rows=0)  # every step in Ray tasks and actors
 
 
@@ -32,11 +39,11 @@ def day1() -> list[dict]:
 def day2() -> list[dict]:
     """Day 1 with 5% changed, 3% added and 2% deleted documents."""
     docs = [dict(d) for d in day1()]
-    deleted = {d["id"] for d in docs[5::50]}                                   # 4
+    deleted = {d["id"] for d in docs[5::50]}  # 4
     docs = [d for d in docs if d["id"] not in deleted]
-    for d in docs[3::20]:                                                      # 10
+    for d in docs[3::20]:  # 10
         d["text"] = d["text"] + " revised"
-    return docs + make_docs(6, seed=12, prefix="new")                          # 6
+    return docs + make_docs(6, seed=12, prefix="new")  # 6
 
 
 def hashes(docs: list[dict]) -> dict[str, str]:
@@ -89,8 +96,16 @@ def two_days(tmp_path_factory, tiny_model, encode_log):
         assert faults_fired() == 1
     finally:
         disarm_faults()
-    return {"root": root, "s1": s1, "s2": s2, "first": first, "second": second, "encoded": encoded,
-            "scratch": scratch, "tmp": tmp}
+    return {
+        "root": root,
+        "s1": s1,
+        "s2": s2,
+        "first": first,
+        "second": second,
+        "encoded": encoded,
+        "scratch": scratch,
+        "tmp": tmp,
+    }
 
 
 def test_day2_equals_a_from_scratch_build_and_encodes_only_the_change(two_days):
@@ -165,9 +180,21 @@ def test_search_reads_current_and_rollback_moves_it(two_days, tiny_model):
     cfg = refresh_config(two_days["s2"], root, tiny_model)
     hits = search.run(cfg, ["revised alpha"], k=5)[0]
     assert hits and any(h["doc_id"].startswith("doc") for h in hits)
-    result = subprocess.run([sys.executable, "-m", "jobs.refresh", "--set", f"output.root={root}",
-                             "--rollback", two_days["first"]["version"]], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.refresh",
+            "--set",
+            f"output.root={root}",
+            "--rollback",
+            two_days["first"]["version"],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert versions.read_current(str(root), None)["version"] == two_days["first"]["version"]
     day1_ids = {h["doc_id"] for h in search.run(cfg, ["new"], k=200)[0]}
@@ -187,13 +214,29 @@ def test_an_unchanged_snapshot_publishes_nothing(two_days, tiny_model, encode_lo
 
 
 def test_a_failing_gate_keeps_current_and_the_version_stays_for_inspection(two_days, tiny_model):
-    truncated = snapshot(two_days["tmp"], "truncated", day2()[:120])      # 40% of the documents vanished
+    truncated = snapshot(two_days["tmp"], "truncated", day2()[:120])  # 40% of the documents vanished
     root = two_days["root"]
     before = versions.read_current(str(root), None)
-    result = subprocess.run([sys.executable, "-m", "jobs.refresh", "--set", f"corpus.path={truncated}",
-                             "--set", f"output.root={root}", "--set", f"model.name={tiny_model}",
-                             *[f"--set={k.replace('__', '.')}={v}" for k, v in SETTINGS.items()],
-                             "--set", "runtime.progress=false"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.refresh",
+            "--set",
+            f"corpus.path={truncated}",
+            "--set",
+            f"output.root={root}",
+            "--set",
+            f"model.name={tiny_model}",
+            *[f"--set={k.replace('__', '.')}={v}" for k, v in SETTINGS.items()],
+            "--set",
+            "runtime.progress=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "deleted 82 of 202 documents (40.6%) > 10%" in result.stderr  # counts as well as the fraction
     assert versions.read_current(str(root), None) == before
@@ -201,8 +244,13 @@ def test_a_failing_gate_keeps_current_and_the_version_stays_for_inspection(two_d
     assert len(failed) == 1 and failed[0]["detail"] == "deleted 82 of 202 documents (40.6%) > 10%"
     record = versions.read_refresh_record(str(root), failed[0]["version"])
     gate = next(g for g in record["gates"] if g["gate"] == "publish.max_deleted_fraction")
-    assert gate == {"gate": "publish.max_deleted_fraction", "threshold": 0.1, "value": 0.405941, "passed": False,
-                    "message": "deleted 82 of 202 documents (40.6%) > 10%"}
+    assert gate == {
+        "gate": "publish.max_deleted_fraction",
+        "threshold": 0.1,
+        "value": 0.405941,
+        "passed": False,
+        "message": "deleted 82 of 202 documents (40.6%) > 10%",
+    }
     assert record["published"] is False and record["gates_passed"] is False
     # stderr is a pipe here, as under cron: no progress bars, one line per step with its count and time
     assert "\r" not in result.stderr and "it/s]" not in result.stderr
@@ -221,10 +269,22 @@ def test_a_killed_refresh_resumes_and_ends_as_an_uninterrupted_run(two_days, tin
     redoes only what was not committed and gives the uninterrupted run's vectors and changes."""
     root = tmp_path / "killed"
     refresh.run(refresh_config(two_days["s1"], root, tiny_model))
-    command = [sys.executable, "-m", "jobs.refresh", "--set", f"corpus.path={two_days['s2']}", "--set",
-               f"output.root={root}", "--set", f"model.name={tiny_model}", "--set", "runtime.rows_per_shard=4",
-               "--set", "runtime.num_workers=1", *[f"--set={k.replace('__', '.')}={v}" for k, v in SETTINGS.items()
-                                                   if k != "runtime__rows_per_shard"]]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.refresh",
+        "--set",
+        f"corpus.path={two_days['s2']}",
+        "--set",
+        f"output.root={root}",
+        "--set",
+        f"model.name={tiny_model}",
+        "--set",
+        "runtime.rows_per_shard=4",
+        "--set",
+        "runtime.num_workers=1",
+        *[f"--set={k.replace('__', '.')}={v}" for k, v in SETTINGS.items() if k != "runtime__rows_per_shard"],
+    ]
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and not list(root.glob("versions/v000002-*/embeddings/_shards/*.json")):
@@ -249,14 +309,20 @@ def test_another_encoder_re_encodes_everything_and_says_so(two_days, tiny_model,
     clear_encoded(encode_log)
     # no speculative copies: on a loaded machine a slow segment would be encoded twice, which is right but not
     # what this test counts (each document encoded once)
-    changed = refresh.run(refresh_config(two_days["s2"], two_days["root"], tiny_model, model__max_seq_length=32,
-                                         runtime__speculation=0, **ON_RAY))
+    changed = refresh.run(
+        refresh_config(
+            two_days["s2"], two_days["root"], tiny_model, model__max_seq_length=32, runtime__speculation=0, **ON_RAY
+        )
+    )
     c = changed["counts"]
     assert changed["published"] and changed["reencoded_all"] is True
     assert (c["unchanged"], c["changed"], c["added"], c["deleted"]) == (202, 0, 0, 0)
     assert c["encoded"] == 202 and c["reused"] == 0 and len(encoded_hashes(encode_log)) == 202
-    manifest = json.loads(Path(versions.version_root(str(two_days["root"]), changed["version"]),
-                              "embeddings", "_manifest.json").read_text())
+    manifest = json.loads(
+        Path(
+            versions.version_root(str(two_days["root"]), changed["version"]), "embeddings", "_manifest.json"
+        ).read_text()
+    )
     assert not any(s.get("shared_from") for s in manifest["shards"])
 
 
@@ -265,8 +331,13 @@ def test_ivf_quantizer_reused_without_retraining_and_old_versions_retired(two_da
     results equal the from-scratch Flat build, and with keep_versions 1 day 1 stays while it is CURRENT's previous,
     then is retired by day 3 except the files days 2 and 3 still share."""
     root = tmp_path / "ivf"
-    ivf = dict(index__type="IVF4,Flat", index__nprobe=4, index__train_size=200, refresh__retrain="never",
-               publish__keep_versions=1)
+    ivf = dict(
+        index__type="IVF4,Flat",
+        index__nprobe=4,
+        index__train_size=200,
+        refresh__retrain="never",
+        publish__keep_versions=1,
+    )
     first = refresh.run(refresh_config(two_days["s1"], root, tiny_model, **ivf))
     trained = Path(versions.version_root(str(root), first["version"]), "index", "trained.faiss").read_bytes()
     second = refresh.run(refresh_config(two_days["s2"], root, tiny_model, **ivf))
@@ -284,8 +355,11 @@ def test_ivf_quantizer_reused_without_retraining_and_old_versions_retired(two_da
     v3 = Path(versions.version_root(str(root), third["version"]))
     assert third["deleted_versions"] == [first["version"]] and not (v1 / "refresh.json").exists()
     for version in (v2, v3):
-        shared = [s for s in json.loads((version / "embeddings" / "_manifest.json").read_text())["shards"]
-                  if s.get("shared_from")]
+        shared = [
+            s
+            for s in json.loads((version / "embeddings" / "_manifest.json").read_text())["shards"]
+            if s.get("shared_from")
+        ]
         assert shared and all((version / "embeddings" / s["path"]).resolve().exists() for s in shared)
 
 
@@ -293,8 +367,13 @@ def test_recall_under_target_at_the_stored_nprobe_retrains_the_quantizer(two_day
     """auto's second criterion: day 1 tuned nprobe for a low target; day 2 asks for recall 1.0, which the stored
     nprobe misses, so day 2 trains its quantizer anew (no drift involved) and records why."""
     root = tmp_path / "recall"
-    ivf = dict(index__type="IVF4,Flat", index__train_size=200, refresh__retrain="auto", refresh__retrain_drift=100,
-               publish__min_recall=0.05)
+    ivf = dict(
+        index__type="IVF4,Flat",
+        index__train_size=200,
+        refresh__retrain="auto",
+        refresh__retrain_drift=100,
+        publish__min_recall=0.05,
+    )
     first = refresh.run(refresh_config(two_days["s1"], root, tiny_model, index__target_recall=0.05, **ivf))
     v1 = Path(versions.version_root(str(root), first["version"]))
     stored = json.loads((v1 / "index" / "manifest.json").read_text())["search_parameters"]["nprobe"]

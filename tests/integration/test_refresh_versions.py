@@ -1,5 +1,6 @@
 """Versions a user can trust unattended: the refresh lease against rollbacks and paused holders, failed nights
 that never push out a published version, stop messages that count the version being built, no silent adoption."""
+
 import json
 import signal
 import subprocess
@@ -29,8 +30,12 @@ def day3() -> list[dict]:
 
 
 def refresh_command(corpus, root, model, *extra: str) -> list[str]:
-    sets = [f"corpus.path={corpus}", f"output.root={root}", f"model.name={model}",
-            *[f"{k.replace('__', '.')}={v}" for k, v in SETTINGS.items()]]
+    sets = [
+        f"corpus.path={corpus}",
+        f"output.root={root}",
+        f"model.name={model}",
+        *[f"{k.replace('__', '.')}={v}" for k, v in SETTINGS.items()],
+    ]
     return [sys.executable, "-m", "jobs.refresh", *[a for s in sets for a in ("--set", s)], *extra]
 
 
@@ -49,8 +54,12 @@ def test_a_rollback_while_a_refresh_runs_is_refused_and_with_wait_applied_after_
     v1 = refresh.run(refresh_config(snapshot(tmp_path, "day1", day1()), root, tiny_model))["version"]
     v2 = refresh.run(refresh_config(snapshot(tmp_path, "day2", day2()), root, tiny_model))["version"]
     faults([{"point": "write", "match": "embeddings/_manifest.json", "action": "stall", "seconds": 6}])
-    running = subprocess.Popen(refresh_command(snapshot(tmp_path, "day3", day3()), root, tiny_model), cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    running = subprocess.Popen(
+        refresh_command(snapshot(tmp_path, "day3", day3()), root, tiny_model),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for(lambda: faults_fired() == 1, running)  # the refresh holds the lease, building day 3
     rollback = [sys.executable, "-m", "jobs.refresh", "--set", f"output.root={root}", "--rollback", v1]
     refused = subprocess.run(rollback, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -79,9 +88,12 @@ def test_a_refresh_paused_past_its_lease_expiry_publishes_nothing_once_taken_ove
     refresh.run(refresh_config(snapshot(tmp_path, "day1", day1()), root, tiny_model, **fast))
     s2 = snapshot(tmp_path, "day2", day2())
     faults([{"point": "write", "match": "embeddings/_manifest.json", "action": "stall", "seconds": 2}])
-    first = subprocess.Popen(refresh_command(s2, root, tiny_model, "--set", "publish.lease_expiry=3", "--set",
-                                             "publish.lease_renew=1"), cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        refresh_command(s2, root, tiny_model, "--set", "publish.lease_expiry=3", "--set", "publish.lease_renew=1"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for(lambda: faults_fired() == 1, first)
     first.send_signal(signal.SIGSTOP)
     try:
@@ -121,11 +133,15 @@ def test_failed_nights_never_push_out_the_last_published_version(tmp_path, tiny_
     assert refresh.main([*args, "--list"]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].startswith(f"{good}  current  documents 200") and listing[-1].startswith(
-        f"{failed[2]}  failed: deleted 100 of 200 documents (50.0%) > 10%")
+        f"{failed[2]}  failed: deleted 100 of 200 documents (50.0%) > 10%"
+    )
     assert refresh.main([*args, "--list", "--json"]) == 0
     as_json = json.loads(capsys.readouterr().out)
     assert [(v["version"], v["state"]) for v in as_json["versions"]] == [
-        (good, "current"), (failed[1], "failed"), (failed[2], "failed")]
+        (good, "current"),
+        (failed[1], "failed"),
+        (failed[2], "failed"),
+    ]
 
     assert refresh.main([*args, "--rollback", failed[2]]) == 1  # refused: it failed a gate
     assert versions.read_current(str(root))["version"] == good
@@ -141,8 +157,7 @@ def test_a_stopped_refresh_counts_what_its_version_has_committed(tmp_path, tiny_
     """Defect 4: SIGTERM during the encode of a version: one line that counts the version being built."""
     root = tmp_path / "nightly"
     refresh.run(refresh_config(snapshot(tmp_path, "day1", day1()), root, tiny_model))
-    command = refresh_command(snapshot(tmp_path, "day2", day2()), root, tiny_model, "--set",
-                              "runtime.rows_per_shard=2")
+    command = refresh_command(snapshot(tmp_path, "day2", day2()), root, tiny_model, "--set", "runtime.rows_per_shard=2")
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: list(root.glob("versions/v000002-*/embeddings/_shards/*.json")), driver)
     driver.send_signal(signal.SIGTERM)

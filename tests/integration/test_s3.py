@@ -5,6 +5,7 @@ Every stage runs on S3 (the pipeline: encode, index, evaluate, mine, train, reen
 compared by content with the same pipeline on local paths; a killed encode driver resumes on S3; and the fake
 secret of the credentials appears in nothing the jobs write or print.
 """
+
 import json
 import os
 import signal
@@ -32,10 +33,18 @@ DEMO = REPO / "examples" / "demo"
 INPUTS = {"corpus": "corpus.parquet", "queries": "queries.jsonl", "qrels": "qrels.tsv", "pairs": "pairs.jsonl"}
 IN, OUT, SCRATCH = "rj-input", "rj-output", "rj-scratch"
 S3_ROOT = f"s3://{OUT}/run"
-SETTINGS = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
-            "mine__query_id_column": "query_id", "mine__relative_margin": "null",
-            "mine__input_mb_per_bucket": 0.004,  # 3 input buckets: the input planned by the shuffle, on S3
-            "train__batch_size": 8, "train__max_steps": 3, "train__learning_rate": 1e-3, "train__eval_fraction": 0.2}
+SETTINGS = {
+    "corpus__title_column": "title",
+    "runtime__rows_per_shard": 32,
+    "index__type": "Flat",
+    "mine__query_id_column": "query_id",
+    "mine__relative_margin": "null",
+    "mine__input_mb_per_bucket": 0.004,  # 3 input buckets: the input planned by the shuffle, on S3
+    "train__batch_size": 8,
+    "train__max_steps": 3,
+    "train__learning_rate": 1e-3,
+    "train__eval_fraction": 0.2,
+}
 SECTIONS_WITH_OPTIONS = ("corpus", "output", "eval", "mine")
 DEMO_ROWS = pq.read_metadata(DEMO_CORPUS).num_rows
 
@@ -59,8 +68,11 @@ def buckets(s3_options):
 
 
 def pipeline_config(inputs: dict, root, model: str, options: dict | None = None, **extra):
-    paths = {"eval__queries_path": inputs["queries"], "eval__qrels_path": inputs["qrels"],
-             "mine__pairs_path": inputs["pairs"]}
+    paths = {
+        "eval__queries_path": inputs["queries"],
+        "eval__qrels_path": inputs["qrels"],
+        "mine__pairs_path": inputs["pairs"],
+    }
     secrets = {f"{s}__storage_options": json.dumps(options) for s in SECTIONS_WITH_OPTIONS} if options else {}
     return config(inputs["corpus"], root, model=model, **SETTINGS, **paths, **secrets, **extra)
 
@@ -77,8 +89,10 @@ def runs(buckets, tmp_path_factory, tiny_model_without_dropout, s3_options):
 
 def roots(runs, sub: str = "") -> tuple[tuple[str, dict], tuple[str, dict]]:
     """((local root, {}), (S3 root, storage options)) of the base run (sub "") or the re* stages ("trained")."""
-    return tuple((storage.join(str(cfg.output.root), sub) if sub else str(cfg.output.root),
-                  cfg.output.storage_options) for cfg, _ in (runs["local"], runs["s3"]))
+    return tuple(
+        (storage.join(str(cfg.output.root), sub) if sub else str(cfg.output.root), cfg.output.storage_options)
+        for cfg, _ in (runs["local"], runs["s3"])
+    )
 
 
 def read_json(root: str, options: dict, *parts: str):
@@ -124,8 +138,10 @@ def test_search_job_on_s3_returns_the_local_hits_with_texts(runs):
 @pytest.mark.parametrize("sub", ["", "trained"])
 def test_metrics_on_s3_equal_local(runs, sub):
     (local, _), (remote, options) = roots(runs, sub)
-    assert read_json(remote, options, "eval", "metrics.json")["metrics"] == \
-        read_json(local, {}, "eval", "metrics.json")["metrics"]
+    assert (
+        read_json(remote, options, "eval", "metrics.json")["metrics"]
+        == read_json(local, {}, "eval", "metrics.json")["metrics"]
+    )
     assert read_json(remote, options, "eval", "per_query.json") == read_json(local, {}, "eval", "per_query.json")
 
 
@@ -141,20 +157,27 @@ def test_mining_on_ray_workers_on_s3_equals_the_local_run(runs):
     target = f"s3://{OUT}/mined-on-workers"
     fs = s3fs_of(options)
     for stage in ("embeddings", "index"):  # the S3 run's corpus vectors and index, under a root of its own
-        fs.copy(f"{remote[len('s3://'):]}/{stage}", f"{target[len('s3://'):]}/{stage}", recursive=True)
+        fs.copy(f"{remote[len('s3://') :]}/{stage}", f"{target[len('s3://') :]}/{stage}", recursive=True)
     cfg = runs["s3"][0]
-    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, root=target),
-                              runtime=dataclasses.replace(cfg.runtime, inline_rows=0, num_workers=1))
+    cfg = dataclasses.replace(
+        cfg,
+        output=dataclasses.replace(cfg.output, root=target),
+        runtime=dataclasses.replace(cfg.runtime, inline_rows=0, num_workers=1),
+    )
     mine.run(cfg)
     manifest = mining.read_mine_manifest(target, options)
     assert manifest["input_buckets"] == 3 and manifest["text_join"]["groups"] >= 1
     on_workers, in_process = mining.read_parts(target, options).to_pylist(), mining.read_parts(local).to_pylist()
     scores = [k for k in in_process[0] if k.endswith("_scores")]  # queries encoded on 1 thread or several
-    assert [{k: v for k, v in row.items() if k not in scores} for row in on_workers] == \
-        [{k: v for k, v in row.items() if k not in scores} for row in in_process] and in_process
+    assert [{k: v for k, v in row.items() if k not in scores} for row in on_workers] == [
+        {k: v for k, v in row.items() if k not in scores} for row in in_process
+    ] and in_process
     for key in ("positive_scores", "negative_scores"):
-        np.testing.assert_allclose(np.concatenate([row[key] for row in on_workers]),
-                                   np.concatenate([row[key] for row in in_process]), atol=1e-5)
+        np.testing.assert_allclose(
+            np.concatenate([row[key] for row in on_workers]),
+            np.concatenate([row[key] for row in in_process]),
+            atol=1e-5,
+        )
     for name in ("triplet.parquet", "n-tuple.parquet", "flag.jsonl"):  # the same bytes
         url = ("negatives", "exports", name)
         assert storage.read_bytes(storage.join(target, *url), options) == storage.read_bytes(storage.join(local, *url))
@@ -168,7 +191,8 @@ def test_negatives_and_exports_on_s3_equal_local(runs):
         url = ("negatives", "exports", name)
         assert storage.read_bytes(storage.join(remote, *url), options) == storage.read_bytes(storage.join(local, *url))
     assert storage.read_parquet(storage.join(remote, "negatives", "rejects.parquet"), options).equals(
-        pq.read_table(Path(local, "negatives", "rejects.parquet")))
+        pq.read_table(Path(local, "negatives", "rejects.parquet"))
+    )
     assert mining.read_mine_manifest(remote, options)["input_buckets"] == 3
 
 
@@ -187,8 +211,10 @@ def assert_same_weights(a: dict, b: dict, atol: float) -> None:
 
 def test_model_trained_on_s3_equals_local_and_loads_from_s3(runs):
     (local, _), (remote, options) = roots(runs)
-    record_l, record_s = read_json(local, {}, "model", "training.json"), read_json(remote, options, "model",
-                                                                                     "training.json")
+    record_l, record_s = (
+        read_json(local, {}, "model", "training.json"),
+        read_json(remote, options, "model", "training.json"),
+    )
     assert record_s["history"]["losses"] == record_l["history"]["losses"] and len(record_s["history"]["losses"]) == 3
     assert record_s["history"]["evaluations"] == record_l["history"]["evaluations"]
     assert record_s["history"]["evaluations"][0]["queries"] > 0
@@ -200,7 +226,8 @@ def test_model_trained_on_s3_equals_local_and_loads_from_s3(runs):
 
 
 def test_ray_train_workers_on_s3_compute_the_single_worker_model_even_after_a_worker_is_killed(
-        runs, tiny_model_without_dropout, faults):
+    runs, tiny_model_without_dropout, faults
+):
     """Two Ray Train workers with their run directory and checkpoints on S3 (a pyarrow file system over s3fs)
     train the model the one-worker training of the pipeline trained. A worker is killed after the checkpoint of
     step 2: Ray Train restarts the worker group, which resumes from that checkpoint."""
@@ -208,9 +235,11 @@ def test_ray_train_workers_on_s3_compute_the_single_worker_model_even_after_a_wo
 
     cfg = runs["s3"][0]
     faults([{"point": "train", "match": "step-2", "action": "kill"}])
-    two = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=f"{S3_ROOT}/model-two-workers",
-                                                             checkpoint_steps=1),
-                              runtime=dataclasses.replace(cfg.runtime, num_workers=2))
+    two = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, output=f"{S3_ROOT}/model-two-workers", checkpoint_steps=1),
+        runtime=dataclasses.replace(cfg.runtime, num_workers=2),
+    )
     record = train.run(two)
     assert record["history"]["steps"] == 3 and record["history"]["resumed_from_step"] == 2 and not record["reused"]
     options, fs = cfg.output.storage_options, s3fs_of(cfg.output.storage_options)
@@ -243,8 +272,9 @@ def test_listings_cached_by_the_driver_never_hide_what_others_wrote(buckets, s3_
     assert storage.read_json(f"{where}/a.json", s3_options) == {"n": 1000000}
 
 
-def test_model_at_a_url_is_downloaded_once_and_again_when_it_changes(buckets, s3_options, tiny_model, tmp_path,
-                                                                      monkeypatch):
+def test_model_at_a_url_is_downloaded_once_and_again_when_it_changes(
+    buckets, s3_options, tiny_model, tmp_path, monkeypatch
+):
     monkeypatch.setenv(model_files.MODEL_CACHE_ENV, str(tmp_path / "cache"))
     url = f"s3://{SCRATCH}/models/tiny"
     storage.upload_dir(tiny_model, url, s3_options)
@@ -285,14 +315,19 @@ def test_a_cross_encoder_at_a_url_scores_as_its_local_copy(buckets, s3_options, 
     assert identity["weights_sha256"] == rescoring.cross_encoder_identity(*here)["weights_sha256"]
     assert s3_options["secret"] not in json.dumps(identity)
     pairs = [("which company beat estimates", "Northwind beat revenue estimates"), ("a query", "another text")]
-    np.testing.assert_allclose(rescoring.CrossEncoderScorer(*at_url).score(pairs),
-                               rescoring.CrossEncoderScorer(*here).score(pairs), atol=1e-6)
+    np.testing.assert_allclose(
+        rescoring.CrossEncoderScorer(*at_url).score(pairs), rescoring.CrossEncoderScorer(*here).score(pairs), atol=1e-6
+    )
 
 
 def test_configs_keep_credentials_for_the_job_and_out_of_records_reprs_and_errors(s3_options):
     secret = s3_options["secret"]
-    cfg = config(DEMO_CORPUS, S3_ROOT, output__storage_options=json.dumps(s3_options),
-                 model__storage_options=json.dumps(s3_options))
+    cfg = config(
+        DEMO_CORPUS,
+        S3_ROOT,
+        output__storage_options=json.dumps(s3_options),
+        model__storage_options=json.dumps(s3_options),
+    )
     assert cfg.output.storage_options == cfg.model.storage_options == s3_options
     assert cfg.to_dict()["model"]["storage_options"] == dict.fromkeys(s3_options, REDACTED)
     assert secret not in json.dumps(cfg.to_dict()) and secret not in repr(cfg)
@@ -321,9 +356,21 @@ def test_missing_bucket_errors_name_the_path_not_the_secret(buckets, s3_options,
         storage.write_json_atomic(target, {}, s3_options)
     assert s3_options["secret"] not in "".join(traceback.format_exception(error.value))
     assert not s3fs_of(s3_options).exists("rj-no-such-bucket"), "a write must not create the bucket"
-    command = [sys.executable, "-m", "jobs.encode", "--config", str(config_file(
-        tmp_path / "c.yaml", s3_options, corpus={"path": missing}, output={"root": f"s3://{OUT}/never"},
-        model={"name": tiny_model}))]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.encode",
+        "--config",
+        str(
+            config_file(
+                tmp_path / "c.yaml",
+                s3_options,
+                corpus={"path": missing},
+                output={"root": f"s3://{OUT}/never"},
+                model={"name": tiny_model},
+            )
+        ),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and missing in result.stderr
     assert s3_options["secret"] not in result.stdout + result.stderr
@@ -347,20 +394,28 @@ def wait_for_exit(pids: set[int], seconds: float = 60) -> None:
 
 def committed_records(root: str, options: dict) -> dict[str, dict]:
     records = storage.join(root, "embeddings", "_shards")
-    return {name: storage.read_json(storage.join(records, name), options)
-            for name in storage.list_names(records, options) if name.endswith(".json")}
+    return {
+        name: storage.read_json(storage.join(records, name), options)
+        for name in storage.list_names(records, options)
+        if name.endswith(".json")
+    }
 
 
-def test_killed_encode_driver_resumes_on_s3_with_the_remaining_shards(buckets, s3_options, tiny_model, tmp_path,
-                                                                     ray_cluster):
+def test_killed_encode_driver_resumes_on_s3_with_the_remaining_shards(
+    buckets, s3_options, tiny_model, tmp_path, ray_cluster
+):
     docs = make_docs(600, seed=5)
     local_corpus = write_parquet(tmp_path / "corpus.parquet", docs)
     buckets.put_file(str(local_corpus), f"{IN}/big/corpus.parquet")
     root, shards = f"s3://{OUT}/killed", 30
-    path = config_file(tmp_path / "job.yaml", s3_options, corpus={"path": f"s3://{IN}/big/corpus.parquet"},
-                       output={"root": root}, model={"name": tiny_model},
-                       runtime={"rows_per_shard": 20, "num_workers": 1, "address": ray_cluster, "progress": False,
-                                "inline_rows": 0})  # encoder actors write the shards to S3
+    path = config_file(
+        tmp_path / "job.yaml",
+        s3_options,
+        corpus={"path": f"s3://{IN}/big/corpus.parquet"},
+        output={"root": root},
+        model={"name": tiny_model},
+        runtime={"rows_per_shard": 20, "num_workers": 1, "address": ray_cluster, "progress": False, "inline_rows": 0},
+    )  # encoder actors write the shards to S3
     command = [sys.executable, "-m", "jobs.encode", "--config", str(path)]
     with open(tmp_path / "killed.log", "w+") as log:
         driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -409,13 +464,20 @@ def test_credentials_are_in_nothing_the_jobs_wrote(runs, s3_options):
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     files = list(every_local_file(model_files.model_cache_dir(), logs, Path(str(runs["local"][0].output.root))))
     assert files and not [p for p in files if s3_options["secret"].encode() in p.read_bytes()]
-    for stage_file in ("embeddings/_manifest.json", "embeddings/_plan.json", "index/manifest.json",
-                       "negatives/_manifest.json", "model/training.json", "trained/embeddings/_manifest.json"):
+    for stage_file in (
+        "embeddings/_manifest.json",
+        "embeddings/_plan.json",
+        "index/manifest.json",
+        "negatives/_manifest.json",
+        "model/training.json",
+        "trained/embeddings/_manifest.json",
+    ):
         written = read_json(S3_ROOT, s3_options, stage_file)["config"]
         for section in SECTIONS_WITH_OPTIONS:
             assert written[section]["storage_options"] == dict.fromkeys(s3_options, REDACTED), stage_file
-    assert read_json(S3_ROOT, s3_options, "negatives", "_manifest.json")["settings"]["storage_options"] == \
-        dict.fromkeys(s3_options, REDACTED)
+    assert read_json(S3_ROOT, s3_options, "negatives", "_manifest.json")["settings"][
+        "storage_options"
+    ] == dict.fromkeys(s3_options, REDACTED)
 
 
 def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, tiny_model, tmp_path):
@@ -428,21 +490,33 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
     day1 = make_docs(80, seed=5)
     day2 = [dict(d, text=d["text"] + " revised") if i % 10 == 0 else d for i, d in enumerate(day1[4:])]
     day2 += make_docs(3, seed=6, prefix="new")
-    settings = dict(corpus__title_column="title", runtime__rows_per_shard=16, refresh__diff_buckets=2,
-                    eval__queries_path="", index__type="Flat", index__recall_queries=20)
+    settings = dict(
+        corpus__title_column="title",
+        runtime__rows_per_shard=16,
+        refresh__diff_buckets=2,
+        eval__queries_path="",
+        index__type="Flat",
+        index__recall_queries=20,
+    )
     results = {}
     for where in ("local", "s3"):
         root = str(tmp_path / "nightly") if where == "local" else f"s3://{OUT}/nightly"
-        extra = {} if where == "local" else {**{f"{s}__storage_options": json.dumps(s3_options)
-                                                for s in ("corpus", "output")},
-                                             "runtime__inline_rows": 0, "refresh__inline_snapshot_rows": 0,
-                                             "runtime__num_workers": 1}  # one encoder actor: one model load
+        extra = (
+            {}
+            if where == "local"
+            else {
+                **{f"{s}__storage_options": json.dumps(s3_options) for s in ("corpus", "output")},
+                "runtime__inline_rows": 0,
+                "refresh__inline_snapshot_rows": 0,
+                "runtime__num_workers": 1,
+            }
+        )  # one encoder actor: one model load
         for night, docs in (("day1", day1), ("day2", day2)):
             local = write_parquet(tmp_path / where / night / "corpus.parquet", docs)
             corpus = str(local)
             if where == "s3":
                 corpus = f"s3://{IN}/{night}/corpus.parquet"
-                buckets.put_file(str(local), corpus[len("s3://"):])
+                buckets.put_file(str(local), corpus[len("s3://") :])
             results[where, night] = refresh.run(config(corpus, root, model=tiny_model, **settings, **extra))
         options = extra and s3_options
         version_root, _ = versions.resolve_root(root, options or None)
@@ -473,7 +547,8 @@ def flaky(s3_endpoint):
 
 
 def test_a_store_failing_past_its_retries_commits_nothing_and_one_failing_for_a_while_is_retried(
-        runs, flaky, s3_options, tiny_model_without_dropout):
+    runs, flaky, s3_options, tiny_model_without_dropout
+):
     """First every PUT of one shard answers 500 (past the 2 attempts these options allow): the job fails naming the
     object, and neither that shard nor the manifest is committed. Then, with the default retries, the rerun goes
     through 500s and 503s on writes and reads, encodes only what was not committed, and equals the clean run."""
@@ -507,8 +582,11 @@ def test_twenty_contenders_on_an_expired_s3_lease_exactly_one_wins(buckets, s3_o
 
     directory = f"s3://{SCRATCH}/contenders/{leases.REFRESH_LEASE}"
     stale = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
-    storage.write_json_atomic(leases.generation_url(directory, 7), {
-        "generation": 7, "host": "gone-host", "pid": 1, "renewed_at": stale, "expiry_s": 600}, s3_options)
+    storage.write_json_atomic(
+        leases.generation_url(directory, 7),
+        {"generation": 7, "host": "gone-host", "pid": 1, "renewed_at": stale, "expiry_s": 600},
+        s3_options,
+    )
     results, barrier = [], threading.Barrier(20)
 
     def contend():
@@ -536,13 +614,17 @@ def test_twenty_contenders_on_an_expired_s3_lease_exactly_one_wins(buckets, s3_o
 def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(buckets, flaky, s3_options):
     """A write above the block size goes up in parts; when a part fails past the retries, the upload is aborted:
     no object (not even one made of the parts sent), and no multipart upload left open in the bucket."""
-    through = {**s3_options, "client_kwargs": {"endpoint_url": flaky.endpoint}, "default_block_size": 5 * 2 ** 20,
-               "skip_instance_cache": True}
+    through = {
+        **s3_options,
+        "client_kwargs": {"endpoint_url": flaky.endpoint},
+        "default_block_size": 5 * 2**20,
+        "skip_instance_cache": True,
+    }
     url = f"s3://{SCRATCH}/multipart/big.bin"
     flaky.fail("PUT", 500, when="partNumber=", times=None)
     try:
         with pytest.raises(OSError, match="cannot write 's3://rj-scratch/multipart/big.bin'"):
-            storage.write_bytes_atomic(url, os.urandom(11 * 2 ** 20), through)
+            storage.write_bytes_atomic(url, os.urandom(11 * 2**20), through)
     finally:
         flaky.heal()
     fs = s3fs_of(s3_options)

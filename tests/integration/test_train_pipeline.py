@@ -1,5 +1,6 @@
 """Training and the pipeline, on the demo corpus with the tiny model (Ray Train with two workers and a killed one:
 test_s3, with its run directory on S3)."""
+
 import dataclasses
 import json
 import os
@@ -18,10 +19,18 @@ from retrieval_core.config import load_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
-SETTINGS = {"corpus__title_column": "title", "runtime__rows_per_shard": 32, "index__type": "Flat",
-            "mine__pairs_path": str(PAIRS), "mine__query_id_column": "query_id", "train__batch_size": 8,
-            "train__max_steps": 3, "train__learning_rate": 1e-3, "train__eval_fraction": 0.2,
-            "mine__relative_margin": "null"}  # the tiny random model scores all documents alike: no margin
+SETTINGS = {
+    "corpus__title_column": "title",
+    "runtime__rows_per_shard": 32,
+    "index__type": "Flat",
+    "mine__pairs_path": str(PAIRS),
+    "mine__query_id_column": "query_id",
+    "train__batch_size": 8,
+    "train__max_steps": 3,
+    "train__learning_rate": 1e-3,
+    "train__eval_fraction": 0.2,
+    "mine__relative_margin": "null",
+}  # the tiny random model scores all documents alike: no margin
 
 
 def state(path) -> dict:
@@ -41,8 +50,9 @@ def mined(tmp_path_factory, tiny_model_without_dropout):
 
 
 def with_train_output(cfg, path, **runtime):
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output=str(path)),
-                               runtime=dataclasses.replace(cfg.runtime, **runtime))
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, output=str(path)), runtime=dataclasses.replace(cfg.runtime, **runtime)
+    )
 
 
 def test_finished_training_is_reused_and_other_settings_refused(mined, tmp_path):
@@ -71,26 +81,40 @@ def outputs(root: Path) -> dict:
     """What a pipeline run leaves that must not depend on interruptions: metrics, negatives, trained weights."""
     from retrieval_core.mine import mining
 
-    return {"eval": json.loads((root / "eval" / "metrics.json").read_text())["metrics"],
-            "reeval": json.loads((root / "trained" / "eval" / "metrics.json").read_text())["metrics"],
-            "negatives": mining.read_parts(str(root)).column("negative_ids").to_pylist(),
-            "weights": state(root / "model")}
+    return {
+        "eval": json.loads((root / "eval" / "metrics.json").read_text())["metrics"],
+        "reeval": json.loads((root / "trained" / "eval" / "metrics.json").read_text())["metrics"],
+        "negatives": mining.read_parts(str(root)).column("negative_ids").to_pylist(),
+        "weights": state(root / "model"),
+    }
 
 
 def test_pipeline_killed_during_training_resumes_to_the_clean_result(tmp_path, tiny_model_without_dropout):
     env = {**os.environ, "RAY_ADDRESS": ""}
     pipeline.run(load_config(None, pipeline_items(tmp_path / "clean", tiny_model_without_dropout)))  # in this process
     root = tmp_path / "killed"
-    proc = subprocess.Popen(pipeline_command(root, tiny_model_without_dropout), cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        pipeline_command(root, tiny_model_without_dropout),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (root / "negatives" / "_manifest.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (root / "trained" / "eval" / "metrics.json").exists()
-    rerun = subprocess.run(pipeline_command(root, tiny_model_without_dropout), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        pipeline_command(root, tiny_model_without_dropout),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "Token authentication is enabled" not in rerun.stderr  # the job's own local cluster: no alarm
     table = {line.split()[0]: line for line in rerun.stdout.splitlines() if line.strip()}
@@ -105,8 +129,16 @@ def test_pipeline_killed_during_training_resumes_to_the_clean_result(tmp_path, t
 
 
 def test_pipeline_stages_select_what_runs(tmp_path, tiny_model_without_dropout):
-    cfg = load_config(None, [f"output.root={tmp_path}", f"model.name={tiny_model_without_dropout}",
-                             "runtime.progress=false", "pipeline.stages=[encode, index]", "index.type=Flat"])
+    cfg = load_config(
+        None,
+        [
+            f"output.root={tmp_path}",
+            f"model.name={tiny_model_without_dropout}",
+            "runtime.progress=false",
+            "pipeline.stages=[encode, index]",
+            "index.type=Flat",
+        ],
+    )
     results = pipeline.run(cfg)
     assert list(results) == ["encode", "index"]
     assert (tmp_path / "index" / "manifest.json").exists() and not (tmp_path / "negatives").exists()

@@ -1,5 +1,6 @@
 """Bad input, one case per kind, each with its expected outcome: a row rejected with its reason (and rows in =
 rows accepted + rows rejected), or an error that names what is wrong and where (file, line or row, key). No Ray."""
+
 import gzip
 import json
 import os
@@ -61,12 +62,16 @@ def test_a_bad_row_is_a_reject_with_its_reason(tmp_path, case):
     assert reason in reject["reason"] and reject["row_id"] == 1 and reject["source"] == str(path)
 
 
-@pytest.mark.parametrize("line, reason", [
-    (b'{"id": "b", "text": "caf\xe9 latin-1"}', "not UTF-8 text"),
-    (b'{"id": "b", "text": "\\ud800 lone surrogate"}', "unpaired surrogate"),
-    (b'{"id": "b", "text": "cut sh', "invalid JSON line"),
-    (b'["not", "an", "object"]', "not a JSON object"),
-], ids=["invalid-utf8", "lone-surrogate", "truncated-line", "not-an-object"])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        (b'{"id": "b", "text": "caf\xe9 latin-1"}', "not UTF-8 text"),
+        (b'{"id": "b", "text": "\\ud800 lone surrogate"}', "unpaired surrogate"),
+        (b'{"id": "b", "text": "cut sh', "invalid JSON line"),
+        (b'["not", "an", "object"]', "not a JSON object"),
+    ],
+    ids=["invalid-utf8", "lone-surrogate", "truncated-line", "not-an-object"],
+)
 def test_a_bad_jsonl_line_is_a_reject_not_the_end_of_the_job(tmp_path, line, reason):
     path = tmp_path / "c.jsonl"
     path.write_bytes(json.dumps(GOOD[0]).encode() + b"\n" + json.dumps(GOOD[1]).encode() + b"\n" + line + b"\n")
@@ -82,6 +87,7 @@ def test_a_text_limit_of_zero_accepts_long_texts(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- files: errors
+
 
 def _not_gzip(tmp_path):
     path = tmp_path / "c.jsonl.gz"
@@ -146,10 +152,16 @@ FILE_CASES = {
     "JSONL first line not UTF-8": (_latin1_first_line, corpus.CorpusError, r"c\.jsonl': the first line is not UTF-8"),
     "text column not a string": (_int_text_column, corpus.CorpusError, r"c\.parquet': column 'text' is int64"),
     "id column of floats": (_float_id_column, corpus.CorpusError, r"id column 'id' is double; expected strings"),
-    "ids of mixed types across files": (_mixed_id_types, corpus.CorpusError,
-                                        r"integer values in '.*a\.parquet' and string values in '.*b\.parquet'"),
-    "files with different text types": (_text_type_in_one_file, corpus.CorpusError,
-                                        r"b\.parquet': column 'text' is int64"),
+    "ids of mixed types across files": (
+        _mixed_id_types,
+        corpus.CorpusError,
+        r"integer values in '.*a\.parquet' and string values in '.*b\.parquet'",
+    ),
+    "files with different text types": (
+        _text_type_in_one_file,
+        corpus.CorpusError,
+        r"b\.parquet': column 'text' is int64",
+    ),
     "a path with no matches": (_no_match, FileNotFoundError, r"nothing-\*\.parquet' matches no file"),
 }
 
@@ -189,6 +201,7 @@ def test_an_empty_corpus_is_an_error_before_any_work(tmp_path):
 
 # ------------------------------------------------------------------------------- queries, qrels and pairs
 
+
 def test_queries_that_are_empty_or_not_gzip_or_not_parquet_name_the_file(tmp_path):
     write_jsonl(tmp_path / "q.jsonl", [{"_id": "1", "text": "fine"}, {"_id": "2", "text": "   "}])
     with pytest.raises(judgements.EvaluationDataError, match=r"q\.jsonl' line 2: field 'text' of query '2' must be"):
@@ -201,22 +214,28 @@ def test_queries_that_are_empty_or_not_gzip_or_not_parquet_name_the_file(tmp_pat
         judgements.read_queries(str(tmp_path / "q.parquet"))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("q1\td1\t1\nq2\td2\n", r"qrels\.tsv' line 3: expected 3 tab-separated fields"),
-    ("q1\td1\tx\n", r"qrels\.tsv' line 2: .*score must be an integer"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("q1\td1\t1\nq2\td2\n", r"qrels\.tsv' line 3: expected 3 tab-separated fields"),
+        ("q1\td1\tx\n", r"qrels\.tsv' line 2: .*score must be an integer"),
+    ],
+)
 def test_malformed_qrels_lines_name_file_and_line(tmp_path, text, message):
     (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + text)
     with pytest.raises(judgements.EvaluationDataError, match=message):
         judgements.read_qrels(str(tmp_path / "qrels.tsv"))
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"query": "   ", "positive": "d1"}, r"'query' must be a non-empty string"),
-    ({"query": "q", "positive": 1.0}, r"'positive' must hold a doc id"),
-    ({"query": "q", "positive": [{"id": "d1"}]}, r"'positive' must hold a doc id"),
-    ({"query": "q", "positive": []}, r"'positive' must hold a doc id"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"query": "   ", "positive": "d1"}, r"'query' must be a non-empty string"),
+        ({"query": "q", "positive": 1.0}, r"'positive' must hold a doc id"),
+        ({"query": "q", "positive": [{"id": "d1"}]}, r"'positive' must hold a doc id"),
+        ({"query": "q", "positive": []}, r"'positive' must hold a doc id"),
+    ],
+)
 def test_bad_pairs_name_the_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"query": "fine", "positive": "d0"}, row])
     with pytest.raises(mine_input.PairsError, match=rf"pairs\.jsonl' line 2: {message}"):
@@ -228,21 +247,27 @@ def test_positives_missing_from_the_corpus_are_rejects():
     kept, rejects = mine_input.resolve_positives(queries, {"d1": 0})
     assert [q.query_id for q in kept] == ["q1"]
     assert [(r["query_id"], r["doc_id"], r["reason"]) for r in rejects] == [
-        ("q1", "gone", "positive not in corpus"), ("q2", "gone", "positive not in corpus")]
+        ("q1", "gone", "positive not in corpus"),
+        ("q2", "gone", "positive not in corpus"),
+    ]
 
 
 # ----------------------------------------------------------------------------------------- configuration
 
-@pytest.mark.parametrize("override, message", [
-    ("model.batchsize=8", r"unknown config key 'model.batchsize'; did you mean 'model.batch_size'"),
-    ("model.batch_size=many", r"'model.batch_size' = 'many': expected an integer"),
-    ("runtime.rows_per_shard=-5", r"'runtime.rows_per_shard' = -5: expected >= 0"),
-    ("model.batch_size=0", r"'model.batch_size' = 0: expected a positive integer"),
-    ("index.type=HNSW0", r"HNSW0 needs HNSW<n> with n >= 2"),
-    ("index.type=IVF0,Flat", r"IVF0 needs IVF<n> with n >= 1"),
-    ("corpus.path=[1, 2]", r"'corpus.path' = \[1, 2\]: expected a path or URL"),
-    ("model.name=''", r"'model.name' is empty"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.batchsize=8", r"unknown config key 'model.batchsize'; did you mean 'model.batch_size'"),
+        ("model.batch_size=many", r"'model.batch_size' = 'many': expected an integer"),
+        ("runtime.rows_per_shard=-5", r"'runtime.rows_per_shard' = -5: expected >= 0"),
+        ("model.batch_size=0", r"'model.batch_size' = 0: expected a positive integer"),
+        ("index.type=HNSW0", r"HNSW0 needs HNSW<n> with n >= 2"),
+        ("index.type=IVF0,Flat", r"IVF0 needs IVF<n> with n >= 1"),
+        ("corpus.path=[1, 2]", r"'corpus.path' = \[1, 2\]: expected a path or URL"),
+        ("model.name=''", r"'model.name' is empty"),
+    ],
+)
 def test_a_bad_config_value_names_the_key_and_value(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -262,6 +287,7 @@ def test_an_index_type_faiss_rejects_is_named():
 
 
 # ------------------------------------------------------------------------------------ models and vectors
+
 
 @pytest.mark.parametrize("files", [{}, {"config.json": "{}", "modules.json": "[]"}], ids=["empty", "config-only"])
 def test_a_model_directory_without_weights_is_refused_before_any_work(tmp_path, files):
@@ -284,6 +310,7 @@ def test_embeddings_of_another_dimension_than_the_manifest_are_an_error_naming_t
 
 
 # ------------------------------------------------------------------- the output root: nothing leads out of it
+
 
 def test_a_tampered_current_cannot_lead_out_of_the_root(tmp_path):
     (tmp_path / "root").mkdir()
@@ -320,8 +347,15 @@ def test_ids_that_look_like_paths_stay_data(tmp_path, tiny_model):
 
     ids = ["../../escape", "/etc/passwd", "a/b", "..", "C:\\x"]
     path = write_jsonl(tmp_path / "corpus" / "c.jsonl", [{"id": i, "text": f"text {n}"} for n, i in enumerate(ids)])
-    cfg = load_config(None, [f"corpus.path={path}", f"output.root={tmp_path / 'out'}", f"model.name={tiny_model}",
-                             "runtime.progress=false"])
+    cfg = load_config(
+        None,
+        [
+            f"corpus.path={path}",
+            f"output.root={tmp_path / 'out'}",
+            f"model.name={tiny_model}",
+            "runtime.progress=false",
+        ],
+    )
     encode.run(cfg)
     assert embeddings.load_embeddings(str(tmp_path / "out"))[2] == ids
     written = {os.path.relpath(os.path.join(d, f), tmp_path) for d, _, names in os.walk(tmp_path) for f in names}

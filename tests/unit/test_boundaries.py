@@ -11,8 +11,11 @@ REPO = Path(__file__).resolve().parents[2]
 def test_library_imports_neither_ray_nor_torch_at_import_time():
     modules = [m.name for m in pkgutil.walk_packages(retrieval_core.__path__, "retrieval_core.")]
     assert "retrieval_core.encode.encoding" in modules and len(modules) >= 30
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
-            + "print(sorted(m for m in ('ray', 'torch', 'sentence_transformers') if m in sys.modules))")
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print(sorted(m for m in ('ray', 'torch', 'sentence_transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
 
@@ -25,8 +28,7 @@ def test_no_library_source_mentions_ray_imports():
 
 
 def _imports_ray(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines()
-            if line.strip().startswith(("import ray", "from ray"))]
+    return [line for line in path.read_text().splitlines() if line.strip().startswith(("import ray", "from ray"))]
 
 
 def test_only_jobs_ray_imports_ray():

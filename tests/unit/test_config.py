@@ -25,8 +25,16 @@ def test_every_key_is_documented_in_the_demo_config_and_readme():
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(None, ["model.batch_size=64", "model.normalize=false", "corpus.path=[a.parquet, b.parquet]",
-                             "corpus.title_column=title", "runtime.gpus_per_worker=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "model.batch_size=64",
+            "model.normalize=false",
+            "corpus.path=[a.parquet, b.parquet]",
+            "corpus.title_column=title",
+            "runtime.gpus_per_worker=0.5",
+        ],
+    )
     assert cfg.model.batch_size == 64 and cfg.model.normalize is False
     assert cfg.corpus.path == ["a.parquet", "b.parquet"]
     assert cfg.corpus.title_column == "title"
@@ -34,8 +42,9 @@ def test_overrides_are_parsed_as_yaml():
 
 
 def test_unknown_key_suggests_the_closest():
-    with pytest.raises(ConfigError, match=re.escape("unknown config key 'model.batchsize'; did you mean "
-                                                    "'model.batch_size'?")):
+    with pytest.raises(
+        ConfigError, match=re.escape("unknown config key 'model.batchsize'; did you mean 'model.batch_size'?")
+    ):
         load_config(None, ["model.batchsize=3"])
 
 
@@ -46,15 +55,18 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(str(path))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.precision=fp8", "'model.precision' = 'fp8': expected one of fp32, bf16, fp16"),
-    ("model.batch_size=0", "'model.batch_size' = 0: expected a positive integer"),
-    ("model.batch_size=many", "'model.batch_size' = 'many': expected an integer"),
-    ("model.normalize=maybe", "'model.normalize' = 'maybe': expected true or false"),
-    ("runtime.rows_per_shard=-1", "'runtime.rows_per_shard' = -1"),
-    ("output.embedding_dtype=int8", "'output.embedding_dtype' = 'int8'"),
-    ("corpus.format=csv", "'corpus.format' = 'csv'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.precision=fp8", "'model.precision' = 'fp8': expected one of fp32, bf16, fp16"),
+        ("model.batch_size=0", "'model.batch_size' = 0: expected a positive integer"),
+        ("model.batch_size=many", "'model.batch_size' = 'many': expected an integer"),
+        ("model.normalize=maybe", "'model.normalize' = 'maybe': expected true or false"),
+        ("runtime.rows_per_shard=-1", "'runtime.rows_per_shard' = -1"),
+        ("output.embedding_dtype=int8", "'output.embedding_dtype' = 'int8'"),
+        ("corpus.format=csv", "'corpus.format' = 'csv'"),
+    ],
+)
 def test_bad_values_name_key_and_value(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
@@ -94,13 +106,18 @@ def test_exponent_numbers_without_a_dot_are_numbers():
 
 def test_environment_variables_expand_in_config_files(tmp_path, monkeypatch):
     path = tmp_path / "c.yaml"
-    path.write_text("corpus:\n  path: ${DATA_DIR}/corpus.jsonl\noutput:\n  root: ${OUT_DIR:-out/x}\n"
-                    "eval:\n  qrels_path: ${DATA_DIR:?get the data first}/qrels.tsv\n")
+    path.write_text(
+        "corpus:\n  path: ${DATA_DIR}/corpus.jsonl\noutput:\n  root: ${OUT_DIR:-out/x}\n"
+        "eval:\n  qrels_path: ${DATA_DIR:?get the data first}/qrels.tsv\n"
+    )
     monkeypatch.setenv("DATA_DIR", "/data/sf")
     monkeypatch.delenv("OUT_DIR", raising=False)
     cfg = load_config(str(path))
-    assert (cfg.corpus.path, cfg.output.root, cfg.eval.qrels_path) == ("/data/sf/corpus.jsonl", "out/x",
-                                                                        "/data/sf/qrels.tsv")
+    assert (cfg.corpus.path, cfg.output.root, cfg.eval.qrels_path) == (
+        "/data/sf/corpus.jsonl",
+        "out/x",
+        "/data/sf/qrels.tsv",
+    )
     monkeypatch.delenv("DATA_DIR")
     with pytest.raises(ConfigError, match=r"uses \$\{DATA_DIR\}, which is not set"):
         load_config(str(path))

@@ -56,7 +56,10 @@ def test_rejects_carry_reasons_and_rows_add_up(tmp_path):
     write_parquet(tmp_path / "c.parquet", docs, row_group_size=3)
     got = read_all(CorpusConfig(path=str(tmp_path / "c.parquet")), 4)
     assert [(r["row_id"], r["reason"]) for r in got.rejects] == [
-        (2, "null text"), (4, "empty text"), (6, "null or empty id")]
+        (2, "null text"),
+        (4, "empty text"),
+        (6, "null or empty id"),
+    ]
     assert got.rejects[0]["doc_id"] == "doc00002" and got.rejects[0]["source"].endswith("c.parquet")
     assert len(got.row_ids) + len(got.rejects) == 10
     assert 2 not in got.row_ids and got.row_ids[:3] == [0, 1, 3]
@@ -129,7 +132,7 @@ def test_glob_list_and_memory_urls():
     docs = make_docs(12)
     for i in range(3):
         with fs.open(f"/corpus-t/p{i}.jsonl", "w") as handle:
-            handle.write("\n".join(json.dumps(d) for d in docs[i * 4:(i + 1) * 4]) + "\n")
+            handle.write("\n".join(json.dumps(d) for d in docs[i * 4 : (i + 1) * 4]) + "\n")
     cfg = CorpusConfig(path="memory://corpus-t/p*.jsonl")
     got = read_all(cfg, 5)
     assert got.doc_ids == [d["id"] for d in docs]
@@ -139,6 +142,7 @@ def test_glob_list_and_memory_urls():
 def test_integer_ids_become_strings(tmp_path):
     table = pa.table({"id": [10, 11], "text": ["a b", "c d"]})
     import pyarrow.parquet as pq
+
     pq.write_table(table, str(tmp_path / "c.parquet"))
     assert read_all(CorpusConfig(path=str(tmp_path / "c.parquet")), 5).doc_ids == ["10", "11"]
 

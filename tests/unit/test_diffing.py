@@ -1,4 +1,5 @@
 """The refresh's hash-partitioned diff against a reference computed with plain dicts."""
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,11 +16,14 @@ def previous_segments(docs: list[dict], per_segment: int) -> dict[str, pa.Table]
     """Segments of a previous version holding ``docs`` (row ids 1000, 1001, ...)."""
     out = {}
     for start in range(0, len(docs), per_segment):
-        part = docs[start:start + per_segment]
-        out[f"v1-shard-{start // per_segment:05d}"] = pa.table({
-            "row_id": pa.array(range(1000 + start, 1000 + start + len(part)), pa.int64()),
-            "doc_id": [d["id"] for d in part],
-            "text_hash": [text_hash(assemble_text(d["title"], d["text"])) for d in part]})
+        part = docs[start : start + per_segment]
+        out[f"v1-shard-{start // per_segment:05d}"] = pa.table(
+            {
+                "row_id": pa.array(range(1000 + start, 1000 + start + len(part)), pa.int64()),
+                "doc_id": [d["id"] for d in part],
+                "text_hash": [text_hash(assemble_text(d["title"], d["text"])) for d in part],
+            }
+        )
     return out
 
 
@@ -39,35 +43,41 @@ def run_diff(tmp_path, snapshot: list[dict], previous: dict[str, pa.Table], buck
 @pytest.mark.parametrize("buckets", [1, 3, 8])
 def test_diff_classifies_every_document_like_a_dict_join(tmp_path, buckets):
     day1 = make_docs(60, seed=1)
-    day2 = [dict(d) for d in day1 if int(d["id"][3:]) % 10 != 3]         # 6 deleted
+    day2 = [dict(d) for d in day1 if int(d["id"][3:]) % 10 != 3]  # 6 deleted
     for d in day2[::9]:
-        d["text"] = d["text"] + " changed"                                # 6 changed
-    day2 += make_docs(5, seed=2, prefix="new")                            # 5 added
-    day2.append({"id": "bad", "title": "t", "text": "  "})                # rejected: blank text
+        d["text"] = d["text"] + " changed"  # 6 changed
+    day2 += make_docs(5, seed=2, prefix="new")  # 5 added
+    day2.append({"id": "bad", "title": "t", "text": "  "})  # rejected: blank text
     previous = previous_segments(day1, 16)
     layout, records = run_diff(tmp_path, day2, previous, buckets)
 
     old = {d["id"]: text_hash(assemble_text(d["title"], d["text"])) for d in day1}
     new = {d["id"]: text_hash(assemble_text(d["title"], d["text"])) for d in day2 if d["text"].strip()}
-    expected = {"unchanged": sum(1 for i in new if old.get(i) == new[i]),
-                "changed": sum(1 for i in new if i in old and old[i] != new[i]),
-                "added": sum(1 for i in new if i not in old), "deleted": sum(1 for i in old if i not in new)}
+    expected = {
+        "unchanged": sum(1 for i in new if old.get(i) == new[i]),
+        "changed": sum(1 for i in new if i in old and old[i] != new[i]),
+        "added": sum(1 for i in new if i not in old),
+        "deleted": sum(1 for i in old if i not in new),
+    }
     assert expected == {"unchanged": 48, "changed": 6, "added": 5, "deleted": 6}
     assert {k: sum(r[k] for r in records) for k in expected} == expected
 
     encode = pa.concat_tables([pa.parquet.read_table(layout.bucket_file("encode", b)) for b in range(buckets)])
     assert sorted(encode.column("doc_id").to_pylist()) == sorted(i for i in new if old.get(i) != new[i])
     positions = {d["id"]: n for n, d in enumerate(day2)}
-    assert all(positions[d] == r for d, r in zip(encode.column("doc_id").to_pylist(),
-                                                 encode.column("corpus_row").to_pylist()))
+    assert all(
+        positions[d] == r for d, r in zip(encode.column("doc_id").to_pylist(), encode.column("corpus_row").to_pylist())
+    )
     deletes = pa.concat_tables([pa.parquet.read_table(layout.bucket_file("deletes", b)) for b in range(buckets)])
     assert sorted(deletes.column("doc_id").to_pylist()) == sorted(i for i in old if i not in new)
     docmap = pa.concat_tables([pa.parquet.read_table(layout.bucket_file("docmap", b)) for b in range(buckets)])
-    assert dict(zip(docmap.column("doc_id").to_pylist(), docmap.column("corpus_row").to_pylist())) == \
-        {i: positions[i] for i in new}
+    assert dict(zip(docmap.column("doc_id").to_pylist(), docmap.column("corpus_row").to_pylist())) == {
+        i: positions[i] for i in new
+    }
 
-    row_of = {i: r for t in previous.values() for i, r in zip(t.column("doc_id").to_pylist(),
-                                                              t.column("row_id").to_pylist())}
+    row_of = {
+        i: r for t in previous.values() for i, r in zip(t.column("doc_id").to_pylist(), t.column("row_id").to_pylist())
+    }
     gone = sorted(row_of[i] for i in old if new.get(i) != old[i])
     found = []
     for segment in previous:

@@ -1,4 +1,5 @@
 """The encode stage's library half, run in-process without Ray."""
+
 import dataclasses
 
 import numpy as np
@@ -82,8 +83,11 @@ def test_other_settings_are_refused_then_overwritten(tmp_path, corpus_file, tiny
     cfg = config(path, tmp_path / "out", tiny_model)
     run_stage(cfg, tiny_encoder)
     changed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, document_prompt="passage: "))
-    with pytest.raises(IncompatibleOutputError, match=r"(?s)encoder.document_prompt: existing \"\", this run "
-                                                      r"\"passage: \".*output.overwrite=true"):
+    with pytest.raises(
+        IncompatibleOutputError,
+        match=r"(?s)encoder.document_prompt: existing \"\", this run "
+        r"\"passage: \".*output.overwrite=true",
+    ):
         run_stage(changed, tiny_encoder)
     overwrite = dataclasses.replace(changed, output=dataclasses.replace(changed.output, overwrite=True))
     _, pending = run_stage(overwrite, tiny_encoder)

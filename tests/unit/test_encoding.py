@@ -24,8 +24,12 @@ def test_fingerprint_covers_what_changes_a_vector(tiny_model, tmp_path):
     base = ModelConfig(name=tiny_model)
     fingerprint = encoder_identity(base)["fingerprint"]
     assert encoder_identity(base)["fingerprint"] == fingerprint  # deterministic
-    for change in [dict(precision="bf16"), dict(document_prompt="passage: "), dict(max_seq_length=16),
-                   dict(normalize=False)]:
+    for change in [
+        dict(precision="bf16"),
+        dict(document_prompt="passage: "),
+        dict(max_seq_length=16),
+        dict(normalize=False),
+    ]:
         assert encoder_identity(dataclasses.replace(base, **change))["fingerprint"] != fingerprint, change
     # batch size and the query prompt do not change document vectors
     assert encoder_identity(dataclasses.replace(base, batch_size=7, query_prompt="q: "))["fingerprint"] == fingerprint
@@ -55,8 +59,9 @@ def test_encode_by_length_keeps_input_order(tiny_model):
 def test_document_prompt_is_prepended(tiny_model):
     from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformerEncoder(ModelConfig(name=tiny_model, document_prompt="passage: ",
-                                                     query_prompt="query: "))
+    encoder = SentenceTransformerEncoder(
+        ModelConfig(name=tiny_model, document_prompt="passage: ", query_prompt="query: ")
+    )
     reference = SentenceTransformer(tiny_model, device="cpu")
     docs = encoder.encode_documents(["the body"])
     queries = encoder.encode_queries(["the body"])
@@ -130,9 +135,14 @@ def test_a_batch_over_memory_is_encoded_again_in_halves_to_the_same_vectors(tmp_
     texts = [f"document {i} " + " ".join(f"word{(i * 7 + j) % 997}" for j in range(80)) for i in range(64)]
     (tmp_path / "texts.txt").write_text("\n".join(texts))
     env = {**__import__("os").environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", MEMORY_CAPPED_ENCODE, model, str(tmp_path / "texts.txt"),
-                          str(tmp_path / "capped.npy")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY_CAPPED_ENCODE, model, str(tmp_path / "texts.txt"), str(tmp_path / "capped.npy")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "out of memory at model.batch_size 64" in run.stderr and "can't allocate memory" in run.stderr
     assert int(run.stdout.split("batch size")[1]) < 64

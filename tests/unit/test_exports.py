@@ -1,4 +1,5 @@
 """Per-part exports and report statistics: combined part by part, they equal what the whole table gives."""
+
 import json
 
 import numpy as np
@@ -17,12 +18,18 @@ def _part(rng, first: int, queries: int, negatives: int = 3, complete_every: int
     for q in range(first, first + queries):
         pos = [f"d{q}", f"d{q + 1000}"][: 1 + q % 2]
         neg = [f"d{q + 2000 + i}" for i in range(negatives - (q % complete_every == 0))]
-        rows.append({"query_id": f"q{q}", "query": f"query {q}", "positive_ids": pos,
-                     "positive_scores": rng.uniform(0.4, 0.9, len(pos)).astype(np.float32).tolist(),
-                     "negative_ids": neg,
-                     "negative_scores": rng.uniform(-0.1, 0.6, len(neg)).astype(np.float32).tolist(),
-                     "negative_ranks": sorted(rng.integers(1, 40, len(neg)).tolist()),
-                     "complete": len(neg) == negatives})
+        rows.append(
+            {
+                "query_id": f"q{q}",
+                "query": f"query {q}",
+                "positive_ids": pos,
+                "positive_scores": rng.uniform(0.4, 0.9, len(pos)).astype(np.float32).tolist(),
+                "negative_ids": neg,
+                "negative_scores": rng.uniform(-0.1, 0.6, len(neg)).astype(np.float32).tolist(),
+                "negative_ranks": sorted(rng.integers(1, 40, len(neg)).tolist()),
+                "complete": len(neg) == negatives,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
 
 
@@ -33,8 +40,9 @@ def parts():
 
 
 def _texts(table: pa.Table) -> dict:
-    return {d: f"text of {d}" for c in ("positive_ids", "negative_ids") for ids in table.column(c).to_pylist()
-            for d in ids}
+    return {
+        d: f"text of {d}" for c in ("positive_ids", "negative_ids") for ids in table.column(c).to_pylist() for d in ids
+    }
 
 
 def test_merged_statistics_equal_the_whole_table(parts):
@@ -64,12 +72,19 @@ def test_merged_statistics_equal_the_whole_table(parts):
 
 def _rescored(part: pa.Table, rng) -> pa.Table:
     """The part as a cross-encoder would leave it: its scores beside the bi-encoder's."""
+
     def ce(column):
         return [rng.uniform(0.0, 1.0, len(v)).astype(np.float32).tolist() for v in part.column(column).to_pylist()]
-    return part.set_column(part.schema.get_field_index("positive_ce_scores"), "positive_ce_scores",
-                           pa.array(ce("positive_scores"), pa.list_(pa.float32()))) \
-        .set_column(part.schema.get_field_index("negative_ce_scores"), "negative_ce_scores",
-                    pa.array(ce("negative_scores"), pa.list_(pa.float32())))
+
+    return part.set_column(
+        part.schema.get_field_index("positive_ce_scores"),
+        "positive_ce_scores",
+        pa.array(ce("positive_scores"), pa.list_(pa.float32())),
+    ).set_column(
+        part.schema.get_field_index("negative_ce_scores"),
+        "negative_ce_scores",
+        pa.array(ce("negative_scores"), pa.list_(pa.float32())),
+    )
 
 
 def test_merged_agreement_equals_the_whole_candidates_and_the_report_shows_both_models(parts):
@@ -103,8 +118,9 @@ def test_the_exports_scores_are_the_cross_encoders_when_it_rescored(parts, tmp_p
     exports.write_part_exports(str(tmp_path), 0, part, _texts(part), ["triplet", "flag-jsonl"], 3, True)
     rows = part.to_pylist()
     triplets = pq.read_table(tmp_path / "part-00000.triplet.parquet").column("scores").to_pylist()
-    assert triplets == [pytest.approx([p, n]) for r in rows for p in r["positive_ce_scores"]
-                        for n in r["negative_ce_scores"]]
+    assert triplets == [
+        pytest.approx([p, n]) for r in rows for p in r["positive_ce_scores"] for n in r["negative_ce_scores"]
+    ]
     flag = [json.loads(line) for line in (tmp_path / "part-00000.flag.jsonl").read_text().splitlines()]
     assert [f["neg_scores"] for f in flag] == [pytest.approx(r["negative_ce_scores"]) for r in rows]
 
@@ -119,12 +135,14 @@ def test_an_empty_report_has_zero_counts_and_a_figure():
 def test_combined_part_exports_equal_the_exports_of_the_whole_table(parts, tmp_path, with_scores):
     formats = ["triplet", "n-tuple", "flag-jsonl"]
     for number, part in enumerate(parts):
-        record = exports.write_part_exports(str(tmp_path / "_exports"), number, part, _texts(part), formats, 3,
-                                            with_scores)
+        record = exports.write_part_exports(
+            str(tmp_path / "_exports"), number, part, _texts(part), formats, 3, with_scores
+        )
         assert exports.has_part_exports({"exports": record}, formats, with_scores)
         assert not exports.has_part_exports({"exports": record}, formats, not with_scores)
-    written = exports.combine_exports(str(tmp_path / "exports"), str(tmp_path / "_exports"), [0, 1, 2], formats, 3,
-                                      with_scores)
+    written = exports.combine_exports(
+        str(tmp_path / "exports"), str(tmp_path / "_exports"), [0, 1, 2], formats, 3, with_scores
+    )
     whole = pa.concat_tables(parts)
     texts = _texts(whole)
     triplets = pq.read_table(tmp_path / "exports" / "triplet.parquet")

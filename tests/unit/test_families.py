@@ -1,5 +1,6 @@
 """Model families: prompts resolved as the authors intended, asymmetric and separate query encoders, Matryoshka
 truncation; every vector compared with sentence-transformers called directly with the same prompts."""
+
 import dataclasses
 
 import numpy as np
@@ -9,19 +10,34 @@ from retrieval_core.config import ConfigError, ModelConfig, load_config
 from retrieval_core.encode import encoding, families
 from retrieval_core.encode.encoding import SentenceTransformerEncoder
 
-DOCS = ["the river flows past the old mill", "protein folding in the cell", "market revenue beat estimates",
-        "a song for piano and strings"] * 3
+DOCS = [
+    "the river flows past the old mill",
+    "protein folding in the cell",
+    "market revenue beat estimates",
+    "a song for piano and strings",
+] * 3
 QUERIES = ["which river", "how do proteins fold"]
 
 
-@pytest.mark.parametrize("name, family", [
-    ("intfloat/e5-large-v2", "e5"), ("intfloat/multilingual-e5-base", "e5"), ("e5-small", "e5"),
-    ("intfloat/e5-mistral-7b-instruct", "plain"), ("intfloat/multilingual-e5-large-instruct", "plain"),
-    ("BAAI/bge-large-en-v1.5", "bge"), ("BAAI/bge-small-zh-v1.5", "bge-zh"), ("BAAI/bge-m3", "plain"),
-    ("thenlper/gte-large", "gte"), ("Alibaba-NLP/gte-base-en-v1.5", "gte"),
-    ("facebook-dpr-ctx_encoder-single-nq-base", "dpr"), ("all-MiniLM-L6-v2", "plain"),
-    ("/models/intfloat-e5-small-v2", "e5"), ("/data/knowledge-base/model", "plain"),
-])
+@pytest.mark.parametrize(
+    "name, family",
+    [
+        ("intfloat/e5-large-v2", "e5"),
+        ("intfloat/multilingual-e5-base", "e5"),
+        ("e5-small", "e5"),
+        ("intfloat/e5-mistral-7b-instruct", "plain"),
+        ("intfloat/multilingual-e5-large-instruct", "plain"),
+        ("BAAI/bge-large-en-v1.5", "bge"),
+        ("BAAI/bge-small-zh-v1.5", "bge-zh"),
+        ("BAAI/bge-m3", "plain"),
+        ("thenlper/gte-large", "gte"),
+        ("Alibaba-NLP/gte-base-en-v1.5", "gte"),
+        ("facebook-dpr-ctx_encoder-single-nq-base", "dpr"),
+        ("all-MiniLM-L6-v2", "plain"),
+        ("/models/intfloat-e5-small-v2", "e5"),
+        ("/data/knowledge-base/model", "plain"),
+    ],
+)
 def test_family_is_inferred_from_well_known_names(name, family):
     assert families.infer_family(name) == family
 
@@ -42,18 +58,23 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("key, doc_prefix, query_prefix", [
-    ("e5", "passage: ", "query: "),
-    ("bge", "", "Represent this sentence for searching relevant passages: "),
-    ("gte", "", ""),
-])
+@pytest.mark.parametrize(
+    "key, doc_prefix, query_prefix",
+    [
+        ("e5", "passage: ", "query: "),
+        ("bge", "", "Represent this sentence for searching relevant passages: "),
+        ("gte", "", ""),
+    ],
+)
 def test_family_presets_equal_sentence_transformers_with_those_prefixes(family_models, key, doc_prefix, query_prefix):
     encoder = SentenceTransformerEncoder(ModelConfig(name=family_models[key], batch_size=4))
     st = reference(family_models[key])
-    np.testing.assert_allclose(encoder.encode_documents(DOCS), unit(st.encode([doc_prefix + t for t in DOCS])),
-                               atol=1e-5)
-    np.testing.assert_allclose(encoder.encode_queries(QUERIES), unit(st.encode([query_prefix + q for q in QUERIES])),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        encoder.encode_documents(DOCS), unit(st.encode([doc_prefix + t for t in DOCS])), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        encoder.encode_queries(QUERIES), unit(st.encode([query_prefix + q for q in QUERIES])), atol=1e-5
+    )
 
 
 def test_prompts_shipped_by_the_model_apply_and_config_prompts_override_them(family_models):
@@ -65,8 +86,9 @@ def test_prompts_shipped_by_the_model_apply_and_config_prompts_override_them(fam
     np.testing.assert_allclose(encoder.encode_queries(QUERIES), unit(st.encode_query(QUERIES)), atol=1e-5)
     none = SentenceTransformerEncoder(ModelConfig(name=path, document_prompt="", query_prompt="find: "))
     np.testing.assert_allclose(none.encode_documents(DOCS), unit(st.encode(DOCS, prompt="")), atol=1e-5)
-    np.testing.assert_allclose(none.encode_queries(QUERIES), unit(st.encode(["find: " + q for q in QUERIES])),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        none.encode_queries(QUERIES), unit(st.encode(["find: " + q for q in QUERIES])), atol=1e-5
+    )
 
 
 def test_an_asymmetric_router_model_routes_documents_and_queries(family_models):
@@ -83,10 +105,12 @@ def test_dpr_encodes_queries_with_the_question_encoder(family_models):
     cfg = ModelConfig(name=family_models["dpr"])  # the question encoder is implied by the ctx_encoder name
     assert families.query_model_name(cfg) == family_models["dpr_question"]
     encoder = SentenceTransformerEncoder(cfg)
-    np.testing.assert_allclose(encoder.encode_documents(DOCS), unit(reference(family_models["dpr"]).encode(DOCS)),
-                               atol=1e-5)
-    np.testing.assert_allclose(encoder.encode_queries(QUERIES),
-                               unit(reference(family_models["dpr_question"]).encode(QUERIES)), atol=1e-5)
+    np.testing.assert_allclose(
+        encoder.encode_documents(DOCS), unit(reference(family_models["dpr"]).encode(DOCS)), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        encoder.encode_queries(QUERIES), unit(reference(family_models["dpr_question"]).encode(QUERIES)), atol=1e-5
+    )
     document, query = encoding.encoder_identity(cfg), encoding.query_identity(cfg)
     assert query["model"] == family_models["dpr_question"] and query["weights_sha256"] != document["weights_sha256"]
     explicit = dataclasses.replace(cfg, name=family_models["gte"], family="dpr", query_name=family_models["e5"])
@@ -127,8 +151,10 @@ def test_default_model_fingerprint_is_unchanged_by_the_families():
     import json
 
     identity = encoding.encoder_identity(ModelConfig())
-    before = {key: identity[key] for key in ("model", "weights_sha256", "config_sha256", "max_seq_length",
-                                             "normalize", "precision")} | {"document_prompt": ""}
+    before = {
+        key: identity[key]
+        for key in ("model", "weights_sha256", "config_sha256", "max_seq_length", "normalize", "precision")
+    } | {"document_prompt": ""}
     assert identity["fingerprint"] == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:32]
 
 

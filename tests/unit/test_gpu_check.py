@@ -1,4 +1,5 @@
 """The GPU check script's own logic (its GPU runs happen on a GPU machine, not in CI)."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """The index stage without Ray: merged shard indexes against one index filled in one process, exact search,
 recall tuning, auto type choice, resume and identity checks."""
+
 from __future__ import annotations
 
 import faiss
@@ -138,7 +139,7 @@ def test_recall_is_measured_against_exact_search(tmp_path, vectors):
 
 
 def test_exact_search_over_shards_equals_brute_force(vectors, queries):
-    shards = [(np.arange(s, min(s + 500, 3000)) + 7, vectors[s:s + 500]) for s in range(0, 3000, 500)]
+    shards = [(np.arange(s, min(s + 500, 3000)) + 7, vectors[s : s + 500]) for s in range(0, 3000, 500)]
     scores, ids = search.exact_search(iter(shards), queries, 15, "ip")
     sims = queries @ vectors.T
     want = np.argsort(-sims, axis=1, kind="stable")[:, :15] + 7
@@ -216,8 +217,9 @@ def test_a_shard_from_another_encoder_is_refused(tmp_path, vectors):
 
     write_synthetic_embeddings(tmp_path, vectors[:600], 300)
     ids = list(range(300, 600))
-    other = embeddings_table(ids, [f"doc{i}" for i in ids], vectors[300:600], ["0" * 16] * 300, "float32",
-                             {"fingerprint": "e" * 32})
+    other = embeddings_table(
+        ids, [f"doc{i}" for i in ids], vectors[300:600], ["0" * 16] * 300, "float32", {"fingerprint": "e" * 32}
+    )
     storage.write_parquet_atomic(str(tmp_path / "embeddings" / "shard-00001.parquet"), other)
     with pytest.raises(IncompatibleOutputError, match="e" * 32 + ".*" + "f" * 32):
         indexing.build_in_process(index_config(tmp_path, type="Flat"))

@@ -1,5 +1,6 @@
 """Leases on an output root: one holder, renewed in the background, taken over only once expired, by exactly one
 contender, and fenced by the generation number."""
+
 import logging
 import os
 import socket
@@ -27,8 +28,16 @@ def lease_dir(request, tmp_path):
 
 
 def write_generation(directory, generation, **fields):
-    record = {"generation": generation, "host": "old-host", "pid": 4242, "token": "old", "expiry_s": 600,
-              "renewed_at": leases.utc_now_iso(), "acquired_at": leases.utc_now_iso(), **fields}
+    record = {
+        "generation": generation,
+        "host": "old-host",
+        "pid": 4242,
+        "token": "old",
+        "expiry_s": 600,
+        "renewed_at": leases.utc_now_iso(),
+        "acquired_at": leases.utc_now_iso(),
+        **fields,
+    }
     storage.write_json_atomic(leases.generation_url(directory, generation), record)
     return record
 
@@ -44,8 +53,15 @@ def test_a_second_contender_is_refused_naming_the_holder(lease_dir):
         with pytest.raises(LockedError) as info:
             leases.acquire(lease_dir, expiry_s=600, renew_s=60)
         message = str(info.value)
-        for part in (socket.gethostname(), f"pid {os.getpid()}", "jobs.refresh", "generation 1", "--wait",
-                     "publish.lease_expiry", lease.url):
+        for part in (
+            socket.gethostname(),
+            f"pid {os.getpid()}",
+            "jobs.refresh",
+            "generation 1",
+            "--wait",
+            "publish.lease_expiry",
+            lease.url,
+        ):
             assert part in message
     finally:
         assert lease.release() is True
@@ -173,8 +189,9 @@ def test_a_second_job_writing_the_same_root_is_refused_naming_the_holder(tmp_pat
 
     root = str(tmp_path / "out")
     directory = versions.lease_dir(root, leases.JOB_LEASE)
-    held = leases.acquire(directory, None, 600, 60, owner={"host": "nightly-7", "pid": 4242, "job": "jobs.encode"},
-                          what="job")
+    held = leases.acquire(
+        directory, None, 600, 60, owner={"host": "nightly-7", "pid": 4242, "job": "jobs.encode"}, what="job"
+    )
     try:
         module = importlib.import_module(f"jobs.{job}")
         with caplog.at_level(logging.ERROR, logger="jobs"):
@@ -190,7 +207,7 @@ def test_a_second_job_writing_the_same_root_is_refused_naming_the_holder(tmp_pat
 def test_a_job_lease_left_by_a_killed_job_on_this_host_is_taken_over(tmp_path):
     root = str(tmp_path / "out")
     directory = versions.lease_dir(root, leases.JOB_LEASE)
-    write_generation(directory, 1, host=socket.gethostname(), pid=2 ** 22 + 7)
+    write_generation(directory, 1, host=socket.gethostname(), pid=2**22 + 7)
     with versions.leased(root, None, 600, 60, path=leases.JOB_LEASE, what="job") as lease:
         assert lease.generation == 2 and leases.newest(directory)[1]["token"] == lease.record["token"]
     assert leases.newest(directory)[1]["released"] is True

@@ -1,4 +1,5 @@
 """RowLookup (a mine worker's cached lookups) against the uncached lookups it replaces."""
+
 import json
 
 import numpy as np
@@ -12,8 +13,14 @@ from retrieval_core.index import lookup
 
 
 def _rows(n: int) -> list[dict]:
-    return [{"id": f"d{i}", "title": f"title {i % 7}" if i % 3 else None,
-             "text": "" if i % 97 == 5 else f"document {i} about topic {i % 13}"} for i in range(n)]
+    return [
+        {
+            "id": f"d{i}",
+            "title": f"title {i % 7}" if i % 3 else None,
+            "text": "" if i % 97 == 5 else f"document {i} about topic {i % 13}",
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module", params=["jsonl", "parquet"])
@@ -28,8 +35,14 @@ def encoded(request, tiny_model, tmp_path_factory):
     else:
         path = folder / "corpus.parquet"
         pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=100)
-    cfg = config(path, folder / "out", tiny_model, corpus__title_column="title", runtime__inline_rows=5000,
-                 runtime__rows_per_shard=600)
+    cfg = config(
+        path,
+        folder / "out",
+        tiny_model,
+        corpus__title_column="title",
+        runtime__inline_rows=5000,
+        runtime__rows_per_shard=600,
+    )
     encode.run(cfg)
     return str(cfg.output.root)
 
@@ -38,8 +51,9 @@ def test_row_lookups_equal_the_direct_ones(encoded, monkeypatch):
     rows = lookup.RowLookup(encoded)
     wanted = sorted(set(np.random.default_rng(0).integers(0, 2500, 300).tolist()) | {0, 5, 999, 1000, 2499, -1})
     for _ in range(2):  # the second round with the corpus already planned
-        assert rows.values(wanted) == {r: tuple(v) for r, v in
-                                       lookup.row_values(encoded, wanted, ["doc_id", "text_hash"]).items()}
+        assert rows.values(wanted) == {
+            r: tuple(v) for r, v in lookup.row_values(encoded, wanted, ["doc_id", "text_hash"]).items()
+        }
         texts = rows.texts(wanted)
         assert texts == lookup.texts_for_rows(encoded, wanted)
         values = rows.values(wanted)

@@ -16,6 +16,7 @@ from retrieval_core.io.judgements import EvaluationDataError
 
 # ------------------------------------------------------------------------------------------------------------ nDCG
 
+
 def test_ndcg_binary_relevant_at_ranks_1_and_3():
     # DCG = 1/log2(2) + 1/log2(4) = 1 + 0.5; IDCG (2 relevant) = 1/log2(2) + 1/log2(3)
     value = metrics.ndcg_at_k(["a", "x", "b", "y"], {"a": 1, "b": 1}, 10)
@@ -76,6 +77,7 @@ def test_ndcg_matches_a_reference_on_random_cases():
 
 # ------------------------------------------------------------------------------------------------- recall and MRR
 
+
 def test_recall_counts_relevant_beyond_k_in_the_denominator():
     qrels = {"a": 1, "b": 2, "c": 1, "d": 1, "e": 0}
     ranked = ["a", "e", "x", "b", "c"]
@@ -103,10 +105,10 @@ def test_single_query_functions_reject_duplicates_and_bad_k():
 # ------------------------------------------------------------------------------------------------------ averaging
 
 RUN = {
-    "q1": ["a", "x"],            # relevant a at rank 1: ndcg 1, recall 1, mrr 1
+    "q1": ["a", "x"],  # relevant a at rank 1: ndcg 1, recall 1, mrr 1
     "q2": ["y", "b", "z", "c"],  # b at rank 2, c at rank 4 of 2 relevant
-    "q3": ["d"],                 # only score-0 qrels: not evaluated
-    "q5": ["a"],                 # not in qrels: ignored
+    "q3": ["d"],  # only score-0 qrels: not evaluated
+    "q5": ["a"],  # not in qrels: ignored
 }
 QRELS = {
     "q1": {"a": 1},
@@ -157,18 +159,22 @@ def test_evaluate_run_without_relevant_docs_is_an_error():
 
 # -------------------------------------------------------------------------------------------------------- queries
 
+
 def write_lines(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return str(path)
 
 
 def test_read_queries_jsonl_skips_blank_lines(tmp_path):
-    url = write_lines(tmp_path / "queries.jsonl", [
-        json.dumps({"_id": "q1", "text": "first", "metadata": {}}),
-        "",
-        "   ",
-        json.dumps({"_id": 7, "text": "seventh"}),  # integer ids become strings
-    ])
+    url = write_lines(
+        tmp_path / "queries.jsonl",
+        [
+            json.dumps({"_id": "q1", "text": "first", "metadata": {}}),
+            "",
+            "   ",
+            json.dumps({"_id": 7, "text": "seventh"}),  # integer ids become strings
+        ],
+    )
     assert judgements.read_queries(url) == {"q1": "first", "7": "seventh"}
 
 
@@ -229,10 +235,19 @@ def test_read_queries_rejects_non_object_and_bad_values(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- qrels
 
+
 def test_read_qrels_with_header_keeps_non_positive_rows(tmp_path):
-    url = write_lines(tmp_path / "test.tsv", [
-        "query-id\tcorpus-id\tscore", "q1\td1\t1", "q1\td2\t0", "q2\td3\t2", "q2\td4\t-1", "",
-    ])
+    url = write_lines(
+        tmp_path / "test.tsv",
+        [
+            "query-id\tcorpus-id\tscore",
+            "q1\td1\t1",
+            "q1\td2\t0",
+            "q2\td3\t2",
+            "q2\td4\t-1",
+            "",
+        ],
+    )
     assert judgements.read_qrels(url) == {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 2, "d4": -1}}
 
 
@@ -285,8 +300,10 @@ def test_read_scifact_train():
 
 def test_means_added_one_query_at_a_time_equal_fsum_over_all():
     rng = np.random.default_rng(7)
-    values = [{"a": float(x), "b": float(y)} for x, y in zip(rng.random(5000) * 10.0 ** rng.integers(-8, 8, 5000),
-                                                             rng.random(5000))]
+    values = [
+        {"a": float(x), "b": float(y)}
+        for x, y in zip(rng.random(5000) * 10.0 ** rng.integers(-8, 8, 5000), rng.random(5000))
+    ]
     values += [{"a": 1e16, "b": 0.1}, {"a": 1.0, "b": 0.2}, {"a": -1e16, "b": 0.3}]  # cancellation: naive sums lose 1.0
     mean = metrics.MeanOf()
     for v in values:

@@ -1,4 +1,5 @@
 """The text join of the mining exports (mine_texts) against direct lookups, without Ray."""
+
 import pyarrow.parquet as pq
 
 from retrieval_core.io import storage
@@ -55,8 +56,10 @@ def test_each_part_gets_the_rows_it_asked_and_each_group_reads_its_rows_once(tmp
         assert table.column("text_hash").to_pylist() == [f"h{r}" for r in table.column("row").to_pylist()]
     by_part = pq.ParquetFile(mine_texts.group_file(directory, 1))
     assert by_part.metadata.num_row_groups == 2  # parts 0 and 1: a part reads its own row group
-    assert storage.read_parquet_where(mine_texts.group_file(directory, 1), "part", 1).column("doc_id").to_pylist() \
-        == ["d12", "d13"]
+    assert storage.read_parquet_where(mine_texts.group_file(directory, 1), "part", 1).column("doc_id").to_pylist() == [
+        "d12",
+        "d13",
+    ]
 
 
 def test_a_join_without_texts_reads_no_text(tmp_path):

@@ -1,4 +1,5 @@
 """Selection of negatives from search results: each rule against hand-worked cases."""
+
 import numpy as np
 import pytest
 
@@ -10,8 +11,9 @@ HASHES = np.array(["h10", "h11", "h12", "h13", "h14", "h15", "h16", ""], dtype=o
 
 
 def pick(rules, positives=(11,), positive_scores=(0.9,), positive_hashes=("h11",), range_max=8, query_id="q"):
-    return select(SCORES, IDS, HASHES, set(positives), list(positive_scores), set(positive_hashes), rules,
-                  range_max, query_id)
+    return select(
+        SCORES, IDS, HASHES, set(positives), list(positive_scores), set(positive_hashes), rules, range_max, query_id
+    )
 
 
 def test_top_skips_positives_missing_and_same_text():
@@ -25,8 +27,12 @@ def test_top_skips_positives_missing_and_same_text():
 
 def test_relative_margin_uses_the_lowest_positive_score():
     # positives score 0.9 and 0.8 -> floor 0.8; relative 0.1 keeps score <= 0.8 - 0.08 = 0.72
-    got = pick(Rules(num_negatives=2, relative_margin=0.1), positives=(11, 13), positive_scores=(0.9, 0.8),
-               positive_hashes=("h11", "h13"))
+    got = pick(
+        Rules(num_negatives=2, relative_margin=0.1),
+        positives=(11, 13),
+        positive_scores=(0.9, 0.8),
+        positive_hashes=("h11", "h13"),
+    )
     assert got.ids == [14, 15]
     assert got.filtered["relative_margin"] == 2  # 10 (0.95) and 12 (0.85); 11 and 13 went as positives
 
@@ -54,8 +60,9 @@ def test_random_sampling_is_seeded_per_query_and_sorted_by_score():
     assert set(a.ids) <= {10, 12, 13, 14, 15, 16}
     draws = {tuple(pick(rules, query_id=f"q{i}").ids) for i in range(30)}
     assert len(draws) > 5  # different queries draw differently
-    other_seed = {tuple(pick(Rules(num_negatives=3, sampling="random", seed=8), query_id=f"q{i}").ids)
-                  for i in range(30)}
+    other_seed = {
+        tuple(pick(Rules(num_negatives=3, sampling="random", seed=8), query_id=f"q{i}").ids) for i in range(30)
+    }
     assert other_seed != draws
 
 

@@ -1,5 +1,6 @@
 """Embedding API encoders against the local stand-in of both APIs (tests/fake_embedding_api.py): vectors, batching,
 concurrency, retries, failures, the key's secrecy and the fingerprint. No Ray."""
+
 import json
 import os
 
@@ -18,8 +19,16 @@ TEXTS = [f"document {i} on the {word} of cells" for i, word in enumerate("growth
 
 def model(api, provider: str, **settings) -> ModelConfig:
     base = f"{api.url}/v1" if provider == "openai" else api.url
-    return ModelConfig(**{"name": "fake-embed", "provider": provider, "base_url": base, "api_key_env": API_KEY_ENV,
-                          "timeout": 0.5, **settings})
+    return ModelConfig(
+        **{
+            "name": "fake-embed",
+            "provider": provider,
+            "base_url": base,
+            "api_key_env": API_KEY_ENV,
+            "timeout": 0.5,
+            **settings,
+        }
+    )
 
 
 def input_type(provider: str, side: str) -> str:
@@ -32,10 +41,12 @@ def test_vectors_are_the_provider_s_own_normalized_in_input_order(embedding_api,
     encoder = ApiEncoder(model(embedding_api, provider, batch_size=3))
     documents = encoder.encode_documents(TEXTS)
     queries = encoder.encode_queries(TEXTS[:2])
-    np.testing.assert_allclose(documents, expected_vectors(TEXTS, input_type=input_type(provider, "document")),
-                               atol=1e-6)
-    np.testing.assert_allclose(queries, expected_vectors(TEXTS[:2], input_type=input_type(provider, "query")),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        documents, expected_vectors(TEXTS, input_type=input_type(provider, "document")), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        queries, expected_vectors(TEXTS[:2], input_type=input_type(provider, "query")), atol=1e-6
+    )
     assert encoder.dim == 32
     if provider == "cohere":
         assert {r.body["input_type"] for r in embedding_api.requests} == {"search_document", "search_query"}
@@ -47,8 +58,9 @@ def test_prompts_of_the_config_or_family_are_sent_before_the_texts(embedding_api
     encoder = ApiEncoder(model(embedding_api, provider, name="intfloat/e5-large-v2"))  # family auto: e5
     vectors = encoder.encode_queries(TEXTS[:1])
     assert embedding_api.texts_sent() == ["query: " + TEXTS[0]]
-    np.testing.assert_allclose(vectors, expected_vectors(TEXTS[:1], input_type=input_type(provider, "query"),
-                                                         prefix="query: "), atol=1e-6)
+    np.testing.assert_allclose(
+        vectors, expected_vectors(TEXTS[:1], input_type=input_type(provider, "query"), prefix="query: "), atol=1e-6
+    )
     ApiEncoder(model(embedding_api, provider, document_prompt="doc| ")).encode_documents(TEXTS[:1])
     assert embedding_api.texts_sent()[-1] == "doc| " + TEXTS[0]
 
@@ -57,7 +69,8 @@ def test_prompts_of_the_config_or_family_are_sent_before_the_texts(embedding_api
 def test_requests_hold_batch_size_texts_at_most_the_provider_s_limit(embedding_api, provider, batch_size, expected):
     count = sum(expected)
     ApiEncoder(model(embedding_api, provider, batch_size=batch_size)).encode_documents(
-        [f"text {i}" for i in range(count)])
+        [f"text {i}" for i in range(count)]
+    )
     assert sorted((len(r.texts) for r in embedding_api.requests), reverse=True) == expected
 
 
@@ -78,19 +91,22 @@ def test_requests_run_concurrently_up_to_max_concurrency(embedding_api):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("fault", [
-    {"status": 429, "headers": {"retry-after-ms": "10"}},
-    {"status": 429},                       # no Retry-After: the SDK's own backoff
-    {"status": 500},
-    {"status": 503, "headers": {"retry-after": "0"}},
-    {"delay": 1.5},                        # past model.timeout (0.5 s): a timeout
-], ids=["429-retry-after", "429", "500", "503", "timeout"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 429, "headers": {"retry-after-ms": "10"}},
+        {"status": 429},  # no Retry-After: the SDK's own backoff
+        {"status": 500},
+        {"status": 503, "headers": {"retry-after": "0"}},
+        {"delay": 1.5},  # past model.timeout (0.5 s): a timeout
+    ],
+    ids=["429-retry-after", "429", "500", "503", "timeout"],
+)
 def test_transient_failures_are_retried_and_counted(embedding_api, provider, fault):
     embedding_api.fail(**fault)
     encoder = ApiEncoder(model(embedding_api, provider))
     vectors = encoder.encode_documents(TEXTS)
-    np.testing.assert_allclose(vectors, expected_vectors(TEXTS, input_type=input_type(provider, "document")),
-                               atol=1e-6)
+    np.testing.assert_allclose(vectors, expected_vectors(TEXTS, input_type=input_type(provider, "document")), atol=1e-6)
     usage = encoder.usage()
     assert (usage["requests"], usage["retries"], usage["texts"]) == (2, 1, len(TEXTS))
     assert usage["tokens"] == sum(len(t.split()) for t in TEXTS)
@@ -107,8 +123,10 @@ def test_a_batch_that_keeps_failing_fails_with_the_provider_message(embedding_ap
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("fault, message", [({"malformed": True}, "failed after 1 attempt"),
-                                            ({"wrong_count": True}, "returned 3 vectors for 4 texts")])
+@pytest.mark.parametrize(
+    "fault, message",
+    [({"malformed": True}, "failed after 1 attempt"), ({"wrong_count": True}, "returned 3 vectors for 4 texts")],
+)
 def test_unusable_answers_are_errors_not_vectors(embedding_api, provider, fault, message):
     embedding_api.fail(**fault)
     with pytest.raises(ProviderError, match=message):
@@ -136,8 +154,9 @@ def test_a_key_pasted_into_api_key_env_is_refused_without_showing_it():
     assert API_KEY not in str(failure.value)
 
 
-@pytest.mark.parametrize("setting", ["model.precision=bf16", "model.query_name=other", "model.family=dpr",
-                                     "model.max_seq_length=128"])
+@pytest.mark.parametrize(
+    "setting", ["model.precision=bf16", "model.query_name=other", "model.family=dpr", "model.max_seq_length=128"]
+)
 def test_local_only_settings_are_refused_for_an_api(setting):
     with pytest.raises(ConfigError, match="model.provider = 'openai'"):
         load_config(None, ["model.provider=openai", setting])
@@ -158,9 +177,13 @@ def test_fingerprint_is_provider_host_model_dimensions_and_prompt(embedding_api)
     same = model(embedding_api, "openai", base_url=f"{embedding_api.url}/v1/")
     fingerprint = encoding.encoder_identity(cfg)["fingerprint"]
     assert encoding.encoder_identity(same)["fingerprint"] == fingerprint
-    others = [model(embedding_api, "cohere"), model(embedding_api, "openai", name="other"),
-              model(embedding_api, "openai", truncate_dim=16), model(embedding_api, "openai", document_prompt="d: "),
-              model(embedding_api, "openai", base_url="https://api.example.com/v1")]
+    others = [
+        model(embedding_api, "cohere"),
+        model(embedding_api, "openai", name="other"),
+        model(embedding_api, "openai", truncate_dim=16),
+        model(embedding_api, "openai", document_prompt="d: "),
+        model(embedding_api, "openai", base_url="https://api.example.com/v1"),
+    ]
     assert len({encoding.encoder_identity(c)["fingerprint"] for c in others} | {fingerprint}) == 6
     assert encoding.encoder_identity(cfg)["host"] == embedding_api.url.removeprefix("http://")
     assert encoding.query_identity(cfg)["fingerprint"] != fingerprint

@@ -1,4 +1,5 @@
 """The publish gates: each fails on its own threshold, and the ones that need a previous version wait for it."""
+
 import pytest
 from helpers import config
 
@@ -20,13 +21,16 @@ def test_every_gate_passes_within_its_threshold(tmp_path):
     assert gates["publish.max_ndcg_drop"]["value"] == pytest.approx(0.01, abs=1e-6)
 
 
-@pytest.mark.parametrize("gate, setting, value", [
-    ("publish.min_recall", "publish__min_recall=0.98", 0.97),
-    ("publish.max_reject_fraction", "publish__max_reject_fraction=0.004", 0.005),
-    ("publish.max_deleted_fraction", "publish__max_deleted_fraction=0.02", 20 / 960),
-    ("publish.max_added_fraction", "publish__max_added_fraction=0.03", 30 / 960),
-    ("publish.max_ndcg_drop", "publish__max_ndcg_drop=0.005", 0.01),
-])
+@pytest.mark.parametrize(
+    "gate, setting, value",
+    [
+        ("publish.min_recall", "publish__min_recall=0.98", 0.97),
+        ("publish.max_reject_fraction", "publish__max_reject_fraction=0.004", 0.005),
+        ("publish.max_deleted_fraction", "publish__max_deleted_fraction=0.02", 20 / 960),
+        ("publish.max_added_fraction", "publish__max_added_fraction=0.03", 30 / 960),
+        ("publish.max_ndcg_drop", "publish__max_ndcg_drop=0.005", 0.01),
+    ],
+)
 def test_each_gate_fails_alone_above_its_threshold(tmp_path, gate, setting, value):
     key, number = setting.split("=")
     gates = verdicts(config("c.parquet", tmp_path, **{key: number}))
@@ -34,13 +38,16 @@ def test_each_gate_fails_alone_above_its_threshold(tmp_path, gate, setting, valu
     assert gates[gate]["value"] == pytest.approx(value, abs=1e-6) and gates[gate]["threshold"] == float(number)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("publish__min_recall=0.98", "recall@10 of the index 0.9700 < 0.98"),
-    ("publish__max_reject_fraction=0.004", "rejected 5 of 1,000 snapshot rows (0.5%) > 0.4%"),
-    ("publish__max_deleted_fraction=0.02", "deleted 20 of 960 documents (2.1%) > 2%"),
-    ("publish__max_added_fraction=0.03", "added 30 of 960 documents (3.1%) > 3%"),
-    ("publish__max_ndcg_drop=0.005", "nDCG@10 fell 0.0100 (0.7100 -> 0.7000) > 0.005"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("publish__min_recall=0.98", "recall@10 of the index 0.9700 < 0.98"),
+        ("publish__max_reject_fraction=0.004", "rejected 5 of 1,000 snapshot rows (0.5%) > 0.4%"),
+        ("publish__max_deleted_fraction=0.02", "deleted 20 of 960 documents (2.1%) > 2%"),
+        ("publish__max_added_fraction=0.03", "added 30 of 960 documents (3.1%) > 3%"),
+        ("publish__max_ndcg_drop=0.005", "nDCG@10 fell 0.0100 (0.7100 -> 0.7000) > 0.005"),
+    ],
+)
 def test_a_failed_gate_says_its_counts_as_well_as_its_fraction(tmp_path, setting, message):
     key, number = setting.split("=")
     failed = [g for g in verdicts(config("c.parquet", tmp_path, **{key: number})).values() if not g["passed"]]
@@ -57,25 +64,39 @@ def test_the_first_version_and_unevaluated_versions_skip_the_gates_that_need_a_p
     cfg = config("c.parquet", tmp_path)
     first = verdicts(cfg, counts={**COUNTS, "unchanged": 0, "changed": 0, "deleted": 0, "added": 995}, first=True)
     assert set(first) == {"publish.min_recall", "publish.max_reject_fraction", "publish.max_ndcg_drop"}
-    assert set(verdicts(cfg, previous=None)) == {"publish.min_recall", "publish.max_reject_fraction",
-                                                 "publish.max_deleted_fraction", "publish.max_added_fraction"}
+    assert set(verdicts(cfg, previous=None)) == {
+        "publish.min_recall",
+        "publish.max_reject_fraction",
+        "publish.max_deleted_fraction",
+        "publish.max_added_fraction",
+    }
 
 
 def recall_manifest(value, tried):
-    return {"recall": {"parameter": "nprobe", "value": value, "recall_at_10": tried[-1][1],
-                       "tried": [{"value": v, "recall_at_10": r} for v, r in tried]}}
+    return {
+        "recall": {
+            "parameter": "nprobe",
+            "value": value,
+            "recall_at_10": tried[-1][1],
+            "tried": [{"value": v, "recall_at_10": r} for v, r in tried],
+        }
+    }
 
 
-@pytest.mark.parametrize("tried, fell", [
-    ([(1, 0.80), (2, 0.93), (4, 0.97)], True),     # the stored nprobe 2 now misses 0.95: tuning went to 4
-    ([(1, 0.90), (2, 0.96)], False),               # the stored nprobe still reaches the target
-    ([(1, 0.96)], False),                          # a smaller one does too
-])
+@pytest.mark.parametrize(
+    "tried, fell",
+    [
+        ([(1, 0.80), (2, 0.93), (4, 0.97)], True),  # the stored nprobe 2 now misses 0.95: tuning went to 4
+        ([(1, 0.90), (2, 0.96)], False),  # the stored nprobe still reaches the target
+        ([(1, 0.96)], False),  # a smaller one does too
+    ],
+)
 def test_recall_at_the_stored_nprobe_decides_a_retrain(tried, fell):
     from retrieval_core.refresh import index_reuse as refresh_index
 
-    verdict = refresh_index.recall_verdict({"search_parameters": {"nprobe": 2}}, recall_manifest(tried[-1][0], tried),
-                                           0.95)
+    verdict = refresh_index.recall_verdict(
+        {"search_parameters": {"nprobe": 2}}, recall_manifest(tried[-1][0], tried), 0.95
+    )
     assert verdict["fell"] is fell and verdict["stored"] == 2 and verdict["tuned"] == tried[-1][0]
     assert verdict["reason"].startswith("recall@10 at the stored nprobe = 2 " + ("fell under" if fell else "reaches"))
 

@@ -48,8 +48,10 @@ def test_exhaustive_small_layouts():
 def test_random_large_layouts():
     rng = random.Random(7)
     for _ in range(200):
-        files = [FileMeta(f"f{i}", "parquet", tuple(rng.randint(0, 500) for _ in range(rng.randint(0, 6))))
-                 for i in range(rng.randint(1, 8))]
+        files = [
+            FileMeta(f"f{i}", "parquet", tuple(rng.randint(0, 500) for _ in range(rng.randint(0, 6))))
+            for i in range(rng.randint(1, 8))
+        ]
         check_plan(files, rng.randint(1, 3000))
 
 

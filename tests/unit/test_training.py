@@ -1,4 +1,5 @@
 """Training pieces without Ray: batching, the held-out split, the schedule, and a short fit on the tiny model."""
+
 import numpy as np
 import pytest
 from helpers import config
@@ -8,9 +9,16 @@ from retrieval_core.train.training import Example
 
 
 def examples(queries=20, positives=1):
-    return [Example(f"q{q}", f"question {q} about topic {q}", f"answer {q} p{p} about topic {q}",
-                    (f"other text {q + 1}", f"unrelated {q + 2}"))
-            for q in range(queries) for p in range(positives)]
+    return [
+        Example(
+            f"q{q}",
+            f"question {q} about topic {q}",
+            f"answer {q} p{p} about topic {q}",
+            (f"other text {q + 1}", f"unrelated {q + 2}"),
+        )
+        for q in range(queries)
+        for p in range(positives)
+    ]
 
 
 def test_batches_never_repeat_a_query_and_cover_each_example_at_most_once():
@@ -51,8 +59,16 @@ def test_steps_and_linear_schedule(tmp_path):
 def test_fit_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_model):
     from sentence_transformers import SentenceTransformer
 
-    cfg = config("unused", tmp_path, model=tiny_model, train__batch_size=8, train__num_negatives=2,
-                 train__max_steps=12, train__learning_rate=5e-3, train__warmup_ratio=0)
+    cfg = config(
+        "unused",
+        tmp_path,
+        model=tiny_model,
+        train__batch_size=8,
+        train__num_negatives=2,
+        train__max_steps=12,
+        train__learning_rate=5e-3,
+        train__warmup_ratio=0,
+    )
     data = examples(queries=16)
     model, history = training.fit(cfg, data, data[:4], training.eval_corpus_for(cfg, data[:4], data))
     assert history["steps"] == 12 and len(history["losses"]) == 12
@@ -70,14 +86,22 @@ def test_a_router_model_trains_both_towers_each_side_routed_by_its_task(tmp_path
     from sentence_transformers import SentenceTransformer
 
     path = family_models["router"]
-    cfg = config("unused", tmp_path, model=path, train__batch_size=8, train__num_negatives=1, train__max_steps=6,
-                 train__learning_rate=5e-3, train__warmup_ratio=0)
+    cfg = config(
+        "unused",
+        tmp_path,
+        model=path,
+        train__batch_size=8,
+        train__num_negatives=1,
+        train__max_steps=6,
+        train__learning_rate=5e-3,
+        train__warmup_ratio=0,
+    )
     data = examples(queries=16)
     model, history = training.fit(cfg, data, data[:4], training.eval_corpus_for(cfg, data[:4], data))
     assert history["steps"] == 6
     base = SentenceTransformer(path, device="cpu")
     text = ["question 3 about topic 3"]
-    assert not np.allclose(base.encode_query(text), model.encode_query(text), atol=1e-4)        # query tower
+    assert not np.allclose(base.encode_query(text), model.encode_query(text), atol=1e-4)  # query tower
     assert not np.allclose(base.encode_document(text), model.encode_document(text), atol=1e-4)  # document tower
 
 
@@ -89,15 +113,23 @@ def test_a_separate_query_encoder_is_refused_by_training(tmp_path, family_models
         training.check_trainable(cfg)
 
 
-def test_a_training_killed_after_a_checkpoint_resumes_from_it_to_the_uninterrupted_weights(tmp_path, tiny_model,
-                                                                                        faults):
+def test_a_training_killed_after_a_checkpoint_resumes_from_it_to_the_uninterrupted_weights(
+    tmp_path, tiny_model, faults
+):
     """Dropout on: the random generator is part of the checkpoint. 16 queries in batches of 8 make 2 steps an
     epoch, so checkpoints fall at epoch ends and the crash mid-epoch."""
     from retrieval_core.io.faults import InjectedCrash
     from retrieval_core.train import checkpoints
 
-    cfg = config("unused", tmp_path, model=tiny_model, train__batch_size=8, train__num_negatives=2,
-                 train__max_steps=7, train__learning_rate=5e-3)
+    cfg = config(
+        "unused",
+        tmp_path,
+        model=tiny_model,
+        train__batch_size=8,
+        train__num_negatives=2,
+        train__max_steps=7,
+        train__learning_rate=5e-3,
+    )
     data, held = examples(queries=16), examples(queries=4)
     corpus = training.eval_corpus_for(cfg, held, data)
     clean, clean_history = training.fit(cfg, data, held, corpus)

@@ -1,4 +1,5 @@
 """Versions of an output root: names, CURRENT, rollback, resolve_root, the lock, retention, leases, paths."""
+
 import json
 import os
 import socket
@@ -39,6 +40,7 @@ def iso(seconds_ago: float) -> str:
 
 # ---------------------------------------------------------------------------------------------------- names
 
+
 def test_names_are_sequential_unique_and_sort_by_time(root):
     start = datetime(2024, 1, 31, 23, 59, 59, tzinfo=timezone.utc)
     made = []
@@ -72,8 +74,11 @@ def test_listing_ignores_other_entries_and_orders_past_999999(root):
     make_version(root, "v1000000-20240102T000000Z")
     make_version(root, "v000010-20240103T000000Z")
     storage.write_bytes_atomic(storage.join(root, "versions", "notes.txt"), b"x")
-    assert versions.list_versions(root) == ["v000002-20240101T000000Z", "v000010-20240103T000000Z",
-                                            "v1000000-20240102T000000Z"]
+    assert versions.list_versions(root) == [
+        "v000002-20240101T000000Z",
+        "v000010-20240103T000000Z",
+        "v1000000-20240102T000000Z",
+    ]
     assert versions.new_version_name(root).startswith("v1000001-")
     assert versions.list_versions(storage.join(root, "nothing-here")) == []
 
@@ -90,6 +95,7 @@ def test_version_root_is_under_versions(root):
 
 
 # ---------------------------------------------------------------------------------------------------- CURRENT
+
 
 def test_publish_refuses_incomplete_or_unfinished_versions(root):
     make_version(root, "v000001-20240101T000000Z", complete=False)
@@ -182,14 +188,21 @@ def test_publish_on_memory_leaves_only_the_new_current():
         storage.remove("memory://versions-test")
 
 
-FAILED_GATE = {"gate": "publish.max_deleted_fraction", "threshold": 0.1, "value": 0.6, "passed": False,
-               "message": "deleted 3,112 of 5,183 documents (60.0%) > 10%"}
+FAILED_GATE = {
+    "gate": "publish.max_deleted_fraction",
+    "threshold": 0.1,
+    "value": 0.6,
+    "passed": False,
+    "message": "deleted 3,112 of 5,183 documents (60.0%) > 10%",
+}
 
 
 def make_failed(root, name):
     base = make_version(root, name)
-    storage.write_json_atomic(storage.join(base, "refresh.json"), {"complete": True, "gates_passed": False,
-                                                                   "published": False, "gates": [FAILED_GATE]})
+    storage.write_json_atomic(
+        storage.join(base, "refresh.json"),
+        {"complete": True, "gates_passed": False, "published": False, "gates": [FAILED_GATE]},
+    )
 
 
 def test_states_name_current_published_failed_incomplete_and_abandoned(root):
@@ -197,15 +210,21 @@ def test_states_name_current_published_failed_incomplete_and_abandoned(root):
     make_version(root, names[0])
     make_version(root, names[1])
     make_failed(root, names[2])
-    make_version(root, names[3], complete=None)           # unfinished, no build names it
-    make_version(root, names[4], complete=None)           # the pending build
+    make_version(root, names[3], complete=None)  # unfinished, no build names it
+    make_version(root, names[4], complete=None)  # the pending build
     storage.write_json_atomic(storage.join(root, versions.BUILD_RECORD), {"version": names[4], "identity": {}})
-    make_version(root, names[5])                          # finished, passed, never published and not pending
+    make_version(root, names[5])  # finished, passed, never published and not pending
     versions.publish(root, names[0])
     versions.publish(root, names[1])
     found = {s["version"]: s for s in versions.states(root)}
-    assert [found[n]["state"] for n in names] == ["published", "current", "failed", "abandoned", "incomplete",
-                                                  "abandoned"]
+    assert [found[n]["state"] for n in names] == [
+        "published",
+        "current",
+        "failed",
+        "abandoned",
+        "incomplete",
+        "abandoned",
+    ]
     assert found[names[2]]["detail"] == "deleted 3,112 of 5,183 documents (60.0%) > 10%"
     line = versions.state_line(found[names[2]])
     assert line.startswith(f"{names[2]}  failed: deleted 3,112 of 5,183")
@@ -230,6 +249,7 @@ def test_rollback_target_refuses_failed_without_force_and_unfinished_always(root
 
 
 # ---------------------------------------------------------------------------------------------------- resolve_root
+
 
 def test_resolve_plain_root_without_versions(root):
     storage.write_json_atomic(storage.join(root, "embeddings", "_manifest.json"), {"n": 1})
@@ -284,7 +304,7 @@ def test_retention_counts_published_versions_only():
 def test_three_failed_nights_never_push_out_the_last_published_version():
     """keep_versions 1: failed nights after the last good one delete failed ones only, past keep_failed."""
     for failed_nights in range(1, 6):
-        found = states_of(published=NAMES[:1], failed=NAMES[1:1 + failed_nights])
+        found = states_of(published=NAMES[:1], failed=NAMES[1 : 1 + failed_nights])
         for keep_failed in range(0, 4):
             doomed = versions.versions_to_delete(found, 1, keep_failed, set())
             assert NAMES[0] not in doomed
@@ -303,8 +323,16 @@ def test_retention_never_deletes_protected_versions_whatever_keep():
 
 def test_delete_version_files_keeps_referenced_files(root):
     old = "v000001-20240101T000000Z"
-    base = make_version(root, old, files=("embeddings/shard-00000.parquet", "embeddings/shard-00001.parquet",
-                                          "index/index.faiss", "eval/metrics.json"))
+    base = make_version(
+        root,
+        old,
+        files=(
+            "embeddings/shard-00000.parquet",
+            "embeddings/shard-00001.parquet",
+            "index/index.faiss",
+            "eval/metrics.json",
+        ),
+    )
     shared = storage.join(base, "embeddings", "shard-00001.parquet")
     deleted = versions.delete_version_files(root, old, None, referenced={shared})
     assert deleted == 4  # three files and refresh.json
@@ -328,6 +356,7 @@ def test_delete_version_files_matches_referenced_urls_by_location(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- readers
+
 
 def test_reader_leases_fresh_and_stale(root):
     a, b, c = "v000001-20240101T000000Z", "v000002-20240102T000000Z", "v000003-20240103T000000Z"
@@ -356,6 +385,7 @@ def test_register_reader_of_a_missing_version_names_it(root):
 
 # ---------------------------------------------------------------------------------------------------- relative paths
 
+
 def test_resolve_relative_on_s3_keeps_the_protocol():
     got = storage.resolve_relative("s3://b/r/versions/v2/embeddings", "../../v1/embeddings/shard-00001.parquet")
     assert got == "s3://b/r/versions/v1/embeddings/shard-00001.parquet"
@@ -366,19 +396,22 @@ def test_resolve_relative_on_s3_keeps_the_protocol():
         storage.resolve_relative("s3://b/r", "../../other-bucket/x")
 
 
-@pytest.mark.parametrize("from_dir,target", [
-    ("s3://b/r/versions/v2/embeddings", "s3://b/r/versions/v1/embeddings/shard-00001.parquet"),
-    ("s3://b/r/versions/v2/embeddings", "s3://b/r/versions/v2/embeddings/shard-00001.parquet"),
-    ("s3://b/r/versions/v2/embeddings", "s3://b/other/x.parquet"),
-    ("s3://b", "s3://b/a/b/c"),
-    ("memory://versions-test/out/versions/v2/embeddings", "memory://versions-test/out/versions/v1/e/s.parquet"),
-    ("memory:///versions-test/out/versions/v2", "memory:///versions-test/x"),
-    ("file:///data/out/versions/v2/embeddings", "file:///data/out/versions/v1/embeddings/s.parquet"),
-    ("/data/out/versions/v2/embeddings", "/data/out/versions/v1/embeddings/s.parquet"),
-    ("/data/out/versions/v2/embeddings", "/other/s.parquet"),
-    ("out/versions/v2/embeddings", "out/versions/v1/embeddings/s.parquet"),
-    ("out/versions/v2", "elsewhere/s.parquet"),
-])
+@pytest.mark.parametrize(
+    "from_dir,target",
+    [
+        ("s3://b/r/versions/v2/embeddings", "s3://b/r/versions/v1/embeddings/shard-00001.parquet"),
+        ("s3://b/r/versions/v2/embeddings", "s3://b/r/versions/v2/embeddings/shard-00001.parquet"),
+        ("s3://b/r/versions/v2/embeddings", "s3://b/other/x.parquet"),
+        ("s3://b", "s3://b/a/b/c"),
+        ("memory://versions-test/out/versions/v2/embeddings", "memory://versions-test/out/versions/v1/e/s.parquet"),
+        ("memory:///versions-test/out/versions/v2", "memory:///versions-test/x"),
+        ("file:///data/out/versions/v2/embeddings", "file:///data/out/versions/v1/embeddings/s.parquet"),
+        ("/data/out/versions/v2/embeddings", "/data/out/versions/v1/embeddings/s.parquet"),
+        ("/data/out/versions/v2/embeddings", "/other/s.parquet"),
+        ("out/versions/v2/embeddings", "out/versions/v1/embeddings/s.parquet"),
+        ("out/versions/v2", "elsewhere/s.parquet"),
+    ],
+)
 def test_relative_to_and_resolve_relative_round_trip(from_dir, target):
     relative = storage.relative_to(from_dir, target)
     assert "://" not in relative and not relative.startswith("/")
@@ -386,8 +419,12 @@ def test_relative_to_and_resolve_relative_round_trip(from_dir, target):
 
 
 def test_relative_to_refuses_other_protocols_and_buckets():
-    for a, b in (("s3://b/r", "s3://c/r"), ("s3://b/r", "gs://b/r"), ("/data/r", "s3://b/r"),
-                 ("/data/r", "relative/r")):
+    for a, b in (
+        ("s3://b/r", "s3://c/r"),
+        ("s3://b/r", "gs://b/r"),
+        ("/data/r", "s3://b/r"),
+        ("/data/r", "relative/r"),
+    ):
         with pytest.raises(ValueError, match="same protocol"):
             storage.relative_to(a, b)
 
