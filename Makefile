@@ -1,11 +1,13 @@
 # make demo  - install everything (first time) and run the main job on the bundled demo corpus
 # make test  - install everything (first time) and run the tests (about 15 minutes on 2 cores)
 # make test-fast - the unit tests only (no Ray, about a minute): the edit-test loop
+# make lint  - ruff (lint + format check), import-linter (the layers; only jobs.ray imports ray), mypy
+# make docs  - the documentation site under site/ (mkdocs --strict; the config reference regenerated first)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup bench clean
+.PHONY: demo test test-fast lint docs setup bench clean
 
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/demo.yaml
@@ -16,6 +18,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
+docs: $(STAMP)
+	$(PY) -m retrieval_core.config.reference > docs/configuration.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 setup: $(STAMP)
 

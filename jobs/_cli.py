@@ -108,7 +108,7 @@ def _locked_run(cfg: Config, run: Callable[[Config], Any], job: str) -> Any:
         try:
             result = run(cfg)
         except BaseException:
-            if made_root:  # a job that failed before writing anything leaves no root made for its lease
+            if made_root and local:  # a job that failed before writing anything leaves no root made for its lease
                 lease.on_release = lambda: _remove_lease_only_root(local, lease.url)
             raise
         lease.check("reporting success")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import cast
 
 from jobs import _cli, _progress
 from jobs.ray import actors, cluster, dispatch, query_encoding
@@ -132,12 +133,12 @@ def run(cfg: Config) -> dict:
 
 def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> tuple[list[dict], dict | None]:
     """Plan the input's buckets not planned yet: an input of one bucket and at most
-    ``mine_plan.INLINE_INPUT_BYTES`` in this process (``runtime.inline_rows`` > 0), where starting Ray would cost
-    more; else by the shuffle of ``mine_shuffle`` on Ray tasks, in three waves (split the input files and partition
+    ``mine.plan.INLINE_INPUT_BYTES`` in this process (``runtime.inline_rows`` > 0), where starting Ray would cost
+    more; else by the shuffle of ``mine.shuffle`` on Ray tasks, in three waves (split the input files and partition
     the corpus's doc ids, join the positives by doc bucket, plan the query buckets), skipping committed steps.
     Returns (every bucket's record, the shuffle's doc buckets and shard groups, None when there was none)."""
     buckets = plan["buckets"]
-    records = {b: mine_plan.bucket_record(cfg, b) for b in range(buckets)}
+    records: dict[int, dict | None] = {b: mine_plan.bucket_record(cfg, b) for b in range(buckets)}
     todo = [b for b, record in records.items() if record is None]
     here = buckets == 1 and cfg.runtime.inline_rows > 0 and plan["bytes"] <= mine_plan.INLINE_INPUT_BYTES
     shuffled = None
@@ -155,7 +156,7 @@ def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> tuple[list[dic
         records.update(actors.shuffle_input(cfg, shuffle, emb, waves))
         shuffled = {"doc_buckets": shuffle["doc_buckets"], "shard_groups": len(shuffle["groups"])}
     mine_shuffle.remove_scratch(cfg)
-    return [records[b] for b in range(buckets)], shuffled
+    return [cast(dict, records[b]) for b in range(buckets)], shuffled  # every bucket is planned by now
 
 
 def _search_window(cfg: Config, max_positives: int, ntotal: int) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 from jobs import _cli, _progress, evaluate, index
 from jobs.ray import actors, cluster, dispatch
@@ -120,7 +121,7 @@ def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
         segments = refreshing.plan_segments(p, diff["encode_rows"])
         records, encoded_now = steps.timed("encode", lambda: _encode(steps, p, segments, identity))
         shared = steps.timed("tombstones", lambda: _tombstones(steps, p, diff["tombstones"]))
-        dim = records[0]["dim"] if records else embeddings.read_embeddings_manifest(p.previous_root, so)["dim"]
+        dim = records[0]["dim"] if records else embeddings.read_embeddings_manifest(p.previous_version_root, so)["dim"]
         lease.check("writing the version's embeddings manifest")
         refreshing.write_version_manifest(cfg, p, identity, dim, counts, shared, records, time.perf_counter() - started)
         vcfg = refreshing.version_config(cfg, p.version_root)
@@ -234,9 +235,10 @@ def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: 
     bar = steps.bar(sum(s.rows for s in pending), "encode", "doc")
     try:
         if sum(s.rows for s in pending) <= cfg.runtime.inline_rows:
+            records: list[dict] = []
             encoder = steps.inline_encoder() if pending else None
-            records = []
             for segment in pending:
+                assert encoder is not None  # loaded above when any segment is pending
                 records.append(refreshing.encode_segment(p, segment, cfg, encoder, identity))
                 steps.advanced(bar, None, records[-1]["rows"])
                 bar.set_postfix(**embeddings.api_usage_progress(records), refresh=False)
@@ -298,7 +300,7 @@ def _retrain_if_recall_fell(steps: _Steps, vcfg: Config, p: refreshing.RefreshPl
     nprobe fell under ``index.target_recall`` is built again on a quantizer trained anew."""
     so = vcfg.output.storage_options
     recall = refresh_index.recall_verdict(
-        indexing.read_index_manifest(p.previous_root, so),
+        indexing.read_index_manifest(p.previous_version_root, so),
         indexing.read_index_manifest(vcfg.output.root, so),
         vcfg.index.target_recall,
     )
@@ -353,7 +355,7 @@ def _gate_and_publish(
     )
     passed = all(g["passed"] for g in gates)
     reused = counts["unchanged"] if p.reuse else 0
-    record = {
+    record: dict[str, Any] = {
         "complete": True,
         "gates_passed": passed,
         "published": False,

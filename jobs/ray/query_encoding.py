@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -103,7 +103,7 @@ def searched_batches(cfg: Config, texts: list[str], k: int, batch: int) -> Itera
         yield batches(), manifest
 
 
-def _checked_index(cfg: Config) -> tuple[object, dict]:
+def _checked_index(cfg: Config) -> tuple[Any, dict]:
     """(the index under ``output.root``, memory-mapped when local; its manifest), once the run's model settings are
     checked to give the index's encoder."""
     index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options, mmap=True)

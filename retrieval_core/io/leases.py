@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, TypeGuard
 
 from retrieval_core.io import storage
 
@@ -145,7 +145,7 @@ def holder_gone(record: dict) -> bool:
     return False
 
 
-def is_live(record: dict | None) -> bool:
+def is_live(record: dict | None) -> TypeGuard[dict]:
     """Held: not released, renewed within its expiry, and not left by a process gone from this host."""
     if record is None or record.get("released"):
         return False

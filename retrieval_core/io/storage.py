@@ -217,6 +217,14 @@ def local_path(url: str, storage_options: dict | None = None) -> str | None:
     return path if isinstance(fs, LocalFileSystem) else None
 
 
+def local_file(url: str, storage_options: dict | None = None) -> str:
+    """The path on the local disk of ``url``, which must be local (a plain path or ``file://``)."""
+    path = local_path(url, storage_options)
+    if path is None:
+        raise ValueError(f"'{url}' is not on the local disk; this step needs a local path")
+    return path
+
+
 def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -> None:
     write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True).encode(), storage_options)
 

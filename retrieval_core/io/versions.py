@@ -118,7 +118,7 @@ def read_refresh_record(root: str, name: str, storage_options: dict | None = Non
 def is_complete(root: str, name: str, storage_options: dict | None = None) -> bool:
     """True when the version's ``refresh.json`` says ``"complete": true``."""
     record = read_refresh_record(root, name, storage_options)
-    return bool(record) and record.get("complete") is True
+    return record is not None and record.get("complete") is True
 
 
 def read_current(root: str, storage_options: dict | None = None) -> dict | None:

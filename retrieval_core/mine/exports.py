@@ -11,7 +11,7 @@ Exports (under ``negatives/exports/``), built from the canonical parts:
 Both Parquet files load with ``datasets.load_dataset("parquet", data_files=...)``. The scores are the
 cross-encoder's when one rescored the part (``mine.cross_encoder``), else the bi-encoder's.
 
-Once the texts of a part's documents are joined (``mine_texts``), a task writes that part's share of each export
+Once the texts of a part's documents are joined (``mine.texts``), a task writes that part's share of each export
 (``negatives/_exports/part-N.<file>``); the driver concatenates the shares in part order, streaming: it never
 holds more than one part.
 """
@@ -38,7 +38,7 @@ def scores_of(row: dict) -> tuple[list[float], list[float]]:
 
 
 def triplet_table(parts: pa.Table, texts: dict[str, str], with_scores: bool) -> pa.Table:
-    columns = {"anchor": [], "positive": [], "negative": []}
+    columns: dict[str, list] = {"anchor": [], "positive": [], "negative": []}
     scores = []
     for row in parts.to_pylist():
         positive_scores, negative_scores = scores_of(row)
@@ -54,7 +54,11 @@ def triplet_table(parts: pa.Table, texts: dict[str, str], with_scores: bool) -> 
 
 
 def ntuple_table(parts: pa.Table, texts: dict[str, str], num_negatives: int, with_scores: bool) -> pa.Table:
-    columns = {"anchor": [], "positive": [], **{f"negative_{i}": [] for i in range(1, num_negatives + 1)}}
+    columns: dict[str, list] = {
+        "anchor": [],
+        "positive": [],
+        **{f"negative_{i}": [] for i in range(1, num_negatives + 1)},
+    }
     scores = []
     for row in parts.to_pylist():
         if not row["complete"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, cast
 
 import pyarrow as pa
 
@@ -87,10 +87,10 @@ def queries_of(mi: MineConfig, rows: dict[str, Iterable[Row]]) -> list[MiningQue
 def _beir_queries(mi: MineConfig, query_rows: Iterable[Row], qrels_rows: Iterable[Row]) -> list[MiningQuery]:
     qrels: dict[str, dict[str, int]] = {}
     for query_id, _, (doc_id,), score, where in qrels_rows:
-        add_judgement(qrels, mi.qrels_path, where, query_id, doc_id, score)
+        add_judgement(qrels, mi.qrels_path, where, query_id, doc_id, cast(int, score))  # qrels rows have scores
     texts: dict[str, str] = {}
     for query_id, text, _, _, where in query_rows:
-        add_query(texts, mi.queries_path, where, query_id, text)
+        add_query(texts, mi.queries_path, where, query_id, cast(str, text))  # query rows have texts
     out = []
     for query_id, judged in qrels.items():
         positives = [doc for doc, score in judged.items() if score > 0]
@@ -105,7 +105,7 @@ def _beir_queries(mi: MineConfig, query_rows: Iterable[Row], qrels_rows: Iterabl
 def _pair_queries(mi: MineConfig, rows: Iterable[Row]) -> list[MiningQuery]:
     by_id: dict[str, MiningQuery] = {}
     for query_id, text, positives, _, where in rows:
-        entry = by_id.setdefault(query_id, MiningQuery(query_id, text, []))
+        entry = by_id.setdefault(query_id, MiningQuery(query_id, cast(str, text), []))  # pair rows have texts
         if entry.text != text:
             raise PairsError(f"'{mi.pairs_path}' {where}: query id '{query_id}' has two different query texts")
         entry.positive_doc_ids.extend(p for p in positives if p not in entry.positive_doc_ids)

@@ -1,19 +1,19 @@
 """The mining stage without Ray: layout, plan, commit records, exports, manifest (a part's two halves:
-``mine_parts``; the input: ``mine_input``).
+``mine.parts``; the input: ``mine.inputs``).
 
 Layout under ``<root>/negatives/``::
 
     _plan.json            identity (index, mining settings, input files) and, once planned, the number of parts
-    _input/               the input planned in hash buckets of queries (see ``mine_plan``): part inputs, rejects
+    _input/               the input planned in hash buckets of queries (see ``mine.plan``): part inputs, rejects
     part-00000.parquet    query_id, query, positive_ids, positive_scores, negative_ids, negative_scores,
                           negative_ranks, complete, positive_ce_scores, negative_ce_scores (the cross-encoder's
                           scores when ``mine.cross_encoder`` rescored, else null)
     _parts/part-00000.json  the part's commit record (counts per filter, incomplete queries, the text groups it
                           asked, exports written, mergeable report statistics)
-    _texts/               the text join (see ``mine_texts``): the parts' requests, the groups' texts and commit
+    _texts/               the text join (see ``mine.texts``): the parts' requests, the groups' texts and commit
                           records (removed once the manifest is written)
     _candidates/          the parts' search results (part-00000.npz: query vectors, scores, row ids; .json: the
-                          text groups asked) and the join of their candidates' values (see ``mine_texts``), between
+                          text groups asked) and the join of their candidates' values (see ``mine.texts``), between
                           the search and the selection (removed once the manifest is written)
     _exports/part-00000.<export file>  the part's share of each export (removed once the manifest is written)
     rejects.parquet       positives whose doc id is not in the corpus (query_id, doc_id, reason)
@@ -56,7 +56,7 @@ PART_SCHEMA = pa.schema(
     ]
 )
 PART_EXPORTS = "_exports"  # each part's share of the exports, until the combined exports are committed
-TEXTS = "_texts"  # the text join's requests and texts (see mine_texts), until the combined exports are committed
+TEXTS = "_texts"  # the text join's requests and texts (see mine.texts), until the combined exports are committed
 CANDIDATES = "_candidates"  # the parts' search results and the join of their candidates, until the manifest
 
 
@@ -147,7 +147,7 @@ def record_parts(cfg: Config, parts: int) -> None:
 
 
 def text_starts(cfg: Config, choose: Callable[[], list[int]]) -> list[int]:
-    """The text groups of the run (see :mod:`mine_texts`): those its plan records, else ``choose()``, recorded
+    """The text groups of the run (see :mod:`mine.texts`): those its plan records, else ``choose()``, recorded
     (every part of a run, whichever run mined it, asks by the same groups)."""
     layout = layout_of(cfg)
     url = layout.file("_plan.json")
@@ -232,13 +232,13 @@ def _with_exports(cfg: Config, record: dict, texts_of) -> dict:
 
 
 def texts_dir(cfg: Config) -> str:
-    """Where the text join of the exports keeps its files (see :mod:`mine_texts`)."""
+    """Where the text join of the exports keeps its files (see :mod:`mine.texts`)."""
     return layout_of(cfg).file(TEXTS)
 
 
 def join_export_texts(cfg: Config, group: int, parts: list[int], rows: lookup.RowLookup) -> dict:
     """The text join of the exports for text group ``group``: the rows its requesting ``parts`` asked for, looked
-    up with ``rows`` (see :func:`mine_texts.resolve_group`); returns the group's commit record."""
+    up with ``rows`` (see :func:`mine.texts.resolve_group`); returns the group's commit record."""
     return mine_texts.resolve_group(texts_dir(cfg), group, parts, rows, cfg.output.storage_options)
 
 

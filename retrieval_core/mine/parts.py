@@ -2,7 +2,7 @@
 
 1. :func:`search_part` encodes the part's queries, searches, and writes the results and the requests of every
    candidate and positive row under ``negatives/_candidates/``.
-2. The join (:func:`mine_texts.resolve_group`, one call per text group) looks those rows up once per group.
+2. The join (:func:`mine.texts.resolve_group`, one call per text group) looks those rows up once per group.
 3. :func:`select_part` reads the joined values (and texts, for a cross-encoder), rescores, selects the negatives
    (:func:`mine_part`) and commits the part (:func:`mining.commit_part`).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,7 @@ class Candidates:
     def joined(
         cls, joined: pa.Table, rows: lookup.RowLookup, queries: list[MiningQuery], ids: np.ndarray
     ) -> "Candidates":
-        """From the rows the join found for the part (:func:`mine_texts.part_rows`); the positives' vectors from
+        """From the rows the join found for the part (:func:`mine.texts.part_rows`); the positives' vectors from
         the embedding shards holding them (a part's positives lie in few shards)."""
         values = dict(
             zip(
@@ -73,7 +73,7 @@ def search_part(
 ) -> dict:
     """The first half of part ``number``: encode its queries (``encode(texts)``), search (``search(vectors,
     depth)`` -> scores, row ids), write the results (``_candidates/part-NNNNN.npz``) and the requests of every
-    candidate and positive row (text groups starting at rows ``text_starts``, see :mod:`mine_texts`), whose doc
+    candidate and positive row (text groups starting at rows ``text_starts``, see :mod:`mine.texts`), whose doc
     ids, text hashes and, for a cross-encoder, texts the join of the candidates finds; last, its record
     (``part-NNNNN.json``: the groups asked, seconds per step), which :func:`select_part` reads. Returns it."""
     so, clock = cfg.output.storage_options, _Clock()
@@ -92,7 +92,7 @@ def search_part(
 
 
 def candidates_dir(cfg: Config) -> str:
-    """Where the parts' search results and the join of their candidates are kept (see :mod:`mine_texts`)."""
+    """Where the parts' search results and the join of their candidates are kept (see :mod:`mine.texts`)."""
     return mining.layout_of(cfg).file(mining.CANDIDATES)
 
 
@@ -197,18 +197,16 @@ def mine_part(
     every document the table names, and the agreement statistics of the two models (None without rescoring)."""
     rules = mining.rules_of(cfg.mine)
     positives, candidates = found.positives, found.values
-    rows, named, counts = (
-        [],
-        {},
-        {
-            "queries": len(queries),
-            "complete": 0,
-            "incomplete": 0,
-            "without_negatives": 0,
-            "written": 0,
-            "filtered": dict.fromkeys(negatives.FILTERS, 0),
-        },
-    )
+    rows: list[dict] = []
+    named: dict[str, int] = {}
+    counts: dict[str, Any] = {
+        "queries": len(queries),
+        "complete": 0,
+        "incomplete": 0,
+        "without_negatives": 0,
+        "written": 0,
+        "filtered": dict.fromkeys(negatives.FILTERS, 0),
+    }
     together = {"chosen": 0, "shared": 0}
     for i, (query, vector) in enumerate(zip(queries, query_vectors)):
         pos_scores = [float(vector @ positives[r][0]) for r in query.positive_rows]

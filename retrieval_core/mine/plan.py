@@ -1,7 +1,7 @@
 """Planning the mining input without holding it in one place: hash buckets of queries, planned by workers.
 
 The input (pairs, or BEIR queries + qrels) is split by a hash of the query id into ``buckets`` buckets, as many as
-its size calls for (``mine.input_mb_per_bucket`` of input each). The shuffle of :mod:`mine_shuffle` reads each
+its size calls for (``mine.input_mb_per_bucket`` of input each). The shuffle of :mod:`mine.shuffle` reads each
 input file once, sends its rows to their buckets and finds the row ids of their positives by a join partitioned by
 doc id. The task that plans bucket ``b`` then merges its rows into queries (rows of one query always share a
 bucket), attaches their positives' row ids, orders them by their first positive's row, and writes them as part
@@ -14,7 +14,7 @@ Layout under ``<root>/negatives/_input/``::
     b00000-00000.parquet   part input: query_id, query, positive_ids, positive_rows
     b00000-rejects.parquet positives of the bucket's queries that are not in the corpus
     b00000.json            the bucket's commit record: counts, parts, largest number of positives, examples
-    split/, corpus/, rows/ the shuffle's files (see ``mine_shuffle``), until every bucket is planned
+    split/, corpus/, rows/ the shuffle's files (see ``mine.shuffle``), until every bucket is planned
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def bucket_file(cfg: Config, name: str) -> str:
 
 def plan_bucket(cfg: Config, bucket: int, shuffle: dict | None = None, emb: dict | None = None) -> dict:
     """Plan query bucket ``bucket`` (see the module): write its part inputs, rejects and commit record; returns the
-    record. With ``shuffle`` (the plan of :mod:`mine_shuffle`, whose first waves ran) its queries and their
+    record. With ``shuffle`` (the plan of :mod:`mine.shuffle`, whose first waves ran) its queries and their
     positives' row ids come from the shuffle (memory: the bucket's queries); without, the input is one bucket,
     read here, and its positives are found by one pass over the embedding shards' ``doc_id`` columns (memory: the
     input's queries and one shard's column)."""
@@ -144,7 +144,7 @@ class PartInput:
 
 def part_inputs(records: list[dict], queries_per_part: int) -> list[PartInput]:
     """The run's parts, numbered bucket by bucket."""
-    out = []
+    out: list[PartInput] = []
     for record in records:
         for index in range(record["parts"]):
             size = min(queries_per_part, record["kept"] - index * queries_per_part)

@@ -54,7 +54,7 @@ def agreement_stats(bi: np.ndarray, ce: np.ndarray, chosen: int, shared: int) ->
         "sxy": float((bi * ce).sum()),
         "chosen": int(chosen),
         "shared": int(shared),
-        "grid": {f"{a},{b}": int(c) for (a, b), c in zip(keys.tolist(), counts)},
+        "grid": {f"{a},{b}": int(c) for (a, b), c in zip(keys.tolist(), np.asarray(counts).tolist())},
     }
 
 

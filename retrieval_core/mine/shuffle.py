@@ -9,8 +9,8 @@ Three waves of tasks; each task commits its files and then its record, and a rer
    most) writes the group's (doc id, row id), one row group per doc bucket.
 2. ``join_positives`` (one task per doc bucket) joins the bucket's positives with its doc ids of every group and
    writes the positives found, one row group per query bucket.
-3. ``bucket_input`` (called by ``mine_plan.plan_bucket``, one task per query bucket) merges the bucket's rows into
-   queries (``mine_input.queries_of``) and reads the row ids of their positives from its row group of each doc
+3. ``bucket_input`` (called by ``mine.plan.plan_bucket``, one task per query bucket) merges the bucket's rows into
+   queries (``mine.inputs.queries_of``) and reads the row ids of their positives from its row group of each doc
    bucket.
 
 No task reads the input or the corpus's doc ids more than once, and none holds more than a query bucket, a doc
@@ -66,7 +66,8 @@ def shuffle_plan(buckets: int, emb: dict) -> dict:
     positions in the embeddings manifest ``emb``) for its corpus."""
     shards = emb["shards"]
     rows = sum(s["row_stop"] - s["row_start"] for s in shards)
-    groups, size = [], 0
+    groups: list[list[int]] = []
+    size = 0
     for i, shard in enumerate(shards):
         if not groups or size + shard["row_stop"] - shard["row_start"] > DOC_ROWS_PER_TASK:
             groups.append([])

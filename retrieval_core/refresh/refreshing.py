@@ -1,6 +1,6 @@
 """The refresh stage without Ray: plan a new version from tonight's snapshot and the published one, and the steps
 that build it (diff, encode the changed and added documents, tombstones, the version's embeddings manifest, the
-changes files). ``refresh_index`` builds its index; ``publishing`` has the gates, ``refresh.json`` and retention.
+changes files). ``refresh.index_reuse`` builds its index; ``publishing`` has the gates, ``refresh.json`` and retention.
 
 A version shares every segment (embedding shard) of the previous version that still holds live rows: its
 manifest entry points at the earlier file (``path: ../../<version>/embeddings/...``) and names a tombstone file
@@ -62,6 +62,13 @@ class RefreshPlan:
     adopted: bool = False  # the first version, built on the root's own plain-job output (--adopt)
 
     @property
+    def previous_version_root(self) -> str:
+        """The previous version's root, for the steps that only run when there is one."""
+        if self.previous_root is None:
+            raise ValueError(f"version {self.version} has no previous version to read from")
+        return self.previous_root
+
+    @property
     def diff(self) -> diffing.DiffLayout:
         return diffing.DiffLayout(storage.join(self.version_root, "_diff"))
 
@@ -118,7 +125,7 @@ def plan(
     }
     version = _resume_or_start(cfg, identity)
     prev_manifest = read_embeddings_manifest(previous_root, so) if previous_root else None
-    reuse = bool(prev_manifest) and prev_manifest["fingerprint"] == encoder_identity["fingerprint"]
+    reuse = prev_manifest is not None and prev_manifest["fingerprint"] == encoder_identity["fingerprint"]
     rows = sum(f.num_rows for f in files)
     return RefreshPlan(
         version=version,
@@ -164,7 +171,7 @@ def committed_work(root: str, so: dict | None) -> str:
     base = versions.version_root(root, name)
     buckets_dir = posixpath.dirname(diffing.DiffLayout(storage.join(base, "_diff")).bucket_record(0))
     joined = manifest.count_records(buckets_dir, so)
-    encoded = manifest.count_records(Layout(base, so).records_dir, so)
+    encoded = manifest.count_records(Layout(base, so or {}).records_dir, so)
     rest = manifest.committed_work(base, so)
     parts = [f"diff {joined} buckets joined", f"{encoded} new segments encoded"] + ([rest] if rest else [])
     return f"version {name} ({', '.join(parts)})"
@@ -208,7 +215,7 @@ def pending_map_segments(p: RefreshPlan, so: dict) -> list[dict]:
 
 def map_segment(segment: dict, p: RefreshPlan, so: dict) -> dict:
     """Map one live segment of the previous version (its tombstones applied) into the diff's buckets."""
-    table = read_shard_table(p.previous_root, segment, ["doc_id", "text_hash"], so)
+    table = read_shard_table(p.previous_version_root, segment, ["doc_id", "text_hash"], so)
     return diffing.map_previous_segment(segment["name"], table, p.buckets, p.diff_layout(so))
 
 
@@ -335,7 +342,7 @@ def write_segment_tombstones(segment: dict, p: RefreshPlan, tombstones: dict[str
     ``embeddings/_deleted/<segment>.parquet`` of this version; returns how many."""
     new = diffing.read_tombstones(p.diff_layout(so), segment["name"], tombstones[segment["name"]])
     if segment.get("deleted_path"):
-        old = storage.read_parquet(shard_url(p.previous_root, segment, "deleted_path"), so).column("row_id")
+        old = storage.read_parquet(shard_url(p.previous_version_root, segment, "deleted_path"), so).column("row_id")
         new = np.union1d(new, old.to_numpy())
     table = pa.table({"row_id": pa.array(np.sort(new), pa.int64())})
     storage.write_parquet_atomic(storage.join(p.version_root, "embeddings", tombstone_path(segment["name"])), table, so)
@@ -350,7 +357,7 @@ def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -
     for segment in p.segments if p.reuse else ():
         entry = {
             **segment,
-            "path": storage.relative_to(here, shard_url(p.previous_root, segment)),
+            "path": storage.relative_to(here, shard_url(p.previous_version_root, segment)),
             "shared_from": segment.get("shared_from") or p.source,
         }
         if segment["name"] in tombstones:
@@ -359,7 +366,9 @@ def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -
             entry["rows"] = segment["rows"] + segment.get("deleted", 0) - gone
             entry["deleted"] = gone
         elif segment.get("deleted_path"):
-            entry["deleted_path"] = storage.relative_to(here, shard_url(p.previous_root, segment, "deleted_path"))
+            entry["deleted_path"] = storage.relative_to(
+                here, shard_url(p.previous_version_root, segment, "deleted_path")
+            )
         if entry["rows"] > 0:
             entries.append(entry)
     return entries
