@@ -246,7 +246,7 @@ def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: 
             _encode_on_actors(steps, p, pending, identity, bar)
     finally:
         bar.close()
-    layout = refreshing.Layout(p.version_root, so)
+    layout = embeddings.layout_at(p.version_root, so)
     return [storage.read_json(layout.record_file(s.name), so) for s in segments], sum(s.rows for s in pending)
 
 

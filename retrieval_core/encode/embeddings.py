@@ -11,7 +11,6 @@ Layout under ``<root>``::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from retrieval_core.encode import encoding
 from retrieval_core.encode.encoding import Encoder, EncoderOutOfMemory, encode_by_length, usage_of
 from retrieval_core.io import faults, storage
 from retrieval_core.io.corpus import read_shard, text_hash
+from retrieval_core.io.folder import StageLayout
 from retrieval_core.io.manifest import IncompatibleOutputError, check_same_identity, read_manifest, stamp
 from retrieval_core.io.schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
 from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
@@ -35,43 +35,13 @@ from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    root: str
-    storage_options: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def dir(self) -> str:
-        return storage.join(self.root, "embeddings")
-
-    @property
-    def plan(self) -> str:
-        return storage.join(self.dir, "_plan.json")
-
-    @property
-    def manifest(self) -> str:
-        return storage.join(self.dir, "_manifest.json")
-
-    @property
-    def records_dir(self) -> str:
-        return storage.join(self.dir, "_shards")
-
-    @property
-    def rejects_dir(self) -> str:
-        return storage.join(self.root, "rejects", "encode")
-
-    def shard_file(self, name: str) -> str:
-        return storage.join(self.dir, f"{name}.parquet")
-
-    def record_file(self, name: str) -> str:
-        return storage.join(self.records_dir, f"{name}.json")
-
-    def rejects_file(self, name: str) -> str:
-        return storage.join(self.rejects_dir, f"{name}.parquet")
+def layout_at(root: str, storage_options: dict | None = None) -> StageLayout:
+    """The encode stage's files under ``root`` (see the module's docstring)."""
+    return StageLayout(root, "embeddings", storage_options or {}, rejects="encode")
 
 
-def layout_of(cfg: Config) -> Layout:
-    return Layout(cfg.output.root, cfg.output.storage_options)
+def layout_of(cfg: Config) -> StageLayout:
+    return layout_at(cfg.output.root, cfg.output.storage_options)
 
 
 def run_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_shard: int) -> dict:
@@ -102,7 +72,7 @@ def plan_to_json(shards: list[Shard]) -> list[dict]:
     return [{"name": s.name, "row_start": s.row_start, "row_stop": s.row_stop} for s in shards]
 
 
-def existing_plan(layout: Layout) -> dict | None:
+def existing_plan(layout: StageLayout) -> dict | None:
     return (
         storage.read_json(layout.plan, layout.storage_options)
         if storage.exists(layout.plan, layout.storage_options)
@@ -110,7 +80,7 @@ def existing_plan(layout: Layout) -> dict | None:
     )
 
 
-def clear(layout: Layout) -> None:
+def clear(layout: StageLayout) -> None:
     """Remove a previous run's embeddings and rejects (``output.overwrite``)."""
     storage.remove(layout.dir, layout.storage_options)
     storage.remove(layout.rejects_dir, layout.storage_options)
@@ -149,7 +119,7 @@ def prepare_plan(
     return shards
 
 
-def committed_records(layout: Layout) -> dict[str, dict]:
+def committed_records(layout: StageLayout) -> dict[str, dict]:
     """Commit records of the shards already done, by shard name."""
     records = {}
     for name in storage.list_names(layout.records_dir, layout.storage_options):
@@ -158,7 +128,7 @@ def committed_records(layout: Layout) -> dict[str, dict]:
     return records
 
 
-def pending_shards(shards: list[Shard], layout: Layout) -> list[Shard]:
+def pending_shards(shards: list[Shard], layout: StageLayout) -> list[Shard]:
     done = committed_records(layout)
     return [s for s in shards if s.name not in done]
 
@@ -193,7 +163,7 @@ def encode_shard(
     table = embeddings_table(
         rows.row_ids, rows.doc_ids, vectors, [text_hash(t) for t in rows.texts], cfg.output.embedding_dtype, metadata
     )
-    storage.write_parquet_atomic(layout.shard_file(shard.name), table, layout.storage_options)
+    storage.write_parquet_atomic(layout.data_file(shard.name), table, layout.storage_options)
     if rows.rejects:
         rejects = pa.Table.from_pylist(rows.rejects, schema=REJECTS_SCHEMA)
         storage.write_parquet_atomic(layout.rejects_file(shard.name), rejects, layout.storage_options)

@@ -25,6 +25,7 @@ from retrieval_core.config.rules import parse_memory
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
 from retrieval_core.index import faiss_index, search
 from retrieval_core.io import faults, storage
+from retrieval_core.io.folder import StageLayout
 from retrieval_core.io.manifest import (
     IncompatibleOutputError,
     claim_stage_dir,
@@ -36,22 +37,6 @@ from retrieval_core.io.manifest import (
 
 log = logging.getLogger(__name__)
 RECALL_K = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class IndexLayout:
-    root: str
-    storage_options: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def dir(self) -> str:
-        return storage.join(self.root, "index")
-
-    def file(self, name: str) -> str:
-        return storage.join(self.dir, name)
-
-    def record_file(self, shard_name: str) -> str:
-        return storage.join(self.dir, "_shards", f"{shard_name}.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +55,13 @@ class IndexPlan:
     identity: dict
 
 
-def layout_of(cfg: Config) -> IndexLayout:
-    return IndexLayout(cfg.output.root, cfg.output.storage_options)
+def layout_at(root: str, storage_options: dict | None = None) -> StageLayout:
+    """The index stage's files under ``root`` (see the module's docstring)."""
+    return StageLayout(root, "index", storage_options or {}, manifest_name="manifest.json")
+
+
+def layout_of(cfg: Config) -> StageLayout:
+    return layout_at(cfg.output.root, cfg.output.storage_options)
 
 
 def embeddings_id(manifest: dict) -> str:
@@ -196,7 +186,7 @@ def trained_index(cfg: Config, plan: IndexPlan) -> tuple[bytes, dict]:
     return data, {"seconds": round(time.perf_counter() - started, 3), "reused": False, **record}
 
 
-def read_training_record(layout: IndexLayout) -> dict:
+def read_training_record(layout: StageLayout) -> dict:
     url = layout.file("trained.json")
     return storage.read_json(url, layout.storage_options) if storage.exists(url, layout.storage_options) else {}
 

@@ -34,6 +34,7 @@ from retrieval_core.config import Config, MineConfig, redact_storage_options
 from retrieval_core.encode import encoding
 from retrieval_core.index import lookup
 from retrieval_core.io import storage
+from retrieval_core.io.folder import StageLayout
 from retrieval_core.io.manifest import claim_stage_dir, peak_memory_mb, read_manifest, stamp
 from retrieval_core.mine import exports, negatives, rescoring
 from retrieval_core.mine import report as mine_report
@@ -63,27 +64,13 @@ CANDIDATES = "_candidates"  # the parts' search results and the join of their ca
 # ------------------------------------------------------------------------------------------------------ layout
 
 
-@dataclasses.dataclass(frozen=True)
-class MineLayout:
-    root: str
-    storage_options: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def dir(self) -> str:
-        return storage.join(self.root, "negatives")
-
-    def file(self, *parts: str) -> str:
-        return storage.join(self.dir, *parts)
-
-    def part_file(self, index: int) -> str:
-        return self.file(f"part-{index:05d}.parquet")
-
-    def record_file(self, index: int) -> str:
-        return self.file("_parts", f"part-{index:05d}.json")
+def layout_at(root: str, storage_options: dict | None = None) -> StageLayout:
+    """The mine stage's files under ``root`` (see the module's docstring)."""
+    return StageLayout(root, "negatives", storage_options or {}, records="_parts", unit="part-")
 
 
-def layout_of(cfg: Config) -> MineLayout:
-    return MineLayout(cfg.output.root, cfg.output.storage_options)
+def layout_of(cfg: Config) -> StageLayout:
+    return layout_at(cfg.output.root, cfg.output.storage_options)
 
 
 def rules_of(mi: MineConfig) -> negatives.Rules:
@@ -182,7 +169,7 @@ def part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, str
 
 def commit_part(cfg: Config, index: int, table: pa.Table, counts: dict) -> dict:
     layout = layout_of(cfg)
-    storage.write_parquet_atomic(layout.part_file(index), table, layout.storage_options)
+    storage.write_parquet_atomic(layout.data_file(index), table, layout.storage_options)
     record = {"part": index, "path": f"part-{index:05d}.parquet", **counts}
     storage.write_json_atomic(layout.record_file(index), record, layout.storage_options)
     return record
@@ -221,7 +208,7 @@ def _with_exports(cfg: Config, record: dict, texts_of) -> dict:
     """Write the exports of the part of commit record ``record`` with the texts ``texts_of(its table)`` gives, and
     add them (and its statistics, when it has none) to its commit record; returns the new record."""
     layout = layout_of(cfg)
-    table = conform(storage.read_parquet(layout.part_file(record["part"]), layout.storage_options))
+    table = conform(storage.read_parquet(layout.data_file(record["part"]), layout.storage_options))
     record = {
         **record,
         "exports": part_exports(cfg, record["part"], table, texts_of(table)),

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from retrieval_core.config import CorpusConfig
 from retrieval_core.io import storage
 from retrieval_core.io.corpus import read_shard, text_hash
+from retrieval_core.io.folder import StageLayout
 from retrieval_core.io.schemas import REJECTS_SCHEMA
 from retrieval_core.io.sharding import Shard, buckets_of
 
@@ -70,27 +71,26 @@ def bucket_count(total_rows: int, configured: int = 0) -> int:
     return configured if configured > 0 else max(1, math.ceil(total_rows / BUCKET_ROWS))
 
 
-@dataclasses.dataclass(frozen=True)
-class DiffLayout:
-    """Files of one diff under ``dir`` (a scratch directory of the refresh)."""
+def layout_at(version_root: str, storage_options: dict | None = None) -> StageLayout:
+    """The diff's files under ``<version_root>/_diff/`` (a scratch folder of the refresh): the map outputs per side,
+    the bucket files, the tombstones, and a commit record per bucket (``_buckets/b00000.json``)."""
+    return StageLayout(version_root, "_diff", storage_options or {}, records="_buckets", unit="b")
 
-    dir: str
-    storage_options: dict = dataclasses.field(default_factory=dict)
 
-    def map_file(self, side: str, source: str) -> str:
-        return storage.join(self.dir, side, f"{source}.parquet")
+def map_file(layout: StageLayout, side: str, source: str) -> str:
+    return layout.file(side, f"{source}.parquet")
 
-    def map_record(self, side: str, source: str) -> str:
-        return storage.join(self.dir, side, "_done", f"{source}.json")
 
-    def bucket_file(self, kind: str, bucket: int) -> str:
-        return storage.join(self.dir, kind, f"b{bucket:05d}.parquet")
+def map_record(layout: StageLayout, side: str, source: str) -> str:
+    return layout.file(side, "_done", f"{source}.json")
 
-    def tombstone_file(self, segment: str, bucket: int) -> str:
-        return storage.join(self.dir, "tombstones", segment, f"b{bucket:05d}.parquet")
 
-    def bucket_record(self, bucket: int) -> str:
-        return storage.join(self.dir, "_buckets", f"b{bucket:05d}.json")
+def bucket_file(layout: StageLayout, kind: str, bucket: int) -> str:
+    return layout.file(kind, f"b{bucket:05d}.parquet")
+
+
+def tombstone_file(layout: StageLayout, segment: str, bucket: int) -> str:
+    return layout.file("tombstones", segment, f"b{bucket:05d}.parquet")
 
 
 # ------------------------------------------------------------------------------------------------------ map
@@ -128,7 +128,7 @@ def read_bucket(url: str, bucket: int, storage_options: dict | None = None) -> p
 
 
 def map_snapshot_shard(
-    shard: Shard, corpus_cfg: CorpusConfig, buckets: int, layout: DiffLayout, rejects_url: str
+    shard: Shard, corpus_cfg: CorpusConfig, buckets: int, layout: StageLayout, rejects_url: str
 ) -> dict:
     """Map one shard of the snapshot: its accepted rows (doc id, text hash, corpus row, text) partitioned by
     bucket, its rejects written to ``rejects_url``; returns and commits the shard's counts."""
@@ -143,7 +143,7 @@ def map_snapshot_shard(
         ],
         schema=NEW_SCHEMA,
     )
-    write_partitioned(layout.map_file("new", shard.name), table, layout.storage_options)
+    write_partitioned(map_file(layout, "new", shard.name), table, layout.storage_options)
     if rows.rejects:
         storage.write_parquet_atomic(
             rejects_url, pa.Table.from_pylist(rows.rejects, schema=REJECTS_SCHEMA), layout.storage_options
@@ -154,11 +154,11 @@ def map_snapshot_shard(
         "rejected": len(rows.rejects),
         "rejects": rejects_url if rows.rejects else None,
     }
-    storage.write_json_atomic(layout.map_record("new", shard.name), record, layout.storage_options)
+    storage.write_json_atomic(map_record(layout, "new", shard.name), record, layout.storage_options)
     return record
 
 
-def map_previous_segment(segment: str, table: pa.Table, buckets: int, layout: DiffLayout) -> dict:
+def map_previous_segment(segment: str, table: pa.Table, buckets: int, layout: StageLayout) -> dict:
     """Map one live segment of the previous version (``table``: row_id, doc_id, text_hash, tombstones applied)."""
     doc_ids = table.column("doc_id").to_pylist()
     out = pa.Table.from_arrays(
@@ -171,23 +171,23 @@ def map_previous_segment(segment: str, table: pa.Table, buckets: int, layout: Di
         ],
         schema=OLD_SCHEMA,
     )
-    write_partitioned(layout.map_file("old", segment), out, layout.storage_options)
+    write_partitioned(map_file(layout, "old", segment), out, layout.storage_options)
     record = {"source": segment, "rows": table.num_rows}
-    storage.write_json_atomic(layout.map_record("old", segment), record, layout.storage_options)
+    storage.write_json_atomic(map_record(layout, "old", segment), record, layout.storage_options)
     return record
 
 
 # ------------------------------------------------------------------------------------------------------ reduce
 
 
-def _side(layout: DiffLayout, side: str, sources: list[str], bucket: int, schema: pa.Schema) -> pa.Table:
-    parts = [read_bucket(layout.map_file(side, s), bucket, layout.storage_options) for s in sources]
+def _side(layout: StageLayout, side: str, sources: list[str], bucket: int, schema: pa.Schema) -> pa.Table:
+    parts = [read_bucket(map_file(layout, side, s), bucket, layout.storage_options) for s in sources]
     parts = [p.select(schema.names).cast(schema) for p in parts if p is not None]
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def reduce_bucket(
-    bucket: int, new_sources: list[str], old_sources: list[str], layout: DiffLayout, encode_all: bool = False
+    bucket: int, new_sources: list[str], old_sources: list[str], layout: StageLayout, encode_all: bool = False
 ) -> dict:
     """Join one bucket of the snapshot with the same bucket of the previous version; write its outputs and
     commit record; returns the counts (and the rows each previous segment loses). ``encode_all`` (the encoder
@@ -206,16 +206,16 @@ def reduce_bucket(
         pc.is_in(status, pa.array(["unchanged", "changed", "added"] if encode_all else ["changed", "added"]))
     )
     encode = encode.select(ENCODE_SCHEMA.names).sort_by([("corpus_row", "ascending")])
-    storage.write_parquet_atomic(layout.bucket_file("encode", bucket), encode.cast(ENCODE_SCHEMA), so)
+    storage.write_parquet_atomic(bucket_file(layout, "encode", bucket), encode.cast(ENCODE_SCHEMA), so)
     live = joined.filter(pc.invert(pc.equal(status, "deleted")))
     docmap = live.select(DOCMAP_SCHEMA.names).sort_by([("doc_id", "ascending")])
-    storage.write_parquet_atomic(layout.bucket_file("docmap", bucket), docmap.cast(DOCMAP_SCHEMA), so)
+    storage.write_parquet_atomic(bucket_file(layout, "docmap", bucket), docmap.cast(DOCMAP_SCHEMA), so)
     deleted = joined.filter(pc.equal(status, "deleted")).select(["doc_id"]).sort_by([("doc_id", "ascending")])
-    storage.write_parquet_atomic(layout.bucket_file("deletes", bucket), deleted.cast(DELETES_SCHEMA), so)
+    storage.write_parquet_atomic(bucket_file(layout, "deletes", bucket), deleted.cast(DELETES_SCHEMA), so)
     lost = _write_tombstones(joined.filter(pc.is_in(status, pa.array(["changed", "deleted"]))), bucket, layout)
     counts = {name: int(pc.sum(pc.equal(status, name)).as_py() or 0) for name in STATUSES}
     record = {"bucket": bucket, **counts, "documents": new.num_rows, "encode_rows": encode.num_rows, "tombstones": lost}
-    storage.write_json_atomic(layout.bucket_record(bucket), record, so)
+    storage.write_json_atomic(layout.record_file(bucket), record, so)
     return record
 
 
@@ -236,19 +236,19 @@ def _status(joined: pa.Table) -> pa.Array:
     return status.combine_chunks() if isinstance(status, pa.ChunkedArray) else status
 
 
-def _write_tombstones(gone: pa.Table, bucket: int, layout: DiffLayout) -> dict[str, int]:
+def _write_tombstones(gone: pa.Table, bucket: int, layout: StageLayout) -> dict[str, int]:
     """Previous rows no longer live, one file per segment that lost rows; returns rows lost per segment."""
     lost = {}
     for segment in sorted(set(gone.column("segment").to_pylist())):
         rows = gone.filter(pc.equal(gone.column("segment"), segment)).select(["row_id"])
         rows = rows.sort_by([("row_id", "ascending")]).cast(TOMBSTONE_SCHEMA)
-        storage.write_parquet_atomic(layout.tombstone_file(segment, bucket), rows, layout.storage_options)
+        storage.write_parquet_atomic(tombstone_file(layout, segment, bucket), rows, layout.storage_options)
         lost[segment] = rows.num_rows
     return lost
 
 
-def read_bucket_records(layout: DiffLayout, buckets: int) -> list[dict]:
-    return [storage.read_json(layout.bucket_record(b), layout.storage_options) for b in range(buckets)]
+def read_bucket_records(layout: StageLayout, buckets: int) -> list[dict]:
+    return [storage.read_json(layout.record_file(b), layout.storage_options) for b in range(buckets)]
 
 
 # ------------------------------------------------------------------------------------------------------ after
@@ -282,10 +282,10 @@ def plan_new_segments(encode_rows: list[int], rows_per_segment: int) -> list[lis
     return segments
 
 
-def read_encode_slices(layout: DiffLayout, slices: list[Slice]) -> pa.Table:
+def read_encode_slices(layout: StageLayout, slices: list[Slice]) -> pa.Table:
     """The to-encode rows (doc_id, corpus_row, text_hash, text) of one new segment, in slice order."""
     parts = [
-        storage.read_parquet(layout.bucket_file("encode", s.bucket), layout.storage_options).slice(
+        storage.read_parquet(bucket_file(layout, "encode", s.bucket), layout.storage_options).slice(
             s.start, s.stop - s.start
         )
         for s in slices
@@ -293,10 +293,10 @@ def read_encode_slices(layout: DiffLayout, slices: list[Slice]) -> pa.Table:
     return pa.concat_tables(parts) if parts else ENCODE_SCHEMA.empty_table()
 
 
-def read_tombstones(layout: DiffLayout, segment: str, buckets: list[int]) -> np.ndarray:
+def read_tombstones(layout: StageLayout, segment: str, buckets: list[int]) -> np.ndarray:
     """Row ids ``segment`` loses in this diff (from the buckets that reported losses for it), sorted."""
     parts = [
-        storage.read_parquet(layout.tombstone_file(segment, b), layout.storage_options).column("row_id").to_numpy()
+        storage.read_parquet(tombstone_file(layout, segment, b), layout.storage_options).column("row_id").to_numpy()
         for b in buckets
     ]
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)

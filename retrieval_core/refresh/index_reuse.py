@@ -31,7 +31,7 @@ def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
     mode = cfg.refresh.retrain
     if mode != "auto":
         return {"retrain": mode == "always", "reusable": True, "reason": f"refresh.retrain = {mode}"}
-    previous = indexing.IndexLayout(p.previous_version_root, so)
+    previous = indexing.layout_at(p.previous_version_root, so)
     baseline = indexing.read_training_record(previous).get("mean_coarse_distance")
     trained = faiss_index.deserialize(storage.read_bytes(previous.file("trained.faiss"), so))
     _, sample = indexing.read_sample(vcfg, plan, indexing.sample_positions(plan.ntotal, DRIFT_SAMPLE, plan.seed + 2))
@@ -88,7 +88,7 @@ def drop_seeded_index(vcfg: Config, p: RefreshPlan) -> None:
     shared shard index): an index trained anew must not mix with them. An index already trained anew stays, so a
     resumed run keeps its committed shards."""
     so = vcfg.output.storage_options
-    here, previous = indexing.layout_of(vcfg), indexing.IndexLayout(p.previous_version_root, so)
+    here, previous = indexing.layout_of(vcfg), indexing.layout_at(p.previous_version_root, so)
     trained = here.file("trained.faiss")
     seeded = storage.exists(trained, so) and storage.read_bytes(trained, so) == storage.read_bytes(
         previous.file("trained.faiss"), so
@@ -118,7 +118,7 @@ def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
     every shared segment whose rows did not change as a shard index that points at the previous version's file.
     Returns the shard indexes shared."""
     so = vcfg.output.storage_options
-    previous = indexing.IndexLayout(p.previous_version_root, so)
+    previous = indexing.layout_at(p.previous_version_root, so)
     here = indexing.layout_of(vcfg)
     for name in ("trained.json", "trained.faiss"):  # the quantizer's record first: trained.faiss marks it done
         if storage.exists(previous.file(name), so):

@@ -12,7 +12,6 @@ and hashing the snapshot, encoding the change, and writing the change plus the t
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 import time
 
 import numpy as np
@@ -22,10 +21,10 @@ import pyarrow.parquet as pq
 from retrieval_core.config import Config
 from retrieval_core.encode import encoding
 from retrieval_core.encode.embeddings import (
-    Layout,
     api_usage_since,
     api_usage_totals,
     embeddings_table,
+    layout_at,
     non_default_cap,
     read_embeddings_manifest,
     read_shard_table,
@@ -33,6 +32,7 @@ from retrieval_core.encode.embeddings import (
 )
 from retrieval_core.encode.encoding import Encoder, encode_by_length, usage_of
 from retrieval_core.io import manifest, storage, versions
+from retrieval_core.io.folder import StageLayout
 from retrieval_core.io.manifest import stamp
 from retrieval_core.io.schemas import SCHEMA_VERSION
 from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
@@ -69,10 +69,10 @@ class RefreshPlan:
         return self.previous_root
 
     @property
-    def diff(self) -> diffing.DiffLayout:
-        return diffing.DiffLayout(storage.join(self.version_root, "_diff"))
+    def diff(self) -> StageLayout:
+        return diffing.layout_at(self.version_root)
 
-    def diff_layout(self, storage_options: dict | None) -> diffing.DiffLayout:
+    def diff_layout(self, storage_options: dict | None) -> StageLayout:
         """The diff's files, read and written with the output's storage options."""
         return dataclasses.replace(self.diff, storage_options=storage_options or {})
 
@@ -169,9 +169,9 @@ def committed_work(root: str, so: dict | None) -> str:
     if not name:
         return ""
     base = versions.version_root(root, name)
-    buckets_dir = posixpath.dirname(diffing.DiffLayout(storage.join(base, "_diff")).bucket_record(0))
+    buckets_dir = diffing.layout_at(base).records_dir
     joined = manifest.count_records(buckets_dir, so)
-    encoded = manifest.count_records(Layout(base, so or {}).records_dir, so)
+    encoded = manifest.count_records(layout_at(base, so).records_dir, so)
     rest = manifest.committed_work(base, so)
     parts = [f"diff {joined} buckets joined", f"{encoded} new segments encoded"] + ([rest] if rest else [])
     return f"version {name} ({', '.join(parts)})"
@@ -205,12 +205,12 @@ def rejects_url(p: RefreshPlan, shard: Shard) -> str:
 
 def pending_map_shards(p: RefreshPlan, so: dict) -> list[Shard]:
     layout = p.diff_layout(so)
-    return [s for s in p.shards if not storage.exists(layout.map_record("new", s.name), so)]
+    return [s for s in p.shards if not storage.exists(diffing.map_record(layout, "new", s.name), so)]
 
 
 def pending_map_segments(p: RefreshPlan, so: dict) -> list[dict]:
     layout = p.diff_layout(so)
-    return [s for s in p.segments if not storage.exists(layout.map_record("old", s["name"]), so)]
+    return [s for s in p.segments if not storage.exists(diffing.map_record(layout, "old", s["name"]), so)]
 
 
 def map_segment(segment: dict, p: RefreshPlan, so: dict) -> dict:
@@ -221,7 +221,7 @@ def map_segment(segment: dict, p: RefreshPlan, so: dict) -> dict:
 
 def pending_buckets(p: RefreshPlan, so: dict) -> list[int]:
     layout = p.diff_layout(so)
-    return [b for b in range(p.buckets) if not storage.exists(layout.bucket_record(b), so)]
+    return [b for b in range(p.buckets) if not storage.exists(layout.record_file(b), so)]
 
 
 def reduce_bucket(bucket: int, p: RefreshPlan, so: dict) -> dict:
@@ -234,7 +234,7 @@ def diff_counts(p: RefreshPlan, so: dict) -> dict:
     """Counts over the snapshot and the previous version, from the buckets' and maps' commit records."""
     layout = p.diff_layout(so)
     buckets = diffing.read_bucket_records(layout, p.buckets)
-    maps = [storage.read_json(layout.map_record("new", s.name), so) for s in p.shards]
+    maps = [storage.read_json(diffing.map_record(layout, "new", s.name), so) for s in p.shards]
     counts = {key: sum(b[key] for b in buckets) for key in ("documents", *diffing.STATUSES, "encode_rows")}
     counts["rejected"] = sum(m["rejected"] for m in maps)
     counts["snapshot_rows"] = p.snapshot_rows
@@ -279,7 +279,7 @@ def plan_segments(p: RefreshPlan, encode_rows: list[int]) -> list[NewSegment]:
 
 
 def pending_segments(p: RefreshPlan, segments: list[NewSegment], so: dict) -> list[NewSegment]:
-    layout = Layout(p.version_root, so)
+    layout = layout_at(p.version_root, so)
     return [s for s in segments if not storage.exists(layout.record_file(s.name), so)]
 
 
@@ -314,8 +314,8 @@ def encode_segment(
         cfg.output.embedding_dtype,
         metadata,
     )
-    layout = Layout(p.version_root, so)
-    storage.write_parquet_atomic(layout.shard_file(segment.name), table, so)
+    layout = layout_at(p.version_root, so)
+    storage.write_parquet_atomic(layout.data_file(segment.name), table, so)
     record = {
         "name": segment.name,
         "path": f"{segment.name}.parquet",
@@ -387,7 +387,7 @@ def write_version_manifest(
     """``embeddings/_manifest.json`` of the version (and ``_plan.json`` for the readers that re-read texts), in
     row id order: shared segments first, then the new ones."""
     so = cfg.output.storage_options
-    layout = Layout(p.version_root, so)
+    layout = layout_at(p.version_root, so)
     new = [{key: r[key] for key in ("name", "path", "row_start", "row_stop", "rows", "rejected")} for r in records]
     entries = shared + new
     live = sum(e["rows"] for e in entries)
@@ -438,12 +438,12 @@ def write_changes(p: RefreshPlan, records: list[dict], so: dict) -> dict:
     """``changes/upserts.parquet`` (doc_id, embedding, text_hash of the changed and added documents) and
     ``changes/deletes.parquet`` (doc_id of the documents gone), streamed one segment or bucket at a time."""
     changes = storage.join(p.version_root, "changes")
-    layout = Layout(p.version_root, so)
+    layout = layout_at(p.version_root, so)
     upserts = _stream(
         storage.join(changes, "upserts.parquet"),
         so,
         (
-            storage.read_parquet(layout.shard_file(r["name"]), so, columns=["doc_id", "embedding", "text_hash"])
+            storage.read_parquet(layout.data_file(r["name"]), so, columns=["doc_id", "embedding", "text_hash"])
             for r in records
         ),
         None,
@@ -451,7 +451,7 @@ def write_changes(p: RefreshPlan, records: list[dict], so: dict) -> dict:
     deletes = _stream(
         storage.join(changes, "deletes.parquet"),
         so,
-        (storage.read_parquet(p.diff.bucket_file("deletes", b), so) for b in range(p.buckets)),
+        (storage.read_parquet(diffing.bucket_file(p.diff, "deletes", b), so) for b in range(p.buckets)),
         diffing.DELETES_SCHEMA,
     )
     return {"upserts": upserts, "deletes": deletes}

@@ -31,7 +31,7 @@ def run_diff(tmp_path, snapshot: list[dict], previous: dict[str, pa.Table], buck
     path = write_parquet(tmp_path / "snap" / "c.parquet", snapshot, row_group_size=7)
     cfg = CorpusConfig(path=str(path), title_column="title")
     shards = plan_shards(inspect_corpus(cfg), 11)
-    layout = diffing.DiffLayout(str(tmp_path / "diff"))
+    layout = diffing.layout_at(str(tmp_path))
     for shard in shards:
         diffing.map_snapshot_shard(shard, cfg, buckets, layout, str(tmp_path / "rejects" / f"{shard.name}.parquet"))
     for name, table in previous.items():
@@ -62,15 +62,17 @@ def test_diff_classifies_every_document_like_a_dict_join(tmp_path, buckets):
     assert expected == {"unchanged": 48, "changed": 6, "added": 5, "deleted": 6}
     assert {k: sum(r[k] for r in records) for k in expected} == expected
 
-    encode = pa.concat_tables([pa.parquet.read_table(layout.bucket_file("encode", b)) for b in range(buckets)])
+    encode = pa.concat_tables([pa.parquet.read_table(diffing.bucket_file(layout, "encode", b)) for b in range(buckets)])
     assert sorted(encode.column("doc_id").to_pylist()) == sorted(i for i in new if old.get(i) != new[i])
     positions = {d["id"]: n for n, d in enumerate(day2)}
     assert all(
         positions[d] == r for d, r in zip(encode.column("doc_id").to_pylist(), encode.column("corpus_row").to_pylist())
     )
-    deletes = pa.concat_tables([pa.parquet.read_table(layout.bucket_file("deletes", b)) for b in range(buckets)])
+    deletes = pa.concat_tables(
+        [pa.parquet.read_table(diffing.bucket_file(layout, "deletes", b)) for b in range(buckets)]
+    )
     assert sorted(deletes.column("doc_id").to_pylist()) == sorted(i for i in old if i not in new)
-    docmap = pa.concat_tables([pa.parquet.read_table(layout.bucket_file("docmap", b)) for b in range(buckets)])
+    docmap = pa.concat_tables([pa.parquet.read_table(diffing.bucket_file(layout, "docmap", b)) for b in range(buckets)])
     assert dict(zip(docmap.column("doc_id").to_pylist(), docmap.column("corpus_row").to_pylist())) == {
         i: positions[i] for i in new
     }
