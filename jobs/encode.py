@@ -102,7 +102,7 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
             on_shard_done(record)
 
     try:
-        if rows <= cfg.runtime.inline_rows:
+        if dispatch.runs_here(rows, cfg.runtime.inline_rows):
             log.info("encoding %d shard(s) (%d rows) in this process", len(pending), rows)
             encoder = cluster.inline_encoder(cfg)
             for shard in pending:

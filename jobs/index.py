@@ -44,7 +44,7 @@ def run(cfg: Config, in_process: bool = False) -> dict:
     layout = indexing.layout_of(cfg)
     if storage.exists(layout.file("manifest.json"), layout.storage_options):
         return _summary(indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options), reused=True)
-    if in_process or plan.ntotal <= cfg.runtime.inline_rows:
+    if in_process or dispatch.runs_here(plan.ntotal, cfg.runtime.inline_rows):
         actors.faiss_threads(encoding.cpu_count())
         return _summary(indexing.build_in_process(cfg), reused=False)
     log.info(

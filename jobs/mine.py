@@ -140,7 +140,11 @@ def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> tuple[list[dic
     buckets = plan["buckets"]
     records: dict[int, dict | None] = {b: mine_plan.bucket_record(cfg, b) for b in range(buckets)}
     todo = [b for b, record in records.items() if record is None]
-    here = buckets == 1 and cfg.runtime.inline_rows > 0 and plan["bytes"] <= mine_plan.INLINE_INPUT_BYTES
+    here = (
+        buckets == 1
+        and dispatch.runs_here(1, cfg.runtime.inline_rows)
+        and dispatch.runs_here(plan["bytes"], mine_plan.INLINE_INPUT_BYTES)
+    )
     shuffled = None
     if here and todo:
         records[0] = mine_plan.plan_bucket(cfg, 0, emb=emb)
@@ -189,7 +193,7 @@ def _mine_pending(
     and the index in each worker) and ``candidates_join``, in seconds. ``join_texts(workers, run)`` is called once
     every part is committed, while the workers (on Ray) are still up."""
     inline = cfg.mine.mode == "replicated" and not cfg.mine.cross_encoder
-    if inline and sum(p.queries for p in pending) <= cfg.runtime.inline_rows:
+    if inline and dispatch.runs_here(sum(p.queries for p in pending), cfg.runtime.inline_rows):
         # few queries: starting Ray and worker actors would cost more than mining them here
         text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb))
         worker = actors.MineWorker.here(cfg, emb)
@@ -297,7 +301,7 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
                 lambda *_: bar.update(1),
                 "writing the exports of part",
             )
-        elif sum(queries for _, queries, _ in todo) <= cfg.runtime.inline_rows:
+        elif dispatch.runs_here(sum(queries for _, queries, _ in todo), cfg.runtime.inline_rows):
             rows = lookup.RowLookup(cfg.output.root, so, cfg.corpus.storage_options)
             records = [mining.join_export_texts(cfg, g, numbers, rows) for g, numbers in groups.items()]
             for number, _, _ in todo:

@@ -96,7 +96,13 @@ def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
     identity = encoding.encoder_identity(cfg.model)
     rows = sum(f.num_rows for f in files)
     with cluster.LazyRaySession(cfg.runtime) as session:  # Ray starts only for a step too big for this process
-        steps = _Steps(cfg, session, inline=rows <= cfg.refresh.inline_snapshot_rows, lease=lease, encoder=encoder)
+        steps = _Steps(
+            cfg,
+            session,
+            inline=dispatch.runs_here(rows, cfg.refresh.inline_snapshot_rows),
+            lease=lease,
+            encoder=encoder,
+        )
         lease.check("planning the version")
         p = refreshing.plan(cfg, files, identity, _rows_per_shard(cfg, session, rows), adopt)
         log.info(
@@ -200,7 +206,9 @@ def _prewarmed_encoder(cfg: Config):
     itself: loading torch, sentence-transformers and the model (seconds) starts now, in a thread, while the snapshot
     is read and diffed. Returns the loading's Future, or None on a first version (everything is encoded, on actors
     when many)."""
-    if not cfg.runtime.inline_rows or not versions.read_current(cfg.output.root, cfg.output.storage_options):
+    if not dispatch.runs_here(1, cfg.runtime.inline_rows) or not versions.read_current(
+        cfg.output.root, cfg.output.storage_options
+    ):
         return None
     from concurrent.futures import ThreadPoolExecutor
 
@@ -234,7 +242,7 @@ def _encode(steps: _Steps, p: refreshing.RefreshPlan, segments: list, identity: 
     pending = refreshing.pending_segments(p, segments, so)
     bar = steps.bar(sum(s.rows for s in pending), "encode", "doc")
     try:
-        if sum(s.rows for s in pending) <= cfg.runtime.inline_rows:
+        if dispatch.runs_here(sum(s.rows for s in pending), cfg.runtime.inline_rows):
             records: list[dict] = []
             encoder = steps.inline_encoder() if pending else None
             for segment in pending:

@@ -1,6 +1,7 @@
-"""Dispatch on Ray: calls on actors and Ray tasks, waiting on them, their failures named, and the stop signal.
+"""Dispatch: where a step runs (:func:`runs_here`), calls on actors and Ray tasks, waiting on them, their failures
+named, and the stop signal.
 
-Only ``jobs.ray`` imports ray; the stage drivers say what to run and this module runs it and waits.
+Only ``jobs.ray`` imports ray; the stage drivers say what to run and this module decides where and runs it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import time
 import ray
 
 log = logging.getLogger(__name__)
+
+
+def runs_here(work: int, limit: int) -> bool:
+    """The one rule for where a step runs, for every stage: in the job's own process when its work (rows to encode,
+    vectors to index, queries to encode or mine, bytes to plan) is at most ``limit`` (``runtime.inline_rows``,
+    ``refresh.inline_snapshot_rows``, ...), because starting Ray and loading a model in each actor would cost more
+    than the work; else on Ray actors and tasks. A limit of 0 sends all work to Ray (none is ever here when the
+    step has any)."""
+    return work <= limit
 
 
 def put(value):

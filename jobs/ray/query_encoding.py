@@ -44,7 +44,7 @@ def query_encoder(cfg: Config, session: cluster.LazyRaySession, count: int) -> I
     """Yields ``encode(texts)`` -> (n x dim float32) query vectors with ``model.query_prompt``, in input order, for
     ``count`` queries in all, in any number of calls: the job's own encoder when ``count`` is at most
     ``runtime.inline_rows``, else encoder actors, started once here and released on exit."""
-    if count <= cfg.runtime.inline_rows:
+    if dispatch.runs_here(count, cfg.runtime.inline_rows):
         encoder = cluster.inline_encoder(cfg)
         before = encoding.usage_of(encoder)
         yield encoder.encode_queries

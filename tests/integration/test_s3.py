@@ -381,8 +381,12 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not stat.exists() or stat.read_text().split(")")[-1].split()[0] != "Z"
+    try:  # a zombie has exited; a process gone between the two looks reads as ESRCH
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return True  # no /proc here: the signal said it is alive
+    except ProcessLookupError:
+        return False
 
 
 def wait_for_exit(pids: set[int], seconds: float = 60) -> None:
