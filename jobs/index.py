@@ -59,18 +59,18 @@ def run(cfg: Config, in_process: bool = False) -> dict:
         session.ensure()
         node_cpus = dispatch.largest_node_cpus()
         tasks = actors.index_tasks(cfg, node_cpus)
-        trained, train_info = dispatch.call(tasks["train"], cfg, plan, node_cpus)
+        trained, train_info = dispatch.call(tasks["train"], plan, node_cpus)
         trained_ref = dispatch.put(trained)
         add_s = _add_pending(cfg, plan, tasks["add"], trained_ref) if plan.mergeable else 0.0
-        result = dispatch.call(tasks["finish"], cfg, plan, trained_ref, node_cpus)
-    return _summary(indexing.complete(cfg, plan, train_info, add_s, result, started, in_tasks=True), reused=False)
+        result = dispatch.call(tasks["finish"], plan, trained_ref, node_cpus)
+    return _summary(indexing.complete(plan, train_info, add_s, result, started, in_tasks=True), reused=False)
 
 
 def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
     started = time.perf_counter()
-    pending = indexing.pending_shards(cfg, plan)
+    pending = indexing.pending_shards(plan)
     bar = _progress.bar(cfg.runtime, len(plan.shards), "index", "shard", initial=len(plan.shards) - len(pending))
-    futures = {add_task.remote(cfg, plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard for shard in pending}
+    futures = {add_task.remote(plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard for shard in pending}
     try:
         dispatch.run_tasks(futures, lambda shard, record: bar.update(1), "index: adding embeddings")
     finally:

@@ -59,26 +59,26 @@ def _node() -> dict:
     return {"node_id": ray.get_runtime_context().get_node_id()}
 
 
-def _train_index(cfg: Config, plan, cpus: int):
+def _train_index(plan, cpus: int):
     from retrieval_core.index import indexing
 
     faiss_threads(cpus)
-    data, info = indexing.trained_index(cfg, plan)
+    data, info = indexing.trained_index(plan)
     return data, {**info, "peak_memory_mb": indexing.peak_memory_mb()}
 
 
-def _add_index_shard(cfg: Config, plan, shard: dict, trained, cpus: int) -> dict:
+def _add_index_shard(plan, shard: dict, trained, cpus: int) -> dict:
     from retrieval_core.index import indexing
 
     faiss_threads(cpus)
-    return indexing.add_shard(cfg, plan, shard, trained, _node())
+    return indexing.add_shard(plan, shard, trained, _node())
 
 
-def _finish_index(cfg: Config, plan, trained, cpus: int) -> dict:
+def _finish_index(plan, trained, cpus: int) -> dict:
     from retrieval_core.index import indexing
 
     faiss_threads(cpus)
-    return indexing.finish(cfg, plan, trained)
+    return indexing.finish(plan, trained)
 
 
 def index_tasks(cfg: Config, node_cpus: int) -> dict:

@@ -20,12 +20,12 @@ from typing import Any, cast
 
 import numpy as np
 
-from retrieval_core.config import Config
+from retrieval_core.config import Config, IndexConfig
 from retrieval_core.config.rules import parse_memory
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
 from retrieval_core.index import faiss_index, search
 from retrieval_core.io import faults, storage
-from retrieval_core.io.folder import StageLayout
+from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import (
     IncompatibleOutputError,
     claim_stage_dir,
@@ -41,7 +41,8 @@ RECALL_K = 10
 
 @dataclasses.dataclass(frozen=True)
 class IndexPlan:
-    """What one build makes. ``shards`` are the embeddings manifest's shard entries (name, path, rows ...)."""
+    """What one build makes, and all its steps read: the stage's config section and folders travel in the plan, so no
+    step takes the whole config. ``shards`` are the embeddings manifest's shard entries (name, path, rows ...)."""
 
     factory: str
     metric: str
@@ -53,6 +54,10 @@ class IndexPlan:
     on_disk: bool
     shards: tuple
     identity: dict
+    ix: IndexConfig  # the stage's own config section
+    out: StageLayout  # where the stage writes: <root>/index/
+    source: Folder  # the output root it reads the embeddings from
+    config: dict  # the run's config as the manifest records it (storage options redacted)
 
 
 def layout_at(root: str, storage_options: dict | None = None) -> StageLayout:
@@ -124,6 +129,10 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         on_disk,
         tuple(s for s in emb["shards"] if s["rows"] > 0),
         identity,
+        ix,
+        layout_of(cfg),
+        Folder(cfg.output.root, cfg.output.storage_options),
+        cfg.to_dict(),
     )
 
 
@@ -147,7 +156,7 @@ def sample_positions(ntotal: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(ntotal, size=min(size, ntotal), replace=False))
 
 
-def read_sample(cfg: Config, plan: IndexPlan, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def read_sample(plan: IndexPlan, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row ids, vectors) at the given positions of the encoded rows (in shard order), streamed shard by shard:
     memory is one shard plus the sample."""
     ids, parts, start = [], [], 0
@@ -155,7 +164,7 @@ def read_sample(cfg: Config, plan: IndexPlan, positions: np.ndarray) -> tuple[np
         stop = start + shard["rows"]
         local = positions[(positions >= start) & (positions < stop)] - start
         if len(local):
-            row_ids, vectors = read_shard_vectors(cfg.output.root, shard, plan.dim, cfg.output.storage_options)
+            row_ids, vectors = read_shard_vectors(plan.source.url, shard, plan.dim, plan.source.storage_options)
             ids.append(row_ids[local])
             parts.append(vectors[local])
         start = stop
@@ -164,11 +173,11 @@ def read_sample(cfg: Config, plan: IndexPlan, positions: np.ndarray) -> tuple[np
     return np.concatenate(ids), np.vstack(parts)
 
 
-def trained_index(cfg: Config, plan: IndexPlan) -> tuple[bytes, dict]:
+def trained_index(plan: IndexPlan) -> tuple[bytes, dict]:
     """The serialized trained (empty) index: read from ``trained.faiss`` when an earlier run (or a refresh that
     reuses an earlier version's quantizer) put it there. ``trained.json`` beside it records the training points and
     their mean distance to the nearest centroid (the baseline of the refresh's drift check)."""
-    layout = layout_of(cfg)
+    layout = plan.out
     url = layout.file("trained.faiss")
     if storage.exists(url, layout.storage_options):
         return storage.read_bytes(url, layout.storage_options), {
@@ -177,7 +186,7 @@ def trained_index(cfg: Config, plan: IndexPlan) -> tuple[bytes, dict]:
             **read_training_record(layout),
         }
     started = time.perf_counter()
-    _, sample = read_sample(cfg, plan, sample_positions(plan.ntotal, plan.train_size, plan.seed))
+    _, sample = read_sample(plan, sample_positions(plan.ntotal, plan.train_size, plan.seed))
     index = faiss_index.train(plan.factory, plan.dim, plan.metric, sample, plan.seed)
     data = faiss_index.serialize(index)
     record = {"points": len(sample), "mean_coarse_distance": faiss_index.coarse_distance(index, sample)}
@@ -191,18 +200,18 @@ def read_training_record(layout: StageLayout) -> dict:
     return storage.read_json(url, layout.storage_options) if storage.exists(url, layout.storage_options) else {}
 
 
-def pending_shards(cfg: Config, plan: IndexPlan) -> list[dict]:
-    layout = layout_of(cfg)
+def pending_shards(plan: IndexPlan) -> list[dict]:
+    layout = plan.out
     return [s for s in plan.shards if not storage.exists(layout.record_file(s["name"]), layout.storage_options)]
 
 
-def add_shard(cfg: Config, plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None = None) -> dict:
+def add_shard(plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None = None) -> dict:
     """Add one embedding shard to a copy of the trained index and commit ``shard-XXXXX.faiss``; returns the
     commit record. Memory: the shard's vectors plus its index."""
     started = time.perf_counter()
-    layout = layout_of(cfg)
+    layout = plan.out
     row_ids, vectors = read_shard_vectors(
-        cfg.output.root, shard, plan.dim, cfg.output.storage_options, plan.identity["fingerprint"]
+        plan.source.url, shard, plan.dim, plan.source.storage_options, plan.identity["fingerprint"]
     )
     index = faiss_index.deserialize(trained)
     faiss_index.add(index, vectors, row_ids)
@@ -219,8 +228,8 @@ def add_shard(cfg: Config, plan: IndexPlan, shard: dict, trained: bytes, worker:
     return record
 
 
-def shard_records(cfg: Config, plan: IndexPlan) -> list[dict]:
-    layout = layout_of(cfg)
+def shard_records(plan: IndexPlan) -> list[dict]:
+    layout = plan.out
     return [storage.read_json(layout.record_file(s["name"]), layout.storage_options) for s in plan.shards]
 
 
@@ -231,11 +240,11 @@ def shard_index_url(index_dir: str, record: dict) -> str:
     return storage.resolve_relative(index_dir, record.get("path") or f"{record['name']}.faiss")
 
 
-def merge_shards(cfg: Config, plan: IndexPlan, trained: bytes):
+def merge_shards(plan: IndexPlan, trained: bytes):
     """Merge the committed shard indexes in shard order into ``merged.faiss``; returns the merged index.
     In memory: the merged index. On disk (IVF, local output): one shard at a time plus the coarse quantizer."""
-    layout = layout_of(cfg)
-    urls = [shard_index_url(layout.dir, record) for record in shard_records(cfg, plan)]
+    layout = plan.out
+    urls = [shard_index_url(layout.dir, record) for record in shard_records(plan)]
     if plan.on_disk:
         ivfdata = storage.local_file(layout.file("merged.ivfdata"))
         index = faiss_index.merge_on_disk(
@@ -247,14 +256,14 @@ def merge_shards(cfg: Config, plan: IndexPlan, trained: bytes):
     return index
 
 
-def build_whole(cfg: Config, plan: IndexPlan, trained: bytes):
+def build_whole(plan: IndexPlan, trained: bytes):
     """For types that cannot merge (HNSW, NSG): stream every shard into one index and write ``merged.faiss``.
     Memory: the whole index."""
-    layout = layout_of(cfg)
+    layout = plan.out
     index = faiss_index.deserialize(trained)
     for shard in plan.shards:
         row_ids, vectors = read_shard_vectors(
-            cfg.output.root, shard, plan.dim, cfg.output.storage_options, plan.identity["fingerprint"]
+            plan.source.url, shard, plan.dim, plan.source.storage_options, plan.identity["fingerprint"]
         )
         faiss_index.add(index, vectors, row_ids)
     _write_index(index, layout.file("merged.faiss"), layout.storage_options, False)
@@ -286,20 +295,20 @@ def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
         storage.write_bytes_atomic(url, memoryview(cast(Any, faiss_index.serialize_array(index))), storage_options)
 
 
-def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
+def measure_recall(plan: IndexPlan, index) -> dict:
     """Recall@10 of ``index`` against exact search, on ``index.recall_queries`` corpus vectors drawn with
     ``index.seed + 1``, each query's own vector left out of both result lists (it would be a free hit); for IVF
     (nprobe) and HNSW (efSearch) the smallest setting reaching ``index.target_recall`` is chosen, unless the config
     fixes it. Memory: the queries plus one shard."""
-    ix = cfg.index
+    ix = plan.ix
     parameter = faiss_index.tunable_parameter(index)
     fixed = {"nprobe": ix.nprobe, "ef_search": ix.ef_search}.get(parameter or "", 0)
     if not ix.recall_queries:
         if parameter and fixed:
             faiss_index.set_search_parameters(index, **{parameter: fixed})
         return {"recall_at_10": None, "parameter": parameter, "value": fixed or None, "tried": []}
-    query_ids, queries = read_sample(cfg, plan, sample_positions(plan.ntotal, ix.recall_queries, ix.seed + 1))
-    shards = (read_shard_vectors(cfg.output.root, s, plan.dim, cfg.output.storage_options) for s in plan.shards)
+    query_ids, queries = read_sample(plan, sample_positions(plan.ntotal, ix.recall_queries, ix.seed + 1))
+    shards = (read_shard_vectors(plan.source.url, s, plan.dim, plan.source.storage_options) for s in plan.shards)
     _, exact = search.exact_search(shards, queries, RECALL_K + 1, plan.metric)
     exact = search.drop_ids(exact, query_ids, RECALL_K)
     values = [fixed] if (fixed or not parameter) else faiss_index.candidate_values(index, parameter)
@@ -335,12 +344,12 @@ def measure_recall(cfg: Config, plan: IndexPlan, index) -> dict:
     }
 
 
-def finish(cfg: Config, plan: IndexPlan, trained: bytes) -> dict:
+def finish(plan: IndexPlan, trained: bytes) -> dict:
     """Merge (or build whole), write ``merged.faiss`` and measure recall; returns what the manifest needs."""
     started = time.perf_counter()
-    index = merge_shards(cfg, plan, trained) if plan.mergeable else build_whole(cfg, plan, trained)
+    index = merge_shards(plan, trained) if plan.mergeable else build_whole(plan, trained)
     merged_s = time.perf_counter() - started
-    recall = measure_recall(cfg, plan, index)
+    recall = measure_recall(plan, index)
     return {
         "ntotal": int(index.ntotal),
         "merge_s": round(merged_s, 3),
@@ -351,7 +360,6 @@ def finish(cfg: Config, plan: IndexPlan, trained: bytes) -> dict:
 
 
 def write_manifest(
-    cfg: Config,
     plan: IndexPlan,
     ntotal: int,
     timings: dict,
@@ -360,8 +368,8 @@ def write_manifest(
     memory: dict,
     training: dict | None = None,
 ) -> dict:
-    layout = layout_of(cfg)
-    emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
+    layout = plan.out
+    emb = read_embeddings_manifest(plan.source.url, plan.source.storage_options)
     if ntotal != plan.ntotal:
         raise RuntimeError(f"merged index holds {ntotal} vectors, the embeddings {plan.ntotal}")
     manifest = {
@@ -397,7 +405,7 @@ def write_manifest(
             "trained": "trained.faiss",
             **({"ivfdata": "merged.ivfdata"} if plan.on_disk else {}),
         },
-        "config": cfg.to_dict(),
+        "config": plan.config,
     }
     storage.write_json_atomic(layout.file("manifest.json"), manifest, layout.storage_options)
     return manifest
@@ -439,12 +447,10 @@ def check_query_encoder(manifest: dict, identity: dict) -> None:
         )
 
 
-def complete(
-    cfg: Config, plan: IndexPlan, train_info: dict, add_s: float, result: dict, started: float, in_tasks: bool
-) -> dict:
+def complete(plan: IndexPlan, train_info: dict, add_s: float, result: dict, started: float, in_tasks: bool) -> dict:
     """Write the manifest of a finished build from the reports of its steps (``finish`` gives ``result``); with
     ``in_tasks`` the peak memory of the train, add and merge tasks is recorded next to the driver's."""
-    records = shard_records(cfg, plan) if plan.mergeable else []
+    records = shard_records(plan) if plan.mergeable else []
     timings = {
         "train": train_info["seconds"],
         "add": round(add_s, 3),
@@ -460,7 +466,7 @@ def complete(
             "merge_task": result["peak_memory_mb"],
         }
     training = {key: train_info.get(key) for key in ("reused", "points", "mean_coarse_distance")}
-    return write_manifest(cfg, plan, result["ntotal"], timings, result["recall"], records, memory, training)
+    return write_manifest(plan, result["ntotal"], timings, result["recall"], records, memory, training)
 
 
 def build_in_process(cfg: Config) -> dict:
@@ -468,13 +474,13 @@ def build_in_process(cfg: Config) -> dict:
     ``jobs.index`` runs the same steps with the shard adds spread over Ray workers."""
     started = time.perf_counter()
     plan = prepare(cfg)
-    trained, train_info = trained_index(cfg, plan)
+    trained, train_info = trained_index(plan)
     add_started = time.perf_counter()
     if plan.mergeable:
-        for shard in pending_shards(cfg, plan):
-            add_shard(cfg, plan, shard, trained)
+        for shard in pending_shards(plan):
+            add_shard(plan, shard, trained)
     add_s = time.perf_counter() - add_started
-    return complete(cfg, plan, train_info, add_s, finish(cfg, plan, trained), started, in_tasks=False)
+    return complete(plan, train_info, add_s, finish(plan, trained), started, in_tasks=False)
 
 
 def load_shard_index(root: str, shard_name: str, storage_options: dict | None = None):

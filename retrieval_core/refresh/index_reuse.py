@@ -34,7 +34,7 @@ def retrain_decision(cfg: Config, vcfg: Config, p: RefreshPlan, plan) -> dict:
     previous = indexing.layout_at(p.previous_version_root, so)
     baseline = indexing.read_training_record(previous).get("mean_coarse_distance")
     trained = faiss_index.deserialize(storage.read_bytes(previous.file("trained.faiss"), so))
-    _, sample = indexing.read_sample(vcfg, plan, indexing.sample_positions(plan.ntotal, DRIFT_SAMPLE, plan.seed + 2))
+    _, sample = indexing.read_sample(plan, indexing.sample_positions(plan.ntotal, DRIFT_SAMPLE, plan.seed + 2))
     now = faiss_index.coarse_distance(trained, sample)
     if not baseline or now is None:
         return {"retrain": True, "reusable": True, "reason": "no training baseline recorded", "now": now}

@@ -41,7 +41,7 @@ def build(tmp_path, vectors, shard_rows=437, **index_settings):
 def monolithic(cfg, vectors):
     """One index from the same trained state, filled with every vector in one call."""
     plan = indexing.prepare(cfg)
-    trained, _ = indexing.trained_index(cfg, plan)
+    trained, _ = indexing.trained_index(plan)
     index = faiss_index.deserialize(trained)
     faiss_index.add(index, vectors, np.arange(len(vectors)))
     return index
@@ -188,16 +188,16 @@ def test_committed_shards_are_skipped_and_other_settings_refused(tmp_path, vecto
     write_synthetic_embeddings(tmp_path, vectors, 1000)
     cfg = index_config(tmp_path, type="IVF16,Flat")
     plan = indexing.prepare(cfg)
-    trained, _ = indexing.trained_index(cfg, plan)
-    indexing.add_shard(cfg, plan, plan.shards[0], trained)
-    assert [s["name"] for s in indexing.pending_shards(cfg, plan)] == ["shard-00001", "shard-00002"]
-    again, info = indexing.trained_index(cfg, indexing.prepare(cfg))
+    trained, _ = indexing.trained_index(plan)
+    indexing.add_shard(plan, plan.shards[0], trained)
+    assert [s["name"] for s in indexing.pending_shards(plan)] == ["shard-00001", "shard-00002"]
+    again, info = indexing.trained_index(indexing.prepare(cfg))
     assert info["reused"] and again == trained
     with pytest.raises(IncompatibleOutputError, match="type"):
         indexing.prepare(index_config(tmp_path, type="IVF32,Flat"))
     replaced = indexing.prepare(index_config(tmp_path, "output.overwrite=true", type="IVF32,Flat"))
     assert replaced.factory == "IVF32,Flat"
-    assert len(indexing.pending_shards(cfg, replaced)) == 3
+    assert len(indexing.pending_shards(replaced)) == 3
 
 
 def test_training_is_deterministic(tmp_path, vectors):
@@ -205,7 +205,7 @@ def test_training_is_deterministic(tmp_path, vectors):
     cfg = index_config(tmp_path, type="IVF16,PQ4x4", train_size=2000)
     plan = indexing.prepare(cfg)
     faiss.omp_set_num_threads(1)
-    _, sample = indexing.read_sample(cfg, plan, indexing.sample_positions(plan.ntotal, 2000, 0))
+    _, sample = indexing.read_sample(plan, indexing.sample_positions(plan.ntotal, 2000, 0))
     a = faiss_index.serialize(faiss_index.train(plan.factory, DIM, "ip", sample, 0))
     b = faiss_index.serialize(faiss_index.train(plan.factory, DIM, "ip", sample, 0))
     assert a == b and len(sample) == 2000
