@@ -10,8 +10,9 @@ What it measures
     steps then linear decay, torch AdamW (weight decay 0.01, torch's default, which ``fit`` uses), no gradient
     clipping (``fit`` has none, so the Trainer's max_grad_norm is set to 0), ``--steps`` optimizer steps, fp32,
     ``torch.set_num_threads(--threads)``, the same seed, no evaluation during training, no checkpoints.
-  * ours: ``training.fit(cfg, examples, held_out=[], eval_corpus={})`` (an empty held-out set makes its evaluations
-    no-ops); batches from ``training.epoch_batches`` (no query twice in a batch, last partial batch dropped).
+  * ours: ``training.fit(cfg.train, cfg.model, examples, held_out=[], eval_corpus={})`` (an empty held-out set
+    makes its evaluations no-ops); batches from ``training.epoch_batches`` (no query twice in a batch, last partial
+    batch dropped).
   * Trainer: ``SentenceTransformerTrainer`` with ``batch_sampler=BatchSamplers.NO_DUPLICATES``,
     ``dataloader_drop_last=True``, ``optim="adamw_torch"``, ``save_strategy="no"``, ``eval_strategy="no"``,
     ``report_to="none"``, ``logging_steps=1`` (to read each step's loss; the console printer is removed).
@@ -195,9 +196,11 @@ def run_ours(args, examples: list[dict]) -> dict:
     started = time.perf_counter()
     # fit resolves the prompts (hashing the model's files for its fingerprint, cached) in its first step: a
     # one-time setup cost, paid here so that it counts as setup, not as training steps
-    training.resolved_prompts(cfg)
+    training.resolved_prompts(cfg.model)
     prompts_s = time.perf_counter() - started
-    _, history = training.fit(cfg, train, held_out=[], eval_corpus={})  # empty held out: evaluations are no-ops
+    _, history = training.fit(
+        cfg.train, cfg.model, train, held_out=[], eval_corpus={}
+    )  # empty held out: evaluations are no-ops
     wall = time.perf_counter() - started
     train_s = history["seconds"]
     return {

@@ -104,9 +104,9 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
     try:
         if dispatch.runs_here(rows, cfg.runtime.inline_rows):
             log.info("encoding %d shard(s) (%d rows) in this process", len(pending), rows)
-            encoder = cluster.inline_encoder(cfg)
+            encoder, work = cluster.inline_encoder(cfg), embeddings.shard_work(cfg)
             for shard in pending:
-                done(shard, embeddings.encode_shard(shard, cfg, encoder, identity, {"worker": "driver"}))
+                done(shard, embeddings.encode_shard(shard, work, encoder, identity, {"worker": "driver"}))
         else:
             _encode_on_actors(cfg, session, pending, identity, done)
     finally:
@@ -119,7 +119,13 @@ def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done)
     log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
     with dispatch.released(actors.start_encode_workers(cfg, count)) as workers:
         dispatch.run_on_actors(
-            workers, "encode_shard", pending, (cfg, identity), done, work="encode", speculation=cfg.runtime.speculation
+            workers,
+            "encode_shard",
+            pending,
+            (embeddings.shard_work(cfg), identity),
+            done,
+            work="encode",
+            speculation=cfg.runtime.speculation,
         )
 
 

@@ -65,7 +65,7 @@ TRAINING_STAGES = {"train", "reencode", "reindex", "reevaluate"}
 def run(cfg: Config) -> dict:
     """Run the selected stages in order; returns {stage: (result, seconds)}."""
     if TRAINING_STAGES & set(cfg.pipeline.stages):  # refused before any stage runs, not after hours of them
-        training.check_trainable(cfg)
+        training.check_trainable(cfg.model)
     runs = _stage_runs(cfg)
     results = {}
     with cluster.kept_session():  # Ray starts with the first stage that needs it, and serves the rest

@@ -22,6 +22,7 @@ from jobs.ray import training as ray_training
 from retrieval_core.config import Config
 from retrieval_core.encode import encoding
 from retrieval_core.io import storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import IncompatibleOutputError, digest, stamp
 from retrieval_core.mine import mining
 from retrieval_core.train import checkpoints, training
@@ -74,16 +75,18 @@ def run(cfg: Config) -> dict:
                 f"'{output}' holds a model trained with other settings; set "
                 f"output.overwrite=true or another train.output"
             )
-    training.check_trainable(cfg)
+    training.check_trainable(cfg.model)
     started = time.perf_counter()
-    examples = training.load_examples(cfg)
+    examples = training.load_examples(
+        Folder(cfg.output.root, cfg.output.storage_options), cfg.corpus.storage_options, cfg.train.num_negatives
+    )
     train_set, held_out = training.split_examples(examples, cfg.train.eval_fraction, cfg.train.seed)
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(
             f"{len(train_set)} training examples are fewer than train.batch_size = "
             f"{cfg.train.batch_size}: lower train.batch_size or mine more queries"
         )
-    corpus = training.eval_corpus_for(cfg, held_out, examples)
+    corpus = training.eval_corpus_for(cfg.train, held_out, examples)
     log.info(
         "training on %d examples (%d held out, eval corpus %d documents)", len(train_set), len(held_out), len(corpus)
     )
@@ -122,7 +125,7 @@ def checkpoints_of(cfg: Config, identity: dict) -> checkpoints.Checkpoints:
 
 def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: checkpoints.Checkpoints) -> dict:
     encoding.set_torch_threads(encoding.cpu_count())
-    bar = _progress.bar(cfg.runtime, training.steps_plan(cfg, len(train_set))[1], "train", "step")
+    bar = _progress.bar(cfg.runtime, training.steps_plan(cfg.train, len(train_set))[1], "train", "step")
 
     def on_step(step: int, total: int, loss: float) -> None:
         bar.update(step - bar.n)  # a resumed training starts past 0
@@ -130,7 +133,8 @@ def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: ch
 
     try:
         model, history = training.fit(
-            cfg,
+            cfg.train,
+            cfg.model,
             train_set,
             held_out,
             corpus,
@@ -158,7 +162,8 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str, sa
         encoding.set_torch_threads(cfg.runtime.cpus_per_worker)
         mine = dataclasses.replace(saved, rank=rank, barrier=barrier)
         model, history = training.fit(
-            cfg,
+            cfg.train,
+            cfg.model,
             train_set,
             held_out if rank == 0 else [],
             corpus,

@@ -104,8 +104,8 @@ def train_weights(device: str, steps: int, docs: list[str], queries: list[str]) 
     ]
     original = training.load_model
 
-    def without_dropout(cfg, device="cpu"):
-        model = original(cfg, device)
+    def without_dropout(mc, device="cpu"):
+        model = original(mc, device)
         for module in model.modules():
             if module.__class__.__name__ == "Dropout":
                 module.p = 0.0
@@ -113,7 +113,7 @@ def train_weights(device: str, steps: int, docs: list[str], queries: list[str]) 
 
     training.load_model = without_dropout
     try:
-        model, _ = training.fit(cfg, examples, [], {}, device=device)
+        model, _ = training.fit(cfg.train, cfg.model, examples, [], {}, device=device)
     finally:
         training.load_model = original
     return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}

@@ -20,11 +20,11 @@ class EncodeWorker:
 
         self.encoder = encoding.load_encoder(model_cfg, gpus, threads=cpus)
 
-    def encode_shard(self, shard: Shard, cfg: Config, encoder_identity: dict) -> dict:
+    def encode_shard(self, shard: Shard, work, encoder_identity: dict) -> dict:
         from retrieval_core.encode.embeddings import encode_shard
 
         worker = {"node_id": ray.get_runtime_context().get_node_id()}
-        return encode_shard(shard, cfg, self.encoder, encoder_identity, worker)
+        return encode_shard(shard, work, self.encoder, encoder_identity, worker)
 
     def encode_segment(self, segment, plan, cfg: Config, encoder_identity: dict) -> dict:
         from retrieval_core.refresh.refreshing import encode_segment

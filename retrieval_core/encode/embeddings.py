@@ -11,6 +11,7 @@ Layout under ``<root>``::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrieval_core.config import Config
+from retrieval_core.config import Config, CorpusConfig
 from retrieval_core.encode import encoding
 from retrieval_core.encode.encoding import Encoder, EncoderOutOfMemory, encode_by_length, usage_of
 from retrieval_core.io import faults, storage
@@ -42,6 +43,21 @@ def layout_at(root: str, storage_options: dict | None = None) -> StageLayout:
 
 def layout_of(cfg: Config) -> StageLayout:
     return layout_at(cfg.output.root, cfg.output.storage_options)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardWork:
+    """What encoding a shard reads and where it writes (no task takes the whole config): the corpus section, the
+    texts per encoder call, the stored vectors' dtype, and the stage's layout."""
+
+    corpus: CorpusConfig
+    batch_size: int
+    embedding_dtype: str
+    out: StageLayout
+
+
+def shard_work(cfg: Config) -> ShardWork:
+    return ShardWork(cfg.corpus, cfg.model.batch_size, cfg.output.embedding_dtype, layout_of(cfg))
 
 
 def run_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_shard: int) -> dict:
@@ -135,7 +151,7 @@ def pending_shards(shards: list[Shard], layout: StageLayout) -> list[Shard]:
 
 def encode_shard(
     shard: Shard,
-    cfg: Config,
+    work: ShardWork,
     encoder: Encoder,
     encoder_identity: dict,
     worker: dict | None = None,
@@ -147,11 +163,11 @@ def encode_shard(
     """
     started = time.perf_counter()
     faults.point("encode", shard.name)
-    layout = layout_of(cfg)
-    rows = read_shard(shard, cfg.corpus)
+    layout = work.out
+    rows = read_shard(shard, work.corpus)
     before = usage_of(encoder)
     try:
-        vectors = encode_by_length(encoder, rows.texts, cfg.model.batch_size, on_progress)
+        vectors = encode_by_length(encoder, rows.texts, work.batch_size, on_progress)
     except EncoderOutOfMemory as exc:
         raise EncoderOutOfMemory(f"{shard.name} (rows {shard.row_start}-{shard.row_stop - 1}): {exc}") from None
     metadata = {
@@ -161,7 +177,7 @@ def encode_shard(
         "normalized": encoder.normalized,
     }
     table = embeddings_table(
-        rows.row_ids, rows.doc_ids, vectors, [text_hash(t) for t in rows.texts], cfg.output.embedding_dtype, metadata
+        rows.row_ids, rows.doc_ids, vectors, [text_hash(t) for t in rows.texts], work.embedding_dtype, metadata
     )
     storage.write_parquet_atomic(layout.data_file(shard.name), table, layout.storage_options)
     if rows.rejects:

@@ -20,12 +20,13 @@ from typing import Callable
 
 import numpy as np
 
-from retrieval_core.config import Config, ConfigError, ModelConfig
+from retrieval_core.config import ConfigError, ModelConfig, TrainConfig
 from retrieval_core.encode import encoding, families
 from retrieval_core.encode.model_files import resolve_model_path
 from retrieval_core.evaluate import metrics
 from retrieval_core.index import lookup
 from retrieval_core.io import faults
+from retrieval_core.io.folder import Folder
 from retrieval_core.mine import mining
 from retrieval_core.train import checkpoints
 
@@ -40,17 +41,17 @@ class Example:
     negatives: tuple
 
 
-def load_examples(cfg: Config) -> list[Example]:
+def load_examples(source: Folder, corpus_storage_options: dict, num_negatives: int) -> list[Example]:
     """One example per (query, positive) of the mined parts, with the first ``train.num_negatives`` negatives;
     queries with fewer mined negatives than that are left out (counted in the log)."""
-    parts = mining.read_parts(cfg.output.root, cfg.output.storage_options).to_pylist()
+    parts = mining.read_parts(source.url, source.storage_options).to_pylist()
     text = lookup.texts_for_doc_ids(
-        cfg.output.root,
+        source.url,
         {d for p in parts for d in p["positive_ids"] + p["negative_ids"]},
-        cfg.output.storage_options,
-        corpus_storage_options=cfg.corpus.storage_options,
+        source.storage_options,
+        corpus_storage_options=corpus_storage_options,
     )
-    n = cfg.train.num_negatives
+    n = num_negatives
     examples, short = [], 0
     for p in parts:
         if len(p["negative_ids"]) < n:
@@ -93,33 +94,33 @@ def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
     return batches
 
 
-def steps_plan(cfg: Config, train_examples: int) -> tuple[int, int]:
+def steps_plan(tr: TrainConfig, train_examples: int) -> tuple[int, int]:
     """(steps per epoch, total steps): ``train.max_steps`` when set, else epochs x batches per epoch."""
-    per_epoch = max(1, train_examples // cfg.train.batch_size)
-    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    per_epoch = max(1, train_examples // tr.batch_size)
+    total = tr.max_steps or tr.epochs * per_epoch
     return per_epoch, total
 
 
-def build_loss(model, cfg: Config, distributed: bool):
+def build_loss(model, tr: TrainConfig, distributed: bool):
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MultipleNegativesRankingLoss,
     )
 
-    scale = 1.0 / cfg.train.temperature
-    if cfg.train.cached:
+    scale = 1.0 / tr.temperature
+    if tr.cached:
         return CachedMultipleNegativesRankingLoss(
-            model, scale=scale, mini_batch_size=cfg.train.mini_batch_size, gather_across_devices=distributed
+            model, scale=scale, mini_batch_size=tr.mini_batch_size, gather_across_devices=distributed
         )
     return MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=distributed)
 
 
-def batch_features(model, batch: list[Example], cfg: Config) -> list[dict]:
+def batch_features(model, batch: list[Example], tr: TrainConfig, mc: ModelConfig) -> list[dict]:
     """Tokenized columns: queries (with the query prompt), positives, then each negative column."""
     device = model.device
-    document, query = resolved_prompts(cfg)
+    document, query = resolved_prompts(mc)
     columns = [([e.query for e in batch], query, "query"), ([e.positive for e in batch], document, "document")]
-    columns += [([e.negatives[i] for e in batch], document, "document") for i in range(cfg.train.num_negatives)]
+    columns += [([e.negatives[i] for e in batch], document, "document") for i in range(tr.num_negatives)]
     features = []
     for texts, prompt, task in columns:  # the task routes each column of an asymmetric (Router) model
         tokens = model.preprocess(texts, prompt=prompt or None, task=task)
@@ -127,28 +128,28 @@ def batch_features(model, batch: list[Example], cfg: Config) -> list[dict]:
     return features
 
 
-def check_trainable(cfg: Config) -> None:
+def check_trainable(mc: ModelConfig) -> None:
     """Training fine-tunes one local model: an embedding API, or a family with a separate query encoder (DPR), is
     refused, naming it."""
-    if cfg.model.provider != "local":
+    if mc.provider != "local":
         raise ConfigError(
-            f"train fine-tunes a local model, and model.provider = {cfg.model.provider!r} is an "
+            f"train fine-tunes a local model, and model.provider = {mc.provider!r} is an "
             f"embedding API (its weights are the provider's): set model.name to a local model, or "
             f"leave train out of pipeline.stages"
         )
-    query_model = families.query_model_name(cfg.model)
-    if query_model != cfg.model.name:
+    query_model = families.query_model_name(mc)
+    if query_model != mc.name:
         raise ConfigError(
             f"train fine-tunes one model, and queries are encoded by another (model.query_name = "
-            f"{query_model!r}, model.name = {cfg.model.name!r}): train a single bi-encoder, or an "
+            f"{query_model!r}, model.name = {mc.name!r}): train a single bi-encoder, or an "
             f"asymmetric one whose query and document modules live in one model (a Router)"
         )
 
 
-def resolved_prompts(cfg: Config) -> tuple[str, str]:
+def resolved_prompts(mc: ModelConfig) -> tuple[str, str]:
     """(document prompt, query prompt) the training applies: those the jobs apply (``families``); resolved once
     per model config, not at every step."""
-    return _prompts(cfg.model)
+    return _prompts(mc)
 
 
 @functools.lru_cache(maxsize=4)
@@ -168,7 +169,8 @@ def linear_schedule(optimizer, warmup: int, total: int):
 
 
 def fit(
-    cfg: Config,
+    tr: TrainConfig,
+    mc: ModelConfig,
     train: list[Example],
     held_out: list[Example],
     eval_corpus: dict[str, str],
@@ -180,7 +182,7 @@ def fit(
     saved: checkpoints.Checkpoints | None = None,
     device: str = "cpu",
 ):
-    """Train ``cfg.model.name`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) with ``train``; this worker takes
+    """Train ``mc.name`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) with ``train``; this worker takes
     every ``world``-th example of each global batch.
     ``on_step(step, total, loss)`` and ``on_epoch(evaluation)`` report progress. With ``saved``, a checkpoint is
     written every ``saved.every`` steps and the training resumes from the latest one, ending with the weights of an
@@ -188,12 +190,12 @@ def fit(
     batch of activations (one mini-batch with ``train.cached``)."""
     import torch
 
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg, device)
-    loss = build_loss(model, cfg, world > 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
-    per_epoch, total = steps_plan(cfg, len(train))
-    scheduler = linear_schedule(optimizer, int(cfg.train.warmup_ratio * total), total)
+    torch.manual_seed(tr.seed)
+    model = load_model(mc, device)
+    loss = build_loss(model, tr, world > 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tr.learning_rate)
+    per_epoch, total = steps_plan(tr, len(train))
+    scheduler = linear_schedule(optimizer, int(tr.warmup_ratio * total), total)
     resumed = saved.restore(model, optimizer, scheduler) if saved else None
     position, history = resumed or (
         checkpoints.Position(),
@@ -201,17 +203,17 @@ def fit(
             "steps": total,
             "steps_per_epoch": per_epoch,
             "losses": [],
-            "evaluations": [evaluate(model, cfg, held_out, eval_corpus, step=0)],
+            "evaluations": [evaluate(model, mc, held_out, eval_corpus, step=0)],
         },
     )
     started = time.perf_counter()
     while position.step < total:
-        batches = epoch_batches(train, cfg.train.batch_size, cfg.train.seed, position.epoch)
+        batches = epoch_batches(train, tr.batch_size, tr.seed, position.epoch)
         for number in range(position.batch, len(batches)):
             if position.step >= total:
                 break
             local = batches[number][rank::world]
-            history["losses"].append(_step(model, loss, optimizer, scheduler, local, cfg, reduce_gradients))
+            history["losses"].append(_step(model, loss, optimizer, scheduler, local, tr, mc, reduce_gradients))
             position = checkpoints.Position(position.step + 1, position.epoch, number + 1)
             if saved and saved.due(position.step, total):
                 saved.save(model, optimizer, scheduler, position, history)
@@ -219,7 +221,7 @@ def fit(
             if on_step:
                 on_step(position.step, total, history["losses"][-1])
         position = checkpoints.Position(position.step, position.epoch + 1, 0)
-        history["evaluations"].append(evaluate(model, cfg, held_out, eval_corpus, step=position.step))
+        history["evaluations"].append(evaluate(model, mc, held_out, eval_corpus, step=position.step))
         if on_epoch:
             on_epoch(history["evaluations"][-1])
     history["seconds"] = round(time.perf_counter() - started, 3)
@@ -229,27 +231,34 @@ def fit(
     return model, history
 
 
-def load_model(cfg: Config, device: str = "cpu"):
+def load_model(mc: ModelConfig, device: str = "cpu"):
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(
-        resolve_model_path(cfg.model.name, cfg.model.storage_options),
+        resolve_model_path(mc.name, mc.storage_options),
         device=str(device),
-        trust_remote_code=cfg.model.trust_remote_code,
+        trust_remote_code=mc.trust_remote_code,
     )
-    if cfg.model.max_seq_length:
-        model.max_seq_length = cfg.model.max_seq_length
+    if mc.max_seq_length:
+        model.max_seq_length = mc.max_seq_length
     return model
 
 
 def _step(
-    model, loss, optimizer, scheduler, local: list[Example], cfg: Config, reduce_gradients: Callable | None
+    model,
+    loss,
+    optimizer,
+    scheduler,
+    local: list[Example],
+    tr: TrainConfig,
+    mc: ModelConfig,
+    reduce_gradients: Callable | None,
 ) -> float:
     """One optimizer step on this worker's share of a batch; returns the loss."""
     import torch
 
     model.train()
-    value = loss(batch_features(model, local, cfg), torch.arange(len(local), device=model.device))
+    value = loss(batch_features(model, local, tr, mc), torch.arange(len(local), device=model.device))
     optimizer.zero_grad()
     value.backward()
     if reduce_gradients:
@@ -259,17 +268,17 @@ def _step(
     return round(float(value.detach()), 5)
 
 
-def eval_corpus_for(cfg: Config, held_out: list[Example], examples: list[Example]) -> dict[str, str]:
+def eval_corpus_for(tr: TrainConfig, held_out: list[Example], examples: list[Example]) -> dict[str, str]:
     """Documents the held-out queries are ranked against: their positives, then (drawn with ``train.seed``) the
     positives and mined negatives of all examples, up to ``train.eval_corpus_size`` documents."""
     must = sorted({e.positive for e in held_out})
     pool = sorted({t for e in examples for t in (e.positive, *e.negatives)} - set(must))
-    random.Random(cfg.train.seed).shuffle(pool)
-    texts = must + pool[: max(0, cfg.train.eval_corpus_size - len(must))]
+    random.Random(tr.seed).shuffle(pool)
+    texts = must + pool[: max(0, tr.eval_corpus_size - len(must))]
     return {f"e{i}": t for i, t in enumerate(texts)}
 
 
-def evaluate(model, cfg: Config, held_out: list[Example], corpus: dict[str, str], step: int) -> dict:
+def evaluate(model, mc: ModelConfig, held_out: list[Example], corpus: dict[str, str], step: int) -> dict:
     """nDCG@10 of the held-out queries (their positives relevant) over ``corpus``, exact cosine search."""
     import torch
 
@@ -283,10 +292,10 @@ def evaluate(model, cfg: Config, held_out: list[Example], corpus: dict[str, str]
     for e in held_out:
         qrels.setdefault(e.query_id, {})[where[e.positive]] = 1
     with torch.inference_mode():
-        document, query = resolved_prompts(cfg)
+        document, query = resolved_prompts(mc)
         docs = model.encode_document(
             texts,
-            batch_size=cfg.model.batch_size,
+            batch_size=mc.batch_size,
             prompt=document,
             normalize_embeddings=True,
             convert_to_numpy=True,
@@ -294,7 +303,7 @@ def evaluate(model, cfg: Config, held_out: list[Example], corpus: dict[str, str]
         )
         qv = model.encode_query(
             list(queries.values()),
-            batch_size=cfg.model.batch_size,
+            batch_size=mc.batch_size,
             prompt=query,
             normalize_embeddings=True,
             convert_to_numpy=True,

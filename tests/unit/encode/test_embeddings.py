@@ -26,7 +26,7 @@ def run_stage(cfg, encoder, rows_per_shard=8):
     shards = embeddings.prepare_plan(cfg, files, identity, lambda: rows_per_shard)
     pending = embeddings.pending_shards(shards, embeddings.layout_of(cfg))
     for shard in pending:
-        embeddings.encode_shard(shard, cfg, encoder, identity)
+        embeddings.encode_shard(shard, embeddings.shard_work(cfg), encoder, identity)
     embeddings.write_manifest(cfg, shards, identity, encoder.dim, 0.0)
     return shards, pending
 
@@ -122,6 +122,6 @@ def test_manifest_refuses_missing_shards(tmp_path, corpus_file, tiny_model, tiny
     files = corpus.inspect_corpus(cfg.corpus)
     identity = encoder_identity(cfg.model)
     shards = embeddings.prepare_plan(cfg, files, identity, lambda: 8)
-    embeddings.encode_shard(shards[0], cfg, tiny_encoder, identity)
+    embeddings.encode_shard(shards[0], embeddings.shard_work(cfg), tiny_encoder, identity)
     with pytest.raises(RuntimeError, match="shards not committed"):
         embeddings.write_manifest(cfg, shards, identity, 32, 0.0)

@@ -43,9 +43,9 @@ def test_steps_and_linear_schedule(tmp_path):
     import torch
 
     cfg = config("unused", tmp_path, train__batch_size=4, train__epochs=3)
-    assert training.steps_plan(cfg, 18) == (4, 12)
+    assert training.steps_plan(cfg.train, 18) == (4, 12)
     cfg = config("unused", tmp_path, train__batch_size=4, train__max_steps=5)
-    assert training.steps_plan(cfg, 18) == (4, 5)
+    assert training.steps_plan(cfg.train, 18) == (4, 5)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = training.linear_schedule(optimizer, warmup=2, total=6)
     rates = []
@@ -70,7 +70,9 @@ def test_fit_lowers_the_loss_and_saves_a_loadable_model(tmp_path, tiny_model):
         train__warmup_ratio=0,
     )
     data = examples(queries=16)
-    model, history = training.fit(cfg, data, data[:4], training.eval_corpus_for(cfg, data[:4], data))
+    model, history = training.fit(
+        cfg.train, cfg.model, data, data[:4], training.eval_corpus_for(cfg.train, data[:4], data)
+    )
     assert history["steps"] == 12 and len(history["losses"]) == 12
     assert np.mean(history["losses"][-3:]) < np.mean(history["losses"][:3])
     assert history["evaluations"][0]["step"] == 0 and history["evaluations"][-1]["step"] == 12
@@ -97,7 +99,9 @@ def test_a_router_model_trains_both_towers_each_side_routed_by_its_task(tmp_path
         train__warmup_ratio=0,
     )
     data = examples(queries=16)
-    model, history = training.fit(cfg, data, data[:4], training.eval_corpus_for(cfg, data[:4], data))
+    model, history = training.fit(
+        cfg.train, cfg.model, data, data[:4], training.eval_corpus_for(cfg.train, data[:4], data)
+    )
     assert history["steps"] == 6
     base = SentenceTransformer(path, device="cpu")
     text = ["question 3 about topic 3"]
@@ -110,7 +114,7 @@ def test_a_separate_query_encoder_is_refused_by_training(tmp_path, family_models
 
     cfg = config("unused", tmp_path, model=family_models["dpr"])
     with pytest.raises(ConfigError, match="train fine-tunes one model.*question_encoder"):
-        training.check_trainable(cfg)
+        training.check_trainable(cfg.model)
 
 
 def test_a_training_killed_after_a_checkpoint_resumes_from_it_to_the_uninterrupted_weights(
@@ -131,16 +135,18 @@ def test_a_training_killed_after_a_checkpoint_resumes_from_it_to_the_uninterrupt
         train__learning_rate=5e-3,
     )
     data, held = examples(queries=16), examples(queries=4)
-    corpus = training.eval_corpus_for(cfg, held, data)
-    clean, clean_history = training.fit(cfg, data, held, corpus)
+    corpus = training.eval_corpus_for(cfg.train, held, data)
+    clean, clean_history = training.fit(cfg.train, cfg.model, data, held, corpus)
     saved = checkpoints.Checkpoints(str(tmp_path / "ckpt"), "identity-a", every=2)
     faults([{"point": "train", "match": "step-5", "action": "crash"}])
     with pytest.raises(InjectedCrash):
-        training.fit(cfg, data, held, corpus, saved=saved)
+        training.fit(cfg.train, cfg.model, data, held, corpus, saved=saved)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest.json", "step-00000004"]
     assert checkpoints.Checkpoints(str(tmp_path / "ckpt"), "identity-b", every=2)._latest() is None  # other run
     steps = []
-    model, history = training.fit(cfg, data, held, corpus, saved=saved, on_step=lambda s, t, v: steps.append(s))
+    model, history = training.fit(
+        cfg.train, cfg.model, data, held, corpus, saved=saved, on_step=lambda s, t, v: steps.append(s)
+    )
     assert steps == [5, 6, 7] and history.pop("resumed_from_step") == 4
     assert history["losses"] == clean_history["losses"] and history["evaluations"] == clean_history["evaluations"]
     resumed, uninterrupted = model.state_dict(), clean.state_dict()
