@@ -59,6 +59,7 @@ KEYS = (
 
 def run(cfg: Config) -> dict:
     """Run the mining stage; returns a summary dict."""
+    mine_work = mining.work_of(cfg)
     cfg = cluster.read_version(cfg)
     started = time.perf_counter()
     index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
@@ -71,10 +72,10 @@ def run(cfg: Config) -> dict:
     emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
     plan = mine_plan.input_plan(cfg.mine)
     identity = mining.mining_identity(cfg, index_manifest, plan)
-    mining.prepare(cfg, identity)
+    mining.prepare(mine_work, identity)
     layout = mining.layout_of(cfg)
     if storage.exists(layout.file("_manifest.json"), layout.storage_options):
-        mining.remove_part_exports(cfg)  # left by a run killed after its manifest
+        mining.remove_part_exports(mine_work)  # left by a run killed after its manifest
         return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
     with cluster.LazyRaySession(cfg.runtime) as session:
         buckets, shuffle = _plan_buckets(cfg, session, emb, plan)
@@ -87,8 +88,8 @@ def run(cfg: Config) -> dict:
             )
         range_max, depth = _search_window(cfg, max(b["max_positives"] for b in buckets), index_manifest["ntotal"])
         parts = mine_plan.part_inputs(buckets, cfg.mine.queries_per_part)
-        mining.record_parts(cfg, len(parts))
-        pending = [parts[i] for i in mining.pending_parts(cfg, len(parts))]
+        mining.record_parts(mine_work, len(parts))
+        pending = [parts[i] for i in mining.pending_parts(mine_work, len(parts))]
         timings, text_join = {"plan": time.perf_counter() - started}, {}
         if pending:  # workers on Ray join the texts once their parts are committed
             _mine_pending(
@@ -106,12 +107,12 @@ def run(cfg: Config) -> dict:
         timings["texts"] = text_join["seconds"]
         timings["parts"] = time.perf_counter() - started - timings["plan"] - timings["texts"]
     combining = time.perf_counter()
-    records, stats = mining.part_records(cfg, len(parts))
-    rejected = mine_plan.write_rejects(cfg, len(buckets))
+    records, stats = mining.part_records(mine_work, len(parts))
+    rejected = mine_plan.write_rejects(mine_work, len(buckets))
     extra = _exports_and_report(cfg, records, stats, counts["input_queries"], rejected)
     timings["exports_and_report"] = time.perf_counter() - combining
     manifest = mining.write_manifest(
-        cfg,
+        mine_work,
         identity,
         records,
         counts["input_queries"],
@@ -127,7 +128,7 @@ def run(cfg: Config) -> dict:
             "seconds": round(time.perf_counter() - started, 3),
         },
     )
-    mining.remove_part_exports(cfg)
+    mining.remove_part_exports(mine_work)
     return _summary(manifest, False)
 
 
@@ -137,8 +138,9 @@ def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> tuple[list[dic
     more; else by the shuffle of ``mine.shuffle`` on Ray tasks, in three waves (split the input files and partition
     the corpus's doc ids, join the positives by doc bucket, plan the query buckets), skipping committed steps.
     Returns (every bucket's record, the shuffle's doc buckets and shard groups, None when there was none)."""
+    mine_work = mining.work_of(cfg)
     buckets = plan["buckets"]
-    records: dict[int, dict | None] = {b: mine_plan.bucket_record(cfg, b) for b in range(buckets)}
+    records: dict[int, dict | None] = {b: mine_plan.bucket_record(mine_work, b) for b in range(buckets)}
     todo = [b for b, record in records.items() if record is None]
     here = (
         buckets == 1
@@ -147,19 +149,19 @@ def _plan_buckets(cfg: Config, session, emb: dict, plan: dict) -> tuple[list[dic
     )
     shuffled = None
     if here and todo:
-        records[0] = mine_plan.plan_bucket(cfg, 0, emb=emb)
+        records[0] = mine_plan.plan_bucket(mine_work, 0, emb=emb)
     elif todo:
         session.ensure()
         shuffle = mine_shuffle.shuffle_plan(buckets, emb)
         waves = [
-            [("split", i) for i in mine_shuffle.inputs_to_split(cfg)]
-            + [("partition", g) for g in mine_shuffle.groups_to_partition(cfg, shuffle)],
-            [("join", d) for d in mine_shuffle.doc_buckets_to_join(cfg, shuffle)],
+            [("split", i) for i in mine_shuffle.inputs_to_split(mine_work)]
+            + [("partition", g) for g in mine_shuffle.groups_to_partition(mine_work, shuffle)],
+            [("join", d) for d in mine_shuffle.doc_buckets_to_join(mine_work, shuffle)],
             [("plan", b) for b in todo],
         ]
         records.update(actors.shuffle_input(cfg, shuffle, emb, waves))
         shuffled = {"doc_buckets": shuffle["doc_buckets"], "shard_groups": len(shuffle["groups"])}
-    mine_shuffle.remove_scratch(cfg)
+    mine_shuffle.remove_scratch(mine_work)
     return [cast(dict, records[b]) for b in range(buckets)], shuffled  # every bucket is planned by now
 
 
@@ -192,16 +194,17 @@ def _mine_pending(
     at least one per worker, when the run's first parts are mined. ``timings``: ``workers_start`` (Ray, the model
     and the index in each worker) and ``candidates_join``, in seconds. ``join_texts(workers, run)`` is called once
     every part is committed, while the workers (on Ray) are still up."""
+    mine_work = mining.work_of(cfg)
     inline = cfg.mine.mode == "replicated" and not cfg.mine.cross_encoder
     if inline and dispatch.runs_here(sum(p.queries for p in pending), cfg.runtime.inline_rows):
         # few queries: starting Ray and worker actors would cost more than mining them here
-        text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb))
+        text_starts = mining.text_starts(mine_work, lambda: mine_texts.group_starts(emb))
         worker = actors.MineWorker.here(cfg, emb)
         timings["candidates_join"] = _in_halves(cfg, [worker], pending, window, text_starts, [], _here)
         return  # the texts are joined after, as for parts committed by an earlier run
     started = time.perf_counter()
     groups = _worker_groups(cfg, session, index_manifest, len(pending))
-    text_starts = mining.text_starts(cfg, lambda: mine_texts.group_starts(emb, len(groups)))
+    text_starts = mining.text_starts(mine_work, lambda: mine_texts.group_starts(emb, len(groups)))
     with dispatch.released(actors.start_mine_workers(cfg, groups)) as workers:
         dispatch.wait_ready(workers)  # models and indexes loaded
         timings["workers_start"] = time.perf_counter() - started
@@ -232,26 +235,27 @@ def _in_halves(
     """Search every pending part not searched yet, join their candidates (one call per text group), then select
     each part, each wave through ``run(workers, method, items, args, on_done, work)`` on ``MineWorker``s, with a
     progress bar each. Returns the join's seconds."""
+    mine_work = mining.work_of(cfg)
     range_max, depth = window
-    unsearched = [p for p in pending if not mine_parts.searched(cfg, p.number)]
+    unsearched = [p for p in pending if not mine_parts.searched(mine_work, p.number)]
     with _bar(cfg, "search", sum(p.queries for p in unsearched), "query") as bar:
         run(
             workers,
             "search_part",
             unsearched,
-            (cfg, depth, text_starts, peers),
+            (mine_work, depth, text_starts, peers),
             lambda part, _: bar.update(part.queries),
             "searching part",
         )
     started = time.perf_counter()
-    asked = [(p.number, mine_parts.search_record(cfg, p.number)["text_groups"]) for p in pending]
-    groups = mine_texts.groups_to_join(mine_parts.candidates_dir(cfg), asked, cfg.output.storage_options)
+    asked = [(p.number, mine_parts.search_record(mine_work, p.number)["text_groups"]) for p in pending]
+    groups = mine_texts.groups_to_join(mine_parts.candidates_dir(mine_work), asked, cfg.output.storage_options)
     with _bar(cfg, "join", len(groups), "group") as bar:
         run(
             workers,
             "join_group",
             [{"name": f"text group {g}", "group": g, "parts": parts} for g, parts in groups.items()],
-            (cfg,),
+            (mine_work,),
             lambda *_: bar.update(1),
             "joining the candidates of",
         )
@@ -261,7 +265,7 @@ def _in_halves(
             workers,
             "select_part",
             pending,
-            (cfg, range_max, text_starts),
+            (mine_work, range_max, text_starts),
             lambda part, _: bar.update(part.queries),
             "selecting part",
         )
@@ -277,9 +281,10 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
     :mod:`retrieval_core.mine.texts`), the groups first, then the parts: on the mine ``workers`` through ``run``
     (as :func:`_in_halves` does) when they are given, else in this process when those parts hold at most
     ``runtime.inline_rows`` queries, else on Ray tasks. Returns what the manifest records of it."""
+    mine_work = mining.work_of(cfg)
     started = time.perf_counter()
-    todo = mining.parts_to_export(cfg, parts)
-    directory, so = mining.texts_dir(cfg), cfg.output.storage_options
+    todo = mining.parts_to_export(mine_work, parts)
+    directory, so = mining.texts_dir(mine_work), cfg.output.storage_options
     groups = mine_texts.groups_to_join(directory, [(number, asked) for number, _, asked in todo], so)
     bar = _bar(cfg, "exports", len(todo), "part")
     with bar:
@@ -289,7 +294,7 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
                 workers,
                 "join_texts",
                 [{"name": f"text group {g}", "group": g, "parts": numbers} for g, numbers in groups.items()],
-                (cfg,),
+                (mine_work,),
                 lambda _, record: records.append(record),
                 "joining the texts of",
             )
@@ -297,15 +302,15 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
                 workers,
                 "export_part",
                 [number for number, _, _ in todo],
-                (cfg,),
+                (mine_work,),
                 lambda *_: bar.update(1),
                 "writing the exports of part",
             )
         elif dispatch.runs_here(sum(queries for _, queries, _ in todo), cfg.runtime.inline_rows):
             rows = lookup.RowLookup(cfg.output.root, so, cfg.corpus.storage_options)
-            records = [mining.join_export_texts(cfg, g, numbers, rows) for g, numbers in groups.items()]
+            records = [mining.join_export_texts(mine_work, g, numbers, rows) for g, numbers in groups.items()]
             for number, _, _ in todo:
-                mining.export_part(cfg, number)
+                mining.export_part(mine_work, number)
                 bar.update(1)
         else:
             session.ensure()
@@ -331,8 +336,9 @@ def _worker_groups(cfg: Config, session, index_manifest: dict, pending: int) -> 
 
 
 def _exports_and_report(cfg: Config, records: list, stats: dict | None, input_queries: int, rejected: int) -> dict:
+    mine_work = mining.work_of(cfg)
     layout = mining.layout_of(cfg)
-    written = mining.combine_exports(cfg, records)
+    written = mining.combine_exports(mine_work, records)
     totals, filtered = mining.count_totals(records)
     counts = {"queries": totals, "filtered": filtered, "input_queries": input_queries, "rejected_positives": rejected}
     summary = mine_report.report(stats, counts)

@@ -9,6 +9,8 @@ import ray
 from jobs.ray import cluster, dispatch
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
 from retrieval_core.io.sharding import Shard
+from retrieval_core.mine import mining
+from retrieval_core.mine.mining import MineWork
 
 
 class EncodeWorker:
@@ -164,53 +166,53 @@ class MineWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def search_part(self, part, cfg: Config, depth: int, text_starts: list[int], peers: list) -> dict:
+    def search_part(self, part, work: MineWork, depth: int, text_starts: list[int], peers: list) -> dict:
         from retrieval_core.mine import parts as mine_parts
         from retrieval_core.mine import plan as mine_plan
 
         return mine_parts.search_part(
-            cfg,
+            work,
             part.number,
-            mine_plan.read_part_input(cfg, part),
+            mine_plan.read_part_input(work, part),
             self.encoder.encode_queries,
             lambda vectors, k: self._search_all(vectors, k, peers),
             depth,
             text_starts,
         )
 
-    def join_group(self, item: dict, cfg: Config) -> dict:
+    def join_group(self, item: dict, work: MineWork) -> dict:
         from retrieval_core.mine import parts as mine_parts
         from retrieval_core.mine import texts as mine_texts
 
         return mine_texts.resolve_group(
-            mine_parts.candidates_dir(cfg),
+            mine_parts.candidates_dir(work),
             item["group"],
             item["parts"],
             self.rows,
-            cfg.output.storage_options,
-            texts=bool(cfg.mine.cross_encoder),
+            work.root.storage_options,
+            texts=bool(work.mine.cross_encoder),
         )
 
-    def join_texts(self, item: dict, cfg: Config) -> dict:
+    def join_texts(self, item: dict, work: MineWork) -> dict:
         """The text join of the exports for one text group (``item``: group, parts), once every part is committed."""
         from retrieval_core.mine import mining
 
-        return mining.join_export_texts(cfg, item["group"], item["parts"], self.rows)
+        return mining.join_export_texts(work, item["group"], item["parts"], self.rows)
 
-    def export_part(self, number: int, cfg: Config) -> dict:
+    def export_part(self, number: int, work: MineWork) -> dict:
         from retrieval_core.mine import mining
 
-        return mining.export_part(cfg, number)
+        return mining.export_part(work, number)
 
-    def select_part(self, part, cfg: Config, range_max: int, text_starts: list[int]) -> dict:
+    def select_part(self, part, work: MineWork, range_max: int, text_starts: list[int]) -> dict:
         from retrieval_core.mine import parts as mine_parts
         from retrieval_core.mine import plan as mine_plan
 
         return mine_parts.select_part(
-            cfg,
+            work,
             self.rows,
             part.number,
-            mine_plan.read_part_input(cfg, part),
+            mine_plan.read_part_input(work, part),
             range_max,
             text_starts,
             self.scorer.score if self.scorer else None,
@@ -225,17 +227,17 @@ class MineWorker:
         return search.merge_topk([self.searcher.search(vectors, k), *ray.get(refs)], k, "ip")
 
 
-def _shuffle_step(cfg: Config, step: str, item: int, plan: dict, emb: dict) -> dict:
+def _shuffle_step(work: MineWork, step: str, item: int, plan: dict, emb: dict) -> dict:
     from retrieval_core.mine import plan as mine_plan
     from retrieval_core.mine import shuffle as mine_shuffle
 
     if step == "split":
-        return mine_shuffle.split_input(cfg, item, plan)
+        return mine_shuffle.split_input(work, item, plan)
     if step == "partition":
-        return mine_shuffle.partition_corpus(cfg, item, plan, emb)
+        return mine_shuffle.partition_corpus(work, item, plan, emb)
     if step == "join":
-        return mine_shuffle.join_positives(cfg, item, plan)
-    return mine_plan.plan_bucket(cfg, item, plan)
+        return mine_shuffle.join_positives(work, item, plan)
+    return mine_plan.plan_bucket(work, item, plan)
 
 
 def shuffle_input(cfg: Config, plan: dict, emb: dict, waves: list[list[tuple[str, int]]]) -> dict[int, dict]:
@@ -245,10 +247,11 @@ def shuffle_input(cfg: Config, plan: dict, emb: dict, waves: list[list[tuple[str
     record, for the buckets planned."""
     task = ray.remote(_shuffle_step).options(**_task_options(cfg))
     plan_ref, emb_ref, records = ray.put(plan), ray.put(emb), {}
+    work_ref = ray.put(mining.work_of(cfg))
     for wave in waves:
         dispatch.run_tasks(
             {
-                task.remote(cfg, step, item, plan_ref, emb_ref): {
+                task.remote(work_ref, step, item, plan_ref, emb_ref): {
                     "name": f"{SHUFFLE_STEPS[step]} {item}",
                     "step": step,
                     "item": item,
@@ -292,18 +295,18 @@ def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
     return sorted(found)[:5]
 
 
-def _text_group(cfg: Config, group: int, parts: list[int]) -> dict:
+def _text_group(work: MineWork, group: int, parts: list[int]) -> dict:
     from retrieval_core.index import lookup
     from retrieval_core.mine import mining
 
-    rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options)
-    return mining.join_export_texts(cfg, group, parts, rows)
+    rows = lookup.RowLookup(work.root.url, work.root.storage_options, work.corpus_storage_options)
+    return mining.join_export_texts(work, group, parts, rows)
 
 
-def _export_part(cfg: Config, number: int) -> dict:
+def _export_part(work: MineWork, number: int) -> dict:
     from retrieval_core.mine import mining
 
-    return mining.export_part(cfg, number)
+    return mining.export_part(work, number)
 
 
 def join_texts(cfg: Config, groups: dict[int, list[int]], parts: list[int], on_part_done) -> list[dict]:
@@ -312,14 +315,14 @@ def join_texts(cfg: Config, groups: dict[int, list[int]], parts: list[int], on_p
     (``on_part_done(number)`` as each finishes). Returns the groups' commit records."""
     group_task = ray.remote(_text_group).options(**_task_options(cfg))
     part_task = ray.remote(_export_part).options(**_task_options(cfg))
-    records = []
+    records, work_ref = [], ray.put(mining.work_of(cfg))
     dispatch.run_tasks(
-        {group_task.remote(cfg, g, p): g for g, p in groups.items()},
+        {group_task.remote(work_ref, g, p): g for g, p in groups.items()},
         lambda group, record: records.append(record),
         "mine: joining the texts of group",
     )
     dispatch.run_tasks(
-        {part_task.remote(cfg, number): number for number in parts},
+        {part_task.remote(work_ref, number): number for number in parts},
         lambda number, record: on_part_done(number),
         "mine: writing the exports of part",
     )

@@ -34,7 +34,7 @@ from retrieval_core.config import Config, MineConfig, redact_storage_options
 from retrieval_core.encode import encoding
 from retrieval_core.index import lookup
 from retrieval_core.io import storage
-from retrieval_core.io.folder import StageLayout
+from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import claim_stage_dir, peak_memory_mb, read_manifest, stamp
 from retrieval_core.mine import exports, negatives, rescoring
 from retrieval_core.mine import report as mine_report
@@ -73,6 +73,31 @@ def layout_of(cfg: Config) -> StageLayout:
     return layout_at(cfg.output.root, cfg.output.storage_options)
 
 
+@dataclasses.dataclass(frozen=True)
+class MineWork:
+    """What the mine stage's steps read and where they write, so that no step (and no task) takes the whole config:
+    the mine section, the stage's layout, the output root (the index and embeddings it reads), the corpus's storage
+    options (its texts), whether an earlier run may be replaced, and the config as the plan records it."""
+
+    mine: MineConfig
+    out: StageLayout
+    root: Folder
+    corpus_storage_options: dict = dataclasses.field(repr=False)  # credentials: never in a repr
+    overwrite: bool = False
+    config: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
+def work_of(cfg: Config) -> MineWork:
+    return MineWork(
+        cfg.mine,
+        layout_of(cfg),
+        Folder(cfg.output.root, cfg.output.storage_options),
+        cfg.corpus.storage_options,
+        cfg.output.overwrite,
+        cfg.to_dict(),
+    )
+
+
 def rules_of(mi: MineConfig) -> negatives.Rules:
     return negatives.Rules(
         num_negatives=mi.num_negatives,
@@ -107,11 +132,11 @@ def mining_identity(cfg: Config, index_manifest: dict, input_plan: dict) -> dict
     return {**identity, "cross_encoder": cross_encoder} if cross_encoder else identity
 
 
-def prepare(cfg: Config, identity: dict) -> None:
+def prepare(work: MineWork, identity: dict) -> None:
     """Check (or, with ``output.overwrite``, clear) an earlier run, and write the plan. An earlier run with other
     settings that committed no part yet (it stopped while planning, on bad input say) is cleared: only its
     planning is lost."""
-    layout = layout_of(cfg)
+    layout = work.out
     plan_url = layout.file("_plan.json")
     if storage.exists(plan_url, layout.storage_options) and not storage.list_names(
         layout.file("_parts"), layout.storage_options
@@ -121,22 +146,22 @@ def prepare(cfg: Config, identity: dict) -> None:
                 "'%s' holds the planning of a run with other settings and no mined part: planning again", layout.dir
             )
             storage.remove(layout.dir, layout.storage_options)
-    claim_stage_dir(layout.dir, identity, {"config": cfg.to_dict()}, cfg.output.overwrite, layout.storage_options)
+    claim_stage_dir(layout.dir, identity, {"config": work.config}, work.overwrite, layout.storage_options)
 
 
-def record_parts(cfg: Config, parts: int) -> None:
+def record_parts(work: MineWork, parts: int) -> None:
     """Add the number of parts to the plan once the buckets are planned (progress reports read it)."""
-    layout = layout_of(cfg)
+    layout = work.out
     url = layout.file("_plan.json")
     plan = storage.read_json(url, layout.storage_options)
     if plan.get("parts") != parts:
         storage.write_json_atomic(url, {**plan, "parts": parts}, layout.storage_options)
 
 
-def text_starts(cfg: Config, choose: Callable[[], list[int]]) -> list[int]:
+def text_starts(work: MineWork, choose: Callable[[], list[int]]) -> list[int]:
     """The text groups of the run (see :mod:`mine.texts`): those its plan records, else ``choose()``, recorded
     (every part of a run, whichever run mined it, asks by the same groups)."""
-    layout = layout_of(cfg)
+    layout = work.out
     url = layout.file("_plan.json")
     plan = storage.read_json(url, layout.storage_options)
     if "text_starts" not in plan:
@@ -145,127 +170,127 @@ def text_starts(cfg: Config, choose: Callable[[], list[int]]) -> list[int]:
     return plan["text_starts"]
 
 
-def pending_parts(cfg: Config, parts: int) -> list[int]:
-    layout = layout_of(cfg)
+def pending_parts(work: MineWork, parts: int) -> list[int]:
+    layout = work.out
     return [i for i in range(parts) if not storage.exists(layout.record_file(i), layout.storage_options)]
 
 
 # ------------------------------------------------------------------------------------------------------ one part
 
 
-def part_exports(cfg: Config, number: int, table: pa.Table, texts: dict[str, str]) -> dict:
-    mi = cfg.mine
+def part_exports(work: MineWork, number: int, table: pa.Table, texts: dict[str, str]) -> dict:
+    mi = work.mine
     return exports.write_part_exports(
-        layout_of(cfg).file(PART_EXPORTS),
+        work.out.file(PART_EXPORTS),
         number,
         table,
         texts,
         list(mi.formats),
         mi.num_negatives,
         mi.output_scores,
-        cfg.output.storage_options,
+        work.root.storage_options,
     )
 
 
-def commit_part(cfg: Config, index: int, table: pa.Table, counts: dict) -> dict:
-    layout = layout_of(cfg)
+def commit_part(work: MineWork, index: int, table: pa.Table, counts: dict) -> dict:
+    layout = work.out
     storage.write_parquet_atomic(layout.data_file(index), table, layout.storage_options)
     record = {"part": index, "path": f"part-{index:05d}.parquet", **counts}
     storage.write_json_atomic(layout.record_file(index), record, layout.storage_options)
     return record
 
 
-def part_records(cfg: Config, parts: int) -> tuple[list[dict], dict | None]:
+def part_records(work: MineWork, parts: int) -> tuple[list[dict], dict | None]:
     """(the parts' commit records without their statistics, the statistics merged), reading one record at a time.
     A part committed without this run's exports (other ``mine.formats`` or ``mine.output_scores``) or without
     statistics (an older run) gets them here, from its table."""
-    layout = layout_of(cfg)
+    layout = work.out
     records, stats = [], None
     for i in range(parts):
         record = storage.read_json(layout.record_file(i), layout.storage_options)
         if "stats" not in record or not exports.has_part_exports(
-            record, list(cfg.mine.formats), cfg.mine.output_scores
+            record, list(work.mine.formats), work.mine.output_scores
         ):
-            record = _complete_record(cfg, record)
+            record = _complete_record(work, record)
         stats = mine_report.merge_stats(stats, record.pop("stats"))
         records.append(record)
     return records, stats
 
 
-def _complete_record(cfg: Config, record: dict) -> dict:
+def _complete_record(work: MineWork, record: dict) -> dict:
     def looked_up(table: pa.Table) -> dict[str, str]:
         doc_ids = {
             d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist() for d in ids
         }
         return lookup.texts_for_doc_ids(
-            cfg.output.root, doc_ids, cfg.output.storage_options, corpus_storage_options=cfg.corpus.storage_options
+            work.root.url, doc_ids, work.root.storage_options, corpus_storage_options=work.corpus_storage_options
         )
 
-    return _with_exports(cfg, record, looked_up)
+    return _with_exports(work, record, looked_up)
 
 
-def _with_exports(cfg: Config, record: dict, texts_of) -> dict:
+def _with_exports(work: MineWork, record: dict, texts_of) -> dict:
     """Write the exports of the part of commit record ``record`` with the texts ``texts_of(its table)`` gives, and
     add them (and its statistics, when it has none) to its commit record; returns the new record."""
-    layout = layout_of(cfg)
+    layout = work.out
     table = conform(storage.read_parquet(layout.data_file(record["part"]), layout.storage_options))
     record = {
         **record,
-        "exports": part_exports(cfg, record["part"], table, texts_of(table)),
+        "exports": part_exports(work, record["part"], table, texts_of(table)),
         "stats": record.get("stats") or mine_report.part_stats(table),
     }
     storage.write_json_atomic(layout.record_file(record["part"]), record, layout.storage_options)
     return record
 
 
-def texts_dir(cfg: Config) -> str:
+def texts_dir(work: MineWork) -> str:
     """Where the text join of the exports keeps its files (see :mod:`mine.texts`)."""
-    return layout_of(cfg).file(TEXTS)
+    return work.out.file(TEXTS)
 
 
-def join_export_texts(cfg: Config, group: int, parts: list[int], rows: lookup.RowLookup) -> dict:
+def join_export_texts(work: MineWork, group: int, parts: list[int], rows: lookup.RowLookup) -> dict:
     """The text join of the exports for text group ``group``: the rows its requesting ``parts`` asked for, looked
     up with ``rows`` (see :func:`mine.texts.resolve_group`); returns the group's commit record."""
-    return mine_texts.resolve_group(texts_dir(cfg), group, parts, rows, cfg.output.storage_options)
+    return mine_texts.resolve_group(texts_dir(work), group, parts, rows, work.root.storage_options)
 
 
-def parts_to_export(cfg: Config, parts: int) -> list[tuple[int, int, list[int]]]:
+def parts_to_export(work: MineWork, parts: int) -> list[tuple[int, int, list[int]]]:
     """(part, queries, text groups) of each part whose exports the text join is to write: those committed with
     text requests (still there) and without this run's exports (reading one commit record at a time)."""
-    layout, mi = layout_of(cfg), cfg.mine
+    layout, mi = work.out, work.mine
     out = []
     for i in range(parts):
         record = storage.read_json(layout.record_file(i), layout.storage_options)
         if (
             "text_groups" in record
             and not exports.has_part_exports(record, list(mi.formats), mi.output_scores)
-            and _requests_kept(cfg, i, record["text_groups"])
+            and _requests_kept(work, i, record["text_groups"])
         ):
             out.append((i, record["queries"], record["text_groups"]))
     return out
 
 
-def _requests_kept(cfg: Config, number: int, groups: list[int]) -> bool:
+def _requests_kept(work: MineWork, number: int, groups: list[int]) -> bool:
     """Whether part ``number``'s text requests are still there (a finished run removed them: its parts then get
     other exports by :func:`part_records`)."""
-    return not groups or storage.exists(mine_texts.request_file(texts_dir(cfg), number), cfg.output.storage_options)
+    return not groups or storage.exists(mine_texts.request_file(texts_dir(work), number), work.root.storage_options)
 
 
-def export_part(cfg: Config, number: int) -> dict:
+def export_part(work: MineWork, number: int) -> dict:
     """Write part ``number``'s exports from the texts the join found for it, and add them to its commit record;
     returns the record."""
-    layout = layout_of(cfg)
+    layout = work.out
     record = storage.read_json(layout.record_file(number), layout.storage_options)
     return _with_exports(
-        cfg,
+        work,
         record,
-        lambda table: mine_texts.part_texts(texts_dir(cfg), number, record["text_groups"], layout.storage_options),
+        lambda table: mine_texts.part_texts(texts_dir(work), number, record["text_groups"], layout.storage_options),
     )
 
 
-def combine_exports(cfg: Config, records: list[dict]) -> dict[str, dict]:
+def combine_exports(work: MineWork, records: list[dict]) -> dict[str, dict]:
     """The exports of ``mine.formats``: the parts' shares concatenated in part order (see :mod:`exports`)."""
-    mi, layout = cfg.mine, layout_of(cfg)
+    mi, layout = work.mine, work.out
     return exports.combine_exports(
         layout.file("exports"),
         layout.file(PART_EXPORTS),
@@ -277,10 +302,10 @@ def combine_exports(cfg: Config, records: list[dict]) -> dict[str, dict]:
     )
 
 
-def remove_part_exports(cfg: Config) -> None:
+def remove_part_exports(work: MineWork) -> None:
     """Drop the parts' shares of the exports and the text join's files once the combined exports are committed
     (by the manifest)."""
-    layout = layout_of(cfg)
+    layout = work.out
     storage.remove(layout.file(PART_EXPORTS), layout.storage_options)
     storage.remove(layout.file(TEXTS), layout.storage_options)
     storage.remove(layout.file(CANDIDATES), layout.storage_options)
@@ -316,7 +341,7 @@ def count_totals(records: list[dict]) -> tuple[dict, dict]:
 
 
 def write_manifest(
-    cfg: Config, identity: dict, records: list[dict], input_queries: int, rejected: int, extra: dict
+    work: MineWork, identity: dict, records: list[dict], input_queries: int, rejected: int, extra: dict
 ) -> dict:
     totals, filtered = count_totals(records)
     manifest = {
@@ -330,7 +355,7 @@ def write_manifest(
         "totals": totals,
         "filtered": filtered,
         "parts": [{"part": r["part"], "path": r["path"], "written": r["written"]} for r in records],
-        "settings": redact_storage_options(dataclasses.asdict(cfg.mine)),
+        "settings": redact_storage_options(dataclasses.asdict(work.mine)),
         **extra,
         "part_steps_s": {
             step: round(sum(r.get("steps_s", {}).get(step, 0.0) for r in records), 3)
@@ -340,9 +365,9 @@ def write_manifest(
             "driver": peak_memory_mb(),
             "workers_max": max((r.get("peak_memory_mb", 0.0) for r in records), default=0.0),
         },
-        "config": cfg.to_dict(),
+        "config": work.config,
     }
-    storage.write_json_atomic(layout_of(cfg).file("_manifest.json"), manifest, cfg.output.storage_options)
+    storage.write_json_atomic(work.out.file("_manifest.json"), manifest, work.root.storage_options)
     return manifest
 
 

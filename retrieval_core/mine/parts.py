@@ -19,7 +19,6 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from retrieval_core.config import Config
 from retrieval_core.index import lookup
 from retrieval_core.io import storage
 from retrieval_core.io.manifest import peak_memory_mb
@@ -27,6 +26,7 @@ from retrieval_core.mine import mining, negatives, rescoring
 from retrieval_core.mine import report as mine_report
 from retrieval_core.mine import texts as mine_texts
 from retrieval_core.mine.inputs import MiningQuery
+from retrieval_core.mine.mining import MineWork
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ def positive_vectors(queries: list[MiningQuery], rows: lookup.RowLookup) -> dict
 
 
 def search_part(
-    cfg: Config,
+    work: MineWork,
     number: int,
     queries: list[MiningQuery],
     encode: Callable,
@@ -76,42 +76,42 @@ def search_part(
     candidate and positive row (text groups starting at rows ``text_starts``, see :mod:`mine.texts`), whose doc
     ids, text hashes and, for a cross-encoder, texts the join of the candidates finds; last, its record
     (``part-NNNNN.json``: the groups asked, seconds per step), which :func:`select_part` reads. Returns it."""
-    so, clock = cfg.output.storage_options, _Clock()
+    so, clock = work.root.storage_options, _Clock()
     vectors = clock.step("encode", encode, [q.text for q in queries])
     scores, ids = clock.step("search", search, vectors, depth)
     wanted = np.concatenate([ids.ravel(), np.array([r for q in queries for r in q.positive_rows], dtype=np.int64)])
     groups = clock.step(
-        "text_requests", mine_texts.write_requests, candidates_dir(cfg), number, wanted, text_starts, so
+        "text_requests", mine_texts.write_requests, candidates_dir(work), number, wanted, text_starts, so
     )
     buffer = io.BytesIO()
     np.savez(buffer, vectors=vectors, scores=scores, ids=ids)
-    storage.write_bytes_atomic(_candidates_file(cfg, number, "npz"), buffer.getvalue(), so)
+    storage.write_bytes_atomic(_candidates_file(work, number, "npz"), buffer.getvalue(), so)
     record = {"part": number, "text_groups": groups, "steps_s": clock.seconds}
-    storage.write_json_atomic(_candidates_file(cfg, number, "json"), record, so)
+    storage.write_json_atomic(_candidates_file(work, number, "json"), record, so)
     return record
 
 
-def candidates_dir(cfg: Config) -> str:
+def candidates_dir(work: MineWork) -> str:
     """Where the parts' search results and the join of their candidates are kept (see :mod:`mine.texts`)."""
-    return mining.layout_of(cfg).file(mining.CANDIDATES)
+    return work.out.file(mining.CANDIDATES)
 
 
-def _candidates_file(cfg: Config, number: int, suffix: str) -> str:
-    return storage.join(candidates_dir(cfg), f"part-{number:05d}.{suffix}")
+def _candidates_file(work: MineWork, number: int, suffix: str) -> str:
+    return storage.join(candidates_dir(work), f"part-{number:05d}.{suffix}")
 
 
-def searched(cfg: Config, number: int) -> bool:
+def searched(work: MineWork, number: int) -> bool:
     """Whether :func:`search_part` finished part ``number``."""
-    return storage.exists(_candidates_file(cfg, number, "json"), cfg.output.storage_options)
+    return storage.exists(_candidates_file(work, number, "json"), work.root.storage_options)
 
 
-def search_record(cfg: Config, number: int) -> dict:
+def search_record(work: MineWork, number: int) -> dict:
     """The record :func:`search_part` wrote for part ``number``."""
-    return storage.read_json(_candidates_file(cfg, number, "json"), cfg.output.storage_options)
+    return storage.read_json(_candidates_file(work, number, "json"), work.root.storage_options)
 
 
 def select_part(
-    cfg: Config,
+    work: MineWork,
     rows: lookup.RowLookup,
     number: int,
     queries: list[MiningQuery],
@@ -125,12 +125,12 @@ def select_part(
     the text requests of the documents it names (the join after the selection finds their texts for the exports
     still to write, see :func:`mining.export_part`); commit it. ``rows`` gives the positives' vectors only.
     Memory: the values (and texts) of the part's candidates. Returns its commit record."""
-    so = cfg.output.storage_options
-    record = search_record(cfg, number)
+    so = work.root.storage_options
+    record = search_record(work, number)
     clock = _Clock(record["steps_s"])
-    with np.load(io.BytesIO(storage.read_bytes(_candidates_file(cfg, number, "npz"), so))) as arrays:
+    with np.load(io.BytesIO(storage.read_bytes(_candidates_file(work, number, "npz"), so))) as arrays:
         vectors, scores, ids = arrays["vectors"], arrays["scores"], arrays["ids"]
-    joined = clock.step("select", mine_texts.part_rows, candidates_dir(cfg), number, record["text_groups"], so)
+    joined = clock.step("select", mine_texts.part_rows, candidates_dir(work), number, record["text_groups"], so)
     found = clock.step("select", Candidates.joined, joined, rows, queries, ids)
     rescored = None
     if rescore:
@@ -146,17 +146,17 @@ def select_part(
             rescore,
         )
     table, counts, named, agreement = clock.step(
-        "select", mine_part, cfg, found, queries, vectors, scores, ids, range_max, rescored
+        "select", mine_part, work, found, queries, vectors, scores, ids, range_max, rescored
     )
     if rescore:
         texts = dict(zip(joined.column("doc_id").to_pylist(), joined.column("text").to_pylist()))
-        counts["exports"] = clock.step("exports", mining.part_exports, cfg, number, table, texts)
+        counts["exports"] = clock.step("exports", mining.part_exports, work, number, table, texts)
     # with exports written, the requests serve a rerun asking for other formats before the manifest
     counts["text_groups"] = clock.step(
-        "text_requests", mine_texts.write_requests, mining.texts_dir(cfg), number, named.values(), text_starts, so
+        "text_requests", mine_texts.write_requests, mining.texts_dir(work), number, named.values(), text_starts, so
     )
     return mining.commit_part(
-        cfg,
+        work,
         number,
         table,
         {
@@ -183,7 +183,7 @@ class _Clock:
 
 
 def mine_part(
-    cfg: Config,
+    work: MineWork,
     found: Candidates,
     queries: list[MiningQuery],
     query_vectors: np.ndarray,
@@ -195,7 +195,7 @@ def mine_part(
     """Select the negatives of one part from its search results (scores / ids: n x depth, best first), by the
     cross-encoder's scores when ``rescored``. Returns the part's table (kept queries), its counts, the row id of
     every document the table names, and the agreement statistics of the two models (None without rescoring)."""
-    rules = mining.rules_of(cfg.mine)
+    rules = mining.rules_of(work.mine)
     positives, candidates = found.positives, found.values
     rows: list[dict] = []
     named: dict[str, int] = {}
@@ -225,7 +225,7 @@ def mine_part(
             counts["filtered"][rule] += n
         complete = len(chosen.ids) == rules.num_negatives
         counts["complete" if complete else ("incomplete" if chosen.ids else "without_negatives")] += 1
-        if complete or (cfg.mine.keep_incomplete and chosen.ids):
+        if complete or (work.mine.keep_incomplete and chosen.ids):
             together["chosen"] += len(chosen.ids)
             together["shared"] += shared or 0
             named.update(zip(query.positive_doc_ids, query.positive_rows))

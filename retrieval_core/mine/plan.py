@@ -24,12 +24,12 @@ import math
 
 import pyarrow as pa
 
-from retrieval_core.config import Config, MineConfig
+from retrieval_core.config import MineConfig
 from retrieval_core.index import lookup
 from retrieval_core.io import storage
 from retrieval_core.mine import shuffle as mine_shuffle
 from retrieval_core.mine.inputs import REJECTS_SCHEMA, MiningQuery, PairsError, load_queries, resolve_positives
-from retrieval_core.mine.mining import layout_of
+from retrieval_core.mine.mining import MineWork
 from retrieval_core.mine.shuffle import INPUT
 
 PART_INPUT_SCHEMA = pa.schema(
@@ -72,29 +72,29 @@ def _describe(key: str, url: str, storage_options: dict) -> dict:
     return {"url": url, "size": int(info.get("size") or 0), "version": version}
 
 
-def bucket_file(cfg: Config, name: str) -> str:
-    return layout_of(cfg).file(INPUT, name)
+def bucket_file(work: MineWork, name: str) -> str:
+    return work.out.file(INPUT, name)
 
 
-def plan_bucket(cfg: Config, bucket: int, shuffle: dict | None = None, emb: dict | None = None) -> dict:
+def plan_bucket(work: MineWork, bucket: int, shuffle: dict | None = None, emb: dict | None = None) -> dict:
     """Plan query bucket ``bucket`` (see the module): write its part inputs, rejects and commit record; returns the
     record. With ``shuffle`` (the plan of :mod:`mine.shuffle`, whose first waves ran) its queries and their
     positives' row ids come from the shuffle (memory: the bucket's queries); without, the input is one bucket,
     read here, and its positives are found by one pass over the embedding shards' ``doc_id`` columns (memory: the
     input's queries and one shard's column)."""
-    mi, so = cfg.mine, cfg.output.storage_options
+    mi, so = work.mine, work.root.storage_options
     if shuffle:
-        queries, rows = mine_shuffle.bucket_input(cfg, bucket, shuffle)
+        queries, rows = mine_shuffle.bucket_input(work, bucket, shuffle)
     else:
         queries = load_queries(mi)
-        rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in queries for d in q.positive_doc_ids}, so, emb)
+        rows = lookup.rows_for_doc_ids(work.root.url, {d for q in queries for d in q.positive_doc_ids}, so, emb)
     kept, rejects = resolve_positives(queries, rows)
     kept.sort(key=lambda q: min(q.positive_rows))  # a part's positives then lie in few embedding shards
     parts = [kept[i : i + mi.queries_per_part] for i in range(0, len(kept), mi.queries_per_part)]
     for number, part in enumerate(parts):
-        storage.write_parquet_atomic(bucket_file(cfg, f"b{bucket:05d}-{number:05d}.parquet"), _part_table(part), so)
+        storage.write_parquet_atomic(bucket_file(work, f"b{bucket:05d}-{number:05d}.parquet"), _part_table(part), so)
     storage.write_parquet_atomic(
-        bucket_file(cfg, f"b{bucket:05d}-rejects.parquet"), pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), so
+        bucket_file(work, f"b{bucket:05d}-rejects.parquet"), pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), so
     )
     record = {
         "bucket": bucket,
@@ -105,7 +105,7 @@ def plan_bucket(cfg: Config, bucket: int, shuffle: dict | None = None, emb: dict
         "max_positives": max((len(q.positive_rows) for q in kept), default=0),
         "rejected_examples": [r["doc_id"] for r in rejects[:3]],
     }
-    storage.write_json_atomic(bucket_file(cfg, f"b{bucket:05d}.json"), record, so)
+    storage.write_json_atomic(bucket_file(work, f"b{bucket:05d}.json"), record, so)
     return record
 
 
@@ -124,12 +124,10 @@ def _part_table(part: list[MiningQuery]) -> pa.Table:
     )
 
 
-def bucket_record(cfg: Config, bucket: int) -> dict | None:
+def bucket_record(work: MineWork, bucket: int) -> dict | None:
     """The bucket's commit record, or None when it is not planned yet."""
-    url = bucket_file(cfg, f"b{bucket:05d}.json")
-    return (
-        storage.read_json(url, cfg.output.storage_options) if storage.exists(url, cfg.output.storage_options) else None
-    )
+    url = bucket_file(work, f"b{bucket:05d}.json")
+    return storage.read_json(url, work.root.storage_options) if storage.exists(url, work.root.storage_options) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +150,16 @@ def part_inputs(records: list[dict], queries_per_part: int) -> list[PartInput]:
     return out
 
 
-def read_part_input(cfg: Config, part: PartInput) -> list[MiningQuery]:
+def read_part_input(work: MineWork, part: PartInput) -> list[MiningQuery]:
     table = storage.read_parquet(
-        bucket_file(cfg, f"b{part.bucket:05d}-{part.index:05d}.parquet"), cfg.output.storage_options
+        bucket_file(work, f"b{part.bucket:05d}-{part.index:05d}.parquet"), work.root.storage_options
     )
     return [MiningQuery(r["query_id"], r["query"], r["positive_ids"], r["positive_rows"]) for r in table.to_pylist()]
 
 
-def write_rejects(cfg: Config, buckets: int) -> int:
+def write_rejects(work: MineWork, buckets: int) -> int:
     """``negatives/rejects.parquet``: the buckets' rejects concatenated, one bucket in memory at a time."""
-    pieces = [bucket_file(cfg, f"b{bucket:05d}-rejects.parquet") for bucket in range(buckets)]
+    pieces = [bucket_file(work, f"b{bucket:05d}-rejects.parquet") for bucket in range(buckets)]
     return storage.concat_parquet_atomic(
-        layout_of(cfg).file("rejects.parquet"), pieces, REJECTS_SCHEMA, cfg.output.storage_options
+        work.out.file("rejects.parquet"), pieces, REJECTS_SCHEMA, work.root.storage_options
     )

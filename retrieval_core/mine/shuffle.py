@@ -37,12 +37,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from retrieval_core.config import Config
 from retrieval_core.encode.embeddings import read_shard_table
 from retrieval_core.io import storage
 from retrieval_core.io.sharding import buckets_of
 from retrieval_core.mine.inputs import MiningQuery, Row, input_files, input_rows, queries_of
-from retrieval_core.mine.mining import layout_of
+from retrieval_core.mine.mining import MineWork
 
 INPUT = "_input"
 DOC_ROWS_PER_TASK = 4_000_000  # corpus doc ids per doc bucket and per shard group (about 300 MB in Arrow)
@@ -77,35 +76,35 @@ def shuffle_plan(buckets: int, emb: dict) -> dict:
     return {"buckets": buckets, "doc_buckets": max(1, math.ceil(rows / DOC_ROWS_PER_TASK)), "groups": groups}
 
 
-def _file(cfg: Config, *parts: str) -> str:
-    return layout_of(cfg).file(INPUT, *parts)
+def _file(work: MineWork, *parts: str) -> str:
+    return work.out.file(INPUT, *parts)
 
 
-def _done(cfg: Config, *parts: str) -> bool:
-    return storage.exists(_file(cfg, *parts), cfg.output.storage_options)
+def _done(work: MineWork, *parts: str) -> bool:
+    return storage.exists(_file(work, *parts), work.root.storage_options)
 
 
-def inputs_to_split(cfg: Config) -> list[int]:
-    return [i for i in range(len(input_files(cfg.mine))) if not _done(cfg, "split", f"i{i}.json")]
+def inputs_to_split(work: MineWork) -> list[int]:
+    return [i for i in range(len(input_files(work.mine))) if not _done(work, "split", f"i{i}.json")]
 
 
-def groups_to_partition(cfg: Config, plan: dict) -> list[int]:
-    return [g for g in range(len(plan["groups"])) if not _done(cfg, "corpus", f"g{g:05d}.json")]
+def groups_to_partition(work: MineWork, plan: dict) -> list[int]:
+    return [g for g in range(len(plan["groups"])) if not _done(work, "corpus", f"g{g:05d}.json")]
 
 
-def doc_buckets_to_join(cfg: Config, plan: dict) -> list[int]:
-    return [d for d in range(plan["doc_buckets"]) if not _done(cfg, "rows", f"d{d:05d}.json")]
+def doc_buckets_to_join(work: MineWork, plan: dict) -> list[int]:
+    return [d for d in range(plan["doc_buckets"]) if not _done(work, "rows", f"d{d:05d}.json")]
 
 
-def split_input(cfg: Config, number: int, plan: dict) -> dict:
+def split_input(work: MineWork, number: int, plan: dict) -> dict:
     """Read input file ``number`` once (every row checked) and stream its rows to their query buckets' files and
     its positives to their doc buckets' files; returns its record. Memory: a batch of rows per open file."""
-    so, (kind, url) = cfg.output.storage_options, input_files(cfg.mine)[number]
+    so, (kind, url) = work.root.storage_options, input_files(work.mine)[number]
     rows = 0
     with contextlib.ExitStack() as files:
         to_buckets = [
             files.enter_context(
-                storage.parquet_writer_atomic(_file(cfg, "split", f"i{number}-b{b:05d}.parquet"), ROW_SCHEMA, so)
+                storage.parquet_writer_atomic(_file(work, "split", f"i{number}-b{b:05d}.parquet"), ROW_SCHEMA, so)
             )
             for b in range(plan["buckets"])
         ]
@@ -114,16 +113,16 @@ def split_input(cfg: Config, number: int, plan: dict) -> dict:
             if kind == "queries"
             else [
                 files.enter_context(
-                    storage.parquet_writer_atomic(_file(cfg, "split", f"i{number}-d{d:05d}.parquet"), ASKED_SCHEMA, so)
+                    storage.parquet_writer_atomic(_file(work, "split", f"i{number}-d{d:05d}.parquet"), ASKED_SCHEMA, so)
                 )
                 for d in range(plan["doc_buckets"])
             ]
         )
-        for batch in _batches(input_rows(cfg.mine, kind, url), BATCH_ROWS):
+        for batch in _batches(input_rows(work.mine, kind, url), BATCH_ROWS):
             rows += len(batch)
             _write_split(batch, plan, to_buckets, to_docs)
     record = {"input": number, "kind": kind, "rows": rows}
-    storage.write_json_atomic(_file(cfg, "split", f"i{number}.json"), record, so)
+    storage.write_json_atomic(_file(work, "split", f"i{number}.json"), record, so)
     return record
 
 
@@ -159,34 +158,34 @@ def _write_by(table: pa.Table, key: np.ndarray, writers: list) -> None:
         writers[value](table.filter(pa.array(key == value)))
 
 
-def partition_corpus(cfg: Config, group: int, plan: dict, emb: dict) -> dict:
+def partition_corpus(work: MineWork, group: int, plan: dict, emb: dict) -> dict:
     """Write the (doc id, row id) of shard group ``group`` by doc bucket (one row group each); returns its record.
     Memory: the group's doc ids."""
-    so = cfg.output.storage_options
+    so = work.root.storage_options
     table = pa.concat_tables(
         [
-            read_shard_table(cfg.output.root, emb["shards"][i], ["doc_id"], so).select(["doc_id", "row_id"])
+            read_shard_table(work.root.url, emb["shards"][i], ["doc_id"], so).select(["doc_id", "row_id"])
             for i in plan["groups"][group]
         ]
     )
     doc_ids = table.column("doc_id").to_pylist()
     table = table.append_column("doc_bucket", pa.array(buckets_of(doc_ids, plan["doc_buckets"]), pa.int32()))
-    storage.write_parquet_by_value(_file(cfg, "corpus", f"g{group:05d}.parquet"), table, "doc_bucket", so)
+    storage.write_parquet_by_value(_file(work, "corpus", f"g{group:05d}.parquet"), table, "doc_bucket", so)
     record = {"group": group, "rows": table.num_rows}
-    storage.write_json_atomic(_file(cfg, "corpus", f"g{group:05d}.json"), record, so)
+    storage.write_json_atomic(_file(work, "corpus", f"g{group:05d}.json"), record, so)
     return record
 
 
-def join_positives(cfg: Config, doc_bucket: int, plan: dict) -> dict:
+def join_positives(work: MineWork, doc_bucket: int, plan: dict) -> dict:
     """Join the positives of doc bucket ``doc_bucket`` (each once per query bucket asking) with the bucket's doc ids
     of every shard group, and write those found by query bucket; returns its record. Memory: the doc bucket's doc
     ids and positives."""
-    so = cfg.output.storage_options
+    so = work.root.storage_options
     asked = (
         pa.concat_tables(
             [
-                storage.read_parquet(_file(cfg, "split", f"i{i}-d{doc_bucket:05d}.parquet"), so)
-                for i, (kind, _) in enumerate(input_files(cfg.mine))
+                storage.read_parquet(_file(work, "split", f"i{i}-d{doc_bucket:05d}.parquet"), so)
+                for i, (kind, _) in enumerate(input_files(work.mine))
                 if kind != "queries"
             ]
         )
@@ -194,31 +193,31 @@ def join_positives(cfg: Config, doc_bucket: int, plan: dict) -> dict:
         .aggregate([])
     )
     corpus = [
-        storage.read_parquet_where(_file(cfg, "corpus", f"g{g:05d}.parquet"), "doc_bucket", doc_bucket, so).select(
+        storage.read_parquet_where(_file(work, "corpus", f"g{g:05d}.parquet"), "doc_bucket", doc_bucket, so).select(
             ["doc_id", "row_id"]
         )
         for g in range(len(plan["groups"]))
     ]
     found = asked.join(pa.concat_tables(corpus), "doc_id", join_type="inner") if corpus else asked.slice(0, 0)
     found = found.select(FOUND_SCHEMA.names).cast(FOUND_SCHEMA) if found.num_rows else FOUND_SCHEMA.empty_table()
-    storage.write_parquet_by_value(_file(cfg, "rows", f"d{doc_bucket:05d}.parquet"), found, "bucket", so)
+    storage.write_parquet_by_value(_file(work, "rows", f"d{doc_bucket:05d}.parquet"), found, "bucket", so)
     record = {"doc_bucket": doc_bucket, "asked": asked.num_rows, "found": found.num_rows}
-    storage.write_json_atomic(_file(cfg, "rows", f"d{doc_bucket:05d}.json"), record, so)
+    storage.write_json_atomic(_file(work, "rows", f"d{doc_bucket:05d}.json"), record, so)
     return record
 
 
-def bucket_input(cfg: Config, bucket: int, plan: dict) -> tuple[list[MiningQuery], dict[str, int]]:
+def bucket_input(work: MineWork, bucket: int, plan: dict) -> tuple[list[MiningQuery], dict[str, int]]:
     """(the queries of query bucket ``bucket``, merged from its rows of every input file; doc id -> row id of
     their positives found in the corpus)."""
-    so = cfg.output.storage_options
+    so = work.root.storage_options
     rows = {
-        kind: _rows_of(storage.read_parquet(_file(cfg, "split", f"i{i}-b{bucket:05d}.parquet"), so))
-        for i, (kind, _) in enumerate(input_files(cfg.mine))
+        kind: _rows_of(storage.read_parquet(_file(work, "split", f"i{i}-b{bucket:05d}.parquet"), so))
+        for i, (kind, _) in enumerate(input_files(work.mine))
     }
-    queries = queries_of(cfg.mine, rows)
+    queries = queries_of(work.mine, rows)
     doc_rows: dict[str, int] = {}
     for d in range(plan["doc_buckets"]):
-        found = storage.read_parquet_where(_file(cfg, "rows", f"d{d:05d}.parquet"), "bucket", bucket, so)
+        found = storage.read_parquet_where(_file(work, "rows", f"d{d:05d}.parquet"), "bucket", bucket, so)
         doc_rows.update(zip(found.column("doc_id").to_pylist(), found.column("row_id").to_pylist()))
     return queries, doc_rows
 
@@ -227,7 +226,7 @@ def _rows_of(table: pa.Table) -> Iterable[Row]:
     return zip(*(table.column(name).to_pylist() for name in ROW_SCHEMA.names))
 
 
-def remove_scratch(cfg: Config) -> None:
+def remove_scratch(work: MineWork) -> None:
     """Drop the shuffle's files once every query bucket is planned."""
     for name in SCRATCH:
-        storage.remove(_file(cfg, name), cfg.output.storage_options)
+        storage.remove(_file(work, name), work.root.storage_options)

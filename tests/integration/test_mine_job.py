@@ -404,14 +404,14 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
         queries_per_part=15,
     )
     root, emb = str(cfg.output.root), read_embeddings_manifest(str(cfg.output.root))
-    parts = mine_plan.part_inputs([mine_plan.plan_bucket(cfg, 0, emb=emb)], cfg.mine.queries_per_part)
-    queries = {p.number: mine_plan.read_part_input(cfg, p) for p in parts}
+    parts = mine_plan.part_inputs([mine_plan.plan_bucket(mining.work_of(cfg), 0, emb=emb)], cfg.mine.queries_per_part)
+    queries = {p.number: mine_plan.read_part_input(mining.work_of(cfg), p) for p in parts}
     merged, encoder = indexing.load_index(root)[0], encoding.load_encoder(cfg.model, 0, threads=1)
-    starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mine_parts.candidates_dir(cfg)
+    starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mine_parts.candidates_dir(mining.work_of(cfg))
     assert len(parts) > 1 and len(starts) > 1
     for p in parts:
         mine_parts.search_part(
-            cfg,
+            mining.work_of(cfg),
             p.number,
             queries[p.number],
             encoder.encode_queries,
@@ -419,7 +419,7 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
             16,
             starts,
         )
-    asked = [(p.number, mine_parts.search_record(cfg, p.number)["text_groups"]) for p in parts]
+    asked = [(p.number, mine_parts.search_record(mining.work_of(cfg), p.number)["text_groups"]) for p in parts]
     records = [
         mine_texts.resolve_group(directory, g, numbers, lookup.RowLookup(root))
         for g, numbers in mine_texts.groups_to_join(directory, asked).items()
@@ -429,7 +429,9 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
     assert 0 < read <= corpus_rows < sum(r["texts"] for r in records)  # each text read once, whatever the parts
     scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model)
     committed = [
-        mine_parts.select_part(cfg, NoPartLookups(root), p.number, queries[p.number], 12, starts, scorer.score)
+        mine_parts.select_part(
+            mining.work_of(cfg), NoPartLookups(root), p.number, queries[p.number], 12, starts, scorer.score
+        )
         for p in parts
     ]
     assert all(r["exports"]["formats"] == list(cfg.mine.formats) for r in committed)  # no second join

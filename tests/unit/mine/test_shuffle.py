@@ -10,6 +10,7 @@ from helpers import config, write_synthetic_embeddings
 from retrieval_core.index import lookup
 from retrieval_core.io.sharding import buckets_of
 from retrieval_core.mine import inputs as mine_input
+from retrieval_core.mine import mining
 from retrieval_core.mine import plan as mine_plan
 from retrieval_core.mine import shuffle as mine_shuffle
 
@@ -45,12 +46,12 @@ def _shuffled(cfg, emb, monkeypatch):
     )
     monkeypatch.setattr(mine_shuffle, "DOC_ROWS_PER_TASK", 70)  # 300 rows: 5 doc buckets, shard groups of 2 shards
     plan = mine_shuffle.shuffle_plan(BUCKETS, emb)
-    for i in mine_shuffle.inputs_to_split(cfg):
-        mine_shuffle.split_input(cfg, i, plan)
-    for g in mine_shuffle.groups_to_partition(cfg, plan):
-        mine_shuffle.partition_corpus(cfg, g, plan, emb)
-    for d in mine_shuffle.doc_buckets_to_join(cfg, plan):
-        mine_shuffle.join_positives(cfg, d, plan)
+    for i in mine_shuffle.inputs_to_split(mining.work_of(cfg)):
+        mine_shuffle.split_input(mining.work_of(cfg), i, plan)
+    for g in mine_shuffle.groups_to_partition(mining.work_of(cfg), plan):
+        mine_shuffle.partition_corpus(mining.work_of(cfg), g, plan, emb)
+    for d in mine_shuffle.doc_buckets_to_join(mining.work_of(cfg), plan):
+        mine_shuffle.join_positives(mining.work_of(cfg), d, plan)
     return plan, files, shards
 
 
@@ -89,7 +90,7 @@ def test_the_shuffle_gives_each_bucket_its_queries_and_positives_reading_each_fi
     assert 0 < len(found) < len({d for q in everything for d in q.positive_doc_ids})  # some positives absent
     seen = []
     for bucket in range(BUCKETS):
-        queries, doc_rows = mine_shuffle.bucket_input(cfg, bucket, plan)
+        queries, doc_rows = mine_shuffle.bucket_input(mining.work_of(cfg), bucket, plan)
         expected = mine_input.load_queries(
             cfg.mine, keep=lambda q, b=bucket: buckets_of([q], BUCKETS)[0] == b
         )  # the input read for this bucket alone
@@ -98,13 +99,17 @@ def test_the_shuffle_gives_each_bucket_its_queries_and_positives_reading_each_fi
         assert doc_rows == {d: r for d, r in found.items() if d in asked}
         seen += [q.query_id for q in queries]
     assert sorted(seen) == sorted(q.query_id for q in everything)
-    record = mine_plan.plan_bucket(cfg, 0, plan)
+    record = mine_plan.plan_bucket(mining.work_of(cfg), 0, plan)
     assert (
         record["kept"]
-        + sum(1 for q in mine_shuffle.bucket_input(cfg, 0, plan)[0] if not any(d in found for d in q.positive_doc_ids))
+        + sum(
+            1
+            for q in mine_shuffle.bucket_input(mining.work_of(cfg), 0, plan)[0]
+            if not any(d in found for d in q.positive_doc_ids)
+        )
         == record["input_queries"]
     )
-    mine_shuffle.remove_scratch(cfg)
+    mine_shuffle.remove_scratch(mining.work_of(cfg))
     assert not any((tmp_path / "root" / "negatives" / "_input" / name).exists() for name in mine_shuffle.SCRATCH)
     assert (tmp_path / "root" / "negatives" / "_input" / "b00000.json").exists()
 
@@ -121,6 +126,6 @@ def test_a_bad_row_names_its_line_and_commits_nothing(tmp_path):
     )
     plan = mine_shuffle.shuffle_plan(2, emb)
     with pytest.raises(mine_input.PairsError, match=r"pairs\.jsonl' line 4: missing column 'query'"):
-        mine_shuffle.split_input(cfg, 0, plan)
-    assert mine_shuffle.inputs_to_split(cfg) == [0]
+        mine_shuffle.split_input(mining.work_of(cfg), 0, plan)
+    assert mine_shuffle.inputs_to_split(mining.work_of(cfg)) == [0]
     assert not list((tmp_path / "root" / "negatives" / "_input" / "split").glob("*"))  # no file left behind
