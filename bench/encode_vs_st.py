@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from retrieval_core.io.folder import Folder
+
 REPO = Path(__file__).resolve().parents[1]
 SCIFACT = (
     Path(os.environ.get("SCIFACT_DIR") or Path(__file__).resolve().parents[2] / "shared/data/scifact")
@@ -182,7 +184,7 @@ def run_job(cfg) -> tuple[float, dict, list[str], np.ndarray]:
     started = time.perf_counter()
     summary = encode.run(cfg)
     seconds = time.perf_counter() - started
-    _, vectors, doc_ids = load_embeddings(cfg.output.root)
+    _, vectors, doc_ids = load_embeddings(Folder(cfg.output.root))
     return seconds, summary, doc_ids, vectors
 
 

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from retrieval_core.io.folder import Folder
+
 REPO = Path(__file__).resolve().parents[1]
 SCIFACT = Path(os.environ.get("SCIFACT_DIR") or REPO.parent / "shared" / "data" / "scifact")  # BEIR SciFact
 
@@ -203,7 +205,9 @@ def mine_command(args, root: str, items: list[str]) -> tuple[float, dict[str, se
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "SCIFACT_DIR": str(args.data)})
     seconds = time.perf_counter() - started
     corpus = {r["_id"]: f"{r['title']} {r['text']}" for r in pq.read_table(args.data / "corpus.parquet").to_pylist()}
-    return seconds, {r["query"]: {corpus[d] for d in r["negative_ids"]} for r in mining.read_parts(root).to_pylist()}
+    return seconds, {
+        r["query"]: {corpus[d] for d in r["negative_ids"]} for r in mining.read_parts(Folder(root)).to_pylist()
+    }
 
 
 def build_cross_encoder(directory: Path) -> str:
@@ -230,7 +234,7 @@ def ours(cfg, corpus: dict, stages: tuple) -> tuple[float, dict[str, set[str]]]:
             index.run(cfg)
         mine.run(cfg)
     seconds = time.perf_counter() - started
-    table = mining.read_parts(cfg.output.root).to_pylist()
+    table = mining.read_parts(Folder(cfg.output.root)).to_pylist()
     return seconds, {r["query"]: {corpus[d] for d in r["negative_ids"]} for r in table}
 
 

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from retrieval_core.io.folder import Folder
+
 REPO = Path(__file__).resolve().parents[1]
 SCIFACT = Path(os.environ.get("SCIFACT_DIR") or REPO.parent / "shared" / "data" / "scifact")  # BEIR SciFact
 
@@ -114,10 +116,10 @@ def same_top10(refresh_root: str, scratch_root: str) -> float:
     version_root, _ = versions.resolve_root(refresh_root)
     results = []
     for root in (version_root, scratch_root):
-        row_ids, vectors, doc_ids = embeddings.load_embeddings(root)
+        row_ids, vectors, doc_ids = embeddings.load_embeddings(Folder(root))
         by_doc = dict(zip(doc_ids, vectors))
         queries = np.stack([by_doc[d] for d in sorted(by_doc)[::50]])
-        index, _ = indexing.load_index(root)
+        index, _ = indexing.load_index(Folder(root))
         _, ids = faiss_index.search(index, queries, 10)
         doc_of = dict(zip(row_ids.tolist(), doc_ids))
         results.append([[doc_of[int(r)] for r in row] for row in ids])

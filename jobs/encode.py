@@ -17,6 +17,7 @@ from jobs.ray import actors, cluster, dispatch
 from retrieval_core.config import Config
 from retrieval_core.encode import embeddings, encoding
 from retrieval_core.io import corpus, sharding, storage
+from retrieval_core.io.folder import Folder
 
 log = logging.getLogger("jobs.encode")
 KEYS = (
@@ -60,7 +61,7 @@ def run(cfg: Config, on_shard_done=None) -> dict:
         pending = embeddings.pending_shards(shards, layout)
         records = _encode_pending(cfg, session, pending, identity, on_shard_done) if pending else []
     if not pending and storage.exists(layout.manifest, layout.storage_options):
-        manifest = embeddings.read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
+        manifest = embeddings.read_embeddings_manifest(Folder.output(cfg.output))
     else:
         dim = records[0]["dim"] if records else _committed_dim(layout)
         manifest = embeddings.write_manifest(cfg, shards, identity, dim, time.perf_counter() - started)

@@ -24,6 +24,7 @@ from retrieval_core.encode import encoding
 from retrieval_core.evaluate import metrics
 from retrieval_core.index import indexing, lookup
 from retrieval_core.io import judgements, storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import stamp
 
 log = logging.getLogger("jobs.evaluate")
@@ -67,7 +68,7 @@ def run(cfg: Config) -> dict:
     earlier = _earlier_result(storage.join(out, "metrics.json"), cfg)
     if earlier and earlier.get("identity") == identity and not cfg.output.overwrite:
         return {**earlier, "reused": True}
-    rows = lookup.rows_for_doc_ids(cfg.output.root, {d for q in qids for d in qrels[q]}, so)
+    rows = lookup.rows_for_doc_ids(Folder(cfg.output.root, so), {d for q in qids for d in qrels[q]})
     unindexed = relevant_not_indexed(qrels, qids, rows)
     texts = [queries[q] for q in qids]
     with query_encoding.searched_batches(cfg, texts, ev.depth, BATCH_QUERIES) as (batches, index_manifest):
@@ -138,7 +139,7 @@ def relevant_not_indexed(qrels: dict[str, dict[str, int]], qids: list[str], rows
 def evaluation_identity(cfg: Config, queries: dict[str, str], qrels: dict, qids: list[str]) -> dict:
     """What fixes the figures: the index build, the query encoder (its prompt included), the depth, and the judged
     queries' texts and judgements (by content, so a moved file with the same content is the same evaluation)."""
-    index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
+    index_manifest = indexing.read_index_manifest(Folder.output(cfg.output))
     content = json.dumps([[q, queries[q], sorted(qrels[q].items())] for q in qids])
     return {
         "index": index_manifest["identity"],

@@ -18,6 +18,7 @@ from retrieval_core.config import Config
 from retrieval_core.encode import encoding
 from retrieval_core.index import indexing
 from retrieval_core.io import storage
+from retrieval_core.io.folder import Folder
 
 log = logging.getLogger("jobs.index")
 KEYS = (
@@ -43,7 +44,7 @@ def run(cfg: Config, in_process: bool = False) -> dict:
     plan = indexing.prepare(cfg)
     layout = indexing.layout_of(cfg)
     if storage.exists(layout.file("manifest.json"), layout.storage_options):
-        return _summary(indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options), reused=True)
+        return _summary(indexing.read_index_manifest(Folder.output(cfg.output)), reused=True)
     if in_process or dispatch.runs_here(plan.ntotal, cfg.runtime.inline_rows):
         actors.faiss_threads(encoding.cpu_count())
         return _summary(indexing.build_in_process(cfg), reused=False)

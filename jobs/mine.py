@@ -30,6 +30,7 @@ from retrieval_core.config import Config
 from retrieval_core.encode.embeddings import read_embeddings_manifest
 from retrieval_core.index import indexing, lookup
 from retrieval_core.io import storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.mine import mining, negatives
 from retrieval_core.mine import parts as mine_parts
 from retrieval_core.mine import plan as mine_plan
@@ -62,21 +63,21 @@ def run(cfg: Config) -> dict:
     mine_work = mining.work_of(cfg)
     cfg = cluster.read_version(cfg)
     started = time.perf_counter()
-    index_manifest = indexing.read_index_manifest(cfg.output.root, cfg.output.storage_options)
+    index_manifest = indexing.read_index_manifest(Folder.output(cfg.output))
     if index_manifest["metric"] != "ip":
         raise ValueError(
             f"mining scores by similarity and needs an inner-product index; the index under "
             f"'{cfg.output.root}' uses metric {index_manifest['metric']}: rebuild with index.metric=ip"
         )
     query_encoding.check_encoder(cfg, index_manifest)
-    emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
+    emb = read_embeddings_manifest(Folder.output(cfg.output))
     plan = mine_plan.input_plan(cfg.mine)
     identity = mining.mining_identity(cfg, index_manifest, plan)
     mining.prepare(mine_work, identity)
     layout = mining.layout_of(cfg)
     if storage.exists(layout.file("_manifest.json"), layout.storage_options):
         mining.remove_part_exports(mine_work)  # left by a run killed after its manifest
-        return _summary(mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options), True)
+        return _summary(mining.read_mine_manifest(Folder.output(cfg.output)), True)
     with cluster.LazyRaySession(cfg.runtime) as session:
         buckets, shuffle = _plan_buckets(cfg, session, emb, plan)
         counts = {k: sum(b[k] for b in buckets) for k in ("input_queries", "kept", "rejected")}
@@ -307,7 +308,7 @@ def _join_texts(cfg: Config, session, parts: int, workers: list | None = None, r
                 "writing the exports of part",
             )
         elif dispatch.runs_here(sum(queries for _, queries, _ in todo), cfg.runtime.inline_rows):
-            rows = lookup.RowLookup(cfg.output.root, so, cfg.corpus.storage_options)
+            rows = lookup.RowLookup(Folder(cfg.output.root, so), cfg.corpus.storage_options)
             records = [mining.join_export_texts(mine_work, g, numbers, rows) for g, numbers in groups.items()]
             for number, _, _ in todo:
                 mining.export_part(mine_work, number)

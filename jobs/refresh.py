@@ -25,6 +25,7 @@ from retrieval_core.config import Config
 from retrieval_core.encode import embeddings, encoding
 from retrieval_core.index import indexing
 from retrieval_core.io import corpus, leases, sharding, storage, versions
+from retrieval_core.io.folder import Folder
 from retrieval_core.refresh import index_reuse as refresh_index
 from retrieval_core.refresh import publishing, refreshing
 
@@ -127,7 +128,11 @@ def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
         segments = refreshing.plan_segments(p, diff["encode_rows"])
         records, encoded_now = steps.timed("encode", lambda: _encode(steps, p, segments, identity))
         shared = steps.timed("tombstones", lambda: _tombstones(steps, p, diff["tombstones"]))
-        dim = records[0]["dim"] if records else embeddings.read_embeddings_manifest(p.previous_version_root, so)["dim"]
+        dim = (
+            records[0]["dim"]
+            if records
+            else embeddings.read_embeddings_manifest(Folder(p.previous_version_root, so))["dim"]
+        )
         lease.check("writing the version's embeddings manifest")
         refreshing.write_version_manifest(cfg, p, identity, dim, counts, shared, records, time.perf_counter() - started)
         vcfg = refreshing.version_config(cfg, p.version_root)
@@ -308,8 +313,8 @@ def _retrain_if_recall_fell(steps: _Steps, vcfg: Config, p: refreshing.RefreshPl
     nprobe fell under ``index.target_recall`` is built again on a quantizer trained anew."""
     so = vcfg.output.storage_options
     recall = refresh_index.recall_verdict(
-        indexing.read_index_manifest(p.previous_version_root, so),
-        indexing.read_index_manifest(vcfg.output.root, so),
+        indexing.read_index_manifest(Folder(p.previous_version_root, so)),
+        indexing.read_index_manifest(Folder(vcfg.output.root, so)),
         vcfg.index.target_recall,
     )
     if not recall["fell"]:
@@ -351,7 +356,7 @@ def _gate_and_publish(
     lease: leases.Lease,
 ) -> dict:
     so = cfg.output.storage_options
-    index_manifest = indexing.read_index_manifest(p.version_root, so)
+    index_manifest = indexing.read_index_manifest(Folder(p.version_root, so))
     previous_ndcg = publishing.previous_ndcg(p, so) if evaluation else None
     gates = publishing.gates(
         cfg,

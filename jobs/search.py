@@ -16,6 +16,7 @@ from jobs import _cli
 from jobs.ray import cluster, query_encoding
 from retrieval_core.config import Config
 from retrieval_core.index import lookup
+from retrieval_core.io.folder import Folder
 
 log = logging.getLogger("jobs.search")
 PREVIEW_CHARS = 80
@@ -26,8 +27,8 @@ def run(cfg: Config, queries: list[str], k: int | None = None) -> list[list[dict
     """For each query, its top k hits as dicts (rank, score, row_id, doc_id, text), best first."""
     cfg = cluster.read_version(cfg)
     scores, ids, _ = query_encoding.search_texts(cfg, queries, k or cfg.search.k)
-    doc_ids = lookup.doc_ids_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options)
-    texts = lookup.texts_for_rows(cfg.output.root, ids.ravel(), cfg.output.storage_options, cfg.corpus.storage_options)
+    doc_ids = lookup.doc_ids_for_rows(Folder.output(cfg.output), ids.ravel())
+    texts = lookup.texts_for_rows(Folder.output(cfg.output), ids.ravel(), cfg.corpus.storage_options)
     return [
         [
             {

@@ -48,7 +48,7 @@ def output_of(cfg: Config) -> str:
 
 
 def identity_of(cfg: Config) -> dict:
-    mined = mining.read_mine_manifest(cfg.output.root, cfg.output.storage_options)
+    mined = mining.read_mine_manifest(Folder.output(cfg.output))
     settings = {k: v for k, v in vars(cfg.train).items() if k != "checkpoint_steps"}  # same weights whatever it is
     return {
         "base": encoding.encoder_identity(cfg.model)["fingerprint"],
@@ -77,9 +77,7 @@ def run(cfg: Config) -> dict:
             )
     training.check_trainable(cfg.model)
     started = time.perf_counter()
-    examples = training.load_examples(
-        Folder(cfg.output.root, cfg.output.storage_options), cfg.corpus.storage_options, cfg.train.num_negatives
-    )
+    examples = training.load_examples(Folder.output(cfg.output), cfg.corpus.storage_options, cfg.train.num_negatives)
     train_set, held_out = training.split_examples(examples, cfg.train.eval_fraction, cfg.train.seed)
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval_core.io.folder import Folder
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -191,7 +193,7 @@ def encode_job(device: str, output: str) -> tuple[list[str], np.ndarray]:
     )
     from retrieval_core.encode import embeddings
 
-    _, vectors, doc_ids = embeddings.load_embeddings(output)
+    _, vectors, doc_ids = embeddings.load_embeddings(Folder(output))
     return doc_ids, vectors
 
 

@@ -8,6 +8,7 @@ import ray
 
 from jobs.ray import cluster, dispatch
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import Shard
 from retrieval_core.mine import mining
 from retrieval_core.mine.mining import MineWork
@@ -105,9 +106,9 @@ class IndexSearcher:
 
         faiss_threads(cpus)
         if shard_names is None:
-            self.indexes = [indexing.load_index(root, storage_options, mmap=True)[0]]
+            self.indexes = [indexing.load_index(Folder(root, storage_options), mmap=True)[0]]
         else:
-            self.indexes = [indexing.load_shard_index(root, name, storage_options) for name in shard_names]
+            self.indexes = [indexing.load_shard_index(Folder(root, storage_options), name) for name in shard_names]
 
     def search(self, vectors, k: int):
         from retrieval_core.index import faiss_index, search
@@ -149,7 +150,7 @@ class MineWorker:
             if cfg.mine.cross_encoder
             else None
         )
-        self.rows = lookup.RowLookup(cfg.output.root, cfg.output.storage_options, cfg.corpus.storage_options, manifest)
+        self.rows = lookup.RowLookup(Folder.output(cfg.output), cfg.corpus.storage_options, manifest)
         self.position = position
 
     @classmethod
@@ -299,7 +300,7 @@ def _text_group(work: MineWork, group: int, parts: list[int]) -> dict:
     from retrieval_core.index import lookup
     from retrieval_core.mine import mining
 
-    rows = lookup.RowLookup(work.root.url, work.root.storage_options, work.corpus_storage_options)
+    rows = lookup.RowLookup(work.root, work.corpus_storage_options)
     return mining.join_export_texts(work, group, parts, rows)
 
 

@@ -13,6 +13,7 @@ from jobs.ray import actors, cluster, dispatch
 from retrieval_core.config import Config
 from retrieval_core.encode import encoding
 from retrieval_core.index import indexing
+from retrieval_core.io.folder import Folder
 
 CHUNK = 1024  # queries per actor call
 log = logging.getLogger(__name__)
@@ -106,6 +107,6 @@ def searched_batches(cfg: Config, texts: list[str], k: int, batch: int) -> Itera
 def _checked_index(cfg: Config) -> tuple[Any, dict]:
     """(the index under ``output.root``, memory-mapped when local; its manifest), once the run's model settings are
     checked to give the index's encoder."""
-    index, manifest = indexing.load_index(cfg.output.root, cfg.output.storage_options, mmap=True)
+    index, manifest = indexing.load_index(Folder.output(cfg.output), mmap=True)
     check_encoder(cfg, manifest)
     return index, manifest

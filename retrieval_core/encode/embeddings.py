@@ -28,7 +28,7 @@ from retrieval_core.encode import encoding
 from retrieval_core.encode.encoding import Encoder, EncoderOutOfMemory, encode_by_length, usage_of
 from retrieval_core.io import faults, storage
 from retrieval_core.io.corpus import read_shard, text_hash
-from retrieval_core.io.folder import StageLayout
+from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import IncompatibleOutputError, check_same_identity, read_manifest, stamp
 from retrieval_core.io.schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
 from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
@@ -303,11 +303,11 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
-def read_embeddings_manifest(root: str, storage_options: dict | None = None) -> dict:
+def read_embeddings_manifest(folder: Folder) -> dict:
     """The completed stage's manifest; an error when the stage is incomplete. Shard names become file names of
     later stages (index shards, records), so a name that could lead out of the output root is refused."""
-    url = storage.join(root, "embeddings", "_manifest.json")
-    manifest = read_manifest(url, storage_options, "encode")
+    url = folder.join("embeddings", "_manifest.json")
+    manifest = read_manifest(url, folder.storage_options, "encode")
     bad = [s.get("name") for s in manifest.get("shards", []) if not SHARD_NAME.fullmatch(str(s.get("name")))]
     if bad:
         raise IncompatibleOutputError(
@@ -324,23 +324,25 @@ def shard_url(root: str, shard: dict, key: str = "path") -> str:
     return storage.resolve_relative(storage.join(root, "embeddings"), shard[key])
 
 
-def read_shard_table(root: str, shard: dict, columns: list[str], storage_options: dict | None = None) -> pa.Table:
+def read_shard_table(folder: Folder, shard: dict, columns: list[str]) -> pa.Table:
     """The live rows of one shard entry (``columns`` plus ``row_id``): rows listed in the entry's tombstone file
     (``deleted_path``, written by a refresh for rows changed or deleted since) are left out."""
     wanted = list(dict.fromkeys(["row_id", *columns]))
-    table = storage.read_parquet(shard_url(root, shard), storage_options, columns=wanted)
+    so = folder.storage_options
+    table = storage.read_parquet(shard_url(folder.url, shard), so, columns=wanted)
     if shard.get("deleted_path"):
-        gone = storage.read_parquet(shard_url(root, shard, "deleted_path"), storage_options, columns=["row_id"])
+        gone = storage.read_parquet(shard_url(folder.url, shard, "deleted_path"), so, columns=["row_id"])
         table = table.filter(pc.invert(pc.is_in(table.column("row_id"), gone.column("row_id"))))
     return table
 
 
 def read_shard_vectors(
-    root: str, shard: dict, dim: int, storage_options: dict | None = None, fingerprint: str | None = None
+    folder: Folder, shard: dict, dim: int, fingerprint: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row_ids int64 (n,), vectors float32 (n x dim)) of one shard entry of the embeddings manifest.
     With ``fingerprint``, a shard whose schema metadata names another encoder is an error naming both."""
-    table = read_shard_table(root, shard, ["embedding"], storage_options)
+    root = folder.url
+    table = read_shard_table(folder, shard, ["embedding"])
     found = (table.schema.metadata or {}).get(b"fingerprint", b"").decode()
     if fingerprint and found != fingerprint:
         raise IncompatibleOutputError(
@@ -359,15 +361,15 @@ def _vectors(table: pa.Table, dim: int, where: str = "an embeddings shard") -> n
     return np.asarray(flat, dtype=np.float32).reshape(table.num_rows, dim)
 
 
-def read_doc_ids(root: str, shard: dict, storage_options: dict | None = None) -> tuple[np.ndarray, list[str]]:
+def read_doc_ids(folder: Folder, shard: dict) -> tuple[np.ndarray, list[str]]:
     """(row_ids, doc_ids) of one shard entry of the embeddings manifest."""
-    table = read_shard_table(root, shard, ["doc_id"], storage_options)
+    table = read_shard_table(folder, shard, ["doc_id"])
     return table.column("row_id").to_numpy(), table.column("doc_id").to_pylist()
 
 
-def load_embeddings(root: str, storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_embeddings(folder: Folder) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All vectors with their row ids and doc ids, in row id order (for tests and small corpora)."""
-    manifest = read_embeddings_manifest(root, storage_options)
-    tables = [read_shard_table(root, s, ["doc_id", "embedding"], storage_options) for s in manifest["shards"]]
+    manifest = read_embeddings_manifest(folder)
+    tables = [read_shard_table(folder, s, ["doc_id", "embedding"]) for s in manifest["shards"]]
     table = pa.concat_tables(tables)
     return table.column("row_id").to_numpy(), _vectors(table, manifest["dim"]), table.column("doc_id").to_pylist()

@@ -131,14 +131,14 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         identity,
         ix,
         layout_of(cfg),
-        Folder(cfg.output.root, cfg.output.storage_options),
+        Folder.output(cfg.output),
         cfg.to_dict(),
     )
 
 
 def prepare(cfg: Config) -> IndexPlan:
     """Read the embeddings manifest, plan, and check (or, with ``output.overwrite``, clear) an earlier build."""
-    emb = read_embeddings_manifest(cfg.output.root, cfg.output.storage_options)
+    emb = read_embeddings_manifest(Folder.output(cfg.output))
     plan = plan_index(cfg, emb)
     layout = layout_of(cfg)
     claim_stage_dir(
@@ -164,7 +164,7 @@ def read_sample(plan: IndexPlan, positions: np.ndarray) -> tuple[np.ndarray, np.
         stop = start + shard["rows"]
         local = positions[(positions >= start) & (positions < stop)] - start
         if len(local):
-            row_ids, vectors = read_shard_vectors(plan.source.url, shard, plan.dim, plan.source.storage_options)
+            row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim)
             ids.append(row_ids[local])
             parts.append(vectors[local])
         start = stop
@@ -210,9 +210,7 @@ def add_shard(plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None 
     commit record. Memory: the shard's vectors plus its index."""
     started = time.perf_counter()
     layout = plan.out
-    row_ids, vectors = read_shard_vectors(
-        plan.source.url, shard, plan.dim, plan.source.storage_options, plan.identity["fingerprint"]
-    )
+    row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim, plan.identity["fingerprint"])
     index = faiss_index.deserialize(trained)
     faiss_index.add(index, vectors, row_ids)
     _write_index(index, layout.file(f"{shard['name']}.faiss"), layout.storage_options, False)
@@ -262,9 +260,7 @@ def build_whole(plan: IndexPlan, trained: bytes):
     layout = plan.out
     index = faiss_index.deserialize(trained)
     for shard in plan.shards:
-        row_ids, vectors = read_shard_vectors(
-            plan.source.url, shard, plan.dim, plan.source.storage_options, plan.identity["fingerprint"]
-        )
+        row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim, plan.identity["fingerprint"])
         faiss_index.add(index, vectors, row_ids)
     _write_index(index, layout.file("merged.faiss"), layout.storage_options, False)
     return index
@@ -308,7 +304,7 @@ def measure_recall(plan: IndexPlan, index) -> dict:
             faiss_index.set_search_parameters(index, **{parameter: fixed})
         return {"recall_at_10": None, "parameter": parameter, "value": fixed or None, "tried": []}
     query_ids, queries = read_sample(plan, sample_positions(plan.ntotal, ix.recall_queries, ix.seed + 1))
-    shards = (read_shard_vectors(plan.source.url, s, plan.dim, plan.source.storage_options) for s in plan.shards)
+    shards = (read_shard_vectors(plan.source, s, plan.dim) for s in plan.shards)
     _, exact = search.exact_search(shards, queries, RECALL_K + 1, plan.metric)
     exact = search.drop_ids(exact, query_ids, RECALL_K)
     values = [fixed] if (fixed or not parameter) else faiss_index.candidate_values(index, parameter)
@@ -369,7 +365,7 @@ def write_manifest(
     training: dict | None = None,
 ) -> dict:
     layout = plan.out
-    emb = read_embeddings_manifest(plan.source.url, plan.source.storage_options)
+    emb = read_embeddings_manifest(plan.source)
     if ntotal != plan.ntotal:
         raise RuntimeError(f"merged index holds {ntotal} vectors, the embeddings {plan.ntotal}")
     manifest = {
@@ -411,17 +407,18 @@ def write_manifest(
     return manifest
 
 
-def read_index_manifest(root: str, storage_options: dict | None = None) -> dict:
-    return read_manifest(storage.join(root, "index", "manifest.json"), storage_options, "index")
+def read_index_manifest(folder: Folder) -> dict:
+    return read_manifest(folder.join("index", "manifest.json"), folder.storage_options, "index")
 
 
-def load_index(root: str, storage_options: dict | None = None, mmap: bool = False):
+def load_index(folder: Folder, mmap: bool = False):
     """(merged index with its tuned search parameters applied, index manifest). ``mmap`` memory-maps a local
     file instead of reading it (on-disk IVF indexes are always memory-mapped)."""
     import faiss
 
-    manifest = read_index_manifest(root, storage_options)
-    url = storage.join(root, "index", manifest["files"]["merged"])
+    storage_options = folder.storage_options
+    manifest = read_index_manifest(folder)
+    url = folder.join("index", manifest["files"]["merged"])
     local = storage.local_path(url, storage_options)
     if manifest["on_disk"]:  # the lists in merged.ivfdata are memory-mapped by FAISS itself
         index = faiss.read_index(storage.local_file(url, storage_options))
@@ -483,15 +480,15 @@ def build_in_process(cfg: Config) -> dict:
     return complete(plan, train_info, add_s, finish(plan, trained), started, in_tasks=False)
 
 
-def load_shard_index(root: str, shard_name: str, storage_options: dict | None = None):
+def load_shard_index(folder: Folder, shard_name: str):
     """One committed shard index, with the merged index's tuned search parameters applied."""
-    manifest = read_index_manifest(root, storage_options)
+    manifest = read_index_manifest(folder)
     if not manifest["mergeable"]:
         raise ValueError(
             f"index type {manifest['type']} has no shard indexes (it cannot be merged, so it is built "
             f"whole): use mine.mode = replicated"
         )
     entry = next((s for s in manifest["shards"] if s["name"] == shard_name), {"name": shard_name})
-    index = _read_index(shard_index_url(storage.join(root, "index"), entry), storage_options)
+    index = _read_index(shard_index_url(folder.join("index"), entry), folder.storage_options)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
     return index

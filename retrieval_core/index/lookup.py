@@ -11,6 +11,7 @@ from retrieval_core.config import CorpusConfig
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_table
 from retrieval_core.io import storage
 from retrieval_core.io.corpus import inspect_corpus, read_shard, texts_at
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import FileMeta, plan_shards
 
 
@@ -26,18 +27,17 @@ def _shards_holding(shards: list[dict], row_ids: Iterable[int]) -> dict[int, lis
 
 
 def row_values(
-    root: str,
+    folder: Folder,
     row_ids: Iterable[int],
     columns: list[str],
-    storage_options: dict | None = None,
     manifest: dict | None = None,
 ) -> dict[int, tuple]:
     """Row id -> values of ``columns`` of the embedding shards (``doc_id``, ``text_hash``, ``embedding`` ...),
     reading only those columns of only the shards that hold the rows. Missing rows (rejects, -1) are absent."""
-    manifest = manifest or read_embeddings_manifest(root, storage_options)
+    manifest = manifest or read_embeddings_manifest(folder)
     out: dict[int, tuple] = {}
     for i, rows in _shards_holding(manifest["shards"], row_ids).items():
-        table = read_shard_table(root, manifest["shards"][i], columns, storage_options)
+        table = read_shard_table(folder, manifest["shards"][i], columns)
         where = {r: n for n, r in enumerate(table.column("row_id").to_pylist())}
         picked = [where[r] for r in rows if r in where]
         taken = table.take(picked)
@@ -46,11 +46,9 @@ def row_values(
     return out
 
 
-def doc_ids_for_rows(
-    root: str, row_ids: Iterable[int], storage_options: dict | None = None, manifest: dict | None = None
-) -> dict[int, str]:
+def doc_ids_for_rows(folder: Folder, row_ids: Iterable[int], manifest: dict | None = None) -> dict[int, str]:
     """Row id -> doc id, reading only the doc_id column of the shards that hold the rows."""
-    return {row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options, manifest).items()}
+    return {row: values[0] for row, values in row_values(folder, row_ids, ["doc_id"], manifest).items()}
 
 
 def text_hashes(values: dict[int, tuple[str, str]], ids: np.ndarray) -> np.ndarray:
@@ -71,23 +69,20 @@ class RowLookup:
 
     def __init__(
         self,
-        root: str,
-        storage_options: dict | None = None,
+        folder: Folder,
         corpus_storage_options: dict | None = None,
         manifest: dict | None = None,
     ):
-        self.root, self.storage_options = root, storage_options
+        self.folder = folder
         self.corpus_storage_options = corpus_storage_options
-        self.manifest = manifest or read_embeddings_manifest(root, storage_options)
+        self.manifest = manifest or read_embeddings_manifest(folder)
         self._metas: list[FileMeta] | None = None
 
     def values(self, row_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         """Row id -> (doc id, text hash); missing rows (rejects, -1) are absent."""
         out: dict[int, tuple[str, str]] = {}
         for i, rows in _shards_holding(self.manifest["shards"], row_ids).items():
-            table = read_shard_table(
-                self.root, self.manifest["shards"][i], ["doc_id", "text_hash"], self.storage_options
-            ).sort_by("row_id")
+            table = read_shard_table(self.folder, self.manifest["shards"][i], ["doc_id", "text_hash"]).sort_by("row_id")
             ids = table.column("row_id").to_numpy()
             wanted = np.asarray(rows, dtype=np.int64)
             at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
@@ -103,7 +98,7 @@ class RowLookup:
 
     def vectors(self, row_ids: Iterable[int]) -> dict[int, tuple]:
         """Row id -> (embedding, text hash)."""
-        return row_values(self.root, row_ids, ["embedding", "text_hash"], self.storage_options, self.manifest)
+        return row_values(self.folder, row_ids, ["embedding", "text_hash"], self.manifest)
 
     def texts(self, row_ids: Iterable[int]) -> dict[int, str]:
         """Row id -> the text that was encoded; rows without one (rejects, -1) are absent."""
@@ -114,10 +109,9 @@ class RowLookup:
         of the embeddings is read again."""
         if self.manifest.get("docmap"):  # a refresh version: rows are not corpus positions
             return _version_texts(
-                self.root,
+                self.folder,
                 self.manifest,
                 {row: doc for row, (doc, _) in values.items()},
-                self.storage_options,
                 self.corpus_storage_options,
             )
         if self._metas is None:
@@ -126,27 +120,25 @@ class RowLookup:
         return texts_at(self._metas, self._corpus, list(values))
 
 
-def rows_for_doc_ids(
-    root: str, doc_ids: Iterable[str], storage_options: dict | None = None, manifest: dict | None = None
-) -> dict[str, int]:
+def rows_for_doc_ids(folder: Folder, doc_ids: Iterable[str], manifest: dict | None = None) -> dict[str, int]:
     """Doc id -> row id for those of ``doc_ids`` that the embeddings hold, reading the doc_id and row_id columns of
     one shard at a time (memory: ``doc_ids`` and one shard's columns, whatever the corpus size)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    manifest = manifest or read_embeddings_manifest(root, storage_options)
+    manifest = manifest or read_embeddings_manifest(folder)
     wanted = pa.array(sorted(set(doc_ids)), pa.string())
     found: dict[str, int] = {}
     if not len(wanted):
         return found
     for shard in manifest["shards"]:
-        table = read_shard_table(root, shard, ["doc_id"], storage_options)
+        table = read_shard_table(folder, shard, ["doc_id"])
         hits = table.filter(pc.is_in(table.column("doc_id"), value_set=wanted))
         found.update(zip(hits.column("doc_id").to_pylist(), hits.column("row_id").to_pylist()))
     return found
 
 
-def doc_ids_present(root: str, doc_ids: Iterable[str], storage_options: dict | None = None) -> set[str]:
+def doc_ids_present(folder: Folder, doc_ids: Iterable[str]) -> set[str]:
     """Those of ``doc_ids`` that the embeddings hold (encoded, not rejected), reading the doc_id column of one shard
     at a time (memory: ``doc_ids`` and one shard's column, whatever the corpus size)."""
     import pyarrow as pa
@@ -154,49 +146,47 @@ def doc_ids_present(root: str, doc_ids: Iterable[str], storage_options: dict | N
 
     wanted = pa.array(sorted(set(doc_ids)), pa.string())
     found: set[str] = set()
-    for shard in read_embeddings_manifest(root, storage_options)["shards"]:
-        column = read_shard_table(root, shard, ["doc_id"], storage_options).column("doc_id")
+    for shard in read_embeddings_manifest(folder)["shards"]:
+        column = read_shard_table(folder, shard, ["doc_id"]).column("doc_id")
         found.update(pc.filter(column, pc.is_in(column, value_set=wanted)).to_pylist())
     return found
 
 
 def texts_for_rows(
-    root: str, row_ids: Iterable[int], storage_options: dict | None = None, corpus_storage_options: dict | None = None
+    folder: Folder, row_ids: Iterable[int], corpus_storage_options: dict | None = None
 ) -> dict[int, str]:
     """Row id -> the text that was encoded (title + " " + text), read back from the corpus (only the corpus shards
     holding the rows are read). The corpus settings come from the embeddings manifest, its storage options from the
     running job (``corpus_storage_options``): manifests hold none. In a refresh version, where row ids are not
     corpus positions, the version's doc map gives each document's position in its snapshot."""
-    manifest = read_embeddings_manifest(root, storage_options)
+    manifest = read_embeddings_manifest(folder)
     if not manifest.get("docmap"):
-        return _texts_at_positions(root, manifest, row_ids, storage_options, corpus_storage_options)
-    doc_of = {
-        row: values[0] for row, values in row_values(root, row_ids, ["doc_id"], storage_options, manifest).items()
-    }
-    return _version_texts(root, manifest, doc_of, storage_options, corpus_storage_options)
+        return _texts_at_positions(folder, manifest, row_ids, corpus_storage_options)
+    doc_of = {row: values[0] for row, values in row_values(folder, row_ids, ["doc_id"], manifest).items()}
+    return _version_texts(folder, manifest, doc_of, corpus_storage_options)
 
 
 def _version_texts(
-    root: str, manifest: dict, doc_of: dict[int, str], storage_options: dict | None, corpus_storage_options: dict | None
+    folder: Folder, manifest: dict, doc_of: dict[int, str], corpus_storage_options: dict | None
 ) -> dict[int, str]:
     """Row id -> encoded text in a refresh version, for the rows of ``doc_of`` (row id -> doc id): through each
     document's position in the version's snapshot."""
-    position = snapshot_rows(root, manifest, set(doc_of.values()), storage_options)
-    texts = _texts_at_positions(root, manifest, position.values(), storage_options, corpus_storage_options)
+    position = snapshot_rows(folder, manifest, set(doc_of.values()))
+    texts = _texts_at_positions(folder, manifest, position.values(), corpus_storage_options)
     return {row: texts[position[doc]] for row, doc in doc_of.items()}
 
 
-def snapshot_rows(root: str, manifest: dict, doc_ids: set[str], storage_options: dict | None = None) -> dict[str, int]:
+def snapshot_rows(folder: Folder, manifest: dict, doc_ids: set[str]) -> dict[str, int]:
     """Doc id -> its row in the version's snapshot, from the doc map (partitioned by a hash of the doc id, so only
     the buckets holding ``doc_ids`` are read)."""
     from retrieval_core.io.sharding import buckets_of
 
     docmap = manifest["docmap"]
-    directory = storage.resolve_relative(storage.join(root, "embeddings"), docmap["dir"])
+    directory = Folder(storage.resolve_relative(folder.join("embeddings"), docmap["dir"]), folder.storage_options)
     wanted = sorted(doc_ids)
     out: dict[str, int] = {}
     for bucket in sorted(set(buckets_of(wanted, docmap["buckets"]).tolist())):
-        table = storage.read_parquet(storage.join(directory, f"b{bucket:05d}.parquet"), storage_options)
+        table = directory.read_parquet(f"b{bucket:05d}.parquet")
         out.update(
             (d, r)
             for d, r in zip(table.column("doc_id").to_pylist(), table.column("corpus_row").to_pylist())
@@ -206,14 +196,13 @@ def snapshot_rows(root: str, manifest: dict, doc_ids: set[str], storage_options:
 
 
 def _texts_at_positions(
-    root: str,
+    folder: Folder,
     manifest: dict,
     positions: Iterable[int],
-    storage_options: dict | None,
     corpus_storage_options: dict | None,
 ) -> dict[int, str]:
     """Corpus position -> encoded text, through the encode plan's shards of the manifest's corpus."""
-    plan = storage.read_json(storage.join(root, "embeddings", "_plan.json"), storage_options)
+    plan = folder.read_json("embeddings", "_plan.json")
     corpus_cfg = encoded_corpus(manifest, corpus_storage_options)
     shards = plan_shards(inspect_corpus(corpus_cfg), plan["identity"]["rows_per_shard"])
     wanted = _shards_holding([{"row_start": s.row_start, "row_stop": s.row_stop} for s in shards], positions)
@@ -232,9 +221,8 @@ def encoded_corpus(manifest: dict, corpus_storage_options: dict | None = None) -
 
 
 def texts_for_doc_ids(
-    root: str,
+    folder: Folder,
     doc_ids: Iterable[str],
-    storage_options: dict | None = None,
     doc_rows: dict[str, int] | None = None,
     corpus_storage_options: dict | None = None,
 ) -> dict[str, str]:
@@ -242,8 +230,8 @@ def texts_for_doc_ids(
     alone by :func:`rows_for_doc_ids`) and :func:`texts_for_rows` (``corpus_storage_options``: the running job's
     ``corpus.storage_options``)."""
     wanted = set(doc_ids)
-    doc_rows = doc_rows if doc_rows is not None else rows_for_doc_ids(root, wanted, storage_options)
-    by_row = texts_for_rows(root, [doc_rows[d] for d in wanted], storage_options, corpus_storage_options)
+    doc_rows = doc_rows if doc_rows is not None else rows_for_doc_ids(folder, wanted)
+    by_row = texts_for_rows(folder, [doc_rows[d] for d in wanted], corpus_storage_options)
     return {d: by_row[doc_rows[d]] for d in wanted}
 
 

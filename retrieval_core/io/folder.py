@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from retrieval_core.config import OutputConfig
 from retrieval_core.io import storage
 
 
@@ -27,6 +28,11 @@ class Folder:
 
     url: str
     storage_options: dict = dataclasses.field(default_factory=dict, repr=False)  # credentials: never in a repr
+
+    @classmethod
+    def output(cls, output: OutputConfig) -> Folder:
+        """The output root of a run (``cfg.output``): where every stage writes, with its storage options."""
+        return cls(output.root, output.storage_options)
 
     def join(self, *parts: str) -> str:
         """The URL of ``parts`` under this folder."""

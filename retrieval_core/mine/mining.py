@@ -91,7 +91,7 @@ def work_of(cfg: Config) -> MineWork:
     return MineWork(
         cfg.mine,
         layout_of(cfg),
-        Folder(cfg.output.root, cfg.output.storage_options),
+        Folder.output(cfg.output),
         cfg.corpus.storage_options,
         cfg.output.overwrite,
         cfg.to_dict(),
@@ -223,7 +223,9 @@ def _complete_record(work: MineWork, record: dict) -> dict:
             d for column in ("positive_ids", "negative_ids") for ids in table.column(column).to_pylist() for d in ids
         }
         return lookup.texts_for_doc_ids(
-            work.root.url, doc_ids, work.root.storage_options, corpus_storage_options=work.corpus_storage_options
+            work.root,
+            doc_ids,
+            corpus_storage_options=work.corpus_storage_options,
         )
 
     return _with_exports(work, record, looked_up)
@@ -311,9 +313,9 @@ def remove_part_exports(work: MineWork) -> None:
     storage.remove(layout.file(CANDIDATES), layout.storage_options)
 
 
-def concat_parts(root: str, parts: list[dict], storage_options: dict | None = None) -> pa.Table:
+def concat_parts(folder: Folder, parts: list[dict]) -> pa.Table:
     """The part files named by ``parts`` (commit records or manifest entries, each with a ``path``), in order."""
-    tables = [conform(storage.read_parquet(storage.join(root, "negatives", p["path"]), storage_options)) for p in parts]
+    tables = [conform(folder.read_parquet("negatives", p["path"])) for p in parts]
     return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
 
 
@@ -326,9 +328,9 @@ def conform(part: pa.Table) -> pa.Table:
     return part.select(PART_SCHEMA.names)
 
 
-def read_parts(root: str, storage_options: dict | None = None) -> pa.Table:
+def read_parts(folder: Folder) -> pa.Table:
     """Every committed part of a completed mining run, in query order."""
-    return concat_parts(root, read_mine_manifest(root, storage_options)["parts"], storage_options)
+    return concat_parts(folder, read_mine_manifest(folder)["parts"])
 
 
 def count_totals(records: list[dict]) -> tuple[dict, dict]:
@@ -371,5 +373,5 @@ def write_manifest(
     return manifest
 
 
-def read_mine_manifest(root: str, storage_options: dict | None = None) -> dict:
-    return read_manifest(storage.join(root, "negatives", "_manifest.json"), storage_options, "mine")
+def read_mine_manifest(folder: Folder) -> dict:
+    return read_manifest(folder.join("negatives", "_manifest.json"), folder.storage_options, "mine")

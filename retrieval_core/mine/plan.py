@@ -27,6 +27,7 @@ import pyarrow as pa
 from retrieval_core.config import MineConfig
 from retrieval_core.index import lookup
 from retrieval_core.io import storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.mine import shuffle as mine_shuffle
 from retrieval_core.mine.inputs import REJECTS_SCHEMA, MiningQuery, PairsError, load_queries, resolve_positives
 from retrieval_core.mine.mining import MineWork
@@ -87,7 +88,7 @@ def plan_bucket(work: MineWork, bucket: int, shuffle: dict | None = None, emb: d
         queries, rows = mine_shuffle.bucket_input(work, bucket, shuffle)
     else:
         queries = load_queries(mi)
-        rows = lookup.rows_for_doc_ids(work.root.url, {d for q in queries for d in q.positive_doc_ids}, so, emb)
+        rows = lookup.rows_for_doc_ids(Folder(work.root.url, so), {d for q in queries for d in q.positive_doc_ids}, emb)
     kept, rejects = resolve_positives(queries, rows)
     kept.sort(key=lambda q: min(q.positive_rows))  # a part's positives then lie in few embedding shards
     parts = [kept[i : i + mi.queries_per_part] for i in range(0, len(kept), mi.queries_per_part)]

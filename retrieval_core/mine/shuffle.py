@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from retrieval_core.encode.embeddings import read_shard_table
 from retrieval_core.io import storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import buckets_of
 from retrieval_core.mine.inputs import MiningQuery, Row, input_files, input_rows, queries_of
 from retrieval_core.mine.mining import MineWork
@@ -164,7 +165,7 @@ def partition_corpus(work: MineWork, group: int, plan: dict, emb: dict) -> dict:
     so = work.root.storage_options
     table = pa.concat_tables(
         [
-            read_shard_table(work.root.url, emb["shards"][i], ["doc_id"], so).select(["doc_id", "row_id"])
+            read_shard_table(Folder(work.root.url, so), emb["shards"][i], ["doc_id"]).select(["doc_id", "row_id"])
             for i in plan["groups"][group]
         ]
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from retrieval_core.config import Config
 from retrieval_core.index import faiss_index, indexing
 from retrieval_core.io import storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.refresh.refreshing import RefreshPlan
 
 DRIFT_SAMPLE = 10_000
@@ -105,7 +106,7 @@ def _previous_index_matches(p: RefreshPlan, plan, so: dict) -> bool:
         storage.join(p.previous_root, "index", "manifest.json"), so
     ):
         return False
-    manifest = indexing.read_index_manifest(p.previous_version_root, so)
+    manifest = indexing.read_index_manifest(Folder(p.previous_version_root, so))
     return (manifest["type"], manifest["metric"], manifest["fingerprint"]) == (
         plan.factory,
         plan.metric,
@@ -123,7 +124,7 @@ def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
     for name in ("trained.json", "trained.faiss"):  # the quantizer's record first: trained.faiss marks it done
         if storage.exists(previous.file(name), so):
             storage.write_bytes_atomic(here.file(name), storage.read_bytes(previous.file(name), so), so)
-    entries = {e["name"]: e for e in indexing.read_index_manifest(p.previous_version_root, so)["shards"]}
+    entries = {e["name"]: e for e in indexing.read_index_manifest(Folder(p.previous_version_root, so))["shards"]}
     shared = 0
     for shard in plan.shards:
         entry = entries.get(shard["name"])

@@ -6,6 +6,7 @@ from retrieval_core.config import Config
 from retrieval_core.encode.embeddings import read_embeddings_manifest, shard_url
 from retrieval_core.index.indexing import read_index_manifest, shard_index_url
 from retrieval_core.io import leases, storage, versions
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import stamp
 from retrieval_core.refresh.refreshing import RefreshPlan
 
@@ -111,12 +112,14 @@ def referenced_files(root: str, name: str, so: dict) -> set[str]:
     base = versions.version_root(root, name)
     out = set()
     if storage.exists(storage.join(base, "embeddings", "_manifest.json"), so):
-        for shard in read_embeddings_manifest(base, so)["shards"]:
+        for shard in read_embeddings_manifest(Folder(base, so))["shards"]:
             out.add(shard_url(base, shard))
             if shard.get("deleted_path"):
                 out.add(shard_url(base, shard, "deleted_path"))
     if storage.exists(storage.join(base, "index", "manifest.json"), so):
-        out |= {shard_index_url(storage.join(base, "index"), s) for s in read_index_manifest(base, so)["shards"]}
+        out |= {
+            shard_index_url(storage.join(base, "index"), s) for s in read_index_manifest(Folder(base, so))["shards"]
+        }
     return out
 
 

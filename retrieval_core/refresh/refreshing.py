@@ -32,7 +32,7 @@ from retrieval_core.encode.embeddings import (
 )
 from retrieval_core.encode.encoding import Encoder, encode_by_length, usage_of
 from retrieval_core.io import manifest, storage, versions
-from retrieval_core.io.folder import StageLayout
+from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import stamp
 from retrieval_core.io.schemas import SCHEMA_VERSION
 from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
@@ -124,7 +124,7 @@ def plan(
         **({"adopted": True} if adopted else {}),
     }
     version = _resume_or_start(cfg, identity)
-    prev_manifest = read_embeddings_manifest(previous_root, so) if previous_root else None
+    prev_manifest = read_embeddings_manifest(Folder(previous_root, so)) if previous_root else None
     reuse = prev_manifest is not None and prev_manifest["fingerprint"] == encoder_identity["fingerprint"]
     rows = sum(f.num_rows for f in files)
     return RefreshPlan(
@@ -215,7 +215,7 @@ def pending_map_segments(p: RefreshPlan, so: dict) -> list[dict]:
 
 def map_segment(segment: dict, p: RefreshPlan, so: dict) -> dict:
     """Map one live segment of the previous version (its tombstones applied) into the diff's buckets."""
-    table = read_shard_table(p.previous_version_root, segment, ["doc_id", "text_hash"], so)
+    table = read_shard_table(Folder(p.previous_version_root, so), segment, ["doc_id", "text_hash"])
     return diffing.map_previous_segment(segment["name"], table, p.buckets, p.diff_layout(so))
 
 

@@ -44,11 +44,10 @@ class Example:
 def load_examples(source: Folder, corpus_storage_options: dict, num_negatives: int) -> list[Example]:
     """One example per (query, positive) of the mined parts, with the first ``train.num_negatives`` negatives;
     queries with fewer mined negatives than that are left out (counted in the log)."""
-    parts = mining.read_parts(source.url, source.storage_options).to_pylist()
+    parts = mining.read_parts(source).to_pylist()
     text = lookup.texts_for_doc_ids(
-        source.url,
+        source,
         {d for p in parts for d in p["positive_ids"] + p["negative_ids"]},
-        source.storage_options,
         corpus_storage_options=corpus_storage_options,
     )
     n = num_negatives

@@ -17,6 +17,7 @@ from jobs.ray import cluster, query_encoding
 from retrieval_core.encode import embeddings
 from retrieval_core.evaluate import metrics
 from retrieval_core.io import judgements
+from retrieval_core.io.folder import Folder
 from retrieval_core.mine import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -66,13 +67,13 @@ def test_every_job_uses_the_provider_s_vectors(built, embedding_api, tmp_path):
     provider, cfg, result = built
     doc_type, query_type = INPUT_TYPES[provider]
     ids, texts = demo_documents()
-    _, vectors, doc_ids = embeddings.load_embeddings(str(cfg.output.root))
+    _, vectors, doc_ids = embeddings.load_embeddings(Folder(str(cfg.output.root)))
     assert doc_ids == ids
     documents = expected_vectors(texts, input_type=doc_type)
     np.testing.assert_allclose(vectors, documents, atol=1e-6)
 
     # what the run cost, in the summary and the manifest: one request per 16 texts, a word a token
-    manifest = embeddings.read_embeddings_manifest(str(cfg.output.root))
+    manifest = embeddings.read_embeddings_manifest(Folder(str(cfg.output.root)))
     usage = manifest["api_usage"]
     assert usage == result["api_usage"]
     shards = [s["rows"] for s in manifest["shards"]]
@@ -102,7 +103,7 @@ def test_every_job_uses_the_provider_s_vectors(built, embedding_api, tmp_path):
 
     # mine: every negative's score is the provider's query vector against its document vector
     mine.run(cfg)
-    parts = mining.read_parts(str(cfg.output.root)).to_pylist()
+    parts = mining.read_parts(Folder(str(cfg.output.root))).to_pylist()
     by_id = dict(zip(ids, documents))
     mined_queries = expected_vectors([p["query"] for p in parts], input_type=query_type)
     for part, query in zip(parts, mined_queries):
@@ -112,10 +113,10 @@ def test_every_job_uses_the_provider_s_vectors(built, embedding_api, tmp_path):
     # refresh encodes as the encode job does
     record = refresh.run(api_config(embedding_api, provider, tmp_path / "nightly"))
     version_root = tmp_path / "nightly" / "versions" / record["version"]
-    _, refreshed, refreshed_ids = embeddings.load_embeddings(str(version_root))
+    _, refreshed, refreshed_ids = embeddings.load_embeddings(Folder(str(version_root)))
     assert refreshed_ids == ids
     np.testing.assert_allclose(refreshed, vectors, atol=1e-6)
-    assert embeddings.read_embeddings_manifest(str(version_root))["api_usage"]["texts"] == len(texts)
+    assert embeddings.read_embeddings_manifest(Folder(str(version_root)))["api_usage"]["texts"] == len(texts)
 
     for path in files_under(tmp_path):
         with open(path, "rb") as handle:
@@ -142,6 +143,6 @@ def test_a_failing_batch_fails_its_shard_and_a_rerun_bills_only_what_is_missing(
     assert poisoned in sent_again and not sent_again & committed_texts
     assert sent_again | committed_texts == set(texts)
     assert result["shards_skipped"] == len(committed)
-    _, vectors, doc_ids = embeddings.load_embeddings(str(cfg.output.root))
+    _, vectors, doc_ids = embeddings.load_embeddings(Folder(str(cfg.output.root)))
     assert doc_ids == ids
     np.testing.assert_allclose(vectors, expected_vectors(texts), atol=1e-6)

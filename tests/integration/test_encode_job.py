@@ -14,6 +14,7 @@ from helpers import DEMO_CORPUS, REPO, config, encode_command, make_docs, write_
 
 from jobs import encode
 from retrieval_core.encode import embeddings, encoding
+from retrieval_core.io.folder import Folder
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 DEMO_ROWS = pq.read_metadata(DEMO_CORPUS).num_rows
@@ -46,11 +47,11 @@ def test_vectors_equal_plain_sentence_transformers(demo_run):
     reference = SentenceTransformer(resolve_model_path("all-MiniLM-L6-v2"), device="cpu").encode(
         texts, batch_size=32, normalize_embeddings=True
     )
-    row_ids, vectors, doc_ids = embeddings.load_embeddings(cfg.output.root)
+    row_ids, vectors, doc_ids = embeddings.load_embeddings(Folder(cfg.output.root))
     assert row_ids.tolist() == list(range(DEMO_ROWS)) and doc_ids == ids
     cosine = np.sum(vectors * reference, axis=1) / np.linalg.norm(reference, axis=1)
     assert cosine.min() >= 0.9999
-    manifest = embeddings.read_embeddings_manifest(cfg.output.root)
+    manifest = embeddings.read_embeddings_manifest(Folder(cfg.output.root))
     assert manifest["config"]["corpus"]["title_column"] == "title"
     assert manifest["encoder"]["max_seq_length"] == 256 and manifest["dim"] == 384
 
@@ -86,8 +87,8 @@ def test_bf16_is_recorded_and_close_to_fp32(tiny_corpus, tiny_model, tiny_clean,
     summary = encode.run(bf16)
     fp32 = config(tiny_corpus, tmp_path / "fp32", tiny_model)
     assert summary["fingerprint"] != encoding.encoder_identity(fp32.model)["fingerprint"]
-    assert embeddings.read_embeddings_manifest(bf16.output.root)["encoder"]["precision"] == "bf16"
-    _, a, _ = embeddings.load_embeddings(str(bf16.output.root))
+    assert embeddings.read_embeddings_manifest(Folder(bf16.output.root))["encoder"]["precision"] == "bf16"
+    _, a, _ = embeddings.load_embeddings(Folder(str(bf16.output.root)))
     assert np.sum(a * tiny_clean[2], axis=1).min() >= 0.995
 
 
@@ -99,7 +100,7 @@ def tiny_corpus(tmp_path_factory):
 
 
 def outputs(root):
-    row_ids, vectors, doc_ids = embeddings.load_embeddings(str(root))
+    row_ids, vectors, doc_ids = embeddings.load_embeddings(Folder(str(root)))
     return row_ids.tolist(), doc_ids, vectors
 
 

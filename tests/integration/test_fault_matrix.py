@@ -25,6 +25,7 @@ from retrieval_core.encode import embeddings
 from retrieval_core.index import indexing
 from retrieval_core.io import versions
 from retrieval_core.io.faults import InjectedCrash
+from retrieval_core.io.folder import Folder
 from retrieval_core.mine import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -68,15 +69,15 @@ def snapshot(root) -> dict:
     """The content of a root's outputs that exist: vectors and ids, the index's answers to every vector, the
     mined tuples."""
     out = {}
-    row_ids, vectors, doc_ids = embeddings.load_embeddings(str(root))
+    row_ids, vectors, doc_ids = embeddings.load_embeddings(Folder(str(root)))
     out["embeddings"] = (row_ids.tolist(), doc_ids, vectors)
     try:
-        idx, _ = indexing.load_index(str(root))
+        idx, _ = indexing.load_index(Folder(str(root)))
     except FileNotFoundError:
         return out
     out["index"] = idx.search(vectors, 5)
     try:
-        out["mine"] = mining.read_parts(str(root)).to_pylist()
+        out["mine"] = mining.read_parts(Folder(str(root))).to_pylist()
     except FileNotFoundError:
         pass
     exports = sorted((Path(root) / "negatives" / "exports").glob("*"))
@@ -243,7 +244,7 @@ def test_a_driver_crash_at_a_commit_point_leaves_nothing_complete_and_a_rerun_eq
         "mine": mining.read_mine_manifest,
     }
     with pytest.raises(FileNotFoundError):  # the stage's output does not read as complete
-        readers[stage](str(cfg.output.root))
+        readers[stage](Folder(str(cfg.output.root)))
     _run_stage(cfg, stage)
     got = snapshot(cfg.output.root)
     assert set(got) >= {"embeddings"} and ("mine" in got or stage != "mine")

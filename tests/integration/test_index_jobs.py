@@ -16,6 +16,7 @@ from retrieval_core.config import load_config
 from retrieval_core.evaluate import metrics
 from retrieval_core.index import faiss_index, indexing, lookup
 from retrieval_core.io import judgements
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import IncompatibleOutputError
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -36,7 +37,7 @@ def test_demo_index_is_flat_and_exact(demo_index):
     import pyarrow.parquet as pq
 
     rows = pq.read_metadata(DEMO_CORPUS).num_rows
-    manifest = indexing.read_index_manifest(cfg.output.root)
+    manifest = indexing.read_index_manifest(Folder(cfg.output.root))
     assert summary["type"] == "Flat" and summary["ntotal"] == rows and summary["recall_at_10"] == 1.0
     assert [s["ntotal"] for s in manifest["shards"]] == [min(32, rows - start) for start in range(0, rows, 32)]
     assert set(manifest["timings_s"]) == {"train", "add", "merge", "recall", "total"}
@@ -83,7 +84,7 @@ def test_queries_from_another_encoder_are_refused(demo_index):
     other = config(DEMO_CORPUS, cfg.output.root, corpus__title_column="title", model__max_seq_length=128)
     with pytest.raises(IncompatibleOutputError, match="max_seq_length") as error:
         search.run(other, ["anything"])
-    manifest = indexing.read_index_manifest(cfg.output.root)
+    manifest = indexing.read_index_manifest(Folder(cfg.output.root))
     assert manifest["fingerprint"] in str(error.value)
 
 
@@ -136,7 +137,7 @@ def test_evaluation_in_batches_by_row_id_equals_scoring_every_doc_id_ranking_at_
     qrels = judgements.read_qrels(str(DEMO / "qrels.tsv"))
     qids = evaluate.judged_queries(queries, qrels)
     _, ids, _ = query_encoding.search_texts(cfg, [queries[q] for q in qids], cfg.eval.depth)
-    ranked = lookup.as_doc_ids(ids, lookup.doc_ids_for_rows(str(cfg.output.root), ids.ravel()))
+    ranked = lookup.as_doc_ids(ids, lookup.doc_ids_for_rows(Folder(str(cfg.output.root)), ids.ravel()))
     run_ = dict(zip(qids, ranked))
     monkeypatch.setattr(evaluate, "BATCH_QUERIES", 7)
     again = evaluate.run(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, overwrite=True)))
@@ -205,8 +206,8 @@ def test_ray_build_equals_in_process_build(tmp_path):
     summary = index.run(ivf_config(tmp_path / "ray"))
     local = indexing.build_in_process(ivf_config(tmp_path / "local"))
     assert summary["search_parameters"] == local["search_parameters"]
-    a, _ = indexing.load_index(str(tmp_path / "ray"))
-    b, _ = indexing.load_index(str(tmp_path / "local"))
+    a, _ = indexing.load_index(Folder(str(tmp_path / "ray")))
+    b, _ = indexing.load_index(Folder(str(tmp_path / "local")))
     queries = clustered_vectors(40, 16, seed=4)
     np.testing.assert_array_equal(faiss_index.search(a, queries, 10)[1], faiss_index.search(b, queries, 10)[1])
 

@@ -11,6 +11,7 @@ from helpers import DEMO_CORPUS, REPO, build_tiny_cross_encoder, config, write_j
 from jobs import encode, index, mine
 from jobs.ray.dispatch import StageFailed
 from retrieval_core.index import lookup
+from retrieval_core.io.folder import Folder
 from retrieval_core.mine import inputs as mine_input
 from retrieval_core.mine import mining
 from retrieval_core.mine import shuffle as mine_shuffle
@@ -102,7 +103,7 @@ def _st_reserves_a_query_slot() -> bool:
 
 def job_negatives(cfg) -> dict[str, list[str]]:
     texts = demo_texts()
-    table = mining.read_parts(str(cfg.output.root))
+    table = mining.read_parts(Folder(str(cfg.output.root)))
     return {r["query"]: [texts[d] for d in r["negative_ids"]] for r in table.to_pylist()}
 
 
@@ -149,7 +150,7 @@ def test_exports_report_rejects_and_rerun(demo_root, tmp_path):
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     assert sorted(r["doc_id"] for r in rejects) == ["missing-doc", "no-such-doc"]
     assert summary["rejected_positives"] == 2 and summary["input_queries"] == len(pairs)
-    parts = mining.read_parts(str(cfg.output.root)).to_pylist()
+    parts = mining.read_parts(Folder(str(cfg.output.root))).to_pylist()
     triplets = load_dataset("parquet", data_files=str(out / "exports" / "triplet.parquet"), split="train")
     assert triplets.column_names == ["anchor", "positive", "negative", "scores"]
     assert len(triplets) == sum(len(r["positive_ids"]) * len(r["negative_ids"]) for r in parts)
@@ -177,7 +178,7 @@ def test_parts_mined_with_other_formats_get_this_runs_exports(demo_root, tmp_pat
     monkeypatch.setattr(mine_texts, "TEXT_GROUP_ROWS", 64)
     mine.run(clean)
     monkeypatch.undo()
-    assert mining.read_mine_manifest(str(clean.output.root))["text_join"]["groups"] == 4
+    assert mining.read_mine_manifest(Folder(str(clean.output.root)))["text_join"]["groups"] == 4
     cfg = mine_config(demo_root, tmp_path, "resumed", formats="[triplet]", queries_per_part=40)
     mine.run(cfg)
     out = Path(cfg.output.root) / "negatives"
@@ -198,7 +199,7 @@ def test_parts_mined_with_other_formats_get_this_runs_exports(demo_root, tmp_pat
 
 
 def _by_query(cfg) -> dict:
-    return {r["query_id"]: r for r in mining.read_parts(str(cfg.output.root)).to_pylist()}
+    return {r["query_id"]: r for r in mining.read_parts(Folder(str(cfg.output.root))).to_pylist()}
 
 
 def assert_same_negatives(a: dict, b: dict) -> None:
@@ -230,8 +231,11 @@ def test_input_planned_in_hash_buckets_by_workers_gives_the_same_negatives(demo_
     )
     monkeypatch.setattr(mine_shuffle, "DOC_ROWS_PER_TASK", 70)  # in the driver's plan: 4 doc buckets, 4 shard groups
     a, b = mine.run(one), mine.run(many)
-    manifest = mining.read_mine_manifest(str(many.output.root))
-    assert manifest["input_buckets"] == 10 and mining.read_mine_manifest(str(one.output.root))["input_buckets"] == 1
+    manifest = mining.read_mine_manifest(Folder(str(many.output.root)))
+    assert (
+        manifest["input_buckets"] == 10
+        and mining.read_mine_manifest(Folder(str(one.output.root)))["input_buckets"] == 1
+    )
     assert manifest["input_shuffle"]["doc_buckets"] > 1 and manifest["input_shuffle"]["shard_groups"] > 1
     assert_same_negatives(_by_query(one), _by_query(many))
     assert len(_by_query(one)) == len(pairs)
@@ -271,7 +275,7 @@ def test_beir_input_in_buckets_gives_the_same_negatives(demo_root, tmp_path):
     one = mine_config(demo_root, tmp_path, "one", **beir)
     many = mine_config(demo_root, tmp_path, "many", **beir, input_mb_per_bucket=size / 4 / 2**20)
     a, b = mine.run(one), mine.run(many)
-    assert mining.read_mine_manifest(str(many.output.root))["input_buckets"] == 4
+    assert mining.read_mine_manifest(Folder(str(many.output.root)))["input_buckets"] == 4
     assert a["input_queries"] == b["input_queries"] > 0 and a["written"] == b["written"]
     assert_same_negatives(_by_query(one), _by_query(many))
 
@@ -349,7 +353,7 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     triplets = pq.read_table(out / "exports" / "triplet.parquet").to_pylist()
     assert [(t["anchor"], t["positive"], t["negative"]) for t in triplets] == [
         (r["query"], texts[p], texts[n])
-        for r in mining.read_parts(str(replicated.output.root)).to_pylist()
+        for r in mining.read_parts(Folder(str(replicated.output.root))).to_pylist()
         for p in r["positive_ids"]
         for n in r["negative_ids"]
     ]
@@ -360,7 +364,7 @@ def test_rescoring_without_a_margin_equals_sentence_transformers_and_a_rerun_res
     assert agreement["candidates"] > agreement["negatives_chosen"] == report["negative_ce_scores"]["count"]
     assert -1.0 <= agreement["pearson"] <= 1.0
     assert agreement["shared_with_bi_encoder"] < 0.9  # the cross-encoder's choice, not the bi-encoder's
-    identity = mining.read_mine_manifest(str(replicated.output.root))["identity"]
+    identity = mining.read_mine_manifest(Folder(str(replicated.output.root)))["identity"]
     assert identity["cross_encoder"]["model"] == tiny_ce and identity["cross_encoder"]["weights_sha256"]
 
 
@@ -403,10 +407,10 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
         num_negatives=2,
         queries_per_part=15,
     )
-    root, emb = str(cfg.output.root), read_embeddings_manifest(str(cfg.output.root))
+    root, emb = str(cfg.output.root), read_embeddings_manifest(Folder(str(cfg.output.root)))
     parts = mine_plan.part_inputs([mine_plan.plan_bucket(mining.work_of(cfg), 0, emb=emb)], cfg.mine.queries_per_part)
     queries = {p.number: mine_plan.read_part_input(mining.work_of(cfg), p) for p in parts}
-    merged, encoder = indexing.load_index(root)[0], encoding.load_encoder(cfg.model, 0, threads=1)
+    merged, encoder = indexing.load_index(Folder(root))[0], encoding.load_encoder(cfg.model, 0, threads=1)
     starts, directory = mine_texts.group_starts(emb, rows_per_group=64), mine_parts.candidates_dir(mining.work_of(cfg))
     assert len(parts) > 1 and len(starts) > 1
     for p in parts:
@@ -421,7 +425,7 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
         )
     asked = [(p.number, mine_parts.search_record(mining.work_of(cfg), p.number)["text_groups"]) for p in parts]
     records = [
-        mine_texts.resolve_group(directory, g, numbers, lookup.RowLookup(root))
+        mine_texts.resolve_group(directory, g, numbers, lookup.RowLookup(Folder(root)))
         for g, numbers in mine_texts.groups_to_join(directory, asked).items()
     ]
     corpus_rows = sum(s["row_stop"] - s["row_start"] for s in emb["shards"])
@@ -430,13 +434,13 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
     scorer = rescoring.CrossEncoderScorer(cfg.mine, cfg.model)
     committed = [
         mine_parts.select_part(
-            mining.work_of(cfg), NoPartLookups(root), p.number, queries[p.number], 12, starts, scorer.score
+            mining.work_of(cfg), NoPartLookups(Folder(root)), p.number, queries[p.number], 12, starts, scorer.score
         )
         for p in parts
     ]
     assert all(r["exports"]["formats"] == list(cfg.mine.formats) for r in committed)  # no second join
     texts, direct = demo_texts(), CrossEncoder(tiny_ce, device="cpu")
-    rows = mining.concat_parts(root, committed).to_pylist()
+    rows = mining.concat_parts(Folder(root), committed).to_pylist()
     assert rows and sum(len(r["negative_ids"]) for r in rows) > len(rows)
     for row in rows:
         for ids, scores in (

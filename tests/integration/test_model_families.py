@@ -11,6 +11,7 @@ from jobs.ray import cluster, query_encoding
 from retrieval_core.encode import embeddings
 from retrieval_core.evaluate import metrics
 from retrieval_core.io import judgements
+from retrieval_core.io.folder import Folder
 from retrieval_core.mine import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -72,7 +73,7 @@ def built(request, family_models, tmp_path_factory):
 def test_encode_job_vectors_equal_sentence_transformers(built, family_models):
     key, cfg = built
     ids, texts = demo_documents()
-    _, vectors, doc_ids = embeddings.load_embeddings(str(cfg.output.root))
+    _, vectors, doc_ids = embeddings.load_embeddings(Folder(str(cfg.output.root)))
     assert doc_ids == ids
     np.testing.assert_allclose(vectors, direct(family_models[key], texts, EXPECTED[key][0], "document"), atol=1e-5)
 
@@ -106,7 +107,7 @@ def test_mined_negative_scores_are_the_family_query_and_document_scores(built, f
     if key not in ("dpr", "router"):
         pytest.skip("the separate and the routed query encoders are the cases the query side could get wrong")
     mine.run(cfg)
-    parts = mining.read_parts(str(cfg.output.root)).to_pylist()
+    parts = mining.read_parts(Folder(str(cfg.output.root))).to_pylist()
     ids, docs = demo_documents()
     doc_vectors = dict(zip(ids, direct(family_models[key], docs, EXPECTED[key][0], "document")))
     queries = direct(family_models[EXPECTED[key][2]], [p["query"] for p in parts], EXPECTED[key][1], "query")
@@ -122,7 +123,7 @@ def test_refresh_encodes_as_the_encode_job(built, family_models, tmp_path):
         pytest.skip("one prompt family and the routed model suffice: refresh shares the encoder with encode")
     record = refresh.run(family_config(family_models, key, tmp_path / "nightly"))
     version_root = str(tmp_path / "nightly" / "versions" / record["version"])
-    _, refreshed, refreshed_ids = embeddings.load_embeddings(version_root)
-    _, encoded, encoded_ids = embeddings.load_embeddings(str(cfg.output.root))
+    _, refreshed, refreshed_ids = embeddings.load_embeddings(Folder(version_root))
+    _, encoded, encoded_ids = embeddings.load_embeddings(Folder(str(cfg.output.root)))
     assert refreshed_ids == encoded_ids
     np.testing.assert_allclose(refreshed, encoded, atol=1e-5)

@@ -19,6 +19,7 @@ from retrieval_core.encode import embeddings
 from retrieval_core.index import faiss_index, indexing
 from retrieval_core.io import versions
 from retrieval_core.io.corpus import assemble_text, text_hash
+from retrieval_core.io.folder import Folder
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 SETTINGS = dict(
@@ -59,15 +60,15 @@ def refresh_config(corpus, root, model, **extra):
 
 
 def by_doc(root: str) -> dict[str, np.ndarray]:
-    _, vectors, doc_ids = embeddings.load_embeddings(root)
+    _, vectors, doc_ids = embeddings.load_embeddings(Folder(root))
     return dict(zip(doc_ids, vectors))
 
 
 def search_all(root: str, queries: np.ndarray, k: int = 10):
-    index, _ = indexing.load_index(root)
+    index, _ = indexing.load_index(Folder(root))
     scores, ids = faiss_index.search(index, queries, k)
-    _, _, doc_ids = embeddings.load_embeddings(root)
-    row_ids = embeddings.load_embeddings(root)[0]
+    _, _, doc_ids = embeddings.load_embeddings(Folder(root))
+    row_ids = embeddings.load_embeddings(Folder(root))[0]
     doc_of = dict(zip(row_ids.tolist(), doc_ids))
     return scores, [[doc_of[int(r)] for r in row] for row in ids]
 
@@ -163,14 +164,14 @@ def test_texts_of_a_version_are_its_snapshots(two_days):
     from retrieval_core.index import lookup
 
     version_root = versions.version_root(str(two_days["root"]), two_days["second"]["version"])
-    row_ids = embeddings.load_embeddings(version_root)[0].tolist()
-    rows = lookup.RowLookup(version_root)
+    row_ids = embeddings.load_embeddings(Folder(version_root))[0].tolist()
+    rows = lookup.RowLookup(Folder(version_root))
     values = rows.values(row_ids + [-1])
     expected = {d["id"]: assemble_text(d["title"], d["text"]) for d in day2()}
     texts = rows.texts_of(values)
     assert sorted(texts) == sorted(row_ids) and len(texts) == len(expected)
     assert {values[r][0]: t for r, t in texts.items()} == expected
-    assert lookup.texts_for_rows(version_root, row_ids) == texts
+    assert lookup.texts_for_rows(Folder(version_root), row_ids) == texts
 
 
 def test_search_reads_current_and_rollback_moves_it(two_days, tiny_model):

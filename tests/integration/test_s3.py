@@ -26,6 +26,7 @@ from retrieval_core.config import PIPELINE_STAGES, REDACTED, ConfigError, ModelC
 from retrieval_core.encode import embeddings, encoding, model_files
 from retrieval_core.index import faiss_index, indexing
 from retrieval_core.io import storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.mine import mining
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -109,8 +110,8 @@ def test_every_stage_runs_on_s3(runs):
 @pytest.mark.parametrize("sub", ["", "trained"])
 def test_embeddings_on_s3_equal_local(runs, sub):
     (local, _), (remote, options) = roots(runs, sub)
-    ids_l, vectors_l, docs_l = embeddings.load_embeddings(local)
-    ids_s, vectors_s, docs_s = embeddings.load_embeddings(remote, options)
+    ids_l, vectors_l, docs_l = embeddings.load_embeddings(Folder(local))
+    ids_s, vectors_s, docs_s = embeddings.load_embeddings(Folder(remote, options))
     assert ids_s.tolist() == ids_l.tolist() == list(range(DEMO_ROWS)) and docs_s == docs_l
     assert vectors_s.tobytes() == vectors_l.tobytes()
 
@@ -118,11 +119,11 @@ def test_embeddings_on_s3_equal_local(runs, sub):
 @pytest.mark.parametrize("sub", ["", "trained"])
 def test_index_on_s3_answers_as_local(runs, sub):
     (local, _), (remote, options) = roots(runs, sub)
-    index_l, manifest_l = indexing.load_index(local)
-    index_s, manifest_s = indexing.load_index(remote, options)
+    index_l, manifest_l = indexing.load_index(Folder(local))
+    index_s, manifest_s = indexing.load_index(Folder(remote, options))
     assert manifest_s["ntotal"] == manifest_l["ntotal"] == DEMO_ROWS
     assert manifest_s["search_parameters"] == manifest_l["search_parameters"]
-    queries = embeddings.load_embeddings(local)[1][::7]
+    queries = embeddings.load_embeddings(Folder(local))[1][::7]
     scores_l, ids_l = faiss_index.search(index_l, queries, 10)
     scores_s, ids_s = faiss_index.search(index_s, queries, 10)
     assert np.array_equal(ids_s, ids_l) and np.array_equal(scores_s, scores_l)
@@ -165,9 +166,12 @@ def test_mining_on_ray_workers_on_s3_equals_the_local_run(runs):
         runtime=dataclasses.replace(cfg.runtime, inline_rows=0, num_workers=1),
     )
     mine.run(cfg)
-    manifest = mining.read_mine_manifest(target, options)
+    manifest = mining.read_mine_manifest(Folder(target, options))
     assert manifest["input_buckets"] == 3 and manifest["text_join"]["groups"] >= 1
-    on_workers, in_process = mining.read_parts(target, options).to_pylist(), mining.read_parts(local).to_pylist()
+    on_workers, in_process = (
+        mining.read_parts(Folder(target, options)).to_pylist(),
+        mining.read_parts(Folder(local)).to_pylist(),
+    )
     scores = [k for k in in_process[0] if k.endswith("_scores")]  # queries encoded on 1 thread or several
     assert [{k: v for k, v in row.items() if k not in scores} for row in on_workers] == [
         {k: v for k, v in row.items() if k not in scores} for row in in_process
@@ -185,15 +189,15 @@ def test_mining_on_ray_workers_on_s3_equals_the_local_run(runs):
 
 def test_negatives_and_exports_on_s3_equal_local(runs):
     (local, _), (remote, options) = roots(runs)
-    parts_s = mining.read_parts(remote, options).to_pylist()
-    assert parts_s == mining.read_parts(local).to_pylist() and parts_s
+    parts_s = mining.read_parts(Folder(remote, options)).to_pylist()
+    assert parts_s == mining.read_parts(Folder(local)).to_pylist() and parts_s
     for name in ("triplet.parquet", "n-tuple.parquet", "flag.jsonl"):
         url = ("negatives", "exports", name)
         assert storage.read_bytes(storage.join(remote, *url), options) == storage.read_bytes(storage.join(local, *url))
     assert storage.read_parquet(storage.join(remote, "negatives", "rejects.parquet"), options).equals(
         pq.read_table(Path(local, "negatives", "rejects.parquet"))
     )
-    assert mining.read_mine_manifest(remote, options)["input_buckets"] == 3
+    assert mining.read_mine_manifest(Folder(remote, options))["input_buckets"] == 3
 
 
 def model_state(path: str) -> dict:
@@ -442,8 +446,8 @@ def test_killed_encode_driver_resumes_on_s3_with_the_remaining_shards(
     assert not [name for name in after if name not in before and after[name]["pid"] in killed_pids]
     clean = config(local_corpus, tmp_path / "clean", model=tiny_model, runtime__rows_per_shard=20)
     encode.run(clean)
-    ids_c, vectors_c, docs_c = embeddings.load_embeddings(str(clean.output.root))
-    ids_s, vectors_s, docs_s = embeddings.load_embeddings(root, s3_options)
+    ids_c, vectors_c, docs_c = embeddings.load_embeddings(Folder(str(clean.output.root)))
+    ids_s, vectors_s, docs_s = embeddings.load_embeddings(Folder(root, s3_options))
     assert ids_s.tolist() == ids_c.tolist() and docs_s == docs_c and vectors_s.tobytes() == vectors_c.tobytes()
     for text in (killed_output, rerun.stdout, rerun.stderr):
         assert s3_options["secret"] not in text
@@ -524,7 +528,7 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
             results[where, night] = refresh.run(config(corpus, root, model=tiny_model, **settings, **extra))
         options = extra and s3_options
         version_root, _ = versions.resolve_root(root, options or None)
-        _, vectors, doc_ids = embeddings.load_embeddings(version_root, options or None)
+        _, vectors, doc_ids = embeddings.load_embeddings(Folder(version_root, options or None))
         upserts = storage.read_parquet(storage.join(version_root, "changes", "upserts.parquet"), options or None)
         results[where] = (dict(zip(doc_ids, vectors)), sorted(upserts.column("doc_id").to_pylist()))
     for key in ("documents", "unchanged", "changed", "added", "deleted", "encoded"):
@@ -572,8 +576,8 @@ def test_a_store_failing_past_its_retries_commits_nothing_and_one_failing_for_a_
     flaky.fail("PUT", 503, when="embeddings/_manifest.json", times=2)
     result = encode.run(pipeline_config(inputs, root, tiny_model_without_dropout, through))
     assert len(flaky.failed) == 8 and result["shards_run"] == result["shards"] - len(committed)
-    ids_c, vectors_c, docs_c = embeddings.load_embeddings(*roots(runs)[1])
-    ids_s, vectors_s, docs_s = embeddings.load_embeddings(root, s3_options)
+    ids_c, vectors_c, docs_c = embeddings.load_embeddings(Folder(*roots(runs)[1]))
+    ids_s, vectors_s, docs_s = embeddings.load_embeddings(Folder(root, s3_options))
     assert ids_s.tolist() == ids_c.tolist() and docs_s == docs_c and vectors_s.tobytes() == vectors_c.tobytes()
 
 

@@ -16,6 +16,7 @@ from helpers import DEMO_CORPUS, REPO, config
 
 from jobs import encode, index, mine, pipeline, train
 from retrieval_core.config import load_config
+from retrieval_core.io.folder import Folder
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 PAIRS = REPO / "examples" / "demo" / "pairs.jsonl"
@@ -84,7 +85,7 @@ def outputs(root: Path) -> dict:
     return {
         "eval": json.loads((root / "eval" / "metrics.json").read_text())["metrics"],
         "reeval": json.loads((root / "trained" / "eval" / "metrics.json").read_text())["metrics"],
-        "negatives": mining.read_parts(str(root)).column("negative_ids").to_pylist(),
+        "negatives": mining.read_parts(Folder(str(root))).column("negative_ids").to_pylist(),
         "weights": state(root / "model"),
     }
 

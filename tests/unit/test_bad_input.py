@@ -14,6 +14,7 @@ from retrieval_core.config import ConfigError, CorpusConfig, MineConfig, ModelCo
 from retrieval_core.encode import embeddings, encoding
 from retrieval_core.index import faiss_index
 from retrieval_core.io import corpus, judgements, storage, versions
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import plan_shards
 from retrieval_core.mine import inputs as mine_input
 from retrieval_core.refresh import refreshing
@@ -306,7 +307,7 @@ def test_query_vectors_of_another_dimension_are_an_error_naming_both():
 def test_embeddings_of_another_dimension_than_the_manifest_are_an_error_naming_the_shard(tmp_path):
     manifest = write_synthetic_embeddings(tmp_path, np.eye(8, dtype=np.float32), shard_rows=4)
     with pytest.raises(embeddings.IncompatibleOutputError, match=r"shard-00000\.parquet' holds 8-dimensional vectors"):
-        embeddings.read_shard_vectors(str(tmp_path), manifest["shards"][0], 4)
+        embeddings.read_shard_vectors(Folder(str(tmp_path)), manifest["shards"][0], 4)
 
 
 # ------------------------------------------------------------------- the output root: nothing leads out of it
@@ -338,7 +339,7 @@ def test_a_manifest_naming_a_shard_outside_the_root_is_refused(tmp_path):
     manifest["shards"][0]["name"] = "../../escape"
     url.write_text(json.dumps(manifest))
     with pytest.raises(embeddings.IncompatibleOutputError, match=r"names shards \['../../escape'\]"):
-        embeddings.read_embeddings_manifest(str(tmp_path))
+        embeddings.read_embeddings_manifest(Folder(str(tmp_path)))
 
 
 def test_ids_that_look_like_paths_stay_data(tmp_path, tiny_model):
@@ -357,7 +358,7 @@ def test_ids_that_look_like_paths_stay_data(tmp_path, tiny_model):
         ],
     )
     encode.run(cfg)
-    assert embeddings.load_embeddings(str(tmp_path / "out"))[2] == ids
+    assert embeddings.load_embeddings(Folder(str(tmp_path / "out")))[2] == ids
     written = {os.path.relpath(os.path.join(d, f), tmp_path) for d, _, names in os.walk(tmp_path) for f in names}
     assert all(w.startswith(("out/", "corpus/")) for w in written), written
 

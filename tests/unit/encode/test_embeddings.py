@@ -12,6 +12,7 @@ from retrieval_core.config import ModelConfig
 from retrieval_core.encode import embeddings
 from retrieval_core.encode.encoding import SentenceTransformerEncoder, encoder_identity
 from retrieval_core.io import corpus, storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import IncompatibleOutputError
 
 
@@ -44,13 +45,13 @@ def test_output_matches_direct_encoding(tmp_path, corpus_file, tiny_model, tiny_
     cfg = config(path, tmp_path / "out", tiny_model, corpus__title_column="title")
     shards, pending = run_stage(cfg, tiny_encoder)
     assert len(shards) == 4 and pending == shards
-    row_ids, vectors, doc_ids = embeddings.load_embeddings(cfg.output.root)
+    row_ids, vectors, doc_ids = embeddings.load_embeddings(Folder(cfg.output.root))
     kept = [i for i in range(30) if i not in (3, 17)]
     assert row_ids.tolist() == kept
     assert doc_ids == [docs[i]["id"] for i in kept]
     expected = tiny_encoder.encode_documents([f"{docs[i]['title']} {docs[i]['text']}" for i in kept])
     assert np.abs(vectors - expected).max() < 1e-5
-    manifest = embeddings.read_embeddings_manifest(cfg.output.root)
+    manifest = embeddings.read_embeddings_manifest(Folder(cfg.output.root))
     assert manifest["totals"] == {"rows_in": 30, "rows_encoded": 28, "rows_rejected": 2, "shards": 4}
     assert manifest["dim"] == 32 and manifest["fingerprint"] == encoder_identity(cfg.model)["fingerprint"]
     meta = pq.read_schema(str(tmp_path / "out" / "embeddings" / "shard-00000.parquet")).metadata
@@ -65,7 +66,7 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path, corpus_file, tiny_model
     path, _ = corpus_file
     cfg = config(path, tmp_path / "out", tiny_model)
     run_stage(cfg, tiny_encoder)
-    before = embeddings.load_embeddings(cfg.output.root)
+    before = embeddings.load_embeddings(Folder(cfg.output.root))
     layout = embeddings.layout_of(cfg)
     storage.remove(layout.record_file("shard-00002"))
     storage.remove(layout.manifest)
@@ -73,7 +74,7 @@ def test_resume_redoes_only_uncommitted_shards(tmp_path, corpus_file, tiny_model
     _, pending = run_stage(cfg, tiny_encoder)
     assert [s.name for s in pending] == ["shard-00002"]
     assert not any(storage.TMP_MARK in p.name for p in (tmp_path / "out" / "embeddings").iterdir())
-    after = embeddings.load_embeddings(cfg.output.root)
+    after = embeddings.load_embeddings(Folder(cfg.output.root))
     assert after[0].tolist() == before[0].tolist() and after[2] == before[2]
     assert np.array_equal(after[1], before[1])
 
@@ -92,7 +93,7 @@ def test_other_settings_are_refused_then_overwritten(tmp_path, corpus_file, tiny
     overwrite = dataclasses.replace(changed, output=dataclasses.replace(changed.output, overwrite=True))
     _, pending = run_stage(overwrite, tiny_encoder)
     assert len(pending) == 4
-    assert embeddings.read_embeddings_manifest(cfg.output.root)["encoder"]["document_prompt"] == "passage: "
+    assert embeddings.read_embeddings_manifest(Folder(cfg.output.root))["encoder"]["document_prompt"] == "passage: "
 
 
 def test_changed_corpus_is_refused(tmp_path, corpus_file, tiny_model, tiny_encoder):
@@ -108,7 +109,7 @@ def test_memory_url_and_float16(tiny_model, tiny_encoder, corpus_file):
     path, _ = corpus_file
     cfg = config(path, "memory://enc-test/out", tiny_model, output__embedding_dtype="float16")
     run_stage(cfg, tiny_encoder)
-    row_ids, vectors, _ = embeddings.load_embeddings(cfg.output.root)
+    row_ids, vectors, _ = embeddings.load_embeddings(Folder(cfg.output.root))
     assert vectors.dtype == np.float32 and len(row_ids) == 28
     table = storage.read_parquet("memory://enc-test/out/embeddings/shard-00000.parquet")
     embedding_type = table.schema.field("embedding").type

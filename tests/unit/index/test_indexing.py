@@ -11,6 +11,7 @@ from helpers import clustered_vectors, write_synthetic_embeddings
 from retrieval_core.config import ConfigError, load_config
 from retrieval_core.config.rules import parse_memory
 from retrieval_core.index import faiss_index, indexing, search
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import IncompatibleOutputError
 
 DIM = 16
@@ -50,7 +51,7 @@ def monolithic(cfg, vectors):
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,SQ8", "IVF8,PQ4x4", "SQ8"])
 def test_merged_index_answers_exactly_as_a_monolithic_one(tmp_path, vectors, queries, factory):
     cfg, manifest = build(tmp_path, vectors, type=factory, nprobe=3)
-    merged, _ = indexing.load_index(str(tmp_path))
+    merged, _ = indexing.load_index(Folder(str(tmp_path)))
     reference = monolithic(cfg, vectors)
     faiss_index.set_search_parameters(reference, nprobe=3)
     got_scores, got_ids = faiss_index.search(merged, queries, 20)
@@ -59,7 +60,7 @@ def test_merged_index_answers_exactly_as_a_monolithic_one(tmp_path, vectors, que
     assert [s["ntotal"] for s in manifest["shards"]] == [437] * 6 + [3000 - 6 * 437]
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_array_equal(got_scores, want_scores)
-    mapped, _ = indexing.load_index(str(tmp_path), mmap=True)  # memory-mapped: the same answers
+    mapped, _ = indexing.load_index(Folder(str(tmp_path)), mmap=True)  # memory-mapped: the same answers
     np.testing.assert_array_equal(faiss_index.search(mapped, queries, 20)[1], want_ids)
 
 
@@ -84,7 +85,7 @@ def test_a_memory_mapped_index_holds_its_codes_outside_the_process_memory(tmp_pa
 
 def test_flat_index_equals_exact_numpy_search(tmp_path, vectors, queries):
     build(tmp_path, vectors, type="Flat")
-    merged, manifest = indexing.load_index(str(tmp_path))
+    merged, manifest = indexing.load_index(Folder(str(tmp_path)))
     _, ids = faiss_index.search(merged, queries, 10)
     brute = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(ids, brute)
@@ -94,8 +95,8 @@ def test_flat_index_equals_exact_numpy_search(tmp_path, vectors, queries):
 def test_on_disk_merge_answers_as_the_in_memory_merge(tmp_path, vectors, queries):
     build(tmp_path / "mem", vectors, type="IVF16,Flat", nprobe=4)
     build(tmp_path / "disk", vectors, type="IVF16,Flat", nprobe=4, on_disk="true")
-    in_memory, _ = indexing.load_index(str(tmp_path / "mem"))
-    on_disk, manifest = indexing.load_index(str(tmp_path / "disk"))
+    in_memory, _ = indexing.load_index(Folder(str(tmp_path / "mem")))
+    on_disk, manifest = indexing.load_index(Folder(str(tmp_path / "disk")))
     assert manifest["on_disk"] and (tmp_path / "disk" / "index" / "merged.ivfdata").stat().st_size > 0
     a = faiss_index.search(in_memory, queries, 10)
     b = faiss_index.search(on_disk, queries, 10)
@@ -118,7 +119,7 @@ def test_nprobe_is_the_smallest_reaching_the_target(tmp_path, vectors):
     assert recall["recall_at_10"] >= 0.9
     below = [t for t in recall["tried"] if t["value"] < recall["value"]]
     assert all(t["recall_at_10"] < 0.9 for t in below)
-    merged, _ = indexing.load_index(str(tmp_path))
+    merged, _ = indexing.load_index(Folder(str(tmp_path)))
     assert faiss.extract_index_ivf(merged).nprobe == recall["value"]
 
 
@@ -130,7 +131,7 @@ def test_recall_is_measured_against_exact_search(tmp_path, vectors):
     positions = indexing.sample_positions(plan.ntotal, 200, cfg.index.seed + 1)
     q = vectors[positions]
     exact = np.argsort(-(q @ vectors.T), axis=1, kind="stable")[:, :11]
-    merged, _ = indexing.load_index(str(tmp_path))
+    merged, _ = indexing.load_index(Folder(str(tmp_path)))
     _, found = faiss_index.search(merged, q, 11)
     exact = [[i for i in row if i != own][:10] for row, own in zip(exact.tolist(), positions.tolist())]
     found = [[i for i in row if i != own][:10] for row, own in zip(found.tolist(), positions.tolist())]

@@ -10,6 +10,7 @@ from helpers import config
 
 from jobs import encode
 from retrieval_core.index import lookup
+from retrieval_core.io.folder import Folder
 
 
 def _rows(n: int) -> list[dict]:
@@ -48,14 +49,14 @@ def encoded(request, tiny_model, tmp_path_factory):
 
 
 def test_row_lookups_equal_the_direct_ones(encoded, monkeypatch):
-    rows = lookup.RowLookup(encoded)
+    rows = lookup.RowLookup(Folder(encoded))
     wanted = sorted(set(np.random.default_rng(0).integers(0, 2500, 300).tolist()) | {0, 5, 999, 1000, 2499, -1})
     for _ in range(2):  # the second round with the corpus already planned
         assert rows.values(wanted) == {
-            r: tuple(v) for r, v in lookup.row_values(encoded, wanted, ["doc_id", "text_hash"]).items()
+            r: tuple(v) for r, v in lookup.row_values(Folder(encoded), wanted, ["doc_id", "text_hash"]).items()
         }
         texts = rows.texts(wanted)
-        assert texts == lookup.texts_for_rows(encoded, wanted)
+        assert texts == lookup.texts_for_rows(Folder(encoded), wanted)
         values = rows.values(wanted)
         with monkeypatch.context() as patch:  # texts of found values: no embedding shard is read again
             patch.setattr(lookup, "read_shard_table", lambda *a, **k: pytest.fail("an embedding shard was read"))

@@ -8,6 +8,7 @@ import pytest
 from helpers import config, write_synthetic_embeddings
 
 from retrieval_core.index import lookup
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import buckets_of
 from retrieval_core.mine import inputs as mine_input
 from retrieval_core.mine import mining
@@ -86,7 +87,7 @@ def test_the_shuffle_gives_each_bucket_its_queries_and_positives_reading_each_fi
     assert sorted(files) == sorted(url for _, url in mine_input.input_files(cfg.mine))  # each file read once
     assert sorted(shards) == sorted(s["name"] for s in emb["shards"])  # each shard's doc ids read once
     everything = mine_input.load_queries(cfg.mine)
-    found = lookup.rows_for_doc_ids(str(tmp_path / "root"), {d for q in everything for d in q.positive_doc_ids})
+    found = lookup.rows_for_doc_ids(Folder(str(tmp_path / "root")), {d for q in everything for d in q.positive_doc_ids})
     assert 0 < len(found) < len({d for q in everything for d in q.positive_doc_ids})  # some positives absent
     seen = []
     for bucket in range(BUCKETS):
