@@ -113,7 +113,7 @@ def same_top10(refresh_root: str, scratch_root: str) -> float:
     from retrieval_core.index import faiss_index, indexing
     from retrieval_core.io import versions
 
-    version_root, _ = versions.resolve_root(refresh_root)
+    version_root, _ = versions.resolve_root(Folder(refresh_root))
     results = []
     for root in (version_root, scratch_root):
         row_ids, vectors, doc_ids = embeddings.load_embeddings(Folder(root))

@@ -15,6 +15,7 @@ from jobs.ray import cluster, dispatch
 from retrieval_core.config import Config, ConfigError, default_value, load_config
 from retrieval_core.config import rules as config_rules
 from retrieval_core.io import leases, manifest, storage, versions
+from retrieval_core.io.folder import Folder
 
 REFERENCE = (
     "Every key with its default: configs/demo.yaml. Full reference: README.md, section 'Configuration reference'."
@@ -97,8 +98,7 @@ def _locked_run(cfg: Config, run: Callable[[Config], Any], job: str) -> Any:
     made_root = local is not None and not os.path.exists(local)
     pu = cfg.publish
     with versions.leased(
-        cfg.output.root,
-        cfg.output.storage_options,
+        Folder.output(cfg.output),
         pu.lease_expiry,
         pu.lease_renew,
         owner={"job": job},

@@ -64,7 +64,11 @@ def lease_of(cfg: Config, job: str, wait: bool = False):
     """The root's refresh lease, held for a ``with`` block (a refresh or a rollback)."""
     pu = cfg.publish
     return versions.leased(
-        cfg.output.root, cfg.output.storage_options, pu.lease_expiry, pu.lease_renew, owner={"job": job}, wait=wait
+        Folder.output(cfg.output),
+        pu.lease_expiry,
+        pu.lease_renew,
+        owner={"job": job},
+        wait=wait,
     )
 
 
@@ -72,7 +76,7 @@ def check_adoption(cfg: Config, adopt: bool) -> None:
     """A root without CURRENT that holds the plain jobs' output is refused unless ``adopt``: versions published
     beside that output would silently replace it for every reader of the root."""
     root, so = cfg.output.root, cfg.output.storage_options
-    if versions.read_current(root, so) is not None:
+    if versions.read_current(Folder(root, so)) is not None:
         return
     found = [f for f in PLAIN_OUTPUT if storage.exists(storage.join(root, f), so)]
     if found and not adopt:
@@ -114,7 +118,9 @@ def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
             len(p.segments),
             lease.generation,
         )
-        if versions.is_complete(cfg.output.root, p.version, so):  # a run killed after finishing it, before publishing
+        if versions.is_complete(
+            Folder(cfg.output.root, so), p.version
+        ):  # a run killed after finishing it, before publishing
             record = storage.read_json(storage.join(p.version_root, versions.REFRESH_RECORD), so)
             return _conclude(cfg, p, record, lease)
         if p.previous_root and not p.reuse:
@@ -211,9 +217,7 @@ def _prewarmed_encoder(cfg: Config):
     itself: loading torch, sentence-transformers and the model (seconds) starts now, in a thread, while the snapshot
     is read and diffed. Returns the loading's Future, or None on a first version (everything is encoded, on actors
     when many)."""
-    if not dispatch.runs_here(1, cfg.runtime.inline_rows) or not versions.read_current(
-        cfg.output.root, cfg.output.storage_options
-    ):
+    if not dispatch.runs_here(1, cfg.runtime.inline_rows) or not versions.read_current(Folder.output(cfg.output)):
         return None
     from concurrent.futures import ThreadPoolExecutor
 
@@ -406,11 +410,11 @@ def _conclude(cfg: Config, p: refreshing.RefreshPlan, record: dict, lease: lease
         )
     try:
         current = versions.publish(
-            cfg.output.root, p.version, so, expected=p.previous, by={"action": "refresh"}, lease=lease
+            Folder(cfg.output.root, so), p.version, expected=p.previous, by={"action": "refresh"}, lease=lease
         )
     except versions.CurrentMovedError as exc:
         lease.check("marking the version abandoned")
-        versions.mark_abandoned(cfg.output.root, p.version, str(exc), so)
+        versions.mark_abandoned(Folder(cfg.output.root, so), p.version, str(exc))
         refreshing.finish_build(cfg)
         raise
     refreshing.finish_build(cfg)  # after the publish: a run killed before it resumes this version
@@ -442,15 +446,14 @@ def rollback(cfg: Config, name: str, wait: bool = False, force: bool = False) ->
     holds it, unless ``wait``); a failed or abandoned version only with ``force``. Returns the new CURRENT."""
     root, so = cfg.output.root, cfg.output.storage_options
     with lease_of(cfg, "rollback", wait) as lease:
-        target = versions.rollback_target(root, name, so, force)
+        target = versions.rollback_target(Folder(root, so), name, force)
         forced = target["state"] in versions.KEPT_FOR_INSPECTION
         if forced:
             log.warning("refresh: --force: publishing %s, which is %s: %s", name, target["state"], target["detail"])
-        current = versions.read_current(root, so)
+        current = versions.read_current(Folder(root, so))
         return versions.publish(
-            root,
+            Folder(root, so),
             name,
-            so,
             expected=(current or {}).get("version"),
             by={"action": "rollback", **({"forced": target["detail"]} if forced else {})},
             lease=lease,
@@ -468,7 +471,7 @@ def rollback_summary(current: dict) -> str:
 
 def list_versions(cfg: Config, as_json: bool) -> str:
     """Every version of the root with its state, counts and date; JSON with ``as_json``."""
-    found = versions.states(cfg.output.root, cfg.output.storage_options)
+    found = versions.states(Folder.output(cfg.output))
     if as_json:
         return json.dumps({"root": cfg.output.root, "versions": found}, indent=2)
     if not found:

@@ -17,6 +17,7 @@ from jobs.ray import dispatch
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
 from retrieval_core.encode import encoding
 from retrieval_core.io import versions
+from retrieval_core.io.folder import Folder
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +160,11 @@ def read_version(cfg: Config) -> Config:
     versions under, ``output.root`` becomes the version CURRENT names (or ``output.version``); a root written by
     the plain jobs is read as it is."""
     so = cfg.output.storage_options
-    root, version = versions.resolve_root(cfg.output.root, so, cfg.output.version)
+    root, version = versions.resolve_root(Folder(cfg.output.root, so), cfg.output.version)
     if version:
         log.info("reading version %s of %s", version, cfg.output.root)
         # a lease the refresh's retention respects, renewed every publish.lease_renew until this process ends
-        lease = versions.register_reader(cfg.output.root, version, so)
+        lease = versions.register_reader(Folder(cfg.output.root, so), version)
         renewing = versions.keep_reader_renewed(lease, so, version, cfg.publish.lease_renew)
         atexit.register(versions.release_reader, lease, so, renewing)
     return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, root=root, version=""))

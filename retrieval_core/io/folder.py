@@ -29,6 +29,10 @@ class Folder:
     url: str
     storage_options: dict = dataclasses.field(default_factory=dict, repr=False)  # credentials: never in a repr
 
+    def __init__(self, url: str, storage_options: dict | None = None):
+        object.__setattr__(self, "url", url)
+        object.__setattr__(self, "storage_options", {} if storage_options is None else storage_options)
+
     @classmethod
     def output(cls, output: OutputConfig) -> Folder:
         """The output root of a run (``cfg.output``): where every stage writes, with its storage options."""

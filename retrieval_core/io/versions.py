@@ -27,6 +27,7 @@ from typing import Iterator
 import fsspec.core
 
 from retrieval_core.io import leases, storage
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.leases import LockedError
 from retrieval_core.io.leases import parse_iso as _parse_iso
 from retrieval_core.io.leases import this_process as _this_process
@@ -84,19 +85,20 @@ def version_root(root: str, name: str) -> str:
     return storage.join(root, VERSIONS_DIR, name)
 
 
-def list_versions(root: str, storage_options: dict | None = None) -> list[str]:
+def list_versions(folder: Folder) -> list[str]:
     """The version names under ``<root>/versions/``, oldest first, complete or not (other entries ignored)."""
+    root, storage_options = folder.url, folder.storage_options
     names = storage.list_names(storage.join(root, VERSIONS_DIR), storage_options)
     return sort_versions([n for n in names if is_version_name(n)])
 
 
-def new_version_name(root: str, storage_options: dict | None = None, now: datetime | None = None) -> str:
+def new_version_name(folder: Folder, now: datetime | None = None) -> str:
     """A new name ``v{seq:06d}-{UTC yyyymmddTHHMMSSZ}`` with seq one above the highest under ``versions/``.
 
     Names are unique and sort by creation as long as only one process creates versions at a time: call it while
     holding the refresh lease (:func:`leased`). ``now`` defaults to the current time; a naive datetime is UTC.
     """
-    existing = list_versions(root, storage_options)
+    existing = list_versions(folder)
     seq = 1 + max((parse_version_seq(n) for n in existing), default=0)
     moment = now or datetime.now(timezone.utc)
     moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
@@ -106,8 +108,9 @@ def new_version_name(root: str, storage_options: dict | None = None, now: dateti
 # ---------------------------------------------------------------------------------------------------- CURRENT
 
 
-def read_refresh_record(root: str, name: str, storage_options: dict | None = None) -> dict | None:
+def read_refresh_record(folder: Folder, name: str) -> dict | None:
     """``versions/<name>/refresh.json``, or None when the version has none (yet)."""
+    root, storage_options = folder.url, folder.storage_options
     url = storage.join(version_root(root, name), REFRESH_RECORD)
     if not storage.exists(url, storage_options):
         return None
@@ -115,14 +118,15 @@ def read_refresh_record(root: str, name: str, storage_options: dict | None = Non
     return record if isinstance(record, dict) else None
 
 
-def is_complete(root: str, name: str, storage_options: dict | None = None) -> bool:
+def is_complete(folder: Folder, name: str) -> bool:
     """True when the version's ``refresh.json`` says ``"complete": true``."""
-    record = read_refresh_record(root, name, storage_options)
+    record = read_refresh_record(folder, name)
     return record is not None and record.get("complete") is True
 
 
-def read_current(root: str, storage_options: dict | None = None) -> dict | None:
+def read_current(folder: Folder) -> dict | None:
     """The content of ``<root>/CURRENT``, or None when the root has none."""
+    root, storage_options = folder.url, folder.storage_options
     url = storage.join(root, CURRENT)
     if not storage.exists(url, storage_options):
         return None
@@ -136,9 +140,8 @@ _ANY = object()
 
 
 def publish(
-    root: str,
+    folder: Folder,
     name: str,
-    storage_options: dict | None = None,
     expected=_ANY,
     by: dict | None = None,
     lease: leases.Lease | None = None,
@@ -151,15 +154,16 @@ def publish(
     ``lease``, its fence is checked just before the write. The version's ``refresh.json`` then records that it was
     published. A version whose ``refresh.json`` does not say ``"complete": true`` is refused.
     """
+    root, storage_options = folder.url, folder.storage_options
     parse_version_seq(name)
     if lease is not None:
         lease.check("reading CURRENT")  # a holder that lost its lease learns that first, not that CURRENT moved
-    if not is_complete(root, name, storage_options):
+    if not is_complete(folder, name):
         record_url = storage.join(version_root(root, name), REFRESH_RECORD)
         raise VersionError(
             f"cannot publish version '{name}': '{record_url}' is missing or does not say \"complete\": true"
         )
-    old = read_current(root, storage_options)
+    old = read_current(folder)
     if expected is not _ANY and (old or {}).get("version") != expected:
         raise CurrentMovedError(moved_message(root, old, expected, name))
     previous = old["version"] if old and old["version"] != name else (old or {}).get("previous")
@@ -172,7 +176,7 @@ def publish(
     if lease is not None:
         lease.check("writing CURRENT")
     storage.write_json_atomic(storage.join(root, CURRENT), record, storage_options)
-    _mark_published(root, name, storage_options, now)
+    _mark_published(folder, name, now)
     return record
 
 
@@ -193,16 +197,18 @@ def moved_message(root: str, current: dict | None, expected: str | None, name: s
     )
 
 
-def _mark_published(root: str, name: str, storage_options: dict | None, when: str) -> None:
+def _mark_published(folder: Folder, name: str, when: str) -> None:
     """``refresh.json`` of a version records when CURRENT first named it."""
+    root, storage_options = folder.url, folder.storage_options
     url = storage.join(version_root(root, name), REFRESH_RECORD)
     record = storage.read_json(url, storage_options)
     if record.get("published") is not True or not record.get("published_at"):
         storage.write_json_atomic(url, {**record, "published": True, "published_at": when}, storage_options)
 
 
-def mark_abandoned(root: str, name: str, reason: str, storage_options: dict | None = None) -> None:
+def mark_abandoned(folder: Folder, name: str, reason: str) -> None:
     """A complete version that will not be published (CURRENT moved under its refresh) says why."""
+    root, storage_options = folder.url, folder.storage_options
     url = storage.join(version_root(root, name), REFRESH_RECORD)
     if storage.exists(url, storage_options):
         storage.write_json_atomic(
@@ -256,8 +262,9 @@ def version_state(name: str, record: dict | None, current: dict | None, building
     }
 
 
-def building_version(root: str, storage_options: dict | None = None) -> str | None:
+def building_version(folder: Folder) -> str | None:
     """The version the pending refresh build is making (its record ``_refresh/build.json``), or None."""
+    root, storage_options = folder.url, folder.storage_options
     url = storage.join(root, BUILD_RECORD)
     if not storage.exists(url, storage_options):
         return None
@@ -265,14 +272,11 @@ def building_version(root: str, storage_options: dict | None = None) -> str | No
     return name if is_version_name(name) else None
 
 
-def states(root: str, storage_options: dict | None = None) -> list[dict]:
+def states(folder: Folder) -> list[dict]:
     """Every version under the root with its state (see :func:`version_state`), oldest first."""
-    current = read_current(root, storage_options)
-    building = building_version(root, storage_options)
-    return [
-        version_state(n, read_refresh_record(root, n, storage_options), current, building)
-        for n in list_versions(root, storage_options)
-    ]
+    current = read_current(folder)
+    building = building_version(folder)
+    return [version_state(n, read_refresh_record(folder, n), current, building) for n in list_versions(folder)]
 
 
 def state_line(state: dict) -> str:
@@ -291,12 +295,13 @@ def state_line(state: dict) -> str:
     return "  ".join(part for part in (state["version"], label, numbers, date) if part)
 
 
-def rollback_target(root: str, name: str, storage_options: dict | None = None, force: bool = False) -> dict:
+def rollback_target(folder: Folder, name: str, force: bool = False) -> dict:
     """The state of version ``name`` if a rollback may publish it, else :class:`VersionError` saying why: an
     unknown or unfinished version never (it cannot be read whole); one that failed a gate, or that was abandoned,
     only with ``force``."""
+    root = folder.url
     parse_version_seq(name)
-    found = {s["version"]: s for s in states(root, storage_options)}
+    found = {s["version"]: s for s in states(folder)}
     if name not in found or not found[name]["complete"]:
         servable = [n for n, s in found.items() if s["state"] in ("current", "published")]
         state = "does not exist" if name not in found else f"is {found[name]['state']} (never finished)"
@@ -313,17 +318,18 @@ def rollback_target(root: str, name: str, storage_options: dict | None = None, f
     return target
 
 
-def resolve_root(root: str, storage_options: dict | None = None, version: str = "") -> tuple[str, str | None]:
+def resolve_root(folder: Folder, version: str = "") -> tuple[str, str | None]:
     """The root the stages read and its version name: with ``version`` that version; else the version CURRENT
     names; else (a root written by the plain jobs, without versions) ``root`` itself and None."""
+    root, storage_options = folder.url, folder.storage_options
     if version:
         if not is_version_name(version) or not storage.exists(path := version_root(root, version), storage_options):
             raise VersionError(
                 f"version '{version}' does not exist under '{storage.join(root, VERSIONS_DIR)}'; "
-                f"versions: {list_versions(root, storage_options) or 'none'}"
+                f"versions: {list_versions(folder) or 'none'}"
             )
         return path, version
-    current = read_current(root, storage_options)
+    current = read_current(folder)
     if current is None:
         return root, None
     name = current["version"]
@@ -344,8 +350,7 @@ def lease_dir(root: str, path: str = leases.REFRESH_LEASE) -> str:
 
 @contextlib.contextmanager
 def leased(
-    root: str,
-    storage_options: dict | None = None,
+    folder: Folder,
     expiry_s: float = 600.0,
     renew_s: float = 60.0,
     owner: dict | None = None,
@@ -354,6 +359,7 @@ def leased(
     wait: bool = False,
 ) -> Iterator[leases.Lease]:
     """Hold a root's lease for the ``with`` block, renewed in the background and released whatever happens."""
+    root, storage_options = folder.url, folder.storage_options
     lease = leases.acquire(lease_dir(root, path), storage_options, expiry_s, renew_s, owner, what, wait)
     try:
         yield lease
@@ -384,17 +390,16 @@ def versions_to_delete(
     return sort_versions([n for n in doomed if n not in protected])
 
 
-def protected_versions(root: str, storage_options: dict | None = None) -> set[str]:
+def protected_versions(folder: Folder) -> set[str]:
     """What retention never deletes: CURRENT's version, its previous, and the pending build."""
-    current = read_current(root, storage_options) or {}
-    return {n for n in (current.get("version"), current.get("previous"), building_version(root, storage_options)) if n}
+    current = read_current(folder) or {}
+    return {n for n in (current.get("version"), current.get("previous"), building_version(folder)) if n}
 
 
-def delete_version_files(
-    root: str, name: str, storage_options: dict | None = None, referenced: set[str] | frozenset[str] = frozenset()
-) -> int:
+def delete_version_files(folder: Folder, name: str, referenced: set[str] | frozenset[str] = frozenset()) -> int:
     """Delete the files under ``versions/<name>/`` except the URLs in ``referenced`` (files that kept versions
     still share); the directory goes when nothing is left. Returns how many files were deleted."""
+    root, storage_options = folder.url, folder.storage_options
     parse_version_seq(name)
     fs, path = storage.filesystem(version_root(root, name), storage_options)
     if not fs.exists(path):
@@ -418,9 +423,10 @@ def delete_version_files(
 # ---------------------------------------------------------------------------------------------------- readers
 
 
-def register_reader(root: str, name: str, storage_options: dict | None = None) -> str:
+def register_reader(folder: Folder, name: str) -> str:
     """Write a lease saying this process reads version ``name`` (retention spares it); returns the lease URL.
     A long reader renews it with :func:`renew_reader` more often than the ``max_age_s`` retention uses."""
+    root, storage_options = folder.url, folder.storage_options
     if not storage.exists(version_root(root, name), storage_options):
         raise VersionError(f"cannot register a reader of version '{name}': '{version_root(root, name)}' does not exist")
     me = _this_process()
@@ -460,11 +466,12 @@ def release_reader(url: str, storage_options: dict | None = None, renewing: thre
     storage.remove(url, storage_options)
 
 
-def readers_in_use(root: str, storage_options: dict | None = None, max_age_s: float = 3600.0) -> set[str]:
+def readers_in_use(folder: Folder, max_age_s: float = 3600.0) -> set[str]:
     """The versions with a reader's lease younger than ``max_age_s`` (older or unreadable leases are ignored)."""
+    root, storage_options = folder.url, folder.storage_options
     in_use: set[str] = set()
     now = time.time()
-    for name in list_versions(root, storage_options):
+    for name in list_versions(folder):
         readers = storage.join(version_root(root, name), READERS_DIR)
         for lease in storage.list_names(readers, storage_options):
             if not lease.endswith(".json") or storage.TMP_MARK in lease:

@@ -129,13 +129,15 @@ def apply_retention(cfg: Config, lease: leases.Lease | None = None) -> list[str]
     never one a reader holds a fresh lease on, never the pending build), keeping the files that kept versions still
     share; returns the versions deleted. With ``lease``, its fence is checked before each deletion."""
     root, so = cfg.output.root, cfg.output.storage_options
-    found = versions.states(root, so)
-    protected = versions.protected_versions(root, so) | versions.readers_in_use(root, so, cfg.publish.lease_expiry)
+    found = versions.states(Folder(root, so))
+    protected = versions.protected_versions(Folder(root, so)) | versions.readers_in_use(
+        Folder(root, so), cfg.publish.lease_expiry
+    )
     doomed = versions.versions_to_delete(found, cfg.publish.keep_versions, cfg.publish.keep_failed, protected)
     kept = [s["version"] for s in found if s["version"] not in doomed]
     referenced = set().union(*(referenced_files(root, n, so) for n in kept)) if kept else set()
     for name in doomed:
         if lease is not None:
             lease.check(f"deleting version {name}")
-        versions.delete_version_files(root, name, so, referenced)
+        versions.delete_version_files(Folder(root, so), name, referenced)
     return doomed

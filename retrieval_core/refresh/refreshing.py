@@ -110,7 +110,7 @@ def plan(
     version compared against the one CURRENT names. ``adopt`` (a root without CURRENT that holds the plain jobs'
     output): the first version is compared against that output, sharing its segments and shard indexes."""
     so = cfg.output.storage_options
-    current = versions.read_current(cfg.output.root, so)
+    current = versions.read_current(Folder(cfg.output.root, so))
     previous = current["version"] if current else None
     adopted = adopt and previous is None
     previous_root = (
@@ -155,9 +155,9 @@ def _resume_or_start(cfg: Config, identity: dict) -> str:
         build = storage.read_json(url, so)
         if build["identity"] == identity:
             return build["version"]
-        if (versions.read_current(cfg.output.root, so) or {}).get("version") != build["version"]:
+        if (versions.read_current(Folder(cfg.output.root, so)) or {}).get("version") != build["version"]:
             storage.remove(versions.version_root(cfg.output.root, build["version"]), so)  # never published
-    version = versions.new_version_name(cfg.output.root, so)
+    version = versions.new_version_name(Folder(cfg.output.root, so))
     storage.write_json_atomic(url, {**stamp(), "version": version, "identity": identity}, so)
     return version
 
@@ -165,7 +165,7 @@ def _resume_or_start(cfg: Config, identity: dict) -> str:
 def committed_work(root: str, so: dict | None) -> str:
     """What a stopped refresh has committed in the version it is building, e.g. ``'version v000002-... (diff 4
     buckets joined, 3 new segments encoded, index 2 of 5 shards)'``; '' when no build is pending."""
-    name = versions.building_version(root, so)
+    name = versions.building_version(Folder(root, so))
     if not name:
         return ""
     base = versions.version_root(root, name)

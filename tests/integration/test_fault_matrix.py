@@ -257,10 +257,10 @@ def test_a_driver_crash_during_a_publish_keeps_current_and_a_rerun_publishes(tin
     faults([{"point": "write", "match": "nightly/CURRENT", "action": "crash"}])
     with pytest.raises(InjectedCrash):
         refresh.run(cfg)
-    assert versions.read_current(str(cfg.output.root)) is None  # never half-published
+    assert versions.read_current(Folder(str(cfg.output.root))) is None  # never half-published
     faults([])
     record = refresh.run(cfg)
-    assert versions.read_current(str(cfg.output.root))["version"] == record["version"]
+    assert versions.read_current(Folder(str(cfg.output.root)))["version"] == record["version"]
     got = snapshot(versions.version_root(str(cfg.output.root), record["version"]))
     assert_same({k: got[k] for k in ("embeddings", "index")}, clean)
 

@@ -112,7 +112,7 @@ def two_days(tmp_path_factory, tiny_model, encode_log):
 def test_day2_equals_a_from_scratch_build_and_encodes_only_the_change(two_days):
     root, first, second = two_days["root"], two_days["first"], two_days["second"]
     assert first["published"] and first["previous"] is None and first["counts"]["added"] == 200
-    assert versions.read_current(str(root), None)["version"] == second["version"] != first["version"]
+    assert versions.read_current(Folder(str(root), None))["version"] == second["version"] != first["version"]
     c = second["counts"]
     assert (c["unchanged"], c["changed"], c["added"], c["deleted"], c["encoded"]) == (186, 10, 6, 4, 16)
 
@@ -197,7 +197,7 @@ def test_search_reads_current_and_rollback_moves_it(two_days, tiny_model):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert versions.read_current(str(root), None)["version"] == two_days["first"]["version"]
+    assert versions.read_current(Folder(str(root), None))["version"] == two_days["first"]["version"]
     day1_ids = {h["doc_id"] for h in search.run(cfg, ["new"], k=200)[0]}
     assert not any(d.startswith("new") for d in day1_ids)  # day 1 had none of the added documents
     current = refresh.rollback(cfg, two_days["second"]["version"])
@@ -210,14 +210,14 @@ def test_an_unchanged_snapshot_publishes_nothing(two_days, tiny_model, encode_lo
     again = refresh.run(refresh_config(two_days["s2"], two_days["root"], tiny_model))
     assert again["unchanged"] and not again["published"] and again["counts"]["encoded"] == 0
     assert encoded_hashes(encode_log) == []
-    assert versions.read_current(str(two_days["root"]), None)["version"] == two_days["second"]["version"]
-    assert len(versions.list_versions(str(two_days["root"]))) == 2
+    assert versions.read_current(Folder(str(two_days["root"]), None))["version"] == two_days["second"]["version"]
+    assert len(versions.list_versions(Folder(str(two_days["root"])))) == 2
 
 
 def test_a_failing_gate_keeps_current_and_the_version_stays_for_inspection(two_days, tiny_model):
     truncated = snapshot(two_days["tmp"], "truncated", day2()[:120])  # 40% of the documents vanished
     root = two_days["root"]
-    before = versions.read_current(str(root), None)
+    before = versions.read_current(Folder(str(root), None))
     result = subprocess.run(
         [
             sys.executable,
@@ -240,10 +240,10 @@ def test_a_failing_gate_keeps_current_and_the_version_stays_for_inspection(two_d
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "deleted 82 of 202 documents (40.6%) > 10%" in result.stderr  # counts as well as the fraction
-    assert versions.read_current(str(root), None) == before
-    failed = [s for s in versions.states(str(root)) if s["state"] == "failed"]
+    assert versions.read_current(Folder(str(root), None)) == before
+    failed = [s for s in versions.states(Folder(str(root))) if s["state"] == "failed"]
     assert len(failed) == 1 and failed[0]["detail"] == "deleted 82 of 202 documents (40.6%) > 10%"
-    record = versions.read_refresh_record(str(root), failed[0]["version"])
+    record = versions.read_refresh_record(Folder(str(root)), failed[0]["version"])
     gate = next(g for g in record["gates"] if g["gate"] == "publish.max_deleted_fraction")
     assert gate == {
         "gate": "publish.max_deleted_fraction",
@@ -260,7 +260,7 @@ def test_a_failing_gate_keeps_current_and_the_version_stays_for_inspection(two_d
 
 def test_a_second_refresh_on_a_leased_root_is_refused(two_days, tiny_model):
     root = str(two_days["root"])
-    with versions.leased(root, None, 600, 60, owner={"host": "nightly-7", "pid": 4242, "job": "jobs.refresh"}):
+    with versions.leased(Folder(root, None), 600, 60, owner={"host": "nightly-7", "pid": 4242, "job": "jobs.refresh"}):
         with pytest.raises(versions.LockedError, match="nightly-7 pid 4242 \\(jobs.refresh\\)"):
             refresh.run(refresh_config(two_days["s2"], root, tiny_model))
 
@@ -294,7 +294,7 @@ def test_a_killed_refresh_resumes_and_ends_as_an_uninterrupted_run(two_days, tin
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
     committed = {p.name: p.read_text() for p in root.glob("versions/v000002-*/embeddings/_shards/*.json")}
-    assert committed and versions.read_current(str(root), None)["version"].startswith("v000001")
+    assert committed and versions.read_current(Folder(str(root), None))["version"].startswith("v000001")
     resumed = refresh.run(refresh_config(two_days["s2"], root, tiny_model, runtime__rows_per_shard=4))
     assert resumed["version"].startswith("v000002") and resumed["published"]
     records = root.glob(f"versions/{resumed['version']}/embeddings/_shards/*.json")

@@ -16,6 +16,7 @@ from test_refresh import SETTINGS, by_doc, day1, day2, refresh_config, search_al
 
 from jobs import encode, index, refresh
 from retrieval_core.io import leases, versions
+from retrieval_core.io.folder import Folder
 from retrieval_core.refresh import publishing
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -66,7 +67,7 @@ def test_a_rollback_while_a_refresh_runs_is_refused_and_with_wait_applied_after_
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "the refresh lease" in refused.stderr and "is held by" in refused.stderr
     assert "(jobs.refresh)" in refused.stderr and f"pid {running.pid}" in refused.stderr
-    assert versions.read_current(str(root))["version"] == v2
+    assert versions.read_current(Folder(str(root)))["version"] == v2
     waiting = subprocess.Popen([*rollback, "--wait"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = running.communicate(timeout=300)
     assert running.returncode == 0, err.decode()[-3000:]
@@ -74,7 +75,7 @@ def test_a_rollback_while_a_refresh_runs_is_refused_and_with_wait_applied_after_
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 0, err.decode()[-3000:]
     assert f"CURRENT now names {v1} (was {v3})" in out.decode()
-    current = versions.read_current(str(root))
+    current = versions.read_current(Folder(str(root)))
     assert current["version"] == v1  # the rollback stands: the refresh published before it, never after
     assert [(m["version"], m["action"]) for m in current["history"]][-2:] == [(v3, "refresh"), (v1, "rollback")]
     assert current["history"][-1]["generation"] > current["history"][-2]["generation"]
@@ -105,7 +106,7 @@ def test_a_refresh_paused_past_its_lease_expiry_publishes_nothing_once_taken_ove
     out, err = first.communicate(timeout=300)
     assert first.returncode == 1, err.decode()[-3000:]
     assert "lost the refresh lease" in err.decode() and "published" not in out.decode()
-    current = versions.read_current(str(root))
+    current = versions.read_current(Folder(str(root)))
     assert current["version"] == second["version"] and current["by"]["action"] == "refresh"
     holders = {m["pid"] for m in current["history"]}
     assert first.pid not in holders  # only this process (day 1, day 2) ever moved CURRENT
@@ -123,8 +124,8 @@ def test_failed_nights_never_push_out_the_last_published_version(tmp_path, tiny_
         cfg = refresh_config(snapshot(tmp_path, f"cut{rows}", day1()[:rows]), root, tiny_model, **keep)
         with pytest.raises(publishing.GateError, match=f"deleted {200 - rows} of 200 documents"):
             refresh.run(cfg)
-        failed.append(versions.list_versions(str(root))[-1])
-    found = {s["version"]: s for s in versions.states(str(root))}
+        failed.append(versions.list_versions(Folder(str(root)))[-1])
+    found = {s["version"]: s for s in versions.states(Folder(str(root)))}
     assert found[good]["state"] == "current" and failed[0] not in found  # the oldest failed one went, not `good`
     assert [found[v]["state"] for v in failed[1:]] == ["failed", "failed"]
     assert found[failed[2]]["detail"] == "deleted 100 of 200 documents (50.0%) > 10%"
@@ -144,12 +145,12 @@ def test_failed_nights_never_push_out_the_last_published_version(tmp_path, tiny_
     ]
 
     assert refresh.main([*args, "--rollback", failed[2]]) == 1  # refused: it failed a gate
-    assert versions.read_current(str(root))["version"] == good
+    assert versions.read_current(Folder(str(root)))["version"] == good
     assert refresh.main([*args, "--rollback", failed[2], "--force"]) == 0
     assert "forced past: deleted 100 of 200 documents" in capsys.readouterr().out
     assert refresh.main([*args, "--rollback", good]) == 0
     night5 = refresh.run(refresh_config(snapshot(tmp_path, "day2", day2()), root, tiny_model, **keep))
-    states = {s["version"]: s["state"] for s in versions.states(str(root))}
+    states = {s["version"]: s["state"] for s in versions.states(Folder(str(root)))}
     assert states[night5["version"]] == "current" and states[good] == "published"  # CURRENT's previous stays
 
 
@@ -181,7 +182,7 @@ def test_a_root_of_plain_job_output_is_refused_unless_adopted(tmp_path, tiny_mod
     with pytest.raises(versions.VersionError, match="--adopt") as info:
         refresh.run(cfg)
     assert "output.root" in str(info.value) and "embeddings/_manifest.json" in str(info.value)
-    assert versions.read_current(str(root)) is None and not (root / "versions").exists()
+    assert versions.read_current(Folder(str(root))) is None and not (root / "versions").exists()
     adopted = refresh.run(cfg, adopt=True)
     assert adopted["adopted"] and adopted["counts"]["encoded"] == 0 and adopted["counts"]["reused"] == 200
     version_root = versions.version_root(str(root), adopted["version"])

@@ -527,7 +527,7 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
                 buckets.put_file(str(local), corpus[len("s3://") :])
             results[where, night] = refresh.run(config(corpus, root, model=tiny_model, **settings, **extra))
         options = extra and s3_options
-        version_root, _ = versions.resolve_root(root, options or None)
+        version_root, _ = versions.resolve_root(Folder(root, options or None))
         _, vectors, doc_ids = embeddings.load_embeddings(Folder(version_root, options or None))
         upserts = storage.read_parquet(storage.join(version_root, "changes", "upserts.parquet"), options or None)
         results[where] = (dict(zip(doc_ids, vectors)), sorted(upserts.column("doc_id").to_pylist()))

@@ -317,7 +317,7 @@ def test_a_tampered_current_cannot_lead_out_of_the_root(tmp_path):
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "CURRENT").write_text(json.dumps({"version": "../../victim"}))
     with pytest.raises(versions.VersionError, match="is not a version name"):
-        versions.resolve_root(str(tmp_path / "root"))
+        versions.resolve_root(Folder(str(tmp_path / "root")))
 
 
 def test_a_tampered_build_record_cannot_remove_outside_the_root(tmp_path):

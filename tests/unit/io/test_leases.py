@@ -12,6 +12,7 @@ import time
 import pytest
 
 from retrieval_core.io import leases, storage, versions
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.leases import LeaseLost, LockedError
 
 MEMORY_ROOT = "memory://leases-test/out"
@@ -208,7 +209,7 @@ def test_a_job_lease_left_by_a_killed_job_on_this_host_is_taken_over(tmp_path):
     root = str(tmp_path / "out")
     directory = versions.lease_dir(root, leases.JOB_LEASE)
     write_generation(directory, 1, host=socket.gethostname(), pid=2**22 + 7)
-    with versions.leased(root, None, 600, 60, path=leases.JOB_LEASE, what="job") as lease:
+    with versions.leased(Folder(root, None), 600, 60, path=leases.JOB_LEASE, what="job") as lease:
         assert lease.generation == 2 and leases.newest(directory)[1]["token"] == lease.record["token"]
     assert leases.newest(directory)[1]["released"] is True
 

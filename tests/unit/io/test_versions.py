@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from retrieval_core.io import storage, versions
+from retrieval_core.io.folder import Folder
 from retrieval_core.io.versions import VersionError
 
 MEMORY_ROOT = "memory://versions-test/out"
@@ -45,28 +46,30 @@ def test_names_are_sequential_unique_and_sort_by_time(root):
     start = datetime(2024, 1, 31, 23, 59, 59, tzinfo=timezone.utc)
     made = []
     for i in range(12):
-        name = versions.new_version_name(root, now=start + timedelta(hours=i))
+        name = versions.new_version_name(Folder(root), now=start + timedelta(hours=i))
         make_version(root, name, complete=i % 3 != 0)  # incomplete ones still take their number
         made.append(name)
     assert made[0] == "v000001-20240131T235959Z"
     assert made[1] == "v000002-20240201T005959Z"
     assert [versions.parse_version_seq(n) for n in made] == list(range(1, 13))
     assert len(set(made)) == 12 and made == sorted(made)
-    assert versions.list_versions(root) == made
+    assert versions.list_versions(Folder(root)) == made
 
 
 def test_name_with_the_same_second_is_still_unique(root):
     now = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
-    first = versions.new_version_name(root, now=now)
+    first = versions.new_version_name(Folder(root), now=now)
     make_version(root, first)
-    second = versions.new_version_name(root, now=now)
-    assert first != second and versions.list_versions(root + "/") == [first] and second > first
+    second = versions.new_version_name(Folder(root), now=now)
+    assert first != second and versions.list_versions(Folder(root + "/")) == [first] and second > first
 
 
 def test_naive_and_other_zone_times_are_utc(root):
-    assert versions.new_version_name(root, now=datetime(2024, 1, 1, 10, 0, 0)) == "v000001-20240101T100000Z"
+    assert versions.new_version_name(Folder(root), now=datetime(2024, 1, 1, 10, 0, 0)) == "v000001-20240101T100000Z"
     plus2 = timezone(timedelta(hours=2))
-    assert versions.new_version_name(root, now=datetime(2024, 1, 1, 10, 0, 0, tzinfo=plus2)).endswith("T080000Z")
+    assert versions.new_version_name(Folder(root), now=datetime(2024, 1, 1, 10, 0, 0, tzinfo=plus2)).endswith(
+        "T080000Z"
+    )
 
 
 def test_listing_ignores_other_entries_and_orders_past_999999(root):
@@ -74,13 +77,13 @@ def test_listing_ignores_other_entries_and_orders_past_999999(root):
     make_version(root, "v1000000-20240102T000000Z")
     make_version(root, "v000010-20240103T000000Z")
     storage.write_bytes_atomic(storage.join(root, "versions", "notes.txt"), b"x")
-    assert versions.list_versions(root) == [
+    assert versions.list_versions(Folder(root)) == [
         "v000002-20240101T000000Z",
         "v000010-20240103T000000Z",
         "v1000000-20240102T000000Z",
     ]
-    assert versions.new_version_name(root).startswith("v1000001-")
-    assert versions.list_versions(storage.join(root, "nothing-here")) == []
+    assert versions.new_version_name(Folder(root)).startswith("v1000001-")
+    assert versions.list_versions(Folder(storage.join(root, "nothing-here"))) == []
 
 
 def test_parse_rejects_bad_names():
@@ -102,22 +105,22 @@ def test_publish_refuses_incomplete_or_unfinished_versions(root):
     make_version(root, "v000002-20240102T000000Z", complete=None)  # no refresh.json yet
     for name in ("v000001-20240101T000000Z", "v000002-20240102T000000Z", "v000003-20240103T000000Z"):
         with pytest.raises(VersionError, match=name):
-            versions.publish(root, name)
-    assert versions.read_current(root) is None
+            versions.publish(Folder(root), name)
+    assert versions.read_current(Folder(root)) is None
 
 
 def test_publish_writes_current_and_tracks_previous(root):
     a, b = "v000001-20240101T000000Z", "v000002-20240102T000000Z"
     make_version(root, a)
     make_version(root, b)
-    first = versions.publish(root, a, expected=None, by={"action": "refresh"})
+    first = versions.publish(Folder(root), a, expected=None, by={"action": "refresh"})
     assert first["version"] == a and first["previous"] is None and first["published_at"].endswith("Z")
-    second = versions.publish(root, b, expected=a, by={"action": "refresh"})
-    assert versions.read_current(root) == second
+    second = versions.publish(Folder(root), b, expected=a, by={"action": "refresh"})
+    assert versions.read_current(Folder(root)) == second
     assert second["version"] == b and second["previous"] == a
     assert [m["version"] for m in second["history"]] == [a, b]
     assert second["by"]["action"] == "refresh" and second["by"]["pid"] == os.getpid()
-    assert versions.read_refresh_record(root, b)["published"] is True  # CURRENT named it: the record says so
+    assert versions.read_refresh_record(Folder(root), b)["published"] is True  # CURRENT named it: the record says so
 
 
 def test_publish_is_a_compare_and_set_naming_who_moved_current(root):
@@ -125,14 +128,14 @@ def test_publish_is_a_compare_and_set_naming_who_moved_current(root):
     a, b, c = "v000001-20240101T000000Z", "v000002-20240102T000000Z", "v000003-20240103T000000Z"
     for n in (a, b, c):
         make_version(root, n)
-    versions.publish(root, b, expected=None, by={"action": "refresh"})
-    versions.publish(root, a, expected=b, by={"action": "rollback"})
+    versions.publish(Folder(root), b, expected=None, by={"action": "refresh"})
+    versions.publish(Folder(root), a, expected=b, by={"action": "rollback"})
     with pytest.raises(versions.CurrentMovedError) as info:
-        versions.publish(root, c, expected=b, by={"action": "refresh"})
+        versions.publish(Folder(root), c, expected=b, by={"action": "refresh"})
     message = str(info.value)
     assert f"expected to name {b}" in message and f"names {a}" in message and "by rollback" in message
     assert socket.gethostname() in message
-    assert versions.read_current(root)["version"] == a
+    assert versions.read_current(Folder(root))["version"] == a
 
 
 def test_history_is_bounded(root):
@@ -140,8 +143,8 @@ def test_history_is_bounded(root):
     make_version(root, a)
     make_version(root, b)
     for i in range(versions.HISTORY_KEEP + 5):
-        versions.publish(root, (a, b)[i % 2])
-    history = versions.read_current(root)["history"]
+        versions.publish(Folder(root), (a, b)[i % 2])
+    history = versions.read_current(Folder(root))["history"]
     assert len(history) == versions.HISTORY_KEEP and history[-1]["version"] == (a, b)[(versions.HISTORY_KEEP + 4) % 2]
 
 
@@ -150,7 +153,7 @@ def test_current_is_replaced_atomically_on_disk(tmp_path):
     names = ["v000001-20240101T000000Z", "v000002-20240102T000000Z"]
     for n in names:
         make_version(root, n)
-    versions.publish(root, names[0])
+    versions.publish(Folder(root), names[0])
     seen, errors, stop = [], [], threading.Event()
 
     def reader():
@@ -165,13 +168,13 @@ def test_current_is_replaced_atomically_on_disk(tmp_path):
     thread.start()
     try:
         for i in range(200):
-            versions.publish(root, names[(i + 1) % 2])
+            versions.publish(Folder(root), names[(i + 1) % 2])
     finally:
         stop.set()
         thread.join()
     assert errors == [] and seen and set(seen) <= set(names)
     assert sorted(os.listdir(root)) == ["CURRENT", "versions"]  # no temporary left
-    assert versions.read_current(root)["version"] == names[0]  # 200 flips end on names[0]
+    assert versions.read_current(Folder(root))["version"] == names[0]  # 200 flips end on names[0]
 
 
 def test_publish_on_memory_leaves_only_the_new_current():
@@ -180,8 +183,8 @@ def test_publish_on_memory_leaves_only_the_new_current():
         a, b = "v000001-20240101T000000Z", "v000002-20240102T000000Z"
         make_version(MEMORY_ROOT, a)
         make_version(MEMORY_ROOT, b)
-        versions.publish(MEMORY_ROOT, a)
-        versions.publish(MEMORY_ROOT, b)
+        versions.publish(Folder(MEMORY_ROOT), a)
+        versions.publish(Folder(MEMORY_ROOT), b)
         assert storage.list_names(MEMORY_ROOT) == ["CURRENT", "versions"]
         assert storage.read_json(storage.join(MEMORY_ROOT, "CURRENT"))["version"] == b
     finally:
@@ -214,9 +217,9 @@ def test_states_name_current_published_failed_incomplete_and_abandoned(root):
     make_version(root, names[4], complete=None)  # the pending build
     storage.write_json_atomic(storage.join(root, versions.BUILD_RECORD), {"version": names[4], "identity": {}})
     make_version(root, names[5])  # finished, passed, never published and not pending
-    versions.publish(root, names[0])
-    versions.publish(root, names[1])
-    found = {s["version"]: s for s in versions.states(root)}
+    versions.publish(Folder(root), names[0])
+    versions.publish(Folder(root), names[1])
+    found = {s["version"]: s for s in versions.states(Folder(root))}
     assert [found[n]["state"] for n in names] == [
         "published",
         "current",
@@ -235,17 +238,17 @@ def test_rollback_target_refuses_failed_without_force_and_unfinished_always(root
     make_version(root, good)
     make_failed(root, failed)
     make_version(root, bad, complete=False)
-    versions.publish(root, good)
+    versions.publish(Folder(root), good)
     with pytest.raises(VersionError, match="failed: deleted 3,112 of 5,183 documents.*--force"):
-        versions.rollback_target(root, failed)
-    assert versions.rollback_target(root, failed, force=True)["state"] == "failed"
+        versions.rollback_target(Folder(root), failed)
+    assert versions.rollback_target(Folder(root), failed, force=True)["state"] == "failed"
     for force in (False, True):
         with pytest.raises(VersionError, match="never finished") as info:
-            versions.rollback_target(root, bad, force=force)
+            versions.rollback_target(Folder(root), bad, force=force)
         assert good in str(info.value)
     with pytest.raises(VersionError, match="does not exist"):
-        versions.rollback_target(root, "v000009-20240109T000000Z")
-    assert versions.read_current(root)["version"] == good
+        versions.rollback_target(Folder(root), "v000009-20240109T000000Z")
+    assert versions.read_current(Folder(root))["version"] == good
 
 
 # ---------------------------------------------------------------------------------------------------- resolve_root
@@ -253,28 +256,28 @@ def test_rollback_target_refuses_failed_without_force_and_unfinished_always(root
 
 def test_resolve_plain_root_without_versions(root):
     storage.write_json_atomic(storage.join(root, "embeddings", "_manifest.json"), {"n": 1})
-    assert versions.resolve_root(root) == (root, None)
+    assert versions.resolve_root(Folder(root)) == (root, None)
 
 
 def test_resolve_follows_current_and_explicit_versions(root):
     a, b = "v000001-20240101T000000Z", "v000002-20240102T000000Z"
     make_version(root, a)
     make_version(root, b)
-    versions.publish(root, a)
-    assert versions.resolve_root(root) == (versions.version_root(root, a), a)
-    assert versions.resolve_root(root, version=b) == (versions.version_root(root, b), b)
+    versions.publish(Folder(root), a)
+    assert versions.resolve_root(Folder(root)) == (versions.version_root(root, a), a)
+    assert versions.resolve_root(Folder(root), version=b) == (versions.version_root(root, b), b)
 
 
 def test_resolve_missing_versions_are_errors(root):
     a = "v000001-20240101T000000Z"
     make_version(root, a)
     with pytest.raises(VersionError, match="v000005-20240105T000000Z") as info:
-        versions.resolve_root(root, version="v000005-20240105T000000Z")
+        versions.resolve_root(Folder(root), version="v000005-20240105T000000Z")
     assert a in str(info.value)
-    versions.publish(root, a)
+    versions.publish(Folder(root), a)
     storage.remove(versions.version_root(root, a))
     with pytest.raises(VersionError) as info:
-        versions.resolve_root(root)
+        versions.resolve_root(Folder(root))
     assert a in str(info.value) and "CURRENT" in str(info.value) and versions.version_root(root, a) in str(info.value)
 
 
@@ -334,16 +337,16 @@ def test_delete_version_files_keeps_referenced_files(root):
         ),
     )
     shared = storage.join(base, "embeddings", "shard-00001.parquet")
-    deleted = versions.delete_version_files(root, old, None, referenced={shared})
+    deleted = versions.delete_version_files(Folder(root, None), old, referenced={shared})
     assert deleted == 4  # three files and refresh.json
     assert storage.exists(shared)
     assert storage.read_bytes(shared) == b"data"
     assert storage.list_names(base) == ["embeddings"]
     assert storage.list_names(storage.join(base, "embeddings")) == ["shard-00001.parquet"]
-    assert versions.delete_version_files(root, old, None, referenced=set()) == 1
+    assert versions.delete_version_files(Folder(root, None), old, referenced=set()) == 1
     assert not storage.exists(base)
-    assert versions.list_versions(root) == []
-    assert versions.delete_version_files(root, old, None, referenced=set()) == 0
+    assert versions.list_versions(Folder(root)) == []
+    assert versions.delete_version_files(Folder(root, None), old, referenced=set()) == 0
 
 
 def test_delete_version_files_matches_referenced_urls_by_location(tmp_path):
@@ -351,7 +354,7 @@ def test_delete_version_files_matches_referenced_urls_by_location(tmp_path):
     name = "v000001-20240101T000000Z"
     base = make_version(root, name, files=("embeddings/a.parquet", "embeddings/b.parquet"))
     as_file_url = "file://" + storage.join(base, "embeddings", "a.parquet")
-    assert versions.delete_version_files(root, name, None, {as_file_url}) == 2
+    assert versions.delete_version_files(Folder(root, None), name, {as_file_url}) == 2
     assert os.listdir(os.path.join(base, "embeddings")) == ["a.parquet"]
 
 
@@ -362,25 +365,25 @@ def test_reader_leases_fresh_and_stale(root):
     a, b, c = "v000001-20240101T000000Z", "v000002-20240102T000000Z", "v000003-20240103T000000Z"
     for n in (a, b, c):
         make_version(root, n)
-    lease_a = versions.register_reader(root, a)
-    lease_b = versions.register_reader(root, b)
+    lease_a = versions.register_reader(Folder(root), a)
+    lease_b = versions.register_reader(Folder(root), b)
     assert lease_a.startswith(storage.join(versions.version_root(root, a), "_readers") + "/")
     assert storage.read_json(lease_a)["pid"] == os.getpid()
-    assert versions.readers_in_use(root, max_age_s=3600) == {a, b}
+    assert versions.readers_in_use(Folder(root), max_age_s=3600) == {a, b}
     record = storage.read_json(lease_b)
     storage.write_json_atomic(lease_b, {**record, "heartbeat_at": iso(7200)})  # b's reader went quiet
     storage.write_bytes_atomic(storage.join(versions.version_root(root, c), "_readers", "x.json"), b"garbage")
-    assert versions.readers_in_use(root, max_age_s=3600) == {a}
+    assert versions.readers_in_use(Folder(root), max_age_s=3600) == {a}
     versions.renew_reader(lease_b)
-    assert versions.readers_in_use(root, max_age_s=3600) == {a, b}
+    assert versions.readers_in_use(Folder(root), max_age_s=3600) == {a, b}
     versions.release_reader(lease_a)
     versions.release_reader(lease_a)  # twice is harmless
-    assert versions.readers_in_use(root, max_age_s=3600) == {b}
+    assert versions.readers_in_use(Folder(root), max_age_s=3600) == {b}
 
 
 def test_register_reader_of_a_missing_version_names_it(root):
     with pytest.raises(VersionError, match="v000004-20240104T000000Z"):
-        versions.register_reader(root, "v000004-20240104T000000Z")
+        versions.register_reader(Folder(root), "v000004-20240104T000000Z")
 
 
 # ---------------------------------------------------------------------------------------------------- relative paths
