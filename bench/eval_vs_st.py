@@ -75,6 +75,7 @@ def job_metrics(data: Path, qrels_name: str, batch_size: int, root: str) -> tupl
     from jobs.ray import cluster
     from retrieval_core.config import load_config
 
+    os.environ.setdefault("SCIFACT_DIR", str(data))  # configs/scifact.yaml names its data by this variable
     cfg = load_config(
         str(REPO / "configs" / "scifact.yaml"),
         [

@@ -136,6 +136,7 @@ def max_positives(pairs: list) -> int:
 def job_config(args, root: str):
     from retrieval_core.config import load_config
 
+    os.environ.setdefault("SCIFACT_DIR", str(args.data))  # configs/scifact.yaml names its data by this variable
     return load_config(str(REPO / "configs" / "scifact.yaml"), job_items(args, root))
 
 
