@@ -16,7 +16,7 @@ from jobs import _cli, _progress
 from jobs.ray import actors, cluster, dispatch
 from retrieval_core.config import Config
 from retrieval_core.encode import embeddings, encoding
-from retrieval_core.io import corpus, sharding, storage
+from retrieval_core.io import corpus, id_check, sharding, storage
 from retrieval_core.io.folder import Folder
 
 log = logging.getLogger("jobs.encode")
@@ -56,6 +56,7 @@ def run(cfg: Config, on_shard_done=None) -> dict:
                 total_rows,
                 cluster.planned_worker_count(cfg.runtime, session, total_rows),
                 encoding.estimated_docs_per_s(cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker),
+                embeddings.vector_bytes_per_row(cfg),
             ),
         )
         pending = embeddings.pending_shards(shards, layout)
@@ -69,16 +70,19 @@ def run(cfg: Config, on_shard_done=None) -> dict:
 
 
 def _check_unique_ids(cfg: Config, session, files: list, total_rows: int) -> None:
-    """Duplicate ids are an error naming examples. A corpus of at most ``corpus.ID_CHECK_DRIVER_ROWS`` rows is
-    checked in this process; a larger one by Ray tasks, one per hash partition of its ids
-    (``corpus.ID_CHECK_ROWS`` rows each), so that this process holds nothing per document."""
-    if total_rows <= corpus.ID_CHECK_DRIVER_ROWS:
-        duplicates = corpus.find_duplicate_ids(files, cfg.corpus)
+    """Duplicate ids are an error naming examples. The check is the map/reduce of ``io.id_check`` (a map step per
+    ``id_check.ID_CHECK_ROWS`` rows, a reduce step per hash partition), exchanging hashes through a scratch folder
+    inside the embeddings folder that is removed when it ends. A corpus of at most ``id_check.ID_CHECK_DRIVER_ROWS``
+    rows is checked in this process (one step at a time); a larger one by Ray tasks, so that this process holds
+    nothing per document."""
+    scratch = embeddings.layout_of(cfg).folder.sub(id_check.SCRATCH)
+    if total_rows <= id_check.ID_CHECK_DRIVER_ROWS:
+        duplicates = id_check.find_duplicate_ids(files, cfg.corpus, scratch)
     else:
-        partitions = corpus.id_check_partitions(total_rows)
-        log.info("checking %d ids for duplicates in %d partition(s)", total_rows, partitions)
+        partitions = id_check.id_check_partitions(total_rows)
+        log.info("checking %d ids for duplicates: %d map and %d reduce task(s)", total_rows, partitions, partitions)
         session.ensure()
-        duplicates = actors.duplicate_ids(cfg, files, partitions)
+        duplicates = actors.duplicate_ids(cfg, files, scratch)
     if duplicates:
         raise corpus.CorpusError(f"duplicate values in id column '{cfg.corpus.id_column}', e.g. {duplicates}")
 

@@ -1,9 +1,12 @@
 """Build the FAISS index from the embeddings.
 
 Reads:  <output.root>/embeddings/ (its manifest).
-Writes: <output.root>/index/: trained.faiss, shard-*.faiss (one per embedding shard, global row ids), merged.faiss,
-        manifest.json last (type, metric, recall@10 against exact search, the tuned nprobe / efSearch, timings).
-Trains once (in a task), adds each embedding shard to a copy of the trained index (one task per shard), merges.
+Writes: <output.root>/index/: trained.faiss (once), one file per embedding shard (shard-*.lists: its IVF lists, codes
+        and global row ids; shard-*.faiss for flat-code types), merged.faiss, and manifest.json last (type, metric,
+        recall@10 against exact search, the tuned nprobe / efSearch, timings).
+Trains once (in a task), adds each embedding shard (one task per shard, a bounded window of them in flight), merges
+IVF lists by ranges (one task per range of index.merge_memory bytes) and writes merged.faiss, which searchers
+memory-map.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ KEYS = (
     "index.metric",
     "index.max_memory",
     "index.train_size",
-    "index.on_disk",
+    "index.merge_memory",
     "index.target_recall",
     "index.recall_queries",
     "index.nprobe",
@@ -60,23 +63,52 @@ def run(cfg: Config, in_process: bool = False) -> dict:
         session.ensure()
         node_cpus = dispatch.largest_node_cpus()
         tasks = actors.index_tasks(cfg, node_cpus)
-        trained, train_info = dispatch.call(tasks["train"], plan, node_cpus)
-        trained_ref = dispatch.put(trained)
-        add_s = _add_pending(cfg, plan, tasks["add"], trained_ref) if plan.mergeable else 0.0
-        result = dispatch.call(tasks["finish"], plan, trained_ref, node_cpus)
+        plan_ref = dispatch.put(plan)  # once: every task gets a reference
+        trained, train_info = dispatch.call(tasks["train"], plan_ref, node_cpus)
+        trained_ref, add_s, merge = dispatch.put(trained), 0.0, None
+        if plan.mergeable:
+            add_s = _add_pending(cfg, plan, tasks["add"], trained_ref)
+            merge = _merge_ranges(cfg, plan_ref, tasks) if plan.lists else None
+        result = dispatch.call(tasks["finish"], plan_ref, trained_ref, merge, node_cpus)
     return _summary(indexing.complete(plan, train_info, add_s, result, started, in_tasks=True), reused=False)
 
 
 def _add_pending(cfg: Config, plan, add_task, trained_ref) -> float:
+    """One add task per pending shard, a window of them in flight; each gets the plan without its shard list."""
     started = time.perf_counter()
     pending = indexing.pending_shards(plan)
     bar = _progress.bar(cfg.runtime, len(plan.shards), "index", "shard", initial=len(plan.shards) - len(pending))
-    futures = {add_task.remote(plan, shard, trained_ref, cfg.runtime.cpus_per_worker): shard for shard in pending}
+    task_plan, cpus = dispatch.put(indexing.task_plan(plan)), cfg.runtime.cpus_per_worker
     try:
-        dispatch.run_tasks(futures, lambda shard, record: bar.update(1), "index: adding embeddings")
+        dispatch.run_tasks(
+            lambda shard: add_task.remote(task_plan, shard, trained_ref, cpus),
+            pending,
+            lambda shard, record: bar.update(1),
+            "index: adding embeddings",
+            dispatch.window_size(cpus),
+        )
     finally:
         bar.close()
     return time.perf_counter() - started
+
+
+def _merge_ranges(cfg: Config, plan_ref, tasks: dict):
+    """The merge plan (one task), then one task per range of lists; returns the plan for the finish."""
+    merge = dispatch.call(tasks["plan_merge"], plan_ref)
+    log.info("merging %d vectors in %d range(s) of lists", merge.ntotal, len(merge.ranges))
+    merge_ref, cpus = dispatch.put(merge), cfg.runtime.cpus_per_worker
+    bar = _progress.bar(cfg.runtime, len(merge.ranges), "merge", "range")
+    try:
+        dispatch.run_tasks(
+            lambda number: tasks["merge_range"].remote(plan_ref, merge_ref, number, cpus),
+            range(len(merge.ranges)),
+            lambda number, record: bar.update(1),
+            "index: merging the lists of range",
+            dispatch.window_size(cpus),
+        )
+    finally:
+        bar.close()
+    return merge
 
 
 def _summary(manifest: dict, reused: bool) -> dict:

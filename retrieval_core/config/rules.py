@@ -106,8 +106,9 @@ def validate(config: Config) -> None:
     )
 
 
-def parse_memory(text: str) -> int:
-    """``'8GB'``, ``'512MB'``, ``'1.5GiB'`` or a plain number of bytes -> bytes (decimal and binary units alike)."""
+def parse_memory(text: str, key: str = "index.max_memory") -> int:
+    """``'8GB'``, ``'512MB'``, ``'1.5GiB'`` or a plain number of bytes -> bytes (decimal and binary units alike);
+    an error names ``key``."""
     units = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     cleaned = str(text).strip().upper().replace("IB", "").rstrip("B")
     number = cleaned.rstrip("KMGT")
@@ -115,11 +116,9 @@ def parse_memory(text: str) -> int:
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
-        raise ConfigError(
-            f"'index.max_memory' = {text!r}: expected a size such as 8GB, 512MB or a number of bytes"
-        ) from None
+        raise ConfigError(f"'{key}' = {text!r}: expected a size such as 8GB, 512MB or a number of bytes") from None
     if value <= 0:
-        raise ConfigError(f"'index.max_memory' = {text!r}: expected a positive size")
+        raise ConfigError(f"'{key}' = {text!r}: expected a positive size")
     return int(value)
 
 
@@ -173,6 +172,7 @@ def _validate_index(ix: IndexConfig) -> None:
         least = 1 if kind == "IVF" else 2
         _check(int(count) >= least, f"'index.type' = {ix.type!r}: {kind}{count} needs {kind}<n> with n >= {least}")
     parse_memory(ix.max_memory)
+    parse_memory(ix.merge_memory, "index.merge_memory")
     _check(ix.train_size >= 0, f"'index.train_size' = {ix.train_size}: expected >= 0 (0 = automatic)")
     _check(0 < ix.target_recall <= 1, f"'index.target_recall' = {ix.target_recall}: expected a number in (0, 1]")
     _check(ix.recall_queries >= 0, f"'index.recall_queries' = {ix.recall_queries}: expected >= 0 (0 = skip)")

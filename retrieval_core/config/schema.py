@@ -149,8 +149,9 @@ class RuntimeConfig:
     gpus_per_worker: float = 0
     """GPUs per actor (fractions allowed); above 0 the actor encodes on CUDA"""
     rows_per_shard: int = 0
-    """rows per shard; 0 = about 30 s of one worker's work and at least 4 shards per worker, between 64 and 50,000 rows
-    (kept on resume; see How the work is spread)
+    """rows per shard; 0 = sized for the cluster: about 120 s of one worker's work (a stop or a kill loses at most one
+    shard per worker), at least 4 shards per worker, at most 256 MiB of vectors (768 float32 assumed unless
+    `model.truncate_dim` says) and 1,000,000 rows, at least 64 (kept on resume; see How the work is spread)
     """
     max_restarts: int = 3
     """restarts of a crashed actor"""
@@ -183,13 +184,20 @@ class IndexConfig:
     metric: str = "ip"
     """`ip` (inner product; needs normalized vectors) or `l2`"""
     max_memory: str = "8GB"
-    """for `auto`: the most the merged index may take (`512MB`, `8GB`, or bytes); picks the code (Flat / SQ8 / PQ)"""
+    """what a searcher may hold in RAM (`512MB`, `8GB`, or bytes). `auto` picks the least lossy code (Flat / SQ8 /
+    PQ) with which the whole index fits; when none does, PQ with one byte per 8 dimensions, served from disk
+    (searchers memory-map it and hold the coarse quantizer and the lists they probe)
+    """
     train_size: int = 0
     """vectors sampled for training; 0 = 64 per IVF list and at least 10,000 for SQ/PQ, at most the corpus"""
     seed: int = 0
     """seeds the training sample, k-means and the recall queries"""
+    merge_memory: str = "1GB"
+    """the most one merge task holds (`256MB`, `4GB`, or bytes): IVF lists are merged in ranges of about this many
+    bytes of codes and ids, one task each, whatever the size of the merged index
+    """
     on_disk: bool = False
-    """IVF types: merge the lists into `merged.ivfdata` and memory-map them (local or mounted `output.root`)"""
+    """no longer needed, ignored with a warning: searchers memory-map `merged.faiss`, IVF lists included"""
     target_recall: float = 0.95
     """recall@10 vs exact search that the tuned `nprobe` / `efSearch` must reach"""
     recall_queries: int = 1000

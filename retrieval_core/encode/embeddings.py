@@ -29,7 +29,13 @@ from retrieval_core.encode.encoding import Encoder, EncoderOutOfMemory, encode_b
 from retrieval_core.io import faults, storage
 from retrieval_core.io.corpus import read_shard, text_hash
 from retrieval_core.io.folder import Folder, StageLayout
-from retrieval_core.io.manifest import IncompatibleOutputError, check_same_identity, read_manifest, stamp
+from retrieval_core.io.manifest import (
+    IncompatibleOutputError,
+    check_same_identity,
+    peak_memory_mb,
+    read_manifest,
+    stamp,
+)
 from retrieval_core.io.schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
 from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
 
@@ -58,6 +64,14 @@ class ShardWork:
 
 def shard_work(cfg: Config) -> ShardWork:
     return ShardWork(cfg.corpus, cfg.model.batch_size, cfg.output.embedding_dtype, layout_of(cfg))
+
+
+def vector_bytes_per_row(cfg: Config) -> int | None:
+    """Bytes of one stored vector when the config fixes its dimension (``model.truncate_dim``), else None: the
+    automatic shard size (``sharding.auto_rows_per_shard``) then assumes 768 float32."""
+    if not cfg.model.truncate_dim:
+        return None
+    return cfg.model.truncate_dim * np.dtype(cfg.output.embedding_dtype).itemsize
 
 
 def run_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict, rows_per_shard: int) -> dict:
@@ -136,16 +150,23 @@ def prepare_plan(
 
 
 def committed_records(layout: StageLayout) -> dict[str, dict]:
-    """Commit records of the shards already done, by shard name."""
-    records = {}
-    for name in storage.list_names(layout.records_dir, layout.storage_options):
-        if name.endswith(".json") and storage.TMP_MARK not in name:
-            records[name[:-5]] = storage.read_json(storage.join(layout.records_dir, name), layout.storage_options)
-    return records
+    """Commit records of the shards already done, by shard name (one listing, then the records read in parallel)."""
+    names = committed_names(layout)
+    urls = [storage.join(layout.records_dir, f"{name}.json") for name in names]
+    return dict(zip(names, storage.read_json_many(urls, layout.storage_options)))
+
+
+def committed_names(layout: StageLayout) -> list[str]:
+    """Names of the shards with a commit record: one listing of the records folder."""
+    return [
+        name[:-5]
+        for name in storage.list_names(layout.records_dir, layout.storage_options)
+        if name.endswith(".json") and storage.TMP_MARK not in name
+    ]
 
 
 def pending_shards(shards: list[Shard], layout: StageLayout) -> list[Shard]:
-    done = committed_records(layout)
+    done = set(committed_names(layout))
     return [s for s in shards if s.name not in done]
 
 
@@ -294,6 +315,7 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
         ],
         **api_usage_totals(ordered),
         "seconds": round(seconds, 3),
+        "driver": {"cpu_s": round(time.process_time(), 3), "peak_memory_mb": peak_memory_mb()},
         "config": cfg.to_dict(),
     }
     storage.write_json_atomic(layout.manifest, manifest, layout.storage_options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from typing import Any
 
 import faiss
 import numpy as np
@@ -31,8 +32,9 @@ def faiss_metric(metric: str) -> int:
 
 
 def is_mergeable(factory: str) -> bool:
-    """True when shard indexes of this type merge into one (IVF and flat-code types); False for graphs."""
-    return not any(graph in factory.upper() for graph in ("HNSW", "NSG"))
+    """True when shard indexes of this type merge into one (IVF types, an HNSW coarse quantizer included, and
+    flat-code types); False for graph indexes (``HNSW32``, ``NSG64``, ``HNSW32,SQ8``)."""
+    return is_ivf(factory) or not any(graph in factory.upper() for graph in ("HNSW", "NSG"))
 
 
 # How a local index is memory-mapped, whatever its type: ``IO_FLAG_MMAP_IFC`` maps the codes and ids in place
@@ -77,21 +79,39 @@ def bytes_per_vector(factory: str, dim: int) -> float:
 
 
 def choose_index_type(ntotal: int, dim: int, max_memory: int) -> str:
-    """``index.type: auto``. Flat (exact) below ``FLAT_THRESHOLD`` vectors when it fits ``max_memory``; above,
-    IVF with ``nlist_for(N)`` lists (an HNSW coarse quantizer from 16,384 lists) and the least lossy code that
-    fits: Flat (4 * dim bytes), SQ8 (dim bytes), then PQ with the largest sub-quantizer count that divides dim.
-    """
+    """``index.type: auto``. ``max_memory`` bounds what a searcher holds in RAM, not the size of the index: Flat
+    (exact) below ``FLAT_THRESHOLD`` vectors when it fits; above, IVF with ``nlist_for(N)`` lists (an HNSW coarse
+    quantizer from 16,384 lists) and the least lossy code with which the whole index fits in ``max_memory`` (Flat:
+    4 * dim bytes, SQ8: dim bytes, then PQ with the largest sub-quantizer count that divides dim). When none fits,
+    the index is served from disk (searchers memory-map it and hold the lists they probe): PQ with about dim / 8
+    sub-quantizers (one byte per 8 dimensions). Only a coarse quantizer larger than ``max_memory`` is refused."""
     if ntotal <= FLAT_THRESHOLD and ntotal * bytes_per_vector("Flat", dim) <= max_memory:
         return "Flat"
     nlist = nlist_for(ntotal)
     coarse = f"IVF{nlist}_HNSW32" if nlist >= 16_384 else f"IVF{nlist}"
-    for code in ["Flat", "SQ8"] + [f"PQ{m}" for m in PQ_CHOICES if dim % m == 0 and m < dim]:
-        if ntotal * bytes_per_vector(code, dim) <= max_memory:
+    quantizer = nlist * (4 * dim + (2 * 32 * 4 if nlist >= 16_384 else 0))  # centroids (+ HNSW32 links)
+    if quantizer > max_memory:
+        raise IndexTypeError(
+            f"the coarse quantizer of {coarse} ({nlist} centroids of dim {dim}, ~{quantizer} bytes) does not fit "
+            f"index.max_memory = {max_memory} bytes, and every searcher holds it: raise index.max_memory"
+        )
+    codes = [m for m in PQ_CHOICES if dim % m == 0 and m < dim]
+    for code in ["Flat", "SQ8"] + [f"PQ{m}" for m in codes]:
+        if quantizer + ntotal * bytes_per_vector(code, dim) <= max_memory:
             return f"{coarse},{code}"
-    raise IndexTypeError(
-        f"{ntotal} vectors of dim {dim} do not fit index.max_memory = {max_memory} bytes even "
-        f"with PQ{min(m for m in PQ_CHOICES if dim % m == 0)}: raise index.max_memory"
+    on_disk = next((m for m in codes if m <= max(1, dim // 8)), min(codes, default=0))
+    if not on_disk:
+        raise IndexTypeError(f"no PQ code divides dim {dim}: set index.type (e.g. {coarse},SQ8)")
+    log.info(
+        "index.type auto: %d vectors of dim %d do not fit index.max_memory = %d bytes with any code; %s,PQ%d is "
+        "served from disk (memory-mapped)",
+        ntotal,
+        dim,
+        max_memory,
+        coarse,
+        on_disk,
     )
+    return f"{coarse},PQ{on_disk}"
 
 
 def ivf_lists(factory: str) -> int:
@@ -168,15 +188,6 @@ def merge(indexes) -> faiss.Index:
     return merged
 
 
-def merge_on_disk(trained: faiss.Index, shard_paths: list[str], ivfdata_path: str) -> faiss.Index:
-    """Merge IVF shard index files (local paths) into ``trained``, whose lists then live in ``ivfdata_path``
-    (memory-mapped when searched: the merged lists need not fit in RAM)."""
-    from faiss.contrib.ondisk import merge_ondisk
-
-    merge_ondisk(trained, shard_paths, ivfdata_path)
-    return trained
-
-
 def coarse_distance(index: faiss.Index, vectors: np.ndarray) -> float | None:
     """Mean distance (squared L2, the k-means objective) of ``vectors`` to their nearest IVF centroid; None for
     types without a coarse quantizer. Compared between training time and later data, it measures drift."""
@@ -184,7 +195,13 @@ def coarse_distance(index: faiss.Index, vectors: np.ndarray) -> float | None:
     if ivf is None or len(vectors) == 0:
         return None
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    distances, _ = faiss.knn(np.ascontiguousarray(vectors, dtype=np.float32), centroids, 1)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexPreTransform):  # the centroids live in the transformed space
+        chain: Any = outer.chain  # a FAISS vector of transforms
+        for step in range(chain.size()):
+            vectors = chain.at(step).apply_py(vectors)
+    distances, _ = faiss.knn(vectors, centroids, 1)
     return float(distances.mean())
 
 

@@ -3,10 +3,12 @@
 Layout under ``<root>/index/``::
 
     _plan.json            identity of the build (embeddings, type, metric, training) + shard names
-    trained.faiss         the trained, empty index every shard index starts from
-    shard-00000.faiss     one embedding shard added with its global row ids (mergeable types)
+    trained.faiss         the trained, empty index every shard index starts from (stored once)
+    shard-00000.lists     IVF types: one embedding shard's inverted lists (codes and global row ids only)
+    shard-00000.faiss     flat-code types: one embedding shard's index with its global row ids
     _shards/shard-00000.json  the shard's commit record, written after its index
-    merged.faiss          all shards (with ``index.on_disk``: merged.ivfdata holds the IVF lists)
+    _merge/               IVF types, while merging: the list counts and one file per range of lists
+    merged.faiss          all shards, in FAISS's format; searchers memory-map it
     manifest.json         written last; its presence means the stage is complete
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 from retrieval_core.config import Config, IndexConfig
 from retrieval_core.config.rules import parse_memory
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
-from retrieval_core.index import faiss_index, search
+from retrieval_core.index import faiss_index, ivf_lists, merging, search
 from retrieval_core.io import faults, storage
 from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import (
@@ -51,7 +53,7 @@ class IndexPlan:
     train_size: int
     seed: int
     mergeable: bool
-    on_disk: bool
+    lists: bool  # shard indexes are inverted lists only, merged by ranges of lists (see ivf_lists)
     shards: tuple
     identity: dict
     ix: IndexConfig  # the stage's own config section
@@ -101,14 +103,12 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
             f"({ntotal} encoded, index.train_size = {ix.train_size}): use fewer lists (about sqrt(N), e.g. "
             f"IVF{max(1, int(ntotal**0.5))}), more training vectors, or Flat"
         )
-    on_disk = ix.on_disk and faiss_index.is_ivf(factory)
-    if ix.on_disk and not on_disk:
-        log.warning("index.on_disk applies to IVF types only; %s is merged in memory", factory)
-    if on_disk and storage.local_path(cfg.output.root, cfg.output.storage_options) is None:
-        raise ValueError(
-            f"index.on_disk needs output.root on the local disk (or a mounted shared file system); "
-            f"'{cfg.output.root}' is not"
+    if ix.on_disk:
+        log.warning(
+            "index.on_disk is no longer needed and is ignored: searchers memory-map merged.faiss, IVF lists included"
         )
+    mergeable = faiss_index.is_mergeable(factory)
+    lists = mergeable and ivf_lists.streamable(faiss_index.new_index(factory, dim, ix.metric))
     identity = {
         "embeddings": embeddings_id(emb),
         "fingerprint": emb["fingerprint"],
@@ -116,7 +116,7 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         "metric": ix.metric,
         "train_size": train_size,
         "seed": ix.seed,
-        "on_disk": on_disk,
+        "shard_format": "lists" if lists else "index",
     }
     return IndexPlan(
         factory,
@@ -125,8 +125,8 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         ntotal,
         train_size,
         ix.seed,
-        faiss_index.is_mergeable(factory),
-        on_disk,
+        mergeable,
+        lists,
         tuple(s for s in emb["shards"] if s["rows"] > 0),
         identity,
         ix,
@@ -201,21 +201,34 @@ def read_training_record(layout: StageLayout) -> dict:
 
 
 def pending_shards(plan: IndexPlan) -> list[dict]:
+    """The shards without a commit record (one listing of the records folder, not a request per shard)."""
     layout = plan.out
-    return [s for s in plan.shards if not storage.exists(layout.record_file(s["name"]), layout.storage_options)]
+    done = set(storage.list_names(layout.records_dir, layout.storage_options))
+    return [s for s in plan.shards if f"{s['name']}.json" not in done]
+
+
+def shard_file_name(plan: IndexPlan, name: str) -> str:
+    return f"{name}.lists" if plan.lists else f"{name}.faiss"
 
 
 def add_shard(plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None = None) -> dict:
-    """Add one embedding shard to a copy of the trained index and commit ``shard-XXXXX.faiss``; returns the
-    commit record. Memory: the shard's vectors plus its index."""
+    """Add one embedding shard to a copy of the trained index and commit its file (``shard-XXXXX.lists``: the
+    lists alone, for IVF types; else ``shard-XXXXX.faiss``); returns the commit record. Memory: the shard's vectors
+    plus the trained index and the shard's codes. Takes a plan without its shard list (:func:`task_plan`)."""
     started = time.perf_counter()
     layout = plan.out
     row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim, plan.identity["fingerprint"])
     index = faiss_index.deserialize(trained)
     faiss_index.add(index, vectors, row_ids)
-    _write_index(index, layout.file(f"{shard['name']}.faiss"), layout.storage_options, False)
+    file = shard_file_name(plan, shard["name"])
+    if plan.lists:
+        size = ivf_lists.write_shard(index, layout.file(file), layout.storage_options)
+    else:
+        size = write_index_file(index, layout.file(file), layout.storage_options)
     record = {
         "name": shard["name"],
+        "file": file,
+        "bytes": size,
         "ntotal": int(index.ntotal),
         "seconds": round(time.perf_counter() - started, 3),
         "peak_memory_mb": peak_memory_mb(),
@@ -226,32 +239,23 @@ def add_shard(plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None 
     return record
 
 
+def task_plan(plan: IndexPlan) -> IndexPlan:
+    """The plan without its shard list: what a shard's add task needs (each task gets its own shard), so that S
+    tasks do not carry S shards each."""
+    return dataclasses.replace(plan, shards=())
+
+
 def shard_records(plan: IndexPlan) -> list[dict]:
+    """The commit records of the plan's shards, in shard order, read in parallel."""
     layout = plan.out
-    return [storage.read_json(layout.record_file(s["name"]), layout.storage_options) for s in plan.shards]
+    return storage.read_json_many([layout.record_file(s["name"]) for s in plan.shards], layout.storage_options)
 
 
 def shard_index_url(index_dir: str, record: dict) -> str:
-    """A shard index file: ``<name>.faiss`` in this index directory, or, for a shard a refresh shares with an
-    earlier version, the record's ``path`` (relative to this index directory)."""
+    """A shard index file in this index directory (the record's ``file``: ``<name>.lists`` or ``<name>.faiss``),
+    or, for a shard a refresh shares with an earlier version, the record's ``path`` (relative to this directory)."""
 
-    return storage.resolve_relative(index_dir, record.get("path") or f"{record['name']}.faiss")
-
-
-def merge_shards(plan: IndexPlan, trained: bytes):
-    """Merge the committed shard indexes in shard order into ``merged.faiss``; returns the merged index.
-    In memory: the merged index. On disk (IVF, local output): one shard at a time plus the coarse quantizer."""
-    layout = plan.out
-    urls = [shard_index_url(layout.dir, record) for record in shard_records(plan)]
-    if plan.on_disk:
-        ivfdata = storage.local_file(layout.file("merged.ivfdata"))
-        index = faiss_index.merge_on_disk(
-            faiss_index.deserialize(trained), [storage.local_file(u) for u in urls], ivfdata
-        )
-    else:
-        index = faiss_index.merge(_read_index(url, layout.storage_options) for url in urls)
-    _write_index(index, layout.file("merged.faiss"), layout.storage_options, plan.on_disk)
-    return index
+    return storage.resolve_relative(index_dir, record.get("path") or record.get("file") or f"{record['name']}.faiss")
 
 
 def build_whole(plan: IndexPlan, trained: bytes):
@@ -262,22 +266,26 @@ def build_whole(plan: IndexPlan, trained: bytes):
     for shard in plan.shards:
         row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim, plan.identity["fingerprint"])
         faiss_index.add(index, vectors, row_ids)
-    _write_index(index, layout.file("merged.faiss"), layout.storage_options, False)
+    write_index_file(index, layout.file("merged.faiss"), layout.storage_options)
     return index
 
 
-def _read_index(url: str, storage_options: dict | None = None):
+def read_index_file(url: str, storage_options: dict | None = None, mmap: bool = False):
+    """An index file read into memory, or with ``mmap`` memory-mapped in place (from this node's copy when the
+    file is on object storage, see ``storage.local_copy``)."""
+    import faiss
+
+    if mmap:
+        return faiss.read_index(storage.local_copy(url, storage_options), faiss_index.MMAP_FLAG)
     local = storage.local_path(url, storage_options)
     if local:
-        import faiss
-
         return faiss.read_index(local)
     return faiss_index.deserialize(storage.read_bytes(url, storage_options))
 
 
-def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
-    """Write an index without extra copies: FAISS writes local files itself (an on-disk index keeps its lists in
-    merged.ivfdata); other URLs get one serialized buffer."""
+def write_index_file(index, url: str, storage_options: dict) -> int:
+    """Write an index without extra copies (FAISS writes local files itself; other URLs get one serialized
+    buffer); returns its size in bytes."""
     local = storage.local_path(url, storage_options)
     if local:
         import faiss
@@ -287,8 +295,10 @@ def _write_index(index, url: str, storage_options: dict, on_disk: bool) -> None:
         faiss.write_index(index, tmp)
         faults.point("write", url)
         os.replace(tmp, local)
-    else:
-        storage.write_bytes_atomic(url, memoryview(cast(Any, faiss_index.serialize_array(index))), storage_options)
+        return os.path.getsize(local)
+    data = faiss_index.serialize_array(index)
+    storage.write_bytes_atomic(url, memoryview(cast(Any, data)), storage_options)
+    return int(data.size)
 
 
 def measure_recall(plan: IndexPlan, index) -> dict:
@@ -340,10 +350,18 @@ def measure_recall(plan: IndexPlan, index) -> dict:
     }
 
 
-def finish(plan: IndexPlan, trained: bytes) -> dict:
-    """Merge (or build whole), write ``merged.faiss`` and measure recall; returns what the manifest needs."""
+def finish(plan: IndexPlan, trained: bytes, merge: merging.MergePlan | None = None) -> dict:
+    """Write ``merged.faiss`` (from the range files of ``merge`` when given, else by every merge step here, or by
+    building it whole for graph types) and measure recall on it, memory-mapped; returns what the manifest needs."""
     started = time.perf_counter()
-    index = merge_shards(plan, trained) if plan.mergeable else build_whole(plan, trained)
+    if not plan.mergeable:
+        index = build_whole(plan, trained)
+    else:
+        if merge is not None:
+            merging.assemble(plan, merge, trained)
+        else:
+            merging.merge_all(plan, trained)
+        index = read_index_file(plan.out.file("merged.faiss"), plan.out.storage_options, mmap=True)
     merged_s = time.perf_counter() - started
     recall = measure_recall(plan, index)
     return {
@@ -376,7 +394,8 @@ def write_manifest(
         "dim": plan.dim,
         "ntotal": ntotal,
         "mergeable": plan.mergeable,
-        "on_disk": plan.on_disk,
+        "on_disk": False,
+        "shard_format": plan.identity["shard_format"],
         "fingerprint": plan.identity["fingerprint"],
         "encoder": emb["encoder"],
         "query_encoder": emb.get("query_encoder"),
@@ -392,15 +411,11 @@ def write_manifest(
                 "ntotal": r["ntotal"],
                 "seconds": r["seconds"],
                 "peak_memory_mb": r["peak_memory_mb"],
-                **({"path": r["path"]} if r.get("path") else {}),
+                **{key: r[key] for key in ("file", "bytes", "path") if r.get(key)},
             }
             for r in records
         ],
-        "files": {
-            "merged": "merged.faiss",
-            "trained": "trained.faiss",
-            **({"ivfdata": "merged.ivfdata"} if plan.on_disk else {}),
-        },
+        "files": {"merged": "merged.faiss", "trained": "trained.faiss"},
         "config": plan.config,
     }
     storage.write_json_atomic(layout.file("manifest.json"), manifest, layout.storage_options)
@@ -412,20 +427,19 @@ def read_index_manifest(folder: Folder) -> dict:
 
 
 def load_index(folder: Folder, mmap: bool = False):
-    """(merged index with its tuned search parameters applied, index manifest). ``mmap`` memory-maps a local
-    file instead of reading it (on-disk IVF indexes are always memory-mapped)."""
+    """(merged index with its tuned search parameters applied, index manifest). ``mmap`` memory-maps the file in
+    place (on object storage: this node's one copy of it, shared by its processes), so that a searcher holds the
+    quantizer and the pages of the lists it probes; without, the index is read into memory. (An index of an
+    earlier release built with ``index.on_disk`` keeps its lists in merged.ivfdata, which FAISS maps itself.)"""
     import faiss
 
     storage_options = folder.storage_options
     manifest = read_index_manifest(folder)
     url = folder.join("index", manifest["files"]["merged"])
-    local = storage.local_path(url, storage_options)
-    if manifest["on_disk"]:  # the lists in merged.ivfdata are memory-mapped by FAISS itself
+    if manifest["on_disk"]:
         index = faiss.read_index(storage.local_file(url, storage_options))
-    elif mmap and local:
-        index = faiss.read_index(local, faiss_index.MMAP_FLAG)
     else:
-        index = _read_index(url, storage_options)
+        index = read_index_file(url, storage_options, mmap)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
     return index, manifest
 
@@ -454,6 +468,7 @@ def complete(plan: IndexPlan, train_info: dict, add_s: float, result: dict, star
         "merge": result["merge_s"],
         "recall": result["recall_s"],
         "total": round(time.perf_counter() - started, 3),
+        "driver_cpu": round(time.process_time(), 3),  # this process's CPU so far (all its threads, Ray's included)
     }
     memory: dict[str, Any] = {"driver": peak_memory_mb()}
     if in_tasks:
@@ -480,15 +495,22 @@ def build_in_process(cfg: Config) -> dict:
     return complete(plan, train_info, add_s, finish(plan, trained), started, in_tasks=False)
 
 
-def load_shard_index(folder: Folder, shard_name: str):
-    """One committed shard index, with the merged index's tuned search parameters applied."""
+def load_shard_group(folder: Folder, shard_names: list[str]):
+    """One index holding the committed shard indexes ``shard_names`` (a mining worker's group), with the merged
+    index's tuned search parameters applied. Memory: the group's codes and ids, and the trained index once."""
     manifest = read_index_manifest(folder)
     if not manifest["mergeable"]:
         raise ValueError(
             f"index type {manifest['type']} has no shard indexes (it cannot be merged, so it is built "
             f"whole): use mine.mode = replicated"
         )
-    entry = next((s for s in manifest["shards"] if s["name"] == shard_name), {"name": shard_name})
-    index = _read_index(shard_index_url(folder.join("index"), entry), folder.storage_options)
+    entries = {s["name"]: s for s in manifest["shards"]}
+    urls = [shard_index_url(folder.join("index"), entries.get(name, {"name": name})) for name in shard_names]
+    so = folder.storage_options
+    if manifest.get("shard_format") == "lists":
+        trained = faiss_index.deserialize(folder.read_bytes("index", manifest["files"]["trained"]))
+        index = ivf_lists.fill(trained, urls, so)
+    else:
+        index = faiss_index.merge(read_index_file(url, so) for url in urls)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
     return index

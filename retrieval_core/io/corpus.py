@@ -10,12 +10,10 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -67,9 +65,7 @@ def inspect_corpus(cfg: CorpusConfig) -> list[FileMeta]:
     """File metadata for planning, after checking that every file has the configured columns, and that Parquet
     files give them usable types: text and title strings, ids strings or integers, one id type in all files."""
     metas, id_types = [], {}
-    for url in corpus_files(cfg):
-        fmt = corpus_format(url, cfg.format)
-        meta, schema = _inspect_parquet(url, cfg) if fmt == "parquet" else _inspect_jsonl(url, cfg)
+    for url, (meta, schema) in _inspect_files(corpus_files(cfg), cfg):
         columns = schema.names if isinstance(schema, pa.Schema) else schema
         missing = [c for c in required_columns(cfg) if c not in columns]
         if missing and meta.num_rows:
@@ -88,6 +84,18 @@ def inspect_corpus(cfg: CorpusConfig) -> list[FileMeta]:
             f"be one id)"
         )
     return metas
+
+
+def _inspect_files(urls: list[str], cfg: CorpusConfig) -> Iterator[tuple[str, tuple[FileMeta, pa.Schema | list[str]]]]:
+    """Each file's metadata, in file order. Parquet footers are read ``storage.READ_THREADS`` (16) at a time: on
+    object storage each is a round trip, and 10,000 of them one after another take minutes. JSONL files are scanned
+    one after another: each scan reads the whole file (bandwidth, not round trips) in a Python loop over its lines,
+    and every scan in flight would hold its own read-ahead buffer."""
+    formats = [corpus_format(url, cfg.format) for url in urls]
+    parquet = [url for url, fmt in zip(urls, formats) if fmt == "parquet"]
+    footers = iter(storage.map_threads(lambda url: _inspect_parquet(url, cfg), parquet))
+    for url, fmt in zip(urls, formats):
+        yield url, (next(footers) if fmt == "parquet" else _inspect_jsonl(url, cfg))
 
 
 def _check_column_types(url: str, schema: pa.Schema, cfg: CorpusConfig) -> str:
@@ -340,55 +348,6 @@ def _encodable(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def iter_doc_ids(metas: list[FileMeta], cfg: CorpusConfig) -> Iterator[list]:
-    """Batches of the id column over the whole corpus, reading that column alone."""
-    for meta in metas:
-        piece = Piece(meta, 0, meta.num_rows)
-        for _, batch in iter_piece_batches(piece, [cfg.id_column], cfg.storage_options, batch_rows=65536):
-            yield batch[cfg.id_column]
-
-
-ID_CHECK_DRIVER_ROWS = 1_000_000  # a corpus up to this size is checked for duplicate ids in the job's process
-ID_CHECK_ROWS = 25_000_000  # rows one partition of the duplicate-id check holds (8 bytes each)
-
-
-def id_check_partitions(total_rows: int) -> int:
-    """How many partitions the duplicate-id check of a corpus of ``total_rows`` rows takes (``ID_CHECK_ROWS`` each)."""
-    return max(1, math.ceil(total_rows / ID_CHECK_ROWS))
-
-
-def find_duplicate_ids(
-    metas: list[FileMeta], cfg: CorpusConfig, examples: int = 5, partition: int = 0, partitions: int = 1
-) -> list[str]:
-    """Up to ``examples`` doc ids that occur more than once, among the ids of partition ``partition`` of
-    ``partitions`` (by a 64-bit hash of the id: every copy of an id falls in the same partition, so the partitions'
-    answers together are the corpus's). Memory: 8 bytes per row of the partition."""
-    hashes = []
-    for ids in iter_doc_ids(metas, cfg):
-        batch = np.fromiter((_id_hash(i) for i in ids if _valid_id(i)), dtype=np.uint64)
-        hashes.append(batch[batch % np.uint64(partitions) == partition] if partitions > 1 else batch)
-    if not hashes:
-        return []
-    values, counts = np.unique(np.concatenate(hashes), return_counts=True)
-    suspects = set(values[counts > 1].tolist())
-    return _named_duplicates(metas, cfg, suspects, examples) if suspects else []
-
-
-def _named_duplicates(metas: list[FileMeta], cfg: CorpusConfig, suspects: set[int], examples: int) -> list[str]:
-    """The ids behind ``suspects`` (hashes seen twice) that really occur twice, in corpus order."""
-    seen, duplicates = set(), []
-    for ids in iter_doc_ids(metas, cfg):
-        for i in ids:
-            if _valid_id(i) and _id_hash(i) in suspects:
-                key = str(i)
-                if key in seen and key not in duplicates:
-                    duplicates.append(key)
-                seen.add(key)
-        if len(duplicates) >= examples:
-            break
-    return duplicates[:examples]
 
 
 def _valid_id(doc_id) -> bool:

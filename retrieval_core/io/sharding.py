@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_AUTO_ROWS_PER_SHARD = 64
-MAX_AUTO_ROWS_PER_SHARD = 50_000
-AUTO_SHARDS_PER_WORKER = 4
-AUTO_SHARD_SECONDS = 30  # work per automatic shard for one worker: a stop or a kill loses about this much per worker
+MAX_AUTO_ROWS_PER_SHARD = 1_000_000  # never above what AUTO_SHARD_BYTES allows for the vectors' size
+AUTO_SHARDS_PER_WORKER = 4  # at least this many automatic shards per worker (load balance)
+AUTO_SHARD_SECONDS = 120  # work per automatic shard for one worker: a stop or a kill loses about this much per worker
+AUTO_SHARD_BYTES = 256 * 2**20  # at most this much of vectors in one automatic shard's embeddings file
+DEFAULT_EMBEDDING_BYTES_PER_ROW = 768 * 4  # assumed when the vectors' size is not known before encoding
 
 
 @dataclass(frozen=True)
@@ -64,39 +66,60 @@ class Shard:
         return f"shard-{self.index:05d}"
 
 
-def auto_rows_per_shard(total_rows: int, num_workers: int, docs_per_s_per_worker: float = math.inf) -> int:
-    """At least four shards per worker (load balance), and no more rows than one worker encodes in about
-    ``AUTO_SHARD_SECONDS`` at ``docs_per_s_per_worker`` (so a stop or a kill loses little), within [64, 50,000]."""
+def auto_rows_per_shard(
+    total_rows: int,
+    num_workers: int,
+    docs_per_s_per_worker: float = math.inf,
+    embedding_bytes_per_row: int | None = None,
+) -> int:
+    """Shards sized for the cluster: the fewest rows of
+
+    - an even share giving at least ``AUTO_SHARDS_PER_WORKER`` (4) shards per worker (load balance);
+    - about ``AUTO_SHARD_SECONDS`` (120 s) of one worker's work at ``docs_per_s_per_worker``: a stop or a kill
+      loses at most one shard per worker, about 2 minutes of work;
+    - ``AUTO_SHARD_BYTES`` (256 MiB) of vectors at ``embedding_bytes_per_row`` (when not known, 768 float32 = 3,072
+      bytes: 87,381 rows), so one shard's embeddings file, and a worker's vectors in memory, stay moderate;
+    - ``MAX_AUTO_ROWS_PER_SHARD`` (1,000,000);
+
+    and at least ``MIN_AUTO_ROWS_PER_SHARD`` (64), unless the byte cap allows fewer (vectors over 4 MiB a row).
+
+    In numbers, one CPU per worker at the default model's 12 docs/s: 1,440 rows (2.2 MB of 384 float32) per shard,
+    69,445 shards for 100M documents (the old 30 s rule gave 360 rows and 277,778 shards). One GPU at 1,200 docs/s:
+    144,000 rows by time, capped at 87,381 by the bytes when the size is not known (1,145 shards for 100M
+    documents). With many workers the share governs: 100M documents on 400 workers give at most 62,500 rows.
+    """
     per_shard = math.ceil(total_rows / max(1, num_workers * AUTO_SHARDS_PER_WORKER))
-    by_time = docs_per_s_per_worker * AUTO_SHARD_SECONDS
-    rows = min(per_shard, int(by_time) if by_time < MAX_AUTO_ROWS_PER_SHARD else MAX_AUTO_ROWS_PER_SHARD)
-    return max(MIN_AUTO_ROWS_PER_SHARD, min(MAX_AUTO_ROWS_PER_SHARD, rows))
+    by_time = docs_per_s_per_worker * AUTO_SHARD_SECONDS  # infinite when the rate is not known
+    by_bytes = max(1, AUTO_SHARD_BYTES // max(1, embedding_bytes_per_row or DEFAULT_EMBEDDING_BYTES_PER_ROW))
+    rows = min(per_shard, MAX_AUTO_ROWS_PER_SHARD)
+    if by_time < rows:
+        rows = int(by_time)
+    return min(by_bytes, max(MIN_AUTO_ROWS_PER_SHARD, rows))
 
 
 def plan_shards(files: list[FileMeta], rows_per_shard: int) -> list[Shard]:
-    """Cut the concatenated rows of ``files`` into shards of ``rows_per_shard`` rows (the last may be shorter)."""
+    """Cut the concatenated rows of ``files`` into shards of ``rows_per_shard`` rows (the last may be shorter).
+
+    One sweep over the shards and the files together: O(shards + files), each shard's pieces in file order, one per
+    non-empty file it overlaps."""
     if rows_per_shard <= 0:
         raise ValueError(f"rows_per_shard = {rows_per_shard}: expected a positive integer")
-    file_starts = []
-    total = 0
-    for meta in files:
-        file_starts.append(total)
-        total += meta.num_rows
+    sizes = [meta.num_rows for meta in files]
+    total = sum(sizes)
     shards = []
+    file_index, file_start = 0, 0  # the file holding global row ``row`` below, and its first global row
     for index, start in enumerate(range(0, total, rows_per_shard)):
         stop = min(start + rows_per_shard, total)
-        shards.append(Shard(index, start, stop, _pieces(files, file_starts, start, stop)))
+        pieces, row = [], start
+        while row < stop:
+            while file_start + sizes[file_index] <= row:  # files ending at or before this row (empty ones too)
+                file_start += sizes[file_index]
+                file_index += 1
+            piece_stop = min(stop, file_start + sizes[file_index])
+            pieces.append(Piece(files[file_index], row - file_start, piece_stop - file_start))
+            row = piece_stop
+        shards.append(Shard(index, start, stop, tuple(pieces)))
     return shards
-
-
-def _pieces(files: list[FileMeta], file_starts: list[int], start: int, stop: int) -> tuple[Piece, ...]:
-    pieces = []
-    for meta, file_start in zip(files, file_starts):
-        file_stop = file_start + meta.num_rows
-        lo, hi = max(start, file_start), min(stop, file_stop)
-        if lo < hi:
-            pieces.append(Piece(meta, lo - file_start, hi - file_start))
-    return tuple(pieces)
 
 
 def blocks_for_range(block_rows: tuple[int, ...], row_start: int, row_stop: int) -> tuple[list[int], int]:

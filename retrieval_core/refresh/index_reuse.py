@@ -111,7 +111,10 @@ def _previous_index_matches(p: RefreshPlan, plan, so: dict) -> bool:
         plan.factory,
         plan.metric,
         plan.identity["fingerprint"],
-    ) and manifest["mergeable"] == plan.mergeable
+    ) and (manifest["mergeable"], manifest.get("shard_format", "index")) == (
+        plan.mergeable,
+        plan.identity["shard_format"],
+    )
 
 
 def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:

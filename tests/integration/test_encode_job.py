@@ -68,14 +68,14 @@ def test_rerun_skips_committed_shards(demo_run):
 
 
 def test_a_large_corpus_is_checked_for_duplicate_ids_by_tasks(tmp_path, monkeypatch):
-    from retrieval_core.io import corpus
+    from retrieval_core.io import corpus, id_check
 
     docs = make_docs(40)
     docs[33]["id"] = docs[2]["id"]
     docs[39]["id"] = docs[12]["id"]
     write_parquet(tmp_path / "docs.parquet", docs, row_group_size=8)
-    monkeypatch.setattr(corpus, "ID_CHECK_DRIVER_ROWS", 10)  # 40 rows: checked by Ray tasks,
-    monkeypatch.setattr(corpus, "ID_CHECK_ROWS", 15)  # 3 partitions
+    monkeypatch.setattr(id_check, "ID_CHECK_DRIVER_ROWS", 10)  # 40 rows: checked by Ray tasks,
+    monkeypatch.setattr(id_check, "ID_CHECK_ROWS", 15)  # 3 partitions
     with pytest.raises(corpus.CorpusError, match=r"duplicate values in id column 'id', e\.g\. \[") as caught:
         encode.run(config(tmp_path / "docs.parquet", tmp_path / "out"))
     assert sorted(eval(str(caught.value).split("e.g. ")[1])) == ["doc00002", "doc00012"]

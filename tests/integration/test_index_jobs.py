@@ -40,7 +40,7 @@ def test_demo_index_is_flat_and_exact(demo_index):
     manifest = indexing.read_index_manifest(Folder(cfg.output.root))
     assert summary["type"] == "Flat" and summary["ntotal"] == rows and summary["recall_at_10"] == 1.0
     assert [s["ntotal"] for s in manifest["shards"]] == [min(32, rows - start) for start in range(0, rows, 32)]
-    assert set(manifest["timings_s"]) == {"train", "add", "merge", "recall", "total"}
+    assert set(manifest["timings_s"]) == {"train", "add", "merge", "recall", "total", "driver_cpu"}
     assert manifest["peak_memory_mb"]["driver"] > 0 and "merge_task" not in manifest["peak_memory_mb"]  # in-process
 
 
@@ -203,9 +203,11 @@ def test_ray_build_equals_in_process_build(tmp_path):
     vectors = clustered_vectors(2000, 16, seed=3)
     write_synthetic_embeddings(tmp_path / "ray", vectors, 300)
     write_synthetic_embeddings(tmp_path / "local", vectors, 300)
-    summary = index.run(ivf_config(tmp_path / "ray"))
+    summary = index.run(ivf_config(tmp_path / "ray", "index.merge_memory=30000"))  # several merge tasks
     local = indexing.build_in_process(ivf_config(tmp_path / "local"))
     assert summary["search_parameters"] == local["search_parameters"]
+    merged = [(tmp_path / where / "index" / "merged.faiss").read_bytes() for where in ("ray", "local")]
+    assert merged[0] == merged[1]
     a, _ = indexing.load_index(Folder(str(tmp_path / "ray")))
     b, _ = indexing.load_index(Folder(str(tmp_path / "local")))
     queries = clustered_vectors(40, 16, seed=4)
@@ -218,14 +220,14 @@ def test_rerun_redoes_only_uncommitted_shards(tmp_path):
     cfg = ivf_config(tmp_path)
     index.run(cfg)
     idx = tmp_path / "index"
-    mtimes = {p.name: p.stat().st_mtime_ns for p in idx.glob("shard-*.faiss")}
-    for name in ("manifest.json", "merged.faiss", "shard-00003.faiss", "_shards/shard-00003.json"):
+    mtimes = {p.name: p.stat().st_mtime_ns for p in idx.glob("shard-*.lists")}
+    for name in ("manifest.json", "merged.faiss", "shard-00003.lists", "_shards/shard-00003.json"):
         (idx / name).unlink()
     summary = index.run(cfg)
     assert not summary["reused"] and summary["ntotal"] == 1500
-    after = {p.name: p.stat().st_mtime_ns for p in idx.glob("shard-*.faiss")}
+    after = {p.name: p.stat().st_mtime_ns for p in idx.glob("shard-*.lists")}
     changed = sorted(name for name in after if after[name] != mtimes.get(name))
-    assert changed == ["shard-00003.faiss"]
+    assert changed == ["shard-00003.lists"]
     assert index.run(cfg)["reused"] is True
 
 

@@ -13,7 +13,7 @@ from helpers import write_jsonl, write_parquet, write_synthetic_embeddings
 from retrieval_core.config import ConfigError, CorpusConfig, MineConfig, ModelConfig, load_config
 from retrieval_core.encode import embeddings, encoding
 from retrieval_core.index import faiss_index
-from retrieval_core.io import corpus, judgements, storage, versions
+from retrieval_core.io import corpus, id_check, judgements, storage, versions
 from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import plan_shards
 from retrieval_core.mine import inputs as mine_input
@@ -179,7 +179,8 @@ def test_duplicate_ids_within_and_across_files_are_found(tmp_path):
     write_parquet(tmp_path / "c" / "b.parquet", [{"id": "y", "text": "t"}, {"id": "z", "text": "u"}])
     write_parquet(tmp_path / "c" / "c.parquet", [{"id": "y", "text": "v"}])
     cfg = CorpusConfig(path=str(tmp_path / "c"))
-    assert sorted(corpus.find_duplicate_ids(corpus.inspect_corpus(cfg), cfg)) == ["x", "y"]
+    scratch = Folder(str(tmp_path / "out" / "_id_check"))
+    assert sorted(id_check.find_duplicate_ids(corpus.inspect_corpus(cfg), cfg, scratch)) == ["x", "y"]
 
 
 def test_an_empty_file_among_good_ones_is_skipped(tmp_path):

@@ -126,3 +126,11 @@ def test_manifest_refuses_missing_shards(tmp_path, corpus_file, tiny_model, tiny
     embeddings.encode_shard(shards[0], embeddings.shard_work(cfg), tiny_encoder, identity)
     with pytest.raises(RuntimeError, match="shards not committed"):
         embeddings.write_manifest(cfg, shards, identity, 32, 0.0)
+
+
+def test_vector_bytes_per_row_sizes_automatic_shards(tmp_path):
+    """Known only when the config fixes the dimension; else the automatic shard size assumes 768 float32."""
+    assert embeddings.vector_bytes_per_row(config(tmp_path / "c", tmp_path / "out")) is None
+    cfg = config(tmp_path / "c", tmp_path / "out", model__truncate_dim=256, output__embedding_dtype="float16")
+    assert embeddings.vector_bytes_per_row(cfg) == 512
+    assert embeddings.vector_bytes_per_row(config(tmp_path / "c", tmp_path / "out", model__truncate_dim=256)) == 1024

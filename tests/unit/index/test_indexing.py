@@ -10,7 +10,7 @@ from helpers import clustered_vectors, write_synthetic_embeddings
 
 from retrieval_core.config import ConfigError, load_config
 from retrieval_core.config.rules import parse_memory
-from retrieval_core.index import faiss_index, indexing, search
+from retrieval_core.index import faiss_index, indexing, merging, search
 from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import IncompatibleOutputError
 
@@ -92,16 +92,50 @@ def test_flat_index_equals_exact_numpy_search(tmp_path, vectors, queries):
     assert manifest["recall"]["recall_at_10"] == 1.0
 
 
-def test_on_disk_merge_answers_as_the_in_memory_merge(tmp_path, vectors, queries):
-    build(tmp_path / "mem", vectors, type="IVF16,Flat", nprobe=4)
-    build(tmp_path / "disk", vectors, type="IVF16,Flat", nprobe=4, on_disk="true")
-    in_memory, _ = indexing.load_index(Folder(str(tmp_path / "mem")))
-    on_disk, manifest = indexing.load_index(Folder(str(tmp_path / "disk")))
-    assert manifest["on_disk"] and (tmp_path / "disk" / "index" / "merged.ivfdata").stat().st_size > 0
-    a = faiss_index.search(in_memory, queries, 10)
-    b = faiss_index.search(on_disk, queries, 10)
-    np.testing.assert_array_equal(a[1], b[1])
-    np.testing.assert_array_equal(a[0], b[0])
+# (a transform such as PCA8 in front is not byte-exact: its matrix product rounds by batch size, shard or whole)
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF32,SQ8", "IVF8,PQ4x4", "IVF16_HNSW8,SQ8"])
+def test_ivf_shards_hold_lists_only_and_merge_by_ranges_into_faiss_s_own_file(tmp_path, vectors, caplog, factory):
+    """Shard files hold codes and ids (and 16 bytes per list); merged by ranges of lists under a small
+    index.merge_memory, merged.faiss is byte for byte the file FAISS writes for the index filled in one call."""
+    cfg, manifest = build(tmp_path, vectors, type=factory, merge_memory="20000", on_disk="true")
+    assert "index.on_disk is no longer needed" in caplog.text
+    reference = monolithic(cfg, vectors)
+    merged = (tmp_path / "index" / "merged.faiss").read_bytes()
+    assert merged == faiss.serialize_index(reference).tobytes()
+    ivf = faiss.extract_index_ivf(reference)
+    files = sorted((tmp_path / "index").glob("shard-*.lists"))
+    assert len(files) == 7 and not list((tmp_path / "index").glob("shard-*.faiss"))
+    codes_and_ids = len(vectors) * (ivf.code_size + 8)
+    assert codes_and_ids < sum(f.stat().st_size for f in files) <= codes_and_ids + 7 * (32 + 16 * ivf.nlist)
+    assert manifest["shard_format"] == "lists" and not (tmp_path / "index" / "_merge").exists()
+
+
+def test_a_merge_range_holds_a_bounded_share_of_the_lists(tmp_path, vectors):
+    """The merge plan counts every list over the shard files and cuts ranges of at most a third of
+    index.merge_memory of codes and ids (a larger list alone), covering every list once."""
+    cfg, _ = build(tmp_path, vectors, type="IVF32,Flat", merge_memory="60000")
+    plan = indexing.prepare(cfg)
+    merge = merging.plan_merge(plan)
+    reference = monolithic(cfg, vectors)
+    ivf = faiss.extract_index_ivf(reference)
+    totals = np.array([ivf.invlists.list_size(number) for number in range(32)])
+    np.testing.assert_array_equal(np.load(tmp_path / "index" / "_merge" / "totals.npy"), totals)
+    ranges, entry = merge.ranges, DIM * 4 + 8
+    assert ranges[0][0] == 0 and ranges[-1][1] == 32 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(totals[lo:hi].sum() * entry <= 20000 or hi - lo == 1 for lo, hi in ranges)
+    assert len(ranges) >= totals.sum() * entry / 20000 and merge.ntotal == len(vectors)
+
+
+def test_a_shard_group_is_one_index_answering_as_its_shards_merged(tmp_path, vectors, queries):
+    cfg, manifest = build(tmp_path, vectors, type="IVF16,SQ8", nprobe=4)
+    group = indexing.load_shard_group(Folder(str(tmp_path)), ["shard-00001", "shard-00003"])
+    rows = np.r_[437:874, 1311:1748]
+    reference = faiss_index.deserialize(indexing.trained_index(indexing.prepare(cfg))[0])
+    faiss_index.add(reference, vectors[rows], rows)
+    faiss_index.set_search_parameters(reference, nprobe=4)
+    assert group.ntotal == len(rows) and faiss.extract_index_ivf(group).nprobe == 4
+    for got, want in zip(faiss_index.search(group, queries, 10), faiss_index.search(reference, queries, 10)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_hnsw_is_built_whole_and_reaches_the_target_recall(tmp_path, vectors):
@@ -169,7 +203,10 @@ def test_auto_type_follows_size_and_memory():
     # 1M x (64 + 8 id) bytes = 72 MB
     assert faiss_index.choose_index_type(1_000_000, 384, parse_memory("80MB")) == "IVF4096,PQ64"
     assert faiss_index.choose_index_type(10_000_000, 384, parse_memory("100GB")).startswith("IVF16384_HNSW32,")
-    with pytest.raises(faiss_index.IndexTypeError, match="index.max_memory"):
+    # the index does not fit: it is served from disk with one PQ byte per 8 dimensions (1B x 768: 96 + 8 bytes)
+    assert faiss_index.choose_index_type(10_000_000, 384, parse_memory("100MB")) == "IVF16384_HNSW32,PQ48"
+    assert faiss_index.choose_index_type(1_000_000_000, 768, parse_memory("8GB")) == "IVF65536_HNSW32,PQ96"
+    with pytest.raises(faiss_index.IndexTypeError, match="coarse quantizer .* index.max_memory"):
         faiss_index.choose_index_type(10_000_000, 384, parse_memory("10MB"))
 
 

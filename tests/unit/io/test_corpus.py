@@ -1,4 +1,6 @@
 import json
+import threading
+import time
 
 import fsspec
 import pyarrow as pa
@@ -6,7 +8,7 @@ import pytest
 from helpers import make_docs, write_jsonl, write_parquet
 
 from retrieval_core.config import CorpusConfig
-from retrieval_core.io import corpus
+from retrieval_core.io import corpus, storage
 from retrieval_core.io.sharding import plan_shards
 
 
@@ -96,37 +98,6 @@ def test_corrupt_parquet_names_the_file(tmp_path):
         corpus.inspect_corpus(CorpusConfig(path=str(bad)))
 
 
-def test_duplicate_ids_are_found_with_examples(tmp_path):
-    docs = make_docs(20)
-    docs[5]["id"] = docs[1]["id"]
-    docs[17]["id"] = docs[3]["id"]
-    write_parquet(tmp_path / "a.parquet", docs[:10], row_group_size=4)
-    write_parquet(tmp_path / "b.parquet", docs[10:], row_group_size=4)
-    cfg = CorpusConfig(path=[str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")])
-    assert corpus.find_duplicate_ids(corpus.inspect_corpus(cfg), cfg) == ["doc00001", "doc00003"]
-    unique = CorpusConfig(path=str(tmp_path / "a.parquet"))
-    write_parquet(tmp_path / "a.parquet", make_docs(10), row_group_size=4)
-    assert corpus.find_duplicate_ids(corpus.inspect_corpus(unique), unique) == []
-
-
-def test_duplicate_ids_by_partition_together_equal_the_whole_check(tmp_path):
-    docs = make_docs(60)
-    for copy, original in ((5, 1), (17, 3), (30, 3), (41, 22), (59, 40), (50, 8)):
-        docs[copy]["id"] = docs[original]["id"]
-    write_parquet(tmp_path / "a.parquet", docs[:25], row_group_size=7)
-    write_parquet(tmp_path / "b.parquet", docs[25:], row_group_size=7)
-    cfg = CorpusConfig(path=str(tmp_path / "*.parquet"))
-    metas = corpus.inspect_corpus(cfg)
-    whole = corpus.find_duplicate_ids(metas, cfg, examples=100)
-    assert sorted(whole) == ["doc00001", "doc00003", "doc00008", "doc00022", "doc00040"]
-    found = {p: corpus.find_duplicate_ids(metas, cfg, 100, p, 3) for p in range(3)}
-    assert sorted(d for part in found.values() for d in part) == sorted(whole)
-    assert all(corpus._id_hash(d) % 3 == p for p, part in found.items() for d in part)
-    assert sum(bool(part) for part in found.values()) >= 2  # the ids really spread over the partitions
-    assert corpus.id_check_partitions(corpus.ID_CHECK_ROWS) == 1
-    assert corpus.id_check_partitions(corpus.ID_CHECK_ROWS + 1) == 2
-
-
 def test_glob_list_and_memory_urls():
     fs = fsspec.filesystem("memory")
     docs = make_docs(12)
@@ -151,3 +122,38 @@ def test_assemble_text_as_beir():
     assert corpus.assemble_text("A title", "the body") == "A title the body"
     assert corpus.assemble_text(None, "the body") == "the body"
     assert corpus.assemble_text("", "the body") == "the body"
+
+
+def test_parquet_footers_are_read_concurrently_in_file_order(tmp_path, monkeypatch):
+    """Parquet footers are read by a bounded thread pool (on object storage their round trips overlap); the
+    metadata keeps the file order, JSONL files among them included, and an unreadable footer is still named."""
+    names = [f"part-{i:02d}.{'jsonl' if i % 5 == 2 else 'parquet'}" for i in range(24)]
+    for i, name in enumerate(names):
+        docs = make_docs(i + 1, seed=i, prefix=f"p{i:02d}-")
+        if name.endswith(".jsonl"):
+            write_jsonl(tmp_path / "c" / name, docs)
+        else:
+            write_parquet(tmp_path / "c" / name, docs, row_group_size=3)
+    read_footer, lock, in_flight, most = corpus._inspect_parquet, threading.Lock(), [0], [0]
+
+    def slow_footer(url, cfg):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.02)  # a round trip
+        try:
+            return read_footer(url, cfg)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(corpus, "_inspect_parquet", slow_footer)
+    cfg = CorpusConfig(path=str(tmp_path / "c"))
+    metas = corpus.inspect_corpus(cfg)
+    assert [m.url.rsplit("/", 1)[-1] for m in metas] == names
+    assert [m.num_rows for m in metas] == list(range(1, 25))
+    assert [m.format for m in metas] == [name.rsplit(".", 1)[-1] for name in names]
+    assert 1 < most[0] <= storage.READ_THREADS
+    (tmp_path / "c" / "part-17.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(corpus.CorpusError, match="part-17.parquet' is not a readable Parquet file"):
+        corpus.inspect_corpus(cfg)

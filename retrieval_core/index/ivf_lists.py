@@ -1,0 +1,246 @@
+"""IVF shard indexes as inverted lists only, and their merge by ranges of lists into one memory-mappable file.
+
+A shard of an IVF index is stored as its lists, without the trained index (which ``trained.faiss`` holds once):
+
+    magic      8 bytes  ``RRIVFL01``
+    nlist      int64    lists of the trained index
+    code_size  int64    bytes per code
+    count      int64    non-empty lists in this shard
+    lists      int64[count]  their numbers, increasing
+    sizes      int64[count]  entries in each
+    payload    for each listed list: its codes (size * code_size bytes), then its ids (size * 8 bytes)
+
+so a file is its codes and ids plus 16 bytes per non-empty list, and the lists ``[lo, hi)`` of a shard are one
+contiguous byte range (one ranged read on object storage).
+
+The merged index is FAISS's own file format, written as a stream: the trained index serialized with its
+``ntotal`` set and its (empty) inverted lists cut off, then the ``ilar`` lists section (every list's size, then
+each list's codes and ids, shard after shard in shard order). That is byte for byte what ``faiss.write_index``
+writes for the index filled in one process, and ``faiss.read_index(path, IO_FLAG_MMAP_IFC)`` maps its lists in
+place, so a searcher holds the quantizer and the pages of the lists it probes. The merge is cut into ranges of
+lists of at most ``index.merge_memory`` bytes of codes and ids: one task per range reads every shard's bytes for
+its lists and writes a range file; a last step writes the header and copies the range files after it in order.
+Every process holds one range at most (about three times its bytes while it reorders them), never the index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Any, Iterable
+
+import faiss
+import numpy as np
+
+from retrieval_core.io import storage
+
+MAGIC = b"RRIVFL01"
+HEAD = struct.Struct("<8sqqq")
+ID_BYTES = 8
+COPY_CHUNK = 64 << 20  # bytes copied at a time when the range files are put together
+
+
+@dataclasses.dataclass(frozen=True)
+class ListsHeader:
+    """What a shard lists file holds: which lists, how many entries each, and where its payload starts."""
+
+    nlist: int
+    code_size: int
+    lists: np.ndarray
+    sizes: np.ndarray
+    data_start: int
+
+    @property
+    def entry_bytes(self) -> int:
+        return self.code_size + ID_BYTES
+
+    def span(self, lo: int, hi: int) -> tuple[int, int, slice]:
+        """(start, stop) bytes of the payload of lists ``[lo, hi)``, and which of the header's entries they are."""
+        first, last = np.searchsorted(self.lists, [lo, hi])
+        ends = np.cumsum(self.sizes) * self.entry_bytes
+        start = int(ends[first - 1]) if first else 0
+        stop = int(ends[last - 1]) if last else 0
+        return self.data_start + start, self.data_start + stop, slice(int(first), int(last))
+
+
+def streamable(trained: faiss.Index) -> bool:
+    """True when the merged index of this trained index can be written as a stream: an IVF index (possibly behind
+    a transform) whose serialization ends with its empty array lists (every type ``index.type`` builds except
+    fast-scan codes, whose lists are stored in blocks)."""
+    ivf = _ivf(trained)
+    if (
+        ivf is None
+        or ivf.ntotal
+        or not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+    ):
+        return False
+    return faiss.serialize_index(trained).tobytes().endswith(_empty_lists(ivf))
+
+
+def _ivf(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _empty_lists(ivf) -> bytes:
+    return b"ilar" + struct.pack("<qq", ivf.nlist, ivf.code_size) + b"sprs" + struct.pack("<q", 0)
+
+
+def write_shard(index: faiss.Index, url: str, storage_options: dict | None = None) -> int:
+    """Write the inverted lists of a filled IVF ``index`` (codes and ids, no trained state) to ``url``; returns the
+    bytes written. Memory: the codes and ids are copied once, list by list, into the file."""
+    ivf = faiss.extract_index_ivf(index)
+    lists: Any = ivf.invlists
+    sizes = np.array([lists.list_size(number) for number in range(ivf.nlist)], dtype=np.int64)
+    present = np.flatnonzero(sizes).astype(np.int64)
+    written = 0
+    with storage.open_atomic(url, storage_options) as out:
+        written += out.write(HEAD.pack(MAGIC, ivf.nlist, ivf.code_size, len(present)))
+        written += out.write(present.tobytes()) + out.write(sizes[present].tobytes())
+        for number in present.tolist():
+            size = int(sizes[number])
+            written += out.write(faiss.rev_swig_ptr(lists.get_codes(number), size * ivf.code_size).tobytes())
+            written += out.write(faiss.rev_swig_ptr(lists.get_ids(number), size).tobytes())
+    return written
+
+
+def read_header(url: str, storage_options: dict | None = None) -> ListsHeader:
+    """The header of a shard lists file (two small reads; the payload is not read)."""
+    fs, path = storage.filesystem(url, storage_options)
+    with storage.naming(url, "read"):
+        magic, nlist, code_size, count = HEAD.unpack(fs.cat_file(path, 0, HEAD.size))
+        if magic != MAGIC:
+            raise ValueError(f"'{url}' is not a shard lists file (it starts with {magic!r})")
+        table = np.frombuffer(fs.cat_file(path, HEAD.size, HEAD.size + 16 * count), dtype=np.int64)
+    return ListsHeader(nlist, code_size, table[:count], table[count:], HEAD.size + 16 * count)
+
+
+def read_lists(url: str, header: ListsHeader, lo: int, hi: int, storage_options: dict | None = None):
+    """(list of each entry, codes (n x code_size uint8), ids (n int64)) of lists ``[lo, hi)`` in a shard file,
+    read in one ranged read."""
+    start, stop, which = header.span(lo, hi)
+    sizes, numbers = header.sizes[which], header.lists[which]
+    if stop == start:
+        return np.zeros(0, np.int64), np.zeros((0, header.code_size), np.uint8), np.zeros(0, np.int64)
+    fs, path = storage.filesystem(url, storage_options)
+    with storage.naming(url, "read"):
+        data = np.frombuffer(fs.cat_file(path, start, stop), dtype=np.uint8)
+    codes, ids, position = [], [], 0
+    for size in sizes.tolist():
+        codes.append(data[position : position + size * header.code_size])
+        position += size * header.code_size
+        ids.append(data[position : position + size * ID_BYTES].view(np.int64))
+        position += size * ID_BYTES
+    return (
+        np.repeat(numbers, sizes),
+        np.concatenate(codes).reshape(-1, header.code_size),
+        np.concatenate(ids),
+    )
+
+
+def list_totals(urls: Iterable[str], nlist: int, storage_options: dict | None = None) -> np.ndarray:
+    """Entries of each list over all the shard files (their headers only). Memory: ``nlist`` counts."""
+    totals = np.zeros(nlist, dtype=np.int64)
+    for url in urls:
+        header = read_header(url, storage_options)
+        if header.nlist != nlist:
+            raise ValueError(f"'{url}' holds {header.nlist} lists, the trained index {nlist}")
+        np.add.at(totals, header.lists, header.sizes)
+    return totals
+
+
+def plan_ranges(totals: np.ndarray, entry_bytes: int, budget: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of lists covering ``[0, nlist)``, each holding at most ``budget`` bytes of codes and ids
+    (a single list larger than that is a range of its own)."""
+    ranges, lo, held = [], 0, 0
+    for number, size in enumerate(totals.tolist()):
+        cost = size * entry_bytes
+        if number > lo and held + cost > budget:
+            ranges.append((lo, number))
+            lo, held = number, 0
+        held += cost
+    ranges.append((lo, len(totals)))
+    return ranges
+
+
+def merge_range(urls: list[str], lo: int, hi: int, out_url: str, storage_options: dict | None = None) -> int:
+    """Write the lists ``[lo, hi)`` of all shard files, in shard order within each list, as the merged file's
+    payload for them (each list's codes, then its ids); returns the entries written. Memory: the range's codes and
+    ids, about three times over while they are put in list order."""
+    numbers, codes, ids = [], [], []
+    for url in urls:
+        part = read_lists(url, read_header(url, storage_options), lo, hi, storage_options)
+        numbers.append(part[0])
+        codes.append(part[1])
+        ids.append(part[2])
+    every = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
+    order = np.argsort(every, kind="stable")  # by list; shard order (then the shard's own order) within a list
+    every, all_codes, all_ids = every[order], np.concatenate(codes)[order], np.concatenate(ids)[order]
+    del codes, ids
+    bounds = np.searchsorted(every, np.arange(lo, hi + 1))
+    with storage.open_atomic(out_url, storage_options) as out:
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            if b > a:
+                out.write(all_codes[a:b].tobytes())
+                out.write(all_ids[a:b].tobytes())
+    return len(every)
+
+
+def merged_prefix(trained: faiss.Index, totals: np.ndarray) -> bytes:
+    """The merged file up to its first list: the trained index with ``ntotal`` set, and the lists' sizes."""
+    copy = faiss.clone_index(trained)
+    _set_ntotal(copy, int(totals.sum()))
+    ivf = faiss.extract_index_ivf(copy)
+    head = faiss.serialize_index(copy).tobytes()[: -len(_empty_lists(ivf))]
+    # FAISS writes the sizes of every list ("full") when more than half are non-empty, else (list, size) pairs
+    if np.count_nonzero(totals) > ivf.nlist // 2:
+        sizes = b"full" + struct.pack("<q", ivf.nlist) + totals.astype(np.int64).tobytes()
+    else:
+        present = np.flatnonzero(totals)
+        pairs = np.column_stack([present, totals[present]]).astype(np.int64).ravel()
+        sizes = b"sprs" + struct.pack("<q", len(pairs)) + pairs.tobytes()
+    return head + b"ilar" + struct.pack("<qq", ivf.nlist, ivf.code_size) + sizes
+
+
+def _set_ntotal(index: faiss.Index, ntotal: int) -> None:
+    index = faiss.downcast_index(index)
+    index.ntotal = ntotal
+    inner = getattr(index, "index", None)  # a transform or an id map around the IVF index
+    if inner is not None and not isinstance(index, faiss.IndexIVF):
+        _set_ntotal(inner, ntotal)
+
+
+def assemble(prefix: bytes, range_urls: list[str], out_url: str, storage_options: dict | None = None) -> int:
+    """Write the merged file: ``prefix``, then the range files in order, copied ``COPY_CHUNK`` bytes at a time;
+    returns its size. Memory: one chunk."""
+    size = 0
+    with storage.open_atomic(out_url, storage_options) as out:
+        size += out.write(prefix)
+        for url in range_urls:
+            fs, path = storage.filesystem(url, storage_options)
+            with storage.naming(url, "read"), fs.open(path, "rb") as part:
+                while chunk := part.read(COPY_CHUNK):
+                    size += out.write(chunk)
+    return size
+
+
+def fill(trained: faiss.Index, urls: Iterable[str], storage_options: dict | None = None) -> faiss.Index:
+    """A copy of ``trained`` holding the lists of the given shard files, in memory (a group of shards searched
+    together by one mining worker). Memory: those shards' codes and ids, plus the trained index once."""
+    index = faiss.clone_index(trained)
+    ivf = faiss.extract_index_ivf(index)
+    invlists: Any = ivf.invlists
+    added = 0
+    for url in urls:
+        header = read_header(url, storage_options)
+        numbers, codes, ids = read_lists(url, header, 0, header.nlist, storage_options)
+        bounds = np.flatnonzero(np.diff(numbers)) + 1
+        for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(numbers)]):
+            if b > a:  # the arrays are held here while FAISS copies from them
+                list_ids, list_codes = np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(codes[a:b])
+                invlists.add_entries(int(numbers[a]), b - a, faiss.swig_ptr(list_ids), faiss.swig_ptr(list_codes))
+        added += len(numbers)
+    _set_ntotal(index, added)
+    return index

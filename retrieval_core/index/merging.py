@@ -1,0 +1,113 @@
+"""The merge of the shard indexes into ``merged.faiss``.
+
+IVF types whose lists stream (``IndexPlan.lists``; see :mod:`retrieval_core.index.ivf_lists`) merge in three steps
+that each hold a bounded amount, whatever the corpus:
+
+1. :func:`plan_merge` reads the shard files' headers and cuts the lists into ranges of at most a third of
+   ``index.merge_memory`` bytes of codes and ids. Memory: one count per list.
+2. :func:`merge_range`, one task per range, writes ``_merge/range-XXXXX.bin``. Memory: about
+   ``index.merge_memory``. A range already written is kept on a rerun.
+3. :func:`assemble` writes ``merged.faiss`` from the trained index and the range files, then removes ``_merge/``.
+   Memory: the trained index and one copy buffer.
+
+Other mergeable types (flat codes: ``Flat``, ``SQ8``, ``PQm``, and fast-scan IVF codes) merge in one process,
+holding the merged index (:func:`merge_in_memory`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+
+from retrieval_core.config.rules import parse_memory
+from retrieval_core.index import faiss_index, ivf_lists
+from retrieval_core.io import storage
+
+MERGE_DIR = "_merge"
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """The ranges of lists the merge is cut into; the per-list counts are in ``_merge/totals.npy``."""
+
+    ranges: tuple[tuple[int, int], ...]
+    ntotal: int
+
+
+def shard_files(plan) -> list[str]:
+    """URLs of the committed shard index files, in shard order (their commit records read in parallel)."""
+    from retrieval_core.index.indexing import shard_index_url, shard_records
+
+    return [shard_index_url(plan.out.dir, record) for record in shard_records(plan)]
+
+
+def _totals_url(plan) -> str:
+    return plan.out.file(MERGE_DIR, "totals.npy")
+
+
+def range_url(plan, number: int) -> str:
+    return plan.out.file(MERGE_DIR, f"range-{number:05d}.bin")
+
+
+def plan_merge(plan) -> MergePlan:
+    """Count each list's entries over all shard files (headers only, read in parallel) and cut the lists into
+    ranges of at most a third of ``index.merge_memory`` bytes (a range task holds about three times its bytes)."""
+    layout, urls = plan.out, shard_files(plan)
+    headers = storage.map_threads(lambda url: ivf_lists.read_header(url, layout.storage_options), urls)
+    nlist = headers[0].nlist if headers else 0
+    totals = np.zeros(nlist, dtype=np.int64)
+    for url, header in zip(urls, headers):
+        if header.nlist != nlist:
+            raise ValueError(f"'{url}' holds {header.nlist} lists, the other shard files {nlist}")
+        np.add.at(totals, header.lists, header.sizes)
+    budget = max(1, parse_memory(plan.ix.merge_memory, "index.merge_memory") // 3)
+    ranges = ivf_lists.plan_ranges(totals, headers[0].entry_bytes if headers else 1, budget)
+    with storage.open_atomic(_totals_url(plan), layout.storage_options) as out:
+        np.save(out, totals)
+    return MergePlan(tuple(ranges), int(totals.sum()))
+
+
+def merge_range(plan, merge: MergePlan, number: int) -> dict:
+    """Write range ``number`` of ``merge`` (kept when a run before wrote it); returns its entries and bytes."""
+    layout, url = plan.out, range_url(plan, number)
+    lo, hi = merge.ranges[number]
+    if not storage.exists(url, layout.storage_options):
+        ivf_lists.merge_range(shard_files(plan), lo, hi, url, layout.storage_options)
+    from retrieval_core.io.manifest import peak_memory_mb
+
+    return {"range": number, "lists": [lo, hi], "peak_memory_mb": peak_memory_mb()}
+
+
+def assemble(plan, merge: MergePlan, trained: bytes) -> int:
+    """Write ``merged.faiss`` from the trained index and the range files, then remove ``_merge/``; returns the
+    merged index's vectors."""
+    layout = plan.out
+    totals = np.load(io.BytesIO(storage.read_bytes(_totals_url(plan), layout.storage_options)))
+    prefix = ivf_lists.merged_prefix(faiss_index.deserialize(trained), totals)
+    ranges = [range_url(plan, number) for number in range(len(merge.ranges))]
+    ivf_lists.assemble(prefix, ranges, layout.file("merged.faiss"), layout.storage_options)
+    storage.remove(layout.file(MERGE_DIR), layout.storage_options)
+    return int(totals.sum())
+
+
+def merge_all(plan, trained: bytes) -> None:
+    """Every step of the merge in this process (one range after another)."""
+    if not plan.lists:
+        merge_in_memory(plan)
+        return
+    merge = plan_merge(plan)
+    for number in range(len(merge.ranges)):
+        merge_range(plan, merge, number)
+    assemble(plan, merge, trained)
+
+
+def merge_in_memory(plan) -> None:
+    """Merge shard index files holding whole indexes (flat-code types) in shard order into ``merged.faiss``.
+    Memory: the merged index."""
+    from retrieval_core.index.indexing import read_index_file, write_index_file
+
+    layout = plan.out
+    index = faiss_index.merge(read_index_file(url, layout.storage_options) for url in shard_files(plan))
+    write_index_file(index, layout.file("merged.faiss"), layout.storage_options)
