@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 MIB = 1024 * 1024
+ADD_SECONDS: dict[str, float] = {}  # FAISS add time of the last shards written, by type (this process's threads)
 WORDS = np.array("dense retrieval index shard vector query corpus night cluster merge list code".split())
 
 
@@ -168,7 +169,8 @@ def build_tiny_model(folder: Path, dim: int) -> str:
 
 
 def blobs(count: int, dim: int, seed: int, start: int = 0) -> np.ndarray:
-    """Vectors ``start .. start + count`` of an endless seeded sequence around 256 centers (chunked by 100k)."""
+    """Unit vectors ``start .. start + count`` of an endless seeded sequence around 256 centers (made 100k at a
+    time)."""
     centers = np.random.default_rng(seed).standard_normal((256, dim)).astype(np.float32)
     parts = []
     for chunk in range(start // 100_000, (start + count - 1) // 100_000 + 1):
@@ -177,7 +179,8 @@ def blobs(count: int, dim: int, seed: int, start: int = 0) -> np.ndarray:
         block = centers[picks] + 0.5 * rng.standard_normal((100_000, dim)).astype(np.float32)
         lo, hi = max(start, chunk * 100_000), min(start + count, (chunk + 1) * 100_000)
         parts.append(block[lo - chunk * 100_000 : hi - chunk * 100_000])
-    return np.vstack(parts)
+    vectors = np.vstack(parts)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def write_shards(folder: Path, factory: str, vectors: int, shard_vectors: int, args):
@@ -188,12 +191,16 @@ def write_shards(folder: Path, factory: str, vectors: int, shard_vectors: int, a
 
     folder.mkdir(parents=True, exist_ok=True)
     nlist = faiss_index.ivf_lists(factory)
-    trained = faiss_index.train(factory, args.dim, "l2", blobs(min(vectors, 64 * nlist), args.dim, args.seed + 1))
-    paths = []
+    sample = blobs(min(vectors, 64 * nlist), args.dim, args.seed + 1)
+    trained = faiss_index.train(factory, args.dim, "ip", sample)  # the jobs' default metric
+    paths, ADD_SECONDS[factory] = [], 0.0
     for number, start in enumerate(range(0, vectors, shard_vectors)):
         index = faiss.clone_index(trained)
         count = min(shard_vectors, vectors - start)
-        faiss_index.add(index, blobs(count, args.dim, args.seed, start), np.arange(start, start + count))
+        batch = blobs(count, args.dim, args.seed, start)
+        started = time.perf_counter()
+        faiss_index.add(index, batch, np.arange(start, start + count))
+        ADD_SECONDS[factory] += time.perf_counter() - started
         paths.append(str(folder / f"shard-{number:05d}.lists"))
         ivf_lists.write_shard(index, paths[-1])
         del index
@@ -212,6 +219,7 @@ def measure_storage(base: Path, args) -> list[dict]:
             {"type": factory, "vectors": args.vectors, "shard_files_bytes": files, "codes_and_ids": codes_and_ids}
         )
         rows[-1]["ratio"] = round(files / codes_and_ids, 4)
+        rows[-1]["add_us_per_vector"] = round(1e6 * ADD_SECONDS[factory] / args.vectors, 2)
         shutil.rmtree(base / factory.replace(",", "-"))
     return rows
 
@@ -253,23 +261,27 @@ def run_child(task: dict) -> dict:
 
     from retrieval_core.index import ivf_lists
 
-    before = rss_mib()
     if task["step"] == "merge_range":
-        ivf_lists.merge_range(task["paths"], task["lo"], task["hi"], task["out"])
-        return {"peak_above_start_mib": round(rss_mib("VmHWM") - before, 1)}
-    flag = faiss.IO_FLAG_MMAP_IFC if task["mmap"] else 0
-    index = faiss.read_index(task["path"], flag)
+        before, started = rss_mib(), time.perf_counter()
+        entries = ivf_lists.merge_range(task["paths"], task["lo"], task["hi"], task["out"])
+        seconds = time.perf_counter() - started
+        return {"peak_above_start_mib": round(rss_mib("VmHWM") - before, 1), "entries": entries, "seconds": seconds}
+    queries = blobs(task["queries"], task["dim"], task["seed"] + 7)[: task["queries"]].copy()
+    before = {field: rss_mib(field) for field in ("VmRSS", "RssFile", "RssAnon")}
+    index = faiss.read_index(task["path"], faiss.IO_FLAG_MMAP_IFC if task["mmap"] else 0)
     loaded = rss_mib()
     ivf = faiss.extract_index_ivf(index)
     ivf.nprobe = task["nprobe"]
-    queries = blobs(task["queries"], index.d, task["seed"] + 7, start=0)
-    _, probed = ivf.quantizer.search(queries, task["nprobe"])
     index.search(queries, 10)
+    after = {field: rss_mib(field) - before[field] for field in before}
+    _, probed = ivf.quantizer.search(queries, task["nprobe"])
     lists = np.unique(probed)
     probed_bytes = sum(ivf.invlists.list_size(int(n)) for n in lists) * (ivf.code_size + 8)
     return {
-        "open_mib": round(loaded - before, 1),
-        "after_search_mib": round(rss_mib() - before, 1),
+        "open_mib": round(loaded - before["VmRSS"], 1),
+        "after_search_mib": round(after["VmRSS"], 1),
+        "file_pages_mib": round(after["RssFile"], 1),
+        "anonymous_mib": round(after["RssAnon"], 1),
         "lists_probed": len(lists),
         "probed_bytes": int(probed_bytes),
     }
@@ -284,7 +296,9 @@ def measure_merge(base: Path, args) -> list[dict]:
         trained, paths = write_shards(folder, "IVF1024,PQ16", vectors, args.shard_vectors, args)
         result = merge_in_ranges(folder, trained, paths, budget, measure=True)
         peaks = [p["peak_above_start_mib"] for p in result["peaks_mib"]]
+        seconds = sum(p["seconds"] for p in result["peaks_mib"])
         rows.append({"vectors": vectors, "ranges": result["ranges"], "max_range_peak_mib": max(peaks)})
+        rows[-1]["merge_mb_per_s"] = round(vectors * 24 / 1e6 / seconds, 1)  # PQ16 codes + ids, all ranges
         rows[-1]["setting_mib"] = round(budget / MIB, 1)
         shutil.rmtree(folder)
     return rows
@@ -297,7 +311,7 @@ def measure_search(base: Path, args) -> dict:
     for path in paths:
         os.remove(path)
     task = {"step": "search", "path": result["merged"], "nprobe": args.nprobe, "queries": args.queries}
-    task["seed"] = args.seed
+    task |= {"seed": args.seed, "dim": args.dim}
     mapped, whole = child({**task, "mmap": True}), child({**task, "mmap": False})
     held = mapped["after_search_mib"] * MIB
     return {

@@ -60,13 +60,13 @@ def run(cfg: Config, on_shard_done=None) -> dict:
             ),
         )
         pending = embeddings.pending_shards(shards, layout)
-        records = _encode_pending(cfg, session, pending, identity, on_shard_done) if pending else []
+        tally = _encode_pending(cfg, session, pending, identity, on_shard_done) if pending else embeddings.Tally()
     if not pending and storage.exists(layout.manifest, layout.storage_options):
         manifest = embeddings.read_embeddings_manifest(Folder.output(cfg.output))
     else:
-        dim = records[0]["dim"] if records else _committed_dim(layout)
+        dim = tally.dim or _committed_dim(layout)
         manifest = embeddings.write_manifest(cfg, shards, identity, dim, time.perf_counter() - started)
-    return _summary(manifest, records, time.perf_counter() - started, layout.dir)
+    return _summary(manifest, tally, time.perf_counter() - started, layout.dir)
 
 
 def _check_unique_ids(cfg: Config, session, files: list, total_rows: int) -> None:
@@ -87,20 +87,21 @@ def _check_unique_ids(cfg: Config, session, files: list, total_rows: int) -> Non
         raise corpus.CorpusError(f"duplicate values in id column '{cfg.corpus.id_column}', e.g. {duplicates}")
 
 
-def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shard_done) -> list[dict]:
+def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shard_done) -> embeddings.Tally:
     """Encode the pending shards, here when they hold at most ``runtime.inline_rows`` rows (starting Ray and
-    loading the model in actors would cost more), else on actors; returns their commit records."""
+    loading the model in actors would cost more), else on actors; returns the tally of their commit records (the
+    records themselves are not kept: the driver holds counts, not one record per shard)."""
     rows = sum(s.num_rows for s in pending)
     bar = _progress.bar(cfg.runtime, rows, "encode", "doc")
-    records = []
+    tally = embeddings.Tally()
 
     def done(shard, record):
-        records.append(record)
+        tally.add(record)
         bar.update(shard.num_rows)
         bar.set_postfix(
-            shards=f"{len(records)}/{len(pending)}",
+            shards=f"{tally.shards}/{len(pending)}",
             rejected=record["rejected"],
-            **embeddings.api_usage_progress(records),
+            **tally.progress(),
             refresh=False,
         )
         if on_shard_done:
@@ -116,7 +117,7 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
             _encode_on_actors(cfg, session, pending, identity, done)
     finally:
         bar.close()
-    return records
+    return tally
 
 
 def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done) -> None:
@@ -135,28 +136,28 @@ def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done)
 
 
 def _committed_dim(layout) -> int:
-    records = embeddings.committed_records(layout)
-    return next(iter(records.values()))["dim"] if records else 0
+    names = embeddings.committed_names(layout)
+    return storage.read_json(layout.record_file(names[0]), layout.storage_options)["dim"] if names else 0
 
 
-def _summary(manifest: dict, records: list[dict], seconds: float, where: str) -> dict:
+def _summary(manifest: dict, tally: embeddings.Tally, seconds: float, where: str) -> dict:
     """The stage's figures; the rate counts the rows this run encoded (not those committed before)."""
     totals = manifest["totals"]
-    encoded_now = sum(r["rows"] for r in records)
+    encoded_now = tally.rows
     return {
         "rows_in": totals["rows_in"],
         "rows_encoded": totals["rows_encoded"],
         "rows_rejected": totals["rows_rejected"],
         "shards": totals["shards"],
-        "shards_run": len(records),
-        "shards_skipped": totals["shards"] - len(records),
+        "shards_run": tally.shards,
+        "shards_skipped": totals["shards"] - tally.shards,
         "rows_encoded_now": encoded_now,
         "seconds": round(seconds, 2),
-        "docs_per_s": round(encoded_now / seconds, 1) if records else None,
-        "reused": not records,
+        "docs_per_s": round(encoded_now / seconds, 1) if tally.shards else None,
+        "reused": not tally.shards,
         "output": where,
         "fingerprint": manifest["fingerprint"],
-        **embeddings.api_usage_totals(records),
+        **tally.usage,
     }
 
 

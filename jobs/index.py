@@ -117,7 +117,7 @@ def _summary(manifest: dict, reused: bool) -> dict:
         "type": manifest["type"],
         "metric": manifest["metric"],
         "ntotal": manifest["ntotal"],
-        "shards": len(manifest["shards"]),
+        "shards": manifest["shard_count"] if "shard_count" in manifest else len(manifest["shards"]),
         "recall_at_10": recall["recall_at_10"],
         "search_parameters": manifest["search_parameters"],
         "seconds": manifest["timings_s"]["total"],

@@ -1,6 +1,7 @@
 """Check the GPU paths against the CPU: encoding in fp32/fp16/bf16, FAISS (CPU) over GPU-encoded vectors,
-cross-encoder rescoring in fp32/fp16, a few training steps, and the encode job with ``runtime.gpus_per_worker =
-1``. Prints a table; writes it as JSON.
+cross-encoder rescoring in fp32/fp16, a few training steps, the encode job with ``runtime.gpus_per_worker = 1``,
+and, with a GPU build of FAISS (the ``[gpu]`` extra), FAISS on the GPUs (IVF k-means, list assignment of adds,
+exact k-NN) against FAISS on the CPU. Prints a table; writes it as JSON.
 
     python scripts/gpu_check.py [--device cuda] [--steps 4] [--json gpu_check.json]
 
@@ -12,7 +13,8 @@ autocast); FAISS top-10 over the device's fp16 vectors sharing >= 90% of the CPU
 scores (all-MiniLM-L6-v2 under a seeded random one-output head, sigmoid) within 1e-4 of the CPU's in fp32 and 1e-2 in
 fp16 (``MAX_SCORE_GAP``); after the training
 steps, the device-trained weights closer to the CPU-trained ones than half the size of the update itself (dropout
-off on both, so only arithmetic differs).
+off on both, so only arithmetic differs). FAISS on GPUs: k-means objective within 1% of the CPU's, list
+assignments and exact top-10 agreeing on >= 99.9% (float sums in another order may swap ties).
 """
 
 from __future__ import annotations
@@ -197,6 +199,49 @@ def encode_job(device: str, output: str) -> tuple[list[str], np.ndarray]:
     return doc_ids, vectors
 
 
+def faiss_rows(device: str, n: int = 200_000, dim: int = 64) -> list[dict]:
+    """FAISS on the node's GPUs against the CPU (``retrieval_core.index.gpu``): k-means, assignment, exact k-NN."""
+    import faiss
+
+    from retrieval_core.index import gpu
+
+    if not device.startswith("cuda") or not gpu.gpu_count():
+        why = "CPU build of FAISS (install the [gpu] extra)" if device.startswith("cuda") else "--device cpu"
+        return [{"check": f"FAISS on GPUs: skipped, {why}", "value": 0, "unit": "", "ok": True}]
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((256, dim))[rng.integers(0, 256, n)] + rng.standard_normal((n, dim))).astype("f4")
+    timings, indexes = {}, {}
+    for where in ("cpu", "gpu"):
+        indexes[where] = faiss.index_factory(dim, "IVF1024,Flat")
+        started = time.perf_counter()
+        gpu.train_ivf(indexes[where], data) if where == "gpu" else indexes[where].train(data)
+        timings[where] = time.perf_counter() - started
+    objective = {w: faiss.downcast_index(i.quantizer).search(data, 1)[0].mean() for w, i in indexes.items()}
+    cpu_lists = faiss.downcast_index(indexes["cpu"].quantizer).search(data, 1)[1].ravel()
+    gpu_lists = gpu.assign(indexes["cpu"], data)
+    queries = data[:1000]
+    exact_cpu = faiss.knn(queries, data, 10)[1]
+    exact_gpu = gpu.knn(queries, data, 10, faiss.METRIC_L2)[1]
+    shared = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact_cpu, exact_gpu)])
+    gap = abs(objective["gpu"] / objective["cpu"] - 1)
+    return [
+        {
+            "check": "FAISS IVF1024 k-means gpu vs cpu",
+            "value": timings["cpu"] / timings["gpu"],
+            "unit": "x faster",
+            "objective_gap": float(gap),
+            "ok": gap <= 0.01,
+        },
+        {
+            "check": "FAISS IVF list assignment gpu vs cpu",
+            "value": float(np.mean(cpu_lists == gpu_lists)),
+            "unit": "same list",
+            "ok": np.mean(cpu_lists == gpu_lists) >= 0.999,
+        },
+        {"check": "FAISS exact top-10 gpu vs cpu", "value": float(shared), "unit": "shared", "ok": shared >= 0.999},
+    ]
+
+
 def run(device: str, steps: int, repeat: int) -> list[dict]:
     ids, docs, queries = demo_texts()
     rows = []
@@ -239,6 +284,7 @@ def run(device: str, steps: int, repeat: int) -> list[dict]:
             "ok": update > 0 and gap < 0.5 * update,
         }
     )
+    rows += faiss_rows(device)
     with tempfile.TemporaryDirectory() as output:
         job_ids, job_vectors = encode_job(device, output)
     order = {d: i for i, d in enumerate(ids)}

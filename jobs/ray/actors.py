@@ -8,6 +8,7 @@ import ray
 
 from jobs.ray import cluster, dispatch
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
+from retrieval_core.config.rules import gpu_setting
 from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import Shard
 from retrieval_core.mine import mining
@@ -102,9 +103,12 @@ def index_tasks(cfg: Config, node_cpus: int) -> dict:
     CPUs; adds, the merge plan and each range of the merge one worker's (they reuse worker processes, so the peak
     memory they report is that of the worker process so far)."""
     rt = cfg.runtime
+    gpus = gpu_setting(cfg.index) != "false"  # FAISS on GPUs where the tasks get some (index.gpu)
     # max_calls=1: a fresh worker process each, so the peak memory it reports is that task's own
-    whole_node = dict(num_cpus=node_cpus, max_retries=rt.max_task_retries)
-    worker = dict(num_cpus=rt.cpus_per_worker, max_retries=rt.max_task_retries)
+    whole_node = dict(num_cpus=node_cpus, num_gpus=dispatch.largest_node_gpus() if gpus else 0)
+    whole_node["max_retries"] = rt.max_task_retries
+    worker = dict(num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker if gpus else 0)
+    worker["max_retries"] = rt.max_task_retries
     return {
         "train": ray.remote(max_calls=1)(_train_index).options(**whole_node),
         "add": ray.remote(_add_index_shard).options(**worker),

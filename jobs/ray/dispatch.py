@@ -202,6 +202,12 @@ def window_size(cpus_per_task: float = 1) -> int:
     return max(2, int(2 * cpus / max(cpus_per_task, 0.01)))
 
 
+def largest_node_gpus() -> int:
+    """GPUs of the alive node that has the most (0 on a CPU cluster): a task that needs a node's GPUs asks this."""
+    gpus = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return int(max(gpus, default=0))
+
+
 def run_tasks(submit, items, on_done, work: str = "task", window: int | None = None) -> None:
     """``submit(item)`` (a remote call: its object ref) for every item of ``items``, an iterable read as tasks are
     started, with at most ``window`` (default :func:`window_size`) in flight; ``on_done(item, result)`` runs in the

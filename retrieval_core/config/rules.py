@@ -106,6 +106,14 @@ def validate(config: Config) -> None:
     )
 
 
+GPU_SETTINGS = ("auto", "true", "false")
+
+
+def gpu_setting(ix: IndexConfig) -> str:
+    """``index.gpu`` as one of ``GPU_SETTINGS`` (YAML reads true and false as booleans)."""
+    return str(ix.gpu).lower()
+
+
 def parse_memory(text: str, key: str = "index.max_memory") -> int:
     """``'8GB'``, ``'512MB'``, ``'1.5GiB'`` or a plain number of bytes -> bytes (decimal and binary units alike);
     an error names ``key``."""
@@ -173,6 +181,7 @@ def _validate_index(ix: IndexConfig) -> None:
         _check(int(count) >= least, f"'index.type' = {ix.type!r}: {kind}{count} needs {kind}<n> with n >= {least}")
     parse_memory(ix.max_memory)
     parse_memory(ix.merge_memory, "index.merge_memory")
+    _check(gpu_setting(ix) in GPU_SETTINGS, f"'index.gpu' = {ix.gpu!r}: expected one of {', '.join(GPU_SETTINGS)}")
     _check(ix.train_size >= 0, f"'index.train_size' = {ix.train_size}: expected >= 0 (0 = automatic)")
     _check(0 < ix.target_recall <= 1, f"'index.target_recall' = {ix.target_recall}: expected a number in (0, 1]")
     _check(ix.recall_queries >= 0, f"'index.recall_queries' = {ix.recall_queries}: expected >= 0 (0 = skip)")

@@ -198,6 +198,11 @@ class IndexConfig:
     """
     on_disk: bool = False
     """no longer needed, ignored with a warning: searchers memory-map `merged.faiss`, IVF lists included"""
+    gpu: Union[bool, str] = "auto"
+    """FAISS on GPUs (IVF k-means, the list assignment of adds, exact search for the recall measurement): `auto` where
+    a GPU build of FAISS (the `[gpu]` extra) and a GPU are present, `true` requires them, `false` never; index
+    tasks then ask Ray for `runtime.gpus_per_worker` GPUs (training and the finish: a node's GPUs)
+    """
     target_recall: float = 0.95
     """recall@10 vs exact search that the tuned `nprobe` / `efSearch` must reach"""
     recall_queries: int = 1000

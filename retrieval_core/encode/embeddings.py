@@ -35,6 +35,7 @@ from retrieval_core.io.manifest import (
     peak_memory_mb,
     read_manifest,
     stamp,
+    write_streamed,
 )
 from retrieval_core.io.schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
 from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
@@ -249,6 +250,31 @@ def api_usage_progress(records: list[dict]) -> dict:
     return {k: usage[k] for k in ("requests", "retries", "tokens")} if usage else {}
 
 
+class Tally:
+    """What a driver keeps of the commit records as they come: counts and sums, not the records."""
+
+    def __init__(self) -> None:
+        self.shards = self.rows = self.rejected = 0
+        self.dim: int | None = None
+        self.dims: set[int] = set()  # of the shards with rows
+        self.usage: dict = {}  # {"api_usage": totals} once a record has one
+
+    def add(self, record: dict) -> None:
+        self.shards += 1
+        self.rows += record["rows"]
+        self.rejected += record["rejected"]
+        self.dim = self.dim or record["dim"]
+        if record["rows"]:
+            self.dims.add(record["dim"])
+        if "api_usage" in record:
+            self.usage = api_usage_totals([self.usage, record] if self.usage else [record])
+
+    def progress(self) -> dict:
+        """Requests, retries and tokens of an embedding API so far (empty for a local model)."""
+        usage = self.usage.get("api_usage")
+        return {k: usage[k] for k in ("requests", "retries", "tokens")} if usage else {}
+
+
 def embeddings_table(
     row_ids: list[int], doc_ids: list[str], vectors: np.ndarray, hashes: list[str], dtype: str, metadata: dict
 ) -> pa.Table:
@@ -268,37 +294,77 @@ def embeddings_table(
     )
 
 
+MANIFEST_BATCH = 1000  # commit records read (in parallel) and written into the manifest at a time
+
+
 def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim: int, seconds: float) -> dict:
-    """Write ``embeddings/_manifest.json`` from the commit records; every planned shard must be committed."""
+    """Write ``embeddings/_manifest.json`` from the commit records, every planned shard committed; returns the
+    manifest without its shard list. The records are read ``MANIFEST_BATCH`` at a time and their entries streamed
+    into the file, so this holds one batch, not a record per shard; a failed check leaves no manifest."""
     layout = layout_of(cfg)
-    records = committed_records(layout)
-    missing = [s.name for s in shards if s.name not in records]
+    tally = Tally()
+
+    def entries():
+        for start in range(0, len(shards), MANIFEST_BATCH):
+            for record in _batch_records(layout, shards[start : start + MANIFEST_BATCH], encoder_identity):
+                tally.add(record)
+                yield _manifest_entry(record)
+
+    return write_streamed(
+        layout.manifest,
+        entries(),
+        lambda: _manifest_fields(cfg, shards, encoder_identity, dim, seconds, tally),
+        layout.storage_options,
+    )
+
+
+def _batch_records(layout: StageLayout, batch: list[Shard], encoder_identity: dict) -> list[dict]:
+    """The commit records of ``batch``, checked: all committed, all by this encoder."""
+    urls = [layout.record_file(s.name) for s in batch]
+    records = storage.map_threads(lambda url: _record_or_none(url, layout.storage_options), urls)
+    missing = [s.name for s, r in zip(batch, records) if r is None]
     if missing:
         raise RuntimeError(f"cannot write the manifest: shards not committed: {missing[:10]}")
-    ordered = [records[s.name] for s in shards]
-    mixed = sorted({r["fingerprint"] for r in ordered} - {encoder_identity["fingerprint"]})
+    mixed = sorted({r["fingerprint"] for r in records} - {encoder_identity["fingerprint"]})
     if mixed:
         raise RuntimeError(
             f"shards encoded with other encoder fingerprints {mixed}, expected "
             f"{encoder_identity['fingerprint']}: set output.overwrite=true and re-run"
         )
+    return records
+
+
+def _record_or_none(url: str, storage_options: dict) -> dict | None:
+    try:
+        return storage.read_json(url, storage_options)
+    except FileNotFoundError:
+        return None
+
+
+def _manifest_entry(record: dict) -> dict:
+    return {key: record[key] for key in ("name", "path", "row_start", "row_stop", "rows", "rejected")} | {
+        "rejects_path": f"../rejects/encode/{record['name']}.parquet" if record["rejected"] else None
+    }
+
+
+def _manifest_fields(
+    cfg: Config, shards: list[Shard], encoder_identity: dict, dim: int, seconds: float, tally: Tally
+) -> dict:
+    """Everything of the manifest but its shard list, after the checks on the totals."""
     rows_in = sum(s.num_rows for s in shards)
-    encoded = sum(r["rows"] for r in ordered)
-    rejected = sum(r["rejected"] for r in ordered)
-    if encoded + rejected != rows_in:
-        raise RuntimeError(f"rows in ({rows_in}) != rows encoded ({encoded}) + rows rejected ({rejected})")
-    if rows_in and not encoded:
+    if tally.rows + tally.rejected != rows_in:
+        raise RuntimeError(f"rows in ({rows_in}) != rows encoded ({tally.rows}) + rows rejected ({tally.rejected})")
+    if rows_in and not tally.rows:
         raise RuntimeError(
             f"no row was encoded: all {rows_in} rows were rejected; their reasons are in "
             f"'{storage.join(cfg.output.root, 'rejects', 'encode')}'"
         )
-    dims = {r["name"]: r["dim"] for r in ordered if r["rows"]}
-    if len(set(dims.values()) | {dim}) > 1:
+    if tally.dims - {dim}:
         raise RuntimeError(
-            f"shards of different dimensions: {dims} (expected {dim}): the encoder changed its "
+            f"shards of different dimensions: {sorted(tally.dims | {dim})} (expected {dim}): the encoder changed its "
             f"output during the run (an API model?); set output.overwrite=true and re-run"
         )
-    manifest = {
+    return {
         **stamp(),
         "stage": "embeddings",
         "fingerprint": encoder_identity["fingerprint"],
@@ -307,19 +373,17 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
         "dim": dim,
         "normalized": cfg.model.normalize,
         "embedding_dtype": cfg.output.embedding_dtype,
-        "totals": {"rows_in": rows_in, "rows_encoded": encoded, "rows_rejected": rejected, "shards": len(shards)},
-        "shards": [
-            {key: r[key] for key in ("name", "path", "row_start", "row_stop", "rows", "rejected")}
-            | {"rejects_path": f"../rejects/encode/{r['name']}.parquet" if r["rejected"] else None}
-            for r in ordered
-        ],
-        **api_usage_totals(ordered),
+        "totals": {
+            "rows_in": rows_in,
+            "rows_encoded": tally.rows,
+            "rows_rejected": tally.rejected,
+            "shards": len(shards),
+        },
+        **tally.usage,
         "seconds": round(seconds, 3),
         "driver": {"cpu_s": round(time.process_time(), 3), "peak_memory_mb": peak_memory_mb()},
         "config": cfg.to_dict(),
     }
-    storage.write_json_atomic(layout.manifest, manifest, layout.storage_options)
-    return manifest
 
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")

@@ -16,6 +16,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from retrieval_core.index import gpu
+
 log = logging.getLogger(__name__)
 
 FLAT_THRESHOLD = 50_000  # below this many vectors, ``auto`` picks exact search
@@ -146,14 +148,19 @@ def needs_training(factory: str, dim: int) -> bool:
     return not new_index(factory, dim, "ip").is_trained
 
 
-def train(factory: str, dim: int, metric: str, sample: np.ndarray, seed: int = 0) -> faiss.Index:
-    """An empty index of ``factory``, trained on ``sample`` (n x dim float32) when the type needs training."""
+def train(factory: str, dim: int, metric: str, sample: np.ndarray, seed: int = 0, gpus: bool = False) -> faiss.Index:
+    """An empty index of ``factory``, trained on ``sample`` (n x dim float32) when the type needs training; with
+    ``gpus`` the k-means of an IVF type runs on the node's GPUs (see ``index.gpu``)."""
     index = new_index(factory, dim, metric)
     if not index.is_trained:
         if len(sample) == 0:
             raise IndexTypeError(f"index.type = {factory!r} needs training vectors and none were given")
         _seed_clustering(index, seed)
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if gpus and _ivf_or_none(index) is not None:
+            gpu.train_ivf(index, sample)
+        else:
+            index.train(sample)
     return index
 
 
@@ -170,9 +177,15 @@ def _ivf_or_none(index: faiss.Index):
         return None
 
 
-def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
-    """Add vectors (n x dim float32) under their global ids (n int64)."""
-    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, gpus: bool = False) -> None:
+    """Add vectors (n x dim float32) under their global ids (n int64); with ``gpus`` an IVF index with a flat
+    coarse quantizer assigns them to their lists on the node's GPUs (see ``index.gpu``)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if gpus and gpu.can_assign(index):
+        gpu.add_assigned(index, vectors, ids, gpu.assign(index, vectors))
+    else:
+        index.add_with_ids(vectors, ids)
 
 
 def merge(indexes) -> faiss.Index:

@@ -23,9 +23,9 @@ from typing import Any, cast
 import numpy as np
 
 from retrieval_core.config import Config, IndexConfig
-from retrieval_core.config.rules import parse_memory
+from retrieval_core.config.rules import gpu_setting, parse_memory
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
-from retrieval_core.index import faiss_index, ivf_lists, merging, search
+from retrieval_core.index import faiss_index, gpu, ivf_lists, merging, search
 from retrieval_core.io import faults, storage
 from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import (
@@ -35,6 +35,7 @@ from retrieval_core.io.manifest import (
     peak_memory_mb,
     read_manifest,
     stamp,
+    write_streamed,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class IndexPlan:
     out: StageLayout  # where the stage writes: <root>/index/
     source: Folder  # the output root it reads the embeddings from
     config: dict  # the run's config as the manifest records it (storage options redacted)
+    encoders: dict  # the embeddings manifest's encoder and query_encoder identities
 
 
 def layout_at(root: str, storage_options: dict | None = None) -> StageLayout:
@@ -133,6 +135,7 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         layout_of(cfg),
         Folder.output(cfg.output),
         cfg.to_dict(),
+        {"encoder": emb["encoder"], "query_encoder": emb.get("query_encoder")},
     )
 
 
@@ -187,7 +190,7 @@ def trained_index(plan: IndexPlan) -> tuple[bytes, dict]:
         }
     started = time.perf_counter()
     _, sample = read_sample(plan, sample_positions(plan.ntotal, plan.train_size, plan.seed))
-    index = faiss_index.train(plan.factory, plan.dim, plan.metric, sample, plan.seed)
+    index = faiss_index.train(plan.factory, plan.dim, plan.metric, sample, plan.seed, uses_gpus(plan))
     data = faiss_index.serialize(index)
     record = {"points": len(sample), "mean_coarse_distance": faiss_index.coarse_distance(index, sample)}
     storage.write_json_atomic(layout.file("trained.json"), record, layout.storage_options)
@@ -219,7 +222,7 @@ def add_shard(plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None 
     layout = plan.out
     row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim, plan.identity["fingerprint"])
     index = faiss_index.deserialize(trained)
-    faiss_index.add(index, vectors, row_ids)
+    faiss_index.add(index, vectors, row_ids, uses_gpus(plan))
     file = shard_file_name(plan, shard["name"])
     if plan.lists:
         size = ivf_lists.write_shard(index, layout.file(file), layout.storage_options)
@@ -237,6 +240,11 @@ def add_shard(plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None 
     }
     storage.write_json_atomic(layout.record_file(shard["name"]), record, layout.storage_options)
     return record
+
+
+def uses_gpus(plan: IndexPlan) -> bool:
+    """Whether this process runs FAISS on GPUs (``index.gpu`` and what it finds: a task sees the GPUs Ray gave it)."""
+    return gpu.wanted(gpu_setting(plan.ix))
 
 
 def task_plan(plan: IndexPlan) -> IndexPlan:
@@ -265,7 +273,7 @@ def build_whole(plan: IndexPlan, trained: bytes):
     index = faiss_index.deserialize(trained)
     for shard in plan.shards:
         row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim, plan.identity["fingerprint"])
-        faiss_index.add(index, vectors, row_ids)
+        faiss_index.add(index, vectors, row_ids, uses_gpus(plan))
     write_index_file(index, layout.file("merged.faiss"), layout.storage_options)
     return index
 
@@ -315,7 +323,7 @@ def measure_recall(plan: IndexPlan, index) -> dict:
         return {"recall_at_10": None, "parameter": parameter, "value": fixed or None, "tried": []}
     query_ids, queries = read_sample(plan, sample_positions(plan.ntotal, ix.recall_queries, ix.seed + 1))
     shards = (read_shard_vectors(plan.source, s, plan.dim) for s in plan.shards)
-    _, exact = search.exact_search(shards, queries, RECALL_K + 1, plan.metric)
+    _, exact = search.exact_search(shards, queries, RECALL_K + 1, plan.metric, uses_gpus(plan))
     exact = search.drop_ids(exact, query_ids, RECALL_K)
     values = [fixed] if (fixed or not parameter) else faiss_index.candidate_values(index, parameter)
     tried: list[dict[str, Any]] = []
@@ -373,53 +381,54 @@ def finish(plan: IndexPlan, trained: bytes, merge: merging.MergePlan | None = No
     }
 
 
-def write_manifest(
-    plan: IndexPlan,
-    ntotal: int,
-    timings: dict,
-    recall: dict,
-    records: list[dict],
-    memory: dict,
-    training: dict | None = None,
-) -> dict:
-    layout = plan.out
-    emb = read_embeddings_manifest(plan.source)
+def write_manifest(plan: IndexPlan, ntotal: int, timings: dict, recall: dict, memory: dict, training: dict) -> dict:
+    """Write ``index/manifest.json``; returns it without its shard list. The shards' commit records are read
+    ``MANIFEST_BATCH`` at a time and their entries streamed into the file: this holds one batch, not a record per
+    shard. ``memory`` gains ``add_tasks_max`` (the largest add task's peak) when it has that key."""
     if ntotal != plan.ntotal:
         raise RuntimeError(f"merged index holds {ntotal} vectors, the embeddings {plan.ntotal}")
-    manifest = {
-        **stamp(),
-        "stage": "index",
-        "type": plan.factory,
-        "metric": plan.metric,
-        "dim": plan.dim,
-        "ntotal": ntotal,
-        "mergeable": plan.mergeable,
-        "on_disk": False,
-        "shard_format": plan.identity["shard_format"],
-        "fingerprint": plan.identity["fingerprint"],
-        "encoder": emb["encoder"],
-        "query_encoder": emb.get("query_encoder"),
-        "identity": plan.identity,
-        "search_parameters": {recall["parameter"]: recall["value"]} if recall["parameter"] else {},
-        "recall": recall,
-        "timings_s": timings,
-        "peak_memory_mb": memory,
-        "training": training or {},
-        "shards": [
-            {
-                "name": r["name"],
-                "ntotal": r["ntotal"],
-                "seconds": r["seconds"],
-                "peak_memory_mb": r["peak_memory_mb"],
-                **{key: r[key] for key in ("file", "bytes", "path") if r.get(key)},
-            }
-            for r in records
-        ],
-        "files": {"merged": "merged.faiss", "trained": "trained.faiss"},
-        "config": plan.config,
-    }
-    storage.write_json_atomic(layout.file("manifest.json"), manifest, layout.storage_options)
-    return manifest
+    layout, largest = plan.out, [0.0]
+
+    def entries():
+        for start in range(0, len(plan.shards) if plan.mergeable else 0, MANIFEST_BATCH):
+            batch = plan.shards[start : start + MANIFEST_BATCH]
+            urls = [layout.record_file(s["name"]) for s in batch]
+            for r in storage.read_json_many(urls, layout.storage_options):
+                largest[0] = max(largest[0], r["peak_memory_mb"])
+                yield {key: r[key] for key in SHARD_ENTRY if r.get(key) is not None}
+
+    def fields() -> dict:
+        if "add_tasks_max" in memory:
+            memory["add_tasks_max"] = largest[0] or None
+        return {
+            **stamp(),
+            "stage": "index",
+            "type": plan.factory,
+            "metric": plan.metric,
+            "dim": plan.dim,
+            "ntotal": ntotal,
+            "shard_count": len(plan.shards) if plan.mergeable else 0,
+            "mergeable": plan.mergeable,
+            "on_disk": False,
+            "shard_format": plan.identity["shard_format"],
+            "fingerprint": plan.identity["fingerprint"],
+            "encoder": plan.encoders["encoder"],
+            "query_encoder": plan.encoders.get("query_encoder"),
+            "identity": plan.identity,
+            "search_parameters": {recall["parameter"]: recall["value"]} if recall["parameter"] else {},
+            "recall": recall,
+            "timings_s": timings,
+            "peak_memory_mb": memory,
+            "training": training,
+            "files": {"merged": "merged.faiss", "trained": "trained.faiss"},
+            "config": plan.config,
+        }
+
+    return write_streamed(layout.file("manifest.json"), entries(), fields, layout.storage_options)
+
+
+SHARD_ENTRY = ("name", "ntotal", "seconds", "peak_memory_mb", "file", "bytes", "path")
+MANIFEST_BATCH = 1000  # commit records read (in parallel) and written into the manifest at a time
 
 
 def read_index_manifest(folder: Folder) -> dict:
@@ -461,7 +470,6 @@ def check_query_encoder(manifest: dict, identity: dict) -> None:
 def complete(plan: IndexPlan, train_info: dict, add_s: float, result: dict, started: float, in_tasks: bool) -> dict:
     """Write the manifest of a finished build from the reports of its steps (``finish`` gives ``result``); with
     ``in_tasks`` the peak memory of the train, add and merge tasks is recorded next to the driver's."""
-    records = shard_records(plan) if plan.mergeable else []
     timings = {
         "train": train_info["seconds"],
         "add": round(add_s, 3),
@@ -474,11 +482,11 @@ def complete(plan: IndexPlan, train_info: dict, add_s: float, result: dict, star
     if in_tasks:
         memory |= {
             "train_task": train_info["peak_memory_mb"],
-            "add_tasks_max": max((r["peak_memory_mb"] for r in records), default=None),
+            "add_tasks_max": None,  # filled from the commit records as the manifest is written
             "merge_task": result["peak_memory_mb"],
         }
     training = {key: train_info.get(key) for key in ("reused", "points", "mean_coarse_distance")}
-    return write_manifest(plan, result["ntotal"], timings, result["recall"], records, memory, training)
+    return write_manifest(plan, result["ntotal"], timings, result["recall"], memory, training)
 
 
 def build_in_process(cfg: Config) -> dict:
@@ -492,7 +500,8 @@ def build_in_process(cfg: Config) -> dict:
         for shard in pending_shards(plan):
             add_shard(plan, shard, trained)
     add_s = time.perf_counter() - add_started
-    return complete(plan, train_info, add_s, finish(plan, trained), started, in_tasks=False)
+    complete(plan, train_info, add_s, finish(plan, trained), started, in_tasks=False)
+    return read_index_manifest(plan.source)
 
 
 def load_shard_group(folder: Folder, shard_names: list[str]):

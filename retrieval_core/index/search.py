@@ -7,6 +7,7 @@ from typing import Iterable
 import faiss
 import numpy as np
 
+from retrieval_core.index import gpu
 from retrieval_core.index.faiss_index import faiss_metric
 
 MISSING = -1
@@ -39,16 +40,18 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str) 
 
 
 def exact_search(
-    shards: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int, metric: str
+    shards: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int, metric: str, gpus: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of ``queries`` (n x dim float32) over shards given as (row_ids, vectors) pairs, streamed:
-    memory is one shard plus (n x 2k) results. Returns (scores, global row ids), best first."""
+    memory is one shard plus (n x 2k) results; brute force on a GPU with ``gpus`` (see ``index.gpu``). Returns
+    (scores, global row ids), best first."""
+    knn = gpu.knn if gpus else faiss.knn
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best = (np.full((len(queries), 0), 0, np.float32), np.full((len(queries), 0), MISSING, np.int64))
     for row_ids, vectors in shards:
         if len(row_ids) == 0:
             continue
-        scores, local = faiss.knn(
+        scores, local = knn(
             queries, np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(row_ids)), metric=faiss_metric(metric)
         )
         found = np.where(local >= 0, np.asarray(row_ids, dtype=np.int64)[np.maximum(local, 0)], MISSING)

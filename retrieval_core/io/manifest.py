@@ -131,3 +131,17 @@ def peak_memory_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+
+
+def write_streamed(url: str, entries, fields, storage_options: dict | None = None) -> dict:
+    """Write a manifest ``{"shards": [...entries], **fields()}`` atomically, streaming the entries (an iterable of
+    dicts, consumed once) so that the writer holds one at a time; ``fields()`` is called after the last entry (so
+    it may report totals over them) and its result returned. An error on the way leaves no manifest."""
+    with storage.open_atomic(url, storage_options) as out:
+        out.write(b'{"shards": [')
+        for number, entry in enumerate(entries):
+            out.write(b",\n" if number else b"\n")
+            out.write(json.dumps(entry, sort_keys=True).encode())
+        done = fields()
+        out.write(b"\n], " + json.dumps(done, indent=2, sort_keys=True)[1:].encode())
+    return done

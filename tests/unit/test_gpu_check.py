@@ -38,3 +38,12 @@ def test_exits_2_without_cuda(gpu_check, capsys):
         pytest.skip("this machine has CUDA")
     assert gpu_check.main(["--device", "cuda", "--json", "/nonexistent/x.json"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_faiss_on_gpus_is_skipped_and_named_without_a_gpu_build(gpu_check):
+    from retrieval_core.index import gpu
+
+    if gpu.gpu_count():
+        pytest.skip("this machine has FAISS on a GPU")
+    rows = gpu_check.faiss_rows("cuda")
+    assert len(rows) == 1 and rows[0]["ok"] and "install the [gpu] extra" in rows[0]["check"]

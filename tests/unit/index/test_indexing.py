@@ -261,3 +261,32 @@ def test_a_shard_from_another_encoder_is_refused(tmp_path, vectors):
     storage.write_parquet_atomic(str(tmp_path / "embeddings" / "shard-00001.parquet"), other)
     with pytest.raises(IncompatibleOutputError, match="e" * 32 + ".*" + "f" * 32):
         indexing.build_in_process(index_config(tmp_path, type="Flat"))
+
+
+def test_index_gpu_is_checked_and_true_without_a_gpu_build_names_the_extra(tmp_path, vectors):
+    from retrieval_core.index import gpu
+
+    with pytest.raises(ConfigError, match="index.gpu"):
+        index_config(tmp_path, gpu="sometimes")
+    if gpu.gpu_count():
+        pytest.skip("this machine has FAISS on a GPU")
+    write_synthetic_embeddings(tmp_path, vectors[:500], 250)
+    with pytest.raises(RuntimeError, match=r"\[gpu\] extra"):
+        indexing.build_in_process(index_config(tmp_path, type="IVF4,Flat", gpu="true"))
+    assert indexing.build_in_process(index_config(tmp_path, type="IVF4,Flat", gpu="false"))["ntotal"] == 500
+
+
+def test_adds_assigned_outside_faiss_s_add_fill_the_same_lists(vectors):
+    """The GPU path assigns lists itself and lets FAISS encode them (gpu.add_assigned): with the CPU quantizer's
+    assignment it fills byte for byte what add_with_ids fills."""
+    from retrieval_core.index import gpu
+
+    for factory in ("IVF16,Flat", "IVF16,PQ4", "IVF16,SQ8"):
+        trained = faiss_index.train(factory, DIM, "ip", vectors)
+        assert gpu.can_assign(trained)
+        plain, assigned = faiss.clone_index(trained), faiss.clone_index(trained)
+        faiss_index.add(plain, vectors, np.arange(len(vectors)))
+        _, lists = faiss.downcast_index(assigned).quantizer.search(vectors, 1)
+        gpu.add_assigned(assigned, vectors, np.arange(len(vectors)), lists.ravel())
+        assert faiss.serialize_index(plain).tobytes() == faiss.serialize_index(assigned).tobytes()
+    assert not gpu.can_assign(faiss_index.train("IVF16_HNSW8,Flat", DIM, "ip", vectors))
