@@ -18,9 +18,9 @@ The merged index is FAISS's own file format, written as a stream: the trained in
 each list's codes and ids, shard after shard in shard order). That is byte for byte what ``faiss.write_index``
 writes for the index filled in one process, and ``faiss.read_index(path, IO_FLAG_MMAP_IFC)`` maps its lists in
 place, so a searcher holds the quantizer and the pages of the lists it probes. The merge is cut into ranges of
-lists of at most ``index.merge_memory`` bytes of codes and ids: one task per range reads every shard's bytes for
-its lists and writes a range file; a last step writes the header and copies the range files after it in order.
-Every process holds one range at most (about three times its bytes while it reorders them), never the index.
+lists of at most half of ``index.merge_memory`` bytes of codes and ids: one task per range reads every shard's
+bytes for its lists and writes a range file; a last step writes the header and copies the range files after it in
+order. Every process holds one range at most (and one shard's share of it while it is read), never the index.
 """
 
 from __future__ import annotations
@@ -118,26 +118,25 @@ def read_header(url: str, storage_options: dict | None = None) -> ListsHeader:
 
 
 def read_lists(url: str, header: ListsHeader, lo: int, hi: int, storage_options: dict | None = None):
-    """(list of each entry, codes (n x code_size uint8), ids (n int64)) of lists ``[lo, hi)`` in a shard file,
-    read in one ranged read."""
+    """(lists, their sizes, codes (n x code_size uint8), ids (n int64)) of the lists ``[lo, hi)`` present in a shard
+    file, entries in list order, read in one ranged read."""
     start, stop, which = header.span(lo, hi)
     sizes, numbers = header.sizes[which], header.lists[which]
     if stop == start:
-        return np.zeros(0, np.int64), np.zeros((0, header.code_size), np.uint8), np.zeros(0, np.int64)
+        return numbers, sizes, np.zeros((0, header.code_size), np.uint8), np.zeros(0, np.int64)
     fs, path = storage.filesystem(url, storage_options)
     with storage.naming(url, "read"):
         data = np.frombuffer(fs.cat_file(path, start, stop), dtype=np.uint8)
-    codes, ids, position = [], [], 0
+    total = int(sizes.sum())
+    codes, ids = np.empty((total, header.code_size), np.uint8), np.empty(total, np.int64)
+    position, row = 0, 0
     for size in sizes.tolist():
-        codes.append(data[position : position + size * header.code_size])
+        codes[row : row + size] = data[position : position + size * header.code_size].reshape(size, -1)
         position += size * header.code_size
-        ids.append(data[position : position + size * ID_BYTES].view(np.int64))
+        ids[row : row + size] = data[position : position + size * ID_BYTES].view(np.int64)
         position += size * ID_BYTES
-    return (
-        np.repeat(numbers, sizes),
-        np.concatenate(codes).reshape(-1, header.code_size),
-        np.concatenate(ids),
-    )
+        row += size
+    return numbers, sizes, codes, ids
 
 
 def list_totals(urls: Iterable[str], nlist: int, storage_options: dict | None = None) -> np.ndarray:
@@ -168,24 +167,32 @@ def plan_ranges(totals: np.ndarray, entry_bytes: int, budget: int) -> list[tuple
 def merge_range(urls: list[str], lo: int, hi: int, out_url: str, storage_options: dict | None = None) -> int:
     """Write the lists ``[lo, hi)`` of all shard files, in shard order within each list, as the merged file's
     payload for them (each list's codes, then its ids); returns the entries written. Memory: the range's codes and
-    ids, about three times over while they are put in list order."""
-    numbers, codes, ids = [], [], []
-    for url in urls:
-        part = read_lists(url, read_header(url, storage_options), lo, hi, storage_options)
-        numbers.append(part[0])
-        codes.append(part[1])
-        ids.append(part[2])
-    every = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
-    order = np.argsort(every, kind="stable")  # by list; shard order (then the shard's own order) within a list
-    every, all_codes, all_ids = every[order], np.concatenate(codes)[order], np.concatenate(ids)[order]
-    del codes, ids
-    bounds = np.searchsorted(every, np.arange(lo, hi + 1))
+    ids once (each shard's entries are copied to their place as it is read), plus one shard's share of them."""
+    headers = [read_header(url, storage_options) for url in urls]
+    counts = np.zeros(hi - lo, dtype=np.int64)
+    for header in headers:
+        _, _, which = header.span(lo, hi)
+        np.add.at(counts, header.lists[which] - lo, header.sizes[which])
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    code_size = headers[0].code_size if headers else 0
+    all_codes = np.empty((int(starts[-1]), code_size), np.uint8)
+    all_ids = np.empty(int(starts[-1]), np.int64)
+    cursor = starts[:-1].copy()  # where each list's next entries go: shard after shard
+    for url, header in zip(urls, headers):
+        numbers, sizes, codes, ids = read_lists(url, header, lo, hi, storage_options)
+        if not len(ids):
+            continue
+        first_of_list = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        destination = np.repeat(cursor[numbers - lo] - first_of_list, sizes) + np.arange(len(ids))
+        all_codes[destination] = codes
+        all_ids[destination] = ids
+        cursor[numbers - lo] += sizes
     with storage.open_atomic(out_url, storage_options) as out:
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
             if b > a:
                 out.write(all_codes[a:b].tobytes())
                 out.write(all_ids[a:b].tobytes())
-    return len(every)
+    return int(starts[-1])
 
 
 def merged_prefix(trained: faiss.Index, totals: np.ndarray) -> bytes:
@@ -235,12 +242,13 @@ def fill(trained: faiss.Index, urls: Iterable[str], storage_options: dict | None
     added = 0
     for url in urls:
         header = read_header(url, storage_options)
-        numbers, codes, ids = read_lists(url, header, 0, header.nlist, storage_options)
-        bounds = np.flatnonzero(np.diff(numbers)) + 1
-        for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(numbers)]):
-            if b > a:  # the arrays are held here while FAISS copies from them
-                list_ids, list_codes = np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(codes[a:b])
-                invlists.add_entries(int(numbers[a]), b - a, faiss.swig_ptr(list_ids), faiss.swig_ptr(list_codes))
-        added += len(numbers)
+        numbers, sizes, codes, ids = read_lists(url, header, 0, header.nlist, storage_options)
+        row = 0
+        for number, size in zip(numbers.tolist(), sizes.tolist()):
+            # the arrays are held here while FAISS copies from them
+            list_ids, list_codes = ids[row : row + size], np.ascontiguousarray(codes[row : row + size])
+            invlists.add_entries(number, size, faiss.swig_ptr(list_ids), faiss.swig_ptr(list_codes))
+            row += size
+        added += len(ids)
     _set_ntotal(index, added)
     return index

@@ -3,7 +3,7 @@
 IVF types whose lists stream (``IndexPlan.lists``; see :mod:`retrieval_core.index.ivf_lists`) merge in three steps
 that each hold a bounded amount, whatever the corpus:
 
-1. :func:`plan_merge` reads the shard files' headers and cuts the lists into ranges of at most a third of
+1. :func:`plan_merge` reads the shard files' headers and cuts the lists into ranges of at most half of
    ``index.merge_memory`` bytes of codes and ids. Memory: one count per list.
 2. :func:`merge_range`, one task per range, writes ``_merge/range-XXXXX.bin``. Memory: about
    ``index.merge_memory``. A range already written is kept on a rerun.
@@ -53,7 +53,7 @@ def range_url(plan, number: int) -> str:
 
 def plan_merge(plan) -> MergePlan:
     """Count each list's entries over all shard files (headers only, read in parallel) and cut the lists into
-    ranges of at most a third of ``index.merge_memory`` bytes (a range task holds about three times its bytes)."""
+    ranges of at most half of ``index.merge_memory`` bytes (a range task holds about twice its bytes)."""
     layout, urls = plan.out, shard_files(plan)
     headers = storage.map_threads(lambda url: ivf_lists.read_header(url, layout.storage_options), urls)
     nlist = headers[0].nlist if headers else 0
@@ -62,7 +62,7 @@ def plan_merge(plan) -> MergePlan:
         if header.nlist != nlist:
             raise ValueError(f"'{url}' holds {header.nlist} lists, the other shard files {nlist}")
         np.add.at(totals, header.lists, header.sizes)
-    budget = max(1, parse_memory(plan.ix.merge_memory, "index.merge_memory") // 3)
+    budget = max(1, parse_memory(plan.ix.merge_memory, "index.merge_memory") // 2)
     ranges = ivf_lists.plan_ranges(totals, headers[0].entry_bytes if headers else 1, budget)
     with storage.open_atomic(_totals_url(plan), layout.storage_options) as out:
         np.save(out, totals)

@@ -96,15 +96,25 @@ def write_bytes_atomic(url: str, data: bytes | memoryview, storage_options: dict
         handle.write(data)
 
 
+STREAMED_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})  # multipart uploads that abort
+
+
 @contextlib.contextmanager
 def open_atomic(url: str, storage_options: dict | None = None):
     """A binary file to write ``url`` through, streaming, that readers see whole or not at all: on file systems a
-    temporary name renamed into place on success; on object stores a local temporary file uploaded on success.
-    An error inside leaves nothing behind (a crash may leave a temporary, which reruns remove)."""
+    temporary name renamed into place on success; on S3, GCS and Azure a multipart upload, sent block by block as
+    it is written (nothing passes through this machine's disk), which appears when completed and is aborted on an
+    error; on other object stores a local temporary file uploaded on success. An error inside leaves nothing behind
+    (a crash may leave a temporary, which reruns remove, or an unfinished upload, which a bucket lifecycle rule for
+    incomplete multipart uploads removes)."""
     import tempfile
 
     fs, path = filesystem(url, storage_options)
     remote = is_object_store(fs)
+    if remote and set(_protocols(fs)) & STREAMED_PROTOCOLS:
+        with _streamed_upload(fs, path, url) as handle:
+            yield handle
+        return
     if remote:
         handle = tempfile.NamedTemporaryFile(prefix="upload-", suffix=TMP_MARK.strip("-"))
         tmp = handle.name
@@ -129,6 +139,34 @@ def open_atomic(url: str, storage_options: dict | None = None):
         raise
 
 
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+@contextlib.contextmanager
+def _streamed_upload(fs: fsspec.AbstractFileSystem, path: str, url: str):
+    """A file whose blocks are uploaded as they fill; completed on leaving, discarded (aborted) on an error."""
+    with naming(url, "write"):
+        handle = fs.open(path, "wb")
+    try:
+        yield handle
+        faults.point("write", url)
+        with naming(url, "write"):
+            handle.close()
+    except BaseException:
+        _discard(handle)
+        raise
+
+
+def _discard(handle) -> None:
+    """Abort a file being uploaded (S3: its multipart upload), so that no part of it appears."""
+    discard = getattr(handle, "discard", None)
+    if discard is not None:
+        with contextlib.suppress(Exception):
+            discard()
+            handle.closed = True  # discarded: closing it again (when collected) must not upload anything
+
+
 def _write_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes | memoryview, mode: str) -> None:
     """One object written whole: one PUT when closed, or a multipart upload above the block size. A failure on the
     way discards the upload (S3 aborts the multipart upload, so no parts are left billed and no partial object
@@ -138,11 +176,7 @@ def _write_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes | memory
         handle.write(data)
         handle.close()
     except BaseException:
-        discard = getattr(handle, "discard", None)
-        if discard is not None:
-            with contextlib.suppress(Exception):
-                discard()
-                handle.closed = True  # discarded: closing it again (when collected) must not upload anything
+        _discard(handle)
         raise
 
 

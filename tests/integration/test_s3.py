@@ -129,6 +129,40 @@ def test_index_on_s3_answers_as_local(runs, sub):
     assert np.array_equal(ids_s, ids_l) and np.array_equal(scores_s, scores_l)
 
 
+def test_an_index_on_s3_is_memory_mapped_from_one_node_copy(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_FILE_CACHE", str(tmp_path / "cache"))
+    (local, _), (remote, options) = roots(runs)
+    mapped, _ = indexing.load_index(Folder(remote, options), mmap=True)
+    again, _ = indexing.load_index(Folder(remote, options), mmap=True)
+    copies = [p for p in (tmp_path / "cache").iterdir() if p.name.endswith("-merged.faiss")]
+    assert len(copies) == 1  # downloaded once
+    assert copies[0].read_bytes() == (Path(local) / "index" / "merged.faiss").read_bytes()
+    queries = embeddings.load_embeddings(Folder(local))[1][::7]
+    want = faiss_index.search(indexing.load_index(Folder(local))[0], queries, 10)[1]
+    assert np.array_equal(faiss_index.search(mapped, queries, 10)[1], want)
+    assert np.array_equal(faiss_index.search(again, queries, 10)[1], want)
+
+
+def test_a_streamed_write_uploads_in_parts_and_an_error_leaves_no_object(buckets, s3_options):
+    """open_atomic on S3 sends blocks as they fill (a multipart upload above the block size): the object appears
+    whole on success; an error aborts the upload, leaving neither an object nor an unfinished upload."""
+    options = {**s3_options, "default_block_size": 5 * 2**20}  # S3's smallest part
+    chunk = os.urandom(2**20)
+    url = f"s3://{SCRATCH}/streamed/whole.bin"
+    with storage.open_atomic(url, options) as out:
+        for _ in range(12):
+            out.write(chunk)
+    fs = s3fs_of(s3_options)
+    assert fs.cat_file(f"{SCRATCH}/streamed/whole.bin") == chunk * 12
+    with pytest.raises(RuntimeError, match="cut"):
+        with storage.open_atomic(f"s3://{SCRATCH}/streamed/cut.bin", options) as out:
+            for _ in range(12):
+                out.write(chunk)
+            raise RuntimeError("cut")
+    assert not fs.exists(f"{SCRATCH}/streamed/cut.bin")
+    assert not fs.list_multipart_uploads(SCRATCH)
+
+
 def test_search_job_on_s3_returns_the_local_hits_with_texts(runs):
     query = ["Which company beat revenue estimates?"]
     hits_l = search.run(runs["local"][0], query, 5)

@@ -111,9 +111,9 @@ def test_ivf_shards_hold_lists_only_and_merge_by_ranges_into_faiss_s_own_file(tm
 
 
 def test_a_merge_range_holds_a_bounded_share_of_the_lists(tmp_path, vectors):
-    """The merge plan counts every list over the shard files and cuts ranges of at most a third of
+    """The merge plan counts every list over the shard files and cuts ranges of at most half of
     index.merge_memory of codes and ids (a larger list alone), covering every list once."""
-    cfg, _ = build(tmp_path, vectors, type="IVF32,Flat", merge_memory="60000")
+    cfg, _ = build(tmp_path, vectors, type="IVF32,Flat", merge_memory="40000")
     plan = indexing.prepare(cfg)
     merge = merging.plan_merge(plan)
     reference = monolithic(cfg, vectors)
