@@ -13,8 +13,9 @@ those rows up once (doc ids, text hashes, and texts for a cross-encoder); a work
 per query with the false-negative filters (on a cross-encoder's scores with mine.cross_encoder), writes the requests
 of its exports' documents (or, with a cross-encoder, its exports) and commits. The exports' texts are then joined
 the same way and each part's share of the exports is written from them, by the same workers (by Ray tasks for
-parts committed by an earlier run). The driver plans, counts, concatenates the exports and merges the report
-statistics one part at a time. A rerun skips searched parts, committed parts, text groups and part exports.
+parts committed by an earlier run); a Ray task per format concatenates the shares into the export. The driver
+plans, counts and merges the report statistics one part at a time. A rerun skips searched parts, committed parts,
+text groups and part exports.
 """
 
 from __future__ import annotations
@@ -107,11 +108,11 @@ def run(cfg: Config) -> dict:
             text_join = _join_texts(cfg, session, len(parts))
         timings["texts"] = text_join["seconds"]
         timings["parts"] = time.perf_counter() - started - timings["plan"] - timings["texts"]
-    combining = time.perf_counter()
-    records, stats = mining.part_records(mine_work, len(parts))
-    rejected = mine_plan.write_rejects(mine_work, len(buckets))
-    extra = _exports_and_report(cfg, records, stats, counts["input_queries"], rejected)
-    timings["exports_and_report"] = time.perf_counter() - combining
+        combining = time.perf_counter()
+        records, stats = mining.part_records(mine_work, len(parts))
+        rejected = mine_plan.write_rejects(mine_work, len(buckets))
+        extra = _exports_and_report(cfg, session, records, stats, counts["input_queries"], rejected)
+        timings["exports_and_report"] = time.perf_counter() - combining
     manifest = mining.write_manifest(
         mine_work,
         identity,
@@ -336,16 +337,35 @@ def _worker_groups(cfg: Config, session, index_manifest: dict, pending: int) -> 
     return [names[g::count] for g in range(count)]
 
 
-def _exports_and_report(cfg: Config, records: list, stats: dict | None, input_queries: int, rejected: int) -> dict:
+def _exports_and_report(
+    cfg: Config, session, records: list, stats: dict | None, input_queries: int, rejected: int
+) -> dict:
     mine_work = mining.work_of(cfg)
     layout = mining.layout_of(cfg)
-    written = mining.combine_exports(mine_work, records)
+    written = _combine_exports(cfg, session, mine_work, records)
     totals, filtered = mining.count_totals(records)
     counts = {"queries": totals, "filtered": filtered, "input_queries": input_queries, "rejected_positives": rejected}
     summary = mine_report.report(stats, counts)
     storage.write_json_atomic(layout.file("report.json"), summary, layout.storage_options)
     storage.write_bytes_atomic(layout.file("report.png"), mine_report.report_figure(summary), layout.storage_options)
     return {"exports": written, "report": {"json": "report.json", "png": "report.png"}}
+
+
+def _combine_exports(cfg: Config, session, mine_work, records: list) -> dict:
+    """The exports, each format concatenated by a Ray task of its own when this run uses Ray (the bytes go from
+    the workers straight to the output, not through this process), else here."""
+    if not session.opened:
+        return mining.combine_exports(mine_work, records)
+    written: dict = {}
+    dispatch.each_in_tasks(
+        mining.combine_export,
+        list(cfg.mine.formats),
+        (mine_work, [r["part"] for r in records]),
+        lambda fmt, result: written.update({fmt: result}),
+        "mine: writing the export",
+        cfg.runtime.max_task_retries,
+    )
+    return {fmt: written[fmt] for fmt in cfg.mine.formats}
 
 
 def _summary(manifest: dict, reused: bool) -> dict:

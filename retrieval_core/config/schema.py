@@ -193,8 +193,9 @@ class IndexConfig:
     seed: int = 0
     """seeds the training sample, k-means and the recall queries"""
     merge_memory: str = "1GB"
-    """the most one merge task holds (`256MB`, `4GB`, or bytes): IVF lists are merged in ranges of about this many
-    bytes of codes and ids, one task each, whatever the size of the merged index
+    """about the most one merge task holds (`256MB`, `4GB`, or bytes): IVF lists are merged in ranges of at most half
+    this many bytes of codes and ids, one task each (a task holds its range and one shard's share of it), whatever the
+    size of the merged index
     """
     on_disk: bool = False
     """no longer needed, ignored with a warning: searchers memory-map `merged.faiss`, IVF lists included"""

@@ -12,8 +12,8 @@ Both Parquet files load with ``datasets.load_dataset("parquet", data_files=...)`
 cross-encoder's when one rescored the part (``mine.cross_encoder``), else the bi-encoder's.
 
 Once the texts of a part's documents are joined (``mine.texts``), a task writes that part's share of each export
-(``negatives/_exports/part-N.<file>``); the driver concatenates the shares in part order, streaming: it never
-holds more than one part.
+(``negatives/_exports/part-N.<file>``); the shares are then concatenated in part order, streaming (one part in
+memory), by a Ray task per format when the job runs on Ray, else by the job's process.
 """
 
 from __future__ import annotations
@@ -153,17 +153,32 @@ def combine_exports(
 ) -> dict[str, dict]:
     """Concatenate the parts' exports (``part_dir``) into ``out_dir`` in part order, streaming: one part in memory
     at a time. Returns {format: {"path", "rows"}}."""
-    written = {}
-    for fmt in formats:
-        url = storage.join(out_dir, EXPORT_FILES[fmt])
-        pieces = [storage.join(part_dir, part_export_name(n, fmt)) for n in numbers]
-        if fmt == "flag-jsonl":
-            rows = _concat_bytes(url, pieces, storage_options)
-        else:
-            schema = triplet_schema(with_scores) if fmt == "triplet" else ntuple_schema(num_negatives, with_scores)
-            rows = storage.concat_parquet_atomic(url, pieces, schema, storage_options)
-        written[fmt] = {"path": f"exports/{EXPORT_FILES[fmt]}", "rows": rows}
-    return written
+    return {
+        fmt: combine_export(out_dir, part_dir, numbers, fmt, num_negatives, with_scores, storage_options)
+        for fmt in formats
+    }
+
+
+def combine_export(
+    out_dir: str,
+    part_dir: str,
+    numbers: list[int],
+    fmt: str,
+    num_negatives: int,
+    with_scores: bool,
+    storage_options: dict | None = None,
+) -> dict:
+    """One export of :func:`combine_exports`: ``{"path", "rows"}``. Whoever runs it streams the parts' shares
+    straight to the output (one part in memory; on object storage a multipart upload), so the job's driver need
+    not: the mine job runs each format in a Ray task of its own when Ray is up."""
+    url = storage.join(out_dir, EXPORT_FILES[fmt])
+    pieces = [storage.join(part_dir, part_export_name(n, fmt)) for n in numbers]
+    if fmt == "flag-jsonl":
+        rows = _concat_bytes(url, pieces, storage_options)
+    else:
+        schema = triplet_schema(with_scores) if fmt == "triplet" else ntuple_schema(num_negatives, with_scores)
+        rows = storage.concat_parquet_atomic(url, pieces, schema, storage_options)
+    return {"path": f"exports/{EXPORT_FILES[fmt]}", "rows": rows}
 
 
 def _concat_bytes(url: str, pieces: list[str], storage_options: dict | None) -> int:

@@ -304,6 +304,20 @@ def combine_exports(work: MineWork, records: list[dict]) -> dict[str, dict]:
     )
 
 
+def combine_export(fmt: str, work: MineWork, numbers: list[int]) -> dict:
+    """One export format of :func:`combine_exports` (a Ray task's work): ``{"path", "rows"}``."""
+    mi, layout = work.mine, work.out
+    return exports.combine_export(
+        layout.file("exports"),
+        layout.file(PART_EXPORTS),
+        numbers,
+        fmt,
+        mi.num_negatives,
+        mi.output_scores,
+        layout.storage_options,
+    )
+
+
 def remove_part_exports(work: MineWork) -> None:
     """Drop the parts' shares of the exports and the text join's files once the combined exports are committed
     (by the manifest)."""
