@@ -3,9 +3,10 @@
 IVF types whose lists stream (``IndexPlan.lists``; see :mod:`retrieval_core.index.ivf_lists`) merge in three steps
 that each hold a bounded amount, whatever the corpus:
 
-1. :func:`plan_merge` reads the shard files' headers and cuts the lists into ranges of at most half of
+1. :func:`plan_merge` reads the shard files' headers (their URLs go to ``_merge/files.json``, so that the range
+   tasks read one file, not a commit record per shard) and cuts the lists into ranges of at most half of
    ``index.merge_memory`` bytes of codes and ids. Memory: one count per list.
-2. :func:`merge_range`, one task per range, writes ``_merge/range-XXXXX.bin``. Memory: about
+2. :func:`merge_range`, one task per range, writes ``_merge/range-<first list>-<end>.bin``. Memory: about
    ``index.merge_memory``. A range already written is kept on a rerun.
 3. :func:`assemble` writes ``merged.faiss`` from the trained index and the range files, then removes ``_merge/``.
    Memory: the trained index and one copy buffer.
@@ -47,8 +48,14 @@ def _totals_url(plan) -> str:
     return plan.out.file(MERGE_DIR, "totals.npy")
 
 
-def range_url(plan, number: int) -> str:
-    return plan.out.file(MERGE_DIR, f"range-{number:05d}.bin")
+def _files_url(plan) -> str:
+    return plan.out.file(MERGE_DIR, "files.json")
+
+
+def range_url(plan, lo: int, hi: int) -> str:
+    """A range's file, named by its lists: a rerun with other ranges (another ``index.merge_memory``) never takes a
+    file of the run before for one of its own."""
+    return plan.out.file(MERGE_DIR, f"range-{lo:06d}-{hi:06d}.bin")
 
 
 def plan_merge(plan) -> MergePlan:
@@ -66,15 +73,17 @@ def plan_merge(plan) -> MergePlan:
     ranges = ivf_lists.plan_ranges(totals, headers[0].entry_bytes if headers else 1, budget)
     with storage.open_atomic(_totals_url(plan), layout.storage_options) as out:
         np.save(out, totals)
+    storage.write_json_atomic(_files_url(plan), urls, layout.storage_options)  # read once by each range task
     return MergePlan(tuple(ranges), int(totals.sum()))
 
 
 def merge_range(plan, merge: MergePlan, number: int) -> dict:
     """Write range ``number`` of ``merge`` (kept when a run before wrote it); returns its entries and bytes."""
-    layout, url = plan.out, range_url(plan, number)
     lo, hi = merge.ranges[number]
+    layout, url = plan.out, range_url(plan, lo, hi)
     if not storage.exists(url, layout.storage_options):
-        ivf_lists.merge_range(shard_files(plan), lo, hi, url, layout.storage_options)
+        urls = storage.read_json(_files_url(plan), layout.storage_options)  # one read, not a record per shard
+        ivf_lists.merge_range(urls, lo, hi, url, layout.storage_options)
     from retrieval_core.io.manifest import peak_memory_mb
 
     return {"range": number, "lists": [lo, hi], "peak_memory_mb": peak_memory_mb()}
@@ -86,7 +95,7 @@ def assemble(plan, merge: MergePlan, trained: bytes) -> int:
     layout = plan.out
     totals = np.load(io.BytesIO(storage.read_bytes(_totals_url(plan), layout.storage_options)))
     prefix = ivf_lists.merged_prefix(faiss_index.deserialize(trained), totals)
-    ranges = [range_url(plan, number) for number in range(len(merge.ranges))]
+    ranges = [range_url(plan, lo, hi) for lo, hi in merge.ranges]
     ivf_lists.assemble(prefix, ranges, layout.file("merged.faiss"), layout.storage_options)
     storage.remove(layout.file(MERGE_DIR), layout.storage_options)
     return int(totals.sum())

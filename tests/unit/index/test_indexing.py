@@ -126,6 +126,25 @@ def test_a_merge_range_holds_a_bounded_share_of_the_lists(tmp_path, vectors):
     assert len(ranges) >= totals.sum() * entry / 20000 and merge.ntotal == len(vectors)
 
 
+def test_a_rerun_with_other_merge_ranges_never_takes_the_ranges_of_the_run_before(tmp_path, vectors):
+    """A merge killed after its ranges were written, rerun with another index.merge_memory: the ranges differ, the
+    files of the first run are left aside, and merged.faiss is still FAISS's file of the one-process index."""
+    write_synthetic_embeddings(tmp_path, vectors, 437)
+    first = indexing.prepare(index_config(tmp_path, type="IVF16,Flat", merge_memory="60000"))
+    trained, _ = indexing.trained_index(first)
+    for shard in first.shards:
+        indexing.add_shard(first, shard, trained)
+    merge = merging.plan_merge(first)
+    for number in range(len(merge.ranges)):
+        merging.merge_range(first, merge, number)  # then the run is killed
+    cfg = index_config(tmp_path, type="IVF16,Flat", merge_memory="20000")
+    second = merging.plan_merge(indexing.prepare(cfg))
+    assert set(second.ranges) != set(merge.ranges)
+    indexing.build_in_process(cfg)
+    merged = (tmp_path / "index" / "merged.faiss").read_bytes()
+    assert merged == faiss.serialize_index(monolithic(cfg, vectors)).tobytes()
+
+
 def test_a_shard_group_is_one_index_answering_as_its_shards_merged(tmp_path, vectors, queries):
     cfg, manifest = build(tmp_path, vectors, type="IVF16,SQ8", nprobe=4)
     group = indexing.load_shard_group(Folder(str(tmp_path)), ["shard-00001", "shard-00003"])
