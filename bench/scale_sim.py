@@ -233,7 +233,7 @@ def merge_in_ranges(folder: Path, trained, paths: list[str], budget: int, measur
     from retrieval_core.index import faiss_index, ivf_lists
 
     ivf = faiss.extract_index_ivf(trained)
-    totals = ivf_lists.list_totals(paths, ivf.nlist)
+    totals, _ = ivf_lists.list_totals(paths)
     ranges = ivf_lists.plan_ranges(totals, ivf.code_size + 8, budget // 2)  # as merging.plan_merge
     peaks, range_files = [], []
     for number, (lo, hi) in enumerate(ranges):

@@ -136,7 +136,7 @@ def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done)
 
 
 def _committed_dim(layout) -> int:
-    names = embeddings.committed_names(layout)
+    names = layout.committed_names()
     return storage.read_json(layout.record_file(names[0]), layout.storage_options)["dim"] if names else 0
 
 

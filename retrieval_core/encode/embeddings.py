@@ -152,22 +152,13 @@ def prepare_plan(
 
 def committed_records(layout: StageLayout) -> dict[str, dict]:
     """Commit records of the shards already done, by shard name (one listing, then the records read in parallel)."""
-    names = committed_names(layout)
+    names = layout.committed_names()
     urls = [storage.join(layout.records_dir, f"{name}.json") for name in names]
     return dict(zip(names, storage.read_json_many(urls, layout.storage_options)))
 
 
-def committed_names(layout: StageLayout) -> list[str]:
-    """Names of the shards with a commit record: one listing of the records folder."""
-    return [
-        name[:-5]
-        for name in storage.list_names(layout.records_dir, layout.storage_options)
-        if name.endswith(".json") and storage.TMP_MARK not in name
-    ]
-
-
 def pending_shards(shards: list[Shard], layout: StageLayout) -> list[Shard]:
-    done = set(committed_names(layout))
+    done = set(layout.committed_names())
     return [s for s in shards if s.name not in done]
 
 
@@ -246,8 +237,12 @@ def api_usage_totals(records: list[dict]) -> dict:
 
 def api_usage_progress(records: list[dict]) -> dict:
     """Requests, retries and tokens of an embedding API so far, for a progress bar (empty for a local model)."""
-    usage = api_usage_totals(records).get("api_usage")
-    return {k: usage[k] for k in ("requests", "retries", "tokens")} if usage else {}
+    return _progress_fields(api_usage_totals(records))
+
+
+def _progress_fields(usage: dict) -> dict:
+    totals = usage.get("api_usage")
+    return {k: totals[k] for k in ("requests", "retries", "tokens")} if totals else {}
 
 
 class Tally:
@@ -271,8 +266,7 @@ class Tally:
 
     def progress(self) -> dict:
         """Requests, retries and tokens of an embedding API so far (empty for a local model)."""
-        usage = self.usage.get("api_usage")
-        return {k: usage[k] for k in ("requests", "retries", "tokens")} if usage else {}
+        return _progress_fields(self.usage)
 
 
 def embeddings_table(

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +26,8 @@ from retrieval_core.config import Config, IndexConfig
 from retrieval_core.config.rules import gpu_setting, parse_memory
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
 from retrieval_core.index import faiss_index, gpu, ivf_lists, merging, search
-from retrieval_core.io import faults, storage
+from retrieval_core.index.index_files import read_index_file, shard_index_url, write_index_file
+from retrieval_core.io import storage
 from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import (
     IncompatibleOutputError,
@@ -205,9 +206,8 @@ def read_training_record(layout: StageLayout) -> dict:
 
 def pending_shards(plan: IndexPlan) -> list[dict]:
     """The shards without a commit record (one listing of the records folder, not a request per shard)."""
-    layout = plan.out
-    done = set(storage.list_names(layout.records_dir, layout.storage_options))
-    return [s for s in plan.shards if f"{s['name']}.json" not in done]
+    done = set(plan.out.committed_names())
+    return [s for s in plan.shards if s["name"] not in done]
 
 
 def shard_file_name(plan: IndexPlan, name: str) -> str:
@@ -253,19 +253,6 @@ def task_plan(plan: IndexPlan) -> IndexPlan:
     return dataclasses.replace(plan, shards=())
 
 
-def shard_records(plan: IndexPlan) -> list[dict]:
-    """The commit records of the plan's shards, in shard order, read in parallel."""
-    layout = plan.out
-    return storage.read_json_many([layout.record_file(s["name"]) for s in plan.shards], layout.storage_options)
-
-
-def shard_index_url(index_dir: str, record: dict) -> str:
-    """A shard index file in this index directory (the record's ``file``: ``<name>.lists`` or ``<name>.faiss``),
-    or, for a shard a refresh shares with an earlier version, the record's ``path`` (relative to this directory)."""
-
-    return storage.resolve_relative(index_dir, record.get("path") or record.get("file") or f"{record['name']}.faiss")
-
-
 def build_whole(plan: IndexPlan, trained: bytes):
     """For types that cannot merge (HNSW, NSG): stream every shard into one index and write ``merged.faiss``.
     Memory: the whole index."""
@@ -276,37 +263,6 @@ def build_whole(plan: IndexPlan, trained: bytes):
         faiss_index.add(index, vectors, row_ids, uses_gpus(plan))
     write_index_file(index, layout.file("merged.faiss"), layout.storage_options)
     return index
-
-
-def read_index_file(url: str, storage_options: dict | None = None, mmap: bool = False):
-    """An index file read into memory, or with ``mmap`` memory-mapped in place (from this node's copy when the
-    file is on object storage, see ``storage.local_copy``)."""
-    import faiss
-
-    if mmap:
-        return faiss.read_index(storage.local_copy(url, storage_options), faiss_index.MMAP_FLAG)
-    local = storage.local_path(url, storage_options)
-    if local:
-        return faiss.read_index(local)
-    return faiss_index.deserialize(storage.read_bytes(url, storage_options))
-
-
-def write_index_file(index, url: str, storage_options: dict) -> int:
-    """Write an index without extra copies (FAISS writes local files itself; other URLs get one serialized
-    buffer); returns its size in bytes."""
-    local = storage.local_path(url, storage_options)
-    if local:
-        import faiss
-
-        tmp = storage.temporary_name(local)
-        storage.filesystem(url, storage_options)[0].makedirs(os.path.dirname(local), exist_ok=True)
-        faiss.write_index(index, tmp)
-        faults.point("write", url)
-        os.replace(tmp, local)
-        return os.path.getsize(local)
-    data = faiss_index.serialize_array(index)
-    storage.write_bytes_atomic(url, memoryview(cast(Any, data)), storage_options)
-    return int(data.size)
 
 
 def measure_recall(plan: IndexPlan, index) -> dict:

@@ -139,15 +139,17 @@ def read_lists(url: str, header: ListsHeader, lo: int, hi: int, storage_options:
     return numbers, sizes, codes, ids
 
 
-def list_totals(urls: Iterable[str], nlist: int, storage_options: dict | None = None) -> np.ndarray:
-    """Entries of each list over all the shard files (their headers only). Memory: ``nlist`` counts."""
+def list_totals(urls: list[str], storage_options: dict | None = None) -> tuple[np.ndarray, int]:
+    """(entries of each list over all the shard files, bytes per entry), from their headers alone, read in
+    parallel; the files must agree on the number of lists. Memory: one count per list."""
+    headers = storage.map_threads(lambda url: read_header(url, storage_options), urls)
+    nlist = headers[0].nlist if headers else 0
     totals = np.zeros(nlist, dtype=np.int64)
-    for url in urls:
-        header = read_header(url, storage_options)
+    for url, header in zip(urls, headers):
         if header.nlist != nlist:
-            raise ValueError(f"'{url}' holds {header.nlist} lists, the trained index {nlist}")
+            raise ValueError(f"'{url}' holds {header.nlist} lists, the other shard files {nlist}")
         np.add.at(totals, header.lists, header.sizes)
-    return totals
+    return totals, headers[0].entry_bytes if headers else 1
 
 
 def plan_ranges(totals: np.ndarray, entry_bytes: int, budget: int) -> list[tuple[int, int]]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from retrieval_core.config.rules import parse_memory
 from retrieval_core.index import faiss_index, ivf_lists
+from retrieval_core.index.index_files import read_index_file, shard_index_url, shard_records, write_index_file
 from retrieval_core.io import storage
 
 MERGE_DIR = "_merge"
@@ -39,8 +40,6 @@ class MergePlan:
 
 def shard_files(plan) -> list[str]:
     """URLs of the committed shard index files, in shard order (their commit records read in parallel)."""
-    from retrieval_core.index.indexing import shard_index_url, shard_records
-
     return [shard_index_url(plan.out.dir, record) for record in shard_records(plan)]
 
 
@@ -60,17 +59,12 @@ def range_url(plan, lo: int, hi: int) -> str:
 
 def plan_merge(plan) -> MergePlan:
     """Count each list's entries over all shard files (headers only, read in parallel) and cut the lists into
-    ranges of at most half of ``index.merge_memory`` bytes (a range task holds about twice its bytes)."""
+    ranges of at most half of ``index.merge_memory`` bytes (a range task holds its range once, plus one shard's
+    share of it)."""
     layout, urls = plan.out, shard_files(plan)
-    headers = storage.map_threads(lambda url: ivf_lists.read_header(url, layout.storage_options), urls)
-    nlist = headers[0].nlist if headers else 0
-    totals = np.zeros(nlist, dtype=np.int64)
-    for url, header in zip(urls, headers):
-        if header.nlist != nlist:
-            raise ValueError(f"'{url}' holds {header.nlist} lists, the other shard files {nlist}")
-        np.add.at(totals, header.lists, header.sizes)
+    totals, entry_bytes = ivf_lists.list_totals(urls, layout.storage_options)
     budget = max(1, parse_memory(plan.ix.merge_memory, "index.merge_memory") // 2)
-    ranges = ivf_lists.plan_ranges(totals, headers[0].entry_bytes if headers else 1, budget)
+    ranges = ivf_lists.plan_ranges(totals, entry_bytes, budget)
     with storage.open_atomic(_totals_url(plan), layout.storage_options) as out:
         np.save(out, totals)
     storage.write_json_atomic(_files_url(plan), urls, layout.storage_options)  # read once by each range task
@@ -78,7 +72,7 @@ def plan_merge(plan) -> MergePlan:
 
 
 def merge_range(plan, merge: MergePlan, number: int) -> dict:
-    """Write range ``number`` of ``merge`` (kept when a run before wrote it); returns its entries and bytes."""
+    """Write range ``number`` of ``merge`` (kept when a run before wrote it); returns its lists and peak memory."""
     lo, hi = merge.ranges[number]
     layout, url = plan.out, range_url(plan, lo, hi)
     if not storage.exists(url, layout.storage_options):
@@ -115,8 +109,6 @@ def merge_all(plan, trained: bytes) -> None:
 def merge_in_memory(plan) -> None:
     """Merge shard index files holding whole indexes (flat-code types) in shard order into ``merged.faiss``.
     Memory: the merged index."""
-    from retrieval_core.index.indexing import read_index_file, write_index_file
-
     layout = plan.out
     index = faiss_index.merge(read_index_file(url, layout.storage_options) for url in shard_files(plan))
     write_index_file(index, layout.file("merged.faiss"), layout.storage_options)

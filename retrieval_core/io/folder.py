@@ -123,6 +123,11 @@ class StageLayout:
     def record_file(self, unit: str | int) -> str:
         return storage.join(self.records_dir, self.unit_name(unit) + ".json")
 
+    def committed_names(self) -> list[str]:
+        """Names of the units with a commit record: one listing of the records folder, not a request per unit."""
+        names = storage.list_names(self.records_dir, self.storage_options)
+        return [name[:-5] for name in names if name.endswith(".json") and storage.TMP_MARK not in name]
+
     @property
     def rejects_dir(self) -> str:
         if not self.rejects:

@@ -4,7 +4,7 @@ previous version's shard indexes for the segments whose rows did not change."""
 from __future__ import annotations
 
 from retrieval_core.config import Config
-from retrieval_core.index import faiss_index, indexing
+from retrieval_core.index import faiss_index, index_files, indexing
 from retrieval_core.io import storage
 from retrieval_core.io.folder import Folder
 from retrieval_core.refresh.refreshing import RefreshPlan
@@ -133,7 +133,7 @@ def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
         entry = entries.get(shard["name"])
         if entry is None or shard["name"] in touched or not plan.mergeable:
             continue
-        target = indexing.shard_index_url(previous.dir, entry)
+        target = index_files.shard_index_url(previous.dir, entry)
         record = {
             "name": shard["name"],
             "ntotal": entry["ntotal"],

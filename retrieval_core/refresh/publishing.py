@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from retrieval_core.config import Config
 from retrieval_core.encode.embeddings import read_embeddings_manifest, shard_url
-from retrieval_core.index.indexing import read_index_manifest, shard_index_url
+from retrieval_core.index.index_files import shard_index_url
+from retrieval_core.index.indexing import read_index_manifest
 from retrieval_core.io import leases, storage, versions
 from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import stamp

@@ -1,4 +1,4 @@
-"""Storage helpers: parallel reads in order, and the node's file cache of object-store files."""
+"""Storage helpers: parallel reads in order, and the node's file cache of object-store files (io.file_cache)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import fsspec
 import pytest
 
-from retrieval_core.io import storage
+from retrieval_core.io import file_cache, storage
 
 
 def test_read_json_many_keeps_the_order_of_the_urls(tmp_path):
@@ -20,7 +20,7 @@ def test_read_json_many_keeps_the_order_of_the_urls(tmp_path):
 def test_a_local_file_is_its_own_copy(tmp_path):
     path = tmp_path / "merged.faiss"
     path.write_bytes(b"x")
-    assert storage.local_copy(str(path)) == str(path)
+    assert file_cache.local_copy(str(path)) == str(path)
 
 
 @pytest.fixture
@@ -34,12 +34,12 @@ def cache(tmp_path, monkeypatch):
 def test_an_object_is_downloaded_once_and_again_when_rewritten(cache):
     url = "memory://cache-test/v1/index/merged.faiss"
     storage.write_bytes_atomic(url, b"first")
-    copy = storage.local_copy(url)
+    copy = file_cache.local_copy(url)
     assert open(copy, "rb").read() == b"first" and os.path.dirname(copy) == str(cache)
     os.utime(copy, (0, 0))
-    assert storage.local_copy(url) == copy and os.path.getmtime(copy) > 0  # the same copy, marked as used
+    assert file_cache.local_copy(url) == copy and os.path.getmtime(copy) > 0  # the same copy, marked as used
     storage.write_bytes_atomic(url, b"second, longer")
-    again = storage.local_copy(url)
+    again = file_cache.local_copy(url)
     assert again != copy and open(again, "rb").read() == b"second, longer"
 
 
@@ -48,10 +48,10 @@ def test_the_cache_keeps_the_copies_of_a_name_used_last(cache):
     for version in range(5):
         url = f"memory://cache-test/v{version}/index/merged.faiss"
         storage.write_bytes_atomic(url, f"version {version}".encode())
-        copies.append(storage.local_copy(url))
+        copies.append(file_cache.local_copy(url))
         os.utime(copies[-1], (version + 1, version + 1))  # distinct times, in the order used
     other = "memory://cache-test/v0/index/trained.faiss"
     storage.write_bytes_atomic(other, b"trained")
     kept = sorted(os.listdir(cache))
     assert [os.path.exists(c) for c in copies] == [False, False, True, True, True]
-    assert os.path.exists(storage.local_copy(other)) and len(kept) == 4  # 3 copies + the lock
+    assert os.path.exists(file_cache.local_copy(other)) and len(kept) == 4  # 3 copies + the lock
