@@ -18,6 +18,7 @@ from retrieval_core.config import Config
 from retrieval_core.encode import embeddings, encoding
 from retrieval_core.io import corpus, id_check, sharding, storage
 from retrieval_core.io.folder import Folder
+from retrieval_core.io.shard_list import Pending
 
 log = logging.getLogger("jobs.encode")
 KEYS = (
@@ -87,11 +88,11 @@ def _check_unique_ids(cfg: Config, session, files: list, total_rows: int) -> Non
         raise corpus.CorpusError(f"duplicate values in id column '{cfg.corpus.id_column}', e.g. {duplicates}")
 
 
-def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shard_done) -> embeddings.Tally:
+def _encode_pending(cfg: Config, session, pending: Pending, identity: dict, on_shard_done) -> embeddings.Tally:
     """Encode the pending shards, here when they hold at most ``runtime.inline_rows`` rows (starting Ray and
     loading the model in actors would cost more), else on actors; returns the tally of their commit records (the
     records themselves are not kept: the driver holds counts, not one record per shard)."""
-    rows = sum(s.num_rows for s in pending)
+    rows = pending.num_rows
     bar = _progress.bar(cfg.runtime, rows, "encode", "doc")
     tally = embeddings.Tally()
 
@@ -120,7 +121,7 @@ def _encode_pending(cfg: Config, session, pending: list, identity: dict, on_shar
     return tally
 
 
-def _encode_on_actors(cfg: Config, session, pending: list, identity: dict, done) -> None:
+def _encode_on_actors(cfg: Config, session, pending: Pending, identity: dict, done) -> None:
     count = session.worker_count(len(pending))
     log.info("encoding %d shard(s) on %d worker(s)", len(pending), count)
     with dispatch.released(actors.start_encode_workers(cfg, count)) as workers:

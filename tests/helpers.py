@@ -185,11 +185,15 @@ def write_synthetic_embeddings(
     normalized: bool = True,
     fingerprint: str = "f" * 32,
     row_offset: int = 0,
+    inline: bool = False,
 ) -> dict:
-    """An embeddings stage output (shards + manifest) holding ``vectors``, as the encode job writes it."""
+    """An embeddings stage output (shards + manifest) holding ``vectors``, as the encode job writes it (its shard
+    list in the shard table beside the manifest), or with ``inline`` as releases before the table wrote it (in the
+    manifest). Returns the manifest with its shard list."""
     from retrieval_core.encode.embeddings import embeddings_table
     from retrieval_core.io import storage
-    from retrieval_core.io.manifest import stamp
+    from retrieval_core.io.manifest import stamp, write_streamed
+    from retrieval_core.io.schemas import EMBEDDINGS_SHARD_ENTRY
 
     shards = []
     for start in range(0, len(vectors), shard_rows):
@@ -213,7 +217,6 @@ def write_synthetic_embeddings(
                 "row_stop": row_offset + stop,
                 "rows": stop - start,
                 "rejected": 0,
-                "rejects_path": None,
             }
         )
     manifest = {
@@ -224,11 +227,14 @@ def write_synthetic_embeddings(
         "dim": int(vectors.shape[1]),
         "normalized": normalized,
         "totals": {"rows_in": len(vectors), "rows_encoded": len(vectors), "rows_rejected": 0, "shards": len(shards)},
-        "shards": shards,
         "config": {},
     }
-    storage.write_json_atomic(str(root / "embeddings" / "_manifest.json"), manifest)
-    return manifest
+    url = str(root / "embeddings" / "_manifest.json")
+    if inline:
+        storage.write_json_atomic(url, {**manifest, "shards": shards})
+    else:
+        manifest = write_streamed(url, shards, lambda: manifest, EMBEDDINGS_SHARD_ENTRY)
+    return {**manifest, "shards": shards}
 
 
 def encoded_hashes(log_dir: Path) -> list[str]:

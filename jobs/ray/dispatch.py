@@ -6,11 +6,14 @@ Only ``jobs.ray`` imports ray; the stage drivers say what to run and this module
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
 import signal
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import ray
 
@@ -72,7 +75,7 @@ MIN_SPECULATION_S = 5.0  # never start a copy of work younger than this
 def run_on_actors(
     actors: list,
     method: str,
-    items: list,
+    items: Iterable,
     args: tuple,
     on_done,
     item_arg=None,
@@ -82,7 +85,9 @@ def run_on_actors(
     """Call ``actor.<method>(item_arg(item), *args)`` for every item (``item_arg`` defaults to the item itself),
     one call in flight per actor, the next item going to whichever actor finishes first (load balance);
     ``on_done(item, result)`` runs in the driver as results come, once per item. A failure is
-    :class:`StageFailed` naming ``work`` (default: the method) and the item.
+    :class:`StageFailed` naming ``work`` (default: the method) and the item. Items are read as actors free up (an
+    iterator of 100,000 shards is never made a list), and the driver holds the calls in flight and the durations
+    of the last ``DURATIONS_KEPT`` finished ones.
 
     ``speculation`` > 0: once nothing is left to hand out, an item running longer than ``speculation`` times the
     median time of the finished ones (and at least ``MIN_SPECULATION_S``) is started again on an idle actor, and
@@ -91,28 +96,41 @@ def run_on_actors(
     commit is: the same content under the same name).
     """
     calls = _Calls(actors, method, args, item_arg or (lambda item: item))
-    queue, finished, durations = list(range(len(items))), set[int](), list[float]()
-    while len(finished) < len(items):
-        while queue and calls.idle:
-            calls.start(calls.idle.pop(0), queue.pop(0), items)
-        if not queue and calls.idle and speculation > 0 and durations:
+    queue = iter(enumerate(items))
+    durations: collections.deque[float] = collections.deque(maxlen=DURATIONS_KEPT)
+    left = True  # items not handed out yet
+    while left or calls.unfinished():
+        while left and calls.idle:
+            numbered = next(queue, None)
+            if numbered is None:
+                left = False
+                break
+            calls.start(calls.idle.pop(0), *numbered)
+        if not left and calls.idle and speculation > 0 and durations:
             median = sorted(durations)[len(durations) // 2]
-            calls.speculate(items, finished, max(MIN_SPECULATION_S, speculation * median))
+            calls.speculate(max(MIN_SPECULATION_S, speculation * median))
+        if not calls.in_flight:
+            continue
         ref = calls.next_done(timeout=1.0 if speculation > 0 else None)
         if ref is None:
             continue
-        number, seconds = calls.finish(ref)
-        if number in finished:
-            continue  # the copy that lost the race
+        number, item, seconds = calls.finish(ref)
+        if number in calls.finished_copies:
+            calls.finished_copies.discard(number)  # the copy that lost the race
+            continue
         try:
-            result = _result(ref, work or method, items[number])
+            result = _result(ref, work or method, item)
         except StageFailed:
             if calls.running(number):  # another copy may still succeed
                 continue
             raise
-        finished.add(number)
+        if calls.running(number):
+            calls.finished_copies.add(number)  # its other copy's result, when it comes, is dropped
         durations.append(seconds)
-        on_done(items[number], result)
+        on_done(item, result)
+
+
+DURATIONS_KEPT = 1001  # finished calls whose durations set the speculation's median
 
 
 class _Calls:
@@ -121,39 +139,47 @@ class _Calls:
     def __init__(self, actors: list, method: str, args: tuple, item_arg):
         self.idle = list(actors)
         self.method, self.args, self.item_arg = method, args, item_arg
-        self.in_flight: dict = {}  # ref -> (actor, item number, started)
-        self.copied: set[int] = set()
+        self.in_flight: dict = {}  # ref -> (actor, item number, item, started)
+        self.copied: set[int] = set()  # items started twice (speculation), at most one per actor at a time
+        self.finished_copies: set[int] = set()  # items done whose other copy still runs
 
-    def start(self, actor, number: int, items: list) -> None:
-        ref = getattr(actor, self.method).remote(self.item_arg(items[number]), *self.args)
-        self.in_flight[ref] = (actor, number, time.monotonic())
+    def start(self, actor, number: int, item) -> None:
+        ref = getattr(actor, self.method).remote(self.item_arg(item), *self.args)
+        self.in_flight[ref] = (actor, number, item, time.monotonic())
 
-    def speculate(self, items: list, finished: set, after_s: float) -> None:
+    def speculate(self, after_s: float) -> None:
         now = time.monotonic()
-        for _actor, number, started in sorted(self.in_flight.values(), key=lambda v: v[2]):
+        for _actor, number, item, started in sorted(self.in_flight.values(), key=lambda v: v[3]):
             if not self.idle:
                 return
-            if number not in finished and number not in self.copied and now - started > after_s:
+            if number not in self.finished_copies and number not in self.copied and now - started > after_s:
                 log.warning(
                     "%s has run %.0f s (over %.0f s): starting it again on an idle worker",
-                    _name_of(items[number]),
+                    _name_of(item),
                     now - started,
                     after_s,
                 )
                 self.copied.add(number)
-                self.start(self.idle.pop(0), number, items)
+                self.start(self.idle.pop(0), number, item)
 
     def next_done(self, timeout: float | None):
         done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
         return done[0] if done else None
 
-    def finish(self, ref) -> tuple[int, float]:
-        actor, number, started = self.in_flight.pop(ref)
+    def finish(self, ref) -> tuple[int, Any, float]:
+        actor, number, item, started = self.in_flight.pop(ref)
         self.idle.append(actor)
-        return number, time.monotonic() - started
+        if not self.running(number):
+            self.copied.discard(number)
+        return number, item, time.monotonic() - started
 
     def running(self, number: int) -> bool:
-        return any(n == number for _, n, _ in self.in_flight.values())
+        return any(n == number for _, n, _, _ in self.in_flight.values())
+
+    def unfinished(self) -> bool:
+        """Whether a call in flight is for an item without a result yet (a copy that lost the race is not waited
+        for: its actor may be on a lost node)."""
+        return any(n not in self.finished_copies for _, n, _, _ in self.in_flight.values())
 
 
 class StageFailed(RuntimeError):

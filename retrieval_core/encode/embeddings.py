@@ -2,9 +2,10 @@
 
 Layout under ``<root>``::
 
-    embeddings/_plan.json              run identity + shard plan, written before any shard
+    embeddings/_plan.json              run identity (files, shard size) and shard count, written before any shard
     embeddings/shard-00000.parquet     row_id, doc_id, embedding, text_hash
     embeddings/_shards/shard-00000.json  the shard's commit record, written after its data
+    embeddings/_shard_list.parquet     one entry per shard (name, path, rows ...), read in batches (io.shard_list)
     embeddings/_manifest.json          written last; its presence means the stage is complete
     rejects/encode/shard-00000.parquet rows not encoded, with the reason (only for shards that have any)
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import socket
 import time
 from typing import Callable
@@ -37,8 +37,15 @@ from retrieval_core.io.manifest import (
     stamp,
     write_streamed,
 )
-from retrieval_core.io.schemas import EMBEDDING_TYPES, REJECTS_SCHEMA, SCHEMA_VERSION, embeddings_schema
-from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
+from retrieval_core.io.schemas import (
+    EMBEDDING_TYPES,
+    EMBEDDINGS_SHARD_ENTRY,
+    REJECTS_SCHEMA,
+    SCHEMA_VERSION,
+    embeddings_schema,
+)
+from retrieval_core.io.shard_list import SHARD_NAME, Pending, batched, pending
+from retrieval_core.io.sharding import FileMeta, Shard, ShardPlan
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +106,6 @@ def non_default_cap(cfg: Config) -> dict:
     return {} if cfg.corpus.max_text_chars == default else {"max_text_chars": cfg.corpus.max_text_chars}
 
 
-def plan_to_json(shards: list[Shard]) -> list[dict]:
-    return [{"name": s.name, "row_start": s.row_start, "row_stop": s.row_stop} for s in shards]
-
-
 def existing_plan(layout: StageLayout) -> dict | None:
     return (
         storage.read_json(layout.plan, layout.storage_options)
@@ -119,12 +122,13 @@ def clear(layout: StageLayout) -> None:
 
 def prepare_plan(
     cfg: Config, files: list[FileMeta], encoder_identity: dict, auto_rows_per_shard: Callable[[], int]
-) -> list[Shard]:
+) -> ShardPlan:
     """The shards of this run, after checking (or replacing, with overwrite) what an earlier run left.
 
     An earlier plan with the same identity is reused as it is; with ``runtime.rows_per_shard: 0`` (automatic)
     its shard size is kept, so a resumed run plans the same shards on any number of workers;
-    ``auto_rows_per_shard()`` is called only when a new automatic plan is made.
+    ``auto_rows_per_shard()`` is called only when a new automatic plan is made. The plan file records the identity
+    (files, shard size) and the shard count; the shards follow from them (:class:`ShardPlan`, made on demand).
     """
     layout = layout_of(cfg)
     previous = existing_plan(layout)
@@ -139,11 +143,11 @@ def prepare_plan(
         check_same_identity(previous["identity"], identity, layout.dir)
     elif storage.list_names(layout.dir, layout.storage_options):
         raise FileExistsError(f"'{layout.dir}' holds files but no plan; set output.overwrite=true to replace them")
-    shards = plan_shards(files, rows_per_shard)
+    shards = ShardPlan(files, rows_per_shard)
     if not previous:
         storage.write_json_atomic(
             layout.plan,
-            {**stamp(), "identity": identity, "shards": plan_to_json(shards), "config": cfg.to_dict()},
+            {**stamp(), "identity": identity, "shards": len(shards), "config": cfg.to_dict()},
             layout.storage_options,
         )
     storage.remove_temporaries(layout.dir, layout.storage_options)
@@ -157,9 +161,17 @@ def committed_records(layout: StageLayout) -> dict[str, dict]:
     return dict(zip(names, storage.read_json_many(urls, layout.storage_options)))
 
 
-def pending_shards(shards: list[Shard], layout: StageLayout) -> list[Shard]:
-    done = set(layout.committed_names())
-    return [s for s in shards if s.name not in done]
+def pending_shards(plan: ShardPlan, layout: StageLayout) -> Pending[Shard]:
+    """The shards of ``plan`` not committed yet (one listing of the commit records, one pass over the plan)."""
+    return pending(plan, layout.committed_set(), _shard_name, _shard_rows)
+
+
+def _shard_name(shard: Shard) -> str:
+    return shard.name
+
+
+def _shard_rows(shard: Shard) -> int:
+    return shard.num_rows
 
 
 def encode_shard(
@@ -291,16 +303,17 @@ def embeddings_table(
 MANIFEST_BATCH = 1000  # commit records read (in parallel) and written into the manifest at a time
 
 
-def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim: int, seconds: float) -> dict:
-    """Write ``embeddings/_manifest.json`` from the commit records, every planned shard committed; returns the
-    manifest without its shard list. The records are read ``MANIFEST_BATCH`` at a time and their entries streamed
-    into the file, so this holds one batch, not a record per shard; a failed check leaves no manifest."""
+def write_manifest(cfg: Config, shards: ShardPlan, encoder_identity: dict, dim: int, seconds: float) -> dict:
+    """Write ``embeddings/_manifest.json`` (and its shard table) from the commit records, every planned shard
+    committed; returns the manifest without its shard list. The records are read ``MANIFEST_BATCH`` at a time and
+    their entries streamed into the table, so this holds one batch, not a record per shard; a failed check leaves
+    no manifest."""
     layout = layout_of(cfg)
     tally = Tally()
 
     def entries():
-        for start in range(0, len(shards), MANIFEST_BATCH):
-            for record in _batch_records(layout, shards[start : start + MANIFEST_BATCH], encoder_identity):
+        for batch in batched(shards, MANIFEST_BATCH):
+            for record in _batch_records(layout, batch, encoder_identity):
                 tally.add(record)
                 yield _manifest_entry(record)
 
@@ -308,6 +321,7 @@ def write_manifest(cfg: Config, shards: list[Shard], encoder_identity: dict, dim
         layout.manifest,
         entries(),
         lambda: _manifest_fields(cfg, shards, encoder_identity, dim, seconds, tally),
+        EMBEDDINGS_SHARD_ENTRY,
         layout.storage_options,
     )
 
@@ -342,10 +356,10 @@ def _manifest_entry(record: dict) -> dict:
 
 
 def _manifest_fields(
-    cfg: Config, shards: list[Shard], encoder_identity: dict, dim: int, seconds: float, tally: Tally
+    cfg: Config, shards: ShardPlan, encoder_identity: dict, dim: int, seconds: float, tally: Tally
 ) -> dict:
     """Everything of the manifest but its shard list, after the checks on the totals."""
-    rows_in = sum(s.num_rows for s in shards)
+    rows_in = shards.num_rows
     if tally.rows + tally.rejected != rows_in:
         raise RuntimeError(f"rows in ({rows_in}) != rows encoded ({tally.rows}) + rows rejected ({tally.rejected})")
     if rows_in and not tally.rows:
@@ -380,15 +394,14 @@ def _manifest_fields(
     }
 
 
-SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
 def read_embeddings_manifest(folder: Folder) -> dict:
-    """The completed stage's manifest; an error when the stage is incomplete. Shard names become file names of
-    later stages (index shards, records), so a name that could lead out of the output root is refused."""
+    """The completed stage's manifest, its ``shards`` a :class:`ShardList` read in batches (a list for a manifest
+    that holds them inline); an error when the stage is incomplete. Shard names become file names of later stages
+    (index shards, records), so a name that could lead out of the output root is refused (as the table is read)."""
     url = folder.join("embeddings", "_manifest.json")
     manifest = read_manifest(url, folder.storage_options, "encode")
-    bad = [s.get("name") for s in manifest.get("shards", []) if not SHARD_NAME.fullmatch(str(s.get("name")))]
+    inline = manifest["shards"] if isinstance(manifest.get("shards"), list) else []
+    bad = [s.get("name") for s in inline if not SHARD_NAME.fullmatch(str(s.get("name")))]
     if bad:
         raise IncompatibleOutputError(
             f"'{url}' names shards {bad[:3]} that are not shard names (letters, digits, "

@@ -2,13 +2,14 @@
 
 Layout under ``<root>/index/``::
 
-    _plan.json            identity of the build (embeddings, type, metric, training) + shard names
+    _plan.json            identity of the build (embeddings, type, metric, training) + shard count
     trained.faiss         the trained, empty index every shard index starts from (stored once)
     shard-00000.lists     IVF types: one embedding shard's inverted lists (codes and global row ids only)
     shard-00000.faiss     flat-code types: one embedding shard's index with its global row ids
     _shards/shard-00000.json  the shard's commit record, written after its index
     _merge/               IVF types, while merging: the list counts and one file per range of lists
     merged.faiss          all shards, in FAISS's format; searchers memory-map it
+    _shard_list.parquet   one entry per shard index (name, file, vectors ...), read in batches (io.shard_list)
     manifest.json         written last; its presence means the stage is complete
 """
 
@@ -18,6 +19,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ from retrieval_core.config.rules import gpu_setting, parse_memory
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
 from retrieval_core.index import faiss_index, gpu, ivf_lists, merging, search
 from retrieval_core.index.index_files import read_index_file, shard_index_url, write_index_file
-from retrieval_core.io import storage
+from retrieval_core.io import shard_list, storage
 from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import (
     IncompatibleOutputError,
@@ -38,6 +40,7 @@ from retrieval_core.io.manifest import (
     stamp,
     write_streamed,
 )
+from retrieval_core.io.schemas import INDEX_SHARD_ENTRY
 
 log = logging.getLogger(__name__)
 RECALL_K = 10
@@ -46,7 +49,8 @@ RECALL_K = 10
 @dataclasses.dataclass(frozen=True)
 class IndexPlan:
     """What one build makes, and all its steps read: the stage's config section and folders travel in the plan, so no
-    step takes the whole config. ``shards`` are the embeddings manifest's shard entries (name, path, rows ...)."""
+    step takes the whole config. ``shards`` are the embeddings manifest's shard entries with rows (name, path,
+    rows ...), read in batches from its shard table: the plan is small at any number of shards."""
 
     factory: str
     metric: str
@@ -56,7 +60,7 @@ class IndexPlan:
     seed: int
     mergeable: bool
     lists: bool  # shard indexes are inverted lists only, merged by ranges of lists (see ivf_lists)
-    shards: tuple
+    shards: Sequence[dict]
     identity: dict
     ix: IndexConfig  # the stage's own config section
     out: StageLayout  # where the stage writes: <root>/index/
@@ -76,7 +80,8 @@ def layout_of(cfg: Config) -> StageLayout:
 
 def embeddings_id(manifest: dict) -> str:
     """A digest of the embeddings a build reads (fingerprint, shards, totals): re-encoded data is a new id."""
-    content = {key: manifest[key] for key in ("fingerprint", "shards", "totals", "dim")}
+    content = {key: manifest[key] for key in ("fingerprint", "totals", "dim")}
+    content["shards"] = shard_list.content_id(manifest["shards"])
     return digest(content)
 
 
@@ -130,7 +135,7 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         ix.seed,
         mergeable,
         lists,
-        tuple(s for s in emb["shards"] if s["rows"] > 0),
+        shard_list.NonEmpty(emb["shards"]),
         identity,
         ix,
         layout_of(cfg),
@@ -148,7 +153,7 @@ def prepare(cfg: Config) -> IndexPlan:
     claim_stage_dir(
         layout.dir,
         plan.identity,
-        {"config": cfg.to_dict(), "shards": [s["name"] for s in plan.shards]},
+        {"config": cfg.to_dict(), "shards": len(plan.shards)},
         cfg.output.overwrite,
         layout.storage_options,
     )
@@ -204,10 +209,18 @@ def read_training_record(layout: StageLayout) -> dict:
     return storage.read_json(url, layout.storage_options) if storage.exists(url, layout.storage_options) else {}
 
 
-def pending_shards(plan: IndexPlan) -> list[dict]:
-    """The shards without a commit record (one listing of the records folder, not a request per shard)."""
-    done = set(plan.out.committed_names())
-    return [s for s in plan.shards if s["name"] not in done]
+def pending_shards(plan: IndexPlan) -> shard_list.Pending[dict]:
+    """The shards without a commit record (one listing of the records folder, not a request per shard; one pass
+    over the shard list)."""
+    return shard_list.pending(plan.shards, plan.out.committed_set(), _entry_name, _entry_rows)
+
+
+def _entry_name(entry: dict) -> str:
+    return entry["name"]
+
+
+def _entry_rows(entry: dict) -> int:
+    return entry["rows"]
 
 
 def shard_file_name(plan: IndexPlan, name: str) -> str:
@@ -346,8 +359,7 @@ def write_manifest(plan: IndexPlan, ntotal: int, timings: dict, recall: dict, me
     layout, largest = plan.out, [0.0]
 
     def entries():
-        for start in range(0, len(plan.shards) if plan.mergeable else 0, MANIFEST_BATCH):
-            batch = plan.shards[start : start + MANIFEST_BATCH]
+        for batch in shard_list.batched(plan.shards if plan.mergeable else (), MANIFEST_BATCH):
             urls = [layout.record_file(s["name"]) for s in batch]
             for r in storage.read_json_many(urls, layout.storage_options):
                 largest[0] = max(largest[0], r["peak_memory_mb"])
@@ -380,10 +392,10 @@ def write_manifest(plan: IndexPlan, ntotal: int, timings: dict, recall: dict, me
             "config": plan.config,
         }
 
-    return write_streamed(layout.file("manifest.json"), entries(), fields, layout.storage_options)
+    return write_streamed(layout.file("manifest.json"), entries(), fields, INDEX_SHARD_ENTRY, layout.storage_options)
 
 
-SHARD_ENTRY = ("name", "ntotal", "seconds", "peak_memory_mb", "file", "bytes", "path")
+SHARD_ENTRY = tuple(INDEX_SHARD_ENTRY.names)
 MANIFEST_BATCH = 1000  # commit records read (in parallel) and written into the manifest at a time
 
 

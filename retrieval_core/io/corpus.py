@@ -14,11 +14,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+import fsspec.utils
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval_core.config import CorpusConfig
-from retrieval_core.io import storage
+from retrieval_core.io import file_cache, storage
 from retrieval_core.io.sharding import FileMeta, Piece, Shard, blocks_for_range
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,7 @@ def _iter_jsonl(piece: Piece, columns: list[str], storage_options: dict, batch_r
     blocks, first_row = blocks_for_range(piece.file.block_rows, piece.row_start, piece.row_stop)
     if not blocks:
         return
-    fs, path = storage.filesystem(piece.file.url, storage_options)
-    with _readable(piece.file.url), fs.open(path, "rb", compression="infer") as handle:
+    with _readable(piece.file.url), _open_jsonl(piece.file.url, storage_options) as handle:
         handle.seek(piece.file.block_offsets[blocks[0]])
         batch: dict[str, list] = {c: [] for c in columns}
         row = first_row
@@ -226,6 +226,16 @@ def _iter_jsonl(piece: Piece, columns: list[str], storage_options: dict, batch_r
                 return
         if batch[columns[0]]:
             yield row - len(batch[columns[0]]), batch
+
+
+def _open_jsonl(url: str, storage_options: dict):
+    """A JSONL file open for reading at any byte offset of its text: itself, or when compressed (gzip ...), this
+    node's decompressed copy of it (made once per node, see ``file_cache.decompressed_copy``): a compressed stream
+    can only seek by decompressing from its start, which each piece of a large file would do again."""
+    if fsspec.utils.infer_compression(url):
+        return open(file_cache.decompressed_copy(url, storage_options), "rb")
+    fs, path = storage.filesystem(url, storage_options)
+    return fs.open(path, "rb")
 
 
 def _jsonl_values(line: bytes, columns: list[str]) -> list:

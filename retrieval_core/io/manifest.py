@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import resource
 import sys
 import time
 from typing import Any
 
-from retrieval_core.io import storage
-from retrieval_core.io.schemas import SCHEMA_VERSION
+from retrieval_core.io import shard_list, storage
+from retrieval_core.io.schemas import SCHEMA_VERSION, IncompatibleOutputError
 
-
-class IncompatibleOutputError(RuntimeError):
-    """Existing output was made with other settings; the message lists each difference."""
+__all__ = ["IncompatibleOutputError"]  # raised here and by the readers of stage outputs
 
 
 def identity_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -62,7 +61,7 @@ def read_manifest(url: str, storage_options: dict | None = None, stage: str = ""
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise IncompatibleOutputError(f"'{url}' has schema version {version}; this code reads {SCHEMA_VERSION}")
-    return manifest
+    return shard_list.attach(manifest, url, storage_options)
 
 
 def claim_stage_dir(
@@ -133,15 +132,15 @@ def peak_memory_mb() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
-def write_streamed(url: str, entries, fields, storage_options: dict | None = None) -> dict:
-    """Write a manifest ``{"shards": [...entries], **fields()}`` atomically, streaming the entries (an iterable of
-    dicts, consumed once) so that the writer holds one at a time; ``fields()`` is called after the last entry (so
-    it may report totals over them) and its result returned. An error on the way leaves no manifest."""
-    with storage.open_atomic(url, storage_options) as out:
-        out.write(b'{"shards": [')
-        for number, entry in enumerate(entries):
-            out.write(b",\n" if number else b"\n")
-            out.write(json.dumps(entry, sort_keys=True).encode())
-        done = fields()
-        out.write(b"\n], " + json.dumps(done, indent=2, sort_keys=True)[1:].encode())
+def write_streamed(url: str, entries, fields, schema, storage_options: dict | None = None) -> dict:
+    """Write a stage's manifest: its shard entries (an iterable of dicts, consumed once) streamed into the shard table
+    beside it (``shard_list.SHARD_LIST_FILE``, rows of ``schema``), so that the writer holds one batch; then the
+    manifest itself, ``fields()`` (called after the last entry, so it may report totals over them) plus
+    ``shard_list`` (the table's file, count and digest). Returns the manifest without its entries. An error on the
+    way leaves no manifest."""
+    table = shard_list.write(
+        storage.join(posixpath.dirname(url.rstrip("/")), shard_list.SHARD_LIST_FILE), entries, schema, storage_options
+    )
+    done = {**fields(), "shard_list": table}
+    storage.write_json_atomic(url, done, storage_options)
     return done

@@ -6,6 +6,11 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 
+
+class IncompatibleOutputError(RuntimeError):
+    """Existing output was made with other settings, or not by these jobs; the message says what differs."""
+
+
 ROW_ID = "row_id"
 DOC_ID = "doc_id"
 EMBEDDING = "embedding"
@@ -38,5 +43,35 @@ REJECTS_SCHEMA = pa.schema(
         pa.field(DOC_ID, pa.string()),
         pa.field(REJECT_SOURCE, pa.string(), nullable=False),
         pa.field(REJECT_REASON, pa.string(), nullable=False),
+    ]
+)
+
+# One entry per shard of the embeddings manifest (the shard table beside it, see io.shard_list). A refresh's version
+# adds the last four to the segments it shares with an earlier version.
+EMBEDDINGS_SHARD_ENTRY = pa.schema(
+    [
+        pa.field("name", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("row_start", pa.int64()),
+        pa.field("row_stop", pa.int64()),
+        pa.field("rows", pa.int64()),
+        pa.field("rejected", pa.int64()),
+        pa.field("rejects_path", pa.string()),
+        pa.field("shared_from", pa.string()),
+        pa.field("deleted_path", pa.string()),
+        pa.field("deleted", pa.int64()),
+    ]
+)
+
+# One entry per shard index of the index manifest (``path`` for one a refresh shares with an earlier version).
+INDEX_SHARD_ENTRY = pa.schema(
+    [
+        pa.field("name", pa.string()),
+        pa.field("ntotal", pa.int64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("peak_memory_mb", pa.float64()),
+        pa.field("file", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("path", pa.string()),
     ]
 )

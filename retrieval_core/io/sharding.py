@@ -7,8 +7,11 @@ global ids, split into pieces that each lie inside one file.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,28 +101,57 @@ def auto_rows_per_shard(
 
 
 def plan_shards(files: list[FileMeta], rows_per_shard: int) -> list[Shard]:
-    """Cut the concatenated rows of ``files`` into shards of ``rows_per_shard`` rows (the last may be shorter).
+    """Cut the concatenated rows of ``files`` into shards of ``rows_per_shard`` rows (the last may be shorter), all
+    of them in a list (see :class:`ShardPlan` for the same shards made on demand)."""
+    return list(ShardPlan(files, rows_per_shard))
 
-    One sweep over the shards and the files together: O(shards + files), each shard's pieces in file order, one per
-    non-empty file it overlaps."""
-    if rows_per_shard <= 0:
-        raise ValueError(f"rows_per_shard = {rows_per_shard}: expected a positive integer")
-    sizes = [meta.num_rows for meta in files]
-    total = sum(sizes)
-    shards = []
-    file_index, file_start = 0, 0  # the file holding global row ``row`` below, and its first global row
-    for index, start in enumerate(range(0, total, rows_per_shard)):
-        stop = min(start + rows_per_shard, total)
+
+class ShardPlan(Sequence[Shard]):
+    """The shards of a corpus, made on demand from its files' row counts: a driver walking 100,000 shards holds the
+    files' metadata and one shard, not a :class:`Shard` per shard. Iterating is one sweep over the shards and the
+    files together, O(shards + files); ``plan[i]`` finds shard ``i``'s first file by bisection, O(log files)."""
+
+    def __init__(self, files: list[FileMeta], rows_per_shard: int):
+        if rows_per_shard <= 0:
+            raise ValueError(f"rows_per_shard = {rows_per_shard}: expected a positive integer")
+        self.files, self.rows_per_shard = files, rows_per_shard
+        self.sizes = [meta.num_rows for meta in files]
+        self.starts = list(itertools.accumulate(self.sizes, initial=0))  # each file's first global row, then N
+        self.num_rows = self.starts[-1]
+
+    def __len__(self) -> int:
+        return -(-self.num_rows // self.rows_per_shard)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"shard {index} of a plan of {len(self)}")
+        start = index * self.rows_per_shard
+        return self._shard(index, bisect.bisect_right(self.starts, start) - 1)[0]
+
+    def __iter__(self) -> Iterator[Shard]:
+        file_index = 0
+        for index in range(len(self)):
+            shard, file_index = self._shard(index, file_index)
+            yield shard
+
+    def _shard(self, index: int, file_index: int) -> tuple[Shard, int]:
+        """Shard ``index``, its files looked for from ``file_index`` on (at or before its first row's file); with
+        the file index where the next shard's search starts."""
+        start = index * self.rows_per_shard
+        stop = min(start + self.rows_per_shard, self.num_rows)
         pieces, row = [], start
         while row < stop:
-            while file_start + sizes[file_index] <= row:  # files ending at or before this row (empty ones too)
-                file_start += sizes[file_index]
+            while self.starts[file_index + 1] <= row:  # files ending at or before this row (empty ones too)
                 file_index += 1
-            piece_stop = min(stop, file_start + sizes[file_index])
-            pieces.append(Piece(files[file_index], row - file_start, piece_stop - file_start))
+            piece_stop = min(stop, self.starts[file_index + 1])
+            file_start = self.starts[file_index]
+            pieces.append(Piece(self.files[file_index], row - file_start, piece_stop - file_start))
             row = piece_stop
-        shards.append(Shard(index, start, stop, tuple(pieces)))
-    return shards
+        return Shard(index, start, stop, tuple(pieces)), file_index
 
 
 def blocks_for_range(block_rows: tuple[int, ...], row_start: int, row_stop: int) -> tuple[list[int], int]:

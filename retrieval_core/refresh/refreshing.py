@@ -34,7 +34,7 @@ from retrieval_core.encode.encoding import Encoder, encode_by_length, usage_of
 from retrieval_core.io import manifest, storage, versions
 from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import stamp
-from retrieval_core.io.schemas import SCHEMA_VERSION
+from retrieval_core.io.schemas import EMBEDDINGS_SHARD_ENTRY, SCHEMA_VERSION
 from retrieval_core.io.sharding import FileMeta, Shard, plan_shards
 from retrieval_core.refresh import diffing
 
@@ -400,7 +400,7 @@ def write_version_manifest(
         {**stamp(), "identity": {**p.identity, "rows_per_shard": p.rows_per_shard}, "config": cfg.to_dict()},
         so,
     )
-    manifest = {
+    fields = {
         **stamp(),
         "stage": "embeddings",
         "fingerprint": encoder_identity["fingerprint"],
@@ -422,13 +422,12 @@ def write_version_manifest(
         },
         "next_row_id": max([p.next_row_id] + [r["row_stop"] for r in records]),
         "docmap": {"dir": "../_diff/docmap", "buckets": p.buckets},
-        "shards": sorted(entries, key=lambda e: e["row_start"]),
         **api_usage_totals(records),
         "seconds": round(seconds, 3),
         "config": cfg.to_dict(),
     }
-    storage.write_json_atomic(layout.manifest, manifest, so)
-    return manifest
+    ordered = sorted(entries, key=lambda e: e["row_start"])
+    return manifest.write_streamed(layout.manifest, ordered, lambda: fields, EMBEDDINGS_SHARD_ENTRY, so)
 
 
 # ------------------------------------------------------------------------------------------------------ changes

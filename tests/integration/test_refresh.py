@@ -140,7 +140,7 @@ def test_day2_equals_a_from_scratch_build_and_encodes_only_the_change(two_days):
 def test_versions_share_unchanged_segments_and_write_the_changes(two_days):
     root, second = two_days["root"], two_days["second"]
     version_root = Path(versions.version_root(str(root), second["version"]))
-    manifest = json.loads((version_root / "embeddings" / "_manifest.json").read_text())
+    manifest = embeddings.read_embeddings_manifest(Folder(str(version_root)))
     shared = [s for s in manifest["shards"] if s.get("shared_from")]
     assert shared and all(s["path"].startswith("../../") for s in shared)
     assert manifest["totals"]["rows_encoded_now"] == 16 and manifest["totals"]["rows_encoded"] == 202
@@ -319,10 +319,8 @@ def test_another_encoder_re_encodes_everything_and_says_so(two_days, tiny_model,
     assert changed["published"] and changed["reencoded_all"] is True
     assert (c["unchanged"], c["changed"], c["added"], c["deleted"]) == (202, 0, 0, 0)
     assert c["encoded"] == 202 and c["reused"] == 0 and len(encoded_hashes(encode_log)) == 202
-    manifest = json.loads(
-        Path(
-            versions.version_root(str(two_days["root"]), changed["version"]), "embeddings", "_manifest.json"
-        ).read_text()
+    manifest = embeddings.read_embeddings_manifest(
+        Folder(versions.version_root(str(two_days["root"]), changed["version"]))
     )
     assert not any(s.get("shared_from") for s in manifest["shards"])
 
@@ -357,9 +355,7 @@ def test_ivf_quantizer_reused_without_retraining_and_old_versions_retired(two_da
     assert third["deleted_versions"] == [first["version"]] and not (v1 / "refresh.json").exists()
     for version in (v2, v3):
         shared = [
-            s
-            for s in json.loads((version / "embeddings" / "_manifest.json").read_text())["shards"]
-            if s.get("shared_from")
+            s for s in embeddings.read_embeddings_manifest(Folder(str(version)))["shards"] if s.get("shared_from")
         ]
         assert shared and all((version / "embeddings" / s["path"]).resolve().exists() for s in shared)
 

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from helpers import REPO
 from test_refresh import SETTINGS, by_doc, day1, day2, refresh_config, search_all, snapshot
 
 from jobs import encode, index, refresh
+from retrieval_core.encode import embeddings
 from retrieval_core.io import leases, versions
 from retrieval_core.io.folder import Folder
 from retrieval_core.refresh import publishing
@@ -186,7 +186,7 @@ def test_a_root_of_plain_job_output_is_refused_unless_adopted(tmp_path, tiny_mod
     adopted = refresh.run(cfg, adopt=True)
     assert adopted["adopted"] and adopted["counts"]["encoded"] == 0 and adopted["counts"]["reused"] == 200
     version_root = versions.version_root(str(root), adopted["version"])
-    manifest = json.loads(Path(version_root, "embeddings", "_manifest.json").read_text())
+    manifest = embeddings.read_embeddings_manifest(Folder(version_root))
     assert all(s["path"].startswith("../../../embeddings/") for s in manifest["shards"])
     queries = np.stack(list(by_doc(str(root)).values())[::20])
     assert search_all(version_root, queries)[1] == search_all(str(root), queries)[1]

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from helpers import write_jsonl, write_parquet, write_synthetic_embeddings
 
@@ -334,13 +335,23 @@ def test_a_tampered_build_record_cannot_remove_outside_the_root(tmp_path):
 
 
 def test_a_manifest_naming_a_shard_outside_the_root_is_refused(tmp_path):
+    """In the shard table (refused as it is read) and in a manifest holding its shards inline (as it is opened)."""
     write_synthetic_embeddings(tmp_path, np.eye(8, dtype=np.float32), shard_rows=4)
-    url = tmp_path / "embeddings" / "_manifest.json"
+    table_url = tmp_path / "embeddings" / "_shard_list.parquet"
+    table = pq.read_table(table_url)
+    names = table.column("name").to_pylist()
+    pq.write_table(table.set_column(0, "name", pa.array(["../../escape", *names[1:]])), table_url)
+    shards = embeddings.read_embeddings_manifest(Folder(str(tmp_path)))["shards"]
+    with pytest.raises(embeddings.IncompatibleOutputError, match=r"names shards \['../../escape'\]"):
+        list(shards)
+    inline = tmp_path / "inline"
+    write_synthetic_embeddings(inline, np.eye(8, dtype=np.float32), shard_rows=4, inline=True)
+    url = inline / "embeddings" / "_manifest.json"
     manifest = json.loads(url.read_text())
     manifest["shards"][0]["name"] = "../../escape"
     url.write_text(json.dumps(manifest))
     with pytest.raises(embeddings.IncompatibleOutputError, match=r"names shards \['../../escape'\]"):
-        embeddings.read_embeddings_manifest(Folder(str(tmp_path)))
+        embeddings.read_embeddings_manifest(Folder(str(inline)))
 
 
 def test_ids_that_look_like_paths_stay_data(tmp_path, tiny_model):

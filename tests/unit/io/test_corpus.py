@@ -50,6 +50,29 @@ def test_jsonl_blocks_and_blank_lines(tmp_path, monkeypatch, rows_per_shard):
     assert got.texts == [d["text"] for d in docs]
 
 
+def test_gzip_jsonl_pieces_are_read_from_one_decompressed_copy(tmp_path, monkeypatch):
+    """Each piece of a compressed file seeks in the node's decompressed copy, made once; a rewritten file gets a
+    copy of its own."""
+    import gzip
+    import shutil
+
+    from retrieval_core.io import file_cache
+
+    monkeypatch.setenv("RETRIEVAL_FILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(corpus, "JSONL_BLOCK_ROWS", 4)
+    copies, copy = [], shutil.copyfileobj
+    monkeypatch.setattr(file_cache.shutil, "copyfileobj", lambda *a: copies.append(1) or copy(*a))
+    for day, seed in enumerate((5, 6)):
+        docs = make_docs(50 + day, seed=seed)
+        write_jsonl(tmp_path / "c.jsonl", docs, blank_every=6)
+        (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress((tmp_path / "c.jsonl").read_bytes()))
+        got = read_all(CorpusConfig(path=str(tmp_path / "c.jsonl.gz")), 3)  # 17 shards, each seeking
+        assert got.doc_ids == [d["id"] for d in docs] and got.texts == [d["text"] for d in docs]
+        assert len(copies) == day + 1
+    plain = sorted((tmp_path / "cache").glob("*-c.jsonl.gz.plain"), key=lambda p: p.stat().st_mtime)
+    assert len(plain) == 2 and plain[-1].read_bytes() == (tmp_path / "c.jsonl").read_bytes()
+
+
 def test_rejects_carry_reasons_and_rows_add_up(tmp_path):
     docs = make_docs(10)
     docs[2]["text"] = None

@@ -9,6 +9,7 @@ from retrieval_core.io.sharding import (
     FileMeta,
     Piece,
     Shard,
+    ShardPlan,
     auto_rows_per_shard,
     blocks_for_range,
     plan_shards,
@@ -151,9 +152,17 @@ def test_plan_equals_the_reference_planner():
         total = sum(f.num_rows for f in files)
         # shards within one file, and shards spanning many files (empty files among them)
         for rows_per_shard in {rng.randint(1, 3), rng.randint(1, 60), rng.randint(1, total + 2), total + 1, total or 1}:
-            assert plan_shards(files, rows_per_shard) == reference_plan(files, rows_per_shard), (case, rows_per_shard)
+            reference = reference_plan(files, rows_per_shard)
+            assert plan_shards(files, rows_per_shard) == reference, (case, rows_per_shard)
+            plan = ShardPlan(files, rows_per_shard)  # made on demand: by position, from the end, by slices
+            assert len(plan) == len(reference) and plan.num_rows == total
+            order = rng.sample(range(len(plan)), len(plan))
+            assert [plan[i] for i in order] == [reference[i] for i in order]
+            assert plan[-1:] == reference[-1:] and plan[1::3] == reference[1::3]
     files = [FileMeta("a", "parquet", ())] * 3 + [FileMeta("b", "parquet", (5,)), FileMeta("c", "parquet", ())]
     assert plan_shards(files, 2) == reference_plan(files, 2)
+    with pytest.raises(IndexError, match="shard 3 of a plan of 3"):
+        ShardPlan(files, 2)[3]
     assert [len(s.pieces) for s in plan_shards(files * 4, 7)] == [len(s.pieces) for s in reference_plan(files * 4, 7)]
 
 
