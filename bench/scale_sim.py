@@ -235,11 +235,17 @@ def merge_in_ranges(folder: Path, trained, paths: list[str], budget: int, measur
     ivf = faiss.extract_index_ivf(trained)
     totals, _ = ivf_lists.list_totals(paths)
     ranges = ivf_lists.plan_ranges(totals, ivf.code_size + 8, budget // 2)  # as merging.plan_merge
+    spans = ivf_lists.range_spans(paths, ranges, ivf.nlist)
     peaks, range_files = [], []
     for number, (lo, hi) in enumerate(ranges):
         range_files.append(str(folder / f"range-{number:05d}.bin"))
-        task = {"step": "merge_range", "paths": paths, "lo": lo, "hi": hi, "out": range_files[-1]}
-        peaks.append(child(task) if measure else ivf_lists.merge_range(paths, lo, hi, range_files[-1]))
+        if not measure:
+            ivf_lists.merge_range(paths, spans[number], lo, totals[lo:hi], ivf.code_size, range_files[-1])
+            continue
+        np.save(folder / "spans.npy", spans[number])  # what merging.merge_range reads of _merge/ for its range
+        np.save(folder / "counts.npy", totals[lo:hi])
+        task = {"step": "merge_range", "paths": paths, "lo": lo, "folder": str(folder), "out": range_files[-1]}
+        peaks.append(child(task | {"code_size": ivf.code_size}))
     merged = str(folder / "merged.faiss")
     ivf_lists.assemble(ivf_lists.merged_prefix(trained, totals), range_files, merged)
     for path in range_files:
@@ -265,7 +271,8 @@ def run_child(task: dict) -> dict:
 
     if task["step"] == "merge_range":
         before, started = rss_mib(), time.perf_counter()
-        entries = ivf_lists.merge_range(task["paths"], task["lo"], task["hi"], task["out"])
+        spans, counts = (np.load(Path(task["folder"], name)) for name in ("spans.npy", "counts.npy"))
+        entries = ivf_lists.merge_range(task["paths"], spans, task["lo"], counts, task["code_size"], task["out"])
         seconds = time.perf_counter() - started
         return {"peak_above_start_mib": round(rss_mib("VmHWM") - before, 1), "entries": entries, "seconds": seconds}
     queries = blobs(task["queries"], task["dim"], task["seed"] + 7)[: task["queries"]].copy()

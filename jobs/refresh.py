@@ -13,13 +13,12 @@ the run, or another error; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM)
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from typing import Any
 
-from jobs import _cli, _progress, evaluate, index
+from jobs import _cli, _progress, evaluate, index, version_admin
 from jobs.ray import actors, cluster, dispatch
 from retrieval_core.config import Config
 from retrieval_core.encode import embeddings, encoding
@@ -56,20 +55,8 @@ def run(cfg: Config, adopt: bool = False, wait: bool = False) -> dict:
     :class:`leases.LeaseLost` when another process took the lease over, :class:`versions.CurrentMovedError` when
     CURRENT moved under the run. ``adopt``: see :func:`check_adoption`."""
     check_adoption(cfg, adopt)
-    with lease_of(cfg, "jobs.refresh", wait) as lease:
+    with version_admin.lease_of(cfg, "jobs.refresh", wait) as lease:
         return _refresh(cfg, lease, adopt)
-
-
-def lease_of(cfg: Config, job: str, wait: bool = False):
-    """The root's refresh lease, held for a ``with`` block (a refresh or a rollback)."""
-    pu = cfg.publish
-    return versions.leased(
-        Folder.output(cfg.output),
-        pu.lease_expiry,
-        pu.lease_renew,
-        owner={"job": job},
-        wait=wait,
-    )
 
 
 def check_adoption(cfg: Config, adopt: bool) -> None:
@@ -441,44 +428,6 @@ def format_summary(r: dict) -> str:
     )
 
 
-def rollback(cfg: Config, name: str, wait: bool = False, force: bool = False) -> dict:
-    """Point CURRENT at version ``name`` holding the refresh lease (refused while a refresh or another rollback
-    holds it, unless ``wait``); a failed or abandoned version only with ``force``. Returns the new CURRENT."""
-    root, so = cfg.output.root, cfg.output.storage_options
-    with lease_of(cfg, "rollback", wait) as lease:
-        target = versions.rollback_target(Folder(root, so), name, force)
-        forced = target["state"] in versions.KEPT_FOR_INSPECTION
-        if forced:
-            log.warning("refresh: --force: publishing %s, which is %s: %s", name, target["state"], target["detail"])
-        current = versions.read_current(Folder(root, so))
-        return versions.publish(
-            Folder(root, so),
-            name,
-            expected=(current or {}).get("version"),
-            by={"action": "rollback", **({"forced": target["detail"]} if forced else {})},
-            lease=lease,
-        )
-
-
-def rollback_summary(current: dict) -> str:
-    by = current["by"]
-    forced = f" (forced past: {by['forced']})" if by.get("forced") else ""
-    return (
-        f"refresh: CURRENT now names {current['version']} (was {current['previous'] or 'nothing'}){forced}; "
-        f"rolled back by {by['user']}@{by['host']} at {by['at']}"
-    )
-
-
-def list_versions(cfg: Config, as_json: bool) -> str:
-    """Every version of the root with its state, counts and date; JSON with ``as_json``."""
-    found = versions.states(Folder.output(cfg.output))
-    if as_json:
-        return json.dumps({"root": cfg.output.root, "versions": found}, indent=2)
-    if not found:
-        return f"no versions under {cfg.output.root}"
-    return "\n".join(versions.state_line(s) for s in found)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = _cli.parser(__doc__, "python -m jobs.refresh", KEYS)
     p.add_argument(
@@ -502,12 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = _cli.config_from_args(args)
     if args.list:
-        return _cli.run_guarded(cfg, lambda: list_versions(cfg, args.json), print)
+        return _cli.run_guarded(cfg, lambda: version_admin.list_versions(cfg, args.json), print)
     if args.rollback:
         return _cli.run_guarded(
             cfg,
-            lambda: rollback(cfg, args.rollback, args.wait, args.force),
-            lambda current: print(rollback_summary(current)),
+            lambda: version_admin.rollback(cfg, args.rollback, args.wait, args.force),
+            lambda current: print(version_admin.rollback_summary(current)),
         )
     return _cli.run_guarded(
         cfg,

@@ -5,16 +5,20 @@ shards' commit records. The plan's steps (``indexing``) and the merge (``merging
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any, cast
 
 from retrieval_core.index import faiss_index
-from retrieval_core.io import faults, file_cache, storage
+from retrieval_core.io import faults, file_cache, shard_list, storage
+
+RECORDS_AT_ONCE = 1000  # commit records read (in parallel) and held at a time
 
 
-def shard_records(plan) -> list[dict]:
-    """The commit records of the plan's shards, in shard order, read in parallel."""
+def shard_records(plan) -> Iterator[dict]:
+    """The commit records of the plan's shards, in shard order, read in parallel ``RECORDS_AT_ONCE`` at a time."""
     layout = plan.out
-    return storage.read_json_many([layout.record_file(s["name"]) for s in plan.shards], layout.storage_options)
+    for batch in shard_list.batched(plan.shards, RECORDS_AT_ONCE):
+        yield from storage.read_json_many([layout.record_file(s["name"]) for s in batch], layout.storage_options)
 
 
 def shard_index_url(index_dir: str, record: dict) -> str:

@@ -127,29 +127,88 @@ def read_lists(url: str, header: ListsHeader, lo: int, hi: int, storage_options:
     fs, path = storage.filesystem(url, storage_options)
     with storage.naming(url, "read"):
         data = np.frombuffer(fs.cat_file(path, start, stop), dtype=np.uint8)
+    return (numbers, sizes, *_entries(data, sizes, header.code_size))
+
+
+def _entries(data: np.ndarray, sizes: np.ndarray, code_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, ids) of the payload bytes of consecutive lists of ``sizes`` entries (each list's codes, then ids)."""
     total = int(sizes.sum())
-    codes, ids = np.empty((total, header.code_size), np.uint8), np.empty(total, np.int64)
+    codes, ids = np.empty((total, code_size), np.uint8), np.empty(total, np.int64)
     position, row = 0, 0
     for size in sizes.tolist():
-        codes[row : row + size] = data[position : position + size * header.code_size].reshape(size, -1)
-        position += size * header.code_size
+        codes[row : row + size] = data[position : position + size * code_size].reshape(size, -1)
+        position += size * code_size
         ids[row : row + size] = data[position : position + size * ID_BYTES].view(np.int64)
         position += size * ID_BYTES
         row += size
-    return numbers, sizes, codes, ids
+    return codes, ids
+
+
+SPAN_FIELDS = 4  # a shard's part of a range of lists: first and end entry of its header, its count, payload start
+
+
+def spans(header: ListsHeader, bounds: np.ndarray) -> np.ndarray:
+    """Where the ranges of lists cut at ``bounds`` (each range's first list, then ``nlist``) lie in this shard's
+    file: one row per range of (first header entry, end header entry, the header's entry count, payload start), so
+    that a range's task reads its slice of the header and its payload, not the whole header."""
+    cut = np.searchsorted(header.lists, bounds)
+    ends = np.concatenate([[0], np.cumsum(header.sizes)]) * header.entry_bytes
+    first, last = cut[:-1], cut[1:]
+    count = np.full(len(first), len(header.lists))
+    return np.stack([first, last, count, header.data_start + ends[first]], axis=1).astype(np.int64)
+
+
+def read_span(url: str, span: np.ndarray, code_size: int, storage_options: dict | None = None):
+    """(lists, sizes, codes, ids) of one shard's part of a range (a row of :func:`spans`): three ranged reads
+    (its header entries' lists and sizes, then its payload), none when the shard holds none of the range."""
+    first, last, count, start = (int(v) for v in span)
+    if last == first:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, code_size), np.uint8), np.zeros(0, np.int64)
+    fs, path = storage.filesystem(url, storage_options)
+    with storage.naming(url, "read"):
+        numbers = np.frombuffer(fs.cat_file(path, HEAD.size + 8 * first, HEAD.size + 8 * last), np.int64)
+        at = HEAD.size + 8 * count
+        sizes = np.frombuffer(fs.cat_file(path, at + 8 * first, at + 8 * last), np.int64)
+        stop = start + int(sizes.sum()) * (code_size + ID_BYTES)
+        data = np.frombuffer(fs.cat_file(path, start, stop), dtype=np.uint8)
+    return (numbers, sizes, *_entries(data, sizes, code_size))
+
+
+def range_spans(
+    urls: list[str], ranges: list[tuple[int, int]], nlist: int, storage_options: dict | None = None
+) -> np.ndarray:
+    """Every shard's :func:`spans` for ``ranges``, as an array (range, shard, field): what the plan gives each range
+    task (its row), so that no range task reads the whole headers. Memory: 32 bytes per range and shard, and a batch
+    of headers."""
+    bounds = np.array([lo for lo, _ in ranges] + [nlist], dtype=np.int64)
+    out = np.zeros((len(ranges), len(urls), SPAN_FIELDS), np.int64)
+    for number, (_, header) in enumerate(headers(urls, storage_options)):
+        out[:, number, :] = spans(header, bounds)
+    return out
+
+
+HEADERS_AT_ONCE = 256  # shard headers read (in parallel) and held at a time
+
+
+def headers(urls: list[str], storage_options: dict | None = None) -> Iterable[tuple[str, ListsHeader]]:
+    """The shard files' headers in order, read in parallel ``HEADERS_AT_ONCE`` at a time (held no longer)."""
+    for start in range(0, len(urls), HEADERS_AT_ONCE):
+        batch = urls[start : start + HEADERS_AT_ONCE]
+        yield from zip(batch, storage.map_threads(lambda url: read_header(url, storage_options), batch))
 
 
 def list_totals(urls: list[str], storage_options: dict | None = None) -> tuple[np.ndarray, int]:
     """(entries of each list over all the shard files, bytes per entry), from their headers alone, read in
-    parallel; the files must agree on the number of lists. Memory: one count per list."""
-    headers = storage.map_threads(lambda url: read_header(url, storage_options), urls)
-    nlist = headers[0].nlist if headers else 0
-    totals = np.zeros(nlist, dtype=np.int64)
-    for url, header in zip(urls, headers):
-        if header.nlist != nlist:
-            raise ValueError(f"'{url}' holds {header.nlist} lists, the other shard files {nlist}")
+    parallel a batch at a time; the files must agree on the number of lists. Memory: one count per list and a
+    batch of headers."""
+    totals, entry_bytes = None, 1
+    for url, header in headers(urls, storage_options):
+        if totals is None:
+            totals, entry_bytes = np.zeros(header.nlist, dtype=np.int64), header.entry_bytes
+        if header.nlist != len(totals):
+            raise ValueError(f"'{url}' holds {header.nlist} lists, the other shard files {len(totals)}")
         np.add.at(totals, header.lists, header.sizes)
-    return totals, headers[0].entry_bytes if headers else 1
+    return (np.zeros(0, np.int64) if totals is None else totals), entry_bytes
 
 
 def plan_ranges(totals: np.ndarray, entry_bytes: int, budget: int) -> list[tuple[int, int]]:
@@ -166,22 +225,19 @@ def plan_ranges(totals: np.ndarray, entry_bytes: int, budget: int) -> list[tuple
     return ranges
 
 
-def merge_range(urls: list[str], lo: int, hi: int, out_url: str, storage_options: dict | None = None) -> int:
-    """Write the lists ``[lo, hi)`` of all shard files, in shard order within each list, as the merged file's
-    payload for them (each list's codes, then its ids); returns the entries written. Memory: the range's codes and
-    ids once (each shard's entries are copied to their place as it is read), plus one shard's share of them."""
-    headers = [read_header(url, storage_options) for url in urls]
-    counts = np.zeros(hi - lo, dtype=np.int64)
-    for header in headers:
-        _, _, which = header.span(lo, hi)
-        np.add.at(counts, header.lists[which] - lo, header.sizes[which])
+def merge_range(
+    urls: list[str], shard_spans: np.ndarray, lo: int, counts: np.ndarray, code_size: int, out_url: str, so=None
+) -> int:
+    """Write the lists ``[lo, lo + len(counts))`` of all shard files, in shard order within each list, as the merged
+    file's payload for them (each list's codes, then its ids); returns the entries written. ``shard_spans``: each
+    shard's row of :func:`spans` for this range; ``counts``: each list's entries over all shards. Memory: the
+    range's codes and ids once (each shard's part is copied to its place as it is read) and one shard's part."""
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    code_size = headers[0].code_size if headers else 0
     all_codes = np.empty((int(starts[-1]), code_size), np.uint8)
     all_ids = np.empty(int(starts[-1]), np.int64)
     cursor = starts[:-1].copy()  # where each list's next entries go: shard after shard
-    for url, header in zip(urls, headers):
-        numbers, sizes, codes, ids = read_lists(url, header, lo, hi, storage_options)
+    for url, span in zip(urls, shard_spans):
+        numbers, sizes, codes, ids = read_span(url, span, code_size, so)
         if not len(ids):
             continue
         first_of_list = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -189,7 +245,7 @@ def merge_range(urls: list[str], lo: int, hi: int, out_url: str, storage_options
         all_codes[destination] = codes
         all_ids[destination] = ids
         cursor[numbers - lo] += sizes
-    with storage.open_atomic(out_url, storage_options) as out:
+    with storage.open_atomic(out_url, so) as out:
         for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
             if b > a:
                 out.write(all_codes[a:b].tobytes())

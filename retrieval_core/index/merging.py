@@ -3,11 +3,16 @@
 IVF types whose lists stream (``IndexPlan.lists``; see :mod:`retrieval_core.index.ivf_lists`) merge in three steps
 that each hold a bounded amount, whatever the corpus:
 
-1. :func:`plan_merge` reads the shard files' headers (their URLs go to ``_merge/files.json``, so that the range
-   tasks read one file, not a commit record per shard) and cuts the lists into ranges of at most half of
-   ``index.merge_memory`` bytes of codes and ids. Memory: one count per list.
-2. :func:`merge_range`, one task per range, writes ``_merge/range-<first list>-<end>.bin``. Memory: about
-   ``index.merge_memory``. A range already written is kept on a rerun.
+1. :func:`plan_merge` reads the shard files' headers, a batch at a time, twice: to count each list's entries and
+   cut the lists into ranges of at most half of ``index.merge_memory`` bytes of codes and ids, then to find where
+   each range lies in each shard file. It writes ``_merge/totals.npy`` (entries per list), ``_merge/files.json``
+   (the shard files: the range tasks read one file, not a commit record per shard) and ``_merge/spans.bin`` (per
+   range, per shard: the slice of the header and the payload offset; one row per range). Memory: one count per
+   list, a batch of headers and 32 bytes per range and shard.
+2. :func:`merge_range`, one task per range, reads its row of ``spans.bin`` and, from each shard file, its slice of
+   the header and its payload, and writes ``_merge/range-<first list>-<end>.bin``. Memory: about
+   ``index.merge_memory`` (the range's entries, never a whole header). A range already written is kept on a
+   rerun.
 3. :func:`assemble` writes ``merged.faiss`` from the trained index and the range files, then removes ``_merge/``.
    Memory: the trained index and one copy buffer.
 
@@ -32,10 +37,13 @@ MERGE_DIR = "_merge"
 
 @dataclasses.dataclass(frozen=True)
 class MergePlan:
-    """The ranges of lists the merge is cut into; the per-list counts are in ``_merge/totals.npy``."""
+    """The ranges of lists the merge is cut into; the per-list counts are in ``_merge/totals.npy``, where each range
+    lies in each shard file in ``_merge/spans.bin``."""
 
     ranges: tuple[tuple[int, int], ...]
     ntotal: int
+    shards: int
+    code_size: int
 
 
 def shard_files(plan) -> list[str]:
@@ -51,6 +59,10 @@ def _files_url(plan) -> str:
     return plan.out.file(MERGE_DIR, "files.json")
 
 
+def _spans_url(plan) -> str:
+    return plan.out.file(MERGE_DIR, "spans.bin")
+
+
 def range_url(plan, lo: int, hi: int) -> str:
     """A range's file, named by its lists: a rerun with other ranges (another ``index.merge_memory``) never takes a
     file of the run before for one of its own."""
@@ -58,26 +70,33 @@ def range_url(plan, lo: int, hi: int) -> str:
 
 
 def plan_merge(plan) -> MergePlan:
-    """Count each list's entries over all shard files (headers only, read in parallel) and cut the lists into
+    """Count each list's entries over all shard files (headers only, read in parallel batches), cut the lists into
     ranges of at most half of ``index.merge_memory`` bytes (a range task holds its range once, plus one shard's
-    share of it)."""
+    share of it), and record where each range lies in each shard file."""
     layout, urls = plan.out, shard_files(plan)
-    totals, entry_bytes = ivf_lists.list_totals(urls, layout.storage_options)
+    so = layout.storage_options
+    totals, entry_bytes = ivf_lists.list_totals(urls, so)
     budget = max(1, parse_memory(plan.ix.merge_memory, "index.merge_memory") // 2)
     ranges = ivf_lists.plan_ranges(totals, entry_bytes, budget)
-    with storage.open_atomic(_totals_url(plan), layout.storage_options) as out:
+    spans = ivf_lists.range_spans(urls, ranges, len(totals), so)
+    with storage.open_atomic(_totals_url(plan), so) as out:
         np.save(out, totals)
-    storage.write_json_atomic(_files_url(plan), urls, layout.storage_options)  # read once by each range task
-    return MergePlan(tuple(ranges), int(totals.sum()))
+    storage.write_bytes_atomic(_spans_url(plan), spans.tobytes(), so)  # one row per range
+    storage.write_json_atomic(_files_url(plan), urls, so)  # read once by each range task
+    return MergePlan(tuple(ranges), int(totals.sum()), len(urls), entry_bytes - ivf_lists.ID_BYTES)
 
 
 def merge_range(plan, merge: MergePlan, number: int) -> dict:
     """Write range ``number`` of ``merge`` (kept when a run before wrote it); returns its lists and peak memory."""
     lo, hi = merge.ranges[number]
     layout, url = plan.out, range_url(plan, lo, hi)
-    if not storage.exists(url, layout.storage_options):
-        urls = storage.read_json(_files_url(plan), layout.storage_options)  # one read, not a record per shard
-        ivf_lists.merge_range(urls, lo, hi, url, layout.storage_options)
+    so = layout.storage_options
+    if not storage.exists(url, so):
+        urls = storage.read_json(_files_url(plan), so)  # one read, not a record per shard
+        row = merge.shards * ivf_lists.SPAN_FIELDS * 8
+        spans = np.frombuffer(storage.read_range(_spans_url(plan), number * row, (number + 1) * row, so), np.int64)
+        counts = np.load(io.BytesIO(storage.read_bytes(_totals_url(plan), so)))[lo:hi]
+        ivf_lists.merge_range(urls, spans.reshape(merge.shards, -1), lo, counts, merge.code_size, url, so)
     from retrieval_core.io.manifest import peak_memory_mb
 
     return {"range": number, "lists": [lo, hi], "peak_memory_mb": peak_memory_mb()}

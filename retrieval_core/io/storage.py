@@ -248,6 +248,13 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
 READ_THREADS = 16  # concurrent small reads (commit records, headers): on object storage each is a round trip
 
 
+def read_range(url: str, start: int, stop: int, storage_options: dict | None = None) -> bytes:
+    """Bytes ``[start, stop)`` of a file (one ranged request on object storage)."""
+    fs, path = filesystem(url, storage_options)
+    with naming(url, "read"):
+        return fs.cat_file(path, start, stop)
+
+
 def read_json_many(urls: list[str], storage_options: dict | None = None) -> list[Any]:
     """The JSON documents at ``urls``, in their order, read ``READ_THREADS`` at a time."""
     return map_threads(lambda url: read_json(url, storage_options), urls)

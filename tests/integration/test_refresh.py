@@ -13,7 +13,7 @@ import pytest
 from conftest import arm_faults, disarm_faults, faults_fired
 from helpers import REPO, clear_encoded, config, encoded_hashes, make_docs, write_parquet
 
-from jobs import refresh
+from jobs import refresh, version_admin
 from jobs.ray import cluster
 from retrieval_core.encode import embeddings
 from retrieval_core.index import faiss_index, indexing
@@ -200,7 +200,7 @@ def test_search_reads_current_and_rollback_moves_it(two_days, tiny_model):
     assert versions.read_current(Folder(str(root), None))["version"] == two_days["first"]["version"]
     day1_ids = {h["doc_id"] for h in search.run(cfg, ["new"], k=200)[0]}
     assert not any(d.startswith("new") for d in day1_ids)  # day 1 had none of the added documents
-    current = refresh.rollback(cfg, two_days["second"]["version"])
+    current = version_admin.rollback(cfg, two_days["second"]["version"])
     assert current["version"] == two_days["second"]["version"] and current["by"]["action"] == "rollback"
     assert [m["action"] for m in current["history"]][-3:] == ["refresh", "rollback", "rollback"]
 

@@ -3,6 +3,8 @@ recall tuning, auto type choice, resume and identity checks."""
 
 from __future__ import annotations
 
+import os
+
 import faiss
 import numpy as np
 import pytest
@@ -124,6 +126,41 @@ def test_a_merge_range_holds_a_bounded_share_of_the_lists(tmp_path, vectors):
     assert ranges[0][0] == 0 and ranges[-1][1] == 32 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert all(totals[lo:hi].sum() * entry <= 20000 or hi - lo == 1 for lo, hi in ranges)
     assert len(ranges) >= totals.sum() * entry / 20000 and merge.ntotal == len(vectors)
+
+
+def test_a_range_task_reads_its_slice_of_each_shard_file_and_nothing_else(tmp_path, vectors, monkeypatch):
+    """The plan's spans give each range, in each shard file, the slice of the header and the payload of its lists:
+    what a range task reads equals the lists [lo, hi) read from the whole header, and its reads add up to the
+    shard files' payload once over all ranges (plus the header slices: 16 bytes per list present)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from retrieval_core.index import ivf_lists
+
+    cfg, _ = build(tmp_path, vectors, type="IVF32,Flat", merge_memory="40000")
+    plan = indexing.prepare(cfg)
+    merge = merging.plan_merge(plan)
+    urls = merging.shard_files(plan)
+    spans = np.fromfile(tmp_path / "index" / "_merge" / "spans.bin", np.int64).reshape(len(merge.ranges), len(urls), 4)
+    read = []
+    cat = LocalFileSystem.cat_file  # a spy counting the bytes of each ranged read
+    monkeypatch.setattr(
+        LocalFileSystem,
+        "cat_file",
+        lambda fs, path, start=None, end=None, **kw: read.append(end - start) or cat(fs, path, start, end, **kw),
+    )
+    for number, (lo, hi) in enumerate(merge.ranges):
+        for url, span in zip(urls, spans[number]):
+            header = ivf_lists.read_header(url)
+            got, want = ivf_lists.read_span(url, span, DIM * 4), ivf_lists.read_lists(url, header, lo, hi)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+    headers = [ivf_lists.read_header(url) for url in urls]
+    read.clear()
+    for number in range(len(merge.ranges)):
+        for url, span in zip(urls, spans[number]):
+            ivf_lists.read_span(url, span, DIM * 4)
+    assert sum(read) == sum(os.path.getsize(url) - ivf_lists.HEAD.size for url in urls)
+    assert sum(read) == sum(h.sizes.sum() * (DIM * 4 + 8) + 16 * len(h.lists) for h in headers)
 
 
 def test_a_rerun_with_other_merge_ranges_never_takes_the_ranges_of_the_run_before(tmp_path, vectors):
