@@ -457,22 +457,25 @@ def write_changes(p: RefreshPlan, records: list[dict], so: dict) -> dict:
 
 
 def _stream(url: str, so: dict, tables, schema: pa.Schema | None) -> int:
-    """Concatenate ``tables`` into one Parquet file, holding one at a time; returns the rows written."""
-    sink, writer, rows = pa.BufferOutputStream(), None, 0
-    for table in tables:
-        table = table.replace_schema_metadata(None)
+    """Concatenate ``tables`` into one Parquet file, one row group (or more) per table as it comes, streamed to
+    its place (on object storage a multipart upload, see ``storage.open_atomic``): this holds one table, never the
+    file. Returns the rows written."""
+    rows = 0
+    with storage.open_atomic(url, so) as out:
+        writer = None
+        for table in tables:
+            table = table.replace_schema_metadata(None)
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema, compression="zstd")
+            writer.write_table(table)
+            rows += table.num_rows
         if writer is None:
-            writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
-        writer.write_table(table)
-        rows += table.num_rows
-    if writer is None:
-        if schema is None:  # no upserts: an empty file with the embeddings columns' names
-            schema = pa.schema(
-                [("doc_id", pa.string()), ("embedding", pa.list_(pa.float32())), ("text_hash", pa.string())]
-            )
-        writer = pq.ParquetWriter(sink, schema, compression="zstd")
-    writer.close()
-    storage.write_bytes_atomic(url, sink.getvalue().to_pybytes(), so)
+            if schema is None:  # no upserts: an empty file with the embeddings columns' names
+                schema = pa.schema(
+                    [("doc_id", pa.string()), ("embedding", pa.list_(pa.float32())), ("text_hash", pa.string())]
+                )
+            writer = pq.ParquetWriter(out, schema, compression="zstd")
+        writer.close()
     return rows
 
 
