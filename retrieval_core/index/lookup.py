@@ -6,10 +6,11 @@ import bisect
 from typing import Iterable
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from retrieval_core.config import CorpusConfig
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_table
-from retrieval_core.io import storage
+from retrieval_core.io import file_cache, storage
 from retrieval_core.io.corpus import inspect_corpus, read_shard, texts_at
 from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import FileMeta, plan_shards
@@ -178,7 +179,9 @@ def _version_texts(
 
 def snapshot_rows(folder: Folder, manifest: dict, doc_ids: set[str]) -> dict[str, int]:
     """Doc id -> its row in the version's snapshot, from the doc map (partitioned by a hash of the doc id, so only
-    the buckets holding ``doc_ids`` are read)."""
+    the buckets holding ``doc_ids`` are read). On object storage a bucket is read from this node's copy of it
+    (``file_cache.local_copy``), fetched once and shared by the node's processes: the mining workers of a node ask
+    for the same buckets again and again."""
     from retrieval_core.io.sharding import buckets_of
 
     docmap = manifest["docmap"]
@@ -186,7 +189,8 @@ def snapshot_rows(folder: Folder, manifest: dict, doc_ids: set[str]) -> dict[str
     wanted = sorted(doc_ids)
     out: dict[str, int] = {}
     for bucket in sorted(set(buckets_of(wanted, docmap["buckets"]).tolist())):
-        table = directory.read_parquet(f"b{bucket:05d}.parquet")
+        local = file_cache.local_copy(directory.join(f"b{bucket:05d}.parquet"), folder.storage_options)
+        table = pq.read_table(local, columns=["doc_id", "corpus_row"])
         out.update(
             (d, r)
             for d, r in zip(table.column("doc_id").to_pylist(), table.column("corpus_row").to_pylist())

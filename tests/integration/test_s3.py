@@ -24,7 +24,7 @@ from helpers import DEMO_CORPUS, REPO, config, make_docs, write_parquet
 from jobs import encode, pipeline, search, train
 from retrieval_core.config import PIPELINE_STAGES, REDACTED, ConfigError, ModelConfig, load_config
 from retrieval_core.encode import embeddings, encoding, model_files
-from retrieval_core.index import faiss_index, indexing
+from retrieval_core.index import faiss_index, indexing, lookup
 from retrieval_core.io import storage
 from retrieval_core.io.folder import Folder
 from retrieval_core.mine import mining
@@ -522,7 +522,10 @@ def test_credentials_are_in_nothing_the_jobs_wrote(runs, s3_options):
     ] == dict.fromkeys(s3_options, REDACTED)
 
 
-def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, tiny_model, tmp_path):
+def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, tiny_model, tmp_path, monkeypatch):
+    """...and a version's texts, looked up through its doc map, equal local ones: the doc map's buckets are read
+    from the node's copies, fetched once."""
+    monkeypatch.setenv("RETRIEVAL_FILE_CACHE", str(tmp_path / "cache"))
     """Two nights of jobs.refresh with the snapshots and the versions on S3, every step in Ray tasks and actors: the
     same counts, vectors and changes as on local paths in the job's own process; CURRENT names the new version; the
     secret is in no object of the refreshed root."""
@@ -562,12 +565,21 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
             results[where, night] = refresh.run(config(corpus, root, model=tiny_model, **settings, **extra))
         options = extra and s3_options
         version_root, _ = versions.resolve_root(Folder(root, options or None))
-        _, vectors, doc_ids = embeddings.load_embeddings(Folder(version_root, options or None))
+        row_ids, vectors, doc_ids = embeddings.load_embeddings(Folder(version_root, options or None))
         upserts = storage.read_parquet(storage.join(version_root, "changes", "upserts.parquet"), options or None)
         results[where] = (dict(zip(doc_ids, vectors)), sorted(upserts.column("doc_id").to_pylist()))
+        copies = []
+        for _ in range(2):  # the second lookup reads the same copies of the doc map's buckets (not fetched again)
+            found = lookup.texts_for_rows(Folder(version_root, options or None), row_ids.tolist(), options or None)
+            results[where, "texts"] = {doc: found[row] for row, doc in zip(row_ids.tolist(), doc_ids)}
+            copies.append({p.name: p.stat().st_ino for p in (tmp_path / "cache").glob("*-b*.parquet")})
+        assert copies[0] == copies[1]
+        results[where, "cached"] = sorted(copies[1])
     for key in ("documents", "unchanged", "changed", "added", "deleted", "encoded"):
         assert results["local", "day2"]["counts"][key] == results["s3", "day2"]["counts"][key], key
     assert results["s3", "day2"]["counts"]["changed"] == 8 and results["s3", "day2"]["counts"]["deleted"] == 4
+    assert results["s3", "texts"] == results["local", "texts"] and len(results["s3", "texts"]) == len(doc_ids)
+    assert results["local", "cached"] == [] and results["s3", "cached"]  # a local root is read in place
     local_vectors, local_upserts = results["local"]
     s3_vectors, s3_upserts = results["s3"]
     assert sorted(local_vectors) == sorted(s3_vectors) and local_upserts == s3_upserts
