@@ -65,7 +65,7 @@ def run(cfg: Config, on_shard_done=None) -> dict:
     if not pending and storage.exists(layout.manifest, layout.storage_options):
         manifest = embeddings.read_embeddings_manifest(Folder.output(cfg.output))
     else:
-        dim = tally.dim or _committed_dim(layout)
+        dim = tally.dim or _committed_dim(layout, shards)
         manifest = embeddings.write_manifest(cfg, shards, identity, dim, time.perf_counter() - started)
     return _summary(manifest, tally, time.perf_counter() - started, layout.dir)
 
@@ -136,9 +136,14 @@ def _encode_on_actors(cfg: Config, session, pending: Pending, identity: dict, do
         )
 
 
-def _committed_dim(layout) -> int:
-    names = layout.committed_names()
-    return storage.read_json(layout.record_file(names[0]), layout.storage_options)["dim"] if names else 0
+def _committed_dim(layout, shards) -> int:
+    """The vectors' dimension when this run encoded nothing: from the first shard's commit record (one read)."""
+    url = layout.record_file(shards[0].name) if len(shards) else ""
+    return (
+        storage.read_json(url, layout.storage_options)["dim"]
+        if url and storage.exists(url, layout.storage_options)
+        else 0
+    )
 
 
 def _summary(manifest: dict, tally: embeddings.Tally, seconds: float, where: str) -> dict:

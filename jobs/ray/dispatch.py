@@ -95,6 +95,8 @@ def run_on_actors(
     lost and that cannot be restarted for want of room, and of a straggler; the work must be idempotent (a shard
     commit is: the same content under the same name).
     """
+    if not actors:
+        raise ValueError(f"run_on_actors({method!r}): no actors to run on")
     calls = _Calls(actors, method, args, item_arg or (lambda item: item))
     queue = iter(enumerate(items))
     durations: collections.deque[float] = collections.deque(maxlen=DURATIONS_KEPT)

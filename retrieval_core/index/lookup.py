@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import bisect
-from typing import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from retrieval_core.config import CorpusConfig
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_table
-from retrieval_core.io import file_cache, storage
+from retrieval_core.io import file_cache, shard_list, storage
 from retrieval_core.io.corpus import inspect_corpus, read_shard, texts_at
 from retrieval_core.io.folder import Folder
 from retrieval_core.io.sharding import FileMeta, plan_shards
 
 
-def _shards_holding(shards: list[dict], row_ids: Iterable[int]) -> dict[int, list[int]]:
-    """Manifest shard index -> the wanted row ids inside its [row_start, row_stop) range."""
-    starts = [s["row_start"] for s in shards]
+def _shards_holding(shards: Sequence[dict], row_ids: Iterable[int]) -> dict[int, list[int]]:
+    """Manifest shard index -> the wanted row ids inside its [row_start, row_stop) range (the shards' bounds are
+    read once per shard list and kept: 16 bytes a shard)."""
+    starts, stops = shard_list.row_bounds(shards)
     wanted: dict[int, list[int]] = {}
     for row_id in sorted(set(int(r) for r in row_ids if r >= 0)):
-        i = bisect.bisect_right(starts, row_id) - 1
-        if i >= 0 and row_id < shards[i]["row_stop"]:
+        i = int(np.searchsorted(starts, row_id, side="right")) - 1
+        if i >= 0 and row_id < stops[i]:
             wanted.setdefault(i, []).append(row_id)
     return wanted
 

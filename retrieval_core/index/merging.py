@@ -81,7 +81,7 @@ def plan_merge(plan) -> MergePlan:
     spans = ivf_lists.range_spans(urls, ranges, len(totals), so)
     with storage.open_atomic(_totals_url(plan), so) as out:
         np.save(out, totals)
-    storage.write_bytes_atomic(_spans_url(plan), spans.tobytes(), so)  # one row per range
+    storage.write_bytes_atomic(_spans_url(plan), spans.reshape(-1).view(np.uint8).data, so)  # one row per range
     storage.write_json_atomic(_files_url(plan), urls, so)  # read once by each range task
     return MergePlan(tuple(ranges), int(totals.sum()), len(urls), entry_bytes - ivf_lists.ID_BYTES)
 

@@ -13,7 +13,7 @@ import shutil
 
 from retrieval_core.io import storage
 
-CACHE_COPIES_KEPT = 3  # copies of one file name kept in the file cache (merged.faiss of the last versions used)
+CACHE_COPIES_KEPT = 3  # versions of one URL kept in the file cache (merged.faiss of the last versions used)
 LOCKS = ".locks"  # the cache's folder of lock files
 
 
@@ -28,38 +28,43 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
     """A path on this machine's disk holding ``url``: the file itself when local, else one copy per machine under
     :func:`cache_dir`, downloaded once and shared by every process of the node (they wait on a file lock while the
     first downloads). The copy is named by the URL, size and ETag (or modification time), so a rewritten file is
-    fetched again; of the copies of one file name, the ``CACHE_COPIES_KEPT`` used last are kept (a process mapping
-    a removed one reads on until it closes it)."""
+    fetched again; of the versions of one URL, the ``CACHE_COPIES_KEPT`` used last are kept (a process mapping a
+    removed one reads on until it closes it)."""
     local = storage.local_path(url, storage_options)
     if local:
         return local
     fs, path = storage.filesystem(url, storage_options)
-    return _cached(url, storage_options, "", lambda tmp: fs.get_file(path, tmp))
+    return _cached(url, storage_options, "", lambda tmp: fs.get_file(path, tmp), posixpath.basename(path))
 
 
 def decompressed_copy(url: str, storage_options: dict | None = None) -> str:
     """A path on this machine's disk holding ``url`` (gzip, bz2, xz, zstd ...: what fsspec infers from the name)
     decompressed: made once per machine in :func:`cache_dir`, as :func:`local_copy` makes its copies, and shared by
-    the node's processes. Costs the file's uncompressed size on each node's disk that reads it."""
+    the node's processes. Costs the file's uncompressed size on each node's disk that reads it; of one URL's
+    versions (a file rewritten in place), the ``CACHE_COPIES_KEPT`` used last are kept."""
     fs, path = storage.filesystem(url, storage_options)
 
     def decompress(tmp: str) -> None:
         with fs.open(path, "rb", compression="infer") as source, open(tmp, "wb") as target:
             shutil.copyfileobj(source, target, 2**20)
 
-    return _cached(url, storage_options, ".plain", decompress)
+    return _cached(url, storage_options, ".plain", decompress, url)
 
 
-def _cached(url: str, storage_options: dict | None, suffix: str, make) -> str:
-    """The cache's copy of ``url`` (``make(path)`` writes it once, under a lock of its own)."""
+def _cached(url: str, storage_options: dict | None, suffix: str, make, group: str) -> str:
+    """The cache's copy of ``url`` (``make(path)`` writes it once). Copies form groups (the copies of one file name,
+    or of one URL): of a group, the ``CACHE_COPIES_KEPT`` used last are kept, and every step on a group's copies
+    (making one, marking it used, evicting the others) happens under the group's lock, so no process removes a copy
+    another is checking or making. A copy is named by its group's hash, then its URL and version's (size and ETag or
+    modification time)."""
     fs, path = storage.filesystem(url, storage_options)
     with storage.naming(url, "read"):
         info = fs.info(path)
-    stamp = f"{url}|{info.get('size')}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
-    cache, name = cache_dir(), posixpath.basename(path) + suffix
-    target = os.path.join(cache, hashlib.sha256(stamp.encode()).hexdigest()[:24] + "-" + name)
+    version = f"{info.get('size')}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
+    cache, key = cache_dir(), _digest(group + "|" + suffix)
+    target = os.path.join(cache, f"{key}-{_digest(url + '|' + version)}-{posixpath.basename(path)}{suffix}")
     os.makedirs(os.path.join(cache, LOCKS), exist_ok=True)
-    with open(_lock_file(target), "w") as lock:
+    with open(os.path.join(cache, LOCKS, key + ".lock"), "w") as lock:  # lock files are kept (empty, one a group)
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(target):
             tmp = storage.temporary_name(target)
@@ -71,19 +76,20 @@ def _cached(url: str, storage_options: dict | None, suffix: str, make) -> str:
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
         os.utime(target)  # used now
-        _evict(cache, name)
+        _evict(cache, key)
     return target
 
 
-def _evict(cache: str, name: str) -> None:
-    """Remove the copies of file ``name`` in ``cache`` beyond the ``CACHE_COPIES_KEPT`` used last."""
-    copies = [os.path.join(cache, f) for f in os.listdir(cache) if f.endswith("-" + name) and storage.TMP_MARK not in f]
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _evict(cache: str, key: str) -> None:
+    """Remove the copies of the group hashed to ``key`` beyond the ``CACHE_COPIES_KEPT`` used last (under its
+    lock)."""
+    copies = [
+        os.path.join(cache, f) for f in os.listdir(cache) if f.startswith(key + "-") and storage.TMP_MARK not in f
+    ]
     for old in sorted(copies, key=os.path.getmtime, reverse=True)[CACHE_COPIES_KEPT:]:
-        for path in (old, _lock_file(old)):
-            with contextlib.suppress(OSError):
-                os.remove(path)
-
-
-def _lock_file(copy: str) -> str:
-    """The lock a copy is made under (one per copy, so that copies of different files are made at once)."""
-    return os.path.join(os.path.dirname(copy), LOCKS, os.path.basename(copy) + ".lock")
+        with contextlib.suppress(OSError):
+            os.remove(old)

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -41,6 +42,7 @@ class ShardList(Sequence):
         self.url, self.storage_options, self.length, self.digest = url, storage_options, count, digest
         self.batch = batch  # entries per row group (all but the last)
         self._group: tuple[int, list[dict]] | None = None
+        self._bounds: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.length
@@ -62,14 +64,40 @@ class ShardList(Sequence):
             yield from batch
 
     def batches(self) -> Iterator[list[dict]]:
-        """The entries, one row group (``batch`` entries) at a time, in order."""
-        for number in range(-(-self.length // self.batch)):
-            yield self._read_group(number)
+        """The entries, one row group (``batch`` entries) at a time, in order (the file opened once for the walk)."""
+        fs, path = storage.filesystem(self.url, self.storage_options)
+        with storage.naming(self.url, "read"), fs.open(path, "rb") as handle:
+            table = self._checked(pq.ParquetFile(handle))
+            for number in range(-(-self.length // self.batch)):
+                yield self._entries(table.read_row_group(number).to_pylist())
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row_start, row_stop) of every entry as arrays, read once and kept (16 bytes an entry): what a row
+        lookup bisects on every call."""
+        if self._bounds is None:
+            fs, path = storage.filesystem(self.url, self.storage_options)
+            with storage.naming(self.url, "read"), fs.open(path, "rb") as handle:
+                table = self._checked(pq.ParquetFile(handle)).read(columns=["row_start", "row_stop"])
+            starts, stops = (table.column(c).to_numpy().astype(np.int64) for c in ("row_start", "row_stop"))
+            self._bounds = (starts, stops)
+        return self._bounds
 
     def _read_group(self, number: int) -> list[dict]:
         fs, path = storage.filesystem(self.url, self.storage_options)
         with storage.naming(self.url, "read"), fs.open(path, "rb") as handle:
-            rows = pq.ParquetFile(handle).read_row_group(number).to_pylist()
+            return self._entries(self._checked(pq.ParquetFile(handle)).read_row_group(number).to_pylist())
+
+    def _checked(self, table: pq.ParquetFile) -> pq.ParquetFile:
+        """The table, if it is the one the manifest names: its entries and row groups as counted there."""
+        meta = table.metadata
+        if meta.num_rows != self.length or meta.num_row_groups != max(1, -(-self.length // self.batch)):
+            raise IncompatibleOutputError(
+                f"'{self.url}' holds {meta.num_rows} entries in {meta.num_row_groups} row groups, its manifest "
+                f"{self.length} in groups of {self.batch}: the table was replaced after the manifest was written"
+            )
+        return table
+
+    def _entries(self, rows: list[dict]) -> list[dict]:
         bad = [row["name"] for row in rows if not SHARD_NAME.fullmatch(str(row["name"]))]
         if bad:
             raise IncompatibleOutputError(
@@ -79,7 +107,7 @@ class ShardList(Sequence):
         return [{key: value for key, value in row.items() if value is not None} for row in rows]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_group": None}
+        return {**self.__dict__, "_group": None, "_bounds": None}
 
     def __repr__(self) -> str:
         return f"ShardList({self.url!r}, {self.length} entries)"
@@ -130,7 +158,10 @@ class Pending(Generic[T]):
 
 
 def pending(items: Iterable[T], done: NameSet, name_of: Callable[[T], str], rows_of: Callable[[T], int]) -> Pending:
-    """The items of ``items`` whose name is not in ``done``, counted in one pass."""
+    """The items of ``items`` whose name is not in ``done``, counted in one pass. ``items`` is walked again for the
+    work, so it must be a collection (a plan, a shard list), not a one-pass iterator."""
+    if iter(items) is items:
+        raise TypeError("pending() walks its items twice: give it a collection, not an iterator")
     count = rows = 0
     for item in items:
         if name_of(item) not in done:
@@ -164,9 +195,18 @@ def attach(manifest: dict, manifest_url: str, storage_options: dict | None = Non
     table = manifest.get("shard_list")
     if table is None or "shards" in manifest:
         return manifest
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(table.get("file"))) or ".." in str(table.get("file")):
+        raise IncompatibleOutputError(f"'{manifest_url}' names a shard table {table.get('file')!r} outside its folder")
     url = storage.join(posixpath.dirname(manifest_url.rstrip("/")), table["file"])
     shards = ShardList(url, storage_options or {}, table["count"], table["digest"], table["batch"])
     return {**manifest, "shards": shards}
+
+
+def row_bounds(shards: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(row_start, row_stop) of every entry of an embeddings shard list, as arrays (kept by a :class:`ShardList`)."""
+    if isinstance(shards, ShardList):
+        return shards.bounds()
+    return tuple(np.array([s[key] for s in shards], dtype=np.int64) for key in ("row_start", "row_stop"))  # type: ignore[return-value]
 
 
 def content_id(shards: Sequence[dict]) -> Any:

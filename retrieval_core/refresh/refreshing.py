@@ -460,22 +460,24 @@ def _stream(url: str, so: dict, tables, schema: pa.Schema | None) -> int:
     """Concatenate ``tables`` into one Parquet file, one row group (or more) per table as it comes, streamed to
     its place (on object storage a multipart upload, see ``storage.open_atomic``): this holds one table, never the
     file. Returns the rows written."""
-    rows = 0
+    rows, writer = 0, None
     with storage.open_atomic(url, so) as out:
-        writer = None
-        for table in tables:
-            table = table.replace_schema_metadata(None)
+        try:
+            for table in tables:
+                table = table.replace_schema_metadata(None)
+                if writer is None:
+                    writer = pq.ParquetWriter(out, table.schema, compression="zstd")
+                writer.write_table(table)
+                rows += table.num_rows
             if writer is None:
-                writer = pq.ParquetWriter(out, table.schema, compression="zstd")
-            writer.write_table(table)
-            rows += table.num_rows
-        if writer is None:
-            if schema is None:  # no upserts: an empty file with the embeddings columns' names
-                schema = pa.schema(
-                    [("doc_id", pa.string()), ("embedding", pa.list_(pa.float32())), ("text_hash", pa.string())]
-                )
-            writer = pq.ParquetWriter(out, schema, compression="zstd")
-        writer.close()
+                if schema is None:  # no upserts: an empty file with the embeddings columns' names
+                    schema = pa.schema(
+                        [("doc_id", pa.string()), ("embedding", pa.list_(pa.float32())), ("text_hash", pa.string())]
+                    )
+                writer = pq.ParquetWriter(out, schema, compression="zstd")
+        finally:
+            if writer is not None:
+                writer.close()  # on an error too, before the file is discarded
     return rows
 
 

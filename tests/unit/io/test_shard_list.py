@@ -4,7 +4,7 @@ import pytest
 
 from retrieval_core.io import shard_list
 from retrieval_core.io.folder import NameSet
-from retrieval_core.io.manifest import read_manifest, write_streamed
+from retrieval_core.io.manifest import IncompatibleOutputError, read_manifest, write_streamed
 from retrieval_core.io.schemas import EMBEDDINGS_SHARD_ENTRY, SCHEMA_VERSION
 
 
@@ -82,3 +82,23 @@ def test_a_name_set_answers_membership():
     assert len(held) == 1000
     assert all(n in held for n in names)
     assert not any(f"shard-{i:05d}" in held for i in range(1, 3000, 3))
+
+
+def test_bounds_are_read_once_and_a_replaced_table_or_a_bad_file_name_is_refused(tmp_path, small_batches):
+    written, manifest = write_manifest(tmp_path, entries(9))
+    shards = manifest["shards"]
+    starts, stops = shard_list.row_bounds(shards)
+    assert starts.tolist() == [10 * i for i in range(9)] and stops.tolist() == [10 * i + 10 for i in range(9)]
+    assert shard_list.row_bounds(shards)[0] is starts  # kept
+    assert [a.tolist() for a in shard_list.row_bounds(entries(9))] == [starts.tolist(), stops.tolist()]
+    write_manifest(tmp_path / "other", entries(5))
+    (tmp_path / "_shard_list.parquet").write_bytes((tmp_path / "other" / "_shard_list.parquet").read_bytes())
+    with pytest.raises(IncompatibleOutputError, match="holds 5 entries in 2 row groups, its manifest 9"):
+        list(read_manifest(str(tmp_path / "_manifest.json"))["shards"])
+    with pytest.raises(IncompatibleOutputError, match="outside its folder"):
+        shard_list.attach({"shard_list": {**written["shard_list"], "file": "../x.parquet"}}, str(tmp_path / "m.json"))
+
+
+def test_pending_refuses_a_one_pass_iterator():
+    with pytest.raises(TypeError, match="not an iterator"):
+        shard_list.pending(iter(entries(3)), NameSet([]), lambda e: e["name"], lambda e: e["rows"])

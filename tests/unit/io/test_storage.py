@@ -55,3 +55,20 @@ def test_the_cache_keeps_the_copies_of_a_name_used_last(cache):
     kept = sorted(os.listdir(cache))
     assert [os.path.exists(c) for c in copies] == [False, False, True, True, True]
     assert os.path.exists(file_cache.local_copy(other)) and len(kept) == 4  # 3 copies + the lock
+
+
+def test_decompressed_copies_of_files_sharing_a_name_do_not_evict_each_other(tmp_path, monkeypatch):
+    """Five nights' part-00000.jsonl.gz in five folders: each keeps its copy (copies are grouped by URL here, by
+    name for the downloads of an index's versions), and a second call returns the same copy."""
+    import gzip
+
+    monkeypatch.setenv("RETRIEVAL_FILE_CACHE", str(tmp_path / "cache"))
+    copies = []
+    for night in range(5):
+        path = tmp_path / f"day{night}" / "part-00000.jsonl.gz"
+        path.parent.mkdir()
+        path.write_bytes(gzip.compress(f'{{"id": "{night}"}}\n'.encode()))
+        copies.append(file_cache.decompressed_copy(str(path)))
+    assert all(os.path.exists(c) for c in copies) and len(set(copies)) == 5
+    assert [open(c).read() for c in copies] == [f'{{"id": "{n}"}}\n' for n in range(5)]
+    assert [file_cache.decompressed_copy(str(tmp_path / f"day{n}" / "part-00000.jsonl.gz")) for n in range(5)] == copies
