@@ -44,7 +44,7 @@ from retrieval_core.io.schemas import (
     SCHEMA_VERSION,
     embeddings_schema,
 )
-from retrieval_core.io.shard_list import SHARD_NAME, Pending, batched, pending
+from retrieval_core.io.shard_list import Pending, batched, check_names, pending
 from retrieval_core.io.sharding import FileMeta, Shard, ShardPlan
 
 log = logging.getLogger(__name__)
@@ -400,13 +400,8 @@ def read_embeddings_manifest(folder: Folder) -> dict:
     (index shards, records), so a name that could lead out of the output root is refused (as the table is read)."""
     url = folder.join("embeddings", "_manifest.json")
     manifest = read_manifest(url, folder.storage_options, "encode")
-    inline = manifest["shards"] if isinstance(manifest.get("shards"), list) else []
-    bad = [s.get("name") for s in inline if not SHARD_NAME.fullmatch(str(s.get("name")))]
-    if bad:
-        raise IncompatibleOutputError(
-            f"'{url}' names shards {bad[:3]} that are not shard names (letters, digits, "
-            f"'-' and '_'): the manifest was not written by these jobs"
-        )
+    if isinstance(manifest.get("shards"), list):  # a manifest holding its shards inline (a shard table checks its own)
+        check_names(manifest["shards"], url)
     return manifest
 
 

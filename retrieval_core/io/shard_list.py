@@ -10,6 +10,7 @@ entries inline, as a JSON list, and read as before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -65,9 +66,7 @@ class ShardList(Sequence):
 
     def batches(self) -> Iterator[list[dict]]:
         """The entries, one row group (``batch`` entries) at a time, in order (the file opened once for the walk)."""
-        fs, path = storage.filesystem(self.url, self.storage_options)
-        with storage.naming(self.url, "read"), fs.open(path, "rb") as handle:
-            table = self._checked(pq.ParquetFile(handle))
+        with self._opened() as table:
             for number in range(-(-self.length // self.batch)):
                 yield self._entries(table.read_row_group(number).to_pylist())
 
@@ -75,17 +74,22 @@ class ShardList(Sequence):
         """(row_start, row_stop) of every entry as arrays, read once and kept (16 bytes an entry): what a row
         lookup bisects on every call."""
         if self._bounds is None:
-            fs, path = storage.filesystem(self.url, self.storage_options)
-            with storage.naming(self.url, "read"), fs.open(path, "rb") as handle:
-                table = self._checked(pq.ParquetFile(handle)).read(columns=["row_start", "row_stop"])
-            starts, stops = (table.column(c).to_numpy().astype(np.int64) for c in ("row_start", "row_stop"))
+            with self._opened() as table:
+                columns = table.read(columns=["row_start", "row_stop"])
+            starts, stops = (columns.column(c).to_numpy().astype(np.int64) for c in ("row_start", "row_stop"))
             self._bounds = (starts, stops)
         return self._bounds
 
     def _read_group(self, number: int) -> list[dict]:
+        with self._opened() as table:
+            return self._entries(table.read_row_group(number).to_pylist())
+
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[pq.ParquetFile]:
+        """The table open for reading, once checked against the manifest (:meth:`_checked`)."""
         fs, path = storage.filesystem(self.url, self.storage_options)
         with storage.naming(self.url, "read"), fs.open(path, "rb") as handle:
-            return self._entries(self._checked(pq.ParquetFile(handle)).read_row_group(number).to_pylist())
+            yield self._checked(pq.ParquetFile(handle))
 
     def _checked(self, table: pq.ParquetFile) -> pq.ParquetFile:
         """The table, if it is the one the manifest names: its entries and row groups as counted there."""
@@ -98,12 +102,7 @@ class ShardList(Sequence):
         return table
 
     def _entries(self, rows: list[dict]) -> list[dict]:
-        bad = [row["name"] for row in rows if not SHARD_NAME.fullmatch(str(row["name"]))]
-        if bad:
-            raise IncompatibleOutputError(
-                f"'{self.url}' names shards {bad[:3]} that are not shard names (letters, digits, '-' and '_'): the "
-                f"table was not written by these jobs"
-            )
+        check_names(rows, self.url)
         return [{key: value for key, value in row.items() if value is not None} for row in rows]
 
     def __getstate__(self) -> dict:
@@ -111,6 +110,17 @@ class ShardList(Sequence):
 
     def __repr__(self) -> str:
         return f"ShardList({self.url!r}, {self.length} entries)"
+
+
+def check_names(entries: Iterable[dict], where: str) -> None:
+    """Shard names become file names of later stages (index shards, commit records): a name that could lead out of
+    the output root (not letters, digits, '-' and '_') is refused, naming ``where`` it was read."""
+    bad = [entry.get("name") for entry in entries if not SHARD_NAME.fullmatch(str(entry.get("name")))]
+    if bad:
+        raise IncompatibleOutputError(
+            f"'{where}' names shards {bad[:3]} that are not shard names (letters, digits, '-' and '_'): it was not "
+            f"written by these jobs"
+        )
 
 
 class NonEmpty(Sequence):

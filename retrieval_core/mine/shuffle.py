@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,7 @@ import pyarrow as pa
 from retrieval_core.encode.embeddings import read_shard_table
 from retrieval_core.io import storage
 from retrieval_core.io.folder import Folder
+from retrieval_core.io.shard_list import batched
 from retrieval_core.io.sharding import buckets_of
 from retrieval_core.mine.inputs import MiningQuery, Row, input_files, input_rows, queries_of
 from retrieval_core.mine.mining import MineWork
@@ -119,23 +120,12 @@ def split_input(work: MineWork, number: int, plan: dict) -> dict:
                 for d in range(plan["doc_buckets"])
             ]
         )
-        for batch in _batches(input_rows(work.mine, kind, url), BATCH_ROWS):
+        for batch in batched(input_rows(work.mine, kind, url), BATCH_ROWS):
             rows += len(batch)
             _write_split(batch, plan, to_buckets, to_docs)
     record = {"input": number, "kind": kind, "rows": rows}
     storage.write_json_atomic(_file(work, "split", f"i{number}.json"), record, so)
     return record
-
-
-def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
-    batch = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _write_split(batch: list[Row], plan: dict, to_buckets: list, to_docs: list) -> None:
