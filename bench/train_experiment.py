@@ -97,7 +97,7 @@ def config(args, root: Path, paths: dict, num_negatives: int):
             f"train.seed={args.seed}",
             "train.eval_fraction=0.1",
             "train.eval_corpus_size=500",
-            "mine.formats=[triplet]",
+            "mine.formats=[n-tuple]",  # what training reads
         ],
     )
 

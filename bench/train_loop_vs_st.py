@@ -10,9 +10,10 @@ What it measures
     steps then linear decay, torch AdamW (weight decay 0.01, torch's default, which ``fit`` uses), no gradient
     clipping (``fit`` has none, so the Trainer's max_grad_norm is set to 0), ``--steps`` optimizer steps, fp32,
     ``torch.set_num_threads(--threads)``, the same seed, no evaluation during training, no checkpoints.
-  * ours: ``training.fit(cfg.train, cfg.model, examples, held_out=[], eval_corpus={})`` (an empty held-out set
-    makes its evaluations no-ops); batches from ``training.epoch_batches`` (no query twice in a batch, last partial
-    batch dropped).
+  * ours: ``training.fit(cfg.train, cfg.model, table, survey)`` over the examples written as an n-tuple table (the
+    mine's export format), streamed as a training reads it, with an empty survey (no held-out examples: its
+    evaluations are no-ops); batches from ``examples.epoch_batches`` (no query twice in a batch, last partial batch
+    dropped).
   * Trainer: ``SentenceTransformerTrainer`` with ``batch_sampler=BatchSamplers.NO_DUPLICATES``,
     ``dataloader_drop_last=True``, ``optim="adamw_torch"``, ``save_strategy="no"``, ``eval_strategy="no"``,
     ``report_to="none"``, ``logging_steps=1`` (to read each step's loss; the console printer is removed).
@@ -165,6 +166,7 @@ def peak_rss_mb() -> float:
 
 def run_ours(args, examples: list[dict]) -> dict:
     from retrieval_core.config import load_config
+    from retrieval_core.train import examples as train_examples
     from retrieval_core.train import training
 
     q = json.dumps
@@ -188,7 +190,8 @@ def run_ours(args, examples: list[dict]) -> dict:
     if args.max_seq_length:
         overrides.append(f"model.max_seq_length={args.max_seq_length}")
     cfg = load_config(None, overrides)
-    train = [training.Example(e["query_id"], e["query"], e["positive"], tuple(e["negatives"])) for e in examples]
+    table = ntuple_table(args.examples_file.parent / "ours-n-tuple.parquet", examples, args.negatives, args.seed)
+    surveyed = train_examples.Survey(len(examples), 0, [], {})  # nothing held out: evaluations are no-ops
     # imported before the clock, as the Trainer's process imports them before its own
     from sentence_transformers import SentenceTransformer  # noqa: F401
     from sentence_transformers.sentence_transformer import losses  # noqa: F401
@@ -198,9 +201,7 @@ def run_ours(args, examples: list[dict]) -> dict:
     # one-time setup cost, paid here so that it counts as setup, not as training steps
     training.resolved_prompts(cfg.model)
     prompts_s = time.perf_counter() - started
-    _, history = training.fit(
-        cfg.train, cfg.model, train, held_out=[], eval_corpus={}
-    )  # empty held out: evaluations are no-ops
+    _, history = training.fit(cfg.train, cfg.model, table, surveyed)
     wall = time.perf_counter() - started
     train_s = history["seconds"]
     return {
@@ -210,6 +211,23 @@ def run_ours(args, examples: list[dict]) -> dict:
         "losses": history["losses"],
         "steps": len(history["losses"]),
     }
+
+
+def ntuple_table(path: Path, examples: list[dict], negatives: int, seed: int):
+    """``examples`` written as the mine's n-tuple export, as training reads it (nothing held out)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retrieval_core.mine import exports
+    from retrieval_core.train.examples import TrainingTable
+
+    columns = {"anchor": [e["query"] for e in examples], "positive": [e["positive"] for e in examples]}
+    columns |= {f"negative_{i + 1}": [e["negatives"][i] for e in examples] for i in range(negatives)}
+    table = pa.table(columns).cast(exports.ntuple_schema(negatives, False))
+    with pq.ParquetWriter(str(path), table.schema) as writer:
+        for start, stop in exports.query_groups(columns["anchor"], exports.NTUPLE_GROUP_ROWS):
+            writer.write_table(table.slice(start, stop - start))
+    return TrainingTable(str(path), negatives, seed, 0.0, 10_000)
 
 
 def run_trainer(args, examples: list[dict]) -> dict:

@@ -18,7 +18,7 @@ from jobs import _cli, encode, evaluate, index, mine, train
 from jobs.ray import cluster
 from retrieval_core.config import PIPELINE_STAGES, Config
 from retrieval_core.io import storage
-from retrieval_core.train import training
+from retrieval_core.train import examples, training
 
 log = logging.getLogger("jobs.pipeline")
 KEYS = (
@@ -66,6 +66,8 @@ def run(cfg: Config) -> dict:
     """Run the selected stages in order; returns {stage: (result, seconds)}."""
     if TRAINING_STAGES & set(cfg.pipeline.stages):  # refused before any stage runs, not after hours of them
         training.check_trainable(cfg.model)
+    if "train" in cfg.pipeline.stages:
+        examples.check_mined_for_training(cfg.mine.formats)
     runs = _stage_runs(cfg)
     results = {}
     with cluster.kept_session():  # Ray starts with the first stage that needs it, and serves the rest

@@ -25,8 +25,8 @@ from retrieval_core.encode import embeddings, encoding
 from retrieval_core.index import indexing
 from retrieval_core.io import corpus, leases, sharding, storage, versions
 from retrieval_core.io.folder import Folder
+from retrieval_core.refresh import compaction, publishing, refreshing
 from retrieval_core.refresh import index_reuse as refresh_index
-from retrieval_core.refresh import publishing, refreshing
 
 log = logging.getLogger("jobs.refresh")
 KEYS = (
@@ -120,7 +120,7 @@ def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
             return _unchanged(cfg, p, counts, steps.timings, started)
         segments = refreshing.plan_segments(p, diff["encode_rows"])
         records, encoded_now = steps.timed("encode", lambda: _encode(steps, p, segments, identity))
-        shared = steps.timed("tombstones", lambda: _tombstones(steps, p, diff["tombstones"]))
+        shared = steps.timed("tombstones", lambda: _tombstones(steps, p, diff))
         dim = (
             records[0]["dim"]
             if records
@@ -129,7 +129,7 @@ def _refresh(cfg: Config, lease: leases.Lease, adopt: bool) -> dict:
         lease.check("writing the version's embeddings manifest")
         refreshing.write_version_manifest(cfg, p, identity, dim, counts, shared, records, time.perf_counter() - started)
         vcfg = refreshing.version_config(cfg, p.version_root)
-        retrain = steps.timed("index", lambda: _index(steps, vcfg, p, set(diff["tombstones"])))
+        retrain = steps.timed("index", lambda: _index(steps, vcfg, p))
         evaluation = steps.timed("evaluate", lambda: evaluate.run(vcfg) if cfg.eval.queries_path else None)
         changes = steps.timed("changes", lambda: steps.call(refreshing.write_changes, p, records, so))
     counts = {**counts, "encoded_this_run": encoded_now}
@@ -275,24 +275,30 @@ def _encode_on_actors(steps: _Steps, p: refreshing.RefreshPlan, pending: list, i
         )
 
 
-def _tombstones(steps: _Steps, p: refreshing.RefreshPlan, tombstones: dict[str, list[int]]) -> list[dict]:
-    """Tombstone files of the shared segments that lost rows; returns the shared segments' manifest entries (none
-    when the encoder changed: nothing is shared then)."""
-    so = steps.cfg.output.storage_options
-    touched = [s for s in p.segments if s["name"] in tombstones] if p.reuse else []
+def _tombstones(steps: _Steps, p: refreshing.RefreshPlan, diff: dict) -> list[dict]:
+    """Tombstone files of the shared segments that lost rows, and the compaction of the deadest of them
+    (``refresh.compact_dead_fraction``, ``refresh.compact_budget``); returns the manifest entries of the segments the
+    version keeps from the previous one, compacted or shared (none when the encoder changed: nothing is then)."""
+    so, rf = steps.cfg.output.storage_options, steps.cfg.refresh
+    tombstones = diff["tombstones"]
+    plan = compaction.compaction_plan(p, diff["lost"], rf.compact_dead_fraction, rf.compact_budget)
+    gone = {segment["name"] for compaction in plan for segment in compaction.segments}
+    touched = [s for s in p.segments if s["name"] in tombstones and s["name"] not in gone] if p.reuse else []
     steps.each(refreshing.write_segment_tombstones, touched, (p, tombstones, so), "tombstones", "segment")
-    return refreshing.shared_entries(p, tombstones, so)
+    compacted = steps.each(compaction.compact, plan, (p, tombstones, so), "compacting", "segment")
+    return refreshing.shared_entries(p, tombstones, so, compacted, gone)
 
 
-def _index(steps: _Steps, vcfg: Config, p: refreshing.RefreshPlan, touched: set[str]) -> dict:
-    """Build the version's index: the previous version's trained quantizer and untouched shard indexes are reused
-    unless the retrain decision says otherwise; returns the decision with its numbers."""
+def _index(steps: _Steps, vcfg: Config, p: refreshing.RefreshPlan) -> dict:
+    """Build the version's index: the previous version's trained quantizer and the shard indexes of every segment
+    the version shares with it are reused (their dead rows left out by id at the merge) unless the retrain decision
+    says otherwise, so that only the new and compacted segments are added; returns the decision with its numbers."""
     plan = indexing.prepare(vcfg)
     decision = refresh_index.retrain_decision(steps.cfg, vcfg, p, plan)
     if decision.get("recall", {}).get("fell"):  # decided by an earlier run's recall check
         refresh_index.drop_seeded_index(vcfg, p)
     elif not decision["retrain"] and decision.get("reusable"):
-        refresh_index.seed_index(vcfg, p, plan, touched)
+        refresh_index.seed_index(vcfg, p, plan)
     index.run(vcfg, in_process=steps.inline)
     if decision["retrain"] or "growth" not in decision:
         return decision

@@ -1,6 +1,7 @@
 """Fine-tune the bi-encoder on the mined negatives (InfoNCE).
 
-Reads:  <output.root>/negatives/ (the mined tuples) and the corpus texts they name; model.name is the base model.
+Reads:  <output.root>/negatives/exports/n-tuple.parquet (the mined tuples with their texts), streamed by each
+        worker (retrieval_core.train.examples); model.name is the base model.
 Writes: the fine-tuned model to train.output (default <output.root>/model), loadable with
         SentenceTransformer(path), with training.json (settings, losses, held-out nDCG@10 per epoch).
 The loss is sentence-transformers' MultipleNegativesRankingLoss (scale = 1 / train.temperature) over in-batch
@@ -25,7 +26,7 @@ from retrieval_core.io import storage
 from retrieval_core.io.folder import Folder
 from retrieval_core.io.manifest import IncompatibleOutputError, digest, stamp
 from retrieval_core.mine import mining
-from retrieval_core.train import checkpoints, training
+from retrieval_core.train import checkpoints, examples, training
 
 log = logging.getLogger("jobs.train")
 KEYS = (
@@ -77,30 +78,21 @@ def run(cfg: Config) -> dict:
             )
     training.check_trainable(cfg.model)
     started = time.perf_counter()
-    examples = training.load_examples(Folder.output(cfg.output), cfg.corpus.storage_options, cfg.train.num_negatives)
-    train_set, held_out = training.split_examples(examples, cfg.train.eval_fraction, cfg.train.seed)
-    if len(train_set) < cfg.train.batch_size:
-        raise ValueError(
-            f"{len(train_set)} training examples are fewer than train.batch_size = "
-            f"{cfg.train.batch_size}: lower train.batch_size or mine more queries"
-        )
-    corpus = training.eval_corpus_for(cfg.train, held_out, examples)
-    log.info(
-        "training on %d examples (%d held out, eval corpus %d documents)", len(train_set), len(held_out), len(corpus)
-    )
+    table, surveyed = training_data(cfg)
     saved = checkpoints_of(cfg, identity)
     history = (
-        _train_distributed(cfg, train_set, held_out, corpus, output, saved)
+        _train_distributed(cfg, table, surveyed, output, saved)
         if cfg.runtime.num_workers > 1
-        else _train_here(cfg, train_set, held_out, corpus, output, saved)
+        else _train_here(cfg, table, surveyed, output, saved)
     )
     record = {
         **stamp(),
         "stage": "train",
         "identity": identity,
         "output": output,
-        "examples": len(train_set),
-        "held_out_examples": len(held_out),
+        "examples": surveyed.train_examples,
+        "held_out_examples": surveyed.held_out_examples,
+        "scored_examples": len(surveyed.evaluation),
         "history": history,
         "seconds": round(time.perf_counter() - started, 3),
         "config": cfg.to_dict(),
@@ -108,6 +100,29 @@ def run(cfg: Config) -> dict:
     storage.write_json_atomic(record_url, record, cfg.output.storage_options)
     saved.remove()
     return {**record, "reused": False}
+
+
+def training_data(cfg: Config) -> tuple[examples.TrainingTable, examples.Survey]:
+    """The mine's n-tuple export as the training reads it, and its survey (counts, the held-out examples scored,
+    their documents): one pass over its query column, then a few row groups."""
+    folder = Folder.output(cfg.output)
+    table = examples.table_of(
+        mining.read_mine_manifest(folder), folder.join("negatives"), cfg.train, cfg.output.storage_options
+    )
+    surveyed = examples.survey(table, cfg.train.eval_queries, cfg.train.eval_corpus_size)
+    if surveyed.train_examples < cfg.train.batch_size:
+        raise ValueError(
+            f"{surveyed.train_examples} training examples are fewer than train.batch_size = "
+            f"{cfg.train.batch_size}: lower train.batch_size or mine more queries"
+        )
+    log.info(
+        "training on %d examples (%d held out, %d of them scored against %d documents)",
+        surveyed.train_examples,
+        surveyed.held_out_examples,
+        len(surveyed.evaluation),
+        len(surveyed.eval_corpus),
+    )
+    return table, surveyed
 
 
 def checkpoints_of(cfg: Config, identity: dict) -> checkpoints.Checkpoints:
@@ -121,9 +136,9 @@ def checkpoints_of(cfg: Config, identity: dict) -> checkpoints.Checkpoints:
     )
 
 
-def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: checkpoints.Checkpoints) -> dict:
+def _train_here(cfg: Config, table, surveyed, output: str, saved: checkpoints.Checkpoints) -> dict:
     encoding.set_torch_threads(encoding.cpu_count())
-    bar = _progress.bar(cfg.runtime, training.steps_plan(cfg.train, len(train_set))[1], "train", "step")
+    bar = _progress.bar(cfg.runtime, training.steps_plan(cfg.train, surveyed.train_examples)[1], "train", "step")
 
     def on_step(step: int, total: int, loss: float) -> None:
         bar.update(step - bar.n)  # a resumed training starts past 0
@@ -133,9 +148,8 @@ def _train_here(cfg: Config, train_set, held_out, corpus, output: str, saved: ch
         model, history = training.fit(
             cfg.train,
             cfg.model,
-            train_set,
-            held_out,
-            corpus,
+            table,
+            surveyed,
             on_epoch=_log_epoch,
             on_step=on_step,
             saved=saved,
@@ -151,10 +165,13 @@ def _log_epoch(evaluation: dict) -> None:
     log.info("step %d: held-out nDCG@10 %s", evaluation["step"], evaluation["ndcg@10"])
 
 
-def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str, saved: checkpoints.Checkpoints) -> dict:
-    """Ray Train: ``runtime.num_workers`` workers, each ``runtime.cpus_per_worker`` CPUs (and GPUs). A failed
+def _train_distributed(cfg: Config, table, surveyed, output: str, saved: checkpoints.Checkpoints) -> dict:
+    """Ray Train: ``runtime.num_workers`` workers, each ``runtime.cpus_per_worker`` CPUs (and GPUs), each reading
+    the table itself (what they are sent is bounded by the settings: the table's URL and the survey). A failed
     worker group is restarted up to ``runtime.max_restarts`` times, resuming from the latest checkpoint."""
     import dataclasses
+
+    unscored = dataclasses.replace(surveyed, evaluation=[], eval_corpus={})
 
     def work(rank: int, world: int, device: str, barrier) -> int:
         encoding.set_torch_threads(cfg.runtime.cpus_per_worker)
@@ -162,9 +179,8 @@ def _train_distributed(cfg: Config, train_set, held_out, corpus, output: str, sa
         model, history = training.fit(
             cfg.train,
             cfg.model,
-            train_set,
-            held_out if rank == 0 else [],
-            corpus,
+            table,
+            surveyed if rank == 0 else unscored,
             rank,
             world,
             training.average_gradients,

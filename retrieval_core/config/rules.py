@@ -245,6 +245,14 @@ def _validate_refresh(rf: RefreshConfig, pu: PublishConfig) -> None:
         rf.retrain in RETRAIN_MODES, f"'refresh.retrain' = {rf.retrain!r}: expected one of {', '.join(RETRAIN_MODES)}"
     )
     _check(rf.retrain_drift > 0, f"'refresh.retrain_drift' = {rf.retrain_drift}: expected > 0 (e.g. 0.1 = 10% growth)")
+    _check(
+        0 < rf.compact_dead_fraction < 1,
+        f"'refresh.compact_dead_fraction' = {rf.compact_dead_fraction}: expected a number in (0, 1)",
+    )
+    _check(
+        0 <= rf.compact_budget <= 1,
+        f"'refresh.compact_budget' = {rf.compact_budget}: expected a share in [0, 1] (0 = never compact)",
+    )
     _check(rf.diff_buckets >= 0, f"'refresh.diff_buckets' = {rf.diff_buckets}: expected >= 0 (0 = automatic)")
     _check(
         rf.inline_snapshot_rows >= 0,
@@ -274,6 +282,8 @@ def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
     _check(tr.mini_batch_size >= 1, f"'train.mini_batch_size' = {tr.mini_batch_size}: expected >= 1")
     _check(0 <= tr.eval_fraction < 1, f"'train.eval_fraction' = {tr.eval_fraction}: expected a number in [0, 1)")
     _check(tr.eval_corpus_size >= 1, f"'train.eval_corpus_size' = {tr.eval_corpus_size}: expected >= 1")
+    _check(tr.eval_queries >= 1, f"'train.eval_queries' = {tr.eval_queries}: expected >= 1")
+    _check(tr.shuffle_buffer >= 1, f"'train.shuffle_buffer' = {tr.shuffle_buffer}: expected >= 1")
     _check(
         tr.checkpoint_steps >= 0,
         f"'train.checkpoint_steps' = {tr.checkpoint_steps}: expected >= 0 (0 = no checkpoints)",

@@ -325,9 +325,19 @@ class TrainConfig:
     seed: int = 0
     """seeds the held-out split, the batch order and dropout"""
     eval_fraction: float = 0.1
-    """share of the queries held out and scored (nDCG@10) before training and after each epoch"""
+    """share of the queries held out of training (by a hash of the seed and the query text) and scored (nDCG@10)
+    before training and after each epoch
+    """
+    eval_queries: int = 1000
+    """held-out queries scored at most (the first ones of the table's row groups in a seeded order); the others are
+    held out all the same
+    """
     eval_corpus_size: int = 2000
     """documents the held-out queries are ranked against"""
+    shuffle_buffer: int = 10000
+    """examples each training worker holds to shuffle the stream of the mined tuples (row groups are read in a seeded
+    order, new each epoch); larger = closer to a full shuffle, more memory
+    """
     checkpoint_steps: int = 500
     """a checkpoint every this many steps, under `<train.output>/_checkpoints` (a killed training resumes from it to the
     weights of an uninterrupted run); `0` = none
@@ -354,6 +364,16 @@ class RefreshConfig:
     """
     diff_buckets: int = 0
     """hash buckets of the snapshot-vs-previous join (tasks of its reduce); 0 = about 1M snapshot rows per bucket"""
+    compact_dead_fraction: float = 0.2
+    """a shared segment whose share of dead rows (changed or deleted since it was written) passes this after a night
+    is compacted: its live rows are copied into a file of the new version (same row ids, no encoding) and its shard
+    index built again; until then its dead rows are left out of the merged index by id
+    """
+    compact_budget: float = 0.25
+    """rows a night may copy into compacted segments, as a share of the snapshot's rows (the deadest segments first);
+    0 = never compact. At a churn of c a night, about c x (1 - compact_dead_fraction) / compact_dead_fraction keeps
+    the dead rows bounded (0.2 at 5%)
+    """
     inline_snapshot_rows: int = 200_000
     """a snapshot of at most this many rows has its diff, tombstones, index and changes files made in the job's own
     process, one step after another, instead of Ray tasks; 0 = always Ray tasks. With few changed documents too

@@ -35,8 +35,17 @@ def faiss_metric(metric: str) -> int:
 
 def is_mergeable(factory: str) -> bool:
     """True when shard indexes of this type merge into one (IVF types, an HNSW coarse quantizer included, and
-    flat-code types); False for graph indexes (``HNSW32``, ``NSG64``, ``HNSW32,SQ8``)."""
+    flat-code types); False for graph indexes (``HNSW32``, ``NSG64``, ``HNSW32,SQ8``) and for fast-scan codes
+    (``IVF1024,PQ32x4fs``): FAISS's ``merge_from`` of fast-scan indexes whose sizes are not multiples of their
+    block corrupts memory (faiss-cpu 1.13, shards of 437 vectors), so they are built whole like graphs."""
+    if is_fast_scan(factory):
+        return False
     return is_ivf(factory) or not any(graph in factory.upper() for graph in ("HNSW", "NSG"))
+
+
+def is_fast_scan(factory: str) -> bool:
+    """A factory string with a fast-scan code (``PQ32x4fs``, ``PQ32x4fsr``): 4-bit codes packed in blocks."""
+    return any(part.strip().upper().endswith(("FS", "FSR")) for part in factory.split(","))
 
 
 # How a local index is memory-mapped, whatever its type: ``IO_FLAG_MMAP_IFC`` maps the codes and ids in place

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from typing import Any, cast
 
+import numpy as np
+
 from retrieval_core.index import faiss_index
 from retrieval_core.io import faults, file_cache, shard_list, storage
 
@@ -26,6 +28,29 @@ def shard_index_url(index_dir: str, record: dict) -> str:
     or, for a shard a refresh shares with an earlier version, the record's ``path`` (relative to this directory)."""
 
     return storage.resolve_relative(index_dir, record.get("path") or record.get("file") or f"{record['name']}.faiss")
+
+
+def tombstone_url(index_dir: str, record: dict) -> str | None:
+    """The tombstone file of a shard index a refresh shares (its record's or manifest entry's ``deleted_path``,
+    relative to this directory: the rows of the shard dead in this version), or None."""
+    path = record.get("deleted_path")
+    return storage.resolve_relative(index_dir, path) if path else None
+
+
+def dead_ids(url: str | None, storage_options: dict | None = None) -> np.ndarray | None:
+    """The sorted row ids of a tombstone file (None for none): what a merge or a shard group leaves out."""
+    if url is None:
+        return None
+    return np.sort(storage.read_parquet(url, storage_options, columns=["row_id"]).column("row_id").to_numpy())
+
+
+def without_dead(index, dead: np.ndarray | None):
+    """A whole shard index (flat codes, fast-scan IVF) less the ids ``dead`` (in place); returns it."""
+    import faiss
+
+    if dead is not None and len(dead):
+        index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(dead, dtype=np.int64)))
+    return index
 
 
 def read_index_file(url: str, storage_options: dict | None = None, mmap: bool = False):

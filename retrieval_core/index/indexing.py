@@ -28,7 +28,14 @@ from retrieval_core.config import Config, IndexConfig
 from retrieval_core.config.rules import gpu_setting, parse_memory
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
 from retrieval_core.index import faiss_index, gpu, ivf_lists, merging, search
-from retrieval_core.index.index_files import read_index_file, shard_index_url, write_index_file
+from retrieval_core.index.index_files import (
+    dead_ids,
+    read_index_file,
+    shard_index_url,
+    tombstone_url,
+    without_dead,
+    write_index_file,
+)
 from retrieval_core.io import shard_list, storage
 from retrieval_core.io.folder import Folder, StageLayout
 from retrieval_core.io.manifest import (
@@ -482,12 +489,14 @@ def load_shard_group(folder: Folder, shard_names: list[str]):
             f"whole): use mine.mode = replicated"
         )
     entries = {s["name"]: s for s in manifest["shards"]}
-    urls = [shard_index_url(folder.join("index"), entries.get(name, {"name": name})) for name in shard_names]
+    chosen = [entries.get(name, {"name": name}) for name in shard_names]
+    urls = [shard_index_url(folder.join("index"), entry) for entry in chosen]
     so = folder.storage_options
+    dead = [dead_ids(tombstone_url(folder.join("index"), entry), so) for entry in chosen]  # a refresh's dead rows
     if manifest.get("shard_format") == "lists":
         trained = faiss_index.deserialize(folder.read_bytes("index", manifest["files"]["trained"]))
-        index = ivf_lists.fill(trained, urls, so)
+        index = ivf_lists.fill(trained, urls, so, dead)
     else:
-        index = faiss_index.merge(read_index_file(url, so) for url in urls)
+        index = faiss_index.merge(without_dead(read_index_file(url, so), gone) for url, gone in zip(urls, dead))
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
     return index

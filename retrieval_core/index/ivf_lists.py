@@ -26,8 +26,9 @@ order. Every process holds one range at most (and one shard's share of it while 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import struct
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import faiss
 import numpy as np
@@ -226,18 +227,28 @@ def plan_ranges(totals: np.ndarray, entry_bytes: int, budget: int) -> list[tuple
 
 
 def merge_range(
-    urls: list[str], shard_spans: np.ndarray, lo: int, counts: np.ndarray, code_size: int, out_url: str, so=None
-) -> int:
+    urls: list[str],
+    shard_spans: np.ndarray,
+    lo: int,
+    counts: np.ndarray,
+    code_size: int,
+    out_url: str,
+    so=None,
+    dead: Callable[[int], np.ndarray | None] | None = None,
+) -> np.ndarray:
     """Write the lists ``[lo, lo + len(counts))`` of all shard files, in shard order within each list, as the merged
-    file's payload for them (each list's codes, then its ids); returns the entries written. ``shard_spans``: each
-    shard's row of :func:`spans` for this range; ``counts``: each list's entries over all shards. Memory: the
-    range's codes and ids once (each shard's part is copied to its place as it is read) and one shard's part."""
+    file's payload for them (each list's codes, then its ids), leaving out the ids ``dead(shard)`` names (a
+    refresh's dead rows of a shared shard index; sorted, or None); returns each list's entries written.
+    ``shard_spans``: each shard's row of :func:`spans` for this range; ``counts``: each list's entries over all
+    shards, dead ones included. Memory: the range's codes and ids once (each shard's part is copied to its place as
+    it is read), one shard's part and its dead ids."""
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     all_codes = np.empty((int(starts[-1]), code_size), np.uint8)
     all_ids = np.empty(int(starts[-1]), np.int64)
     cursor = starts[:-1].copy()  # where each list's next entries go: shard after shard
-    for url, span in zip(urls, shard_spans):
+    for shard, (url, span) in enumerate(zip(urls, shard_spans)):
         numbers, sizes, codes, ids = read_span(url, span, code_size, so)
+        numbers, sizes, codes, ids = without_dead(numbers, sizes, codes, ids, dead(shard) if dead else None)
         if not len(ids):
             continue
         first_of_list = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -246,11 +257,21 @@ def merge_range(
         all_ids[destination] = ids
         cursor[numbers - lo] += sizes
     with storage.open_atomic(out_url, so) as out:
-        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        for a, b in zip(starts[:-1].tolist(), cursor.tolist()):
             if b > a:
                 out.write(all_codes[a:b].tobytes())
                 out.write(all_ids[a:b].tobytes())
-    return int(starts[-1])
+    return cursor - starts[:-1]
+
+
+def without_dead(numbers: np.ndarray, sizes: np.ndarray, codes: np.ndarray, ids: np.ndarray, dead):
+    """(lists, sizes, codes, ids) of consecutive lists' entries less those whose id is in ``dead`` (sorted ids, or
+    None: all kept)."""
+    if dead is None or not len(dead) or not len(ids):
+        return numbers, sizes, codes, ids
+    keep = ~np.isin(ids, dead, assume_unique=False)
+    owner = np.repeat(np.arange(len(numbers)), sizes)
+    return numbers, np.bincount(owner[keep], minlength=len(numbers)).astype(np.int64), codes[keep], ids[keep]
 
 
 def merged_prefix(trained: faiss.Index, totals: np.ndarray) -> bytes:
@@ -291,21 +312,26 @@ def assemble(prefix: bytes, range_urls: list[str], out_url: str, storage_options
     return size
 
 
-def fill(trained: faiss.Index, urls: Iterable[str], storage_options: dict | None = None) -> faiss.Index:
+def fill(
+    trained: faiss.Index, urls: Iterable[str], storage_options: dict | None = None, dead: Iterable | None = None
+) -> faiss.Index:
     """A copy of ``trained`` holding the lists of the given shard files, in memory (a group of shards searched
-    together by one mining worker). Memory: those shards' codes and ids, plus the trained index once."""
+    together by one mining worker), less each shard's ``dead`` ids (sorted arrays or None, one per file). Memory:
+    those shards' codes and ids, plus the trained index once."""
     index = faiss.clone_index(trained)
     ivf = faiss.extract_index_ivf(index)
     invlists: Any = ivf.invlists
     added = 0
-    for url in urls:
+    for url, gone in zip(urls, dead if dead is not None else itertools.repeat(None)):
         header = read_header(url, storage_options)
         numbers, sizes, codes, ids = read_lists(url, header, 0, header.nlist, storage_options)
+        numbers, sizes, codes, ids = without_dead(numbers, sizes, codes, ids, gone)
         row = 0
         for number, size in zip(numbers.tolist(), sizes.tolist()):
             # the arrays are held here while FAISS copies from them
             list_ids, list_codes = ids[row : row + size], np.ascontiguousarray(codes[row : row + size])
-            invlists.add_entries(number, size, faiss.swig_ptr(list_ids), faiss.swig_ptr(list_codes))
+            if size:
+                invlists.add_entries(number, size, faiss.swig_ptr(list_ids), faiss.swig_ptr(list_codes))
             row += size
         added += len(ids)
     _set_ntotal(index, added)

@@ -10,14 +10,15 @@ that each hold a bounded amount, whatever the corpus:
    range, per shard: the slice of the header and the payload offset; one row per range). Memory: one count per
    list, a batch of headers and 32 bytes per range and shard.
 2. :func:`merge_range`, one task per range, reads its row of ``spans.bin`` and, from each shard file, its slice of
-   the header and its payload, and writes ``_merge/range-<first list>-<end>.bin``. Memory: about
-   ``index.merge_memory`` (the range's entries, never a whole header). A range already written is kept on a
-   rerun.
-3. :func:`assemble` writes ``merged.faiss`` from the trained index and the range files, then removes ``_merge/``.
-   Memory: the trained index and one copy buffer.
+   the header and its payload, leaves out the ids the shard's tombstone file names (the rows of a refresh's
+   shared shard index that are dead in this version), and writes ``_merge/range-<first list>-<end>.bin``, then
+   its lists' sizes (``.sizes.npy``, its commit). Memory: about ``index.merge_memory`` (the range's entries, never
+   a whole header) and one shard's dead ids. A range already written is kept on a rerun.
+3. :func:`assemble` writes ``merged.faiss`` from the trained index, the ranges' sizes and the range files, then
+   removes ``_merge/``. Memory: the trained index, one size a list and one copy buffer.
 
-Other mergeable types (flat codes: ``Flat``, ``SQ8``, ``PQm``, and fast-scan IVF codes) merge in one process,
-holding the merged index (:func:`merge_in_memory`).
+Other mergeable types (flat codes: ``Flat``, ``SQ8``, ``PQm``, and IVF types whose lists do not stream) merge in
+one process, holding the merged index (:func:`merge_in_memory`); a shard's dead ids are removed as it is read.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ import numpy as np
 
 from retrieval_core.config.rules import parse_memory
 from retrieval_core.index import faiss_index, ivf_lists
-from retrieval_core.index.index_files import read_index_file, shard_index_url, shard_records, write_index_file
+from retrieval_core.index.index_files import (
+    dead_ids,
+    read_index_file,
+    shard_index_url,
+    shard_records,
+    tombstone_url,
+    without_dead,
+    write_index_file,
+)
 from retrieval_core.io import storage
 
 MERGE_DIR = "_merge"
@@ -46,9 +55,15 @@ class MergePlan:
     code_size: int
 
 
-def shard_files(plan) -> list[str]:
-    """URLs of the committed shard index files, in shard order (their commit records read in parallel)."""
-    return [shard_index_url(plan.out.dir, record) for record in shard_records(plan)]
+def shard_files(plan) -> tuple[list[str], list[str | None]]:
+    """URLs of the committed shard index files, in shard order (their commit records read in parallel), and of
+    their tombstone files (the ids a refresh's shared shard index holds that are dead in this version; None for
+    most)."""
+    files, tombstones = [], []
+    for record in shard_records(plan):
+        files.append(shard_index_url(plan.out.dir, record))
+        tombstones.append(tombstone_url(plan.out.dir, record))
+    return files, tombstones
 
 
 def _totals_url(plan) -> str:
@@ -63,17 +78,18 @@ def _spans_url(plan) -> str:
     return plan.out.file(MERGE_DIR, "spans.bin")
 
 
-def range_url(plan, lo: int, hi: int) -> str:
+def range_url(plan, lo: int, hi: int, suffix: str = "bin") -> str:
     """A range's file, named by its lists: a rerun with other ranges (another ``index.merge_memory``) never takes a
-    file of the run before for one of its own."""
-    return plan.out.file(MERGE_DIR, f"range-{lo:06d}-{hi:06d}.bin")
+    file of the run before for one of its own. ``suffix`` "sizes.npy": its lists' sizes, written after it (the
+    range's commit)."""
+    return plan.out.file(MERGE_DIR, f"range-{lo:06d}-{hi:06d}.{suffix}")
 
 
 def plan_merge(plan) -> MergePlan:
     """Count each list's entries over all shard files (headers only, read in parallel batches), cut the lists into
     ranges of at most half of ``index.merge_memory`` bytes (a range task holds its range once, plus one shard's
     share of it), and record where each range lies in each shard file."""
-    layout, urls = plan.out, shard_files(plan)
+    layout, (urls, tombstones) = plan.out, shard_files(plan)
     so = layout.storage_options
     totals, entry_bytes = ivf_lists.list_totals(urls, so)
     budget = max(1, parse_memory(plan.ix.merge_memory, "index.merge_memory") // 2)
@@ -82,21 +98,35 @@ def plan_merge(plan) -> MergePlan:
     with storage.open_atomic(_totals_url(plan), so) as out:
         np.save(out, totals)
     storage.write_bytes_atomic(_spans_url(plan), spans.reshape(-1).view(np.uint8).data, so)  # one row per range
-    storage.write_json_atomic(_files_url(plan), urls, so)  # read once by each range task
+    files = {"files": urls, "tombstones": tombstones}
+    storage.write_json_atomic(_files_url(plan), files, so)  # read once by each range task
     return MergePlan(tuple(ranges), int(totals.sum()), len(urls), entry_bytes - ivf_lists.ID_BYTES)
 
 
 def merge_range(plan, merge: MergePlan, number: int) -> dict:
-    """Write range ``number`` of ``merge`` (kept when a run before wrote it); returns its lists and peak memory."""
+    """Write range ``number`` of ``merge`` (kept when a run before wrote it), leaving out the ids dead in this
+    version (a shard's tombstone file, read when the shard is); returns its lists and peak memory."""
     lo, hi = merge.ranges[number]
-    layout, url = plan.out, range_url(plan, lo, hi)
+    layout, url, sizes_url = plan.out, range_url(plan, lo, hi), range_url(plan, lo, hi, "sizes.npy")
     so = layout.storage_options
-    if not storage.exists(url, so):
-        urls = storage.read_json(_files_url(plan), so)  # one read, not a record per shard
+    if not storage.exists(sizes_url, so):
+        files = storage.read_json(_files_url(plan), so)  # one read, not a record per shard
         row = merge.shards * ivf_lists.SPAN_FIELDS * 8
         spans = np.frombuffer(storage.read_range(_spans_url(plan), number * row, (number + 1) * row, so), np.int64)
         counts = np.load(io.BytesIO(storage.read_bytes(_totals_url(plan), so)))[lo:hi]
-        ivf_lists.merge_range(urls, spans.reshape(merge.shards, -1), lo, counts, merge.code_size, url, so)
+        tombstones = files["tombstones"]
+        sizes = ivf_lists.merge_range(
+            files["files"],
+            spans.reshape(merge.shards, -1),
+            lo,
+            counts,
+            merge.code_size,
+            url,
+            so,
+            lambda shard: dead_ids(tombstones[shard], so),
+        )
+        with storage.open_atomic(sizes_url, so) as out:
+            np.save(out, sizes)
     from retrieval_core.io.manifest import peak_memory_mb
 
     return {"range": number, "lists": [lo, hi], "peak_memory_mb": peak_memory_mb()}
@@ -106,7 +136,12 @@ def assemble(plan, merge: MergePlan, trained: bytes) -> int:
     """Write ``merged.faiss`` from the trained index and the range files, then remove ``_merge/``; returns the
     merged index's vectors."""
     layout = plan.out
-    totals = np.load(io.BytesIO(storage.read_bytes(_totals_url(plan), layout.storage_options)))
+    totals = np.concatenate(
+        [
+            np.load(io.BytesIO(storage.read_bytes(range_url(plan, lo, hi, "sizes.npy"), layout.storage_options)))
+            for lo, hi in merge.ranges
+        ]
+    )  # the lists' sizes less the dead ids: one int64 a list
     prefix = ivf_lists.merged_prefix(faiss_index.deserialize(trained), totals)
     ranges = [range_url(plan, lo, hi) for lo, hi in merge.ranges]
     ivf_lists.assemble(prefix, ranges, layout.file("merged.faiss"), layout.storage_options)
@@ -128,6 +163,9 @@ def merge_all(plan, trained: bytes) -> None:
 def merge_in_memory(plan) -> None:
     """Merge shard index files holding whole indexes (flat-code types) in shard order into ``merged.faiss``.
     Memory: the merged index."""
-    layout = plan.out
-    index = faiss_index.merge(read_index_file(url, layout.storage_options) for url in shard_files(plan))
+    layout, so = plan.out, plan.out.storage_options
+    files, tombstones = shard_files(plan)
+    index = faiss_index.merge(
+        without_dead(read_index_file(url, so), dead_ids(gone, so)) for url, gone in zip(files, tombstones)
+    )
     write_index_file(index, layout.file("merged.faiss"), layout.storage_options)

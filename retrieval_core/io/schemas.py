@@ -47,7 +47,8 @@ REJECTS_SCHEMA = pa.schema(
 )
 
 # One entry per shard of the embeddings manifest (the shard table beside it, see io.shard_list). A refresh's version
-# adds the last four to the segments it shares with an earlier version.
+# adds shared_from, deleted_path and deleted to the segments it shares with an earlier version, compacted_from to the
+# segments it rewrote (their live rows copied into a file of its own).
 EMBEDDINGS_SHARD_ENTRY = pa.schema(
     [
         pa.field("name", pa.string()),
@@ -60,6 +61,7 @@ EMBEDDINGS_SHARD_ENTRY = pa.schema(
         pa.field("shared_from", pa.string()),
         pa.field("deleted_path", pa.string()),
         pa.field("deleted", pa.int64()),
+        pa.field("compacted_from", pa.string()),
     ]
 )
 
@@ -73,5 +75,6 @@ INDEX_SHARD_ENTRY = pa.schema(
         pa.field("file", pa.string()),
         pa.field("bytes", pa.int64()),
         pa.field("path", pa.string()),
+        pa.field("deleted_path", pa.string()),
     ]
 )

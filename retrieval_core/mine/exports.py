@@ -26,6 +26,7 @@ import pyarrow as pa
 from retrieval_core.io import storage
 
 log = logging.getLogger(__name__)
+NTUPLE_GROUP_ROWS = 1024  # rows per row group of the n-tuple export (closed at the next change of query)
 EXPORT_FILES = {"triplet": "triplet.parquet", "n-tuple": "n-tuple.parquet", "flag-jsonl": "flag.jsonl"}
 
 
@@ -175,10 +176,35 @@ def combine_export(
     pieces = [storage.join(part_dir, part_export_name(n, fmt)) for n in numbers]
     if fmt == "flag-jsonl":
         rows = _concat_bytes(url, pieces, storage_options)
+    elif fmt == "triplet":
+        rows = storage.concat_parquet_atomic(url, pieces, triplet_schema(with_scores), storage_options)
     else:
-        schema = triplet_schema(with_scores) if fmt == "triplet" else ntuple_schema(num_negatives, with_scores)
-        rows = storage.concat_parquet_atomic(url, pieces, schema, storage_options)
+        rows = _concat_by_query(url, pieces, ntuple_schema(num_negatives, with_scores), storage_options)
     return {"path": f"exports/{EXPORT_FILES[fmt]}", "rows": rows}
+
+
+def _concat_by_query(url: str, pieces: list[str], schema: pa.Schema, storage_options: dict | None) -> int:
+    """Concatenate n-tuple shares in row groups of about ``NTUPLE_GROUP_ROWS`` rows that never split a query's
+    rows (training reads the file row group by row group, and scores a held-out query with all its positives)."""
+    rows = 0
+    with storage.parquet_writer_atomic(url, schema, storage_options) as write_row_group:
+        for piece in pieces:
+            table = storage.read_parquet(piece, storage_options).cast(schema)
+            for start, stop in query_groups(table.column("anchor").to_pylist(), NTUPLE_GROUP_ROWS):
+                write_row_group(table.slice(start, stop - start))
+            rows += table.num_rows
+    return rows
+
+
+def query_groups(anchors: list[str], rows: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive row groups over ``anchors``: each closes at the first change of query at or
+    after ``rows`` rows (a query with more rows than that is one group of its own)."""
+    groups, start = [], 0
+    for at in range(1, len(anchors) + 1):
+        if at == len(anchors) or (at - start >= rows and anchors[at] != anchors[at - 1]):
+            groups.append((start, at))
+            start = at
+    return groups
 
 
 def _concat_bytes(url: str, pieces: list[str], storage_options: dict | None) -> int:

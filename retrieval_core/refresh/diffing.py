@@ -264,21 +264,26 @@ class Slice:
 
 
 def plan_new_segments(encode_rows: list[int], rows_per_segment: int) -> list[list[Slice]]:
-    """Cut the to-encode rows of every bucket (``encode_rows[b]`` rows each, in bucket order) into segments of
-    ``rows_per_segment`` rows; a segment is a list of bucket slices. Memory: one entry per slice."""
-    segments, current, size = [], [], 0
+    """Cut the to-encode rows of every bucket (``encode_rows[b]`` rows each, in bucket order) into as few segments
+    of at most ``rows_per_segment`` rows as hold them, of even sizes (no small tail: a night's change of 120 rows in
+    segments of 100 gives two of 60, not 100 and 20, so that small segments do not pile up night after night); a
+    segment is a list of bucket slices. Memory: one entry per slice."""
+    total = sum(encode_rows)
+    count = -(-total // rows_per_segment) if total else 0
+    sizes = [total // count + (i < total % count) for i in range(count)] if count else []
+    segments: list[list[Slice]] = []
+    current: list[Slice] = []
+    size = 0
     for bucket, rows in enumerate(encode_rows):
         start = 0
         while start < rows:
-            take = min(rows - start, rows_per_segment - size)
+            take = min(rows - start, sizes[len(segments)] - size)
             current.append(Slice(bucket, start, start + take))
             size += take
             start += take
-            if size == rows_per_segment:
+            if size == sizes[len(segments)]:
                 segments.append(current)
                 current, size = [], 0
-    if current:
-        segments.append(current)
     return segments
 
 

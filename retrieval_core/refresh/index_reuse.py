@@ -4,6 +4,7 @@ previous version's shard indexes for the segments whose rows did not change."""
 from __future__ import annotations
 
 from retrieval_core.config import Config
+from retrieval_core.encode.embeddings import shard_url
 from retrieval_core.index import faiss_index, index_files, indexing
 from retrieval_core.io import storage
 from retrieval_core.io.folder import Folder
@@ -117,31 +118,42 @@ def _previous_index_matches(p: RefreshPlan, plan, so: dict) -> bool:
     )
 
 
-def seed_index(vcfg: Config, p: RefreshPlan, plan, touched: set[str]) -> int:
+def seed_index(vcfg: Config, p: RefreshPlan, plan) -> int:
     """Before the index stage runs in the version: copy the previous trained index (a quantizer, small) and commit
-    every shared segment whose rows did not change as a shard index that points at the previous version's file.
-    Returns the shard indexes shared."""
+    every segment shared with the previous version as a shard index that points at that version's file, with the
+    segment's tombstones (every row dead since its file was written), which the merge leaves out by id. So a night
+    adds only its new segments and its compactions. Returns the shard indexes shared."""
     so = vcfg.output.storage_options
     previous = indexing.layout_at(p.previous_version_root, so)
     here = indexing.layout_of(vcfg)
     for name in ("trained.json", "trained.faiss"):  # the quantizer's record first: trained.faiss marks it done
         if storage.exists(previous.file(name), so):
             storage.write_bytes_atomic(here.file(name), storage.read_bytes(previous.file(name), so), so)
+    if not plan.mergeable:
+        return 0
     entries = {e["name"]: e for e in indexing.read_index_manifest(Folder(p.previous_version_root, so))["shards"]}
     shared = 0
     for shard in plan.shards:
         entry = entries.get(shard["name"])
-        if entry is None or shard["name"] in touched or not plan.mergeable:
+        if entry is None or not shard.get("shared_from"):
             continue
-        target = index_files.shard_index_url(previous.dir, entry)
-        record = {
-            "name": shard["name"],
-            "ntotal": entry["ntotal"],
-            "seconds": 0.0,
-            "peak_memory_mb": 0.0,
-            "path": storage.relative_to(here.dir, target),
-            "shared_from": p.source,
-        }
+        record = _shared_record(vcfg, p, here.dir, index_files.shard_index_url(previous.dir, entry), shard)
         storage.write_json_atomic(here.record_file(shard["name"]), record, so)
         shared += 1
     return shared
+
+
+def _shared_record(vcfg: Config, p: RefreshPlan, index_dir: str, shard_file: str, shard: dict) -> dict:
+    """The commit record of a shard index shared with the previous version: its file, and the segment's tombstone
+    file when rows of it are dead (both relative to this index directory)."""
+    record = {
+        "name": shard["name"],
+        "ntotal": shard["rows"],
+        "seconds": 0.0,
+        "peak_memory_mb": 0.0,
+        "path": storage.relative_to(index_dir, shard_file),
+        "shared_from": p.source,
+    }
+    if shard.get("deleted_path"):
+        record["deleted_path"] = storage.relative_to(index_dir, shard_url(vcfg.output.root, shard, "deleted_path"))
+    return record

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence, Set
 
 import numpy as np
 import pyarrow as pa
@@ -238,10 +239,15 @@ def diff_counts(p: RefreshPlan, so: dict) -> dict:
     counts = {key: sum(b[key] for b in buckets) for key in ("documents", *diffing.STATUSES, "encode_rows")}
     counts["rejected"] = sum(m["rejected"] for m in maps)
     counts["snapshot_rows"] = p.snapshot_rows
+    lost: dict[str, int] = {}
+    for record in buckets:
+        for segment, rows in record["tombstones"].items():
+            lost[segment] = lost.get(segment, 0) + rows
     return {
         "counts": counts,
         "encode_rows": [b["encode_rows"] for b in buckets],
         "tombstones": _tombstones_by_segment(buckets),
+        "lost": lost,
     }
 
 
@@ -349,12 +355,21 @@ def write_segment_tombstones(segment: dict, p: RefreshPlan, tombstones: dict[str
     return len(new)
 
 
-def shared_entries(p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -> list[dict]:
+def shared_entries(
+    p: RefreshPlan,
+    tombstones: dict[str, list[int]],
+    so: dict,
+    compacted: Sequence[dict] = (),
+    rewritten: Set[str] = frozenset(),
+) -> list[dict]:
     """The previous version's segments as entries of this version's manifest: pointing at the earlier files,
-    with this version's tombstone file where the diff removed rows, and the live row count."""
+    with this version's tombstone file where the diff removed rows, and the live row count; the segments compacted
+    tonight (``rewritten``) are replaced by their compactions' entries (``compacted``: files of this version)."""
     here = storage.join(p.version_root, "embeddings")
-    entries = []
+    entries = [entry for entry in compacted if entry["rows"] > 0]
     for segment in p.segments if p.reuse else ():
+        if segment["name"] in rewritten:
+            continue
         entry = {
             **segment,
             "path": storage.relative_to(here, shard_url(p.previous_version_root, segment)),
@@ -416,9 +431,12 @@ def write_version_manifest(
             "rows_encoded": live,
             "rows_rejected": counts["rejected"],
             "shards": len(entries),
-            "shards_shared": len(shared),
-            "rows_shared": sum(e["rows"] for e in shared),
+            "shards_shared": sum(1 for e in shared if e.get("shared_from")),
+            "rows_shared": sum(e["rows"] for e in shared if e.get("shared_from")),
             "rows_encoded_now": sum(r["rows"] for r in records),
+            "shards_compacted": sum(1 for e in shared if _compacted_here(e)),
+            "rows_compacted": sum(e["rows"] for e in shared if _compacted_here(e)),
+            "rows_dead": sum(e.get("deleted", 0) for e in shared),
         },
         "next_row_id": max([p.next_row_id] + [r["row_stop"] for r in records]),
         "docmap": {"dir": "../_diff/docmap", "buckets": p.buckets},
@@ -428,6 +446,11 @@ def write_version_manifest(
     }
     ordered = sorted(entries, key=lambda e: e["row_start"])
     return manifest.write_streamed(layout.manifest, ordered, lambda: fields, EMBEDDINGS_SHARD_ENTRY, so)
+
+
+def _compacted_here(entry: dict) -> bool:
+    """A segment this version compacted (its own file; a later version sharing it adds ``shared_from``)."""
+    return bool(entry.get("compacted_from")) and not entry.get("shared_from")
 
 
 # ------------------------------------------------------------------------------------------------------ changes

@@ -11,10 +11,7 @@ torch and sentence-transformers are imported inside the functions only (like ``e
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import logging
-import random
 import time
 from typing import Callable
 
@@ -24,73 +21,8 @@ from retrieval_core.config import ConfigError, ModelConfig, TrainConfig
 from retrieval_core.encode import encoding, families
 from retrieval_core.encode.model_files import resolve_model_path
 from retrieval_core.evaluate import metrics
-from retrieval_core.index import lookup
 from retrieval_core.io import faults
-from retrieval_core.io.folder import Folder
-from retrieval_core.mine import mining
-from retrieval_core.train import checkpoints
-
-log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    query_id: str
-    query: str
-    positive: str
-    negatives: tuple
-
-
-def load_examples(source: Folder, corpus_storage_options: dict, num_negatives: int) -> list[Example]:
-    """One example per (query, positive) of the mined parts, with the first ``train.num_negatives`` negatives;
-    queries with fewer mined negatives than that are left out (counted in the log)."""
-    parts = mining.read_parts(source).to_pylist()
-    text = lookup.texts_for_doc_ids(
-        source,
-        {d for p in parts for d in p["positive_ids"] + p["negative_ids"]},
-        corpus_storage_options=corpus_storage_options,
-    )
-    n = num_negatives
-    examples, short = [], 0
-    for p in parts:
-        if len(p["negative_ids"]) < n:
-            short += 1
-            continue
-        negatives = tuple(text[d] for d in p["negative_ids"][:n])
-        examples += [Example(p["query_id"], p["query"], text[d], negatives) for d in p["positive_ids"]]
-    if short:
-        log.warning("%d queries have fewer than train.num_negatives = %d mined negatives and are left out", short, n)
-    return examples
-
-
-def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, held out), split by query id with ``seed``: all examples of a query fall on the same side."""
-    queries = sorted({e.query_id for e in examples})
-    random.Random(seed).shuffle(queries)
-    held = set(queries[: int(round(len(queries) * eval_fraction))])
-    return [e for e in examples if e.query_id not in held], [e for e in examples if e.query_id in held]
-
-
-def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
-    """Shuffled (seed, epoch) batches in which no query appears twice (its other positives would otherwise be
-    in-batch false negatives); the last incomplete batch is dropped."""
-    order = list(examples)
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    batches, current, seen, deferred = [], [], set(), []
-    for example in order:
-        if example.query_id in seen:
-            deferred.append(example)
-            continue
-        current.append(example)
-        seen.add(example.query_id)
-        if len(current) == batch_size:
-            batches.append(current)
-            current, seen = [], set()
-            pending, deferred = deferred, []
-            for again in pending:
-                (deferred if again.query_id in seen else current).append(again)
-                seen.add(again.query_id)
-    return batches
+from retrieval_core.train import checkpoints, examples
 
 
 def steps_plan(tr: TrainConfig, train_examples: int) -> tuple[int, int]:
@@ -114,7 +46,7 @@ def build_loss(model, tr: TrainConfig, distributed: bool):
     return MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=distributed)
 
 
-def batch_features(model, batch: list[Example], tr: TrainConfig, mc: ModelConfig) -> list[dict]:
+def batch_features(model, batch: list[examples.Example], tr: TrainConfig, mc: ModelConfig) -> list[dict]:
     """Tokenized columns: queries (with the query prompt), positives, then each negative column."""
     device = model.device
     document, query = resolved_prompts(mc)
@@ -170,9 +102,8 @@ def linear_schedule(optimizer, warmup: int, total: int):
 def fit(
     tr: TrainConfig,
     mc: ModelConfig,
-    train: list[Example],
-    held_out: list[Example],
-    eval_corpus: dict[str, str],
+    table: examples.TrainingTable,
+    surveyed: examples.Survey,
     rank: int = 0,
     world: int = 1,
     reduce_gradients: Callable | None = None,
@@ -181,19 +112,21 @@ def fit(
     saved: checkpoints.Checkpoints | None = None,
     device: str = "cpu",
 ):
-    """Train ``mc.name`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) with ``train``; this worker takes
-    every ``world``-th example of each global batch.
+    """Train ``mc.name`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``) with the examples of ``table``
+    (streamed, see :mod:`examples`); this worker takes every ``world``-th example of each global batch, and scores
+    ``surveyed``'s held-out examples (none on workers other than the first: pass a survey without them).
     ``on_step(step, total, loss)`` and ``on_epoch(evaluation)`` report progress. With ``saved``, a checkpoint is
     written every ``saved.every`` steps and the training resumes from the latest one, ending with the weights of an
-    uninterrupted run. Returns (model, history). Memory: the model, the optimizer state (2x the weights) and one
-    batch of activations (one mini-batch with ``train.cached``)."""
+    uninterrupted run. Returns (model, history). Memory: the model, the optimizer state (2x the weights), one
+    batch of activations (one mini-batch with ``train.cached``), the reader's row group and shuffle buffer."""
     import torch
 
     torch.manual_seed(tr.seed)
     model = load_model(mc, device)
     loss = build_loss(model, tr, world > 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tr.learning_rate)
-    per_epoch, total = steps_plan(tr, len(train))
+    per_epoch, total = steps_plan(tr, surveyed.train_examples)
+    held_out, eval_corpus = surveyed.evaluation, surveyed.eval_corpus
     scheduler = linear_schedule(optimizer, int(tr.warmup_ratio * total), total)
     resumed = saved.restore(model, optimizer, scheduler) if saved else None
     position, history = resumed or (
@@ -207,11 +140,13 @@ def fit(
     )
     started = time.perf_counter()
     while position.step < total:
-        batches = epoch_batches(train, tr.batch_size, tr.seed, position.epoch)
-        for number in range(position.batch, len(batches)):
+        batches = examples.epoch_batches(examples.epoch_examples(table, position.epoch), tr.batch_size)
+        for number, batch in enumerate(batches):
+            if number < position.batch:
+                continue  # done before the checkpoint this training resumed from
             if position.step >= total:
                 break
-            local = batches[number][rank::world]
+            local = batch[rank::world]
             history["losses"].append(_step(model, loss, optimizer, scheduler, local, tr, mc, reduce_gradients))
             position = checkpoints.Position(position.step + 1, position.epoch, number + 1)
             if saved and saved.due(position.step, total):
@@ -248,7 +183,7 @@ def _step(
     loss,
     optimizer,
     scheduler,
-    local: list[Example],
+    local: list[examples.Example],
     tr: TrainConfig,
     mc: ModelConfig,
     reduce_gradients: Callable | None,
@@ -267,17 +202,7 @@ def _step(
     return round(float(value.detach()), 5)
 
 
-def eval_corpus_for(tr: TrainConfig, held_out: list[Example], examples: list[Example]) -> dict[str, str]:
-    """Documents the held-out queries are ranked against: their positives, then (drawn with ``train.seed``) the
-    positives and mined negatives of all examples, up to ``train.eval_corpus_size`` documents."""
-    must = sorted({e.positive for e in held_out})
-    pool = sorted({t for e in examples for t in (e.positive, *e.negatives)} - set(must))
-    random.Random(tr.seed).shuffle(pool)
-    texts = must + pool[: max(0, tr.eval_corpus_size - len(must))]
-    return {f"e{i}": t for i, t in enumerate(texts)}
-
-
-def evaluate(model, mc: ModelConfig, held_out: list[Example], corpus: dict[str, str], step: int) -> dict:
+def evaluate(model, mc: ModelConfig, held_out: list[examples.Example], corpus: dict[str, str], step: int) -> dict:
     """nDCG@10 of the held-out queries (their positives relevant) over ``corpus``, exact cosine search."""
     import torch
 

@@ -143,3 +143,12 @@ def test_pipeline_stages_select_what_runs(tmp_path, tiny_model_without_dropout):
     results = pipeline.run(cfg)
     assert list(results) == ["encode", "index"]
     assert (tmp_path / "index" / "manifest.json").exists() and not (tmp_path / "negatives").exists()
+
+
+def test_a_pipeline_that_trains_without_the_n_tuple_export_is_refused_before_any_stage(tmp_path, tiny_model):
+    from retrieval_core.config import ConfigError
+
+    cfg = load_config(None, pipeline_items(tmp_path / "out", tiny_model, "mine.formats=[triplet]"))
+    with pytest.raises(ConfigError, match=r"mine.formats = \['triplet'\] leaves it out: add 'n-tuple'"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "out").exists()

@@ -139,7 +139,7 @@ def test_a_range_task_reads_its_slice_of_each_shard_file_and_nothing_else(tmp_pa
     cfg, _ = build(tmp_path, vectors, type="IVF32,Flat", merge_memory="40000")
     plan = indexing.prepare(cfg)
     merge = merging.plan_merge(plan)
-    urls = merging.shard_files(plan)
+    urls, _ = merging.shard_files(plan)
     spans = np.fromfile(tmp_path / "index" / "_merge" / "spans.bin", np.int64).reshape(len(merge.ranges), len(urls), 4)
     read = []
     cat = LocalFileSystem.cat_file  # a spy counting the bytes of each ranged read
@@ -191,6 +191,67 @@ def test_a_shard_group_is_one_index_answering_as_its_shards_merged(tmp_path, vec
     faiss_index.set_search_parameters(reference, nprobe=4)
     assert group.ntotal == len(rows) and faiss.extract_index_ivf(group).nprobe == 4
     for got, want in zip(faiss_index.search(group, queries, 10), faiss_index.search(reference, queries, 10)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF8,PQ4x4", "Flat", "SQ8"])
+def test_dead_ids_of_shared_shard_indexes_are_left_out_of_the_merge_and_of_shard_groups(
+    tmp_path, vectors, queries, factory
+):
+    """What a refresh leaves a shared shard index: a tombstone file of its rows dead since it was built. The merge
+    (ranges of lists, or whole indexes) and a mining worker's shard group leave them out: they answer as one index
+    filled with the live vectors only."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg, _ = build(tmp_path, vectors, type=factory, nprobe=16, merge_memory="30000")
+    rng = np.random.default_rng(5)
+    dead = {}
+    for shard, (lo, hi) in {"shard-00001": (437, 874), "shard-00004": (1748, 2185)}.items():
+        dead[shard] = np.sort(rng.choice(np.arange(lo, hi), size=150, replace=False))
+        pq.write_table(pa.table({"row_id": dead[shard]}), tmp_path / f"{shard}.dead.parquet")
+        record_path = tmp_path / "index" / "_shards" / f"{shard}.json"
+        record = json.loads(record_path.read_text())
+        record_path.write_text(json.dumps({**record, "deleted_path": f"../{shard}.dead.parquet"}))
+    plan = indexing.prepare(cfg)
+    trained, _ = indexing.trained_index(plan)
+    merging.merge_all(plan, trained)
+    merged = faiss.read_index(str(tmp_path / "index" / "merged.faiss"))
+    live = np.setdiff1d(np.arange(len(vectors)), np.concatenate(list(dead.values())))
+    reference = faiss_index.deserialize(trained)
+    faiss_index.add(reference, vectors[live], live)
+    for index in (merged, reference):
+        faiss_index.set_search_parameters(index, nprobe=16)
+    assert merged.ntotal == len(live) == len(vectors) - 300
+    for got, want in zip(faiss_index.search(merged, queries, 20), faiss_index.search(reference, queries, 20)):
+        np.testing.assert_array_equal(got, want)
+    assert faiss.serialize_index(merged).tobytes() == faiss.serialize_index(reference).tobytes()
+    manifest_entries = {name: {"name": name, "file": f"{name}.{'lists' if plan.lists else 'faiss'}"} for name in dead}
+    manifest_entries["shard-00001"]["deleted_path"] = "../shard-00001.dead.parquet"
+    group_ids = np.r_[437:874, 1748:2185]
+    group_live = np.setdiff1d(group_ids, dead["shard-00001"])
+    monkey_manifest = {**indexing.read_index_manifest(Folder(str(tmp_path))), "shards": list(manifest_entries.values())}
+    original = indexing.read_index_manifest
+    try:
+        indexing.read_index_manifest = lambda folder: monkey_manifest
+        group = indexing.load_shard_group(Folder(str(tmp_path)), ["shard-00001", "shard-00004"])
+    finally:
+        indexing.read_index_manifest = original
+    assert group.ntotal == len(group_live)
+
+
+def test_fast_scan_codes_are_built_whole_and_answer_as_one_index(tmp_path, vectors, queries):
+    """FAISS's merge of fast-scan shard indexes of 437 vectors corrupts memory (it aborted the process): such types
+    are built whole, like graphs, and answer as one index filled in one process."""
+    assert not faiss_index.is_mergeable("IVF8,PQ4x4fs") and faiss_index.is_mergeable("IVF8,PQ4x4")
+    cfg, manifest = build(tmp_path, vectors, type="IVF8,PQ4x4fs", nprobe=8)
+    merged, _ = indexing.load_index(Folder(str(tmp_path)))
+    reference = monolithic(cfg, vectors)
+    faiss_index.set_search_parameters(reference, nprobe=8)
+    assert manifest["ntotal"] == merged.ntotal == len(vectors) and not manifest["mergeable"]
+    for got, want in zip(faiss_index.search(merged, queries, 10), faiss_index.search(reference, queries, 10)):
         np.testing.assert_array_equal(got, want)
 
 

@@ -132,7 +132,8 @@ def test_an_empty_report_has_zero_counts_and_a_figure():
 
 
 @pytest.mark.parametrize("with_scores", [False, True])
-def test_combined_part_exports_equal_the_exports_of_the_whole_table(parts, tmp_path, with_scores):
+def test_combined_part_exports_equal_the_exports_of_the_whole_table(parts, tmp_path, with_scores, monkeypatch):
+    monkeypatch.setattr(exports, "NTUPLE_GROUP_ROWS", 4)  # several row groups a part
     formats = ["triplet", "n-tuple", "flag-jsonl"]
     for number, part in enumerate(parts):
         record = exports.write_part_exports(
@@ -149,6 +150,10 @@ def test_combined_part_exports_equal_the_exports_of_the_whole_table(parts, tmp_p
     assert triplets.to_pylist() == exports.triplet_table(whole, texts, with_scores).to_pylist()
     ntuples = pq.read_table(tmp_path / "exports" / "n-tuple.parquet")
     assert ntuples.to_pylist() == exports.ntuple_table(whole, texts, 3, with_scores).to_pylist()
+    reader = pq.ParquetFile(tmp_path / "exports" / "n-tuple.parquet")
+    groups = [reader.read_row_group(g).column("anchor").to_pylist() for g in range(reader.num_row_groups)]
+    assert len(groups) > 10 and all(len(g) <= 4 + 1 for g in groups)  # closed at the first change of query
+    assert sum(len(set(g)) for g in groups) == len(set(ntuples.column("anchor").to_pylist()))  # no query split
     assert (tmp_path / "exports" / "flag.jsonl").read_bytes() == exports.flag_lines(whole, texts, with_scores)
     assert written["triplet"]["rows"] == triplets.num_rows > 0
     assert written["flag-jsonl"]["rows"] == whole.num_rows

@@ -95,12 +95,13 @@ def test_duplicate_doc_ids_in_the_snapshot_are_an_error(tmp_path):
         run_diff(tmp_path, docs, {}, 2)
 
 
-def test_new_segments_cover_every_row_once_in_bucket_order():
+def test_new_segments_cover_every_row_once_in_bucket_order_in_even_sizes():
     segments = diffing.plan_new_segments([5, 0, 12, 3], 6)
-    assert [sum(s.stop - s.start for s in seg) for seg in segments] == [6, 6, 6, 2]
+    assert [sum(s.stop - s.start for s in seg) for seg in segments] == [5, 5, 5, 5]  # 20 rows: 4 of 5, not 6,6,6,2
     flat = [(s.bucket, r) for seg in segments for s in seg for r in range(s.start, s.stop)]
     assert flat == [(b, r) for b, n in enumerate([5, 0, 12, 3]) for r in range(n)]
     assert diffing.plan_new_segments([0, 0], 6) == []
+    assert [sum(s.stop - s.start for s in seg) for seg in diffing.plan_new_segments([7, 6], 6)] == [5, 4, 4]
 
 
 def test_bucket_of_an_id_is_stable_and_spread():
