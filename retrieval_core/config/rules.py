@@ -7,6 +7,7 @@ calls it after the types are checked.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 
@@ -131,13 +132,29 @@ def parse_memory(text: str, key: str = "index.max_memory") -> int:
 
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-LOCAL_ONLY = {"precision": "fp32", "max_seq_length": None, "query_name": "", "trust_remote_code": False}
+LOCAL_ONLY = {
+    "precision": "fp32",
+    "backend": "torch",
+    "max_seq_length": None,
+    "query_name": "",
+    "trust_remote_code": False,
+}
+MODEL_BACKENDS = ("torch", "onnx")
 
 
 def _validate_provider(m: ModelConfig) -> None:
     _check(
         m.provider in MODEL_PROVIDERS,
         f"'model.provider' = {m.provider!r}: expected one of {', '.join(MODEL_PROVIDERS)}",
+    )
+    _check(
+        m.backend in MODEL_BACKENDS,
+        f"'model.backend' = {m.backend!r}: expected one of {', '.join(MODEL_BACKENDS)}",
+    )
+    _check(
+        m.backend != "onnx" or m.precision == "fp32",
+        f"'model.backend' = 'onnx' runs in fp32, and model.precision = {m.precision!r}: set model.precision = fp32, "
+        f"or model.backend = torch for {m.precision}",
     )
     _check(m.max_concurrency >= 1, f"'model.max_concurrency' = {m.max_concurrency}: expected >= 1")
     _check(m.max_retries >= 0, f"'model.max_retries' = {m.max_retries}: expected >= 0")
@@ -292,6 +309,37 @@ def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
         rt.num_workers <= 1 or tr.batch_size >= rt.num_workers,
         f"'train.batch_size' = {tr.batch_size} must be at least runtime.num_workers = {rt.num_workers}",
     )
+
+
+# Settings whose packages come with an extra of this project: (what the setting is, the module, the extra)
+PROVIDER_EXTRAS = {"openai": ("openai", "openai"), "cohere": ("cohere", "cohere")}
+
+
+def check_extras(cfg: Config) -> None:
+    """Refuse at start-up, in one line naming the extra to install, a setting whose package is not installed (an
+    embedding API's SDK, s3fs for s3:// paths), instead of a ModuleNotFoundError deep in a stage."""
+    needed = []
+    if cfg.model.provider in PROVIDER_EXTRAS:
+        needed.append((f"model.provider = {cfg.model.provider!r}", *PROVIDER_EXTRAS[cfg.model.provider]))
+    if cfg.model.backend == "onnx":
+        needed.append(("model.backend = 'onnx'", "onnxruntime", "onnx"))
+    for key, url in (
+        ("corpus.path", cfg.corpus.path),
+        ("output.root", cfg.output.root),
+        ("model.name", cfg.model.name),
+    ):
+        if str(url).startswith(("s3://", "s3a://")):
+            needed.append((f"{key} = {url!r}", "s3fs", "s3"))
+    for what, module, extra in needed:
+        if not installed(module):
+            raise ConfigError(
+                f"{what} needs the package {module!r}, which is not installed: pip install "
+                f"'ray-retrieval-jobs[{extra}]' (or pip install {module})"
+            )
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def check_cluster_paths(cfg: Config, address: str) -> None:

@@ -145,6 +145,8 @@ def _model_identity(cfg: ModelConfig, name: str, model_dir: str) -> dict:
     }
     if cfg.truncate_dim:  # only when set: the fingerprints of untruncated encoders stay what they were
         identity["truncate_dim"] = cfg.truncate_dim
+    if cfg.backend != "torch":  # likewise: vectors equal to float rounding, but not bit for bit
+        identity["backend"] = cfg.backend
     return identity
 
 
@@ -258,6 +260,8 @@ class SentenceTransformerEncoder:
         )
         if self.cfg.max_seq_length:
             model.max_seq_length = self.cfg.max_seq_length
+        if self.cfg.backend == "onnx":
+            self._onnx(model, model_dir)
         dim = int(model.get_embedding_dimension())
         if self.cfg.truncate_dim:
             if self.cfg.truncate_dim > dim:
@@ -268,6 +272,19 @@ class SentenceTransformerEncoder:
         if self.threads > 1:
             model.preprocess = locked(model.preprocess)
         return model, dim
+
+    def _onnx(self, model, model_dir: str) -> None:
+        """``model.backend: onnx``: the model's networks in ONNX Runtime, on CPUs (see ``onnx_backend``)."""
+        import torch
+
+        from retrieval_core.encode import onnx_backend
+
+        if self.device != "cpu":
+            log.info("model.backend = 'onnx' runs on CPUs: torch encodes on %s", self.device)
+            return
+        weights, configs = model_files_hash(model_dir)
+        key = f"{weights[:16]}-{configs[:16]}-torch{torch.__version__}"
+        onnx_backend.use_onnx(model, key, 1 if self.threads > 1 else torch.get_num_threads())
 
     @property
     def query_model(self):

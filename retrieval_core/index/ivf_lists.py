@@ -248,6 +248,8 @@ def merge_range(
     cursor = starts[:-1].copy()  # where each list's next entries go: shard after shard
     for shard, (url, span) in enumerate(zip(urls, shard_spans)):
         numbers, sizes, codes, ids = read_span(url, span, code_size, so)
+        if not len(ids):
+            continue  # the shard holds none of the range: its dead ids are not read
         numbers, sizes, codes, ids = without_dead(numbers, sizes, codes, ids, dead(shard) if dead else None)
         if not len(ids):
             continue

@@ -63,21 +63,45 @@ def _cached(url: str, storage_options: dict | None, suffix: str, make, group: st
     version = f"{info.get('size')}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
     cache, key = cache_dir(), _digest(group + "|" + suffix)
     target = os.path.join(cache, f"{key}-{_digest(url + '|' + version)}-{posixpath.basename(path)}{suffix}")
-    os.makedirs(os.path.join(cache, LOCKS), exist_ok=True)
-    with open(os.path.join(cache, LOCKS, key + ".lock"), "w") as lock:  # lock files are kept (empty, one a group)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(target):
-            tmp = storage.temporary_name(target)
-            try:
-                with storage.naming(url, "read"):
-                    make(tmp)
-                os.replace(tmp, target)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
+    with locked(key):
+        _make_once(target, make, url)
         os.utime(target)  # used now
         _evict(cache, key)
     return target
+
+
+@contextlib.contextmanager
+def locked(name: str):
+    """The node's exclusive lock ``name`` (a file under the cache's lock folder, kept: empty, one a name) for the
+    block: processes of the node wait on it in turn."""
+    folder = os.path.join(cache_dir(), LOCKS)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def made_once(name: str, make) -> str:
+    """The cache's file ``name`` (``make(path)`` writes it), made by one process of the node, under a lock of its
+    own, and kept: what is built once per node (an exported model)."""
+    target = os.path.join(cache_dir(), name)
+    with locked(_digest(name)):
+        _make_once(target, make, target)
+    return target
+
+
+def _make_once(target: str, make, what: str) -> None:
+    if os.path.exists(target):
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = storage.temporary_name(target)
+    try:
+        with storage.naming(what, "read"):
+            make(tmp)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def _digest(text: str) -> str:

@@ -40,7 +40,7 @@ def compaction_plan(p: RefreshPlan, lost: dict[str, int], dead_fraction: float, 
     chosen, copied = [], 0
     for _, run, live in sorted(_compaction_runs(p, lost, dead_fraction), key=lambda r: (r[0], r[1][0]["row_start"])):
         if copied + live > budget * p.snapshot_rows:
-            break
+            continue  # a smaller run further down may still fit
         chosen.append(run)
         copied += live
     chosen.sort(key=lambda run: run[0]["row_start"])

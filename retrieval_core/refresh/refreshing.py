@@ -101,6 +101,8 @@ def snapshot_identity(cfg: Config, files: list[FileMeta], encoder_identity: dict
         },
         "embedding_dtype": cfg.output.embedding_dtype,
         "index": {"type": cfg.index.type, "metric": cfg.index.metric},
+        # what the night compacts follows from these: a rerun with others would write another version
+        "compaction": {"dead_fraction": cfg.refresh.compact_dead_fraction, "budget": cfg.refresh.compact_budget},
     }
 
 

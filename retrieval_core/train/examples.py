@@ -11,7 +11,7 @@ mine. Training reads it row group by row group:
 - **Every worker reads the same stream** and keeps its share (every ``world``-th example) of each global batch. So
   the batches do not depend on the number of workers, every worker stops at the same step, and a resumed training
   skips to its batch by reading the epoch again. The price is that each worker decodes the whole table once an
-  epoch; docs/training.md puts it in figures beside the training's own work.
+  epoch; docs/stages/train.md puts it in figures beside the training's own work.
 - **The survey**, made once before training (:func:`survey`): the count of training examples (the query column
   only), then the held-out examples that are scored (at most ``train.eval_queries`` queries) and the documents they
   are ranked against (``train.eval_corpus_size``), from the first row groups of a seeded order.
@@ -125,14 +125,14 @@ def query_key(query: str) -> str:
 def group_order(table: TrainingTable, epoch: int) -> list[int]:
     """The row groups in the order epoch ``epoch`` reads them (one int a row group)."""
     order = list(range(_row_groups(table)))
-    random.Random(table.seed * 1_000_003 + epoch).shuffle(order)
+    random.Random(f"{table.seed}:{epoch}:row groups").shuffle(order)
     return order
 
 
 def epoch_examples(table: TrainingTable, epoch: int) -> Iterator[Example]:
     """The training (not held-out) examples of epoch ``epoch``, in its order: row groups in :func:`group_order`,
     through a shuffle buffer of ``table.shuffle_buffer`` examples drawn with (seed, epoch)."""
-    draw = random.Random(table.seed * 1_000_003 + epoch + 1)
+    draw = random.Random(f"{table.seed}:{epoch}:buffer")  # a draw of its own, not another epoch's order
     buffer: list[Example] = []
     for example in _examples(table, group_order(table, epoch)):
         if len(buffer) < max(1, table.shuffle_buffer):
@@ -172,8 +172,8 @@ def survey(table: TrainingTable, eval_queries: int, eval_corpus_size: int) -> Su
     (the first ``eval_queries`` held-out queries of the row groups in a seeded order) and the documents they are
     ranked against: their positives, then others of those row groups (positives and negatives, drawn with the
     seed) up to ``eval_corpus_size``."""
-    train, held = _count(table)
-    evaluation, pool = _first_groups(table, eval_queries, eval_corpus_size)
+    train, held, held_queries = _count(table)
+    evaluation, pool = _first_groups(table, min(eval_queries, held_queries), eval_corpus_size)
     must = sorted({e.positive for e in evaluation})
     others = sorted(pool - set(must))
     random.Random(table.seed).shuffle(others)
@@ -181,30 +181,38 @@ def survey(table: TrainingTable, eval_queries: int, eval_corpus_size: int) -> Su
     return Survey(train, held, evaluation, {f"e{i}": t for i, t in enumerate(texts)})
 
 
-def _count(table: TrainingTable) -> tuple[int, int]:
-    train = held = 0
+def _count(table: TrainingTable) -> tuple[int, int, int]:
+    """(training examples, held-out examples, held-out queries): a query's rows are consecutive."""
+    train = held = held_queries = 0
     with _opened(table) as reader:
         for group in range(reader.metadata.num_row_groups):
+            previous = None
             for query in reader.read_row_group(group, columns=["anchor"]).column("anchor").to_pylist():
-                held += table.held_out(query)
-                train += not table.held_out(query)
-    return train, held
+                out = table.held_out(query)
+                held, train = held + out, train + (not out)
+                held_queries += out and query != previous
+                previous = query
+    return train, held, held_queries
 
 
 def _first_groups(table: TrainingTable, eval_queries: int, eval_corpus_size: int) -> tuple[list[Example], set]:
-    """(held-out examples of the first ``eval_queries`` held-out queries, the texts of the row groups read) over
-    the row groups in the seeded order, read until both are full."""
+    """(held-out examples of the first ``eval_queries`` held-out queries (at most as many as there are), the first
+    2 x ``eval_corpus_size`` texts of the row groups read) over the row groups in the seeded order, read until both
+    are full: what it holds is bounded by the two settings."""
     evaluation: list[Example] = []
     chosen: set[str] = set()
     pool: set[str] = set()
     order = list(range(_row_groups(table)))
-    random.Random(table.seed).shuffle(order)
+    random.Random(f"{table.seed}:survey").shuffle(order)
+    room = 2 * eval_corpus_size  # twice: the scored positives among them leave enough others
     with _opened(table) as reader:
         for group in order:
-            if len(chosen) >= eval_queries and len(pool) >= eval_corpus_size:
+            if len(chosen) >= eval_queries and len(pool) >= room:
                 break
             for example in _rows(table, reader, group):
-                pool.update((example.positive, *example.negatives))
+                for text in (example.positive, *example.negatives):
+                    if len(pool) < room:
+                        pool.add(text)
                 if table.held_out(example.query) and (example.query_id in chosen or len(chosen) < eval_queries):
                     chosen.add(example.query_id)
                     evaluation.append(example)

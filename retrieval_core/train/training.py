@@ -141,6 +141,7 @@ def fit(
     started = time.perf_counter()
     while position.step < total:
         batches = examples.epoch_batches(examples.epoch_examples(table, position.epoch), tr.batch_size)
+        number = -1
         for number, batch in enumerate(batches):
             if number < position.batch:
                 continue  # done before the checkpoint this training resumed from
@@ -154,6 +155,11 @@ def fit(
             faults.point("train", f"step-{position.step}")
             if on_step:
                 on_step(position.step, total, history["losses"][-1])
+        if number < 0:
+            raise ValueError(
+                f"epoch {position.epoch} gave no batch of train.batch_size = {tr.batch_size} distinct queries: "
+                f"lower train.batch_size or mine more queries"
+            )
         position = checkpoints.Position(position.step, position.epoch + 1, 0)
         history["evaluations"].append(evaluate(model, mc, held_out, eval_corpus, step=position.step))
         if on_epoch:

@@ -284,7 +284,12 @@ def test_ray_train_workers_on_s3_compute_the_single_worker_model_even_after_a_wo
     assert not fs.exists(f"{OUT}/run/model-two-workers/_checkpoints"), "checkpoints are removed once it commits"
     one = model_state(model_files.resolve_model_path(f"{S3_ROOT}/model", options))
     both = model_state(model_files.resolve_model_path(f"{S3_ROOT}/model-two-workers", options))
-    assert_same_weights(both, one, atol=2e-5)
+    # the same updates, up to the order of float sums (gathered embeddings, averaged gradients): AdamW turns a
+    # rounding difference in a gradient near 0 into an update difference of up to its step, so a rare element
+    # differs by a few 1e-5; a wrong share of a batch would move most elements by about the learning rate
+    assert_same_weights(both, one, atol=1e-4)
+    far = sum(int(np.sum(np.abs(both[name] - one[name]) > 2e-5)) for name in one)
+    assert far <= 1e-3 * sum(one[name].size for name in one), far
     base = model_state(tiny_model_without_dropout)
     assert any(not np.allclose(one[name], base[name], atol=1e-4) for name in one)  # it trained
     assert fs.find(f"{OUT}/run/_ray_train"), "Ray Train's run directory is on S3"

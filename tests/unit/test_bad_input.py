@@ -388,3 +388,25 @@ def test_more_ivf_lists_than_training_vectors_is_named_before_training(tmp_path)
     cfg = load_config(None, [f"output.root={tmp_path}", "index.type=IVF64,Flat", "index.metric=l2"])
     with pytest.raises(IndexTypeError, match=r"'IVF64,Flat' has 64 IVF lists but only 20 training vectors"):
         indexing.prepare(cfg)
+
+
+@pytest.mark.parametrize(
+    ("setting", "module", "extra"),
+    [("model.provider=openai", "openai", "openai"), ("output.root=s3://bucket/out", "s3fs", "s3")],
+)
+def test_a_setting_whose_extra_is_not_installed_is_refused_in_one_line_naming_the_extra(
+    monkeypatch, tmp_path, setting, module, extra
+):
+    from jobs import encode
+    from retrieval_core.config import rules
+
+    monkeypatch.setattr(rules, "installed", lambda name: name != module)
+    argv = ["--set", f"output.root={tmp_path / 'out'}", "--set", setting]
+    if "provider" in setting:
+        argv += ["--set", "model.name=text-embedding-3-small"]
+    with pytest.raises(SystemExit) as stopped:
+        encode.main(argv)
+    message = str(stopped.value.code)
+    assert message.startswith("config error: ") and "\n" not in message
+    assert f"needs the package '{module}', which is not installed: pip install 'ray-retrieval-jobs[{extra}]'" in message
+    assert not (tmp_path / "out").exists()

@@ -44,6 +44,8 @@ def test_dead_segments_are_rewritten_deadest_first_within_the_budget():
     # live rows: a 75, b 70 (a run of both would hold 145 > 100), d 50, e 79
     assert runs(compaction_plan(plan(shared), lost, 0.2, 1.0)) == [["a"], ["b"], ["d"], ["e"]]
     assert runs(compaction_plan(plan(shared), lost, 0.2, 0.15)) == [["b"], ["d"]]  # d 50 + b 70 fit 150; a no more
+    assert runs(compaction_plan(plan(shared), lost, 0.2, 0.13)) == [["b"], ["d"]]  # then e (79) does not fit either
+    assert runs(compaction_plan(plan(shared), lost, 0.2, 0.1)) == [["d"]]  # b does not fit: a and e neither
     assert runs(compaction_plan(plan(shared), lost, 0.4, 1.0)) == [["d"]]
     assert compaction_plan(plan(shared), lost, 0.2, 0.0) == []  # 0 = never
 
@@ -59,3 +61,8 @@ def test_nothing_is_compacted_when_nothing_is_shared_and_a_segment_gone_whole_pa
     assert compaction_plan(plan(segments(("a", 50, 50)), reuse=False), {}, 0.2, 1.0) == []
     shared = segments(("a", 20, 0), ("b", 50, 0), ("c", 20, 0))
     assert runs(compaction_plan(plan(shared), {"b": 50}, 0.2, 1.0)) == [["a", "c"]]
+
+
+def test_a_run_too_large_for_what_is_left_of_the_budget_lets_a_smaller_one_through():
+    shared = segments(("x", 95, 95), ("y", 20, 10))  # x 50% dead, y 33%; together 115 live rows: two runs
+    assert runs(compaction_plan(plan(shared), {}, 0.2, 0.08)) == [["y"]]  # x's 95 rows exceed the 80 left

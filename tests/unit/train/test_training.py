@@ -121,6 +121,30 @@ def test_the_survey_counts_and_scores_whole_queries_within_its_bounds(tmp_path):
     assert collections.Counter(everything_scored.evaluation) == collections.Counter(held)
 
 
+def test_the_survey_reads_no_more_row_groups_than_its_bounds_need(tmp_path, monkeypatch):
+    """Nothing held out (or all held-out queries found): the survey stops once it has its documents, holding at
+    most twice train.eval_corpus_size texts, whatever the size of the table."""
+    data = examples(queries=400, positives=1)
+    read = []
+    rows = train_examples._rows
+    monkeypatch.setattr(
+        train_examples, "_rows", lambda table, reader, group: read.append(group) or rows(table, reader, group)
+    )
+    surveyed = train_examples.survey(
+        table_of(tmp_path, data, eval_fraction=0.0), eval_queries=1000, eval_corpus_size=30
+    )
+    assert surveyed.evaluation == [] and len(surveyed.eval_corpus) == 30 and surveyed.train_examples == 400
+    assert len(read) <= 3 < pq.ParquetFile(tmp_path / "n-tuple.parquet").num_row_groups
+
+
+def test_an_epoch_without_a_batch_is_an_error_not_a_loop(tmp_path, tiny_model):
+    """Five queries of twenty positives in batches of eight: no batch can hold eight distinct queries."""
+    cfg = config("unused", tmp_path, model=tiny_model, train__batch_size=8, train__num_negatives=2, train__max_steps=3)
+    table, surveyed = everything(tmp_path, examples(queries=5, positives=20))
+    with pytest.raises(ValueError, match="epoch 0 gave no batch of train.batch_size = 8 distinct queries"):
+        training.fit(cfg.train, cfg.model, table, surveyed)
+
+
 def test_the_table_is_refused_naming_the_setting_when_the_mine_did_not_write_what_training_needs(tmp_path):
     from retrieval_core.config import ConfigError
 
