@@ -329,13 +329,18 @@ def write_parquet_by_value(url: str, table: pa.Table, column: str, storage_optio
 
 @contextlib.contextmanager
 def parquet_writer_atomic(
-    url: str, schema: pa.Schema, storage_options: dict | None = None, group_per_table: bool = True
+    url: str,
+    schema: pa.Schema,
+    storage_options: dict | None = None,
+    group_per_table: bool = True,
+    statistics: bool = True,
 ):
     """A function writing each table it is given into the Parquet file ``url``, streaming: as one row group each
     (``group_per_table``), or in row groups of Parquet's default size. The file appears whole when the block ends
-    (see :func:`open_atomic`)."""
+    (see :func:`open_atomic`). Without ``statistics`` no column's min and max are stored: a file of many row groups
+    of long texts keeps a small footer, which every reader holds whole."""
     with open_atomic(url, storage_options) as out:
-        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(out, schema, compression="zstd", write_statistics=statistics) as writer:
             if group_per_table:
                 yield lambda table: writer.write_table(table, row_group_size=max(1, table.num_rows))
             else:
