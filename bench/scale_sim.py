@@ -254,9 +254,11 @@ def merge_in_ranges(folder: Path, trained, paths: list[str], budget: int, measur
     return {"ranges": len(ranges), "peaks_mib": peaks, "merged": merged, "trained_bytes": quantizer}
 
 
-def child(task: dict) -> dict:
+def child(task: dict, script: str = __file__) -> dict:
+    """``task`` measured in a fresh process running ``script --_child <task>`` (this benchmark's, or another's):
+    the last line it prints, as JSON."""
     out = subprocess.run(
-        [sys.executable, __file__, "--_child", json.dumps(task)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, script, "--_child", json.dumps(task)], cwd=REPO, capture_output=True, text=True
     )
     if out.returncode:
         raise RuntimeError(f"child {task['step']} failed:\n{out.stderr[-3000:]}")

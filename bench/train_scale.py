@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import scale_sim  # noqa: E402  (beside this file: the fresh-process measurement and the memory readings)
+from scale_sim import rss_mib  # noqa: E402
+
 WORDS = np.array("protein cell gene tumor dose risk trial model signal brain virus cancer blood heart drug".split())
 NEGATIVES = 3
 
@@ -49,11 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)  # internal: one measurement in a process
     return p.parse_args(argv)
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
 
 
 def write_table(path: Path, tuples: int, seed: int = 0) -> None:
@@ -81,12 +78,7 @@ def words(rng, count: int = 100_000) -> np.ndarray:
 
 
 def child(task: dict) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--_child", json.dumps(task)], cwd=REPO, capture_output=True, text=True
-    )
-    if out.returncode:
-        raise RuntimeError(f"child {task['step']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return scale_sim.child(task, __file__)
 
 
 def run_child(task: dict) -> dict:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from retrieval_core.encode.embeddings import layout_at, shard_url
 from retrieval_core.io import storage
-from retrieval_core.refresh import diffing
-from retrieval_core.refresh.refreshing import RefreshPlan
+from retrieval_core.refresh.refreshing import RefreshPlan, dead_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +83,7 @@ def compact(compaction: Compaction, p: RefreshPlan, tombstones: dict[str, list[i
     Memory: the segments' rows (at most ``runtime.rows_per_shard`` live ones)."""
     tables = []
     for segment in compaction.segments:
-        gone = diffing.read_tombstones(p.diff_layout(so), segment["name"], tombstones.get(segment["name"], []))
-        if segment.get("deleted_path"):
-            old = storage.read_parquet(shard_url(p.previous_version_root, segment, "deleted_path"), so)
-            gone = np.union1d(gone, old.column("row_id").to_numpy())
+        gone = dead_rows(segment, p, tombstones, so)
         table = storage.read_parquet(shard_url(p.previous_version_root, segment), so)
         tables.append(table.filter(pc.invert(pc.is_in(table.column("row_id"), pa.array(gone, pa.int64())))))
     live = pa.concat_tables(tables)

@@ -345,14 +345,21 @@ def tombstone_path(segment: str) -> str:
     return f"_deleted/{segment}.parquet"
 
 
-def write_segment_tombstones(segment: dict, p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -> int:
-    """The rows of a shared segment that are not live in this version (earlier tombstones plus this diff's), in
-    ``embeddings/_deleted/<segment>.parquet`` of this version; returns how many."""
-    new = diffing.read_tombstones(p.diff_layout(so), segment["name"], tombstones[segment["name"]])
+def dead_rows(segment: dict, p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -> np.ndarray:
+    """The row ids of a shared segment that are not live in this version: its earlier tombstones plus this diff's
+    (``tombstones``: segment -> the diff's buckets that removed rows of it), sorted."""
+    gone = diffing.read_tombstones(p.diff_layout(so), segment["name"], tombstones.get(segment["name"], []))
     if segment.get("deleted_path"):
         old = storage.read_parquet(shard_url(p.previous_version_root, segment, "deleted_path"), so).column("row_id")
-        new = np.union1d(new, old.to_numpy())
-    table = pa.table({"row_id": pa.array(np.sort(new), pa.int64())})
+        gone = np.union1d(gone, old.to_numpy())
+    return np.sort(gone)
+
+
+def write_segment_tombstones(segment: dict, p: RefreshPlan, tombstones: dict[str, list[int]], so: dict) -> int:
+    """The rows of a shared segment that are not live in this version (:func:`dead_rows`), in
+    ``embeddings/_deleted/<segment>.parquet`` of this version; returns how many."""
+    new = dead_rows(segment, p, tombstones, so)
+    table = pa.table({"row_id": pa.array(new, pa.int64())})
     storage.write_parquet_atomic(storage.join(p.version_root, "embeddings", tombstone_path(segment["name"])), table, so)
     return len(new)
 
