@@ -64,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg = load_config(args.config, args.overrides)
         config_rules.check_cluster_paths(cfg, cluster.cluster_address(cfg.runtime))
         config_rules.check_extras(cfg)
+        cfg = cluster.resolve_auto(cfg)
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
     return cfg

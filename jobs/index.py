@@ -120,6 +120,7 @@ def _summary(manifest: dict, reused: bool) -> dict:
         "shards": manifest["shard_count"] if "shard_count" in manifest else len(manifest["shards"]),
         "recall_at_10": recall["recall_at_10"],
         "search_parameters": manifest["search_parameters"],
+        "rescore_factor": manifest.get("rescore_factor", 0),
         "seconds": manifest["timings_s"]["total"],
         "reused": reused,
     }
@@ -129,9 +130,10 @@ def format_summary(s: dict) -> str:
     params = ", ".join(f"{k}={v}" for k, v in s["search_parameters"].items())
     recall = "not measured" if s["recall_at_10"] is None else f"{s['recall_at_10']:.4f}"
     state = "already built" if s["reused"] else f"built in {s['seconds']} s"
+    rescored = f", rescoring {s['rescore_factor']} x k candidates" if s["rescore_factor"] else ""
     return (
         f"index: {s['type']} ({s['metric']}), {s['ntotal']} vectors from {s['shards']} shard(s), "
-        f"recall@10 vs exact {recall}{' with ' + params if params else ''}; {state}"
+        f"recall@10 vs exact {recall}{' with ' + params if params else ''}{rescored}; {state}"
     )
 
 

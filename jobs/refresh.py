@@ -54,6 +54,12 @@ def run(cfg: Config, adopt: bool = False, wait: bool = False) -> dict:
     that nothing changed. Raises :class:`publishing.GateError` (after writing the record) when a gate fails,
     :class:`leases.LeaseLost` when another process took the lease over, :class:`versions.CurrentMovedError` when
     CURRENT moved under the run. ``adopt``: see :func:`check_adoption`."""
+    if cfg.index.vectors != "float32":
+        raise ValueError(
+            f"index.vectors = {cfg.index.vectors!r}: the nightly refresh builds float32 indexes only for now (its "
+            f"shared shards have no stored vectors to rescore with); set index.vectors = float32, or rebuild with "
+            f"jobs.encode and jobs.index"
+        )
     check_adoption(cfg, adopt)
     with version_admin.lease_of(cfg, "jobs.refresh", wait) as lease:
         return _refresh(cfg, lease, adopt)

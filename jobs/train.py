@@ -51,6 +51,8 @@ def output_of(cfg: Config) -> str:
 def identity_of(cfg: Config) -> dict:
     mined = mining.read_mine_manifest(Folder.output(cfg.output))
     settings = {k: v for k, v in vars(cfg.train).items() if k != "checkpoint_steps"}  # same weights whatever it is
+    if not settings["matryoshka_dims"]:
+        del settings["matryoshka_dims"]  # trainings from before the setting keep their identity
     return {
         "base": encoding.encoder_identity(cfg.model)["fingerprint"],
         "train": settings,
@@ -157,7 +159,7 @@ def _train_here(cfg: Config, table, surveyed, output: str, saved: checkpoints.Ch
         )
     finally:
         bar.close()
-    save_model(model, output, cfg.output.storage_options)
+    save_model(model, output, cfg)
     return history
 
 
@@ -189,7 +191,7 @@ def _train_distributed(cfg: Config, table, surveyed, output: str, saved: checkpo
             device=device,
         )
         if rank == 0:
-            save_model(model, output, cfg.output.storage_options)
+            save_model(model, output, cfg)
             storage.write_json_atomic(storage.join(output, "_history.json"), history, cfg.output.storage_options)
         return history["steps"]
 
@@ -211,15 +213,18 @@ def _train_storage(cfg: Config) -> dict:
     return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
 
 
-def save_model(model, output: str, storage_options: dict | None = None) -> None:
+def save_model(model, output: str, cfg: Config) -> None:
     """Save a SentenceTransformer to a local path directly, or through a temp dir to any fsspec URL (file by
     file; ``training.json``, written after, is the training's commit record)."""
+    storage_options = cfg.output.storage_options
     local = storage.local_path(output, storage_options)
     if local:
         model.save(local)
+        training.mark_matryoshka(local, cfg.train)
         return
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
+        training.mark_matryoshka(tmp, cfg.train)
         storage.upload_dir(tmp, output, storage_options)
 
 

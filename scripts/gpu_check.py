@@ -1,4 +1,5 @@
-"""Check the GPU paths against the CPU: encoding in fp32/fp16/bf16, FAISS (CPU) over GPU-encoded vectors,
+"""Check the GPU paths against the CPU: encoding in fp32/fp16/bf16, what ``model.backend / precision: auto`` picks
+there, the exported CPU backends installed (ONNX Runtime, OpenVINO) against torch, FAISS (CPU) over GPU-encoded vectors,
 cross-encoder rescoring in fp32/fp16, a few training steps, the encode job with ``runtime.gpus_per_worker = 1``,
 and, with a GPU build of FAISS (the ``[gpu]`` extra), FAISS on the GPUs (IVF k-means, list assignment of adds,
 exact k-NN) against FAISS on the CPU. Prints a table; writes it as JSON.
@@ -63,6 +64,43 @@ def encode(device: str, precision: str, texts: list[str], repeat: int = 1) -> tu
         encoder.encode_documents(texts)
     _sync(device)
     return vectors, repeat * len(texts) / (time.perf_counter() - started)
+
+
+def backend_rows(device: str, docs: list[str], reference: np.ndarray, cpu_rate: float) -> list[dict]:
+    """What ``auto`` picks for a worker of this machine (with a GPU: torch fp16), and every exported CPU backend
+    installed (ONNX Runtime, OpenVINO, each precision this CPU runs natively) against torch fp32 on the CPU."""
+    from retrieval_core.encode import exported, hardware
+
+    hw = hardware.this_machine(1 if device.startswith("cuda") else 0)
+    picked = hardware.choose("auto", "auto", hw)
+    expected = ("torch", "fp16") if hw.cuda else picked
+    rows = [
+        {
+            "check": f"auto picks {'/'.join(picked)} on {hw.describe()}",
+            "value": 1.0,
+            "unit": "",
+            "ok": picked == expected,
+        }
+    ]
+    for backend in hw.runtimes:
+        for precision in ("fp32", "bf16") if backend == "openvino" and hw.native_bf16 else ("fp32",):
+            cfg = load_config(None, [f"model.backend={backend}", f"model.precision={precision}"]).model
+            encoder = encoding.SentenceTransformerEncoder(cfg, device="cpu", threads=1)
+            started = time.perf_counter()
+            vectors = encoder.encode_documents(docs)
+            rate = len(docs) / (time.perf_counter() - started)
+            cosine = min_cosine(reference, vectors)
+            rows.append(
+                {
+                    "check": f"encode cpu {backend} {precision}",
+                    "value": rate,
+                    "unit": "docs/s",
+                    "ratio_to_cpu_fp32": rate / cpu_rate,
+                    "min_cosine": cosine,
+                    "ok": encoder.exported and cosine >= exported.MIN_COSINE,
+                }
+            )
+    return rows
 
 
 def _sync(device: str) -> None:
@@ -261,6 +299,7 @@ def run(device: str, steps: int, repeat: int) -> list[dict]:
                 "ok": cosine >= MIN_COSINE[precision],
             }
         )
+    rows += backend_rows(device, docs, reference, cpu_rate)
     query_vectors, _ = encode("cpu", "fp32", queries)
     agreement = top10_agreement(reference, vectors["fp16"], query_vectors)
     rows.append(

@@ -10,12 +10,13 @@ import functools
 import logging
 import os
 import signal
+from typing import Any
 
 import ray
 
 from jobs.ray import dispatch
 from retrieval_core.config import Config, ModelConfig, RuntimeConfig
-from retrieval_core.encode import encoding
+from retrieval_core.encode import encoding, hardware
 from retrieval_core.io import versions
 from retrieval_core.io.folder import Folder
 
@@ -142,6 +143,22 @@ def worker_count(rt: RuntimeConfig, work_items: int) -> int:
         if rt.gpus_per_worker:
             wanted = min(wanted, int(resources.get("GPU", 0) // rt.gpus_per_worker))
     return max(1, min(wanted, work_items))
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """``cfg`` with ``model.backend`` / ``model.precision`` ``auto`` replaced by the pick for the workers' hardware:
+    this machine's for a local run, one worker's (a task with a worker's CPUs and GPUs) on a cluster."""
+    m, rt = cfg.model, cfg.runtime
+    if m.provider != "local" or "auto" not in (m.backend, m.precision):
+        return cfg
+    if cluster_address(rt):
+        with ray_session(rt):
+            log.info("asking a worker of the cluster what it encodes on (model.backend / model.precision = auto)")
+            probe: Any = ray.remote(num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker)(hardware.this_machine)
+            hw = ray.get(probe.remote(rt.gpus_per_worker))
+    else:
+        hw = hardware.this_machine(rt.gpus_per_worker)
+    return dataclasses.replace(cfg, model=hardware.resolved(m, hw))
 
 
 def inline_encoder(cfg: Config) -> encoding.Encoder:

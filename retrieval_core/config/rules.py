@@ -17,12 +17,15 @@ from retrieval_core.config.schema import (
     METRICS,
     MINE_FORMATS,
     MINE_MODES,
+    MODEL_BACKENDS,
     MODEL_FAMILIES,
+    MODEL_PRECISIONS,
     MODEL_PROVIDERS,
     PIPELINE_STAGES,
     PRECISIONS,
     RETRAIN_MODES,
     SAMPLINGS,
+    VECTOR_CODES,
     Config,
     ConfigError,
     EvalConfig,
@@ -60,7 +63,10 @@ def validate(config: Config) -> None:
         "'model.name' is empty: give the packaged default (all-MiniLM-L6-v2), a model "
         "directory or URL, a Hub name, or an API model name with model.provider",
     )
-    _check(m.precision in PRECISIONS, f"'model.precision' = {m.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    _check(
+        m.precision in MODEL_PRECISIONS,
+        f"'model.precision' = {m.precision!r}: expected one of {', '.join(MODEL_PRECISIONS)}",
+    )
     _check(m.batch_size > 0, f"'model.batch_size' = {m.batch_size}: expected a positive integer")
     _check(
         m.max_seq_length is None or m.max_seq_length > 0,
@@ -132,6 +138,7 @@ def parse_memory(text: str, key: str = "index.max_memory") -> int:
 
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+AUTO_KEYS = ("precision", "backend")  # `auto` is accepted for an API too: there is nothing to pick
 LOCAL_ONLY = {
     "precision": "fp32",
     "backend": "torch",
@@ -139,7 +146,6 @@ LOCAL_ONLY = {
     "query_name": "",
     "trust_remote_code": False,
 }
-MODEL_BACKENDS = ("torch", "onnx")
 
 
 def _validate_provider(m: ModelConfig) -> None:
@@ -152,9 +158,9 @@ def _validate_provider(m: ModelConfig) -> None:
         f"'model.backend' = {m.backend!r}: expected one of {', '.join(MODEL_BACKENDS)}",
     )
     _check(
-        m.backend != "onnx" or m.precision == "fp32",
+        m.backend != "onnx" or m.precision in ("fp32", "auto"),
         f"'model.backend' = 'onnx' runs in fp32, and model.precision = {m.precision!r}: set model.precision = fp32, "
-        f"or model.backend = torch for {m.precision}",
+        f"or model.backend = torch or openvino for {m.precision}",
     )
     _check(m.max_concurrency >= 1, f"'model.max_concurrency' = {m.max_concurrency}: expected >= 1")
     _check(m.max_retries >= 0, f"'model.max_retries' = {m.max_retries}: expected >= 0")
@@ -177,7 +183,7 @@ def _validate_provider(m: ModelConfig) -> None:
         return
     for key, default in LOCAL_ONLY.items():
         _check(
-            getattr(m, key) == default,
+            getattr(m, key) == default or (key in AUTO_KEYS and getattr(m, key) == "auto"),
             f"'model.{key}' = {getattr(m, key)!r} applies to local models only; "
             f"model.provider = {m.provider!r} is an embedding API: leave it at {default!r}",
         )
@@ -204,6 +210,17 @@ def _validate_index(ix: IndexConfig) -> None:
     _check(ix.recall_queries >= 0, f"'index.recall_queries' = {ix.recall_queries}: expected >= 0 (0 = skip)")
     _check(ix.nprobe >= 0, f"'index.nprobe' = {ix.nprobe}: expected >= 0 (0 = tuned to index.target_recall)")
     _check(ix.ef_search >= 0, f"'index.ef_search' = {ix.ef_search}: expected >= 0 (0 = tuned)")
+    _check(
+        ix.vectors in VECTOR_CODES,
+        f"'index.vectors' = {ix.vectors!r}: expected one of {', '.join(VECTOR_CODES)}",
+    )
+    _check(ix.rescore_factor >= 0, f"'index.rescore_factor' = {ix.rescore_factor}: expected >= 0 (0 = no rescoring)")
+    code = VECTOR_CODES[ix.vectors]
+    _check(
+        ix.type == "auto" or ix.vectors == "float32" or ix.type.split(",")[-1].strip().upper() == code.upper(),
+        f"'index.type' = {ix.type!r} and index.vectors = {ix.vectors!r}: an explicit type must end in the code of "
+        f"the vectors ({code}, e.g. IVF4096,{code}), or set index.type = auto",
+    )
 
 
 def _validate_search(se: SearchConfig, ev: EvalConfig) -> None:
@@ -289,6 +306,11 @@ def _validate_refresh(rf: RefreshConfig, pu: PublishConfig) -> None:
 
 
 def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
+    dims = tr.matryoshka_dims
+    _check(
+        isinstance(dims, list) and all(isinstance(d, int) and d > 0 for d in dims) and dims == sorted(set(dims))[::-1],
+        f"'train.matryoshka_dims' = {dims!r}: expected distinct positive integers, largest first (or [] for none)",
+    )
     _check(tr.epochs >= 1, f"'train.epochs' = {tr.epochs}: expected >= 1")
     _check(tr.batch_size >= 2, f"'train.batch_size' = {tr.batch_size}: expected >= 2 (in-batch negatives)")
     _check(tr.learning_rate > 0, f"'train.learning_rate' = {tr.learning_rate}: expected > 0")
@@ -313,6 +335,7 @@ def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
 
 # Settings whose packages come with an extra of this project: (what the setting is, the module, the extra)
 PROVIDER_EXTRAS = {"openai": ("openai", "openai"), "cohere": ("cohere", "cohere")}
+BACKEND_EXTRAS = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
 
 
 def check_extras(cfg: Config) -> None:
@@ -321,8 +344,10 @@ def check_extras(cfg: Config) -> None:
     needed = []
     if cfg.model.provider in PROVIDER_EXTRAS:
         needed.append((f"model.provider = {cfg.model.provider!r}", *PROVIDER_EXTRAS[cfg.model.provider]))
-    if cfg.model.backend == "onnx":
-        needed.append(("model.backend = 'onnx'", "onnxruntime", "onnx"))
+    if cfg.model.backend in BACKEND_EXTRAS:
+        runtime, extra = BACKEND_EXTRAS[cfg.model.backend]
+        for module in (runtime, "onnx"):  # onnx: torch's exporter writes the model with it
+            needed.append((f"model.backend = {cfg.model.backend!r}", module, extra))
     for key, url in (
         ("corpus.path", cfg.corpus.path),
         ("output.root", cfg.output.root),

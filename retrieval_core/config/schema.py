@@ -16,8 +16,11 @@ from typing import Any, Union
 MODEL_PROVIDERS = ("local", "openai", "cohere")  # local: sentence-transformers; else retrieval_core.encode.providers
 MODEL_FAMILIES = ("auto", "e5", "bge", "bge-zh", "gte", "dpr", "plain")  # presets in retrieval_core.encode.families
 PRECISIONS = ("fp32", "bf16", "fp16")
+MODEL_PRECISIONS = ("auto", *PRECISIONS)
+MODEL_BACKENDS = ("auto", "torch", "onnx", "openvino")
 CORPUS_FORMATS = ("", "parquet", "jsonl")
 EMBEDDING_DTYPES = ("float32", "float16")
+VECTOR_CODES = {"float32": "Flat", "float16": "SQfp16", "int8": "SQ8", "binary": "RaBitQ"}  # index.vectors -> FAISS
 METRICS = ("ip", "l2")
 SAMPLINGS = ("top", "random")
 MINE_MODES = ("replicated", "sharded")
@@ -63,12 +66,15 @@ class ModelConfig:
     directory, or a Hub name (from the local cache first)
     """
     precision: str = "fp32"
-    """`fp32`, `bf16` or `fp16` (autocast)"""
+    """`fp32`, `bf16`, `fp16`, or `auto`: the fastest that keeps the vectors (see Backends and precision); with
+    `backend: torch`, bf16 and fp16 are autocast; bf16 is fast only on CPUs with avx512_bf16 or AMX (else a warning)
+    """
     backend: str = "torch"
-    """`torch`, or `onnx`: ONNX Runtime runs the model's transformer networks on CPUs (fp32 only; the `[onnx]` extra;
-    vectors equal to torch's to float rounding). The export is made once per node and checked against torch on a few
-    sentences before use: torch takes over, with a warning, below a cosine of 0.9999. On the 2-core test machine it
-    encodes about as fast as the torch path (0.98x to 1.04x, noisy): measure on your nodes before choosing it
+    """what runs the model's transformer networks: `torch`; `onnx` (ONNX Runtime, fp32 only, the `[onnx]` extra);
+    `openvino` (OpenVINO, fp32 or bf16, the `[openvino]` extra); or `auto`: the fastest lossless one installed for
+    the workers' CPU or GPU, picked once per run, printed and recorded in the manifests (see Backends and precision).
+    An exported network is made once per node, and checked against torch fp32 on a few sentences before use: torch
+    takes over, with a warning, below a cosine of 0.9999. ONNX and OpenVINO run on CPUs only
     """
     batch_size: int = 32
     """texts per forward pass; for an embedding API, texts per request (at most OpenAI's 2048, Cohere's 96)"""
@@ -93,8 +99,12 @@ class ModelConfig:
     (for `dpr`, a `ctx_encoder` name implies its `question_encoder`)
     """
     truncate_dim: Union[int, None] = None
-    """Matryoshka truncation: keep the first N dimensions of every vector, then re-normalize; for models trained for it
+    """Matryoshka truncation: keep the first N dimensions of every vector, then re-normalize; refused for a model not
+    trained for it (a well-known Matryoshka model, or one whose model card names MatryoshkaLoss, as
+    `train.matryoshka_dims` writes it) unless `model.force_truncate`
     """
+    force_truncate: bool = False
+    """truncate (`model.truncate_dim`) a model not known to be trained for it: measure what it costs first"""
     trust_remote_code: bool = False
     """allow models that ship their own code"""
     provider: str = "local"
@@ -218,6 +228,18 @@ class IndexConfig:
     """IVF lists probed per query; 0 = the smallest reaching `index.target_recall`"""
     ef_search: int = 0
     """HNSW `efSearch`; 0 = the smallest reaching `index.target_recall`"""
+    vectors: str = "float32"
+    """the codes the first-stage search reads: `float32`, `float16` (2 bytes a dimension), `int8` (1 byte, FAISS SQ8)
+    or `binary` (1 bit a dimension and 8 bytes a vector, FAISS RaBitQ). With `index.type: auto` they replace the code
+    it picks (Flat or IVF lists stay its choice); an explicit `index.type` must end in that code (`IVF4096,SQ8` for
+    int8). Other than float32, the index stage also stores the vectors (`index/vectors/`, on disk, in
+    `output.embedding_dtype`) and searches rescore with them (see Compact vectors)
+    """
+    rescore_factor: int = 4
+    """with compact `index.vectors`: a search asks the codes for this many times k candidates and ranks them by their
+    exact scores against the stored vectors; 0 = no rescoring (the codes' scores; nothing stored). Part of the
+    index's identity: the recall tuning measures it
+    """
 
 
 @dataclass(frozen=True)
@@ -328,6 +350,11 @@ class TrainConfig:
     """use the cached (gradient-caching) loss: large batches in bounded memory"""
     mini_batch_size: int = 32
     """texts per forward pass of the cached loss"""
+    matryoshka_dims: list = field(default_factory=list)
+    """train for truncation (sentence-transformers' MatryoshkaLoss over the loss above): the dimensions, largest
+    first, whose prefixes must each rank well on their own, e.g. `[384, 256, 128, 64]`; `[]` = off. The model card
+    then names MatryoshkaLoss, so `model.truncate_dim` accepts the trained model
+    """
     seed: int = 0
     """seeds the held-out split, the batch order and dropout"""
     eval_fraction: float = 0.1

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from retrieval_core.config import ModelConfig
-from retrieval_core.encode import families
+from retrieval_core.encode import families, hardware
 from retrieval_core.encode.model_files import WEIGHT_SUFFIXES, model_files_hash, resolve_model_path
 from retrieval_core.io.manifest import digest
 
@@ -134,6 +134,8 @@ def query_side(cfg: ModelConfig) -> dict:
 
 
 def _model_identity(cfg: ModelConfig, name: str, model_dir: str) -> dict:
+    cfg = hardware.resolved(cfg)  # a config the jobs did not resolve: this machine's pick, as load_encoder's
+    families.check_truncation(cfg, name, model_dir)
     weights, configs = model_files_hash(model_dir)
     identity = {
         "model": name,
@@ -164,7 +166,7 @@ def load_encoder(cfg: ModelConfig, gpus: float = 0, threads: int = 1) -> Encoder
         return ApiEncoder(cfg)
     quiet_model_loading()
     set_torch_threads(threads)
-    return SentenceTransformerEncoder(cfg, pick_device(gpus), threads=threads)
+    return SentenceTransformerEncoder(hardware.resolved(cfg), pick_device(gpus), threads=threads)
 
 
 def usage_of(encoder: Encoder) -> dict | None:
@@ -235,6 +237,7 @@ class SentenceTransformerEncoder:
         self.cfg = cfg
         self.device = device
         self.batch_size = cfg.batch_size  # lowered for good after running out of memory
+        self.exported = False  # the networks run in model.backend's runtime (set by _load)
         self.threads = max(1, int(threads)) if device == "cpu" else 1
         if self.threads > 1:
             set_torch_threads(1)
@@ -244,7 +247,7 @@ class SentenceTransformerEncoder:
         self.query_name = families.query_model_name(cfg)
         self._query_model = self.model if self.query_name == cfg.name else None
         self.normalized = cfg.normalize
-        if cfg.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+        if cfg.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16() and not self.exported:
             log.warning(
                 "model.precision = bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and "
                 "much slower than fp32; use model.precision = fp32"
@@ -260,31 +263,33 @@ class SentenceTransformerEncoder:
         )
         if self.cfg.max_seq_length:
             model.max_seq_length = self.cfg.max_seq_length
-        if self.cfg.backend == "onnx":
-            self._onnx(model, model_dir)
+        if self.cfg.backend in ("onnx", "openvino"):
+            self._export(model, model_dir)
         dim = int(model.get_embedding_dimension())
         if self.cfg.truncate_dim:
             if self.cfg.truncate_dim > dim:
                 raise ValueError(
                     f"model.truncate_dim = {self.cfg.truncate_dim} exceeds the dimension of {name!r} ({dim})"
                 )
+            families.check_truncation(self.cfg, name, model_dir)
             dim = self.cfg.truncate_dim
         if self.threads > 1:
             model.preprocess = locked(model.preprocess)
         return model, dim
 
-    def _onnx(self, model, model_dir: str) -> None:
-        """``model.backend: onnx``: the model's networks in ONNX Runtime, on CPUs (see ``onnx_backend``)."""
+    def _export(self, model, model_dir: str) -> None:
+        """``model.backend: onnx | openvino``: the model's networks in that runtime, on CPUs (see ``exported``)."""
         import torch
 
-        from retrieval_core.encode import onnx_backend
+        from retrieval_core.encode import exported
 
         if self.device != "cpu":
-            log.info("model.backend = 'onnx' runs on CPUs: torch encodes on %s", self.device)
+            log.info("model.backend = %r runs on CPUs: torch encodes on %s", self.cfg.backend, self.device)
             return
         weights, configs = model_files_hash(model_dir)
         key = f"{weights[:16]}-{configs[:16]}-torch{torch.__version__}"
-        onnx_backend.use_onnx(model, key, 1 if self.threads > 1 else torch.get_num_threads())
+        threads = 1 if self.threads > 1 else torch.get_num_threads()
+        self.exported = exported.use_exported(model, key, self.cfg.backend, self.cfg.precision, threads)
 
     @property
     def query_model(self):
@@ -344,7 +349,8 @@ class SentenceTransformerEncoder:
         resolved one; truncation, then normalization."""
         import torch
 
-        with torch.inference_mode(), autocast(self.cfg.precision, self.device):
+        precision = "fp32" if self.exported else self.cfg.precision  # an exported network runs in its own
+        with torch.inference_mode(), autocast(precision, self.device):
             vectors = encode(
                 list(texts),
                 batch_size=batch_size,
@@ -469,12 +475,7 @@ def encode_by_length(
 
 def cpu_has_native_bf16() -> bool:
     """The CPU computes bf16 natively (avx512_bf16 or AMX flags in /proc/cpuinfo); True where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return True
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+    return hardware.Hardware(hardware.cpu_flags()).native_bf16 or not os.path.exists("/proc/cpuinfo")
 
 
 def cpu_count() -> int:

@@ -110,3 +110,40 @@ def query_prompt(cfg: ModelConfig, query_model_dir: str | None) -> str:
     if cfg.query_prompt is not None:
         return cfg.query_prompt
     return shipped_prompts(query_model_dir).get("query") or family_of(cfg).query_prompt
+
+
+# Models published as trained with a Matryoshka loss (their first dimensions are a usable embedding on their own);
+# other models say so in their model card (README.md), as sentence-transformers writes it for MatryoshkaLoss and
+# this project's training does for train.matryoshka_dims.
+MATRYOSHKA_NAMES = (
+    "nomic-embed-text-v1.5",
+    "mxbai-embed-large-v1",
+    "snowflake-arctic-embed-m-v1.5",
+    "snowflake-arctic-embed-l-v2.0",
+    "jina-embeddings-v3",
+    "embeddinggemma",
+    "qwen3-embedding",
+    "gte-modernbert",
+)
+MATRYOSHKA_MARK = "matryoshkaloss"  # the loss's name: every model card links a Matryoshka blog post
+
+
+def trained_for_truncation(name: str, model_dir: str) -> bool:
+    """The model was trained so that its first dimensions stand on their own: a well-known Matryoshka model, or one
+    whose model card names MatryoshkaLoss (sentence-transformers' cards name the training loss)."""
+    if any(known in name.lower() for known in MATRYOSHKA_NAMES):
+        return True
+    card = Path(model_dir) / "README.md"
+    return card.is_file() and MATRYOSHKA_MARK in card.read_text(errors="replace").lower()
+
+
+def check_truncation(cfg: ModelConfig, name: str, model_dir: str) -> None:
+    """Refuse ``model.truncate_dim`` for a model not trained for it (its truncated vectors lose much of their
+    quality without a word), unless ``model.force_truncate``."""
+    if cfg.truncate_dim and not cfg.force_truncate and not trained_for_truncation(name, model_dir):
+        raise ValueError(
+            f"model.truncate_dim = {cfg.truncate_dim}: model {name!r} is not known to be trained for truncation "
+            f"(Matryoshka: neither a known Matryoshka model nor its model card says so), and its first "
+            f"{cfg.truncate_dim} dimensions may rank much worse than all of them; set model.force_truncate: true to "
+            f"truncate anyway (measure it with jobs.evaluate), or train one with train.matryoshka_dims"
+        )

@@ -80,8 +80,12 @@ def bytes_per_vector(factory: str, dim: int) -> float:
     code: float
     if encoding == "FLAT":
         code = 4 * dim
+    elif encoding in ("SQFP16", "SQBF16"):
+        code = 2 * dim
     elif encoding.startswith("SQ"):
         code = dim * int(encoding[2:] or 8) / 8
+    elif encoding == "RABITQ":
+        code = dim / 8 + 8  # a bit a dimension, and two float32 correction factors
     elif encoding.startswith("PQ"):
         code = int(encoding[2:].split("X")[0])
     else:

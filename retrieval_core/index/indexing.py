@@ -27,7 +27,7 @@ import numpy as np
 from retrieval_core.config import Config, IndexConfig
 from retrieval_core.config.rules import gpu_setting, parse_memory
 from retrieval_core.encode.embeddings import read_embeddings_manifest, read_shard_vectors
-from retrieval_core.index import faiss_index, gpu, ivf_lists, merging, search
+from retrieval_core.index import compact, faiss_index, gpu, ivf_lists, merging, search
 from retrieval_core.index.index_files import (
     dead_ids,
     read_index_file,
@@ -103,7 +103,9 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         )
     dim, ntotal = emb["dim"], emb["totals"]["rows_encoded"]
     factory = (
-        faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory))
+        compact.with_vectors(faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory)), ix.vectors)
+        if ix.type == "auto" and ix.vectors != "float32"
+        else faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory))
         if ix.type == "auto"
         else ix.type.strip()
     )
@@ -133,6 +135,11 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
         "seed": ix.seed,
         "shard_format": "lists" if lists else "index",
     }
+    if ix.vectors != "float32":  # only then: the identities of float32 builds stay what they were
+        rescore = compact.rescore_factor(ix.vectors, ix.rescore_factor)
+        identity |= {"vectors": ix.vectors, "rescore_factor": rescore}
+        if rescore:
+            identity["stored_dtype"] = emb.get("embedding_dtype", "float32")
     return IndexPlan(
         factory,
         ix.metric,
@@ -241,6 +248,7 @@ def add_shard(plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None 
     started = time.perf_counter()
     layout = plan.out
     row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim, plan.identity["fingerprint"])
+    store_for_rescoring(plan, shard, row_ids, vectors)
     index = faiss_index.deserialize(trained)
     faiss_index.add(index, vectors, row_ids, uses_gpus(plan))
     file = shard_file_name(plan, shard["name"])
@@ -262,6 +270,13 @@ def add_shard(plan: IndexPlan, shard: dict, trained: bytes, worker: dict | None 
     return record
 
 
+def store_for_rescoring(plan: IndexPlan, shard: dict, row_ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Compact ``index.vectors`` with rescoring: store the shard's vectors beside the index (see ``compact``)."""
+    if plan.identity.get("rescore_factor"):
+        dtype = plan.identity["stored_dtype"]
+        compact.write_shard_vectors(plan.out.dir, shard, row_ids, vectors, dtype, plan.out.storage_options)
+
+
 def uses_gpus(plan: IndexPlan) -> bool:
     """Whether this process runs FAISS on GPUs (``index.gpu`` and what it finds: a task sees the GPUs Ray gave it)."""
     return gpu.wanted(gpu_setting(plan.ix))
@@ -280,6 +295,7 @@ def build_whole(plan: IndexPlan, trained: bytes):
     index = faiss_index.deserialize(trained)
     for shard in plan.shards:
         row_ids, vectors = read_shard_vectors(plan.source, shard, plan.dim, plan.identity["fingerprint"])
+        store_for_rescoring(plan, shard, row_ids, vectors)
         faiss_index.add(index, vectors, row_ids, uses_gpus(plan))
     write_index_file(index, layout.file("merged.faiss"), layout.storage_options)
     return index
@@ -293,9 +309,19 @@ def measure_recall(plan: IndexPlan, index) -> dict:
     ix = plan.ix
     parameter = faiss_index.tunable_parameter(index)
     fixed = {"nprobe": ix.nprobe, "ef_search": ix.ef_search}.get(parameter or "", 0)
+    first, index = (
+        index,
+        compact.rescored(
+            index,
+            plan.out.dir,
+            plan.out.storage_options,
+            plan.identity | {"dim": plan.dim, "metric": plan.metric},
+            plan.shards,
+        ),
+    )
     if not ix.recall_queries:
         if parameter and fixed:
-            faiss_index.set_search_parameters(index, **{parameter: fixed})
+            faiss_index.set_search_parameters(first, **{parameter: fixed})
         return {"recall_at_10": None, "parameter": parameter, "value": fixed or None, "tried": []}
     query_ids, queries = read_sample(plan, sample_positions(plan.ntotal, ix.recall_queries, ix.seed + 1))
     shards = (read_shard_vectors(plan.source, s, plan.dim) for s in plan.shards)
@@ -305,7 +331,7 @@ def measure_recall(plan: IndexPlan, index) -> dict:
     tried: list[dict[str, Any]] = []
     for value in values:
         if parameter:
-            faiss_index.set_search_parameters(index, **{parameter: value})
+            faiss_index.set_search_parameters(first, **{parameter: value})
         _, found = faiss_index.search(index, queries, RECALL_K + 1)
         found = search.drop_ids(found, query_ids, RECALL_K)
         tried.append(
@@ -384,6 +410,8 @@ def write_manifest(plan: IndexPlan, ntotal: int, timings: dict, recall: dict, me
             "ntotal": ntotal,
             "shard_count": len(plan.shards) if plan.mergeable else 0,
             "mergeable": plan.mergeable,
+            "vectors": plan.identity.get("vectors", "float32"),
+            "rescore_factor": plan.identity.get("rescore_factor", 0),
             "on_disk": False,
             "shard_format": plan.identity["shard_format"],
             "fingerprint": plan.identity["fingerprint"],
@@ -425,7 +453,15 @@ def load_index(folder: Folder, mmap: bool = False):
     else:
         index = read_index_file(url, storage_options, mmap)
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
-    return index, manifest
+    return searched(index, folder, manifest), manifest
+
+
+def searched(index, folder: Folder, manifest: dict):
+    """``index`` as searchers use it: rescored with the stored vectors when the manifest says so (``compact``)."""
+    if not manifest.get("rescore_factor"):
+        return index
+    shards = read_embeddings_manifest(folder)["shards"]
+    return compact.rescored(index, folder.join("index"), folder.storage_options, manifest, shards)
 
 
 def check_query_encoder(manifest: dict, identity: dict) -> None:
@@ -499,4 +535,4 @@ def load_shard_group(folder: Folder, shard_names: list[str]):
     else:
         index = faiss_index.merge(without_dead(read_index_file(url, so), gone) for url, gone in zip(urls, dead))
     faiss_index.set_search_parameters(index, **manifest["search_parameters"])
-    return index
+    return searched(index, folder, manifest)

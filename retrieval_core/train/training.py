@@ -12,8 +12,9 @@ torch and sentence-transformers are imported inside the functions only (like ``e
 from __future__ import annotations
 
 import functools
+import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,17 +34,35 @@ def steps_plan(tr: TrainConfig, train_examples: int) -> tuple[int, int]:
 
 
 def build_loss(model, tr: TrainConfig, distributed: bool):
+    """InfoNCE (cached or not), within sentence-transformers' MatryoshkaLoss when ``train.matryoshka_dims``."""
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
         MultipleNegativesRankingLoss,
     )
 
     scale = 1.0 / tr.temperature
+    loss: Any
     if tr.cached:
-        return CachedMultipleNegativesRankingLoss(
+        loss = CachedMultipleNegativesRankingLoss(
             model, scale=scale, mini_batch_size=tr.mini_batch_size, gather_across_devices=distributed
         )
-    return MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=distributed)
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=distributed)
+    if tr.matryoshka_dims:
+        dimension = model.get_embedding_dimension()
+        if tr.matryoshka_dims[0] > dimension:
+            raise ValueError(f"train.matryoshka_dims = {tr.matryoshka_dims}: the model has {dimension} dimensions")
+        loss = MatryoshkaLoss(model, loss, matryoshka_dims=list(tr.matryoshka_dims))
+    return loss
+
+
+def mark_matryoshka(model_dir: str, tr: TrainConfig) -> None:
+    """Say in the saved model's card that it was trained for truncation (what ``model.truncate_dim`` looks for)."""
+    if tr.matryoshka_dims:
+        card = os.path.join(model_dir, "README.md")
+        with open(card, "a") as out:
+            out.write(f"\n\nTrained with MatryoshkaLoss at dimensions {list(tr.matryoshka_dims)}.\n")
 
 
 def batch_features(model, batch: list[examples.Example], tr: TrainConfig, mc: ModelConfig) -> list[dict]:

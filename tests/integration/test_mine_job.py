@@ -449,3 +449,21 @@ def test_a_part_selects_from_the_values_the_join_found_not_from_lookups(demo_roo
         ):
             want = direct.predict([(row["query"], texts[d]) for d in ids]).tolist()
             assert scores == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_negatives_over_binary_codes_rescored_equal_sentence_transformers(demo_root, tmp_path, st_cache, mode):
+    """index.vectors: binary (RaBitQ) with rescoring: mining reads the index as it reads any other. Its candidates
+    (10 x the window) cover the 247 demo documents, and rescoring gives their exact scores, so the negatives are the
+    reference's, as over the exact index."""
+    import shutil
+
+    cfg = mine_config(demo_root, tmp_path, "binary", relative_margin="null", mode=mode)
+    shutil.rmtree(Path(cfg.output.root) / "index")
+    cfg = dataclasses.replace(
+        cfg, index=dataclasses.replace(cfg.index, type="auto", vectors="binary", rescore_factor=10)
+    )
+    built = index.run(cfg)
+    assert built["type"] == "RaBitQ"
+    mine.run(cfg)
+    assert job_negatives(cfg) == reference_negatives(st_cache, sampling_strategy="top")

@@ -392,7 +392,11 @@ def test_more_ivf_lists_than_training_vectors_is_named_before_training(tmp_path)
 
 @pytest.mark.parametrize(
     ("setting", "module", "extra"),
-    [("model.provider=openai", "openai", "openai"), ("output.root=s3://bucket/out", "s3fs", "s3")],
+    [
+        ("model.provider=openai", "openai", "openai"),
+        ("output.root=s3://bucket/out", "s3fs", "s3"),
+        ("model.backend=openvino", "openvino", "openvino"),
+    ],
 )
 def test_a_setting_whose_extra_is_not_installed_is_refused_in_one_line_naming_the_extra(
     monkeypatch, tmp_path, setting, module, extra

@@ -77,7 +77,7 @@ def test_unknown_key_in_yaml(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.precision=fp8", "'model.precision' = 'fp8': expected one of fp32, bf16, fp16"),
+        ("model.precision=fp8", "'model.precision' = 'fp8': expected one of auto, fp32, bf16, fp16"),
         ("model.batch_size=0", "'model.batch_size' = 0: expected a positive integer"),
         ("model.batch_size=many", "'model.batch_size' = 'many': expected an integer"),
         ("model.normalize=maybe", "'model.normalize' = 'maybe': expected true or false"),

@@ -2,6 +2,7 @@
 truncation; every vector compared with sentence-transformers called directly with the same prompts."""
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -122,11 +123,26 @@ def test_dpr_encodes_queries_with_the_question_encoder(family_models):
 def test_truncate_dim_keeps_the_first_dimensions_renormalized(family_models):
     path = family_models["gte"]
     full = SentenceTransformerEncoder(ModelConfig(name=path)).encode_documents(DOCS)
-    cut = SentenceTransformerEncoder(ModelConfig(name=path, truncate_dim=8))
+    cut = SentenceTransformerEncoder(ModelConfig(name=path, truncate_dim=8, force_truncate=True))
     assert cut.dim == 8
     np.testing.assert_allclose(cut.encode_documents(DOCS), unit(full[:, :8]), atol=1e-5)
     with pytest.raises(ValueError, match="model.truncate_dim = 64 exceeds the dimension"):
-        SentenceTransformerEncoder(ModelConfig(name=path, truncate_dim=64))
+        SentenceTransformerEncoder(ModelConfig(name=path, truncate_dim=64, force_truncate=True))
+
+
+def test_truncation_is_refused_for_a_model_not_trained_for_it_unless_forced(family_models, tmp_path):
+    path = family_models["gte"]
+    refused = "model.truncate_dim = 8: model .* is not known to be trained for truncation"
+    with pytest.raises(ValueError, match=refused):
+        SentenceTransformerEncoder(ModelConfig(name=path, truncate_dim=8))
+    with pytest.raises(ValueError, match=refused):  # the driver's fingerprint, before any worker starts
+        encoding.encoder_identity(ModelConfig(name=path, truncate_dim=8))
+    marked = tmp_path / "marked"
+    shutil.copytree(path, marked)
+    (marked / "README.md").write_text("Trained with MatryoshkaLoss at dimensions [32, 16, 8].\n")
+    assert families.trained_for_truncation(str(marked), str(marked))
+    assert SentenceTransformerEncoder(ModelConfig(name=str(marked), truncate_dim=8)).dim == 8
+    assert families.trained_for_truncation("nomic-ai/nomic-embed-text-v1.5", path)  # a well-known one
 
 
 def test_fingerprints_cover_the_prompts_applied_and_truncation(family_models):
@@ -135,7 +151,8 @@ def test_fingerprints_cover_the_prompts_applied_and_truncation(family_models):
     fingerprint = encoding.encoder_identity(base)["fingerprint"]
     assert encoding.encoder_identity(base)["document_prompt"] == "passage: "
     assert encoding.encoder_identity(dataclasses.replace(base, family="plain"))["fingerprint"] != fingerprint
-    assert encoding.encoder_identity(dataclasses.replace(base, truncate_dim=16))["fingerprint"] != fingerprint
+    cut = dataclasses.replace(base, truncate_dim=16, force_truncate=True)
+    assert encoding.encoder_identity(cut)["fingerprint"] != fingerprint
     same = dataclasses.replace(base, family="plain", document_prompt="passage: ")
     assert encoding.encoder_identity(same)["fingerprint"] == fingerprint  # the prompt applied, however it was set
     query = encoding.query_identity(base)

@@ -275,3 +275,38 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_matryoshka_training_sums_infonce_over_the_prefixes_and_marks_the_model_for_truncation(tmp_path, tiny_model):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval_core.encode import encoding, families
+
+    cfg = config("unused", tmp_path, model=tiny_model, train__num_negatives=2, train__matryoshka_dims=[16, 8])
+    model = SentenceTransformer(tiny_model, device="cpu").eval()
+    saved = tmp_path / "trained"
+    model.save(str(saved))  # before the loss: sentence-transformers' own card would name it
+    loss = training.build_loss(model, cfg.train, distributed=False)
+    features = training.batch_features(model, examples(queries=6), cfg.train, cfg.model)
+    with torch.no_grad():
+        got = float(loss(features, None))
+        embedded = [model(dict(f))["sentence_embedding"] for f in features]
+        expected = 0.0
+        for dim in (16, 8):
+            unit = [torch.nn.functional.normalize(e[:, :dim], dim=1) for e in embedded]
+            scores = unit[0] @ torch.cat(unit[1:]).T / cfg.train.temperature
+            expected += float(torch.nn.functional.cross_entropy(scores, torch.arange(len(scores))))
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert not families.trained_for_truncation(str(saved), str(saved))
+    training.mark_matryoshka(str(saved), cfg.train)
+    assert families.trained_for_truncation(str(saved), str(saved))
+    assert encoding.SentenceTransformerEncoder(cfg.model.__class__(name=str(saved), truncate_dim=8)).dim == 8
+
+
+def test_matryoshka_dims_are_checked():
+    from retrieval_core.config import ConfigError
+
+    for bad in ([8, 16], [16, 16], [0], "64"):
+        with pytest.raises(ConfigError, match="'train.matryoshka_dims'"):
+            config("unused", "unused", train__matryoshka_dims=bad)
