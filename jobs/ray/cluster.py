@@ -146,11 +146,21 @@ def worker_count(rt: RuntimeConfig, work_items: int) -> int:
 
 
 def resolve_auto(cfg: Config) -> Config:
-    """``cfg`` with ``model.backend`` / ``model.precision`` ``auto`` replaced by the pick for the workers' hardware:
-    this machine's for a local run, one worker's (a task with a worker's CPUs and GPUs) on a cluster."""
+    """``cfg`` with ``model.backend`` / ``model.precision`` ``auto`` replaced: by what the output's embeddings were
+    encoded with, when they exist (a resume, a reading stage on other hardware, a refresh night on another node
+    kind keep their fingerprint); else by the pick for the workers' hardware: this machine's for a local run, one
+    worker's (a task with a worker's CPUs and GPUs) on a cluster."""
     m, rt = cfg.model, cfg.runtime
     if m.provider != "local" or "auto" not in (m.backend, m.precision):
         return cfg
+    recorded = _recorded_path(cfg)
+    if recorded:
+        picked = (
+            recorded[0] if m.backend == "auto" else m.backend,
+            recorded[1] if m.precision == "auto" else m.precision,
+        )
+        log.info("model.backend / model.precision = auto: %s/%s, as the output's embeddings were encoded", *picked)
+        return dataclasses.replace(cfg, model=dataclasses.replace(m, backend=picked[0], precision=picked[1]))
     if cluster_address(rt):
         with ray_session(rt):
             log.info("asking a worker of the cluster what it encodes on (model.backend / model.precision = auto)")
@@ -159,6 +169,22 @@ def resolve_auto(cfg: Config) -> Config:
     else:
         hw = hardware.this_machine(rt.gpus_per_worker)
     return dataclasses.replace(cfg, model=hardware.resolved(m, hw))
+
+
+def _recorded_path(cfg: Config) -> tuple[str, str] | None:
+    """(backend, precision) the output's embeddings (the version CURRENT names, on a refreshed root) were encoded
+    with, or None where there are none yet."""
+    from retrieval_core.encode.embeddings import read_embeddings_manifest
+
+    so = cfg.output.storage_options
+    try:
+        root, _ = versions.resolve_root(Folder(cfg.output.root, so), cfg.output.version)
+        if not Folder(root, so).exists("embeddings", "_manifest.json"):
+            return None
+        encoder = read_embeddings_manifest(Folder(root, so))["encoder"]
+    except (OSError, ValueError, KeyError):  # no output yet, or one of an older layout: pick afresh
+        return None
+    return encoder.get("backend", "torch"), encoder.get("precision", "fp32")
 
 
 def inline_encoder(cfg: Config) -> encoding.Encoder:

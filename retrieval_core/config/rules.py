@@ -162,6 +162,11 @@ def _validate_provider(m: ModelConfig) -> None:
         f"'model.backend' = 'onnx' runs in fp32, and model.precision = {m.precision!r}: set model.precision = fp32, "
         f"or model.backend = torch or openvino for {m.precision}",
     )
+    _check(
+        m.backend != "openvino" or m.precision != "fp16",
+        "'model.backend' = 'openvino' runs in fp32 or bf16, and model.precision = 'fp16': set model.precision = "
+        "bf16 or fp32, or model.backend = torch for fp16",
+    )
     _check(m.max_concurrency >= 1, f"'model.max_concurrency' = {m.max_concurrency}: expected >= 1")
     _check(m.max_retries >= 0, f"'model.max_retries' = {m.max_retries}: expected >= 0")
     _check(m.timeout > 0, f"'model.timeout' = {m.timeout}: expected seconds > 0")

@@ -289,7 +289,9 @@ class SentenceTransformerEncoder:
         weights, configs = model_files_hash(model_dir)
         key = f"{weights[:16]}-{configs[:16]}-torch{torch.__version__}"
         threads = 1 if self.threads > 1 else torch.get_num_threads()
-        self.exported = exported.use_exported(model, key, self.cfg.backend, self.cfg.precision, threads)
+        self.exported = exported.use_exported(
+            model, key, self.cfg.backend, self.cfg.precision, threads, streams=self.threads
+        )
 
     @property
     def query_model(self):

@@ -54,11 +54,10 @@ def require(backend: str):
         ) from None
 
 
-def use_exported(model, fingerprint: str, backend: str, precision: str, threads: int) -> bool:
+def use_exported(model, fingerprint: str, backend: str, precision: str, threads: int, streams: int = 1) -> bool:
     """Run ``model``'s transformer networks in ``backend``'s runtime (``threads`` threads a call; OpenVINO in
-    ``precision``), checked against torch fp32 on ``CHECK_TEXTS``; returns whether it does (False: the torch networks
-    stay, and a warning says why)."""
-    require(backend)
+    ``precision``, with ``streams`` calls in parallel: the encoder's threads), checked against torch fp32 on
+    ``CHECK_TEXTS``; returns whether it does (False: the torch networks stay, and a warning says why)."""
     name = RUNTIMES[backend][1]
     modules = [m for m in model.modules() if type(m).__name__ == "Transformer" and hasattr(m, "model")]
     if not modules:
@@ -67,16 +66,17 @@ def use_exported(model, fingerprint: str, backend: str, precision: str, threads:
     reference = model.encode(CHECK_TEXTS, convert_to_numpy=True, normalize_embeddings=True)
     originals = [m.model for m in modules]
     try:
+        require(backend)  # missing on this machine (a worker unlike the one probed): torch, with a warning
         for number, module in enumerate(modules):
             path = _exported(module, f"{fingerprint}-{number}")
-            module.model = network(path, module.model.config, backend, precision, threads)
+            module.model = network(path, module.model.config, backend, precision, threads, streams)
         got = model.encode(CHECK_TEXTS, convert_to_numpy=True, normalize_embeddings=True)
     except Exception as exc:  # noqa: BLE001 - any export or run failure falls back to torch, said once
         _restore(modules, originals)
         log.warning("model.backend = %r: %s; torch encodes the model", backend, str(exc).strip().splitlines()[0])
         return False
     cosine = float(np.min(np.sum(got * reference, axis=1)))
-    if cosine < MIN_COSINE:
+    if not (np.isfinite(got).all() and cosine >= MIN_COSINE):  # NaN compares False: refused too
         _restore(modules, originals)
         log.warning(
             "model.backend = %r: cosine %.6f to torch < %s; torch encodes the model", backend, cosine, MIN_COSINE
@@ -113,13 +113,22 @@ def _export(module, path: str) -> None:
         def forward(self, *inputs):
             return self.network(**dict(zip(names, inputs)), return_dict=True).last_hidden_state
 
-    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
     attention = getattr(network.config, "_attn_implementation", None)
     _set_attention(network, "eager")  # traced as plain matrix products, which both runtimes run faster than SDPA's
+    try:
+        _trace(Network(), sample, names, path)
+    finally:
+        _set_attention(network, attention)
+
+
+def _trace(network, sample, names: list[str], path: str) -> None:
+    import torch
+
+    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on data-dependent branches of the attention code
         torch.onnx.export(
-            Network(),
+            network,
             tuple(sample[name] for name in names),
             path,
             input_names=names,
@@ -128,7 +137,6 @@ def _export(module, path: str) -> None:
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    _set_attention(network, attention)
 
 
 def _set_attention(network, implementation: str | None) -> None:
@@ -138,10 +146,10 @@ def _set_attention(network, implementation: str | None) -> None:
             network.set_attn_implementation(implementation)
 
 
-def network(path: str, config, backend: str, precision: str, threads: int):
+def network(path: str, config, backend: str, precision: str, threads: int, streams: int = 1):
     """A torch module standing for a Hugging Face network in a ``Transformer`` module: called with its inputs, it
     returns ``{"last_hidden_state": tensor}`` from ``backend``'s runtime running the ONNX file ``path``."""
-    return _network_classes()[backend](path, config, precision, threads)
+    return _network_classes()[backend](path, config, precision, threads, streams)
 
 
 @functools.lru_cache(maxsize=1)
@@ -167,7 +175,7 @@ def _network_classes() -> dict:
     class OnnxNetwork(ExportedNetwork):
         runtime = "onnx"
 
-        def __init__(self, path: str, config, precision: str, threads: int):
+        def __init__(self, path: str, config, precision: str, threads: int, streams: int):
             super().__init__(config)
             onnxruntime = require("onnx")
             options = onnxruntime.SessionOptions()
@@ -182,7 +190,7 @@ def _network_classes() -> dict:
     class OpenVinoNetwork(ExportedNetwork):
         runtime = "openvino"
 
-        def __init__(self, path: str, config, precision: str, threads: int):
+        def __init__(self, path: str, config, precision: str, threads: int, streams: int):
             super().__init__(config)
             openvino = require("openvino")
             core = openvino.Core()
@@ -192,8 +200,8 @@ def _network_classes() -> dict:
                 "CPU",
                 {
                     "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
-                    "INFERENCE_NUM_THREADS": max(1, threads),
-                    "PERFORMANCE_HINT": "LATENCY",
+                    "INFERENCE_NUM_THREADS": max(1, threads) * max(1, streams),
+                    "NUM_STREAMS": max(1, streams),  # one a calling thread: requests of one stream queue
                     # OpenVINO pins its threads to cores by default: workers of one node would share a core
                     "ENABLE_CPU_PINNING": False,
                 },

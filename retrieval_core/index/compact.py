@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import io
+import threading
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def vectors_url(index_dir: str, shard_name: str) -> str:
 
 def write_shard_vectors(index_dir: str, shard: dict, row_ids: np.ndarray, vectors: np.ndarray, dtype: str, so) -> int:
     """Store one embeddings shard's vectors for rescoring, at ``row_id - row_start`` (rows that were not encoded,
-    rejects, stay zero and are never candidates); returns the file's size. Memory: the shard's vectors twice."""
+    rejects, stay zero and are never candidates); returns the file's size. Memory: the shard's vectors 3 times."""
     start, stop = int(shard["row_start"]), int(shard["row_stop"])
     dense = np.zeros((stop - start, vectors.shape[1]), dtype=dtype)
     dense[np.asarray(row_ids, dtype=np.int64) - start] = vectors
@@ -72,6 +73,7 @@ class StoredVectors:
         self.index_dir, self.storage_options, self.shards, self.dim = index_dir, storage_options, shards, dim
         self.starts, self.stops = shard_list.row_bounds(shards)
         self._maps: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()  # a mining worker searches for its peers on a second thread
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of ``ids`` (any shape; -1 for none) as float32, shape ``ids.shape + (dim,)``; zeros for -1."""
@@ -79,12 +81,19 @@ class StoredVectors:
         out = np.zeros((len(flat), self.dim), dtype=np.float32)
         where = np.flatnonzero(flat >= 0)
         shard = np.searchsorted(self.starts, flat[where], side="right") - 1
+        outside = (shard < 0) | (flat[where] >= self.stops[np.maximum(shard, 0)])
+        if outside.any():
+            raise ValueError(f"row id {int(flat[where][outside][0])} is in no shard of the stored vectors")
         for number in np.unique(shard):
             at = where[shard == number]
             out[at] = self._map(int(number))[flat[at] - self.starts[number]]
         return out.reshape(*np.shape(ids), self.dim)
 
     def _map(self, number: int) -> np.ndarray:
+        with self._lock:
+            return self._mapped(number)
+
+    def _mapped(self, number: int) -> np.ndarray:
         if number in self._maps:
             self._maps.move_to_end(number)
             return self._maps[number]

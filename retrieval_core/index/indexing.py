@@ -316,7 +316,7 @@ def measure_recall(plan: IndexPlan, index) -> dict:
             plan.out.dir,
             plan.out.storage_options,
             plan.identity | {"dim": plan.dim, "metric": plan.metric},
-            plan.shards,
+            getattr(plan.shards, "shards", plan.shards),  # the whole list: indexed without walking it
         ),
     )
     if not ix.recall_queries:

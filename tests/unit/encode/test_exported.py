@@ -74,5 +74,7 @@ def test_vectors_that_would_differ_put_torch_back_with_a_warning(tmp_path, tiny_
 def test_onnx_is_fp32_and_backends_are_named(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="model.backend' = 'onnx' runs in fp32, and model.precision = 'bf16'"):
         config("unused", tmp_path, model=tiny_model, model__backend="onnx", model__precision="bf16")
+    with pytest.raises(ConfigError, match="model.backend' = 'openvino' runs in fp32 or bf16"):
+        config("unused", tmp_path, model=tiny_model, model__backend="openvino", model__precision="fp16")
     with pytest.raises(ConfigError, match="expected one of auto, torch, onnx, openvino"):
         config("unused", tmp_path, model=tiny_model, model__backend="tensorrt")

@@ -4,8 +4,9 @@ installed; a setting that is not auto is kept; the pick is made once and carried
 import dataclasses
 import logging
 
+import numpy as np
 import pytest
-from helpers import config
+from helpers import config, write_synthetic_embeddings
 
 from retrieval_core.encode import encoding, hardware
 from retrieval_core.encode.hardware import Hardware
@@ -79,7 +80,30 @@ def test_a_job_resolves_auto_once_before_it_runs(tmp_path, tiny_model, monkeypat
     monkeypatch.setattr(hardware, "this_machine", lambda gpus=0: seen.append(gpus) or Hardware(AVX2))
     args = _cli.parser("test", "test").parse_args(
         ["--set", f"model.name={tiny_model}", "--set", "model.backend=auto", "--set", "model.precision=auto"]
+        + ["--set", f"output.root={tmp_path / 'out'}"]
     )
     cfg = _cli.config_from_args(args)
     assert (cfg.model.backend, cfg.model.precision) == ("torch", "fp32") and seen == [0]
     assert cluster.resolve_auto(cfg) is cfg
+
+
+def test_auto_keeps_what_the_output_s_embeddings_were_encoded_with(tmp_path, tiny_model, monkeypatch):
+    """A resume, a reading stage on other hardware or a refresh night on another node kind keeps the fingerprint
+    of the embeddings there; only a new output gets the hardware's pick."""
+    import json
+
+    from jobs.ray import cluster
+
+    monkeypatch.setattr(hardware, "this_machine", lambda gpus=0: Hardware(BF16, runtimes=BOTH))
+    cfg = config("unused", tmp_path / "out", model=tiny_model, model__backend="auto", model__precision="auto")
+    fresh = cluster.resolve_auto(cfg)
+    assert (fresh.model.backend, fresh.model.precision) == ("openvino", "bf16")
+    write_synthetic_embeddings(tmp_path / "out", np.ones((4, 8), np.float32) / np.sqrt(8), 2)
+    assert cluster._recorded_path(cfg) == ("torch", "fp32")  # an identity without backend or precision: the defaults
+    kept = cluster.resolve_auto(cfg)
+    assert (kept.model.backend, kept.model.precision) == ("torch", "fp32")
+    half = cluster.resolve_auto(config("unused", tmp_path / "out", model=tiny_model, model__precision="auto"))
+    assert (half.model.backend, half.model.precision) == ("torch", "fp32")
+    assert json.dumps(encoding.encoder_identity(kept.model)) == json.dumps(
+        encoding.encoder_identity(config("unused", tmp_path, model=tiny_model).model)
+    )
