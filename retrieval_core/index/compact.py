@@ -28,17 +28,6 @@ OPEN_FILES = 256
 GATHER_BYTES = 64 << 20  # candidate vectors a search holds at once (queries are taken in chunks to stay under it)
 
 
-def code_of(factory: str) -> str:
-    """The code part of a factory string (``IVF1024,SQ8`` -> ``SQ8``; ``HNSW32`` -> ``HNSW32``)."""
-    return factory.split(",")[-1].strip()
-
-
-def vectors_of(factory: str) -> str:
-    """The ``index.vectors`` value a factory string's code stands for, ``""`` for any other code (PQ, a graph)."""
-    code = code_of(factory).upper()
-    return next((vectors for vectors, c in CODES.items() if c.upper() == code), "")
-
-
 def with_vectors(factory: str, vectors: str) -> str:
     """``factory`` (as ``index.type: auto`` picks it: ``Flat`` or ``IVF...,<code>``) with ``vectors``' code."""
     parts = factory.split(",")

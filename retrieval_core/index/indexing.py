@@ -102,13 +102,11 @@ def plan_index(cfg: Config, emb: dict) -> IndexPlan:
             f"or re-encode with model.normalize = true"
         )
     dim, ntotal = emb["dim"], emb["totals"]["rows_encoded"]
-    factory = (
-        compact.with_vectors(faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory)), ix.vectors)
-        if ix.type == "auto" and ix.vectors != "float32"
-        else faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory))
-        if ix.type == "auto"
-        else ix.type.strip()
-    )
+    factory = ix.type.strip()
+    if ix.type == "auto":
+        factory = faiss_index.choose_index_type(ntotal, dim, parse_memory(ix.max_memory))
+        if ix.vectors != "float32":  # the code asked for, in auto's structure (float32 keeps auto's own code)
+            factory = compact.with_vectors(factory, ix.vectors)
     faiss_index.new_index(factory, dim, ix.metric)  # fails early, naming the type, when FAISS cannot build it
     train_size = min(ix.train_size, ntotal) if ix.train_size else faiss_index.default_train_size(factory, dim, ntotal)
     if not faiss_index.needs_training(factory, dim):
