@@ -6,8 +6,10 @@ Writes: <output.root>/versions/<version>/ (embeddings/, index/, eval/ when eval 
 Only changed and added documents are encoded; unchanged ones keep their vectors, shared with the earlier version.
 Whatever moves CURRENT (a refresh, --rollback) holds the root's refresh lease, renewed in the background
 (publish.lease_renew) and taken over only once expired (publish.lease_expiry).
-Exit status: 0 published (or nothing changed); 1 a gate failed, the lease is held or was lost, CURRENT moved under
-the run, or another error; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM), committed work kept.
+Then every serving sink (serve.sinks) is brought to CURRENT, as python -m jobs.sync does (also after --rollback).
+Exit status: 0 published (or nothing changed) and every sink in step; 1 a gate failed, the lease is held or was
+lost, CURRENT moved under the run, or another error; 3 published, but a sink failed (named; rerun python -m
+jobs.sync); 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM), committed work kept.
 --list prints every version with its state; --rollback V points CURRENT back at V.
 """
 
@@ -18,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from jobs import _cli, _progress, evaluate, index, version_admin
+from jobs import _cli, _progress, evaluate, index, sync, version_admin
 from jobs.ray import actors, cluster, dispatch
 from retrieval_core.config import Config
 from retrieval_core.encode import embeddings, encoding
@@ -45,6 +47,7 @@ KEYS = (
     "publish.lease_renew",
     "runtime.progress",
     "eval.queries_path",
+    "serve.sinks",
 )
 PLAIN_OUTPUT = ("embeddings/_manifest.json", "embeddings/_plan.json", "index/manifest.json")
 
@@ -464,18 +467,37 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _cli.config_from_args(args)
     if args.list:
         return _cli.run_guarded(cfg, lambda: version_admin.list_versions(cfg, args.json), print)
+    outcome: dict = {}
     if args.rollback:
-        return _cli.run_guarded(
+        code = _cli.run_guarded(
             cfg,
-            lambda: version_admin.rollback(cfg, args.rollback, args.wait, args.force),
-            lambda current: print(version_admin.rollback_summary(current)),
+            lambda: _then_sync(cfg, version_admin.rollback(cfg, args.rollback, args.wait, args.force), outcome),
+            lambda current: _print(version_admin.rollback_summary(current), current),
         )
-    return _cli.run_guarded(
-        cfg,
-        lambda: run(cfg, args.adopt, args.wait),
-        lambda record: print(format_summary(record)),
-        committed=lambda: refreshing.committed_work(cfg.output.root, cfg.output.storage_options),
-    )
+    else:
+        code = _cli.run_guarded(
+            cfg,
+            lambda: _then_sync(cfg, run(cfg, args.adopt, args.wait), outcome),
+            lambda record: _print(format_summary(record), record),
+            committed=lambda: refreshing.committed_work(cfg.output.root, cfg.output.storage_options),
+        )
+    return sync.SINK_FAILED if code == 0 and outcome.get("failed") else code
+
+
+def _then_sync(cfg: Config, record: dict, outcome: dict) -> dict:
+    """After a published version, an unchanged night or a rollback: every serving sink brought to CURRENT (a
+    sink's failure leaves the version published; ``outcome['failed']`` names the failed sinks)."""
+    if not cfg.serve.sinks:
+        return record
+    result = sync.run(cfg)
+    outcome["failed"] = sync.failed(result)
+    return {**record, "sinks": result}
+
+
+def _print(summary: str, record: dict) -> None:
+    print(summary)
+    if record.get("sinks"):
+        print(sync.describe(record["sinks"]))
 
 
 if __name__ == "__main__":

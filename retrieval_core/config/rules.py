@@ -36,8 +36,10 @@ from retrieval_core.config.schema import (
     RefreshConfig,
     RuntimeConfig,
     SearchConfig,
+    ServeConfig,
     TrainConfig,
 )
+from retrieval_core.config.sinks import sink_specs
 
 
 def _check(ok: bool, message: str) -> None:
@@ -105,6 +107,7 @@ def validate(config: Config) -> None:
     _validate_mine(config.mine)
     _validate_train(config.train, config.runtime)
     _validate_refresh(config.refresh, config.publish)
+    _validate_serve(config.serve)
     unknown = [st for st in config.pipeline.stages if st not in PIPELINE_STAGES]
     _check(
         not unknown,
@@ -310,6 +313,12 @@ def _validate_refresh(rf: RefreshConfig, pu: PublishConfig) -> None:
     )
 
 
+def _validate_serve(sv: ServeConfig) -> None:
+    _check(sv.batch_size >= 1, f"'serve.batch_size' = {sv.batch_size}: expected >= 1")
+    _check(sv.max_retries >= 0, f"'serve.max_retries' = {sv.max_retries}: expected >= 0")
+    sink_specs(sv.sinks, sv.batch_size)
+
+
 def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
     dims = tr.matryoshka_dims
     _check(
@@ -341,6 +350,7 @@ def _validate_train(tr: TrainConfig, rt: RuntimeConfig) -> None:
 # Settings whose packages come with an extra of this project: (what the setting is, the module, the extra)
 PROVIDER_EXTRAS = {"openai": ("openai", "openai"), "cohere": ("cohere", "cohere")}
 BACKEND_EXTRAS = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
+SINK_EXTRAS = {"lance": ("lancedb", "lance"), "qdrant": ("qdrant_client", "qdrant")}
 
 
 def check_extras(cfg: Config) -> None:
@@ -353,6 +363,8 @@ def check_extras(cfg: Config) -> None:
         runtime, extra = BACKEND_EXTRAS[cfg.model.backend]
         for module in (runtime, "onnx"):  # onnx: torch's exporter writes the model with it
             needed.append((f"model.backend = {cfg.model.backend!r}", module, extra))
+    for spec in sink_specs(cfg.serve.sinks, cfg.serve.batch_size):
+        needed.append((f"the {spec['kind']} sink {spec['name']!r}", *SINK_EXTRAS[spec["kind"]]))
     for key, url in (
         ("corpus.path", cfg.corpus.path),
         ("output.root", cfg.output.root),

@@ -189,6 +189,11 @@ class RuntimeConfig:
     """`auto`: progress bars (shards, rows and docs/s) when stderr is a terminal, else one log line per step with its
     count, time and rate (cron, a scheduler's log); `true`: always bars; `false`: lines only
     """
+    metrics_file: str = ""
+    """a local file every job rewrites at its end with its counters and gauges in Prometheus' text format (for
+    node-exporter's textfile collector on cron hosts without a Ray cluster); empty = none. On Ray the same metrics go
+    through Ray's own Prometheus endpoint either way
+    """
 
 
 @dataclass(frozen=True)
@@ -445,6 +450,26 @@ class PublishConfig:
     """
 
 
+SINK_KINDS = ("lance", "qdrant")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    sinks: list = field(default_factory=list)
+    """serving stores kept in step with CURRENT: after every published version and every `--rollback` (and by
+    `python -m jobs.sync`), each is brought to the CURRENT version from the versions' change files. A list of
+    mappings: `{kind: lance, uri: <path or URL>, table: <name>}` (optional `name`, `storage_options`,
+    `index_growth`, `index_min_rows`, `batch_size`) or `{kind: qdrant, url: <URL, ":memory:" or a local path>,
+    collection: <name>}` (optional `name`, `api_key_env`, `distance`, `batch_size`). See "Serving the index"
+    """
+    batch_size: int = 1000
+    """rows a sink writes per request (and the most any sync holds); a sink's own `batch_size` overrides it"""
+    max_retries: int = 6
+    """retries of a sink request that failed with a rate limit (429), a server error (5xx) or a broken connection,
+    with exponential back-off from 0.5 s
+    """
+
+
 @dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -459,6 +484,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         """The config as written into plans, manifests and records: every ``storage_options`` keeps its keys but

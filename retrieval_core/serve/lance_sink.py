@@ -1,0 +1,147 @@
+"""A LanceDB table kept in step with the published versions (embedded: a local path or an object store URL).
+
+Rows are ``doc_id`` (string) and ``vector`` (fixed-size float32 list). Upserts are ``merge_insert`` on ``doc_id``,
+deletes a ``doc_id IN (...)`` filter, a whole load one overwrite (a new table version: readers see the old rows
+until it commits). Every table version that holds one of our versions carries a tag of that version's name, so a
+rollback (or a roll forward to a version applied before) checks the tagged table version out as a new one instead
+of replaying changes, and the tag pointing at the table's latest version says which version the table holds.
+With ``index_growth`` > 0, an IVF-PQ index is built once the table holds ``index_min_rows`` rows and rebuilt when
+the rows it does not cover (added since its build; LanceDB searches them exactly) pass that fraction of the rows it
+covers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from retrieval_core.serve.sinks import Sink, log
+
+VECTOR = "vector"
+
+
+class LanceSink(Sink):
+    def __init__(self, spec: dict, dim: int, normalized: bool, max_retries: int = 6):
+        super().__init__(spec, dim, normalized, max_retries)
+        import lancedb
+
+        options = {k: str(v) for k, v in spec.get("storage_options", {}).items()}
+        self.db = lancedb.connect(spec["uri"], storage_options=options or None)
+        self.table_name = spec["table"]
+        self.schema = pa.schema([("doc_id", pa.string()), (VECTOR, pa.list_(pa.float32(), dim))])
+        self._table_handle: Any = None
+
+    def _table(self):
+        if self._table_handle is None and self.exists():
+            self._table_handle = self.db.open_table(self.table_name)
+            self._check_schema()
+        return self._table_handle
+
+    def _check_schema(self) -> None:
+        found = self._table_handle.schema
+        wanted = self.schema.field(VECTOR).type
+        if "doc_id" not in found.names or VECTOR not in found.names or found.field(VECTOR).type != wanted:
+            raise ValueError(
+                f"sink {self.name}: table {self.table_name!r} at {self.spec['uri']} has schema {found}, expected "
+                f"doc_id and {VECTOR} of {self.dim} float32: give the sink another table"
+            )
+
+    def exists(self) -> bool:
+        return self.table_name in self.db.list_tables().tables
+
+    def holds(self) -> str | None:
+        table = self._table()
+        if table is None:
+            return None
+        latest = table.version
+        return next((name for name, info in table.tags.list().items() if info["version"] == latest), None)
+
+    def upsert(self, doc_ids: list[str], vectors: np.ndarray) -> None:
+        data = self._arrow(doc_ids, vectors)
+        table = self._table()
+        if table is None:
+            self._table_handle = self.db.create_table(self.table_name, data=data, schema=self.schema)
+            return
+        table.merge_insert("doc_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+
+    def delete(self, doc_ids: list[str]) -> None:
+        table = self._table()
+        if table is None or not doc_ids:
+            return
+        quoted = ", ".join("'" + d.replace("'", "''") + "'" for d in doc_ids)
+        table.delete(f"doc_id IN ({quoted})")
+
+    def replace(self, version: str, batches: Iterable[tuple[list[str], np.ndarray]]) -> None:
+        reader = pa.RecordBatchReader.from_batches(
+            self.schema, (self._arrow(ids, vectors).to_batches()[0] for ids, vectors in batches if ids)
+        )
+        table = self._table()
+        if table is None:
+            self._table_handle = self.db.create_table(self.table_name, data=reader, schema=self.schema)
+        else:
+            table.add(reader, mode="overwrite")
+        self.mark(version)
+
+    def mark(self, version: str) -> None:
+        table = self._table()
+        if table is None:  # nothing was ever written: an empty version
+            self._table_handle = table = self.db.create_table(self.table_name, schema=self.schema)
+        self._maybe_index(table)
+        tags = table.tags.list()
+        if version in tags:
+            table.tags.update(version, table.version)
+        else:
+            table.tags.create(version, table.version)
+
+    def can_restore(self, version: str) -> bool:
+        table = self._table()
+        return table is not None and version in table.tags.list()
+
+    def restore(self, version: str) -> bool:
+        table = self._table()
+        if table is None or version not in table.tags.list():
+            return False
+        table.restore(version)
+        table.tags.update(version, table.version)
+        log.info("sink %s: table %s checked out at the table version tagged %s", self.name, self.table_name, version)
+        return True
+
+    def forget(self, kept: set[str]) -> None:
+        """Remove the tags of versions no longer kept under the output root (their table versions may then be
+        cleaned up by the table's own ``cleanup_old_versions``)."""
+        table = self._table()
+        for name in set(table.tags.list()) - kept if table is not None else ():
+            table.tags.delete(name)
+
+    def stats(self) -> dict:
+        table = self._table()
+        return {"rows": table.count_rows(), "table_version": table.version} if table is not None else {"rows": 0}
+
+    def _arrow(self, doc_ids: list[str], vectors: np.ndarray) -> pa.Table:
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+        return pa.table(
+            {"doc_id": pa.array(doc_ids, pa.string()), VECTOR: pa.FixedSizeListArray.from_arrays(flat, self.dim)},
+            schema=self.schema,
+        )
+
+    def _maybe_index(self, table) -> None:
+        growth = self.spec.get("index_growth", 0)
+        if not growth:
+            return
+        rows = table.count_rows()
+        indexed = _indexed_rows(table)
+        if indexed is None and rows < self.spec["index_min_rows"]:
+            return
+        if indexed is None or rows - indexed > growth * indexed:
+            log.info("sink %s: building the IVF-PQ index of %s (%d rows)", self.name, self.table_name, rows)
+            table.create_index(metric="dot", vector_column_name=VECTOR, replace=True, name=f"{VECTOR}_idx")
+
+
+def _indexed_rows(table) -> int | None:
+    """Rows the vector index covers, or None without one."""
+    for index in table.list_indices():
+        if VECTOR in index.columns:
+            return table.index_stats(index.name).num_indexed_rows
+    return None
