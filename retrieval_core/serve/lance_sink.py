@@ -7,7 +7,7 @@ rollback (or a roll forward to a version applied before) checks the tagged table
 of replaying changes, and the tag pointing at the table's latest version says which version the table holds.
 With ``index_growth`` > 0, an IVF-PQ index is built once the table holds ``index_min_rows`` rows and rebuilt when
 the rows it does not cover (added since its build; LanceDB searches them exactly) pass that fraction of the rows it
-covers.
+covers. A B-tree index on ``doc_id`` serves the merge inserts and deletes.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class LanceSink(Sink):
         table = self._table()
         if table is None:  # nothing was ever written: an empty version
             self._table_handle = table = self.db.create_table(self.table_name, schema=self.schema)
+        self._key_index(table)
         self._maybe_index(table)
         tags = table.tags.list()
         if version in tags:
@@ -126,6 +127,15 @@ class LanceSink(Sink):
             schema=self.schema,
         )
 
+    def _key_index(self, table) -> None:
+        """A B-tree index on ``doc_id`` (merge inserts and deletes find their rows through it instead of scanning
+        the table), rebuilt once a tenth of the rows are past it."""
+        from lancedb.index import BTree
+
+        stats = next((table.index_stats(i.name) for i in table.list_indices() if i.columns == ["doc_id"]), None)
+        if stats is None or stats.num_unindexed_rows > 0.1 * max(stats.num_indexed_rows, 1):
+            table.create_index("doc_id", config=BTree(), replace=True, name="doc_id_idx")
+
     def _maybe_index(self, table) -> None:
         growth = self.spec.get("index_growth", 0)
         if not growth:
@@ -136,7 +146,9 @@ class LanceSink(Sink):
             return
         if indexed is None or rows - indexed > growth * indexed:
             log.info("sink %s: building the IVF-PQ index of %s (%d rows)", self.name, self.table_name, rows)
-            table.create_index(metric="dot", vector_column_name=VECTOR, replace=True, name=f"{VECTOR}_idx")
+            from lancedb.index import IvfPq
+
+            table.create_index(VECTOR, config=IvfPq(distance_type="dot"), replace=True, name=f"{VECTOR}_idx")
 
 
 def _indexed_rows(table) -> int | None:
