@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from jobs import _cli, _progress, evaluate, index, sync, version_admin
+from jobs import _cli, _metrics, _progress, evaluate, index, sync, version_admin
 from jobs.ray import actors, cluster, dispatch
 from retrieval_core.config import Config
 from retrieval_core.encode import embeddings, encoding
@@ -49,6 +49,7 @@ KEYS = (
     "eval.queries_path",
     "serve.sinks",
 )
+DOCUMENT_STATUSES = ("unchanged", "changed", "added", "deleted")
 PLAIN_OUTPUT = ("embeddings/_manifest.json", "embeddings/_plan.json", "index/manifest.json")
 
 
@@ -468,20 +469,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return _cli.run_guarded(cfg, lambda: version_admin.list_versions(cfg, args.json), print)
     outcome: dict = {}
+    started = time.perf_counter()
+    job = "jobs.refresh"
+
+    def done(record: dict, summary: str) -> None:
+        _print(summary, record)
+        _metrics.report(cfg, job, "ok", time.perf_counter() - started, *refresh_samples(record))
+
+    def failed(exc: BaseException) -> None:
+        _metrics.report(cfg, job, "failed", time.perf_counter() - started, {"error": _metrics.error_line(exc)}, [])
+
     if args.rollback:
         code = _cli.run_guarded(
             cfg,
             lambda: _then_sync(cfg, version_admin.rollback(cfg, args.rollback, args.wait, args.force), outcome),
-            lambda current: _print(version_admin.rollback_summary(current), current),
+            lambda current: done(current, version_admin.rollback_summary(current)),
+            failed=failed,
         )
     else:
         code = _cli.run_guarded(
             cfg,
             lambda: _then_sync(cfg, run(cfg, args.adopt, args.wait), outcome),
-            lambda record: _print(format_summary(record), record),
+            lambda record: done(record, format_summary(record)),
             committed=lambda: refreshing.committed_work(cfg.output.root, cfg.output.storage_options),
+            failed=failed,
         )
     return sync.SINK_FAILED if code == 0 and outcome.get("failed") else code
+
+
+def refresh_samples(record: dict) -> tuple[dict, list]:
+    """The run summary and metrics of a refresh (or rollback) record: the version, its counts and gates, and
+    each sink's lag and rows."""
+    counts = record.get("counts", {})
+    summary = {key: record.get(key) for key in ("version", "previous", "published", "unchanged") if key in record}
+    summary["counts"] = {k: counts[k] for k in ("unchanged", "changed", "added", "deleted", "encoded") if k in counts}
+    samples: list[_metrics.Sample] = [("retrieval_refresh_published", {}, 1.0 if record.get("published") else 0.0)]
+    samples += [("retrieval_refresh_documents", {"status": k}, counts[k]) for k in DOCUMENT_STATUSES if k in counts]
+    if "encoded_this_run" in counts:
+        samples.append(("retrieval_refresh_encoded_rows", {}, counts["encoded_this_run"]))
+    samples += [
+        ("retrieval_refresh_gate_passed", {"gate": g["gate"]}, float(g["passed"])) for g in record.get("gates", [])
+    ]
+    sinks = record.get("sinks") or {}
+    if sinks:
+        summary["sinks"], more = sync.sink_samples(sinks)
+        samples += more
+    return summary, samples
 
 
 def _then_sync(cfg: Config, record: dict, outcome: dict) -> dict:

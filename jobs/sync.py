@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-from jobs import _cli, _progress
+from jobs import _cli, _metrics, _progress
 from retrieval_core.config import Config
 from retrieval_core.config.sinks import sink_specs
 from retrieval_core.encode import embeddings
@@ -105,15 +105,24 @@ def describe(result: dict) -> str:
     return "\n".join(lines) or f"sync: no sinks configured (serve.sinks); CURRENT is {result['version']}"
 
 
-def with_sinks(cfg: Config, outcome: dict) -> dict:
-    """After a refresh or a rollback: every sink brought to CURRENT; ``outcome['sinks_failed']`` names the failed
-    ones (the caller exits with :data:`SINK_FAILED`)."""
-    if not cfg.serve.sinks:
-        return {}
-    result = run(cfg)
-    outcome["sinks_failed"] = failed(result)
-    print(describe(result))
-    return result
+def sink_samples(result: dict) -> tuple[dict, list]:
+    """(the run summary's ``sinks`` part, the metrics) of a sync: per sink what it holds, its lag in versions
+    behind CURRENT, the rows it was sent, whether it failed."""
+    summary, samples = {}, []
+    for name, record in result["sinks"].items():
+        last = record.get("last_sync", {}) if "error" not in record else {}
+        lag = 0 if "error" not in record else record.get("lag")
+        summary[name] = {
+            "holds": record.get("holds"),
+            "lag": lag,
+            **({"error": record["error"]} if "error" in record else {}),
+        }
+        samples.append(("retrieval_sink_failed", {"sink": name}, 1.0 if "error" in record else 0.0))
+        if lag is not None:
+            samples.append(("retrieval_sink_lag_versions", {"sink": name}, float(lag)))
+        for op, key in (("upsert", "upserted"), ("delete", "deleted")):
+            samples.append(("retrieval_sink_rows_applied", {"sink": name, "op": op}, last.get(key, 0)))
+    return summary, samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,12 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = _cli.config_from_args(args)
     outcome: dict = {}
+    started = time.perf_counter()
 
     def report(result: dict) -> None:
         print(describe(result))
         outcome["failed"] = failed(result)
+        summary, samples = sink_samples(result)
+        status = "ok" if not outcome["failed"] else "sink failed"
+        seconds = time.perf_counter() - started
+        _metrics.report(cfg, "jobs.sync", status, seconds, {"version": result["version"], "sinks": summary}, samples)
 
-    code = _cli.run_guarded(cfg, lambda: run(cfg, tuple(args.sink)), report)
+    def errored(exc: BaseException) -> None:
+        summary = {"error": _metrics.error_line(exc)}
+        _metrics.report(cfg, "jobs.sync", "failed", time.perf_counter() - started, summary, [])
+
+    code = _cli.run_guarded(cfg, lambda: run(cfg, tuple(args.sink)), report, failed=errored)
     return SINK_FAILED if code == 0 and outcome.get("failed") else code
 
 

@@ -33,26 +33,24 @@ class LanceSink(Sink):
         self.schema = pa.schema([("doc_id", pa.string()), (VECTOR, pa.list_(pa.float32(), dim))])
         self._table_handle: Any = None
 
-    def _table(self):
+    def _table(self, checked: bool = True):
+        """The table (None while it does not exist); ``checked``: refused unless it has our columns and dimension
+        (a whole load replaces any schema)."""
         if self._table_handle is None and self.exists():
             self._table_handle = self.db.open_table(self.table_name)
-            self._check_schema()
-        return self._table_handle
-
-    def _check_schema(self) -> None:
-        found = self._table_handle.schema
-        wanted = self.schema.field(VECTOR).type
-        if "doc_id" not in found.names or VECTOR not in found.names or found.field(VECTOR).type != wanted:
+        if checked and self._table_handle is not None and self._table_handle.schema != self.schema:
             raise ValueError(
-                f"sink {self.name}: table {self.table_name!r} at {self.spec['uri']} has schema {found}, expected "
-                f"doc_id and {VECTOR} of {self.dim} float32: give the sink another table"
+                f"sink {self.name}: table {self.table_name!r} at {self.spec['uri']} has schema "
+                f"{self._table_handle.schema}, expected doc_id and {VECTOR} of {self.dim} float32 (a version "
+                f"encoded with another model is loaded whole, replacing it; any other table: give the sink another)"
             )
+        return self._table_handle
 
     def exists(self) -> bool:
         return self.table_name in self.db.list_tables().tables
 
     def holds(self) -> str | None:
-        table = self._table()
+        table = self._table(checked=False)
         if table is None:
             return None
         latest = table.version
@@ -77,9 +75,10 @@ class LanceSink(Sink):
         reader = pa.RecordBatchReader.from_batches(
             self.schema, (self._arrow(ids, vectors).to_batches()[0] for ids, vectors in batches if ids)
         )
-        table = self._table()
-        if table is None:
-            self._table_handle = self.db.create_table(self.table_name, data=reader, schema=self.schema)
+        table = self._table(checked=False)
+        if table is None or table.schema != self.schema:  # none yet, or another encoder's: a table version anew
+            mode = "create" if table is None else "overwrite"
+            self._table_handle = self.db.create_table(self.table_name, data=reader, schema=self.schema, mode=mode)
         else:
             table.add(reader, mode="overwrite")
         self.mark(version)
@@ -97,11 +96,11 @@ class LanceSink(Sink):
             table.tags.create(version, table.version)
 
     def can_restore(self, version: str) -> bool:
-        table = self._table()
+        table = self._table(checked=False)
         return table is not None and version in table.tags.list()
 
     def restore(self, version: str) -> bool:
-        table = self._table()
+        table = self._table(checked=False)
         if table is None or version not in table.tags.list():
             return False
         table.restore(version)
@@ -112,12 +111,12 @@ class LanceSink(Sink):
     def forget(self, kept: set[str]) -> None:
         """Remove the tags of versions no longer kept under the output root (their table versions may then be
         cleaned up by the table's own ``cleanup_old_versions``)."""
-        table = self._table()
+        table = self._table(checked=False)
         for name in set(table.tags.list()) - kept if table is not None else ():
             table.tags.delete(name)
 
     def stats(self) -> dict:
-        table = self._table()
+        table = self._table(checked=False)
         return {"rows": table.count_rows(), "table_version": table.version} if table is not None else {"rows": 0}
 
     def _arrow(self, doc_ids: list[str], vectors: np.ndarray) -> pa.Table:

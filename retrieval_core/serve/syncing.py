@@ -7,8 +7,8 @@ The store holds version H (its own record, else ``sinks/<name>.json`` under the 
 - ``undo V`` for each version from H back to T's successor when H's chain reaches T (a rollback): the doc ids of
   V's upserts are deleted, then the rows of V's previous version that V no longer holds (found segment by segment
   from the row ids both versions keep) are upserted with their earlier vectors;
-- ``load T`` otherwise (an empty store, no chain between them, or a step's files gone by retention): every live row
-  of T, as one replacement;
+- ``load T`` otherwise (an empty store, no chain between them, a step's files gone by retention, or a version on the
+  way that encoded everything anew, with another encoder): every live row of T, as one replacement;
 - a store that keeps its own history (LanceDB's tagged table versions) checks T out instead when it can.
 
 Every step is idempotent: an in-place step is recorded in ``sinks/<name>.json`` (``toward``) before it starts, and
@@ -114,28 +114,32 @@ def plan(folder: Folder, held: str | None, target: str) -> list[Step]:
         return []
     if held is not None:
         forward = chain(folder, target, held)
-        if forward and all(_has_changes(folder, v) for v in forward[:-1]):
+        if forward and all(_in_place(folder, v) for v in forward[:-1]):
             return [Step("apply", v, v) for v in reversed(forward[:-1])]
         backward = chain(folder, held, target)
-        if backward and all(_can_undo(folder, v) for v in backward[:-1]):
+        if backward and all(_in_place(folder, v, undo=True) for v in backward[:-1]):
             return [Step("undo", v, backward[i + 1]) for i, v in enumerate(backward[:-1])]
     return [Step("load", target, target)]
+
+
+def _in_place(folder: Folder, name: str, undo: bool = False) -> bool:
+    """Whether version ``name`` can be applied (or undone) in place: its change files are there (and, to undo it,
+    its and its previous version's embeddings), and it kept its previous version's encoder: a version that encoded
+    everything anew is loaded whole instead, so a store never mixes two encoders' vectors (or dimensions)."""
+    record = versions.read_refresh_record(folder, name) or {}
+    if record.get("reencoded_all") or not _has_changes(folder, name):
+        return False
+    if not undo:
+        return True
+    previous = record.get("previous")
+    roots = [versions.version_root(folder.url, v) for v in (name, previous) if v]
+    manifests = [storage.join(r, "embeddings", "_manifest.json") for r in roots]
+    return bool(previous) and all(storage.exists(m, folder.storage_options) for m in manifests)
 
 
 def _has_changes(folder: Folder, name: str) -> bool:
     root = versions.version_root(folder.url, name)
     return all(storage.exists(storage.join(root, "changes", f), folder.storage_options) for f in CHANGE_FILES)
-
-
-def _can_undo(folder: Folder, name: str) -> bool:
-    previous = previous_of(folder, name)
-    roots = [versions.version_root(folder.url, v) for v in (name, previous) if v]
-    manifests = [storage.join(r, "embeddings", "_manifest.json") for r in roots]
-    return (
-        bool(previous)
-        and _has_changes(folder, name)
-        and all(storage.exists(m, folder.storage_options) for m in manifests)
-    )
 
 
 CHANGE_FILES = ("upserts.parquet", "deletes.parquet")

@@ -264,3 +264,15 @@ def test_a_lance_table_on_s3_follows_the_nights(tmp_path, tiny_model, s3_options
         assert_store_is_current(root, spec)
     assert last_steps(root, spec) == ["apply"]
     assert s3fs.S3FileSystem(**s3_options).ls("sinks-bucket/lance")  # the table's files are on the server
+
+
+def test_a_night_with_another_encoder_is_loaded_whole_never_mixed(nights, tiny_model_without_dropout):
+    """A version that encoded everything anew (another model) is not applied in place, where the store would hold
+    two encoders' vectors for a while: it is loaded whole, replacing the content in one step."""
+    tmp, root, sinks, specs = nights["tmp"], nights["root"], nights["sinks"], nights["specs"]
+    assert refresh.main(argv(snapshot(tmp, "day8", day2()), root, tiny_model_without_dropout, sinks)) == 0
+    current = versions.read_current(Folder(str(root)))["version"]
+    assert versions.read_refresh_record(Folder(str(root)), current)["reencoded_all"]
+    for spec in specs:
+        assert_store_is_current(root, spec)
+        assert last_steps(root, spec) == ["load"]
