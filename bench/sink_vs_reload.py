@@ -1,8 +1,8 @@
 """Benchmark: keeping a serving store in step with a night's change against reloading it whole.
 
-A synthetic corpus of ``--docs`` documents (default 100,000) is published with ``jobs.refresh`` (tiny random
-encoder, 32 dimensions: no SciFact, no downloads), then a night changes ``--churn`` of them (default 5%; a fifth of
-that deleted and as many added) and is published too. For each sink (a LanceDB table on a local path, a Qdrant
+A synthetic corpus of ``--docs`` documents (default 100,000) is published with ``jobs.refresh`` (a random
+2-layer encoder of ``--dim`` dimensions, default 384 as the default model's: no SciFact, no downloads), then a
+night changes ``--churn`` of them (default 5%; a fifth of that deleted and as many added) and is published too. For each sink (a LanceDB table on a local path, a Qdrant
 collection in the client's local mode on a path), measured side by side in one run:
   * reload: an empty store brought to the night's version (what a user without change files does: every vector);
   * sync: a store holding the previous version brought to the night's version (the night's changes only);
@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=100_000)
     p.add_argument("--churn", type=float, default=0.05)
+    p.add_argument("--dim", type=int, default=384, help="the encoder's dimension (384: the default model's)")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--sinks", nargs="+", default=["lance", "qdrant"], choices=["lance", "qdrant"])
@@ -51,7 +52,7 @@ def publish_two_nights(args, work: Path) -> tuple[Path, str, str]:
 
     from jobs import refresh
 
-    model = str(build_tiny_model(work / "model", dropout=0.0))
+    model = str(build_tiny_model(work / "model", dropout=0.0, hidden_size=args.dim, intermediate_size=args.dim))
     rng = np.random.default_rng(0)
     docs = synthetic_docs(args.docs, rng)
     root, names = work / "root", []

@@ -9,8 +9,10 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable, Iterable
 
+from jobs import _metrics
 from jobs.ray import cluster, dispatch
 from retrieval_core.config import Config, ConfigError, default_value, load_config
 from retrieval_core.config import rules as config_rules
@@ -82,12 +84,24 @@ def run_job(
     argv: list[str] | None = None,
     keys: Iterable[str] = (),
 ) -> int:
-    """The ``main`` of a stage: parse ``--config`` / ``--set``, run, print ``describe(result)``. Exit status 1 on
-    errors; on Ctrl-C or SIGTERM one line saying what is committed, then 128 + the signal number."""
+    """The ``main`` of a stage: parse ``--config`` / ``--set``, run, print ``describe(result)`` and report the run
+    (:func:`jobs._metrics.report`: its JSON line, run summary and metrics). Exit status 1 on errors (reported as
+    failed); on Ctrl-C or SIGTERM one line saying what is committed, then 128 + the signal number."""
     job = _module_name(run)
     args = parser(description, f"python -m {job}", keys).parse_args(argv)
     cfg = config_from_args(args)
-    return run_guarded(cfg, lambda: _locked_run(cfg, run, job), lambda result: print(describe(result)))
+    started = time.perf_counter()
+
+    def succeeded(result: Any) -> None:
+        print(describe(result))
+        _metrics.report(cfg, job, "ok", time.perf_counter() - started, *_metrics.samples_of(job, result))
+
+    def failed(exc: BaseException) -> None:
+        summary = {"error": _metrics.error_line(exc)}
+        theirs = isinstance(exc, (leases.LockedError, leases.LeaseLost))  # the root is another job's: not written
+        _metrics.report(cfg, job, "failed", time.perf_counter() - started, summary, [], in_root=not theirs)
+
+    return run_guarded(cfg, lambda: _locked_run(cfg, run, job), succeeded, failed=failed)
 
 
 def _locked_run(cfg: Config, run: Callable[[Config], Any], job: str) -> Any:
@@ -140,11 +154,16 @@ def _module_name(run: Callable) -> str:
 
 
 def run_guarded(
-    cfg: Config, work: Callable[[], Any], report: Callable[[Any], None], committed: Callable[[], str] | None = None
+    cfg: Config,
+    work: Callable[[], Any],
+    report: Callable[[Any], None],
+    committed: Callable[[], str] | None = None,
+    failed: Callable[[BaseException], None] | None = None,
 ) -> int:
-    """Run ``work()`` with the job's error and signal handling; ``report(result)`` on success. A stop prints one
-    line (what ``committed()`` says is committed, by default the work under ``output.root``) and returns 128 + the
-    signal, wherever it landed: also when the signal surfaced as another error from inside a library call (a
+    """Run ``work()`` with the job's error and signal handling; ``report(result)`` on success. A job error (one of
+    ``JOB_ERRORS``) is logged on one line, passed to ``failed`` and returns 1. A stop prints one line (what
+    ``committed()`` says is committed, by default the work under ``output.root``) and returns 128 + the signal,
+    wherever it landed: also when the signal surfaced as another error from inside a library call (a
     ``SystemError`` out of Ray's wait, say)."""
     try:
         with dispatch.stop_on_signals():
@@ -156,6 +175,8 @@ def run_guarded(
             return stop.exit_code
         if isinstance(exc, JOB_ERRORS):
             logging.getLogger("jobs").error("%s", exc)
+            if failed:
+                failed(exc)
             return 1
         raise
     report(result)

@@ -64,6 +64,15 @@ class LanceSink(Sink):
             return
         table.merge_insert("doc_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
 
+    def upsert_all(self, batches: Iterable[tuple[list[str], np.ndarray]]) -> None:
+        """One merge insert for the whole stream (one table version a step, not one a batch), read batch by batch."""
+        table = self._table()
+        if table is None:
+            self.replace_rows(batches)
+            return
+        reader = self._reader(batches)
+        table.merge_insert("doc_id").when_matched_update_all().when_not_matched_insert_all().execute(reader)
+
     def delete(self, doc_ids: list[str]) -> None:
         table = self._table()
         if table is None or not doc_ids:
@@ -72,16 +81,22 @@ class LanceSink(Sink):
         table.delete(f"doc_id IN ({quoted})")
 
     def replace(self, version: str, batches: Iterable[tuple[list[str], np.ndarray]]) -> None:
-        reader = pa.RecordBatchReader.from_batches(
-            self.schema, (self._arrow(ids, vectors).to_batches()[0] for ids, vectors in batches if ids)
-        )
+        self.replace_rows(batches)
+        self.mark(version)
+
+    def _reader(self, batches: Iterable[tuple[list[str], np.ndarray]]) -> pa.RecordBatchReader:
+        rows = (self._arrow(ids, vectors).to_batches()[0] for ids, vectors in batches if ids)
+        return pa.RecordBatchReader.from_batches(self.schema, rows)
+
+    def replace_rows(self, batches: Iterable[tuple[list[str], np.ndarray]]) -> None:
+        """The table's rows replaced by the stream, in one new table version."""
+        reader = self._reader(batches)
         table = self._table(checked=False)
         if table is None or table.schema != self.schema:  # none yet, or another encoder's: a table version anew
             mode = "create" if table is None else "overwrite"
             self._table_handle = self.db.create_table(self.table_name, data=reader, schema=self.schema, mode=mode)
         else:
             table.add(reader, mode="overwrite")
-        self.mark(version)
 
     def mark(self, version: str) -> None:
         table = self._table()

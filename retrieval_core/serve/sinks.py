@@ -45,6 +45,16 @@ class Sink(ABC):
     def delete(self, doc_ids: list[str]) -> None:
         """Remove the documents; ids the store lacks are ignored."""
 
+    def upsert_all(self, batches: Iterable[tuple[list[str], np.ndarray]]) -> None:
+        """Every batch upserted; a store that takes a stream in one request (one commit) overrides this."""
+        for doc_ids, vectors in batches:
+            self.upsert(doc_ids, vectors)
+
+    def delete_all(self, batches: Iterable[list[str]]) -> None:
+        """Every batch of ids deleted; a store that takes a stream in one request overrides this."""
+        for doc_ids in batches:
+            self.delete(doc_ids)
+
     @abstractmethod
     def replace(self, version: str, batches: Iterable[tuple[list[str], np.ndarray]]) -> None:
         """Make the store hold exactly ``batches`` (the whole of ``version``), recorded as ``version``; readers see

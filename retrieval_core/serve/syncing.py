@@ -249,6 +249,18 @@ class Tally:
         if self.progress:
             self.progress(n)
 
+    def rows(self, batches: Iterator[tuple[list[str], np.ndarray]]) -> Iterator[tuple[list[str], np.ndarray]]:
+        """The (doc ids, vectors) batches as they go to the store, counted as upserted."""
+        for doc_ids, vectors in batches:
+            self.count("upserted", len(doc_ids))
+            yield doc_ids, vectors
+
+    def ids(self, kind: str, batches: Iterator[pa.RecordBatch]) -> Iterator[list[str]]:
+        """The doc ids of each batch as they go to the store, counted under ``kind``."""
+        for batch in batches:
+            self.count(kind, batch.num_rows)
+            yield batch.column("doc_id").to_pylist()
+
 
 def sync(sink: Sink, folder: Folder, target: str, progress: Callable[[int], None] | None = None) -> dict:
     """Bring ``sink`` to version ``target`` of the root ``folder``; returns the record also written to
@@ -307,28 +319,20 @@ def _run_step(sink: Sink, folder: Folder, state: dict, step: Step, tally: Tally)
             raise RuntimeError(f"sink {sink.name}: could not check out {step.version} from the store's history")
         return
     if step.kind == "load":
-        sink.replace(step.version, _counted(version_rows(_version(folder, step.version), rows), tally))
+        sink.replace(step.version, tally.rows(version_rows(_version(folder, step.version), rows)))
         return
     _write_state(folder, sink, {**state, "toward": dataclasses.asdict(step)})  # a kill from here on: done again
     changes = storage.join(versions.version_root(folder.url, step.version), "changes")
+    upserts, deletes = storage.join(changes, "upserts.parquet"), storage.join(changes, "deletes.parquet")
     if step.kind == "apply":
-        for batch in parquet_batches(storage.join(changes, "deletes.parquet"), so, ["doc_id"], rows):
-            sink.delete(batch.column("doc_id").to_pylist())
-            tally.count("deleted", batch.num_rows)
-        for batch in parquet_batches(storage.join(changes, "upserts.parquet"), so, ["doc_id", "embedding"], rows):
-            sink.upsert(batch.column("doc_id").to_pylist(), vectors_of(batch))
-            tally.count("upserted", batch.num_rows)
+        sink.delete_all(tally.ids("deleted", parquet_batches(deletes, so, ["doc_id"], rows)))
+        sink.upsert_all(tally.rows(_pairs(parquet_batches(upserts, so, ["doc_id", "embedding"], rows))))
     else:  # undo: what the version added or changed goes, then what it removed or changed comes back
-        for batch in parquet_batches(storage.join(changes, "upserts.parquet"), so, ["doc_id"], rows):
-            sink.delete(batch.column("doc_id").to_pylist())
-            tally.count("deleted", batch.num_rows)
-        for doc_ids, vectors in lost_rows(_version(folder, step.reaches), _version(folder, step.version), rows):
-            sink.upsert(doc_ids, vectors)
-            tally.count("upserted", len(doc_ids))
+        sink.delete_all(tally.ids("deleted", parquet_batches(upserts, so, ["doc_id"], rows)))
+        sink.upsert_all(tally.rows(lost_rows(_version(folder, step.reaches), _version(folder, step.version), rows)))
     sink.mark(step.reaches)
 
 
-def _counted(batches, tally: Tally):
-    for doc_ids, vectors in batches:
-        tally.count("upserted", len(doc_ids))
-        yield doc_ids, vectors
+def _pairs(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[list[str], np.ndarray]]:
+    for batch in batches:
+        yield batch.column("doc_id").to_pylist(), vectors_of(batch)

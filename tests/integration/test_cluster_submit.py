@@ -13,7 +13,7 @@ import pytest
 from helpers import DEMO_CORPUS, REPO
 
 RAY = str(Path(sys.executable).parent / "ray")
-GCS_PORT, DASHBOARD_PORT = "6391", "8267"
+GCS_PORT, DASHBOARD_PORT, METRICS_PORT = "6391", "8267", "8268"
 ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
@@ -43,6 +43,7 @@ def head():
             "--num-cpus=2",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={DASHBOARD_PORT}",
+            f"--metrics-export-port={METRICS_PORT}",
             "--disable-usage-stats",
         ],
         env=ray_env(),
@@ -123,3 +124,23 @@ def test_submitted_pipeline_succeeds_and_writes_its_outputs(head, tmp_path, tiny
     index = json.loads((root / "index" / "manifest.json").read_text())
     assert index["ntotal"] == pq.read_metadata(DEMO_CORPUS).num_rows
     assert (root / "negatives" / "exports" / "triplet.parquet").exists()
+    # the job's metrics reach the head's Prometheus endpoint (recorded after its session closed, reconnecting)
+    line = next(s for s in scraped_until("ray_retrieval_rows_encoded_total") if 'job="jobs.pipeline"' in s)
+    assert float(line.rsplit(" ", 1)[1]) == index["ntotal"] and 'stage="encode"' in line
+    summary = json.loads((root / "_runs" / "jobs.pipeline.json").read_text())
+    assert summary["status"] == "ok" and summary["job"] == "jobs.pipeline"
+
+
+def scraped_until(name: str, seconds: float = 60) -> list[str]:
+    """The lines of the head's metrics endpoint naming ``name``, once there are any (Ray's agent exports them
+    periodically)."""
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+        lines = [line for line in text.splitlines() if line.startswith(name + "{")]
+        if lines or time.time() > deadline:
+            assert lines, f"{name} never appeared on the metrics endpoint"
+            return lines
+        time.sleep(2)

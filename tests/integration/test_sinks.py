@@ -179,19 +179,20 @@ def test_a_sync_killed_half_way_and_run_again_ends_equal(nights, tiny_model, mon
     current = versions.read_current(folder)["version"]
     from retrieval_core.serve import lance_sink, qdrant_sink
 
-    def failing_after_two(original):
-        calls = {"n": 0}
+    def failing_after_two(original):  # a store (or the connection to it) lost after two batches of a step
+        def upsert_all(self, batches):
+            def two_then_lost():
+                for i, batch in enumerate(batches):
+                    if i == 2:
+                        raise ConnectionError("store went away")
+                    yield batch
 
-        def upsert(self, doc_ids, vectors):
-            calls["n"] += 1
-            if calls["n"] > 2:
-                raise ConnectionError("store went away")
-            return original(self, doc_ids, vectors)
+            return original(self, two_then_lost())
 
-        return upsert
+        return upsert_all
 
-    for cls in (lance_sink.LanceSink, qdrant_sink.QdrantSink):
-        monkeypatch.setattr(cls, "upsert", failing_after_two(cls.upsert))
+    for cls in (lance_sink.LanceSink, qdrant_sink.QdrantSink):  # LanceDB: one merge insert; Qdrant: a request a batch
+        monkeypatch.setattr(cls, "upsert_all", failing_after_two(cls.upsert_all))
     assert sync_job.main(cfg_args) == sync_job.SINK_FAILED
     assert versions.read_current(folder)["version"] == current  # the version stays published
     for spec in specs:
