@@ -2,8 +2,9 @@
 
 A synthetic corpus of ``--docs`` documents (default 100,000) is published with ``jobs.refresh`` (a random
 2-layer encoder of ``--dim`` dimensions, default 384 as the default model's: no SciFact, no downloads), then a
-night changes ``--churn`` of them (default 5%; a fifth of that deleted and as many added) and is published too. For each sink (a LanceDB table on a local path, a Qdrant
-collection in the client's local mode on a path), measured side by side in one run:
+night changes ``--churn`` of them (default 5%; a fifth of that deleted and as many added) and is published too.
+For each sink (a LanceDB table on a local path, a Qdrant collection in the client's local mode on a path),
+measured side by side in one run:
   * reload: an empty store brought to the night's version (what a user without change files does: every vector);
   * sync: a store holding the previous version brought to the night's version (the night's changes only);
   * rollback: that store brought back to the previous version (Qdrant: the night undone in place; LanceDB: the
