@@ -502,7 +502,10 @@ def refresh_samples(record: dict) -> tuple[dict, list]:
     each sink's lag and rows."""
     counts = record.get("counts", {})
     summary = {key: record.get(key) for key in ("version", "previous", "published", "unchanged") if key in record}
-    summary["counts"] = {k: counts[k] for k in ("unchanged", "changed", "added", "deleted", "encoded") if k in counts}
+    if counts:
+        summary["counts"] = {
+            k: counts[k] for k in ("unchanged", "changed", "added", "deleted", "encoded") if k in counts
+        }
     samples: list[_metrics.Sample] = [("retrieval_refresh_published", {}, 1.0 if record.get("published") else 0.0)]
     samples += [("retrieval_refresh_documents", {"status": k}, counts[k]) for k in DOCUMENT_STATUSES if k in counts]
     if "encoded_this_run" in counts:
