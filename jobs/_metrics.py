@@ -125,6 +125,16 @@ def report(
     return line
 
 
+def _cluster_to_reconnect(cfg: Config, status: str) -> str:
+    """The cluster a job that ran on one records its metrics on once its session closed: a driver's address
+    (``runtime.address`` or ``RAY_ADDRESS``), only after a success (a failed job's cluster may be unreachable, and a
+    connection attempt would hold the report up), never ``local`` (a new cluster) nor a ``ray://`` client."""
+    address = cluster.cluster_address(cfg.runtime)
+    if status != "ok" or address in ("", "local") or address.startswith("ray://"):
+        return ""
+    return address
+
+
 def run_line(cfg: Config, job: str, status: str, seconds: float, finished: float, summary: dict) -> dict:
     """The JSON summary's fields: job, status, seconds, finished (UTC, ISO 8601), output_root, then ``summary``'s
     (a key of its own that repeats one of these is left out)."""

@@ -474,10 +474,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def done(record: dict, summary: str) -> None:
         _print(summary, record)
-        _metrics.report(cfg, job, "ok", time.perf_counter() - started, *refresh_samples(record))
+        status = "sink failed" if outcome.get("failed") else "ok"
+        _metrics.report(cfg, job, status, time.perf_counter() - started, *refresh_samples(record))
 
     def failed(exc: BaseException) -> None:
-        _metrics.report(cfg, job, "failed", time.perf_counter() - started, {"error": _metrics.error_line(exc)}, [])
+        summary, samples = failed_samples(cfg, exc)
+        _metrics.report(cfg, job, "failed", time.perf_counter() - started, summary, samples)
 
     if args.rollback:
         code = _cli.run_guarded(
@@ -495,6 +497,21 @@ def main(argv: list[str] | None = None) -> int:
             failed=failed,
         )
     return sync.SINK_FAILED if code == 0 and outcome.get("failed") else code
+
+
+def failed_samples(cfg: Config, exc: BaseException) -> tuple[dict, list]:
+    """A failed refresh's summary and metrics: nothing published, and after a failed gate the version's counts and
+    gates (read back from its ``refresh.json``)."""
+    summary: dict = {"error": _metrics.error_line(exc)}
+    samples: list[_metrics.Sample] = [("retrieval_refresh_published", {}, 0.0)]
+    if isinstance(exc, publishing.GateError):
+        folder = Folder.output(cfg.output)
+        newest = versions.list_versions(folder)[-1:]
+        record = versions.read_refresh_record(folder, newest[0]) if newest else None
+        if record and not record.get("published"):
+            found, samples = refresh_samples({**record, "published": False})
+            summary = {**found, **summary}
+    return summary, samples
 
 
 def refresh_samples(record: dict) -> tuple[dict, list]:

@@ -29,20 +29,25 @@ KEYS = ("output.root", "serve.sinks", "serve.batch_size", "serve.max_retries")
 SINK_FAILED = 3  # exit status: the version is published, a sink is not in step with it
 
 
+ROUNDS = 5  # syncs of one sink in a row while CURRENT keeps moving under it (a rollback during the sync)
+
+
 def run(cfg: Config, only: tuple[str, ...] = ()) -> dict:
     """Sync every sink (or those named in ``only``) to CURRENT; returns ``{"version", "sinks": {name: record}}``,
     a failed sink's record holding ``error`` (its exception is logged, the other sinks go on)."""
     folder = Folder.output(cfg.output)
-    current = versions.read_current(folder)
-    if current is None:
+    if versions.read_current(folder) is None:
         raise versions.VersionError(f"'{cfg.output.root}' has no CURRENT: no published version to sync sinks to")
     specs = _chosen(sink_specs(cfg.serve.sinks, cfg.serve.batch_size), only)
-    target = current["version"]
-    manifest = embeddings.read_embeddings_manifest(syncing._version(folder, target))
-    results = {}
-    for spec in specs:
-        results[spec["name"]] = _sync_one(cfg, folder, spec, target, manifest)
-    return {"version": target, "sinks": results}
+    results = {spec["name"]: _sync_one(cfg, folder, spec) for spec in specs}
+    return {"version": _current(folder), "sinks": results}
+
+
+def _current(folder: Folder) -> str:
+    current = versions.read_current(folder)
+    if current is None:
+        raise versions.VersionError(f"'{folder.url}' has no CURRENT: no published version to sync sinks to")
+    return current["version"]
 
 
 def _chosen(specs: list[dict], only: tuple[str, ...]) -> list[dict]:
@@ -53,26 +58,41 @@ def _chosen(specs: list[dict], only: tuple[str, ...]) -> list[dict]:
     return [s for s in specs if not only or s["name"] in only]
 
 
-def _sync_one(cfg: Config, folder: Folder, spec: dict, target: str, manifest: dict) -> dict:
-    started, pu = time.perf_counter(), cfg.publish
-    name = spec["name"]
+def _sync_one(cfg: Config, folder: Folder, spec: dict) -> dict:
+    """One sink brought to CURRENT under its lease; CURRENT is read once the lease is held, and again after the
+    sync: a sync that a rollback (or a refresh) overtook goes on to the new CURRENT."""
+    started, pu, name = time.perf_counter(), cfg.publish, spec["name"]
     try:
         with versions.leased(
             folder, pu.lease_expiry, pu.lease_renew, {"job": "jobs.sync"}, f"sinks/{name}.lease", f"sink {name}", True
         ):
-            sink = open_sink(spec, manifest["dim"], manifest.get("normalized", True), cfg.serve.max_retries)
-            try:
-                bar = _progress.bar(cfg.runtime, 0, f"sync: {name}", "row")
-                try:
-                    return syncing.sync(sink, folder, target, bar.update)
-                finally:
-                    bar.close()
-            finally:
-                sink.close()
+            for _ in range(ROUNDS):
+                target = _current(folder)
+                record = _sync_to(cfg, folder, spec, target)
+                if _current(folder) == target:
+                    break
+            return {**record, "lag": _lag(folder, record["holds"], _current(folder))}
     except Exception as exc:  # noqa: BLE001 - a sink's failure is reported with its name; the others go on
         log.error("sink %s failed after %.1f s: %s: %s", name, time.perf_counter() - started, type(exc).__name__, exc)
         state = syncing.read_state(folder, name)
-        return {**state, "error": f"{type(exc).__name__}: {exc}", "lag": _lag(folder, state.get("holds"), target)}
+        return {
+            **state,
+            "error": f"{type(exc).__name__}: {exc}",
+            "lag": _lag(folder, state.get("holds"), _current(folder)),
+        }
+
+
+def _sync_to(cfg: Config, folder: Folder, spec: dict, target: str) -> dict:
+    manifest = embeddings.read_embeddings_manifest(syncing.version_folder(folder, target))
+    sink = open_sink(spec, manifest["dim"], manifest.get("normalized", True), cfg.serve.max_retries)
+    try:
+        bar = _progress.bar(cfg.runtime, 0, f"sync: {spec['name']}", "row")
+        try:
+            return syncing.sync(sink, folder, target, bar.update)
+        finally:
+            bar.close()
+    finally:
+        sink.close()
 
 
 def _lag(folder: Folder, held: str | None, target: str) -> int | None:
@@ -111,7 +131,7 @@ def sink_samples(result: dict) -> tuple[dict, list]:
     summary, samples = {}, []
     for name, record in result["sinks"].items():
         last = record.get("last_sync", {}) if "error" not in record else {}
-        lag = 0 if "error" not in record else record.get("lag")
+        lag = record.get("lag")
         summary[name] = {
             "holds": record.get("holds"),
             "lag": lag,

@@ -81,6 +81,7 @@ class QdrantSink(Sink):
 
     def replace(self, version: str, batches: Iterable[tuple[list[str], np.ndarray]]) -> None:
         old = self._target()
+        self._drop_strays(old)
         new = f"{self.alias}--{version}--{time.time_ns()}"
         params = self.models.VectorParams(size=self.dim, distance=getattr(self.models.Distance, self.distance))
         self._call("create a collection", lambda: self.client.create_collection(new, vectors_config=params))
@@ -102,6 +103,18 @@ class QdrantSink(Sink):
             self._call("drop the old collection", lambda: self.client.delete_collection(old))
         log.info("sink %s: alias %s now names %s (%s)", self.name, self.alias, new, version)
 
+    def forget(self, kept: set[str]) -> None:
+        self._drop_strays(self._target())
+
+    def _drop_strays(self, serving: str | None) -> None:
+        """Drop this sink's collections the alias does not name: a load killed half way, or an old collection
+        whose drop failed after the alias moved."""
+        names = [c.name for c in self._call("list collections", self.client.get_collections).collections]
+        for name in names:
+            if name.startswith(f"{self.alias}--") and name != serving:
+                log.info("sink %s: dropping %s, which the alias %s does not name", self.name, name, self.alias)
+                self._call("drop a stray collection", lambda name=name: self.client.delete_collection(name))
+
     def mark(self, version: str) -> None:
         target = self._target()
         if target is None:  # an empty version loaded into nothing: an empty collection
@@ -118,7 +131,7 @@ class QdrantSink(Sink):
         target = self._target()
         if target is None:
             return {"rows": 0}
-        rows = self._call("count", lambda: self.client.count(target, exact=True)).count
+        rows = self._call("count", lambda: self.client.count(target, exact=False)).count
         return {"rows": rows, "collection": target}
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ Memory: one batch of rows (``batch_size``) and, in an undo, one segment's row id
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -148,7 +149,7 @@ CHANGE_FILES = ("upserts.parquet", "deletes.parquet")
 # ------------------------------------------------------------------------------------------------------ rows
 
 
-def _version(folder: Folder, name: str) -> Folder:
+def version_folder(folder: Folder, name: str) -> Folder:
     return Folder(versions.version_root(folder.url, name), folder.storage_options)
 
 
@@ -269,20 +270,9 @@ def sync(sink: Sink, folder: Folder, target: str, progress: Callable[[int], None
     state = _state_of(folder, sink)
     held, steps = _steps(sink, folder, state, target)
     log.info("sink %s: holds %s; to %s: %s", sink.name, held or "nothing", target, [s.kind for s in steps] or "none")
-    done = []
-    for step in steps:
-        step_started = time.perf_counter()
-        before = (tally.upserted, tally.deleted)
-        _run_step(sink, folder, state, step, tally)
-        state = _write_state(folder, sink, {"holds": step.reaches, "toward": None})
-        done.append(
-            {
-                **dataclasses.asdict(step),
-                "upserted": tally.upserted - before[0],
-                "deleted": tally.deleted - before[1],
-                "seconds": round(time.perf_counter() - step_started, 3),
-            }
-        )
+    done: list[dict] = []
+    with reading(folder, _read_by(steps)):
+        state = _run_steps(sink, folder, state, steps, tally, done)
     sink.forget(set(versions.list_versions(folder)))
     record = {
         "holds": target,
@@ -300,28 +290,84 @@ def sync(sink: Sink, folder: Folder, target: str, progress: Callable[[int], None
     return _write_state(folder, sink, record)
 
 
+def _run_steps(sink: Sink, folder: Folder, state: dict, steps: list[Step], tally: Tally, done: list[dict]) -> dict:
+    for step in steps:
+        step_started = time.perf_counter()
+        before = (tally.upserted, tally.deleted)
+        _run_step(sink, folder, state, step, tally)
+        state = _write_state(folder, sink, {"holds": step.reaches, "toward": None})
+        done.append(
+            {
+                **dataclasses.asdict(step),
+                "upserted": tally.upserted - before[0],
+                "deleted": tally.deleted - before[1],
+                "seconds": round(time.perf_counter() - step_started, 3),
+            }
+        )
+    return state
+
+
 def _steps(sink: Sink, folder: Folder, state: dict, target: str) -> tuple[str | None, list[Step]]:
-    """(the version the store holds, the steps to ``target``): an in-place step a killed run left unfinished comes
-    first; a store that can check ``target`` out of its own history does so."""
+    """(the version the store holds, the steps to ``target``): a step a killed run left unfinished comes first
+    (unless the store says it finished, or retention removed its files: the store's content is then unknown, and
+    ``target`` is loaded whole); a store that can check ``target`` out of its own history does so."""
     exists = sink.exists()
-    held = (sink.holds() or state.get("holds")) if exists else None
+    said = sink.holds() if exists else None
+    held = (said or state.get("holds")) if exists else None
     pending = Step(**state["toward"]) if exists and state.get("toward") else None
-    start = pending.reaches if pending else held
+    if pending and said == pending.reaches:
+        held, pending = said, None  # it finished; only its record did not
+    unknown = pending is not None and not _runnable(folder, pending)
+    if unknown:
+        log.warning(
+            "sink %s: the unfinished %s of %s cannot be done again (its files are gone): what the store holds "
+            "is unknown",
+            sink.name,
+            pending.kind,
+            pending.version,
+        )
+        pending = None
+    start = None if unknown else pending.reaches if pending else held
     if (start != target or pending) and exists and sink.can_restore(target):
         return held, [Step("restore", target, target)]
     return held, ([pending] if pending else []) + plan(folder, start, target)
 
 
+def _runnable(folder: Folder, step: Step) -> bool:
+    if step.kind in ("apply", "undo"):
+        return _in_place(folder, step.version, undo=step.kind == "undo")
+    return storage.exists(versions.version_root(folder.url, step.version), folder.storage_options)
+
+
+@contextlib.contextmanager
+def reading(folder: Folder, names: set[str], renew_s: float = 600.0):
+    """Each version a sync reads registered as read (retention spares it) and renewed, for the ``with`` block."""
+    held = []
+    try:
+        for name in sorted(names):
+            url = versions.register_reader(folder, name)
+            held.append((url, versions.keep_reader_renewed(url, folder.storage_options, name, renew_s)))
+        yield
+    finally:
+        for url, renewing in held:
+            versions.release_reader(url, folder.storage_options, renewing)
+
+
+def _read_by(steps: list[Step]) -> set[str]:
+    """The versions whose files the steps read: the one applied or loaded, and an undone one's previous too."""
+    return {s.version for s in steps if s.kind != "restore"} | {s.reaches for s in steps if s.kind == "undo"}
+
+
 def _run_step(sink: Sink, folder: Folder, state: dict, step: Step, tally: Tally) -> None:
     so, rows = folder.storage_options, sink.spec["batch_size"]
+    _write_state(folder, sink, {**state, "toward": dataclasses.asdict(step)})  # a kill from here on: done again
     if step.kind == "restore":
         if not sink.restore(step.version):
             raise RuntimeError(f"sink {sink.name}: could not check out {step.version} from the store's history")
         return
     if step.kind == "load":
-        sink.replace(step.version, tally.rows(version_rows(_version(folder, step.version), rows)))
+        sink.replace(step.version, tally.rows(version_rows(version_folder(folder, step.version), rows)))
         return
-    _write_state(folder, sink, {**state, "toward": dataclasses.asdict(step)})  # a kill from here on: done again
     changes = storage.join(versions.version_root(folder.url, step.version), "changes")
     upserts, deletes = storage.join(changes, "upserts.parquet"), storage.join(changes, "deletes.parquet")
     if step.kind == "apply":
@@ -329,7 +375,9 @@ def _run_step(sink: Sink, folder: Folder, state: dict, step: Step, tally: Tally)
         sink.upsert_all(tally.rows(_pairs(parquet_batches(upserts, so, ["doc_id", "embedding"], rows))))
     else:  # undo: what the version added or changed goes, then what it removed or changed comes back
         sink.delete_all(tally.ids("deleted", parquet_batches(upserts, so, ["doc_id"], rows)))
-        sink.upsert_all(tally.rows(lost_rows(_version(folder, step.reaches), _version(folder, step.version), rows)))
+        sink.upsert_all(
+            tally.rows(lost_rows(version_folder(folder, step.reaches), version_folder(folder, step.version), rows))
+        )
     sink.mark(step.reaches)
 
 

@@ -5,8 +5,10 @@ vectors after every night, rollback, crash and rerun.
 The same tests run against a Qdrant server: start one (``docker run -p 6333:6333 qdrant/qdrant``) and set
 ``QDRANT_TEST_URL=http://127.0.0.1:6333``; the Qdrant sink then talks to it instead of the local mode."""
 
+import dataclasses
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,9 +226,9 @@ def test_applying_a_version_twice_changes_nothing(nights):
                 spec, root, lambda sink, spec=spec: syncing._run_step(sink, folder, state(spec), step, syncing.Tally())
             )
             assert_store_is_current(root, spec)
-        record = with_sink(spec, root, lambda sink: syncing.sync(sink, folder, current))  # under way: done again,
-        redone = {"lance": ["restore"], "qdrant": ["apply"]}[spec["kind"]]  # or the tagged table checked out
-        assert [s["kind"] for s in record["last_sync"]["steps"]] == redone
+        assert state(spec)["toward"] == dataclasses.asdict(step)  # recorded as under way, and the store
+        record = with_sink(spec, root, lambda sink: syncing.sync(sink, folder, current))  # says it finished:
+        assert record["last_sync"]["steps"] == [] and record["toward"] is None  # nothing is done a third time
         assert_store_is_current(root, spec)
         record = with_sink(spec, root, lambda sink: syncing.sync(sink, folder, current))
         assert record["last_sync"]["steps"] == [] and record["last_sync"]["upserted"] == 0
@@ -277,3 +279,76 @@ def test_a_night_with_another_encoder_is_loaded_whole_never_mixed(nights, tiny_m
     for spec in specs:
         assert_store_is_current(root, spec)
         assert last_steps(root, spec) == ["load"]
+
+
+def test_a_load_killed_while_its_indexes_build_or_its_collection_fills_is_finished_by_the_next_run(
+    tmp_path, tiny_model, monkeypatch
+):
+    """A whole load is recorded as under way before it starts: LanceDB killed while building its indexes (the data
+    committed and tagged) checks the tagged version out on the next run; Qdrant killed while filling the new
+    collection (the alias still on the old one) loads again, and the half-filled collection is dropped."""
+    from retrieval_core.serve import lance_sink, qdrant_sink
+
+    root, sinks = tmp_path / "nightly", sinks_for(tmp_path)
+    specs = sink_specs(sinks, 1000)
+    assert refresh.main(argv(snapshot(tmp_path, "day1", day1()), root, tiny_model, [])) == 0
+
+    def killed(*args, **kwargs):
+        raise ConnectionError("killed")
+
+    monkeypatch.setattr(lance_sink.LanceSink, "_maybe_index", killed)  # after the doc_id index committed
+    monkeypatch.setattr(qdrant_sink.QdrantSink, "_set_version", killed)
+    cfg_args = ["--set", f"output.root={root}", "--set", f"serve.sinks={json.dumps(sinks)}"]
+    assert sync_job.main(cfg_args) == sync_job.SINK_FAILED
+    for spec in specs:
+        assert syncing.read_state(Folder(str(root)), spec["name"])["toward"]["kind"] == "load"
+    monkeypatch.undo()
+    assert sync_job.main(cfg_args) == 0
+    for spec, finished_by in zip(specs, (["restore"], ["load"])):
+        assert_store_is_current(root, spec)
+        assert last_steps(root, spec) == finished_by
+    collections = with_sink(specs[1], root, lambda sink: [c.name for c in sink.client.get_collections().collections])
+    assert len(collections) == 1  # the half-filled one dropped
+
+
+def test_lance_without_its_tags_undoes_a_rollback_in_place(tmp_path, tiny_model):
+    """A table that lost the tag of the version rolled back to (tags removed by hand, say) is brought back by the
+    undo, as Qdrant is; and an unfinished step whose files retention removed is replaced by a whole load."""
+    root, sinks = tmp_path / "nightly", sinks_for(tmp_path)[:1]
+    (spec,) = sink_specs(sinks, 1000)
+    for day, docs in (("day1", day1()), ("day2", day2()), ("day3", day3())):
+        assert refresh.main(argv(snapshot(tmp_path, day, docs), root, tiny_model, sinks)) == 0
+    folder = Folder(str(root))
+    v3 = versions.read_current(folder)["version"]
+    v2 = syncing.previous_of(folder, v3)
+    v1 = syncing.previous_of(folder, v2)
+    with_sink(spec, root, lambda sink: sink.forget({v3}))  # only the tag of the version it holds is left
+    assert (
+        refresh.main(["--set", f"output.root={root}", "--set", f"serve.sinks={json.dumps(sinks)}", "--rollback", v1])
+        == 0
+    )
+    assert_store_is_current(root, spec)
+    assert last_steps(root, spec) == ["undo", "undo"]  # two versions undone, newest first
+    state = syncing.read_state(folder, spec["name"])
+    gone = syncing.Step("apply", v2, v2)
+    storage_path = Path(versions.version_root(str(root), v2)) / "changes" / "upserts.parquet"
+    storage_path.unlink()  # as if retention had removed the version's files
+    syncing._write_state(
+        folder, with_sink(spec, root, lambda sink: sink), {**state, "toward": dataclasses.asdict(gone)}
+    )
+    assert (
+        refresh.main(["--set", f"output.root={root}", "--set", f"serve.sinks={json.dumps(sinks)}", "--rollback", v3])
+        == 0
+    )
+    assert_store_is_current(root, spec)
+    assert last_steps(root, spec) == ["restore"]  # the table still has v3's tag: checked out, no replay needed
+    gone = syncing.Step("undo", v3, v2)
+    (Path(versions.version_root(str(root), v3)) / "changes" / "upserts.parquet").unlink()
+    state = syncing.read_state(folder, spec["name"])
+    syncing._write_state(
+        folder, with_sink(spec, root, lambda sink: sink), {**state, "toward": dataclasses.asdict(gone)}
+    )
+    with_sink(spec, root, lambda sink: sink.forget(set()))  # no tag left: nothing to check out
+    assert sync_job.main(["--set", f"output.root={root}", "--set", f"serve.sinks={json.dumps(sinks)}"]) == 0
+    assert_store_is_current(root, spec)
+    assert last_steps(root, spec) == ["load"]  # what it holds is unknown: loaded whole
