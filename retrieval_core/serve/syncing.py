@@ -317,16 +317,11 @@ def _steps(sink: Sink, folder: Folder, state: dict, target: str) -> tuple[str | 
     pending = Step(**state["toward"]) if exists and state.get("toward") else None
     if pending and said == pending.reaches:
         held, pending = said, None  # it finished; only its record did not
-    unknown = pending is not None and not _runnable(folder, pending)
-    if unknown:
-        log.warning(
-            "sink %s: the unfinished %s of %s cannot be done again (its files are gone): what the store holds "
-            "is unknown",
-            sink.name,
-            pending.kind,
-            pending.version,
-        )
-        pending = None
+    unknown = False
+    if pending is not None and not _runnable(folder, pending):
+        what = f"the unfinished {pending.kind} of {pending.version}"
+        log.warning("sink %s: %s cannot be done again (its files are gone): its content is unknown", sink.name, what)
+        unknown, pending = True, None
     start = None if unknown else pending.reaches if pending else held
     if (start != target or pending) and exists and sink.can_restore(target):
         return held, [Step("restore", target, target)]
