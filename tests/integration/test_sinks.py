@@ -261,11 +261,19 @@ def test_a_lance_table_on_s3_follows_the_nights(tmp_path, tiny_model, s3_options
     }
     sinks = sinks_for(tmp_path, lance_options=options, lance_uri="s3://sinks-bucket/lance")[:1]
     spec = sink_specs(sinks, 1000)[0]
-    root = tmp_path / "nightly"
-    for day, docs in (("day1", day1()), ("day2", day2())):
+    root, steps = tmp_path / "nightly", []
+    for day, docs in (("day1", day1()), ("day2", day2()), ("day3", day3())):
         assert refresh.main(argv(snapshot(tmp_path, day, docs), root, tiny_model, sinks)) == 0
         assert_store_is_current(root, spec)
-    assert last_steps(root, spec) == ["apply"]
+        steps.append(last_steps(root, spec))
+    v3 = versions.read_current(Folder(str(root)))["version"]
+    v2 = syncing.previous_of(Folder(str(root)), v3)
+    assert (
+        refresh.main(["--set", f"output.root={root}", "--set", f"serve.sinks={json.dumps(sinks)}", "--rollback", v2])
+        == 0
+    )
+    assert_store_is_current(root, spec)
+    assert steps + [last_steps(root, spec)] == [["load"], ["apply"], ["apply"], ["restore"]]
     assert s3fs.S3FileSystem(**s3_options).ls("sinks-bucket/lance")  # the table's files are on the server
 
 
