@@ -94,7 +94,7 @@ def timed_sync(spec: dict, root: Path, target: str) -> tuple[float, dict]:
     from retrieval_core.io import versions
     from retrieval_core.io.folder import Folder
     from retrieval_core.serve import syncing
-    from retrieval_core.serve.sinks import open_sink
+    from retrieval_core.serve.stores import open_sink
 
     folder = Folder(str(root))
     manifest = embeddings.read_embeddings_manifest(Folder(versions.version_root(str(root), target)))
@@ -108,7 +108,7 @@ def timed_sync(spec: dict, root: Path, target: str) -> tuple[float, dict]:
 
 
 def held_ids(spec: dict, dim: int) -> set[str]:
-    from retrieval_core.serve.sinks import open_sink
+    from retrieval_core.serve.stores import open_sink
 
     sink = open_sink(spec, dim, True)
     try:

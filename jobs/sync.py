@@ -22,7 +22,7 @@ from retrieval_core.encode import embeddings
 from retrieval_core.io import versions
 from retrieval_core.io.folder import Folder
 from retrieval_core.serve import syncing
-from retrieval_core.serve.sinks import open_sink
+from retrieval_core.serve.stores import open_sink
 
 log = logging.getLogger("jobs.sync")
 KEYS = ("output.root", "serve.sinks", "serve.batch_size", "serve.max_retries")

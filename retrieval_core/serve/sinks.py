@@ -2,8 +2,8 @@
 
 A sink stores one vector per document, keyed by ``doc_id``. The sync (:mod:`retrieval_core.serve.syncing`) decides
 what to send; a sink only writes batches and says which version it holds. To add a store, subclass :class:`Sink`,
-implement the five abstract methods, and add it to :func:`open_sink`; the sync's guarantees (idempotent steps,
-resumed after a crash, rollbacks) then hold for it too.
+implement its abstract methods, and add it to :func:`retrieval_core.serve.stores.open_sink`; the sync's guarantees
+(idempotent steps, resumed after a crash, rollbacks) then hold for it too.
 """
 
 from __future__ import annotations
@@ -111,16 +111,3 @@ def vectors_of(table: pa.Table | pa.RecordBatch, column: str = "embedding") -> n
         values = values.combine_chunks()
     flat = values.flatten().to_numpy(zero_copy_only=False)
     return np.asarray(flat, dtype=np.float32).reshape(len(table), -1)
-
-
-def open_sink(spec: dict, dim: int, normalized: bool, max_retries: int = 6) -> Sink:
-    """The sink of a ``serve.sinks`` entry; its client package is imported here (extras ``lance``, ``qdrant``)."""
-    if spec["kind"] == "lance":
-        from retrieval_core.serve.lance_sink import LanceSink
-
-        return LanceSink(spec, dim, normalized, max_retries)
-    if spec["kind"] == "qdrant":
-        from retrieval_core.serve.qdrant_sink import QdrantSink
-
-        return QdrantSink(spec, dim, normalized, max_retries)
-    raise ValueError(f"sink {spec.get('name')!r}: unknown kind {spec.get('kind')!r}")

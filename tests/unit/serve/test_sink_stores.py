@@ -9,7 +9,7 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 from retrieval_core.config import ConfigError, load_config
 from retrieval_core.config.sinks import sink_specs
 from retrieval_core.serve.qdrant_sink import point_id
-from retrieval_core.serve.sinks import open_sink
+from retrieval_core.serve.stores import open_sink
 
 
 @pytest.mark.parametrize(
