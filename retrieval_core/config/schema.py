@@ -460,7 +460,7 @@ class ServeConfig:
     `python -m jobs.sync`), each is brought to the CURRENT version from the versions' change files. A list of
     mappings: `{kind: lance, uri: <path or URL>, table: <name>}` (optional `name`, `storage_options`,
     `index_growth`, `index_min_rows`, `batch_size`) or `{kind: qdrant, url: <URL, ":memory:" or a local path>,
-    collection: <name>}` (optional `name`, `api_key_env`, `distance`, `batch_size`). See "Serving the index"
+    collection: <name>}` (optional `name`, `api_key_env`, `distance`, `parallel`, `batch_size`). See "Serving the index"
     """
     batch_size: int = 1000
     """rows a sink writes per request (and the most any sync holds); a sink's own `batch_size` overrides it"""

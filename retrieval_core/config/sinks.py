@@ -11,7 +11,7 @@ from retrieval_core.config.schema import SINK_KINDS, ConfigError
 REQUIRED = {"lance": ("uri", "table"), "qdrant": ("url", "collection")}
 OPTIONAL: dict[str, dict[str, Any]] = {
     "lance": {"storage_options": {}, "index_growth": 0.0, "index_min_rows": 100_000},
-    "qdrant": {"api_key_env": "", "distance": "auto"},
+    "qdrant": {"api_key_env": "", "distance": "auto", "parallel": 1},
 }
 COMMON = {"name": "", "batch_size": 0}
 QDRANT_DISTANCES = ("auto", "dot", "cosine", "euclid")
@@ -72,5 +72,7 @@ def _check_values(where: str, spec: dict) -> None:
             raise ConfigError(
                 f"{where}: distance = {spec['distance']!r}: expected one of {', '.join(QDRANT_DISTANCES)}"
             )
+        if not isinstance(spec["parallel"], int) or spec["parallel"] < 1:
+            raise ConfigError(f"{where}: parallel = {spec['parallel']!r}: expected a positive integer")
         if not isinstance(spec["api_key_env"], str):
             raise ConfigError(f"{where}: api_key_env = {spec['api_key_env']!r}: expected the name of a variable")

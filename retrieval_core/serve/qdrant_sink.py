@@ -3,10 +3,11 @@
 
 Each document is one point: id a stable UUID of its ``doc_id`` (:func:`point_id`), payload ``{"doc_id": ...}``.
 The configured ``collection`` is an alias: a whole load fills a new collection ``<collection>--<version>--<n>``
-and moves the alias to it in one request, so searches see the old points until the new set is complete, then the
-old collection is dropped. In-place steps upsert and delete through the alias in batches, each request retried on
-a rate limit (429), a server error (5xx) or a broken connection. The version the collection holds is in its
-metadata (``retrieval_version``).
+(``parallel`` processes uploading, its graph built once the points are in) and moves the alias to it in one
+request, so searches see the old points until the new set is complete, then the old collection is dropped.
+In-place steps upsert and delete through the alias in batches, each request retried on a rate limit (429), a
+server error (5xx) or a broken connection. The version the collection holds is in its metadata
+(``retrieval_version``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from retrieval_core.serve.sinks import Sink, log
 
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "ray-retrieval-jobs/doc_id")
 VERSION_KEY = "retrieval_version"
+INDEXING_THRESHOLD = 20_000  # Qdrant's own default: KB of vectors a segment holds before its graph is built
 
 
 def point_id(doc_id: str) -> str:
@@ -84,10 +86,26 @@ class QdrantSink(Sink):
         self._drop_strays(old)
         new = f"{self.alias}--{version}--{time.time_ns()}"
         params = self.models.VectorParams(size=self.dim, distance=getattr(self.models.Distance, self.distance))
-        self._call("create a collection", lambda: self.client.create_collection(new, vectors_config=params))
-        for doc_ids, vectors in batches:
-            if doc_ids:
-                self._upsert(new, doc_ids, vectors)
+        bulk = self.models.OptimizersConfigDiff(indexing_threshold=0)  # no HNSW graph while the points stream in
+        self._call(
+            "create a collection",
+            lambda: self.client.create_collection(new, vectors_config=params, optimizers_config=bulk),
+        )
+        points = (
+            self.models.PointStruct(id=point_id(d), vector=v.tolist(), payload={"doc_id": d})
+            for doc_ids, vectors in batches
+            for d, v in zip(doc_ids, np.asarray(vectors, dtype=np.float32))
+        )
+        self.client.upload_points(  # its own retries, per request
+            new,
+            points,
+            batch_size=self.spec["batch_size"],
+            parallel=self.spec["parallel"],
+            max_retries=self.max_retries,
+            wait=True,
+        )
+        indexed = self.models.OptimizersConfigDiff(indexing_threshold=INDEXING_THRESHOLD)
+        self._call("index the collection", lambda: self.client.update_collection(new, optimizers_config=indexed))
         self._set_version(new, version)
         changes: list = [
             self.models.CreateAliasOperation(

@@ -20,6 +20,7 @@ from retrieval_core.serve.stores import open_sink
         ([{"kind": "qdrant", "url": "u", "colection": "c"}], "unknown key 'colection' for a qdrant sink"),
         ([{"kind": "lance", "uri": "/x", "table": "t", "index_growth": -1}], "index_growth = -1"),
         ([{"kind": "qdrant", "url": "u", "collection": "c", "distance": "manhattan"}], "distance = 'manhattan'"),
+        ([{"kind": "qdrant", "url": "u", "collection": "c", "parallel": 0}], "parallel = 0: expected a positive"),
         ([{"kind": "lance", "uri": "/a", "table": "t"}, {"kind": "lance", "uri": "/b", "table": "t"}], "'lance-t'"),
         ([{"kind": "lance", "uri": "/a", "table": "t", "name": "../up"}], "name = '../up'"),
         (["lance"], "'serve.sinks[0]' = 'lance': expected a mapping"),
