@@ -22,6 +22,7 @@ from retrieval_core.encode import embeddings
 from retrieval_core.io import versions
 from retrieval_core.io.folder import Folder
 from retrieval_core.serve import syncing
+from retrieval_core.serve.sinks import store_of
 from retrieval_core.serve.stores import open_sink
 
 log = logging.getLogger("jobs.sync")
@@ -75,6 +76,7 @@ def _sync_one(cfg: Config, folder: Folder, spec: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a sink's failure is reported with its name; the others go on
         log.error("sink %s failed after %.1f s: %s: %s", name, time.perf_counter() - started, type(exc).__name__, exc)
         state = syncing.read_state(folder, name)
+        state = state if state.get("store") == store_of(spec) else {}  # a record of another store says nothing here
         return {
             **state,
             "error": f"{type(exc).__name__}: {exc}",

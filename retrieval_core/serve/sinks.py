@@ -66,8 +66,7 @@ class Sink(ABC):
 
     def where(self) -> str:
         """The store this sink writes (its URL and table or collection), recorded beside the version it holds."""
-        keys = ("uri", "table") if self.spec["kind"] == "lance" else ("url", "collection")
-        return " ".join(str(self.spec[k]) for k in keys)
+        return store_of(self.spec)
 
     def can_restore(self, version: str) -> bool:
         """Whether the store keeps ``version`` in its own history (then :meth:`restore` replaces replaying)."""
@@ -102,6 +101,12 @@ class Sink(ABC):
                 log.warning("sink %s: %s failed (%s); retry %d in %.1f s", self.name, what, exc, attempt + 1, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def store_of(spec: dict) -> str:
+    """The store a ``serve.sinks`` entry names: its URL and its table or collection (never its credentials)."""
+    keys = ("uri", "table") if spec["kind"] == "lance" else ("url", "collection")
+    return " ".join(str(spec[k]) for k in keys)
 
 
 def vectors_of(table: pa.Table | pa.RecordBatch, column: str = "embedding") -> np.ndarray:
