@@ -120,7 +120,7 @@ def report(
         path = cfg.runtime.metrics_file.replace("{job}", job)
         _warn_on_error(f"write the metrics file {path}", lambda: write_metrics_file(path, every))
     _warn_on_error(
-        "record the metrics on Ray", lambda: ray_metrics.record(every, CATALOGUE, cluster.cluster_address(cfg.runtime))
+        "record the metrics on Ray", lambda: ray_metrics.record(every, CATALOGUE, _cluster_to_reconnect(cfg, status))
     )
     return line
 
@@ -399,3 +399,51 @@ def _picked(result: dict, *keys: str) -> dict:
 
 def _labelled(samples: list[tuple[str, float]], stage: str) -> list[Sample]:
     return [(name, {"stage": stage}, float(value)) for name, value in samples]
+
+
+# ------------------------------------------------------------------------------------- refresh and sync
+
+DOCUMENT_STATUSES = ("unchanged", "changed", "added", "deleted")
+
+
+def refresh_samples(record: dict) -> tuple[dict, list]:
+    """The run summary and metrics of a refresh (or rollback) record: the version, its counts and gates, and
+    each sink's lag and rows."""
+    counts = record.get("counts", {})
+    summary = {key: record.get(key) for key in ("version", "previous", "published", "unchanged") if key in record}
+    if counts:
+        summary["counts"] = {
+            k: counts[k] for k in ("unchanged", "changed", "added", "deleted", "encoded") if k in counts
+        }
+    samples: list[Sample] = [("retrieval_refresh_published", {}, 1.0 if record.get("published") else 0.0)]
+    samples += [("retrieval_refresh_documents", {"status": k}, counts[k]) for k in DOCUMENT_STATUSES if k in counts]
+    if "encoded_this_run" in counts:
+        samples.append(("retrieval_refresh_encoded_rows", {}, counts["encoded_this_run"]))
+    samples += [
+        ("retrieval_refresh_gate_passed", {"gate": g["gate"]}, float(g["passed"])) for g in record.get("gates", [])
+    ]
+    sinks = record.get("sinks") or {}
+    if sinks:
+        summary["sinks"], more = sink_samples(sinks)
+        samples += more
+    return summary, samples
+
+
+def sink_samples(result: dict) -> tuple[dict, list]:
+    """(the run summary's ``sinks`` part, the metrics) of a sync: per sink what it holds, its lag in versions
+    behind CURRENT, the rows it was sent, whether it failed."""
+    summary, samples = {}, []
+    for name, record in result["sinks"].items():
+        last = record.get("last_sync", {}) if "error" not in record else {}
+        lag = record.get("lag")
+        summary[name] = {
+            "holds": record.get("holds"),
+            "lag": lag,
+            **({"error": record["error"]} if "error" in record else {}),
+        }
+        samples.append(("retrieval_sink_failed", {"sink": name}, 1.0 if "error" in record else 0.0))
+        if lag is not None:
+            samples.append(("retrieval_sink_lag_versions", {"sink": name}, float(lag)))
+        for op, key in (("upsert", "upserted"), ("delete", "deleted")):
+            samples.append(("retrieval_sink_rows_applied", {"sink": name, "op": op}, last.get(key, 0)))
+    return summary, samples

@@ -49,7 +49,6 @@ KEYS = (
     "eval.queries_path",
     "serve.sinks",
 )
-DOCUMENT_STATUSES = ("unchanged", "changed", "added", "deleted")
 PLAIN_OUTPUT = ("embeddings/_manifest.json", "embeddings/_plan.json", "index/manifest.json")
 
 
@@ -475,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     def done(record: dict, summary: str) -> None:
         _print(summary, record)
         status = "sink failed" if outcome.get("failed") else "ok"
-        _metrics.report(cfg, job, status, time.perf_counter() - started, *refresh_samples(record))
+        _metrics.report(cfg, job, status, time.perf_counter() - started, *_metrics.refresh_samples(record))
 
     def failed(exc: BaseException) -> None:
         summary, samples = failed_samples(cfg, exc)
@@ -509,31 +508,8 @@ def failed_samples(cfg: Config, exc: BaseException) -> tuple[dict, list]:
         newest = versions.list_versions(folder)[-1:]
         record = versions.read_refresh_record(folder, newest[0]) if newest else None
         if record and not record.get("published"):
-            found, samples = refresh_samples({**record, "published": False})
+            found, samples = _metrics.refresh_samples({**record, "published": False})
             summary = {**found, **summary}
-    return summary, samples
-
-
-def refresh_samples(record: dict) -> tuple[dict, list]:
-    """The run summary and metrics of a refresh (or rollback) record: the version, its counts and gates, and
-    each sink's lag and rows."""
-    counts = record.get("counts", {})
-    summary = {key: record.get(key) for key in ("version", "previous", "published", "unchanged") if key in record}
-    if counts:
-        summary["counts"] = {
-            k: counts[k] for k in ("unchanged", "changed", "added", "deleted", "encoded") if k in counts
-        }
-    samples: list[_metrics.Sample] = [("retrieval_refresh_published", {}, 1.0 if record.get("published") else 0.0)]
-    samples += [("retrieval_refresh_documents", {"status": k}, counts[k]) for k in DOCUMENT_STATUSES if k in counts]
-    if "encoded_this_run" in counts:
-        samples.append(("retrieval_refresh_encoded_rows", {}, counts["encoded_this_run"]))
-    samples += [
-        ("retrieval_refresh_gate_passed", {"gate": g["gate"]}, float(g["passed"])) for g in record.get("gates", [])
-    ]
-    sinks = record.get("sinks") or {}
-    if sinks:
-        summary["sinks"], more = sync.sink_samples(sinks)
-        samples += more
     return summary, samples
 
 

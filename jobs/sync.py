@@ -127,26 +127,6 @@ def describe(result: dict) -> str:
     return "\n".join(lines) or f"sync: no sinks configured (serve.sinks); CURRENT is {result['version']}"
 
 
-def sink_samples(result: dict) -> tuple[dict, list]:
-    """(the run summary's ``sinks`` part, the metrics) of a sync: per sink what it holds, its lag in versions
-    behind CURRENT, the rows it was sent, whether it failed."""
-    summary, samples = {}, []
-    for name, record in result["sinks"].items():
-        last = record.get("last_sync", {}) if "error" not in record else {}
-        lag = record.get("lag")
-        summary[name] = {
-            "holds": record.get("holds"),
-            "lag": lag,
-            **({"error": record["error"]} if "error" in record else {}),
-        }
-        samples.append(("retrieval_sink_failed", {"sink": name}, 1.0 if "error" in record else 0.0))
-        if lag is not None:
-            samples.append(("retrieval_sink_lag_versions", {"sink": name}, float(lag)))
-        for op, key in (("upsert", "upserted"), ("delete", "deleted")):
-            samples.append(("retrieval_sink_rows_applied", {"sink": name, "op": op}, last.get(key, 0)))
-    return summary, samples
-
-
 def main(argv: list[str] | None = None) -> int:
     p = _cli.parser(__doc__, "python -m jobs.sync", KEYS)
     p.add_argument("--sink", action="append", default=[], metavar="NAME", help="sync only this sink (repeatable)")
@@ -158,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     def report(result: dict) -> None:
         print(describe(result))
         outcome["failed"] = failed(result)
-        summary, samples = sink_samples(result)
+        summary, samples = _metrics.sink_samples(result)
         status = "ok" if not outcome["failed"] else "sink failed"
         seconds = time.perf_counter() - started
         _metrics.report(cfg, "jobs.sync", status, seconds, {"version": result["version"], "sinks": summary}, samples)

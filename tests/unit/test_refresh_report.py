@@ -1,7 +1,7 @@
 """The refresh's and the sync's run summaries and metrics: every sample is one the catalogue accepts (a wrong name or
 label would be refused at the end of a night), with the record's numbers."""
 
-from jobs import _metrics, refresh, sync
+from jobs import _metrics
 
 
 def checked(samples):
@@ -29,7 +29,7 @@ def test_a_published_night_reports_its_counts_gates_and_sinks():
         ],
         "sinks": SINKS,
     }
-    summary, samples = refresh.refresh_samples(record)
+    summary, samples = _metrics.refresh_samples(record)
     found = checked(samples)
     assert found[("retrieval_refresh_published", ())] == 1.0
     assert found[("retrieval_refresh_documents", (("status", "changed"),))] == 10
@@ -43,9 +43,25 @@ def test_a_published_night_reports_its_counts_gates_and_sinks():
 
 
 def test_a_rollback_reports_no_counts_and_a_sync_reports_its_sinks():
-    summary, samples = refresh.refresh_samples({"version": "v1", "previous": "v2"})
+    summary, samples = _metrics.refresh_samples({"version": "v1", "previous": "v2"})
     assert "counts" not in summary and checked(samples) == {("retrieval_refresh_published", ()): 0.0}
-    summary, samples = sync.sink_samples(SINKS)
+    summary, samples = _metrics.sink_samples(SINKS)
     assert summary["lance-docs"] == {"holds": "v000002-20261204T000000Z", "lag": 0}
     found = checked(samples)  # per sink: failed, lag, rows upserted and deleted (0 for the failed one)
     assert len(found) == 8 and found[("retrieval_sink_rows_applied", (("op", "delete"), ("sink", "qdrant-docs")))] == 0
+
+
+def test_ray_metrics_are_recorded_again_only_on_a_drivers_cluster_after_a_success(monkeypatch):
+    from retrieval_core.config import load_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def address(value: str, status: str = "ok") -> str:
+        return _metrics._cluster_to_reconnect(load_config(None, [f"runtime.address={value}"]), status)
+
+    assert address("10.0.0.1:6379") == "10.0.0.1:6379"
+    assert address("10.0.0.1:6379", "failed") == ""  # a failed job's cluster may be gone: no connection attempt
+    assert address("") == "" and address("local") == ""  # a local cluster ended with the job: no new one started
+    assert address("ray://head:10001") == ""  # a client connection: not a driver on the cluster
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")  # ray job submit
+    assert address("") == "10.0.0.2:6379"
