@@ -28,8 +28,6 @@ from retrieval_core.serve.stores import open_sink
 log = logging.getLogger("jobs.sync")
 KEYS = ("output.root", "serve.sinks", "serve.batch_size", "serve.max_retries")
 SINK_FAILED = 3  # exit status: the version is published, a sink is not in step with it
-
-
 ROUNDS = 5  # syncs of one sink in a row while CURRENT keeps moving under it (a rollback during the sync)
 
 
@@ -37,8 +35,7 @@ def run(cfg: Config, only: tuple[str, ...] = ()) -> dict:
     """Sync every sink (or those named in ``only``) to CURRENT; returns ``{"version", "sinks": {name: record}}``,
     a failed sink's record holding ``error`` (its exception is logged, the other sinks go on)."""
     folder = Folder.output(cfg.output)
-    if versions.read_current(folder) is None:
-        raise versions.VersionError(f"'{cfg.output.root}' has no CURRENT: no published version to sync sinks to")
+    _current(folder)  # a root without CURRENT is refused before any store is opened
     specs = _chosen(sink_specs(cfg.serve.sinks, cfg.serve.batch_size), only)
     results = {spec["name"]: _sync_one(cfg, folder, spec) for spec in specs}
     return {"version": _current(folder), "sinks": results}
