@@ -178,6 +178,18 @@ def clustered_vectors(n: int, dim: int = 16, clusters: int = 8, seed: int = 0, n
     return x.astype(np.float32)
 
 
+def build_synthetic_index(root: Path, data: np.ndarray, /, shard_rows: int = 437, recall_queries: int = 200, **index):
+    """``data`` written as an embeddings output under ``root`` (``shard_rows`` a shard), then indexed in this
+    process with ``index.<key>=<value>`` for each of ``index``; returns (the config, the index manifest)."""
+    from retrieval_core.config import load_config
+    from retrieval_core.index import indexing
+
+    write_synthetic_embeddings(root, data, shard_rows)
+    items = [f"output.root={root}", "runtime.progress=false", f"index.recall_queries={recall_queries}"]
+    cfg = load_config(None, items + [f"index.{key}={value}" for key, value in index.items()])
+    return cfg, indexing.build_in_process(cfg)
+
+
 def write_synthetic_embeddings(
     root: Path,
     vectors: np.ndarray,

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import clustered_vectors, write_synthetic_embeddings
+from helpers import build_synthetic_index, clustered_vectors
 
 from retrieval_core.config import ConfigError, load_config
 from retrieval_core.index import compact, faiss_index, indexing, search
@@ -28,10 +28,7 @@ def queries():
 
 
 def build(root, data, **index_settings):
-    write_synthetic_embeddings(root, data, 437)
-    items = [f"output.root={root}", "runtime.progress=false", "index.recall_queries=100"]
-    cfg = load_config(None, items + [f"index.{k}={v}" for k, v in index_settings.items()])
-    return indexing.build_in_process(cfg)
+    return build_synthetic_index(root, data, recall_queries=100, **index_settings)[1]
 
 
 def exact(vectors, queries, k=K):

@@ -8,7 +8,7 @@ import os
 import faiss
 import numpy as np
 import pytest
-from helpers import clustered_vectors, write_synthetic_embeddings
+from helpers import build_synthetic_index, clustered_vectors, write_synthetic_embeddings
 
 from retrieval_core.config import ConfigError, load_config
 from retrieval_core.config.rules import parse_memory
@@ -36,9 +36,7 @@ def queries():
 
 
 def build(tmp_path, vectors, shard_rows=437, **index_settings):
-    write_synthetic_embeddings(tmp_path, vectors, shard_rows)
-    cfg = index_config(tmp_path, **index_settings)
-    return cfg, indexing.build_in_process(cfg)
+    return build_synthetic_index(tmp_path, vectors, shard_rows, **index_settings)
 
 
 def monolithic(cfg, vectors):
