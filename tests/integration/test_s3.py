@@ -592,7 +592,44 @@ def test_refresh_on_s3_equals_local_and_writes_no_secret(buckets, s3_options, ti
         np.testing.assert_allclose(s3_vectors[doc_id], vector, atol=1e-5)
     fs = s3fs_of(s3_options)
     assert json.loads(fs.cat_file(f"{OUT}/nightly/CURRENT"))["version"] == results["s3", "day2"]["version"]
+    synced = sinks_from_s3_versions(tmp_path, f"s3://{OUT}/nightly", s3_options, tiny_model, results)
+    assert synced == [["load"], ["undo"]]
     assert s3_options["secret"].encode() not in b"".join(fs.cat_file(path) for path in fs.find(f"{OUT}/nightly"))
+
+
+def sinks_from_s3_versions(tmp_path, root: str, s3_options: dict, model: str, results: dict) -> list[list[str]]:
+    """A Qdrant sink (local mode) fed from the versions on S3: loaded with day 2, then day 1 after a rollback (an
+    undo reading both versions' files on S3); each time it holds the version's vectors exactly."""
+    from jobs import sync, version_admin
+    from retrieval_core.config.sinks import sink_specs
+    from retrieval_core.io import versions
+    from retrieval_core.serve import syncing
+    from retrieval_core.serve.stores import open_sink
+
+    sinks = [{"kind": "qdrant", "url": str(tmp_path / "qdrant"), "collection": "docs"}]
+    options, sinks_setting = json.dumps(s3_options), json.dumps(sinks)
+    cfg = config("unused", root, model=model, output__storage_options=options, serve__sinks=sinks_setting)
+    (spec,) = sink_specs(cfg.serve.sinks, cfg.serve.batch_size)
+    steps = []
+    for version in (results["s3", "day2"]["version"], results["s3", "day1"]["version"]):
+        if version != versions.read_current(Folder(root, s3_options))["version"]:
+            version_admin.rollback(cfg, version)
+        record = sync.run(cfg)["sinks"]["qdrant-docs"]
+        assert "error" not in record, record
+        steps.append([s["kind"] for s in record["last_sync"]["steps"]])
+        version_root = versions.version_root(root, version)
+        _, vectors, doc_ids = embeddings.load_embeddings(Folder(version_root, s3_options))
+        sink = open_sink(spec, vectors.shape[1], True)
+        try:
+            points, _ = sink.client.scroll("docs", limit=1000, with_vectors=True)
+        finally:
+            sink.close()
+        found = {p.payload["doc_id"]: np.asarray(p.vector, dtype=np.float32) for p in points}
+        assert sorted(found) == sorted(doc_ids)
+        for doc_id, vector in zip(doc_ids, vectors):
+            np.testing.assert_allclose(found[doc_id], vector, rtol=0, atol=1e-7)
+        assert syncing.read_state(Folder(root, s3_options), "qdrant-docs")["holds"] == version
+    return steps
 
 
 @pytest.fixture(scope="module")
